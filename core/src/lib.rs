@@ -1,0 +1,16 @@
+//! Ferry's shared vocabulary: ids, values and schemas, the job spec and its
+//! validation, the checkpoint manifest and layout, and object-store access.
+//!
+//! Every other crate depends on this one and on nothing else of Ferry's, so
+//! the types that cross a process or crate boundary live here.
+
+pub mod error;
+pub mod ids;
+pub mod manifest;
+pub mod schema;
+pub mod spec;
+pub mod storage;
+pub mod value;
+
+pub use error::{CoreError, Result};
+pub use ids::{CheckpointId, JobId};

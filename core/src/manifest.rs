@@ -1,0 +1,232 @@
+//! Checkpoint layout and `MANIFEST.json`: the one file that makes a
+//! checkpoint exist.
+//!
+//! ```text
+//! <root>/jobs/<job-id>/spec.yaml
+//! <root>/jobs/<job-id>/checkpoints/<n>/<operator>-<subtask>.state
+//! <root>/jobs/<job-id>/checkpoints/<n>/MANIFEST.json   <- written last, create-only
+//! <root>/jobs/<job-id>/savepoints/<name>/...           <- same layout
+//! ```
+//!
+//! Invariant: every path in a manifest is relative to its checkpoint
+//! directory, and a manifest is only written after every file it lists is
+//! durable, so a checkpoint copied elsewhere restores unchanged and a
+//! directory without a manifest is ignored.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+use crate::ids::{CheckpointId, JobId};
+use crate::storage::{StorageLocation, sha256_hex};
+
+/// File name of a manifest inside a checkpoint directory.
+pub const MANIFEST_FILE: &str = "MANIFEST.json";
+/// Manifest format this build writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// Relative path of a job's directory below the storage root.
+pub fn job_dir(job: &JobId) -> String {
+    format!("jobs/{job}")
+}
+
+/// Relative path of checkpoint `n` of a job below the storage root.
+pub fn checkpoint_dir(job: &JobId, n: CheckpointId) -> String {
+    format!("jobs/{job}/checkpoints/{n}")
+}
+
+/// Relative path of the checkpoints folder of a job.
+pub fn checkpoints_root(job: &JobId) -> String {
+    format!("jobs/{job}/checkpoints")
+}
+
+/// Relative path of a named savepoint of a job.
+pub fn savepoint_dir(job: &JobId, name: &str) -> String {
+    format!("jobs/{job}/savepoints/{name}")
+}
+
+/// File name of an operator subtask's state inside a checkpoint directory.
+pub fn state_file(operator: &str, subtask: u32) -> String {
+    format!("{operator}-{subtask}.state")
+}
+
+/// Whether a snapshot is periodic (retained N) or user-owned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    Checkpoint,
+    Savepoint,
+}
+
+/// One state file of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the checkpoint directory.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub operator: String,
+    pub subtask: u32,
+}
+
+/// A sink transaction the checkpoint closed (committed when it completes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkTransaction {
+    pub subtask: u32,
+    pub txn: String,
+    pub records: u64,
+}
+
+/// The manifest of one completed checkpoint or savepoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub job_id: JobId,
+    pub job_name: String,
+    pub checkpoint_id: CheckpointId,
+    pub kind: SnapshotKind,
+    pub created_at: DateTime<Utc>,
+    /// Fencing epoch of the JobManager that completed it (0 in `ferry local`).
+    pub jm_epoch: u64,
+    /// Region epoch at completion (0 without cross-region coordination).
+    pub region_epoch: u64,
+    pub parallelism: u32,
+    /// Lowest watermark over all tasks when the barrier passed (epoch ms).
+    pub watermark: i64,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// True for the final checkpoint of a bounded job.
+    pub finished: bool,
+    /// Milliseconds from trigger to the last acknowledgement.
+    pub duration_ms: u64,
+    pub files: Vec<FileEntry>,
+    /// Source position per partition (format depends on the source).
+    pub source_offsets: BTreeMap<String, serde_json::Value>,
+    pub sink_transactions: Vec<SinkTransaction>,
+}
+
+impl Manifest {
+    /// Total size of the state files.
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// A checkpoint whose manifest and files were read and verified.
+#[derive(Clone, Debug)]
+pub struct VerifiedCheckpoint {
+    pub manifest: Manifest,
+    /// Relative path → contents, every hash checked.
+    pub files: BTreeMap<String, Bytes>,
+}
+
+/// Reads a checkpoint directory and verifies every file's size and SHA-256.
+/// `Ok(None)` means "no manifest: this checkpoint does not exist".
+pub async fn read_verified(dir: &StorageLocation) -> Result<Option<VerifiedCheckpoint>> {
+    let Some(raw) = dir.get_opt(MANIFEST_FILE).await? else {
+        return Ok(None);
+    };
+    let corrupt = |reason: String| CoreError::Corrupt {
+        path: format!("{}/{MANIFEST_FILE}", dir.url()),
+        reason,
+    };
+    let manifest: Manifest =
+        serde_json::from_slice(&raw).map_err(|e| corrupt(format!("unreadable manifest: {e}")))?;
+    if manifest.format != MANIFEST_FORMAT {
+        return Err(corrupt(format!(
+            "manifest format {} is not supported by this build (expects {MANIFEST_FORMAT})",
+            manifest.format
+        )));
+    }
+    let mut files = BTreeMap::new();
+    for f in &manifest.files {
+        if f.path.contains("..") || f.path.starts_with('/') {
+            return Err(corrupt(format!("file path '{}' is not relative", f.path)));
+        }
+        let data = dir.get_opt(&f.path).await?.ok_or_else(|| CoreError::Corrupt {
+            path: format!("{}/{}", dir.url(), f.path),
+            reason: "listed in the manifest but missing".into(),
+        })?;
+        if data.len() as u64 != f.size {
+            return Err(CoreError::Corrupt {
+                path: format!("{}/{}", dir.url(), f.path),
+                reason: format!("size {} but the manifest says {}", data.len(), f.size),
+            });
+        }
+        let hash = sha256_hex(&data);
+        if hash != f.sha256 {
+            return Err(CoreError::Corrupt {
+                path: format!("{}/{}", dir.url(), f.path),
+                reason: format!("SHA-256 {hash} but the manifest says {}", f.sha256),
+            });
+        }
+        files.insert(f.path.clone(), data);
+    }
+    Ok(Some(VerifiedCheckpoint { manifest, files }))
+}
+
+/// Checkpoint numbers that have a directory under `jobs/<job>/checkpoints`,
+/// ascending (with or without a manifest).
+pub async fn list_checkpoint_ids(root: &StorageLocation, job: &JobId) -> Result<Vec<CheckpointId>> {
+    let mut ids: Vec<CheckpointId> = root
+        .list_dirs(&checkpoints_root(job))
+        .await?
+        .iter()
+        .filter_map(|d| d.parse::<u64>().ok().map(CheckpointId))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Outcome of looking for the checkpoint to restore from.
+#[derive(Debug)]
+pub struct RestoreChoice {
+    pub checkpoint: Option<VerifiedCheckpoint>,
+    /// Newer checkpoints that were skipped, and why.
+    pub skipped: Vec<(CheckpointId, String)>,
+    /// Highest checkpoint number with a directory (manifest or not).
+    pub highest_id: Option<CheckpointId>,
+}
+
+/// Finds the newest checkpoint whose manifest and hashes verify, falling back
+/// to older ones and recording why newer ones were skipped.
+pub async fn find_restorable(root: &StorageLocation, job: &JobId) -> Result<RestoreChoice> {
+    let ids = list_checkpoint_ids(root, job).await?;
+    let mut skipped = Vec::new();
+    for id in ids.iter().rev() {
+        let dir = root.child(&checkpoint_dir(job, *id));
+        match read_verified(&dir).await {
+            Ok(Some(cp)) => {
+                return Ok(RestoreChoice {
+                    checkpoint: Some(cp),
+                    skipped,
+                    highest_id: ids.last().copied(),
+                });
+            }
+            Ok(None) => skipped.push((*id, "no MANIFEST.json (incomplete checkpoint)".into())),
+            Err(e @ CoreError::Corrupt { .. }) => skipped.push((*id, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(RestoreChoice {
+        checkpoint: None,
+        skipped,
+        highest_id: ids.last().copied(),
+    })
+}
+
+/// Writes a manifest with a create-only put. Fails if one already exists:
+/// a checkpoint number is completed at most once.
+pub async fn write_manifest(dir: &StorageLocation, manifest: &Manifest) -> Result<()> {
+    let data = serde_json::to_vec_pretty(manifest).map_err(|e| CoreError::Other(e.to_string()))?;
+    if dir.put_create(MANIFEST_FILE, Bytes::from(data)).await? {
+        Ok(())
+    } else {
+        Err(CoreError::AlreadyExists {
+            path: format!("{}/{MANIFEST_FILE}", dir.url()),
+        })
+    }
+}

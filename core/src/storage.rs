@@ -1,0 +1,373 @@
+//! Object-store access by URL (`file://`, plain paths, `s3://`, `gs://`,
+//! `az://`, `memory://`), rooted at a prefix so every path inside Ferry's
+//! layout stays relative and a copied tree works unchanged elsewhere.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use sha2::{Digest, Sha256};
+
+use crate::error::{CoreError, Result};
+
+/// A root inside an object store; paths given to its methods are relative.
+#[derive(Clone)]
+pub struct StorageLocation {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: String,
+}
+
+impl std::fmt::Debug for StorageLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageLocation")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// The parts of a storage URL, checked without touching the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedUrl {
+    pub scheme: String,
+    /// Bucket or container (empty for files).
+    pub bucket: String,
+    /// Path inside the bucket, or the absolute local path for files.
+    pub path: String,
+}
+
+impl StorageLocation {
+    /// Checks a URL or plain path and splits it into scheme, bucket and path.
+    pub fn parse(url: &str) -> Result<ParsedUrl> {
+        let bad = |reason: &str| CoreError::StorageUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        if url.trim().is_empty() {
+            return Err(bad("empty; give a path or a URL like s3://bucket/prefix"));
+        }
+        if !url.contains("://") {
+            let p = std::path::Path::new(url);
+            let abs = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| bad(&format!("cannot resolve relative path: {e}")))?
+                    .join(p)
+            };
+            return Ok(ParsedUrl {
+                scheme: "file".into(),
+                bucket: String::new(),
+                path: normalize(&abs.to_string_lossy()),
+            });
+        }
+        let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        match parsed.scheme() {
+            "file" => {
+                let raw = url.trim_start_matches("file://");
+                let p = std::path::Path::new(raw);
+                let abs = if p.is_absolute() {
+                    p.to_path_buf()
+                } else {
+                    std::env::current_dir()
+                        .map_err(|e| bad(&e.to_string()))?
+                        .join(p)
+                };
+                Ok(ParsedUrl {
+                    scheme: "file".into(),
+                    bucket: String::new(),
+                    path: normalize(&abs.to_string_lossy()),
+                })
+            }
+            s @ ("s3" | "gs" | "az" | "abfs" | "memory") => {
+                let bucket = parsed.host_str().unwrap_or("").to_string();
+                if bucket.is_empty() && s != "memory" {
+                    return Err(bad("missing bucket, e.g. s3://my-bucket/prefix"));
+                }
+                Ok(ParsedUrl {
+                    scheme: s.to_string(),
+                    bucket,
+                    path: parsed.path().trim_matches('/').to_string(),
+                })
+            }
+            other => Err(bad(&format!(
+                "unsupported scheme '{other}'; use file://, s3://, gs:// or az://"
+            ))),
+        }
+    }
+
+    /// Opens the store behind a URL. Cloud credentials and endpoints come from
+    /// the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn open(url: &str) -> Result<Self> {
+        let parsed = Self::parse(url)?;
+        let store_err = |e: object_store::Error| CoreError::StorageUrl {
+            url: url.to_string(),
+            reason: e.to_string(),
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme.as_str() {
+            "file" => {
+                std::fs::create_dir_all(&parsed.path).map_err(|e| CoreError::StorageUrl {
+                    url: url.to_string(),
+                    reason: format!("cannot create directory {}: {e}", parsed.path),
+                })?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&parsed.path)
+                    .map_err(store_err)?;
+                (Arc::new(fs), Path::default())
+            }
+            "memory" => (
+                Arc::new(object_store::memory::InMemory::new()),
+                Path::from(parsed.path.as_str()),
+            ),
+            #[cfg(feature = "s3")]
+            "s3" => {
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&parsed.bucket)
+                    .build()
+                    .map_err(store_err)?;
+                (Arc::new(s3), Path::from(parsed.path.as_str()))
+            }
+            #[cfg(feature = "gcs")]
+            "gs" => {
+                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&parsed.bucket)
+                    .build()
+                    .map_err(store_err)?;
+                (Arc::new(gcs), Path::from(parsed.path.as_str()))
+            }
+            #[cfg(feature = "azure")]
+            "az" | "abfs" => {
+                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&parsed.bucket)
+                    .build()
+                    .map_err(store_err)?;
+                (Arc::new(az), Path::from(parsed.path.as_str()))
+            }
+            other => {
+                return Err(CoreError::StorageUrl {
+                    url: url.to_string(),
+                    reason: format!(
+                        "this build of ferry has no '{other}' support; rebuild with the matching cargo feature (s3, gcs, azure)"
+                    ),
+                });
+            }
+        };
+        Ok(Self {
+            store,
+            prefix,
+            url: url.to_string(),
+        })
+    }
+
+    /// The URL this location was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A location rooted at `rel` below this one (same store).
+    pub fn child(&self, rel: &str) -> Self {
+        Self {
+            store: self.store.clone(),
+            prefix: self.full(rel),
+            url: format!("{}/{}", self.url.trim_end_matches('/'), rel.trim_matches('/')),
+        }
+    }
+
+    /// The absolute store path of a relative path.
+    pub fn full(&self, rel: &str) -> Path {
+        let rel = rel.trim_matches('/');
+        if rel.is_empty() {
+            return self.prefix.clone();
+        }
+        let mut p = self.prefix.clone();
+        for part in rel.split('/').filter(|s| !s.is_empty()) {
+            p = p.join(part);
+        }
+        p
+    }
+
+    fn err(&self, rel: &str, source: object_store::Error) -> CoreError {
+        CoreError::Store {
+            path: format!("{}/{}", self.url.trim_end_matches('/'), rel),
+            source,
+        }
+    }
+
+    /// Writes (or overwrites) an object.
+    pub async fn put(&self, rel: &str, data: Bytes) -> Result<()> {
+        self.store
+            .put(&self.full(rel), PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// Writes an object only if it does not exist. `Ok(false)` if it existed.
+    pub async fn put_create(&self, rel: &str, data: Bytes) -> Result<bool> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.full(rel), PutPayload::from_bytes(data), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    /// Reads a whole object; `Ok(None)` if it does not exist.
+    pub async fn get_opt(&self, rel: &str) -> Result<Option<Bytes>> {
+        match self.store.get(&self.full(rel)).await {
+            Ok(r) => r.bytes().await.map(Some).map_err(|e| self.err(rel, e)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, rel: &str) -> Result<Bytes> {
+        self.store
+            .get(&self.full(rel))
+            .await
+            .map_err(|e| self.err(rel, e))?
+            .bytes()
+            .await
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// Reads `range` bytes of an object.
+    pub async fn get_range(&self, rel: &str, range: std::ops::Range<u64>) -> Result<Bytes> {
+        self.store
+            .get_range(&self.full(rel), range)
+            .await
+            .map_err(|e| self.err(rel, e))
+    }
+
+    /// Size of an object, `None` if absent.
+    pub async fn size(&self, rel: &str) -> Result<Option<u64>> {
+        match self.store.head(&self.full(rel)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    /// Names of the immediate sub-directories of `rel`.
+    pub async fn list_dirs(&self, rel: &str) -> Result<Vec<String>> {
+        let base = self.full(rel);
+        match self.store.list_with_delimiter(Some(&base)).await {
+            Ok(res) => Ok(res
+                .common_prefixes
+                .iter()
+                .filter_map(|p| p.filename().map(str::to_string))
+                .collect()),
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    /// Every object below `rel`, as (path relative to `rel`, size), sorted.
+    pub async fn list_files(&self, rel: &str) -> Result<Vec<(String, u64)>> {
+        let base = self.full(rel);
+        let base_str = base.to_string();
+        let metas: Vec<_> = match self.store.list(Some(&base)).try_collect().await {
+            Ok(m) => m,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        let mut out: Vec<(String, u64)> = metas
+            .into_iter()
+            .map(|m| {
+                let full = m.location.to_string();
+                let relp = full
+                    .strip_prefix(&base_str)
+                    .unwrap_or(&full)
+                    .trim_start_matches('/')
+                    .to_string();
+                (relp, m.size)
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes one object; absent objects are fine.
+    pub async fn delete(&self, rel: &str) -> Result<()> {
+        match self.store.delete(&self.full(rel)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(rel, e)),
+        }
+    }
+
+    /// Deletes every object below `rel`.
+    pub async fn delete_prefix(&self, rel: &str) -> Result<()> {
+        for (p, _) in self.list_files(rel).await? {
+            let full = if rel.is_empty() {
+                p
+            } else {
+                format!("{}/{}", rel.trim_matches('/'), p)
+            };
+            self.delete(&full).await?;
+        }
+        if self.url.starts_with("file://") || !self.url.contains("://") {
+            // Local directories stay behind as empty folders; remove them.
+            if let Ok(parsed) = Self::parse(&self.url) {
+                let dir = std::path::Path::new(&parsed.path).join(rel.trim_matches('/'));
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn normalize(p: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for seg in p.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            s => parts.push(s),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// Lowercase hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_paths() {
+        let p = StorageLocation::parse("s3://bucket/a/b/").unwrap();
+        assert_eq!((p.scheme.as_str(), p.bucket.as_str(), p.path.as_str()), ("s3", "bucket", "a/b"));
+        let f = StorageLocation::parse("file:///tmp/x/../y").unwrap();
+        assert_eq!(f.path, "/tmp/y");
+        assert!(StorageLocation::parse("ftp://host/x").is_err());
+        assert!(StorageLocation::parse("s3:///nobucket").is_err());
+        let rel = StorageLocation::parse("./data").unwrap();
+        assert!(rel.path.starts_with('/') && rel.path.ends_with("/data"));
+    }
+
+    #[tokio::test]
+    async fn create_only_put_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = StorageLocation::open(dir.path().to_str().unwrap()).unwrap();
+        assert!(loc.put_create("a/b.json", Bytes::from_static(b"1")).await.unwrap());
+        assert!(!loc.put_create("a/b.json", Bytes::from_static(b"2")).await.unwrap());
+        assert_eq!(loc.get("a/b.json").await.unwrap(), Bytes::from_static(b"1"));
+        assert_eq!(loc.list_dirs("").await.unwrap(), vec!["a".to_string()]);
+        assert_eq!(loc.list_files("a").await.unwrap(), vec![("b.json".to_string(), 1)]);
+    }
+}

@@ -1,0 +1,47 @@
+//! JobManager errors. Each maps to one HTTP status and a JSON body whose
+//! message tells the caller what to do.
+
+use ferry_core::JobId;
+use ferry_core::spec::SpecErrors;
+use thiserror::Error;
+
+use crate::state::JobState;
+
+#[derive(Debug, Error)]
+pub enum JmError {
+    #[error("job '{0}' not found; list jobs with `ferry job list`")]
+    NotFound(String),
+
+    #[error("invalid job spec:\n{0}")]
+    InvalidSpec(SpecErrors),
+
+    #[error("job {job} is {state}; {action}")]
+    WrongState {
+        job: JobId,
+        state: JobState,
+        action: String,
+    },
+
+    #[error("storage error: {0}")]
+    Storage(#[from] ferry_core::CoreError),
+
+    #[error("{0}")]
+    Runtime(String),
+
+    #[error("the job manager is shutting down; retry against another instance")]
+    ShuttingDown,
+}
+
+impl JmError {
+    /// Stable machine-readable code used in API error bodies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JmError::NotFound(_) => "not_found",
+            JmError::InvalidSpec(_) => "invalid_spec",
+            JmError::WrongState { .. } => "conflict",
+            JmError::Storage(_) => "storage_error",
+            JmError::Runtime(_) => "runtime_error",
+            JmError::ShuttingDown => "unavailable",
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The JobManager: owns jobs (submission, lifecycle, restart strategy), the
+//! checkpoint coordinator, savepoints, metrics, and the REST API.
+//!
+//! Invariant: a job's state changes only through [`state::JobState::transition`],
+//! and only the coordinator of a job writes its manifests.
+
+pub mod api;
+pub mod coordinator;
+pub mod error;
+pub mod metrics;
+pub mod restart;
+pub mod service;
+pub mod state;
+
+pub use error::JmError;
+pub use service::{CheckpointInfo, JobInfo, JobManager, JobManagerConfig, SavepointInfo};
+pub use state::JobState;

@@ -1,0 +1,120 @@
+//! The JobManager service: the operations the REST API and `ferry local`
+//! call (submit, list, get, cancel, savepoint, checkpoints, wait), over the
+//! set of jobs this JobManager drives.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use ferry_core::JobId;
+
+use crate::state::JobState;
+
+/// Settings of a JobManager.
+#[derive(Clone, Debug)]
+pub struct JobManagerConfig {
+    /// Storage root for checkpoints and job specs when a spec names none.
+    pub data_url: String,
+    /// Name of this instance, reported in API responses.
+    pub instance_id: String,
+}
+
+/// Summary and status of one job, as the API returns it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobInfo {
+    pub id: JobId,
+    pub name: String,
+    pub state: JobState,
+    pub parallelism: u32,
+    pub submitted_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Restarts after failures (not counting resumes of a new process).
+    pub restarts: u32,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Lowest watermark over the tasks, RFC 3339, if any record was seen.
+    pub watermark: Option<String>,
+    pub last_checkpoint: Option<CheckpointInfo>,
+    /// Why the job failed or is restarting.
+    pub failure: Option<String>,
+    /// Where the sink writes, if it writes to storage.
+    pub output: Option<String>,
+    /// Where the job's checkpoints live.
+    pub checkpoint_root: String,
+}
+
+/// One completed checkpoint or savepoint.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointInfo {
+    pub id: u64,
+    /// `checkpoint` or `savepoint`.
+    pub kind: String,
+    pub completed_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub size_bytes: u64,
+    pub watermark: Option<String>,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Full URL of the checkpoint directory.
+    pub path: String,
+    /// Final checkpoint of a bounded job.
+    pub finished: bool,
+}
+
+/// A savepoint that was taken.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SavepointInfo {
+    pub job_id: JobId,
+    pub checkpoint_id: u64,
+    /// Full URL of the savepoint directory, for `--from-savepoint`.
+    pub path: String,
+}
+
+use std::sync::Arc;
+
+use crate::error::JmError;
+use crate::metrics::Metrics;
+
+/// Options for starting a job beyond its spec.
+#[derive(Clone, Debug, Default)]
+pub struct SubmitOptions {
+    /// Reuse this id (resuming a job in `ferry local`); new id otherwise.
+    pub job_id: Option<JobId>,
+    /// Start from this savepoint or checkpoint directory (URL or path).
+    pub from_savepoint: Option<String>,
+    /// Restore from the job's own newest verified checkpoint if there is one.
+    pub resume: bool,
+}
+
+/// The JobManager: a cheap-to-clone handle to the jobs it drives.
+#[derive(Clone)]
+pub struct JobManager {
+    pub(crate) inner: Arc<crate::coordinator::Inner>,
+}
+
+impl JobManager {
+    /// Parses, validates and starts a job from spec text (YAML or JSON).
+    pub async fn submit(&self, text: &str) -> Result<JobInfo, JmError> {
+        let spec = ferry_core::spec::parse_and_validate(text).map_err(JmError::InvalidSpec)?;
+        self.submit_spec(spec, SubmitOptions::default()).await
+    }
+
+    /// All jobs, newest first.
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.inner.list()
+    }
+
+    /// One job, by full id, unique id prefix, or unique name.
+    pub fn get(&self, id: &str) -> Result<JobInfo, JmError> {
+        self.inner.find(id).map(|j| j.info())
+    }
+
+    /// Prometheus metrics of this JobManager.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Name of this instance.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.config.instance_id
+    }
+}

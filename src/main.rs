@@ -1,0 +1,50 @@
+//! The `ferry` binary: parses the command line and dispatches to the crates.
+//! Nothing else lives here.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ferry: stream processing that keeps running through the loss of a process,
+/// a machine or a region.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a job in this process (JobManager + TaskManager, no servers needed).
+    Local(cmd::local::LocalArgs),
+    /// Check a job spec and report every problem with field path and line.
+    Validate(cmd::validate::ValidateArgs),
+    /// Print the JSON Schema of job specs (for editors).
+    Schema(cmd::schema::SchemaArgs),
+    /// Manage jobs on a running JobManager over its REST API.
+    #[command(subcommand)]
+    Job(cmd::job::JobCommand),
+    /// Measure throughput (see docs/benchmarks.md).
+    Bench(cmd::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Local(args) => cmd::local::run(args),
+        Command::Validate(args) => cmd::validate::run(args),
+        Command::Schema(args) => cmd::schema::run(args),
+        Command::Job(c) => cmd::job::run(c),
+        Command::Bench(args) => cmd::bench::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
