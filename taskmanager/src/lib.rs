@@ -1,1 +1,14 @@
-//! Streaming runtime.
+//! Ferry's streaming runtime: sources, operators (filter, map, windows),
+//! sinks, checkpoint barriers and state snapshots, and the tasks that run
+//! them. The JobManager deploys jobs through [`runtime::deploy`] and talks to
+//! tasks with the messages in [`protocol`].
+
+pub mod batch;
+pub mod expr;
+pub mod metrics;
+pub mod operator;
+pub mod protocol;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod task;

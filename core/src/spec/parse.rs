@@ -61,16 +61,26 @@ impl std::error::Error for SpecErrors {}
 /// Parses the text of a spec (YAML, or JSON, which is detected) into typed
 /// form, without semantic checks.
 pub fn parse_spec(text: &str) -> Result<JobSpec, SpecErrors> {
-    let de = serde_yaml_ng::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let loc = inner.location();
+    // serde_yaml_ng only accepts `!tag` enums, so the document is first read
+    // into a generic JSON value (JSON is YAML, so both formats take this path)
+    // and the typed spec is deserialized from that, which accepts the
+    // `source: {generator: {...}}` map form of enums.
+    let value: serde_json::Value = serde_yaml_ng::from_str(text).map_err(|e| {
+        let loc = e.location();
         SpecErrors(vec![SpecError {
-            path: if path == "." { String::new() } else { path },
+            path: String::new(),
             line: loc.as_ref().map(|l| l.line()),
             column: loc.as_ref().map(|l| l.column()),
-            message: inner.to_string(),
+            message: e.to_string(),
+        }])
+    })?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        SpecErrors(vec![SpecError {
+            path: if path == "." { String::new() } else { path },
+            line: None,
+            column: None,
+            message: e.into_inner().to_string(),
         }])
     })
 }

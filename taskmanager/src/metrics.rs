@@ -1,0 +1,28 @@
+//! Per-task counters, shared with the JobManager for progress and metrics.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+/// Counters one task updates as it runs.
+#[derive(Debug)]
+pub struct TaskMetrics {
+    /// Records read by this task's source (source tasks only).
+    pub records_in: AtomicU64,
+    /// Records handed to this task's sink (sink tasks only).
+    pub records_out: AtomicU64,
+    /// The task's current input watermark (epoch ms; `i64::MIN` before any).
+    pub watermark: AtomicI64,
+    pub late_records: AtomicU64,
+    pub expr_errors: AtomicU64,
+}
+
+impl Default for TaskMetrics {
+    fn default() -> Self {
+        Self {
+            records_in: AtomicU64::new(0),
+            records_out: AtomicU64::new(0),
+            watermark: AtomicI64::new(i64::MIN),
+            late_records: AtomicU64::new(0),
+            expr_errors: AtomicU64::new(0),
+        }
+    }
+}

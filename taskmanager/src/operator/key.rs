@@ -1,0 +1,67 @@
+//! Record keys: extraction from batches and the stable hash that decides
+//! which subtask owns a key.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use ferry_core::value::Value;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{Batch, Column};
+
+/// The key of a record under `key_by`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Key {
+    Int(i64),
+    Str(Arc<str>),
+    Other(Value),
+    Multi(Box<[Value]>),
+}
+
+impl Key {
+    /// The key's field values, in key-field order.
+    pub fn values(&self) -> Vec<Value> {
+        match self {
+            Key::Int(i) => vec![Value::Int(*i)],
+            Key::Str(s) => vec![Value::Str(s.clone())],
+            Key::Other(v) => vec![v.clone()],
+            Key::Multi(v) => v.to_vec(),
+        }
+    }
+
+    /// Stable across processes and builds of the same version.
+    pub fn stable_hash(&self) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        self.hash(&mut h);
+        // Finalize (FxHash's low bits are weak for small integers).
+        let x = h.finish();
+        splitmix(x)
+    }
+}
+
+/// A strong 64-bit mix (SplitMix64 finalizer).
+#[inline]
+pub fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Reads the key of row `i` from the key columns `idx`.
+#[inline]
+pub fn key_at(batch: &Batch, idx: &[usize], i: usize) -> Key {
+    if idx.len() == 1 {
+        match &batch.columns[idx[0]] {
+            Column::Int(v) => Key::Int(v[i]),
+            Column::Str(v) => Key::Str(v[i].clone()),
+            c => match c.get(i) {
+                Value::Int(x) => Key::Int(x),
+                Value::Str(s) => Key::Str(s),
+                other => Key::Other(other),
+            },
+        }
+    } else {
+        Key::Multi(idx.iter().map(|c| batch.columns[*c].get(i)).collect())
+    }
+}

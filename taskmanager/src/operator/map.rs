@@ -1,0 +1,50 @@
+//! `map`: replaces each record by named CEL expressions over it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ferry_core::schema::{Schema, SchemaRef};
+
+use crate::batch::Batch;
+use crate::expr::CompiledExpr;
+use crate::metrics::TaskMetrics;
+use crate::operator::Operator;
+
+pub struct Map {
+    exprs: Vec<CompiledExpr>,
+    out_schema: SchemaRef,
+}
+
+impl Map {
+    pub fn new(
+        fields: &indexmap::IndexMap<String, String>,
+        input: &Schema,
+        output: &Schema,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            exprs: fields
+                .values()
+                .map(|e| CompiledExpr::compile(e, input))
+                .collect::<Result<_, _>>()?,
+            out_schema: Arc::new(output.clone()),
+        })
+    }
+}
+
+impl Operator for Map {
+    fn process(&mut self, batch: Batch, out: &mut Vec<Batch>, m: &TaskMetrics) {
+        let mut columns = Vec::with_capacity(self.exprs.len());
+        for e in &mut self.exprs {
+            let r = e.eval(&batch);
+            if r.errors > 0 {
+                m.expr_errors.fetch_add(r.errors, Ordering::Relaxed);
+            }
+            columns.push(r.column);
+        }
+        out.push(Batch {
+            schema: self.out_schema.clone(),
+            columns,
+            ts: batch.ts,
+        });
+    }
+}

@@ -1,0 +1,48 @@
+//! Operators of a task's chain: they take batches and watermarks and emit
+//! batches. Stateful operators snapshot into bytes and restore from the
+//! snapshots of every old subtask (so a job can restore at a new parallelism).
+
+pub mod filter;
+pub mod key;
+pub mod map;
+pub mod window;
+
+use bytes::Bytes;
+
+use crate::batch::Batch;
+use crate::metrics::TaskMetrics;
+
+/// Errors of operators.
+pub type OpResult<T> = Result<T, String>;
+
+/// One step of a chain.
+pub trait Operator: Send {
+    /// Name of the operator's state in checkpoints (stateful operators only).
+    fn state_name(&self) -> Option<&str> {
+        None
+    }
+
+    /// Processes one batch, pushing output batches to `out`.
+    fn process(&mut self, batch: Batch, out: &mut Vec<Batch>, m: &TaskMetrics);
+
+    /// The input watermark advanced to `wm`; emit whatever it completes.
+    fn on_watermark(&mut self, _wm: i64, _out: &mut Vec<Batch>) {}
+
+    /// Serializes the operator's state (stateful operators only).
+    fn snapshot(&self) -> OpResult<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Restores from the snapshots of all old subtasks; keeps what belongs to
+    /// `subtask` of `parallelism`.
+    fn restore(&mut self, _parts: &[Bytes], _subtask: u32, _parallelism: u32) -> OpResult<()> {
+        Ok(())
+    }
+}
+
+/// Stable hash of a key, shared by the exchange and by restore so that state
+/// and records of a key always meet in the same subtask.
+pub fn key_partition(hash: u64, parallelism: u32) -> u32 {
+    // Multiply-shift keeps the distribution even for small parallelism.
+    ((hash as u128 * parallelism as u128) >> 64) as u32
+}

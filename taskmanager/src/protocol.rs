@@ -1,0 +1,79 @@
+//! Messages between the JobManager and tasks, and between tasks. Later they
+//! travel over gRPC; in `ferry local` over in-process channels.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use ferry_core::CheckpointId;
+use ferry_core::manifest::{FileEntry, SinkTransaction, SnapshotKind};
+use ferry_core::storage::StorageLocation;
+
+use crate::batch::Batch;
+
+/// Identity of one task: a stage of the job and a subtask index in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId {
+    pub stage: u32,
+    pub subtask: u32,
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stage {} subtask {}", self.stage, self.subtask)
+    }
+}
+
+/// A checkpoint barrier, injected at the sources and aligned downstream.
+#[derive(Clone, Debug)]
+pub struct Barrier {
+    pub id: CheckpointId,
+    pub kind: SnapshotKind,
+    /// Close the sinks' open transactions (checkpoints and
+    /// stop-with-savepoint; not intermediate savepoints).
+    pub close_txn: bool,
+    /// Tasks stop once this snapshot is complete (stop-with-savepoint, or
+    /// the final checkpoint of a bounded job).
+    pub stop: bool,
+    /// Where the snapshot's state files go.
+    pub dir: StorageLocation,
+}
+
+/// Data flowing between tasks.
+pub enum Msg {
+    Batch(Batch),
+    Watermark(i64),
+    Barrier(Barrier),
+}
+
+/// From the JobManager to a task.
+#[derive(Debug)]
+pub enum TaskCommand {
+    /// Take a snapshot and send the barrier downstream (source tasks only).
+    Trigger(Barrier),
+    /// Checkpoint `id` completed: commit sinks' transactions up to it.
+    Complete(CheckpointId),
+}
+
+/// One task's part of a snapshot.
+#[derive(Clone, Debug)]
+pub struct TaskAck {
+    pub checkpoint: CheckpointId,
+    pub task: TaskId,
+    pub files: Vec<FileEntry>,
+    pub source_offsets: BTreeMap<String, serde_json::Value>,
+    pub sink_transactions: Vec<SinkTransaction>,
+    pub watermark: i64,
+    pub records_in: u64,
+    pub records_out: u64,
+}
+
+/// From a task to the JobManager.
+#[derive(Debug)]
+pub enum TaskEvent {
+    Ack(TaskAck),
+    /// The task's sources are exhausted (bounded input).
+    SourceEnded(TaskId),
+    /// The task stopped after a `stop` snapshot completed.
+    Stopped(TaskId),
+    Failed { task: TaskId, error: String },
+}

@@ -1,0 +1,364 @@
+//! Turning a validated job spec into running tasks: the stage plan (one
+//! stage per `key_by` when parallelism > 1), operator construction, state
+//! restore, and the channels between tasks and to the JobManager.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferry_core::manifest::VerifiedCheckpoint;
+use ferry_core::spec::{JobSpec, OperatorSpec, SchemaFlow, SinkSpec, SourceSpec};
+use ferry_core::storage::StorageLocation;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::TaskMetrics;
+use crate::operator::Operator;
+use crate::operator::filter::Filter;
+use crate::operator::map::Map;
+use crate::operator::window::Window;
+use crate::protocol::{Msg, TaskCommand, TaskEvent, TaskId};
+use crate::sink::{FileSink, SINK_STATE, Sink};
+use crate::source::Source;
+use crate::source::generator::{GeneratorModel, GeneratorSource};
+use crate::task::{Chain, Output, TaskContext, run_downstream_task, run_source_task};
+
+/// Batches in flight per channel between two tasks (backpressure bound).
+const CHANNEL_CAPACITY: usize = 8;
+
+/// One stage: the operators (indices into the spec) its tasks run, and the
+/// key fields its input is partitioned by (none for the first stage).
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub ops: Vec<usize>,
+    pub input_keys: Option<Vec<String>>,
+}
+
+/// A job ready to deploy.
+#[derive(Clone, Debug)]
+pub struct JobPlan {
+    pub spec: JobSpec,
+    pub flow: SchemaFlow,
+    pub parallelism: u32,
+    pub stages: Vec<Stage>,
+    /// Stateful operator names, by operator index.
+    pub state_names: Vec<Option<String>>,
+}
+
+impl JobPlan {
+    /// Plans a validated spec.
+    pub fn new(spec: &JobSpec) -> Result<Self, String> {
+        let flow = ferry_core::spec::output_schemas(spec).map_err(|issues| {
+            issues
+                .iter()
+                .map(|i| format!("{}: {}", i.path, i.message))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let parallelism = spec.spec.parallelism.max(1);
+        let mut stages = vec![Stage {
+            ops: Vec::new(),
+            input_keys: None,
+        }];
+        let mut state_names = Vec::new();
+        let mut windows = 0;
+        for (i, op) in spec.spec.operators.iter().enumerate() {
+            state_names.push(match op {
+                OperatorSpec::Window(w) => {
+                    windows += 1;
+                    Some(w.name.clone().unwrap_or_else(|| {
+                        if windows == 1 {
+                            "window".to_string()
+                        } else {
+                            format!("window-{windows}")
+                        }
+                    }))
+                }
+                _ => None,
+            });
+            match op {
+                OperatorSpec::KeyBy(k) if parallelism > 1 => stages.push(Stage {
+                    ops: Vec::new(),
+                    input_keys: Some(k.fields()),
+                }),
+                OperatorSpec::KeyBy(_) => {}
+                _ => stages.last_mut().expect("one stage").ops.push(i),
+            }
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            flow,
+            parallelism,
+            stages,
+            state_names,
+        })
+    }
+
+    /// Number of tasks the job runs.
+    pub fn task_count(&self) -> usize {
+        self.stages.len() * self.parallelism as usize
+    }
+
+    fn schema_before(&self, op: usize) -> &ferry_core::schema::Schema {
+        if op == 0 {
+            &self.flow.source
+        } else {
+            &self.flow.after[op - 1]
+        }
+    }
+
+    /// Schema at the end of stage `s` (after its last operator).
+    fn schema_at_stage_end(&self, s: usize) -> &ferry_core::schema::Schema {
+        // The exchange after stage s sits at the key_by that starts stage s+1;
+        // the schema there is the one before that key_by.
+        let mut idx = 0;
+        let mut stage = 0;
+        for (i, op) in self.spec.spec.operators.iter().enumerate() {
+            if matches!(op, OperatorSpec::KeyBy(_)) && self.parallelism > 1 {
+                if stage == s {
+                    return self.schema_before(i);
+                }
+                stage += 1;
+            }
+            idx = i + 1;
+        }
+        self.schema_before(idx)
+    }
+
+    fn build_ops(&self, stage: &Stage) -> Result<Vec<Box<dyn Operator>>, String> {
+        let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+        for &i in &stage.ops {
+            let before = self.schema_before(i);
+            let after = &self.flow.after[i];
+            match &self.spec.spec.operators[i] {
+                OperatorSpec::Filter(e) => ops.push(Box::new(Filter::new(e, before)?)),
+                OperatorSpec::Map(fields) => ops.push(Box::new(Map::new(fields, before, after)?)),
+                OperatorSpec::Window(w) => {
+                    let keys = self.flow.keys_after[i]
+                        .clone()
+                        .ok_or("window without key_by")?;
+                    let name = self.state_names[i].clone().unwrap_or_default();
+                    ops.push(Box::new(Window::new(&name, w, &keys, before, after)?));
+                }
+                OperatorSpec::KeyBy(_) => {}
+            }
+        }
+        Ok(ops)
+    }
+}
+
+/// Handles to a deployed job's tasks.
+pub struct DeployedJob {
+    /// Command channels of the source tasks (checkpoint triggers go here).
+    pub sources: Vec<mpsc::UnboundedSender<TaskCommand>>,
+    /// Command channels of every task (completion notices go here).
+    pub all: Vec<mpsc::UnboundedSender<TaskCommand>>,
+    pub events: mpsc::UnboundedReceiver<TaskEvent>,
+    pub metrics: Vec<(TaskId, Arc<TaskMetrics>)>,
+    pub cancel: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl DeployedJob {
+    /// Stops every task now and waits for them (and their uploads) to end.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Sums a counter over all tasks.
+    pub fn sum(&self, f: impl Fn(&TaskMetrics) -> u64) -> u64 {
+        self.metrics.iter().map(|(_, m)| f(m)).sum()
+    }
+
+    /// Lowest watermark over all tasks of the last stage.
+    pub fn watermark(&self) -> i64 {
+        let last = self.metrics.iter().map(|(t, _)| t.stage).max().unwrap_or(0);
+        self.metrics
+            .iter()
+            .filter(|(t, _)| t.stage == last)
+            .map(|(_, m)| m.watermark.load(std::sync::atomic::Ordering::Relaxed))
+            .min()
+            .unwrap_or(i64::MIN)
+    }
+}
+
+/// State parts of one operator in a checkpoint, by old subtask.
+fn parts_of(cp: Option<&VerifiedCheckpoint>, operator: &str) -> Vec<(u32, Bytes)> {
+    let Some(cp) = cp else { return Vec::new() };
+    cp.manifest
+        .files
+        .iter()
+        .filter(|f| f.operator == operator)
+        .filter_map(|f| cp.files.get(&f.path).map(|b| (f.subtask, b.clone())))
+        .collect()
+}
+
+/// Starts every task of `plan`, restoring from `restore` if given.
+/// `part_prefix` makes the file sink's part names unique to the job.
+pub async fn deploy(
+    plan: &JobPlan,
+    restore: Option<&VerifiedCheckpoint>,
+    part_prefix: &str,
+) -> Result<DeployedJob, String> {
+    let p = plan.parallelism;
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let uploads = tasks.clone();
+    let mut sources = Vec::new();
+    let mut all = Vec::new();
+    let mut metrics = Vec::new();
+
+    let gen_model = match &plan.spec.spec.source {
+        SourceSpec::Generator(g) => Some(Arc::new(GeneratorModel::new(g, p, &plan.flow.source)?)),
+        SourceSpec::File(_) => None,
+    };
+    let sink_loc = match &plan.spec.spec.sink {
+        SinkSpec::File(f) => Some(StorageLocation::open(&f.path).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+
+    // Channels between stages: inputs[s][j] are the receivers of stage s, subtask j.
+    let nstages = plan.stages.len();
+    let mut senders: Vec<Vec<mpsc::Sender<Msg>>> = vec![Vec::new(); nstages];
+    let mut receivers: Vec<Vec<Vec<mpsc::Receiver<Msg>>>> = (0..nstages)
+        .map(|_| (0..p).map(|_| Vec::new()).collect())
+        .collect();
+    // Each upstream subtask gets its own channel to each downstream subtask.
+    let mut upstream_senders: Vec<Vec<Vec<mpsc::Sender<Msg>>>> = (0..nstages)
+        .map(|_| (0..p).map(|_| Vec::new()).collect())
+        .collect();
+    for s in 1..nstages {
+        for up in 0..p {
+            for down in 0..p {
+                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                upstream_senders[s - 1][up as usize].push(tx);
+                receivers[s][down as usize].push(rx);
+            }
+        }
+    }
+    drop(senders.drain(..));
+
+    for (s, stage) in plan.stages.iter().enumerate() {
+        for j in 0..p {
+            let id = TaskId {
+                stage: s as u32,
+                subtask: j,
+            };
+            let mut ops = plan.build_ops(stage)?;
+            for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
+                if let Some(name) = &plan.state_names[i] {
+                    let parts: Vec<Bytes> =
+                        parts_of(restore, name).into_iter().map(|(_, b)| b).collect();
+                    if !parts.is_empty() {
+                        op.restore(&parts, j, p)
+                            .map_err(|e| format!("restoring {name} failed: {e}"))?;
+                    }
+                }
+            }
+            let m = Arc::new(TaskMetrics::default());
+            let output = if s + 1 < nstages {
+                let keys = plan.stages[s + 1].input_keys.clone().unwrap_or_default();
+                let schema = plan.schema_at_stage_end(s);
+                let key_idx = keys
+                    .iter()
+                    .map(|k| schema.index_of(k).ok_or(format!("unknown key field '{k}'")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Output::Exchange {
+                    senders: std::mem::take(&mut upstream_senders[s][j as usize]),
+                    key_idx,
+                }
+            } else {
+                let mut sink = match (&plan.spec.spec.sink, &sink_loc) {
+                    (SinkSpec::File(_), Some(loc)) => {
+                        Sink::File(FileSink::new(loc.clone(), part_prefix, j))
+                    }
+                    (SinkSpec::Stdout(_), _) => Sink::Stdout,
+                    _ => Sink::Blackhole,
+                };
+                let parts = parts_of(restore, SINK_STATE);
+                let out = sink
+                    .restore(&parts, j, p)
+                    .await
+                    .map_err(|e| format!("restoring the sink failed: {e}"))?;
+                m.records_out
+                    .store(out, std::sync::atomic::Ordering::Relaxed);
+                Output::Sink(sink)
+            };
+            if let Some(cp) = restore {
+                m.watermark
+                    .store(cp.manifest.watermark, std::sync::atomic::Ordering::Relaxed);
+            }
+            let chain = Chain {
+                ops,
+                output,
+                metrics: m.clone(),
+            };
+            let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+            let ctx = TaskContext {
+                id,
+                commands: cmd_rx,
+                events: ev_tx.clone(),
+                uploads: uploads.clone(),
+            };
+            let events = ev_tx.clone();
+            let token = cancel.clone();
+            if s == 0 {
+                let mut source = match &plan.spec.spec.source {
+                    SourceSpec::Generator(g) => Source::Generator(GeneratorSource::new(
+                        gen_model.clone().expect("generator model"),
+                        g.rate,
+                        j,
+                        p,
+                    )),
+                    SourceSpec::File(f) => Source::File(
+                        crate::source::file::FileSource::open(f, &plan.flow.source, j, p).await?,
+                    ),
+                };
+                let parts: Vec<Bytes> = parts_of(restore, "source")
+                    .into_iter()
+                    .map(|(_, b)| b)
+                    .collect();
+                if !parts.is_empty() {
+                    source.restore(&parts)?;
+                }
+                sources.push(cmd_tx.clone());
+                tasks.spawn(async move {
+                    let r = tokio::select! {
+                        r = run_source_task(ctx, source, chain) => r,
+                        _ = token.cancelled() => return,
+                    };
+                    report(&events, id, r);
+                });
+            } else {
+                let inputs = std::mem::take(&mut receivers[s][j as usize]);
+                tasks.spawn(async move {
+                    let r = tokio::select! {
+                        r = run_downstream_task(ctx, inputs, chain) => r,
+                        _ = token.cancelled() => return,
+                    };
+                    report(&events, id, r);
+                });
+            }
+            all.push(cmd_tx);
+            metrics.push((id, m));
+        }
+    }
+    Ok(DeployedJob {
+        sources,
+        all,
+        events: ev_rx,
+        metrics,
+        cancel,
+        tasks,
+    })
+}
+
+fn report(events: &mpsc::UnboundedSender<TaskEvent>, task: TaskId, r: Result<(), String>) {
+    let _ = events.send(match r {
+        Ok(()) => TaskEvent::Stopped(task),
+        Err(error) => TaskEvent::Failed { task, error },
+    });
+}

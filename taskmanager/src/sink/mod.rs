@@ -1,0 +1,234 @@
+//! Sinks: where records leave a job.
+//!
+//! The file sink is exactly-once by two-phase commit: records written between
+//! two barriers form a transaction; at the barrier the transaction is closed
+//! and its bytes become part of the sink's checkpoint state (pre-commit);
+//! when the checkpoint completes, the transaction is committed by a
+//! create-only put of a part file with a deterministic name. A restore
+//! commits every pending transaction of the restored state again, which is a
+//! no-op for those already committed. `stdout` (at-least-once) and
+//! `blackhole` are for demos and benchmarks.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use ferry_core::CheckpointId;
+use ferry_core::manifest::SinkTransaction;
+use ferry_core::storage::StorageLocation;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::Batch;
+use crate::metrics::TaskMetrics;
+
+/// Name of the sink's state in checkpoints.
+pub const SINK_STATE: &str = "sink";
+
+/// A sink subtask.
+pub enum Sink {
+    File(FileSink),
+    Stdout,
+    Blackhole,
+}
+
+impl Sink {
+    /// Hands a batch to the sink.
+    pub fn write(&mut self, batch: &Batch, m: &TaskMetrics) {
+        m.records_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match self {
+            Sink::File(f) => f.write(batch),
+            Sink::Stdout => {
+                let mut s = String::with_capacity(batch.len() * 64);
+                for i in 0..batch.len() {
+                    batch.write_json_row(i, &mut s);
+                }
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            }
+            Sink::Blackhole => {}
+        }
+    }
+
+    /// Snapshot at a barrier. `close_txn` closes the open transaction
+    /// (checkpoints, stop-with-savepoint); an intermediate savepoint keeps it
+    /// open and stores its records as still open.
+    pub fn snapshot(
+        &mut self,
+        cp: CheckpointId,
+        close_txn: bool,
+        records_out: u64,
+    ) -> Result<(Option<Vec<u8>>, Vec<SinkTransaction>), String> {
+        match self {
+            Sink::File(f) => f.snapshot(cp, close_txn, records_out),
+            Sink::Stdout | Sink::Blackhole => {
+                let st = FileSinkState {
+                    records_out,
+                    ..Default::default()
+                };
+                Ok((Some(postcard::to_stdvec(&st).map_err(|e| e.to_string())?), Vec::new()))
+            }
+        }
+    }
+
+    /// Commits every pending transaction up to `cp` (checkpoint completed).
+    pub async fn commit(&mut self, cp: CheckpointId) -> Result<(), String> {
+        match self {
+            Sink::File(f) => f.commit(cp).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Restores from old subtasks' states `(old subtask, bytes)`: keeps the
+    /// ones with `old % parallelism == subtask`, commits their pending
+    /// transactions, and returns their records-out count.
+    pub async fn restore(
+        &mut self,
+        parts: &[(u32, Bytes)],
+        subtask: u32,
+        parallelism: u32,
+    ) -> Result<u64, String> {
+        let mut records = 0;
+        for (old, bytes) in parts {
+            if old % parallelism != subtask {
+                continue;
+            }
+            let st: FileSinkState = postcard::from_bytes(bytes)
+                .map_err(|e| format!("sink state is unreadable: {e}"))?;
+            records += st.records_out;
+            if let Sink::File(f) = self {
+                f.adopt(st);
+            }
+        }
+        if let Sink::File(f) = self {
+            f.commit(CheckpointId(u64::MAX)).await?;
+        }
+        Ok(records)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FileSinkState {
+    /// (checkpoint, part-file name, JSON-lines bytes, records)
+    pending: Vec<(u64, String, Vec<u8>, u64)>,
+    open: Vec<u8>,
+    open_records: u64,
+    records_out: u64,
+}
+
+struct Pending {
+    name: String,
+    data: Bytes,
+    records: u64,
+}
+
+/// Exactly-once JSON-lines part files.
+pub struct FileSink {
+    out: StorageLocation,
+    prefix: String,
+    subtask: u32,
+    buffer: String,
+    buffer_records: u64,
+    pending: BTreeMap<u64, Pending>,
+}
+
+impl FileSink {
+    /// `prefix` makes part names unique per job (the job id's short form).
+    pub fn new(out: StorageLocation, prefix: &str, subtask: u32) -> Self {
+        Self {
+            out,
+            prefix: prefix.to_string(),
+            subtask,
+            buffer: String::new(),
+            buffer_records: 0,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Deterministic part-file name of a transaction.
+    pub fn part_name(prefix: &str, subtask: u32, cp: CheckpointId) -> String {
+        format!("part-{prefix}-{subtask:04}-{:08}.jsonl", cp.0)
+    }
+
+    fn write(&mut self, batch: &Batch) {
+        for i in 0..batch.len() {
+            batch.write_json_row(i, &mut self.buffer);
+        }
+        self.buffer_records += batch.len() as u64;
+    }
+
+    fn snapshot(
+        &mut self,
+        cp: CheckpointId,
+        close_txn: bool,
+        records_out: u64,
+    ) -> Result<(Option<Vec<u8>>, Vec<SinkTransaction>), String> {
+        if close_txn && self.buffer_records > 0 {
+            let data = Bytes::from(std::mem::take(&mut self.buffer).into_bytes());
+            self.pending.insert(
+                cp.0,
+                Pending {
+                    name: Self::part_name(&self.prefix, self.subtask, cp),
+                    data,
+                    records: std::mem::take(&mut self.buffer_records),
+                },
+            );
+        }
+        let st = FileSinkState {
+            pending: self
+                .pending
+                .iter()
+                .map(|(id, p)| (*id, p.name.clone(), p.data.to_vec(), p.records))
+                .collect(),
+            open: if close_txn {
+                Vec::new()
+            } else {
+                self.buffer.as_bytes().to_vec()
+            },
+            open_records: if close_txn { 0 } else { self.buffer_records },
+            records_out,
+        };
+        let txns = self
+            .pending
+            .values()
+            .map(|p| SinkTransaction {
+                subtask: self.subtask,
+                txn: p.name.clone(),
+                records: p.records,
+            })
+            .collect();
+        Ok((Some(postcard::to_stdvec(&st).map_err(|e| e.to_string())?), txns))
+    }
+
+    async fn commit(&mut self, cp: CheckpointId) -> Result<(), String> {
+        let due: Vec<u64> = self.pending.range(..=cp.0).map(|(k, _)| *k).collect();
+        for id in due {
+            let p = &self.pending[&id];
+            // Create-only: an existing part file means "already committed".
+            self.out
+                .put_create(&p.name, p.data.clone())
+                .await
+                .map_err(|e| format!("committing {} failed: {e}", p.name))?;
+            self.pending.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn adopt(&mut self, st: FileSinkState) {
+        for (id, name, data, records) in st.pending {
+            self.pending.insert(
+                id,
+                Pending {
+                    name,
+                    data: Bytes::from(data),
+                    records,
+                },
+            );
+        }
+        if !st.open.is_empty() {
+            self.buffer.push_str(&String::from_utf8_lossy(&st.open));
+            self.buffer_records += st.open_records;
+        }
+    }
+}

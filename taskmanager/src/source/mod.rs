@@ -1,0 +1,70 @@
+//! Sources: where records enter a job. Each source subtask owns some
+//! partitions, reads them in batches, tracks per-partition offsets for
+//! checkpoints and derives its watermark.
+
+pub mod file;
+pub mod generator;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::batch::Batch;
+
+/// What a source returns when polled.
+pub enum Poll {
+    /// A batch of records; the watermark may have advanced.
+    Batch(Batch),
+    /// Nothing now (rate limit); poll again after this long.
+    Idle(Duration),
+    /// Every partition of this subtask is exhausted.
+    End,
+}
+
+/// A source subtask.
+pub enum Source {
+    Generator(generator::GeneratorSource),
+    File(file::FileSource),
+}
+
+impl Source {
+    pub async fn poll(&mut self) -> Result<Poll, String> {
+        match self {
+            Source::Generator(g) => Ok(g.poll()),
+            Source::File(f) => f.poll().await,
+        }
+    }
+
+    /// This subtask's watermark (epoch ms; `i64::MIN` before any record).
+    pub fn watermark(&self) -> i64 {
+        match self {
+            Source::Generator(g) => g.watermark(),
+            Source::File(f) => f.watermark(),
+        }
+    }
+
+    /// State bytes and human-readable offsets per partition.
+    pub fn snapshot(&self) -> Result<(Vec<u8>, BTreeMap<String, serde_json::Value>), String> {
+        match self {
+            Source::Generator(g) => g.snapshot(),
+            Source::File(f) => f.snapshot(),
+        }
+    }
+
+    /// Restores offsets from the snapshots of all old subtasks.
+    pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {
+        match self {
+            Source::Generator(g) => g.restore(parts),
+            Source::File(f) => f.restore(parts),
+        }
+    }
+
+    /// Records read so far (including before a restore).
+    pub fn records_read(&self) -> u64 {
+        match self {
+            Source::Generator(g) => g.records_read(),
+            Source::File(f) => f.records_read(),
+        }
+    }
+}

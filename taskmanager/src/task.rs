@@ -1,0 +1,407 @@
+//! Task execution: a chain of operators fed by a source or by upstream
+//! channels, ending in an exchange or a sink; checkpoint barriers aligned
+//! across inputs; snapshots uploaded asynchronously.
+//!
+//! Invariant: a task snapshots its state exactly when it has seen barrier `n`
+//! on every input, before processing anything that came after it, so a
+//! checkpoint is a consistent cut of the whole job.
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll as TaskPoll;
+
+use bytes::Bytes;
+use ferry_core::CheckpointId;
+use ferry_core::manifest::{FileEntry, SinkTransaction, state_file};
+use ferry_core::storage::sha256_hex;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::batch::Batch;
+use crate::metrics::TaskMetrics;
+use crate::operator::key::key_at;
+use crate::operator::{Operator, key_partition};
+use crate::protocol::{Barrier, Msg, TaskAck, TaskCommand, TaskEvent, TaskId};
+use crate::sink::{SINK_STATE, Sink};
+use crate::source::{Poll, Source};
+
+/// Where a chain's output goes.
+pub enum Output {
+    /// Hash-partitioned by key to the next stage's subtasks.
+    Exchange {
+        senders: Vec<mpsc::Sender<Msg>>,
+        key_idx: Vec<usize>,
+    },
+    Sink(Sink),
+}
+
+/// Operators run back to back in one task, then the output.
+pub struct Chain {
+    pub ops: Vec<Box<dyn Operator>>,
+    pub output: Output,
+    pub metrics: Arc<TaskMetrics>,
+}
+
+impl Chain {
+    /// Runs `batch` through the operators from `from` on, then outputs.
+    async fn push_from(&mut self, from: usize, batch: Batch) -> Result<(), String> {
+        let mut cur = vec![batch];
+        for op in &mut self.ops[from..] {
+            let mut next = Vec::new();
+            for b in cur {
+                op.process(b, &mut next, &self.metrics);
+            }
+            if next.is_empty() {
+                return Ok(());
+            }
+            cur = next;
+        }
+        for b in cur {
+            self.emit(b).await?;
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, batch: Batch) -> Result<(), String> {
+        self.push_from(0, batch).await
+    }
+
+    async fn emit(&mut self, batch: Batch) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match &mut self.output {
+            Output::Sink(s) => {
+                s.write(&batch, &self.metrics);
+                Ok(())
+            }
+            Output::Exchange { senders, key_idx } => {
+                let n = senders.len() as u32;
+                if n == 1 {
+                    return send(&senders[0], Msg::Batch(batch)).await;
+                }
+                let mut idx: Vec<Vec<u32>> = vec![Vec::new(); n as usize];
+                for i in 0..batch.len() {
+                    let k = key_at(&batch, key_idx, i);
+                    idx[key_partition(k.stable_hash(), n) as usize].push(i as u32);
+                }
+                for (t, rows) in idx.iter().enumerate() {
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let part = if rows.len() == batch.len() {
+                        batch.clone()
+                    } else {
+                        batch.take(rows)
+                    };
+                    send(&senders[t], Msg::Batch(part)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Advances the watermark through every operator, then downstream.
+    async fn watermark(&mut self, wm: i64) -> Result<(), String> {
+        self.metrics.watermark.store(wm, Ordering::Relaxed);
+        for i in 0..self.ops.len() {
+            let mut out = Vec::new();
+            self.ops[i].on_watermark(wm, &mut out);
+            for b in out {
+                self.push_from(i + 1, b).await?;
+            }
+        }
+        if let Output::Exchange { senders, .. } = &self.output {
+            for s in senders {
+                send(s, Msg::Watermark(wm)).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn send(s: &mpsc::Sender<Msg>, m: Msg) -> Result<(), String> {
+    s.send(m)
+        .await
+        .map_err(|_| "downstream task is gone".to_string())
+}
+
+/// What every task needs besides its chain.
+pub struct TaskContext {
+    pub id: TaskId,
+    pub commands: mpsc::UnboundedReceiver<TaskCommand>,
+    pub events: mpsc::UnboundedSender<TaskEvent>,
+    pub uploads: TaskTracker,
+}
+
+impl TaskContext {
+    /// Snapshots the source (if any), the operators and the sink, forwards the
+    /// barrier, and uploads the state files in the background.
+    async fn snapshot(
+        &self,
+        barrier: &Barrier,
+        source: Option<&Source>,
+        chain: &mut Chain,
+    ) -> Result<(), String> {
+        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut offsets = BTreeMap::new();
+        let mut txns: Vec<SinkTransaction> = Vec::new();
+        if let Some(src) = source {
+            let (bytes, offs) = src.snapshot()?;
+            parts.push(("source".to_string(), bytes));
+            offsets = offs;
+        }
+        for op in &chain.ops {
+            if let Some(name) = op.state_name() {
+                if let Some(bytes) = op.snapshot()? {
+                    parts.push((name.to_string(), bytes));
+                }
+            }
+        }
+        let records_out = chain.metrics.records_out.load(Ordering::Relaxed);
+        match &mut chain.output {
+            Output::Sink(sink) => {
+                let (bytes, t) = sink.snapshot(barrier.id, barrier.close_txn, records_out)?;
+                if let Some(b) = bytes {
+                    parts.push((SINK_STATE.to_string(), b));
+                }
+                txns = t;
+            }
+            Output::Exchange { senders, .. } => {
+                for s in senders {
+                    send(s, Msg::Barrier(barrier.clone())).await?;
+                }
+            }
+        }
+        let ack = TaskAck {
+            checkpoint: barrier.id,
+            task: self.id,
+            files: Vec::new(),
+            source_offsets: offsets,
+            sink_transactions: txns,
+            watermark: chain.metrics.watermark.load(Ordering::Relaxed),
+            records_in: chain.metrics.records_in.load(Ordering::Relaxed),
+            records_out,
+        };
+        let dir = barrier.dir.clone();
+        let events = self.events.clone();
+        let subtask = self.id.subtask;
+        self.uploads.spawn(async move {
+            let mut ack = ack;
+            for (op, data) in parts {
+                let rel = state_file(&op, subtask);
+                let entry = FileEntry {
+                    path: rel.clone(),
+                    size: data.len() as u64,
+                    sha256: sha256_hex(&data),
+                    operator: op,
+                    subtask,
+                };
+                if let Err(e) = dir.put(&rel, Bytes::from(data)).await {
+                    let _ = events.send(TaskEvent::Failed {
+                        task: ack.task,
+                        error: format!("uploading checkpoint {} state failed: {e}", ack.checkpoint),
+                    });
+                    return;
+                }
+                ack.files.push(entry);
+            }
+            let _ = events.send(TaskEvent::Ack(ack));
+        });
+        Ok(())
+    }
+}
+
+/// What a command asks the task loop to do next.
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// Handles a command common to all tasks.
+async fn on_command(
+    ctx: &TaskContext,
+    cmd: TaskCommand,
+    source: Option<&Source>,
+    chain: &mut Chain,
+    stop_at: &mut Option<CheckpointId>,
+) -> Result<Next, String> {
+    match cmd {
+        TaskCommand::Trigger(b) => {
+            if b.stop {
+                *stop_at = Some(b.id);
+            }
+            ctx.snapshot(&b, source, chain).await?;
+            Ok(Next::Continue)
+        }
+        TaskCommand::Complete(id) => {
+            if let Output::Sink(s) = &mut chain.output {
+                s.commit(id).await?;
+            }
+            if stop_at.is_some_and(|s| s <= id) {
+                Ok(Next::Stop)
+            } else {
+                Ok(Next::Continue)
+            }
+        }
+    }
+}
+
+/// Runs a task that reads from a source.
+pub async fn run_source_task(
+    mut ctx: TaskContext,
+    mut source: Source,
+    mut chain: Chain,
+) -> Result<(), String> {
+    let m = chain.metrics.clone();
+    m.records_in.store(source.records_read(), Ordering::Relaxed);
+    let mut ended = false;
+    let mut last_wm = i64::MIN;
+    let mut stop_at = None;
+    loop {
+        // Commands first: a trigger must not wait behind a long input.
+        loop {
+            match ctx.commands.try_recv() {
+                Ok(cmd) => {
+                    if let Next::Stop =
+                        on_command(&ctx, cmd, Some(&source), &mut chain, &mut stop_at).await?
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+        if ended || stop_at.is_some() {
+            // Nothing more to read (or stopping): wait for commands.
+            match ctx.commands.recv().await {
+                Some(cmd) => {
+                    if let Next::Stop =
+                        on_command(&ctx, cmd, Some(&source), &mut chain, &mut stop_at).await?
+                    {
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            }
+            continue;
+        }
+        match source.poll().await? {
+            Poll::Batch(b) => {
+                m.records_in.fetch_add(b.len() as u64, Ordering::Relaxed);
+                chain.push(b).await?;
+                let wm = source.watermark();
+                if wm > last_wm {
+                    last_wm = wm;
+                    chain.watermark(wm).await?;
+                }
+                tokio::task::consume_budget().await;
+            }
+            Poll::Idle(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    cmd = ctx.commands.recv() => match cmd {
+                        Some(cmd) => {
+                            if let Next::Stop = on_command(&ctx, cmd, Some(&source), &mut chain, &mut stop_at).await? {
+                                return Ok(());
+                            }
+                        }
+                        None => return Ok(()),
+                    }
+                }
+            }
+            Poll::End => {
+                ended = true;
+                chain.watermark(i64::MAX).await?;
+                let _ = ctx.events.send(TaskEvent::SourceEnded(ctx.id));
+            }
+        }
+    }
+}
+
+/// Runs a task fed by upstream tasks, aligning barriers across its inputs.
+pub async fn run_downstream_task(
+    mut ctx: TaskContext,
+    mut inputs: Vec<mpsc::Receiver<Msg>>,
+    mut chain: Chain,
+) -> Result<(), String> {
+    let n = inputs.len();
+    let mut blocked = vec![false; n];
+    let mut closed = vec![false; n];
+    let mut input_wm = vec![i64::MIN; n];
+    let mut cur_wm = i64::MIN;
+    let mut aligning: Option<(Barrier, usize)> = None;
+    let mut stop_at = None;
+    let mut rr = 0usize;
+    loop {
+        let next = poll_fn(|cx| {
+            for k in 0..n {
+                let i = (rr + k) % n;
+                if blocked[i] || closed[i] {
+                    continue;
+                }
+                if let TaskPoll::Ready(m) = inputs[i].poll_recv(cx) {
+                    rr = (i + 1) % n;
+                    return TaskPoll::Ready((i, m));
+                }
+            }
+            TaskPoll::Pending
+        });
+        tokio::select! {
+            biased;
+            cmd = ctx.commands.recv() => {
+                match cmd {
+                    Some(cmd) => {
+                        if let Next::Stop = on_command(&ctx, cmd, None, &mut chain, &mut stop_at).await? {
+                            return Ok(());
+                        }
+                    }
+                    None => return Ok(()),
+                }
+            }
+            (i, msg) = next => match msg {
+                None => {
+                    closed[i] = true;
+                    if closed.iter().all(|c| *c) && stop_at.is_none() {
+                        return Err("all upstream tasks are gone".into());
+                    }
+                }
+                Some(Msg::Batch(b)) => chain.push(b).await?,
+                Some(Msg::Watermark(w)) => {
+                    input_wm[i] = input_wm[i].max(w);
+                    let min = input_wm.iter().copied().min().unwrap_or(i64::MIN);
+                    if min > cur_wm {
+                        cur_wm = min;
+                        chain.watermark(min).await?;
+                    }
+                }
+                Some(Msg::Barrier(b)) => {
+                    match &aligning {
+                        Some((cur, _)) if b.id < cur.id => continue,
+                        Some((cur, _)) if b.id > cur.id => {
+                            // A newer checkpoint overtook an abandoned one.
+                            blocked.iter_mut().for_each(|x| *x = false);
+                            aligning = None;
+                        }
+                        _ => {}
+                    }
+                    let (bar, count) = aligning.get_or_insert_with(|| (b.clone(), 0));
+                    blocked[i] = true;
+                    *count += 1;
+                    if *count + closed.iter().filter(|c| **c).count() >= n {
+                        let bar = bar.clone();
+                        aligning = None;
+                        blocked.iter_mut().for_each(|x| *x = false);
+                        if bar.stop {
+                            stop_at = Some(bar.id);
+                        }
+                        ctx.snapshot(&bar, None, &mut chain).await?;
+                    }
+                }
+            }
+        }
+    }
+}
