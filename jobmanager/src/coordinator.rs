@@ -1,89 +1,591 @@
-//! Job drivers and the checkpoint coordinator (in progress).
+//! The job driver and checkpoint coordinator: deploys a job's tasks, triggers
+//! aligned checkpoints on a timer, collects acknowledgements, writes the
+//! manifest (create-only) and tells the tasks to commit, applies retention,
+//! takes savepoints, and restarts the job from its newest verified
+//! checkpoint after a failure according to the restart strategy.
+//!
+//! Invariant: a checkpoint exists once its manifest is written and only
+//! then are sinks told to commit; the manifest is written only after every
+//! task acknowledged, so every file it lists is durable.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use ferry_core::JobId;
+use chrono::Utc;
+use ferry_core::CheckpointId;
+use ferry_core::manifest::{
+    MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint, checkpoint_dir, find_restorable,
+    list_checkpoint_ids, read_verified, savepoint_dir, write_manifest,
+};
+use ferry_core::storage::StorageLocation;
+use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskCommand, TaskEvent};
+use ferry_taskmanager::runtime::{DeployedJob, JobPlan, deploy};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::JmError;
+use crate::jobs::{JobEntry, manifest_info};
 use crate::metrics::Metrics;
-use crate::service::{
-    CheckpointInfo, JobInfo, JobManager, JobManagerConfig, SavepointInfo, SubmitOptions,
-};
+use crate::restart::{Decision, RestartPolicy};
+use crate::service::{SavepointInfo, SubmitOptions};
 use crate::state::JobState;
 
-pub(crate) struct Inner {
-    pub(crate) config: JobManagerConfig,
-    pub(crate) metrics: Arc<Metrics>,
+/// Requests from the API to a job's driver.
+pub(crate) enum JobCommand {
+    Savepoint(oneshot::Sender<Result<SavepointInfo, JmError>>),
+    Stop {
+        savepoint: bool,
+        reply: oneshot::Sender<Result<Option<SavepointInfo>, JmError>>,
+    },
 }
 
-pub(crate) struct JobEntry;
-
-impl JobEntry {
-    pub(crate) fn info(&self) -> JobInfo {
-        todo!()
-    }
+/// How one deployment of a job ended.
+enum Outcome {
+    Finished,
+    Stopped,
+    Failed(String),
+    Shutdown,
 }
 
-impl Inner {
-    pub(crate) fn list(&self) -> Vec<JobInfo> {
-        todo!()
-    }
-    pub(crate) fn find(&self, _id: &str) -> Result<Arc<JobEntry>, JmError> {
-        todo!()
-    }
+/// A snapshot waiting for acknowledgements.
+struct Pending {
+    barrier: Barrier,
+    started: Instant,
+    acks: Vec<TaskAck>,
+    finished: bool,
+    reply: Option<Reply>,
 }
 
-impl JobManager {
-    /// Creates a JobManager with no jobs.
-    pub fn new(config: JobManagerConfig) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                config,
-                metrics: Arc::new(Metrics::new()),
-            }),
+enum Reply {
+    Savepoint(oneshot::Sender<Result<SavepointInfo, JmError>>),
+    Stop(oneshot::Sender<Result<Option<SavepointInfo>, JmError>>),
+}
+
+/// Where the next deployment restores from.
+enum RestoreFrom {
+    Nothing,
+    Savepoint(String),
+    LatestCheckpoint,
+}
+
+/// Drives one job until it ends.
+pub(crate) async fn drive(
+    job: Arc<JobEntry>,
+    mut cmds: mpsc::UnboundedReceiver<JobCommand>,
+    opts: SubmitOptions,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let plan = match JobPlan::new(&job.spec) {
+        Ok(p) => p,
+        Err(e) => {
+            job.set_state(JobState::Failed, Some(format!("invalid job: {e}")));
+            return;
+        }
+    };
+    let mut policy = RestartPolicy::new(job.spec.spec.restart_strategy.clone());
+    let mut restore_from = match (&opts.from_savepoint, opts.resume) {
+        (Some(p), _) => RestoreFrom::Savepoint(p.clone()),
+        (None, true) => RestoreFrom::LatestCheckpoint,
+        (None, false) => RestoreFrom::Nothing,
+    };
+    let labels = Metrics::job(&job.id.to_string());
+    loop {
+        let restored = match load_restore(&job, &restore_from, &opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                job.set_state(JobState::Failed, Some(e.to_string()));
+                reject_pending_commands(&mut cmds);
+                return;
+            }
+        };
+        let mut next_id = match next_checkpoint_id(&job, restored.as_ref()).await {
+            Ok(n) => n,
+            Err(e) => {
+                job.set_state(JobState::Failed, Some(e.to_string()));
+                return;
+            }
+        };
+        let started = Instant::now();
+        let outcome = match deploy(&plan, restored.as_ref(), &job.id.short()).await {
+            Ok(mut deployed) => {
+                *job.live.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(deployed.metrics.clone());
+                if let Some(cp) = &restored {
+                    tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
+                    job.status.lock().unwrap_or_else(|p| p.into_inner()).last_checkpoint =
+                        Some(crate::jobs::manifest_info(&cp.manifest, &job.root));
+                }
+                job.set_state(JobState::Running, None);
+                let o = run_attempt(
+                    &job,
+                    &plan,
+                    &mut deployed,
+                    &mut cmds,
+                    &mut next_id,
+                    &metrics,
+                    &shutdown,
+                )
+                .await;
+                deployed.shutdown().await;
+                o
+            }
+            Err(e) => Outcome::Failed(format!("deploying the job failed: {e}")),
+        };
+        match outcome {
+            Outcome::Finished => {
+                job.set_state(JobState::Finished, None);
+                return;
+            }
+            Outcome::Stopped => {
+                job.set_state(JobState::Cancelled, None);
+                return;
+            }
+            Outcome::Shutdown => {
+                if !job.state().is_terminal() {
+                    job.set_state(JobState::Cancelling, None);
+                    job.set_state(JobState::Cancelled, None);
+                }
+                return;
+            }
+            Outcome::Failed(err) => {
+                tracing::warn!(job = %job.id, "job failed: {err}");
+                match policy.on_failure_random(started.elapsed()) {
+                    Decision::GiveUp(why) => {
+                        job.set_state(JobState::Failed, Some(format!("{err} ({why})")));
+                        reject_pending_commands(&mut cmds);
+                        return;
+                    }
+                    Decision::RestartAfter(delay) => {
+                        metrics.restarts.get_or_create(&labels).inc();
+                        job.status.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
+                        job.set_state(
+                            JobState::Restarting,
+                            Some(format!("{err}; restarting in {} ms", delay.as_millis())),
+                        );
+                        let wake = tokio::time::sleep(delay);
+                        tokio::pin!(wake);
+                        loop {
+                            tokio::select! {
+                                _ = &mut wake => break,
+                                _ = shutdown.cancelled() => {
+                                    job.set_state(JobState::Cancelling, None);
+                                    job.set_state(JobState::Cancelled, None);
+                                    return;
+                                }
+                                cmd = cmds.recv() => match cmd {
+                                    Some(JobCommand::Stop { reply, .. }) => {
+                                        job.set_state(JobState::Cancelling, None);
+                                        job.set_state(JobState::Cancelled, None);
+                                        let _ = reply.send(Ok(None));
+                                        return;
+                                    }
+                                    Some(JobCommand::Savepoint(reply)) => {
+                                        let _ = reply.send(Err(JmError::WrongState {
+                                            job: job.id,
+                                            state: JobState::Restarting,
+                                            action: "retry once it is RUNNING again".into(),
+                                        }));
+                                    }
+                                    None => {}
+                                }
+                            }
+                        }
+                        // Restore from the newest checkpoint; if none was taken
+                        // yet, from where this run started.
+                        restore_from = match restore_from {
+                            RestoreFrom::Savepoint(p) => {
+                                match find_restorable(&job.root, &job.id).await {
+                                    Ok(c) if c.checkpoint.is_some() => RestoreFrom::LatestCheckpoint,
+                                    _ => RestoreFrom::Savepoint(p),
+                                }
+                            }
+                            _ => RestoreFrom::LatestCheckpoint,
+                        };
+                    }
+                }
+            }
         }
     }
+}
 
-    /// Starts a validated spec.
-    pub async fn submit_spec(
-        &self,
-        _spec: ferry_core::spec::JobSpec,
-        _opts: SubmitOptions,
-    ) -> Result<JobInfo, JmError> {
-        todo!()
+fn reject_pending_commands(cmds: &mut mpsc::UnboundedReceiver<JobCommand>) {
+    while let Ok(cmd) = cmds.try_recv() {
+        let err = || JmError::Runtime("the job has failed".into());
+        match cmd {
+            JobCommand::Savepoint(r) => drop(r.send(Err(err()))),
+            JobCommand::Stop { reply, .. } => drop(reply.send(Err(err()))),
+        }
     }
+}
 
-    /// Stops a job, optionally taking a savepoint first (returned if taken).
-    pub async fn cancel(
-        &self,
-        _id: &str,
-        _with_savepoint: bool,
-    ) -> Result<(JobInfo, Option<SavepointInfo>), JmError> {
-        todo!()
+/// Reads and verifies the snapshot to restore from, warning about every
+/// newer checkpoint that had to be skipped.
+async fn load_restore(
+    job: &JobEntry,
+    from: &RestoreFrom,
+    _opts: &SubmitOptions,
+) -> Result<Option<VerifiedCheckpoint>, JmError> {
+    match from {
+        RestoreFrom::Nothing => Ok(None),
+        RestoreFrom::Savepoint(path) => {
+            let dir = StorageLocation::open(path)?;
+            match read_verified(&dir).await? {
+                Some(cp) => Ok(Some(cp)),
+                None => Err(JmError::Runtime(format!(
+                    "'{path}' has no MANIFEST.json: not a complete savepoint or checkpoint directory"
+                ))),
+            }
+        }
+        RestoreFrom::LatestCheckpoint => {
+            let choice = find_restorable(&job.root, &job.id).await?;
+            for (id, why) in &choice.skipped {
+                tracing::warn!(
+                    job = %job.id,
+                    checkpoint = %id,
+                    "skipping checkpoint {id}: {why}; falling back to an older one (output committed after the checkpoint used may be repeated)"
+                );
+            }
+            Ok(choice.checkpoint)
+        }
     }
+}
 
-    /// Takes a savepoint of a running job without stopping it.
-    pub async fn savepoint(&self, _id: &str) -> Result<SavepointInfo, JmError> {
-        todo!()
+/// The first checkpoint number of a deployment: above every number that
+/// has a directory, so no number is ever reused.
+async fn next_checkpoint_id(
+    job: &JobEntry,
+    restored: Option<&VerifiedCheckpoint>,
+) -> Result<CheckpointId, JmError> {
+    let highest = list_checkpoint_ids(&job.root, &job.id)
+        .await?
+        .last()
+        .copied()
+        .unwrap_or_default();
+    let restored = restored.map(|c| c.manifest.checkpoint_id).unwrap_or_default();
+    let mut sp_high = CheckpointId(0);
+    let sp_root = format!("{}/savepoints", ferry_core::manifest::job_dir(&job.id));
+    for name in job.root.list_dirs(&sp_root).await? {
+        if let Some(n) = name.strip_prefix("savepoint-").and_then(|n| n.parse().ok()) {
+            sp_high = sp_high.max(CheckpointId(n));
+        }
     }
+    Ok(highest.max(restored).max(sp_high).next())
+}
 
-    /// Completed checkpoints and savepoints of a job, newest first.
-    pub async fn checkpoints(&self, _id: &str) -> Result<Vec<CheckpointInfo>, JmError> {
-        todo!()
+/// Runs one deployment until it finishes, stops, fails or the JM shuts down.
+async fn run_attempt(
+    job: &Arc<JobEntry>,
+    plan: &JobPlan,
+    deployed: &mut DeployedJob,
+    cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
+    next_id: &mut CheckpointId,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Outcome {
+    let cp = &job.spec.spec.checkpointing;
+    let labels = Metrics::job(&job.id.to_string());
+    let mut ticker = tokio::time::interval(cp.interval.get());
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    let mut sampler = tokio::time::interval(Duration::from_secs(1));
+    let mut last_sample = (Instant::now(), deployed.sum(|m| m.records_in.load(std::sync::atomic::Ordering::Relaxed)), 0u64, 0u64, 0u64);
+    last_sample.2 = deployed.sum(|m| m.records_out.load(std::sync::atomic::Ordering::Relaxed));
+    let mut pending: Option<Pending> = None;
+    let mut queued: VecDeque<Reply> = VecDeque::new();
+    let mut sources_ended = 0usize;
+    let mut final_triggered = false;
+    let mut stopping = false;
+    let mut stopped_tasks = 0usize;
+    let task_count = plan.task_count();
+    loop {
+        let deadline = pending
+            .as_ref()
+            .map(|p| p.started + cp.timeout.get())
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            _ = shutdown.cancelled() => return Outcome::Shutdown,
+            _ = ticker.tick() => {
+                if pending.is_none() && !stopping && sources_ended < deployed.sources.len() {
+                    pending = trigger(job, deployed, next_id, SnapshotKind::Checkpoint, true, false, false, None);
+                }
+            }
+            _ = sampler.tick() => sample(metrics, &labels, deployed, &mut last_sample),
+            _ = tokio::time::sleep_until(deadline.into()), if pending.is_some() => {
+                let p = pending.take().expect("pending checkpoint");
+                metrics.checkpoint_failures.get_or_create(&labels).inc();
+                let msg = format!(
+                    "checkpoint {} timed out after {} (checkpointing.timeout)",
+                    p.barrier.id, cp.timeout
+                );
+                tracing::warn!(job = %job.id, "{msg}");
+                fail_reply(p.reply, JmError::Runtime(msg));
+                if p.barrier.stop {
+                    return Outcome::Failed(format!("final checkpoint {} timed out", p.barrier.id));
+                }
+            }
+            cmd = cmds.recv() => match cmd {
+                Some(JobCommand::Savepoint(r)) => queued.push_back(Reply::Savepoint(r)),
+                Some(JobCommand::Stop { savepoint: false, reply }) => {
+                    job.set_state(JobState::Cancelling, None);
+                    let _ = reply.send(Ok(None));
+                    return Outcome::Stopped;
+                }
+                Some(JobCommand::Stop { savepoint: true, reply }) => {
+                    job.set_state(JobState::Cancelling, None);
+                    queued.push_back(Reply::Stop(reply));
+                }
+                None => {}
+            },
+            ev = deployed.events.recv() => match ev {
+                None => return Outcome::Failed("every task ended unexpectedly".into()),
+                Some(TaskEvent::Failed { task, error }) => {
+                    fail_reply(pending.take().and_then(|p| p.reply), JmError::Runtime(format!("task failed: {error}")));
+                    for r in queued.drain(..) {
+                        fail_reply(Some(r), JmError::Runtime(format!("task failed: {error}")));
+                    }
+                    return Outcome::Failed(format!("{task} failed: {error}"));
+                }
+                Some(TaskEvent::SourceEnded(_)) => sources_ended += 1,
+                Some(TaskEvent::Stopped(_)) => {
+                    stopped_tasks += 1;
+                    if stopped_tasks == task_count {
+                        sample(metrics, &labels, deployed, &mut last_sample);
+                        return if stopping { Outcome::Stopped } else { Outcome::Finished };
+                    }
+                }
+                Some(TaskEvent::Ack(ack)) => {
+                    let complete = match pending.as_mut() {
+                        Some(p) if p.barrier.id == ack.checkpoint => {
+                            p.acks.push(ack);
+                            p.acks.len() == task_count
+                        }
+                        _ => false, // a late ack of an abandoned checkpoint
+                    };
+                    if complete {
+                        let p = pending.take().expect("pending checkpoint");
+                        match complete_checkpoint(job, deployed, &p, metrics).await {
+                            Ok(info) => {
+                                if p.barrier.stop {
+                                    stopping = stopping || !p.finished;
+                                }
+                                match p.reply {
+                                    Some(Reply::Savepoint(r)) => drop(r.send(Ok(info))),
+                                    Some(Reply::Stop(r)) => drop(r.send(Ok(Some(info)))),
+                                    None => {}
+                                }
+                            }
+                            Err(e) => {
+                                metrics.checkpoint_failures.get_or_create(&labels).inc();
+                                tracing::warn!(job = %job.id, "checkpoint {} failed: {e}", p.barrier.id);
+                                let stop = p.barrier.stop;
+                                fail_reply(p.reply, JmError::Runtime(e.clone()));
+                                if stop {
+                                    return Outcome::Failed(format!("final checkpoint failed: {e}"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Start queued work once no snapshot is in flight.
+        if pending.is_none() && !stopping {
+            if let Some(r) = queued.pop_front() {
+                let stop = matches!(r, Reply::Stop(_));
+                pending = trigger(job, deployed, next_id, SnapshotKind::Savepoint, stop, stop, false, Some(r));
+            } else if sources_ended == deployed.sources.len() && !final_triggered {
+                final_triggered = true;
+                pending = trigger(job, deployed, next_id, SnapshotKind::Checkpoint, true, true, true, None);
+            }
+        }
     }
+}
 
-    /// Waits until a job reaches a terminal state and returns it.
-    pub async fn wait(&self, _id: JobId) -> Result<JobState, JmError> {
-        todo!()
+fn fail_reply(reply: Option<Reply>, err: JmError) {
+    match reply {
+        Some(Reply::Savepoint(r)) => drop(r.send(Err(err))),
+        Some(Reply::Stop(r)) => drop(r.send(Err(err))),
+        None => {}
     }
+}
 
-    /// Stops every job (with savepoints when asked) and waits for them.
-    pub async fn shutdown(&self, _with_savepoints: bool) {
-        todo!()
+/// Sends a barrier to every source task.
+#[allow(clippy::too_many_arguments)]
+fn trigger(
+    job: &JobEntry,
+    deployed: &DeployedJob,
+    next_id: &mut CheckpointId,
+    kind: SnapshotKind,
+    close_txn: bool,
+    stop: bool,
+    finished: bool,
+    reply: Option<Reply>,
+) -> Option<Pending> {
+    let id = *next_id;
+    *next_id = id.next();
+    let rel = match kind {
+        SnapshotKind::Checkpoint => checkpoint_dir(&job.id, id),
+        SnapshotKind::Savepoint => savepoint_dir(&job.id, &format!("savepoint-{id}")),
+    };
+    let barrier = Barrier {
+        id,
+        kind,
+        close_txn,
+        stop,
+        dir: job.root.child(&rel),
+    };
+    tracing::debug!(job = %job.id, checkpoint = %id, ?kind, "triggering snapshot");
+    for s in &deployed.sources {
+        let _ = s.send(TaskCommand::Trigger(barrier.clone()));
     }
+    Some(Pending {
+        barrier,
+        started: Instant::now(),
+        acks: Vec::new(),
+        finished,
+        reply,
+    })
+}
 
-    /// True once the JobManager can accept jobs.
-    pub fn is_ready(&self) -> bool {
-        true
+/// Writes the manifest of a fully acknowledged snapshot and tells the tasks
+/// to commit; applies retention.
+#[tracing::instrument(skip_all, fields(job = %job.id, checkpoint = %p.barrier.id))]
+async fn complete_checkpoint(
+    job: &JobEntry,
+    deployed: &DeployedJob,
+    p: &Pending,
+    metrics: &Metrics,
+) -> Result<SavepointInfo, String> {
+    let mut files = Vec::new();
+    let mut offsets = BTreeMap::new();
+    let mut txns = Vec::new();
+    for a in &p.acks {
+        files.extend(a.files.iter().cloned());
+        offsets.extend(a.source_offsets.clone());
+        txns.extend(a.sink_transactions.iter().cloned());
     }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let duration = p.started.elapsed();
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        job_id: job.id,
+        job_name: job.spec.metadata.name.clone(),
+        checkpoint_id: p.barrier.id,
+        kind: p.barrier.kind,
+        created_at: Utc::now(),
+        jm_epoch: 0,
+        region_epoch: 0,
+        parallelism: job.spec.spec.parallelism,
+        watermark: p.acks.iter().map(|a| a.watermark).min().unwrap_or(i64::MIN),
+        records_in: p.acks.iter().map(|a| a.records_in).sum(),
+        records_out: p.acks.iter().map(|a| a.records_out).sum(),
+        finished: p.finished,
+        duration_ms: duration.as_millis() as u64,
+        files,
+        source_offsets: offsets,
+        sink_transactions: txns,
+    };
+    write_manifest(&p.barrier.dir, &manifest)
+        .await
+        .map_err(|e| e.to_string())?;
+    for t in &deployed.all {
+        let _ = t.send(TaskCommand::Complete(p.barrier.id));
+    }
+    let labels = Metrics::job(&job.id.to_string());
+    metrics.checkpoints_completed.get_or_create(&labels).inc();
+    metrics
+        .checkpoint_duration
+        .get_or_create(&labels)
+        .observe(duration.as_secs_f64());
+    metrics
+        .checkpoint_size
+        .get_or_create(&labels)
+        .set(manifest.total_size() as i64);
+    metrics
+        .last_checkpoint_timestamp
+        .get_or_create(&labels)
+        .set(Utc::now().timestamp());
+    let info = manifest_info(&manifest, &p.barrier.dir);
+    tracing::info!(
+        job = %job.id,
+        checkpoint = %p.barrier.id,
+        kind = ?p.barrier.kind,
+        ms = duration.as_millis() as u64,
+        bytes = manifest.total_size(),
+        "snapshot completed"
+    );
+    job.status.lock().unwrap_or_else(|e| e.into_inner()).last_checkpoint = Some(info);
+    if p.barrier.kind == SnapshotKind::Checkpoint {
+        if let Err(e) = retain(job, p.barrier.id).await {
+            tracing::warn!(job = %job.id, "checkpoint retention failed: {e}");
+        }
+    }
+    Ok(SavepointInfo {
+        job_id: job.id,
+        checkpoint_id: p.barrier.id.0,
+        path: p.barrier.dir.url().to_string(),
+    })
+}
+
+/// Keeps the newest `retained` complete checkpoints up to `completed`;
+/// deletes older directories (complete or not).
+async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
+    let keep = job.spec.spec.checkpointing.retained.max(1) as usize;
+    let ids = list_checkpoint_ids(&job.root, &job.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut complete = Vec::new();
+    for id in ids.iter().filter(|i| **i <= completed) {
+        let dir = job.root.child(&checkpoint_dir(&job.id, *id));
+        if dir
+            .size(ferry_core::manifest::MANIFEST_FILE)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            complete.push(*id);
+        }
+    }
+    if complete.len() <= keep {
+        return Ok(());
+    }
+    let oldest_kept = complete[complete.len() - keep];
+    for id in ids.iter().filter(|i| **i < oldest_kept) {
+        job.root
+            .delete_prefix(&checkpoint_dir(&job.id, *id))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Updates the job's Prometheus counters from the task counters.
+fn sample(
+    metrics: &Metrics,
+    labels: &crate::metrics::JobLabels,
+    deployed: &DeployedJob,
+    last: &mut (Instant, u64, u64, u64, u64),
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = Instant::now();
+    let rin = deployed.sum(|m| m.records_in.load(Relaxed));
+    let rout = deployed.sum(|m| m.records_out.load(Relaxed));
+    let late = deployed.sum(|m| m.late_records.load(Relaxed));
+    let errs = deployed.sum(|m| m.expr_errors.load(Relaxed));
+    let dt = now.duration_since(last.0).as_secs_f64().max(1e-3);
+    metrics.records_in.get_or_create(labels).inc_by(rin.saturating_sub(last.1));
+    metrics.records_out.get_or_create(labels).inc_by(rout.saturating_sub(last.2));
+    metrics.late_records.get_or_create(labels).inc_by(late.saturating_sub(last.3));
+    metrics.expression_errors.get_or_create(labels).inc_by(errs.saturating_sub(last.4));
+    metrics
+        .records_in_rate
+        .get_or_create(labels)
+        .set(rin.saturating_sub(last.1) as f64 / dt);
+    let wm = deployed.watermark();
+    if wm != i64::MIN && wm != i64::MAX {
+        metrics.watermark.get_or_create(labels).set(wm);
+    }
+    *last = (now, rin.max(last.1), rout.max(last.2), late.max(last.3), errs.max(last.4));
 }

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod coordinator;
 pub mod error;
+pub mod jobs;
 pub mod metrics;
 pub mod restart;
 pub mod service;

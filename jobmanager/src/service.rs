@@ -31,6 +31,10 @@ pub struct JobInfo {
     pub restarts: u32,
     pub records_in: u64,
     pub records_out: u64,
+    /// Records dropped because they were later than their window allowed.
+    pub late_records: u64,
+    /// Records whose filter or map expression failed to evaluate.
+    pub expression_errors: u64,
     /// Lowest watermark over the tasks, RFC 3339, if any record was seen.
     pub watermark: Option<String>,
     pub last_checkpoint: Option<CheckpointInfo>,
@@ -88,7 +92,7 @@ pub struct SubmitOptions {
 /// The JobManager: a cheap-to-clone handle to the jobs it drives.
 #[derive(Clone)]
 pub struct JobManager {
-    pub(crate) inner: Arc<crate::coordinator::Inner>,
+    pub(crate) inner: Arc<crate::jobs::Inner>,
 }
 
 impl JobManager {

@@ -1,13 +1,293 @@
-//! `ferry local JOB`: run a job with an embedded JobManager and TaskManager.
+//! `ferry local [JOB]`: a JobManager and TaskManager in this process, no
+//! servers needed. Runs the given job (resuming it from its newest
+//! checkpoint after a crash), shows progress, serves the REST API, and on
+//! Ctrl-C takes a savepoint and exits.
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_core::spec::{JobSpec, parse_and_validate};
+use ferry_jobmanager::service::SubmitOptions;
+use ferry_jobmanager::{JobInfo, JobManager, JobManagerConfig, JobState};
+use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
 pub struct LocalArgs {
-    /// Job spec file (YAML or JSON).
-    pub file: Option<std::path::PathBuf>,
+    /// Job spec file (YAML or JSON). Without it, `ferry local` runs an empty
+    /// local cluster that accepts jobs over the REST API until Ctrl-C.
+    pub file: Option<PathBuf>,
+    /// Storage root for checkpoints and job specs (path or object store URL).
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "./ferry-data")]
+    pub data_dir: String,
+    /// Address of the REST API. If the port is taken, a free one is used.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: String,
+    /// Start from this savepoint (or checkpoint) directory.
+    #[arg(long, value_name = "PATH")]
+    pub from_savepoint: Option<String>,
+    /// Start over instead of resuming the job's newest checkpoint.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Never draw the progress line (also off when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Log format: text or json.
+    #[arg(long, env = "FERRY_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
 }
 
-pub fn run(_args: LocalArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
+    let spec = match &args.file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read job spec {}", f.display()))?;
+            match parse_and_validate(&text) {
+                Ok(s) => Some(s),
+                Err(errs) => {
+                    eprintln!("{}: invalid job spec\n{errs}", f.display());
+                    eprintln!("(run `ferry validate {}` for details)", f.display());
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
+        None => None,
+    };
+    let interactive = std::io::stderr().is_terminal() && !args.no_progress;
+    crate::cmd::init_logging(&args.log_format, interactive);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args, spec, interactive))
+}
+
+async fn run_async(
+    args: LocalArgs,
+    spec: Option<JobSpec>,
+    interactive: bool,
+) -> anyhow::Result<ExitCode> {
+    let jm = JobManager::new(JobManagerConfig {
+        data_url: args.data_dir.clone(),
+        instance_id: "local".to_string(),
+    });
+    let api_stop = CancellationToken::new();
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            tracing::warn!(
+                "cannot listen on {} ({e}); using {} instead",
+                args.listen,
+                l.local_addr()?
+            );
+            l
+        }
+    };
+    let addr = listener.local_addr()?;
+    eprintln!("REST API listening on http://{addr}");
+    let api = tokio::spawn(ferry_jobmanager::api::serve(
+        jm.clone(),
+        listener,
+        api_stop.clone(),
+    ));
+
+    let Some(spec) = spec else {
+        eprintln!("local cluster ready; submit jobs with `ferry job submit FILE --url http://{addr}`; Ctrl-C stops");
+        tokio::signal::ctrl_c().await?;
+        eprintln!("stopping: taking savepoints of running jobs...");
+        jm.shutdown(true).await;
+        api_stop.cancel();
+        let _ = api.await;
+        return Ok(ExitCode::SUCCESS);
+    };
+
+    let mut opts = SubmitOptions {
+        from_savepoint: args.from_savepoint.clone(),
+        ..Default::default()
+    };
+    if opts.from_savepoint.is_none() && !args.fresh {
+        if let Some((id, cp)) = jm.find_resumable(&spec).await? {
+            eprintln!(
+                "resuming job '{}' ({id}) from checkpoint {cp}; pass --fresh to start over",
+                spec.metadata.name
+            );
+            opts.job_id = Some(id);
+            opts.resume = true;
+        }
+    }
+    let started = Instant::now();
+    let info = jm.submit_spec(spec.clone(), opts).await?;
+    let id = info.id;
+    eprintln!(
+        "job '{}' ({id}) started: parallelism {}, checkpoints every {} in {}",
+        info.name, info.parallelism, spec.spec.checkpointing.interval, info.checkpoint_root
+    );
+
+    let progress = Progress::new(interactive);
+    let mut tick = tokio::time::interval(Duration::from_millis(if interactive { 250 } else { 5000 }));
+    let mut interrupted = false;
+    let final_state = loop {
+        tokio::select! {
+            r = jm.wait(id) => break r?,
+            _ = tick.tick() => {
+                if let Ok(info) = jm.get(&id.to_string()) {
+                    progress.update(&info, started.elapsed());
+                }
+            }
+            _ = tokio::signal::ctrl_c(), if !interrupted => {
+                interrupted = true;
+                progress.clear();
+                eprintln!("interrupted: taking a savepoint (Ctrl-C again to quit at once)...");
+                let jm2 = jm.clone();
+                let sid = id.to_string();
+                let stop = tokio::spawn(async move { jm2.cancel(&sid, true).await });
+                tokio::select! {
+                    r = stop => match r? {
+                        Ok((_, Some(sp))) => {
+                            eprintln!("savepoint written to {}", sp.path);
+                            eprintln!(
+                                "resume with: ferry local {} --from-savepoint {}",
+                                args.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default(),
+                                sp.path
+                            );
+                        }
+                        Ok((_, None)) => {}
+                        Err(e) => eprintln!("savepoint failed: {e}"),
+                    },
+                    _ = tokio::signal::ctrl_c() => {
+                        eprintln!("quitting without a savepoint");
+                        return Ok(ExitCode::from(130));
+                    }
+                }
+            }
+        }
+    };
+    progress.clear();
+    let info = jm.get(&id.to_string())?;
+    print_summary(&info, started.elapsed()).await;
+    jm.shutdown(false).await;
+    api_stop.cancel();
+    let _ = api.await;
+    Ok(match final_state {
+        JobState::Finished | JobState::Cancelled => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}
+
+/// The progress line on a terminal, or periodic log lines otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last: std::sync::Mutex<(Instant, u64)>,
+}
+
+impl Progress {
+    fn new(interactive: bool) -> Self {
+        let bar = interactive.then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        Self {
+            bar,
+            last: std::sync::Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    fn update(&self, info: &JobInfo, elapsed: Duration) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let dt = last.0.elapsed().as_secs_f64().max(1e-3);
+        let rate = info.records_in.saturating_sub(last.1) as f64 / dt;
+        *last = (Instant::now(), info.records_in);
+        let cp = info
+            .last_checkpoint
+            .as_ref()
+            .map(|c| format!("#{} ({} ms, {})", c.id, c.duration_ms, human_bytes(c.size_bytes)))
+            .unwrap_or_else(|| "none yet".into());
+        let msg = format!(
+            "{} {:.0}s | in {} ({}/s) | out {} | watermark {} | checkpoint {}",
+            info.state,
+            elapsed.as_secs_f64(),
+            human_count(info.records_in),
+            human_count(rate as u64),
+            human_count(info.records_out),
+            info.watermark.as_deref().unwrap_or("-"),
+            cp
+        );
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None => tracing::info!(
+                job = %info.id,
+                state = %info.state,
+                records_in = info.records_in,
+                records_out = info.records_out,
+                rate = rate as u64,
+                watermark = info.watermark.as_deref().unwrap_or("-"),
+                checkpoint = info.last_checkpoint.as_ref().map(|c| c.id).unwrap_or(0),
+                "progress"
+            ),
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+async fn print_summary(info: &JobInfo, elapsed: Duration) {
+    eprintln!(
+        "job '{}' ({}) {} after {:.1}s",
+        info.name,
+        info.id,
+        info.state,
+        elapsed.as_secs_f64()
+    );
+    eprintln!("  records in:        {}", info.records_in);
+    eprintln!("  records out:       {}", info.records_out);
+    if info.late_records > 0 {
+        eprintln!("  late records:      {} (dropped)", info.late_records);
+    }
+    if info.expression_errors > 0 {
+        eprintln!("  expression errors: {}", info.expression_errors);
+    }
+    if info.restarts > 0 {
+        eprintln!("  restarts:          {}", info.restarts);
+    }
+    if let Some(cp) = &info.last_checkpoint {
+        eprintln!("  last checkpoint:   #{} at {}", cp.id, cp.path);
+    }
+    if let Some(out) = &info.output {
+        let files = std::fs::read_dir(out)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().contains(&info.id.short()))
+                    .count()
+            })
+            .unwrap_or(0);
+        eprintln!("  output:            {out} ({files} part files of this run)");
+    }
+    if let Some(f) = &info.failure {
+        eprintln!("  failure:           {f}");
+    }
+}
+
+pub fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}G", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 10_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
 }
