@@ -21,8 +21,10 @@ use crate::batch::{Batch, Column};
 use crate::operator::key::splitmix;
 use crate::source::Poll;
 
-/// Records per batch when not rate limited.
-const MAX_BATCH: u64 = 4096;
+/// Records per batch when not rate limited. The source's watermark advances
+/// after each batch (like Flink's periodic watermarks), so lateness is
+/// decided at batch granularity.
+pub const MAX_BATCH: u64 = 4096;
 
 const JITTER_SALT: u64 = 0x6a09_e667_f3bc_c908;
 const LATE_SALT: u64 = 0xbb67_ae85_84ca_a73b;

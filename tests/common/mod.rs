@@ -1,0 +1,174 @@
+//! Fixtures shared by the integration tests: running the real `ferry`
+//! binary in a temp directory, reading committed output, and computing
+//! expected window results independently of the runtime.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_core::spec::{JobSpec, SourceSpec, parse_and_validate};
+use ferry_taskmanager::source::generator::GeneratorModel;
+
+/// Path of the `ferry` binary under test.
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+/// A working directory with a job spec, where `ferry local` runs.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+    pub spec_path: PathBuf,
+    pub spec: JobSpec,
+}
+
+impl Workdir {
+    pub fn new(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec_path = dir.path().join("job.yaml");
+        std::fs::write(&spec_path, yaml).expect("write spec");
+        let spec = parse_and_validate(yaml).unwrap_or_else(|e| panic!("test spec invalid:\n{e}"));
+        Self {
+            dir,
+            spec_path,
+            spec,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.path().join("ferry-data")
+    }
+
+    /// `ferry local job.yaml` with extra args, stderr appended to `log`.
+    pub fn spawn_local(&self, extra: &[&str], log: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join(log))
+            .expect("log file");
+        Command::new(ferry_bin())
+            .current_dir(self.path())
+            .arg("local")
+            .arg(&self.spec_path)
+            .args(["--listen", "127.0.0.1:0", "--no-progress"])
+            .args(extra)
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry local")
+    }
+
+    /// Runs `ferry local` to completion (bounded wait) and returns its exit code.
+    pub fn run_local(&self, extra: &[&str], log: &str, limit: Duration) -> i32 {
+        let mut child = self.spawn_local(extra, log);
+        wait_exit(&mut child, limit)
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path().join(name)).unwrap_or_default()
+    }
+
+    /// Every committed output row under `out_rel`, as sorted JSON strings.
+    pub fn output_rows(&self, out_rel: &str) -> Vec<serde_json::Value> {
+        read_rows(&self.path().join(out_rel))
+    }
+
+    /// Paths of every checkpoint directory that has a manifest, by number.
+    pub fn complete_checkpoints(&self) -> BTreeMap<u64, PathBuf> {
+        let mut out = BTreeMap::new();
+        let jobs = self.data_dir().join("jobs");
+        for job in std::fs::read_dir(&jobs).into_iter().flatten().flatten() {
+            for cp in std::fs::read_dir(job.path().join("checkpoints")).into_iter().flatten().flatten() {
+                if let Ok(n) = cp.file_name().to_string_lossy().parse::<u64>() {
+                    if cp.path().join("MANIFEST.json").exists() {
+                        out.insert(n, cp.path());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Waits for a child to exit within `limit`, killing it (and failing) if not.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ferry did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// All JSON lines of every file in `dir`, sorted by their text.
+pub fn read_rows(dir: &Path) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with("part-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).expect("read part file");
+        for l in text.lines().filter(|l| !l.trim().is_empty()) {
+            lines.push(l.to_string());
+        }
+    }
+    lines.sort();
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad output line {l}: {e}")))
+        .collect()
+}
+
+/// The generator model of a spec, for computing expected results.
+pub fn generator(spec: &JobSpec) -> GeneratorModel {
+    let flow = ferry_core::spec::output_schemas(spec).expect("valid");
+    let SourceSpec::Generator(g) = &spec.spec.source else {
+        panic!("not a generator spec")
+    };
+    GeneratorModel::new(g, spec.spec.parallelism, &flow.source).expect("model")
+}
+
+/// Parses an RFC 3339 output timestamp.
+pub fn ts(v: &serde_json::Value) -> i64 {
+    ferry_core::value::parse_ts(v.as_str().expect("timestamp string")).expect("timestamp")
+}
+
+/// Normalizes output rows of a count window into (key, window start, count).
+pub fn count_rows(rows: &[serde_json::Value], key: &str, count: &str) -> Vec<(String, i64, i64)> {
+    let mut v: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r[key].to_string(),
+                ts(&r["window_start"]),
+                r[count].as_i64().expect("count"),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
