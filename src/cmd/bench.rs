@@ -1,10 +1,197 @@
-//! `ferry bench`: throughput benchmarks.
+//! `ferry bench`: throughput benchmarks, run in-process on one core.
+//!
+//! `ferry bench throughput` runs a keyed tumbling count (generator →
+//! key_by → 1-minute count → blackhole) with and without periodic
+//! checkpoints, on a single-threaded runtime, and reports events per second
+//! of CPU time (events per second per core) and the checkpoint overhead.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_core::spec::parse_and_validate;
+use ferry_jobmanager::service::SubmitOptions;
+use ferry_jobmanager::{JobManager, JobManagerConfig, JobState};
 
 #[derive(clap::Args, Debug)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchKind,
+}
 
-pub fn run(_args: BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchKind {
+    /// Keyed tumbling count over many keys, with and without checkpoints.
+    Throughput(ThroughputArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ThroughputArgs {
+    /// Events per run.
+    #[arg(long, default_value_t = 100_000_000)]
+    pub events: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Checkpoint interval of the "with checkpoints" run.
+    #[arg(long, default_value = "1s")]
+    pub checkpoint_interval: String,
+    /// Runs of each variant, interleaved; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: u32,
+    /// Where checkpoints go (a temp dir by default).
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    match args.what {
+        BenchKind::Throughput(a) => throughput(a),
+    }
+}
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn spec(events: u64, keys: u64, interval: &str) -> String {
+    format!(
+        r#"
+apiVersion: ferry.dev/v1
+kind: Job
+metadata: {{name: bench-keyed-count}}
+spec:
+  parallelism: 1
+  checkpointing: {{interval: {interval}, retained: 2}}
+  restartStrategy: {{type: none}}
+  source:
+    generator:
+      partitions: 1
+      total: {events}
+      eventTime: {{step: 1ms, maxOutOfOrderness: 100ms}}
+      fields:
+        key: {{type: key, cardinality: {keys}}}
+  operators:
+    - key_by: key
+    - window: {{tumbling: 1m, aggregate: {{count: count}}}}
+  sink:
+    blackhole: {{}}
+"#
+    )
+}
+
+#[derive(serde::Serialize, Clone, Copy)]
+struct RunResult {
+    wall_s: f64,
+    cpu_s: f64,
+    events_per_s: f64,
+    events_per_cpu_s: f64,
+    checkpoints: u64,
+}
+
+fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
+    let spec = parse_and_validate(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let jm = JobManager::new(JobManagerConfig {
+            data_url: data.to_string(),
+            instance_id: "bench".into(),
+        });
+        let cpu0 = cpu_time();
+        let t0 = Instant::now();
+        let info = jm.submit_spec(spec, SubmitOptions::default()).await?;
+        let state = jm.wait(info.id).await?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_time() - cpu0).as_secs_f64();
+        let info = jm.get(&info.id.to_string())?;
+        anyhow::ensure!(
+            state == JobState::Finished && info.records_in == events,
+            "benchmark job ended {state} after {} of {events} events: {:?}",
+            info.records_in,
+            info.failure
+        );
+        let checkpoints = jm.checkpoints(&info.id.to_string()).await?.len() as u64;
+        let completed = info.last_checkpoint.map(|c| c.id).unwrap_or(0);
+        jm.shutdown(false).await;
+        Ok(RunResult {
+            wall_s: wall,
+            cpu_s: cpu,
+            events_per_s: events as f64 / wall,
+            events_per_cpu_s: events as f64 / cpu,
+            checkpoints: completed.max(checkpoints),
+        })
+    })
+}
+
+fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
+    let tmp = tempfile_dir()?;
+    let data = a.data_dir.clone().unwrap_or_else(|| tmp.clone());
+    eprintln!(
+        "keyed tumbling count: {} events, {} keys, parallelism 1, one core; median of {}",
+        a.events, a.keys, a.repeat
+    );
+    let mut runs: [Vec<RunResult>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..a.repeat {
+        for (i, interval) in ["1h", a.checkpoint_interval.as_str()].iter().enumerate() {
+            let res = run_once(&data, &spec(a.events, a.keys, interval), a.events)
+                .with_context(|| format!("run {} ({interval} checkpoints)", r + 1))?;
+            eprintln!(
+                "  run {} {:<22} {:>7.2} M ev/s per core  ({:.2} s wall, {:.2} s cpu, {} checkpoints)",
+                r + 1,
+                if i == 0 { "without checkpoints" } else { "with checkpoints" },
+                res.events_per_cpu_s / 1e6,
+                res.wall_s,
+                res.cpu_s,
+                res.checkpoints
+            );
+            runs[i].push(res);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let median = |v: &mut Vec<RunResult>| {
+        v.sort_by(|a, b| a.events_per_cpu_s.total_cmp(&b.events_per_cpu_s));
+        v[v.len() / 2]
+    };
+    let (off, on) = (median(&mut runs[0]), median(&mut runs[1]));
+    let overhead = (1.0 - on.events_per_cpu_s / off.events_per_cpu_s) * 100.0;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "events": a.events, "keys": a.keys,
+                "checkpoint_interval": a.checkpoint_interval,
+                "without_checkpoints": off, "with_checkpoints": on,
+                "checkpoint_overhead_percent": overhead,
+            })
+        );
+    } else {
+        println!("| variant | M events/s per core | wall s | cpu s | checkpoints |");
+        println!("|---|---|---|---|---|");
+        for (name, r) in [("without checkpoints", off), (&*format!("checkpoints every {}", a.checkpoint_interval), on)] {
+            println!(
+                "| {name} | {:.2} | {:.2} | {:.2} | {} |",
+                r.events_per_cpu_s / 1e6,
+                r.wall_s,
+                r.cpu_s,
+                r.checkpoints
+            );
+        }
+        println!("checkpoint overhead: {overhead:.1} %");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tempfile_dir() -> anyhow::Result<String> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.to_string_lossy().to_string())
 }

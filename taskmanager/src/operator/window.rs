@@ -148,12 +148,19 @@ struct Win {
     keys: FxHashMap<Key, Vec<Acc>>,
 }
 
-/// What a window operator snapshots.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// What a window operator snapshots (restored as [`WindowState`]; postcard
+/// encodes a map exactly like a sequence of pairs, so the two agree).
+#[derive(Serialize)]
+struct WindowStateRef<'a> {
+    watermark: i64,
+    windows: &'a BTreeMap<i64, Win>,
+}
+
+/// A window operator's snapshot, read back.
+#[derive(Debug, Default, Deserialize)]
 struct WindowState {
     watermark: i64,
-    late_records: u64,
-    windows: Vec<(i64, bool, Vec<(Key, Vec<Acc>)>)>,
+    windows: Vec<(i64, Win)>,
 }
 
 /// The window operator.
@@ -396,20 +403,9 @@ impl Operator for Window {
     }
 
     fn snapshot(&self) -> OpResult<Option<Vec<u8>>> {
-        let st = WindowState {
+        let st = WindowStateRef {
             watermark: self.watermark,
-            late_records: 0,
-            windows: self
-                .windows
-                .iter()
-                .map(|(s, w)| {
-                    (
-                        *s,
-                        w.fired,
-                        w.keys.iter().map(|(k, a)| (k.clone(), a.clone())).collect(),
-                    )
-                })
-                .collect(),
+            windows: &self.windows,
         };
         postcard::to_stdvec(&st)
             .map(Some)
@@ -422,10 +418,10 @@ impl Operator for Window {
             let st: WindowState = postcard::from_bytes(part)
                 .map_err(|e| format!("window state of '{}' is unreadable: {e}", self.name))?;
             wm = wm.min(st.watermark);
-            for (start, fired, keys) in st.windows {
+            for (start, old) in st.windows {
                 let win = self.windows.entry(start).or_default();
-                win.fired |= fired;
-                for (k, accs) in keys {
+                win.fired |= old.fired;
+                for (k, accs) in old.keys {
                     if key_partition(k.stable_hash(), parallelism) == subtask {
                         win.keys.insert(k, accs);
                     }
