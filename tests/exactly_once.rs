@@ -79,12 +79,19 @@ fn output_is_exactly_once_across_repeated_sigkills() {
         let ferry_core::value::Value::Ts(t) = rec[1] else {
             panic!()
         };
-        *expect.entry((user, t.div_euclid(60_000) * 60_000)).or_default() += 1;
+        *expect
+            .entry((user, t.div_euclid(60_000) * 60_000))
+            .or_default() += 1;
     }
     let expected: Vec<(String, i64, i64)> =
         expect.into_iter().map(|((u, s), c)| (u, s, c)).collect();
     let got = count_rows(&w.output_rows("out"), "user", "clicks");
-    assert_eq!(got.len(), expected.len(), "window count differs (kills: {kills})");
+    assert_eq!(stray_files(&w.path().join("out")), Vec::<String>::new());
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "window count differs (kills: {kills})"
+    );
     assert_eq!(got, expected, "output differs from the expected result");
     eprintln!("{kills} SIGKILLs, {} windows, output exact", got.len());
 }

@@ -43,8 +43,11 @@ fn expected(w: &Workdir) -> Vec<(String, i64, i64)> {
     let mut m: BTreeMap<(String, i64), i64> = BTreeMap::new();
     for i in 0..TOTAL {
         let r = model.record_at(i);
-        let ferry_core::value::Value::Ts(t) = r[1] else { panic!() };
-        *m.entry((format!("\"{}\"", r[0]), t.div_euclid(60_000) * 60_000)).or_default() += 1;
+        let ferry_core::value::Value::Ts(t) = r[1] else {
+            panic!()
+        };
+        *m.entry((format!("\"{}\"", r[0]), t.div_euclid(60_000) * 60_000))
+            .or_default() += 1;
     }
     m.into_iter().map(|((u, s), c)| (u, s, c)).collect()
 }
@@ -52,7 +55,9 @@ fn expected(w: &Workdir) -> Vec<(String, i64, i64)> {
 /// Runs the job until at least `n` checkpoints are complete, then SIGKILLs it.
 fn run_until_checkpoints(w: &Workdir, n: usize) {
     let mut child = w.spawn_local(&[], "first.log");
-    wait_until(Duration::from_secs(60), "checkpoints", || w.complete_checkpoints().len() >= n);
+    wait_until(Duration::from_secs(60), "checkpoints", || {
+        w.complete_checkpoints().len() >= n
+    });
     child.kill().expect("SIGKILL");
     child.wait().expect("reap");
 }
@@ -87,7 +92,9 @@ fn corrupted_newest_checkpoint_falls_back_to_the_previous_one() {
         "did not restore from checkpoint {previous}:\n{log}"
     );
     // Nothing is lost. (Windows committed by the skipped checkpoint may repeat.)
-    let got: BTreeSet<_> = count_rows(&w.output_rows("out"), "user", "clicks").into_iter().collect();
+    let got: BTreeSet<_> = count_rows(&w.output_rows("out"), "user", "clicks")
+        .into_iter()
+        .collect();
     let want: BTreeSet<_> = expected(&w).into_iter().collect();
     assert_eq!(got, want);
 }
@@ -108,7 +115,10 @@ fn checkpoint_without_manifest_is_ignored() {
         log.contains(&format!("skipping checkpoint {newest}: no MANIFEST.json")),
         "{log}"
     );
-    assert!(log.contains(&format!("from checkpoint {previous}")), "{log}");
+    assert!(
+        log.contains(&format!("from checkpoint {previous}")),
+        "{log}"
+    );
     let got = count_rows(&w.output_rows("out"), "user", "clicks");
     let want = expected(&w);
     // The manifest-less checkpoint never completed, so nothing was committed

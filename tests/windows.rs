@@ -86,7 +86,15 @@ struct Agg {
 type Row = (String, i64, i64, f64, f64, f64, f64);
 
 fn row(user: &str, start: i64, a: &Agg) -> Row {
-    (user.to_string(), start, a.n, a.sum, a.min, a.max, a.sum / a.n as f64)
+    (
+        user.to_string(),
+        start,
+        a.n,
+        a.sum,
+        a.min,
+        a.max,
+        a.sum / a.n as f64,
+    )
 }
 
 /// Naive reference: records one at a time, the watermark after each source
@@ -98,7 +106,9 @@ fn reference(w: &Workdir, p: &Params) -> (Vec<Row>, u64) {
     let mut windows: BTreeMap<i64, (bool, BTreeMap<String, Agg>)> = BTreeMap::new();
     let mut out = Vec::new();
     let mut late = 0u64;
-    let fire_due = |wm: i64, windows: &mut BTreeMap<i64, (bool, BTreeMap<String, Agg>)>, out: &mut Vec<Row>| {
+    let fire_due = |wm: i64,
+                    windows: &mut BTreeMap<i64, (bool, BTreeMap<String, Agg>)>,
+                    out: &mut Vec<Row>| {
         for (start, (fired, keys)) in windows.iter_mut() {
             if !*fired && start + p.size - 1 <= wm {
                 *fired = true;
@@ -201,7 +211,10 @@ fn check(p: Params) -> (usize, u64) {
         .find_map(|l| l.trim().strip_prefix("late records:"))
         .map(|s| s.split_whitespace().next().unwrap().parse::<u64>().unwrap())
         .unwrap_or(0);
-    assert_eq!(reported, late, "late-record counter differs from the reference");
+    assert_eq!(
+        reported, late,
+        "late-record counter differs from the reference"
+    );
     (got.len(), late)
 }
 

@@ -146,10 +146,13 @@ pub async fn read_verified(dir: &StorageLocation) -> Result<Option<VerifiedCheck
         if f.path.contains("..") || f.path.starts_with('/') {
             return Err(corrupt(format!("file path '{}' is not relative", f.path)));
         }
-        let data = dir.get_opt(&f.path).await?.ok_or_else(|| CoreError::Corrupt {
-            path: format!("{}/{}", dir.url(), f.path),
-            reason: "listed in the manifest but missing".into(),
-        })?;
+        let data = dir
+            .get_opt(&f.path)
+            .await?
+            .ok_or_else(|| CoreError::Corrupt {
+                path: format!("{}/{}", dir.url(), f.path),
+                reason: "listed in the manifest but missing".into(),
+            })?;
         if data.len() as u64 != f.size {
             return Err(CoreError::Corrupt {
                 path: format!("{}/{}", dir.url(), f.path),

@@ -160,6 +160,12 @@ impl StorageLocation {
         })
     }
 
+    /// The local directory behind a `file://` location (`None` elsewhere).
+    pub fn local_dir(&self) -> Option<std::path::PathBuf> {
+        let parsed = Self::parse(&self.url).ok()?;
+        (parsed.scheme == "file").then(|| std::path::PathBuf::from(parsed.path))
+    }
+
     /// The URL this location was opened from.
     pub fn url(&self) -> &str {
         &self.url
@@ -170,7 +176,11 @@ impl StorageLocation {
         Self {
             store: self.store.clone(),
             prefix: self.full(rel),
-            url: format!("{}/{}", self.url.trim_end_matches('/'), rel.trim_matches('/')),
+            url: format!(
+                "{}/{}",
+                self.url.trim_end_matches('/'),
+                rel.trim_matches('/')
+            ),
         }
     }
 
@@ -351,7 +361,10 @@ mod tests {
     #[test]
     fn parses_urls_and_paths() {
         let p = StorageLocation::parse("s3://bucket/a/b/").unwrap();
-        assert_eq!((p.scheme.as_str(), p.bucket.as_str(), p.path.as_str()), ("s3", "bucket", "a/b"));
+        assert_eq!(
+            (p.scheme.as_str(), p.bucket.as_str(), p.path.as_str()),
+            ("s3", "bucket", "a/b")
+        );
         let f = StorageLocation::parse("file:///tmp/x/../y").unwrap();
         assert_eq!(f.path, "/tmp/y");
         assert!(StorageLocation::parse("ftp://host/x").is_err());
@@ -364,10 +377,21 @@ mod tests {
     async fn create_only_put_refuses_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let loc = StorageLocation::open(dir.path().to_str().unwrap()).unwrap();
-        assert!(loc.put_create("a/b.json", Bytes::from_static(b"1")).await.unwrap());
-        assert!(!loc.put_create("a/b.json", Bytes::from_static(b"2")).await.unwrap());
+        assert!(
+            loc.put_create("a/b.json", Bytes::from_static(b"1"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !loc.put_create("a/b.json", Bytes::from_static(b"2"))
+                .await
+                .unwrap()
+        );
         assert_eq!(loc.get("a/b.json").await.unwrap(), Bytes::from_static(b"1"));
         assert_eq!(loc.list_dirs("").await.unwrap(), vec!["a".to_string()]);
-        assert_eq!(loc.list_files("a").await.unwrap(), vec![("b.json".to_string(), 1)]);
+        assert_eq!(
+            loc.list_files("a").await.unwrap(),
+            vec![("b.json".to_string(), 1)]
+        );
     }
 }

@@ -114,13 +114,22 @@ pub(crate) async fn drive(
                     Arc::new(deployed.metrics.clone());
                 if let Some(cp) = &restored {
                     tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
-                    job.status.lock().unwrap_or_else(|p| p.into_inner()).last_checkpoint =
+                    job.status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .last_checkpoint =
                         Some(crate::jobs::manifest_info(&cp.manifest, &job.root));
                 }
                 job.set_state(JobState::Running, None);
+                // Counters restart from the restored checkpoint's totals.
+                let baseline = restored
+                    .as_ref()
+                    .map(|c| (c.manifest.records_in, c.manifest.records_out))
+                    .unwrap_or_default();
                 let o = run_attempt(
                     &job,
                     &plan,
+                    baseline,
                     &mut deployed,
                     &mut cmds,
                     &mut next_id,
@@ -159,7 +168,10 @@ pub(crate) async fn drive(
                     }
                     Decision::RestartAfter(delay) => {
                         metrics.restarts.get_or_create(&labels).inc();
-                        job.status.lock().unwrap_or_else(|p| p.into_inner()).restarts += 1;
+                        job.status
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .restarts += 1;
                         job.set_state(
                             JobState::Restarting,
                             Some(format!("{err}; restarting in {} ms", delay.as_millis())),
@@ -197,7 +209,9 @@ pub(crate) async fn drive(
                         restore_from = match restore_from {
                             RestoreFrom::Savepoint(p) => {
                                 match find_restorable(&job.root, &job.id).await {
-                                    Ok(c) if c.checkpoint.is_some() => RestoreFrom::LatestCheckpoint,
+                                    Ok(c) if c.checkpoint.is_some() => {
+                                        RestoreFrom::LatestCheckpoint
+                                    }
                                     _ => RestoreFrom::Savepoint(p),
                                 }
                             }
@@ -263,7 +277,9 @@ async fn next_checkpoint_id(
         .last()
         .copied()
         .unwrap_or_default();
-    let restored = restored.map(|c| c.manifest.checkpoint_id).unwrap_or_default();
+    let restored = restored
+        .map(|c| c.manifest.checkpoint_id)
+        .unwrap_or_default();
     let mut sp_high = CheckpointId(0);
     let sp_root = format!("{}/savepoints", ferry_core::manifest::job_dir(&job.id));
     for name in job.root.list_dirs(&sp_root).await? {
@@ -278,6 +294,7 @@ async fn next_checkpoint_id(
 async fn run_attempt(
     job: &Arc<JobEntry>,
     plan: &JobPlan,
+    baseline: (u64, u64),
     deployed: &mut DeployedJob,
     cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
     next_id: &mut CheckpointId,
@@ -290,8 +307,7 @@ async fn run_attempt(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut sampler = tokio::time::interval(Duration::from_secs(1));
-    let mut last_sample = (Instant::now(), deployed.sum(|m| m.records_in.load(std::sync::atomic::Ordering::Relaxed)), 0u64, 0u64, 0u64);
-    last_sample.2 = deployed.sum(|m| m.records_out.load(std::sync::atomic::Ordering::Relaxed));
+    let mut last_sample = (Instant::now(), baseline.0, baseline.1, 0u64, 0u64);
     let mut pending: Option<Pending> = None;
     let mut queued: VecDeque<Reply> = VecDeque::new();
     let mut sources_ended = 0usize;
@@ -394,10 +410,28 @@ async fn run_attempt(
         if pending.is_none() && !stopping {
             if let Some(r) = queued.pop_front() {
                 let stop = matches!(r, Reply::Stop(_));
-                pending = trigger(job, deployed, next_id, SnapshotKind::Savepoint, stop, stop, false, Some(r));
+                pending = trigger(
+                    job,
+                    deployed,
+                    next_id,
+                    SnapshotKind::Savepoint,
+                    stop,
+                    stop,
+                    false,
+                    Some(r),
+                );
             } else if sources_ended == deployed.sources.len() && !final_triggered {
                 final_triggered = true;
-                pending = trigger(job, deployed, next_id, SnapshotKind::Checkpoint, true, true, true, None);
+                pending = trigger(
+                    job,
+                    deployed,
+                    next_id,
+                    SnapshotKind::Checkpoint,
+                    true,
+                    true,
+                    true,
+                    None,
+                );
             }
         }
     }
@@ -516,11 +550,14 @@ async fn complete_checkpoint(
         bytes = manifest.total_size(),
         "snapshot completed"
     );
-    job.status.lock().unwrap_or_else(|e| e.into_inner()).last_checkpoint = Some(info);
-    if p.barrier.kind == SnapshotKind::Checkpoint {
-        if let Err(e) = retain(job, p.barrier.id).await {
-            tracing::warn!(job = %job.id, "checkpoint retention failed: {e}");
-        }
+    job.status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last_checkpoint = Some(info);
+    if p.barrier.kind == SnapshotKind::Checkpoint
+        && let Err(e) = retain(job, p.barrier.id).await
+    {
+        tracing::warn!(job = %job.id, "checkpoint retention failed: {e}");
     }
     Ok(SavepointInfo {
         job_id: job.id,
@@ -575,10 +612,22 @@ fn sample(
     let late = deployed.sum(|m| m.late_records.load(Relaxed));
     let errs = deployed.sum(|m| m.expr_errors.load(Relaxed));
     let dt = now.duration_since(last.0).as_secs_f64().max(1e-3);
-    metrics.records_in.get_or_create(labels).inc_by(rin.saturating_sub(last.1));
-    metrics.records_out.get_or_create(labels).inc_by(rout.saturating_sub(last.2));
-    metrics.late_records.get_or_create(labels).inc_by(late.saturating_sub(last.3));
-    metrics.expression_errors.get_or_create(labels).inc_by(errs.saturating_sub(last.4));
+    metrics
+        .records_in
+        .get_or_create(labels)
+        .inc_by(rin.saturating_sub(last.1));
+    metrics
+        .records_out
+        .get_or_create(labels)
+        .inc_by(rout.saturating_sub(last.2));
+    metrics
+        .late_records
+        .get_or_create(labels)
+        .inc_by(late.saturating_sub(last.3));
+    metrics
+        .expression_errors
+        .get_or_create(labels)
+        .inc_by(errs.saturating_sub(last.4));
     metrics
         .records_in_rate
         .get_or_create(labels)
@@ -587,5 +636,11 @@ fn sample(
     if wm != i64::MIN && wm != i64::MAX {
         metrics.watermark.get_or_create(labels).set(wm);
     }
-    *last = (now, rin.max(last.1), rout.max(last.2), late.max(last.3), errs.max(last.4));
+    *last = (
+        now,
+        rin.max(last.1),
+        rout.max(last.2),
+        late.max(last.3),
+        errs.max(last.4),
+    );
 }

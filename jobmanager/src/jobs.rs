@@ -38,6 +38,9 @@ pub(crate) struct Inner {
     drivers: TaskTracker,
 }
 
+/// The task counters of a deployment, shared with the task loops.
+pub(crate) type LiveCounters = Arc<Vec<(TaskId, Arc<TaskMetrics>)>>;
+
 /// Mutable status of a job.
 #[derive(Debug)]
 pub(crate) struct Status {
@@ -59,7 +62,7 @@ pub(crate) struct JobEntry {
     pub(crate) commands: mpsc::UnboundedSender<JobCommand>,
     pub(crate) state_tx: watch::Sender<JobState>,
     /// Counters of the current (or last) deployment's tasks.
-    pub(crate) live: Mutex<Arc<Vec<(TaskId, Arc<TaskMetrics>)>>>,
+    pub(crate) live: Mutex<LiveCounters>,
     metrics: Arc<Metrics>,
 }
 
@@ -102,7 +105,8 @@ impl JobEntry {
             })
             .inc();
         tracing::info!(job = %self.id, name = %self.spec.metadata.name, from = %from, to = %to, "job state changed");
-        let _ = self.state_tx.send(to);
+        // send_replace stores the state even when nobody is subscribed yet.
+        self.state_tx.send_replace(to);
     }
 
     pub(crate) fn state(&self) -> JobState {
@@ -137,12 +141,20 @@ impl JobEntry {
             last_checkpoint: st.last_checkpoint.clone(),
             failure: st.failure.clone(),
             output: match &self.spec.spec.sink {
-                SinkSpec::File(f) => StorageLocation::parse(&f.path)
-                    .ok()
-                    .map(|p| if p.scheme == "file" { p.path } else { f.path.clone() }),
+                SinkSpec::File(f) => StorageLocation::parse(&f.path).ok().map(|p| {
+                    if p.scheme == "file" {
+                        p.path
+                    } else {
+                        f.path.clone()
+                    }
+                }),
                 _ => None,
             },
-            checkpoint_root: self.root.child(&checkpoints_root(&self.id)).url().to_string(),
+            checkpoint_root: self
+                .root
+                .child(&checkpoints_root(&self.id))
+                .url()
+                .to_string(),
         }
     }
 }
@@ -179,10 +191,8 @@ impl Inner {
     /// among jobs with the same name).
     pub(crate) fn find(&self, key: &str) -> Result<Arc<JobEntry>, JmError> {
         let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
-        if let Ok(id) = key.parse::<JobId>() {
-            if let Some(j) = jobs.get(&id) {
-                return Ok(j.clone());
-            }
+        if let Some(j) = key.parse::<JobId>().ok().and_then(|id| jobs.get(&id)) {
+            return Ok(j.clone());
         }
         let by_prefix: Vec<_> = jobs
             .values()
@@ -231,7 +241,11 @@ impl JobManager {
 
     /// Starts a validated spec.
     #[tracing::instrument(skip_all, fields(job = %spec.metadata.name))]
-    pub async fn submit_spec(&self, spec: JobSpec, opts: SubmitOptions) -> Result<JobInfo, JmError> {
+    pub async fn submit_spec(
+        &self,
+        spec: JobSpec,
+        opts: SubmitOptions,
+    ) -> Result<JobInfo, JmError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(JmError::ShuttingDown);
         }
@@ -328,32 +342,34 @@ impl JobManager {
         job.commands
             .send(JobCommand::Savepoint(tx))
             .map_err(|_| JmError::Runtime("the job's driver has ended".into()))?;
-        rx.await
-            .map_err(|_| JmError::Runtime("the job stopped before the savepoint completed".into()))?
+        rx.await.map_err(|_| {
+            JmError::Runtime("the job stopped before the savepoint completed".into())
+        })?
     }
 
     /// Completed checkpoints and savepoints of a job, newest first.
     pub async fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, JmError> {
         let job = self.inner.find(id)?;
-        let mut out = Vec::new();
-        for cp in list_checkpoint_ids(&job.root, &job.id).await? {
-            let dir = job.root.child(&ferry_core::manifest::checkpoint_dir(&job.id, cp));
-            if let Some(raw) = dir.get_opt(MANIFEST_FILE).await? {
-                if let Ok(m) = serde_json::from_slice::<Manifest>(&raw) {
-                    out.push(manifest_info(&m, &dir));
-                }
-            }
-        }
+        let mut dirs: Vec<String> = list_checkpoint_ids(&job.root, &job.id)
+            .await?
+            .into_iter()
+            .map(|cp| ferry_core::manifest::checkpoint_dir(&job.id, cp))
+            .collect();
         let sp_root = format!("{}/savepoints", job_dir(&job.id));
         for name in job.root.list_dirs(&sp_root).await? {
-            let dir = job.root.child(&format!("{sp_root}/{name}"));
-            if let Some(raw) = dir.get_opt(MANIFEST_FILE).await? {
-                if let Ok(m) = serde_json::from_slice::<Manifest>(&raw) {
-                    out.push(manifest_info(&m, &dir));
-                }
+            dirs.push(format!("{sp_root}/{name}"));
+        }
+        let mut out = Vec::new();
+        for rel in dirs {
+            let dir = job.root.child(&rel);
+            // A directory without a readable manifest is not a checkpoint.
+            if let Some(raw) = dir.get_opt(MANIFEST_FILE).await?
+                && let Ok(m) = serde_json::from_slice::<Manifest>(&raw)
+            {
+                out.push(manifest_info(&m, &dir));
             }
         }
-        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.sort_by_key(|c| std::cmp::Reverse(c.id));
         Ok(out)
     }
 
@@ -379,10 +395,10 @@ impl JobManager {
             .cloned()
             .collect();
         for job in jobs {
-            if !job.state().is_terminal() {
-                if let Err(e) = self.cancel(&job.id.to_string(), with_savepoints).await {
-                    tracing::warn!(job = %job.id, "stopping the job failed: {e}");
-                }
+            if !job.state().is_terminal()
+                && let Err(e) = self.cancel(&job.id.to_string(), with_savepoints).await
+            {
+                tracing::warn!(job = %job.id, "stopping the job failed: {e}");
             }
         }
         self.inner.shutdown.cancel();
@@ -397,10 +413,7 @@ impl JobManager {
 
     /// The newest job with this name under the default storage root whose
     /// newest verified checkpoint is not final: the run to resume.
-    pub async fn find_resumable(
-        &self,
-        spec: &JobSpec,
-    ) -> Result<Option<(JobId, u64)>, JmError> {
+    pub async fn find_resumable(&self, spec: &JobSpec) -> Result<Option<(JobId, u64)>, JmError> {
         let root = self.storage_root(spec)?;
         let mut ids: Vec<JobId> = root
             .list_dirs("jobs")
@@ -410,7 +423,10 @@ impl JobManager {
             .collect();
         ids.sort();
         for id in ids.into_iter().rev() {
-            let Some(raw) = root.get_opt(&format!("{}/{SPEC_FILE}", job_dir(&id))).await? else {
+            let Some(raw) = root
+                .get_opt(&format!("{}/{SPEC_FILE}", job_dir(&id)))
+                .await?
+            else {
                 continue;
             };
             let Ok(old) = ferry_core::spec::parse_spec(&String::from_utf8_lossy(&raw)) else {

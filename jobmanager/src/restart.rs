@@ -41,9 +41,7 @@ impl RestartPolicy {
     /// (re)start. `unit` is a random number in [0, 1) for jitter.
     pub fn on_failure(&mut self, ran_for: Duration, unit: f64) -> Decision {
         match &self.strategy {
-            RestartStrategy::None => {
-                Decision::GiveUp("restart strategy is 'none'".to_string())
-            }
+            RestartStrategy::None => Decision::GiveUp("restart strategy is 'none'".to_string()),
             RestartStrategy::FixedAttempts { attempts, delay } => {
                 if self.attempts >= *attempts {
                     Decision::GiveUp(format!(
@@ -129,8 +127,14 @@ mod tests {
             delay: DurationSpec::from_millis(10),
         });
         let z = Duration::ZERO;
-        assert_eq!(p.on_failure(z, 0.0), Decision::RestartAfter(Duration::from_millis(10)));
-        assert_eq!(p.on_failure(z, 0.0), Decision::RestartAfter(Duration::from_millis(10)));
+        assert_eq!(
+            p.on_failure(z, 0.0),
+            Decision::RestartAfter(Duration::from_millis(10))
+        );
+        assert_eq!(
+            p.on_failure(z, 0.0),
+            Decision::RestartAfter(Duration::from_millis(10))
+        );
         assert!(matches!(p.on_failure(z, 0.0), Decision::GiveUp(_)));
         let mut n = RestartPolicy::new(RestartStrategy::None);
         assert!(matches!(n.on_failure(z, 0.0), Decision::GiveUp(_)));

@@ -27,7 +27,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Finished | JobState::Cancelled | JobState::Failed)
+        matches!(
+            self,
+            JobState::Finished | JobState::Cancelled | JobState::Failed
+        )
     }
 
     /// The one place that says which state may follow which.
@@ -36,6 +39,7 @@ impl JobState {
         matches!(
             (self, to),
             (Created, Running)
+                | (Created, Restarting)
                 | (Created, Failed)
                 | (Created, Cancelling)
                 | (Running, Restarting)
@@ -83,7 +87,9 @@ mod tests {
     #[test]
     fn terminal_states_have_no_way_out() {
         use JobState::*;
-        let all = [Created, Running, Restarting, Cancelling, Finished, Cancelled, Failed];
+        let all = [
+            Created, Running, Restarting, Cancelling, Finished, Cancelled, Failed,
+        ];
         for from in all.iter().filter(|s| s.is_terminal()) {
             for to in all {
                 assert!(!from.can_transition(to), "{from} -> {to}");

@@ -147,7 +147,11 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
             eprintln!(
                 "  run {} {:<22} {:>7.2} M ev/s per core  ({:.2} s wall, {:.2} s cpu, {} checkpoints)",
                 r + 1,
-                if i == 0 { "without checkpoints" } else { "with checkpoints" },
+                if i == 0 {
+                    "without checkpoints"
+                } else {
+                    "with checkpoints"
+                },
                 res.events_per_cpu_s / 1e6,
                 res.wall_s,
                 res.cpu_s,
@@ -176,7 +180,10 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("| variant | M events/s per core | wall s | cpu s | checkpoints |");
         println!("|---|---|---|---|---|");
-        for (name, r) in [("without checkpoints", off), (&*format!("checkpoints every {}", a.checkpoint_interval), on)] {
+        for (name, r) in [
+            ("without checkpoints", off),
+            (&*format!("checkpoints every {}", a.checkpoint_interval), on),
+        ] {
             println!(
                 "| {name} | {:.2} | {:.2} | {:.2} | {} |",
                 r.events_per_cpu_s / 1e6,

@@ -1,13 +1,723 @@
-//! `ferry job submit|list|get|cancel|savepoint`: REST API client.
+//! `ferry job submit|list|get|cancel|savepoint|checkpoints`: a client of the
+//! JobManager REST API (`docs/api.md`), printing tables or the server's JSON.
+//!
+//! Invariant: a request goes to the next `--url` only when the previous one
+//! could not be connected to, so a request a server may have received is
+//! never sent twice.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use ferry_jobmanager::api::{CancelResponse, CheckpointList, ErrorBody, JobList};
+use ferry_jobmanager::{CheckpointInfo, JobInfo, SavepointInfo};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::local::human_bytes;
+
+/// Where `ferry local` and a default JobManager serve the API.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8081";
+/// How long to wait for a TCP connection to one URL before trying the next.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one request; stopping with a savepoint of large state is slow.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Exit code for an API error.
+const EXIT_ERROR: u8 = 1;
+/// Exit code for a spec the server rejected (as `ferry validate`).
+const EXIT_INVALID_SPEC: u8 = 2;
+
+/// Options every `ferry job` command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// JobManager REST URL. A comma-separated list is tried in order when a
+    /// URL cannot be connected to.
+    #[arg(
+        long,
+        env = "FERRY_URL",
+        default_value = DEFAULT_URL,
+        value_delimiter = ',',
+        value_name = "URL[,URL...]"
+    )]
+    pub url: Vec<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// How results are printed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns and key: value blocks for people.
+    Table,
+    /// The server's JSON, pretty-printed, for scripts.
+    Json,
+}
 
 #[derive(clap::Subcommand, Debug)]
 pub enum JobCommand {
-    /// List jobs.
-    List,
+    /// Submit a job spec file (YAML or JSON; `-` reads stdin).
+    Submit {
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List jobs, newest first.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show one job (by id, id prefix of 4+ characters, or name).
+    Get {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Cancel a job, optionally taking a savepoint first.
+    Cancel {
+        id: String,
+        /// Take a savepoint before stopping (resume it with
+        /// `ferry local FILE --from-savepoint PATH`).
+        #[arg(long)]
+        savepoint: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take a savepoint of a running job; the job keeps running.
+    Savepoint {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List a job's completed checkpoints and savepoints, newest first.
+    Checkpoints {
+        id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
-pub fn run(_c: JobCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+pub fn run(c: JobCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(c))
+}
+
+async fn run_async(c: JobCommand) -> anyhow::Result<ExitCode> {
+    let result = match c {
+        JobCommand::Submit { file, api } => {
+            let (text, content_type) = read_spec(&file)?;
+            let client = Client::new(&api)?;
+            let call = client
+                .call::<JobInfo>(Method::POST, "/v1/jobs", Some((content_type, text)))
+                .await;
+            call.map(|(raw, job)| print_result(api.output, &raw, |out| print_submitted(&job, out)))
+        }
+        JobCommand::List { api } => {
+            let client = Client::new(&api)?;
+            let call = client.call::<JobList>(Method::GET, "/v1/jobs", None).await;
+            call.map(|(raw, list)| {
+                print_result(api.output, &raw, |out| print_jobs(&list.jobs, out))
+            })
+        }
+        JobCommand::Get { id, api } => {
+            let client = Client::new(&api)?;
+            let path = format!("/v1/jobs/{}", escape_segment(&id));
+            let call = client.call::<JobInfo>(Method::GET, &path, None).await;
+            call.map(|(raw, job)| print_result(api.output, &raw, |out| print_job(&job, out)))
+        }
+        JobCommand::Cancel { id, savepoint, api } => {
+            let client = Client::new(&api)?;
+            let path = format!(
+                "/v1/jobs/{}{}",
+                escape_segment(&id),
+                if savepoint { "?savepoint=true" } else { "" }
+            );
+            let call = client
+                .call::<CancelResponse>(Method::DELETE, &path, None)
+                .await;
+            call.map(|(raw, res)| print_result(api.output, &raw, |out| print_cancelled(&res, out)))
+        }
+        JobCommand::Savepoint { id, api } => {
+            let client = Client::new(&api)?;
+            let path = format!("/v1/jobs/{}/savepoints", escape_segment(&id));
+            let call = client
+                .call::<SavepointInfo>(Method::POST, &path, None)
+                .await;
+            call.map(|(raw, sp)| print_result(api.output, &raw, |out| print_savepoint(&sp, out)))
+        }
+        JobCommand::Checkpoints { id, api } => {
+            let client = Client::new(&api)?;
+            let path = format!("/v1/jobs/{}/checkpoints", escape_segment(&id));
+            let call = client
+                .call::<CheckpointList>(Method::GET, &path, None)
+                .await;
+            call.map(|(raw, list)| {
+                print_result(api.output, &raw, |out| {
+                    print_checkpoints(&list.checkpoints, out)
+                })
+            })
+        }
+    };
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(failure) => Ok(failure.report()),
+    }
+}
+
+/// The spec text and the content type to send it with.
+fn read_spec(file: &PathBuf) -> anyhow::Result<(Vec<u8>, Option<&'static str>)> {
+    if file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .context("cannot read the job spec from stdin")?;
+        return Ok((buf, None));
+    }
+    let text =
+        std::fs::read(file).with_context(|| format!("cannot read job spec {}", file.display()))?;
+    let json = file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    Ok((
+        text,
+        Some(if json {
+            "application/json"
+        } else {
+            "application/yaml"
+        }),
+    ))
+}
+
+/// Percent-encodes a job id or name for use as one path segment.
+fn escape_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+// ---- Talking to the API ----
+
+/// A failed command: what to print and the exit code.
+enum Failure {
+    /// The server answered with an error.
+    Api {
+        url: String,
+        status: StatusCode,
+        body: Option<ErrorBody>,
+        text: String,
+    },
+    /// No URL could be connected to: `(url, reason)` for each.
+    Unreachable(Vec<(String, String)>),
+    /// The request failed after connecting (timeout, reset, bad answer).
+    Transport { url: String, reason: String },
+}
+
+impl Failure {
+    /// Prints the failure as `error: ...` plus detail lines; the exit code.
+    fn report(self) -> ExitCode {
+        let mut err = String::new();
+        let code = self.describe(&mut err);
+        emit(&mut std::io::stderr(), &err);
+        code
+    }
+
+    /// Writes the failure for a person; returns the exit code.
+    fn describe(self, err: &mut String) -> ExitCode {
+        match self {
+            Failure::Api {
+                url,
+                status,
+                body: Some(body),
+                ..
+            } => {
+                let e = body.error;
+                let _ = writeln!(err, "error: {}", e.message);
+                for d in &e.details {
+                    let _ = writeln!(err, "  - {d}");
+                }
+                tracing::debug!(%url, %status, code = %e.code, "API error");
+                ExitCode::from(if e.code == "invalid_spec" {
+                    EXIT_INVALID_SPEC
+                } else {
+                    EXIT_ERROR
+                })
+            }
+            Failure::Api {
+                url, status, text, ..
+            } => {
+                let text = text.trim();
+                let snippet: String = text.chars().take(500).collect();
+                let _ = writeln!(
+                    err,
+                    "error: {url} answered {status}, not a Ferry API response"
+                );
+                if !snippet.is_empty() {
+                    let _ = writeln!(err, "  {snippet}");
+                }
+                let _ = writeln!(err, "  check that --url points at a Ferry JobManager");
+                ExitCode::from(EXIT_ERROR)
+            }
+            Failure::Unreachable(tried) => {
+                if let [(url, reason)] = tried.as_slice() {
+                    let _ = writeln!(
+                        err,
+                        "error: cannot reach the JobManager at {url} ({reason})"
+                    );
+                } else {
+                    let _ = writeln!(err, "error: cannot reach any JobManager; tried:");
+                    for (url, reason) in &tried {
+                        let _ = writeln!(err, "  - {url}: {reason}");
+                    }
+                }
+                let _ = writeln!(
+                    err,
+                    "  start one with `ferry local` (it serves the API on {DEFAULT_URL}), \
+                     or point at a running one with --url URL or FERRY_URL"
+                );
+                ExitCode::from(EXIT_ERROR)
+            }
+            Failure::Transport { url, reason } => {
+                let _ = writeln!(err, "error: request to {url} failed: {reason}");
+                let _ = writeln!(
+                    err,
+                    "  the JobManager may still have acted on it; check with `ferry job list`"
+                );
+                ExitCode::from(EXIT_ERROR)
+            }
+        }
+    }
+}
+
+/// The REST client over the `--url` list.
+struct Client {
+    http: reqwest::Client,
+    bases: Vec<String>,
+}
+
+impl Client {
+    fn new(args: &ApiArgs) -> anyhow::Result<Self> {
+        let bases = args
+            .url
+            .iter()
+            .map(|u| u.trim())
+            .filter(|u| !u.is_empty())
+            .map(normalize_url)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if bases.is_empty() {
+            bail!("--url is empty; give the JobManager's URL, e.g. {DEFAULT_URL}");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("ferry-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot set up the HTTP client")?;
+        Ok(Self { http, bases })
+    }
+
+    /// Sends one request, trying the URLs in order while they cannot be
+    /// connected to; returns the JSON body and its typed form.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Option<&'static str>, Vec<u8>)>,
+    ) -> Result<(serde_json::Value, T), Failure> {
+        let mut unreachable = Vec::new();
+        for base in &self.bases {
+            let url = format!("{base}{path}");
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some((content_type, bytes)) = &body {
+                if let Some(ct) = content_type {
+                    req = req.header(reqwest::header::CONTENT_TYPE, *ct);
+                }
+                req = req.body(bytes.clone());
+            }
+            let res = match req.send().await {
+                Ok(res) => res,
+                Err(e) if e.is_connect() => {
+                    unreachable.push((base.clone(), root_cause(&e)));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Failure::Transport {
+                        url,
+                        reason: root_cause(&e),
+                    });
+                }
+            };
+            for (skipped, reason) in &unreachable {
+                emit(
+                    &mut std::io::stderr(),
+                    &format!("note: {skipped} unreachable ({reason}); answered by {base}\n"),
+                );
+            }
+            return read_response(url, res).await;
+        }
+        Err(Failure::Unreachable(unreachable))
+    }
+}
+
+/// Accepts `host:port` as `http://host:port`; drops a trailing `/`.
+fn normalize_url(u: &str) -> anyhow::Result<String> {
+    let full = if u.contains("://") {
+        u.to_string()
+    } else {
+        format!("http://{u}")
+    };
+    let parsed = reqwest::Url::parse(&full)
+        .with_context(|| format!("invalid --url '{u}'; expected e.g. {DEFAULT_URL}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        bail!("invalid --url '{u}': use an http:// or https:// URL");
+    }
+    Ok(full.trim_end_matches('/').to_string())
+}
+
+/// The innermost cause of an error, e.g. `Connection refused (os error 111)`.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+async fn read_response<T: DeserializeOwned>(
+    url: String,
+    res: reqwest::Response,
+) -> Result<(serde_json::Value, T), Failure> {
+    let status = res.status();
+    let bytes = res.bytes().await.map_err(|e| Failure::Transport {
+        url: url.clone(),
+        reason: format!("reading the answer: {}", root_cause(&e)),
+    })?;
+    if !status.is_success() {
+        return Err(Failure::Api {
+            body: serde_json::from_slice(&bytes).ok(),
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            url,
+            status,
+        });
+    }
+    let raw: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| Failure::Transport {
+            url: url.clone(),
+            reason: format!("the answer is not JSON ({e}); is --url a Ferry JobManager?"),
+        })?;
+    let typed = T::deserialize(&raw).map_err(|e| Failure::Transport {
+        url: url.clone(),
+        reason: format!("unexpected answer ({e}); is this CLI as new as the JobManager?"),
+    })?;
+    Ok((raw, typed))
+}
+
+// ---- Printing ----
+
+/// Prints the server's JSON or the table form of a result to stdout.
+fn print_result(output: Output, raw: &serde_json::Value, table: impl FnOnce(&mut String)) {
+    let mut out = String::new();
+    match output {
+        Output::Json => {
+            let _ = writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(raw).unwrap_or_else(|_| raw.to_string())
+            );
+        }
+        Output::Table => table(&mut out),
+    }
+    emit(&mut std::io::stdout(), &out);
+}
+
+/// Writes text out, ignoring a closed pipe (`ferry job list | head`).
+fn emit(w: &mut impl std::io::Write, text: &str) {
+    let _ = w.write_all(text.as_bytes()).and_then(|()| w.flush());
+}
+
+fn print_submitted(job: &JobInfo, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "submitted job '{}' as {} ({})",
+        job.name, job.id, job.state
+    );
+    let _ = writeln!(out, "  follow it with `ferry job get {}`", job.id.short());
+}
+
+fn print_jobs(jobs: &[JobInfo], out: &mut String) {
+    if jobs.is_empty() {
+        let _ = writeln!(out, "no jobs; submit one with `ferry job submit FILE`");
+        return;
+    }
+    let now = Utc::now();
+    let mut t = Table::new(&[
+        ("ID", Align::Left),
+        ("NAME", Align::Left),
+        ("STATE", Align::Left),
+        ("PARALLELISM", Align::Right),
+        ("RECORDS IN", Align::Right),
+        ("RECORDS OUT", Align::Right),
+        ("LAST CHECKPOINT", Align::Left),
+        ("AGE", Align::Left),
+    ]);
+    for j in jobs {
+        t.row(vec![
+            j.id.short(),
+            j.name.clone(),
+            j.state.to_string(),
+            j.parallelism.to_string(),
+            j.records_in.to_string(),
+            j.records_out.to_string(),
+            j.last_checkpoint
+                .as_ref()
+                .map(|c| format!("#{} ({} ago)", c.id, age(c.completed_at, now)))
+                .unwrap_or_else(|| "-".into()),
+            age(j.submitted_at, now),
+        ]);
+    }
+    out.push_str(&t.render());
+}
+
+fn print_job(j: &JobInfo, out: &mut String) {
+    let now = Utc::now();
+    let mut rows: Vec<(&str, String)> = vec![
+        ("ID", j.id.to_string()),
+        ("Name", j.name.clone()),
+        ("State", j.state.to_string()),
+        ("Parallelism", j.parallelism.to_string()),
+        (
+            "Submitted",
+            format!(
+                "{} ({} ago)",
+                j.submitted_at.to_rfc3339(),
+                age(j.submitted_at, now)
+            ),
+        ),
+    ];
+    if let Some(end) = j.ended_at {
+        rows.push((
+            "Ended",
+            format!("{} ({} ago)", end.to_rfc3339(), age(end, now)),
+        ));
+    }
+    rows.extend([
+        ("Restarts", j.restarts.to_string()),
+        ("Records in", j.records_in.to_string()),
+        ("Records out", j.records_out.to_string()),
+        (
+            "Watermark",
+            j.watermark.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "Last checkpoint",
+            j.last_checkpoint
+                .as_ref()
+                .map(|c| checkpoint_summary(c, now))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("Checkpoints", j.checkpoint_root.clone()),
+    ]);
+    if let Some(out) = &j.output {
+        rows.push(("Output", out.clone()));
+    }
+    if let Some(f) = &j.failure {
+        rows.push(("Failure", f.clone()));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    for (k, v) in rows {
+        let _ = writeln!(out, "{:<width$} {v}", format!("{k}:"));
+    }
+}
+
+fn checkpoint_summary(c: &CheckpointInfo, now: DateTime<Utc>) -> String {
+    format!(
+        "#{} {}, {} ago, {} ms, {}{}",
+        c.id,
+        c.kind,
+        age(c.completed_at, now),
+        c.duration_ms,
+        human_bytes(c.size_bytes),
+        if c.finished { ", final" } else { "" }
+    )
+}
+
+fn print_cancelled(res: &CancelResponse, out: &mut String) {
+    let j = &res.job;
+    let _ = writeln!(out, "job '{}' ({}) is {}", j.name, j.id.short(), j.state);
+    if let Some(sp) = &res.savepoint {
+        let _ = writeln!(out, "savepoint {} written to {}", sp.checkpoint_id, sp.path);
+        let _ = writeln!(
+            out,
+            "  resume with `ferry local JOB.yaml --from-savepoint {}`",
+            sp.path
+        );
+    }
+}
+
+fn print_savepoint(sp: &SavepointInfo, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "savepoint {} of job {} written to {}",
+        sp.checkpoint_id,
+        sp.job_id.short(),
+        sp.path
+    );
+}
+
+fn print_checkpoints(cps: &[CheckpointInfo], out: &mut String) {
+    if cps.is_empty() {
+        let _ = writeln!(out, "no completed checkpoints yet");
+        return;
+    }
+    let now = Utc::now();
+    let mut t = Table::new(&[
+        ("ID", Align::Right),
+        ("KIND", Align::Left),
+        ("COMPLETED", Align::Left),
+        ("DURATION", Align::Right),
+        ("SIZE", Align::Right),
+        ("RECORDS IN", Align::Right),
+        ("RECORDS OUT", Align::Right),
+        ("PATH", Align::Left),
+    ]);
+    for c in cps {
+        t.row(vec![
+            c.id.to_string(),
+            if c.finished {
+                format!("{} (final)", c.kind)
+            } else {
+                c.kind.clone()
+            },
+            format!("{} ago", age(c.completed_at, now)),
+            format!("{} ms", c.duration_ms),
+            human_bytes(c.size_bytes),
+            c.records_in.to_string(),
+            c.records_out.to_string(),
+            c.path.clone(),
+        ]);
+    }
+    out.push_str(&t.render());
+}
+
+/// Time since `t`, compact: `42s`, `5m12s`, `3h4m`, `2d5h`.
+fn age(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    let s = (now - t).num_seconds().max(0);
+    match s {
+        s if s < 60 => format!("{s}s"),
+        s if s < 600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+struct Table {
+    columns: Vec<(&'static str, Align)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(columns: &[(&'static str, Align)]) -> Self {
+        Self {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let widths: Vec<usize> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (h, _))| {
+                self.rows
+                    .iter()
+                    .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                    .chain([h.len()])
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        let header: Vec<String> = self.columns.iter().map(|(h, _)| h.to_string()).collect();
+        for cells in std::iter::once(&header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, ((_, align), w)) in self.columns.iter().zip(&widths).enumerate() {
+                let cell = cells.get(i).map_or("", String::as_str);
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                match align {
+                    Align::Left => line.push_str(&format!("{cell:<w$}")),
+                    Align::Right => line.push_str(&format!("{cell:>w$}")),
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let mut t = Table::new(&[("ID", Align::Left), ("N", Align::Right), ("X", Align::Left)]);
+        t.row(vec!["abc".into(), "5".into(), "".into()]);
+        t.row(vec!["a".into(), "1234".into(), "z".into()]);
+        assert_eq!(t.render(), "ID      N  X\nabc     5\na    1234  z\n");
+    }
+
+    #[test]
+    fn ages_are_compact() {
+        let now = Utc::now();
+        let ago = |s| age(now - chrono::Duration::seconds(s), now);
+        assert_eq!(ago(5), "5s");
+        assert_eq!(ago(312), "5m12s");
+        assert_eq!(ago(1800), "30m");
+        assert_eq!(ago(3 * 3600 + 240), "3h4m");
+        assert_eq!(ago(2 * 86_400 + 5 * 3600), "2d5h");
+        assert_eq!(ago(-5), "0s");
+    }
+
+    #[test]
+    fn urls_are_normalized() {
+        assert_eq!(normalize_url("127.0.0.1:9").unwrap(), "http://127.0.0.1:9");
+        assert_eq!(
+            normalize_url("https://jm.example/").unwrap(),
+            "https://jm.example"
+        );
+        assert!(normalize_url("ftp://x").is_err());
+        assert!(normalize_url("http://[::1").is_err());
+    }
+
+    #[test]
+    fn ids_are_escaped_as_one_segment() {
+        assert_eq!(escape_segment("my job/1"), "my%20job%2F1");
+        assert_eq!(escape_segment("01a2-x_y.z~"), "01a2-x_y.z~");
+    }
 }

@@ -94,7 +94,9 @@ async fn run_async(
     ));
 
     let Some(spec) = spec else {
-        eprintln!("local cluster ready; submit jobs with `ferry job submit FILE --url http://{addr}`; Ctrl-C stops");
+        eprintln!(
+            "local cluster ready; submit jobs with `ferry job submit FILE --url http://{addr}`; Ctrl-C stops"
+        );
         tokio::signal::ctrl_c().await?;
         eprintln!("stopping: taking savepoints of running jobs...");
         jm.shutdown(true).await;
@@ -107,15 +109,16 @@ async fn run_async(
         from_savepoint: args.from_savepoint.clone(),
         ..Default::default()
     };
-    if opts.from_savepoint.is_none() && !args.fresh {
-        if let Some((id, cp)) = jm.find_resumable(&spec).await? {
-            eprintln!(
-                "resuming job '{}' ({id}) from checkpoint {cp}; pass --fresh to start over",
-                spec.metadata.name
-            );
-            opts.job_id = Some(id);
-            opts.resume = true;
-        }
+    if opts.from_savepoint.is_none()
+        && !args.fresh
+        && let Some((id, cp)) = jm.find_resumable(&spec).await?
+    {
+        eprintln!(
+            "resuming job '{}' ({id}) from checkpoint {cp}; pass --fresh to start over",
+            spec.metadata.name
+        );
+        opts.job_id = Some(id);
+        opts.resume = true;
     }
     let started = Instant::now();
     let info = jm.submit_spec(spec.clone(), opts).await?;
@@ -126,7 +129,8 @@ async fn run_async(
     );
 
     let progress = Progress::new(interactive);
-    let mut tick = tokio::time::interval(Duration::from_millis(if interactive { 250 } else { 5000 }));
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(if interactive { 250 } else { 5000 }));
     let mut interrupted = false;
     let final_state = loop {
         tokio::select! {
@@ -203,7 +207,14 @@ impl Progress {
         let cp = info
             .last_checkpoint
             .as_ref()
-            .map(|c| format!("#{} ({} ms, {})", c.id, c.duration_ms, human_bytes(c.size_bytes)))
+            .map(|c| {
+                format!(
+                    "#{} ({} ms, {})",
+                    c.id,
+                    c.duration_ms,
+                    human_bytes(c.size_bytes)
+                )
+            })
             .unwrap_or_else(|| "none yet".into());
         let msg = format!(
             "{} {:.0}s | in {} ({}/s) | out {} | watermark {} | checkpoint {}",

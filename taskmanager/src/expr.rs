@@ -106,7 +106,10 @@ impl CompiledExpr {
             let (column, errors) = eval_native(n, batch);
             return Evaluated { column, errors };
         }
-        let program = self.program.as_ref().expect("interpreted expression has a program");
+        let program = self
+            .program
+            .as_ref()
+            .expect("interpreted expression has a program");
         let mut out = Vec::with_capacity(batch.len());
         let mut errors = 0;
         for row in 0..batch.len() {
@@ -175,7 +178,10 @@ fn collect_fields(e: &IdedExpr, schema: &Schema, out: &mut Vec<(String, usize)>)
             }
         }
         Expr::Select(s) => collect_fields(&s.operand, schema, out),
-        Expr::List(l) => l.elements.iter().for_each(|x| collect_fields(x, schema, out)),
+        Expr::List(l) => l
+            .elements
+            .iter()
+            .for_each(|x| collect_fields(x, schema, out)),
         Expr::Comprehension(c) => {
             for x in [
                 &c.iter_range,
@@ -231,7 +237,12 @@ fn to_native(e: &IdedExpr, schema: &Schema) -> Option<Native> {
             _ => return None,
         }),
         Expr::Call(c) if c.target.is_none() => {
-            let arg = |i: usize| c.args.get(i).and_then(|a| to_native(a, schema)).map(Box::new);
+            let arg = |i: usize| {
+                c.args
+                    .get(i)
+                    .and_then(|a| to_native(a, schema))
+                    .map(Box::new)
+            };
             match (c.func_name.as_str(), c.args.len()) {
                 ("_&&_", 2) => Native::And(arg(0)?, arg(1)?),
                 ("_||_", 2) => Native::Or(arg(0)?, arg(1)?),
@@ -249,7 +260,9 @@ fn to_native(e: &IdedExpr, schema: &Schema) -> Option<Native> {
                         ok.then(|| Native::Cmp(op, a.clone_box(), b.clone_box()))
                     };
                     let arith = |op| -> Option<Native> {
-                        (numeric(ta) && numeric(tb) && !(op == ArithOp::Div && ta == DataType::Int && tb == DataType::Int))
+                        (numeric(ta)
+                            && numeric(tb)
+                            && !(op == ArithOp::Div && ta == DataType::Int && tb == DataType::Int))
                             .then(|| Native::Arith(op, a.clone_box(), b.clone_box()))
                     };
                     match f {
@@ -273,11 +286,11 @@ fn to_native(e: &IdedExpr, schema: &Schema) -> Option<Native> {
     };
     // Logical operators need boolean operands.
     match &n {
-        Native::And(a, b) | Native::Or(a, b) => {
-            if native_type(a, schema) != DataType::Bool || native_type(b, schema) != DataType::Bool
-            {
-                return None;
-            }
+        Native::And(a, b) | Native::Or(a, b)
+            if native_type(a, schema) != DataType::Bool
+                || native_type(b, schema) != DataType::Bool =>
+        {
+            return None;
         }
         Native::Not(a) if native_type(a, schema) != DataType::Bool => return None,
         _ => {}
@@ -347,11 +360,17 @@ fn eval_native(n: &Native, batch: &Batch) -> (Column, u64) {
             }
         }
         Native::Cmp(op, a, b) => {
-            let (oa, ob) = (operand(a, batch, &mut errors), operand(b, batch, &mut errors));
+            let (oa, ob) = (
+                operand(a, batch, &mut errors),
+                operand(b, batch, &mut errors),
+            );
             Column::Bool(compare(*op, &oa, &ob, len))
         }
         Native::Arith(op, a, b) => {
-            let (oa, ob) = (operand(a, batch, &mut errors), operand(b, batch, &mut errors));
+            let (oa, ob) = (
+                operand(a, batch, &mut errors),
+                operand(b, batch, &mut errors),
+            );
             arith(*op, &oa, &ob, len, &mut errors)
         }
     };
@@ -382,9 +401,10 @@ fn compare(op: CmpOp, a: &Operand, b: &Operand, len: usize) -> Vec<bool> {
             (Column::Int(v), Value::Float(x)) => {
                 v.iter().map(|y| cmp_ord(op, *y as f64, *x)).collect()
             }
-            (Column::Str(v), Value::Str(x)) => {
-                v.iter().map(|y| cmp_ord(op, y.as_ref(), x.as_ref())).collect()
-            }
+            (Column::Str(v), Value::Str(x)) => v
+                .iter()
+                .map(|y| cmp_ord(op, y.as_ref(), x.as_ref()))
+                .collect(),
             (Column::Ts(v), Value::Ts(x)) => v.iter().map(|y| cmp_ord(op, *y, *x)).collect(),
             (Column::Bool(v), Value::Bool(x)) => v.iter().map(|y| cmp_ord(op, *y, *x)).collect(),
             (c, s) => (0..len).map(|i| value_cmp(op, &c.get(i), s)).collect(),
@@ -406,7 +426,9 @@ fn compare(op: CmpOp, a: &Operand, b: &Operand, len: usize) -> Vec<bool> {
             (Column::Float(p), Column::Float(q)) => {
                 p.iter().zip(q).map(|(a, b)| cmp_ord(op, a, b)).collect()
             }
-            (p, q) => (0..len).map(|i| value_cmp(op, &p.get(i), &q.get(i))).collect(),
+            (p, q) => (0..len)
+                .map(|i| value_cmp(op, &p.get(i), &q.get(i)))
+                .collect(),
         },
         (Scalar(x), Scalar(y)) => vec![value_cmp(op, x, y); len],
     }
@@ -461,7 +483,11 @@ fn arith(op: ArithOp, a: &Operand, b: &Operand, len: usize, errors: &mut u64) ->
             })
             .collect();
         if nulls {
-            return Column::Any(vals.into_iter().map(|v| v.map_or(Value::Null, Value::Int)).collect());
+            return Column::Any(
+                vals.into_iter()
+                    .map(|v| v.map_or(Value::Null, Value::Int))
+                    .collect(),
+            );
         }
         return Column::Int(vals.into_iter().map(|v| v.unwrap_or_default()).collect());
     }
@@ -560,7 +586,8 @@ mod tests {
     #[test]
     fn falls_back_to_the_interpreter_for_functions() {
         let b = batch();
-        let mut e = CompiledExpr::compile("user.startsWith('a') || size(user) > 3", &b.schema).unwrap();
+        let mut e =
+            CompiledExpr::compile("user.startsWith('a') || size(user) > 3", &b.schema).unwrap();
         assert!(!e.is_native());
         let (mask, errors) = e.eval_mask(&b);
         assert_eq!(mask, vec![true, false, false]);

@@ -75,5 +75,8 @@ pub enum TaskEvent {
     SourceEnded(TaskId),
     /// The task stopped after a `stop` snapshot completed.
     Stopped(TaskId),
-    Failed { task: TaskId, error: String },
+    Failed {
+        task: TaskId,
+        error: String,
+    },
 }

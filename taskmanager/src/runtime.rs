@@ -250,8 +250,10 @@ pub async fn deploy(
             let mut ops = plan.build_ops(stage)?;
             for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
                 if let Some(name) = &plan.state_names[i] {
-                    let parts: Vec<Bytes> =
-                        parts_of(restore, name).into_iter().map(|(_, b)| b).collect();
+                    let parts: Vec<Bytes> = parts_of(restore, name)
+                        .into_iter()
+                        .map(|(_, b)| b)
+                        .collect();
                     if !parts.is_empty() {
                         op.restore(&parts, j, p)
                             .map_err(|e| format!("restoring {name} failed: {e}"))?;

@@ -154,10 +154,10 @@ impl TaskContext {
             offsets = offs;
         }
         for op in &chain.ops {
-            if let Some(name) = op.state_name() {
-                if let Some(bytes) = op.snapshot()? {
-                    parts.push((name.to_string(), bytes));
-                }
+            if let Some(name) = op.state_name()
+                && let Some(bytes) = op.snapshot()?
+            {
+                parts.push((name.to_string(), bytes));
             }
         }
         let records_out = chain.metrics.records_out.load(Ordering::Relaxed);

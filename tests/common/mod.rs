@@ -86,11 +86,15 @@ impl Workdir {
         let mut out = BTreeMap::new();
         let jobs = self.data_dir().join("jobs");
         for job in std::fs::read_dir(&jobs).into_iter().flatten().flatten() {
-            for cp in std::fs::read_dir(job.path().join("checkpoints")).into_iter().flatten().flatten() {
-                if let Ok(n) = cp.file_name().to_string_lossy().parse::<u64>() {
-                    if cp.path().join("MANIFEST.json").exists() {
-                        out.insert(n, cp.path());
-                    }
+            for cp in std::fs::read_dir(job.path().join("checkpoints"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Ok(n) = cp.file_name().to_string_lossy().parse::<u64>()
+                    && cp.path().join("MANIFEST.json").exists()
+                {
+                    out.insert(n, cp.path());
                 }
             }
         }
@@ -118,9 +122,24 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Files in `dir` that a crash left half-written (staging files of the
+/// local object store).
+pub fn stray_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains('#'))
+        .collect()
 }
 
 /// All JSON lines of every file in `dir`, sorted by their text.
@@ -128,7 +147,8 @@ pub fn read_rows(dir: &Path) -> Vec<serde_json::Value> {
     let mut lines = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if !name.starts_with("part-") {
+        // What a consumer reads: the committed part files.
+        if !name.starts_with("part-") || !name.ends_with(".jsonl") {
             continue;
         }
         let text = std::fs::read_to_string(e.path()).expect("read part file");

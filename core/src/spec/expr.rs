@@ -7,15 +7,68 @@ use cel_parser::reference::Val;
 use crate::schema::Schema;
 use crate::value::DataType;
 
+/// Longest expression accepted, in bytes. The CEL parser recurses per
+/// nesting level and per chained operator; this bound (with
+/// [`MAX_EXPR_NESTING`]) keeps it far from the stack limit of a 2 MiB thread.
+pub const MAX_EXPR_LEN: usize = 2048;
+/// Deepest nesting of `(`, `[` and `{` accepted in an expression.
+pub const MAX_EXPR_NESTING: usize = 32;
+
 /// Parses `source` as CEL. Errors carry the position inside the expression.
 pub fn parse_expr(source: &str) -> Result<IdedExpr, String> {
-    cel_parser::Parser::default().parse(source).map_err(|errs| {
+    if source.len() > MAX_EXPR_LEN {
+        return Err(format!(
+            "expression is {} bytes long; the limit is {MAX_EXPR_LEN} (split the logic over several operators)",
+            source.len()
+        ));
+    }
+    let mut depth = 0usize;
+    for c in source.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_EXPR_NESTING {
+            return Err(format!(
+                "expression nests brackets more than {MAX_EXPR_NESTING} deep; simplify it"
+            ));
+        }
+    }
+    // The generated parser panics on some malformed input (e.g. `a >`);
+    // that is a syntax error, not a crash, and not worth a panic message.
+    quiet_panics_in_parser();
+    IN_PARSER.with(|f| f.set(true));
+    let parsed = std::panic::catch_unwind(|| cel_parser::Parser::default().parse(source));
+    IN_PARSER.with(|f| f.set(false));
+    let parsed = parsed
+        .map_err(|_| "syntax error: the expression is incomplete or malformed".to_string())?;
+    parsed.map_err(|errs| {
         errs.errors
             .iter()
             .map(|e| format!("{} (at {}:{} of the expression)", e.msg, e.pos.0, e.pos.1))
             .collect::<Vec<_>>()
             .join("; ")
     })
+}
+
+thread_local! {
+    /// Set while this thread runs the CEL parser under `catch_unwind`.
+    static IN_PARSER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics caught in
+/// [`parse_expr`] and defers to the previous hook for every other panic.
+fn quiet_panics_in_parser() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_PARSER.with(|f| f.get()) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// Checks an expression against `schema` and returns its inferred type.
@@ -44,8 +97,7 @@ pub fn check_expr(source: &str, schema: &Schema) -> Result<DataType, String> {
 fn collect_unknown(e: &IdedExpr, schema: &Schema, bound: &mut Vec<String>, out: &mut Vec<String>) {
     match &e.expr {
         Expr::Ident(name) => {
-            if schema.index_of(name).is_none() && !bound.contains(name) && !is_builtin_ident(name)
-            {
+            if schema.index_of(name).is_none() && !bound.contains(name) && !is_builtin_ident(name) {
                 out.push(name.clone());
             }
         }

@@ -7,9 +7,9 @@
 //! expressions, and has consistent window, checkpoint and restart settings.
 
 mod duration;
+pub mod expr;
 mod parse;
 mod validate;
-pub mod expr;
 
 use indexmap::IndexMap;
 use schemars::JsonSchema;
@@ -30,7 +30,10 @@ pub const KIND_JOB: &str = "Job";
 /// A complete job specification.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(title = "Ferry Job", description = "A Ferry stream-processing job (ferry.dev/v1).")]
+#[schemars(
+    title = "Ferry Job",
+    description = "A Ferry stream-processing job (ferry.dev/v1)."
+)]
 pub struct JobSpec {
     /// Must be `ferry.dev/v1`.
     pub api_version: String,

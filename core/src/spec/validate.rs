@@ -57,7 +57,10 @@ impl Aggregation {
         let (fname, arg) = match t.find('(') {
             Some(open) if t.ends_with(')') => {
                 let arg = t[open + 1..t.len() - 1].trim();
-                (t[..open].trim(), if arg.is_empty() { None } else { Some(arg) })
+                (
+                    t[..open].trim(),
+                    if arg.is_empty() { None } else { Some(arg) },
+                )
             }
             Some(_) => return Err(format!("'{t}' is missing a closing ')'")),
             None => (t, None),
@@ -77,7 +80,9 @@ impl Aggregation {
         let output_type = match (func, arg) {
             (AggregateFn::Count, None) => DataType::Int,
             (AggregateFn::Count, Some(a)) => {
-                return Err(format!("count takes no field (got '{a}'); write just 'count'"));
+                return Err(format!(
+                    "count takes no field (got '{a}'); write just 'count'"
+                ));
             }
             (_, None) => return Err(format!("{func} needs a field, e.g. {func}(amount)")),
             (_, Some(a)) => {
@@ -160,7 +165,10 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         );
     }
     if spec.kind != KIND_JOB {
-        push("kind", format!("must be '{KIND_JOB}', found '{}'", spec.kind));
+        push(
+            "kind",
+            format!("must be '{KIND_JOB}', found '{}'", spec.kind),
+        );
     }
     if let Err(m) = check_name(&spec.metadata.name) {
         push("metadata.name", m);
@@ -191,10 +199,12 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             format!("must be at least 100ms, found {}", cp.timeout),
         );
     }
-    if let Some(url) = &cp.storage {
-        if let Err(e) = crate::storage::StorageLocation::parse(url) {
-            push("spec.checkpointing.storage", e.to_string());
-        }
+    if let Some(Err(e)) = cp
+        .storage
+        .as_ref()
+        .map(|u| crate::storage::StorageLocation::parse(u))
+    {
+        push("spec.checkpointing.storage", e.to_string());
     }
     match &body.restart_strategy {
         RestartStrategy::ExponentialDelay {
@@ -243,7 +253,10 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                 push(&format!("{p}.partitions"), "must be at least 1".into());
             }
             if g.fields.is_empty() {
-                push(&format!("{p}.fields"), "must list at least one field".into());
+                push(
+                    &format!("{p}.fields"),
+                    "must list at least one field".into(),
+                );
             }
             if crate::value::parse_ts(&g.event_time.start).is_none() {
                 push(
@@ -254,13 +267,16 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                     ),
                 );
             }
-            if let Some(late) = &g.event_time.late {
-                if !(0.0..=1.0).contains(&late.fraction) {
-                    push(
-                        &format!("{p}.eventTime.late.fraction"),
-                        format!("must be between 0 and 1, found {}", late.fraction),
-                    );
-                }
+            if let Some(late) = g
+                .event_time
+                .late
+                .as_ref()
+                .filter(|l| !(0.0..=1.0).contains(&l.fraction))
+            {
+                push(
+                    &format!("{p}.eventTime.late.fraction"),
+                    format!("must be between 0 and 1, found {}", late.fraction),
+                );
             }
             for (name, f) in &g.fields {
                 let fp = format!("{p}.fields.{name}");
@@ -291,14 +307,18 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                         DataType::Int
                     }
                     GeneratorField::Float { min, max } => {
-                        if !(min < max) {
+                        // Also rejects NaN bounds.
+                        if min.partial_cmp(max) != Some(std::cmp::Ordering::Less) {
                             push(&fp, format!("min ({min}) must be below max ({max})"));
                         }
                         DataType::Float
                     }
                     GeneratorField::Choice { values } => {
                         if values.is_empty() {
-                            push(&format!("{fp}.values"), "must list at least one value".into());
+                            push(
+                                &format!("{fp}.values"),
+                                "must list at least one value".into(),
+                            );
                         }
                         DataType::String
                     }
@@ -329,7 +349,10 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                 push(&format!("{p}.path"), e.to_string());
             }
             if f.schema.is_empty() {
-                push(&format!("{p}.schema"), "must list at least one field".into());
+                push(
+                    &format!("{p}.schema"),
+                    "must list at least one field".into(),
+                );
             }
             if f.delimiter.chars().count() != 1 || !f.delimiter.is_ascii() {
                 push(
@@ -408,7 +431,10 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             OperatorSpec::KeyBy(k) => {
                 let fields = k.fields();
                 if fields.is_empty() {
-                    push(&format!("{p}.key_by"), "must name at least one field".into());
+                    push(
+                        &format!("{p}.key_by"),
+                        "must name at least one field".into(),
+                    );
                 }
                 for f in &fields {
                     if schema.index_of(f).is_none() {
@@ -468,10 +494,9 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                             );
                         }
                     }
-                    (Some(_), Some(_)) => push(
-                        &wp,
-                        "set either 'tumbling' or 'sliding', not both".into(),
-                    ),
+                    (Some(_), Some(_)) => {
+                        push(&wp, "set either 'tumbling' or 'sliding', not both".into())
+                    }
                     (None, None) => push(
                         &wp,
                         "needs a size: 'tumbling: 1m' or 'sliding: {size: 1m, slide: 10s}'".into(),
@@ -495,7 +520,10 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                 }
                 let mut out = Schema::default();
                 for k in &key_fields {
-                    let ty = schema.field(k).map(|f| f.data_type).unwrap_or(DataType::Any);
+                    let ty = schema
+                        .field(k)
+                        .map(|f| f.data_type)
+                        .unwrap_or(DataType::Any);
                     out.fields.push(crate::schema::Field {
                         name: k.clone(),
                         data_type: ty,

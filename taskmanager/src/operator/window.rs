@@ -225,15 +225,15 @@ impl Window {
     }
 
     fn fire_key(&mut self, start: i64, key: &Key) {
-        if let Some(win) = self.windows.get(&start) {
-            if let Some(accs) = win.keys.get(key) {
-                let vals = accs
-                    .iter()
-                    .zip(&self.plans)
-                    .map(|(a, p)| result(a, p.out_type))
-                    .collect();
-                self.pending.rows.push((key.clone(), start, vals));
-            }
+        if let Some(win) = self.windows.get(&start)
+            && let Some(accs) = win.keys.get(key)
+        {
+            let vals = accs
+                .iter()
+                .zip(&self.plans)
+                .map(|(a, p)| result(a, p.out_type))
+                .collect();
+            self.pending.rows.push((key.clone(), start, vals));
         }
     }
 
@@ -267,8 +267,9 @@ impl Window {
         let mut key_cols: Vec<ColumnBuilder> = (0..nkeys).map(|_| ColumnBuilder::new()).collect();
         let mut starts = Vec::with_capacity(rows.len());
         let mut ends = Vec::with_capacity(rows.len());
-        let mut agg_cols: Vec<ColumnBuilder> =
-            (0..self.plans.len()).map(|_| ColumnBuilder::new()).collect();
+        let mut agg_cols: Vec<ColumnBuilder> = (0..self.plans.len())
+            .map(|_| ColumnBuilder::new())
+            .collect();
         let mut ts = Vec::with_capacity(rows.len());
         for (key, start, vals) in rows {
             for (b, v) in key_cols.iter_mut().zip(key.values()) {

@@ -35,7 +35,8 @@ pub enum Sink {
 impl Sink {
     /// Hands a batch to the sink.
     pub fn write(&mut self, batch: &Batch, m: &TaskMetrics) {
-        m.records_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        m.records_out
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         match self {
             Sink::File(f) => f.write(batch),
             Sink::Stdout => {
@@ -67,7 +68,10 @@ impl Sink {
                     records_out,
                     ..Default::default()
                 };
-                Ok((Some(postcard::to_stdvec(&st).map_err(|e| e.to_string())?), Vec::new()))
+                Ok((
+                    Some(postcard::to_stdvec(&st).map_err(|e| e.to_string())?),
+                    Vec::new(),
+                ))
             }
         }
     }
@@ -102,6 +106,7 @@ impl Sink {
             }
         }
         if let Sink::File(f) = self {
+            f.remove_stale_staging();
             f.commit(CheckpointId(u64::MAX)).await?;
         }
         Ok(records)
@@ -198,7 +203,10 @@ impl FileSink {
                 records: p.records,
             })
             .collect();
-        Ok((Some(postcard::to_stdvec(&st).map_err(|e| e.to_string())?), txns))
+        Ok((
+            Some(postcard::to_stdvec(&st).map_err(|e| e.to_string())?),
+            txns,
+        ))
     }
 
     async fn commit(&mut self, cp: CheckpointId) -> Result<(), String> {
@@ -213,6 +221,22 @@ impl FileSink {
             self.pending.remove(&id);
         }
         Ok(())
+    }
+
+    /// A process killed during a commit can leave the local store's staging
+    /// file (`<part>#<n>`) beside the part file; remove this subtask's.
+    fn remove_stale_staging(&self) {
+        let Some(dir) = self.out.local_dir() else {
+            return;
+        };
+        let own = format!("part-{}-{:04}-", self.prefix, self.subtask);
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&own) && name.contains('#') {
+                tracing::info!(file = %name, "removing a partial commit left by a crash");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     fn adopt(&mut self, st: FileSinkState) {
@@ -271,7 +295,10 @@ mod tests {
         sink.write(&batch(&[1, 2]), &m);
         let (state1, txns) = sink.snapshot(CheckpointId(1), true, 2).unwrap();
         assert_eq!(txns.len(), 1);
-        assert!(parts(dir.path()).is_empty(), "nothing is visible before commit");
+        assert!(
+            parts(dir.path()).is_empty(),
+            "nothing is visible before commit"
+        );
         sink.write(&batch(&[3]), &m);
         let (state2, _) = sink.snapshot(CheckpointId(2), true, 3).unwrap();
         // Crash: neither checkpoint was committed. Restore from checkpoint 2.
@@ -283,7 +310,10 @@ mod tests {
         assert_eq!(out, 3);
         assert_eq!(
             parts(dir.path()),
-            vec!["part-job-0000-00000001.jsonl", "part-job-0000-00000002.jsonl"]
+            vec![
+                "part-job-0000-00000001.jsonl",
+                "part-job-0000-00000002.jsonl"
+            ]
         );
         // Restoring again (another crash) changes nothing.
         let mut again = Sink::File(FileSink::new(loc.clone(), "job", 0));
@@ -292,7 +322,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(parts(dir.path()).len(), 2);
-        let text = std::fs::read_to_string(dir.path().join("part-job-0000-00000001.jsonl")).unwrap();
+        let text =
+            std::fs::read_to_string(dir.path().join("part-job-0000-00000001.jsonl")).unwrap();
         assert_eq!(text, "{\"n\":1}\n{\"n\":2}\n");
     }
 

@@ -93,18 +93,14 @@ impl FileSource {
     ) -> Result<Self, String> {
         let (dir_url, pattern) = split_pattern(&spec.path);
         let mut files: Vec<(String, u64)> = Vec::new();
-        if pattern.is_none() {
-            // A single file?
-            if let Some((parent, name)) = dir_url.rsplit_once('/') {
-                if let Ok(loc) = StorageLocation::open(parent) {
-                    if let Ok(Some(size)) = loc.size(name).await {
-                        if !std::path::Path::new(&dir_url).is_dir() {
-                            let src = Self::new(loc, vec![(name.to_string(), size)], spec, schema, subtask, parallelism);
-                            return Ok(src);
-                        }
-                    }
-                }
-            }
+        // A single file? (A directory has no size of its own.)
+        if pattern.is_none()
+            && let Some((parent, name)) = dir_url.rsplit_once('/')
+            && let Ok(loc) = StorageLocation::open(parent)
+            && let Ok(Some(size)) = loc.size(name).await
+        {
+            let files = vec![(name.to_string(), size)];
+            return Ok(Self::new(loc, files, spec, schema, subtask, parallelism));
         }
         let dir = StorageLocation::open(&dir_url).map_err(|e| e.to_string())?;
         for (name, size) in dir.list_files("").await.map_err(|e| e.to_string())? {
@@ -112,7 +108,10 @@ impl FileSource {
             if base.starts_with('.') || base.starts_with('_') {
                 continue;
             }
-            if pattern.as_ref().is_none_or(|p| !name.contains('/') && glob_match(p, &name)) {
+            if pattern
+                .as_ref()
+                .is_none_or(|p| !name.contains('/') && glob_match(p, &name))
+            {
                 files.push((name, size));
             }
         }
@@ -201,7 +200,8 @@ impl FileSource {
 
     fn parse(&mut self, data: &Bytes) -> Result<Option<Batch>, String> {
         let fields = &self.schema.fields;
-        let mut builders: Vec<ColumnBuilder> = fields.iter().map(|_| ColumnBuilder::new()).collect();
+        let mut builders: Vec<ColumnBuilder> =
+            fields.iter().map(|_| ColumnBuilder::new()).collect();
         let mut ts = Vec::new();
         let f = &mut self.files[self.current];
         let text = std::str::from_utf8(data)
@@ -305,7 +305,10 @@ impl FileSource {
             files: self.files.clone(),
             max_ts: self.max_ts,
         };
-        Ok((postcard::to_stdvec(&st).map_err(|e| e.to_string())?, offsets))
+        Ok((
+            postcard::to_stdvec(&st).map_err(|e| e.to_string())?,
+            offsets,
+        ))
     }
 
     pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {

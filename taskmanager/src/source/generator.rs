@@ -76,9 +76,7 @@ impl GeneratorModel {
                         .map(|n| Arc::from(format!("{p}{n}").as_str()))
                         .collect(),
                 ),
-                GeneratorField::Int { min, max } => {
-                    FieldModel::Int(*min, (*max - *min) as u64 + 1)
-                }
+                GeneratorField::Int { min, max } => FieldModel::Int(*min, (*max - *min) as u64 + 1),
                 GeneratorField::Float { min, max } => FieldModel::Float(*min, *max - *min),
                 GeneratorField::Choice { values } => {
                     FieldModel::Choice(values.iter().map(|v| Arc::from(v.as_str())).collect())
@@ -104,8 +102,13 @@ impl GeneratorModel {
     /// Number of records partition `p` holds (`None`: unbounded).
     pub fn partition_len(&self, p: u32) -> Option<u64> {
         let parts = self.partitions as u64;
-        self.total
-            .map(|t| if (p as u64) < t { (t - p as u64).div_ceil(parts) } else { 0 })
+        self.total.map(|t| {
+            if (p as u64) < t {
+                (t - p as u64).div_ceil(parts)
+            } else {
+                0
+            }
+        })
     }
 
     /// Event time of global record `i`.
@@ -172,7 +175,9 @@ impl GeneratorModel {
                 ),
                 FieldModel::KeyStr(keys) | FieldModel::Choice(keys) => Column::Str(
                     (offset..offset + n)
-                        .map(|o| keys[(h(self.seed, idx(o), salt) % keys.len() as u64) as usize].clone())
+                        .map(|o| {
+                            keys[(h(self.seed, idx(o), salt) % keys.len() as u64) as usize].clone()
+                        })
                         .collect(),
                 ),
                 FieldModel::Int(min, span) => Column::Int(
@@ -232,7 +237,12 @@ pub struct GeneratorSource {
 }
 
 impl GeneratorSource {
-    pub fn new(model: Arc<GeneratorModel>, rate_total: u64, subtask: u32, parallelism: u32) -> Self {
+    pub fn new(
+        model: Arc<GeneratorModel>,
+        rate_total: u64,
+        subtask: u32,
+        parallelism: u32,
+    ) -> Self {
         let parts: Vec<PartState> = (0..model.partitions)
             .filter(|p| p % parallelism == subtask)
             .map(|p| PartState {
@@ -400,7 +410,10 @@ mod tests {
                 snap = Some(a.snapshot().unwrap().0);
             }
         }
-        assert_eq!(seen, m.partition_len(0).unwrap() + m.partition_len(2).unwrap());
+        assert_eq!(
+            seen,
+            m.partition_len(0).unwrap() + m.partition_len(2).unwrap()
+        );
         let mut b = GeneratorSource::new(m.clone(), 0, 0, 2);
         b.restore(&[Bytes::from(snap.unwrap())]).unwrap();
         let mut rest = 0u64;

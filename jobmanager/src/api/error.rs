@@ -1,0 +1,266 @@
+//! The one error shape of the REST API and how every failure becomes it.
+//!
+//! Invariant: every non-2xx response the API sends — from a handler, an
+//! extractor rejection, a fallback or a caught panic — is an [`ErrorBody`]
+//! built here, so clients parse a single format.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ferry_core::CoreError;
+use ferry_core::spec::SpecErrors;
+use serde::{Deserialize, Serialize};
+
+use crate::error::JmError;
+
+/// The JSON body of every error response:
+/// `{"error": {"code": "...", "message": "...", "details": [...]}}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+/// What went wrong, for machines (`code`) and for people (`message`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorObject {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_spec`.
+    pub code: String,
+    /// One sentence saying what happened and what to do about it.
+    pub message: String,
+    /// Individual problems (every spec problem, the available routes, ...).
+    #[serde(default)]
+    pub details: Vec<ErrorDetail>,
+}
+
+/// One problem, located by field path and line/column where that applies.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    /// Dotted field path in the submitted spec, e.g. `spec.operators[1].window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// 1-based line in the submitted text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
+    /// 1-based column in the submitted text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ErrorDetail {
+    /// A detail that is only a message.
+    pub fn message(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            ..Self::default()
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorDetail {
+    /// `line 3, column 7: spec.source: message`, leaving out what is unknown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "line {l}, column {c}: ")?,
+            (Some(l), None) => write!(f, "line {l}: ")?,
+            _ => {}
+        }
+        match self.path.as_deref() {
+            Some(p) if !p.is_empty() => write!(f, "{p}: {}", self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+/// An error on its way to becoming an HTTP response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorObject,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorObject {
+                code: code.to_string(),
+                message: message.into(),
+                details: Vec::new(),
+            },
+        }
+    }
+
+    pub fn with_details(mut self, details: Vec<ErrorDetail>) -> Self {
+        self.body.details = details;
+        self
+    }
+
+    /// 400 for a spec that failed to parse or validate, one detail per problem.
+    fn invalid_spec(errs: &SpecErrors) -> Self {
+        let n = errs.0.len();
+        let message = if n == 1 {
+            "the job spec has 1 problem; fix it and submit again (check locally with `ferry validate FILE`)".to_string()
+        } else {
+            format!(
+                "the job spec has {n} problems; fix them and submit again (check locally with `ferry validate FILE`)"
+            )
+        };
+        let details = errs
+            .0
+            .iter()
+            .map(|e| ErrorDetail {
+                path: Some(e.path.clone()),
+                line: e.line,
+                column: e.column,
+                message: e.message.clone(),
+            })
+            .collect();
+        Self::new(StatusCode::BAD_REQUEST, "invalid_spec", message).with_details(details)
+    }
+
+    /// 500 for a handler that panicked; the panic is logged, not sent.
+    pub fn internal(what: &str) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!(
+                "internal error while handling {what}; the JobManager log has the cause. Retry, and report it if it repeats"
+            ),
+        )
+    }
+}
+
+impl From<JmError> for ApiError {
+    fn from(e: JmError) -> Self {
+        let status = match &e {
+            JmError::NotFound(_) => StatusCode::NOT_FOUND,
+            JmError::InvalidSpec(errs) => return Self::invalid_spec(errs),
+            JmError::Storage(CoreError::Spec(errs)) => return Self::invalid_spec(errs),
+            JmError::WrongState { .. } => StatusCode::CONFLICT,
+            // The object store behind us failed: a gateway problem, not ours.
+            JmError::Storage(CoreError::Store { .. }) => StatusCode::BAD_GATEWAY,
+            JmError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            JmError::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            JmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::new(
+                status,
+                "payload_too_large",
+                format!(
+                    "the request body is larger than {} MiB; job specs must be smaller (move large data into storage and reference it)",
+                    super::MAX_BODY_BYTES / (1024 * 1024)
+                ),
+            )
+        } else {
+            Self::new(
+                status,
+                "invalid_body",
+                format!("could not read the request body: {}", r.body_text()),
+            )
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid path: {}", r.body_text()),
+        )
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("invalid query string: {}", r.body_text()),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, code = %self.body.code, "{}", self.body.message);
+        } else {
+            tracing::debug!(status = %self.status, code = %self.body.code, "{}", self.body.message);
+        }
+        (self.status, Json(ErrorBody { error: self.body })).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::spec::SpecError;
+
+    #[test]
+    fn every_spec_problem_becomes_a_detail() {
+        let errs = SpecErrors(vec![
+            SpecError {
+                path: "spec.parallelism".into(),
+                line: Some(4),
+                column: Some(16),
+                message: "must be at least 1".into(),
+            },
+            SpecError {
+                path: "spec.sink".into(),
+                line: None,
+                column: None,
+                message: "missing".into(),
+            },
+        ]);
+        let e = ApiError::from(JmError::InvalidSpec(errs));
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.body.code, "invalid_spec");
+        assert_eq!(e.body.details.len(), 2);
+        assert_eq!(
+            e.body.details[0].to_string(),
+            "line 4, column 16: spec.parallelism: must be at least 1"
+        );
+        assert_eq!(e.body.details[1].to_string(), "spec.sink: missing");
+    }
+
+    #[test]
+    fn job_manager_errors_map_to_statuses() {
+        let cases = [
+            (JmError::NotFound("x".into()), StatusCode::NOT_FOUND),
+            (
+                JmError::Runtime("x".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (JmError::ShuttingDown, StatusCode::SERVICE_UNAVAILABLE),
+            (
+                JmError::Storage(CoreError::Other("x".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                JmError::WrongState {
+                    job: ferry_core::JobId::new(),
+                    state: crate::JobState::Finished,
+                    action: "it has already ended".into(),
+                },
+                StatusCode::CONFLICT,
+            ),
+        ];
+        for (e, status) in cases {
+            let code = e.code();
+            let api = ApiError::from(e);
+            assert_eq!(api.status, status, "{code}");
+            assert_eq!(api.body.code, code);
+        }
+    }
+}

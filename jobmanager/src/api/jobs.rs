@@ -1,0 +1,204 @@
+//! `/v1/jobs...`: submit, list, get, cancel, savepoint, checkpoints. Each
+//! handler turns HTTP into one [`JobManager`] call and its result back into
+//! JSON; no job logic lives here.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, ErrorDetail};
+use crate::service::{CheckpointInfo, JobInfo, JobManager, SavepointInfo};
+
+/// Body of `GET /v1/jobs`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<JobInfo>,
+}
+
+/// Body of `GET /v1/jobs/{id}/checkpoints`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointList {
+    /// Newest first; savepoints included (`kind: savepoint`).
+    pub checkpoints: Vec<CheckpointInfo>,
+}
+
+/// Body of `DELETE /v1/jobs/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CancelResponse {
+    /// The job after it stopped.
+    pub job: JobInfo,
+    /// The savepoint taken before stopping, when `?savepoint=true`.
+    pub savepoint: Option<SavepointInfo>,
+}
+
+/// Query of `DELETE /v1/jobs/{id}`.
+#[derive(Debug, Deserialize)]
+pub(super) struct CancelQuery {
+    savepoint: Option<String>,
+}
+
+/// Reads a boolean query flag: `true`/`1`/`yes`/empty (`?savepoint`) are
+/// true, `false`/`0`/`no` false.
+fn parse_flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("false" | "0" | "no") => Ok(false),
+        Some("" | "true" | "1" | "yes") => Ok(true),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "query parameter {name}={other:?} is not a boolean; use {name}=true or {name}=false"
+            ),
+        )),
+    }
+}
+
+/// The job id from the path, or a 400 saying why it could not be read.
+fn job_key(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(id) = path?;
+    Ok(id)
+}
+
+/// Spec text from a request body: UTF-8, not empty.
+fn spec_text(body: &[u8]) -> Result<&str, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        let at = e.valid_up_to();
+        let before = &body[..at];
+        let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+        let line_start = before
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |p| p + 1);
+        let column = String::from_utf8_lossy(&before[line_start..])
+            .chars()
+            .count()
+            + 1;
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the request body is not valid UTF-8; send the job spec as UTF-8 YAML or JSON text",
+        )
+        .with_details(vec![ErrorDetail {
+            line: Some(line),
+            column: Some(column),
+            message: format!("invalid UTF-8 at byte offset {at}"),
+            ..ErrorDetail::default()
+        }])
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the request body is empty; send the job spec (YAML or JSON) as the body, e.g. `curl --data-binary @job.yaml`",
+        ));
+    }
+    Ok(text)
+}
+
+/// `POST /v1/jobs`: 201 with the new job and its `Location`.
+#[tracing::instrument(skip_all, fields(content_type))]
+pub(super) async fn submit(
+    State(jm): State<JobManager>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    // Any content type is accepted: the parser tells JSON from YAML itself.
+    if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+        tracing::Span::current().record("content_type", ct.to_str().unwrap_or("?"));
+    }
+    let body = body?;
+    let text = spec_text(&body)?;
+    let info = jm.submit(text).await?;
+    let location = format!("/v1/jobs/{}", info.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(info),
+    ))
+}
+
+/// `GET /v1/jobs`: every job, newest first.
+pub(super) async fn list(State(jm): State<JobManager>) -> Json<JobList> {
+    Json(JobList { jobs: jm.list() })
+}
+
+/// `GET /v1/jobs/{id}`: one job by id, unique id prefix or name.
+pub(super) async fn get(
+    State(jm): State<JobManager>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<JobInfo>, ApiError> {
+    let id = job_key(id)?;
+    Ok(Json(jm.get(&id)?))
+}
+
+/// `DELETE /v1/jobs/{id}[?savepoint=true]`: stops the job, after a savepoint
+/// when asked, and answers once it has stopped.
+#[tracing::instrument(skip_all, fields(job, savepoint))]
+pub(super) async fn cancel(
+    State(jm): State<JobManager>,
+    id: Result<Path<String>, PathRejection>,
+    query: Result<Query<CancelQuery>, QueryRejection>,
+) -> Result<Json<CancelResponse>, ApiError> {
+    let id = job_key(id)?;
+    let Query(q) = query?;
+    let with_savepoint = parse_flag("savepoint", q.savepoint.as_deref())?;
+    let span = tracing::Span::current();
+    span.record("job", id.as_str());
+    span.record("savepoint", with_savepoint);
+    let (job, savepoint) = jm.cancel(&id, with_savepoint).await?;
+    Ok(Json(CancelResponse { job, savepoint }))
+}
+
+/// `POST /v1/jobs/{id}/savepoints`: a savepoint of a running job, which keeps
+/// running.
+#[tracing::instrument(skip_all, fields(job))]
+pub(super) async fn savepoint(
+    State(jm): State<JobManager>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = job_key(id)?;
+    tracing::Span::current().record("job", id.as_str());
+    let sp = jm.savepoint(&id).await?;
+    Ok((StatusCode::CREATED, Json(sp)))
+}
+
+/// `GET /v1/jobs/{id}/checkpoints`: completed checkpoints and savepoints.
+pub(super) async fn checkpoints(
+    State(jm): State<JobManager>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<CheckpointList>, ApiError> {
+    let id = job_key(id)?;
+    Ok(Json(CheckpointList {
+        checkpoints: jm.checkpoints(&id).await?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse_leniently_but_reject_nonsense() {
+        assert!(!parse_flag("savepoint", None).unwrap());
+        assert!(parse_flag("savepoint", Some("")).unwrap());
+        assert!(parse_flag("savepoint", Some("TRUE")).unwrap());
+        assert!(!parse_flag("savepoint", Some("0")).unwrap());
+        let e = parse_flag("savepoint", Some("maybe")).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn non_utf8_body_is_located() {
+        let e = spec_text(b"a: 1\nb: \xff\n").unwrap_err();
+        assert_eq!(e.body.code, "invalid_body");
+        assert_eq!(e.body.details[0].line, Some(2));
+        assert_eq!(e.body.details[0].column, Some(4));
+        assert!(spec_text(b" \n").is_err());
+        assert_eq!(spec_text(b"a: 1").unwrap(), "a: 1");
+    }
+}
