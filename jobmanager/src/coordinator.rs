@@ -126,17 +126,13 @@ pub(crate) async fn drive(
                     .as_ref()
                     .map(|c| (c.manifest.records_in, c.manifest.records_out))
                     .unwrap_or_default();
-                let o = run_attempt(
-                    &job,
-                    &plan,
-                    baseline,
-                    &mut deployed,
-                    &mut cmds,
-                    &mut next_id,
-                    &metrics,
-                    &shutdown,
-                )
-                .await;
+                let ctx = AttemptCtx {
+                    job: &job,
+                    plan: &plan,
+                    metrics: &metrics,
+                    shutdown: &shutdown,
+                };
+                let o = run_attempt(&ctx, baseline, &mut deployed, &mut cmds, &mut next_id).await;
                 deployed.shutdown().await;
                 o
             }
@@ -290,17 +286,29 @@ async fn next_checkpoint_id(
     Ok(highest.max(restored).max(sp_high).next())
 }
 
+/// What stays the same across the deployments of one job.
+struct AttemptCtx<'a> {
+    job: &'a Arc<JobEntry>,
+    plan: &'a JobPlan,
+    metrics: &'a Metrics,
+    shutdown: &'a CancellationToken,
+}
+
 /// Runs one deployment until it finishes, stops, fails or the JM shuts down.
+/// `baseline` is the records in/out already counted by the restored state.
 async fn run_attempt(
-    job: &Arc<JobEntry>,
-    plan: &JobPlan,
+    ctx: &AttemptCtx<'_>,
     baseline: (u64, u64),
     deployed: &mut DeployedJob,
     cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
     next_id: &mut CheckpointId,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
 ) -> Outcome {
+    let AttemptCtx {
+        job,
+        plan,
+        metrics,
+        shutdown,
+    } = *ctx;
     let cp = &job.spec.spec.checkpointing;
     let labels = Metrics::job(&job.id.to_string());
     let mut ticker = tokio::time::interval(cp.interval.get());
