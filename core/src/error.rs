@@ -9,6 +9,9 @@ pub enum CoreError {
     #[error("invalid storage URL '{url}': {reason}")]
     StorageUrl { url: String, reason: String },
 
+    #[error("cannot use storage '{url}': {reason}")]
+    StorageAccess { url: String, reason: String },
+
     #[error("object store error at '{path}': {source}")]
     Store {
         path: String,

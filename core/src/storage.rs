@@ -108,9 +108,12 @@ impl StorageLocation {
         };
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme.as_str() {
             "file" => {
-                std::fs::create_dir_all(&parsed.path).map_err(|e| CoreError::StorageUrl {
+                std::fs::create_dir_all(&parsed.path).map_err(|e| CoreError::StorageAccess {
                     url: url.to_string(),
-                    reason: format!("cannot create directory {}: {e}", parsed.path),
+                    reason: format!(
+                        "cannot create directory {}: {e}; it must be a writable directory",
+                        parsed.path
+                    ),
                 })?;
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&parsed.path)
                     .map_err(store_err)?;
