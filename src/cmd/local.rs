@@ -68,8 +68,16 @@ async fn run_async(
     spec: Option<JobSpec>,
     interactive: bool,
 ) -> anyhow::Result<ExitCode> {
+    // Absolute, so that every path printed can be used from anywhere.
+    let data_url = match std::path::Path::new(&args.data_dir) {
+        p if !args.data_dir.contains("://") && p.is_relative() => std::env::current_dir()?
+            .join(p)
+            .to_string_lossy()
+            .to_string(),
+        _ => args.data_dir.clone(),
+    };
     let jm = JobManager::new(JobManagerConfig {
-        data_url: args.data_dir.clone(),
+        data_url,
         instance_id: "local".to_string(),
     });
     let api_stop = CancellationToken::new();

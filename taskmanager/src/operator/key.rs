@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Batch, Column};
 
 /// The key of a record under `key_by`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Eq, Hash, Serialize, Deserialize)]
 pub enum Key {
     Int(i64),
     Str(Arc<str>),
@@ -18,7 +18,35 @@ pub enum Key {
     Multi(Box<[Value]>),
 }
 
+impl PartialEq for Key {
+    // Written out so it inlines into hash-table probes (the hot path).
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Key::Int(a), Key::Int(b)) => a == b,
+            (Key::Str(a), Key::Str(b)) => a == b,
+            (Key::Other(a), Key::Other(b)) => a == b,
+            (Key::Multi(a), Key::Multi(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 impl Key {
+    /// Appends the key's field values to one builder per key field.
+    pub fn push_values(&self, builders: &mut [crate::batch::ColumnBuilder]) {
+        match self {
+            Key::Int(i) => builders[0].push(Value::Int(*i)),
+            Key::Str(s) => builders[0].push(Value::Str(s.clone())),
+            Key::Other(v) => builders[0].push(v.clone()),
+            Key::Multi(vs) => {
+                for (b, v) in builders.iter_mut().zip(vs.iter()) {
+                    b.push(v.clone());
+                }
+            }
+        }
+    }
+
     /// The key's field values, in key-field order.
     pub fn values(&self) -> Vec<Value> {
         match self {

@@ -141,26 +141,100 @@ fn result(acc: &Acc, out_type: DataType) -> Value {
     }
 }
 
-/// Per-window state.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// Per-window state: key -> slot, and one arena of accumulators
+/// (`plans.len()` per slot), so a new key costs no allocation of its own.
+#[derive(Clone, Debug, Default)]
 struct Win {
     fired: bool,
-    keys: FxHashMap<Key, Vec<Acc>>,
+    index: FxHashMap<Key, u32>,
+    accs: Vec<Acc>,
 }
 
-/// What a window operator snapshots (restored as [`WindowState`]; postcard
-/// encodes a map exactly like a sequence of pairs, so the two agree).
+impl Win {
+    fn with_capacity(keys: usize, per_key: usize) -> Self {
+        Self {
+            fired: false,
+            index: FxHashMap::with_capacity_and_hasher(keys, Default::default()),
+            accs: Vec::with_capacity(keys * per_key),
+        }
+    }
+
+    /// The accumulators of `key`, created from `plans` if new.
+    #[inline]
+    fn slot(&mut self, key: Key, plans: &[AggPlan]) -> &mut [Acc] {
+        let n = plans.len();
+        let accs = &mut self.accs;
+        let i = *self.index.entry(key).or_insert_with(|| {
+            let i = (accs.len() / n) as u32;
+            accs.extend(plans.iter().map(|p| p.init.clone()));
+            i
+        }) as usize;
+        &mut self.accs[i * n..(i + 1) * n]
+    }
+
+    fn get(&self, key: &Key, n: usize) -> Option<&[Acc]> {
+        self.index
+            .get(key)
+            .map(|i| &self.accs[*i as usize * n..(*i as usize + 1) * n])
+    }
+}
+
+/// Serializes a window as `(fired, [(key, [acc])])`.
+struct WinRef<'a>(&'a Win, usize);
+
+impl Serialize for WinRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let (win, n) = (self.0, self.1);
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&win.fired)?;
+        let keys: Vec<(&Key, &[Acc])> = win
+            .index
+            .iter()
+            .map(|(k, i)| (k, &win.accs[*i as usize * n..(*i as usize + 1) * n]))
+            .collect();
+        t.serialize_element(&keys)?;
+        t.end()
+    }
+}
+
+/// What a window operator snapshots (read back as [`WindowState`]).
 #[derive(Serialize)]
 struct WindowStateRef<'a> {
     watermark: i64,
-    windows: &'a BTreeMap<i64, Win>,
+    windows: Vec<(i64, WinRef<'a>)>,
 }
 
 /// A window operator's snapshot, read back.
 #[derive(Debug, Default, Deserialize)]
 struct WindowState {
     watermark: i64,
-    windows: Vec<(i64, Win)>,
+    windows: Vec<(i64, (bool, Vec<(Key, Vec<Acc>)>))>,
+}
+
+/// Fired results waiting to be emitted as one batch, column by column.
+struct Pending {
+    keys: Vec<ColumnBuilder>,
+    starts: Vec<i64>,
+    aggs: Vec<ColumnBuilder>,
+}
+
+impl Pending {
+    fn new(nkeys: usize, naggs: usize) -> Self {
+        Self {
+            keys: (0..nkeys).map(|_| ColumnBuilder::new()).collect(),
+            starts: Vec::new(),
+            aggs: (0..naggs).map(|_| ColumnBuilder::new()).collect(),
+        }
+    }
+
+    fn push(&mut self, key: &Key, start: i64, accs: &[Acc], plans: &[AggPlan]) {
+        key.push_values(&mut self.keys);
+        self.starts.push(start);
+        for ((b, a), p) in self.aggs.iter_mut().zip(accs).zip(plans) {
+            b.push(result(a, p.out_type));
+        }
+    }
 }
 
 /// The window operator.
@@ -174,13 +248,9 @@ pub struct Window {
     out_schema: SchemaRef,
     watermark: i64,
     windows: BTreeMap<i64, Win>,
-    /// Output rows waiting to be emitted as one batch.
-    pending: OutRows,
-}
-
-#[derive(Default)]
-struct OutRows {
-    rows: Vec<(Key, i64, Vec<Value>)>,
+    /// Largest number of keys seen in a window: new windows start that big.
+    keys_hint: usize,
+    pending: Pending,
 }
 
 impl Window {
@@ -205,6 +275,7 @@ impl Window {
             .iter()
             .map(|(n, t)| Aggregation::parse(n, t, input).map(|a| AggPlan::new(&a, input)))
             .collect::<Result<Vec<_>, _>>()?;
+        let pending = Pending::new(key_idx.len(), plans.len());
         Ok(Self {
             name: name.to_string(),
             size,
@@ -215,7 +286,8 @@ impl Window {
             out_schema: Arc::new(output.clone()),
             watermark: i64::MIN,
             windows: BTreeMap::new(),
-            pending: OutRows::default(),
+            keys_hint: 16,
+            pending,
         })
     }
 
@@ -224,17 +296,11 @@ impl Window {
             && (start + self.size - 1).saturating_add(self.lateness) <= self.watermark
     }
 
-    fn fire_key(&mut self, start: i64, key: &Key) {
-        if let Some(win) = self.windows.get(&start)
-            && let Some(accs) = win.keys.get(key)
-        {
-            let vals = accs
-                .iter()
-                .zip(&self.plans)
-                .map(|(a, p)| result(a, p.out_type))
-                .collect();
-            self.pending.rows.push((key.clone(), start, vals));
-        }
+    fn window(&mut self, start: i64) -> &mut Win {
+        let (hint, n) = (self.keys_hint, self.plans.len());
+        self.windows
+            .entry(start)
+            .or_insert_with(|| Win::with_capacity(hint, n))
     }
 
     /// Adds row `i` to window `start`; returns false if it was late.
@@ -243,53 +309,37 @@ impl Window {
         if self.is_late(start) {
             return false;
         }
-        let plans = &self.plans;
-        let win = self.windows.entry(start).or_default();
-        let accs = win
-            .keys
-            .entry(key.clone())
-            .or_insert_with(|| plans.iter().map(|p| p.init.clone()).collect());
-        update(accs, plans, batch, i);
-        if start + self.size - 1 <= self.watermark {
+        let fire_now = start + self.size - 1 <= self.watermark;
+        let plans = std::mem::take(&mut self.plans);
+        let win = self.window(start);
+        update(win.slot(key.clone(), &plans), &plans, batch, i);
+        if fire_now {
             // Late but allowed: fire the updated result right away.
             win.fired = true;
-            self.fire_key(start, &key);
+            let accs = win.get(&key, plans.len()).expect("just updated").to_vec();
+            self.pending.push(&key, start, &accs, &plans);
         }
+        self.plans = plans;
         true
     }
 
     fn flush(&mut self, out: &mut Vec<Batch>) {
-        if self.pending.rows.is_empty() {
+        if self.pending.starts.is_empty() {
             return;
         }
-        let rows = std::mem::take(&mut self.pending.rows);
-        let nkeys = self.key_idx.len();
-        let mut key_cols: Vec<ColumnBuilder> = (0..nkeys).map(|_| ColumnBuilder::new()).collect();
-        let mut starts = Vec::with_capacity(rows.len());
-        let mut ends = Vec::with_capacity(rows.len());
-        let mut agg_cols: Vec<ColumnBuilder> = (0..self.plans.len())
-            .map(|_| ColumnBuilder::new())
-            .collect();
-        let mut ts = Vec::with_capacity(rows.len());
-        for (key, start, vals) in rows {
-            for (b, v) in key_cols.iter_mut().zip(key.values()) {
-                b.push(v);
-            }
-            starts.push(start);
-            ends.push(start + self.size);
-            ts.push(start + self.size - 1);
-            for (b, v) in agg_cols.iter_mut().zip(vals) {
-                b.push(v);
-            }
-        }
-        let mut columns: Vec<Column> = key_cols.into_iter().map(|b| b.finish()).collect();
-        columns.push(Column::Ts(starts));
-        columns.push(Column::Ts(ends));
-        columns.extend(agg_cols.into_iter().map(|b| b.finish()));
+        let p = std::mem::replace(
+            &mut self.pending,
+            Pending::new(self.key_idx.len(), self.plans.len()),
+        );
+        let size = self.size;
+        let mut columns: Vec<Column> = p.keys.into_iter().map(|b| b.finish()).collect();
+        columns.push(Column::Ts(p.starts.clone()));
+        columns.push(Column::Ts(p.starts.iter().map(|s| s + size).collect()));
+        columns.extend(p.aggs.into_iter().map(|b| b.finish()));
         out.push(Batch {
             schema: self.out_schema.clone(),
             columns,
-            ts,
+            ts: p.starts.iter().map(|s| s + size - 1).collect(),
         });
     }
 }
@@ -314,16 +364,15 @@ impl Operator for Window {
                 }
                 let on_time = !self.is_late(start) && start + size - 1 > self.watermark;
                 if on_time {
-                    let plans = &self.plans;
-                    let win = self.windows.entry(start).or_default();
+                    let plans = std::mem::take(&mut self.plans);
+                    let key_idx = std::mem::take(&mut self.key_idx);
+                    let win = self.window(start);
                     for r in i..j {
-                        let key = key_at(&batch, &self.key_idx, r);
-                        let accs = win
-                            .keys
-                            .entry(key)
-                            .or_insert_with(|| plans.iter().map(|p| p.init.clone()).collect());
-                        update(accs, plans, &batch, r);
+                        let key = key_at(&batch, &key_idx, r);
+                        update(win.slot(key, &plans), &plans, &batch, r);
                     }
+                    self.plans = plans;
+                    self.key_idx = key_idx;
                 } else {
                     for r in i..j {
                         let key = key_at(&batch, &self.key_idx, r);
@@ -370,24 +419,14 @@ impl Operator for Window {
             .filter(|(_, w)| !w.fired)
             .map(|(s, _)| *s)
             .collect();
+        let n = self.plans.len();
         for start in due {
             if let Some(win) = self.windows.get_mut(&start) {
                 win.fired = true;
-                let vals: Vec<(Key, Vec<Value>)> = win
-                    .keys
-                    .iter()
-                    .map(|(k, accs)| {
-                        (
-                            k.clone(),
-                            accs.iter()
-                                .zip(&self.plans)
-                                .map(|(a, p)| result(a, p.out_type))
-                                .collect(),
-                        )
-                    })
-                    .collect();
-                for (k, v) in vals {
-                    self.pending.rows.push((k, start, v));
+                self.keys_hint = self.keys_hint.max(win.index.len());
+                for (k, i) in &win.index {
+                    let accs = &win.accs[*i as usize * n..(*i as usize + 1) * n];
+                    self.pending.push(k, start, accs, &self.plans);
                 }
             }
         }
@@ -404,9 +443,14 @@ impl Operator for Window {
     }
 
     fn snapshot(&self) -> OpResult<Option<Vec<u8>>> {
+        let n = self.plans.len();
         let st = WindowStateRef {
             watermark: self.watermark,
-            windows: &self.windows,
+            windows: self
+                .windows
+                .iter()
+                .map(|(s, w)| (*s, WinRef(w, n)))
+                .collect(),
         };
         postcard::to_stdvec(&st)
             .map(Some)
@@ -419,17 +463,146 @@ impl Operator for Window {
             let st: WindowState = postcard::from_bytes(part)
                 .map_err(|e| format!("window state of '{}' is unreadable: {e}", self.name))?;
             wm = wm.min(st.watermark);
-            for (start, old) in st.windows {
-                let win = self.windows.entry(start).or_default();
-                win.fired |= old.fired;
-                for (k, accs) in old.keys {
+            for (start, (fired, keys)) in st.windows {
+                let plans = std::mem::take(&mut self.plans);
+                let win = self.window(start);
+                win.fired |= fired;
+                for (k, accs) in keys {
+                    if accs.len() != plans.len() {
+                        self.plans = plans;
+                        return Err(format!(
+                            "the saved state of window '{}' has {} aggregations but the spec has {}; \
+                             a window's aggregations cannot change across a restore (rename the window to start it empty)",
+                            self.name,
+                            accs.len(),
+                            self.plans.len()
+                        ));
+                    }
                     if key_partition(k.stable_hash(), parallelism) == subtask {
-                        win.keys.insert(k, accs);
+                        win.slot(k, &plans).clone_from_slice(&accs);
                     }
                 }
+                self.plans = plans;
             }
         }
         self.watermark = if parts.is_empty() { i64::MIN } else { wm };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::spec::DurationSpec;
+
+    fn setup(aggs: &[(&str, &str)]) -> (Window, Schema) {
+        let input = Schema::new([
+            ("k".to_string(), DataType::Int),
+            ("x".to_string(), DataType::Float),
+        ]);
+        let spec = WindowSpec {
+            name: None,
+            tumbling: Some(DurationSpec::from_millis(1000)),
+            sliding: None,
+            allowed_lateness: DurationSpec::from_millis(0),
+            aggregate: aggs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        };
+        let mut out = Schema::new([
+            ("k".to_string(), DataType::Int),
+            ("window_start".to_string(), DataType::Timestamp),
+            ("window_end".to_string(), DataType::Timestamp),
+        ]);
+        for (n, _) in aggs {
+            out.fields.push(ferry_core::schema::Field {
+                name: n.to_string(),
+                data_type: DataType::Any,
+            });
+        }
+        let w = Window::new("window", &spec, &["k".into()], &input, &out).unwrap();
+        (w, input)
+    }
+
+    fn batch(input: &Schema, keys: Vec<i64>, ts: Vec<i64>) -> Batch {
+        let xs = keys.iter().map(|k| *k as f64 * 1.5).collect();
+        Batch {
+            schema: Arc::new(input.clone()),
+            columns: vec![Column::Int(keys), Column::Float(xs)],
+            ts,
+        }
+    }
+
+    /// Fired rows as (key, start, values).
+    fn fire(w: &mut Window, wm: i64) -> Vec<(i64, i64, Vec<Value>)> {
+        let mut out = Vec::new();
+        w.on_watermark(wm, &mut out);
+        let mut rows = Vec::new();
+        for b in out {
+            for i in 0..b.len() {
+                let Value::Int(k) = b.columns[0].get(i) else {
+                    panic!()
+                };
+                let Value::Ts(s) = b.columns[1].get(i) else {
+                    panic!()
+                };
+                rows.push((
+                    k,
+                    s,
+                    (3..b.columns.len()).map(|c| b.columns[c].get(i)).collect(),
+                ));
+            }
+        }
+        rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        rows
+    }
+
+    #[test]
+    fn snapshot_restores_and_splits_keys_across_subtasks() {
+        let (mut w, input) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        let m = TaskMetrics::default();
+        let mut out = Vec::new();
+        w.process(
+            batch(&input, (0..40).collect(), vec![100; 40]),
+            &mut out,
+            &m,
+        );
+        w.process(batch(&input, vec![3, 3], vec![200, 1200]), &mut out, &m);
+        let snap = Bytes::from(w.snapshot().unwrap().unwrap());
+        let want = fire(&mut w, 5000);
+        assert_eq!(want.len(), 41);
+
+        // Restored at parallelism 2, the two halves together give the same.
+        let mut got = Vec::new();
+        for sub in 0..2 {
+            let (mut r, _) = setup(&[("n", "count"), ("s", "sum(x)")]);
+            r.restore(std::slice::from_ref(&snap), sub, 2).unwrap();
+            let part = fire(&mut r, 5000);
+            assert!(
+                !part.is_empty() && part.len() < 41,
+                "keys split across subtasks"
+            );
+            got.extend(part);
+        }
+        got.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        assert_eq!(got, want);
+        let k3: Vec<_> = want.iter().filter(|r| r.0 == 3).collect();
+        assert_eq!(k3[0].2, vec![Value::Int(2), Value::Float(9.0)]);
+    }
+
+    #[test]
+    fn restoring_into_different_aggregations_is_an_error() {
+        let (mut w, input) = setup(&[("n", "count")]);
+        let mut out = Vec::new();
+        w.process(
+            batch(&input, vec![1], vec![1]),
+            &mut out,
+            &TaskMetrics::default(),
+        );
+        let snap = Bytes::from(w.snapshot().unwrap().unwrap());
+        let (mut other, _) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        let err = other.restore(&[snap], 0, 1).unwrap_err();
+        assert!(err.contains("1 aggregations but the spec has 2"), "{err}");
     }
 }
