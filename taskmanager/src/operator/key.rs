@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Batch, Column};
 
 /// The key of a record under `key_by`.
-#[derive(Clone, Debug, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Eq, Serialize, Deserialize)]
 pub enum Key {
     Int(i64),
     Str(Arc<str>),
@@ -28,6 +28,32 @@ impl PartialEq for Key {
             (Key::Other(a), Key::Other(b)) => a == b,
             (Key::Multi(a), Key::Multi(b)) => a == b,
             _ => false,
+        }
+    }
+}
+
+impl Hash for Key {
+    // Consistent with `eq`; also decides which subtask owns a key, so it
+    // must not change between versions that share checkpoints.
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            Key::Int(i) => {
+                state.write_u8(0);
+                i.hash(state)
+            }
+            Key::Str(s) => {
+                state.write_u8(1);
+                s.hash(state)
+            }
+            Key::Other(v) => {
+                state.write_u8(2);
+                v.hash(state)
+            }
+            Key::Multi(vs) => {
+                state.write_u8(3);
+                vs.hash(state)
+            }
         }
     }
 }

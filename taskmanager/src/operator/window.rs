@@ -205,11 +205,14 @@ struct WindowStateRef<'a> {
     windows: Vec<(i64, WinRef<'a>)>,
 }
 
+/// One window as read back from a snapshot: `(start, (fired, [(key, [acc])]))`.
+type SavedWindow = (i64, (bool, Vec<(Key, Vec<Acc>)>));
+
 /// A window operator's snapshot, read back.
 #[derive(Debug, Default, Deserialize)]
 struct WindowState {
     watermark: i64,
-    windows: Vec<(i64, (bool, Vec<(Key, Vec<Acc>)>))>,
+    windows: Vec<SavedWindow>,
 }
 
 /// Fired results waiting to be emitted as one batch, column by column.
@@ -554,7 +557,7 @@ mod tests {
                 ));
             }
         }
-        rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        rows.sort_by_key(|r| (r.0, r.1));
         rows
     }
 
@@ -585,7 +588,7 @@ mod tests {
             );
             got.extend(part);
         }
-        got.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        got.sort_by_key(|r| (r.0, r.1));
         assert_eq!(got, want);
         let k3: Vec<_> = want.iter().filter(|r| r.0 == 3).collect();
         assert_eq!(k3[0].2, vec![Value::Int(2), Value::Float(9.0)]);
