@@ -1,0 +1,188 @@
+//! The NATS JetStream KV coordination backend (one bucket per instance).
+//!
+//! Revisions are the stream sequence, so they keep growing across deletes
+//! and expiry: an acquisition revision is a monotonic fencing epoch. Run the
+//! servers with `jetstream { sync_interval: always }` (see INFRA-NOTES.md).
+
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::kv::{self, Operation};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use crate::backend::{Coordination, Entry, Event, HaError, check_key};
+
+/// How long one KV request may take before it counts as unavailable.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A JetStream KV bucket.
+pub struct NatsKv {
+    store: kv::Store,
+    max_age: Duration,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HaError {
+    HaError::Unavailable(e.to_string())
+}
+
+impl NatsKv {
+    /// Connects to any of `urls` (a NATS cluster) and opens — creating it if
+    /// needed — `bucket` with values that live `max_age` unless refreshed.
+    pub async fn connect(
+        urls: &[String],
+        bucket: &str,
+        max_age: Duration,
+        replicas: usize,
+    ) -> Result<Self, HaError> {
+        let addrs: Vec<async_nats::ServerAddr> = urls
+            .iter()
+            .map(|u| {
+                u.parse()
+                    .map_err(|e| unavailable(format!("bad NATS URL '{u}': {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(REQUEST_TIMEOUT)
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(addrs)
+            .await
+            .map_err(|e| unavailable(format!("connecting to NATS {}: {e}", urls.join(","))))?;
+        Self::open(client, bucket, max_age, replicas).await
+    }
+
+    /// Opens `bucket` on an existing client.
+    pub async fn open(
+        client: async_nats::Client,
+        bucket: &str,
+        max_age: Duration,
+        replicas: usize,
+    ) -> Result<Self, HaError> {
+        let js = async_nats::jetstream::new(client);
+        let store = match js.get_key_value(bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.to_string(),
+                    history: 1,
+                    max_age,
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| unavailable(format!("creating KV bucket '{bucket}': {e}")))?,
+        };
+        Ok(Self { store, max_age })
+    }
+
+    fn entry(e: kv::Entry) -> Entry {
+        Entry {
+            key: e.key,
+            value: e.value,
+            revision: e.revision,
+            created: SystemTime::from(e.created),
+        }
+    }
+}
+
+#[async_trait]
+impl Coordination for NatsKv {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, HaError> {
+        check_key(key)?;
+        match self.store.entry(key).await.map_err(unavailable)? {
+            Some(e) if e.operation == Operation::Put => Ok(Some(Self::entry(e))),
+            _ => Ok(None),
+        }
+    }
+
+    async fn create(&self, key: &str, value: Bytes) -> Result<u64, HaError> {
+        check_key(key)?;
+        self.store
+            .create(key, value)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => HaError::Exists(key.to_string()),
+                _ => unavailable(e),
+            })
+    }
+
+    async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, HaError> {
+        check_key(key)?;
+        self.store
+            .update(key, value, revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => {
+                    HaError::WrongRevision(key.to_string(), revision)
+                }
+                _ => unavailable(e),
+            })
+    }
+
+    async fn put(&self, key: &str, value: Bytes) -> Result<u64, HaError> {
+        check_key(key)?;
+        self.store.put(key, value).await.map_err(unavailable)
+    }
+
+    async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), HaError> {
+        check_key(key)?;
+        self.store
+            .delete_expect_revision(key, revision)
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("wrong last sequence") || text.contains("10071") {
+                    HaError::WrongRevision(key.to_string(), revision.unwrap_or(0))
+                } else {
+                    unavailable(text)
+                }
+            })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<Entry>, HaError> {
+        let mut keys = self.store.keys().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(unavailable)?;
+            if k.starts_with(prefix)
+                && let Some(e) = self.get(&k).await?
+            {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn watch(&self, key: &str) -> Result<BoxStream<'static, Event>, HaError> {
+        let subject = if let Some(p) = key.strip_suffix('.') {
+            check_key(p)?;
+            format!("{p}.>")
+        } else {
+            check_key(key)?;
+            key.to_string()
+        };
+        let w = self.store.watch(subject).await.map_err(unavailable)?;
+        Ok(w.filter_map(|r| async move {
+            match r {
+                Ok(e) if e.operation == Operation::Put => Some(Event::Put(Self::entry(e))),
+                Ok(e) => Some(Event::Gone {
+                    key: e.key,
+                    revision: e.revision,
+                }),
+                Err(err) => {
+                    tracing::warn!("KV watch error: {err}");
+                    None
+                }
+            }
+        })
+        .boxed())
+    }
+
+    fn max_age(&self) -> Duration {
+        self.max_age
+    }
+}
