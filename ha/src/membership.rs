@@ -113,7 +113,7 @@ impl Membership {
             .filter_map(|e| {
                 let member: Member = serde_json::from_slice(&e.value).ok()?;
                 let age = now.duration_since(e.created).unwrap_or_default();
-                (age < expiry).then(|| MemberView {
+                (age < expiry).then_some(MemberView {
                     member,
                     heartbeat_age_ms: age.as_millis() as u64,
                 })
