@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
@@ -71,20 +70,7 @@ fn output_is_exactly_once_across_repeated_sigkills() {
     assert!(log.contains("resuming job"), "runs never resumed:\n{log}");
 
     // Expected: count per (user, minute) over every generated record.
-    let model = generator(&w.spec);
-    let mut expect: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for i in 0..240_000u64 {
-        let rec = model.record_at(i);
-        let user = format!("\"{}\"", rec[0]);
-        let ferry_core::value::Value::Ts(t) = rec[1] else {
-            panic!()
-        };
-        *expect
-            .entry((user, t.div_euclid(60_000) * 60_000))
-            .or_default() += 1;
-    }
-    let expected: Vec<(String, i64, i64)> =
-        expect.into_iter().map(|((u, s), c)| (u, s, c)).collect();
+    let expected = expected_counts(&generator(&w.spec), 240_000, 0, 60_000);
     let got = count_rows(&w.output_rows("out"), "user", "clicks");
     assert_eq!(stray_files(&w.path().join("out")), Vec::<String>::new());
     assert_eq!(

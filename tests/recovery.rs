@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -39,17 +39,7 @@ spec:
 const TOTAL: u64 = 120_000;
 
 fn expected(w: &Workdir) -> Vec<(String, i64, i64)> {
-    let model = generator(&w.spec);
-    let mut m: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for i in 0..TOTAL {
-        let r = model.record_at(i);
-        let ferry_core::value::Value::Ts(t) = r[1] else {
-            panic!()
-        };
-        *m.entry((format!("\"{}\"", r[0]), t.div_euclid(60_000) * 60_000))
-            .or_default() += 1;
-    }
-    m.into_iter().map(|((u, s), c)| (u, s, c)).collect()
+    expected_counts(&generator(&w.spec), TOTAL, 0, 60_000)
 }
 
 /// Runs the job until at least `n` checkpoints are complete, then SIGKILLs it.

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use ferry_core::value::Value;
 
 fn spec(parallelism: u32) -> String {
     format!(
@@ -64,17 +62,6 @@ fn restores_exactly_once_at_other_parallelisms() {
     assert_eq!(code, 0, "{log}");
     assert_eq!(log.matches("resuming job").count(), 2, "{log}");
 
-    let model = generator(&w.spec);
-    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for i in 0..150_000 {
-        let r = model.record_at(i);
-        let (Value::Str(u), Value::Ts(t)) = (&r[0], &r[1]) else {
-            panic!()
-        };
-        *want
-            .entry((format!("\"{u}\""), t.div_euclid(60_000) * 60_000))
-            .or_default() += 1;
-    }
-    let want: Vec<_> = want.into_iter().map(|((u, s), c)| (u, s, c)).collect();
+    let want = expected_counts(&generator(&w.spec), 150_000, 0, 60_000);
     assert_eq!(count_rows(&w.output_rows("out"), "user", "clicks"), want);
 }

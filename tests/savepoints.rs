@@ -3,11 +3,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use ferry_core::value::Value;
 
 const SPEC: &str = r#"
 apiVersion: ferry.dev/v1
@@ -61,17 +59,6 @@ fn ctrl_c_takes_a_savepoint_and_resume_is_exact() {
     );
     assert_eq!(code, 0, "{}", w.log("second.log"));
 
-    let model = generator(&w.spec);
-    let mut want: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for i in 0..100_000 {
-        let r = model.record_at(i);
-        let (Value::Str(u), Value::Ts(t)) = (&r[0], &r[1]) else {
-            panic!()
-        };
-        *want
-            .entry((format!("\"{u}\""), t.div_euclid(60_000) * 60_000))
-            .or_default() += 1;
-    }
-    let want: Vec<_> = want.into_iter().map(|((u, s), c)| (u, s, c)).collect();
+    let want = expected_counts(&generator(&w.spec), 100_000, 0, 60_000);
     assert_eq!(count_rows(&w.output_rows("out"), "user", "clicks"), want);
 }

@@ -192,3 +192,26 @@ pub fn count_rows(rows: &[serde_json::Value], key: &str, count: &str) -> Vec<(St
     v.sort();
     v
 }
+
+/// Expected output of a keyed tumbling count over generator records
+/// `0..total`: one `(key as JSON, window start, count)` per window and key,
+/// sorted — computed straight from the generator model, not the runtime.
+pub fn expected_counts(
+    model: &GeneratorModel,
+    total: u64,
+    key_field: usize,
+    window_ms: i64,
+) -> Vec<(String, i64, i64)> {
+    use ferry_core::value::Value;
+    let mut m: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for i in 0..total {
+        let r = model.record_at(i);
+        let Some(Value::Ts(t)) = r.last() else {
+            panic!("generator records end with their event time: {r:?}")
+        };
+        let key = r[key_field].to_json().to_string();
+        *m.entry((key, t.div_euclid(window_ms) * window_ms))
+            .or_default() += 1;
+    }
+    m.into_iter().map(|((k, s), c)| (k, s, c)).collect()
+}
