@@ -40,11 +40,19 @@ pub struct Metrics {
     pub checkpoint_failures: Family<JobLabels, Counter>,
     pub checkpoint_duration: Family<JobLabels, Histogram, fn() -> Histogram>,
     pub checkpoint_size: Family<JobLabels, Gauge>,
+    pub checkpoint_sync_seconds: Family<JobLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    pub checkpoint_async_seconds: Family<JobLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub last_checkpoint_timestamp: Family<JobLabels, Gauge>,
     pub restarts: Family<JobLabels, Counter>,
     pub late_records: Family<JobLabels, Counter>,
     pub expression_errors: Family<JobLabels, Counter>,
     pub jobs: Family<StateLabels, Gauge>,
+    pub ha_is_leader: Gauge,
+    pub ha_epoch: Gauge,
+    pub ha_leader_changes: Counter,
+    pub ha_heartbeat_failures: Counter,
+    pub ha_lease_renew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub ha_members: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -66,11 +74,19 @@ impl Metrics {
             checkpoint_failures: Family::default(),
             checkpoint_duration: Family::new_with_constructor(checkpoint_buckets),
             checkpoint_size: Family::default(),
+            checkpoint_sync_seconds: Family::default(),
+            checkpoint_async_seconds: Family::default(),
             last_checkpoint_timestamp: Family::default(),
             restarts: Family::default(),
             late_records: Family::default(),
             expression_errors: Family::default(),
             jobs: Family::default(),
+            ha_is_leader: Gauge::default(),
+            ha_epoch: Gauge::default(),
+            ha_leader_changes: Counter::default(),
+            ha_heartbeat_failures: Counter::default(),
+            ha_lease_renew_seconds: Gauge::default(),
+            ha_members: Family::default(),
         };
         registry.register(
             "job_records_in",
@@ -113,6 +129,16 @@ impl Metrics {
             m.checkpoint_size.clone(),
         );
         registry.register(
+            "checkpoint_sync_seconds",
+            "Time tasks spent snapshotting on the record path, summed over tasks and completed checkpoints",
+            m.checkpoint_sync_seconds.clone(),
+        );
+        registry.register(
+            "checkpoint_async_seconds",
+            "Time tasks spent hashing and uploading state off the record path, summed over tasks and completed checkpoints",
+            m.checkpoint_async_seconds.clone(),
+        );
+        registry.register(
             "checkpoint_last_completed_timestamp_seconds",
             "Unix time of the last completed checkpoint",
             m.last_checkpoint_timestamp.clone(),
@@ -133,6 +159,36 @@ impl Metrics {
             m.expression_errors.clone(),
         );
         registry.register("jobs", "Jobs by state", m.jobs.clone());
+        registry.register(
+            "ha_is_leader",
+            "1 while this JobManager holds the leader lease (1 in embedded mode)",
+            m.ha_is_leader.clone(),
+        );
+        registry.register(
+            "ha_epoch",
+            "Fencing epoch of the lease this JobManager holds (0 when not leading)",
+            m.ha_epoch.clone(),
+        );
+        registry.register(
+            "ha_leader_changes",
+            "Leader changes this JobManager has seen",
+            m.ha_leader_changes.clone(),
+        );
+        registry.register(
+            "ha_heartbeat_failures",
+            "Membership heartbeats of this JobManager that failed or timed out",
+            m.ha_heartbeat_failures.clone(),
+        );
+        registry.register(
+            "ha_lease_renew_seconds",
+            "Duration of the last successful leader lease renewal",
+            m.ha_lease_renew_seconds.clone(),
+        );
+        registry.register(
+            "ha_members",
+            "Region members by state (healthy: heard from within the member expiry)",
+            m.ha_members.clone(),
+        );
         *m.registry.lock().unwrap() = registry;
         m
     }
@@ -143,6 +199,38 @@ impl Metrics {
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let _ = encode(&mut out, &registry);
         out
+    }
+
+    /// Updates the HA gauges and counters from the leadership state.
+    pub fn set_ha(
+        &self,
+        leading: bool,
+        leadership: &crate::leadership::Leadership,
+        elector: &ferry_ha::Elector,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.ha_is_leader.set(leading as i64);
+        self.ha_epoch
+            .set(leadership.fence().filter(|_| leading).unwrap_or(0) as i64);
+        let changes = leadership.leader_changes.load(Relaxed);
+        self.ha_leader_changes
+            .inc_by(changes.saturating_sub(self.ha_leader_changes.get()));
+        if let Some(ctx) = leadership.ha_context() {
+            let f = ctx.heartbeat_failures.load(Relaxed);
+            self.ha_heartbeat_failures
+                .inc_by(f.saturating_sub(self.ha_heartbeat_failures.get()));
+        }
+        self.ha_lease_renew_seconds
+            .set(elector.stats.last_renew_micros.load(Relaxed) as f64 / 1e6);
+    }
+
+    /// Sets the count of healthy region members.
+    pub fn set_members(&self, healthy: usize) {
+        self.ha_members
+            .get_or_create(&StateLabels {
+                state: "healthy".into(),
+            })
+            .set(healthy as i64);
     }
 
     /// Label set for a job.

@@ -65,6 +65,12 @@ pub struct TaskAck {
     pub watermark: i64,
     pub records_in: u64,
     pub records_out: u64,
+    /// Time the task spent taking its snapshot on the record path (it
+    /// processes no records meanwhile), like Flink's sync duration.
+    pub sync_duration: std::time::Duration,
+    /// Time from the snapshot to the state files uploaded, off the record
+    /// path (hashing and writing), like Flink's async duration.
+    pub async_duration: std::time::Duration,
 }
 
 /// From a task to the JobManager.

@@ -145,6 +145,7 @@ impl TaskContext {
         source: Option<&Source>,
         chain: &mut Chain,
     ) -> Result<(), String> {
+        let started = std::time::Instant::now();
         let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
         let mut offsets = BTreeMap::new();
         let mut txns: Vec<SinkTransaction> = Vec::new();
@@ -161,13 +162,18 @@ impl TaskContext {
             }
         }
         let records_out = chain.metrics.records_out.load(Ordering::Relaxed);
+        // Forwarding the barrier may wait on backpressure: that wait is the
+        // downstream's work, not this snapshot's, so it is not counted.
+        let mut sync_duration = started.elapsed();
         match &mut chain.output {
             Output::Sink(sink) => {
-                let (bytes, t) = sink.snapshot(barrier.id, barrier.close_txn, records_out)?;
+                let t = std::time::Instant::now();
+                let (bytes, tx) = sink.snapshot(barrier.id, barrier.close_txn, records_out)?;
                 if let Some(b) = bytes {
                     parts.push((SINK_STATE.to_string(), b));
                 }
-                txns = t;
+                txns = tx;
+                sync_duration += t.elapsed();
             }
             Output::Exchange { senders, .. } => {
                 for s in senders {
@@ -184,34 +190,64 @@ impl TaskContext {
             watermark: chain.metrics.watermark.load(Ordering::Relaxed),
             records_in: chain.metrics.records_in.load(Ordering::Relaxed),
             records_out,
+            sync_duration,
+            async_duration: std::time::Duration::ZERO,
         };
         let dir = barrier.dir.clone();
         let events = self.events.clone();
         let subtask = self.id.subtask;
         self.uploads.spawn(async move {
             let mut ack = ack;
-            for (op, data) in parts {
-                let rel = state_file(&op, subtask);
-                let entry = FileEntry {
-                    path: rel.clone(),
-                    size: data.len() as u64,
-                    sha256: sha256_hex(&data),
-                    operator: op,
-                    subtask,
-                };
-                if let Err(e) = dir.put(&rel, Bytes::from(data)).await {
-                    let _ = events.send(TaskEvent::Failed {
-                        task: ack.task,
-                        error: format!("uploading checkpoint {} state failed: {e}", ack.checkpoint),
-                    });
-                    return;
+            let task = ack.task;
+            let checkpoint = ack.checkpoint;
+            let mut files = Vec::new();
+            let upload = async {
+                for (op, data) in parts {
+                    let rel = state_file(&op, subtask);
+                    let entry = FileEntry {
+                        path: rel.clone(),
+                        size: data.len() as u64,
+                        sha256: sha256_hex(&data),
+                        operator: op,
+                        subtask,
+                    };
+                    dir.put(&rel, Bytes::from(data)).await?;
+                    files.push(entry);
                 }
-                ack.files.push(entry);
+                Ok::<_, ferry_core::error::CoreError>(())
+            };
+            // Count only the time spent inside the upload's polls: the time it
+            // takes from the core the records run on, not the time it waits
+            // for the store while records keep flowing.
+            let (result, busy) = poll_timed(upload).await;
+            if let Err(e) = result {
+                let _ = events.send(TaskEvent::Failed {
+                    task,
+                    error: format!("uploading checkpoint {checkpoint} state failed: {e}"),
+                });
+                return;
             }
+            ack.files = files;
+            ack.async_duration = busy;
             let _ = events.send(TaskEvent::Ack(ack));
         });
         Ok(())
     }
+}
+
+/// Runs `fut` to completion and returns its output with the time spent
+/// inside its `poll` calls (its own work, not its waiting).
+async fn poll_timed<F: Future>(fut: F) -> (F::Output, std::time::Duration) {
+    let mut fut = std::pin::pin!(fut);
+    let mut busy = std::time::Duration::ZERO;
+    let out = std::future::poll_fn(|cx| {
+        let t = std::time::Instant::now();
+        let r = fut.as_mut().poll(cx);
+        busy += t.elapsed();
+        r
+    })
+    .await;
+    (out, busy)
 }
 
 /// What a command asks the task loop to do next.
