@@ -27,6 +27,11 @@ enum Command {
     /// Manage jobs on a running JobManager over its REST API.
     #[command(subcommand)]
     Job(cmd::job::JobCommand),
+    /// Run one JobManager of a region (leader election over NATS).
+    Jobmanager(cmd::jobmanager::JobManagerArgs),
+    /// Inspect the region's JobManagers: leader, epoch, members.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCommand),
     /// Measure throughput (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
 }
@@ -38,6 +43,8 @@ fn main() -> ExitCode {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Schema(args) => cmd::schema::run(args),
         Command::Job(c) => cmd::job::run(c),
+        Command::Jobmanager(args) => cmd::jobmanager::run(args),
+        Command::Cluster(c) => cmd::cluster::run(c),
         Command::Bench(args) => cmd::bench::run(args),
     };
     match result {

@@ -46,6 +46,8 @@ enum Outcome {
     Stopped,
     Failed(String),
     Shutdown,
+    /// Leadership lost: stop at once, write nothing; the next leader resumes.
+    Abandoned,
 }
 
 /// A snapshot waiting for acknowledgements.
@@ -92,6 +94,10 @@ pub(crate) async fn drive(
     };
     let labels = Metrics::job(&job.id.to_string());
     loop {
+        if job.abandon.is_cancelled() {
+            tracing::info!(job = %job.id, "leadership lost: no longer driving the job");
+            return;
+        }
         let restored = match load_restore(&job, &restore_from, &opts).await {
             Ok(r) => r,
             Err(e) => {
@@ -147,6 +153,10 @@ pub(crate) async fn drive(
                 job.set_state(JobState::Cancelled, None);
                 return;
             }
+            Outcome::Abandoned => {
+                tracing::info!(job = %job.id, "leadership lost: tasks stopped, nothing written; the next leader resumes the job");
+                return;
+            }
             Outcome::Shutdown => {
                 if !job.state().is_terminal() {
                     job.set_state(JobState::Cancelling, None);
@@ -177,6 +187,7 @@ pub(crate) async fn drive(
                         loop {
                             tokio::select! {
                                 _ = &mut wake => break,
+                                _ = job.abandon.cancelled() => return,
                                 _ = shutdown.cancelled() => {
                                     job.set_state(JobState::Cancelling, None);
                                     job.set_state(JobState::Cancelled, None);
@@ -330,6 +341,7 @@ async fn run_attempt(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = shutdown.cancelled() => return Outcome::Shutdown,
+            _ = job.abandon.cancelled() => return Outcome::Abandoned,
             _ = ticker.tick() => {
                 if pending.is_none() && !stopping && sources_ended < deployed.sources.len() {
                     pending = trigger(job, deployed, next_id, SnapshotKind::Checkpoint, true, false, false, None);
@@ -509,6 +521,14 @@ async fn complete_checkpoint(
         txns.extend(a.sink_transactions.iter().cloned());
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
+    // Fenced: only a JobManager that leads right now may complete a
+    // checkpoint, and the manifest records under which epoch it did.
+    let Some(epoch) = job.leadership.fence() else {
+        return Err(format!(
+            "checkpoint {} abandoned: this JobManager no longer holds the leader lease",
+            p.barrier.id
+        ));
+    };
     let duration = p.started.elapsed();
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -517,7 +537,7 @@ async fn complete_checkpoint(
         checkpoint_id: p.barrier.id,
         kind: p.barrier.kind,
         created_at: Utc::now(),
-        jm_epoch: 0,
+        jm_epoch: epoch,
         region_epoch: 0,
         parallelism: job.spec.spec.parallelism,
         watermark: p.acks.iter().map(|a| a.watermark).min().unwrap_or(i64::MIN),
@@ -532,6 +552,15 @@ async fn complete_checkpoint(
     write_manifest(&p.barrier.dir, &manifest)
         .await
         .map_err(|e| e.to_string())?;
+    // The write may have taken long enough for the lease to lapse: then the
+    // tasks must not commit their output for it (a new leader may already
+    // have restored from the previous checkpoint).
+    if job.leadership.fence() != Some(epoch) {
+        return Err(format!(
+            "checkpoint {} written, but the leader lease lapsed meanwhile: the sinks do not commit it; the next leader decides",
+            p.barrier.id
+        ));
+    }
     for t in &deployed.all {
         let _ = t.send(TaskCommand::Complete(p.barrier.id));
     }
@@ -545,6 +574,16 @@ async fn complete_checkpoint(
         .checkpoint_size
         .get_or_create(&labels)
         .set(manifest.total_size() as i64);
+    let sync: f64 = p.acks.iter().map(|a| a.sync_duration.as_secs_f64()).sum();
+    let upload: f64 = p.acks.iter().map(|a| a.async_duration.as_secs_f64()).sum();
+    metrics
+        .checkpoint_sync_seconds
+        .get_or_create(&labels)
+        .inc_by(sync);
+    metrics
+        .checkpoint_async_seconds
+        .get_or_create(&labels)
+        .inc_by(upload);
     metrics
         .last_checkpoint_timestamp
         .get_or_create(&labels)
@@ -562,6 +601,7 @@ async fn complete_checkpoint(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .last_checkpoint = Some(info);
+    job.touch();
     if p.barrier.kind == SnapshotKind::Checkpoint
         && let Err(e) = retain(job, p.barrier.id).await
     {

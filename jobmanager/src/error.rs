@@ -30,6 +30,9 @@ pub enum JmError {
 
     #[error("the job manager is shutting down; retry against another instance")]
     ShuttingDown,
+
+    #[error("this job manager is not the leader{}; send writes to the leader (the CLI does this when given every JobManager in --url) or retry shortly", match leader { Some(l) => format!(" (the leader is at {l})"), None => " and no leader is known yet".to_string() })]
+    NotLeader { leader: Option<String> },
 }
 
 impl JmError {
@@ -42,6 +45,7 @@ impl JmError {
             JmError::Storage(_) => "storage_error",
             JmError::Runtime(_) => "runtime_error",
             JmError::ShuttingDown => "unavailable",
+            JmError::NotLeader { .. } => "not_leader",
         }
     }
 }

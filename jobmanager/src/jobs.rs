@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::coordinator::{JobCommand, drive};
 use crate::error::JmError;
+use crate::leadership::Leadership;
 use crate::metrics::{Metrics, StateLabels};
 use crate::service::{
     CheckpointInfo, JobInfo, JobManager, JobManagerConfig, SavepointInfo, SubmitOptions,
@@ -30,8 +31,30 @@ use crate::state::JobState;
 /// Name of the spec file in a job's directory.
 pub const SPEC_FILE: &str = "spec.yaml";
 
+/// Name of the job-store status file in a job's directory.
+pub const STATUS_FILE: &str = "status.json";
+
+/// How often a running job's status is refreshed in the job store (besides
+/// every state change and checkpoint), for standbys' reads.
+const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the job store keeps per job in `jobs/<id>/status.json`: the job as
+/// the API shows it, and who wrote it under which epoch.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StoredStatus {
+    pub job: JobInfo,
+    /// Fencing epoch of the leader that wrote this (0 in embedded mode).
+    pub jm_epoch: u64,
+    /// Instance that wrote it.
+    pub instance: String,
+    pub updated_at: DateTime<Utc>,
+}
+
 pub(crate) struct Inner {
     pub(crate) config: JobManagerConfig,
+    pub(crate) leadership: Arc<Leadership>,
+    /// The job store: `jobs/<id>/spec.yaml` and `jobs/<id>/status.json`.
+    pub(crate) store: Result<StorageLocation, String>,
     pub(crate) metrics: Arc<Metrics>,
     jobs: RwLock<BTreeMap<JobId, Arc<JobEntry>>>,
     pub(crate) shutdown: CancellationToken,
@@ -64,6 +87,18 @@ pub(crate) struct JobEntry {
     /// Counters of the current (or last) deployment's tasks.
     pub(crate) live: Mutex<LiveCounters>,
     metrics: Arc<Metrics>,
+    pub(crate) leadership: Arc<Leadership>,
+    /// Cancelled when this JobManager loses the leadership: the driver stops
+    /// at once and writes nothing more; the new leader carries on.
+    pub(crate) abandon: CancellationToken,
+    /// The job as the store last recorded it: shown until a deployment has
+    /// live counters (after adoption), and all there is for jobs this
+    /// instance does not drive (ended jobs, and every job on a standby).
+    pub(crate) stored: Mutex<Option<JobInfo>>,
+    /// Bumped on every change worth persisting; the status writer follows.
+    pub(crate) dirty: watch::Sender<u64>,
+    /// True while a driver runs this job in this process.
+    pub(crate) running: watch::Sender<bool>,
 }
 
 impl JobEntry {
@@ -107,6 +142,12 @@ impl JobEntry {
         tracing::info!(job = %self.id, name = %self.spec.metadata.name, from = %from, to = %to, "job state changed");
         // send_replace stores the state even when nobody is subscribed yet.
         self.state_tx.send_replace(to);
+        self.touch();
+    }
+
+    /// Marks the status as changed, for the job-store writer.
+    pub(crate) fn touch(&self) {
+        self.dirty.send_modify(|v| *v += 1);
     }
 
     pub(crate) fn state(&self) -> JobState {
@@ -116,6 +157,25 @@ impl JobEntry {
     /// Current summary.
     pub(crate) fn info(&self) -> JobInfo {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if live.is_empty()
+            && let Some(mut stored) = self
+                .stored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        {
+            let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            stored.state = st.state;
+            stored.restarts = st.restarts;
+            if st.last_checkpoint.is_some() {
+                stored.last_checkpoint = st.last_checkpoint.clone();
+            }
+            if st.failure.is_some() {
+                stored.failure = st.failure.clone();
+            }
+            stored.ended_at = st.ended_at.or(stored.ended_at);
+            return stored;
+        }
         let sum = |f: &dyn Fn(&TaskMetrics) -> u64| live.iter().map(|(_, m)| f(m)).sum::<u64>();
         use std::sync::atomic::Ordering::Relaxed;
         let last_stage = live.iter().map(|(t, _)| t.stage).max().unwrap_or(0);
@@ -155,6 +215,119 @@ impl JobEntry {
                 .child(&checkpoints_root(&self.id))
                 .url()
                 .to_string(),
+        }
+    }
+}
+
+impl JobEntry {
+    /// True while a driver runs this job in this process (false for jobs
+    /// mirrored from the store).
+    pub(crate) fn driven(&self) -> bool {
+        *self.running.borrow()
+    }
+
+    /// Updates a mirrored (not driven) job from the store.
+    fn refresh_passive(&self, job: JobInfo) {
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if st.state != job.state {
+            for (state, delta) in [(st.state, -1), (job.state, 1)] {
+                self.metrics
+                    .jobs
+                    .get_or_create(&StateLabels {
+                        state: state.to_string(),
+                    })
+                    .inc_by(delta);
+            }
+        }
+        st.state = job.state;
+        st.restarts = job.restarts;
+        st.failure = job.failure.clone();
+        st.last_checkpoint = job.last_checkpoint.clone();
+        st.ended_at = job.ended_at;
+        drop(st);
+        self.state_tx.send_replace(job.state);
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
+    }
+}
+
+/// The status of a job whose status file is missing or unreadable.
+fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
+    StoredStatus {
+        job: JobInfo {
+            id,
+            name: spec.metadata.name.clone(),
+            state: JobState::Created,
+            parallelism: spec.spec.parallelism,
+            submitted_at: Utc::now(),
+            ended_at: None,
+            restarts: 0,
+            records_in: 0,
+            records_out: 0,
+            late_records: 0,
+            expression_errors: 0,
+            watermark: None,
+            last_checkpoint: None,
+            failure: None,
+            output: None,
+            checkpoint_root: String::new(),
+        },
+        jm_epoch: 0,
+        instance: String::new(),
+        updated_at: Utc::now(),
+    }
+}
+
+/// Writes the job's status to the job store, if this instance may write.
+async fn write_status(
+    job: &JobEntry,
+    store: &StorageLocation,
+    instance: &str,
+) -> Result<(), JmError> {
+    let Some(epoch) = job.leadership.fence() else {
+        return Err(JmError::NotLeader { leader: None });
+    };
+    let status = StoredStatus {
+        job: job.info(),
+        jm_epoch: epoch,
+        instance: instance.to_string(),
+        updated_at: Utc::now(),
+    };
+    let body = serde_json::to_vec_pretty(&status)
+        .map_err(|e| JmError::Runtime(format!("encoding the job status: {e}")))?;
+    store
+        .put(
+            &format!("{}/{STATUS_FILE}", job_dir(&job.id)),
+            bytes::Bytes::from(body),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Keeps the job's status in the job store current while this instance
+/// drives it: on every change, and every few seconds while it runs.
+async fn status_writer(job: Arc<JobEntry>, store: StorageLocation, instance: String) {
+    let mut dirty = job.dirty.subscribe();
+    let mut tick = tokio::time::interval(STATUS_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = job.abandon.cancelled() => return,
+            r = dirty.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        if job.abandon.is_cancelled() {
+            return;
+        }
+        let terminal = job.state().is_terminal();
+        match write_status(&job, &store, &instance).await {
+            Ok(()) => {}
+            Err(JmError::NotLeader { .. }) => return,
+            Err(e) => {
+                tracing::warn!(job = %job.id, "writing the job status to the job store failed: {e}")
+            }
+        }
+        if terminal {
+            return;
         }
     }
 }
@@ -216,12 +389,24 @@ impl Inner {
 }
 
 impl JobManager {
-    /// Creates a JobManager with no jobs.
+    /// Creates an embedded JobManager (no election) with no jobs.
     pub fn new(config: JobManagerConfig) -> Self {
+        Self::with_leadership(config, Leadership::embedded())
+    }
+
+    /// Creates a JobManager that acts only while `leadership` allows.
+    pub fn with_leadership(config: JobManagerConfig, leadership: Arc<Leadership>) -> Self {
+        let store = StorageLocation::open(&config.data_url).map_err(|e| e.to_string());
+        let metrics = Arc::new(Metrics::new());
+        if leadership.ha_context().is_none() {
+            metrics.ha_is_leader.set(1);
+        }
         Self {
             inner: Arc::new(Inner {
                 config,
-                metrics: Arc::new(Metrics::new()),
+                leadership,
+                store,
+                metrics,
                 jobs: RwLock::new(BTreeMap::new()),
                 shutdown: CancellationToken::new(),
                 drivers: TaskTracker::new(),
@@ -249,52 +434,272 @@ impl JobManager {
         if self.inner.shutdown.is_cancelled() {
             return Err(JmError::ShuttingDown);
         }
+        if self.inner.leadership.fence().is_none() {
+            return Err(self.not_leader());
+        }
         let root = self.storage_root(&spec)?;
         let id = opts.job_id.unwrap_or_default();
-        root.put(
-            &format!("{}/{SPEC_FILE}", job_dir(&id)),
-            bytes::Bytes::from(spec.to_yaml()),
-        )
-        .await?;
+        let opts = SubmitOptions {
+            job_id: Some(id),
+            ..opts
+        };
+        let spec_rel = format!("{}/{SPEC_FILE}", job_dir(&id));
+        let spec_bytes = bytes::Bytes::from(spec.to_yaml());
+        root.put(&spec_rel, spec_bytes.clone()).await?;
+        let store = self.store()?;
+        if store.url() != root.url() {
+            store.put(&spec_rel, spec_bytes).await?;
+        }
+        let entry = self.start(spec, root, opts, None)?;
+        // Durable before the client hears of it: a new leader will know it.
+        write_status(&entry, &store, &self.inner.config.instance_id).await?;
+        Ok(entry.info())
+    }
+
+    /// The job store.
+    pub(crate) fn store(&self) -> Result<StorageLocation, JmError> {
+        self.inner
+            .store
+            .clone()
+            .map_err(|e| JmError::Runtime(format!("the job store is unusable: {e}")))
+    }
+
+    /// The error for a write on an instance that does not lead.
+    pub(crate) fn not_leader(&self) -> JmError {
+        JmError::NotLeader {
+            leader: self.inner.leadership.leader().map(|l| l.payload),
+        }
+    }
+
+    /// Registers a job and, unless the store says it has ended (`prior`
+    /// with `passive`), starts its driver and its status writer.
+    fn start(
+        &self,
+        spec: JobSpec,
+        root: StorageLocation,
+        opts: SubmitOptions,
+        prior: Option<(StoredStatus, bool)>,
+    ) -> Result<Arc<JobEntry>, JmError> {
+        let id = opts.job_id.unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let (state_tx, _) = watch::channel(JobState::Created);
+        let passive = prior.as_ref().is_some_and(|(_, p)| *p);
+        let state = match &prior {
+            Some((p, true)) => p.job.state,
+            _ => JobState::Created,
+        };
+        let (state_tx, _) = watch::channel(state);
+        let (dirty, _) = watch::channel(0u64);
+        let (running, _) = watch::channel(!passive);
+        let prior_job = prior.map(|(p, _)| p.job);
         let entry = Arc::new(JobEntry {
             id,
             spec,
             root,
-            submitted_at: Utc::now(),
+            submitted_at: prior_job
+                .as_ref()
+                .map(|p| p.submitted_at)
+                .unwrap_or_else(Utc::now),
             status: Mutex::new(Status {
-                state: JobState::Created,
-                restarts: 0,
-                failure: None,
-                last_checkpoint: None,
-                ended_at: None,
+                state,
+                restarts: prior_job.as_ref().map(|p| p.restarts).unwrap_or(0),
+                failure: prior_job.as_ref().and_then(|p| p.failure.clone()),
+                last_checkpoint: prior_job.as_ref().and_then(|p| p.last_checkpoint.clone()),
+                ended_at: prior_job.as_ref().and_then(|p| p.ended_at),
             }),
             commands: tx,
             state_tx,
             live: Mutex::new(Arc::new(Vec::new())),
             metrics: self.inner.metrics.clone(),
+            leadership: self.inner.leadership.clone(),
+            abandon: CancellationToken::new(),
+            stored: Mutex::new(prior_job),
+            dirty,
+            running,
         });
-        self.inner
-            .metrics
-            .jobs
-            .get_or_create(&StateLabels {
-                state: JobState::Created.to_string(),
-            })
-            .inc();
-        self.inner
+        let old = self
+            .inner
             .jobs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, entry.clone());
+        if let Some(old) = old {
+            old.abandon.cancel();
+            self.inner
+                .metrics
+                .jobs
+                .get_or_create(&StateLabels {
+                    state: old.state().to_string(),
+                })
+                .dec();
+        }
+        self.inner
+            .metrics
+            .jobs
+            .get_or_create(&StateLabels {
+                state: state.to_string(),
+            })
+            .inc();
+        if passive {
+            return Ok(entry);
+        }
         tracing::info!(job = %id, "job submitted");
         let shutdown = self.inner.shutdown.clone();
         let metrics = self.inner.metrics.clone();
         let driven = entry.clone();
-        self.inner
-            .drivers
-            .spawn(async move { drive(driven, rx, opts, metrics, shutdown).await });
-        Ok(entry.info())
+        self.inner.drivers.spawn(async move {
+            drive(driven.clone(), rx, opts, metrics, shutdown).await;
+            driven.running.send_replace(false);
+        });
+        if let Ok(store) = self.inner.store.clone() {
+            let written = entry.clone();
+            let instance = self.inner.config.instance_id.clone();
+            self.inner
+                .drivers
+                .spawn(async move { status_writer(written, store, instance).await });
+        }
+        Ok(entry)
+    }
+
+    /// Takes over every job of the job store after winning the leadership
+    /// at `epoch`: jobs that had not ended are resumed from their newest
+    /// verified checkpoint; ended ones are listed. Returns how many resumed.
+    pub async fn lead(&self, epoch: u64) -> Result<usize, JmError> {
+        let stored = self.read_store().await?;
+        let mut resumed = 0;
+        for (spec, status) in stored {
+            if self.inner.leadership.fence().is_none() {
+                break;
+            }
+            let id = status.job.id;
+            let driven = self
+                .inner
+                .jobs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .is_some_and(|j| j.driven() && !j.abandon.is_cancelled());
+            if driven {
+                continue;
+            }
+            let root = self.storage_root(&spec)?;
+            let passive = status.job.state.is_terminal();
+            let opts = SubmitOptions {
+                job_id: Some(id),
+                from_savepoint: None,
+                resume: true,
+            };
+            if !passive {
+                tracing::info!(job = %id, name = %spec.metadata.name, epoch, state = %status.job.state, "adopting job: resuming it from its newest checkpoint");
+                resumed += 1;
+            }
+            self.start(spec, root, opts, Some((status, passive)))?;
+        }
+        Ok(resumed)
+    }
+
+    /// Stops driving every job at once, writing nothing (the leadership is
+    /// lost or being handed over): the next leader resumes them from their
+    /// checkpoints. Returns once the drivers have let go of their tasks.
+    pub async fn step_down(&self) {
+        let jobs: Vec<Arc<JobEntry>> = self
+            .inner
+            .jobs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut waits = Vec::new();
+        for job in jobs.into_iter().filter(|j| j.driven()) {
+            job.abandon.cancel();
+            let mut rx = job.running.subscribe();
+            waits.push(async move {
+                let _ = rx.wait_for(|r| !*r).await;
+            });
+        }
+        let n = waits.len();
+        if tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::future::join_all(waits),
+        )
+        .await
+        .is_err()
+        {
+            tracing::error!("stepping down: some job drivers did not stop within 10 s");
+        }
+        if n > 0 {
+            tracing::info!(jobs = n, "stepped down: no longer driving any job");
+        }
+    }
+
+    /// Refreshes the list of jobs from the job store (standbys serve reads
+    /// from it).
+    pub async fn refresh_from_store(&self) -> Result<(), JmError> {
+        let stored = self.read_store().await?;
+        for (spec, status) in stored {
+            let id = status.job.id;
+            let existing = self
+                .inner
+                .jobs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned();
+            match existing {
+                Some(j) if j.driven() => continue,
+                Some(j) => j.refresh_passive(status.job),
+                None => {
+                    let root = self.storage_root(&spec)?;
+                    let opts = SubmitOptions {
+                        job_id: Some(id),
+                        ..SubmitOptions::default()
+                    };
+                    self.start(spec, root, opts, Some((status, true)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every job of the job store with its last recorded status, oldest
+    /// first. Unreadable entries are skipped with a warning.
+    async fn read_store(&self) -> Result<Vec<(JobSpec, StoredStatus)>, JmError> {
+        let store = self.store()?;
+        let mut ids: Vec<JobId> = store
+            .list_dirs("jobs")
+            .await?
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .collect();
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            let dir = job_dir(&id);
+            let Some(raw_spec) = store.get_opt(&format!("{dir}/{SPEC_FILE}")).await? else {
+                continue;
+            };
+            let spec = match ferry_core::spec::parse_spec(&String::from_utf8_lossy(&raw_spec)) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(job = %id, "skipping a job store entry whose spec does not parse: {e}");
+                    continue;
+                }
+            };
+            let status = match store.get_opt(&format!("{dir}/{STATUS_FILE}")).await? {
+                Some(raw) => match serde_json::from_slice::<StoredStatus>(&raw) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(job = %id, "job store status unreadable ({e}); treating the job as not ended");
+                        created_status(id, &spec)
+                    }
+                },
+                // The spec was written but not the status: the submission
+                // was cut short. Treat the job as submitted.
+                None => created_status(id, &spec),
+            };
+            out.push((spec, status));
+        }
+        Ok(out)
     }
 
     /// Stops a job, optionally taking a savepoint first (returned if taken),

@@ -7,7 +7,9 @@
 pub mod api;
 pub mod coordinator;
 pub mod error;
+pub mod ha;
 pub mod jobs;
+pub mod leadership;
 pub mod metrics;
 pub mod restart;
 pub mod service;

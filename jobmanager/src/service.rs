@@ -117,6 +117,21 @@ impl JobManager {
         &self.inner.metrics
     }
 
+    /// This instance's role.
+    pub fn role(&self) -> crate::leadership::RoleName {
+        self.inner.leadership.role()
+    }
+
+    /// The leader as last seen (standbys forward writes to it).
+    pub fn leader(&self) -> Option<ferry_ha::LeaderInfo> {
+        self.inner.leadership.leader()
+    }
+
+    /// The leadership handle (HA mode wires the elector into it).
+    pub fn leadership(&self) -> &std::sync::Arc<crate::leadership::Leadership> {
+        &self.inner.leadership
+    }
+
     /// Name of this instance.
     pub fn instance_id(&self) -> &str {
         &self.inner.config.instance_id

@@ -2,8 +2,9 @@
 //! JobManager REST API (`docs/api.md`), printing tables or the server's JSON.
 //!
 //! Invariant: a request goes to the next `--url` only when the previous one
-//! could not be connected to, so a request a server may have received is
-//! never sent twice.
+//! could not be connected to, or answered 503 `not_leader` (it did nothing:
+//! a standby that knows no leader), so a request a server may have acted on
+//! is never sent twice.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,8 +35,9 @@ const EXIT_INVALID_SPEC: u8 = 2;
 /// Options every `ferry job` command takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
-    /// JobManager REST URL. A comma-separated list is tried in order when a
-    /// URL cannot be connected to.
+    /// JobManager REST URL. A comma-separated list (every JobManager of the
+    /// region) is tried in order while a URL cannot be connected to or has
+    /// no leader to forward a write to.
     #[arg(
         long,
         env = "FERRY_URL",
@@ -209,7 +211,7 @@ fn escape_segment(s: &str) -> String {
 // ---- Talking to the API ----
 
 /// A failed command: what to print and the exit code.
-enum Failure {
+pub(crate) enum Failure {
     /// The server answered with an error.
     Api {
         url: String,
@@ -225,7 +227,7 @@ enum Failure {
 
 impl Failure {
     /// Prints the failure as `error: ...` plus detail lines; the exit code.
-    fn report(self) -> ExitCode {
+    pub(crate) fn report(self) -> ExitCode {
         let mut err = String::new();
         let code = self.describe(&mut err);
         emit(&mut std::io::stderr(), &err);
@@ -300,13 +302,13 @@ impl Failure {
 }
 
 /// The REST client over the `--url` list.
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     bases: Vec<String>,
 }
 
 impl Client {
-    fn new(args: &ApiArgs) -> anyhow::Result<Self> {
+    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Self> {
         let bases = args
             .url
             .iter()
@@ -328,7 +330,7 @@ impl Client {
 
     /// Sends one request, trying the URLs in order while they cannot be
     /// connected to; returns the JSON body and its typed form.
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -357,13 +359,25 @@ impl Client {
                     });
                 }
             };
+            let answer = read_response(url, res).await;
+            if let Err(Failure::Api {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: Some(b),
+                ..
+            }) = &answer
+                && b.error.code == "not_leader"
+                && base != self.bases.last().expect("at least one URL")
+            {
+                unreachable.push((base.clone(), b.error.message.clone()));
+                continue;
+            }
             for (skipped, reason) in &unreachable {
                 emit(
                     &mut std::io::stderr(),
-                    &format!("note: {skipped} unreachable ({reason}); answered by {base}\n"),
+                    &format!("note: {skipped} skipped ({reason}); answered by {base}\n"),
                 );
             }
-            return read_response(url, res).await;
+            return answer;
         }
         Err(Failure::Unreachable(unreachable))
     }
@@ -425,7 +439,11 @@ async fn read_response<T: DeserializeOwned>(
 // ---- Printing ----
 
 /// Prints the server's JSON or the table form of a result to stdout.
-fn print_result(output: Output, raw: &serde_json::Value, table: impl FnOnce(&mut String)) {
+pub(crate) fn print_result(
+    output: Output,
+    raw: &serde_json::Value,
+    table: impl FnOnce(&mut String),
+) {
     let mut out = String::new();
     match output {
         Output::Json => {

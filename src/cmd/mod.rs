@@ -1,7 +1,9 @@
 //! One module per top-level command.
 
 pub mod bench;
+pub mod cluster;
 pub mod job;
+pub mod jobmanager;
 pub mod local;
 pub mod schema;
 pub mod validate;

@@ -144,6 +144,7 @@ impl From<JmError> for ApiError {
             JmError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
             JmError::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
             JmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            JmError::NotLeader { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, e.code(), e.to_string())
     }

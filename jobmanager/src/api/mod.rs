@@ -7,7 +7,9 @@
 //! list of routes; the router, the 404 listing and the 405 `Allow` advice are
 //! all derived from it or checked against it.
 
+mod cluster;
 pub mod error;
+mod forward;
 mod health;
 mod jobs;
 
@@ -34,6 +36,14 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Header naming the JobManager instance that answered.
 pub const INSTANCE_HEADER: &str = "x-ferry-instance";
+
+/// Header with the role (`leader`, `standby`, `embedded`) of the instance
+/// that received the request.
+pub const ROLE_HEADER: &str = "x-ferry-role";
+
+/// Header naming the standby that forwarded a write to the leader (on the
+/// forwarded request, and on the response the client gets).
+pub const FORWARDED_BY_HEADER: &str = "x-ferry-forwarded-by";
 
 /// How long [`serve`] waits for in-flight requests after shutdown is asked.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -81,6 +91,16 @@ pub const ROUTES: &[RouteInfo] = &[
     },
     RouteInfo {
         method: "GET",
+        path: "/v1/cluster",
+        summary: "the region's JobManagers and TaskManagers, the leader and its epoch",
+    },
+    RouteInfo {
+        method: "GET",
+        path: "/health/ha",
+        summary: "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
+    },
+    RouteInfo {
+        method: "GET",
         path: "/healthz",
         summary: "liveness",
     },
@@ -104,9 +124,15 @@ pub fn router(jm: JobManager) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
         .route("/v1/jobs/{id}/savepoints", post(jobs::savepoint))
         .route("/v1/jobs/{id}/checkpoints", get(jobs::checkpoints))
+        .route("/v1/cluster", get(cluster::cluster))
+        .route("/health/ha", get(cluster::health_ha))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .layer(middleware::from_fn_with_state(
+            jm.clone(),
+            forward::forward_writes,
+        ))
         .with_state(jm);
     with_boundary(routes, instance)
 }
@@ -122,8 +148,10 @@ fn with_boundary(routes: Router, instance: HeaderValue) -> Router {
         .layer(middleware::map_response(move |mut res: Response| {
             let instance = instance.clone();
             async move {
+                // A forwarded write keeps the leader's name: it answered.
                 res.headers_mut()
-                    .insert(HeaderName::from_static(INSTANCE_HEADER), instance);
+                    .entry(HeaderName::from_static(INSTANCE_HEADER))
+                    .or_insert(instance);
                 res
             }
         }))

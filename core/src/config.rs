@@ -1,0 +1,415 @@
+//! Configuration of the distributed processes (`ferry jobmanager`, and the
+//! TaskManager when it arrives): a YAML file, every key of which can also be
+//! set — or overridden — by an environment variable `FERRY_<PATH>` (path
+//! segments upper-cased and joined by `_`, e.g. `ha.leaseTtl` →
+//! `FERRY_HA_LEASE_TTL`), the way Kubernetes manifests pass settings.
+//!
+//! Reference: `docs/config.md`. [`ENV_KEYS`] is the one list of keys; the
+//! docs test checks every key is documented.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::spec::DurationSpec;
+
+/// Settings of a JobManager process.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Name of the region this process runs in (e.g. `eu-west`).
+    pub region: String,
+    /// This instance's id, unique in the region (default: `<hostname>-<pid>`).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// The region's NATS cluster.
+    pub nats: NatsConfig,
+    /// Object store URL holding the job store and (by default) checkpoints:
+    /// `file:///path`, `s3://bucket/prefix`, `gs://…`, `az://…`.
+    pub storage: String,
+    /// The REST API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// Membership and leader-lease timing.
+    #[serde(default)]
+    pub ha: HaTiming,
+}
+
+/// How to reach the region's NATS.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsConfig {
+    /// One or more server URLs of the same cluster, e.g. `nats://10.0.0.1:4222`.
+    pub urls: Vec<String>,
+    /// JetStream KV bucket for membership and the leader lease
+    /// (default `ferry-<region>`).
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// Replicas of the bucket (1 for a single server, 3 for a 3-node cluster).
+    #[serde(default = "one")]
+    pub replicas: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Where the REST API listens and how others reach it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address (default `0.0.0.0:8081`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// URL other JobManagers and clients use to reach this one (default:
+    /// `http://<listen>`, with `0.0.0.0` replaced by `127.0.0.1`). Standbys
+    /// forward writes to the leader's advertised URL.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8081".to_string()
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            advertise: None,
+        }
+    }
+}
+
+/// Timing of membership heartbeats and of the leader lease.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HaTiming {
+    /// Time between membership heartbeats (default 1s).
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_interval: DurationSpec,
+    /// A member not heard from this long is gone (default 3s).
+    #[serde(default = "d_expiry")]
+    pub member_expiry: DurationSpec,
+    /// A lease not renewed this long may be taken over (default 800ms).
+    #[serde(default = "d_ttl")]
+    pub lease_ttl: DurationSpec,
+    /// Time between lease renewals (default 150ms).
+    #[serde(default = "d_renew")]
+    pub renew_interval: DurationSpec,
+    /// A leader whose last successful renewal is older than this stops all
+    /// leader work (default 500ms; must be below `leaseTtl`).
+    #[serde(default = "d_deadline")]
+    pub renew_deadline: DurationSpec,
+    /// JobManagers that must be heard from before the first election
+    /// (default 1).
+    #[serde(default = "one_u32")]
+    pub min_instances_for_election: u32,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+fn d_heartbeat() -> DurationSpec {
+    DurationSpec(Duration::from_secs(1))
+}
+fn d_expiry() -> DurationSpec {
+    DurationSpec(Duration::from_secs(3))
+}
+fn d_ttl() -> DurationSpec {
+    DurationSpec(Duration::from_millis(800))
+}
+fn d_renew() -> DurationSpec {
+    DurationSpec(Duration::from_millis(150))
+}
+fn d_deadline() -> DurationSpec {
+    DurationSpec(Duration::from_millis(500))
+}
+
+impl Default for HaTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: d_heartbeat(),
+            member_expiry: d_expiry(),
+            lease_ttl: d_ttl(),
+            renew_interval: d_renew(),
+            renew_deadline: d_deadline(),
+            min_instances_for_election: 1,
+        }
+    }
+}
+
+/// How an environment variable's text becomes a config value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnvKind {
+    Text,
+    /// Comma-separated list.
+    List,
+    Integer,
+}
+
+/// Every config key settable from the environment: (variable, dotted path,
+/// kind).
+pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
+    ("FERRY_REGION", "region", EnvKind::Text),
+    ("FERRY_INSTANCE_ID", "instanceId", EnvKind::Text),
+    ("FERRY_NATS_URLS", "nats.urls", EnvKind::List),
+    ("FERRY_NATS_BUCKET", "nats.bucket", EnvKind::Text),
+    ("FERRY_NATS_REPLICAS", "nats.replicas", EnvKind::Integer),
+    ("FERRY_STORAGE", "storage", EnvKind::Text),
+    ("FERRY_API_LISTEN", "api.listen", EnvKind::Text),
+    ("FERRY_API_ADVERTISE", "api.advertise", EnvKind::Text),
+    (
+        "FERRY_HA_HEARTBEAT_INTERVAL",
+        "ha.heartbeatInterval",
+        EnvKind::Text,
+    ),
+    ("FERRY_HA_MEMBER_EXPIRY", "ha.memberExpiry", EnvKind::Text),
+    ("FERRY_HA_LEASE_TTL", "ha.leaseTtl", EnvKind::Text),
+    ("FERRY_HA_RENEW_INTERVAL", "ha.renewInterval", EnvKind::Text),
+    ("FERRY_HA_RENEW_DEADLINE", "ha.renewDeadline", EnvKind::Text),
+    (
+        "FERRY_HA_MIN_INSTANCES_FOR_ELECTION",
+        "ha.minInstancesForElection",
+        EnvKind::Integer,
+    ),
+];
+
+/// A configuration problem, saying where and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl ProcessConfig {
+    /// Reads `file` (if any) and applies `env` (`FERRY_*` variables) on top,
+    /// then checks the result.
+    pub fn load(
+        file: Option<(&str, &str)>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut tree = match file {
+            Some((name, text)) if !text.trim().is_empty() => {
+                let v: Value = serde_yaml_ng::from_str(text)
+                    .map_err(|e| ConfigError(format!("{name}: {e}")))?;
+                if !v.is_object() {
+                    return Err(ConfigError(format!(
+                        "{name}: the config must be a mapping of keys (region, nats, storage, api, ha)"
+                    )));
+                }
+                v
+            }
+            _ => Value::Object(Default::default()),
+        };
+        for (var, path, kind) in ENV_KEYS {
+            let Some(raw) = env.get(*var) else { continue };
+            let value = match kind {
+                EnvKind::Text => Value::String(raw.clone()),
+                EnvKind::List => Value::Array(
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| Value::String(s.to_string()))
+                        .collect(),
+                ),
+                EnvKind::Integer => Value::Number(
+                    raw.trim()
+                        .parse::<u64>()
+                        .map_err(|_| ConfigError(format!("{var}={raw:?} is not a whole number")))?
+                        .into(),
+                ),
+            };
+            set_path(&mut tree, path, value);
+        }
+        for var in env.keys().filter(|k| k.starts_with("FERRY_")) {
+            if !ENV_KEYS.iter().any(|(v, _, _)| v == var) && !IGNORED_ENV.contains(&var.as_str()) {
+                tracing::warn!("ignoring unknown environment variable {var} (see docs/config.md)");
+            }
+        }
+        let source = file.map(|(n, _)| n).unwrap_or("the environment");
+        let cfg: ProcessConfig = serde_json::from_value(tree).map_err(|e| {
+            ConfigError(format!(
+                "{source}: {e} (each key can also be set by its FERRY_* variable; see docs/config.md)"
+            ))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if self.region.trim().is_empty()
+            || !self
+                .region
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return err(format!(
+                "region {:?}: use letters, digits, '-' or '_' (e.g. eu-west)",
+                self.region
+            ));
+        }
+        if self.nats.urls.is_empty() {
+            return err("nats.urls: give at least one NATS server URL (FERRY_NATS_URLS)".into());
+        }
+        if self.nats.replicas == 0 || self.nats.replicas > 5 {
+            return err(format!(
+                "nats.replicas: {} is out of range; JetStream allows 1 to 5",
+                self.nats.replicas
+            ));
+        }
+        let h = &self.ha;
+        if h.renew_deadline.get() >= h.lease_ttl.get() {
+            return err(format!(
+                "ha.renewDeadline ({}) must be below ha.leaseTtl ({}): a leader must stop before another can take over",
+                h.renew_deadline, h.lease_ttl
+            ));
+        }
+        if h.renew_interval.get() >= h.renew_deadline.get() {
+            return err(format!(
+                "ha.renewInterval ({}) must be below ha.renewDeadline ({})",
+                h.renew_interval, h.renew_deadline
+            ));
+        }
+        if h.heartbeat_interval.get() >= h.member_expiry.get() {
+            return err(format!(
+                "ha.heartbeatInterval ({}) must be below ha.memberExpiry ({})",
+                h.heartbeat_interval, h.member_expiry
+            ));
+        }
+        if h.heartbeat_interval.get().is_zero() || h.renew_interval.get().is_zero() {
+            return err("ha.heartbeatInterval and ha.renewInterval must be above 0".into());
+        }
+        if h.min_instances_for_election == 0 {
+            return err("ha.minInstancesForElection must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The KV bucket of the region.
+    pub fn bucket(&self) -> String {
+        self.nats
+            .bucket
+            .clone()
+            .unwrap_or_else(|| format!("ferry-{}", self.region))
+    }
+
+    /// The URL others reach this instance's API at.
+    pub fn advertised_url(&self, bound: &str) -> String {
+        self.api
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", bound.replace("0.0.0.0", "127.0.0.1")))
+    }
+}
+
+/// `FERRY_*` variables that are not config keys (read elsewhere).
+const IGNORED_ENV: &[&str] = &["FERRY_TEST_VENV", "FERRY_TEST_THREADS", "FERRY_LOG"];
+
+fn set_path(tree: &mut Value, path: &str, value: Value) {
+    let mut node = tree;
+    let parts: Vec<&str> = path.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if !node.is_object() {
+            *node = Value::Object(Default::default());
+        }
+        let map = node.as_object_mut().expect("object");
+        if i == parts.len() - 1 {
+            map.insert(part.to_string(), value);
+            return;
+        }
+        node = map
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const FILE: &str =
+        "region: eu-west\nnats: {urls: [nats://127.0.0.1:4222]}\nstorage: file:///tmp/f\n";
+
+    #[test]
+    fn file_gives_values_and_defaults() {
+        let c = ProcessConfig::load(Some(("f.yaml", FILE)), &env(&[])).unwrap();
+        assert_eq!(c.region, "eu-west");
+        assert_eq!(c.bucket(), "ferry-eu-west");
+        assert_eq!(c.ha.lease_ttl.get(), Duration::from_millis(800));
+        assert_eq!(c.api.listen, "0.0.0.0:8081");
+        assert_eq!(
+            c.advertised_url("0.0.0.0:9000"),
+            "http://127.0.0.1:9000".to_string()
+        );
+    }
+
+    #[test]
+    fn env_overrides_file_and_can_stand_alone() {
+        let e = env(&[
+            ("FERRY_NATS_URLS", "nats://a:1, nats://b:2"),
+            ("FERRY_HA_LEASE_TTL", "2s"),
+            ("FERRY_HA_RENEW_DEADLINE", "1s"),
+            ("FERRY_NATS_REPLICAS", "3"),
+        ]);
+        let c = ProcessConfig::load(Some(("f.yaml", FILE)), &e).unwrap();
+        assert_eq!(c.nats.urls, vec!["nats://a:1", "nats://b:2"]);
+        assert_eq!(c.nats.replicas, 3);
+        assert_eq!(c.ha.lease_ttl.get(), Duration::from_secs(2));
+        let e = env(&[
+            ("FERRY_REGION", "us-east"),
+            ("FERRY_NATS_URLS", "nats://127.0.0.1:1"),
+            ("FERRY_STORAGE", "file:///x"),
+        ]);
+        let c = ProcessConfig::load(None, &e).unwrap();
+        assert_eq!(c.region, "us-east");
+    }
+
+    #[test]
+    fn bad_configs_say_what_to_fix() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (
+                FILE,
+                &[("FERRY_HA_RENEW_DEADLINE", "900ms")],
+                "below ha.leaseTtl",
+            ),
+            (
+                FILE,
+                &[("FERRY_NATS_REPLICAS", "three")],
+                "FERRY_NATS_REPLICAS",
+            ),
+            (FILE, &[("FERRY_HA_LEASE_TTL", "soon")], "not a duration"),
+            ("region: eu\n", &[], "missing field"),
+            (
+                "region: eu\nnats: {urls: [x]}\nstorage: s\nextra: 1\n",
+                &[],
+                "unknown field",
+            ),
+            ("- a\n- b\n", &[], "must be a mapping"),
+            (FILE, &[("FERRY_REGION", "eu west")], "region"),
+        ];
+        for (file, vars, want) in cases {
+            let e = ProcessConfig::load(Some(("f.yaml", file)), &env(vars)).unwrap_err();
+            assert!(e.0.contains(want), "{file:?} {vars:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_env_key_is_documented() {
+        let docs = include_str!("../../docs/config.md");
+        for (var, path, _) in ENV_KEYS {
+            assert!(docs.contains(var), "{var} missing from docs/config.md");
+            assert!(docs.contains(path), "{path} missing from docs/config.md");
+        }
+    }
+}

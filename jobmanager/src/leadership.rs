@@ -1,0 +1,117 @@
+//! Who may act: this JobManager's role (embedded, leader at an epoch, or
+//! standby) and the fence every leader-only write checks.
+//!
+//! Invariant: a write that makes something durable on behalf of a job (a
+//! checkpoint manifest, the job's status in the job store) is made only
+//! while [`Leadership::fence`] returns an epoch, and carries that epoch. In
+//! embedded mode (`ferry local`) there is no election and the epoch is 0.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use ferry_ha::{Coordination, Elector, LeaderInfo};
+use serde::{Deserialize, Serialize};
+
+/// The role as the API reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleName {
+    /// `ferry local`: no election, this instance does everything.
+    Embedded,
+    Leader,
+    Standby,
+}
+
+/// The region coordination an HA JobManager takes part in.
+pub struct HaContext {
+    pub backend: Arc<dyn Coordination>,
+    pub region: String,
+    pub member_expiry: Duration,
+    /// Heartbeats that failed or timed out.
+    pub heartbeat_failures: Arc<AtomicU64>,
+}
+
+/// This JobManager's standing.
+pub struct Leadership {
+    ha: Option<HaContext>,
+    elector: OnceLock<Elector>,
+    /// The leader as last seen (standbys forward writes to it).
+    leader: RwLock<Option<LeaderInfo>>,
+    /// Times this instance saw the leader change.
+    pub leader_changes: AtomicU64,
+}
+
+impl Leadership {
+    /// Embedded mode: always allowed, epoch 0.
+    pub fn embedded() -> Arc<Self> {
+        Arc::new(Self {
+            ha: None,
+            elector: OnceLock::new(),
+            leader: RwLock::new(None),
+            leader_changes: AtomicU64::new(0),
+        })
+    }
+
+    /// HA mode: nothing is allowed until [`Leadership::set_elector`] has an
+    /// elector that wins.
+    pub fn ha(ctx: HaContext) -> Arc<Self> {
+        Arc::new(Self {
+            ha: Some(ctx),
+            elector: OnceLock::new(),
+            leader: RwLock::new(None),
+            leader_changes: AtomicU64::new(0),
+        })
+    }
+
+    /// Attaches the elector once it competes.
+    pub fn set_elector(&self, e: Elector) {
+        let _ = self.elector.set(e);
+    }
+
+    pub fn elector(&self) -> Option<&Elector> {
+        self.elector.get()
+    }
+
+    pub fn ha_context(&self) -> Option<&HaContext> {
+        self.ha.as_ref()
+    }
+
+    /// The epoch to act under, if this instance may write *now*.
+    pub fn fence(&self) -> Option<u64> {
+        match &self.ha {
+            None => Some(0),
+            Some(_) => self.elector.get().and_then(|e| e.fence()).map(|e| e.0),
+        }
+    }
+
+    pub fn role(&self) -> RoleName {
+        match &self.ha {
+            None => RoleName::Embedded,
+            Some(_) if self.fence().is_some() => RoleName::Leader,
+            Some(_) => RoleName::Standby,
+        }
+    }
+
+    /// Records the leader as seen by the role watcher.
+    pub fn set_leader(&self, leader: Option<LeaderInfo>) {
+        let mut cur = self.leader.write().unwrap_or_else(|p| p.into_inner());
+        let changed = match (&*cur, &leader) {
+            (Some(a), Some(b)) => a.epoch != b.epoch,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if changed {
+            self.leader_changes.fetch_add(1, Ordering::Relaxed);
+        }
+        *cur = leader;
+    }
+
+    /// The leader as last seen.
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        self.leader
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}

@@ -1,0 +1,484 @@
+//! In-region HA of `ferry jobmanager` processes against a real `nats-server`:
+//! SIGKILL of the leader, graceful handover, and a leader cut off from NATS
+//! by a fault proxy. Each test checks the job's committed output against
+//! the expected counts computed from the generator model, and that the
+//! checkpoint manifests' fencing epochs never go back (no two leaders
+//! completed checkpoints of the job interleaved).
+
+mod common;
+#[path = "../ha/tests/common/mod.rs"]
+mod nats;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nats::{FaultProxy, NatsServer, free_port};
+use serde_json::Value;
+
+/// A bounded job that runs ~8 s: long enough to lose its leader mid-run.
+const SPEC: &str = r#"
+apiVersion: ferry.dev/v1
+kind: Job
+metadata: {name: ha-clicks}
+spec:
+  parallelism: 2
+  checkpointing: {interval: 300ms, retained: 3}
+  restartStrategy: {type: fixed-attempts, attempts: 3, delay: 100ms}
+  source:
+    generator:
+      partitions: 4
+      total: 800000
+      rate: 100000
+      seed: 11
+      eventTime: {step: 10ms, maxOutOfOrderness: 1s}
+      fields:
+        user: {type: key, cardinality: 50, prefix: "u"}
+  operators:
+    - key_by: user
+    - window: {tumbling: 1m, aggregate: {clicks: count}}
+  sink:
+    file: {path: OUT}
+"#;
+const TOTAL: u64 = 800_000;
+
+/// One `ferry jobmanager` child process, SIGKILLed on drop if still alive.
+struct Jm {
+    id: String,
+    port: u16,
+    child: Child,
+}
+
+impl Jm {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    fn signal(&self, sig: i32) {
+        // SAFETY: a plain kill(2) of our own child's PID.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+}
+
+impl Drop for Jm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Region {
+    dir: tempfile::TempDir,
+    nats_url: String,
+    jms: Vec<Jm>,
+    http: reqwest::Client,
+    ttl: &'static str,
+    deadline: &'static str,
+}
+
+impl Region {
+    fn new(nats_url: String, ttl: &'static str, deadline: &'static str) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            nats_url,
+            jms: Vec::new(),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            ttl,
+            deadline,
+        }
+    }
+
+    fn storage(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// Starts a JobManager; `nats_url` overrides the region's (a proxy).
+    fn start(&mut self, id: &str, nats_url: Option<&str>) {
+        let port = free_port();
+        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
+        let child = Command::new(ferry_bin())
+            .arg("jobmanager")
+            .env("FERRY_REGION", "test")
+            .env("FERRY_INSTANCE_ID", id)
+            .env("FERRY_NATS_URLS", nats_url.unwrap_or(&self.nats_url))
+            .env(
+                "FERRY_STORAGE",
+                format!("file://{}", self.storage().display()),
+            )
+            .env("FERRY_API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FERRY_HA_LEASE_TTL", self.ttl)
+            .env("FERRY_HA_RENEW_DEADLINE", self.deadline)
+            .env("FERRY_HA_RENEW_INTERVAL", "150ms")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ferry jobmanager");
+        self.jms.push(Jm {
+            id: id.to_string(),
+            port,
+            child,
+        });
+    }
+
+    fn log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{id}.log"))).unwrap_or_default()
+    }
+
+    async fn get(&self, jm: &Jm, path: &str) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("{}{path}", jm.url()))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    /// Waits until exactly one of the live JobManagers says it leads and
+    /// every live one agrees on it; returns its index and epoch.
+    async fn leader(&self, except: &[usize], limit: Duration) -> (usize, u64) {
+        let start = Instant::now();
+        loop {
+            let mut leaders = Vec::new();
+            let mut views = Vec::new();
+            for (i, jm) in self.jms.iter().enumerate() {
+                if except.contains(&i) {
+                    continue;
+                }
+                if let Some(h) = self.get(jm, "/health/ha").await {
+                    if h["role"] == "leader" {
+                        leaders.push((i, h["epoch"].as_u64().unwrap()));
+                    }
+                    views.push(h["leader"]["instance"].clone());
+                }
+            }
+            assert!(
+                leaders.len() <= 1,
+                "two JobManagers lead at once: {leaders:?}"
+            );
+            if let [(i, epoch)] = leaders[..]
+                && views.len() == self.jms.len() - except.len()
+                && views
+                    .iter()
+                    .all(|v| v.as_str() == Some(self.jms[i].id.as_str()))
+            {
+                return (i, epoch);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no single agreed leader within {limit:?} (leaders {leaders:?}, views {views:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Submits the test job through `jm` and returns its id.
+    async fn submit(&self, jm: &Jm) -> (String, reqwest::header::HeaderMap) {
+        let spec = SPEC.replace("OUT", &self.out().display().to_string());
+        let r = self
+            .http
+            .post(format!("{}/v1/jobs", jm.url()))
+            .body(spec)
+            .send()
+            .await
+            .unwrap();
+        let headers = r.headers().clone();
+        assert_eq!(r.status(), 201, "submit: {:?}", r.text().await);
+        let v: Value = r.json().await.unwrap();
+        (v["id"].as_str().unwrap().to_string(), headers)
+    }
+
+    /// Waits until the job (read from `jm`) satisfies `cond`.
+    async fn wait_job(
+        &self,
+        jm: &Jm,
+        id: &str,
+        limit: Duration,
+        what: &str,
+        cond: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.get(jm, &format!("/v1/jobs/{id}")).await
+                && cond(&v)
+            {
+                return v;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out after {limit:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Checks the committed output against the generator model.
+    fn check_output(&self) {
+        let spec_text = SPEC.replace("OUT", &self.out().display().to_string());
+        let w = ferry_core::spec::parse_and_validate(&spec_text).unwrap();
+        let expected = expected_counts(&generator(&w), TOTAL, 0, 60_000);
+        let got = count_rows(&read_rows(&self.out()), "user", "clicks");
+        assert_eq!(stray_files(&self.out()), Vec::<String>::new());
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "window results: got {} expected {}",
+            got.len(),
+            expected.len()
+        );
+        assert_eq!(got, expected, "output differs from the expected counts");
+    }
+
+    /// (checkpoint id, jm_epoch) of every complete checkpoint and savepoint
+    /// the job has, by id.
+    fn manifest_epochs(&self, job: &str) -> BTreeMap<u64, u64> {
+        let mut out = BTreeMap::new();
+        let root = self.storage().join("jobs").join(job);
+        for sub in ["checkpoints", "savepoints"] {
+            for e in std::fs::read_dir(root.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let m = e.path().join("MANIFEST.json");
+                if let Ok(text) = std::fs::read_to_string(&m) {
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    out.insert(
+                        v["checkpoint_id"].as_u64().unwrap(),
+                        v["jm_epoch"].as_u64().unwrap(),
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Epochs of later checkpoints are never lower: no leader completed a
+/// checkpoint after a newer leader had started completing them.
+fn assert_epochs_monotonic(epochs: &BTreeMap<u64, u64>) {
+    let mut last = 0;
+    for (id, e) in epochs {
+        assert!(
+            *e >= last,
+            "checkpoint {id} has epoch {e} after epoch {last}: {epochs:?}"
+        );
+        last = *e;
+    }
+}
+
+fn has_checkpoint(v: &Value) -> bool {
+    v["last_checkpoint"].is_object() && v["state"] == "RUNNING"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
+    let nats = NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    for id in ["jm-a", "jm-b", "jm-c"] {
+        r.start(id, None);
+    }
+    let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
+    let standby = (leader + 1) % 3;
+    // A write sent to a standby is forwarded to the leader.
+    let (job, headers) = r.submit(&r.jms[standby]).await;
+    assert_eq!(headers["x-ferry-forwarded-by"], r.jms[standby].id.as_str());
+    assert_eq!(headers["x-ferry-instance"], r.jms[leader].id.as_str());
+    // A standby serves reads from the job store.
+    r.wait_job(
+        &r.jms[standby],
+        &job,
+        Duration::from_secs(20),
+        "a checkpoint seen by a standby",
+        has_checkpoint,
+    )
+    .await;
+
+    r.jms[leader].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let (new_leader, new_epoch) = r.leader(&[leader], Duration::from_secs(10)).await;
+    let took = killed.elapsed();
+    eprintln!(
+        "new leader {} (epoch {new_epoch}) {took:?} after SIGKILL of {}",
+        r.jms[new_leader].id, r.jms[leader].id
+    );
+    assert!(new_epoch > epoch, "epoch must grow: {epoch} -> {new_epoch}");
+    // Generous bound (lease ttl 800 ms): this is a correctness check, the
+    // benchmark measures the time.
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+
+    let done = r
+        .wait_job(
+            &r.jms[new_leader],
+            &job,
+            Duration::from_secs(60),
+            "the job to finish",
+            |v| v["state"] == "FINISHED",
+        )
+        .await;
+    assert_eq!(done["records_in"], TOTAL);
+    assert!(
+        r.log(&r.jms[new_leader].id).contains("adopting job"),
+        "the new leader adopted the job"
+    );
+    r.check_output();
+    let epochs = r.manifest_epochs(&job);
+    assert_epochs_monotonic(&epochs);
+    // (The first leader's checkpoints may be gone by retention.)
+    assert!(
+        epochs.values().any(|e| *e == new_epoch),
+        "checkpoints of the new leader: {epochs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_hands_over_without_waiting_for_the_lease_to_expire() {
+    let nats = NatsServer::start();
+    // A 30 s lease: a takeover in well under that must have come from the
+    // leader releasing it.
+    let mut r = Region::new(nats.url(), "30s", "20s");
+    for id in ["jm-a", "jm-b", "jm-c"] {
+        r.start(id, None);
+    }
+    let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
+    let (job, _) = r.submit(&r.jms[leader]).await;
+    r.wait_job(
+        &r.jms[leader],
+        &job,
+        Duration::from_secs(20),
+        "a checkpoint",
+        has_checkpoint,
+    )
+    .await;
+
+    r.jms[leader].signal(libc::SIGTERM);
+    let stopped = Instant::now();
+    let (new_leader, new_epoch) = r.leader(&[leader], Duration::from_secs(10)).await;
+    let took = stopped.elapsed();
+    eprintln!(
+        "graceful handover to {} (epoch {new_epoch}) in {took:?}",
+        r.jms[new_leader].id
+    );
+    assert!(new_epoch > epoch);
+    assert!(
+        took < Duration::from_secs(10),
+        "handover took {took:?} (lease ttl 30 s)"
+    );
+    let code = wait_exit(&mut r.jms[leader].child, Duration::from_secs(15));
+    assert_eq!(code, 0, "a SIGTERMed JobManager exits cleanly");
+
+    r.wait_job(
+        &r.jms[new_leader],
+        &job,
+        Duration::from_secs(60),
+        "the job to finish",
+        |v| v["state"] == "FINISHED",
+    )
+    .await;
+    r.check_output();
+    assert_epochs_monotonic(&r.manifest_epochs(&job));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
+    let nats = NatsServer::start();
+    let proxy = FaultProxy::start(nats.port).await;
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    // jm-a reaches NATS only through the proxy, and leads (it starts first).
+    r.start("jm-a", Some(&proxy.url()));
+    let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
+    assert_eq!(leader, 0);
+    r.start("jm-b", None);
+    r.start("jm-c", None);
+    r.leader(&[], Duration::from_secs(20)).await;
+    let (job, _) = r.submit(&r.jms[0]).await;
+    r.wait_job(
+        &r.jms[0],
+        &job,
+        Duration::from_secs(20),
+        "a checkpoint",
+        has_checkpoint,
+    )
+    .await;
+
+    proxy.cut();
+    let cut = Instant::now();
+    // The cut-off leader stops leading (it can still answer HTTP).
+    let mut stepped_down = None;
+    let (new_leader, new_epoch) = loop {
+        // Every response names the role; /healthz answers without NATS.
+        if stepped_down.is_none()
+            && let Ok(res) = r
+                .http
+                .get(format!("{}/healthz", r.jms[0].url()))
+                .send()
+                .await
+            && res.headers()["x-ferry-role"] != "leader"
+        {
+            stepped_down = Some(cut.elapsed());
+        }
+        let mut found = None;
+        for i in 1..3 {
+            if let Some(h) = r.get(&r.jms[i], "/health/ha").await
+                && h["role"] == "leader"
+            {
+                found = Some((i, h["epoch"].as_u64().unwrap(), cut.elapsed()));
+            }
+        }
+        if let Some((i, e, at)) = found {
+            let down =
+                stepped_down.expect("a standby leads while the cut-off leader still says it leads");
+            assert!(
+                down < at,
+                "old leader stopped at {down:?}, new leader at {at:?}"
+            );
+            eprintln!(
+                "cut-off leader stepped down at {down:?}; {} leads at {at:?}",
+                r.jms[i].id
+            );
+            break (i, e);
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "no new leader after the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(new_epoch > epoch);
+    // The cut-off instance refuses writes: it does not lead and cannot
+    // reach NATS to learn of the new leader (503 not_leader or forwarded).
+    let res = r
+        .http
+        .post(format!("{}/v1/jobs/{job}/savepoints", r.jms[0].url()))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.headers()["x-ferry-role"], "leader");
+
+    r.wait_job(
+        &r.jms[new_leader],
+        &job,
+        Duration::from_secs(60),
+        "the job to finish",
+        |v| v["state"] == "FINISHED",
+    )
+    .await;
+    r.check_output();
+    let epochs = r.manifest_epochs(&job);
+    assert_epochs_monotonic(&epochs);
+    assert!(
+        epochs.values().all(|e| *e == epoch || *e == new_epoch),
+        "{epochs:?}"
+    );
+    assert!(!r.log("jm-a").contains("panicked"));
+}
