@@ -306,7 +306,17 @@ impl ProcessConfig {
 }
 
 /// `FERRY_*` variables that are not config keys (read elsewhere).
-const IGNORED_ENV: &[&str] = &["FERRY_TEST_VENV", "FERRY_TEST_THREADS", "FERRY_LOG"];
+const IGNORED_ENV: &[&str] = &[
+    "FERRY_TEST_VENV",
+    "FERRY_TEST_THREADS",
+    "FERRY_TEST_SEED",
+    "FERRY_NATS_SERVER",
+    "FERRY_LOG",
+    "FERRY_LOG_FORMAT",
+    "FERRY_URL",
+    "FERRY_DATA_DIR",
+    "FERRY_LISTEN",
+];
 
 fn set_path(tree: &mut Value, path: &str, value: Value) {
     let mut node = tree;

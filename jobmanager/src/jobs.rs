@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     jobs: RwLock<BTreeMap<JobId, Arc<JobEntry>>>,
     pub(crate) shutdown: CancellationToken,
     drivers: TaskTracker,
+    /// Where job drivers run (the runtime the JobManager was created on).
+    runtime: tokio::runtime::Handle,
 }
 
 /// The task counters of a deployment, shared with the task loops.
@@ -394,7 +396,8 @@ impl JobManager {
         Self::with_leadership(config, Leadership::embedded())
     }
 
-    /// Creates a JobManager that acts only while `leadership` allows.
+    /// Creates a JobManager that acts only while `leadership` allows. Must
+    /// be called on the tokio runtime that is to run the jobs.
     pub fn with_leadership(config: JobManagerConfig, leadership: Arc<Leadership>) -> Self {
         let store = StorageLocation::open(&config.data_url).map_err(|e| e.to_string());
         let metrics = Arc::new(Metrics::new());
@@ -410,6 +413,7 @@ impl JobManager {
                 jobs: RwLock::new(BTreeMap::new()),
                 shutdown: CancellationToken::new(),
                 drivers: TaskTracker::new(),
+                runtime: tokio::runtime::Handle::current(),
             }),
         }
     }
@@ -546,16 +550,23 @@ impl JobManager {
         let shutdown = self.inner.shutdown.clone();
         let metrics = self.inner.metrics.clone();
         let driven = entry.clone();
-        self.inner.drivers.spawn(async move {
-            drive(driven.clone(), rx, opts, metrics, shutdown).await;
-            driven.running.send_replace(false);
-        });
+        // On the JobManager's own runtime, whoever calls (the HA loop runs
+        // on a separate one so job load cannot starve lease renewals).
+        let rt = &self.inner.runtime;
+        self.inner.drivers.spawn_on(
+            async move {
+                drive(driven.clone(), rx, opts, metrics, shutdown).await;
+                driven.running.send_replace(false);
+            },
+            rt,
+        );
         if let Ok(store) = self.inner.store.clone() {
             let written = entry.clone();
             let instance = self.inner.config.instance_id.clone();
-            self.inner
-                .drivers
-                .spawn(async move { status_writer(written, store, instance).await });
+            self.inner.drivers.spawn_on(
+                async move { status_writer(written, store, instance).await },
+                rt,
+            );
         }
         Ok(entry)
     }
@@ -564,7 +575,7 @@ impl JobManager {
     /// at `epoch`: jobs that had not ended are resumed from their newest
     /// verified checkpoint; ended ones are listed. Returns how many resumed.
     pub async fn lead(&self, epoch: u64) -> Result<usize, JmError> {
-        let stored = self.read_store().await?;
+        let stored = self.read_store(false).await?;
         let mut resumed = 0;
         for (spec, status) in stored {
             if self.inner.leadership.fence().is_none() {
@@ -635,7 +646,7 @@ impl JobManager {
     /// Refreshes the list of jobs from the job store (standbys serve reads
     /// from it).
     pub async fn refresh_from_store(&self) -> Result<(), JmError> {
-        let stored = self.read_store().await?;
+        let stored = self.read_store(true).await?;
         for (spec, status) in stored {
             let id = status.job.id;
             let existing = self
@@ -662,8 +673,10 @@ impl JobManager {
     }
 
     /// Every job of the job store with its last recorded status, oldest
-    /// first. Unreadable entries are skipped with a warning.
-    async fn read_store(&self) -> Result<Vec<(JobSpec, StoredStatus)>, JmError> {
+    /// first. Unreadable entries are skipped with a warning. With
+    /// `incremental`, jobs already known to have ended are left out and the
+    /// specs of known jobs are not read again (a standby refreshes often).
+    async fn read_store(&self, incremental: bool) -> Result<Vec<(JobSpec, StoredStatus)>, JmError> {
         let store = self.store()?;
         let mut ids: Vec<JobId> = store
             .list_dirs("jobs")
@@ -675,14 +688,30 @@ impl JobManager {
         let mut out = Vec::new();
         for id in ids {
             let dir = job_dir(&id);
-            let Some(raw_spec) = store.get_opt(&format!("{dir}/{SPEC_FILE}")).await? else {
-                continue;
-            };
-            let spec = match ferry_core::spec::parse_spec(&String::from_utf8_lossy(&raw_spec)) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(job = %id, "skipping a job store entry whose spec does not parse: {e}");
-                    continue;
+            let known = incremental
+                .then(|| {
+                    self.inner
+                        .jobs
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&id)
+                        .cloned()
+                })
+                .flatten();
+            let spec = match known {
+                Some(j) if j.state().is_terminal() && !j.driven() => continue,
+                Some(j) => j.spec.clone(),
+                None => {
+                    let Some(raw_spec) = store.get_opt(&format!("{dir}/{SPEC_FILE}")).await? else {
+                        continue;
+                    };
+                    match ferry_core::spec::parse_spec(&String::from_utf8_lossy(&raw_spec)) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(job = %id, "skipping a job store entry whose spec does not parse: {e}");
+                            continue;
+                        }
+                    }
                 }
             };
             let status = match store.get_opt(&format!("{dir}/{STATUS_FILE}")).await? {

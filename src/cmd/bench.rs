@@ -27,6 +27,9 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Keyed tumbling count over many keys, with and without checkpoints.
     Throughput(ThroughputArgs),
+    /// Leader failover of `ferry jobmanager` processes: SIGKILL and
+    /// graceful handoff times, idle CPU.
+    Failover(super::bench_failover::FailoverArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -55,6 +58,7 @@ pub struct ThroughputArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchKind::Throughput(a) => throughput(a),
+        BenchKind::Failover(a) => super::bench_failover::run(a),
     }
 }
 

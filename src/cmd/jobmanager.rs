@@ -47,8 +47,18 @@ pub fn run(args: JobManagerArgs) -> anyhow::Result<ExitCode> {
     let cfg = ProcessConfig::load(text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), &env)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name("ferry-jm")
         .build()?;
-    rt.block_on(run_async(cfg))
+    // Lease renewals and heartbeats get a runtime of their own: however busy
+    // the jobs keep the main one, a renewal is never late because of them.
+    let ha_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("ferry-ha")
+        .build()?;
+    let code = rt.block_on(run_async(cfg, ha_rt.handle().clone()));
+    ha_rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
 }
 
 fn default_instance_id() -> String {
@@ -58,7 +68,7 @@ fn default_instance_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn run_async(cfg: ProcessConfig) -> anyhow::Result<ExitCode> {
+async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
     let instance_id = cfg.instance_id.clone().unwrap_or_else(default_instance_id);
     let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
         .await
@@ -69,17 +79,41 @@ async fn run_async(cfg: ProcessConfig) -> anyhow::Result<ExitCode> {
     // Values in the bucket live as long as the longest-lived key needs.
     let max_age = h.member_expiry.get().max(h.lease_ttl.get()) * 2;
     tracing::info!(urls = %cfg.nats.urls.join(","), bucket = %cfg.bucket(), "connecting to NATS");
-    let backend: Arc<dyn Coordination> = Arc::new(
-        NatsKv::connect(&cfg.nats.urls, &cfg.bucket(), max_age, cfg.nats.replicas)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot open the coordination bucket {} on NATS {} (is nats-server running with JetStream, -js?)",
-                    cfg.bucket(),
-                    cfg.nats.urls.join(",")
-                )
-            })?,
-    );
+    // NATS may come up after us (a rolling start, a cluster still electing
+    // its JetStream leader): keep trying, say why, stop on a signal.
+    let mut attempt = 0u32;
+    let bucket = cfg.bucket();
+    let kv = loop {
+        attempt += 1;
+        // Connected from the HA runtime, so the client's I/O tasks live there.
+        let (urls, b, replicas) = (cfg.nats.urls.clone(), bucket.clone(), cfg.nats.replicas);
+        let open = async {
+            ha_rt
+                .spawn(async move { NatsKv::connect(&urls, &b, max_age, replicas).await })
+                .await
+                .map_err(|e| ferry_ha::HaError::Unavailable(format!("connect task: {e}")))?
+        };
+        tokio::select! {
+            r = open => match r {
+                Ok(kv) => break kv,
+                Err(e) => {
+                    let wait = std::time::Duration::from_millis(500 * u64::from(attempt.min(10)));
+                    tracing::warn!(
+                        attempt,
+                        "cannot open the coordination bucket {} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
+                        cfg.bucket(),
+                        cfg.nats.urls.join(",")
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown_signal() => return Ok(ExitCode::from(1)),
+                    }
+                }
+            },
+            _ = shutdown_signal() => return Ok(ExitCode::from(1)),
+        }
+    };
+    let backend: Arc<dyn Coordination> = Arc::new(kv);
     let leadership = Leadership::ha(HaContext {
         backend: backend.clone(),
         region: cfg.region.clone(),
@@ -122,7 +156,7 @@ async fn run_async(cfg: ProcessConfig) -> anyhow::Result<ExitCode> {
     ));
     tracing::info!(instance = %instance_id, region = %cfg.region, api = %api_url, listen = %bound, "jobmanager started");
     let ha_stop = CancellationToken::new();
-    let ha = tokio::spawn(ferry_jobmanager::ha::run(
+    let ha = ha_rt.spawn(ferry_jobmanager::ha::run(
         jm.clone(),
         backend,
         settings,

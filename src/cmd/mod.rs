@@ -1,6 +1,7 @@
 //! One module per top-level command.
 
 pub mod bench;
+pub mod bench_failover;
 pub mod cluster;
 pub mod job;
 pub mod jobmanager;

@@ -41,11 +41,32 @@ fn nats_binary() -> PathBuf {
     )
 }
 
-/// A `nats-server -js` process, killed (by its PID) on drop.
+/// A `nats-server -js` process, killed (by its PID) on drop. Its config and
+/// JetStream store live in a temp dir, so it can be restarted in place.
 pub struct NatsServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    conf: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn spawn_nats(conf: &std::path::Path, port: u16) -> Child {
+    let child = Command::new(nats_binary())
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nats-server");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nats-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
 }
 
 impl NatsServer {
@@ -61,30 +82,29 @@ impl NatsServer {
             ),
         )
         .unwrap();
-        let child = Command::new(nats_binary())
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "nats-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let child = spawn_nats(&conf, port);
         Self {
             child,
             port,
-            _dir: dir,
+            conf,
+            _dir: Some(dir),
         }
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs the server (a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_nats(&self.conf, self.port);
     }
 }
 
@@ -92,6 +112,54 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A JetStream cluster of `nats-server` processes on loopback (routes
+/// between all nodes, `sync_interval: always`).
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    pub fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let conf = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: ferry-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
+                    dir.path().join(format!("js{i}")).display(),
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            let child = spawn_nats(&conf, *port);
+            nodes.push(NatsServer {
+                child,
+                port: *port,
+                conf,
+                _dir: None,
+            });
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    /// Every node's client URL, comma-separated.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
