@@ -629,6 +629,7 @@ impl JobManager {
             });
         }
         let n = waits.len();
+        let started = std::time::Instant::now();
         if tokio::time::timeout(
             std::time::Duration::from_secs(10),
             futures::future::join_all(waits),
@@ -639,7 +640,11 @@ impl JobManager {
             tracing::error!("stepping down: some job drivers did not stop within 10 s");
         }
         if n > 0 {
-            tracing::info!(jobs = n, "stepped down: no longer driving any job");
+            tracing::info!(
+                jobs = n,
+                ms = started.elapsed().as_millis() as u64,
+                "stepped down: no longer driving any job"
+            );
         }
     }
 

@@ -29,6 +29,10 @@ pub struct FailoverArgs {
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Keep the JobManagers' logs and store in this directory (a temp dir,
+    /// removed at the end, by default).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
 }
 
 /// A tiny bounded job: submitting it is the write being timed.
@@ -119,7 +123,7 @@ impl Bench {
             .env("FERRY_API_LISTEN", format!("127.0.0.1:{port}"))
             .env("FERRY_HA_LEASE_TTL", &self.ttl)
             .env("FERRY_HA_RENEW_DEADLINE", deadline)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -168,9 +172,12 @@ impl Bench {
         }
     }
 
-    /// Submits the probe job to the live JobManagers in turn until one
-    /// accepts it; returns when it did.
+    /// Submits the probe job to the live JobManagers in turn until a leader
+    /// other than the stopped one accepts it (a SIGTERMed leader may still
+    /// accept writes while it steps down: those do not count); returns when
+    /// one did.
     async fn first_accepted_write(&self, except: usize) -> anyhow::Result<Instant> {
+        let old = format!("jm-{except}");
         let start = Instant::now();
         loop {
             for (i, p) in self.jms.iter().enumerate() {
@@ -186,6 +193,9 @@ impl Bench {
                     .await;
                 if let Ok(r) = r
                     && r.status() == reqwest::StatusCode::CREATED
+                    && r.headers()
+                        .get("x-ferry-instance")
+                        .is_some_and(|v| v.as_bytes() != old.as_bytes())
                 {
                     return Ok(Instant::now());
                 }
@@ -232,7 +242,9 @@ pub fn run(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
-    let tmp = std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()));
+    let tmp = a.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
+    });
     std::fs::create_dir_all(&tmp)?;
     let nats_port = free_port()?;
     let conf = tmp.join("nats.conf");
@@ -316,7 +328,9 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     drop(b);
     drop(nats);
-    let _ = std::fs::remove_dir_all(&tmp);
+    if a.work_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
     kills.sort_by(f64::total_cmp);
     handoffs.sort_by(f64::total_cmp);
     let stats = |v: &[f64]| {
