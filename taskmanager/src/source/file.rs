@@ -2,9 +2,10 @@
 //!
 //! Each file is a partition; subtask `j` reads the files (sorted by name)
 //! whose index `% parallelism == j`, one after another, in chunks. Its offset
-//! is (file, byte position after the last complete line), so a restore
-//! resumes at the next unread line. A malformed line fails the task with the
-//! file name and line number.
+//! is (file, byte position after the last complete line), kept with the
+//! newest event time read from that file, so a restore resumes at the next
+//! unread line with the watermark the subtask had. A malformed line fails
+//! the task with the file name and line number.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,13 +30,14 @@ struct FileState {
     size: u64,
     line: u64,
     records: u64,
+    /// Newest event time read from this file (`i64::MIN` before any).
+    max_ts: i64,
     header: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     files: Vec<FileState>,
-    max_ts: i64,
 }
 
 /// A file source subtask.
@@ -143,6 +145,7 @@ impl FileSource {
                 size,
                 line: 0,
                 records: 0,
+                max_ts: i64::MIN,
                 header: None,
             })
             .collect();
@@ -266,6 +269,7 @@ impl FileSource {
                 None => now,
             };
             self.max_ts = self.max_ts.max(t);
+            f.max_ts = f.max_ts.max(t);
             ts.push(t);
             f.records += 1;
             for (b, v) in builders.iter_mut().zip(values) {
@@ -303,7 +307,6 @@ impl FileSource {
             .collect();
         let st = State {
             files: self.files.clone(),
-            max_ts: self.max_ts,
         };
         Ok((
             postcard::to_stdvec(&st).map_err(|e| e.to_string())?,
@@ -311,13 +314,17 @@ impl FileSource {
         ))
     }
 
+    /// Restores the offsets of this subtask's files from the snapshots of
+    /// all old subtasks (files may have moved between subtasks). The
+    /// watermark restarts from the newest event time read from *these*
+    /// files, as it was when the same subtask read them: taking it from
+    /// other subtasks' files would let it run ahead of this subtask's
+    /// unread records, which then arrive late and are dropped.
     pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {
         let mut by_name = BTreeMap::new();
-        let mut max_ts = i64::MIN;
         for part in parts {
             let st: State = postcard::from_bytes(part)
                 .map_err(|e| format!("file source state is unreadable: {e}"))?;
-            max_ts = max_ts.max(st.max_ts);
             for f in st.files {
                 by_name.insert(f.name.clone(), f);
             }
@@ -327,7 +334,12 @@ impl FileSource {
                 *f = FileState { size: f.size, ..s };
             }
         }
-        self.max_ts = max_ts;
+        self.max_ts = self
+            .files
+            .iter()
+            .map(|f| f.max_ts)
+            .max()
+            .unwrap_or(i64::MIN);
         self.current = 0;
         Ok(())
     }
@@ -401,5 +413,39 @@ mod tests {
             split_pattern("s3://b/in/*.csv"),
             ("s3://b/in".to_string(), Some("*.csv".to_string()))
         );
+    }
+
+    /// After a restore a subtask's watermark comes from its own files, not
+    /// from files another subtask had read further (that made its unread
+    /// records late after every restore).
+    #[tokio::test]
+    async fn restore_keeps_each_subtask_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |ts: i64| format!("{{\"user\":\"a\",\"ts\":{ts}}}\n").repeat(3);
+        std::fs::write(dir.path().join("0.jsonl"), line(1000)).unwrap();
+        std::fs::write(dir.path().join("1.jsonl"), line(900_000)).unwrap();
+        let spec: FileSourceSpec = serde_json::from_value(serde_json::json!({
+            "path": dir.path().to_str().unwrap(),
+            "format": "jsonl",
+            "schema": {"user": "string", "ts": "timestamp"},
+            "eventTime": {"field": "ts"},
+        }))
+        .unwrap();
+        let schema = Schema::new(spec.schema.iter().map(|(n, t)| (n.clone(), *t)));
+        let mut parts = Vec::new();
+        for subtask in 0..2 {
+            let mut s = FileSource::open(&spec, &schema, subtask, 2).await.unwrap();
+            while let Poll::Batch(_) = s.poll().await.unwrap() {}
+            parts.push(Bytes::from(s.snapshot().unwrap().0));
+        }
+        let mut r0 = FileSource::open(&spec, &schema, 0, 2).await.unwrap();
+        r0.restore(&parts).unwrap();
+        assert_eq!(r0.watermark(), 999);
+        assert_eq!(r0.records_read(), 3);
+        // At parallelism 1 the one subtask has read both files.
+        let mut all = FileSource::open(&spec, &schema, 0, 1).await.unwrap();
+        all.restore(&parts).unwrap();
+        assert_eq!(all.watermark(), 899_999);
+        assert!(matches!(all.poll().await.unwrap(), Poll::End));
     }
 }
