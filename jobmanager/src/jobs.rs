@@ -137,6 +137,7 @@ impl JobEntry {
             records_out: sum(&|m| m.records_out.load(Relaxed)),
             late_records: sum(&|m| m.late_records.load(Relaxed)),
             expression_errors: sum(&|m| m.expr_errors.load(Relaxed)),
+            skipped_records: sum(&|m| m.skipped_records.load(Relaxed)),
             watermark: wm.filter(|w| *w != i64::MIN).map(format_ts),
             last_checkpoint: st.last_checkpoint.clone(),
             failure: st.failure.clone(),

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub restarts: Family<JobLabels, Counter>,
     pub late_records: Family<JobLabels, Counter>,
     pub expression_errors: Family<JobLabels, Counter>,
+    pub skipped_records: Family<JobLabels, Counter>,
     pub jobs: Family<StateLabels, Gauge>,
 }
 
@@ -70,6 +71,7 @@ impl Metrics {
             restarts: Family::default(),
             late_records: Family::default(),
             expression_errors: Family::default(),
+            skipped_records: Family::default(),
             jobs: Family::default(),
         };
         registry.register(
@@ -131,6 +133,11 @@ impl Metrics {
             "job_expression_errors",
             "Records whose filter or map expression failed to evaluate",
             m.expression_errors.clone(),
+        );
+        registry.register(
+            "job_skipped_records",
+            "Malformed input records the sources skipped (file source onBadLine: skip)",
+            m.skipped_records.clone(),
         );
         registry.register("jobs", "Jobs by state", m.jobs.clone());
         *m.registry.lock().unwrap() = registry;

@@ -272,6 +272,12 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
     if info.expression_errors > 0 {
         eprintln!("  expression errors: {}", info.expression_errors);
     }
+    if info.skipped_records > 0 {
+        eprintln!(
+            "  skipped records:   {} (malformed input lines, logged above)",
+            info.skipped_records
+        );
+    }
     if info.restarts > 0 {
         eprintln!("  restarts:          {}", info.restarts);
     }
