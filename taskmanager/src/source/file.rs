@@ -30,6 +30,8 @@ use crate::source::lines::{Line, LineParser};
 
 /// Bytes read per request.
 const CHUNK: u64 = 1 << 20;
+/// Lines per batch (as the generator's batches).
+const MAX_BATCH: usize = 4096;
 /// Bad lines logged one by one per subtask and deployment; later ones are
 /// only counted (a wrong format would otherwise flood the log).
 const BAD_LINES_LOGGED: u64 = 20;
@@ -62,6 +64,9 @@ pub struct FileSource {
     dir: StorageLocation,
     files: Vec<FileState>,
     current: usize,
+    /// Whole lines of the current file read but not yet consumed; they
+    /// start at its `pos` (not part of the state: a restore reads again).
+    buffered: Bytes,
     parser: LineParser,
     on_bad_line: BadLinePolicy,
     /// Bad lines logged by this deployment.
@@ -175,6 +180,7 @@ impl FileSource {
             dir,
             files: mine,
             current: 0,
+            buffered: Bytes::new(),
             parser: LineParser::new(
                 spec.format,
                 spec.header,
@@ -196,33 +202,57 @@ impl FileSource {
     }
 
     pub async fn poll(&mut self) -> Result<Poll, TaskError> {
-        while self.current < self.files.len() {
-            let f = &self.files[self.current];
-            if f.pos >= f.size {
-                self.current += 1;
-                continue;
-            }
-            let (name, pos, size) = (f.name.clone(), f.pos, f.size);
-            let mut len = CHUNK.min(size - pos);
-            let (data, consumed) = loop {
-                let data = self
-                    .dir
-                    .get_range(&name, pos..pos + len)
-                    .await
-                    .map_err(|e| TaskError::Transient(e.to_string()))?;
-                match data.iter().rposition(|b| *b == b'\n') {
-                    Some(nl) => break (data.slice(..=nl), nl as u64 + 1),
-                    None if pos + len >= size => break (data.clone(), len),
-                    None => len = (len * 2).min(size - pos),
+        loop {
+            if self.buffered.is_empty() {
+                while self
+                    .files
+                    .get(self.current)
+                    .is_some_and(|f| f.pos >= f.size)
+                {
+                    self.current += 1;
                 }
-            };
-            let batch = self.parse(&data)?;
-            self.files[self.current].pos += consumed;
+                if self.current == self.files.len() {
+                    return Ok(Poll::End);
+                }
+                self.buffered = self.read_lines().await?;
+            }
+            // At most MAX_BATCH lines per batch, so that a checkpoint barrier
+            // never waits behind more than that.
+            let take = self
+                .buffered
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .nth(MAX_BATCH - 1)
+                .map_or(self.buffered.len(), |(i, _)| i + 1);
+            let lines = self.buffered.split_to(take);
+            let batch = self.parse(&lines)?;
+            self.files[self.current].pos += lines.len() as u64;
             if let Some(b) = batch {
                 return Ok(Poll::Batch(b));
             }
         }
-        Ok(Poll::End)
+    }
+
+    /// Reads whole lines of the current file from its position: up to
+    /// `CHUNK` bytes, more if one line is longer, the rest of the file at its
+    /// end (a last line without a newline).
+    async fn read_lines(&self) -> Result<Bytes, TaskError> {
+        let f = &self.files[self.current];
+        let (pos, size) = (f.pos, f.size);
+        let mut len = CHUNK.min(size - pos);
+        loop {
+            let data = self
+                .dir
+                .get_range(&f.name, pos..pos + len)
+                .await
+                .map_err(|e| TaskError::Transient(e.to_string()))?;
+            match data.iter().rposition(|b| *b == b'\n') {
+                Some(nl) => return Ok(data.slice(..=nl)),
+                None if pos + len >= size => return Ok(data),
+                None => len = (len * 2).min(size - pos),
+            }
+        }
     }
 
     /// Turns whole lines of the current file into a batch. The file's
@@ -369,6 +399,7 @@ impl FileSource {
             .max()
             .unwrap_or(i64::MIN);
         self.current = 0;
+        self.buffered = Bytes::new();
         Ok(())
     }
 
