@@ -285,14 +285,17 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
         eprintln!("  last checkpoint:   #{} at {}", cp.id, cp.path);
     }
     if let Some(out) = &info.output {
-        let files = std::fs::read_dir(out)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
+        // Part files are counted for local output only (no listing of a bucket).
+        match std::fs::read_dir(out) {
+            Ok(dir) => {
+                let files = dir
+                    .filter_map(|e| e.ok())
                     .filter(|e| e.file_name().to_string_lossy().contains(&info.id.short()))
-                    .count()
-            })
-            .unwrap_or(0);
-        eprintln!("  output:            {out} ({files} part files of this run)");
+                    .count();
+                eprintln!("  output:            {out} ({files} part files of this run)");
+            }
+            Err(_) => eprintln!("  output:            {out}"),
+        }
     }
     if let Some(f) = &info.failure {
         eprintln!("  failure:           {f}");

@@ -13,6 +13,7 @@ use ferry_core::spec::{JobSpec, SourceSpec, parse_and_validate};
 use ferry_taskmanager::source::generator::GeneratorModel;
 
 pub mod clicks;
+pub mod s3;
 
 /// Path of the `ferry` binary under test.
 pub fn ferry_bin() -> &'static str {
@@ -49,6 +50,11 @@ impl Workdir {
 
     /// `ferry local job.yaml` with extra args, stderr appended to `log`.
     pub fn spawn_local(&self, extra: &[&str], log: &str) -> Child {
+        self.spawn_local_env(extra, log, &[])
+    }
+
+    /// [`Self::spawn_local`] with extra environment variables.
+    pub fn spawn_local_env(&self, extra: &[&str], log: &str, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -61,6 +67,7 @@ impl Workdir {
             .args(["--listen", "127.0.0.1:0", "--no-progress"])
             .args(extra)
             .env("FERRY_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
