@@ -30,6 +30,15 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 echo "==> $(nats-server --version)"
 
+# moto_server: a real S3-compatible server for the s3:// tests (PyPI).
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "==> installing moto[server] into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
+fi
+FERRY_MOTO_SERVER="$(command -v moto_server)"
+export FERRY_MOTO_SERVER
+echo "==> moto_server: $FERRY_MOTO_SERVER"
+
 echo "==> toolchain: $(cargo --version)"
 if [ "$quick" = 0 ]; then
   echo "==> cargo fmt --check"

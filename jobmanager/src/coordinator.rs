@@ -19,17 +19,19 @@ use ferry_core::manifest::{
     list_checkpoint_ids, read_verified, savepoint_dir, write_manifest,
 };
 use ferry_core::storage::StorageLocation;
-use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskCommand, TaskEvent};
+use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskCommand, TaskError, TaskEvent};
 use ferry_taskmanager::runtime::{DeployedJob, JobPlan, deploy};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::JmError;
 use crate::jobs::{JobEntry, manifest_info};
-use crate::metrics::Metrics;
+use crate::metrics::{JobLabels, Metrics};
 use crate::restart::{Decision, RestartPolicy};
 use crate::service::{SavepointInfo, SubmitOptions};
 use crate::state::JobState;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// Requests from the API to a job's driver.
 pub(crate) enum JobCommand {
@@ -44,7 +46,10 @@ pub(crate) enum JobCommand {
 enum Outcome {
     Finished,
     Stopped,
+    /// A failure the restart strategy handles.
     Failed(String),
+    /// A failure every restart would repeat (bad input): the job fails now.
+    Unrecoverable(String),
     Shutdown,
     /// Leadership lost: stop at once, write nothing; the next leader resumes.
     Abandoned,
@@ -162,6 +167,17 @@ pub(crate) async fn drive(
                     job.set_state(JobState::Cancelling, None);
                     job.set_state(JobState::Cancelled, None);
                 }
+                return;
+            }
+            Outcome::Unrecoverable(err) => {
+                tracing::error!(job = %job.id, "job failed: {err}");
+                job.set_state(
+                    JobState::Failed,
+                    Some(format!(
+                        "{err} (not restarted: a restart would fail the same way; fix the cause and run the job again to resume from its last checkpoint)"
+                    )),
+                );
+                reject_pending_commands(&mut cmds);
                 return;
             }
             Outcome::Failed(err) => {
@@ -326,7 +342,7 @@ async fn run_attempt(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     let mut sampler = tokio::time::interval(Duration::from_secs(1));
-    let mut last_sample = (Instant::now(), baseline.0, baseline.1, 0u64, 0u64);
+    let mut last_sample = Sampled::start(baseline.0, baseline.1);
     let mut pending: Option<Pending> = None;
     let mut queued: VecDeque<Reply> = VecDeque::new();
     let mut sources_ended = 0usize;
@@ -381,7 +397,11 @@ async fn run_attempt(
                     for r in queued.drain(..) {
                         fail_reply(Some(r), JmError::Runtime(format!("task failed: {error}")));
                     }
-                    return Outcome::Failed(format!("{task} failed: {error}"));
+                    let why = format!("{task} failed: {error}");
+                    return match error {
+                        TaskError::Transient(_) => Outcome::Failed(why),
+                        TaskError::Permanent(_) => Outcome::Unrecoverable(why),
+                    };
                 }
                 Some(TaskEvent::SourceEnded(_)) => sources_ended += 1,
                 Some(TaskEvent::Stopped(_)) => {
@@ -646,49 +666,62 @@ async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
     Ok(())
 }
 
+/// Task counter totals at the last metrics sample.
+struct Sampled {
+    at: Instant,
+    records_in: u64,
+    records_out: u64,
+    late: u64,
+    expr_errors: u64,
+    skipped: u64,
+}
+
+impl Sampled {
+    /// Before the first sample: counters start from the restored totals.
+    fn start(records_in: u64, records_out: u64) -> Self {
+        Self {
+            at: Instant::now(),
+            records_in,
+            records_out,
+            late: 0,
+            expr_errors: 0,
+            skipped: 0,
+        }
+    }
+}
+
 /// Updates the job's Prometheus counters from the task counters.
-fn sample(
-    metrics: &Metrics,
-    labels: &crate::metrics::JobLabels,
-    deployed: &DeployedJob,
-    last: &mut (Instant, u64, u64, u64, u64),
-) {
+fn sample(metrics: &Metrics, labels: &JobLabels, deployed: &DeployedJob, last: &mut Sampled) {
     use std::sync::atomic::Ordering::Relaxed;
     let now = Instant::now();
     let rin = deployed.sum(|m| m.records_in.load(Relaxed));
     let rout = deployed.sum(|m| m.records_out.load(Relaxed));
     let late = deployed.sum(|m| m.late_records.load(Relaxed));
     let errs = deployed.sum(|m| m.expr_errors.load(Relaxed));
-    let dt = now.duration_since(last.0).as_secs_f64().max(1e-3);
-    metrics
-        .records_in
-        .get_or_create(labels)
-        .inc_by(rin.saturating_sub(last.1));
-    metrics
-        .records_out
-        .get_or_create(labels)
-        .inc_by(rout.saturating_sub(last.2));
-    metrics
-        .late_records
-        .get_or_create(labels)
-        .inc_by(late.saturating_sub(last.3));
-    metrics
-        .expression_errors
-        .get_or_create(labels)
-        .inc_by(errs.saturating_sub(last.4));
+    let skipped = deployed.sum(|m| m.skipped_records.load(Relaxed));
+    let dt = now.duration_since(last.at).as_secs_f64().max(1e-3);
+    let inc = |c: &Family<JobLabels, Counter>, now: u64, before: u64| {
+        c.get_or_create(labels).inc_by(now.saturating_sub(before));
+    };
+    inc(&metrics.records_in, rin, last.records_in);
+    inc(&metrics.records_out, rout, last.records_out);
+    inc(&metrics.late_records, late, last.late);
+    inc(&metrics.expression_errors, errs, last.expr_errors);
+    inc(&metrics.skipped_records, skipped, last.skipped);
     metrics
         .records_in_rate
         .get_or_create(labels)
-        .set(rin.saturating_sub(last.1) as f64 / dt);
+        .set(rin.saturating_sub(last.records_in) as f64 / dt);
     let wm = deployed.watermark();
     if wm != i64::MIN && wm != i64::MAX {
         metrics.watermark.get_or_create(labels).set(wm);
     }
-    *last = (
-        now,
-        rin.max(last.1),
-        rout.max(last.2),
-        late.max(last.3),
-        errs.max(last.4),
-    );
+    *last = Sampled {
+        at: now,
+        records_in: rin.max(last.records_in),
+        records_out: rout.max(last.records_out),
+        late: late.max(last.late),
+        expr_errors: errs.max(last.expr_errors),
+        skipped: skipped.max(last.skipped),
+    };
 }

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub restarts: Family<JobLabels, Counter>,
     pub late_records: Family<JobLabels, Counter>,
     pub expression_errors: Family<JobLabels, Counter>,
+    pub skipped_records: Family<JobLabels, Counter>,
     pub jobs: Family<StateLabels, Gauge>,
     pub ha_is_leader: Gauge,
     pub ha_epoch: Gauge,
@@ -80,6 +81,7 @@ impl Metrics {
             restarts: Family::default(),
             late_records: Family::default(),
             expression_errors: Family::default(),
+            skipped_records: Family::default(),
             jobs: Family::default(),
             ha_is_leader: Gauge::default(),
             ha_epoch: Gauge::default(),
@@ -157,6 +159,11 @@ impl Metrics {
             "job_expression_errors",
             "Records whose filter or map expression failed to evaluate",
             m.expression_errors.clone(),
+        );
+        registry.register(
+            "job_skipped_records",
+            "Malformed input records the sources skipped (file source onBadLine: skip)",
+            m.skipped_records.clone(),
         );
         registry.register("jobs", "Jobs by state", m.jobs.clone());
         registry.register(

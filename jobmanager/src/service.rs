@@ -35,6 +35,9 @@ pub struct JobInfo {
     pub late_records: u64,
     /// Records whose filter or map expression failed to evaluate.
     pub expression_errors: u64,
+    /// Malformed input records skipped by the source (`onBadLine: skip`).
+    #[serde(default)]
+    pub skipped_records: u64,
     /// Lowest watermark over the tasks, RFC 3339, if any record was seen.
     pub watermark: Option<String>,
     pub last_checkpoint: Option<CheckpointInfo>,

@@ -272,6 +272,12 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
     if info.expression_errors > 0 {
         eprintln!("  expression errors: {}", info.expression_errors);
     }
+    if info.skipped_records > 0 {
+        eprintln!(
+            "  skipped records:   {} (malformed input lines, logged above)",
+            info.skipped_records
+        );
+    }
     if info.restarts > 0 {
         eprintln!("  restarts:          {}", info.restarts);
     }
@@ -279,14 +285,17 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
         eprintln!("  last checkpoint:   #{} at {}", cp.id, cp.path);
     }
     if let Some(out) = &info.output {
-        let files = std::fs::read_dir(out)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
+        // Part files are counted for local output only (no listing of a bucket).
+        match std::fs::read_dir(out) {
+            Ok(dir) => {
+                let files = dir
+                    .filter_map(|e| e.ok())
                     .filter(|e| e.file_name().to_string_lossy().contains(&info.id.short()))
-                    .count()
-            })
-            .unwrap_or(0);
-        eprintln!("  output:            {out} ({files} part files of this run)");
+                    .count();
+                eprintln!("  output:            {out} ({files} part files of this run)");
+            }
+            Err(_) => eprintln!("  output:            {out}"),
+        }
     }
     if let Some(f) = &info.failure {
         eprintln!("  failure:           {f}");

@@ -13,6 +13,9 @@ pub struct TaskMetrics {
     pub watermark: AtomicI64,
     pub late_records: AtomicU64,
     pub expr_errors: AtomicU64,
+    /// Malformed input records the source skipped (file source with
+    /// `onBadLine: skip`), including those skipped before a restore.
+    pub skipped_records: AtomicU64,
 }
 
 impl Default for TaskMetrics {
@@ -23,6 +26,7 @@ impl Default for TaskMetrics {
             watermark: AtomicI64::new(i64::MIN),
             late_records: AtomicU64::new(0),
             expr_errors: AtomicU64::new(0),
+            skipped_records: AtomicU64::new(0),
         }
     }
 }

@@ -83,6 +83,37 @@ pub enum TaskEvent {
     Stopped(TaskId),
     Failed {
         task: TaskId,
-        error: String,
+        error: TaskError,
     },
+}
+
+/// Why a task stopped with an error, and whether a restart can help.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskError {
+    /// May go away when the job restarts from its last checkpoint (storage
+    /// or network errors, a lost peer task): the restart strategy applies.
+    Transient(String),
+    /// Happens again on every restart, such as a malformed input line read
+    /// again from the same offset: the job fails without restarting.
+    Permanent(String),
+}
+
+impl TaskError {
+    pub fn message(&self) -> &str {
+        match self {
+            TaskError::Transient(m) | TaskError::Permanent(m) => m,
+        }
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.message())
+    }
+}
+
+impl From<String> for TaskError {
+    fn from(message: String) -> Self {
+        TaskError::Transient(message)
+    }
 }

@@ -17,7 +17,7 @@ use crate::operator::Operator;
 use crate::operator::filter::Filter;
 use crate::operator::map::Map;
 use crate::operator::window::Window;
-use crate::protocol::{Msg, TaskCommand, TaskEvent, TaskId};
+use crate::protocol::{Msg, TaskCommand, TaskError, TaskEvent, TaskId};
 use crate::sink::{FileSink, SINK_STATE, Sink};
 use crate::source::Source;
 use crate::source::generator::{GeneratorModel, GeneratorSource};
@@ -358,7 +358,7 @@ pub async fn deploy(
     })
 }
 
-fn report(events: &mpsc::UnboundedSender<TaskEvent>, task: TaskId, r: Result<(), String>) {
+fn report(events: &mpsc::UnboundedSender<TaskEvent>, task: TaskId, r: Result<(), TaskError>) {
     let _ = events.send(match r {
         Ok(()) => TaskEvent::Stopped(task),
         Err(error) => TaskEvent::Failed { task, error },

@@ -23,7 +23,7 @@ use crate::batch::Batch;
 use crate::metrics::TaskMetrics;
 use crate::operator::key::key_at;
 use crate::operator::{Operator, key_partition};
-use crate::protocol::{Barrier, Msg, TaskAck, TaskCommand, TaskEvent, TaskId};
+use crate::protocol::{Barrier, Msg, TaskAck, TaskCommand, TaskError, TaskEvent, TaskId};
 use crate::sink::{SINK_STATE, Sink};
 use crate::source::{Poll, Source};
 
@@ -223,7 +223,9 @@ impl TaskContext {
             if let Err(e) = result {
                 let _ = events.send(TaskEvent::Failed {
                     task,
-                    error: format!("uploading checkpoint {checkpoint} state failed: {e}"),
+                    error: TaskError::Transient(format!(
+                        "uploading checkpoint {checkpoint} state failed: {e}"
+                    )),
                 });
                 return;
             }
@@ -290,9 +292,11 @@ pub async fn run_source_task(
     mut ctx: TaskContext,
     mut source: Source,
     mut chain: Chain,
-) -> Result<(), String> {
+) -> Result<(), TaskError> {
     let m = chain.metrics.clone();
     m.records_in.store(source.records_read(), Ordering::Relaxed);
+    m.skipped_records
+        .store(source.skipped_records(), Ordering::Relaxed);
     let mut ended = false;
     let mut last_wm = i64::MIN;
     let mut stop_at = None;
@@ -325,7 +329,10 @@ pub async fn run_source_task(
             }
             continue;
         }
-        match source.poll().await? {
+        let polled = source.poll().await;
+        m.skipped_records
+            .store(source.skipped_records(), Ordering::Relaxed);
+        match polled? {
             Poll::Batch(b) => {
                 m.records_in.fetch_add(b.len() as u64, Ordering::Relaxed);
                 chain.push(b).await?;
@@ -363,7 +370,7 @@ pub async fn run_downstream_task(
     mut ctx: TaskContext,
     mut inputs: Vec<mpsc::Receiver<Msg>>,
     mut chain: Chain,
-) -> Result<(), String> {
+) -> Result<(), TaskError> {
     let n = inputs.len();
     let mut blocked = vec![false; n];
     let mut closed = vec![false; n];
@@ -402,7 +409,7 @@ pub async fn run_downstream_task(
                 None => {
                     closed[i] = true;
                     if closed.iter().all(|c| *c) && stop_at.is_none() {
-                        return Err("all upstream tasks are gone".into());
+                        return Err(TaskError::Transient("all upstream tasks are gone".into()));
                     }
                 }
                 Some(Msg::Batch(b)) => chain.push(b).await?,

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use ferry_core::spec::{JobSpec, SourceSpec, parse_and_validate};
 use ferry_taskmanager::source::generator::GeneratorModel;
 
+pub mod clicks;
+pub mod s3;
+
 /// Path of the `ferry` binary under test.
 pub fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
@@ -47,6 +50,11 @@ impl Workdir {
 
     /// `ferry local job.yaml` with extra args, stderr appended to `log`.
     pub fn spawn_local(&self, extra: &[&str], log: &str) -> Child {
+        self.spawn_local_env(extra, log, &[])
+    }
+
+    /// [`Self::spawn_local`] with extra environment variables.
+    pub fn spawn_local_env(&self, extra: &[&str], log: &str, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -59,6 +67,7 @@ impl Workdir {
             .args(["--listen", "127.0.0.1:0", "--no-progress"])
             .args(extra)
             .env("FERRY_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -214,4 +223,38 @@ pub fn expected_counts(
             .or_default() += 1;
     }
     m.into_iter().map(|((k, s), c)| (k, s, c)).collect()
+}
+
+/// Asserts two sorted `(key, window start, count)` lists are equal; on a
+/// difference it says how many windows are missing, extra or miscounted and
+/// shows the first few, instead of printing both lists whole.
+pub fn assert_counts_eq(got: &[(String, i64, i64)], want: &[(String, i64, i64)], context: &str) {
+    if got == want {
+        return;
+    }
+    let g: BTreeMap<(&str, i64), i64> =
+        got.iter().map(|(k, s, c)| ((k.as_str(), *s), *c)).collect();
+    let w: BTreeMap<(&str, i64), i64> = want
+        .iter()
+        .map(|(k, s, c)| ((k.as_str(), *s), *c))
+        .collect();
+    let missing: Vec<_> = w.iter().filter(|(k, _)| !g.contains_key(*k)).collect();
+    let extra: Vec<_> = g.iter().filter(|(k, _)| !w.contains_key(*k)).collect();
+    let differ: Vec<_> = w
+        .iter()
+        .filter_map(|(k, c)| g.get(k).filter(|gc| *gc != c).map(|gc| (k, *c, *gc)))
+        .collect();
+    panic!(
+        "{context}: output differs from the expected counts ({} rows, {} expected): \
+         {} windows missing (first: {:?}), {} unexpected (first: {:?}), {} with other counts (first, want/got: {:?}); duplicate rows: {}",
+        got.len(),
+        want.len(),
+        missing.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        extra.len(),
+        extra.iter().take(3).collect::<Vec<_>>(),
+        differ.len(),
+        differ.iter().take(3).collect::<Vec<_>>(),
+        got.len() - g.len(),
+    );
 }

@@ -304,6 +304,25 @@ pub struct FileSourceSpec {
     /// Which field holds event time, and how out of order it may be.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_time: Option<FileEventTime>,
+    /// What a malformed line does: `fail` the job (default) or `skip` it,
+    /// logging it with its file and line number and counting it.
+    #[serde(default)]
+    pub on_bad_line: BadLinePolicy,
+}
+
+/// What the file source does with a line it cannot turn into a record
+/// (invalid JSON or UTF-8, wrong CSV column count, a value that does not fit
+/// its declared type, a missing event time).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BadLinePolicy {
+    /// Fail the job at once, naming the file and line; it is not restarted,
+    /// since a restart would read the same line again.
+    #[default]
+    Fail,
+    /// Skip the line: log it (file, line, reason) and count it in
+    /// `ferry_job_skipped_records_total`.
+    Skip,
 }
 
 pub use crate::value::DataType;

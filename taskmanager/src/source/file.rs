@@ -1,41 +1,62 @@
 //! The file source: JSON-lines or CSV files in an object store.
 //!
 //! Each file is a partition; subtask `j` reads the files (sorted by name)
-//! whose index `% parallelism == j`, one after another, in chunks. Its offset
-//! is (file, byte position after the last complete line), so a restore
-//! resumes at the next unread line. A malformed line fails the task with the
-//! file name and line number.
+//! whose index `% parallelism == j`, one after another, in chunks of whole
+//! lines. Its offset in a file is the byte position after the last line it
+//! has consumed, kept with the line number, the records and bad lines so far
+//! and the newest event time read from that file, so a restore resumes at the
+//! next unread line with the watermark the subtask had.
+//!
+//! Invariant: a line is either turned into a record, or counted as bad,
+//! exactly once per checkpointed position. A bad line (not UTF-8, invalid
+//! JSON, wrong CSV column count, a value that does not fit its declared type,
+//! no event time) fails the job naming the file and line (`onBadLine: fail`,
+//! a permanent error: a restart would read the same line again) or is logged
+//! and counted (`onBadLine: skip`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferry_core::schema::{Schema, SchemaRef};
-use ferry_core::spec::{FileFormat, FileSourceSpec};
+use ferry_core::schema::Schema;
+use ferry_core::spec::{BadLinePolicy, FileSourceSpec};
 use ferry_core::storage::StorageLocation;
-use ferry_core::value::{DataType, Value, parse_ts};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, ColumnBuilder};
+use crate::protocol::TaskError;
 use crate::source::Poll;
+use crate::source::lines::{Line, LineParser};
 
 /// Bytes read per request.
 const CHUNK: u64 = 1 << 20;
+/// Lines per batch (as the generator's batches).
+const MAX_BATCH: usize = 4096;
+/// Bad lines logged one by one per subtask and deployment; later ones are
+/// only counted (a wrong format would otherwise flood the log).
+const BAD_LINES_LOGGED: u64 = 20;
 
+/// Progress in one input file: what a checkpoint stores per partition.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct FileState {
     name: String,
+    /// Byte position after the last consumed line.
     pos: u64,
     size: u64,
+    /// Lines consumed (1-based number of the last one).
     line: u64,
     records: u64,
+    /// Bad lines skipped (`onBadLine: skip`).
+    skipped: u64,
+    /// Newest event time read from this file (`i64::MIN` before any).
+    max_ts: i64,
+    /// CSV column names once the header line was read.
     header: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     files: Vec<FileState>,
-    max_ts: i64,
 }
 
 /// A file source subtask.
@@ -43,13 +64,20 @@ pub struct FileSource {
     dir: StorageLocation,
     files: Vec<FileState>,
     current: usize,
-    format: FileFormat,
-    header: bool,
-    delimiter: u8,
-    schema: SchemaRef,
-    ts_idx: Option<usize>,
+    /// Whole lines of the current file read but not yet consumed; they
+    /// start at its `pos` (not part of the state: a restore reads again).
+    buffered: Bytes,
+    parser: LineParser,
+    on_bad_line: BadLinePolicy,
+    /// Bad lines logged by this deployment.
+    logged_bad: u64,
     ooo: i64,
     max_ts: i64,
+}
+
+/// Where a file is, for messages: the location's URL and the file name.
+fn file_url(dir: &StorageLocation, name: &str) -> String {
+    format!("{}/{name}", dir.url().trim_end_matches('/'))
 }
 
 /// Splits a path URL into its directory URL and an optional name pattern.
@@ -143,6 +171,8 @@ impl FileSource {
                 size,
                 line: 0,
                 records: 0,
+                skipped: 0,
+                max_ts: i64::MIN,
                 header: None,
             })
             .collect();
@@ -150,14 +180,18 @@ impl FileSource {
             dir,
             files: mine,
             current: 0,
-            format: spec.format,
-            header: spec.header,
-            delimiter: spec.delimiter.as_bytes().first().copied().unwrap_or(b','),
-            schema: Arc::new(schema.clone()),
-            ts_idx: spec
-                .event_time
-                .as_ref()
-                .and_then(|e| schema.index_of(&e.field)),
+            buffered: Bytes::new(),
+            parser: LineParser::new(
+                spec.format,
+                spec.header,
+                spec.delimiter.as_bytes().first().copied().unwrap_or(b','),
+                Arc::new(schema.clone()),
+                spec.event_time
+                    .as_ref()
+                    .and_then(|e| schema.index_of(&e.field)),
+            ),
+            on_bad_line: spec.on_bad_line,
+            logged_bad: 0,
             ooo: spec
                 .event_time
                 .as_ref()
@@ -167,116 +201,138 @@ impl FileSource {
         }
     }
 
-    pub async fn poll(&mut self) -> Result<Poll, String> {
-        while self.current < self.files.len() {
-            let f = &self.files[self.current];
-            if f.pos >= f.size {
-                self.current += 1;
-                continue;
-            }
-            let (name, pos, size) = (f.name.clone(), f.pos, f.size);
-            let mut len = CHUNK.min(size - pos);
-            let (data, consumed) = loop {
-                let data = self
-                    .dir
-                    .get_range(&name, pos..pos + len)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                match data.iter().rposition(|b| *b == b'\n') {
-                    Some(nl) => break (data.slice(..=nl), nl as u64 + 1),
-                    None if pos + len >= size => break (data.clone(), len),
-                    None => len = (len * 2).min(size - pos),
+    pub async fn poll(&mut self) -> Result<Poll, TaskError> {
+        loop {
+            if self.buffered.is_empty() {
+                while self
+                    .files
+                    .get(self.current)
+                    .is_some_and(|f| f.pos >= f.size)
+                {
+                    self.current += 1;
                 }
-            };
-            let batch = self.parse(&data)?;
-            let f = &mut self.files[self.current];
-            f.pos += consumed;
+                if self.current == self.files.len() {
+                    return Ok(Poll::End);
+                }
+                self.buffered = self.read_lines().await?;
+            }
+            // At most MAX_BATCH lines per batch, so that a checkpoint barrier
+            // never waits behind more than that.
+            let take = self
+                .buffered
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .nth(MAX_BATCH - 1)
+                .map_or(self.buffered.len(), |(i, _)| i + 1);
+            let lines = self.buffered.split_to(take);
+            let batch = self.parse(&lines)?;
+            self.files[self.current].pos += lines.len() as u64;
             if let Some(b) = batch {
                 return Ok(Poll::Batch(b));
             }
         }
-        Ok(Poll::End)
     }
 
-    fn parse(&mut self, data: &Bytes) -> Result<Option<Batch>, String> {
-        let fields = &self.schema.fields;
-        let mut builders: Vec<ColumnBuilder> =
-            fields.iter().map(|_| ColumnBuilder::new()).collect();
-        let mut ts = Vec::new();
-        let f = &mut self.files[self.current];
-        let text = std::str::from_utf8(data)
-            .map_err(|e| format!("{}: not UTF-8 text near byte {}: {e}", f.name, f.pos))?;
-        let now = chrono::Utc::now().timestamp_millis();
-        for raw in text.split_inclusive('\n') {
-            f.line += 1;
-            let line = raw.trim_end_matches(['\n', '\r']);
-            if line.trim().is_empty() {
-                continue;
-            }
-            let values: Vec<Value> = match self.format {
-                FileFormat::Jsonl => {
-                    let obj: serde_json::Map<String, serde_json::Value> =
-                        serde_json::from_str(line).map_err(|e| {
-                            format!("{} line {}: invalid JSON: {e}", f.name, f.line)
-                        })?;
-                    fields
-                        .iter()
-                        .map(|fd| convert_json(obj.get(&fd.name), fd.data_type))
-                        .collect()
-                }
-                FileFormat::Csv => {
-                    let mut rdr = csv::ReaderBuilder::new()
-                        .has_headers(false)
-                        .delimiter(self.delimiter)
-                        .from_reader(line.as_bytes());
-                    let rec = match rdr.records().next() {
-                        Some(Ok(r)) => r,
-                        Some(Err(e)) => {
-                            return Err(format!("{} line {}: invalid CSV: {e}", f.name, f.line));
-                        }
-                        None => continue,
-                    };
-                    if self.header && f.header.is_none() {
-                        f.header = Some(rec.iter().map(|s| s.trim().to_string()).collect());
-                        continue;
-                    }
-                    fields
-                        .iter()
-                        .enumerate()
-                        .map(|(i, fd)| {
-                            let pos = match &f.header {
-                                Some(h) => h.iter().position(|n| n == &fd.name),
-                                None => Some(i),
-                            };
-                            convert_text(pos.and_then(|p| rec.get(p)), fd.data_type)
-                        })
-                        .collect()
-                }
-            };
-            let t = match self.ts_idx {
-                Some(i) => match &values[i] {
-                    Value::Ts(t) | Value::Int(t) => *t,
-                    _ => {
-                        return Err(format!(
-                            "{} line {}: event-time field '{}' is missing or not a timestamp",
-                            f.name, f.line, fields[i].name
-                        ));
-                    }
-                },
-                None => now,
-            };
-            self.max_ts = self.max_ts.max(t);
-            ts.push(t);
-            f.records += 1;
-            for (b, v) in builders.iter_mut().zip(values) {
-                b.push(v);
+    /// Reads whole lines of the current file from its position: up to
+    /// `CHUNK` bytes, more if one line is longer, the rest of the file at its
+    /// end (a last line without a newline).
+    async fn read_lines(&self) -> Result<Bytes, TaskError> {
+        let f = &self.files[self.current];
+        let (pos, size) = (f.pos, f.size);
+        let mut len = CHUNK.min(size - pos);
+        loop {
+            let data = self
+                .dir
+                .get_range(&f.name, pos..pos + len)
+                .await
+                .map_err(|e| TaskError::Transient(e.to_string()))?;
+            match data.iter().rposition(|b| *b == b'\n') {
+                Some(nl) => return Ok(data.slice(..=nl)),
+                None if pos + len >= size => return Ok(data),
+                None => len = (len * 2).min(size - pos),
             }
         }
+    }
+
+    /// Turns whole lines of the current file into a batch. The file's
+    /// counters change only if every line was consumed.
+    fn parse(&mut self, data: &Bytes) -> Result<Option<Batch>, TaskError> {
+        let Self {
+            dir,
+            files,
+            current,
+            parser: p,
+            on_bad_line,
+            logged_bad,
+            max_ts,
+            ..
+        } = self;
+        let mut builders: Vec<ColumnBuilder> = p
+            .schema
+            .fields
+            .iter()
+            .map(|_| ColumnBuilder::new())
+            .collect();
+        let mut ts = Vec::new();
+        let mut f = files[*current].clone();
+        let now = chrono::Utc::now().timestamp_millis();
+        for raw in data.split_inclusive(|b| *b == b'\n') {
+            f.line += 1;
+            let parsed = match std::str::from_utf8(raw) {
+                Ok(text) => {
+                    let line = text.trim_end_matches(['\n', '\r']);
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    p.parse(line, &mut f.header)
+                }
+                Err(e) => Err(format!("not UTF-8 text: {e}")),
+            };
+            match parsed {
+                Ok(Line::Header) => {
+                    // Not a bad line: a mismatch with the spec, on every line.
+                    let h = f.header.as_deref().unwrap_or_default();
+                    p.check_header(h).map_err(|e| {
+                        TaskError::Permanent(format!("{}: {e}", file_url(dir, &f.name)))
+                    })?;
+                }
+                Ok(Line::Record(values, t)) => {
+                    let t = t.unwrap_or(now);
+                    f.max_ts = f.max_ts.max(t);
+                    ts.push(t);
+                    f.records += 1;
+                    for (b, v) in builders.iter_mut().zip(values) {
+                        b.push(v);
+                    }
+                }
+                Err(reason) => {
+                    let at = format!("{} line {}", file_url(dir, &f.name), f.line);
+                    if *on_bad_line == BadLinePolicy::Fail {
+                        return Err(TaskError::Permanent(format!(
+                            "{at}: {reason} (set spec.source.file.onBadLine: skip to skip and count such lines)"
+                        )));
+                    }
+                    f.skipped += 1;
+                    *logged_bad += 1;
+                    if *logged_bad <= BAD_LINES_LOGGED {
+                        tracing::warn!("skipping bad line: {at}: {reason}");
+                    }
+                    if *logged_bad == BAD_LINES_LOGGED {
+                        tracing::warn!(
+                            "{BAD_LINES_LOGGED} bad lines logged; further ones are only counted (ferry_job_skipped_records_total)"
+                        );
+                    }
+                }
+            }
+        }
+        *max_ts = (*max_ts).max(f.max_ts);
+        files[*current] = f;
         if ts.is_empty() {
             return Ok(None);
         }
         Ok(Some(Batch {
-            schema: self.schema.clone(),
+            schema: p.schema.clone(),
             columns: builders.into_iter().map(|b| b.finish()).collect(),
             ts,
         }))
@@ -297,13 +353,18 @@ impl FileSource {
             .map(|f| {
                 (
                     format!("file:{}", f.name),
-                    serde_json::json!({"position": f.pos, "line": f.line}),
+                    serde_json::json!({
+                        "position": f.pos,
+                        "size": f.size,
+                        "line": f.line,
+                        "records": f.records,
+                        "skipped": f.skipped,
+                    }),
                 )
             })
             .collect();
         let st = State {
             files: self.files.clone(),
-            max_ts: self.max_ts,
         };
         Ok((
             postcard::to_stdvec(&st).map_err(|e| e.to_string())?,
@@ -311,13 +372,17 @@ impl FileSource {
         ))
     }
 
+    /// Restores the offsets of this subtask's files from the snapshots of
+    /// all old subtasks (files may have moved between subtasks). The
+    /// watermark restarts from the newest event time read from *these*
+    /// files, as it was when the same subtask read them: taking it from
+    /// other subtasks' files would let it run ahead of this subtask's
+    /// unread records and make them late.
     pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {
         let mut by_name = BTreeMap::new();
-        let mut max_ts = i64::MIN;
         for part in parts {
             let st: State = postcard::from_bytes(part)
                 .map_err(|e| format!("file source state is unreadable: {e}"))?;
-            max_ts = max_ts.max(st.max_ts);
             for f in st.files {
                 by_name.insert(f.name.clone(), f);
             }
@@ -327,63 +392,23 @@ impl FileSource {
                 *f = FileState { size: f.size, ..s };
             }
         }
-        self.max_ts = max_ts;
+        self.max_ts = self
+            .files
+            .iter()
+            .map(|f| f.max_ts)
+            .max()
+            .unwrap_or(i64::MIN);
         self.current = 0;
+        self.buffered = Bytes::new();
         Ok(())
     }
 
     pub fn records_read(&self) -> u64 {
         self.files.iter().map(|f| f.records).sum()
     }
-}
 
-fn convert_json(v: Option<&serde_json::Value>, ty: DataType) -> Value {
-    use serde_json::Value as J;
-    let Some(v) = v else { return Value::Null };
-    match (ty, v) {
-        (_, J::Null) => Value::Null,
-        (DataType::String, J::String(s)) => Value::Str(s.as_str().into()),
-        (DataType::String, other) => Value::Str(other.to_string().into()),
-        (DataType::Int, J::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64))
-            .map_or(Value::Null, Value::Int),
-        (DataType::Float, J::Number(n)) => n.as_f64().map_or(Value::Null, Value::Float),
-        (DataType::Bool, J::Bool(b)) => Value::Bool(*b),
-        (DataType::Timestamp, J::Number(n)) => n.as_i64().map_or(Value::Null, Value::Ts),
-        (DataType::Timestamp, J::String(s)) => parse_ts(s).map_or(Value::Null, Value::Ts),
-        (DataType::Int | DataType::Float | DataType::Bool, J::String(s)) => {
-            convert_text(Some(s), ty)
-        }
-        (DataType::Any, J::Bool(b)) => Value::Bool(*b),
-        (DataType::Any, J::Number(n)) => n
-            .as_i64()
-            .map(Value::Int)
-            .or_else(|| n.as_f64().map(Value::Float))
-            .unwrap_or(Value::Null),
-        (DataType::Any, J::String(s)) => Value::Str(s.as_str().into()),
-        (DataType::Any, other) => Value::Str(other.to_string().into()),
-        _ => Value::Null,
-    }
-}
-
-fn convert_text(s: Option<&str>, ty: DataType) -> Value {
-    let Some(s) = s.map(str::trim) else {
-        return Value::Null;
-    };
-    if s.is_empty() {
-        return Value::Null;
-    }
-    match ty {
-        DataType::String | DataType::Any => Value::Str(s.into()),
-        DataType::Int => s.parse().map_or(Value::Null, Value::Int),
-        DataType::Float => s.parse().map_or(Value::Null, Value::Float),
-        DataType::Bool => match s.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" => Value::Bool(true),
-            "false" | "0" | "no" => Value::Bool(false),
-            _ => Value::Null,
-        },
-        DataType::Timestamp => parse_ts(s).map_or(Value::Null, Value::Ts),
+    pub fn skipped_records(&self) -> u64 {
+        self.files.iter().map(|f| f.skipped).sum()
     }
 }
 
@@ -401,5 +426,183 @@ mod tests {
             split_pattern("s3://b/in/*.csv"),
             ("s3://b/in".to_string(), Some("*.csv".to_string()))
         );
+    }
+
+    /// A source over `files` (name, contents) in a temp dir, subtask 0 of 1.
+    async fn source(
+        files: &[(&str, &str)],
+        spec: serde_json::Value,
+        subtask: u32,
+        parallelism: u32,
+    ) -> (tempfile::TempDir, FileSource) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let mut spec = spec;
+        spec["path"] = dir.path().to_str().unwrap().into();
+        let spec: FileSourceSpec = serde_json::from_value(spec).unwrap();
+        let schema = Schema::new(spec.schema.iter().map(|(n, t)| (n.clone(), *t)));
+        let src = FileSource::open(&spec, &schema, subtask, parallelism)
+            .await
+            .unwrap();
+        (dir, src)
+    }
+
+    fn jsonl_spec(on_bad_line: &str) -> serde_json::Value {
+        serde_json::json!({
+            "format": "jsonl",
+            "schema": {"user": "string", "n": "int", "ts": "timestamp"},
+            "eventTime": {"field": "ts"},
+            "onBadLine": on_bad_line,
+        })
+    }
+
+    /// Polls until the end; returns the records read or the first error.
+    async fn drain(src: &mut FileSource) -> Result<usize, TaskError> {
+        let mut n = 0;
+        loop {
+            match src.poll().await? {
+                Poll::Batch(b) => n += b.len(),
+                Poll::End => return Ok(n),
+                Poll::Idle(_) => {}
+            }
+        }
+    }
+
+    const GOOD: &str = "{\"user\":\"a\",\"n\":1,\"ts\":1000}\n";
+
+    #[tokio::test]
+    async fn a_bad_line_fails_permanently_naming_file_and_line() {
+        let cases = [
+            (
+                "{\"user\":\"a\",\"n\":1,\"ts\":",
+                "invalid JSON object at column",
+            ),
+            ("[1,2]", "invalid JSON object"),
+            (
+                "{\"user\":\"a\",\"n\":\"many\",\"ts\":5}",
+                "field 'n': expected int, found \"many\"",
+            ),
+            (
+                "{\"user\":\"a\",\"n\":1.5,\"ts\":5}",
+                "field 'n': expected int, found 1.5",
+            ),
+            (
+                "{\"user\":\"a\",\"n\":1}",
+                "event-time field 'ts' is missing",
+            ),
+            (
+                "{\"user\":\"a\",\"n\":1,\"ts\":\"yesterday\"}",
+                "field 'ts': expected timestamp",
+            ),
+        ];
+        for (bad, reason) in cases {
+            let text = format!("{GOOD}\n{GOOD}{bad}\n{GOOD}");
+            let (_d, mut src) = source(&[("in.jsonl", &text)], jsonl_spec("fail"), 0, 1).await;
+            let err = drain(&mut src).await.unwrap_err();
+            let TaskError::Permanent(msg) = &err else {
+                panic!("not permanent: {err:?}")
+            };
+            assert!(msg.contains("in.jsonl line 4: "), "{msg}");
+            assert!(msg.contains(reason), "{bad}: {msg}");
+            assert!(msg.contains("onBadLine"), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn skipped_lines_are_counted_in_the_checkpointed_offsets() {
+        let text = format!("{GOOD}not json\n{GOOD}{{\"n\":\"x\",\"ts\":1}}\n{GOOD}");
+        let mut bytes = text.into_bytes();
+        // A line that is not UTF-8.
+        bytes.extend_from_slice(b"\xff\xfe\n");
+        bytes.extend_from_slice(GOOD.as_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), &bytes).unwrap();
+        let mut spec = jsonl_spec("skip");
+        spec["path"] = dir.path().join("in.jsonl").to_str().unwrap().into();
+        let spec: FileSourceSpec = serde_json::from_value(spec).unwrap();
+        let schema = Schema::new(spec.schema.iter().map(|(n, t)| (n.clone(), *t)));
+        let mut src = FileSource::open(&spec, &schema, 0, 1).await.unwrap();
+        assert_eq!(drain(&mut src).await.unwrap(), 4);
+        assert_eq!(src.skipped_records(), 3);
+        assert_eq!(src.records_read(), 4);
+        let (_, offsets) = src.snapshot().unwrap();
+        let o = &offsets["file:in.jsonl"];
+        assert_eq!(o["skipped"], 3);
+        assert_eq!(o["records"], 4);
+        assert_eq!(o["position"], bytes.len());
+    }
+
+    #[tokio::test]
+    async fn csv_column_counts_and_types_are_checked() {
+        let spec = |header: bool, on_bad_line: &str| {
+            serde_json::json!({
+                "format": "csv",
+                "header": header,
+                "schema": {"user": "string", "amount": "float"},
+                "onBadLine": on_bad_line,
+            })
+        };
+        let with_header = "amount,user\n1.5,a\n2,b,extra\nlots,c\n3,d\n";
+        let (_d, mut src) = source(&[("in.csv", with_header)], spec(true, "fail"), 0, 1).await;
+        let msg = drain(&mut src).await.unwrap_err().to_string();
+        assert!(
+            msg.contains("in.csv line 3: expected 2 columns (as in the header), found 3"),
+            "{msg}"
+        );
+        let (_d, mut src) = source(&[("in.csv", with_header)], spec(true, "skip"), 0, 1).await;
+        assert_eq!(drain(&mut src).await.unwrap(), 2);
+        assert_eq!(src.skipped_records(), 2);
+
+        // (json! sorts the schema's keys: the column order is amount, user.)
+        let no_header = "1.5,a\nnan-ish,b\nc\n";
+        let (_d, mut src) = source(&[("in.csv", no_header)], spec(false, "fail"), 0, 1).await;
+        let msg = drain(&mut src).await.unwrap_err().to_string();
+        assert!(
+            msg.contains("in.csv line 2: field 'amount': expected float, found \"nan-ish\""),
+            "{msg}"
+        );
+        let (_d, mut src) = source(&[("in.csv", no_header)], spec(false, "skip"), 0, 1).await;
+        assert_eq!(drain(&mut src).await.unwrap(), 1);
+        assert_eq!(src.skipped_records(), 2);
+
+        // A header without a schema field is a spec mismatch: never skipped.
+        let (_d, mut src) =
+            source(&[("in.csv", "usr,amount\na,1\n")], spec(true, "skip"), 0, 1).await;
+        let err = drain(&mut src).await.unwrap_err();
+        assert!(matches!(err, TaskError::Permanent(_)), "{err:?}");
+        assert!(err.to_string().contains("no column 'user'"), "{err}");
+    }
+
+    /// After a restore a subtask's watermark comes from its own files, not
+    /// from files another subtask had read further (that made its unread
+    /// records late after every restore).
+    #[tokio::test]
+    async fn restore_keeps_each_subtask_watermark() {
+        let early = "{\"user\":\"a\",\"n\":1,\"ts\":1000}\n".repeat(3);
+        let late = "{\"user\":\"a\",\"n\":1,\"ts\":900000}\n".repeat(3);
+        let files = [("0.jsonl", early.as_str()), ("1.jsonl", late.as_str())];
+        let (d, mut s0) = source(&files, jsonl_spec("fail"), 0, 2).await;
+        let mut spec = jsonl_spec("fail");
+        spec["path"] = d.path().to_str().unwrap().into();
+        let spec: FileSourceSpec = serde_json::from_value(spec).unwrap();
+        let schema = Schema::new(spec.schema.iter().map(|(n, t)| (n.clone(), *t)));
+        let mut s1 = FileSource::open(&spec, &schema, 1, 2).await.unwrap();
+        drain(&mut s0).await.unwrap();
+        drain(&mut s1).await.unwrap();
+        let parts: Vec<Bytes> = [&s0, &s1]
+            .iter()
+            .map(|s| Bytes::from(s.snapshot().unwrap().0))
+            .collect();
+        let mut r0 = FileSource::open(&spec, &schema, 0, 2).await.unwrap();
+        r0.restore(&parts).unwrap();
+        assert_eq!(r0.watermark(), 999);
+        assert_eq!(r0.records_read(), 3);
+        // At parallelism 1 the one subtask has read both files.
+        let mut all = FileSource::open(&spec, &schema, 0, 1).await.unwrap();
+        all.restore(&parts).unwrap();
+        assert_eq!(all.watermark(), 899_999);
+        assert!(matches!(all.poll().await.unwrap(), Poll::End));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod generator;
+mod lines;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::batch::Batch;
+use crate::protocol::TaskError;
 
 /// What a source returns when polled.
 pub enum Poll {
@@ -29,7 +31,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub async fn poll(&mut self) -> Result<Poll, String> {
+    pub async fn poll(&mut self) -> Result<Poll, TaskError> {
         match self {
             Source::Generator(g) => Ok(g.poll()),
             Source::File(f) => f.poll().await,
@@ -65,6 +67,14 @@ impl Source {
         match self {
             Source::Generator(g) => g.records_read(),
             Source::File(f) => f.records_read(),
+        }
+    }
+
+    /// Malformed records skipped so far (including before a restore).
+    pub fn skipped_records(&self) -> u64 {
+        match self {
+            Source::Generator(_) => 0,
+            Source::File(f) => f.skipped_records(),
         }
     }
 }
