@@ -329,7 +329,11 @@ async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
             |v| v["state"] == "FINISHED",
         )
         .await;
-    assert_eq!(done["records_in"], TOTAL);
+    assert_eq!(
+        done["records_in"], TOTAL,
+        "job as the new leader reports it: {done}\nnew leader's log:\n{}",
+        r.log(&r.jms[new_leader].id)
+    );
     assert!(
         r.log(&r.jms[new_leader].id).contains("adopting job"),
         "the new leader adopted the job"

@@ -249,6 +249,9 @@ impl JobEntry {
         st.ended_at = job.ended_at;
         drop(st);
         self.state_tx.send_replace(job.state);
+        // Counters of a deployment this instance drove before it stepped
+        // down are stale now: the store's figures are the current ones.
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(Vec::new());
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
     }
 }
