@@ -330,7 +330,8 @@ async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
         )
         .await;
     assert_eq!(
-        done["records_in"], TOTAL,
+        done["records_in"],
+        TOTAL,
         "job as the new leader reports it: {done}\nnew leader's log:\n{}",
         r.log(&r.jms[new_leader].id)
     );
