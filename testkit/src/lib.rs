@@ -1,7 +1,9 @@
-//! Test fixtures: a real `nats-server` with JetStream on a free loopback
-//! port, and a TCP proxy that can black-hole a connection (a partition).
-
-#![allow(dead_code)]
+//! Test fixtures shared by every crate's integration tests: a real
+//! `nats-server` with JetStream on a free loopback port, and a TCP proxy
+//! that can black-hole a connection (a partition).
+//!
+//! Invariant: every process or task a fixture starts ends when the fixture
+//! is dropped.
 
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ fn nats_binary() -> PathBuf {
     if let Ok(p) = std::env::var("FERRY_NATS_SERVER") {
         return PathBuf::from(p);
     }
+    // scripts/test.sh installs it into the repository's .venv.
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
     if venv.exists() {
         return venv;
