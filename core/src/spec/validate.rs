@@ -4,11 +4,13 @@
 
 use std::fmt;
 
+use indexmap::IndexMap;
+
 use crate::schema::Schema;
 use crate::spec::expr::check_expr;
 use crate::spec::{
     API_VERSION, GeneratorField, JobSpec, KIND_JOB, OperatorSpec, RestartStrategy, SinkSpec,
-    SourceSpec,
+    SourceSpec, StartFrom, nats,
 };
 use crate::value::DataType;
 
@@ -360,29 +362,57 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                     format!("must be one ASCII character, found '{}'", f.delimiter),
                 );
             }
-            for (name, ty) in &f.schema {
-                check_field_name(name, &format!("{p}.schema.{name}"), &mut push);
-                schema.fields.push(crate::schema::Field {
-                    name: name.clone(),
-                    data_type: *ty,
-                });
-            }
+            declared_schema(&f.schema, p, &mut schema, &mut push);
             if let Some(et) = &f.event_time {
-                match f.schema.get(&et.field) {
-                    None => push(
-                        &format!("{p}.eventTime.field"),
-                        format!(
-                            "'{}' is not in the schema (fields: {})",
-                            et.field,
-                            schema.names().join(", ")
-                        ),
-                    ),
-                    Some(DataType::Timestamp) | Some(DataType::Int) => {}
-                    Some(other) => push(
-                        &format!("{p}.eventTime.field"),
-                        format!("'{}' must be a timestamp, but it is {other}", et.field),
-                    ),
+                check_event_time_field(&schema, &et.field, p, &mut push);
+            }
+        }
+        SourceSpec::Nats(n) => {
+            let p = "spec.source.nats";
+            if let Err(e) = nats::server_urls(&n.url) {
+                push(&format!("{p}.url"), e);
+            }
+            if let Err(e) = nats::check_stream_name(&n.stream) {
+                push(&format!("{p}.stream"), e);
+            }
+            for (i, filter) in n.subjects.iter().enumerate() {
+                if let Err(e) = nats::check_subject_filter(filter) {
+                    push(&format!("{p}.subjects[{i}]"), e);
+                    continue;
                 }
+                let earlier = n.subjects[..i].iter().enumerate().find(|(_, f)| {
+                    nats::check_subject_filter(f).is_ok() && nats::filters_overlap(f, filter)
+                });
+                if let Some((j, other)) = earlier {
+                    push(
+                        &format!("{p}.subjects[{i}]"),
+                        format!(
+                            "'{filter}' overlaps '{other}' (subjects[{j}]): a message would be read twice; make the filters disjoint"
+                        ),
+                    );
+                }
+            }
+            if n.schema.is_empty() {
+                push(
+                    &format!("{p}.schema"),
+                    "must list at least one field".into(),
+                );
+            }
+            declared_schema(&n.schema, p, &mut schema, &mut push);
+            if let Some(field) = n.event_time.as_ref().and_then(|e| e.field.as_ref()) {
+                check_event_time_field(&schema, field, p, &mut push);
+            }
+            match n.start_from {
+                StartFrom::Sequence(0) => push(
+                    &format!("{p}.startFrom.sequence"),
+                    "must be at least 1 (the first message of a stream has sequence 1)".into(),
+                ),
+                StartFrom::Latest if n.stop_at_end => push(
+                    &format!("{p}.stopAtEnd"),
+                    "with 'startFrom: latest' there is nothing to read before the end; drop one of them"
+                        .into(),
+                ),
+                _ => {}
             }
         }
     }
@@ -566,6 +596,31 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                 push("spec.sink.file.path", e.to_string());
             }
         }
+        SinkSpec::Nats(n) => {
+            let p = "spec.sink.nats";
+            if let Err(e) = nats::server_urls(&n.url) {
+                push(&format!("{p}.url"), e);
+            }
+            if let Err(e) = nats::check_stream_name(&n.stream) {
+                push(&format!("{p}.stream"), e);
+            }
+            match nats::SubjectTemplate::parse(&n.subject) {
+                Ok(t) => {
+                    for f in t.fields() {
+                        if schema.index_of(f).is_none() {
+                            push(
+                                &format!("{p}.subject"),
+                                format!(
+                                    "unknown field '{f}' in '{{{f}}}' (fields here: {})",
+                                    schema.names().join(", ")
+                                ),
+                            );
+                        }
+                    }
+                }
+                Err(e) => push(&format!("{p}.subject"), e),
+            }
+        }
         SinkSpec::Stdout(_) | SinkSpec::Blackhole(_) => {}
     }
 
@@ -577,6 +632,46 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         })
     } else {
         Err(issues)
+    }
+}
+
+/// Adds a source's declared fields to `schema`, checking their names.
+fn declared_schema(
+    fields: &IndexMap<String, DataType>,
+    source_path: &str,
+    schema: &mut Schema,
+    push: &mut impl FnMut(&str, String),
+) {
+    for (name, ty) in fields {
+        check_field_name(name, &format!("{source_path}.schema.{name}"), push);
+        schema.fields.push(crate::schema::Field {
+            name: name.clone(),
+            data_type: *ty,
+        });
+    }
+}
+
+/// An event-time field must be a declared `timestamp` or `int` field.
+fn check_event_time_field(
+    schema: &Schema,
+    field: &str,
+    source_path: &str,
+    push: &mut impl FnMut(&str, String),
+) {
+    let path = format!("{source_path}.eventTime.field");
+    match schema.field(field).map(|f| f.data_type) {
+        None => push(
+            &path,
+            format!(
+                "'{field}' is not in the schema (fields: {})",
+                schema.names().join(", ")
+            ),
+        ),
+        Some(DataType::Timestamp) | Some(DataType::Int) => {}
+        Some(other) => push(
+            &path,
+            format!("'{field}' must be a timestamp, but it is {other}"),
+        ),
     }
 }
 

@@ -337,7 +337,8 @@ impl FileSource {
     }
 }
 
-fn convert_json(v: Option<&serde_json::Value>, ty: DataType) -> Value {
+/// Converts a JSON value to a field of type `ty` (`null` when it does not fit).
+pub(crate) fn convert_json(v: Option<&serde_json::Value>, ty: DataType) -> Value {
     use serde_json::Value as J;
     let Some(v) = v else { return Value::Null };
     match (ty, v) {

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod nats;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +19,8 @@ pub enum Poll {
     Batch(Batch),
     /// Nothing now (rate limit); poll again after this long.
     Idle(Duration),
+    /// Nothing now; poll again once [`Source::ready`] returns.
+    Wait,
     /// Every partition of this subtask is exhausted.
     End,
 }
@@ -26,6 +29,7 @@ pub enum Poll {
 pub enum Source {
     Generator(generator::GeneratorSource),
     File(file::FileSource),
+    Nats(Box<nats::NatsSource>),
 }
 
 impl Source {
@@ -33,6 +37,16 @@ impl Source {
         match self {
             Source::Generator(g) => Ok(g.poll()),
             Source::File(f) => f.poll().await,
+            Source::Nats(n) => n.poll().await,
+        }
+    }
+
+    /// After [`Poll::Wait`]: resolves when input may be ready. Cancel-safe,
+    /// so a task can wait for it and for commands at once.
+    pub async fn ready(&mut self) {
+        match self {
+            Source::Nats(n) => n.ready().await,
+            Source::Generator(_) | Source::File(_) => {}
         }
     }
 
@@ -41,6 +55,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.watermark(),
             Source::File(f) => f.watermark(),
+            Source::Nats(n) => n.watermark(),
         }
     }
 
@@ -49,6 +64,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.snapshot(),
             Source::File(f) => f.snapshot(),
+            Source::Nats(n) => n.snapshot(),
         }
     }
 
@@ -57,6 +73,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.restore(parts),
             Source::File(f) => f.restore(parts),
+            Source::Nats(n) => n.restore(parts),
         }
     }
 
@@ -65,6 +82,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.records_read(),
             Source::File(f) => f.records_read(),
+            Source::Nats(n) => n.records_read(),
         }
     }
 }
