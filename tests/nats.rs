@@ -9,11 +9,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use common::*;
 use ferry_testkit::NatsServer;
-use futures::StreamExt;
-use rand::{Rng, SeedableRng};
+use ferry_testkit::jetstream::{connect, create_stream, message_id, read_stream};
+use rand::Rng;
 
 /// Event time of input record 0 (2026-01-01T00:00:00Z).
 const BASE_MS: i64 = 1_767_225_600_000;
@@ -22,8 +22,6 @@ const STEP_MS: i64 = 10;
 const USERS: u64 = 40;
 /// Subjects of the input stream, one partition each.
 const PARTITIONS: u64 = 3;
-/// Bound on each wait for NATS.
-const NATS_LIMIT: Duration = Duration::from_secs(60);
 
 /// Input record `i`: (subject, user, event time), a pure function of `i`.
 fn record(i: u64) -> (String, String, i64) {
@@ -58,19 +56,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-async fn connect(nats: &NatsServer) -> jetstream::Context {
-    jetstream::new(async_nats::connect(nats.url()).await.expect("connect"))
-}
-
-/// Creates stream `name` over `subjects`.
-async fn create_stream(js: &jetstream::Context, name: &str, subjects: &str) {
-    js.create_stream(stream::Config {
-        name: name.to_string(),
-        subjects: vec![subjects.to_string()],
-        ..Default::default()
-    })
-    .await
-    .expect("create stream");
+/// A NATS server whose stream `IN` holds records `0..n`, and a runtime to
+/// talk to it.
+fn nats_with_input(n: u64) -> (NatsServer, tokio::runtime::Runtime) {
+    let nats = NatsServer::start_unsynced();
+    let rt = runtime();
+    rt.block_on(async {
+        let js = connect(&nats).await;
+        create_stream(&js, "IN", "in.>", None).await;
+        publish_input(&js, n).await;
+    });
+    (nats, rt)
 }
 
 /// Publishes records `0..n` as JSON to stream `IN`, awaiting every ack.
@@ -87,37 +83,6 @@ async fn publish_input(js: &jetstream::Context, n: u64) {
     for a in acks {
         a.await.expect("publish ack");
     }
-}
-
-/// Every message of stream `name` as JSON, with its `Nats-Msg-Id`.
-async fn read_stream(js: &jetstream::Context, name: &str) -> Vec<(serde_json::Value, String)> {
-    let mut s = js.get_stream(name).await.expect("stream");
-    let count = s.info().await.expect("info").state.messages as usize;
-    let mut out = Vec::new();
-    if count == 0 {
-        return out;
-    }
-    let consumer = s
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("consumer");
-    let mut msgs = consumer.messages().await.expect("messages");
-    while out.len() < count {
-        let m = tokio::time::timeout(NATS_LIMIT, msgs.next())
-            .await
-            .expect("reading the output stream stalled")
-            .expect("message")
-            .expect("message");
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        let v = serde_json::from_slice(&m.payload).expect("output is JSON");
-        out.push((v, id));
-    }
-    out
 }
 
 /// The source part of the specs: stream `IN`, three subject partitions.
@@ -143,13 +108,7 @@ fn source(url: &str) -> String {
 #[test]
 fn nats_source_window_counts_equal_an_independent_count() {
     const N: u64 = 30_000;
-    let nats = NatsServer::start_unsynced();
-    let rt = runtime();
-    rt.block_on(async {
-        let js = connect(&nats).await;
-        create_stream(&js, "IN", "in.>").await;
-        publish_input(&js, N).await;
-    });
+    let (nats, _rt) = nats_with_input(N);
     let spec = format!(
         r#"apiVersion: ferry.dev/v1
 kind: Job
@@ -184,21 +143,10 @@ spec:
 fn nats_to_nats_is_exactly_once_across_repeated_sigkills() {
     const N: u64 = 300_000;
     const KILLS: u32 = 6;
-    let seed: u64 = std::env::var("FERRY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("kill schedule seed: {seed} (set FERRY_TEST_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = kill_schedule_rng();
 
-    let nats = NatsServer::start_unsynced();
-    let rt = runtime();
-    rt.block_on(async {
-        let js = connect(&nats).await;
-        create_stream(&js, "IN", "in.>").await;
-        create_stream(&js, "OUT", "out.>").await;
-        publish_input(&js, N).await;
-    });
+    let (nats, rt) = nats_with_input(N);
+    rt.block_on(async { create_stream(&connect(&nats).await, "OUT", "out.>", None).await });
     let spec = format!(
         r#"apiVersion: ferry.dev/v1
 kind: Job
@@ -245,10 +193,13 @@ spec:
     assert!(log.contains("resuming job"), "runs never resumed:\n{log}");
 
     let out = rt.block_on(async { read_stream(&connect(&nats).await, "OUT").await });
-    let rows: Vec<serde_json::Value> = out.iter().map(|(v, _)| v.clone()).collect();
+    let rows: Vec<serde_json::Value> = out
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).expect("output is JSON"))
+        .collect();
     let got = count_rows(&rows, "user", "clicks");
     let want = expected(N);
-    let mut ids: Vec<&String> = out.iter().map(|(_, id)| id).collect();
+    let mut ids: Vec<String> = out.iter().map(message_id).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), out.len(), "message ids are unique");

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use bytes::Bytes;
 use ferry_core::CheckpointId;
 use ferry_core::JobId;
@@ -20,25 +20,10 @@ use ferry_taskmanager::sink::nats::NatsSink;
 use ferry_taskmanager::source::nats::NatsSource;
 use ferry_taskmanager::source::{Poll, Source};
 use ferry_testkit::NatsServer;
-use futures::StreamExt;
+use ferry_testkit::jetstream::{connect, create_stream, message_id, read_stream};
 
 /// Bound on every wait for the server or a source.
 const LIMIT: Duration = Duration::from_secs(30);
-
-async fn jetstream(nats: &NatsServer) -> jetstream::Context {
-    jetstream::new(async_nats::connect(nats.url()).await.unwrap())
-}
-
-async fn create_stream(js: &jetstream::Context, name: &str, subjects: &str, window: Duration) {
-    js.create_stream(stream::Config {
-        name: name.to_string(),
-        subjects: vec![subjects.to_string()],
-        duplicate_window: window,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-}
 
 /// Publishes `{"n": i, "ts": i}` for `i` in `range` to `in.a` (even) and
 /// `in.b` (odd), awaiting every ack.
@@ -122,8 +107,8 @@ async fn read(src: &mut Source, mut stop: impl FnMut(usize) -> bool) -> (Vec<Bat
 #[tokio::test]
 async fn source_restores_exactly_at_its_snapshot_and_keeps_its_end() {
     let nats = NatsServer::start();
-    let js = jetstream(&nats).await;
-    create_stream(&js, "IN", "in.>", Duration::from_secs(120)).await;
+    let js = connect(&nats).await;
+    create_stream(&js, "IN", "in.>", Some(Duration::from_secs(120))).await;
     publish(&js, 0..3000).await;
 
     let spec = source_spec(&nats.url());
@@ -175,8 +160,8 @@ async fn source_restores_exactly_at_its_snapshot_and_keeps_its_end() {
 #[tokio::test]
 async fn partitions_split_by_subject_and_publish_time_is_event_time() {
     let nats = NatsServer::start();
-    let js = jetstream(&nats).await;
-    create_stream(&js, "IN", "in.>", Duration::from_secs(120)).await;
+    let js = connect(&nats).await;
+    create_stream(&js, "IN", "in.>", Some(Duration::from_secs(120))).await;
     let t0 = chrono::Utc::now().timestamp_millis();
     publish(&js, 0..200).await;
     let t1 = chrono::Utc::now().timestamp_millis();
@@ -211,8 +196,8 @@ async fn partitions_split_by_subject_and_publish_time_is_event_time() {
 #[tokio::test]
 async fn unbounded_source_waits_for_new_messages() {
     let nats = NatsServer::start();
-    let js = jetstream(&nats).await;
-    create_stream(&js, "IN", "in.>", Duration::from_secs(120)).await;
+    let js = connect(&nats).await;
+    create_stream(&js, "IN", "in.>", Some(Duration::from_secs(120))).await;
     publish(&js, 0..10).await;
     let mut spec = source_spec(&nats.url());
     spec.stop_at_end = false;
@@ -256,36 +241,14 @@ fn sink_spec(url: &str, subject: &str) -> NatsSinkSpec {
 
 /// Every message of a stream: (subject, payload, Nats-Msg-Id).
 async fn messages(js: &jetstream::Context, name: &str) -> Vec<(String, String, String)> {
-    let mut stream = js.get_stream(name).await.unwrap();
-    let count = stream.info().await.unwrap().state.messages as usize;
-    let mut out = Vec::new();
-    if count == 0 {
-        return out;
-    }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+    read_stream(js, name)
         .await
-        .unwrap();
-    let mut msgs = consumer.messages().await.unwrap();
-    while out.len() < count {
-        let m = tokio::time::timeout(LIMIT, msgs.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let id = m
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        out.push((
-            m.subject.to_string(),
-            String::from_utf8(m.payload.to_vec()).unwrap(),
-            id,
-        ));
-    }
-    out
+        .iter()
+        .map(|m| {
+            let payload = String::from_utf8(m.payload.to_vec()).unwrap();
+            (m.subject.to_string(), payload, message_id(m))
+        })
+        .collect()
 }
 
 /// A transaction becomes visible when its checkpoint completes; restoring
@@ -294,8 +257,8 @@ async fn messages(js: &jetstream::Context, name: &str) -> Vec<(String, String, S
 #[tokio::test]
 async fn sink_publishes_at_commit_and_a_replay_is_deduplicated() {
     let nats = NatsServer::start();
-    let js = jetstream(&nats).await;
-    create_stream(&js, "OUT", "out.>", Duration::from_secs(120)).await;
+    let js = connect(&nats).await;
+    create_stream(&js, "OUT", "out.>", Some(Duration::from_secs(120))).await;
     let job = JobId::new();
     let schema = out_batch(&[]).schema;
     let open = || async {
@@ -363,9 +326,9 @@ async fn sink_publishes_at_commit_and_a_replay_is_deduplicated() {
 #[tokio::test]
 async fn sink_refuses_streams_that_cannot_deduplicate_its_output() {
     let nats = NatsServer::start();
-    let js = jetstream(&nats).await;
-    create_stream(&js, "OUT", "out.>", Duration::from_secs(5)).await;
-    create_stream(&js, "OTHER", "other.>", Duration::from_secs(120)).await;
+    let js = connect(&nats).await;
+    create_stream(&js, "OUT", "out.>", Some(Duration::from_secs(5))).await;
+    create_stream(&js, "OTHER", "other.>", Some(Duration::from_secs(120))).await;
     let job = JobId::new();
     let schema = out_batch(&[]).schema;
     let err = NatsSink::open(

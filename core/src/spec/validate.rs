@@ -369,12 +369,7 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         }
         SourceSpec::Nats(n) => {
             let p = "spec.source.nats";
-            if let Err(e) = nats::server_urls(&n.url) {
-                push(&format!("{p}.url"), e);
-            }
-            if let Err(e) = nats::check_stream_name(&n.stream) {
-                push(&format!("{p}.stream"), e);
-            }
+            check_nats_endpoint(&n.url, &n.stream, p, &mut push);
             for (i, filter) in n.subjects.iter().enumerate() {
                 if let Err(e) = nats::check_subject_filter(filter) {
                     push(&format!("{p}.subjects[{i}]"), e);
@@ -598,12 +593,7 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         }
         SinkSpec::Nats(n) => {
             let p = "spec.sink.nats";
-            if let Err(e) = nats::server_urls(&n.url) {
-                push(&format!("{p}.url"), e);
-            }
-            if let Err(e) = nats::check_stream_name(&n.stream) {
-                push(&format!("{p}.stream"), e);
-            }
+            check_nats_endpoint(&n.url, &n.stream, p, &mut push);
             match nats::SubjectTemplate::parse(&n.subject) {
                 Ok(t) => {
                     for f in t.fields() {
@@ -632,6 +622,16 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         })
     } else {
         Err(issues)
+    }
+}
+
+/// The server URLs and stream name of a NATS source or sink.
+fn check_nats_endpoint(url: &str, stream: &str, path: &str, push: &mut impl FnMut(&str, String)) {
+    if let Err(e) = nats::server_urls(url) {
+        push(&format!("{path}.url"), e);
+    }
+    if let Err(e) = nats::check_stream_name(stream) {
+        push(&format!("{path}.stream"), e);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The NATS source and sink settings: a complete spec parses into the
 //! expected values, and every mistake is reported at its field path and line.
 
-use ferry_core::spec::{SinkSpec, SourceSpec, SpecError, StartFrom, parse_and_validate};
+use super::{only, parse_and_validate};
+use crate::spec::{SinkSpec, SourceSpec, StartFrom};
 
 const VALID: &str = r#"apiVersion: ferry.dev/v1
 kind: Job
@@ -32,26 +33,6 @@ fn with(from: &str, to: &str) -> String {
     VALID.replacen(from, to, 1)
 }
 
-fn problems(text: &str) -> Vec<SpecError> {
-    match parse_and_validate(text) {
-        Ok(_) => panic!("expected problems in:\n{text}"),
-        Err(e) => e.0,
-    }
-}
-
-/// Asserts exactly one problem, at `path` and `line`; returns its message.
-fn only(text: &str, path: &str, line: usize) -> String {
-    let ps = problems(text);
-    assert_eq!(
-        ps.iter()
-            .map(|e| (e.path.as_str(), e.line))
-            .collect::<Vec<_>>(),
-        vec![(path, Some(line))],
-        "{ps:#?}"
-    );
-    ps[0].message.clone()
-}
-
 #[test]
 fn valid_nats_spec_parses() {
     let spec = parse_and_validate(VALID).unwrap();
@@ -79,7 +60,7 @@ fn valid_nats_spec_parses() {
     assert!(s.subjects.is_empty() && s.event_time.is_none() && !s.stop_at_end);
     assert_eq!(s.start_from, StartFrom::Earliest);
     // The JSON Schema (`ferry schema`) describes both.
-    let schema = ferry_core::spec::JobSpec::json_schema();
+    let schema = crate::spec::JobSpec::json_schema();
     for def in [
         "NatsSourceSpec",
         "NatsSinkSpec",
