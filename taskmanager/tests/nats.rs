@@ -251,74 +251,146 @@ async fn messages(js: &jetstream::Context, name: &str) -> Vec<(String, String, S
         .collect()
 }
 
-/// A transaction becomes visible when its checkpoint completes; restoring
-/// a state that still lists it publishes it again, and JetStream drops
-/// every message of the replay as a duplicate.
-#[tokio::test]
-async fn sink_publishes_at_commit_and_a_replay_is_deduplicated() {
-    let nats = NatsServer::start();
-    let js = connect(&nats).await;
-    create_stream(&js, "OUT", "out.>", Some(Duration::from_secs(120))).await;
-    let job = JobId::new();
+/// A NATS sink subtask 0 of `job` publishing to `out.{user}` on `OUT`.
+async fn open_sink(nats: &NatsServer, job: &JobId) -> Sink {
     let schema = out_batch(&[]).schema;
-    let open = || async {
-        Sink::Nats(Box::new(
-            NatsSink::open(
-                &sink_spec(&nats.url(), "out.{user}"),
-                &schema,
-                &job,
-                0,
-                Duration::from_secs(60),
-            )
+    let spec = sink_spec(&nats.url(), "out.{user}");
+    Sink::Nats(Box::new(
+        NatsSink::open(&spec, &schema, job, 0, Duration::ZERO)
             .await
             .unwrap(),
-        ))
-    };
-    let m = TaskMetrics::default();
-    let mut sink = open().await;
-    sink.write(&out_batch(&["a", "b.c", "a"]), &m);
+    ))
+}
+
+/// What the sink publishes for `out_batch(&["a", "b.c", "a"])` as
+/// transaction `<job>-0000-00000007`: (subject, payload, message id).
+fn expected_messages(job: &JobId) -> Vec<(String, String, String)> {
+    let id = format!("{job}-0000-00000007");
+    vec![
+        (
+            "out.a".into(),
+            r#"{"user":"a","n":0}"#.into(),
+            format!("{id}-0"),
+        ),
+        (
+            "out.b_c".into(),
+            r#"{"user":"b.c","n":1}"#.into(),
+            format!("{id}-1"),
+        ),
+        (
+            "out.a".into(),
+            r#"{"user":"a","n":2}"#.into(),
+            format!("{id}-2"),
+        ),
+    ]
+}
+
+/// Writes the three records and closes them as the transaction of
+/// checkpoint 7, returning the sink's checkpoint state.
+fn stage(sink: &mut Sink) -> Bytes {
+    sink.write(&out_batch(&["a", "b.c", "a"]), &TaskMetrics::default());
     let (state, txns) = sink.snapshot(CheckpointId(7), true, 3).unwrap();
     assert_eq!(txns.len(), 1);
+    Bytes::from(state.unwrap())
+}
+
+/// A transaction becomes visible when its checkpoint completes; restoring
+/// a state that still lists it (a crash after the commit, before the next
+/// checkpoint) does not publish it again.
+#[tokio::test]
+async fn sink_publishes_at_commit_and_a_restore_does_not_repeat_it() {
+    let nats = NatsServer::start();
+    let js = connect(&nats).await;
+    create_stream(&js, "OUT", "out.>", None).await;
+    let job = JobId::new();
+    let mut sink = open_sink(&nats, &job).await;
+    let state = stage(&mut sink);
     assert!(
         messages(&js, "OUT").await.is_empty(),
         "nothing is visible before commit"
     );
     sink.commit(CheckpointId(7)).await.unwrap();
-    let first = messages(&js, "OUT").await;
-    let id = format!("{job}-0000-00000007");
-    assert_eq!(
-        first,
-        vec![
-            (
-                "out.a".to_string(),
-                r#"{"user":"a","n":0}"#.to_string(),
-                format!("{id}-0")
-            ),
-            (
-                "out.b_c".to_string(),
-                r#"{"user":"b.c","n":1}"#.to_string(),
-                format!("{id}-1")
-            ),
-            (
-                "out.a".to_string(),
-                r#"{"user":"a","n":2}"#.to_string(),
-                format!("{id}-2")
-            ),
-        ]
-    );
-    // A crash after the commit, before a later checkpoint: the restored
-    // state still lists transaction 7, which is published again.
-    let mut restored = open().await;
-    let out = restored
-        .restore(&[(0, Bytes::from(state.unwrap()))], 0, 1)
+    assert_eq!(messages(&js, "OUT").await, expected_messages(&job));
+    let out = open_sink(&nats, &job)
+        .await
+        .restore(&[(0, state)], 0, 1)
         .await
         .unwrap();
     assert_eq!(out, 3);
-    assert_eq!(
-        messages(&js, "OUT").await,
-        first,
-        "the replay was dropped as duplicates"
-    );
+    assert_eq!(messages(&js, "OUT").await, expected_messages(&job));
+}
+
+/// A crash in the middle of publishing a transaction: the restore publishes
+/// all of it again and JetStream drops the part it already had.
+#[tokio::test]
+async fn a_transaction_cut_short_by_a_crash_is_completed_without_duplicates() {
+    let nats = NatsServer::start();
+    let js = connect(&nats).await;
+    create_stream(&js, "OUT", "out.>", None).await;
+    let job = JobId::new();
+    let state = stage(&mut open_sink(&nats, &job).await);
+    // What the crashed commit got out: the first two messages.
+    for (subject, payload, id) in &expected_messages(&job)[..2] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        js.publish_with_headers(subject.clone(), headers, payload.clone().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    open_sink(&nats, &job)
+        .await
+        .restore(&[(0, state)], 0, 1)
+        .await
+        .unwrap();
+    assert_eq!(messages(&js, "OUT").await, expected_messages(&job));
+}
+
+/// Resuming long after the commit (a savepoint, a restart after a long
+/// outage), when the duplicate window no longer covers the transaction, does
+/// not publish it twice either.
+#[tokio::test]
+async fn a_restore_after_the_duplicate_window_does_not_repeat_a_transaction() {
+    let nats = NatsServer::start();
+    let js = connect(&nats).await;
+    create_stream(&js, "OUT", "out.>", Some(Duration::from_secs(1))).await;
+    let job = JobId::new();
+    let mut sink = open_sink(&nats, &job).await;
+    let state = stage(&mut sink);
+    sink.commit(CheckpointId(7)).await.unwrap();
+    // Wait until JetStream forgets ids published after the commit: a probe
+    // published now is accepted again (not a duplicate) only then.
+    let probe = || async {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", "probe");
+        let ack = js
+            .publish_with_headers("out.probe", headers, "{}".into())
+            .await
+            .unwrap();
+        ack.await.unwrap().duplicate
+    };
+    assert!(!probe().await);
+    let forgotten = async {
+        while probe().await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(LIMIT, forgotten)
+        .await
+        .expect("the duplicate window never passed");
+
+    open_sink(&nats, &job)
+        .await
+        .restore(&[(0, state)], 0, 1)
+        .await
+        .unwrap();
+    let out: Vec<_> = messages(&js, "OUT")
+        .await
+        .into_iter()
+        .filter(|(subject, ..)| subject != "out.probe")
+        .collect();
+    assert_eq!(out, expected_messages(&job));
 }
 
 /// The sink refuses a stream whose duplicate window is too short for a

@@ -125,7 +125,7 @@ impl Sink {
                 f.remove_stale_staging();
                 f.commit(CheckpointId(u64::MAX)).await?;
             }
-            Sink::Nats(n) => n.commit(CheckpointId(u64::MAX)).await?,
+            Sink::Nats(n) => n.recommit().await?,
             Sink::Stdout | Sink::Blackhole => {}
         }
         Ok(records)

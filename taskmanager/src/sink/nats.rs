@@ -5,9 +5,18 @@
 //! at the barrier it is closed and its messages become part of the sink's
 //! checkpoint state; when the checkpoint completes they are published, each
 //! with the header `Nats-Msg-Id: <job id>-<subtask>-<checkpoint>-<index>`,
-//! and every publish ack is awaited. A restore publishes the pending
-//! transactions of the restored state again with the same ids, and
-//! JetStream drops the ones it already stored.
+//! and every publish ack is awaited.
+//!
+//! A restore publishes the pending transactions of the restored state again
+//! with the same ids, and JetStream drops the messages it already stored
+//! (within its duplicate window). A transaction the stream provably holds in
+//! full is not published again at all: the last message on the subject of
+//! the transaction's last message is that message, or one of a later
+//! transaction of the same subtask (transactions are published in order, one
+//! after the other). So resuming a savepoint, or restarting long after a
+//! crash, does not depend on the duplicate window; only a transaction cut
+//! short by a crash and replayed after the window has passed can repeat its
+//! already-published part.
 //!
 //! Why publish at commit rather than as records arrive: an id is only a
 //! safe deduplication key if a replay produces the same record under the
@@ -33,6 +42,7 @@ use async_nats::HeaderMap;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream;
 use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use ferry_core::manifest::SinkTransaction;
 use ferry_core::schema::Schema;
@@ -50,9 +60,10 @@ const MAX_IN_FLIGHT: usize = 512;
 const RESTART_SLACK: Duration = Duration::from_secs(10);
 
 /// The shortest duplicate window that deduplicates a replay of `spec`'s
-/// sink: a transaction is published again at most about one checkpoint
-/// interval (until the next checkpoint drops it from the state) plus one
-/// restart after it was first published.
+/// sink: a transaction that a restore cannot prove complete (cut short by a
+/// crash) is published again at most about one checkpoint interval (until
+/// the next checkpoint drops it from the state) plus one restart after it
+/// was first published.
 pub fn min_duplicate_window(spec: &JobSpec) -> Duration {
     spec.spec.checkpointing.interval.get()
         + spec.spec.restart_strategy.longest_delay()
@@ -91,6 +102,7 @@ enum Part {
 pub struct NatsSink {
     js: jetstream::Context,
     stream: String,
+    handle: jetstream::stream::Stream,
     subject: Subject,
     /// `<job id>-<subtask>`: the start of this subtask's transaction ids.
     txn_prefix: String,
@@ -113,8 +125,8 @@ impl NatsSink {
         min_window: Duration,
     ) -> Result<Self, String> {
         let js = crate::nats::connect(&spec.url, &format!("ferry-sink-{subtask}")).await?;
-        let mut stream = crate::nats::stream(&js, &spec.stream, &spec.url).await?;
-        let window = stream
+        let mut handle = crate::nats::stream(&js, &spec.stream, &spec.url).await?;
+        let window = handle
             .info()
             .await
             .map_err(|e| format!("reading stream '{}' info: {e}", spec.stream))?
@@ -152,6 +164,7 @@ impl NatsSink {
         Ok(Self {
             js,
             stream: spec.stream.clone(),
+            handle,
             subject,
             txn_prefix: format!("{job}-{subtask:04}"),
             subtask,
@@ -246,6 +259,54 @@ impl NatsSink {
         Ok(())
     }
 
+    /// After a restore: publishes the restored pending transactions, except
+    /// those the stream already holds in full.
+    pub async fn recommit(&mut self) -> Result<(), String> {
+        let keys: Vec<(u64, String)> = self.pending.keys().cloned().collect();
+        for key in keys {
+            let msgs = &self.pending[&key];
+            if self.already_published(&key.1, msgs).await? {
+                tracing::info!(txn = %key.1, "transaction already published; not publishing it again");
+            } else {
+                self.publish(&key.1, msgs).await?;
+            }
+            self.pending.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Whether the stream provably holds every message of transaction
+    /// `txn`: the newest message on its last message's subject is that
+    /// message or one of a later transaction of the same subtask (a
+    /// transaction is published only after the one before it was
+    /// acknowledged in full). Anything else, e.g. another publisher's newer
+    /// message on that subject, counts as "not known" and the transaction is
+    /// published again (deduplicated within the duplicate window).
+    async fn already_published(&self, txn: &str, msgs: &[Msg]) -> Result<bool, String> {
+        let (Some(last), Some((prefix, cp))) = (msgs.last(), parse_txn_id(txn)) else {
+            return Ok(false);
+        };
+        let stored = match self
+            .handle
+            .get_last_raw_message_by_subject(&last.subject)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(false),
+            Err(e) => {
+                return Err(format!(
+                    "reading the last message on '{}' of stream '{}' failed: {e}",
+                    last.subject, self.stream
+                ));
+            }
+        };
+        let newest = stored
+            .headers
+            .get(NATS_MESSAGE_ID)
+            .and_then(|v| parse_msg_id(v.as_str()));
+        Ok(newest.is_some_and(|(p, c, i)| p == prefix && (c, i) >= (cp, msgs.len() as u64 - 1)))
+    }
+
     #[tracing::instrument(skip(self, msgs), fields(messages = msgs.len()))]
     async fn publish(&self, txn: &str, msgs: &[Msg]) -> Result<(), String> {
         let mut in_flight: VecDeque<PublishAckFuture> = VecDeque::new();
@@ -301,5 +362,38 @@ impl NatsSink {
         }
         self.open.extend(st.open);
         Ok(st.records_out)
+    }
+}
+
+/// `<job>-<subtask>-<checkpoint>` → (`<job>-<subtask>`, checkpoint).
+fn parse_txn_id(txn: &str) -> Option<(&str, u64)> {
+    let (prefix, cp) = txn.rsplit_once('-')?;
+    Some((prefix, cp.parse().ok()?))
+}
+
+/// `<job>-<subtask>-<checkpoint>-<index>` → (`<job>-<subtask>`, checkpoint, index).
+fn parse_msg_id(id: &str) -> Option<(&str, u64, u64)> {
+    let (txn, index) = id.rsplit_once('-')?;
+    let (prefix, cp) = parse_txn_id(txn)?;
+    Some((prefix, cp, index.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_back() {
+        let job = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            parse_msg_id(&format!("{job}-0003-00000012-7")),
+            Some((format!("{job}-0003").as_str(), 12, 7))
+        );
+        assert_eq!(
+            parse_txn_id(&format!("{job}-0003-123456789")),
+            Some((format!("{job}-0003").as_str(), 123_456_789))
+        );
+        assert_eq!(parse_msg_id("not-an-id"), None);
+        assert_eq!(parse_msg_id("x"), None);
     }
 }
