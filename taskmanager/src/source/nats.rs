@@ -317,7 +317,7 @@ impl NatsSource {
         let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload)
             .map_err(|e| {
                 format!(
-                    "stream '{}' sequence {seq}: invalid JSON: {e}; fix or delete that message (`nats stream rmm {} {seq}`)",
+                    "stream '{}' sequence {seq}: the payload is not a JSON object ({e}); fix or delete that message (`nats stream rmm {} {seq}`)",
                     self.spec.stream, self.spec.stream
                 )
             })?;

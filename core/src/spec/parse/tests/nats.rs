@@ -205,3 +205,17 @@ fn sink_mistakes_are_located() {
     );
     assert!(m.contains("empty server"), "{m}");
 }
+
+/// The job store keeps specs as `to_yaml` writes them; NATS settings
+/// (including `startFrom` in both forms) read back unchanged.
+#[test]
+fn nats_specs_written_by_to_yaml_read_back() {
+    for text in [
+        VALID.to_string(),
+        with("{sequence: 5}", "earliest").replace("stopAtEnd: true", "stopAtEnd: false"),
+    ] {
+        let spec = parse_and_validate(&text).unwrap();
+        let yaml = spec.to_yaml();
+        assert_eq!(parse_and_validate(&yaml).unwrap(), spec, "{yaml}");
+    }
+}
