@@ -1,7 +1,7 @@
-//! Settings of the NATS JetStream source and sink, and the subject rules
-//! that validation and the runtime share: server URLs, stream names,
-//! subject filters (and whether two of them overlap), and sink subject
-//! templates.
+//! Settings of the NATS JetStream source and sink, their validation, and
+//! the subject rules that validation and the runtime share: server URLs,
+//! stream names, subject filters (and whether two of them overlap), and
+//! sink subject templates.
 //!
 //! Invariant: a template or filter that passed these checks renders or
 //! matches only valid NATS subjects, so the runtime never publishes to a
@@ -11,6 +11,7 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::schema::Schema;
 use crate::spec::DurationSpec;
 use crate::value::DataType;
 
@@ -101,6 +102,76 @@ pub struct NatsSinkSpec {
     /// its duplicate window is long enough for a replay to be deduplicated,
     /// and that every publish lands in it.
     pub stream: String,
+}
+
+/// Checks the NATS-specific settings of a source at `path` (the schema and
+/// event-time field are checked like every source's).
+pub(crate) fn check_source(n: &NatsSourceSpec, path: &str, push: &mut impl FnMut(&str, String)) {
+    check_endpoint(&n.url, &n.stream, path, push);
+    for (i, filter) in n.subjects.iter().enumerate() {
+        if let Err(e) = check_subject_filter(filter) {
+            push(&format!("{path}.subjects[{i}]"), e);
+            continue;
+        }
+        let earlier = n.subjects[..i]
+            .iter()
+            .enumerate()
+            .find(|(_, f)| check_subject_filter(f).is_ok() && filters_overlap(f, filter));
+        if let Some((j, other)) = earlier {
+            push(
+                &format!("{path}.subjects[{i}]"),
+                format!(
+                    "'{filter}' overlaps '{other}' (subjects[{j}]): a message would be read twice; make the filters disjoint"
+                ),
+            );
+        }
+    }
+    match n.start_from {
+        StartFrom::Sequence(0) => push(
+            &format!("{path}.startFrom.sequence"),
+            "must be at least 1 (the first message of a stream has sequence 1)".into(),
+        ),
+        StartFrom::Latest if n.stop_at_end => push(
+            &format!("{path}.stopAtEnd"),
+            "with 'startFrom: latest' there is nothing to read before the end; drop one of them"
+                .into(),
+        ),
+        _ => {}
+    }
+}
+
+/// Checks a sink at `path` whose input records have `schema`.
+pub(crate) fn check_sink(
+    n: &NatsSinkSpec,
+    schema: &Schema,
+    path: &str,
+    push: &mut impl FnMut(&str, String),
+) {
+    check_endpoint(&n.url, &n.stream, path, push);
+    match SubjectTemplate::parse(&n.subject) {
+        Ok(t) => {
+            for f in t.fields().filter(|f| schema.index_of(f).is_none()) {
+                push(
+                    &format!("{path}.subject"),
+                    format!(
+                        "unknown field '{f}' in '{{{f}}}' (fields here: {})",
+                        schema.names().join(", ")
+                    ),
+                );
+            }
+        }
+        Err(e) => push(&format!("{path}.subject"), e),
+    }
+}
+
+/// The server URLs and stream name of a source or sink.
+fn check_endpoint(url: &str, stream: &str, path: &str, push: &mut impl FnMut(&str, String)) {
+    if let Err(e) = server_urls(url) {
+        push(&format!("{path}.url"), e);
+    }
+    if let Err(e) = check_stream_name(stream) {
+        push(&format!("{path}.stream"), e);
+    }
 }
 
 /// Splits a comma-separated server list, checking each URL.

@@ -10,7 +10,7 @@ use crate::schema::Schema;
 use crate::spec::expr::check_expr;
 use crate::spec::{
     API_VERSION, GeneratorField, JobSpec, KIND_JOB, OperatorSpec, RestartStrategy, SinkSpec,
-    SourceSpec, StartFrom, nats,
+    SourceSpec, nats,
 };
 use crate::value::DataType;
 
@@ -350,12 +350,6 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             if let Err(e) = crate::storage::StorageLocation::parse(&f.path) {
                 push(&format!("{p}.path"), e.to_string());
             }
-            if f.schema.is_empty() {
-                push(
-                    &format!("{p}.schema"),
-                    "must list at least one field".into(),
-                );
-            }
             if f.delimiter.chars().count() != 1 || !f.delimiter.is_ascii() {
                 push(
                     &format!("{p}.delimiter"),
@@ -369,45 +363,10 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         }
         SourceSpec::Nats(n) => {
             let p = "spec.source.nats";
-            check_nats_endpoint(&n.url, &n.stream, p, &mut push);
-            for (i, filter) in n.subjects.iter().enumerate() {
-                if let Err(e) = nats::check_subject_filter(filter) {
-                    push(&format!("{p}.subjects[{i}]"), e);
-                    continue;
-                }
-                let earlier = n.subjects[..i].iter().enumerate().find(|(_, f)| {
-                    nats::check_subject_filter(f).is_ok() && nats::filters_overlap(f, filter)
-                });
-                if let Some((j, other)) = earlier {
-                    push(
-                        &format!("{p}.subjects[{i}]"),
-                        format!(
-                            "'{filter}' overlaps '{other}' (subjects[{j}]): a message would be read twice; make the filters disjoint"
-                        ),
-                    );
-                }
-            }
-            if n.schema.is_empty() {
-                push(
-                    &format!("{p}.schema"),
-                    "must list at least one field".into(),
-                );
-            }
+            nats::check_source(n, p, &mut push);
             declared_schema(&n.schema, p, &mut schema, &mut push);
             if let Some(field) = n.event_time.as_ref().and_then(|e| e.field.as_ref()) {
                 check_event_time_field(&schema, field, p, &mut push);
-            }
-            match n.start_from {
-                StartFrom::Sequence(0) => push(
-                    &format!("{p}.startFrom.sequence"),
-                    "must be at least 1 (the first message of a stream has sequence 1)".into(),
-                ),
-                StartFrom::Latest if n.stop_at_end => push(
-                    &format!("{p}.stopAtEnd"),
-                    "with 'startFrom: latest' there is nothing to read before the end; drop one of them"
-                        .into(),
-                ),
-                _ => {}
             }
         }
     }
@@ -592,24 +551,7 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             }
         }
         SinkSpec::Nats(n) => {
-            let p = "spec.sink.nats";
-            check_nats_endpoint(&n.url, &n.stream, p, &mut push);
-            match nats::SubjectTemplate::parse(&n.subject) {
-                Ok(t) => {
-                    for f in t.fields() {
-                        if schema.index_of(f).is_none() {
-                            push(
-                                &format!("{p}.subject"),
-                                format!(
-                                    "unknown field '{f}' in '{{{f}}}' (fields here: {})",
-                                    schema.names().join(", ")
-                                ),
-                            );
-                        }
-                    }
-                }
-                Err(e) => push(&format!("{p}.subject"), e),
-            }
+            nats::check_sink(n, &schema, "spec.sink.nats", &mut push);
         }
         SinkSpec::Stdout(_) | SinkSpec::Blackhole(_) => {}
     }
@@ -625,23 +567,20 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
     }
 }
 
-/// The server URLs and stream name of a NATS source or sink.
-fn check_nats_endpoint(url: &str, stream: &str, path: &str, push: &mut impl FnMut(&str, String)) {
-    if let Err(e) = nats::server_urls(url) {
-        push(&format!("{path}.url"), e);
-    }
-    if let Err(e) = nats::check_stream_name(stream) {
-        push(&format!("{path}.stream"), e);
-    }
-}
-
-/// Adds a source's declared fields to `schema`, checking their names.
+/// Adds a source's declared fields to `schema`, checking that there are
+/// some and their names.
 fn declared_schema(
     fields: &IndexMap<String, DataType>,
     source_path: &str,
     schema: &mut Schema,
     push: &mut impl FnMut(&str, String),
 ) {
+    if fields.is_empty() {
+        push(
+            &format!("{source_path}.schema"),
+            "must list at least one field".into(),
+        );
+    }
     for (name, ty) in fields {
         check_field_name(name, &format!("{source_path}.schema.{name}"), push);
         schema.fields.push(crate::schema::Field {
