@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const SPEC: &str = r#"
 apiVersion: ferry.dev/v1
@@ -37,12 +37,7 @@ spec:
 #[test]
 fn output_is_exactly_once_across_repeated_sigkills() {
     let w = Workdir::new(SPEC);
-    let seed: u64 = std::env::var("FERRY_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("kill schedule seed: {seed} (set FERRY_TEST_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = kill_schedule_rng();
 
     let mut kills = 0;
     let mut finished_early = false;

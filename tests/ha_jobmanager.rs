@@ -6,8 +6,6 @@
 //! completed checkpoints of the job interleaved).
 
 mod common;
-#[path = "../ha/tests/common/mod.rs"]
-mod nats;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nats::{FaultProxy, NatsCluster, NatsServer, free_port};
+use ferry_testkit::{FaultProxy, NatsCluster, NatsServer, free_port};
 use serde_json::Value;
 
 /// A bounded job that runs ~8 s: long enough to lose its leader mid-run.

@@ -3,18 +3,16 @@
 //! leader cut off from NATS stepping down before anyone else can lead, and
 //! membership.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{FaultProxy, NatsServer};
 use ferry_ha::nats::NatsKv;
 use ferry_ha::{
     Coordination, Elector, ElectorConfig, Epoch, HaError, Member, Membership, MembershipConfig,
     Role,
 };
+use ferry_testkit::{FaultProxy, NatsServer, free_port};
 use tokio_util::sync::CancellationToken;
 
 async fn kv(url: &str, bucket: &str, max_age: Duration) -> Arc<dyn Coordination> {
@@ -194,7 +192,7 @@ async fn members_appear_and_leave() {
         id: id.into(),
         role: role.into(),
         region: "r1".into(),
-        address: format!("127.0.0.1:{}", common::free_port()),
+        address: format!("127.0.0.1:{}", free_port()),
         slots: 2,
         started_at: chrono::Utc::now(),
     };

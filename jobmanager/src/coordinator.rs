@@ -119,7 +119,7 @@ pub(crate) async fn drive(
             }
         };
         let started = Instant::now();
-        let outcome = match deploy(&plan, restored.as_ref(), &job.id.short()).await {
+        let outcome = match deploy(&plan, restored.as_ref(), &job.id).await {
             Ok(mut deployed) => {
                 *job.live.lock().unwrap_or_else(|p| p.into_inner()) =
                     Arc::new(deployed.metrics.clone());

@@ -1,11 +1,12 @@
 //! Ferry's streaming runtime: sources, operators (filter, map, windows),
-//! sinks, checkpoint barriers and state snapshots, and the tasks that run
+//! sinks (files, NATS JetStream, ...), checkpoint barriers and state snapshots, and the tasks that run
 //! them. The JobManager deploys jobs through [`runtime::deploy`] and talks to
 //! tasks with the messages in [`protocol`].
 
 pub mod batch;
 pub mod expr;
 pub mod metrics;
+pub mod nats;
 pub mod operator;
 pub mod protocol;
 pub mod runtime;

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferry_core::JobId;
 use ferry_core::manifest::VerifiedCheckpoint;
 use ferry_core::spec::{JobSpec, OperatorSpec, SchemaFlow, SinkSpec, SourceSpec};
 use ferry_core::storage::StorageLocation;
@@ -18,9 +19,11 @@ use crate::operator::filter::Filter;
 use crate::operator::map::Map;
 use crate::operator::window::Window;
 use crate::protocol::{Msg, TaskCommand, TaskError, TaskEvent, TaskId};
+use crate::sink::nats::{NatsSink, min_duplicate_window};
 use crate::sink::{FileSink, SINK_STATE, Sink};
 use crate::source::Source;
 use crate::source::generator::{GeneratorModel, GeneratorSource};
+use crate::source::nats::NatsSource;
 use crate::task::{Chain, Output, TaskContext, run_downstream_task, run_source_task};
 
 /// Batches in flight per channel between two tasks (backpressure bound).
@@ -195,17 +198,21 @@ fn parts_of(cp: Option<&VerifiedCheckpoint>, operator: &str) -> Vec<(u32, Bytes)
         .collect()
 }
 
-/// Starts every task of `plan`, restoring from `restore` if given.
-/// `part_prefix` makes the file sink's part names unique to the job.
+/// Starts every task of `plan`, restoring from `restore` if given. `job`
+/// makes sink output names (file parts, NATS message ids) unique to the job.
 pub async fn deploy(
     plan: &JobPlan,
     restore: Option<&VerifiedCheckpoint>,
-    part_prefix: &str,
+    job: &JobId,
 ) -> Result<DeployedJob, String> {
+    let part_prefix = job.short();
     let p = plan.parallelism;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    // A deployment that fails half-way (a sink or source cannot open) stops
+    // the tasks it already started instead of leaving them running.
+    let started = cancel.clone().drop_guard();
     let uploads = tasks.clone();
     let mut sources = Vec::new();
     let mut all = Vec::new();
@@ -213,7 +220,7 @@ pub async fn deploy(
 
     let gen_model = match &plan.spec.spec.source {
         SourceSpec::Generator(g) => Some(Arc::new(GeneratorModel::new(g, p, &plan.flow.source)?)),
-        SourceSpec::File(_) => None,
+        SourceSpec::File(_) | SourceSpec::Nats(_) => None,
     };
     let sink_loc = match &plan.spec.spec.sink {
         SinkSpec::File(f) => Some(StorageLocation::open(&f.path).map_err(|e| e.to_string())?),
@@ -275,8 +282,18 @@ pub async fn deploy(
             } else {
                 let mut sink = match (&plan.spec.spec.sink, &sink_loc) {
                     (SinkSpec::File(_), Some(loc)) => {
-                        Sink::File(FileSink::new(loc.clone(), part_prefix, j))
+                        Sink::File(FileSink::new(loc.clone(), &part_prefix, j))
                     }
+                    (SinkSpec::Nats(n), _) => Sink::Nats(Box::new(
+                        NatsSink::open(
+                            n,
+                            plan.flow.sink_schema(),
+                            job,
+                            j,
+                            min_duplicate_window(&plan.spec),
+                        )
+                        .await?,
+                    )),
                     (SinkSpec::Stdout(_), _) => Sink::Stdout,
                     _ => Sink::Blackhole,
                 };
@@ -318,6 +335,9 @@ pub async fn deploy(
                     SourceSpec::File(f) => Source::File(
                         crate::source::file::FileSource::open(f, &plan.flow.source, j, p).await?,
                     ),
+                    SourceSpec::Nats(n) => Source::Nats(Box::new(
+                        NatsSource::open(n, &plan.flow.source, j, p).await?,
+                    )),
                 };
                 let parts: Vec<Bytes> = parts_of(restore, "source")
                     .into_iter()
@@ -348,6 +368,7 @@ pub async fn deploy(
             metrics.push((id, m));
         }
     }
+    started.disarm();
     Ok(DeployedJob {
         sources,
         all,

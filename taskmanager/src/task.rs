@@ -356,6 +356,23 @@ pub async fn run_source_task(
                     }
                 }
             }
+            Poll::Wait => {
+                let cmd = tokio::select! {
+                    _ = source.ready() => None,
+                    cmd = ctx.commands.recv() => Some(cmd),
+                };
+                match cmd {
+                    None => {}
+                    Some(Some(cmd)) => {
+                        if let Next::Stop =
+                            on_command(&ctx, cmd, Some(&source), &mut chain, &mut stop_at).await?
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Some(None) => return Ok(()),
+                }
+            }
             Poll::End => {
                 ended = true;
                 chain.watermark(i64::MAX).await?;

@@ -111,6 +111,18 @@ impl Workdir {
     }
 }
 
+/// The random source of a crash test's kill schedule, seeded from
+/// `FERRY_TEST_SEED` when set (the seed is printed, so a failure replays).
+pub fn kill_schedule_rng() -> rand::rngs::StdRng {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("FERRY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random());
+    eprintln!("kill schedule seed: {seed} (set FERRY_TEST_SEED to replay)");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
 /// Waits for a child to exit within `limit`, killing it (and failing) if not.
 pub fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
     let start = Instant::now();

@@ -8,6 +8,7 @@
 
 mod duration;
 pub mod expr;
+pub mod nats;
 mod parse;
 mod validate;
 
@@ -16,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use duration::DurationSpec;
+pub use nats::{NatsEventTime, NatsFormat, NatsSinkSpec, NatsSourceSpec, StartFrom};
 pub use parse::{SpecError, SpecErrors, SpecFormat, parse_and_validate, parse_spec};
 pub use validate::{
     AggregateFn, Aggregation, Issue, SchemaFlow, WINDOW_END, WINDOW_START, output_schemas,
@@ -168,6 +170,20 @@ fn default_attempts() -> u32 {
     3
 }
 
+impl RestartStrategy {
+    /// The longest wait before a restart this strategy can choose (jitter
+    /// included); zero when it never restarts.
+    pub fn longest_delay(&self) -> std::time::Duration {
+        match self {
+            RestartStrategy::ExponentialDelay {
+                max_delay, jitter, ..
+            } => max_delay.get().mul_f64(1.0 + jitter.clamp(0.0, 1.0)),
+            RestartStrategy::FixedAttempts { delay, .. } => delay.get(),
+            RestartStrategy::None => std::time::Duration::ZERO,
+        }
+    }
+}
+
 impl Default for RestartStrategy {
     fn default() -> Self {
         RestartStrategy::ExponentialDelay {
@@ -186,6 +202,8 @@ impl Default for RestartStrategy {
 pub enum SourceSpec {
     Generator(GeneratorSpec),
     File(FileSourceSpec),
+    /// A NATS JetStream stream (offset = stream sequence).
+    Nats(NatsSourceSpec),
 }
 
 /// A deterministic, partitioned, replayable generator of records.
@@ -423,6 +441,9 @@ pub enum SinkSpec {
     Stdout(EmptySpec),
     /// Count and drop (for benchmarks).
     Blackhole(EmptySpec),
+    /// Exactly-once (within the stream's duplicate window) JSON messages on
+    /// a NATS JetStream stream, published when their checkpoint completes.
+    Nats(NatsSinkSpec),
 }
 
 /// Settings of the file sink.

@@ -4,11 +4,13 @@
 
 use std::fmt;
 
+use indexmap::IndexMap;
+
 use crate::schema::Schema;
 use crate::spec::expr::check_expr;
 use crate::spec::{
     API_VERSION, GeneratorField, JobSpec, KIND_JOB, OperatorSpec, RestartStrategy, SinkSpec,
-    SourceSpec,
+    SourceSpec, nats,
 };
 use crate::value::DataType;
 
@@ -348,41 +350,23 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             if let Err(e) = crate::storage::StorageLocation::parse(&f.path) {
                 push(&format!("{p}.path"), e.to_string());
             }
-            if f.schema.is_empty() {
-                push(
-                    &format!("{p}.schema"),
-                    "must list at least one field".into(),
-                );
-            }
             if f.delimiter.chars().count() != 1 || !f.delimiter.is_ascii() {
                 push(
                     &format!("{p}.delimiter"),
                     format!("must be one ASCII character, found '{}'", f.delimiter),
                 );
             }
-            for (name, ty) in &f.schema {
-                check_field_name(name, &format!("{p}.schema.{name}"), &mut push);
-                schema.fields.push(crate::schema::Field {
-                    name: name.clone(),
-                    data_type: *ty,
-                });
-            }
+            declared_schema(&f.schema, p, &mut schema, &mut push);
             if let Some(et) = &f.event_time {
-                match f.schema.get(&et.field) {
-                    None => push(
-                        &format!("{p}.eventTime.field"),
-                        format!(
-                            "'{}' is not in the schema (fields: {})",
-                            et.field,
-                            schema.names().join(", ")
-                        ),
-                    ),
-                    Some(DataType::Timestamp) | Some(DataType::Int) => {}
-                    Some(other) => push(
-                        &format!("{p}.eventTime.field"),
-                        format!("'{}' must be a timestamp, but it is {other}", et.field),
-                    ),
-                }
+                check_event_time_field(&schema, &et.field, p, &mut push);
+            }
+        }
+        SourceSpec::Nats(n) => {
+            let p = "spec.source.nats";
+            nats::check_source(n, p, &mut push);
+            declared_schema(&n.schema, p, &mut schema, &mut push);
+            if let Some(field) = n.event_time.as_ref().and_then(|e| e.field.as_ref()) {
+                check_event_time_field(&schema, field, p, &mut push);
             }
         }
     }
@@ -566,6 +550,9 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                 push("spec.sink.file.path", e.to_string());
             }
         }
+        SinkSpec::Nats(n) => {
+            nats::check_sink(n, &schema, "spec.sink.nats", &mut push);
+        }
         SinkSpec::Stdout(_) | SinkSpec::Blackhole(_) => {}
     }
 
@@ -577,6 +564,53 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         })
     } else {
         Err(issues)
+    }
+}
+
+/// Adds a source's declared fields to `schema`, checking that there are
+/// some and their names.
+fn declared_schema(
+    fields: &IndexMap<String, DataType>,
+    source_path: &str,
+    schema: &mut Schema,
+    push: &mut impl FnMut(&str, String),
+) {
+    if fields.is_empty() {
+        push(
+            &format!("{source_path}.schema"),
+            "must list at least one field".into(),
+        );
+    }
+    for (name, ty) in fields {
+        check_field_name(name, &format!("{source_path}.schema.{name}"), push);
+        schema.fields.push(crate::schema::Field {
+            name: name.clone(),
+            data_type: *ty,
+        });
+    }
+}
+
+/// An event-time field must be a declared `timestamp` or `int` field.
+fn check_event_time_field(
+    schema: &Schema,
+    field: &str,
+    source_path: &str,
+    push: &mut impl FnMut(&str, String),
+) {
+    let path = format!("{source_path}.eventTime.field");
+    match schema.field(field).map(|f| f.data_type) {
+        None => push(
+            &path,
+            format!(
+                "'{field}' is not in the schema (fields: {})",
+                schema.names().join(", ")
+            ),
+        ),
+        Some(DataType::Timestamp) | Some(DataType::Int) => {}
+        Some(other) => push(
+            &path,
+            format!("'{field}' must be a timestamp, but it is {other}"),
+        ),
     }
 }
 

@@ -6,8 +6,12 @@
 //! when the checkpoint completes, the transaction is committed by a
 //! create-only put of a part file with a deterministic name. A restore
 //! commits every pending transaction of the restored state again, which is a
-//! no-op for those already committed. `stdout` (at-least-once) and
-//! `blackhole` are for demos and benchmarks.
+//! no-op for those already committed. The NATS JetStream sink ([`nats`])
+//! follows the same protocol, publishing a transaction when its checkpoint
+//! completes. `stdout` (at-least-once) and `blackhole` are for demos and
+//! benchmarks.
+
+pub mod nats;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -28,6 +32,7 @@ pub const SINK_STATE: &str = "sink";
 /// A sink subtask.
 pub enum Sink {
     File(FileSink),
+    Nats(Box<nats::NatsSink>),
     Stdout,
     Blackhole,
 }
@@ -39,6 +44,7 @@ impl Sink {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         match self {
             Sink::File(f) => f.write(batch),
+            Sink::Nats(n) => n.write(batch),
             Sink::Stdout => {
                 let mut s = String::with_capacity(batch.len() * 64);
                 for i in 0..batch.len() {
@@ -63,6 +69,10 @@ impl Sink {
     ) -> Result<(Option<Vec<u8>>, Vec<SinkTransaction>), String> {
         match self {
             Sink::File(f) => f.snapshot(cp, close_txn, records_out),
+            Sink::Nats(n) => {
+                let (bytes, txns) = n.snapshot(cp, close_txn, records_out)?;
+                Ok((Some(bytes), txns))
+            }
             Sink::Stdout | Sink::Blackhole => {
                 let st = FileSinkState {
                     records_out,
@@ -80,7 +90,8 @@ impl Sink {
     pub async fn commit(&mut self, cp: CheckpointId) -> Result<(), String> {
         match self {
             Sink::File(f) => f.commit(cp).await,
-            _ => Ok(()),
+            Sink::Nats(n) => n.commit(cp).await,
+            Sink::Stdout | Sink::Blackhole => Ok(()),
         }
     }
 
@@ -98,6 +109,10 @@ impl Sink {
             if old % parallelism != subtask {
                 continue;
             }
+            if let Sink::Nats(n) = self {
+                records += n.adopt(bytes)?;
+                continue;
+            }
             let st: FileSinkState = postcard::from_bytes(bytes)
                 .map_err(|e| format!("sink state is unreadable: {e}"))?;
             records += st.records_out;
@@ -105,9 +120,13 @@ impl Sink {
                 f.adopt(st);
             }
         }
-        if let Sink::File(f) = self {
-            f.remove_stale_staging();
-            f.commit(CheckpointId(u64::MAX)).await?;
+        match self {
+            Sink::File(f) => {
+                f.remove_stale_staging();
+                f.commit(CheckpointId(u64::MAX)).await?;
+            }
+            Sink::Nats(n) => n.recommit().await?,
+            Sink::Stdout | Sink::Blackhole => {}
         }
         Ok(records)
     }

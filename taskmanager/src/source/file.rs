@@ -465,7 +465,7 @@ mod tests {
             match src.poll().await? {
                 Poll::Batch(b) => n += b.len(),
                 Poll::End => return Ok(n),
-                Poll::Idle(_) => {}
+                Poll::Idle(_) | Poll::Wait => {}
             }
         }
     }

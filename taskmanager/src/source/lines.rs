@@ -204,7 +204,7 @@ fn type_error(field: &str, ty: DataType, found: &str) -> String {
 
 /// A JSON value as a field of type `ty`. Missing fields and `null` are
 /// `Null`; `Err` carries the JSON text of a value that does not fit.
-fn convert_json(v: Option<&serde_json::Value>, ty: DataType) -> Result<Value, String> {
+pub(crate) fn convert_json(v: Option<&serde_json::Value>, ty: DataType) -> Result<Value, String> {
     use serde_json::Value as J;
     let Some(v) = v else { return Ok(Value::Null) };
     let converted = match (ty, v) {

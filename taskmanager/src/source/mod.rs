@@ -5,6 +5,7 @@
 pub mod file;
 pub mod generator;
 mod lines;
+pub mod nats;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,6 +21,8 @@ pub enum Poll {
     Batch(Batch),
     /// Nothing now (rate limit); poll again after this long.
     Idle(Duration),
+    /// Nothing now; poll again once [`Source::ready`] returns.
+    Wait,
     /// Every partition of this subtask is exhausted.
     End,
 }
@@ -28,6 +31,7 @@ pub enum Poll {
 pub enum Source {
     Generator(generator::GeneratorSource),
     File(file::FileSource),
+    Nats(Box<nats::NatsSource>),
 }
 
 impl Source {
@@ -35,6 +39,16 @@ impl Source {
         match self {
             Source::Generator(g) => Ok(g.poll()),
             Source::File(f) => f.poll().await,
+            Source::Nats(n) => n.poll().await.map_err(TaskError::Transient),
+        }
+    }
+
+    /// After [`Poll::Wait`]: resolves when input may be ready. Cancel-safe,
+    /// so a task can wait for it and for commands at once.
+    pub async fn ready(&mut self) {
+        match self {
+            Source::Nats(n) => n.ready().await,
+            Source::Generator(_) | Source::File(_) => {}
         }
     }
 
@@ -43,6 +57,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.watermark(),
             Source::File(f) => f.watermark(),
+            Source::Nats(n) => n.watermark(),
         }
     }
 
@@ -51,6 +66,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.snapshot(),
             Source::File(f) => f.snapshot(),
+            Source::Nats(n) => n.snapshot(),
         }
     }
 
@@ -59,6 +75,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.restore(parts),
             Source::File(f) => f.restore(parts),
+            Source::Nats(n) => n.restore(parts),
         }
     }
 
@@ -67,6 +84,7 @@ impl Source {
         match self {
             Source::Generator(g) => g.records_read(),
             Source::File(f) => f.records_read(),
+            Source::Nats(n) => n.records_read(),
         }
     }
 
@@ -75,6 +93,7 @@ impl Source {
         match self {
             Source::Generator(_) => 0,
             Source::File(f) => f.skipped_records(),
+            Source::Nats(_) => 0,
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use super::*;
 
+mod nats;
+
 const VALID: &str = r#"apiVersion: ferry.dev/v1
 kind: Job
 metadata:
