@@ -154,7 +154,9 @@ pub struct FileSink {
     subtask: u32,
     buffer: String,
     buffer_records: u64,
-    pending: BTreeMap<u64, Pending>,
+    /// By (checkpoint, part name): after a rescale one subtask adopts the
+    /// pending transactions of several old subtasks for the same checkpoint.
+    pending: BTreeMap<(u64, String), Pending>,
 }
 
 impl FileSink {
@@ -190,10 +192,11 @@ impl FileSink {
     ) -> Result<(Option<Vec<u8>>, Vec<SinkTransaction>), String> {
         if close_txn && self.buffer_records > 0 {
             let data = Bytes::from(std::mem::take(&mut self.buffer).into_bytes());
+            let name = Self::part_name(&self.prefix, self.subtask, cp);
             self.pending.insert(
-                cp.0,
+                (cp.0, name.clone()),
                 Pending {
-                    name: Self::part_name(&self.prefix, self.subtask, cp),
+                    name,
                     data,
                     records: std::mem::take(&mut self.buffer_records),
                 },
@@ -203,7 +206,7 @@ impl FileSink {
             pending: self
                 .pending
                 .iter()
-                .map(|(id, p)| (*id, p.name.clone(), p.data.to_vec(), p.records))
+                .map(|((id, _), p)| (*id, p.name.clone(), p.data.to_vec(), p.records))
                 .collect(),
             open: if close_txn {
                 Vec::new()
@@ -229,7 +232,12 @@ impl FileSink {
     }
 
     async fn commit(&mut self, cp: CheckpointId) -> Result<(), String> {
-        let due: Vec<u64> = self.pending.range(..=cp.0).map(|(k, _)| *k).collect();
+        let due: Vec<(u64, String)> = self
+            .pending
+            .keys()
+            .filter(|(id, _)| *id <= cp.0)
+            .cloned()
+            .collect();
         for id in due {
             let p = &self.pending[&id];
             // Create-only: an existing part file means "already committed".
@@ -261,7 +269,7 @@ impl FileSink {
     fn adopt(&mut self, st: FileSinkState) {
         for (id, name, data, records) in st.pending {
             self.pending.insert(
-                id,
+                (id, name.clone()),
                 Pending {
                     name,
                     data: Bytes::from(data),
@@ -344,6 +352,34 @@ mod tests {
         let text =
             std::fs::read_to_string(dir.path().join("part-job-0000-00000001.jsonl")).unwrap();
         assert_eq!(text, "{\"n\":1}\n{\"n\":2}\n");
+    }
+
+    /// Scaling 2 → 1 after a crash: the one new subtask adopts both old
+    /// subtasks' uncommitted transactions of the same checkpoint and commits
+    /// both (neither replaces the other).
+    #[tokio::test]
+    async fn rescale_down_commits_every_old_subtasks_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = StorageLocation::open(dir.path().to_str().unwrap()).unwrap();
+        let m = TaskMetrics::default();
+        let mut states = Vec::new();
+        for (sub, vals) in [(0u32, &[1i64, 2][..]), (1, &[3][..])] {
+            let mut sink = Sink::File(FileSink::new(loc.clone(), "job", sub));
+            sink.write(&batch(vals), &m);
+            let (st, _) = sink.snapshot(CheckpointId(1), true, 0).unwrap();
+            states.push((sub, Bytes::from(st.unwrap())));
+        }
+        let mut merged = Sink::File(FileSink::new(loc.clone(), "job", 0));
+        merged.restore(&states, 0, 1).await.unwrap();
+        assert_eq!(
+            parts(dir.path()),
+            vec![
+                "part-job-0000-00000001.jsonl",
+                "part-job-0001-00000001.jsonl"
+            ]
+        );
+        let one = std::fs::read_to_string(dir.path().join("part-job-0001-00000001.jsonl")).unwrap();
+        assert_eq!(one, "{\"n\":3}\n");
     }
 
     /// An intermediate savepoint keeps the open transaction open: its records
