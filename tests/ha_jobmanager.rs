@@ -199,6 +199,21 @@ impl Region {
         (v["id"].as_str().unwrap().to_string(), headers)
     }
 
+    /// Submits the test job through JobManager `via` and waits until that
+    /// JobManager reports it running with a completed checkpoint.
+    async fn running_job(&self, via: usize) -> String {
+        let (job, _) = self.submit(&self.jms[via]).await;
+        self.wait_job(
+            &self.jms[via],
+            &job,
+            Duration::from_secs(20),
+            "a checkpoint",
+            has_checkpoint,
+        )
+        .await;
+        job
+    }
+
     /// Waits until the job (read from `jm`) satisfies `cond`.
     async fn wait_job(
         &self,
@@ -357,15 +372,7 @@ async fn graceful_stop_hands_over_without_waiting_for_the_lease_to_expire() {
         r.start(id, None);
     }
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
-    let (job, _) = r.submit(&r.jms[leader]).await;
-    r.wait_job(
-        &r.jms[leader],
-        &job,
-        Duration::from_secs(20),
-        "a checkpoint",
-        has_checkpoint,
-    )
-    .await;
+    let job = r.running_job(leader).await;
 
     r.jms[leader].signal(libc::SIGTERM);
     let stopped = Instant::now();
@@ -407,15 +414,7 @@ async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
     r.start("jm-b", None);
     r.start("jm-c", None);
     r.leader(&[], Duration::from_secs(20)).await;
-    let (job, _) = r.submit(&r.jms[0]).await;
-    r.wait_job(
-        &r.jms[0],
-        &job,
-        Duration::from_secs(20),
-        "a checkpoint",
-        has_checkpoint,
-    )
-    .await;
+    let job = r.running_job(0).await;
 
     proxy.cut();
     let cut = Instant::now();
@@ -495,15 +494,7 @@ async fn the_region_recovers_by_itself_from_a_nats_restart() {
         r.start(id, None);
     }
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
-    let (job, _) = r.submit(&r.jms[leader]).await;
-    r.wait_job(
-        &r.jms[leader],
-        &job,
-        Duration::from_secs(20),
-        "a checkpoint",
-        has_checkpoint,
-    )
-    .await;
+    let job = r.running_job(leader).await;
 
     nats.kill();
     // Without NATS no one may lead: the leader steps down by its deadline.
@@ -549,15 +540,7 @@ async fn a_three_node_nats_cluster_loses_a_node_and_the_region_carries_on() {
         r.start(id, None);
     }
     let (leader, epoch) = r.leader(&[], Duration::from_secs(30)).await;
-    let (job, _) = r.submit(&r.jms[leader]).await;
-    r.wait_job(
-        &r.jms[leader],
-        &job,
-        Duration::from_secs(20),
-        "a checkpoint",
-        has_checkpoint,
-    )
-    .await;
+    let job = r.running_job(leader).await;
 
     // Lose one node of three (whichever leads the KV stream or not): the
     // bucket keeps its quorum; at worst the stream elects a new leader.

@@ -362,6 +362,25 @@ pub(crate) fn manifest_info(m: &Manifest, dir: &StorageLocation) -> CheckpointIn
 }
 
 impl Inner {
+    /// The registered job with this exact id.
+    pub(crate) fn entry(&self, id: &JobId) -> Option<Arc<JobEntry>> {
+        self.jobs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every registered job.
+    pub(crate) fn all(&self) -> Vec<Arc<JobEntry>> {
+        self.jobs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     pub(crate) fn list(&self) -> Vec<JobInfo> {
         let jobs = self.jobs.read().unwrap_or_else(|p| p.into_inner());
         jobs.values().rev().map(|j| j.info()).collect()
@@ -589,10 +608,7 @@ impl JobManager {
             let id = status.job.id;
             let driven = self
                 .inner
-                .jobs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
+                .entry(&id)
                 .is_some_and(|j| j.driven() && !j.abandon.is_cancelled());
             if driven {
                 continue;
@@ -617,14 +633,7 @@ impl JobManager {
     /// lost or being handed over): the next leader resumes them from their
     /// checkpoints. Returns once the drivers have let go of their tasks.
     pub async fn step_down(&self) {
-        let jobs: Vec<Arc<JobEntry>> = self
-            .inner
-            .jobs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let jobs: Vec<Arc<JobEntry>> = self.inner.all();
         let mut waits = Vec::new();
         for job in jobs.into_iter().filter(|j| j.driven()) {
             job.abandon.cancel();
@@ -659,13 +668,7 @@ impl JobManager {
         let stored = self.read_store(true).await?;
         for (spec, status) in stored {
             let id = status.job.id;
-            let existing = self
-                .inner
-                .jobs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned();
+            let existing = self.inner.entry(&id);
             match existing {
                 Some(j) if j.driven() => continue,
                 Some(j) => j.refresh_passive(status.job),
@@ -698,16 +701,7 @@ impl JobManager {
         let mut out = Vec::new();
         for id in ids {
             let dir = job_dir(&id);
-            let known = incremental
-                .then(|| {
-                    self.inner
-                        .jobs
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&id)
-                        .cloned()
-                })
-                .flatten();
+            let known = incremental.then(|| self.inner.entry(&id)).flatten();
             let spec = match known {
                 Some(j) if j.state().is_terminal() && !j.driven() => continue,
                 Some(j) => j.spec.clone(),
@@ -830,14 +824,7 @@ impl JobManager {
 
     /// Stops every job (with savepoints when asked) and waits for them.
     pub async fn shutdown(&self, with_savepoints: bool) {
-        let jobs: Vec<Arc<JobEntry>> = self
-            .inner
-            .jobs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let jobs: Vec<Arc<JobEntry>> = self.inner.all();
         for job in jobs {
             if !job.state().is_terminal()
                 && let Err(e) = self.cancel(&job.id.to_string(), with_savepoints).await
