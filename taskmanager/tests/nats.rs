@@ -434,3 +434,48 @@ async fn sink_refuses_streams_that_cannot_deduplicate_its_output() {
     let err = sink.commit(CheckpointId(1)).await.unwrap_err();
     assert!(err.contains("stored by stream 'OTHER'"), "{err}");
 }
+
+/// A message that cannot be a record fails the source permanently (a
+/// restart would read it again from the same sequence), naming the stream
+/// and sequence; the good messages before it are delivered first.
+#[tokio::test]
+async fn a_message_that_is_not_a_record_is_a_permanent_error() {
+    let nats = NatsServer::start();
+    let js = connect(&nats).await;
+    create_stream(&js, "IN", "in.>", Some(Duration::from_secs(120))).await;
+    publish(&js, 0..2).await;
+    js.publish("in.a", "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut src = Source::Nats(Box::new(
+        NatsSource::open(&source_spec(&nats.url()), &schema(), 0, 1)
+            .await
+            .unwrap(),
+    ));
+    let mut good = 0;
+    let err = tokio::time::timeout(LIMIT, async {
+        loop {
+            match src.poll().await {
+                Ok(Poll::Batch(b)) => good += b.len(),
+                Ok(Poll::Wait) => src.ready().await,
+                Ok(Poll::Idle(d)) => tokio::time::sleep(d).await,
+                Ok(Poll::End) => panic!("the bad message was skipped"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("source stalled");
+    match err {
+        ferry_taskmanager::protocol::TaskError::Permanent(m) => {
+            assert!(
+                m.contains("sequence 3") && m.contains("not a JSON object"),
+                "{m}"
+            )
+        }
+        other => panic!("expected a permanent error, got {other:?}"),
+    }
+    assert!(good <= 2, "{good} records before the bad one");
+}

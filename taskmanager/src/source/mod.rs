@@ -39,7 +39,7 @@ impl Source {
         match self {
             Source::Generator(g) => Ok(g.poll()),
             Source::File(f) => f.poll().await,
-            Source::Nats(n) => n.poll().await.map_err(TaskError::Transient),
+            Source::Nats(n) => n.poll().await,
         }
     }
 

@@ -32,6 +32,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, ColumnBuilder};
+use crate::protocol::TaskError;
 use crate::source::Poll;
 use crate::source::lines::convert_json;
 
@@ -212,9 +213,12 @@ impl NatsSource {
     }
 
     /// Reads what the consumers have ready now, up to [`MAX_BATCH`] messages.
-    pub async fn poll(&mut self) -> Result<Poll, String> {
+    /// The next batch. Errors reaching the stream are transient (the restart
+    /// strategy applies); a message that cannot be a record is permanent: it
+    /// would be read again from the same sequence on every restart.
+    pub async fn poll(&mut self) -> Result<Poll, TaskError> {
         if !self.started {
-            self.start().await?;
+            self.start().await.map_err(TaskError::Transient)?;
         }
         let schema = self.schema.clone();
         let fields = &schema.fields;
@@ -233,38 +237,43 @@ impl NatsSource {
             let (i, msg) = match next {
                 (i, Some(Ok(msg))) => (i, msg),
                 (i, Some(Err(e))) => {
-                    return Err(format!(
+                    return Err(TaskError::Transient(format!(
                         "reading stream '{}' ({}) failed: {e}",
                         self.spec.stream,
                         describe(&self.parts[i].st.filter)
-                    ));
+                    )));
                 }
                 (i, None) => {
-                    return Err(format!(
+                    return Err(TaskError::Transient(format!(
                         "the consumer of stream '{}' ({}) ended unexpectedly",
                         self.spec.stream,
                         describe(&self.parts[i].st.filter)
-                    ));
+                    )));
                 }
             };
-            let info = msg
-                .info()
-                .map_err(|e| format!("stream '{}': bad message metadata: {e}", self.spec.stream))?;
+            let info = msg.info().map_err(|e| {
+                TaskError::Transient(format!(
+                    "stream '{}': bad message metadata: {e}",
+                    self.spec.stream
+                ))
+            })?;
             let (seq, pending) = (info.stream_sequence, info.pending);
             let published = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
             if self.end.is_some_and(|end| seq > end) {
                 self.finish(i);
                 continue;
             }
-            let values = self.parse(&msg.payload, seq)?;
+            let values = self
+                .parse(&msg.payload, seq)
+                .map_err(TaskError::Permanent)?;
             let t = match self.ts_idx {
                 Some(k) => match &values[k] {
                     Value::Ts(t) | Value::Int(t) => *t,
                     _ => {
-                        return Err(format!(
+                        return Err(TaskError::Permanent(format!(
                             "stream '{}' sequence {seq}: event-time field '{}' is missing or not a timestamp",
                             self.spec.stream, fields[k].name
-                        ));
+                        )));
                     }
                 },
                 None => published,
