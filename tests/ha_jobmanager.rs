@@ -355,10 +355,12 @@ async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
     r.check_output();
     let epochs = r.manifest_epochs(&job);
     assert_epochs_monotonic(&epochs);
-    // (The first leader's checkpoints may be gone by retention.)
+    // The retained (newest) checkpoints were completed after the takeover,
+    // by the new leader or (on a loaded machine the lease may move again) a
+    // later one — never by the killed leader's epoch.
     assert!(
-        epochs.values().any(|e| *e == new_epoch),
-        "checkpoints of the new leader: {epochs:?}"
+        !epochs.is_empty() && epochs.values().all(|e| *e >= new_epoch),
+        "checkpoints after the takeover at epoch {new_epoch}: {epochs:?}"
     );
 }
 
