@@ -31,11 +31,13 @@ fi
 echo "==> $(nats-server --version)"
 
 # moto_server: a real S3-compatible server for the s3:// tests (PyPI).
-if ! command -v moto_server >/dev/null 2>&1; then
+# Always the venv's own copy: a moto_server found elsewhere on PATH (e.g. a
+# pyenv shim) may not run here.
+if [ ! -x "$VENV/bin/moto_server" ]; then
   echo "==> installing moto[server] into $VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
 fi
-FERRY_MOTO_SERVER="$(command -v moto_server)"
+FERRY_MOTO_SERVER="$VENV/bin/moto_server"
 export FERRY_MOTO_SERVER
 echo "==> moto_server: $FERRY_MOTO_SERVER"
 
