@@ -238,6 +238,17 @@ impl Region {
         }
     }
 
+    /// Waits (reading from JobManager `via`) for the job to finish, then
+    /// checks its output and that its checkpoints' epochs never go back.
+    async fn finish_and_check(&self, via: usize, job: &str, limit: Duration) {
+        self.wait_job(&self.jms[via], job, limit, "the job to finish", |v| {
+            v["state"] == "FINISHED"
+        })
+        .await;
+        self.check_output();
+        assert_epochs_monotonic(&self.manifest_epochs(job));
+    }
+
     /// Checks the committed output against the generator model.
     fn check_output(&self) {
         let spec_text = SPEC.replace("OUT", &self.out().display().to_string());
@@ -392,16 +403,8 @@ async fn graceful_stop_hands_over_without_waiting_for_the_lease_to_expire() {
     let code = wait_exit(&mut r.jms[leader].child, Duration::from_secs(15));
     assert_eq!(code, 0, "a SIGTERMed JobManager exits cleanly");
 
-    r.wait_job(
-        &r.jms[new_leader],
-        &job,
-        Duration::from_secs(60),
-        "the job to finish",
-        |v| v["state"] == "FINISHED",
-    )
-    .await;
-    r.check_output();
-    assert_epochs_monotonic(&r.manifest_epochs(&job));
+    r.finish_and_check(new_leader, &job, Duration::from_secs(60))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -521,16 +524,8 @@ async fn the_region_recovers_by_itself_from_a_nats_restart() {
     // Nobody intervenes: the JobManagers reconnect, elect, and resume.
     let (new_leader, new_epoch) = r.leader(&[], Duration::from_secs(30)).await;
     assert!(new_epoch > epoch, "epoch {epoch} -> {new_epoch}");
-    r.wait_job(
-        &r.jms[new_leader],
-        &job,
-        Duration::from_secs(90),
-        "the job to finish",
-        |v| v["state"] == "FINISHED",
-    )
-    .await;
-    r.check_output();
-    assert_epochs_monotonic(&r.manifest_epochs(&job));
+    r.finish_and_check(new_leader, &job, Duration::from_secs(90))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

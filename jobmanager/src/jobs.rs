@@ -256,6 +256,18 @@ impl JobEntry {
     }
 }
 
+/// Ids of the jobs under `root`'s `jobs/`, oldest first.
+async fn job_ids(root: &StorageLocation) -> Result<Vec<JobId>, JmError> {
+    let mut ids: Vec<JobId> = root
+        .list_dirs("jobs")
+        .await?
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
 /// The status of a job whose status file is missing or unreadable.
 fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
     StoredStatus {
@@ -691,13 +703,7 @@ impl JobManager {
     /// specs of known jobs are not read again (a standby refreshes often).
     async fn read_store(&self, incremental: bool) -> Result<Vec<(JobSpec, StoredStatus)>, JmError> {
         let store = self.store()?;
-        let mut ids: Vec<JobId> = store
-            .list_dirs("jobs")
-            .await?
-            .iter()
-            .filter_map(|d| d.parse().ok())
-            .collect();
-        ids.sort();
+        let ids = job_ids(&store).await?;
         let mut out = Vec::new();
         for id in ids {
             let dir = job_dir(&id);
@@ -846,13 +852,7 @@ impl JobManager {
     /// newest verified checkpoint is not final: the run to resume.
     pub async fn find_resumable(&self, spec: &JobSpec) -> Result<Option<(JobId, u64)>, JmError> {
         let root = self.storage_root(spec)?;
-        let mut ids: Vec<JobId> = root
-            .list_dirs("jobs")
-            .await?
-            .iter()
-            .filter_map(|d| d.parse().ok())
-            .collect();
-        ids.sort();
+        let ids = job_ids(&root).await?;
         for id in ids.into_iter().rev() {
             let Some(raw) = root
                 .get_opt(&format!("{}/{SPEC_FILE}", job_dir(&id)))
