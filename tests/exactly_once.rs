@@ -56,7 +56,9 @@ fn output_is_exactly_once_across_repeated_sigkills() {
         kills += 1;
         // Killed after its final checkpoint but before it exited: the job is
         // done (running it again would be a new run, with its own output).
-        if newest_checkpoint_is_final(&w) {
+        if w.newest_manifest()
+            .is_some_and(|(_, m)| m["finished"] == true)
+        {
             finished_early = true;
             break;
         }
@@ -83,14 +85,4 @@ fn output_is_exactly_once_across_repeated_sigkills() {
     );
     assert_eq!(got, expected, "output differs from the expected result");
     eprintln!("{kills} SIGKILLs, {} windows, output exact", got.len());
-}
-
-/// True when the newest complete checkpoint is the final one of the job.
-fn newest_checkpoint_is_final(w: &Workdir) -> bool {
-    w.complete_checkpoints()
-        .values()
-        .next_back()
-        .and_then(|dir| std::fs::read_to_string(dir.join("MANIFEST.json")).ok())
-        .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
-        .is_some_and(|m| m["finished"] == true)
 }

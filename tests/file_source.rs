@@ -53,13 +53,6 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(p, text).unwrap();
 }
 
-/// The manifest of the newest complete checkpoint, with its number.
-fn newest_manifest(w: &Workdir) -> Option<(u64, serde_json::Value)> {
-    let (n, dir) = w.complete_checkpoints().into_iter().next_back()?;
-    let text = std::fs::read_to_string(dir.join("MANIFEST.json")).ok()?;
-    Some((n, serde_json::from_str(&text).expect("manifest is JSON")))
-}
-
 /// Files a manifest's source offsets show partly read: (name, position, size).
 fn mid_file(manifest: &serde_json::Value) -> Vec<(String, u64, u64)> {
     manifest["source_offsets"]
@@ -114,7 +107,7 @@ fn jsonl_files_matched_by_a_glob_are_counted_exactly() {
     assert!(!log.contains("skipping bad line"), "{log}");
     let got = count_rows(&w.output_rows("out"), "user", "clicks");
     assert_counts_eq(&got, &expected(data.iter().flatten()), "jsonl");
-    let (_, m) = newest_manifest(&w).expect("a final checkpoint");
+    let (_, m) = w.newest_manifest().expect("a final checkpoint");
     assert_eq!(m["finished"], true);
     assert_eq!(m["records_in"], 9000);
     assert_eq!(sum_offsets(&m, "records"), 9000);
@@ -133,7 +126,7 @@ fn csv_files_in_a_directory_are_counted_exactly() {
     run_ok(&w, Duration::from_secs(120));
     let got = count_rows(&w.output_rows("out"), "user", "clicks");
     assert_counts_eq(&got, &expected(data.iter().flatten()), "csv");
-    let (_, m) = newest_manifest(&w).expect("a final checkpoint");
+    let (_, m) = w.newest_manifest().expect("a final checkpoint");
     assert_eq!(m["records_in"], 10_000);
     // The header line is consumed but is not a record.
     assert_eq!(sum_offsets(&m, "line"), 10_004);
@@ -213,7 +206,7 @@ fn skipped_bad_lines_are_logged_and_counted_and_the_rest_is_exact() {
     }
     let got = count_rows(&w.output_rows("out"), "user", "clicks");
     assert_counts_eq(&got, &expected(&kept), "skip mode");
-    let (_, m) = newest_manifest(&w).expect("a final checkpoint");
+    let (_, m) = w.newest_manifest().expect("a final checkpoint");
     assert_eq!(sum_offsets(&m, "skipped"), 4, "{m}");
     assert_eq!(m["records_in"].as_u64().unwrap(), kept.len() as u64);
 }
@@ -252,7 +245,7 @@ fn output_is_exactly_once_across_sigkills_that_land_mid_file() {
                 finished_early = true;
                 break;
             }
-            if newest_manifest(&w).is_some_and(|(n, _)| n > restored_from) {
+            if w.newest_manifest().is_some_and(|(n, _)| n > restored_from) {
                 break;
             }
             assert!(
@@ -274,7 +267,7 @@ fn output_is_exactly_once_across_sigkills_that_land_mid_file() {
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
         kills += 1;
-        let (n, m) = newest_manifest(&w).expect("a checkpoint");
+        let (n, m) = w.newest_manifest().expect("a checkpoint");
         restored_from = n;
         restored_records = m["records_in"].as_u64().unwrap_or(0);
         if !mid_file(&m).is_empty() {
@@ -314,7 +307,7 @@ fn a_restore_resumes_at_the_byte_offset_its_checkpoint_recorded() {
     }
 
     // Kill the job right after a checkpoint that has a file partly read.
-    let newest_mid_file = || newest_manifest(&w).filter(|(_, m)| !mid_file(m).is_empty());
+    let newest_mid_file = || w.newest_manifest().filter(|(_, m)| !mid_file(m).is_empty());
     let mut manifest = None;
     for _attempt in 0..10 {
         let mut child = w.spawn_local(&[], "run.log");
@@ -335,7 +328,8 @@ fn a_restore_resumes_at_the_byte_offset_its_checkpoint_recorded() {
             break;
         }
         assert!(
-            !newest_manifest(&w).is_some_and(|(_, m)| m["finished"] == true),
+            !w.newest_manifest()
+                .is_some_and(|(_, m)| m["finished"] == true),
             "finished"
         );
     }

@@ -90,6 +90,13 @@ impl Workdir {
         read_rows(&self.path().join(out_rel))
     }
 
+    /// The manifest of the newest complete checkpoint, with its number.
+    pub fn newest_manifest(&self) -> Option<(u64, serde_json::Value)> {
+        let (n, dir) = self.complete_checkpoints().into_iter().next_back()?;
+        let text = std::fs::read_to_string(dir.join("MANIFEST.json")).ok()?;
+        Some((n, serde_json::from_str(&text).expect("manifest is JSON")))
+    }
+
     /// Paths of every checkpoint directory that has a manifest, by number.
     pub fn complete_checkpoints(&self) -> BTreeMap<u64, PathBuf> {
         let mut out = BTreeMap::new();

@@ -339,11 +339,7 @@ impl FileSource {
     }
 
     pub fn watermark(&self) -> i64 {
-        if self.max_ts == i64::MIN {
-            i64::MIN
-        } else {
-            self.max_ts - self.ooo - 1
-        }
+        super::bounded_watermark(self.max_ts, self.ooo)
     }
 
     pub fn snapshot(&self) -> Result<(Vec<u8>, BTreeMap<String, serde_json::Value>), String> {

@@ -309,13 +309,7 @@ impl GeneratorSource {
         self.parts
             .iter()
             .filter(|p| self.remaining(p) > 0)
-            .map(|p| {
-                if p.max_ts == i64::MIN {
-                    i64::MIN
-                } else {
-                    p.max_ts - ooo - 1
-                }
-            })
+            .map(|p| super::bounded_watermark(p.max_ts, ooo))
             .min()
             .unwrap_or(i64::MAX)
     }

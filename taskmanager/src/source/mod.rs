@@ -15,6 +15,17 @@ use bytes::Bytes;
 use crate::batch::Batch;
 use crate::protocol::TaskError;
 
+/// The watermark of input whose newest event time is `max_ts` with bounded
+/// out-of-orderness `ooo` (ms): every record still to come is later than it.
+/// `i64::MIN` before any record.
+pub(crate) fn bounded_watermark(max_ts: i64, ooo: i64) -> i64 {
+    if max_ts == i64::MIN {
+        i64::MIN
+    } else {
+        max_ts - ooo - 1
+    }
+}
+
 /// What a source returns when polled.
 pub enum Poll {
     /// A batch of records; the watermark may have advanced.

@@ -342,13 +342,7 @@ impl NatsSource {
         self.parts
             .iter()
             .filter(|p| !p.done)
-            .map(|p| {
-                if p.st.max_ts == i64::MIN {
-                    i64::MIN
-                } else {
-                    p.st.max_ts - self.ooo - 1
-                }
-            })
+            .map(|p| super::bounded_watermark(p.st.max_ts, self.ooo))
             .min()
             .unwrap_or(i64::MAX)
     }
