@@ -29,6 +29,8 @@ enum Command {
     Job(cmd::job::JobCommand),
     /// Run one JobManager of a region (leader election over NATS).
     Jobmanager(cmd::jobmanager::JobManagerArgs),
+    /// Run one TaskManager of a region (task slots; runs what the leader deploys).
+    Taskmanager(cmd::taskmanager::TaskManagerArgs),
     /// Inspect the region's JobManagers: leader, epoch, members.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Schema(args) => cmd::schema::run(args),
         Command::Job(c) => cmd::job::run(c),
         Command::Jobmanager(args) => cmd::jobmanager::run(args),
+        Command::Taskmanager(args) => cmd::taskmanager::run(args),
         Command::Cluster(c) => cmd::cluster::run(c),
         Command::Bench(args) => cmd::bench::run(args),
     };

@@ -1,9 +1,13 @@
-//! In-region HA of `ferry jobmanager` processes against a real `nats-server`:
-//! SIGKILL of the leader, graceful handover, and a leader cut off from NATS
-//! by a fault proxy. Each test checks the job's committed output against
-//! the expected counts computed from the generator model, and that the
-//! checkpoint manifests' fencing epochs never go back (no two leaders
-//! completed checkpoints of the job interleaved).
+//! In-region HA of `ferry jobmanager` and `ferry taskmanager` processes
+//! against a real `nats-server`: SIGKILL of the leader (its job's tasks keep
+//! running on their TaskManager and are adopted, not restarted), graceful
+//! handover, a leader cut off from NATS by a fault proxy, SIGKILL of a
+//! TaskManager (the job moves to the other one), NATS restarts and node
+//! loss, and a TaskManager refusing commands of an older epoch. Each job
+//! test checks the committed output against the expected counts computed
+//! from the generator model, and that the checkpoint manifests' fencing
+//! epochs never go back (no two leaders completed checkpoints of the job
+//! interleaved).
 
 mod common;
 
@@ -73,6 +77,8 @@ struct Region {
     dir: tempfile::TempDir,
     nats_url: String,
     jms: Vec<Jm>,
+    /// TaskManagers (`port` is their HTTP port: health and metrics).
+    tms: Vec<Jm>,
     http: reqwest::Client,
     ttl: &'static str,
     deadline: &'static str,
@@ -85,6 +91,7 @@ impl Region {
             dir: tempfile::tempdir().unwrap(),
             nats_url,
             jms: Vec::new(),
+            tms: Vec::new(),
             http: reqwest::Client::builder().no_proxy().build().unwrap(),
             ttl,
             deadline,
@@ -128,6 +135,65 @@ impl Region {
             port,
             child,
         });
+    }
+
+    /// Starts a TaskManager with 4 slots.
+    fn start_tm(&mut self, id: &str) {
+        let port = free_port();
+        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
+        let child = Command::new(ferry_bin())
+            .arg("taskmanager")
+            .env("FERRY_REGION", "test")
+            .env("FERRY_INSTANCE_ID", id)
+            .env("FERRY_NATS_URLS", &self.nats_url)
+            .env(
+                "FERRY_STORAGE",
+                format!("file://{}", self.storage().display()),
+            )
+            .env("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0")
+            .env("FERRY_TASKMANAGER_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("FERRY_TASKMANAGER_SLOTS", "4")
+            .env("FERRY_NATS_REPLICAS", self.replicas)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ferry taskmanager");
+        self.tms.push(Jm {
+            id: id.to_string(),
+            port,
+            child,
+        });
+    }
+
+    /// A TaskManager's metric (`ferry_tm_<name>`), if it answers.
+    async fn tm_metric(&self, tm: usize, name: &str) -> Option<u64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.tms[tm].url()))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let key = format!("ferry_tm_{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Deployments started on the live TaskManagers (`except` excluded).
+    async fn deployments_started(&self, except: &[usize]) -> u64 {
+        let mut n = 0;
+        for i in (0..self.tms.len()).filter(|i| !except.contains(i)) {
+            n += self
+                .tm_metric(i, "deployments_started")
+                .await
+                .expect("TaskManager metrics");
+        }
+        n
     }
 
     fn log(&self, id: &str) -> String {
@@ -309,12 +375,14 @@ fn has_checkpoint(v: &Value) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
+async fn sigkill_of_the_leader_hands_its_running_tasks_to_a_standby_without_a_restart() {
     let nats = NatsServer::start();
     let mut r = Region::new(nats.url(), "800ms", "500ms");
     for id in ["jm-a", "jm-b", "jm-c"] {
         r.start(id, None);
     }
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
     let standby = (leader + 1) % 3;
     // A write sent to a standby is forwarded to the leader.
@@ -330,6 +398,17 @@ async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
         has_checkpoint,
     )
     .await;
+    let before = r
+        .wait_job(
+            &r.jms[leader],
+            &job,
+            Duration::from_secs(20),
+            "the job running on a TaskManager",
+            |v| has_checkpoint(v) && v["deployment"].is_string(),
+        )
+        .await;
+    assert_eq!(before["attempt"], 1, "{before}");
+    assert_eq!(r.deployments_started(&[]).await, 1);
 
     r.jms[leader].signal(libc::SIGKILL);
     let killed = Instant::now();
@@ -359,10 +438,18 @@ async fn sigkill_of_the_leader_hands_its_job_to_a_standby_exactly_once() {
         "job as the new leader reports it: {done}\nnew leader's log:\n{}",
         r.log(&r.jms[new_leader].id)
     );
+    let log = r.log(&r.jms[new_leader].id);
     assert!(
-        r.log(&r.jms[new_leader].id).contains("adopting job"),
-        "the new leader adopted the job"
+        log.contains("adopted the job's running tasks"),
+        "the new leader adopted the running tasks:\n{log}"
     );
+    // No task was restarted: the same deployment (attempt 1) ran the job to
+    // its end, and no TaskManager started another one.
+    assert_eq!(done["attempt"], 1, "{done}");
+    assert_eq!(done["restarts"], 0, "{done}");
+    assert_eq!(done["deployment"], before["deployment"], "{done}");
+    assert_eq!(done["taskmanager"], before["taskmanager"], "{done}");
+    assert_eq!(r.deployments_started(&[]).await, 1);
     r.check_output();
     let epochs = r.manifest_epochs(&job);
     assert_epochs_monotonic(&epochs);
@@ -384,6 +471,8 @@ async fn graceful_stop_hands_over_without_waiting_for_the_lease_to_expire() {
     for id in ["jm-a", "jm-b", "jm-c"] {
         r.start(id, None);
     }
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
     let job = r.running_job(leader).await;
 
@@ -405,6 +494,13 @@ async fn graceful_stop_hands_over_without_waiting_for_the_lease_to_expire() {
 
     r.finish_and_check(new_leader, &job, Duration::from_secs(60))
         .await;
+    // The handover restarted nothing: the tasks deployed first ran to the end.
+    let done = r
+        .get(&r.jms[new_leader], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap();
+    assert_eq!(done["attempt"], 1, "{done}");
+    assert_eq!(r.deployments_started(&[]).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,6 +514,8 @@ async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
     assert_eq!(leader, 0);
     r.start("jm-b", None);
     r.start("jm-c", None);
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
     r.leader(&[], Duration::from_secs(20)).await;
     let job = r.running_job(0).await;
 
@@ -489,6 +587,13 @@ async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
     // (Leadership may move again later; it never goes back.)
     assert!(epochs.values().all(|e| *e >= epoch), "{epochs:?}");
     assert!(!r.log("jm-a").contains("panicked"));
+    // The tasks outlived their cut-off leader: adopted, never restarted.
+    let done = r
+        .get(&r.jms[new_leader], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap();
+    assert_eq!(done["attempt"], 1, "{done}");
+    assert_eq!(r.deployments_started(&[]).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,6 +603,8 @@ async fn the_region_recovers_by_itself_from_a_nats_restart() {
     for id in ["jm-a", "jm-b", "jm-c"] {
         r.start(id, None);
     }
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
     let job = r.running_job(leader).await;
 
@@ -536,6 +643,8 @@ async fn a_three_node_nats_cluster_loses_a_node_and_the_region_carries_on() {
     for id in ["jm-a", "jm-b", "jm-c"] {
         r.start(id, None);
     }
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
     let (leader, epoch) = r.leader(&[], Duration::from_secs(30)).await;
     let job = r.running_job(leader).await;
 
@@ -571,4 +680,216 @@ async fn a_three_node_nats_cluster_loses_a_node_and_the_region_carries_on() {
     assert!(done.1 >= epoch);
     r.check_output();
     assert_epochs_monotonic(&r.manifest_epochs(&job));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_taskmanager_moves_its_job_to_the_other_one_exactly_once() {
+    let nats = NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    r.start("jm-a", None);
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
+    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
+    let job = r.running_job(leader).await;
+    let before = r
+        .wait_job(
+            &r.jms[leader],
+            &job,
+            Duration::from_secs(20),
+            "the job running on a TaskManager",
+            |v| has_checkpoint(v) && v["taskmanager"].is_string(),
+        )
+        .await;
+    let victim = r
+        .tms
+        .iter()
+        .position(|t| before["taskmanager"] == t.id.as_str())
+        .expect("the job runs on one of the TaskManagers");
+    let other = 1 - victim;
+
+    r.tms[victim].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let moved = r
+        .wait_job(
+            &r.jms[leader],
+            &job,
+            Duration::from_secs(30),
+            "the job running on the other TaskManager",
+            |v| v["taskmanager"] == r.tms[other].id.as_str() && v["state"] == "RUNNING",
+        )
+        .await;
+    eprintln!(
+        "job moved to {} {:?} after SIGKILL of {}",
+        r.tms[other].id,
+        killed.elapsed(),
+        r.tms[victim].id
+    );
+    assert_eq!(moved["attempt"], 2, "{moved}");
+    assert_eq!(moved["restarts"], 1, "{moved}");
+    assert!(
+        moved["failure"]
+            .as_str()
+            .is_none_or(|f| !f.contains("waiting")),
+        "{moved}"
+    );
+    assert!(
+        r.log("jm-a").contains("TaskManager lost"),
+        "the loss was detected through the membership"
+    );
+    r.finish_and_check(leader, &job, Duration::from_secs(60))
+        .await;
+    assert_eq!(r.deployments_started(&[victim]).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waits_for_free_slots_and_says_so() {
+    let nats = NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    r.start("jm-a", None);
+    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
+    // No TaskManager yet: the job waits and its status says why.
+    let (job, _) = r.submit(&r.jms[leader]).await;
+    let waiting = r
+        .wait_job(
+            &r.jms[leader],
+            &job,
+            Duration::from_secs(10),
+            "a waiting message",
+            |v| {
+                v["failure"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("waiting for 2 free task slots"))
+            },
+        )
+        .await;
+    assert_eq!(waiting["state"], "CREATED", "{waiting}");
+    assert_eq!(waiting["attempt"], 0, "{waiting}");
+    r.start_tm("tm-1");
+    r.finish_and_check(leader, &job, Duration::from_secs(60))
+        .await;
+}
+
+/// Speaks the TaskManager's gRPC protocol directly, as a JobManager would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
+    use ferry_core::proto::{self, task_manager_client::TaskManagerClient};
+    let nats = NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    r.start_tm("tm-1");
+    // Its gRPC address, as its membership record publishes it.
+    let log_says = |r: &Region| {
+        let log = r.log("tm-1");
+        log.split("grpc=")
+            .nth(1)
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+    };
+    let start = Instant::now();
+    let addr = loop {
+        if let Some(a) = log_says(&r) {
+            break a;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "TaskManager did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut c = TaskManagerClient::connect(addr.clone()).await.unwrap();
+    let mut newer = c
+        .attach(proto::AttachRequest {
+            epoch: 5,
+            jobmanager: "test-5".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match newer.message().await.unwrap().and_then(|e| e.event) {
+        Some(proto::tm_event::Event::Registration(reg)) => {
+            assert_eq!(reg.taskmanager, "tm-1");
+            assert_eq!(reg.slots, 4);
+            assert!(reg.deployments.is_empty());
+        }
+        other => panic!("expected a registration first, got {other:?}"),
+    }
+    let stale = |r: Result<tonic::Response<proto::Ack>, tonic::Status>| {
+        let e = r.expect_err("an older epoch must be rejected");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("stale epoch 4"), "{}", e.message());
+    };
+    stale(
+        c.trigger(proto::TriggerRequest {
+            epoch: 4,
+            deployment: "d".into(),
+            checkpoint: 9,
+            dir: "file:///tmp/x".into(),
+            ..Default::default()
+        })
+        .await,
+    );
+    stale(
+        c.complete(proto::CompleteRequest {
+            epoch: 4,
+            deployment: "d".into(),
+            checkpoint: 9,
+        })
+        .await,
+    );
+    stale(
+        c.cancel(proto::CancelRequest {
+            epoch: 4,
+            deployment: "d".into(),
+        })
+        .await,
+    );
+    let spec = SPEC.replace("OUT", &r.out().display().to_string());
+    let e = c
+        .deploy(proto::DeployRequest {
+            epoch: 4,
+            deployment: "d".into(),
+            job_id: uuid_like(),
+            attempt: 1,
+            spec,
+            restore_from: String::new(),
+        })
+        .await
+        .expect_err("deploy with an older epoch");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let e = c
+        .attach(proto::AttachRequest {
+            epoch: 4,
+            jobmanager: "test-4".into(),
+        })
+        .await
+        .expect_err("attach with an older epoch");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    // The same epoch is still accepted (a bad checkpoint number is refused
+    // for what it is, not for the epoch).
+    let e = c
+        .complete(proto::CompleteRequest {
+            epoch: 5,
+            deployment: "d".into(),
+            checkpoint: 9,
+        })
+        .await
+        .expect_err("no such deployment");
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    // A newer epoch ends the older attachment.
+    let _newest = c
+        .attach(proto::AttachRequest {
+            epoch: 6,
+            jobmanager: "test-6".into(),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), newer.message())
+        .await
+        .expect("the epoch-5 stream ends once epoch 6 attached");
+    assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
+    let stale_count = r.tm_metric(0, "stale_commands").await.unwrap();
+    assert_eq!(stale_count, 5);
+}
+
+/// A syntactically valid job id for direct deploy requests.
+fn uuid_like() -> String {
+    "0193a5b0-0000-7000-8000-000000000001".to_string()
 }

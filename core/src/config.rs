@@ -1,5 +1,5 @@
-//! Configuration of the distributed processes (`ferry jobmanager`, and the
-//! TaskManager when it arrives): a YAML file, every key of which can also be
+//! Configuration of the distributed processes (`ferry jobmanager`,
+//! `ferry taskmanager`): a YAML file, every key of which can also be
 //! set — or overridden — by an environment variable `FERRY_<PATH>` (path
 //! segments upper-cased and joined by `_`, e.g. `ha.leaseTtl` →
 //! `FERRY_HA_LEASE_TTL`), the way Kubernetes manifests pass settings.
@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::spec::DurationSpec;
 
-/// Settings of a JobManager process.
+/// Settings of a JobManager or TaskManager process.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProcessConfig {
@@ -35,6 +35,75 @@ pub struct ProcessConfig {
     /// Membership and leader-lease timing.
     #[serde(default)]
     pub ha: HaTiming,
+    /// Where a JobManager runs job tasks.
+    #[serde(default)]
+    pub scheduling: SchedulingConfig,
+    /// A TaskManager's slots and addresses (`ferry taskmanager`).
+    #[serde(default)]
+    pub taskmanager: TaskManagerConfig,
+}
+
+/// Where a JobManager runs job tasks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SchedulingConfig {
+    /// `taskmanagers` (default): on the region's TaskManager processes,
+    /// which keep them running through a JobManager failover;
+    /// `inProcess`: inside the leading JobManager (no TaskManagers needed,
+    /// but a leader change restarts the tasks from their checkpoint).
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// See [`SchedulingConfig::placement`].
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Placement {
+    #[default]
+    Taskmanagers,
+    InProcess,
+}
+
+/// A TaskManager's slots and addresses.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskManagerConfig {
+    /// Task slots: a job of parallelism N takes N slots on one TaskManager
+    /// (default 4).
+    #[serde(default = "d_slots")]
+    pub slots: u32,
+    /// gRPC listen address for JobManager commands (default `0.0.0.0:6124`).
+    #[serde(default = "d_tm_listen")]
+    pub listen: String,
+    /// URL JobManagers dial (default `http://<listen>`, `0.0.0.0` replaced
+    /// by `127.0.0.1`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// HTTP listen address for `/healthz`, `/readyz` and `/metrics`
+    /// (default `0.0.0.0:9249`).
+    #[serde(default = "d_tm_http")]
+    pub http_listen: String,
+}
+
+fn d_slots() -> u32 {
+    4
+}
+fn d_tm_listen() -> String {
+    "0.0.0.0:6124".to_string()
+}
+fn d_tm_http() -> String {
+    "0.0.0.0:9249".to_string()
+}
+
+impl Default for TaskManagerConfig {
+    fn default() -> Self {
+        Self {
+            slots: d_slots(),
+            listen: d_tm_listen(),
+            advertise: None,
+            http_listen: d_tm_http(),
+        }
+    }
 }
 
 /// How to reach the region's NATS.
@@ -175,6 +244,31 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "ha.minInstancesForElection",
         EnvKind::Integer,
     ),
+    (
+        "FERRY_SCHEDULING_PLACEMENT",
+        "scheduling.placement",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_SLOTS",
+        "taskmanager.slots",
+        EnvKind::Integer,
+    ),
+    (
+        "FERRY_TASKMANAGER_LISTEN",
+        "taskmanager.listen",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_ADVERTISE",
+        "taskmanager.advertise",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_HTTP_LISTEN",
+        "taskmanager.httpListen",
+        EnvKind::Text,
+    ),
 ];
 
 /// A configuration problem, saying where and what to do.
@@ -285,6 +379,9 @@ impl ProcessConfig {
         if h.min_instances_for_election == 0 {
             return err("ha.minInstancesForElection must be at least 1".into());
         }
+        if self.taskmanager.slots == 0 {
+            return err("taskmanager.slots must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -294,6 +391,14 @@ impl ProcessConfig {
             .bucket
             .clone()
             .unwrap_or_else(|| format!("ferry-{}", self.region))
+    }
+
+    /// The URL JobManagers dial this TaskManager at.
+    pub fn taskmanager_url(&self, bound: &str) -> String {
+        self.taskmanager
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", bound.replace("0.0.0.0", "127.0.0.1")))
     }
 
     /// The URL others reach this instance's API at.

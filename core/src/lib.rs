@@ -15,3 +15,9 @@ pub mod value;
 
 pub use error::{CoreError, Result};
 pub use ids::{CheckpointId, JobId};
+
+/// The JobManager <-> TaskManager gRPC protocol (`proto/ferry/v1/taskmanager.proto`).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("ferry.v1");
+}

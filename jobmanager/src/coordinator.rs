@@ -19,11 +19,12 @@ use ferry_core::manifest::{
     list_checkpoint_ids, read_verified, savepoint_dir, write_manifest,
 };
 use ferry_core::storage::StorageLocation;
-use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskCommand, TaskError, TaskEvent};
-use ferry_taskmanager::runtime::{DeployedJob, JobPlan, deploy};
+use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskError, TaskEvent};
+use ferry_taskmanager::runtime::{Counters, JobPlan, deploy};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::deployment::{Deployment, RemoteDeployment};
 use crate::error::JmError;
 use crate::jobs::{JobEntry, manifest_info};
 use crate::metrics::{JobLabels, Metrics};
@@ -98,45 +99,81 @@ pub(crate) async fn drive(
         (None, false) => RestoreFrom::Nothing,
     };
     let labels = Metrics::job(&job.id.to_string());
+    // Only the first deployment of a resumed job can be an adoption.
+    let mut try_adopt = opts.resume;
     loop {
         if job.abandon.is_cancelled() {
             tracing::info!(job = %job.id, "leadership lost: no longer driving the job");
             return;
         }
-        let restored = match load_restore(&job, &restore_from, &opts).await {
-            Ok(r) => r,
-            Err(e) => {
-                job.set_state(JobState::Failed, Some(e.to_string()));
-                reject_pending_commands(&mut cmds);
-                return;
-            }
+        // A new leader first looks for the job's tasks still running on a
+        // TaskManager and adopts them: no restart, no replay.
+        let adopted = match job.pool() {
+            Some(pool) if std::mem::take(&mut try_adopt) => adopt(&job, &pool).await,
+            _ => None,
         };
-        let mut next_id = match next_checkpoint_id(&job, restored.as_ref()).await {
-            Ok(n) => n,
-            Err(e) => {
-                job.set_state(JobState::Failed, Some(e.to_string()));
-                return;
+        let (restored, deployment) = match adopted {
+            Some((d, last_barrier)) => {
+                let next = match next_checkpoint_id(&job, None).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        job.set_state(JobState::Failed, Some(e.to_string()));
+                        return;
+                    }
+                };
+                (None, Ok((d, next.max(CheckpointId(last_barrier).next()))))
+            }
+            None => {
+                let restored = match load_restore(&job, &restore_from, &opts).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        job.set_state(JobState::Failed, Some(e.to_string()));
+                        reject_pending_commands(&mut cmds);
+                        return;
+                    }
+                };
+                let next_id = match next_checkpoint_id(&job, restored.as_ref()).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        job.set_state(JobState::Failed, Some(e.to_string()));
+                        return;
+                    }
+                };
+                let started = start_tasks(
+                    &job,
+                    &plan,
+                    restored.as_ref(),
+                    &restore_from,
+                    &mut cmds,
+                    &shutdown,
+                )
+                .await
+                .map(|d| (d, next_id));
+                (restored, started)
             }
         };
         let started = Instant::now();
-        let outcome = match deploy(&plan, restored.as_ref(), &job.id).await {
-            Ok(mut deployed) => {
-                *job.live.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Arc::new(deployed.metrics.clone());
-                if let Some(cp) = &restored {
-                    tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
-                    job.status
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .last_checkpoint =
-                        Some(crate::jobs::manifest_info(&cp.manifest, &job.root));
+        let outcome = match deployment {
+            Ok((mut deployed, mut next_id)) => {
+                *job.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(deployed.live());
+                {
+                    let mut st = job.status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.placement = deployed.location();
+                    if let Some(cp) = &restored {
+                        tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
+                        st.last_checkpoint =
+                            Some(crate::jobs::manifest_info(&cp.manifest, &job.root));
+                    }
                 }
                 job.set_state(JobState::Running, None);
                 // Counters restart from the restored checkpoint's totals.
-                let baseline = restored
-                    .as_ref()
-                    .map(|c| (c.manifest.records_in, c.manifest.records_out))
-                    .unwrap_or_default();
+                let baseline = match &restored {
+                    Some(c) => (c.manifest.records_in, c.manifest.records_out),
+                    None => {
+                        let c = deployed.counters();
+                        (c.records_in, c.records_out)
+                    }
+                };
                 let ctx = AttemptCtx {
                     job: &job,
                     plan: &plan,
@@ -144,10 +181,14 @@ pub(crate) async fn drive(
                     shutdown: &shutdown,
                 };
                 let o = run_attempt(&ctx, baseline, &mut deployed, &mut cmds, &mut next_id).await;
-                deployed.shutdown().await;
+                match o {
+                    // Leaving tasks running for the next leader.
+                    Outcome::Abandoned | Outcome::Shutdown => deployed.release().await,
+                    _ => deployed.stop().await,
+                }
                 o
             }
-            Err(e) => Outcome::Failed(format!("deploying the job failed: {e}")),
+            Err(o) => o,
         };
         match outcome {
             Outcome::Finished => {
@@ -247,6 +288,136 @@ pub(crate) async fn drive(
     }
 }
 
+/// How long a new leader waits for every TaskManager's registration before
+/// deciding a job has no running tasks to adopt.
+const ADOPT_WAIT: Duration = Duration::from_secs(5);
+
+/// Claims the job's tasks still running on a TaskManager (after a leader
+/// change). Returns the deployment and the highest barrier it has seen.
+async fn adopt(
+    job: &Arc<JobEntry>,
+    pool: &Arc<crate::taskmanagers::TaskManagers>,
+) -> Option<(Deployment, u64)> {
+    let epoch = job.leadership.fence()?;
+    pool.wait_registered(epoch, ADOPT_WAIT).await;
+    let (found, events) = pool.claim(&job.id)?;
+    let last_barrier = found.status.last_barrier;
+    tracing::info!(
+        job = %job.id,
+        taskmanager = %found.tm,
+        deployment = %found.status.deployment,
+        attempt = found.status.attempt,
+        "adopted the job's running tasks: no restart"
+    );
+    let d = RemoteDeployment::adopt(pool, found, events, epoch);
+    pool.cancel_others(&job.id, &d.id);
+    Some((Deployment::Remote(d), last_barrier))
+}
+
+/// Starts the job's tasks, in this process or on a TaskManager with free
+/// slots (waiting for one and saying so in the job's status).
+async fn start_tasks(
+    job: &Arc<JobEntry>,
+    plan: &JobPlan,
+    restored: Option<&VerifiedCheckpoint>,
+    from: &RestoreFrom,
+    cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
+    shutdown: &CancellationToken,
+) -> Result<Deployment, Outcome> {
+    let Some(pool) = job.pool() else {
+        let d = deploy(plan, restored, &job.id)
+            .await
+            .map_err(|e| Outcome::Failed(format!("deploying the job failed: {e}")))?;
+        job.count_attempt();
+        return Ok(Deployment::Local(d));
+    };
+    let restore_url = match (restored, from) {
+        (None, _) | (_, RestoreFrom::Nothing) => String::new(),
+        (Some(_), RestoreFrom::Savepoint(p)) => StorageLocation::open(p)
+            .map(|l| l.url().to_string())
+            .unwrap_or_else(|_| p.clone()),
+        (Some(cp), RestoreFrom::LatestCheckpoint) => job
+            .root
+            .child(&checkpoint_dir(&job.id, cp.manifest.checkpoint_id))
+            .url()
+            .to_string(),
+    };
+    let need = plan.parallelism;
+    let mut changed = pool.subscribe();
+    let mut said_waiting = false;
+    loop {
+        let Some(epoch) = job.leadership.fence() else {
+            return Err(Outcome::Abandoned);
+        };
+        if let Some(placed) = pool.place(need) {
+            let tm = placed.tm.clone();
+            let attempt = job.status.lock().unwrap_or_else(|p| p.into_inner()).attempt + 1;
+            let req = ferry_core::proto::DeployRequest {
+                epoch,
+                deployment: uuid::Uuid::now_v7().to_string(),
+                job_id: job.id.to_string(),
+                attempt,
+                spec: job.spec.to_yaml(),
+                restore_from: restore_url.clone(),
+            };
+            match RemoteDeployment::deploy(&pool, placed, epoch, req).await {
+                Ok(d) => {
+                    tracing::info!(job = %job.id, taskmanager = %tm, deployment = %d.id, attempt, "tasks deployed");
+                    job.count_attempt();
+                    pool.cancel_others(&job.id, &d.id);
+                    return Ok(Deployment::Remote(d));
+                }
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                    tracing::info!(job = %job.id, taskmanager = %tm, "{}", e.message());
+                }
+                Err(e) if e.code() == tonic::Code::InvalidArgument => {
+                    return Err(Outcome::Unrecoverable(format!(
+                        "TaskManager {tm} refused the job: {}",
+                        e.message()
+                    )));
+                }
+                Err(e) => {
+                    return Err(Outcome::Failed(format!(
+                        "deploying on TaskManager {tm} failed: {}",
+                        e.message()
+                    )));
+                }
+            }
+        } else if !said_waiting {
+            said_waiting = true;
+            let c = pool.capacity();
+            let msg = format!(
+                "waiting for {need} free task slots on one TaskManager ({} registered, {} of {} slots free)",
+                c.taskmanagers, c.free, c.slots
+            );
+            tracing::warn!(job = %job.id, "{msg}");
+            job.set_state(job.state(), Some(msg));
+            job.touch();
+        }
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return Err(Outcome::Shutdown) },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = job.abandon.cancelled() => return Err(Outcome::Abandoned),
+            _ = shutdown.cancelled() => return Err(Outcome::Shutdown),
+            cmd = cmds.recv() => match cmd {
+                Some(JobCommand::Stop { reply, .. }) => {
+                    job.set_state(JobState::Cancelling, None);
+                    let _ = reply.send(Ok(None));
+                    return Err(Outcome::Stopped);
+                }
+                Some(JobCommand::Savepoint(reply)) => {
+                    let _ = reply.send(Err(JmError::WrongState {
+                        job: job.id,
+                        state: job.state(),
+                        action: "retry once it is RUNNING (it waits for task slots)".into(),
+                    }));
+                }
+                None => {}
+            },
+        }
+    }
+}
+
 fn reject_pending_commands(cmds: &mut mpsc::UnboundedReceiver<JobCommand>) {
     while let Ok(cmd) = cmds.try_recv() {
         let err = || JmError::Runtime("the job has failed".into());
@@ -326,7 +497,7 @@ struct AttemptCtx<'a> {
 async fn run_attempt(
     ctx: &AttemptCtx<'_>,
     baseline: (u64, u64),
-    deployed: &mut DeployedJob,
+    deployed: &mut Deployment,
     cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
     next_id: &mut CheckpointId,
 ) -> Outcome {
@@ -359,7 +530,7 @@ async fn run_attempt(
             _ = shutdown.cancelled() => return Outcome::Shutdown,
             _ = job.abandon.cancelled() => return Outcome::Abandoned,
             _ = ticker.tick() => {
-                if pending.is_none() && !stopping && sources_ended < deployed.sources.len() {
+                if pending.is_none() && !stopping && sources_ended < deployed.source_count() {
                     pending = trigger(job, deployed, next_id, SnapshotKind::Checkpoint, true, false, false, None);
                 }
             }
@@ -390,7 +561,7 @@ async fn run_attempt(
                 }
                 None => {}
             },
-            ev = deployed.events.recv() => match ev {
+            ev = deployed.next_event() => match ev {
                 None => return Outcome::Failed("every task ended unexpectedly".into()),
                 Some(TaskEvent::Failed { task, error }) => {
                     fail_reply(pending.take().and_then(|p| p.reply), JmError::Runtime(format!("task failed: {error}")));
@@ -460,7 +631,7 @@ async fn run_attempt(
                     false,
                     Some(r),
                 );
-            } else if sources_ended == deployed.sources.len() && !final_triggered {
+            } else if sources_ended == deployed.source_count() && !final_triggered {
                 final_triggered = true;
                 pending = trigger(
                     job,
@@ -489,7 +660,7 @@ fn fail_reply(reply: Option<Reply>, err: JmError) {
 #[allow(clippy::too_many_arguments)]
 fn trigger(
     job: &JobEntry,
-    deployed: &DeployedJob,
+    deployed: &Deployment,
     next_id: &mut CheckpointId,
     kind: SnapshotKind,
     close_txn: bool,
@@ -511,9 +682,7 @@ fn trigger(
         dir: job.root.child(&rel),
     };
     tracing::debug!(job = %job.id, checkpoint = %id, ?kind, "triggering snapshot");
-    for s in &deployed.sources {
-        let _ = s.send(TaskCommand::Trigger(barrier.clone()));
-    }
+    deployed.trigger(&barrier);
     Some(Pending {
         barrier,
         started: Instant::now(),
@@ -528,7 +697,7 @@ fn trigger(
 #[tracing::instrument(skip_all, fields(job = %job.id, checkpoint = %p.barrier.id))]
 async fn complete_checkpoint(
     job: &JobEntry,
-    deployed: &DeployedJob,
+    deployed: &Deployment,
     p: &Pending,
     metrics: &Metrics,
 ) -> Result<SavepointInfo, String> {
@@ -581,9 +750,7 @@ async fn complete_checkpoint(
             p.barrier.id
         ));
     }
-    for t in &deployed.all {
-        let _ = t.send(TaskCommand::Complete(p.barrier.id));
-    }
+    deployed.complete(p.barrier.id);
     let labels = Metrics::job(&job.id.to_string());
     metrics.checkpoints_completed.get_or_create(&labels).inc();
     metrics
@@ -691,14 +858,16 @@ impl Sampled {
 }
 
 /// Updates the job's Prometheus counters from the task counters.
-fn sample(metrics: &Metrics, labels: &JobLabels, deployed: &DeployedJob, last: &mut Sampled) {
-    use std::sync::atomic::Ordering::Relaxed;
+fn sample(metrics: &Metrics, labels: &JobLabels, deployed: &Deployment, last: &mut Sampled) {
     let now = Instant::now();
-    let rin = deployed.sum(|m| m.records_in.load(Relaxed));
-    let rout = deployed.sum(|m| m.records_out.load(Relaxed));
-    let late = deployed.sum(|m| m.late_records.load(Relaxed));
-    let errs = deployed.sum(|m| m.expr_errors.load(Relaxed));
-    let skipped = deployed.sum(|m| m.skipped_records.load(Relaxed));
+    let Counters {
+        records_in: rin,
+        records_out: rout,
+        late_records: late,
+        expression_errors: errs,
+        skipped_records: skipped,
+        watermark: wm,
+    } = deployed.counters();
     let dt = now.duration_since(last.at).as_secs_f64().max(1e-3);
     let inc = |c: &Family<JobLabels, Counter>, now: u64, before: u64| {
         c.get_or_create(labels).inc_by(now.saturating_sub(before));
@@ -712,7 +881,6 @@ fn sample(metrics: &Metrics, labels: &JobLabels, deployed: &DeployedJob, last: &
         .records_in_rate
         .get_or_create(labels)
         .set(rin.saturating_sub(last.records_in) as f64 / dt);
-    let wm = deployed.watermark();
     if wm != i64::MIN && wm != i64::MAX {
         metrics.watermark.get_or_create(labels).set(wm);
     }

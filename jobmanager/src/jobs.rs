@@ -13,13 +13,12 @@ use ferry_core::manifest::{
 use ferry_core::spec::{JobSpec, SinkSpec};
 use ferry_core::storage::StorageLocation;
 use ferry_core::value::format_ts;
-use ferry_taskmanager::metrics::TaskMetrics;
-use ferry_taskmanager::protocol::TaskId;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::coordinator::{JobCommand, drive};
+use crate::deployment::LiveCounters;
 use crate::error::JmError;
 use crate::leadership::Leadership;
 use crate::metrics::{Metrics, StateLabels};
@@ -58,19 +57,22 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<Metrics>,
     jobs: RwLock<BTreeMap<JobId, Arc<JobEntry>>>,
     pub(crate) shutdown: CancellationToken,
+    /// The region's TaskManagers, when tasks run on them (distributed
+    /// mode); unset: tasks run in this process.
+    pub(crate) taskmanagers: std::sync::OnceLock<Arc<crate::taskmanagers::TaskManagers>>,
     drivers: TaskTracker,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
 }
-
-/// The task counters of a deployment, shared with the task loops.
-pub(crate) type LiveCounters = Arc<Vec<(TaskId, Arc<TaskMetrics>)>>;
 
 /// Mutable status of a job.
 #[derive(Debug)]
 pub(crate) struct Status {
     pub(crate) state: JobState,
     pub(crate) restarts: u32,
+    pub(crate) attempt: u32,
+    /// (TaskManager, deployment id) of remote tasks.
+    pub(crate) placement: Option<(String, String)>,
     pub(crate) failure: Option<String>,
     pub(crate) last_checkpoint: Option<CheckpointInfo>,
     pub(crate) ended_at: Option<DateTime<Utc>>,
@@ -87,9 +89,10 @@ pub(crate) struct JobEntry {
     pub(crate) commands: mpsc::UnboundedSender<JobCommand>,
     pub(crate) state_tx: watch::Sender<JobState>,
     /// Counters of the current (or last) deployment's tasks.
-    pub(crate) live: Mutex<LiveCounters>,
+    pub(crate) live: Mutex<Option<LiveCounters>>,
     metrics: Arc<Metrics>,
     pub(crate) leadership: Arc<Leadership>,
+    pub(crate) taskmanagers: Option<Arc<crate::taskmanagers::TaskManagers>>,
     /// Cancelled when this JobManager loses the leadership: the driver stops
     /// at once and writes nothing more; the new leader carries on.
     pub(crate) abandon: CancellationToken,
@@ -147,6 +150,20 @@ impl JobEntry {
         self.touch();
     }
 
+    /// The region's TaskManagers, when tasks run on them.
+    pub(crate) fn pool(&self) -> Option<Arc<crate::taskmanagers::TaskManagers>> {
+        self.taskmanagers.clone()
+    }
+
+    /// One more deployment of the job's tasks started.
+    pub(crate) fn count_attempt(&self) {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attempt += 1;
+        self.touch();
+    }
+
     /// Marks the status as changed, for the job-store writer.
     pub(crate) fn touch(&self) {
         self.dirty.send_modify(|v| *v += 1);
@@ -159,7 +176,7 @@ impl JobEntry {
     /// Current summary.
     pub(crate) fn info(&self) -> JobInfo {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if live.is_empty()
+        if live.is_none()
             && let Some(mut stored) = self
                 .stored
                 .lock()
@@ -169,6 +186,11 @@ impl JobEntry {
             let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
             stored.state = st.state;
             stored.restarts = st.restarts;
+            stored.attempt = st.attempt;
+            if let Some((tm, d)) = &st.placement {
+                stored.taskmanager = Some(tm.clone());
+                stored.deployment = Some(d.clone());
+            }
             if st.last_checkpoint.is_some() {
                 stored.last_checkpoint = st.last_checkpoint.clone();
             }
@@ -178,14 +200,7 @@ impl JobEntry {
             stored.ended_at = st.ended_at.or(stored.ended_at);
             return stored;
         }
-        let sum = |f: &dyn Fn(&TaskMetrics) -> u64| live.iter().map(|(_, m)| f(m)).sum::<u64>();
-        use std::sync::atomic::Ordering::Relaxed;
-        let last_stage = live.iter().map(|(t, _)| t.stage).max().unwrap_or(0);
-        let wm = live
-            .iter()
-            .filter(|(t, _)| t.stage == last_stage)
-            .map(|(_, m)| m.watermark.load(Relaxed))
-            .min();
+        let c = live.map(|l| l.read()).unwrap_or_default();
         let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         JobInfo {
             id: self.id,
@@ -195,12 +210,15 @@ impl JobEntry {
             submitted_at: self.submitted_at,
             ended_at: st.ended_at,
             restarts: st.restarts,
-            records_in: sum(&|m| m.records_in.load(Relaxed)),
-            records_out: sum(&|m| m.records_out.load(Relaxed)),
-            late_records: sum(&|m| m.late_records.load(Relaxed)),
-            expression_errors: sum(&|m| m.expr_errors.load(Relaxed)),
-            skipped_records: sum(&|m| m.skipped_records.load(Relaxed)),
-            watermark: wm.filter(|w| *w != i64::MIN).map(format_ts),
+            attempt: st.attempt,
+            taskmanager: st.placement.as_ref().map(|p| p.0.clone()),
+            deployment: st.placement.as_ref().map(|p| p.1.clone()),
+            records_in: c.records_in,
+            records_out: c.records_out,
+            late_records: c.late_records,
+            expression_errors: c.expression_errors,
+            skipped_records: c.skipped_records,
+            watermark: Some(c.watermark).filter(|w| *w != i64::MIN).map(format_ts),
             last_checkpoint: st.last_checkpoint.clone(),
             failure: st.failure.clone(),
             output: match &self.spec.spec.sink {
@@ -244,6 +262,8 @@ impl JobEntry {
         }
         st.state = job.state;
         st.restarts = job.restarts;
+        st.attempt = job.attempt;
+        st.placement = job.taskmanager.clone().zip(job.deployment.clone());
         st.failure = job.failure.clone();
         st.last_checkpoint = job.last_checkpoint.clone();
         st.ended_at = job.ended_at;
@@ -251,7 +271,7 @@ impl JobEntry {
         self.state_tx.send_replace(job.state);
         // Counters of a deployment this instance drove before it stepped
         // down are stale now: the store's figures are the current ones.
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(Vec::new());
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
     }
 }
@@ -279,6 +299,9 @@ fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
             submitted_at: Utc::now(),
             ended_at: None,
             restarts: 0,
+            attempt: 0,
+            taskmanager: None,
+            deployment: None,
             records_in: 0,
             records_out: 0,
             late_records: 0,
@@ -450,6 +473,7 @@ impl JobManager {
                 shutdown: CancellationToken::new(),
                 drivers: TaskTracker::new(),
                 runtime: tokio::runtime::Handle::current(),
+                taskmanagers: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -542,15 +566,20 @@ impl JobManager {
             status: Mutex::new(Status {
                 state,
                 restarts: prior_job.as_ref().map(|p| p.restarts).unwrap_or(0),
+                attempt: prior_job.as_ref().map(|p| p.attempt).unwrap_or(0),
+                placement: prior_job
+                    .as_ref()
+                    .and_then(|p| p.taskmanager.clone().zip(p.deployment.clone())),
                 failure: prior_job.as_ref().and_then(|p| p.failure.clone()),
                 last_checkpoint: prior_job.as_ref().and_then(|p| p.last_checkpoint.clone()),
                 ended_at: prior_job.as_ref().and_then(|p| p.ended_at),
             }),
             commands: tx,
             state_tx,
-            live: Mutex::new(Arc::new(Vec::new())),
+            live: Mutex::new(None),
             metrics: self.inner.metrics.clone(),
             leadership: self.inner.leadership.clone(),
+            taskmanagers: self.inner.taskmanagers.get().cloned(),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),
             dirty,

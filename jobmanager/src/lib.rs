@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod coordinator;
+mod deployment;
 pub mod error;
 pub mod ha;
 pub mod jobs;
@@ -14,6 +15,7 @@ pub mod metrics;
 pub mod restart;
 pub mod service;
 pub mod state;
+pub mod taskmanagers;
 
 pub use error::JmError;
 pub use service::{CheckpointInfo, JobInfo, JobManager, JobManagerConfig, SavepointInfo};

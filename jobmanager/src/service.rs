@@ -29,6 +29,17 @@ pub struct JobInfo {
     pub ended_at: Option<DateTime<Utc>>,
     /// Restarts after failures (not counting resumes of a new process).
     pub restarts: u32,
+    /// Deployments of the job's tasks so far: 1 after the first start, +1
+    /// for each restart or resume that started tasks again. A new leader
+    /// that adopts running tasks does not add one.
+    #[serde(default)]
+    pub attempt: u32,
+    /// The TaskManager running the job's tasks (distributed mode).
+    #[serde(default)]
+    pub taskmanager: Option<String>,
+    /// Id of the current deployment on that TaskManager.
+    #[serde(default)]
+    pub deployment: Option<String>,
     pub records_in: u64,
     pub records_out: u64,
     /// Records dropped because they were later than their window allowed.
@@ -133,6 +144,12 @@ impl JobManager {
     /// The leadership handle (HA mode wires the elector into it).
     pub fn leadership(&self) -> &std::sync::Arc<crate::leadership::Leadership> {
         &self.inner.leadership
+    }
+
+    /// Runs jobs' tasks on the region's TaskManagers instead of in this
+    /// process. Set once, before jobs are submitted or adopted.
+    pub fn use_taskmanagers(&self, pool: Arc<crate::taskmanagers::TaskManagers>) {
+        let _ = self.inner.taskmanagers.set(pool);
     }
 
     /// Name of this instance.

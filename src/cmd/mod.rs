@@ -6,7 +6,9 @@ pub mod cluster;
 pub mod job;
 pub mod jobmanager;
 pub mod local;
+pub mod process;
 pub mod schema;
+pub mod taskmanager;
 pub mod validate;
 
 /// Sets up `tracing` on stderr: `FERRY_LOG` (or `RUST_LOG`) picks levels,

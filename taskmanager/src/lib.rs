@@ -10,6 +10,8 @@ pub mod nats;
 pub mod operator;
 pub mod protocol;
 pub mod runtime;
+pub mod server;
 pub mod sink;
 pub mod source;
 pub mod task;
+pub mod wire;

@@ -170,20 +170,44 @@ impl DeployedJob {
         self.tasks.wait().await;
     }
 
-    /// Sums a counter over all tasks.
-    pub fn sum(&self, f: impl Fn(&TaskMetrics) -> u64) -> u64 {
-        self.metrics.iter().map(|(_, m)| f(m)).sum()
+    /// The job's counters summed over its tasks.
+    pub fn counters(&self) -> Counters {
+        Counters::of(&self.metrics)
     }
+}
 
-    /// Lowest watermark over all tasks of the last stage.
-    pub fn watermark(&self) -> i64 {
-        let last = self.metrics.iter().map(|(t, _)| t.stage).max().unwrap_or(0);
-        self.metrics
-            .iter()
-            .filter(|(t, _)| t.stage == last)
-            .map(|(_, m)| m.watermark.load(std::sync::atomic::Ordering::Relaxed))
-            .min()
-            .unwrap_or(i64::MIN)
+/// A deployment's task counters, summed over its tasks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub records_in: u64,
+    pub records_out: u64,
+    pub late_records: u64,
+    pub expression_errors: u64,
+    pub skipped_records: u64,
+    /// Lowest watermark over the tasks of the last stage (`i64::MIN`
+    /// before any record).
+    pub watermark: i64,
+}
+
+impl Counters {
+    /// Sums the counters of `tasks`.
+    pub fn of(tasks: &[(TaskId, Arc<TaskMetrics>)]) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sum = |f: &dyn Fn(&TaskMetrics) -> u64| tasks.iter().map(|(_, m)| f(m)).sum::<u64>();
+        let last = tasks.iter().map(|(t, _)| t.stage).max().unwrap_or(0);
+        Self {
+            records_in: sum(&|m| m.records_in.load(Relaxed)),
+            records_out: sum(&|m| m.records_out.load(Relaxed)),
+            late_records: sum(&|m| m.late_records.load(Relaxed)),
+            expression_errors: sum(&|m| m.expr_errors.load(Relaxed)),
+            skipped_records: sum(&|m| m.skipped_records.load(Relaxed)),
+            watermark: tasks
+                .iter()
+                .filter(|(t, _)| t.stage == last)
+                .map(|(_, m)| m.watermark.load(Relaxed))
+                .min()
+                .unwrap_or(i64::MIN),
+        }
     }
 }
 

@@ -1,0 +1,110 @@
+//! What `ferry jobmanager` and `ferry taskmanager` share: loading the
+//! config (file + `FERRY_*`), the instance id, opening the region's
+//! coordination bucket on NATS (retried until reachable), and the shutdown
+//! signal.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_core::config::ProcessConfig;
+use ferry_ha::Coordination;
+use ferry_ha::nats::NatsKv;
+
+/// Reads `--config` (if given) with the `FERRY_*` variables on top.
+pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ProcessConfig> {
+    let text = match path {
+        Some(p) => Some((
+            p.display().to_string(),
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("FERRY_"))
+        .collect();
+    Ok(ProcessConfig::load(
+        text.as_ref().map(|(n, t)| (n.as_str(), t.as_str())),
+        &env,
+    )?)
+}
+
+/// `<hostname>-<pid>` (`fallback` when the host name is unknown).
+pub fn default_instance_id(fallback: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| fallback.to_string());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A runtime of its own for heartbeats and lease renewals: however busy
+/// the jobs keep the main one, a heartbeat is never late because of them.
+pub fn coordination_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("ferry-ha")
+        .build()
+}
+
+/// Opens the region's coordination bucket, connecting from `ha_rt` (so the
+/// client's I/O tasks live there). NATS may come up after us (a rolling
+/// start, a cluster still electing its JetStream leader): keeps trying and
+/// says why; `None` when a shutdown signal came first.
+pub async fn connect_coordination(
+    cfg: &ProcessConfig,
+    ha_rt: &tokio::runtime::Handle,
+) -> Option<Arc<dyn Coordination>> {
+    let h = &cfg.ha;
+    // Values in the bucket live as long as the longest-lived key needs.
+    let max_age = h.member_expiry.get().max(h.lease_ttl.get()) * 2;
+    let bucket = cfg.bucket();
+    tracing::info!(urls = %cfg.nats.urls.join(","), %bucket, "connecting to NATS");
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let (urls, b, replicas) = (cfg.nats.urls.clone(), bucket.clone(), cfg.nats.replicas);
+        let open = async {
+            ha_rt
+                .spawn(async move { NatsKv::connect(&urls, &b, max_age, replicas).await })
+                .await
+                .map_err(|e| ferry_ha::HaError::Unavailable(format!("connect task: {e}")))?
+        };
+        tokio::select! {
+            r = open => match r {
+                Ok(kv) => return Some(Arc::new(kv)),
+                Err(e) => {
+                    let wait = Duration::from_millis(500 * u64::from(attempt.min(10)));
+                    tracing::warn!(
+                        attempt,
+                        "cannot open the coordination bucket {bucket} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
+                        cfg.nats.urls.join(",")
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown_signal() => return None,
+                    }
+                }
+            },
+            _ = shutdown_signal() => return None,
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,530 @@
+//! The TaskManager process's core: its task slots, the deployments it runs
+//! and the gRPC service (`ferry.v1.TaskManager`) the leading JobManager
+//! drives them through.
+//!
+//! Invariants:
+//! - every command carries the sender's fencing epoch; an epoch older than
+//!   the newest this TaskManager has seen is rejected (`FAILED_PRECONDITION`),
+//!   so a deposed leader can neither trigger nor commit checkpoints here;
+//! - a deployment's tasks keep running when its JobManager goes away; a new
+//!   leader attaches, reads every deployment's progress from the
+//!   registration and adopts them without a restart;
+//! - each task event is either part of the registration an attaching
+//!   JobManager receives or sent on its stream afterwards, never lost in
+//!   between (both happen under one lock).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_core::manifest::read_verified;
+use ferry_core::proto::{self, task_manager_server};
+use ferry_core::storage::StorageLocation;
+use ferry_core::{CheckpointId, JobId};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::protocol::{Barrier, TaskCommand, TaskEvent};
+use crate::runtime::{Counters, DeployedJob, JobPlan, deploy};
+use crate::wire::{event_to_proto, kind_from_proto};
+
+/// How often a running deployment's counters are sent to the JobManager
+/// (only when they changed).
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
+
+type EventTx = mpsc::UnboundedSender<Result<proto::TmEvent, Status>>;
+
+/// Counters of this TaskManager, exported by its `/metrics`.
+#[derive(Debug, Default)]
+pub struct TmStats {
+    /// Deployments started (a restart of a job is a new deployment; an
+    /// adoption by a new leader is not).
+    pub deployments_started: AtomicU64,
+    /// Tasks started.
+    pub tasks_started: AtomicU64,
+    /// Commands rejected for carrying an older epoch.
+    pub stale_commands: AtomicU64,
+    /// JobManager attachments accepted.
+    pub attachments: AtomicU64,
+}
+
+/// A TaskManager: slots and deployments. Cheap to clone.
+#[derive(Clone)]
+pub struct TaskManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    slots: u32,
+    started_at: DateTime<Utc>,
+    shared: Mutex<Shared>,
+    stats: TmStats,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Newest epoch seen.
+    epoch: u64,
+    /// The attached JobManager's event stream.
+    attached: Option<EventTx>,
+    deployments: HashMap<String, Running>,
+    /// Slots promised to deployments still starting.
+    reserved: u32,
+}
+
+struct Running {
+    status: proto::DeploymentStatus,
+    sources: Vec<mpsc::UnboundedSender<TaskCommand>>,
+    all: Vec<mpsc::UnboundedSender<TaskCommand>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Shared {
+    /// Accepts `epoch` if it is not older than the newest seen; a newer one
+    /// ends the older JobManager's attachment.
+    fn check_epoch(&mut self, epoch: u64, stats: &TmStats) -> Result<(), Status> {
+        if epoch < self.epoch {
+            stats.stale_commands.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {epoch}: this TaskManager follows the leader at epoch {}",
+                self.epoch
+            )));
+        }
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.attached = None;
+        }
+        Ok(())
+    }
+
+    fn used_slots(&self) -> u32 {
+        self.reserved
+            + self
+                .deployments
+                .values()
+                .map(|d| d.status.slots)
+                .sum::<u32>()
+    }
+
+    fn send(&mut self, event: proto::tm_event::Event) {
+        if let Some(tx) = &self.attached
+            && tx.send(Ok(proto::TmEvent { event: Some(event) })).is_err()
+        {
+            self.attached = None;
+        }
+    }
+
+    fn deployment(&mut self, id: &str) -> Result<&mut Running, Status> {
+        self.deployments
+            .get_mut(id)
+            .ok_or_else(|| Status::not_found(format!("no deployment '{id}' on this TaskManager")))
+    }
+}
+
+impl TaskManager {
+    pub fn new(id: impl Into<String>, slots: u32) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                id: id.into(),
+                slots,
+                started_at: Utc::now(),
+                shared: Mutex::new(Shared::default()),
+                stats: TmStats::default(),
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.inner.slots
+    }
+
+    pub fn stats(&self) -> &TmStats {
+        &self.inner.stats
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.inner.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (slots in use, running deployments, running tasks, newest epoch,
+    /// a JobManager attached).
+    pub fn usage(&self) -> (u32, usize, u32, u64, bool) {
+        let s = self.lock();
+        let tasks = s
+            .deployments
+            .values()
+            .filter(|d| d.status.failure.is_none())
+            .map(|d| d.status.tasks - d.status.stopped.len() as u32)
+            .sum();
+        (
+            s.used_slots(),
+            s.deployments.len(),
+            tasks,
+            s.epoch,
+            s.attached.is_some(),
+        )
+    }
+
+    /// The gRPC service.
+    pub fn service(&self) -> task_manager_server::TaskManagerServer<Self> {
+        task_manager_server::TaskManagerServer::new(self.clone())
+    }
+
+    /// Stops every task (the process is ending) and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let running: Vec<(CancellationToken, TaskTracker)> = self
+            .lock()
+            .deployments
+            .drain()
+            .map(|(_, d)| (d.cancel, d.tasks))
+            .collect();
+        for (cancel, tasks) in running {
+            stop_tasks(cancel, tasks).await;
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn registration(&self, s: &Shared) -> proto::Registration {
+        let mut deployments: Vec<proto::DeploymentStatus> =
+            s.deployments.values().map(|d| d.status.clone()).collect();
+        deployments.sort_by(|a, b| a.deployment.cmp(&b.deployment));
+        proto::Registration {
+            taskmanager: self.inner.id.clone(),
+            slots: self.inner.slots,
+            deployments,
+            started_at: self.inner.started_at.to_rfc3339(),
+        }
+    }
+
+    /// Forwards one deployment's task events (and changed counters) to the
+    /// attached JobManager, recording them in its status on the way.
+    fn spawn_pump(&self, deployment: String, mut deployed: DeployedJob) {
+        let this = self.clone();
+        let mut events = std::mem::replace(&mut deployed.events, mpsc::unbounded_channel().1);
+        let metrics = deployed.metrics.clone();
+        let stop = deployed.cancel.clone();
+        self.inner.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = Counters::default();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    ev = events.recv() => {
+                        let Some(ev) = ev else { return };
+                        // Counters first, so they are final when a task
+                        // reports that it stopped.
+                        let now = Counters::of(&metrics);
+                        let fresh = !matches!(ev, TaskEvent::Ack(_)) && now != last;
+                        let mut s = this.lock();
+                        let Some(d) = s.deployments.get_mut(&deployment) else { return };
+                        if fresh {
+                            last = now;
+                            d.status.counters = Some(now.into());
+                        }
+                        match &ev {
+                            TaskEvent::SourceEnded(t) => d.status.sources_ended.push((*t).into()),
+                            TaskEvent::Stopped(t) => d.status.stopped.push((*t).into()),
+                            TaskEvent::Failed { task, error } => {
+                                tracing::warn!(deployment = %deployment, %task, "task failed: {error}");
+                                d.status.failure = Some(proto::TaskFailure {
+                                    task: Some((*task).into()),
+                                    ..proto::TaskFailure::from(error)
+                                });
+                            }
+                            TaskEvent::Ack(_) => {}
+                        }
+                        if fresh {
+                            s.send(proto::tm_event::Event::Deployment(proto::DeploymentEvent {
+                                deployment: deployment.clone(),
+                                event: Some(proto::deployment_event::Event::Counters(now.into())),
+                            }));
+                        }
+                        s.send(proto::tm_event::Event::Deployment(proto::DeploymentEvent {
+                            deployment: deployment.clone(),
+                            event: Some(event_to_proto(&ev)),
+                        }));
+                    }
+                    _ = tick.tick() => {
+                        let now = Counters::of(&metrics);
+                        if now == last {
+                            continue;
+                        }
+                        last = now;
+                        let mut s = this.lock();
+                        let Some(d) = s.deployments.get_mut(&deployment) else { return };
+                        d.status.counters = Some(now.into());
+                        s.send(proto::tm_event::Event::Deployment(proto::DeploymentEvent {
+                            deployment: deployment.clone(),
+                            event: Some(proto::deployment_event::Event::Counters(now.into())),
+                        }));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Stops a deployment's tasks and waits for them.
+async fn stop_tasks(cancel: CancellationToken, tasks: TaskTracker) {
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::TmEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl task_manager_server::TaskManager for TaskManager {
+    type AttachStream = EventStream;
+
+    async fn attach(
+        &self,
+        req: Request<proto::AttachRequest>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let req = req.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut s = self.lock();
+        s.check_epoch(req.epoch, &self.inner.stats)?;
+        let reg = self.registration(&s);
+        tracing::info!(
+            jobmanager = %req.jobmanager,
+            epoch = req.epoch,
+            deployments = reg.deployments.len(),
+            "JobManager attached"
+        );
+        let _ = tx.send(Ok(proto::TmEvent {
+            event: Some(proto::tm_event::Event::Registration(reg)),
+        }));
+        s.attached = Some(tx);
+        self.inner.stats.attachments.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        )))
+    }
+
+    async fn deploy(
+        &self,
+        req: Request<proto::DeployRequest>,
+    ) -> Result<Response<proto::DeployReply>, Status> {
+        let req = req.into_inner();
+        let spec = ferry_core::spec::parse_and_validate(&req.spec).map_err(|issues| {
+            Status::invalid_argument(format!("the job spec is invalid:\n{issues}"))
+        })?;
+        let plan = JobPlan::new(&spec).map_err(Status::invalid_argument)?;
+        let job: JobId = req
+            .job_id
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("job id '{}': {e}", req.job_id)))?;
+        let need = plan.parallelism;
+        {
+            let mut s = self.lock();
+            s.check_epoch(req.epoch, &self.inner.stats)?;
+            if let Some(d) = s.deployments.get(&req.deployment) {
+                // A retried request: the deployment already runs.
+                return Ok(Response::new(proto::DeployReply {
+                    tasks: d.status.tasks,
+                    sources: d.status.sources,
+                    counters: d.status.counters,
+                }));
+            }
+            let free = self.inner.slots.saturating_sub(s.used_slots());
+            if free < need {
+                return Err(Status::resource_exhausted(format!(
+                    "TaskManager {} has {free} free slots of {}; the job needs {need}",
+                    self.inner.id, self.inner.slots
+                )));
+            }
+            s.reserved += need;
+        }
+        let started = self.start(&req, &plan, &job).await;
+        let deployed = {
+            let mut s = self.lock();
+            s.reserved -= need;
+            started?
+        };
+        let counters = deployed.counters();
+        let status = proto::DeploymentStatus {
+            deployment: req.deployment.clone(),
+            job_id: req.job_id.clone(),
+            attempt: req.attempt,
+            epoch: req.epoch,
+            slots: need,
+            tasks: deployed.all.len() as u32,
+            sources: deployed.sources.len() as u32,
+            last_barrier: 0,
+            last_completed: 0,
+            sources_ended: Vec::new(),
+            stopped: Vec::new(),
+            failure: None,
+            counters: Some(counters.into()),
+        };
+        let reply = proto::DeployReply {
+            tasks: status.tasks,
+            sources: status.sources,
+            counters: status.counters,
+        };
+        let stale = {
+            let mut s = self.lock();
+            let stale = req.epoch < s.epoch;
+            if !stale {
+                s.deployments.insert(
+                    req.deployment.clone(),
+                    Running {
+                        status,
+                        sources: deployed.sources.clone(),
+                        all: deployed.all.clone(),
+                        cancel: deployed.cancel.clone(),
+                        tasks: deployed.tasks.clone(),
+                    },
+                );
+            }
+            stale
+        };
+        if stale {
+            // A newer leader appeared while the tasks started: they were
+            // requested by a deposed one.
+            deployed.shutdown().await;
+            self.inner
+                .stats
+                .stale_commands
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Status::failed_precondition(
+                "a newer JobManager epoch appeared while deploying: deployment withdrawn",
+            ));
+        }
+        self.inner
+            .stats
+            .deployments_started
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .stats
+            .tasks_started
+            .fetch_add(reply.tasks as u64, Ordering::Relaxed);
+        tracing::info!(
+            deployment = %req.deployment,
+            job = %job,
+            attempt = req.attempt,
+            tasks = reply.tasks,
+            restored = !req.restore_from.is_empty(),
+            "deployment started"
+        );
+        self.spawn_pump(req.deployment, deployed);
+        Ok(Response::new(reply))
+    }
+
+    async fn trigger(
+        &self,
+        req: Request<proto::TriggerRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let req = req.into_inner();
+        let dir = StorageLocation::open(&req.dir)
+            .map_err(|e| Status::invalid_argument(format!("checkpoint dir: {e}")))?;
+        let mut s = self.lock();
+        s.check_epoch(req.epoch, &self.inner.stats)?;
+        let d = s.deployment(&req.deployment)?;
+        if req.checkpoint <= d.status.last_barrier {
+            return Err(Status::failed_precondition(format!(
+                "checkpoint {} is not above the last barrier {} of this deployment",
+                req.checkpoint, d.status.last_barrier
+            )));
+        }
+        d.status.last_barrier = req.checkpoint;
+        let barrier = Barrier {
+            id: CheckpointId(req.checkpoint),
+            kind: kind_from_proto(req.kind),
+            close_txn: req.close_txn,
+            stop: req.stop,
+            dir,
+        };
+        for t in &d.sources {
+            let _ = t.send(TaskCommand::Trigger(barrier.clone()));
+        }
+        Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<proto::CompleteRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let req = req.into_inner();
+        let mut s = self.lock();
+        s.check_epoch(req.epoch, &self.inner.stats)?;
+        let d = s.deployment(&req.deployment)?;
+        d.status.last_completed = d.status.last_completed.max(req.checkpoint);
+        for t in &d.all {
+            let _ = t.send(TaskCommand::Complete(CheckpointId(req.checkpoint)));
+        }
+        Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<proto::CancelRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let req = req.into_inner();
+        let d = {
+            let mut s = self.lock();
+            s.check_epoch(req.epoch, &self.inner.stats)?;
+            s.deployments.remove(&req.deployment)
+        };
+        if let Some(d) = d {
+            stop_tasks(d.cancel, d.tasks).await;
+            tracing::info!(deployment = %req.deployment, "deployment cancelled");
+        }
+        Ok(Response::new(proto::Ack {}))
+    }
+}
+
+impl TaskManager {
+    /// Reads the restore point (verifying it) and starts the tasks.
+    async fn start(
+        &self,
+        req: &proto::DeployRequest,
+        plan: &JobPlan,
+        job: &JobId,
+    ) -> Result<DeployedJob, Status> {
+        let restore = if req.restore_from.is_empty() {
+            None
+        } else {
+            let dir = StorageLocation::open(&req.restore_from)
+                .map_err(|e| Status::invalid_argument(format!("restore point: {e}")))?;
+            match read_verified(&dir).await {
+                Ok(Some(cp)) => Some(cp),
+                Ok(None) => {
+                    return Err(Status::failed_precondition(format!(
+                        "'{}' has no MANIFEST.json: not a complete checkpoint",
+                        req.restore_from
+                    )));
+                }
+                Err(e) => {
+                    return Err(Status::failed_precondition(format!(
+                        "reading the restore point '{}' failed: {e}",
+                        req.restore_from
+                    )));
+                }
+            }
+        };
+        deploy(plan, restore.as_ref(), job)
+            .await
+            .map_err(|e| Status::unavailable(format!("starting the tasks failed: {e}")))
+    }
+}
