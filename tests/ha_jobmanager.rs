@@ -767,6 +767,35 @@ async fn a_job_waits_for_free_slots_and_says_so() {
     r.start_tm("tm-1");
     r.finish_and_check(leader, &job, Duration::from_secs(60))
         .await;
+    // The leader exports the registered capacity; the job's slots are free
+    // again once it finished.
+    let start = Instant::now();
+    loop {
+        let text = r
+            .http
+            .get(format!("{}/metrics", r.jms[leader].url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.lines().any(|l| l == "ferry_taskmanagers 1")
+            && text
+                .lines()
+                .any(|l| l == r#"ferry_task_slots{state="free"} 4"#)
+            && text
+                .lines()
+                .any(|l| l == r#"ferry_task_slots{state="used"} 0"#)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "capacity metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Speaks the TaskManager's gRPC protocol directly, as a JobManager would.

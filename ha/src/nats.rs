@@ -17,10 +17,23 @@ use crate::backend::{Coordination, Entry, Event, HaError, check_key};
 /// How long one KV request may take before it counts as unavailable.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Listings younger than this are served again instead of scanning the
+/// bucket: every scan creates a JetStream consumer that lingers on the
+/// server until its inactivity threshold, and health probes polling many
+/// times a second once exhausted the server's consumer limit ("maximum
+/// consumers limit reached"), which stopped the leader from seeing its
+/// TaskManagers.
+const LIST_REUSE: Duration = Duration::from_millis(250);
+
 /// A JetStream KV bucket.
 pub struct NatsKv {
     store: kv::Store,
     max_age: Duration,
+    /// The last full listing (when, after how many own writes, what); one
+    /// scan at a time.
+    listing: tokio::sync::Mutex<Option<(std::time::Instant, u64, Vec<Entry>)>>,
+    /// Own writes so far: a listing older than the last one is not reused.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HaError {
@@ -28,6 +41,19 @@ fn unavailable(e: impl std::fmt::Display) -> HaError {
 }
 
 impl NatsKv {
+    /// Every live key with its value (one consumer on the server).
+    async fn scan(&self) -> Result<Vec<Entry>, HaError> {
+        let mut keys = self.store.keys().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(unavailable)?;
+            if let Some(e) = self.get(&k).await? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
     /// Connects to any of `urls` (a NATS cluster) and opens — creating it if
     /// needed — `bucket` with values that live `max_age` unless refreshed.
     pub async fn connect(
@@ -76,7 +102,12 @@ impl NatsKv {
                 .await
                 .map_err(|e| unavailable(format!("creating KV bucket '{bucket}': {e}")))?,
         };
-        Ok(Self { store, max_age })
+        Ok(Self {
+            store,
+            max_age,
+            listing: tokio::sync::Mutex::new(None),
+            writes: Default::default(),
+        })
     }
 
     fn entry(e: kv::Entry) -> Entry {
@@ -101,6 +132,8 @@ impl Coordination for NatsKv {
 
     async fn create(&self, key: &str, value: Bytes) -> Result<u64, HaError> {
         check_key(key)?;
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.store
             .create(key, value)
             .await
@@ -112,6 +145,8 @@ impl Coordination for NatsKv {
 
     async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, HaError> {
         check_key(key)?;
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.store
             .update(key, value, revision)
             .await
@@ -125,11 +160,15 @@ impl Coordination for NatsKv {
 
     async fn put(&self, key: &str, value: Bytes) -> Result<u64, HaError> {
         check_key(key)?;
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.store.put(key, value).await.map_err(unavailable)
     }
 
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), HaError> {
         check_key(key)?;
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.store
             .delete_expect_revision(key, revision)
             .await
@@ -144,17 +183,20 @@ impl Coordination for NatsKv {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, HaError> {
-        let mut keys = self.store.keys().await.map_err(unavailable)?;
-        let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(unavailable)?;
-            if k.starts_with(prefix)
-                && let Some(e) = self.get(&k).await?
-            {
-                out.push(e);
+        let mut listing = self.listing.lock().await;
+        let writes = self.writes.load(std::sync::atomic::Ordering::SeqCst);
+        let all = match &*listing {
+            Some((at, w, all)) if at.elapsed() < LIST_REUSE && *w == writes => all,
+            _ => {
+                let all = self.scan().await?;
+                &listing.insert((std::time::Instant::now(), writes, all)).2
             }
-        }
-        Ok(out)
+        };
+        Ok(all
+            .iter()
+            .filter(|e| e.key.starts_with(prefix))
+            .cloned()
+            .collect())
     }
 
     async fn watch(&self, key: &str) -> Result<BoxStream<'static, Event>, HaError> {

@@ -299,7 +299,15 @@ async fn adopt(
     pool: &Arc<crate::taskmanagers::TaskManagers>,
 ) -> Option<(Deployment, u64)> {
     let epoch = job.leadership.fence()?;
-    pool.wait_registered(epoch, ADOPT_WAIT).await;
+    // Until the membership is readable nobody knows which TaskManagers
+    // exist, and deploying anew could duplicate running tasks: keep waiting.
+    loop {
+        tokio::select! {
+            listed = pool.wait_registered(epoch, ADOPT_WAIT) => if listed { break },
+            _ = job.abandon.cancelled() => return None,
+        }
+        tracing::warn!(job = %job.id, "cannot read the region's membership yet: waiting to adopt the job's tasks");
+    }
     let (found, events) = pool.claim(&job.id)?;
     let last_barrier = found.status.last_barrier;
     tracing::info!(

@@ -239,6 +239,9 @@ pub async fn run(
                         epoch,
                     }));
                     tracing::info!(epoch = epoch.0, "leading: adopting the job store");
+                    if let Some(pool) = jm.inner.taskmanagers.get() {
+                        pool.wake();
+                    }
                 }
                 if !adopted {
                     match jm.lead(epoch.0).await {
@@ -254,6 +257,9 @@ pub async fn run(
                 if leading.take().is_some() {
                     tracing::warn!("lost the leadership: stopping every job here");
                     jm.step_down().await;
+                    if let Some(pool) = jm.inner.taskmanagers.get() {
+                        pool.wake();
+                    }
                 }
                 if leader.is_some() {
                     leadership.set_leader(leader);
@@ -275,6 +281,9 @@ pub async fn run(
                 }
                 if let Ok(m) = Membership::list(backend.as_ref(), s.membership.expiry).await {
                     metrics.set_members(m.len());
+                }
+                if let Some(pool) = jm.inner.taskmanagers.get() {
+                    metrics.set_capacity(pool.capacity());
                 }
             }
         }

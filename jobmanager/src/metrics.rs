@@ -54,6 +54,10 @@ pub struct Metrics {
     pub ha_heartbeat_failures: Counter,
     pub ha_lease_renew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub ha_members: Family<StateLabels, Gauge>,
+    /// TaskManagers registered with this leader.
+    pub taskmanagers: Gauge,
+    /// Task slots of the registered TaskManagers, by state (free, used).
+    pub task_slots: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -89,6 +93,8 @@ impl Metrics {
             ha_heartbeat_failures: Counter::default(),
             ha_lease_renew_seconds: Gauge::default(),
             ha_members: Family::default(),
+            taskmanagers: Gauge::default(),
+            task_slots: Family::default(),
         };
         registry.register(
             "job_records_in",
@@ -196,6 +202,16 @@ impl Metrics {
             "Region members by state (healthy: heard from within the member expiry)",
             m.ha_members.clone(),
         );
+        registry.register(
+            "taskmanagers",
+            "TaskManagers registered with this JobManager (0 unless it leads)",
+            m.taskmanagers.clone(),
+        );
+        registry.register(
+            "task_slots",
+            "Task slots of the registered TaskManagers by state (free, used)",
+            m.task_slots.clone(),
+        );
         *m.registry.lock().unwrap() = registry;
         m
     }
@@ -238,6 +254,18 @@ impl Metrics {
                 state: "healthy".into(),
             })
             .set(healthy as i64);
+    }
+
+    /// Records the registered TaskManagers' capacity.
+    pub fn set_capacity(&self, c: crate::taskmanagers::Capacity) {
+        self.taskmanagers.set(c.taskmanagers as i64);
+        for (state, n) in [("free", c.free), ("used", c.slots - c.free.min(c.slots))] {
+            self.task_slots
+                .get_or_create(&StateLabels {
+                    state: state.into(),
+                })
+                .set(i64::from(n));
+        }
     }
 
     /// Label set for a job.

@@ -39,6 +39,10 @@ pub struct TaskManagers {
     interval: Duration,
     state: Mutex<PoolState>,
     changed: watch::Sender<u64>,
+    /// The last membership listing failed (warned once per streak).
+    list_failing: std::sync::atomic::AtomicBool,
+    /// Wakes the pool at once (the leadership changed).
+    wake: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -120,6 +124,8 @@ impl TaskManagers {
             interval,
             state: Mutex::new(PoolState::default()),
             changed: watch::channel(0).0,
+            list_failing: Default::default(),
+            wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -139,10 +145,17 @@ impl TaskManagers {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
             }
             self.sync(leadership.fence()).await;
         }
         self.detach_all();
+    }
+
+    /// Makes the pool follow a leadership change now rather than at its
+    /// next tick (a new leader attaches to the TaskManagers at once).
+    pub fn wake(&self) {
+        self.wake.notify_one();
     }
 
     /// Drops every attachment (the TaskManagers keep their tasks).
@@ -165,10 +178,29 @@ impl TaskManagers {
             self.lock().epoch = epoch;
         }
         let Some(epoch) = epoch else { return };
-        let members = match Membership::list(self.backend.as_ref(), self.expiry).await {
-            Ok(m) => m,
+        let listing = std::time::Instant::now();
+        let listed = Membership::list(self.backend.as_ref(), self.expiry).await;
+        tracing::debug!(
+            epoch,
+            ms = listing.elapsed().as_millis() as u64,
+            "listed the members"
+        );
+        let members = match listed {
+            Ok(m) => {
+                self.list_failing
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                m
+            }
             Err(e) => {
-                tracing::debug!("listing TaskManagers failed: {e}");
+                if !self
+                    .list_failing
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        "listing the region's members failed (retrying every {}): {e}",
+                        humantime::format_duration(self.interval)
+                    );
+                }
                 return;
             }
         };
@@ -269,6 +301,7 @@ impl TaskManagers {
                 epoch,
                 jobmanager: self.instance.clone(),
             };
+            tracing::debug!(taskmanager = %tm, epoch, "attaching");
             let stream = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = client.attach(req) => r,
@@ -396,7 +429,9 @@ impl TaskManagers {
 
     /// Waits until every live TaskManager registered at the current epoch
     /// (bounded by `timeout`), so adoption sees every running deployment.
-    pub(crate) async fn wait_registered(&self, epoch: u64, timeout: Duration) {
+    /// Returns false if the membership could not be read at this epoch yet
+    /// (then nobody knows which TaskManagers exist).
+    pub(crate) async fn wait_registered(&self, epoch: u64, timeout: Duration) -> bool {
         let mut rx = self.changed.subscribe();
         let all = |s: &PoolState| {
             s.epoch == Some(epoch) && s.listed && s.tms.values().all(|t| t.registered)
@@ -412,6 +447,8 @@ impl TaskManagers {
             }
         })
         .await;
+        let s = self.lock();
+        s.epoch == Some(epoch) && s.listed
     }
 
     /// Claims the newest healthy deployment of `job` running on a
