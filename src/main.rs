@@ -28,9 +28,9 @@ enum Command {
     #[command(subcommand)]
     Job(cmd::job::JobCommand),
     /// Run one JobManager of a region (leader election over NATS).
-    Jobmanager(cmd::jobmanager::JobManagerArgs),
+    Jobmanager(cmd::process::ProcessArgs),
     /// Run one TaskManager of a region (task slots; runs what the leader deploys).
-    Taskmanager(cmd::taskmanager::TaskManagerArgs),
+    Taskmanager(cmd::process::ProcessArgs),
     /// Inspect the region's JobManagers: leader, epoch, members.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),

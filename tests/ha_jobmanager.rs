@@ -107,12 +107,12 @@ impl Region {
         self.dir.path().join("out")
     }
 
-    /// Starts a JobManager; `nats_url` overrides the region's (a proxy).
-    fn start(&mut self, id: &str, nats_url: Option<&str>) {
-        let port = free_port();
+    /// Starts `ferry <role>` with the region's settings plus `env`, its
+    /// stderr in `<id>.log`.
+    fn spawn(&self, role: &str, id: &str, nats_url: Option<&str>, env: &[(&str, String)]) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
-        let child = Command::new(ferry_bin())
-            .arg("jobmanager")
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg(role)
             .env("FERRY_REGION", "test")
             .env("FERRY_INSTANCE_ID", id)
             .env("FERRY_NATS_URLS", nats_url.unwrap_or(&self.nats_url))
@@ -120,16 +120,31 @@ impl Region {
                 "FERRY_STORAGE",
                 format!("file://{}", self.storage().display()),
             )
-            .env("FERRY_API_LISTEN", format!("127.0.0.1:{port}"))
-            .env("FERRY_HA_LEASE_TTL", self.ttl)
-            .env("FERRY_HA_RENEW_DEADLINE", self.deadline)
-            .env("FERRY_HA_RENEW_INTERVAL", "150ms")
             .env("FERRY_NATS_REPLICAS", self.replicas)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start ferry jobmanager");
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("start ferry {role}: {e}"))
+    }
+
+    /// Starts a JobManager; `nats_url` overrides the region's (a proxy).
+    fn start(&mut self, id: &str, nats_url: Option<&str>) {
+        let port = free_port();
+        let child = self.spawn(
+            "jobmanager",
+            id,
+            nats_url,
+            &[
+                ("FERRY_API_LISTEN", format!("127.0.0.1:{port}")),
+                ("FERRY_HA_LEASE_TTL", self.ttl.to_string()),
+                ("FERRY_HA_RENEW_DEADLINE", self.deadline.to_string()),
+                ("FERRY_HA_RENEW_INTERVAL", "150ms".to_string()),
+            ],
+        );
         self.jms.push(Jm {
             id: id.to_string(),
             port,
@@ -137,28 +152,19 @@ impl Region {
         });
     }
 
-    /// Starts a TaskManager with 4 slots.
+    /// Starts a TaskManager with 4 slots (`port`: its HTTP port).
     fn start_tm(&mut self, id: &str) {
         let port = free_port();
-        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
-        let child = Command::new(ferry_bin())
-            .arg("taskmanager")
-            .env("FERRY_REGION", "test")
-            .env("FERRY_INSTANCE_ID", id)
-            .env("FERRY_NATS_URLS", &self.nats_url)
-            .env(
-                "FERRY_STORAGE",
-                format!("file://{}", self.storage().display()),
-            )
-            .env("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0")
-            .env("FERRY_TASKMANAGER_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("FERRY_TASKMANAGER_SLOTS", "4")
-            .env("FERRY_NATS_REPLICAS", self.replicas)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start ferry taskmanager");
+        let child = self.spawn(
+            "taskmanager",
+            id,
+            None,
+            &[
+                ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
+                ("FERRY_TASKMANAGER_HTTP_LISTEN", format!("127.0.0.1:{port}")),
+                ("FERRY_TASKMANAGER_SLOTS", "4".to_string()),
+            ],
+        );
         self.tms.push(Jm {
             id: id.to_string(),
             port,
@@ -587,6 +593,15 @@ async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
     // (Leadership may move again later; it never goes back.)
     assert!(epochs.values().all(|e| *e >= epoch), "{epochs:?}");
     assert!(!r.log("jm-a").contains("panicked"));
+    // Both TaskManagers follow the new epoch (or a later one): anything
+    // the cut-off leader still sent at its old epoch would be refused.
+    for tm in 0..2 {
+        let seen = r.tm_metric(tm, "epoch").await.unwrap();
+        assert!(
+            seen >= new_epoch,
+            "TaskManager {tm} follows epoch {seen} < {new_epoch}"
+        );
+    }
     // The tasks outlived their cut-off leader: adopted, never restarted.
     let done = r
         .get(&r.jms[new_leader], &format!("/v1/jobs/{job}"))

@@ -117,56 +117,61 @@ struct Bench {
 }
 
 impl Bench {
-    fn start_jm(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = free_port()?;
+    /// Starts `ferry <role>` as `<id>` on the bench's NATS and store plus
+    /// `env`, appending its stderr to `<id>.log`.
+    fn spawn(&self, role: &str, id: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("jm-{i}.log")))?;
-        let deadline = format!(
-            "{}ms",
-            (humantime::parse_duration(&self.ttl)?.as_millis() * 5 / 8).max(200)
-        );
-        let child = Command::new(std::env::current_exe()?)
-            .arg("jobmanager")
+            .open(self.dir.join(format!("{id}.log")))?;
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg(role)
             .env("FERRY_REGION", "bench")
-            .env("FERRY_INSTANCE_ID", format!("jm-{i}"))
+            .env("FERRY_INSTANCE_ID", id)
             .env("FERRY_NATS_URLS", &self.nats_url)
             .env(
                 "FERRY_STORAGE",
                 format!("file://{}", self.dir.join("store").display()),
             )
-            .env("FERRY_API_LISTEN", format!("127.0.0.1:{port}"))
-            .env("FERRY_HA_LEASE_TTL", &self.ttl)
-            .env("FERRY_HA_RENEW_DEADLINE", deadline)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting ferry jobmanager")?;
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn()
+            .with_context(|| format!("starting ferry {role}"))
+    }
+
+    fn start_jm(&mut self, i: usize) -> anyhow::Result<()> {
+        let port = free_port()?;
+        let deadline = format!(
+            "{}ms",
+            (humantime::parse_duration(&self.ttl)?.as_millis() * 5 / 8).max(200)
+        );
+        let child = self.spawn(
+            "jobmanager",
+            &format!("jm-{i}"),
+            &[
+                ("FERRY_API_LISTEN", format!("127.0.0.1:{port}")),
+                ("FERRY_HA_LEASE_TTL", self.ttl.clone()),
+                ("FERRY_HA_RENEW_DEADLINE", deadline),
+            ],
+        )?;
         self.jms[i] = Some(Proc { child, port });
         Ok(())
     }
 
     fn start_tm(&mut self, i: usize) -> anyhow::Result<()> {
         let port = free_port()?;
-        let log = std::fs::File::create(self.dir.join(format!("tm-{i}.log")))?;
-        let child = Command::new(std::env::current_exe()?)
-            .arg("taskmanager")
-            .env("FERRY_REGION", "bench")
-            .env("FERRY_INSTANCE_ID", format!("tm-{i}"))
-            .env("FERRY_NATS_URLS", &self.nats_url)
-            .env(
-                "FERRY_STORAGE",
-                format!("file://{}", self.dir.join("store").display()),
-            )
-            .env("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0")
-            .env("FERRY_TASKMANAGER_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting ferry taskmanager")?;
+        let child = self.spawn(
+            "taskmanager",
+            &format!("tm-{i}"),
+            &[
+                ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
+                ("FERRY_TASKMANAGER_HTTP_LISTEN", format!("127.0.0.1:{port}")),
+            ],
+        )?;
         self.tms.push(Proc { child, port });
         Ok(())
     }
@@ -586,7 +591,7 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         if let (Some(att), Some(st)) = (long_attempt, started) {
             println!(
-                "running job: attempt {att} after {rounds} leader changes (1 = never restarted); deployments started on the TaskManagers: {st} (1 + {rounds} probe jobs expected)"
+                "running job: attempt {att} after {rounds} leader changes (1 = never restarted); deployments started on the TaskManagers: {st} (the running job's one, plus one per probe job: one per round, and any a stopping leader still accepted)"
             );
         }
         if !idle.is_empty() {

@@ -8,7 +8,6 @@
 //! releases the lease, so a standby takes them over without waiting for the
 //! lease to expire; tasks on TaskManagers keep running throughout).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -20,31 +19,11 @@ use ferry_jobmanager::{JobManager, JobManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::process::{
-    connect_coordination, coordination_runtime, default_instance_id, load_config, shutdown_signal,
+    ProcessArgs, connect_coordination, default_instance_id, run_process, shutdown_signal,
 };
 
-#[derive(clap::Args, Debug)]
-pub struct JobManagerArgs {
-    /// Config file (YAML; see docs/config.md). Every key can also come from
-    /// a FERRY_* environment variable, which wins over the file.
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    pub log_format: String,
-}
-
-pub fn run(args: JobManagerArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging(&args.log_format, false);
-    let cfg = load_config(args.config.as_ref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ferry-jm")
-        .build()?;
-    let ha_rt = coordination_runtime()?;
-    let code = rt.block_on(run_async(cfg, ha_rt.handle().clone()));
-    ha_rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    code
+pub fn run(args: ProcessArgs) -> anyhow::Result<ExitCode> {
+    run_process(args, "ferry-jm", run_async)
 }
 
 async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow::Result<ExitCode> {

@@ -13,6 +13,46 @@ use ferry_core::config::ProcessConfig;
 use ferry_ha::Coordination;
 use ferry_ha::nats::NatsKv;
 
+/// The flags of `ferry jobmanager` and `ferry taskmanager`.
+#[derive(clap::Args, Debug)]
+pub struct ProcessArgs {
+    /// Config file (YAML; see docs/config.md). Every key can also come from
+    /// a FERRY_* environment variable, which wins over the file.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+/// Sets up logging and the config, then runs `main` on a runtime named
+/// `thread_name` with a second, small runtime for heartbeats and lease
+/// renewals (however busy the jobs keep the main one, a heartbeat is never
+/// late because of them).
+pub fn run_process<F>(
+    args: ProcessArgs,
+    thread_name: &str,
+    main: impl FnOnce(ProcessConfig, tokio::runtime::Handle) -> F,
+) -> anyhow::Result<std::process::ExitCode>
+where
+    F: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
+{
+    super::init_logging(&args.log_format, false);
+    let cfg = load_config(args.config.as_ref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(thread_name)
+        .build()?;
+    let ha_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("ferry-ha")
+        .build()?;
+    let code = rt.block_on(main(cfg, ha_rt.handle().clone()));
+    ha_rt.shutdown_timeout(Duration::from_secs(2));
+    code
+}
+
 /// Reads `--config` (if given) with the `FERRY_*` variables on top.
 pub fn load_config(path: Option<&PathBuf>) -> anyhow::Result<ProcessConfig> {
     let text = match path {
@@ -38,16 +78,6 @@ pub fn default_instance_id(fallback: &str) -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| fallback.to_string());
     format!("{host}-{}", std::process::id())
-}
-
-/// A runtime of its own for heartbeats and lease renewals: however busy
-/// the jobs keep the main one, a heartbeat is never late because of them.
-pub fn coordination_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("ferry-ha")
-        .build()
 }
 
 /// Opens the region's coordination bucket, connecting from `ha_rt` (so the

@@ -7,7 +7,6 @@
 //! stops its tasks and removes its membership record, so the leader moves
 //! its jobs to other TaskManagers at once.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,34 +27,14 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{
-    connect_coordination, coordination_runtime, default_instance_id, load_config, shutdown_signal,
+    ProcessArgs, connect_coordination, default_instance_id, run_process, shutdown_signal,
 };
 
 /// Role name of TaskManagers in membership records.
 const ROLE: &str = ferry_jobmanager::taskmanagers::TASKMANAGER_ROLE;
 
-#[derive(clap::Args, Debug)]
-pub struct TaskManagerArgs {
-    /// Config file (YAML; see docs/config.md). Every key can also come from
-    /// a FERRY_* environment variable, which wins over the file.
-    #[arg(long, short = 'c')]
-    pub config: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    pub log_format: String,
-}
-
-pub fn run(args: TaskManagerArgs) -> anyhow::Result<ExitCode> {
-    super::init_logging(&args.log_format, false);
-    let cfg = load_config(args.config.as_ref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ferry-tm")
-        .build()?;
-    let ha_rt = coordination_runtime()?;
-    let code = rt.block_on(run_async(cfg, ha_rt.handle().clone()));
-    ha_rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    code
+pub fn run(args: ProcessArgs) -> anyhow::Result<ExitCode> {
+    run_process(args, "ferry-tm", run_async)
 }
 
 async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
