@@ -163,6 +163,22 @@ impl StorageLocation {
         })
     }
 
+    /// A location on an already configured store (e.g. another region's S3
+    /// endpoint and credentials, which the process environment cannot hold
+    /// twice); `url` names it and gives the prefix.
+    pub fn with_store(url: &str, store: Arc<dyn ObjectStore>) -> Result<Self> {
+        let parsed = Self::parse(url)?;
+        let prefix = match parsed.scheme.as_str() {
+            "file" => Path::default(),
+            _ => Path::from(parsed.path.as_str()),
+        };
+        Ok(Self {
+            store,
+            prefix,
+            url: url.to_string(),
+        })
+    }
+
     /// The local directory behind a `file://` location (`None` elsewhere).
     pub fn local_dir(&self) -> Option<std::path::PathBuf> {
         let parsed = Self::parse(&self.url).ok()?;

@@ -1,7 +1,7 @@
 //! Test fixtures shared by every crate's integration tests: a real
 //! `nats-server` with JetStream on a free loopback port, helpers to create
 //! and read back streams, and a TCP proxy that can black-hole a connection
-//! (a partition).
+//! (a partition) or damage bytes in transit.
 //!
 //! Invariant: every process or task a fixture starts ends when the fixture
 //! is dropped.
@@ -183,12 +183,57 @@ impl NatsCluster {
 }
 
 /// A TCP proxy on loopback that forwards to `target` until cut; when cut
-/// it keeps connections open but forwards nothing (a black hole).
+/// it keeps connections open but forwards nothing (a black hole). Armed
+/// with [`FaultProxy::corrupt_once`], it flips one byte of the next
+/// client-to-server data containing a pattern (damage in transit).
 pub struct FaultProxy {
     pub port: u16,
     cut: Arc<Mutex<CancellationToken>>,
     held: Arc<Mutex<Vec<TcpStream>>>,
     stop: CancellationToken,
+    corrupt: Arc<Mutex<Option<Vec<u8>>>>,
+    corrupted: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// Client-to-server copy that flips the last byte of the first occurrence
+/// of the armed pattern (once over the proxy's life), also across reads.
+async fn copy_corrupting(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    armed: Arc<Mutex<Option<Vec<u8>>>>,
+    corrupted: Arc<std::sync::atomic::AtomicU32>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut tail: Vec<u8> = Vec::new();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        let pattern = armed.lock().unwrap().clone();
+        if let Some(p) = pattern.filter(|p| !p.is_empty()) {
+            let mut window = tail.clone();
+            window.extend_from_slice(chunk);
+            if let Some(at) = window.windows(p.len()).position(|w| w == p.as_slice()) {
+                let last = at + p.len() - 1 - tail.len();
+                // The pattern ends in this chunk (it was not found before).
+                if armed.lock().unwrap().take().is_some() {
+                    chunk[last] ^= 0xFF;
+                    corrupted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let keep = p.len().saturating_sub(1).min(window.len());
+            tail = window[window.len() - keep..].to_vec();
+        }
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl FaultProxy {
@@ -198,7 +243,10 @@ impl FaultProxy {
         let cut = Arc::new(Mutex::new(CancellationToken::new()));
         let held = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
+        let corrupt = Arc::new(Mutex::new(None));
+        let corrupted = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (c, h, s) = (cut.clone(), held.clone(), stop.clone());
+        let (armed, count) = (corrupt.clone(), corrupted.clone());
         tokio::spawn(async move {
             loop {
                 let (mut inbound, _) = tokio::select! {
@@ -211,11 +259,23 @@ impl FaultProxy {
                     continue;
                 }
                 let h2 = h.clone();
+                let (armed, count) = (armed.clone(), count.clone());
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await
                     else {
                         return;
                     };
+                    if armed.lock().unwrap().is_some() {
+                        let (in_r, mut in_w) = inbound.into_split();
+                        let (mut out_r, out_w) = outbound.into_split();
+                        let up = copy_corrupting(in_r, out_w, armed, count);
+                        let down = tokio::io::copy(&mut out_r, &mut in_w);
+                        tokio::select! {
+                            _ = async { tokio::join!(up, down) } => {}
+                            _ = generation.cancelled() => {}
+                        }
+                        return;
+                    }
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = generation.cancelled() => {
@@ -232,7 +292,25 @@ impl FaultProxy {
             cut,
             held,
             stop,
+            corrupt,
+            corrupted,
         }
+    }
+
+    /// Flips one byte of the next client-to-server data that contains
+    /// `pattern` (connections opened from now on), once.
+    pub fn corrupt_once(&self, pattern: &[u8]) {
+        *self.corrupt.lock().unwrap() = Some(pattern.to_vec());
+    }
+
+    /// Bytes flipped so far.
+    pub fn corrupted(&self) -> u32 {
+        self.corrupted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `http://127.0.0.1:<port>` (for HTTP servers such as an S3 endpoint).
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     pub fn url(&self) -> String {

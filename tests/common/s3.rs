@@ -225,9 +225,15 @@ impl S3Server {
 
     /// A client for one bucket.
     pub fn store(&self, bucket: &str) -> Arc<dyn ObjectStore> {
+        self.store_at(&self.endpoint(), bucket)
+    }
+
+    /// A client for one bucket of this server reached at `endpoint` (e.g.
+    /// through a proxy).
+    pub fn store_at(&self, endpoint: &str, bucket: &str) -> Arc<dyn ObjectStore> {
         Arc::new(
             AmazonS3Builder::new()
-                .with_endpoint(self.endpoint())
+                .with_endpoint(endpoint)
                 .with_allow_http(true)
                 .with_region(REGION)
                 .with_access_key_id(ACCESS_KEY)

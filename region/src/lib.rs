@@ -1,0 +1,10 @@
+//! Ferry's cross-region coordination. This crate owns copying every
+//! completed checkpoint and savepoint, and every job spec, from the primary
+//! region's object store to each standby's ([`replicate`]); the region lease,
+//! promotion, switchover, fail-back and drills build on it.
+
+pub mod replicate;
+
+pub use replicate::{
+    CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
+};

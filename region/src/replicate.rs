@@ -1,0 +1,456 @@
+//! Replication of checkpoints, savepoints and job specs from one region's
+//! object store to another's.
+//!
+//! Per checkpoint directory: the source manifest is read first (a directory
+//! without one is not a checkpoint and is not copied); every file it lists
+//! that the target lacks is read from the source, checked against the
+//! manifest's size and SHA-256 (a corrupt source is never replicated),
+//! written to the target, read back and checked again — a copy damaged on
+//! the way is written again, up to [`MAX_ATTEMPTS`] times. `MANIFEST.json`
+//! goes last, create-only, with the source's exact bytes.
+//!
+//! Invariant: a target directory has a manifest only once every file it
+//! lists is there and verified, so a standby never lists (or restores) a
+//! partial checkpoint; and paths inside a checkpoint are relative, so the
+//! copy restores unchanged in the other region.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use ferry_core::manifest::{
+    MANIFEST_FILE, Manifest, checkpoint_dir, checkpoints_root, job_dir, list_checkpoint_ids,
+};
+use ferry_core::storage::{StorageLocation, sha256_hex};
+use ferry_core::{CheckpointId, CoreError, JobId};
+
+/// Writes of one file before its copy counts as failed.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// Why a checkpoint (or a job) could not be replicated.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The source directory has no manifest: not a (complete) checkpoint.
+    #[error("{0} has no {MANIFEST_FILE}: not a complete checkpoint, nothing to replicate")]
+    Incomplete(String),
+    /// The source itself does not match its manifest: never replicated.
+    #[error("source {path} is corrupt: {reason}; not replicated")]
+    SourceCorrupt { path: String, reason: String },
+    /// Every copy of a file read back different from the manifest.
+    #[error("copying {path} failed verification {attempts} times: {reason}")]
+    Transfer {
+        path: String,
+        attempts: u32,
+        reason: String,
+    },
+    /// The target already holds a different manifest for this checkpoint.
+    #[error(
+        "{path} already exists with different contents: two primaries wrote this checkpoint number (check the region epochs)"
+    )]
+    Conflict { path: String },
+    #[error(transparent)]
+    Storage(#[from] CoreError),
+}
+
+/// What copying one checkpoint directory did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointCopy {
+    /// Directory relative to the storage roots.
+    pub dir: String,
+    pub checkpoint: u64,
+    /// Files written to the target (verified).
+    pub files_copied: usize,
+    /// Files the target already had with the right size.
+    pub files_present: usize,
+    pub bytes_copied: u64,
+    /// Extra writes after a copy read back wrong.
+    pub retries: u32,
+    /// The target already had this manifest: nothing was done.
+    pub already_complete: bool,
+    /// Records in, from the manifest (for lag in records).
+    pub records_in: u64,
+    /// Watermark, from the manifest (for lag in event time).
+    pub watermark: i64,
+}
+
+/// What replicating one job did.
+#[derive(Clone, Debug, Default)]
+pub struct JobCopy {
+    pub job: Option<JobId>,
+    /// The spec was written (it was missing or different).
+    pub spec_copied: bool,
+    /// Checkpoints and savepoints copied (or found complete) in this pass.
+    pub copied: Vec<CheckpointCopy>,
+    /// Source checkpoints left out, and why (corrupt, failed copies).
+    pub skipped: Vec<(String, String)>,
+    /// Target checkpoint directories deleted because the source no longer
+    /// retains them.
+    pub removed: Vec<u64>,
+}
+
+impl JobCopy {
+    /// The newest checkpoint the target now holds completely.
+    pub fn newest(&self) -> Option<&CheckpointCopy> {
+        self.copied
+            .iter()
+            .filter(|c| c.dir.contains("/checkpoints/"))
+            .max_by_key(|c| c.checkpoint)
+    }
+}
+
+/// Copies the checkpoint or savepoint directory `dir` (relative to both
+/// roots) from `source` to `target`.
+pub async fn replicate_checkpoint(
+    source: &StorageLocation,
+    target: &StorageLocation,
+    dir: &str,
+) -> Result<CheckpointCopy, ReplicationError> {
+    let src = source.child(dir);
+    let dst = target.child(dir);
+    let Some(raw) = src.get_opt(MANIFEST_FILE).await? else {
+        return Err(ReplicationError::Incomplete(src.url().to_string()));
+    };
+    let manifest: Manifest =
+        serde_json::from_slice(&raw).map_err(|e| ReplicationError::SourceCorrupt {
+            path: format!("{}/{MANIFEST_FILE}", src.url()),
+            reason: format!("unreadable manifest: {e}"),
+        })?;
+    let mut report = CheckpointCopy {
+        dir: dir.to_string(),
+        checkpoint: manifest.checkpoint_id.0,
+        records_in: manifest.records_in,
+        watermark: manifest.watermark,
+        ..Default::default()
+    };
+    if let Some(existing) = dst.get_opt(MANIFEST_FILE).await? {
+        if existing == raw {
+            report.already_complete = true;
+            return Ok(report);
+        }
+        return Err(ReplicationError::Conflict {
+            path: format!("{}/{MANIFEST_FILE}", dst.url()),
+        });
+    }
+    let present: BTreeMap<String, u64> = dst.list_files("").await?.into_iter().collect();
+    for f in &manifest.files {
+        if f.path.contains("..") || f.path.starts_with('/') {
+            return Err(ReplicationError::SourceCorrupt {
+                path: format!("{}/{MANIFEST_FILE}", src.url()),
+                reason: format!("file path '{}' is not relative", f.path),
+            });
+        }
+        // Incremental: a file of the right size is kept (it was verified
+        // when this replicator wrote it; the standby's restore check
+        // re-hashes everything).
+        if present.get(&f.path) == Some(&f.size) {
+            report.files_present += 1;
+            continue;
+        }
+        let data = src
+            .get_opt(&f.path)
+            .await?
+            .ok_or_else(|| ReplicationError::SourceCorrupt {
+                path: format!("{}/{}", src.url(), f.path),
+                reason: "listed in the manifest but missing".into(),
+            })?;
+        check(&data, f.size, &f.sha256).map_err(|reason| ReplicationError::SourceCorrupt {
+            path: format!("{}/{}", src.url(), f.path),
+            reason,
+        })?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A write the store refused (e.g. its payload checksum did not
+            // match what arrived) counts as a failed attempt like a copy
+            // that reads back wrong.
+            let written = match dst.put(&f.path, data.clone()).await {
+                Ok(()) => match dst.get_opt(&f.path).await? {
+                    Some(back) => check(&back, f.size, &f.sha256),
+                    None => Err("missing right after it was written".into()),
+                },
+                Err(e) => Err(format!("the target refused the write: {e}")),
+            };
+            match written {
+                Ok(()) => break,
+                Err(reason) if attempt < MAX_ATTEMPTS => {
+                    tracing::warn!(
+                        file = %format!("{}/{}", dst.url(), f.path),
+                        attempt,
+                        "replicated file read back wrong ({reason}); writing it again"
+                    );
+                    report.retries += 1;
+                }
+                Err(reason) => {
+                    return Err(ReplicationError::Transfer {
+                        path: format!("{}/{}", dst.url(), f.path),
+                        attempts: attempt,
+                        reason,
+                    });
+                }
+            }
+        }
+        report.files_copied += 1;
+        report.bytes_copied += f.size;
+    }
+    // Last, create-only: from here on the checkpoint exists in the target.
+    if !dst.put_create(MANIFEST_FILE, raw.clone()).await? {
+        let existing = dst.get_opt(MANIFEST_FILE).await?.unwrap_or_default();
+        if existing != raw {
+            return Err(ReplicationError::Conflict {
+                path: format!("{}/{MANIFEST_FILE}", dst.url()),
+            });
+        }
+    }
+    Ok(report)
+}
+
+fn check(data: &Bytes, size: u64, sha256: &str) -> Result<(), String> {
+    if data.len() as u64 != size {
+        return Err(format!("size {} but the manifest says {size}", data.len()));
+    }
+    let hash = sha256_hex(data);
+    if hash != sha256 {
+        return Err(format!("SHA-256 {hash} but the manifest says {sha256}"));
+    }
+    Ok(())
+}
+
+/// Replicates one job: its spec, every complete savepoint and checkpoint
+/// the target lacks (oldest first), and retention — target checkpoints
+/// older than the source's oldest complete one are deleted, never the
+/// newest complete one the target has. A checkpoint that cannot be copied
+/// is reported in `skipped` and the others still go.
+pub async fn replicate_job(
+    source: &StorageLocation,
+    target: &StorageLocation,
+    job: &JobId,
+) -> Result<JobCopy, ReplicationError> {
+    let mut out = JobCopy {
+        job: Some(*job),
+        ..Default::default()
+    };
+    let spec_rel = format!("{}/spec.yaml", job_dir(job));
+    if let Some(spec) = source.get_opt(&spec_rel).await?
+        && target.get_opt(&spec_rel).await?.as_ref() != Some(&spec)
+    {
+        target.put(&spec_rel, spec).await?;
+        out.spec_copied = true;
+    }
+    let mut dirs: Vec<String> = Vec::new();
+    let sp_root = format!("{}/savepoints", job_dir(job));
+    for name in source.list_dirs(&sp_root).await? {
+        dirs.push(format!("{sp_root}/{name}"));
+    }
+    let ids = list_checkpoint_ids(source, job).await?;
+    let mut complete_src = Vec::new();
+    for id in &ids {
+        dirs.push(checkpoint_dir(job, *id));
+    }
+    for dir in dirs {
+        match replicate_checkpoint(source, target, &dir).await {
+            Ok(c) => {
+                if dir.contains("/checkpoints/") {
+                    complete_src.push(CheckpointId(c.checkpoint));
+                }
+                out.copied.push(c);
+            }
+            // Still being written (or abandoned): not a checkpoint yet.
+            Err(ReplicationError::Incomplete(_)) => {}
+            Err(e @ ReplicationError::Storage(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(job = %job, %dir, "not replicated: {e}");
+                out.skipped.push((dir, e.to_string()));
+            }
+        }
+    }
+    if let Some(oldest) = complete_src.iter().min() {
+        let newest_dst = out.newest().map(|c| c.checkpoint);
+        for id in list_checkpoint_ids(target, job).await? {
+            if id < *oldest && Some(id.0) != newest_dst {
+                target
+                    .delete_prefix(&format!("{}/{}", checkpoints_root(job), id))
+                    .await?;
+                out.removed.push(id.0);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::manifest::{
+        FileEntry, MANIFEST_FORMAT, SnapshotKind, find_restorable, write_manifest,
+    };
+
+    async fn checkpoint(root: &StorageLocation, job: &JobId, n: u64, files: &[(&str, &[u8])]) {
+        let dir = root.child(&checkpoint_dir(job, CheckpointId(n)));
+        let mut entries = Vec::new();
+        for (name, data) in files {
+            dir.put(name, Bytes::copy_from_slice(data)).await.unwrap();
+            entries.push(FileEntry {
+                path: name.to_string(),
+                size: data.len() as u64,
+                sha256: sha256_hex(data),
+                operator: "window".into(),
+                subtask: 0,
+            });
+        }
+        let m = Manifest {
+            format: MANIFEST_FORMAT,
+            job_id: *job,
+            job_name: "t".into(),
+            checkpoint_id: CheckpointId(n),
+            kind: SnapshotKind::Checkpoint,
+            created_at: chrono::Utc::now(),
+            jm_epoch: 1,
+            region_epoch: 0,
+            parallelism: 1,
+            watermark: n as i64 * 1000,
+            records_in: n * 10,
+            records_out: n,
+            finished: false,
+            duration_ms: 1,
+            files: entries,
+            source_offsets: Default::default(),
+            sink_transactions: Vec::new(),
+        };
+        write_manifest(&dir, &m).await.unwrap();
+    }
+
+    fn stores() -> (tempfile::TempDir, StorageLocation, StorageLocation) {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = StorageLocation::open(&format!("file://{}/a", tmp.path().display())).unwrap();
+        let b = StorageLocation::open(&format!("file://{}/b", tmp.path().display())).unwrap();
+        (tmp, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_job_replicates_and_restores_from_the_copy() {
+        let (_tmp, src, dst) = stores();
+        let job = JobId::default();
+        src.put(
+            &format!("jobs/{job}/spec.yaml"),
+            Bytes::from_static(b"spec"),
+        )
+        .await
+        .unwrap();
+        checkpoint(&src, &job, 1, &[("window-0.state", b"one")]).await;
+        checkpoint(&src, &job, 2, &[("window-0.state", b"two!")]).await;
+        // An in-progress checkpoint (no manifest) is not copied.
+        src.child(&checkpoint_dir(&job, CheckpointId(3)))
+            .put("window-0.state", Bytes::from_static(b"partial"))
+            .await
+            .unwrap();
+        let r = replicate_job(&src, &dst, &job).await.unwrap();
+        assert!(r.spec_copied);
+        assert_eq!(r.copied.len(), 2);
+        assert_eq!(r.newest().unwrap().checkpoint, 2);
+        assert_eq!(r.newest().unwrap().records_in, 20);
+        assert!(r.skipped.is_empty());
+        let restored = find_restorable(&dst, &job).await.unwrap();
+        let cp = restored.checkpoint.expect("the copy restores");
+        assert_eq!(cp.manifest.checkpoint_id, CheckpointId(2));
+        assert_eq!(&cp.files["window-0.state"][..], b"two!");
+        assert!(
+            dst.list_files(&checkpoint_dir(&job, CheckpointId(3)))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A second pass copies nothing.
+        let again = replicate_job(&src, &dst, &job).await.unwrap();
+        assert!(!again.spec_copied);
+        assert!(again.copied.iter().all(|c| c.already_complete));
+        assert_eq!(
+            again.copied.iter().map(|c| c.files_copied).sum::<usize>(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn only_missing_files_are_copied_and_the_manifest_goes_last() {
+        let (_tmp, src, dst) = stores();
+        let job = JobId::default();
+        checkpoint(&src, &job, 5, &[("a.state", b"aaaa"), ("b.state", b"bb")]).await;
+        // A previous pass died after copying one file.
+        let rel = checkpoint_dir(&job, CheckpointId(5));
+        dst.child(&rel)
+            .put("a.state", Bytes::from_static(b"aaaa"))
+            .await
+            .unwrap();
+        assert!(
+            find_restorable(&dst, &job)
+                .await
+                .unwrap()
+                .checkpoint
+                .is_none()
+        );
+        let c = replicate_checkpoint(&src, &dst, &rel).await.unwrap();
+        assert_eq!((c.files_present, c.files_copied, c.bytes_copied), (1, 1, 2));
+        assert!(
+            find_restorable(&dst, &job)
+                .await
+                .unwrap()
+                .checkpoint
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_source_is_never_replicated() {
+        let (_tmp, src, dst) = stores();
+        let job = JobId::default();
+        checkpoint(&src, &job, 1, &[("w.state", b"good")]).await;
+        checkpoint(&src, &job, 2, &[("w.state", b"good")]).await;
+        let rel = checkpoint_dir(&job, CheckpointId(2));
+        src.child(&rel)
+            .put("w.state", Bytes::from_static(b"bad!"))
+            .await
+            .unwrap();
+        let r = replicate_job(&src, &dst, &job).await.unwrap();
+        assert_eq!(r.skipped.len(), 1, "{r:?}");
+        assert!(r.skipped[0].1.contains("SHA-256"), "{r:?}");
+        assert_eq!(r.newest().unwrap().checkpoint, 1);
+        assert!(
+            dst.child(&rel)
+                .get_opt(MANIFEST_FILE)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn retention_follows_the_source_but_keeps_the_newest_copy() {
+        let (_tmp, src, dst) = stores();
+        let job = JobId::default();
+        for n in 1..=3 {
+            checkpoint(&src, &job, n, &[("w.state", b"x")]).await;
+        }
+        replicate_job(&src, &dst, &job).await.unwrap();
+        // The source retained only 3 and 4 meanwhile.
+        for n in 1..=2 {
+            src.delete_prefix(&checkpoint_dir(&job, CheckpointId(n)))
+                .await
+                .unwrap();
+        }
+        checkpoint(&src, &job, 4, &[("w.state", b"y")]).await;
+        let r = replicate_job(&src, &dst, &job).await.unwrap();
+        assert_eq!(r.removed, vec![1, 2]);
+        let left = list_checkpoint_ids(&dst, &job).await.unwrap();
+        assert_eq!(left, vec![CheckpointId(3), CheckpointId(4)]);
+    }
+
+    #[tokio::test]
+    async fn a_different_manifest_for_the_same_number_is_a_conflict() {
+        let (_tmp, src, dst) = stores();
+        let job = JobId::default();
+        checkpoint(&src, &job, 7, &[("w.state", b"source")]).await;
+        checkpoint(&dst, &job, 7, &[("w.state", b"target")]).await;
+        let e = replicate_checkpoint(&src, &dst, &checkpoint_dir(&job, CheckpointId(7)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ReplicationError::Conflict { .. }), "{e}");
+    }
+}
