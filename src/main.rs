@@ -34,6 +34,10 @@ enum Command {
     /// Inspect the region's JobManagers: leader, epoch, members.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
+    /// Cross-region tools: replicate checkpoints between regions' stores,
+    /// test-restore a store's checkpoints.
+    #[command(subcommand)]
+    Region(cmd::region::RegionCommand),
     /// Measure throughput (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
 }
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Jobmanager(args) => cmd::jobmanager::run(args),
         Command::Taskmanager(args) => cmd::taskmanager::run(args),
         Command::Cluster(c) => cmd::cluster::run(c),
+        Command::Region(c) => cmd::region::run(c),
         Command::Bench(args) => cmd::bench::run(args),
     };
     match result {

@@ -1,10 +1,13 @@
 //! Ferry's cross-region coordination. This crate owns copying every
 //! completed checkpoint and savepoint, and every job spec, from the primary
-//! region's object store to each standby's ([`replicate`]); the region lease,
+//! region's object store to each standby's ([`replicate`]), and proving in
+//! the standby that those copies restore ([`verify`]); the region lease,
 //! promotion, switchover, fail-back and drills build on it.
 
 pub mod replicate;
+pub mod verify;
 
 pub use replicate::{
     CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
 };
+pub use verify::{CheckpointVerdict, RestoreCheck, Verification, verify_job};

@@ -7,6 +7,7 @@ pub mod job;
 pub mod jobmanager;
 pub mod local;
 pub mod process;
+pub mod region;
 pub mod schema;
 pub mod taskmanager;
 pub mod validate;

@@ -95,6 +95,17 @@ impl Sink {
         }
     }
 
+    /// Decodes one snapshot part of a sink of this spec without restoring
+    /// it (restore checks: nothing is committed).
+    pub fn check_state(spec: &ferry_core::spec::SinkSpec, bytes: &[u8]) -> Result<(), String> {
+        match spec {
+            ferry_core::spec::SinkSpec::Nats(_) => nats::NatsSink::check_state(bytes),
+            _ => postcard::from_bytes::<FileSinkState>(bytes)
+                .map(drop)
+                .map_err(|e| format!("sink state is unreadable: {e}")),
+        }
+    }
+
     /// Restores from old subtasks' states `(old subtask, bytes)`: keeps the
     /// ones with `old % parallelism == subtask`, commits their pending
     /// transactions, and returns their records-out count.

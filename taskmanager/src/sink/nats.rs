@@ -354,6 +354,13 @@ impl NatsSink {
 
     /// Adds the pending and open transactions of an old subtask's state,
     /// returning its records-out count.
+    /// Decodes one snapshot part without restoring it (restore checks).
+    pub fn check_state(bytes: &[u8]) -> Result<(), String> {
+        postcard::from_bytes::<NatsSinkState>(bytes)
+            .map(drop)
+            .map_err(|e| format!("NATS sink state is unreadable: {e}"))
+    }
+
     pub fn adopt(&mut self, bytes: &[u8]) -> Result<u64, String> {
         let st: NatsSinkState = postcard::from_bytes(bytes)
             .map_err(|e| format!("NATS sink state is unreadable: {e}"))?;

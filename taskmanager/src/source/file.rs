@@ -374,6 +374,13 @@ impl FileSource {
     /// files, as it was when the same subtask read them: taking it from
     /// other subtasks' files would let it run ahead of this subtask's
     /// unread records and make them late.
+    /// Decodes one snapshot part without restoring it (restore checks).
+    pub fn check_state(part: &[u8]) -> Result<(), String> {
+        postcard::from_bytes::<State>(part)
+            .map(drop)
+            .map_err(|e| format!("file source state is unreadable: {e}"))
+    }
+
     pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {
         let mut by_name = BTreeMap::new();
         for part in parts {

@@ -324,6 +324,13 @@ impl GeneratorSource {
         Ok((bytes, offsets))
     }
 
+    /// Decodes one snapshot part without restoring it (restore checks).
+    pub fn check_state(part: &[u8]) -> Result<(), String> {
+        postcard::from_bytes::<Vec<PartState>>(part)
+            .map(drop)
+            .map_err(|e| format!("generator source state is unreadable: {e}"))
+    }
+
     pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {
         let mut by_partition = BTreeMap::new();
         for part in parts {

@@ -370,6 +370,13 @@ impl NatsSource {
 
     /// Takes the offsets of this subtask's partitions from every old
     /// subtask's state; consumers start there on the next poll.
+    /// Decodes one snapshot part without restoring it (restore checks).
+    pub fn check_state(part: &[u8]) -> Result<(), String> {
+        postcard::from_bytes::<State>(part)
+            .map(drop)
+            .map_err(|e| format!("NATS source state is unreadable: {e}"))
+    }
+
     pub fn restore(&mut self, parts: &[Bytes]) -> Result<(), String> {
         let mut by_filter = BTreeMap::new();
         for part in parts {

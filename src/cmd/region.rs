@@ -1,0 +1,218 @@
+//! `ferry region replicate|verify`: the cross-region tools that work on
+//! object stores directly. `replicate` makes one replication pass of every
+//! job (or the named ones) from one region's store to another's — the same
+//! incremental, hash-verified, manifest-last copy the region coordinator
+//! runs after each checkpoint; `verify` test-restores every complete
+//! checkpoint in a store (hashes plus decoding all state with the streaming
+//! runtime) and exits 1 if any would not restore.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use ferry_core::JobId;
+use ferry_core::manifest::VerifiedCheckpoint;
+use ferry_core::storage::StorageLocation;
+use ferry_region::{JobCopy, RestoreCheck, Verification, replicate_job, verify_job};
+use ferry_taskmanager::runtime::{JobPlan, check_restore};
+use serde_json::json;
+
+use super::job::{Output, print_result};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RegionCommand {
+    /// Copy every complete checkpoint, savepoint and job spec the target
+    /// lacks from one region's store to another's (hash-verified, manifest
+    /// last), and apply the source's checkpoint retention.
+    Replicate {
+        /// Source store URL (the primary region's `storage`).
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// Target store URL (a standby region's `storage`).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Only these jobs (full ids); all jobs of the source by default.
+        #[arg(long, value_delimiter = ',', value_name = "ID[,ID...]")]
+        job: Vec<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Test-restore every complete checkpoint in a store: verify every hash
+    /// and decode all state as a restore would. Exit 1 if any fails.
+    Verify {
+        /// Store URL (e.g. a standby region's `storage`).
+        #[arg(long, value_name = "URL")]
+        store: String,
+        /// Only these jobs (full ids); all jobs of the store by default.
+        #[arg(long, value_delimiter = ',', value_name = "ID[,ID...]")]
+        job: Vec<String>,
+        #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Decodes checkpoints with the streaming runtime, as a restore would.
+struct RuntimeCheck;
+
+impl RestoreCheck for RuntimeCheck {
+    fn check(&self, spec_yaml: &str, cp: &VerifiedCheckpoint) -> Result<usize, String> {
+        let spec = ferry_core::spec::parse_and_validate(spec_yaml)
+            .map_err(|e| format!("the stored job spec is invalid:\n{e}"))?;
+        let plan = JobPlan::new(&spec)?;
+        check_restore(&plan, cp)
+    }
+}
+
+pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match c {
+            RegionCommand::Replicate {
+                from,
+                to,
+                job,
+                output,
+            } => replicate(&from, &to, &job, output).await,
+            RegionCommand::Verify { store, job, output } => verify(&store, &job, output).await,
+        }
+    })
+}
+
+/// The named jobs, or every job under `root`'s `jobs/`.
+async fn jobs(root: &StorageLocation, named: &[String]) -> anyhow::Result<Vec<JobId>> {
+    if !named.is_empty() {
+        return named
+            .iter()
+            .map(|n| {
+                n.parse::<JobId>()
+                    .map_err(|e| anyhow::anyhow!("--job {n}: {e} (give the full 32-hex-digit id)"))
+            })
+            .collect();
+    }
+    let mut ids: Vec<JobId> = root
+        .list_dirs("jobs")
+        .await?
+        .iter()
+        .filter_map(|d| d.parse().ok())
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+async fn replicate(
+    from: &str,
+    to: &str,
+    named: &[String],
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let source = StorageLocation::open(from)?;
+    let target = StorageLocation::open(to)?;
+    let ids = jobs(&source, named).await?;
+    let mut copies: Vec<JobCopy> = Vec::new();
+    let mut failed = false;
+    for id in &ids {
+        eprintln!("replicating job {id} ...");
+        match replicate_job(&source, &target, id).await {
+            Ok(c) => {
+                failed |= !c.skipped.is_empty();
+                copies.push(c);
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("error: job {id}: {e}");
+            }
+        }
+    }
+    let raw = json!(copies.iter().map(|c| json!({
+        "job": c.job.map(|j| j.to_string()),
+        "spec_copied": c.spec_copied,
+        "newest_checkpoint": c.newest().map(|n| n.checkpoint),
+        "copied": c.copied.iter().filter(|x| !x.already_complete).map(|x| json!({
+            "dir": x.dir, "checkpoint": x.checkpoint, "files_copied": x.files_copied,
+            "files_present": x.files_present, "bytes": x.bytes_copied, "retries": x.retries,
+        })).collect::<Vec<_>>(),
+        "skipped": c.skipped.iter().map(|(d, why)| json!({"dir": d, "reason": why})).collect::<Vec<_>>(),
+        "removed": c.removed,
+    })).collect::<Vec<_>>());
+    print_result(output, &raw, |out| {
+        let _ = writeln!(
+            out,
+            "{:<34} {:>8} {:>8} {:>8} {:>12} {:>8} {:>8}",
+            "JOB", "NEWEST", "COPIED", "FILES", "BYTES", "RETRIES", "SKIPPED"
+        );
+        for c in &copies {
+            let new: Vec<_> = c.copied.iter().filter(|x| !x.already_complete).collect();
+            let _ = writeln!(
+                out,
+                "{:<34} {:>8} {:>8} {:>8} {:>12} {:>8} {:>8}",
+                c.job.map(|j| j.to_string()).unwrap_or_default(),
+                c.newest()
+                    .map(|n| n.checkpoint.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                new.len(),
+                new.iter().map(|x| x.files_copied).sum::<usize>(),
+                new.iter().map(|x| x.bytes_copied).sum::<u64>(),
+                new.iter().map(|x| x.retries).sum::<u32>(),
+                c.skipped.len()
+            );
+            for (dir, why) in &c.skipped {
+                let _ = writeln!(out, "  skipped {dir}: {why}");
+            }
+        }
+    });
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn verify(store: &str, named: &[String], output: Output) -> anyhow::Result<ExitCode> {
+    let root = StorageLocation::open(store)?;
+    let ids = jobs(&root, named).await?;
+    let mut results: Vec<Verification> = Vec::new();
+    for id in &ids {
+        results.push(verify_job(&root, id, &RuntimeCheck).await?);
+    }
+    let failed = results
+        .iter()
+        .any(|v| v.error.is_some() || v.checkpoints.iter().any(|c| !c.ok));
+    let raw = serde_json::to_value(&results)?;
+    print_result(output, &raw, |out| {
+        let _ = writeln!(
+            out,
+            "{:<34} {:>12} {:>14} {:>7}",
+            "JOB", "CHECKPOINTS", "LAST VERIFIED", "FAILED"
+        );
+        for v in &results {
+            let bad: Vec<_> = v.checkpoints.iter().filter(|c| !c.ok).collect();
+            let _ = writeln!(
+                out,
+                "{:<34} {:>12} {:>14} {:>7}",
+                v.job,
+                v.checkpoints.len(),
+                v.last_verified()
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                bad.len()
+            );
+            if let Some(e) = &v.error {
+                let _ = writeln!(out, "  {e}");
+            }
+            for c in bad {
+                let _ = writeln!(
+                    out,
+                    "  checkpoint {}: {}",
+                    c.checkpoint,
+                    c.error.as_deref().unwrap_or("")
+                );
+            }
+        }
+    });
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
