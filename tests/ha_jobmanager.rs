@@ -83,6 +83,8 @@ struct Region {
     ttl: &'static str,
     deadline: &'static str,
     replicas: &'static str,
+    /// Extra environment of every process started from now on.
+    env: Vec<(&'static str, String)>,
 }
 
 impl Region {
@@ -96,6 +98,7 @@ impl Region {
             ttl,
             deadline,
             replicas: "1",
+            env: Vec::new(),
         }
     }
 
@@ -124,7 +127,7 @@ impl Region {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        for (k, v) in env {
+        for (k, v) in self.env.iter().chain(env) {
             cmd.env(k, v);
         }
         cmd.spawn()
@@ -936,4 +939,98 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
 /// A syntactically valid job id for direct deploy requests.
 fn uuid_like() -> String {
     "0193a5b0-0000-7000-8000-000000000001".to_string()
+}
+
+/// The leader replicates every checkpoint of a running job to the other
+/// region's store as it completes; `/v1/regions` and the metrics report the
+/// standby caught up, and the copy test-restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_replicates_each_checkpoint_to_the_standby_region() {
+    let nats = NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    let standby = r.dir.path().join("standby-store");
+    r.env.push((
+        "FERRY_REGIONS_STORES",
+        format!("standby=file://{}", standby.display()),
+    ));
+    r.start("jm-a", None);
+    r.start_tm("tm-1");
+    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
+    let job = r.running_job(leader).await;
+    // While it runs, the standby receives complete checkpoints.
+    let start = Instant::now();
+    loop {
+        let v = r.get(&r.jms[leader], "/v1/regions").await.unwrap();
+        let s = &v["standbys"][0];
+        assert_eq!(s["region"], "standby", "{v}");
+        if s["jobs"][&job]["replicated_checkpoint"].as_u64().is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nothing replicated: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r.finish_and_check(leader, &job, Duration::from_secs(60))
+        .await;
+    // Caught up: the final checkpoint's manifest is in the standby, byte
+    // for byte, and nothing is pending.
+    let primary = r.storage().join("jobs").join(&job).join("checkpoints");
+    let newest = std::fs::read_dir(&primary)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().join("MANIFEST.json").exists())
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let start = Instant::now();
+    let v = loop {
+        let v = r.get(&r.jms[leader], "/v1/regions").await.unwrap();
+        let s = &v["standbys"][0];
+        if s["jobs"][&job]["replicated_checkpoint"] == newest && s["lag_checkpoints"] == 0 {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "not caught up: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(v["standbys"][0]["lag_seconds"], 0.0, "{v}");
+    let rel = format!("jobs/{job}/checkpoints/{newest}/MANIFEST.json");
+    assert_eq!(
+        std::fs::read(standby.join(&rel)).unwrap(),
+        std::fs::read(r.storage().join(&rel)).unwrap()
+    );
+    assert!(standby.join(format!("jobs/{job}/spec.yaml")).exists());
+    // The metrics follow within their 1 s refresh.
+    let start = Instant::now();
+    loop {
+        let metrics = r
+            .http
+            .get(format!("{}/metrics", r.jms[leader].url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains(r#"ferry_replication_lag_checkpoints{region="standby"} 0"#) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let o = Command::new(ferry_bin())
+        .args(["region", "verify", "--store"])
+        .arg(format!("file://{}", standby.display()))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -41,6 +41,21 @@ pub struct ProcessConfig {
     /// A TaskManager's slots and addresses (`ferry taskmanager`).
     #[serde(default)]
     pub taskmanager: TaskManagerConfig,
+    /// The other regions (cross-region replication).
+    #[serde(default)]
+    pub regions: RegionsConfig,
+}
+
+/// The regions of a multi-region deployment.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegionsConfig {
+    /// Every region's object store URL, by region name (this region's own
+    /// entry, if present, must equal `storage`). The leading JobManager
+    /// copies every completed checkpoint, savepoint and job spec to every
+    /// other region's store. Empty: no replication.
+    #[serde(default)]
+    pub stores: BTreeMap<String, String>,
 }
 
 /// Where a JobManager runs job tasks.
@@ -216,6 +231,8 @@ pub enum EnvKind {
     Text,
     /// Comma-separated list.
     List,
+    /// Comma-separated `name=value` pairs.
+    Map,
     Integer,
 }
 
@@ -269,6 +286,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "taskmanager.httpListen",
         EnvKind::Text,
     ),
+    ("FERRY_REGIONS_STORES", "regions.stores", EnvKind::Map),
 ];
 
 /// A configuration problem, saying where and what to do.
@@ -307,6 +325,18 @@ impl ProcessConfig {
                         .map(|s| Value::String(s.to_string()))
                         .collect(),
                 ),
+                EnvKind::Map => {
+                    let mut m = serde_json::Map::new();
+                    for pair in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        let Some((k, v)) = pair.split_once('=') else {
+                            return Err(ConfigError(format!(
+                                "{var}: '{pair}' is not name=value (e.g. us-east=s3://ferry-us-east/ferry)"
+                            )));
+                        };
+                        m.insert(k.trim().to_string(), Value::String(v.trim().to_string()));
+                    }
+                    Value::Object(m)
+                }
                 EnvKind::Integer => Value::Number(
                     raw.trim()
                         .parse::<u64>()
@@ -378,6 +408,14 @@ impl ProcessConfig {
         }
         if h.min_instances_for_election == 0 {
             return err("ha.minInstancesForElection must be at least 1".into());
+        }
+        if let Some(own) = self.regions.stores.get(&self.region)
+            && own != &self.storage
+        {
+            return err(format!(
+                "regions.stores.{}: {own} differs from storage ({}); this region's entry must be its own storage",
+                self.region, self.storage
+            ));
         }
         if self.taskmanager.slots == 0 {
             return err("taskmanager.slots must be at least 1".into());

@@ -784,6 +784,21 @@ async fn complete_checkpoint(
         .get_or_create(&labels)
         .set(Utc::now().timestamp());
     let info = manifest_info(&manifest, &p.barrier.dir);
+    let _ = job.completed.send(crate::service::CompletedCheckpoint {
+        job: job.id,
+        root: job.root.clone(),
+        dir: match p.barrier.kind {
+            SnapshotKind::Checkpoint => checkpoint_dir(&job.id, p.barrier.id),
+            SnapshotKind::Savepoint => {
+                savepoint_dir(&job.id, &format!("savepoint-{}", p.barrier.id))
+            }
+        },
+        checkpoint: p.barrier.id.0,
+        savepoint: p.barrier.kind == SnapshotKind::Savepoint,
+        completed_at: manifest.created_at,
+        records_in: manifest.records_in,
+        watermark: manifest.watermark,
+    });
     tracing::info!(
         job = %job.id,
         checkpoint = %p.barrier.id,

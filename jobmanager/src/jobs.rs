@@ -61,6 +61,10 @@ pub(crate) struct Inner {
     /// mode); unset: tasks run in this process.
     pub(crate) taskmanagers: std::sync::OnceLock<Arc<crate::taskmanagers::TaskManagers>>,
     drivers: TaskTracker,
+    /// What `/v1/regions` reports (set when replicating to other regions).
+    pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
+    /// Announces completed checkpoints (see `subscribe_completed`).
+    pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
 }
@@ -93,6 +97,7 @@ pub(crate) struct JobEntry {
     metrics: Arc<Metrics>,
     pub(crate) leadership: Arc<Leadership>,
     pub(crate) taskmanagers: Option<Arc<crate::taskmanagers::TaskManagers>>,
+    pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
     /// Cancelled when this JobManager loses the leadership: the driver stops
     /// at once and writes nothing more; the new leader carries on.
     pub(crate) abandon: CancellationToken,
@@ -474,6 +479,8 @@ impl JobManager {
                 drivers: TaskTracker::new(),
                 runtime: tokio::runtime::Handle::current(),
                 taskmanagers: std::sync::OnceLock::new(),
+                completed: tokio::sync::broadcast::channel(1024).0,
+                regions_view: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -580,6 +587,7 @@ impl JobManager {
             metrics: self.inner.metrics.clone(),
             leadership: self.inner.leadership.clone(),
             taskmanagers: self.inner.taskmanagers.get().cloned(),
+            completed: self.inner.completed.clone(),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),
             dirty,

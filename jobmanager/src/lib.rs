@@ -18,5 +18,7 @@ pub mod state;
 pub mod taskmanagers;
 
 pub use error::JmError;
-pub use service::{CheckpointInfo, JobInfo, JobManager, JobManagerConfig, SavepointInfo};
+pub use service::{
+    CheckpointInfo, CompletedCheckpoint, JobInfo, JobManager, JobManagerConfig, SavepointInfo,
+};
 pub use state::JobState;

@@ -23,6 +23,12 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Label set naming one (standby) region.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabels {
+    pub region: String,
+}
+
 fn checkpoint_buckets() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -54,6 +60,11 @@ pub struct Metrics {
     pub ha_heartbeat_failures: Counter,
     pub ha_lease_renew_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub ha_members: Family<StateLabels, Gauge>,
+    /// Replication to each standby region: age of the oldest snapshot not
+    /// yet there, and how many.
+    pub replication_lag_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub replication_lag_checkpoints: Family<RegionLabels, Gauge>,
+    pub replication_lag_records: Family<RegionLabels, Gauge>,
     /// TaskManagers registered with this leader.
     pub taskmanagers: Gauge,
     /// Task slots of the registered TaskManagers, by state (free, used).
@@ -93,6 +104,9 @@ impl Metrics {
             ha_heartbeat_failures: Counter::default(),
             ha_lease_renew_seconds: Gauge::default(),
             ha_members: Family::default(),
+            replication_lag_seconds: Family::default(),
+            replication_lag_checkpoints: Family::default(),
+            replication_lag_records: Family::default(),
             taskmanagers: Gauge::default(),
             task_slots: Family::default(),
         };
@@ -212,6 +226,21 @@ impl Metrics {
             "Task slots of the registered TaskManagers by state (free, used)",
             m.task_slots.clone(),
         );
+        registry.register(
+            "replication_lag_seconds",
+            "Age of the oldest completed snapshot not yet replicated to the region (0 when caught up)",
+            m.replication_lag_seconds.clone(),
+        );
+        registry.register(
+            "replication_lag_checkpoints",
+            "Completed snapshots not yet replicated to the region",
+            m.replication_lag_checkpoints.clone(),
+        );
+        registry.register(
+            "replication_lag_records",
+            "Records read by the newest checkpoints beyond what the region holds",
+            m.replication_lag_records.clone(),
+        );
         *m.registry.lock().unwrap() = registry;
         m
     }
@@ -266,6 +295,20 @@ impl Metrics {
                 })
                 .set(i64::from(n));
         }
+    }
+
+    /// Records one standby region's replication lag.
+    pub fn set_replication_lag(&self, region: &str, seconds: f64, checkpoints: u64, records: u64) {
+        let l = RegionLabels {
+            region: region.to_string(),
+        };
+        self.replication_lag_seconds.get_or_create(&l).set(seconds);
+        self.replication_lag_checkpoints
+            .get_or_create(&l)
+            .set(checkpoints as i64);
+        self.replication_lag_records
+            .get_or_create(&l)
+            .set(records as i64);
     }
 
     /// Label set for a job.

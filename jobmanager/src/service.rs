@@ -78,6 +78,26 @@ pub struct CheckpointInfo {
     pub finished: bool,
 }
 
+/// A checkpoint or savepoint this JobManager completed (its manifest is
+/// written), as announced to [`JobManager::subscribe_completed`] — the
+/// cross-region replicator follows these.
+#[derive(Clone, Debug)]
+pub struct CompletedCheckpoint {
+    pub job: JobId,
+    /// The job's storage root (its checkpoints live below `jobs/<id>/`).
+    pub root: ferry_core::storage::StorageLocation,
+    /// The snapshot's directory relative to `root`.
+    pub dir: String,
+    pub checkpoint: u64,
+    pub savepoint: bool,
+    pub completed_at: DateTime<Utc>,
+    pub records_in: u64,
+    pub watermark: i64,
+}
+
+/// Produces the `/v1/regions` body (the cross-region coordinator's view).
+pub type RegionsView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// A savepoint that was taken.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SavepointInfo {
@@ -150,6 +170,30 @@ impl JobManager {
     /// process. Set once, before jobs are submitted or adopted.
     pub fn use_taskmanagers(&self, pool: Arc<crate::taskmanagers::TaskManagers>) {
         let _ = self.inner.taskmanagers.set(pool);
+    }
+
+    /// Sets what `/v1/regions` reports.
+    pub fn set_regions_view(&self, view: RegionsView) {
+        let _ = self.inner.regions_view.set(view);
+    }
+
+    /// The `/v1/regions` body: the cross-region view, or that replication
+    /// is not configured.
+    pub fn regions(&self) -> serde_json::Value {
+        match self.inner.regions_view.get() {
+            Some(v) => v(),
+            None => serde_json::json!({
+                "region": self.inner.leadership.ha_context().map(|c| c.region.clone()),
+                "standbys": [],
+                "note": "cross-region replication is not configured (regions.stores, see docs/config.md)",
+            }),
+        }
+    }
+
+    /// Every checkpoint and savepoint this JobManager completes from now on
+    /// (a slow receiver misses the oldest ones and is told how many).
+    pub fn subscribe_completed(&self) -> tokio::sync::broadcast::Receiver<CompletedCheckpoint> {
+        self.inner.completed.subscribe()
     }
 
     /// Name of this instance.

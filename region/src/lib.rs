@@ -5,9 +5,11 @@
 //! promotion, switchover, fail-back and drills build on it.
 
 pub mod replicate;
+pub mod replicator;
 pub mod verify;
 
 pub use replicate::{
     CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
 };
+pub use replicator::{CheckpointEvent, Replicator, Standby, StandbyStatus};
 pub use verify::{CheckpointVerdict, RestoreCheck, Verification, verify_job};

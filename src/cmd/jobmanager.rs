@@ -9,6 +9,7 @@
 //! lease to expire; tasks on TaskManagers keep running throughout).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use ferry_core::config::{Placement, ProcessConfig};
@@ -91,6 +92,8 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         }
         Placement::InProcess => None,
     };
+    let replication_stop = CancellationToken::new();
+    let replication = start_replication(&cfg, &jm, replication_stop.clone())?;
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(ferry_jobmanager::api::serve(
         jm.clone(),
@@ -113,8 +116,108 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     if let Some(p) = pool {
         let _ = p.await;
     }
+    replication_stop.cancel();
+    if let Some(r) = replication {
+        let _ = r.await;
+    }
     api_stop.cancel();
     let _ = api.await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Replicates every snapshot this JobManager completes to the other
+/// regions' stores (`regions.stores`), publishing lag as metrics and at
+/// `/v1/regions`. `None` when no other region is configured.
+fn start_replication(
+    cfg: &ProcessConfig,
+    jm: &JobManager,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let mut standbys = Vec::new();
+    for (region, url) in cfg.regions.stores.iter().filter(|(r, _)| **r != cfg.region) {
+        let store = ferry_core::storage::StorageLocation::open(url)
+            .with_context(|| format!("regions.stores.{region}: {url}"))?;
+        standbys.push(ferry_region::Standby {
+            region: region.clone(),
+            store,
+        });
+    }
+    if standbys.is_empty() {
+        return Ok(None);
+    }
+    tracing::info!(
+        standbys = %standbys.iter().map(|s| s.region.as_str()).collect::<Vec<_>>().join(","),
+        "replicating every completed checkpoint to the other regions"
+    );
+    let replicator = Arc::new(ferry_region::Replicator::new(standbys));
+    let view = {
+        let (r, region, instance) = (
+            replicator.clone(),
+            cfg.region.clone(),
+            jm.instance_id().to_string(),
+        );
+        let jm = jm.clone();
+        Arc::new(move || {
+            serde_json::json!({
+                "region": region,
+                "instance": instance,
+                "role": jm.role(),
+                "standbys": r.status(),
+            })
+        })
+    };
+    jm.set_regions_view(view);
+    let mut completed = jm.subscribe_completed();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let glue_stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = glue_stop.cancelled() => return,
+                c = completed.recv() => c,
+            };
+            match c {
+                Ok(c) => {
+                    let _ = tx.send(ferry_region::CheckpointEvent {
+                        job: c.job,
+                        root: c.root,
+                        dir: c.dir,
+                        checkpoint: c.checkpoint,
+                        completed_at: c.completed_at,
+                        records_in: c.records_in,
+                        watermark: c.watermark,
+                    });
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    // The next announcement replicates the skipped ones too.
+                    tracing::warn!("replication fell {n} checkpoint announcements behind");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let metrics_jm = jm.clone();
+    let r = replicator.clone();
+    let metrics_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = metrics_stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for s in r.status() {
+                metrics_jm.metrics().set_replication_lag(
+                    &s.region,
+                    s.lag_seconds,
+                    s.lag_checkpoints,
+                    s.lag_records,
+                );
+            }
+        }
+    });
+    Ok(Some(tokio::spawn(async move {
+        replicator.run(rx, stop.cancelled_owned()).await;
+    })))
 }

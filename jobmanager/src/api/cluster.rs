@@ -17,3 +17,10 @@ pub(super) async fn health_ha(State(jm): State<JobManager>) -> Json<HaHealth> {
 pub(super) async fn cluster(State(jm): State<JobManager>) -> Json<HaHealth> {
     Json(jm.ha_health().await)
 }
+
+/// `GET /v1/regions`: replication to the standby regions — per region its
+/// store, lag (seconds, checkpoints, records, event time) and per-job
+/// progress, as the leader replicating them sees it.
+pub(super) async fn regions(State(jm): State<JobManager>) -> Json<serde_json::Value> {
+    Json(jm.regions())
+}

@@ -96,6 +96,11 @@ pub const ROUTES: &[RouteInfo] = &[
     },
     RouteInfo {
         method: "GET",
+        path: "/v1/regions",
+        summary: "replication to the standby regions: lag and per-job progress",
+    },
+    RouteInfo {
+        method: "GET",
         path: "/health/ha",
         summary: "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
     },
@@ -125,6 +130,7 @@ pub fn router(jm: JobManager) -> Router {
         .route("/v1/jobs/{id}/savepoints", post(jobs::savepoint))
         .route("/v1/jobs/{id}/checkpoints", get(jobs::checkpoints))
         .route("/v1/cluster", get(cluster::cluster))
+        .route("/v1/regions", get(cluster::regions))
         .route("/health/ha", get(cluster::health_ha))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -1,0 +1,244 @@
+//! The continuous replicator: follows the checkpoints the region's leader
+//! completes and copies each job to every standby region's store at once
+//! ([`crate::replicate_job`]), keeping per-standby progress and lag — in
+//! time, checkpoints, records and event time — for metrics, `/v1/regions`
+//! and the standbys' promotion decisions.
+//!
+//! Invariant: a snapshot counts as replicated to a standby only once its
+//! manifest is in the standby's store (written last, after every file was
+//! verified), so reported progress never runs ahead of what a failover
+//! could restore.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_core::JobId;
+use ferry_core::storage::StorageLocation;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::replicate_job;
+
+/// A snapshot the primary completed.
+#[derive(Clone, Debug)]
+pub struct CheckpointEvent {
+    pub job: JobId,
+    /// The job's storage root in the primary region.
+    pub root: StorageLocation,
+    /// The snapshot's directory relative to `root`.
+    pub dir: String,
+    pub checkpoint: u64,
+    pub completed_at: DateTime<Utc>,
+    pub records_in: u64,
+    pub watermark: i64,
+}
+
+/// One standby region's store.
+#[derive(Clone, Debug)]
+pub struct Standby {
+    pub region: String,
+    pub store: StorageLocation,
+}
+
+/// How far one standby is, per job and overall.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StandbyStatus {
+    pub region: String,
+    pub store: String,
+    /// Age of the oldest completed snapshot not yet in the standby (0 when
+    /// caught up).
+    pub lag_seconds: f64,
+    /// Completed snapshots not yet in the standby.
+    pub lag_checkpoints: u64,
+    /// Records the primary's newest checkpoints read beyond the standby's.
+    pub lag_records: u64,
+    /// Event time between the primary's newest watermark and the standby's.
+    pub lag_event_time_ms: i64,
+    pub snapshots_replicated: u64,
+    pub bytes_replicated: u64,
+    /// Files written again after a damaged copy.
+    pub retries: u64,
+    pub last_replicated_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub jobs: BTreeMap<String, JobProgress>,
+}
+
+/// One job's progress towards one standby.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct JobProgress {
+    pub primary_checkpoint: u64,
+    pub replicated_checkpoint: Option<u64>,
+    pub replicated_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    primary: (u64, i64),
+    #[serde(skip)]
+    replicated: (u64, i64),
+    #[serde(skip)]
+    pending: VecDeque<CheckpointEvent>,
+}
+
+/// Follows completed checkpoints and replicates them to every standby.
+pub struct Replicator {
+    standbys: Vec<Standby>,
+    status: Mutex<Vec<StandbyStatus>>,
+    /// Completion-to-manifest-in-standby times, ms (for the benchmark).
+    latencies: Mutex<Vec<f64>>,
+}
+
+/// How often failed replications are retried and lag is refreshed.
+const RETRY: Duration = Duration::from_secs(1);
+
+impl Replicator {
+    pub fn new(standbys: Vec<Standby>) -> Self {
+        let status = standbys
+            .iter()
+            .map(|s| StandbyStatus {
+                region: s.region.clone(),
+                store: s.store.url().to_string(),
+                ..Default::default()
+            })
+            .collect();
+        Self {
+            standbys,
+            status: Mutex::new(status),
+            latencies: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StandbyStatus>> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every standby's progress, lag computed as of now.
+    pub fn status(&self) -> Vec<StandbyStatus> {
+        let now = Utc::now();
+        let mut out = self.lock().clone();
+        for s in &mut out {
+            let mut oldest: Option<DateTime<Utc>> = None;
+            let (mut cps, mut records, mut event_time) = (0u64, 0u64, 0i64);
+            for j in s.jobs.values() {
+                cps += j.pending.len() as u64;
+                if let Some(p) = j.pending.front() {
+                    oldest = Some(oldest.map_or(p.completed_at, |o| o.min(p.completed_at)));
+                    records += j.primary.0.saturating_sub(j.replicated.0);
+                    let (a, b) = (j.primary.1, j.replicated.1);
+                    if a != i64::MIN && a != i64::MAX && b != i64::MIN && b != i64::MAX {
+                        event_time = event_time.max(a.saturating_sub(b));
+                    }
+                }
+            }
+            s.lag_checkpoints = cps;
+            s.lag_records = records;
+            s.lag_event_time_ms = event_time;
+            s.lag_seconds = oldest
+                .map(|o| (now - o).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0);
+        }
+        out
+    }
+
+    /// Completion-to-standby times so far, ms.
+    pub fn latencies(&self) -> Vec<f64> {
+        self.latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replicates what `events` announce until the channel closes or
+    /// `stop` resolves.
+    pub async fn run(
+        &self,
+        mut events: mpsc::UnboundedReceiver<CheckpointEvent>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(RETRY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                ev = events.recv() => match ev {
+                    Some(e) => self.record(e),
+                    None => return,
+                },
+                _ = tick.tick() => {}
+            }
+            // Coalesce: whatever else arrived goes in the same pass.
+            while let Ok(e) = events.try_recv() {
+                self.record(e);
+            }
+            self.pass().await;
+        }
+    }
+
+    fn record(&self, e: CheckpointEvent) {
+        let mut st = self.lock();
+        for s in st.iter_mut() {
+            let j = s.jobs.entry(e.job.to_string()).or_default();
+            j.primary_checkpoint = j.primary_checkpoint.max(e.checkpoint);
+            j.primary = (e.records_in, e.watermark);
+            j.pending.push_back(e.clone());
+        }
+    }
+
+    /// Replicates every job with pending snapshots to every standby.
+    async fn pass(&self) {
+        for (i, standby) in self.standbys.iter().enumerate() {
+            let work: Vec<(JobId, StorageLocation)> = self.lock()[i]
+                .jobs
+                .values()
+                .filter_map(|j| j.pending.back().map(|e| (e.job, e.root.clone())))
+                .collect();
+            for (job, root) in work {
+                let result = replicate_job(&root, &standby.store, &job).await;
+                let now = Utc::now();
+                let mut st = self.lock();
+                let s = &mut st[i];
+                match result {
+                    Ok(copy) => {
+                        s.last_error = None;
+                        let done: Vec<&str> = copy.copied.iter().map(|c| c.dir.as_str()).collect();
+                        for c in copy.copied.iter().filter(|c| !c.already_complete) {
+                            s.snapshots_replicated += 1;
+                            s.bytes_replicated += c.bytes_copied;
+                            s.retries += u64::from(c.retries);
+                        }
+                        // Everything up to the newest snapshot now in the
+                        // standby is done (or superseded: the primary's
+                        // retention removed it before it could be copied).
+                        let upto = copy.copied.iter().map(|c| c.checkpoint).max().unwrap_or(0);
+                        let j = s.jobs.entry(job.to_string()).or_default();
+                        let mut lat = Vec::new();
+                        j.pending.retain(|e| {
+                            if done.contains(&e.dir.as_str()) {
+                                let us = (now - e.completed_at).num_microseconds().unwrap_or(0);
+                                lat.push(us as f64 / 1000.0);
+                                false
+                            } else {
+                                e.checkpoint > upto
+                            }
+                        });
+                        if let Some(n) = copy.newest() {
+                            j.replicated_checkpoint = Some(n.checkpoint);
+                            j.replicated = (n.records_in, n.watermark);
+                            j.replicated_at = Some(now);
+                            s.last_replicated_at = Some(now);
+                        }
+                        drop(st);
+                        self.latencies
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend(lat);
+                    }
+                    Err(e) => {
+                        tracing::warn!(region = %standby.region, job = %job, "replication failed (retrying): {e}");
+                        s.last_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+}
