@@ -30,6 +30,8 @@ pub enum BenchKind {
     /// Leader failover of `ferry jobmanager` processes: SIGKILL and
     /// graceful handoff times, idle CPU.
     Failover(super::bench_failover::FailoverArgs),
+    /// Cross-region replication lag while a job runs.
+    Replication(super::bench_replication::ReplicationArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -59,6 +61,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchKind::Throughput(a) => throughput(a),
         BenchKind::Failover(a) => super::bench_failover::run(a),
+        BenchKind::Replication(a) => super::bench_replication::run(a),
     }
 }
 
