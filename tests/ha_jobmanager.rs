@@ -1034,3 +1034,104 @@ async fn the_leader_replicates_each_checkpoint_to_the_standby_region() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Two regions heartbeat into a global NATS: each sees the other healthy;
+/// when one region's JobManager dies the other sees it down within the
+/// region timeout; without the global KV, `/health/regions` answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_see_each_other_through_the_global_kv() {
+    let nats = NatsServer::start();
+    let mut global = NatsServer::start();
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    let stores = format!(
+        "east=file://{},west=file://{}",
+        east.storage().display(),
+        west.storage().display()
+    );
+    for (r, name) in [(&mut east, "east"), (&mut west, "west")] {
+        r.env.push(("FERRY_REGION", name.to_string()));
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
+        r.env
+            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
+        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
+    }
+    east.start("jm-east", None);
+    west.start("jm-west", None);
+    east.leader(&[], Duration::from_secs(20)).await;
+    west.leader(&[], Duration::from_secs(20)).await;
+
+    let healthy = |v: &Value, region: &str| {
+        v["regions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["region"] == region))
+            .is_some_and(|r| r["healthy"] == true)
+    };
+    let start = Instant::now();
+    loop {
+        let v = east.get(&east.jms[0], "/v1/regions").await.unwrap();
+        if healthy(&v, "east") && healthy(&v, "west") {
+            assert_eq!(v["global_reachable"], true, "{v}");
+            let w = v["regions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["region"] == "west")
+                .unwrap()
+                .clone();
+            assert_eq!(w["heartbeat"]["leader"], "jm-west", "{v}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let o = Command::new(ferry_bin())
+        .args(["region", "status", "--url", &east.jms[0].url()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("west") && l.contains("yes") && l.contains("jm-west")),
+        "{table}"
+    );
+
+    west.jms[0].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    loop {
+        let v = east.get(&east.jms[0], "/v1/regions").await.unwrap();
+        if !healthy(&v, "west") {
+            assert!(healthy(&v, "east"), "{v}");
+            eprintln!(
+                "west seen down {:?} after its JobManager died",
+                killed.elapsed()
+            );
+            break;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    global.kill();
+    let start = Instant::now();
+    loop {
+        let r = east
+            .http
+            .get(format!("{}/health/regions", east.jms[0].url()))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "still {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

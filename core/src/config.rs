@@ -47,7 +47,7 @@ pub struct ProcessConfig {
 }
 
 /// The regions of a multi-region deployment.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegionsConfig {
     /// Every region's object store URL, by region name (this region's own
@@ -56,6 +56,46 @@ pub struct RegionsConfig {
     /// other region's store. Empty: no replication.
     #[serde(default)]
     pub stores: BTreeMap<String, String>,
+    /// The global NATS (one node per region) holding the regions'
+    /// heartbeats (`regions.<name>`). Empty: no region health.
+    #[serde(default)]
+    pub global: GlobalConfig,
+    /// Time between region heartbeats (default 1s).
+    #[serde(default = "d_heartbeat")]
+    pub health_check_interval: DurationSpec,
+    /// A region not heard from this long counts as down (default 5s).
+    #[serde(default = "d_region_timeout")]
+    pub timeout: DurationSpec,
+}
+
+/// How to reach the global NATS cluster.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GlobalConfig {
+    /// URLs of the global cluster's nodes.
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// KV bucket (default `ferry-global`).
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// Replicas of the bucket (3 for one node per region).
+    #[serde(default = "one")]
+    pub replicas: usize,
+}
+
+fn d_region_timeout() -> DurationSpec {
+    DurationSpec(Duration::from_secs(5))
+}
+
+impl Default for RegionsConfig {
+    fn default() -> Self {
+        Self {
+            stores: BTreeMap::new(),
+            global: GlobalConfig::default(),
+            health_check_interval: d_heartbeat(),
+            timeout: d_region_timeout(),
+        }
+    }
 }
 
 /// Where a JobManager runs job tasks.
@@ -287,6 +327,27 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     ("FERRY_REGIONS_STORES", "regions.stores", EnvKind::Map),
+    (
+        "FERRY_REGIONS_GLOBAL_URLS",
+        "regions.global.urls",
+        EnvKind::List,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_BUCKET",
+        "regions.global.bucket",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_REPLICAS",
+        "regions.global.replicas",
+        EnvKind::Integer,
+    ),
+    (
+        "FERRY_REGIONS_HEALTH_CHECK_INTERVAL",
+        "regions.healthCheckInterval",
+        EnvKind::Text,
+    ),
+    ("FERRY_REGIONS_TIMEOUT", "regions.timeout", EnvKind::Text),
 ];
 
 /// A configuration problem, saying where and what to do.
@@ -415,6 +476,15 @@ impl ProcessConfig {
             return err(format!(
                 "regions.stores.{}: {own} differs from storage ({}); this region's entry must be its own storage",
                 self.region, self.storage
+            ));
+        }
+        let r = &self.regions;
+        if r.health_check_interval.get().is_zero()
+            || r.health_check_interval.get() >= r.timeout.get()
+        {
+            return err(format!(
+                "regions.healthCheckInterval ({}) must be above 0 and below regions.timeout ({})",
+                r.health_check_interval, r.timeout
             ));
         }
         if self.taskmanager.slots == 0 {

@@ -1,9 +1,11 @@
 //! Ferry's cross-region coordination. This crate owns copying every
 //! completed checkpoint and savepoint, and every job spec, from the primary
 //! region's object store to each standby's ([`replicate`]), and proving in
-//! the standby that those copies restore ([`verify`]); the region lease,
-//! promotion, switchover, fail-back and drills build on it.
+//! the standby that those copies restore ([`verify`]), and the regions'
+//! heartbeats in the global KV ([`health`]); the region lease, promotion,
+//! switchover, fail-back and drills build on it.
 
+pub mod health;
 pub mod replicate;
 pub mod replicator;
 pub mod verify;

@@ -93,7 +93,7 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         Placement::InProcess => None,
     };
     let replication_stop = CancellationToken::new();
-    let replication = start_replication(&cfg, &jm, replication_stop.clone())?;
+    let replication = start_regions(&cfg, &jm, &api_url, &ha_rt, replication_stop.clone()).await?;
     let api_stop = CancellationToken::new();
     let api = tokio::spawn(ferry_jobmanager::api::serve(
         jm.clone(),
@@ -126,12 +126,16 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-/// Replicates every snapshot this JobManager completes to the other
-/// regions' stores (`regions.stores`), publishing lag as metrics and at
-/// `/v1/regions`. `None` when no other region is configured.
-fn start_replication(
+/// The cross-region part of a JobManager: replicates every snapshot it
+/// completes to the other regions' stores (`regions.stores`), heartbeats
+/// this region into the global KV while leading (`regions.global`), and
+/// publishes both as metrics, `/v1/regions` and `/health/regions`. `None`
+/// when neither is configured.
+async fn start_regions(
     cfg: &ProcessConfig,
     jm: &JobManager,
+    api_url: &str,
+    ha_rt: &tokio::runtime::Handle,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let mut standbys = Vec::new();
@@ -143,27 +147,92 @@ fn start_replication(
             store,
         });
     }
-    if standbys.is_empty() {
+    let g = &cfg.regions.global;
+    if standbys.is_empty() && g.urls.is_empty() {
         return Ok(None);
     }
-    tracing::info!(
-        standbys = %standbys.iter().map(|s| s.region.as_str()).collect::<Vec<_>>().join(","),
-        "replicating every completed checkpoint to the other regions"
-    );
     let replicator = Arc::new(ferry_region::Replicator::new(standbys));
+    // Region health, refreshed in the background: (global KV readable, views).
+    let regions: Arc<std::sync::Mutex<(bool, Vec<ferry_region::health::RegionView>)>> =
+        Default::default();
+    if !g.urls.is_empty() {
+        let interval = cfg.regions.health_check_interval.get();
+        let timeout = cfg.regions.timeout.get();
+        let bucket = g.bucket.clone().unwrap_or_else(|| "ferry-global".into());
+        let Some(global) =
+            super::process::connect_kv(&g.urls, &bucket, timeout * 4, g.replicas, ha_rt).await
+        else {
+            return Ok(None);
+        };
+        let mut known: Vec<String> = cfg.regions.stores.keys().cloned().collect();
+        if !known.contains(&cfg.region) {
+            known.push(cfg.region.clone());
+        }
+        let (jm2, r2, region, url) = (
+            jm.clone(),
+            replicator.clone(),
+            cfg.region.clone(),
+            api_url.to_string(),
+        );
+        let leading = {
+            let jm = jm.clone();
+            move || jm.leadership().fence().is_some()
+        };
+        let heartbeat = move || ferry_region::health::RegionHeartbeat {
+            region: region.clone(),
+            leader: jm2.instance_id().to_string(),
+            api_url: url.clone(),
+            at: None,
+            replication: r2
+                .status()
+                .into_iter()
+                .map(|s| (s.region, s.lag_seconds, s.lag_checkpoints))
+                .collect(),
+        };
+        ha_rt.spawn(ferry_region::health::publish(
+            global.clone(),
+            interval,
+            leading,
+            heartbeat,
+            stop.clone(),
+        ));
+        let (cache, s) = (regions.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let read = tokio::time::timeout(
+                    interval,
+                    ferry_region::health::list(global.as_ref(), &known, timeout),
+                )
+                .await;
+                let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+                match read {
+                    Ok(Ok(v)) => *c = (true, v),
+                    _ => c.0 = false,
+                }
+            }
+        });
+    }
     let view = {
         let (r, region, instance) = (
             replicator.clone(),
             cfg.region.clone(),
             jm.instance_id().to_string(),
         );
-        let jm = jm.clone();
+        let (jm, regions, health) = (jm.clone(), regions.clone(), !g.urls.is_empty());
         Arc::new(move || {
+            let (reachable, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
             serde_json::json!({
                 "region": region,
                 "instance": instance,
                 "role": jm.role(),
                 "standbys": r.status(),
+                "regions": views,
+                "global_reachable": if health { Some(reachable) } else { None },
             })
         })
     };

@@ -91,15 +91,33 @@ pub async fn connect_coordination(
     let h = &cfg.ha;
     // Values in the bucket live as long as the longest-lived key needs.
     let max_age = h.member_expiry.get().max(h.lease_ttl.get()) * 2;
-    let bucket = cfg.bucket();
-    tracing::info!(urls = %cfg.nats.urls.join(","), %bucket, "connecting to NATS");
+    connect_kv(
+        &cfg.nats.urls,
+        &cfg.bucket(),
+        max_age,
+        cfg.nats.replicas,
+        ha_rt,
+    )
+    .await
+}
+
+/// Opens (creating if needed) a KV bucket on the NATS at `urls`, retrying
+/// until it works; `None` when a shutdown signal came first.
+pub async fn connect_kv(
+    urls: &[String],
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+    ha_rt: &tokio::runtime::Handle,
+) -> Option<Arc<dyn Coordination>> {
+    tracing::info!(urls = %urls.join(","), %bucket, "connecting to NATS");
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let (urls, b, replicas) = (cfg.nats.urls.clone(), bucket.clone(), cfg.nats.replicas);
+        let (u, b) = (urls.to_vec(), bucket.to_string());
         let open = async {
             ha_rt
-                .spawn(async move { NatsKv::connect(&urls, &b, max_age, replicas).await })
+                .spawn(async move { NatsKv::connect(&u, &b, max_age, replicas).await })
                 .await
                 .map_err(|e| ferry_ha::HaError::Unavailable(format!("connect task: {e}")))?
         };
@@ -110,8 +128,8 @@ pub async fn connect_coordination(
                     let wait = Duration::from_millis(500 * u64::from(attempt.min(10)));
                     tracing::warn!(
                         attempt,
-                        "cannot open the coordination bucket {bucket} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
-                        cfg.nats.urls.join(",")
+                        "cannot open the KV bucket {bucket} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
+                        urls.join(",")
                     );
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}

@@ -20,6 +20,13 @@ use super::job::{Output, print_result};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RegionCommand {
+    /// Every region's health (from the global KV) and the replication lag
+    /// to each standby, as a JobManager reports them (`GET /v1/regions`;
+    /// ask the leader).
+    Status {
+        #[command(flatten)]
+        api: super::job::ApiArgs,
+    },
     /// Copy every complete checkpoint, savepoint and job spec the target
     /// lacks from one region's store to another's (hash-verified, manifest
     /// last), and apply the source's checkpoint retention.
@@ -75,6 +82,19 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
                 output,
             } => replicate(&from, &to, &job, output).await,
             RegionCommand::Verify { store, job, output } => verify(&store, &job, output).await,
+            RegionCommand::Status { api } => {
+                let client = super::job::Client::new(&api)?;
+                match client
+                    .call::<serde_json::Value>(reqwest::Method::GET, "/v1/regions", None)
+                    .await
+                {
+                    Ok((raw, v)) => {
+                        print_result(api.output, &raw, |out| print_status(&v, out));
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(f) => Ok(f.report()),
+                }
+            }
         }
     })
 }
@@ -215,4 +235,59 @@ async fn verify(store: &str, named: &[String], output: Output) -> anyhow::Result
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn print_status(v: &serde_json::Value, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "this region: {} (answered by {}, {})",
+        v["region"].as_str().unwrap_or("-"),
+        v["instance"].as_str().unwrap_or("-"),
+        v["role"].as_str().unwrap_or("-")
+    );
+    if v["global_reachable"] == false {
+        let _ = writeln!(out, "global KV:   UNREACHABLE (region health unknown)");
+    }
+    if let Some(regions) = v["regions"].as_array().filter(|r| !r.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:<8} {:>14}  LEADER",
+            "REGION", "HEALTHY", "HEARTBEAT AGE"
+        );
+        for r in regions {
+            let age = r["heartbeat_age_ms"]
+                .as_u64()
+                .map(|a| format!("{a} ms"))
+                .unwrap_or_else(|| "never".into());
+            let _ = writeln!(
+                out,
+                "{:<16} {:<8} {:>14}  {}",
+                r["region"].as_str().unwrap_or("-"),
+                if r["healthy"] == true { "yes" } else { "NO" },
+                age,
+                r["heartbeat"]["leader"].as_str().unwrap_or("-")
+            );
+        }
+    }
+    if let Some(standbys) = v["standbys"].as_array().filter(|s| !s.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n{:<16} {:>10} {:>12} {:>12}  LAST ERROR",
+            "REPLICA", "LAG S", "LAG CKPTS", "LAG RECORDS"
+        );
+        for s in standbys {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10.3} {:>12} {:>12}  {}",
+                s["region"].as_str().unwrap_or("-"),
+                s["lag_seconds"].as_f64().unwrap_or(0.0),
+                s["lag_checkpoints"],
+                s["lag_records"],
+                s["last_error"].as_str().unwrap_or("-")
+            );
+        }
+    }
+    if let Some(note) = v["note"].as_str() {
+        let _ = writeln!(out, "{note}");
+    }
 }

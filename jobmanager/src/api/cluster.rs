@@ -24,3 +24,23 @@ pub(super) async fn cluster(State(jm): State<JobManager>) -> Json<HaHealth> {
 pub(super) async fn regions(State(jm): State<JobManager>) -> Json<serde_json::Value> {
     Json(jm.regions())
 }
+
+/// `GET /health/regions`: every region's health from the global KV;
+/// `503` while the global KV cannot be read (this region cannot tell who is
+/// alive and must not act on it).
+pub(super) async fn health_regions(
+    State(jm): State<JobManager>,
+) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+    let v = jm.regions();
+    let body = serde_json::json!({
+        "region": v["region"],
+        "global_reachable": v["global_reachable"],
+        "regions": v.get("regions").cloned().unwrap_or_else(|| serde_json::json!([])),
+    });
+    let status = if v["global_reachable"] == false {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::OK
+    };
+    (status, Json(body))
+}

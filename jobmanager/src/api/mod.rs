@@ -101,6 +101,11 @@ pub const ROUTES: &[RouteInfo] = &[
     },
     RouteInfo {
         method: "GET",
+        path: "/health/regions",
+        summary: "every region's health from the global KV (503 while it is unreachable)",
+    },
+    RouteInfo {
+        method: "GET",
         path: "/health/ha",
         summary: "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
     },
@@ -131,6 +136,7 @@ pub fn router(jm: JobManager) -> Router {
         .route("/v1/jobs/{id}/checkpoints", get(jobs::checkpoints))
         .route("/v1/cluster", get(cluster::cluster))
         .route("/v1/regions", get(cluster::regions))
+        .route("/health/regions", get(cluster::health_regions))
         .route("/health/ha", get(cluster::health_ha))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
