@@ -953,6 +953,7 @@ async fn the_leader_replicates_each_checkpoint_to_the_standby_region() {
         "FERRY_REGIONS_STORES",
         format!("standby=file://{}", standby.display()),
     ));
+    r.env.push(("FERRY_REGIONS_PRIMARY", "test".into()));
     r.start("jm-a", None);
     r.start_tm("tm-1");
     let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
@@ -1052,11 +1053,17 @@ async fn regions_see_each_other_through_the_global_kv() {
     for (r, name) in [(&mut east, "east"), (&mut west, "west")] {
         r.env.push(("FERRY_REGION", name.to_string()));
         r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
         r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
         r.env
             .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
         r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
     }
+    // A job replicated into the standby's store before it starts.
+    let replicated = "0193a5b0000070008000000000000abc";
+    let spec_path = west.storage().join(format!("jobs/{replicated}/spec.yaml"));
+    std::fs::create_dir_all(spec_path.parent().unwrap()).unwrap();
+    std::fs::write(&spec_path, SPEC.replace("OUT", "/nonexistent")).unwrap();
     east.start("jm-east", None);
     west.start("jm-west", None);
     east.leader(&[], Duration::from_secs(20)).await;
@@ -1086,6 +1093,30 @@ async fn regions_see_each_other_through_the_global_kv() {
         assert!(start.elapsed() < Duration::from_secs(20), "{v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The standby region's leader lists the replicated job but does not
+    // start it (it would wait for task slots and say so if it did).
+    let j = west
+        .get(&west.jms[0], &format!("/v1/jobs/{replicated}"))
+        .await
+        .unwrap();
+    assert_eq!(j["state"], "CREATED", "{j}");
+    assert_eq!(j["failure"], Value::Null, "{j}");
+    assert_eq!(j["attempt"], 0, "{j}");
+    assert!(
+        west.log("jm-west")
+            .contains("standby region: running no job")
+    );
+    // The standby region takes no job: jobs run in the primary.
+    let res = west
+        .http
+        .post(format!("{}/v1/jobs", west.jms[0].url()))
+        .body(SPEC.replace("OUT", &west.out().display().to_string()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_primary_region", "{body}");
     let o = Command::new(ferry_bin())
         .args(["region", "status", "--url", &east.jms[0].url()])
         .output()

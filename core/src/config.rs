@@ -56,6 +56,11 @@ pub struct RegionsConfig {
     /// other region's store. Empty: no replication.
     #[serde(default)]
     pub stores: BTreeMap<String, String>,
+    /// The region jobs run in; every other region is a standby that
+    /// receives copies and runs nothing. Required when `stores` names other
+    /// regions; default: this region.
+    #[serde(default)]
+    pub primary: Option<String>,
     /// The global NATS (one node per region) holding the regions'
     /// heartbeats (`regions.<name>`). Empty: no region health.
     #[serde(default)]
@@ -91,6 +96,7 @@ impl Default for RegionsConfig {
     fn default() -> Self {
         Self {
             stores: BTreeMap::new(),
+            primary: None,
             global: GlobalConfig::default(),
             health_check_interval: d_heartbeat(),
             timeout: d_region_timeout(),
@@ -327,6 +333,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     ("FERRY_REGIONS_STORES", "regions.stores", EnvKind::Map),
+    ("FERRY_REGIONS_PRIMARY", "regions.primary", EnvKind::Text),
     (
         "FERRY_REGIONS_GLOBAL_URLS",
         "regions.global.urls",
@@ -479,6 +486,12 @@ impl ProcessConfig {
             ));
         }
         let r = &self.regions;
+        if r.primary.is_none() && r.stores.keys().any(|k| *k != self.region) {
+            return err(
+                "regions.primary: set the primary region (FERRY_REGIONS_PRIMARY) when regions.stores names other regions"
+                    .into(),
+            );
+        }
         if r.health_check_interval.get().is_zero()
             || r.health_check_interval.get() >= r.timeout.get()
         {
@@ -499,6 +512,14 @@ impl ProcessConfig {
             .bucket
             .clone()
             .unwrap_or_else(|| format!("ferry-{}", self.region))
+    }
+
+    /// True when `regions.primary` names another region.
+    pub fn is_standby_region(&self) -> bool {
+        self.regions
+            .primary
+            .as_ref()
+            .is_some_and(|p| *p != self.region)
     }
 
     /// The URL JobManagers dial this TaskManager at.

@@ -33,6 +33,11 @@ pub enum JmError {
 
     #[error("this job manager is not the leader{}; send writes to the leader (the CLI does this when given every JobManager in --url) or retry shortly", match leader { Some(l) => format!(" (the leader is at {l})"), None => " and no leader is known yet".to_string() })]
     NotLeader { leader: Option<String> },
+
+    #[error(
+        "region {region} is a standby region; jobs run in the primary region {primary}: submit there (`ferry region status` lists the regions)"
+    )]
+    NotPrimaryRegion { region: String, primary: String },
 }
 
 impl JmError {
@@ -46,6 +51,7 @@ impl JmError {
             JmError::Runtime(_) => "runtime_error",
             JmError::ShuttingDown => "unavailable",
             JmError::NotLeader { .. } => "not_leader",
+            JmError::NotPrimaryRegion { .. } => "not_primary_region",
         }
     }
 }

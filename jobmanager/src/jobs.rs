@@ -61,6 +61,9 @@ pub(crate) struct Inner {
     /// mode); unset: tasks run in this process.
     pub(crate) taskmanagers: std::sync::OnceLock<Arc<crate::taskmanagers::TaskManagers>>,
     drivers: TaskTracker,
+    /// (this region, the primary region) when this region is a standby: it
+    /// runs no job (the replicated ones wait for a promotion).
+    pub(crate) standby_region: std::sync::OnceLock<(String, String)>,
     /// What `/v1/regions` reports (set when replicating to other regions).
     pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
     /// Announces completed checkpoints (see `subscribe_completed`).
@@ -481,6 +484,7 @@ impl JobManager {
                 taskmanagers: std::sync::OnceLock::new(),
                 completed: tokio::sync::broadcast::channel(1024).0,
                 regions_view: std::sync::OnceLock::new(),
+                standby_region: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -507,6 +511,12 @@ impl JobManager {
         }
         if self.inner.leadership.fence().is_none() {
             return Err(self.not_leader());
+        }
+        if let Some((region, primary)) = self.inner.standby_region.get() {
+            return Err(JmError::NotPrimaryRegion {
+                region: region.clone(),
+                primary: primary.clone(),
+            });
         }
         let root = self.storage_root(&spec)?;
         let id = opts.job_id.unwrap_or_default();
@@ -663,7 +673,10 @@ impl JobManager {
                 continue;
             }
             let root = self.storage_root(&spec)?;
-            let passive = status.job.state.is_terminal();
+            // A standby region's store holds replicated jobs: they run
+            // only in the primary region.
+            let passive =
+                status.job.state.is_terminal() || self.inner.standby_region.get().is_some();
             let opts = SubmitOptions {
                 job_id: Some(id),
                 from_savepoint: None,

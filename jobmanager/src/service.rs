@@ -172,6 +172,16 @@ impl JobManager {
         let _ = self.inner.taskmanagers.set(pool);
     }
 
+    /// Makes this JobManager's region a standby of `primary`: it accepts no
+    /// job and starts none of the jobs replicated into its store. Set once,
+    /// before leading.
+    pub fn set_standby_region(&self, region: &str, primary: &str) {
+        let _ = self
+            .inner
+            .standby_region
+            .set((region.to_string(), primary.to_string()));
+    }
+
     /// Sets what `/v1/regions` reports.
     pub fn set_regions_view(&self, view: RegionsView) {
         let _ = self.inner.regions_view.set(view);

@@ -92,6 +92,12 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         }
         Placement::InProcess => None,
     };
+    if cfg.is_standby_region()
+        && let Some(primary) = &cfg.regions.primary
+    {
+        tracing::info!(%primary, "standby region: running no job; replicated jobs wait for a promotion");
+        jm.set_standby_region(&cfg.region, primary);
+    }
     let replication_stop = CancellationToken::new();
     let replication = start_regions(&cfg, &jm, &api_url, &ha_rt, replication_stop.clone()).await?;
     let api_stop = CancellationToken::new();

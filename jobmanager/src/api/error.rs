@@ -145,6 +145,7 @@ impl From<JmError> for ApiError {
             JmError::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
             JmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             JmError::NotLeader { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            JmError::NotPrimaryRegion { .. } => StatusCode::CONFLICT,
         };
         Self::new(status, e.code(), e.to_string())
     }
