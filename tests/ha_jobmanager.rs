@@ -1106,6 +1106,18 @@ async fn regions_see_each_other_through_the_global_kv() {
         west.log("jm-west")
             .contains("standby region: running no job")
     );
+    let v = west.get(&west.jms[0], "/v1/regions").await.unwrap();
+    assert_eq!(v["primary"], "east", "{v}");
+    let m = west
+        .http
+        .get(format!("{}/metrics", west.jms[0].url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.lines().any(|l| l == "ferry_region_is_primary 0"), "{m}");
     // The standby region takes no job: jobs run in the primary.
     let res = west
         .http

@@ -468,6 +468,7 @@ impl JobManager {
     pub fn with_leadership(config: JobManagerConfig, leadership: Arc<Leadership>) -> Self {
         let store = StorageLocation::open(&config.data_url).map_err(|e| e.to_string());
         let metrics = Arc::new(Metrics::new());
+        metrics.region_is_primary.set(1);
         if leadership.ha_context().is_none() {
             metrics.ha_is_leader.set(1);
         }

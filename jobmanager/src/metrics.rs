@@ -65,6 +65,8 @@ pub struct Metrics {
     pub replication_lag_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub replication_lag_checkpoints: Family<RegionLabels, Gauge>,
     pub replication_lag_records: Family<RegionLabels, Gauge>,
+    /// 1 while this region is the primary (runs the jobs).
+    pub region_is_primary: Gauge,
     /// TaskManagers registered with this leader.
     pub taskmanagers: Gauge,
     /// Task slots of the registered TaskManagers, by state (free, used).
@@ -107,6 +109,7 @@ impl Metrics {
             replication_lag_seconds: Family::default(),
             replication_lag_checkpoints: Family::default(),
             replication_lag_records: Family::default(),
+            region_is_primary: Gauge::default(),
             taskmanagers: Gauge::default(),
             task_slots: Family::default(),
         };
@@ -225,6 +228,11 @@ impl Metrics {
             "task_slots",
             "Task slots of the registered TaskManagers by state (free, used)",
             m.task_slots.clone(),
+        );
+        registry.register(
+            "region_is_primary",
+            "1 while this JobManager's region is the primary region (the one that runs jobs)",
+            m.region_is_primary.clone(),
         );
         registry.register(
             "replication_lag_seconds",

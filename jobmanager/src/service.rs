@@ -176,6 +176,7 @@ impl JobManager {
     /// job and starts none of the jobs replicated into its store. Set once,
     /// before leading.
     pub fn set_standby_region(&self, region: &str, primary: &str) {
+        self.inner.metrics.region_is_primary.set(0);
         let _ = self
             .inner
             .standby_region
@@ -191,7 +192,14 @@ impl JobManager {
     /// is not configured.
     pub fn regions(&self) -> serde_json::Value {
         match self.inner.regions_view.get() {
-            Some(v) => v(),
+            Some(v) => {
+                let mut v = v();
+                v["primary"] = match self.inner.standby_region.get() {
+                    Some((_, primary)) => primary.clone().into(),
+                    None => v["region"].clone(),
+                };
+                v
+            }
             None => serde_json::json!({
                 "region": self.inner.leadership.ha_context().map(|c| c.region.clone()),
                 "standbys": [],
