@@ -205,6 +205,18 @@ impl Region {
         n
     }
 
+    /// The `/metrics` text of a JobManager.
+    async fn metrics(&self, jm: &Jm) -> String {
+        self.http
+            .get(format!("{}/metrics", jm.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     fn log(&self, id: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{id}.log"))).unwrap_or_default()
     }
@@ -789,15 +801,7 @@ async fn a_job_waits_for_free_slots_and_says_so() {
     // again once it finished.
     let start = Instant::now();
     loop {
-        let text = r
-            .http
-            .get(format!("{}/metrics", r.jms[leader].url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = r.metrics(&r.jms[leader]).await;
         if text.lines().any(|l| l == "ferry_taskmanagers 1")
             && text
                 .lines()
@@ -1008,15 +1012,7 @@ async fn the_leader_replicates_each_checkpoint_to_the_standby_region() {
     // The metrics follow within their 1 s refresh.
     let start = Instant::now();
     loop {
-        let metrics = r
-            .http
-            .get(format!("{}/metrics", r.jms[leader].url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = r.metrics(&r.jms[leader]).await;
         if metrics.contains(r#"ferry_replication_lag_checkpoints{region="standby"} 0"#) {
             break;
         }
@@ -1108,15 +1104,7 @@ async fn regions_see_each_other_through_the_global_kv() {
     );
     let v = west.get(&west.jms[0], "/v1/regions").await.unwrap();
     assert_eq!(v["primary"], "east", "{v}");
-    let m = west
-        .http
-        .get(format!("{}/metrics", west.jms[0].url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = west.metrics(&west.jms[0]).await;
     assert!(m.lines().any(|l| l == "ferry_region_is_primary 0"), "{m}");
     // The standby region takes no job: jobs run in the primary.
     let res = west

@@ -285,7 +285,7 @@ impl JobEntry {
 }
 
 /// Ids of the jobs under `root`'s `jobs/`, oldest first.
-async fn job_ids(root: &StorageLocation) -> Result<Vec<JobId>, JmError> {
+pub async fn job_ids(root: &StorageLocation) -> Result<Vec<JobId>, JmError> {
     let mut ids: Vec<JobId> = root
         .list_dirs("jobs")
         .await?

@@ -101,15 +101,7 @@ async fn run_async(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(c) = completed.recv().await {
-            let _ = tx.send(ferry_region::CheckpointEvent {
-                job: c.job,
-                root: c.root,
-                dir: c.dir,
-                checkpoint: c.checkpoint,
-                completed_at: c.completed_at,
-                records_in: c.records_in,
-                watermark: c.watermark,
-            });
+            let _ = tx.send(super::region::replication_event(c));
         }
     });
     let stop = tokio_util::sync::CancellationToken::new();

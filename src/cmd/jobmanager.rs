@@ -254,15 +254,7 @@ async fn start_regions(
             };
             match c {
                 Ok(c) => {
-                    let _ = tx.send(ferry_region::CheckpointEvent {
-                        job: c.job,
-                        root: c.root,
-                        dir: c.dir,
-                        checkpoint: c.checkpoint,
-                        completed_at: c.completed_at,
-                        records_in: c.records_in,
-                        watermark: c.watermark,
-                    });
+                    let _ = tx.send(super::region::replication_event(c));
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     // The next announcement replicates the skipped ones too.

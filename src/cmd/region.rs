@@ -110,14 +110,7 @@ async fn jobs(root: &StorageLocation, named: &[String]) -> anyhow::Result<Vec<Jo
             })
             .collect();
     }
-    let mut ids: Vec<JobId> = root
-        .list_dirs("jobs")
-        .await?
-        .iter()
-        .filter_map(|d| d.parse().ok())
-        .collect();
-    ids.sort();
-    Ok(ids)
+    Ok(ferry_jobmanager::jobs::job_ids(root).await?)
 }
 
 async fn replicate(
@@ -289,5 +282,20 @@ fn print_status(v: &serde_json::Value, out: &mut String) {
     }
     if let Some(note) = v["note"].as_str() {
         let _ = writeln!(out, "{note}");
+    }
+}
+
+/// What the replicator needs to know of a completed checkpoint.
+pub fn replication_event(
+    c: ferry_jobmanager::CompletedCheckpoint,
+) -> ferry_region::CheckpointEvent {
+    ferry_region::CheckpointEvent {
+        job: c.job,
+        root: c.root,
+        dir: c.dir,
+        checkpoint: c.checkpoint,
+        completed_at: c.completed_at,
+        records_in: c.records_in,
+        watermark: c.watermark,
     }
 }
