@@ -1166,3 +1166,108 @@ async fn regions_see_each_other_through_the_global_kv() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Unplanned cross-region failover: every process of the primary region is
+/// SIGKILLed mid-job; the standby region sees the primary silent for the
+/// region timeout, takes the region lease (epoch grows), starts the job
+/// from its newest replicated checkpoint on its own TaskManager, and the
+/// job's output across both regions is exactly the expected result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_region_takes_over_when_the_primary_region_dies() {
+    let nats = NatsServer::start();
+    let global = NatsServer::start();
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    let stores = format!(
+        "east=file://{},west=file://{}",
+        east.storage().display(),
+        west.storage().display()
+    );
+    for (r, name) in [(&mut east, "east"), (&mut west, "west")] {
+        r.env.push(("FERRY_REGION", name.to_string()));
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
+        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
+        r.env
+            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
+        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
+    }
+    east.start("jm-east", None);
+    east.start_tm("tm-east");
+    west.start("jm-west", None);
+    west.start_tm("tm-west");
+    east.leader(&[], Duration::from_secs(20)).await;
+    west.leader(&[], Duration::from_secs(20)).await;
+    // The lease exists and names east before the job starts.
+    let start = Instant::now();
+    let epoch = loop {
+        let v = east.get(&east.jms[0], "/v1/regions").await.unwrap();
+        if v["primary"] == "east" && v["epoch"].as_u64().unwrap_or(0) > 0 {
+            break v["epoch"].as_u64().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let job = east.running_job(0).await;
+    // Wait until west holds a replicated checkpoint.
+    let start = Instant::now();
+    loop {
+        let v = east.get(&east.jms[0], "/v1/regions").await.unwrap();
+        if v["standbys"][0]["jobs"][&job]["replicated_checkpoint"].is_u64() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The whole primary region dies.
+    east.jms[0].signal(libc::SIGKILL);
+    east.tms[0].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    let v = loop {
+        let v = west.get(&west.jms[0], "/v1/regions").await.unwrap();
+        if v["primary"] == "west" {
+            break v;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "no promotion: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "west promoted {:?} after the primary region died",
+        killed.elapsed()
+    );
+    assert!(
+        v["epoch"].as_u64().unwrap() > epoch,
+        "region epoch must grow: {v}"
+    );
+    let done = west
+        .wait_job(
+            &west.jms[0],
+            &job,
+            Duration::from_secs(90),
+            "the job to finish in the new primary",
+            |v| v["state"] == "FINISHED",
+        )
+        .await;
+    eprintln!(
+        "job finished in west {:?} after the primary region died",
+        killed.elapsed()
+    );
+    assert_eq!(done["taskmanager"], "tm-west", "{done}");
+    assert!(
+        west.log("jm-west")
+            .contains("failover: primary east silent")
+    );
+    // Exactly the expected output, over both regions' work.
+    east.check_output();
+    let m = west.metrics(&west.jms[0]).await;
+    assert!(m.lines().any(|l| l == "ferry_failovers_total 1"), "{m}");
+    assert!(
+        m.lines().any(|l| l == "ferry_region_is_primary 1"),
+        "{m}\n{}",
+        west.log("jm-west")
+    );
+}

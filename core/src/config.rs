@@ -71,6 +71,14 @@ pub struct RegionsConfig {
     /// A region not heard from this long counts as down (default 5s).
     #[serde(default = "d_region_timeout")]
     pub timeout: DurationSpec,
+    /// A standby region's leader takes the region lease when the primary's
+    /// heartbeat is older than `timeout` (default true).
+    #[serde(default = "yes")]
+    pub auto_failover: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// How to reach the global NATS cluster.
@@ -100,6 +108,7 @@ impl Default for RegionsConfig {
             global: GlobalConfig::default(),
             health_check_interval: d_heartbeat(),
             timeout: d_region_timeout(),
+            auto_failover: true,
         }
     }
 }
@@ -279,6 +288,8 @@ pub enum EnvKind {
     List,
     /// Comma-separated `name=value` pairs.
     Map,
+    /// `true` or `false`.
+    Bool,
     Integer,
 }
 
@@ -355,6 +366,11 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     ("FERRY_REGIONS_TIMEOUT", "regions.timeout", EnvKind::Text),
+    (
+        "FERRY_REGIONS_AUTO_FAILOVER",
+        "regions.autoFailover",
+        EnvKind::Bool,
+    ),
 ];
 
 /// A configuration problem, saying where and what to do.
@@ -393,6 +409,13 @@ impl ProcessConfig {
                         .map(|s| Value::String(s.to_string()))
                         .collect(),
                 ),
+                EnvKind::Bool => match raw.trim() {
+                    "true" | "1" | "yes" => Value::Bool(true),
+                    "false" | "0" | "no" => Value::Bool(false),
+                    other => {
+                        return Err(ConfigError(format!("{var}={other:?} is not true or false")));
+                    }
+                },
                 EnvKind::Map => {
                     let mut m = serde_json::Map::new();
                     for pair in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {

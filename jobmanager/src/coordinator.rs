@@ -183,6 +183,13 @@ pub(crate) async fn drive(
                 let o = run_attempt(&ctx, baseline, &mut deployed, &mut cmds, &mut next_id).await;
                 match o {
                     // Leaving tasks running for the next leader.
+                    // A demoted region stops its tasks: the jobs now run
+                    // in the new primary region.
+                    Outcome::Abandoned
+                        if job.demoting.load(std::sync::atomic::Ordering::SeqCst) =>
+                    {
+                        deployed.stop().await
+                    }
                     Outcome::Abandoned | Outcome::Shutdown => deployed.release().await,
                     _ => deployed.stop().await,
                 }

@@ -63,7 +63,10 @@ pub(crate) struct Inner {
     drivers: TaskTracker,
     /// (this region, the primary region) when this region is a standby: it
     /// runs no job (the replicated ones wait for a promotion).
-    pub(crate) standby_region: std::sync::OnceLock<(String, String)>,
+    pub(crate) standby_region: RwLock<Option<(String, String)>>,
+    /// Set while this region is being demoted: abandoned jobs stop their
+    /// tasks instead of leaving them to a next leader.
+    pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// What `/v1/regions` reports (set when replicating to other regions).
     pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
     /// Announces completed checkpoints (see `subscribe_completed`).
@@ -101,6 +104,8 @@ pub(crate) struct JobEntry {
     pub(crate) leadership: Arc<Leadership>,
     pub(crate) taskmanagers: Option<Arc<crate::taskmanagers::TaskManagers>>,
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
+    /// The region is being demoted: stop tasks when abandoning.
+    pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// Cancelled when this JobManager loses the leadership: the driver stops
     /// at once and writes nothing more; the new leader carries on.
     pub(crate) abandon: CancellationToken,
@@ -406,6 +411,14 @@ pub(crate) fn manifest_info(m: &Manifest, dir: &StorageLocation) -> CheckpointIn
 
 impl Inner {
     /// The registered job with this exact id.
+    /// (this region, primary) while this region is a standby.
+    pub(crate) fn standby(&self) -> Option<(String, String)> {
+        self.standby_region
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub(crate) fn entry(&self, id: &JobId) -> Option<Arc<JobEntry>> {
         self.jobs
             .read()
@@ -485,7 +498,8 @@ impl JobManager {
                 taskmanagers: std::sync::OnceLock::new(),
                 completed: tokio::sync::broadcast::channel(1024).0,
                 regions_view: std::sync::OnceLock::new(),
-                standby_region: std::sync::OnceLock::new(),
+                standby_region: RwLock::new(None),
+                demoting: Default::default(),
             }),
         }
     }
@@ -513,11 +527,8 @@ impl JobManager {
         if self.inner.leadership.fence().is_none() {
             return Err(self.not_leader());
         }
-        if let Some((region, primary)) = self.inner.standby_region.get() {
-            return Err(JmError::NotPrimaryRegion {
-                region: region.clone(),
-                primary: primary.clone(),
-            });
+        if let Some((region, primary)) = self.inner.standby() {
+            return Err(JmError::NotPrimaryRegion { region, primary });
         }
         let root = self.storage_root(&spec)?;
         let id = opts.job_id.unwrap_or_default();
@@ -599,6 +610,7 @@ impl JobManager {
             leadership: self.inner.leadership.clone(),
             taskmanagers: self.inner.taskmanagers.get().cloned(),
             completed: self.inner.completed.clone(),
+            demoting: self.inner.demoting.clone(),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),
             dirty,
@@ -676,8 +688,7 @@ impl JobManager {
             let root = self.storage_root(&spec)?;
             // A standby region's store holds replicated jobs: they run
             // only in the primary region.
-            let passive =
-                status.job.state.is_terminal() || self.inner.standby_region.get().is_some();
+            let passive = status.job.state.is_terminal() || self.inner.standby().is_some();
             let opts = SubmitOptions {
                 job_id: Some(id),
                 from_savepoint: None,

@@ -67,6 +67,11 @@ pub struct Metrics {
     pub replication_lag_records: Family<RegionLabels, Gauge>,
     /// 1 while this region is the primary (runs the jobs).
     pub region_is_primary: Gauge,
+    /// The region epoch (revision of the region lease) as last read.
+    pub region_epoch: Gauge,
+    /// Times this instance took the region lease for its region after the
+    /// primary went silent.
+    pub failovers: Counter,
     /// TaskManagers registered with this leader.
     pub taskmanagers: Gauge,
     /// Task slots of the registered TaskManagers, by state (free, used).
@@ -110,6 +115,8 @@ impl Metrics {
             replication_lag_checkpoints: Family::default(),
             replication_lag_records: Family::default(),
             region_is_primary: Gauge::default(),
+            region_epoch: Gauge::default(),
+            failovers: Counter::default(),
             taskmanagers: Gauge::default(),
             task_slots: Family::default(),
         };
@@ -233,6 +240,16 @@ impl Metrics {
             "region_is_primary",
             "1 while this JobManager's region is the primary region (the one that runs jobs)",
             m.region_is_primary.clone(),
+        );
+        registry.register(
+            "region_epoch",
+            "Region epoch: revision of the region lease naming the primary region",
+            m.region_epoch.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Unplanned failovers this JobManager performed (took the region lease from a silent primary)",
+            m.failovers.clone(),
         );
         registry.register(
             "replication_lag_seconds",

@@ -177,10 +177,47 @@ impl JobManager {
     /// before leading.
     pub fn set_standby_region(&self, region: &str, primary: &str) {
         self.inner.metrics.region_is_primary.set(0);
-        let _ = self
+        *self
             .inner
             .standby_region
-            .set((region.to_string(), primary.to_string()));
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some((region.to_string(), primary.to_string()));
+    }
+
+    /// True while this region is a standby.
+    pub fn is_standby_region(&self) -> bool {
+        self.inner.standby().is_some()
+    }
+
+    /// This region lost the primary role to `primary`: every job stops here
+    /// and its tasks are cancelled (not left for a next leader), nothing
+    /// more is written for them, and no job is accepted. Returns once the
+    /// drivers have stopped.
+    pub async fn demote(&self, region: &str, primary: &str) {
+        self.set_standby_region(region, primary);
+        self.inner
+            .demoting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.step_down().await;
+        self.inner
+            .demoting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This region became the primary: if this instance leads its region,
+    /// it starts every unfinished job of its store from its newest
+    /// (replicated) checkpoint. Returns how many it started.
+    pub async fn promote(&self) -> Result<usize, JmError> {
+        *self
+            .inner
+            .standby_region
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.metrics.region_is_primary.set(1);
+        match self.inner.leadership.fence() {
+            Some(epoch) => self.lead(epoch).await,
+            None => Ok(0),
+        }
     }
 
     /// Sets what `/v1/regions` reports.
@@ -194,8 +231,8 @@ impl JobManager {
         match self.inner.regions_view.get() {
             Some(v) => {
                 let mut v = v();
-                v["primary"] = match self.inner.standby_region.get() {
-                    Some((_, primary)) => primary.clone().into(),
+                v["primary"] = match self.inner.standby() {
+                    Some((_, primary)) => primary.into(),
                     None => v["region"].clone(),
                 };
                 v

@@ -6,6 +6,7 @@
 //! switchover, fail-back and drills build on it.
 
 pub mod health;
+pub mod lease;
 pub mod replicate;
 pub mod replicator;
 pub mod verify;

@@ -159,8 +159,8 @@ async fn start_regions(
     }
     let replicator = Arc::new(ferry_region::Replicator::new(standbys));
     // Region health, refreshed in the background: (global KV readable, views).
-    let regions: Arc<std::sync::Mutex<(bool, Vec<ferry_region::health::RegionView>)>> =
-        Default::default();
+    let regions: RegionsCache = Default::default();
+    let region_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
     if !g.urls.is_empty() {
         let interval = cfg.regions.health_check_interval.get();
         let timeout = cfg.regions.timeout.get();
@@ -202,6 +202,27 @@ async fn start_regions(
             heartbeat,
             stop.clone(),
         ));
+        // The lease lives in a bucket of its own whose keys never expire
+        // (heartbeats expire; the name of the primary must not).
+        let Some(lease_kv) = super::process::connect_kv(
+            &g.urls,
+            &format!("{bucket}-lease"),
+            std::time::Duration::ZERO,
+            g.replicas,
+            ha_rt,
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        tokio::spawn(follow_region_lease(
+            cfg.clone(),
+            jm.clone(),
+            lease_kv,
+            regions.clone(),
+            region_epoch.clone(),
+            stop.clone(),
+        ));
         let (cache, s) = (regions.clone(), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -230,6 +251,7 @@ async fn start_regions(
             jm.instance_id().to_string(),
         );
         let (jm, regions, health) = (jm.clone(), regions.clone(), !g.urls.is_empty());
+        let epoch = region_epoch.clone();
         Arc::new(move || {
             let (reachable, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
             serde_json::json!({
@@ -239,6 +261,7 @@ async fn start_regions(
                 "standbys": r.status(),
                 "regions": views,
                 "global_reachable": if health { Some(reachable) } else { None },
+                "epoch": epoch.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
     };
@@ -287,4 +310,135 @@ async fn start_regions(
     Ok(Some(tokio::spawn(async move {
         replicator.run(rx, stop.cancelled_owned()).await;
     })))
+}
+
+/// Region health as last read from the global KV: (readable, views).
+type RegionsCache = Arc<std::sync::Mutex<(bool, Vec<ferry_region::health::RegionView>)>>;
+
+/// Follows the region lease: this region runs jobs exactly while the lease
+/// names it. The initial primary creates the lease; with
+/// `regions.autoFailover`, a standby region's leader takes it (CAS) when the
+/// primary's heartbeat is older than `regions.timeout`; a primary that sees
+/// another region named — or cannot read the lease for `regions.timeout` —
+/// stops every job and cancels its tasks.
+async fn follow_region_lease(
+    cfg: ProcessConfig,
+    jm: JobManager,
+    global: Arc<dyn ferry_ha::Coordination>,
+    regions: RegionsCache,
+    region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+) {
+    use ferry_region::lease;
+    let me = cfg.region.clone();
+    let configured = cfg.regions.primary.clone().unwrap_or_else(|| me.clone());
+    let interval = cfg.regions.health_check_interval.get();
+    let timeout = cfg.regions.timeout.get();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unreadable_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let leading = jm.leadership().fence().is_some();
+        let (primary, epoch, since) = match tokio::time::timeout(
+            interval,
+            lease::read(global.as_ref()),
+        )
+        .await
+        {
+            Ok(Ok(Some((l, rev)))) => (l.primary, Some(rev), Some(l.since)),
+            Ok(Ok(None)) if configured == me && leading => {
+                match lease::claim(&global, &me, None, "initial").await {
+                    Ok(rev) => {
+                        tracing::info!(
+                            region_epoch = rev,
+                            "took the region lease: this region is the primary"
+                        );
+                        (me.clone(), Some(rev), Some(chrono::Utc::now()))
+                    }
+                    Err(e) => {
+                        tracing::debug!("creating the region lease failed: {e}");
+                        continue;
+                    }
+                }
+            }
+            // No lease yet (the initial primary has not started): keep the
+            // current role.
+            Ok(Ok(None)) => {
+                let current = if jm.is_standby_region() {
+                    configured.clone()
+                } else {
+                    me.clone()
+                };
+                (current, None, None)
+            }
+            _ => {
+                let since = *unreadable_since.get_or_insert_with(std::time::Instant::now);
+                if !jm.is_standby_region() && since.elapsed() > timeout {
+                    tracing::error!(
+                        "cannot read the region lease for {:?} (global KV unreachable or without quorum): another region may have taken over; stopping every job here",
+                        since.elapsed()
+                    );
+                    jm.demote(&me, "unknown").await;
+                }
+                continue;
+            }
+        };
+        unreadable_since = None;
+        if let Some(e) = epoch {
+            region_epoch.store(e, std::sync::atomic::Ordering::Relaxed);
+            jm.metrics().region_epoch.set(e as i64);
+        }
+        let mut primary = primary;
+        // Unplanned failover: the lease names a primary that went silent.
+        if primary != me
+            && cfg.regions.auto_failover
+            && leading
+            && let (Some(rev), Some(since)) = (epoch, since)
+        {
+            let silent = {
+                let (readable, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let lease_age = (chrono::Utc::now() - since).to_std().unwrap_or_default();
+                readable
+                    && views.iter().any(|v| {
+                        v.region == primary
+                            && !v.healthy
+                            && v.heartbeat_age_ms
+                                .map(|a| std::time::Duration::from_millis(a) > timeout)
+                                .unwrap_or(lease_age > timeout)
+                    })
+            };
+            if silent {
+                let reason = format!(
+                    "failover: primary {primary} silent for more than {}",
+                    humantime::format_duration(timeout)
+                );
+                match lease::claim(&global, &me, Some(rev), &reason).await {
+                    Ok(new) => {
+                        tracing::warn!(old_primary = %primary, region_epoch = new, "{reason}: this region is the primary now");
+                        jm.metrics().failovers.inc();
+                        region_epoch.store(new, std::sync::atomic::Ordering::Relaxed);
+                        jm.metrics().region_epoch.set(new as i64);
+                        primary = me.clone();
+                    }
+                    Err(e) => tracing::info!("another change of the region lease came first: {e}"),
+                }
+            }
+        }
+        if primary == me && jm.is_standby_region() {
+            match jm.promote().await {
+                Ok(n) => tracing::info!(
+                    jobs = n,
+                    "primary region: started every job from its newest replicated checkpoint"
+                ),
+                Err(e) => tracing::error!("starting the jobs after the promotion failed: {e}"),
+            }
+        } else if primary != me && !jm.is_standby_region() {
+            tracing::warn!(%primary, "the region lease names another region: stopping every job here");
+            jm.demote(&me, &primary).await;
+        }
+    }
 }
