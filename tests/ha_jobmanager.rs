@@ -1263,6 +1263,29 @@ async fn the_standby_region_takes_over_when_the_primary_region_dies() {
     );
     // Exactly the expected output, over both regions' work.
     east.check_output();
+    // West's own checkpoints record the new region epoch; the ones it
+    // restored from carry east's.
+    let new_epoch = v["epoch"].as_u64().unwrap();
+    let mut epochs = Vec::new();
+    for e in std::fs::read_dir(west.storage().join("jobs").join(&job).join("checkpoints"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(t) = std::fs::read_to_string(e.path().join("MANIFEST.json")) {
+            let m: Value = serde_json::from_str(&t).unwrap();
+            epochs.push((
+                m["checkpoint_id"].as_u64().unwrap(),
+                m["region_epoch"].as_u64().unwrap(),
+            ));
+        }
+    }
+    epochs.sort();
+    let (_, last) = *epochs.last().expect("west completed checkpoints");
+    assert_eq!(last, new_epoch, "{epochs:?}");
+    assert!(
+        epochs.iter().all(|(_, e)| *e == epoch || *e == new_epoch),
+        "{epochs:?}"
+    );
     let m = west.metrics(&west.jms[0]).await;
     assert!(m.lines().any(|l| l == "ferry_failovers_total 1"), "{m}");
     assert!(

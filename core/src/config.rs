@@ -516,10 +516,10 @@ impl ProcessConfig {
             );
         }
         if r.health_check_interval.get().is_zero()
-            || r.health_check_interval.get() >= r.timeout.get()
+            || r.health_check_interval.get() * 2 >= r.timeout.get()
         {
             return err(format!(
-                "regions.healthCheckInterval ({}) must be above 0 and below regions.timeout ({})",
+                "regions.healthCheckInterval ({}) must be above 0 and below half of regions.timeout ({})",
                 r.health_check_interval, r.timeout
             ));
         }

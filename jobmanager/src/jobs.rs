@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     /// Set while this region is being demoted: abandoned jobs stop their
     /// tasks instead of leaving them to a next leader.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
+    /// The region epoch as last read (0 without a region lease).
+    pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
     /// What `/v1/regions` reports (set when replicating to other regions).
     pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
     /// Announces completed checkpoints (see `subscribe_completed`).
@@ -106,6 +108,8 @@ pub(crate) struct JobEntry {
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
     /// The region is being demoted: stop tasks when abandoning.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
+    /// The region epoch manifests record.
+    pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
     /// Cancelled when this JobManager loses the leadership: the driver stops
     /// at once and writes nothing more; the new leader carries on.
     pub(crate) abandon: CancellationToken,
@@ -500,6 +504,7 @@ impl JobManager {
                 regions_view: std::sync::OnceLock::new(),
                 standby_region: RwLock::new(None),
                 demoting: Default::default(),
+                region_epoch: Default::default(),
             }),
         }
     }
@@ -611,6 +616,7 @@ impl JobManager {
             taskmanagers: self.inner.taskmanagers.get().cloned(),
             completed: self.inner.completed.clone(),
             demoting: self.inner.demoting.clone(),
+            region_epoch: self.inner.region_epoch.clone(),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),
             dirty,

@@ -184,6 +184,13 @@ impl JobManager {
             .unwrap_or_else(|p| p.into_inner()) = Some((region.to_string(), primary.to_string()));
     }
 
+    /// The region epoch new checkpoint manifests record.
+    pub fn set_region_epoch(&self, epoch: u64) {
+        self.inner
+            .region_epoch
+            .store(epoch, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// True while this region is a standby.
     pub fn is_standby_region(&self) -> bool {
         self.inner.standby().is_some()

@@ -336,7 +336,11 @@ async fn follow_region_lease(
     let timeout = cfg.regions.timeout.get();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut unreadable_since: Option<std::time::Instant> = None;
+    // The last time the lease was read. A primary stops its jobs when that
+    // is older than half the region timeout: a standby takes over only once
+    // the primary's heartbeat (written to the same KV) is older than the
+    // whole timeout, so the two never run a job at the same time.
+    let mut last_read = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -376,18 +380,18 @@ async fn follow_region_lease(
                 (current, None, None)
             }
             _ => {
-                let since = *unreadable_since.get_or_insert_with(std::time::Instant::now);
-                if !jm.is_standby_region() && since.elapsed() > timeout {
+                if !jm.is_standby_region() && last_read.elapsed() > timeout / 2 {
                     tracing::error!(
-                        "cannot read the region lease for {:?} (global KV unreachable or without quorum): another region may have taken over; stopping every job here",
-                        since.elapsed()
+                        "cannot read the region lease for {:?} (global KV unreachable or without quorum): another region may take over; stopping every job here",
+                        last_read.elapsed()
                     );
                     jm.demote(&me, "unknown").await;
                 }
                 continue;
             }
         };
-        unreadable_since = None;
+        last_read = std::time::Instant::now();
+        jm.set_region_epoch(epoch.unwrap_or(0));
         if let Some(e) = epoch {
             region_epoch.store(e, std::sync::atomic::Ordering::Relaxed);
             jm.metrics().region_epoch.set(e as i64);
