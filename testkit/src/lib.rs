@@ -54,8 +54,11 @@ pub struct NatsServer {
     _dir: Option<tempfile::TempDir>,
 }
 
-fn spawn_nats(conf: &std::path::Path, port: u16) -> Child {
-    let child = Command::new(nats_binary())
+/// Starts nats-server with `conf` and waits until it accepts clients on
+/// `port`. Fails if it exits first — e.g. because a port picked by
+/// [`free_port`] was taken by another test's process in the meantime.
+fn try_spawn_nats(conf: &std::path::Path, port: u16) -> Result<Child, String> {
+    let mut child = Command::new(nats_binary())
         .arg("-c")
         .arg(conf)
         .stdout(Stdio::null())
@@ -64,13 +67,34 @@ fn spawn_nats(conf: &std::path::Path, port: u16) -> Child {
         .expect("start nats-server");
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "nats-server did not start"
-        );
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("nats-server exited at start ({status})"));
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("nats-server did not listen within 30 s".into());
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
-    child
+    Ok(child)
+}
+
+fn spawn_nats(conf: &std::path::Path, port: u16) -> Child {
+    try_spawn_nats(conf, port).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Tries `start` (which picks fresh ports each time) up to three times:
+/// free ports can be taken by parallel tests between picking and binding.
+fn with_port_retries<T>(what: &str, mut start: impl FnMut() -> Result<T, String>) -> T {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match start() {
+            Ok(t) => return t,
+            Err(e) => last = e,
+        }
+    }
+    panic!("{what} did not start after 3 attempts: {last}")
 }
 
 impl NatsServer {
@@ -89,24 +113,26 @@ impl NatsServer {
     }
 
     fn start_with_sync(sync_interval: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("nats.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: {sync_interval}\n}}\n",
-                dir.path().join("js").display()
-            ),
-        )
-        .unwrap();
-        let child = spawn_nats(&conf, port);
-        Self {
-            child,
-            port,
-            conf,
-            _dir: Some(dir),
-        }
+        with_port_retries("nats-server", || {
+            let dir = tempfile::tempdir().unwrap();
+            let port = free_port();
+            let conf = dir.path().join("nats.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: {sync_interval}\n}}\n",
+                    dir.path().join("js").display()
+                ),
+            )
+            .unwrap();
+            let child = try_spawn_nats(&conf, port)?;
+            Ok(Self {
+                child,
+                port,
+                conf,
+                _dir: Some(dir),
+            })
+        })
     }
 
     /// The client URL of the server.
@@ -143,6 +169,10 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(n: usize) -> Self {
+        with_port_retries("the NATS cluster", || Self::try_start(n))
+    }
+
+    fn try_start(n: usize) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
@@ -161,7 +191,8 @@ impl NatsCluster {
                 ),
             )
             .unwrap();
-            let child = spawn_nats(&conf, *port);
+            // On failure the nodes started so far end with `nodes` (Drop).
+            let child = try_spawn_nats(&conf, *port)?;
             nodes.push(NatsServer {
                 child,
                 port: *port,
@@ -169,7 +200,7 @@ impl NatsCluster {
                 _dir: None,
             });
         }
-        Self { nodes, _dir: dir }
+        Ok(Self { nodes, _dir: dir })
     }
 
     /// Every node's client URL, comma-separated.
