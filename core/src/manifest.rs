@@ -194,13 +194,33 @@ pub struct RestoreChoice {
     pub highest_id: Option<CheckpointId>,
 }
 
-/// Finds the newest checkpoint whose manifest and hashes verify, falling back
-/// to older ones and recording why newer ones were skipped.
+/// Finds the newest snapshot — checkpoint or savepoint `savepoint-<n>`
+/// (they share one numbering) — whose manifest and hashes verify, falling
+/// back to older ones and recording why newer ones were skipped. A
+/// stop-with-savepoint is newer than every checkpoint before it and its
+/// output is committed, so resuming from an older checkpoint instead would
+/// repeat that output.
 pub async fn find_restorable(root: &StorageLocation, job: &JobId) -> Result<RestoreChoice> {
     let ids = list_checkpoint_ids(root, job).await?;
+    let mut candidates: Vec<(CheckpointId, String)> = ids
+        .iter()
+        .map(|id| (*id, checkpoint_dir(job, *id)))
+        .collect();
+    for name in root
+        .list_dirs(&format!("{}/savepoints", job_dir(job)))
+        .await?
+    {
+        if let Some(n) = name
+            .strip_prefix("savepoint-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            candidates.push((CheckpointId(n), savepoint_dir(job, &name)));
+        }
+    }
+    candidates.sort();
     let mut skipped = Vec::new();
-    for id in ids.iter().rev() {
-        let dir = root.child(&checkpoint_dir(job, *id));
+    for (id, rel) in candidates.iter().rev() {
+        let dir = root.child(rel);
         match read_verified(&dir).await {
             Ok(Some(cp)) => {
                 return Ok(RestoreChoice {

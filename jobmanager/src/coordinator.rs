@@ -353,7 +353,12 @@ async fn start_tasks(
             .unwrap_or_else(|_| p.clone()),
         (Some(cp), RestoreFrom::LatestCheckpoint) => job
             .root
-            .child(&checkpoint_dir(&job.id, cp.manifest.checkpoint_id))
+            .child(&match cp.manifest.kind {
+                SnapshotKind::Checkpoint => checkpoint_dir(&job.id, cp.manifest.checkpoint_id),
+                SnapshotKind::Savepoint => {
+                    savepoint_dir(&job.id, &format!("savepoint-{}", cp.manifest.checkpoint_id))
+                }
+            })
             .url()
             .to_string(),
     };

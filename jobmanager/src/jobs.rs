@@ -69,6 +69,8 @@ pub(crate) struct Inner {
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch as last read (0 without a region lease).
     pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// What `POST /v1/regions/{name}/failover` runs.
+    pub(crate) region_control: std::sync::OnceLock<crate::service::RegionControl>,
     /// What `/v1/regions` reports (set when replicating to other regions).
     pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
     /// Announces completed checkpoints (see `subscribe_completed`).
@@ -502,6 +504,7 @@ impl JobManager {
                 taskmanagers: std::sync::OnceLock::new(),
                 completed: tokio::sync::broadcast::channel(1024).0,
                 regions_view: std::sync::OnceLock::new(),
+                region_control: std::sync::OnceLock::new(),
                 standby_region: RwLock::new(None),
                 demoting: Default::default(),
                 region_epoch: Default::default(),

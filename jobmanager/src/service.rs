@@ -98,6 +98,18 @@ pub struct CompletedCheckpoint {
 /// Produces the `/v1/regions` body (the cross-region coordinator's view).
 pub type RegionsView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// What `POST /v1/regions/{name}/failover` runs: (target region, force,
+/// dry run) → the report, or why not.
+pub type RegionControl = Arc<
+    dyn Fn(
+            String,
+            bool,
+            bool,
+        ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, String>>
+        + Send
+        + Sync,
+>;
+
 /// A savepoint that was taken.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct SavepointInfo {
@@ -225,6 +237,44 @@ impl JobManager {
             Some(epoch) => self.lead(epoch).await,
             None => Ok(0),
         }
+    }
+
+    /// Sets what `POST /v1/regions/{name}/failover` runs.
+    pub fn set_region_control(&self, control: RegionControl) {
+        let _ = self.inner.region_control.set(control);
+    }
+
+    /// Moves the primary role to `target` (see [`RegionControl`]).
+    pub async fn region_failover(
+        &self,
+        target: String,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, JmError> {
+        let Some(c) = self.inner.region_control.get().cloned() else {
+            return Err(JmError::Runtime(
+                "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)".into(),
+            ));
+        };
+        c(target, force, dry_run).await.map_err(JmError::Runtime)
+    }
+
+    /// Stops every running job with a savepoint (a planned switchover).
+    pub async fn stop_all_with_savepoints(&self) -> Vec<(JobId, Result<SavepointInfo, JmError>)> {
+        let mut out = Vec::new();
+        for job in self.inner.all() {
+            if job.state().is_terminal() || !job.driven() {
+                continue;
+            }
+            let r = self
+                .cancel(&job.id.to_string(), true)
+                .await
+                .and_then(|(_, sp)| {
+                    sp.ok_or_else(|| JmError::Runtime("no savepoint was taken".into()))
+                });
+            out.push((job.id, r));
+        }
+        out
     }
 
     /// Sets what `/v1/regions` reports.

@@ -215,6 +215,13 @@ async fn start_regions(
         else {
             return Ok(None);
         };
+        {
+            let (cfg2, jm2, kv) = (cfg.clone(), jm.clone(), lease_kv.clone());
+            jm.set_region_control(Arc::new(move |target, force, dry_run| {
+                let (cfg, jm, kv) = (cfg2.clone(), jm2.clone(), kv.clone());
+                Box::pin(async move { switchover(&cfg, &jm, &kv, &target, force, dry_run).await })
+            }));
+        }
         tokio::spawn(follow_region_lease(
             cfg.clone(),
             jm.clone(),
@@ -445,4 +452,129 @@ async fn follow_region_lease(
             jm.demote(&me, &primary).await;
         }
     }
+}
+
+/// `POST /v1/regions/{target}/failover`. Planned (on the primary's leader):
+/// stop every job with a savepoint, wait until each savepoint is in the
+/// target's store, move the region lease by compare-and-set; this region
+/// then runs nothing and the target resumes every job from its savepoint —
+/// nothing lost, nothing repeated. `force`: move the lease now (the primary
+/// is unreachable; its work after the last replicated checkpoint is lost).
+async fn switchover(
+    cfg: &ProcessConfig,
+    jm: &JobManager,
+    kv: &Arc<dyn ferry_ha::Coordination>,
+    target: &str,
+    force: bool,
+    dry_run: bool,
+) -> Result<serde_json::Value, String> {
+    use ferry_region::lease;
+    let started = std::time::Instant::now();
+    let me = &cfg.region;
+    let Some(target_url) = cfg.regions.stores.get(target) else {
+        return Err(format!(
+            "unknown region '{target}': known regions are {}",
+            cfg.regions
+                .stores
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let (current, rev) = match lease::read(kv.as_ref()).await {
+        Ok(Some((l, rev))) => (l.primary, rev),
+        Ok(None) => {
+            return Err("there is no region lease yet: the primary region has not started".into());
+        }
+        Err(e) => return Err(format!("cannot read the region lease: {e}")),
+    };
+    if current == target {
+        return Err(format!(
+            "{target} is already the primary region (epoch {rev})"
+        ));
+    }
+    if force {
+        let plan = serde_json::json!({"from": current, "to": target, "epoch": rev, "force": true,
+            "steps": ["move the region lease now", "the target starts every job from its newest replicated checkpoint"]});
+        if dry_run {
+            return Ok(plan);
+        }
+        let new = lease::claim(
+            kv,
+            target,
+            Some(rev),
+            &format!("forced failover from {current} (requested in {me})"),
+        )
+        .await
+        .map_err(|e| format!("moving the region lease failed: {e}"))?;
+        tracing::warn!(from = %current, to = %target, region_epoch = new, "forced failover");
+        return Ok(
+            serde_json::json!({"from": current, "to": target, "epoch": new, "force": true,
+            "took_ms": started.elapsed().as_millis() as u64}),
+        );
+    }
+    if current != *me || jm.leadership().fence().is_none() {
+        return Err(format!(
+            "a planned switchover runs on the leader of the primary region {current}; send it there, or use force=true if {current} is unreachable"
+        ));
+    }
+    let running: Vec<String> = jm
+        .list()
+        .into_iter()
+        .filter(|j| !j.state.is_terminal())
+        .map(|j| j.id.to_string())
+        .collect();
+    if dry_run {
+        return Ok(
+            serde_json::json!({"from": me, "to": target, "epoch": rev, "force": false, "jobs": running,
+            "steps": ["stop every job with a savepoint", format!("wait until the savepoints are in {target_url}"),
+                      "move the region lease", "the target resumes every job from its savepoint"]}),
+        );
+    }
+    let target_store =
+        ferry_core::storage::StorageLocation::open(target_url).map_err(|e| e.to_string())?;
+    let mut savepoints = Vec::new();
+    for (job, r) in jm.stop_all_with_savepoints().await {
+        let sp = r.map_err(|e| {
+            format!(
+                "stopping job {job} with a savepoint failed: {e}; the region lease was not moved"
+            )
+        })?;
+        savepoints.push(sp);
+    }
+    // Every savepoint must be complete in the target before the lease moves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for sp in &savepoints {
+        let rel = format!(
+            "jobs/{}/savepoints/savepoint-{}",
+            sp.job_id, sp.checkpoint_id
+        );
+        loop {
+            if target_store
+                .child(&rel)
+                .size(ferry_core::manifest::MANIFEST_FILE)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "savepoint {rel} did not reach {target_url} within 60 s; the region lease was not moved (the jobs are stopped here; resume them or retry)"
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let new = lease::claim(kv, target, Some(rev), &format!("switchover from {me}"))
+        .await
+        .map_err(|e| format!("moving the region lease failed: {e}"))?;
+    jm.demote(me, target).await;
+    tracing::info!(to = %target, region_epoch = new, jobs = savepoints.len(), "switchover: the region lease moved");
+    Ok(serde_json::json!({
+        "from": me, "to": target, "epoch": new, "force": false,
+        "savepoints": savepoints, "took_ms": started.elapsed().as_millis() as u64,
+    }))
 }

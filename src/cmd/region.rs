@@ -27,6 +27,26 @@ pub enum RegionCommand {
         #[command(flatten)]
         api: super::job::ApiArgs,
     },
+    /// Make another region the primary. Planned (default; sent to the
+    /// primary region's JobManagers): every job stops with a savepoint, the
+    /// savepoints reach the target's store, the region lease moves, and
+    /// the target resumes every job from its savepoint — nothing lost,
+    /// nothing repeated.
+    Failover {
+        /// The region to make primary.
+        #[arg(long, value_name = "REGION")]
+        to: String,
+        /// Move the region lease now, without savepoints (the primary is
+        /// unreachable; send it to any region's JobManagers). Work the old
+        /// primary did after its last replicated checkpoint is lost.
+        #[arg(long)]
+        force: bool,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        api: super::job::ApiArgs,
+    },
     /// Copy every complete checkpoint, savepoint and job spec the target
     /// lacks from one region's store to another's (hash-verified, manifest
     /// last), and apply the source's checkpoint retention.
@@ -82,6 +102,57 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
                 output,
             } => replicate(&from, &to, &job, output).await,
             RegionCommand::Verify { store, job, output } => verify(&store, &job, output).await,
+            RegionCommand::Failover {
+                to,
+                force,
+                dry_run,
+                api,
+            } => {
+                let client = super::job::Client::new(&api)?;
+                let path = format!("/v1/regions/{to}/failover?force={force}&dry_run={dry_run}");
+                if !dry_run {
+                    eprintln!(
+                        "{} to {to} ...",
+                        if force {
+                            "forcing the failover"
+                        } else {
+                            "switching over (savepoints, replication, lease)"
+                        }
+                    );
+                }
+                match client
+                    .call::<serde_json::Value>(reqwest::Method::POST, &path, None)
+                    .await
+                {
+                    Ok((raw, v)) => {
+                        print_result(api.output, &raw, |out| {
+                            let _ = writeln!(
+                                out,
+                                "{}{} -> {} (region epoch {})",
+                                if dry_run { "plan: " } else { "" },
+                                v["from"].as_str().unwrap_or("-"),
+                                v["to"].as_str().unwrap_or("-"),
+                                v["epoch"]
+                            );
+                            for s in v["steps"].as_array().into_iter().flatten() {
+                                let _ = writeln!(out, "  - {}", s.as_str().unwrap_or(""));
+                            }
+                            for sp in v["savepoints"].as_array().into_iter().flatten() {
+                                let _ = writeln!(
+                                    out,
+                                    "  savepoint {}",
+                                    sp["path"].as_str().unwrap_or("")
+                                );
+                            }
+                            if let Some(ms) = v["took_ms"].as_u64() {
+                                let _ = writeln!(out, "took {ms} ms");
+                            }
+                        });
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(f) => Ok(f.report()),
+                }
+            }
             RegionCommand::Status { api } => {
                 let client = super::job::Client::new(&api)?;
                 match client

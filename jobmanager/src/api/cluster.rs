@@ -44,3 +44,28 @@ pub(super) async fn health_regions(
     };
     (status, Json(body))
 }
+
+/// Query of `POST /v1/regions/{name}/failover`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct FailoverQuery {
+    force: Option<String>,
+    dry_run: Option<String>,
+}
+
+/// `POST /v1/regions/{name}/failover`: make `name` the primary region.
+/// Planned (default; on the primary's leader): stop every job with a
+/// savepoint, wait until the savepoints are in `name`'s store, move the
+/// region lease. `?force=true`: move the lease at once (the primary is
+/// unreachable; what it did after its last replicated checkpoint is lost).
+/// `?dry_run=true`: only the plan.
+pub(super) async fn failover(
+    State(jm): State<JobManager>,
+    name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    query: Result<axum::extract::Query<FailoverQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, super::error::ApiError> {
+    let axum::extract::Path(name) = name?;
+    let axum::extract::Query(q) = query?;
+    let force = super::jobs::parse_flag("force", q.force.as_deref())?;
+    let dry_run = super::jobs::parse_flag("dry_run", q.dry_run.as_deref())?;
+    Ok(Json(jm.region_failover(name, force, dry_run).await?))
+}

@@ -44,7 +44,7 @@ pub(super) struct CancelQuery {
 
 /// Reads a boolean query flag: `true`/`1`/`yes`/empty (`?savepoint`) are
 /// true, `false`/`0`/`no` false.
-fn parse_flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+pub(super) fn parse_flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
         None | Some("false" | "0" | "no") => Ok(false),
         Some("" | "true" | "1" | "yes") => Ok(true),

@@ -105,6 +105,11 @@ pub const ROUTES: &[RouteInfo] = &[
         summary: "every region's health from the global KV (503 while it is unreachable)",
     },
     RouteInfo {
+        method: "POST",
+        path: "/v1/regions/{name}/failover",
+        summary: "make a region the primary (?force=true when the primary is unreachable, ?dry_run=true for the plan)",
+    },
+    RouteInfo {
         method: "GET",
         path: "/health/ha",
         summary: "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
@@ -137,6 +142,7 @@ pub fn router(jm: JobManager) -> Router {
         .route("/v1/cluster", get(cluster::cluster))
         .route("/v1/regions", get(cluster::regions))
         .route("/health/regions", get(cluster::health_regions))
+        .route("/v1/regions/{name}/failover", post(cluster::failover))
         .route("/health/ha", get(cluster::health_ha))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
