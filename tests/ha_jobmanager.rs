@@ -1041,20 +1041,7 @@ async fn regions_see_each_other_through_the_global_kv() {
     let mut global = NatsServer::start();
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
-    let stores = format!(
-        "east=file://{},west=file://{}",
-        east.storage().display(),
-        west.storage().display()
-    );
-    for (r, name) in [(&mut east, "east"), (&mut west, "west")] {
-        r.env.push(("FERRY_REGION", name.to_string()));
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
-        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
-        r.env
-            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
-        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
-    }
+    two_regions(&mut east, &mut west, &global);
     // A job replicated into the standby's store before it starts.
     let replicated = "0193a5b0000070008000000000000abc";
     let spec_path = west.storage().join(format!("jobs/{replicated}/spec.yaml"));
@@ -1178,26 +1165,8 @@ async fn the_standby_region_takes_over_when_the_primary_region_dies() {
     let global = NatsServer::start();
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
-    let stores = format!(
-        "east=file://{},west=file://{}",
-        east.storage().display(),
-        west.storage().display()
-    );
-    for (r, name) in [(&mut east, "east"), (&mut west, "west")] {
-        r.env.push(("FERRY_REGION", name.to_string()));
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
-        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
-        r.env
-            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
-        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
-    }
-    east.start("jm-east", None);
-    east.start_tm("tm-east");
-    west.start("jm-west", None);
-    west.start_tm("tm-west");
-    east.leader(&[], Duration::from_secs(20)).await;
-    west.leader(&[], Duration::from_secs(20)).await;
+    two_regions(&mut east, &mut west, &global);
+    start_two_regions(&mut east, &mut west).await;
     // The lease exists and names east before the job starts.
     let start = Instant::now();
     let epoch = loop {
@@ -1305,26 +1274,8 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
     let global = NatsServer::start();
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
-    let stores = format!(
-        "east=file://{},west=file://{}",
-        east.storage().display(),
-        west.storage().display()
-    );
-    for (r, name) in [(&mut east, "east"), (&mut west, "west")] {
-        r.env.push(("FERRY_REGION", name.to_string()));
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
-        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
-        r.env
-            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
-        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
-    }
-    east.start("jm-east", None);
-    east.start_tm("tm-east");
-    west.start("jm-west", None);
-    west.start_tm("tm-west");
-    east.leader(&[], Duration::from_secs(20)).await;
-    west.leader(&[], Duration::from_secs(20)).await;
+    two_regions(&mut east, &mut west, &global);
+    start_two_regions(&mut east, &mut west).await;
     let start = Instant::now();
     while east.get(&east.jms[0], "/v1/regions").await.unwrap()["epoch"]
         .as_u64()
@@ -1413,4 +1364,35 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
         .await
         .unwrap();
     assert_eq!(res.status(), 409);
+}
+
+/// Configures `east` (the primary) and `west` as two regions replicating to
+/// each other, with region heartbeats and lease in `global` (300 ms
+/// heartbeats, 2 s region timeout).
+fn two_regions(east: &mut Region, west: &mut Region, global: &NatsServer) {
+    let stores = format!(
+        "east=file://{},west=file://{}",
+        east.storage().display(),
+        west.storage().display()
+    );
+    for (r, name) in [(east, "east"), (west, "west")] {
+        r.env.push(("FERRY_REGION", name.to_string()));
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
+        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
+        r.env
+            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
+        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
+    }
+}
+
+/// Starts a JobManager and a TaskManager in each region and waits for both
+/// regions' leaders.
+async fn start_two_regions(east: &mut Region, west: &mut Region) {
+    east.start("jm-east", None);
+    east.start_tm("tm-east");
+    west.start("jm-west", None);
+    west.start_tm("tm-west");
+    east.leader(&[], Duration::from_secs(20)).await;
+    west.leader(&[], Duration::from_secs(20)).await;
 }
