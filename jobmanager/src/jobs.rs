@@ -87,6 +87,8 @@ pub(crate) struct Status {
     pub(crate) attempt: u32,
     /// (TaskManager, deployment id) of remote tasks.
     pub(crate) placement: Option<(String, String)>,
+    /// See `JobInfo::moved_to`.
+    pub(crate) moved_to: Option<String>,
     pub(crate) failure: Option<String>,
     pub(crate) last_checkpoint: Option<CheckpointInfo>,
     pub(crate) ended_at: Option<DateTime<Utc>>,
@@ -232,6 +234,7 @@ impl JobEntry {
             attempt: st.attempt,
             taskmanager: st.placement.as_ref().map(|p| p.0.clone()),
             deployment: st.placement.as_ref().map(|p| p.1.clone()),
+            moved_to: st.moved_to.clone(),
             records_in: c.records_in,
             records_out: c.records_out,
             late_records: c.late_records,
@@ -283,6 +286,7 @@ impl JobEntry {
         st.restarts = job.restarts;
         st.attempt = job.attempt;
         st.placement = job.taskmanager.clone().zip(job.deployment.clone());
+        st.moved_to = job.moved_to.clone();
         st.failure = job.failure.clone();
         st.last_checkpoint = job.last_checkpoint.clone();
         st.ended_at = job.ended_at;
@@ -321,6 +325,7 @@ fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
             attempt: 0,
             taskmanager: None,
             deployment: None,
+            moved_to: None,
             records_in: 0,
             records_out: 0,
             late_records: 0,
@@ -607,6 +612,12 @@ impl JobManager {
                 placement: prior_job
                     .as_ref()
                     .and_then(|p| p.taskmanager.clone().zip(p.deployment.clone())),
+                // Driven here again: no longer moved away.
+                moved_to: if passive {
+                    prior_job.as_ref().and_then(|p| p.moved_to.clone())
+                } else {
+                    None
+                },
                 failure: prior_job.as_ref().and_then(|p| p.failure.clone()),
                 last_checkpoint: prior_job.as_ref().and_then(|p| p.last_checkpoint.clone()),
                 ended_at: prior_job.as_ref().and_then(|p| p.ended_at),
@@ -697,7 +708,10 @@ impl JobManager {
             let root = self.storage_root(&spec)?;
             // A standby region's store holds replicated jobs: they run
             // only in the primary region.
-            let passive = status.job.state.is_terminal() || self.inner.standby().is_some();
+            // A job a switchover moved away is CANCELLED here but resumes
+            // when this region is primary again.
+            let passive = (status.job.state.is_terminal() && status.job.moved_to.is_none())
+                || self.inner.standby().is_some();
             let opts = SubmitOptions {
                 job_id: Some(id),
                 from_savepoint: None,

@@ -40,6 +40,11 @@ pub struct JobInfo {
     /// Id of the current deployment on that TaskManager.
     #[serde(default)]
     pub deployment: Option<String>,
+    /// The region a planned switchover moved the job to (it was stopped
+    /// here with a savepoint and resumes there); a region that becomes
+    /// primary resumes such jobs although they are CANCELLED here.
+    #[serde(default)]
+    pub moved_to: Option<String>,
     pub records_in: u64,
     pub records_out: u64,
     /// Records dropped because they were later than their window allowed.
@@ -203,6 +208,12 @@ impl JobManager {
             .store(epoch, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The primary region this standby region follows (`None` while this
+    /// region is the primary).
+    pub fn standby_of(&self) -> Option<String> {
+        self.inner.standby().map(|(_, p)| p)
+    }
+
     /// True while this region is a standby.
     pub fn is_standby_region(&self) -> bool {
         self.inner.standby().is_some()
@@ -259,13 +270,21 @@ impl JobManager {
         c(target, force, dry_run).await.map_err(JmError::Runtime)
     }
 
-    /// Stops every running job with a savepoint (a planned switchover).
-    pub async fn stop_all_with_savepoints(&self) -> Vec<(JobId, Result<SavepointInfo, JmError>)> {
+    /// Stops every running job with a savepoint for a planned switchover
+    /// to `target` (their status records `moved_to`).
+    pub async fn stop_all_with_savepoints(
+        &self,
+        target: &str,
+    ) -> Vec<(JobId, Result<SavepointInfo, JmError>)> {
         let mut out = Vec::new();
         for job in self.inner.all() {
             if job.state().is_terminal() || !job.driven() {
                 continue;
             }
+            job.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .moved_to = Some(target.to_string());
             let r = self
                 .cancel(&job.id.to_string(), true)
                 .await

@@ -235,6 +235,14 @@ pub async fn replicate_job(
         target.put(&spec_rel, spec).await?;
         out.spec_copied = true;
     }
+    // The job's lifecycle status too: a job cancelled or finished in the
+    // primary must not be resumed by a promoted standby.
+    let status_rel = format!("{}/status.json", job_dir(job));
+    if let Some(status) = source.get_opt(&status_rel).await?
+        && target.get_opt(&status_rel).await?.as_ref() != Some(&status)
+    {
+        target.put(&status_rel, status).await?;
+    }
     let mut dirs: Vec<String> = Vec::new();
     let sp_root = format!("{}/savepoints", job_dir(job));
     for name in source.list_dirs(&sp_root).await? {

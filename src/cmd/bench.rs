@@ -30,6 +30,9 @@ pub enum BenchKind {
     /// Leader failover of `ferry jobmanager` processes: SIGKILL and
     /// graceful handoff times, idle CPU.
     Failover(super::bench_failover::FailoverArgs),
+    /// Cross-region failover (SIGKILL of the primary region) and planned
+    /// switchover times.
+    Region(super::bench_region::RegionArgs),
     /// Cross-region replication lag while a job runs.
     Replication(super::bench_replication::ReplicationArgs),
 }
@@ -62,6 +65,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchKind::Throughput(a) => throughput(a),
         BenchKind::Failover(a) => super::bench_failover::run(a),
         BenchKind::Replication(a) => super::bench_replication::run(a),
+        BenchKind::Region(a) => super::bench_region::run(a),
     }
 }
 

@@ -56,9 +56,9 @@ const LONG_JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{
 /// Bound on one round (election + write).
 const ROUND_LIMIT: Duration = Duration::from_secs(30);
 
-struct Proc {
-    child: Child,
-    port: u16,
+pub(super) struct Proc {
+    pub(super) child: Child,
+    pub(super) port: u16,
 }
 
 impl Drop for Proc {
@@ -68,7 +68,7 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -382,7 +382,40 @@ impl Bench {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Starts `nats-server -js` (`sync_interval: always`) on a free loopback
+/// port with its store under `dir`, and waits until it accepts clients.
+pub(super) async fn start_nats(dir: &std::path::Path) -> anyhow::Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+            dir.join("js").display()
+        ),
+    )?;
+    let nats = Proc {
+        child: Command::new(nats_server()?)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nats-server")?,
+        port,
+    };
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("nats-server did not start within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(nats)
+}
+
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -402,32 +435,8 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
         std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
     });
     std::fs::create_dir_all(&tmp)?;
-    let nats_port = free_port()?;
-    let conf = tmp.join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen: 127.0.0.1:{nats_port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-            tmp.join("js").display()
-        ),
-    )?;
-    let nats = Proc {
-        child: Command::new(nats_server()?)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nats-server")?,
-        port: nats_port,
-    };
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", nats.port)).is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("nats-server did not start within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let nats = start_nats(&tmp.join("nats")).await?;
+    let nats_port = nats.port;
     let mut b = Bench {
         dir: tmp.clone(),
         nats_url: format!("nats://127.0.0.1:{nats_port}"),

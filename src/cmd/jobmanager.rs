@@ -97,6 +97,12 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     {
         tracing::info!(%primary, "standby region: running no job; replicated jobs wait for a promotion");
         jm.set_standby_region(&cfg.region, primary);
+    } else if !cfg.regions.global.urls.is_empty() {
+        // With a region lease, even the configured primary runs nothing
+        // until the lease says it is primary: a restarted old primary must
+        // not resume jobs another region took over meanwhile.
+        tracing::info!("running no job until the region lease names this region");
+        jm.set_standby_region(&cfg.region, "(not known until the region lease is read)");
     }
     let replication_stop = CancellationToken::new();
     let replication = start_regions(&cfg, &jm, &api_url, &ha_rt, replication_stop.clone()).await?;
@@ -413,13 +419,16 @@ async fn follow_region_lease(
             let silent = {
                 let (readable, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let lease_age = (chrono::Utc::now() - since).to_std().unwrap_or_default();
+                // Silent: no heartbeat for the whole timeout, and it has held
+                // the lease at least that long (a region that just became
+                // primary, e.g. by a switchover, has had no time to beat).
                 readable
+                    && lease_age > timeout
                     && views.iter().any(|v| {
                         v.region == primary
                             && !v.healthy
                             && v.heartbeat_age_ms
-                                .map(|a| std::time::Duration::from_millis(a) > timeout)
-                                .unwrap_or(lease_age > timeout)
+                                .is_none_or(|a| std::time::Duration::from_millis(a) > timeout)
                     })
             };
             if silent {
@@ -450,6 +459,10 @@ async fn follow_region_lease(
         } else if primary != me && !jm.is_standby_region() {
             tracing::warn!(%primary, "the region lease names another region: stopping every job here");
             jm.demote(&me, &primary).await;
+        } else if primary != me && jm.standby_of().as_deref() != Some(primary.as_str()) {
+            // Already a standby (e.g. restarted after losing the lease):
+            // just learn whom it stands by for.
+            jm.set_standby_region(&me, &primary);
         }
     }
 }
@@ -535,7 +548,7 @@ async fn switchover(
     let target_store =
         ferry_core::storage::StorageLocation::open(target_url).map_err(|e| e.to_string())?;
     let mut savepoints = Vec::new();
-    for (job, r) in jm.stop_all_with_savepoints().await {
+    for (job, r) in jm.stop_all_with_savepoints(target).await {
         let sp = r.map_err(|e| {
             format!(
                 "stopping job {job} with a savepoint failed: {e}; the region lease was not moved"

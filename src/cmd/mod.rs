@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_failover;
+pub mod bench_region;
 pub mod bench_replication;
 pub mod cluster;
 pub mod job;
