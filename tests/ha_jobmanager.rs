@@ -1338,15 +1338,21 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
         1,
         "{report}"
     );
-    let done = west
-        .wait_job(
-            &west.jms[0],
-            &job,
-            Duration::from_secs(90),
-            "the job to finish in the new primary",
-            |v| v["state"] == "FINISHED",
-        )
-        .await;
+    let start = Instant::now();
+    let done = loop {
+        let v = west.get(&west.jms[0], &format!("/v1/jobs/{job}")).await;
+        if let Some(v) = v.filter(|v| v["state"] == "FINISHED") {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the job did not finish in the new primary: {:?}\nwest:\n{}\neast:\n{}",
+            west.get(&west.jms[0], &format!("/v1/jobs/{job}")).await,
+            west.log("jm-west"),
+            east.log("jm-east")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(done["taskmanager"], "tm-west", "{done}");
     let west_log = west.log("jm-west");
     // Resumed from the savepoint itself (not an older checkpoint).

@@ -354,6 +354,9 @@ async fn follow_region_lease(
     // the primary's heartbeat (written to the same KV) is older than the
     // whole timeout, so the two never run a job at the same time.
     let mut last_read = std::time::Instant::now();
+    // The in-region epoch under which this instance started the primary
+    // region's jobs.
+    let mut led: Option<u64> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -449,6 +452,7 @@ async fn follow_region_lease(
             }
         }
         if primary == me && jm.is_standby_region() {
+            led = None;
             match jm.promote().await {
                 Ok(n) => tracing::info!(
                     jobs = n,
@@ -456,9 +460,29 @@ async fn follow_region_lease(
                 ),
                 Err(e) => tracing::error!("starting the jobs after the promotion failed: {e}"),
             }
+        }
+        // Once per in-region leadership while primary, start whatever the
+        // promotion could not: its fence may have been down for a moment
+        // (a slow lease renewal), and then nothing would start the jobs.
+        if primary == me
+            && let Some(e) = jm.leadership().fence()
+            && led != Some(e)
+        {
+            match jm.lead(e).await {
+                Ok(n) => {
+                    led = Some(e);
+                    if n > 0 {
+                        tracing::info!(jobs = n, "primary region: started jobs");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("starting the primary region's jobs failed (retrying): {e}")
+                }
+            }
         } else if primary != me && !jm.is_standby_region() {
             tracing::warn!(%primary, "the region lease names another region: stopping every job here");
             jm.demote(&me, &primary).await;
+            led = None;
         } else if primary != me && jm.standby_of().as_deref() != Some(primary.as_str()) {
             // Already a standby (e.g. restarted after losing the lease):
             // just learn whom it stands by for.
