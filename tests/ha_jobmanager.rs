@@ -755,6 +755,15 @@ async fn sigkill_of_a_taskmanager_moves_its_job_to_the_other_one_exactly_once() 
         r.tms[victim].id
     );
     assert_eq!(moved["attempt"], 2, "{moved}");
+    // It names the checkpoint it restored from.
+    let restored = moved["last_checkpoint"]["id"].as_u64().unwrap();
+    assert!(
+        moved["last_checkpoint"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/checkpoints/{restored}")),
+        "{moved}"
+    );
     // One restart — unless, on a loaded machine, the lone JobManager's lease
     // lapsed meanwhile and it resumed the job as a new leader instead.
     assert!(

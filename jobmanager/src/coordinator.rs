@@ -161,8 +161,10 @@ pub(crate) async fn drive(
                     st.placement = deployed.location();
                     if let Some(cp) = &restored {
                         tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
-                        st.last_checkpoint =
-                            Some(crate::jobs::manifest_info(&cp.manifest, &job.root));
+                        st.last_checkpoint = Some(crate::jobs::manifest_info(
+                            &cp.manifest,
+                            &restored_dir(&job, cp, &restore_from),
+                        ));
                     }
                 }
                 job.set_state(JobState::Running, None);
@@ -295,6 +297,21 @@ pub(crate) async fn drive(
     }
 }
 
+/// The directory a restored snapshot was read from: the savepoint given to
+/// start from, or the job's own checkpoint or `savepoint-<n>` directory.
+fn restored_dir(job: &JobEntry, cp: &VerifiedCheckpoint, from: &RestoreFrom) -> StorageLocation {
+    if let RestoreFrom::Savepoint(p) = from
+        && let Ok(l) = StorageLocation::open(p)
+    {
+        return l;
+    }
+    let n = cp.manifest.checkpoint_id;
+    job.root.child(&match cp.manifest.kind {
+        SnapshotKind::Checkpoint => checkpoint_dir(&job.id, n),
+        SnapshotKind::Savepoint => savepoint_dir(&job.id, &format!("savepoint-{n}")),
+    })
+}
+
 /// How long a new leader waits for every TaskManager's registration before
 /// deciding a job has no running tasks to adopt.
 const ADOPT_WAIT: Duration = Duration::from_secs(5);
@@ -348,19 +365,7 @@ async fn start_tasks(
     };
     let restore_url = match (restored, from) {
         (None, _) | (_, RestoreFrom::Nothing) => String::new(),
-        (Some(_), RestoreFrom::Savepoint(p)) => StorageLocation::open(p)
-            .map(|l| l.url().to_string())
-            .unwrap_or_else(|_| p.clone()),
-        (Some(cp), RestoreFrom::LatestCheckpoint) => job
-            .root
-            .child(&match cp.manifest.kind {
-                SnapshotKind::Checkpoint => checkpoint_dir(&job.id, cp.manifest.checkpoint_id),
-                SnapshotKind::Savepoint => {
-                    savepoint_dir(&job.id, &format!("savepoint-{}", cp.manifest.checkpoint_id))
-                }
-            })
-            .url()
-            .to_string(),
+        (Some(cp), from) => restored_dir(job, cp, from).url().to_string(),
     };
     let need = plan.parallelism;
     let mut changed = pool.subscribe();
