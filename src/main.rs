@@ -38,6 +38,10 @@ enum Command {
     /// test-restore a store's checkpoints.
     #[command(subcommand)]
     Region(cmd::region::RegionCommand),
+    /// Failover drills: fail over on purpose, measure RTO and RPO, pass or
+    /// fail against targets.
+    #[command(subcommand)]
+    Drill(cmd::drill::DrillCommand),
     /// Measure throughput (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
 }
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Taskmanager(args) => cmd::taskmanager::run(args),
         Command::Cluster(c) => cmd::cluster::run(c),
         Command::Region(c) => cmd::region::run(c),
+        Command::Drill(c) => cmd::drill::run(c),
         Command::Bench(args) => cmd::bench::run(args),
     };
     match result {

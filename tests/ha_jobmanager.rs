@@ -85,6 +85,9 @@ struct Region {
     replicas: &'static str,
     /// Extra environment of every process started from now on.
     env: Vec<(&'static str, String)>,
+    /// Records per second of the test job (the output does not depend on
+    /// it; a lower rate runs the job longer).
+    rate: u32,
 }
 
 impl Region {
@@ -99,6 +102,7 @@ impl Region {
             deadline,
             replicas: "1",
             env: Vec::new(),
+            rate: 100_000,
         }
     }
 
@@ -272,7 +276,9 @@ impl Region {
 
     /// Submits the test job through `jm` and returns its id.
     async fn submit(&self, jm: &Jm) -> (String, reqwest::header::HeaderMap) {
-        let spec = SPEC.replace("OUT", &self.out().display().to_string());
+        let spec = SPEC
+            .replace("OUT", &self.out().display().to_string())
+            .replace("rate: 100000", &format!("rate: {}", self.rate));
         let r = self
             .http
             .post(format!("{}/v1/jobs", jm.url()))
@@ -1415,4 +1421,503 @@ async fn start_two_regions(east: &mut Region, west: &mut Region) {
     west.start_tm("tm-west");
     east.leader(&[], Duration::from_secs(20)).await;
     west.leader(&[], Duration::from_secs(20)).await;
+}
+
+/// Waits until `r`'s first JobManager reads a region lease; its epoch.
+async fn wait_lease(r: &Region) -> u64 {
+    let start = Instant::now();
+    loop {
+        let v = r.get(&r.jms[0], "/v1/regions").await;
+        if let Some(e) = v
+            .as_ref()
+            .and_then(|v| v["epoch"].as_u64())
+            .filter(|e| *e > 0)
+        {
+            return e;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no region lease: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the primary `r` (its JobManager `jm`) reports a checkpoint
+/// of `job` replicated to its (first) standby; that checkpoint's number.
+async fn wait_replicated(r: &Region, jm: usize, job: &str) -> u64 {
+    let start = Instant::now();
+    loop {
+        let v = r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default();
+        if let Some(n) = v["standbys"][0]["jobs"][job]["replicated_checkpoint"].as_u64() {
+            return n;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nothing replicated: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until JobManager `jm` of `r` reports `region` as the primary;
+/// its `/v1/regions` body then.
+async fn wait_primary(r: &Region, jm: usize, region: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default();
+        if v["primary"] == region {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{region} did not become the primary within {limit:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until JobManager `jm` of `r` sees `region` healthy.
+async fn wait_healthy(r: &Region, jm: usize, region: &str, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let v = r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default();
+        if v["regions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["region"] == region && x["healthy"] == true)
+        {
+            return;
+        }
+        assert!(start.elapsed() < limit, "{region} not healthy: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every complete checkpoint manifest of `job` in a file store.
+fn manifests(store: &std::path::Path, job: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = std::fs::read_dir(store.join("jobs").join(job).join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("MANIFEST.json")).ok())
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .collect();
+    out.sort_by_key(|m| m["checkpoint_id"].as_u64());
+    out
+}
+
+/// Runs `ferry <args>`; (exit success, stdout as JSON, stderr).
+fn ferry_json(args: &[&str]) -> (bool, Value, String) {
+    let o = Command::new(ferry_bin()).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferry {args:?}: stdout is not JSON ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
+    (o.status.success(), v, stderr)
+}
+
+/// `ferry drill run --scenario region-outage`: east plays dead, west's
+/// automatic failover takes over, and the drill measures each phase and
+/// the RPO and passes; the report is kept in west (`/v1/drills`, metrics).
+/// `ferry region failback` then brings the job home, where it finishes
+/// with exactly the expected output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
+    let nats = NatsServer::start();
+    let global = NatsServer::start();
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    // ~40 s of input: the job is still running after both moves.
+    east.rate = 20_000;
+    two_regions(&mut east, &mut west, &global);
+    start_two_regions(&mut east, &mut west).await;
+    let epoch = wait_lease(&east).await;
+    let job = east.running_job(0).await;
+    wait_replicated(&east, 0, &job).await;
+
+    let url = east.jms[0].url();
+    let (ok, r, stderr) = ferry_json(&[
+        "drill",
+        "run",
+        "--scenario",
+        "region-outage",
+        "--target",
+        "west",
+        "--rto",
+        "30s",
+        "--rpo",
+        "10s",
+        "--timeout",
+        "60s",
+        "-o",
+        "json",
+        "--url",
+        &url,
+    ]);
+    eprintln!("{stderr}");
+    assert!(ok, "the drill failed: {r}\n{stderr}");
+    assert_eq!(r["passed"], true, "{r}");
+    let phases: Vec<u64> = [
+        "detection_ms",
+        "promotion_ms",
+        "restore_ms",
+        "first_output_ms",
+    ]
+    .iter()
+    .map(|k| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {r}")))
+    .collect();
+    assert!(phases.windows(2).all(|w| w[0] <= w[1]), "{r}");
+    // West can only notice after the region timeout (2 s) less one
+    // heartbeat interval (300 ms).
+    assert!(phases[0] >= 1_500, "detected too early: {r}");
+    assert_eq!(r["rto_ms"].as_u64(), Some(phases[3]));
+    assert!(r["region_epoch"].as_u64().unwrap() > epoch, "{r}");
+    // West's run restored from the checkpoint the drill reports.
+    let restored = r["jobs"][0]["restored_checkpoint"]["id"].as_u64().unwrap();
+    let west_runs: Vec<Value> = manifests(&west.storage(), &job)
+        .into_iter()
+        .filter(|m| m["region_epoch"].as_u64() > Some(epoch))
+        .collect();
+    assert!(!west_runs.is_empty(), "west completed no checkpoint");
+    assert!(
+        west_runs
+            .iter()
+            .all(|m| m["restored_from"].as_u64() == Some(restored)),
+        "{west_runs:?} vs {r}"
+    );
+    // RPO: east's last checkpoint at the outage against that one.
+    let before = &r["jobs"][0]["primary_last_checkpoint"];
+    let after = &r["jobs"][0]["restored_checkpoint"];
+    assert_eq!(
+        r["rpo_records"].as_u64().unwrap(),
+        before["records_in"].as_u64().unwrap() - after["records_in"].as_u64().unwrap(),
+        "{r}"
+    );
+    assert!(before["id"].as_u64() >= Some(restored), "{r}");
+    // Kept in west, and in west's metrics.
+    let drills = west.get(&west.jms[0], "/v1/drills").await.unwrap();
+    assert_eq!(drills["drills"][0]["id"], r["id"], "{drills}");
+    let one = west
+        .get(
+            &west.jms[0],
+            &format!("/v1/drills/{}", r["id"].as_str().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(one["rto_ms"], r["rto_ms"]);
+    let m = west.metrics(&west.jms[0]).await;
+    assert!(m.lines().any(|l| l == "ferry_drill_last_passed 1"), "{m}");
+    assert!(
+        m.lines()
+            .any(|l| l == "ferry_drills_total{result=\"pass\"} 1"),
+        "{m}"
+    );
+    let rto_metric: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_drill_last_rto_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (rto_metric * 1000.0 - phases[3] as f64).abs() < 1.0,
+        "{rto_metric}"
+    );
+
+    // Home again: east is healthy (a standby), fail-back moves the job.
+    wait_healthy(&west, 0, "east", Duration::from_secs(20)).await;
+    let (ok, fb, stderr) = ferry_json(&["region", "failback", "-o", "json", "--url", &url]);
+    assert!(ok, "fail-back failed: {fb}\n{stderr}");
+    assert_eq!(
+        (fb["from"].as_str(), fb["to"].as_str()),
+        (Some("west"), Some("east")),
+        "{fb}"
+    );
+    assert_eq!(fb["failback"], true);
+    assert!(fb["divergence"]["jobs"].is_array(), "{fb}");
+    let start = Instant::now();
+    let done = loop {
+        let v = east.get(&east.jms[0], &format!("/v1/jobs/{job}")).await;
+        if let Some(v) = v.clone().filter(|v| v["state"] == "FINISHED") {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the job did not finish at home: {v:?}\nfail-back: {fb}\neast:\n{}\nwest:\n{}",
+            east.log("jm-east"),
+            west.log("jm-west")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["taskmanager"], "tm-east", "{done}");
+    east.check_output();
+    // A drill that cannot meet its target fails, and says so.
+    let (ok, r2, _) = ferry_json(&[
+        "drill",
+        "run",
+        "--scenario",
+        "switchover",
+        "--target",
+        "west",
+        "--rto",
+        "1ms",
+        "--timeout",
+        "30s",
+        "-o",
+        "json",
+        "--url",
+        &url,
+    ]);
+    assert!(!ok, "an RTO of 1 ms cannot be met: {r2}");
+    assert_eq!(r2["passed"], false);
+    assert!(r2["failures"][0].as_str().unwrap().contains("RTO"), "{r2}");
+    assert_eq!(r2["rpo_records"], 0, "a switchover loses nothing: {r2}");
+    let m = west.metrics(&west.jms[0]).await;
+    assert!(m.lines().any(|l| l == "ferry_drill_last_passed 0"), "{m}");
+}
+
+/// Fail-back after an unplanned failover that lost east's tail: west's
+/// store is a real S3-compatible server (moto) that east reaches through a
+/// proxy. The link is cut, so east completes checkpoints west never gets;
+/// then the whole of east is SIGKILLed. West takes over from the last
+/// checkpoint it had; east comes back as a standby, west's replication into
+/// east's store archives east's unreplicated checkpoints, and `ferry region
+/// failback` reports exactly those (what east committed after the
+/// checkpoint west restored from) and moves the job home, where it finishes
+/// with the expected output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() {
+    let Some(s3) = common::s3::S3Server::start() else {
+        return;
+    };
+    s3.create_bucket("west").await;
+    let link = FaultProxy::start(s3.port).await;
+    let nats = NatsServer::start();
+    let global = NatsServer::start();
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    east.rate = 20_000;
+    two_regions(&mut east, &mut west, &global);
+    let stores = format!(
+        "east=file://{},west=s3://west/ferry",
+        east.storage().display()
+    );
+    for (r, endpoint) in [(&mut east, link.http_url()), (&mut west, s3.endpoint())] {
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        for (k, v) in s3.env() {
+            r.env.push((
+                k,
+                if k == "AWS_ENDPOINT" {
+                    endpoint.clone()
+                } else {
+                    v
+                },
+            ));
+        }
+    }
+    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
+    start_two_regions(&mut east, &mut west).await;
+    let epoch = wait_lease(&east).await;
+    let job = east.running_job(0).await;
+    let replicated = wait_replicated(&east, 0, &job).await;
+
+    // East goes on alone: three more checkpoints west never receives.
+    link.cut();
+    let cut_at = east
+        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap()["last_checkpoint"]["id"]
+        .as_u64()
+        .unwrap();
+    let tail = east
+        .wait_job(
+            &east.jms[0],
+            &job,
+            Duration::from_secs(30),
+            "3 unreplicated checkpoints",
+            |v| v["last_checkpoint"]["id"].as_u64() >= Some(cut_at + 3),
+        )
+        .await;
+    east.jms[0].signal(libc::SIGKILL);
+    east.tms[0].signal(libc::SIGKILL);
+    let _ = east.jms[0].child.wait();
+    let _ = east.tms[0].child.wait();
+    let east_own: Vec<Value> = manifests(&east.storage(), &job);
+    let last_east = east_own.last().unwrap()["checkpoint_id"].as_u64().unwrap();
+    assert!(last_east >= tail["last_checkpoint"]["id"].as_u64().unwrap());
+
+    let v = wait_primary(&west, 0, "west", Duration::from_secs(30)).await;
+    let new_epoch = v["epoch"].as_u64().unwrap();
+    assert!(new_epoch > epoch);
+    let in_west = west
+        .wait_job(
+            &west.jms[0],
+            &job,
+            Duration::from_secs(30),
+            "a checkpoint in west",
+            |v| v["state"] == "RUNNING" && v["last_checkpoint"]["id"].as_u64() > Some(last_east),
+        )
+        .await;
+    eprintln!("west runs the job: {}", in_west["last_checkpoint"]);
+
+    // East comes back (its link healed) as a standby.
+    link.heal();
+    east.start("jm-east-2", None);
+    east.start_tm("tm-east-2");
+    wait_healthy(&west, 0, "east", Duration::from_secs(30)).await;
+    let url = east.jms[1].url();
+    let (ok, plan, stderr) = ferry_json(&[
+        "region",
+        "failback",
+        "--dry-run",
+        "-o",
+        "json",
+        "--url",
+        &url,
+    ]);
+    assert!(ok, "{plan}\n{stderr}");
+    let (ok, fb, stderr) = ferry_json(&["region", "failback", "-o", "json", "--url", &url]);
+    assert!(ok, "fail-back failed: {fb}\n{stderr}");
+    assert_eq!(fb["to"], "east", "{fb}");
+    // The divergence is exactly east's checkpoints after west's restore
+    // point, as east's own store had them before it was replicated into.
+    let d = &fb["divergence"]["jobs"][0];
+    let base = d["base"]["checkpoint"].as_u64().expect("a base checkpoint");
+    assert!(base >= replicated && base <= cut_at, "base {base}: {fb}");
+    let expected: Vec<u64> = east_own
+        .iter()
+        .filter(|m| m["region_epoch"].as_u64() == Some(epoch))
+        .filter_map(|m| m["checkpoint_id"].as_u64())
+        .filter(|n| *n > base)
+        .collect();
+    let got: Vec<u64> = d["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, expected, "{fb}");
+    assert_eq!(
+        plan["divergence"]["jobs"][0]["checkpoints"],
+        d["checkpoints"]
+    );
+    let last = east_own
+        .iter()
+        .find(|m| m["checkpoint_id"].as_u64() == Some(last_east))
+        .unwrap();
+    let base_m = &d["base"];
+    assert_eq!(
+        d["records_in"].as_u64().unwrap(),
+        last["records_in"].as_u64().unwrap() - base_m["records_in"].as_u64().unwrap(),
+        "{fb}"
+    );
+    assert!(d["event_time_ms"].as_i64().unwrap() > 0, "{fb}");
+    // The archived manifests are the evidence, in east's store.
+    let archived = std::fs::read_dir(east.storage().join("jobs").join(&job).join("diverged"))
+        .unwrap()
+        .count();
+    assert_eq!(archived, expected.len());
+
+    let start = Instant::now();
+    let done = loop {
+        let v = east.get(&east.jms[1], &format!("/v1/jobs/{job}")).await;
+        if let Some(v) = v.clone().filter(|v| v["state"] == "FINISHED") {
+            break v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the job did not finish at home: {v:?}\neast:\n{}\nwest:\n{}",
+            east.log("jm-east-2"),
+            west.log("jm-west")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(done["taskmanager"], "tm-east-2", "{done}");
+    east.check_output();
+}
+
+/// East loses the global KV (a proxy cuts its link to the global NATS):
+/// it cannot confirm the region lease, stops committing and stops its job
+/// before west may take over; west takes the lease after the region
+/// timeout and finishes the job. No checkpoint of east's region epoch is
+/// completed after west's promotion, and the output is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over() {
+    let nats = NatsServer::start();
+    let global = NatsServer::start();
+    let global_link = FaultProxy::start(global.port).await;
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    east.rate = 50_000;
+    two_regions(&mut east, &mut west, &global);
+    east.env
+        .push(("FERRY_REGIONS_GLOBAL_URLS", global_link.url()));
+    start_two_regions(&mut east, &mut west).await;
+    let epoch = wait_lease(&east).await;
+    let job = east.running_job(0).await;
+    wait_replicated(&east, 0, &job).await;
+
+    global_link.cut();
+    let cut = Instant::now();
+    // East's TaskManager runs no task any more.
+    let mut stopped = None;
+    let promoted = loop {
+        if stopped.is_none() && east.tm_metric(0, "tasks_running").await == Some(0) {
+            stopped = Some((cut.elapsed(), chrono::Utc::now()));
+        }
+        let v = west
+            .get(&west.jms[0], "/v1/regions")
+            .await
+            .unwrap_or_default();
+        if v["primary"] == "west" {
+            break (cut.elapsed(), chrono::Utc::now());
+        }
+        assert!(cut.elapsed() < Duration::from_secs(30), "no promotion: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (stopped_after, _) = stopped.expect("east stopped its job before west took over");
+    eprintln!(
+        "east stopped {stopped_after:?} after the cut; west promoted {:?} after it",
+        promoted.0
+    );
+    assert!(stopped_after < promoted.0);
+    // Every checkpoint of east's epoch was completed before west's
+    // promotion (none lands later).
+    let last_old = manifests(&east.storage(), &job)
+        .into_iter()
+        .filter(|m| m["region_epoch"].as_u64() == Some(epoch))
+        .filter_map(|m| m["created_at"].as_str().map(str::to_string))
+        .max()
+        .expect("east completed checkpoints");
+    let last_old = chrono::DateTime::parse_from_rfc3339(&last_old).unwrap();
+    assert!(
+        last_old < promoted.1,
+        "{last_old} vs promotion at {}",
+        promoted.1
+    );
+    assert!(east.log("jm-east").contains("cannot read the region lease"));
+    let start = Instant::now();
+    loop {
+        let v = west.get(&west.jms[0], &format!("/v1/jobs/{job}")).await;
+        if v.as_ref().is_some_and(|v| v["state"] == "FINISHED") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the job did not finish in west: {v:?}\n{}",
+            west.log("jm-west")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    east.check_output();
+    // West's checkpoints after the takeover carry the new epoch only.
+    let epochs: Vec<u64> = manifests(&west.storage(), &job)
+        .iter()
+        .filter_map(|m| m["region_epoch"].as_u64())
+        .collect();
+    assert!(epochs.iter().all(|e| *e > epoch), "{epochs:?}");
 }

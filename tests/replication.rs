@@ -64,6 +64,7 @@ async fn checkpoint(root: &StorageLocation, job: &JobId, n: u64) -> Vec<(String,
             files: entries,
             source_offsets: Default::default(),
             sink_transactions: Vec::new(),
+            restored_from: None,
         },
     )
     .await

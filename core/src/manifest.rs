@@ -106,6 +106,14 @@ pub struct Manifest {
     /// Source position per partition (format depends on the source).
     pub source_offsets: BTreeMap<String, serde_json::Value>,
     pub sink_transactions: Vec<SinkTransaction>,
+    /// The checkpoint or savepoint the run that completed this one started
+    /// from (`None`: it started empty). Every checkpoint of one run carries
+    /// the same value, so any of them tells where the run's lineage leaves
+    /// the older ones: a region that failed over knows from it which of
+    /// the old primary's checkpoints it never restored (fail-back's
+    /// divergence report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<u64>,
 }
 
 impl Manifest {
@@ -121,6 +129,20 @@ pub struct VerifiedCheckpoint {
     pub manifest: Manifest,
     /// Relative path → contents, every hash checked.
     pub files: BTreeMap<String, Bytes>,
+}
+
+/// Reads only the manifest of a checkpoint directory (no file is checked).
+/// `Ok(None)`: no manifest; a manifest that does not parse is `Corrupt`.
+pub async fn read_manifest(dir: &StorageLocation) -> Result<Option<Manifest>> {
+    let Some(raw) = dir.get_opt(MANIFEST_FILE).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&raw)
+        .map(Some)
+        .map_err(|e| CoreError::Corrupt {
+            path: format!("{}/{MANIFEST_FILE}", dir.url()),
+            reason: format!("unreadable manifest: {e}"),
+        })
 }
 
 /// Reads a checkpoint directory and verifies every file's size and SHA-256.

@@ -114,6 +114,10 @@ pub(crate) async fn drive(
         };
         let (restored, deployment) = match adopted {
             Some((d, last_barrier)) => {
+                // The adopted run goes on in the lineage its newest
+                // checkpoint records.
+                *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()) =
+                    newest_lineage(&job).await;
                 let next = match next_checkpoint_id(&job, None).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -132,6 +136,8 @@ pub(crate) async fn drive(
                         return;
                     }
                 };
+                *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()) =
+                    restored.as_ref().map(|c| c.manifest.checkpoint_id.0);
                 let next_id = match next_checkpoint_id(&job, restored.as_ref()).await {
                     Ok(n) => n,
                     Err(e) => {
@@ -509,6 +515,18 @@ async fn next_checkpoint_id(
     Ok(highest.max(restored).max(sp_high).next())
 }
 
+/// `restored_from` of the job's newest checkpoint, if any.
+async fn newest_lineage(job: &JobEntry) -> Option<u64> {
+    let ids = list_checkpoint_ids(&job.root, &job.id).await.ok()?;
+    for id in ids.iter().rev() {
+        let dir = job.root.child(&checkpoint_dir(&job.id, *id));
+        if let Ok(Some(m)) = ferry_core::manifest::read_manifest(&dir).await {
+            return m.restored_from;
+        }
+    }
+    None
+}
+
 /// What stays the same across the deployments of one job.
 struct AttemptCtx<'a> {
     job: &'a Arc<JobEntry>,
@@ -762,7 +780,13 @@ async fn complete_checkpoint(
         files,
         source_offsets: offsets,
         sink_transactions: txns,
+        restored_from: *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()),
     };
+    // Fenced across regions too: a region that may have lost the primary
+    // role writes no checkpoint of the old region epoch.
+    job.region_fence
+        .check()
+        .map_err(|e| format!("checkpoint {} abandoned: {e}", p.barrier.id))?;
     write_manifest(&p.barrier.dir, &manifest)
         .await
         .map_err(|e| e.to_string())?;
@@ -772,6 +796,12 @@ async fn complete_checkpoint(
     if job.leadership.fence() != Some(epoch) {
         return Err(format!(
             "checkpoint {} written, but the leader lease lapsed meanwhile: the sinks do not commit it; the next leader decides",
+            p.barrier.id
+        ));
+    }
+    if let Err(e) = job.region_fence.check() {
+        return Err(format!(
+            "checkpoint {} written, but the sinks do not commit it: {e}",
             p.barrier.id
         ));
     }

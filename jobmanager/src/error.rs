@@ -38,6 +38,17 @@ pub enum JmError {
         "region {region} is a standby region; jobs run in the primary region {primary}: submit there (`ferry region status` lists the regions)"
     )]
     NotPrimaryRegion { region: String, primary: String },
+
+    #[error("{0}")]
+    BadRequest(String),
+
+    /// Something other than a job that does not exist.
+    #[error("{0}")]
+    Missing(String),
+
+    /// A cross-region operation that cannot be carried out now.
+    #[error("{0}")]
+    Region(String),
 }
 
 impl JmError {
@@ -52,6 +63,9 @@ impl JmError {
             JmError::ShuttingDown => "unavailable",
             JmError::NotLeader { .. } => "not_leader",
             JmError::NotPrimaryRegion { .. } => "not_primary_region",
+            JmError::BadRequest(_) => "bad_request",
+            JmError::Missing(_) => "not_found",
+            JmError::Region(_) => "region_conflict",
         }
     }
 }

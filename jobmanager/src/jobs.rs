@@ -69,6 +69,8 @@ pub(crate) struct Inner {
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch as last read (0 without a region lease).
     pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// How long this region may still commit checkpoints.
+    pub(crate) region_fence: Arc<RegionFence>,
     /// What `POST /v1/regions/{name}/failover` runs.
     pub(crate) region_control: std::sync::OnceLock<crate::service::RegionControl>,
     /// What `/v1/regions` reports (set when replicating to other regions).
@@ -77,6 +79,54 @@ pub(crate) struct Inner {
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
+}
+
+/// The region lease as a commit fence. With cross-region coordination a
+/// region may commit a checkpoint only while a recent read of the region
+/// lease named it primary: a region cut off from the global KV stops
+/// committing when its last confirmation runs out, before any standby can
+/// have taken over. Without cross-region coordination it never refuses.
+#[derive(Debug, Default)]
+pub(crate) struct RegionFence {
+    /// `None`: not fenced; `Some(None)`: fenced, never confirmed.
+    until: Mutex<Option<Option<std::time::Instant>>>,
+}
+
+impl RegionFence {
+    /// From now on commits need a confirmation.
+    pub(crate) fn enable(&self) {
+        let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if u.is_none() {
+            *u = Some(None);
+        }
+    }
+
+    /// The region lease named this region just now: commits may go on for
+    /// `valid_for`.
+    pub(crate) fn confirm(&self, valid_for: std::time::Duration) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Some(std::time::Instant::now() + valid_for));
+    }
+
+    /// The region lost the lease (or was demoted): no commit until the
+    /// next confirmation.
+    pub(crate) fn revoke(&self) {
+        let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if u.is_some() {
+            *u = Some(None);
+        }
+    }
+
+    /// `Err` with the reason when a commit must not happen now.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match *self.until.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(Some(t)) if std::time::Instant::now() < t => Ok(()),
+            Some(_) => Err(
+                "the region lease has not been confirmed recently (global KV unreachable, or another region is primary)".into(),
+            ),
+        }
+    }
 }
 
 /// Mutable status of a job.
@@ -114,6 +164,11 @@ pub(crate) struct JobEntry {
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch manifests record.
     pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    /// Checked before every checkpoint commit.
+    pub(crate) region_fence: Arc<RegionFence>,
+    /// The checkpoint the current deployment restored from (see
+    /// `Manifest::restored_from`).
+    pub(crate) restored_from: Mutex<Option<u64>>,
     /// Cancelled when this JobManager loses the leadership: the driver stops
     /// at once and writes nothing more; the new leader carries on.
     pub(crate) abandon: CancellationToken,
@@ -513,6 +568,7 @@ impl JobManager {
                 standby_region: RwLock::new(None),
                 demoting: Default::default(),
                 region_epoch: Default::default(),
+                region_fence: Default::default(),
             }),
         }
     }
@@ -631,6 +687,8 @@ impl JobManager {
             completed: self.inner.completed.clone(),
             demoting: self.inner.demoting.clone(),
             region_epoch: self.inner.region_epoch.clone(),
+            region_fence: self.inner.region_fence.clone(),
+            restored_from: Mutex::new(None),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),
             dirty,

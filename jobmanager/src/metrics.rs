@@ -29,6 +29,12 @@ pub struct RegionLabels {
     pub region: String,
 }
 
+/// Label set naming an outcome (`pass`, `fail`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
 fn checkpoint_buckets() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -72,6 +78,11 @@ pub struct Metrics {
     /// Times this instance took the region lease for its region after the
     /// primary went silent.
     pub failovers: Counter,
+    /// The last failover drill recorded here: its RTO and whether it met
+    /// its targets (1) or not (0); drills by result.
+    pub drill_last_rto_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub drill_last_passed: Gauge,
+    pub drills: Family<ResultLabels, Counter>,
     /// TaskManagers registered with this leader.
     pub taskmanagers: Gauge,
     /// Task slots of the registered TaskManagers, by state (free, used).
@@ -117,6 +128,9 @@ impl Metrics {
             region_is_primary: Gauge::default(),
             region_epoch: Gauge::default(),
             failovers: Counter::default(),
+            drill_last_rto_seconds: Gauge::default(),
+            drill_last_passed: Gauge::default(),
+            drills: Family::default(),
             taskmanagers: Gauge::default(),
             task_slots: Family::default(),
         };
@@ -252,6 +266,21 @@ impl Metrics {
             m.failovers.clone(),
         );
         registry.register(
+            "drill_last_rto_seconds",
+            "RTO measured by the last failover drill recorded in this region (ferry drill run)",
+            m.drill_last_rto_seconds.clone(),
+        );
+        registry.register(
+            "drill_last_passed",
+            "1 if the last failover drill recorded in this region met its RTO and RPO targets, else 0",
+            m.drill_last_passed.clone(),
+        );
+        registry.register(
+            "drills",
+            "Failover drills recorded in this region, by result (pass, fail)",
+            m.drills.clone(),
+        );
+        registry.register(
             "replication_lag_seconds",
             "Age of the oldest completed snapshot not yet replicated to the region (0 when caught up)",
             m.replication_lag_seconds.clone(),
@@ -266,6 +295,11 @@ impl Metrics {
             "Records read by the newest checkpoints beyond what the region holds",
             m.replication_lag_records.clone(),
         );
+        for result in ["pass", "fail"] {
+            let _ = m.drills.get_or_create(&ResultLabels {
+                result: result.into(),
+            });
+        }
         *m.registry.lock().unwrap() = registry;
         m
     }

@@ -103,17 +103,26 @@ pub struct CompletedCheckpoint {
 /// Produces the `/v1/regions` body (the cross-region coordinator's view).
 pub type RegionsView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
-/// What `POST /v1/regions/{name}/failover` runs: (target region, force,
-/// dry run) → the report, or why not.
-pub type RegionControl = Arc<
-    dyn Fn(
-            String,
-            bool,
-            bool,
-        ) -> futures::future::BoxFuture<'static, Result<serde_json::Value, String>>
-        + Send
-        + Sync,
->;
+/// A cross-region operation's JSON report, or why it cannot be done now.
+pub type RegionResult = futures::future::BoxFuture<'static, Result<serde_json::Value, String>>;
+
+/// The cross-region operations the binary wires in from the region
+/// coordinator (the JobManager does not depend on it).
+pub trait RegionOps: Send + Sync {
+    /// `POST /v1/regions/{target}/failover`: make `target` the primary
+    /// (planned switchover, or `force`d), or with `dry_run` only the plan.
+    fn failover(&self, target: String, force: bool, dry_run: bool) -> RegionResult;
+    /// `POST /v1/regions/{target}/failback`: move the jobs home to
+    /// `target` (a standby again after an earlier failover) once it has
+    /// caught up, with the divergence report.
+    fn failback(&self, target: String, dry_run: bool) -> RegionResult;
+    /// `POST /v1/drills/outage` (`Some(how long)`) / `DELETE` (`None`):
+    /// this region plays dead for a drill, or comes back.
+    fn outage(&self, duration: Option<std::time::Duration>) -> RegionResult;
+}
+
+/// What the region endpoints run.
+pub type RegionControl = Arc<dyn RegionOps>;
 
 /// A savepoint that was taken.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -201,6 +210,18 @@ impl JobManager {
             .unwrap_or_else(|p| p.into_inner()) = Some((region.to_string(), primary.to_string()));
     }
 
+    /// Fences checkpoint commits with the region lease: from now on a
+    /// checkpoint completes only within `valid_for` of the last
+    /// [`confirm_region_lease`](Self::confirm_region_lease).
+    pub fn enable_region_fence(&self) {
+        self.inner.region_fence.enable();
+    }
+
+    /// A read of the region lease named this region primary just now.
+    pub fn confirm_region_lease(&self, valid_for: std::time::Duration) {
+        self.inner.region_fence.confirm(valid_for);
+    }
+
     /// The region epoch new checkpoint manifests record.
     pub fn set_region_epoch(&self, epoch: u64) {
         self.inner
@@ -224,6 +245,7 @@ impl JobManager {
     /// more is written for them, and no job is accepted. Returns once the
     /// drivers have stopped.
     pub async fn demote(&self, region: &str, primary: &str) {
+        self.inner.region_fence.revoke();
         self.set_standby_region(region, primary);
         self.inner
             .demoting
@@ -255,19 +277,132 @@ impl JobManager {
         let _ = self.inner.region_control.set(control);
     }
 
-    /// Moves the primary role to `target` (see [`RegionControl`]).
+    fn region_ops(&self) -> Result<RegionControl, JmError> {
+        self.inner.region_control.get().cloned().ok_or_else(|| {
+            JmError::Region(
+                "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)".into(),
+            )
+        })
+    }
+
+    /// Moves the primary role to `target` (see [`RegionOps::failover`]).
     pub async fn region_failover(
         &self,
         target: String,
         force: bool,
         dry_run: bool,
     ) -> Result<serde_json::Value, JmError> {
-        let Some(c) = self.inner.region_control.get().cloned() else {
-            return Err(JmError::Runtime(
-                "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)".into(),
+        let ops = self.region_ops()?;
+        ops.failover(target, force, dry_run)
+            .await
+            .map_err(JmError::Region)
+    }
+
+    /// Moves the jobs back to `target` (see [`RegionOps::failback`]).
+    pub async fn region_failback(
+        &self,
+        target: String,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, JmError> {
+        let ops = self.region_ops()?;
+        ops.failback(target, dry_run).await.map_err(JmError::Region)
+    }
+
+    /// Starts (`Some`) or ends (`None`) a simulated outage of this region
+    /// (see [`RegionOps::outage`]).
+    pub async fn region_outage(
+        &self,
+        duration: Option<std::time::Duration>,
+    ) -> Result<serde_json::Value, JmError> {
+        let ops = self.region_ops()?;
+        ops.outage(duration).await.map_err(JmError::Region)
+    }
+
+    /// Records the report of a failover drill (`ferry drill run`) in this
+    /// region's store under `drills/<id>.json` and in the drill metrics.
+    /// The report must carry `id` (letters, digits, `-`), `passed` and
+    /// `rto_ms`.
+    pub async fn record_drill(
+        &self,
+        report: serde_json::Value,
+    ) -> Result<serde_json::Value, JmError> {
+        let id = report["id"].as_str().unwrap_or_default().to_string();
+        if id.is_empty()
+            || id.len() > 64
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(JmError::BadRequest(
+                "a drill report needs an \"id\" of 1 to 64 letters, digits or '-'".into(),
+            ));
+        }
+        let Some(passed) = report["passed"].as_bool() else {
+            return Err(JmError::BadRequest(
+                "a drill report needs \"passed\": true or false".into(),
             ));
         };
-        c(target, force, dry_run).await.map_err(JmError::Runtime)
+        let rto_ms = report["rto_ms"].as_f64();
+        let store = self.inner.store.clone().map_err(JmError::Runtime)?;
+        let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        store
+            .put(&format!("drills/{id}.json"), bytes::Bytes::from(body))
+            .await?;
+        let m = &self.inner.metrics;
+        if let Some(rto) = rto_ms {
+            m.drill_last_rto_seconds.set(rto / 1000.0);
+        }
+        m.drill_last_passed.set(i64::from(passed));
+        m.drills
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: if passed { "pass" } else { "fail" }.into(),
+            })
+            .inc();
+        tracing::info!(drill = %id, passed, rto_ms = ?rto_ms, "failover drill recorded");
+        Ok(report)
+    }
+
+    /// Drill reports recorded in this region's store, newest first.
+    pub async fn drills(&self) -> Result<Vec<serde_json::Value>, JmError> {
+        let store = self.inner.store.clone().map_err(JmError::Runtime)?;
+        let mut out = Vec::new();
+        for (name, _) in store.list_files("drills").await? {
+            if !name.ends_with(".json") {
+                continue;
+            }
+            if let Some(raw) = store.get_opt(&format!("drills/{name}")).await? {
+                match serde_json::from_slice::<serde_json::Value>(&raw) {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        tracing::warn!(file = %name, "skipping an unreadable drill report: {e}")
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            b["started_at"]
+                .as_str()
+                .unwrap_or_default()
+                .cmp(a["started_at"].as_str().unwrap_or_default())
+        });
+        Ok(out)
+    }
+
+    /// One drill report by id.
+    pub async fn drill(&self, id: &str) -> Result<serde_json::Value, JmError> {
+        let not_found = || {
+            JmError::Missing(format!(
+                "drill '{id}' not found; list drills with GET /v1/drills"
+            ))
+        };
+        if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(not_found());
+        }
+        let store = self.inner.store.clone().map_err(JmError::Runtime)?;
+        let raw = store
+            .get_opt(&format!("drills/{id}.json"))
+            .await?
+            .ok_or_else(not_found)?;
+        serde_json::from_slice(&raw)
+            .map_err(|e| JmError::Runtime(format!("drill {id}: unreadable report: {e}")))
     }
 
     /// Stops every running job with a savepoint for a planned switchover

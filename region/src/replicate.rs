@@ -85,6 +85,9 @@ pub struct JobCopy {
     /// Target checkpoint directories deleted because the source no longer
     /// retains them.
     pub removed: Vec<u64>,
+    /// Target snapshots archived and removed because they diverged from
+    /// the source's lineage (see [`crate::diverge`]).
+    pub diverged: Vec<crate::diverge::Diverged>,
 }
 
 impl JobCopy {
@@ -243,6 +246,9 @@ pub async fn replicate_job(
     {
         target.put(&status_rel, status).await?;
     }
+    // What the target completed beyond the source's lineage goes first:
+    // it would conflict with the source's snapshots of the same numbers.
+    out.diverged = crate::diverge::archive_divergence(source, target, job).await?;
     let mut dirs: Vec<String> = Vec::new();
     let sp_root = format!("{}/savepoints", job_dir(job));
     for name in source.list_dirs(&sp_root).await? {
@@ -292,6 +298,19 @@ mod tests {
     };
 
     async fn checkpoint(root: &StorageLocation, job: &JobId, n: u64, files: &[(&str, &[u8])]) {
+        lineage_checkpoint(root, job, n, files, 0, None).await
+    }
+
+    /// A checkpoint of region epoch `epoch` in a run restored from
+    /// `restored_from`.
+    async fn lineage_checkpoint(
+        root: &StorageLocation,
+        job: &JobId,
+        n: u64,
+        files: &[(&str, &[u8])],
+        epoch: u64,
+        restored_from: Option<u64>,
+    ) {
         let dir = root.child(&checkpoint_dir(job, CheckpointId(n)));
         let mut entries = Vec::new();
         for (name, data) in files {
@@ -312,7 +331,7 @@ mod tests {
             kind: SnapshotKind::Checkpoint,
             created_at: chrono::Utc::now(),
             jm_epoch: 1,
-            region_epoch: 0,
+            region_epoch: epoch,
             parallelism: 1,
             watermark: n as i64 * 1000,
             records_in: n * 10,
@@ -322,6 +341,7 @@ mod tests {
             files: entries,
             source_offsets: Default::default(),
             sink_transactions: Vec::new(),
+            restored_from,
         };
         write_manifest(&dir, &m).await.unwrap();
     }
@@ -448,6 +468,75 @@ mod tests {
         assert_eq!(r.removed, vec![1, 2]);
         let left = list_checkpoint_ids(&dst, &job).await.unwrap();
         assert_eq!(left, vec![CheckpointId(3), CheckpointId(4)]);
+    }
+
+    /// The old primary (epoch 1) completed 4 and 5 after replicating 3; the
+    /// new primary (epoch 2) restored from 3 and completed 4 and 6. Reverse
+    /// replication archives the old 4 and 5, then copies the new ones.
+    #[tokio::test]
+    async fn snapshots_beyond_the_restored_lineage_are_archived_as_divergence() {
+        let (_tmp, new_primary, old_primary) = stores();
+        let job = JobId::default();
+        // 1-3 were the old primary's and replicated (identical copies).
+        for n in 1..=3 {
+            lineage_checkpoint(&new_primary, &job, n, &[("w.state", b"old")], 1, None).await;
+        }
+        replicate_job(&new_primary, &old_primary, &job)
+            .await
+            .unwrap();
+        for n in [4, 5] {
+            lineage_checkpoint(&old_primary, &job, n, &[("w.state", b"old")], 1, None).await;
+        }
+        for n in [4, 6] {
+            lineage_checkpoint(&new_primary, &job, n, &[("w.state", b"new")], 2, Some(3)).await;
+        }
+        let r = replicate_job(&new_primary, &old_primary, &job)
+            .await
+            .unwrap();
+        let diverged: Vec<u64> = r.diverged.iter().map(|d| d.checkpoint).collect();
+        assert_eq!(diverged, vec![4, 5]);
+        assert!(r.skipped.is_empty(), "no conflict is left: {:?}", r.skipped);
+        // The old primary now holds exactly the new lineage.
+        let left = list_checkpoint_ids(&old_primary, &job).await.unwrap();
+        assert_eq!(
+            left.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 6]
+        );
+        let m4 = ferry_core::manifest::read_manifest(
+            &old_primary.child(&checkpoint_dir(&job, CheckpointId(4))),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(m4.region_epoch, 2);
+        // The archive is the report: 5 committed 5 records (helper: n),
+        // the base 3 had 3 → 2 records and 2 s of event time diverged.
+        let archived = crate::diverge::archived(&old_primary, &job).await.unwrap();
+        let s = crate::diverge::JobDivergence::summarise(job, archived);
+        assert_eq!(s.checkpoints, vec![4, 5]);
+        assert_eq!(s.records_out, 2);
+        assert_eq!(s.records_in, 20);
+        assert_eq!(s.event_time_ms, 2000);
+        assert_eq!(s.base.as_ref().map(|b| b.checkpoint), Some(3));
+        // A second pass finds nothing new.
+        let again = replicate_job(&new_primary, &old_primary, &job)
+            .await
+            .unwrap();
+        assert!(again.diverged.is_empty());
+        // A standby that only ever received copies has no divergence.
+        let (_tmp2, a, b) = stores();
+        for n in 1..=3 {
+            lineage_checkpoint(&a, &job, n, &[("w.state", b"x")], 1, None).await;
+        }
+        replicate_job(&a, &b, &job).await.unwrap();
+        lineage_checkpoint(&a, &job, 4, &[("w.state", b"y")], 1, None).await;
+        assert!(
+            replicate_job(&a, &b, &job)
+                .await
+                .unwrap()
+                .diverged
+                .is_empty()
+        );
     }
 
     #[tokio::test]

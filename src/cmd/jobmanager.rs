@@ -164,6 +164,8 @@ async fn start_regions(
         return Ok(None);
     }
     let replicator = Arc::new(ferry_region::Replicator::new(standbys));
+    // Set while this region plays dead for a drill (`/v1/drills/outage`).
+    let dark: Dark = Default::default();
     // Region health, refreshed in the background: (global KV readable, views).
     let regions: RegionsCache = Default::default();
     let region_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -186,9 +188,11 @@ async fn start_regions(
             cfg.region.clone(),
             api_url.to_string(),
         );
+        // Commits need a fresh confirmation of the region lease from now on.
+        jm.enable_region_fence();
         let leading = {
-            let jm = jm.clone();
-            move || jm.leadership().fence().is_some()
+            let (jm, dark) = (jm.clone(), dark.clone());
+            move || jm.leadership().fence().is_some() && !is_dark(&dark)
         };
         let heartbeat = move || ferry_region::health::RegionHeartbeat {
             region: region.clone(),
@@ -221,19 +225,20 @@ async fn start_regions(
         else {
             return Ok(None);
         };
-        {
-            let (cfg2, jm2, kv) = (cfg.clone(), jm.clone(), lease_kv.clone());
-            jm.set_region_control(Arc::new(move |target, force, dry_run| {
-                let (cfg, jm, kv) = (cfg2.clone(), jm2.clone(), kv.clone());
-                Box::pin(async move { switchover(&cfg, &jm, &kv, &target, force, dry_run).await })
-            }));
-        }
+        jm.set_region_control(Arc::new(RegionCtl(Arc::new(RegionCtx {
+            cfg: cfg.clone(),
+            jm: jm.clone(),
+            kv: lease_kv.clone(),
+            regions: regions.clone(),
+            dark: dark.clone(),
+        }))));
         tokio::spawn(follow_region_lease(
             cfg.clone(),
             jm.clone(),
             lease_kv,
             regions.clone(),
             region_epoch.clone(),
+            dark.clone(),
             stop.clone(),
         ));
         let (cache, s) = (regions.clone(), stop.clone());
@@ -265,6 +270,8 @@ async fn start_regions(
         );
         let (jm, regions, health) = (jm.clone(), regions.clone(), !g.urls.is_empty());
         let epoch = region_epoch.clone();
+        // Where the jobs belong (`regions.primary`): fail-back's default.
+        let home = cfg.regions.primary.clone();
         Arc::new(move || {
             let (reachable, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
             serde_json::json!({
@@ -275,6 +282,7 @@ async fn start_regions(
                 "regions": views,
                 "global_reachable": if health { Some(reachable) } else { None },
                 "epoch": epoch.load(std::sync::atomic::Ordering::Relaxed),
+                "home": home,
             })
         })
     };
@@ -328,6 +336,232 @@ async fn start_regions(
 /// Region health as last read from the global KV: (readable, views).
 type RegionsCache = Arc<std::sync::Mutex<(bool, Vec<ferry_region::health::RegionView>)>>;
 
+/// Until when this region plays dead for a drill.
+type Dark = Arc<std::sync::Mutex<Option<std::time::Instant>>>;
+
+/// True while a simulated outage lasts (an expired one is cleared).
+fn is_dark(dark: &Dark) -> bool {
+    let mut d = dark.lock().unwrap_or_else(|p| p.into_inner());
+    match *d {
+        Some(until) if std::time::Instant::now() < until => true,
+        Some(_) => {
+            *d = None;
+            tracing::warn!("drill: the simulated outage ended; following the region lease again");
+            false
+        }
+        None => false,
+    }
+}
+
+/// What the region endpoints work with.
+struct RegionCtx {
+    cfg: ProcessConfig,
+    jm: JobManager,
+    /// The global KV bucket holding the region lease.
+    kv: Arc<dyn ferry_ha::Coordination>,
+    regions: RegionsCache,
+    dark: Dark,
+}
+
+/// The region coordinator's operations behind `/v1/regions/{name}/...` and
+/// `/v1/drills/outage`.
+struct RegionCtl(Arc<RegionCtx>);
+
+impl ferry_jobmanager::service::RegionOps for RegionCtl {
+    fn failover(
+        &self,
+        target: String,
+        force: bool,
+        dry_run: bool,
+    ) -> ferry_jobmanager::service::RegionResult {
+        let c = self.0.clone();
+        Box::pin(async move { switchover(&c.cfg, &c.jm, &c.kv, &target, force, dry_run).await })
+    }
+
+    fn failback(&self, target: String, dry_run: bool) -> ferry_jobmanager::service::RegionResult {
+        let c = self.0.clone();
+        Box::pin(async move { failback(&c, &target, dry_run).await })
+    }
+
+    fn outage(
+        &self,
+        duration: Option<std::time::Duration>,
+    ) -> ferry_jobmanager::service::RegionResult {
+        let c = self.0.clone();
+        Box::pin(async move { outage(&c, duration).await })
+    }
+}
+
+/// The REST URL of `region`'s leader from its last heartbeat.
+fn region_url(regions: &RegionsCache, region: &str) -> Option<String> {
+    let (_, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    views
+        .into_iter()
+        .find(|v| v.region == region)
+        .and_then(|v| v.heartbeat)
+        .map(|h| h.api_url)
+        .filter(|u| !u.is_empty())
+}
+
+/// Where to send an operation that must run on `primary`'s leader.
+fn send_there(regions: &RegionsCache, primary: &str) -> String {
+    match region_url(regions, primary) {
+        Some(u) => format!("send it there ({u})"),
+        None => "send it there".into(),
+    }
+}
+
+/// `POST /v1/regions/{target}/failback`: on the primary's leader, after
+/// an earlier failover away from `target`. Replicates every job into
+/// `target`'s store now (archiving what `target` committed beyond the
+/// lineage this region restored from), reports that divergence, then
+/// switches over to `target` like a planned failover (nothing lost,
+/// nothing repeated).
+async fn failback(c: &RegionCtx, target: &str, dry_run: bool) -> Result<serde_json::Value, String> {
+    use ferry_region::{JobDivergence, diverge};
+    let me = &c.cfg.region;
+    let (current, rev) = match ferry_region::lease::read(c.kv.as_ref()).await {
+        Ok(Some((l, rev))) => (l.primary, rev),
+        Ok(None) => {
+            return Err("there is no region lease yet: the primary region has not started".into());
+        }
+        Err(e) => return Err(format!("cannot read the region lease: {e}")),
+    };
+    if current == target {
+        return Err(format!(
+            "{target} is already the primary region (epoch {rev}); nothing to fail back"
+        ));
+    }
+    if current != *me || c.jm.leadership().fence().is_none() {
+        return Err(format!(
+            "fail-back runs on the leader of the primary region {current}; {}",
+            send_there(&c.regions, &current)
+        ));
+    }
+    let Some(target_url) = c.cfg.regions.stores.get(target) else {
+        return Err(format!(
+            "unknown region '{target}': known regions are {}",
+            c.cfg
+                .regions
+                .stores
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let healthy = {
+        let (readable, views) = c.regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        readable && views.iter().any(|v| v.region == target && v.healthy)
+    };
+    if !healthy {
+        return Err(format!(
+            "{target} is not healthy (no region heartbeat within {}): start its JobManagers and TaskManagers, wait until `ferry region status` shows it healthy, then retry",
+            humantime::format_duration(c.cfg.regions.timeout.get())
+        ));
+    }
+    let source =
+        ferry_core::storage::StorageLocation::open(&c.cfg.storage).map_err(|e| e.to_string())?;
+    let target_store =
+        ferry_core::storage::StorageLocation::open(target_url).map_err(|e| e.to_string())?;
+    // Catch up now: the switchover's savepoints then only add the last bit.
+    let mut jobs = Vec::new();
+    for j in c.jm.list() {
+        ferry_region::replicate_job(&source, &target_store, &j.id)
+            .await
+            .map_err(|e| {
+                format!(
+                    "replicating job {} to {target} failed: {e}; nothing was moved",
+                    j.id
+                )
+            })?;
+        let archived = diverge::archived(&target_store, &j.id)
+            .await
+            .map_err(|e| format!("reading the divergence of job {} in {target}: {e}", j.id))?;
+        if !archived.is_empty() {
+            jobs.push(JobDivergence::summarise(j.id, archived));
+        }
+    }
+    let divergence = serde_json::json!({
+        "region": target,
+        "records_out": jobs.iter().map(|j| j.records_out).sum::<u64>(),
+        "records_in": jobs.iter().map(|j| j.records_in).sum::<u64>(),
+        "event_time_ms": jobs.iter().map(|j| j.event_time_ms).max().unwrap_or(0),
+        "jobs": jobs,
+    });
+    if dry_run {
+        return Ok(serde_json::json!({
+            "from": me, "to": target, "epoch": rev, "force": false, "failback": true,
+            "divergence": divergence,
+            "steps": [format!("{target} has caught up (every job replicated into {target_url})"),
+                      "stop every job with a savepoint", format!("wait until the savepoints are in {target_url}"),
+                      "move the region lease", format!("{target} resumes every job from its savepoint")],
+        }));
+    }
+    let mut v = switchover(&c.cfg, &c.jm, &c.kv, target, false, false).await?;
+    v["failback"] = true.into();
+    v["divergence"] = divergence;
+    Ok(v)
+}
+
+/// `POST`/`DELETE /v1/drills/outage`: this region (its leader) plays dead
+/// for a drill — it stops every job without a savepoint, stops its region
+/// heartbeat and ignores the region lease until the outage ends — so a
+/// standby's automatic failover takes over exactly as after a real outage.
+async fn outage(
+    c: &RegionCtx,
+    duration: Option<std::time::Duration>,
+) -> Result<serde_json::Value, String> {
+    let me = &c.cfg.region;
+    let Some(duration) = duration else {
+        let was = c
+            .dark
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some();
+        if was {
+            tracing::warn!("drill: the simulated outage ended; following the region lease again");
+        }
+        return Ok(serde_json::json!({"region": me, "outage": false, "was_dark": was}));
+    };
+    if let Some(p) = c.jm.standby_of() {
+        return Err(format!(
+            "a simulated outage runs on the primary region's leader; {me} is a standby of {p}: {}",
+            send_there(&c.regions, &p)
+        ));
+    }
+    if c.jm.leadership().fence().is_none() {
+        return Err(format!(
+            "this JobManager does not lead {me}; send it to the leader"
+        ));
+    }
+    let running: Vec<String> =
+        c.jm.list()
+            .into_iter()
+            .filter(|j| !j.state.is_terminal())
+            .map(|j| j.id.to_string())
+            .collect();
+    *c.dark.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now() + duration);
+    tracing::warn!(
+        duration = %humantime::format_duration(duration),
+        jobs = running.len(),
+        "drill: simulating an outage of this region: every job stops without a savepoint and the region heartbeat stops"
+    );
+    c.jm.demote(me, "(unknown: simulated outage)").await;
+    let jobs: Vec<serde_json::Value> = running
+        .iter()
+        .filter_map(|id| c.jm.get(id).ok())
+        .map(|j| serde_json::to_value(j).unwrap_or_default())
+        .collect();
+    Ok(serde_json::json!({
+        "region": me,
+        "outage": true,
+        "until": chrono::Utc::now() + chrono::Duration::from_std(duration).unwrap_or_default(),
+        "jobs": jobs,
+    }))
+}
+
 /// Follows the region lease: this region runs jobs exactly while the lease
 /// names it. The initial primary creates the lease; with
 /// `regions.autoFailover`, a standby region's leader takes it (CAS) when the
@@ -340,6 +574,7 @@ async fn follow_region_lease(
     global: Arc<dyn ferry_ha::Coordination>,
     regions: RegionsCache,
     region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    dark: Dark,
     stop: CancellationToken,
 ) {
     use ferry_region::lease;
@@ -362,7 +597,11 @@ async fn follow_region_lease(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if is_dark(&dark) {
+            continue;
+        }
         let leading = jm.leadership().fence().is_some();
+        let read_started = std::time::Instant::now();
         let (primary, epoch, since) = match tokio::time::timeout(
             interval,
             lease::read(global.as_ref()),
@@ -450,6 +689,12 @@ async fn follow_region_lease(
                     Err(e) => tracing::info!("another change of the region lease came first: {e}"),
                 }
             }
+        }
+        if primary == me {
+            // Commits may go on until half the region timeout after this
+            // read began: a standby takes over only after the whole
+            // timeout of silence.
+            jm.confirm_region_lease((timeout / 2).saturating_sub(read_started.elapsed()));
         }
         if primary == me && jm.is_standby_region() {
             led = None;

@@ -5,6 +5,7 @@ pub mod bench_failover;
 pub mod bench_region;
 pub mod bench_replication;
 pub mod cluster;
+pub mod drill;
 pub mod job;
 pub mod jobmanager;
 pub mod local;

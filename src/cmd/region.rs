@@ -47,6 +47,24 @@ pub enum RegionCommand {
         #[command(flatten)]
         api: super::job::ApiArgs,
     },
+    /// Move the jobs home after a failover: the region they left (by
+    /// default `regions.primary`, where they belong) is back as a standby
+    /// and has caught up by replication; a planned switchover moves every
+    /// job there (nothing lost, nothing repeated). Prints the divergence
+    /// report: what that region committed after the last checkpoint it had
+    /// replicated before the failover. Sent to the current primary's leader
+    /// (found through the region given in --url).
+    Failback {
+        /// The region to move the jobs to (default: the home region,
+        /// `regions.primary`).
+        #[arg(long, value_name = "REGION")]
+        to: Option<String>,
+        /// Print the plan and the divergence report; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        api: super::job::ApiArgs,
+    },
     /// Copy every complete checkpoint, savepoint and job spec the target
     /// lacks from one region's store to another's (hash-verified, manifest
     /// last), and apply the source's checkpoint retention.
@@ -153,6 +171,7 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
                     Err(f) => Ok(f.report()),
                 }
             }
+            RegionCommand::Failback { to, dry_run, api } => failback(to, dry_run, &api).await,
             RegionCommand::Status { api } => {
                 let client = super::job::Client::new(&api)?;
                 match client
@@ -168,6 +187,165 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// What `GET /v1/regions` says about the regions: the primary and every
+/// region's leader URL from its heartbeat.
+pub(crate) struct RegionMap {
+    pub primary: String,
+    pub home: Option<String>,
+    pub epoch: u64,
+    pub urls: std::collections::BTreeMap<String, String>,
+    pub healthy: std::collections::BTreeMap<String, bool>,
+}
+
+impl RegionMap {
+    pub(crate) fn from_view(v: &serde_json::Value) -> anyhow::Result<Self> {
+        let Some(primary) = v["primary"].as_str() else {
+            anyhow::bail!(
+                "this JobManager reports no primary region: cross-region coordination is not configured (regions.global, see docs/config.md)"
+            );
+        };
+        let mut urls = std::collections::BTreeMap::new();
+        let mut healthy = std::collections::BTreeMap::new();
+        for r in v["regions"].as_array().into_iter().flatten() {
+            let name = r["region"].as_str().unwrap_or_default().to_string();
+            if let Some(u) = r["heartbeat"]["api_url"].as_str().filter(|u| !u.is_empty()) {
+                urls.insert(name.clone(), u.to_string());
+            }
+            healthy.insert(name, r["healthy"] == true);
+        }
+        Ok(Self {
+            primary: primary.to_string(),
+            home: v["home"].as_str().map(str::to_string),
+            epoch: v["epoch"].as_u64().unwrap_or(0),
+            urls,
+            healthy,
+        })
+    }
+
+    /// The REST URL of `region`'s leader, or why there is none.
+    pub(crate) fn url(&self, region: &str) -> anyhow::Result<String> {
+        self.urls.get(region).cloned().ok_or_else(|| {
+            anyhow::anyhow!(
+                "no JobManager URL is known for region {region} (it has not heartbeat into the global KV); is it running?"
+            )
+        })
+    }
+}
+
+/// A client of one JobManager URL.
+pub(crate) fn client_for(url: &str, output: Output) -> anyhow::Result<super::job::Client> {
+    super::job::Client::new(&super::job::ApiArgs {
+        url: vec![url.to_string()],
+        output,
+    })
+}
+
+async fn failback(
+    to: Option<String>,
+    dry_run: bool,
+    api: &super::job::ApiArgs,
+) -> anyhow::Result<ExitCode> {
+    let client = super::job::Client::new(api)?;
+    let view = match client
+        .call::<serde_json::Value>(reqwest::Method::GET, "/v1/regions", None)
+        .await
+    {
+        Ok((_, v)) => v,
+        Err(f) => return Ok(f.report()),
+    };
+    let map = RegionMap::from_view(&view)?;
+    let Some(target) = to.or(map.home.clone()) else {
+        anyhow::bail!("no home region is configured (regions.primary): name the region with --to");
+    };
+    if target == map.primary {
+        anyhow::bail!(
+            "{target} is already the primary region (epoch {}): nothing to fail back",
+            map.epoch
+        );
+    }
+    let primary_url = map.url(&map.primary)?;
+    if !dry_run {
+        eprintln!(
+            "failing back from {} to {target} (catch-up, savepoints, lease) ...",
+            map.primary
+        );
+    }
+    let path = format!("/v1/regions/{target}/failback?dry_run={dry_run}");
+    match client_for(&primary_url, api.output)?
+        .call::<serde_json::Value>(reqwest::Method::POST, &path, None)
+        .await
+    {
+        Ok((raw, v)) => {
+            print_result(api.output, &raw, |out| {
+                let _ = writeln!(
+                    out,
+                    "{}fail-back {} -> {} (region epoch {})",
+                    if dry_run { "plan: " } else { "" },
+                    v["from"].as_str().unwrap_or("-"),
+                    v["to"].as_str().unwrap_or("-"),
+                    v["epoch"]
+                );
+                for s in v["steps"].as_array().into_iter().flatten() {
+                    let _ = writeln!(out, "  - {}", s.as_str().unwrap_or(""));
+                }
+                print_divergence(&v["divergence"], out);
+                if let Some(ms) = v["took_ms"].as_u64() {
+                    let _ = writeln!(out, "took {ms} ms");
+                }
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => Ok(f.report()),
+    }
+}
+
+/// The divergence report of a fail-back, for people.
+fn print_divergence(d: &serde_json::Value, out: &mut String) {
+    let jobs = d["jobs"].as_array().cloned().unwrap_or_default();
+    let region = d["region"].as_str().unwrap_or("-");
+    if jobs.is_empty() {
+        let _ = writeln!(
+            out,
+            "divergence: none ({region} committed nothing beyond what the failover restored)"
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "divergence: {region} committed {} output records ({} input records, {} ms of event time) after the checkpoints the failover restored from:",
+        d["records_out"], d["records_in"], d["event_time_ms"]
+    );
+    let _ = writeln!(
+        out,
+        "  {:<34} {:>6} {:<20} {:>12} {:>12}",
+        "JOB", "BASE", "DIVERGED CHECKPOINTS", "RECORDS OUT", "EVENT MS"
+    );
+    for j in jobs {
+        let cps: Vec<String> = j["checkpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c.to_string())
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<34} {:>6} {:<20} {:>12} {:>12}",
+            j["job"].as_str().unwrap_or("-"),
+            j["base"]["checkpoint"]
+                .as_u64()
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "-".into()),
+            cps.join(","),
+            j["records_out"],
+            j["event_time_ms"]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  (their manifests are archived under jobs/<id>/diverged/ in {region}'s store)"
+    );
 }
 
 /// The named jobs, or every job under `root`'s `jobs/`.

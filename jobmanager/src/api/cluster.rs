@@ -69,3 +69,25 @@ pub(super) async fn failover(
     let dry_run = super::jobs::parse_flag("dry_run", q.dry_run.as_deref())?;
     Ok(Json(jm.region_failover(name, force, dry_run).await?))
 }
+
+/// Query of `POST /v1/regions/{name}/failback`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct FailbackQuery {
+    dry_run: Option<String>,
+}
+
+/// `POST /v1/regions/{name}/failback`: the jobs go home to `name`, a
+/// region that failed earlier and is a standby again: once it has caught
+/// up by replication from the current primary, a planned switchover moves
+/// them. The answer carries the divergence report: what `name` committed
+/// after its last checkpoint that the current primary restored from.
+pub(super) async fn failback(
+    State(jm): State<JobManager>,
+    name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    query: Result<axum::extract::Query<FailbackQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, super::error::ApiError> {
+    let axum::extract::Path(name) = name?;
+    let axum::extract::Query(q) = query?;
+    let dry_run = super::jobs::parse_flag("dry_run", q.dry_run.as_deref())?;
+    Ok(Json(jm.region_failback(name, dry_run).await?))
+}

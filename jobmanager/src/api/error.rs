@@ -146,6 +146,9 @@ impl From<JmError> for ApiError {
             JmError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             JmError::NotLeader { .. } => StatusCode::SERVICE_UNAVAILABLE,
             JmError::NotPrimaryRegion { .. } => StatusCode::CONFLICT,
+            JmError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            JmError::Missing(_) => StatusCode::NOT_FOUND,
+            JmError::Region(_) => StatusCode::CONFLICT,
         };
         Self::new(status, e.code(), e.to_string())
     }

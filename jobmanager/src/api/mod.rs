@@ -8,6 +8,7 @@
 //! all derived from it or checked against it.
 
 mod cluster;
+mod drills;
 pub mod error;
 mod forward;
 mod health;
@@ -110,6 +111,36 @@ pub const ROUTES: &[RouteInfo] = &[
         summary: "make a region the primary (?force=true when the primary is unreachable, ?dry_run=true for the plan)",
     },
     RouteInfo {
+        method: "POST",
+        path: "/v1/regions/{name}/failback",
+        summary: "move the jobs home to a region that is a standby again after a failover, with the divergence report (?dry_run=true for the plan)",
+    },
+    RouteInfo {
+        method: "GET",
+        path: "/v1/drills",
+        summary: "failover drill reports recorded in this region, newest first",
+    },
+    RouteInfo {
+        method: "POST",
+        path: "/v1/drills",
+        summary: "record a failover drill report (ferry drill run does this)",
+    },
+    RouteInfo {
+        method: "GET",
+        path: "/v1/drills/{id}",
+        summary: "one failover drill report",
+    },
+    RouteInfo {
+        method: "POST",
+        path: "/v1/drills/outage",
+        summary: "simulate this region's outage for a drill (?duration=60s): stop every job without a savepoint and stop the region heartbeat",
+    },
+    RouteInfo {
+        method: "DELETE",
+        path: "/v1/drills/outage",
+        summary: "end a simulated outage",
+    },
+    RouteInfo {
         method: "GET",
         path: "/health/ha",
         summary: "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
@@ -143,6 +174,13 @@ pub fn router(jm: JobManager) -> Router {
         .route("/v1/regions", get(cluster::regions))
         .route("/health/regions", get(cluster::health_regions))
         .route("/v1/regions/{name}/failover", post(cluster::failover))
+        .route("/v1/regions/{name}/failback", post(cluster::failback))
+        .route("/v1/drills", get(drills::list).post(drills::record))
+        .route(
+            "/v1/drills/outage",
+            post(drills::start_outage).delete(drills::end_outage),
+        )
+        .route("/v1/drills/{id}", get(drills::get))
         .route("/health/ha", get(cluster::health_ha))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

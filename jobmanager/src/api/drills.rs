@@ -1,0 +1,95 @@
+//! Failover drill endpoints: `ferry drill run` asks the primary region to
+//! play dead (`/v1/drills/outage`) and records its measured report in the
+//! region it failed over to (`/v1/drills`), where the drill metrics show the
+//! last result.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+
+use super::error::ApiError;
+use crate::service::JobManager;
+
+/// Query of `POST /v1/drills/outage`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct OutageQuery {
+    duration: Option<String>,
+}
+
+/// Longest simulated outage: a drill that forgets to end one does not keep
+/// a region dark for good.
+const MAX_OUTAGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `POST /v1/drills/outage?duration=60s`: this region plays dead for a drill
+/// — its leader stops every job without a savepoint and stops heartbeating
+/// into the global KV, as if the region were gone, for `duration` (default
+/// 60 s, at most 10 min) or until `DELETE`. Answers each job's progress at
+/// the moment it stopped.
+pub(super) async fn start_outage(
+    State(jm): State<JobManager>,
+    query: Result<Query<OutageQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = query?;
+    let duration = match q.duration.as_deref() {
+        None => std::time::Duration::from_secs(60),
+        Some(d) => humantime::parse_duration(d).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("duration={d:?} is not a duration ({e}); use e.g. duration=60s"),
+            )
+        })?,
+    };
+    if duration.is_zero() || duration > MAX_OUTAGE {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "duration must be more than 0 and at most 10m".to_string(),
+        ));
+    }
+    Ok(Json(jm.region_outage(Some(duration)).await?))
+}
+
+/// `DELETE /v1/drills/outage`: the simulated outage ends; the region
+/// follows the region lease again (a standby if another region took over).
+pub(super) async fn end_outage(
+    State(jm): State<JobManager>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(jm.region_outage(None).await?))
+}
+
+/// `POST /v1/drills`: record a drill report (JSON with `id`, `passed`,
+/// `rto_ms`).
+pub(super) async fn record(
+    State(jm): State<JobManager>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let body = body?;
+    let report: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("the body is not a JSON drill report: {e}"),
+        )
+    })?;
+    Ok((StatusCode::CREATED, Json(jm.record_drill(report).await?)))
+}
+
+/// `GET /v1/drills`: the drill reports recorded in this region, newest
+/// first.
+pub(super) async fn list(
+    State(jm): State<JobManager>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(serde_json::json!({ "drills": jm.drills().await? })))
+}
+
+/// `GET /v1/drills/{id}`: one drill report.
+pub(super) async fn get(
+    State(jm): State<JobManager>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
+    Ok(Json(jm.drill(&id).await?))
+}
