@@ -1535,10 +1535,43 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
     // ~40 s of input: the job is still running after both moves.
     east.rate = 20_000;
     two_regions(&mut east, &mut west, &global);
+    let (hook_url, mut hook) = webhook_receiver().await;
+    west.env.push(("FERRY_REGIONS_WEBHOOK", hook_url));
+    west.env
+        .push(("FERRY_REGIONS_VERIFY_INTERVAL", "200ms".into()));
     start_two_regions(&mut east, &mut west).await;
     let epoch = wait_lease(&east).await;
     let job = east.running_job(0).await;
-    wait_replicated(&east, 0, &job).await;
+    let replicated = wait_replicated(&east, 0, &job).await;
+    // West test-restores what it receives, and says so in its heartbeat.
+    let start = Instant::now();
+    loop {
+        let v = east
+            .get(&east.jms[0], "/v1/regions")
+            .await
+            .unwrap_or_default();
+        let west_view = v["regions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["region"] == "west")
+            .cloned()
+            .unwrap_or_default();
+        if west_view["heartbeat"]["verified"][&job].as_u64() >= Some(replicated) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "west verified nothing: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let wv = west.get(&west.jms[0], "/v1/regions").await.unwrap();
+    assert!(
+        wv["verified"][&job]["checkpoint"].as_u64() >= Some(replicated),
+        "{wv}"
+    );
+    assert!(wv["verified"][&job]["last_failure"].is_null(), "{wv}");
 
     let url = east.jms[0].url();
     let (ok, r, stderr) = ferry_json(&[
@@ -1627,6 +1660,14 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
         (rto_metric * 1000.0 - phases[3] as f64).abs() < 1.0,
         "{rto_metric}"
     );
+    // West announced its promotion to the webhook.
+    let event = tokio::time::timeout(Duration::from_secs(10), hook.recv())
+        .await
+        .expect("a webhook call")
+        .unwrap();
+    assert_eq!(event["event"], "promoted", "{event}");
+    assert_eq!(event["region"], "west");
+    assert_eq!(event["epoch"], r["region_epoch"], "{event} vs {r}");
 
     // Home again: east is healthy (a standby), fail-back moves the job.
     wait_healthy(&west, 0, "east", Duration::from_secs(20)).await;
@@ -1920,4 +1961,52 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over(
         .filter_map(|m| m["region_epoch"].as_u64())
         .collect();
     assert!(epochs.iter().all(|e| *e > epoch), "{epochs:?}");
+}
+
+/// A loopback HTTP endpoint that answers 200 to every POST and hands each
+/// JSON body over; its URL.
+async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Headers, then Content-Length bytes of body (bounded).
+                while buf.len() < 1 << 20 {
+                    let n =
+                        match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk))
+                            .await
+                        {
+                            Ok(Ok(n)) if n > 0 => n,
+                            _ => return,
+                        };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        if let Ok(v) = serde_json::from_slice(&buf[end + 4..end + 4 + len]) {
+                            let _ = tx.send(v);
+                        }
+                        let _ = sock
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
 }

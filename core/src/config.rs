@@ -75,6 +75,18 @@ pub struct RegionsConfig {
     /// heartbeat is older than `timeout` (default true).
     #[serde(default = "yes")]
     pub auto_failover: bool,
+    /// How often a standby region's leader test-restores the checkpoints
+    /// replicated into its store (default 5s; each is checked once).
+    #[serde(default = "d_verify_interval")]
+    pub verify_interval: DurationSpec,
+    /// URL that receives a JSON `POST` when this region takes the region
+    /// lease (failover or switchover) or loses it. Unset: none.
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+fn d_verify_interval() -> DurationSpec {
+    DurationSpec(Duration::from_secs(5))
 }
 
 fn yes() -> bool {
@@ -109,6 +121,8 @@ impl Default for RegionsConfig {
             health_check_interval: d_heartbeat(),
             timeout: d_region_timeout(),
             auto_failover: true,
+            verify_interval: d_verify_interval(),
+            webhook: None,
         }
     }
 }
@@ -371,6 +385,12 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "regions.autoFailover",
         EnvKind::Bool,
     ),
+    (
+        "FERRY_REGIONS_VERIFY_INTERVAL",
+        "regions.verifyInterval",
+        EnvKind::Text,
+    ),
+    ("FERRY_REGIONS_WEBHOOK", "regions.webhook", EnvKind::Text),
 ];
 
 /// A configuration problem, saying where and what to do.

@@ -28,6 +28,9 @@ pub struct RegionHeartbeat {
     /// checkpoints).
     #[serde(default)]
     pub replication: Vec<(String, f64, u64)>,
+    /// A standby's newest restore-verified checkpoint per job.
+    #[serde(default)]
+    pub verified: std::collections::BTreeMap<String, u64>,
 }
 
 /// A known region as seen from the global KV.
@@ -142,6 +145,7 @@ mod tests {
                 api_url: "http://127.0.0.1:1".into(),
                 at: None,
                 replication: vec![("us-east".into(), 0.5, 1)],
+                verified: Default::default(),
             },
             stop.clone(),
         ));

@@ -55,6 +55,62 @@ pub async fn claim(
     }
 }
 
+/// What a standby region's leader does about the primary region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Takeover {
+    /// The primary is alive (or only just became primary).
+    Wait,
+    /// The primary is silent, but this healthy standby holds newer
+    /// verified checkpoints and goes first.
+    Defer(String),
+    /// Take the region lease.
+    Claim,
+}
+
+/// Decides whether `me`, a standby, takes over from `primary`. The primary
+/// is silent when its heartbeat is older than `timeout` and it has held
+/// the lease at least that long (a region that just became primary has had
+/// no time to beat). Of several standbys, the healthy one with the newest
+/// verified checkpoints (the sum over jobs of the newest verified number;
+/// ties: the smaller region name) goes first; the others step in only
+/// when the primary has been silent for twice the timeout.
+pub fn takeover(
+    me: &str,
+    primary: &str,
+    views: &[crate::health::RegionView],
+    my_verified: &std::collections::BTreeMap<String, u64>,
+    timeout: std::time::Duration,
+    lease_age: std::time::Duration,
+) -> Takeover {
+    use crate::verifier::score;
+    use std::cmp::Reverse;
+    let silent_for = views
+        .iter()
+        .find(|v| v.region == primary && !v.healthy)
+        .map(|v| {
+            v.heartbeat_age_ms
+                .map(std::time::Duration::from_millis)
+                .unwrap_or(std::time::Duration::MAX)
+        })
+        .filter(|age| *age > timeout);
+    let Some(silent_for) = silent_for.filter(|_| lease_age > timeout) else {
+        return Takeover::Wait;
+    };
+    let mine = (score(my_verified), Reverse(me));
+    let better = views.iter().find(|v| {
+        v.region != me
+            && v.region != primary
+            && v.healthy
+            && v.heartbeat
+                .as_ref()
+                .is_some_and(|h| (score(&h.verified), Reverse(v.region.as_str())) > mine)
+    });
+    match better {
+        Some(b) if silent_for < timeout * 2 => Takeover::Defer(b.region.clone()),
+        _ => Takeover::Claim,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +131,109 @@ mod tests {
         let (l, epoch) = read(kv.as_ref()).await.unwrap().unwrap();
         assert_eq!(l.primary, "west");
         assert!(epoch > first, "the region epoch grows");
+    }
+
+    fn view(
+        region: &str,
+        age_ms: Option<u64>,
+        verified: &[(&str, u64)],
+    ) -> crate::health::RegionView {
+        crate::health::RegionView {
+            region: region.into(),
+            healthy: age_ms.is_some_and(|a| a < 5_000),
+            heartbeat_age_ms: age_ms,
+            heartbeat: age_ms.map(|_| crate::health::RegionHeartbeat {
+                region: region.into(),
+                verified: verified.iter().map(|(j, n)| (j.to_string(), *n)).collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_standby_with_the_newest_verified_checkpoints_takes_over_first() {
+        let t = Duration::from_secs(5);
+        let long = Duration::from_secs(60);
+        let mine: std::collections::BTreeMap<String, u64> = [("job".to_string(), 7)].into();
+        // The primary beats: wait.
+        let alive = [
+            view("east", Some(100), &[]),
+            view("west", Some(100), &[("job", 9)]),
+        ];
+        assert_eq!(
+            takeover("south", "east", &alive, &mine, t, long),
+            Takeover::Wait
+        );
+        // Silent, no other standby: claim.
+        let alone = [view("east", Some(6_000), &[])];
+        assert_eq!(
+            takeover("south", "east", &alone, &mine, t, long),
+            Takeover::Claim
+        );
+        // ... but not while the lease itself is younger than the timeout.
+        assert_eq!(
+            takeover("south", "east", &alone, &mine, t, Duration::from_secs(1)),
+            Takeover::Wait
+        );
+        // Never heard from at all counts as silent.
+        let never = [view("east", None, &[])];
+        assert_eq!(
+            takeover("south", "east", &never, &mine, t, long),
+            Takeover::Claim
+        );
+        // West verified checkpoint 9, this region only 7: west goes first,
+        let ahead = [
+            view("east", Some(6_000), &[]),
+            view("west", Some(100), &[("job", 9)]),
+        ];
+        assert_eq!(
+            takeover("south", "east", &ahead, &mine, t, long),
+            Takeover::Defer("west".into())
+        );
+        // and west itself claims.
+        let west_view = [
+            view("east", Some(6_000), &[]),
+            view("south", Some(100), &[("job", 7)]),
+        ];
+        let west_has: std::collections::BTreeMap<String, u64> = [("job".to_string(), 9)].into();
+        assert_eq!(
+            takeover("west", "east", &west_view, &west_has, t, long),
+            Takeover::Claim
+        );
+        // When west does not within another timeout, this region steps in.
+        let late = [
+            view("east", Some(10_500), &[]),
+            view("west", Some(100), &[("job", 9)]),
+        ];
+        assert_eq!(
+            takeover("south", "east", &late, &mine, t, long),
+            Takeover::Claim
+        );
+        // An unhealthy better standby does not count.
+        let down = [
+            view("east", Some(6_000), &[]),
+            view("west", Some(7_000), &[("job", 9)]),
+        ];
+        assert_eq!(
+            takeover("south", "east", &down, &mine, t, long),
+            Takeover::Claim
+        );
+        // Ties go to the smaller name.
+        let tie = [
+            view("east", Some(6_000), &[]),
+            view("north", Some(100), &[("job", 7)]),
+        ];
+        assert_eq!(
+            takeover("south", "east", &tie, &mine, t, long),
+            Takeover::Defer("north".into())
+        );
+        let tie2 = [
+            view("east", Some(6_000), &[]),
+            view("south", Some(100), &[("job", 7)]),
+        ];
+        assert_eq!(
+            takeover("north", "east", &tie2, &mine, t, long),
+            Takeover::Claim
+        );
     }
 }

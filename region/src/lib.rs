@@ -12,6 +12,7 @@ pub mod health;
 pub mod lease;
 pub mod replicate;
 pub mod replicator;
+pub mod verifier;
 pub mod verify;
 
 pub use diverge::{Diverged, JobDivergence};
@@ -19,4 +20,5 @@ pub use replicate::{
     CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
 };
 pub use replicator::{CheckpointEvent, Replicator, Standby, StandbyStatus};
+pub use verifier::{JobVerified, Verifier};
 pub use verify::{CheckpointVerdict, RestoreCheck, Verification, verify_job};

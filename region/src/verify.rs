@@ -67,6 +67,16 @@ pub async fn verify_job(
     job: &JobId,
     check: &dyn RestoreCheck,
 ) -> Result<Verification, ReplicationError> {
+    verify_new(store, job, check, &Default::default()).await
+}
+
+/// [`verify_job`] for the checkpoints not in `done` only.
+pub async fn verify_new(
+    store: &StorageLocation,
+    job: &JobId,
+    check: &dyn RestoreCheck,
+    done: &std::collections::BTreeSet<u64>,
+) -> Result<Verification, ReplicationError> {
     let mut out = Verification {
         job: *job,
         verified_at: Utc::now(),
@@ -87,8 +97,8 @@ pub async fn verify_job(
     let spec = String::from_utf8_lossy(&spec).into_owned();
     for id in list_checkpoint_ids(store, job).await? {
         let dir = store.child(&checkpoint_dir(job, id));
-        if dir.size(MANIFEST_FILE).await?.is_none() {
-            continue; // not a checkpoint (yet)
+        if done.contains(&id.0) || dir.size(MANIFEST_FILE).await?.is_none() {
+            continue; // checked before, or not a checkpoint (yet)
         }
         let verdict = match read_verified(&dir).await {
             Ok(Some(cp)) => match check.check(&spec, &cp) {

@@ -166,6 +166,13 @@ async fn start_regions(
     let replicator = Arc::new(ferry_region::Replicator::new(standbys));
     // Set while this region plays dead for a drill (`/v1/drills/outage`).
     let dark: Dark = Default::default();
+    // What this region could restore: its store's checkpoints, each
+    // test-restored once while this instance leads a standby region.
+    let verifier = Arc::new(ferry_region::Verifier::new(
+        ferry_core::storage::StorageLocation::open(&cfg.storage)
+            .with_context(|| format!("storage: {}", cfg.storage))?,
+        Arc::new(super::region::RuntimeCheck),
+    ));
     // Region health, refreshed in the background: (global KV readable, views).
     let regions: RegionsCache = Default::default();
     let region_epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -182,11 +189,22 @@ async fn start_regions(
         if !known.contains(&cfg.region) {
             known.push(cfg.region.clone());
         }
-        let (jm2, r2, region, url) = (
+        {
+            let (jm, dark) = (jm.clone(), dark.clone());
+            tokio::spawn(verifier.clone().run(
+                cfg.regions.verify_interval.get(),
+                move || {
+                    jm.leadership().fence().is_some() && jm.is_standby_region() && !is_dark(&dark)
+                },
+                stop.clone(),
+            ));
+        }
+        let (jm2, r2, region, url, v2) = (
             jm.clone(),
             replicator.clone(),
             cfg.region.clone(),
             api_url.to_string(),
+            verifier.clone(),
         );
         // Commits need a fresh confirmation of the region lease from now on.
         jm.enable_region_fence();
@@ -204,6 +222,7 @@ async fn start_regions(
                 .into_iter()
                 .map(|s| (s.region, s.lag_seconds, s.lag_checkpoints))
                 .collect(),
+            verified: v2.newest(),
         };
         ha_rt.spawn(ferry_region::health::publish(
             global.clone(),
@@ -225,20 +244,18 @@ async fn start_regions(
         else {
             return Ok(None);
         };
-        jm.set_region_control(Arc::new(RegionCtl(Arc::new(RegionCtx {
+        let ctx = Arc::new(RegionCtx {
             cfg: cfg.clone(),
             jm: jm.clone(),
-            kv: lease_kv.clone(),
+            kv: lease_kv,
             regions: regions.clone(),
             dark: dark.clone(),
-        }))));
+        });
+        jm.set_region_control(Arc::new(RegionCtl(ctx.clone())));
         tokio::spawn(follow_region_lease(
-            cfg.clone(),
-            jm.clone(),
-            lease_kv,
-            regions.clone(),
+            ctx,
             region_epoch.clone(),
-            dark.clone(),
+            verifier.clone(),
             stop.clone(),
         ));
         let (cache, s) = (regions.clone(), stop.clone());
@@ -270,6 +287,7 @@ async fn start_regions(
         );
         let (jm, regions, health) = (jm.clone(), regions.clone(), !g.urls.is_empty());
         let epoch = region_epoch.clone();
+        let verifier = verifier.clone();
         // Where the jobs belong (`regions.primary`): fail-back's default.
         let home = cfg.regions.primary.clone();
         Arc::new(move || {
@@ -283,6 +301,7 @@ async fn start_regions(
                 "global_reachable": if health { Some(reachable) } else { None },
                 "epoch": epoch.load(std::sync::atomic::Ordering::Relaxed),
                 "home": home,
+                "verified": verifier.status(),
             })
         })
     };
@@ -569,15 +588,16 @@ async fn outage(
 /// another region named — or cannot read the lease for `regions.timeout` —
 /// stops every job and cancels its tasks.
 async fn follow_region_lease(
-    cfg: ProcessConfig,
-    jm: JobManager,
-    global: Arc<dyn ferry_ha::Coordination>,
-    regions: RegionsCache,
+    c: Arc<RegionCtx>,
     region_epoch: Arc<std::sync::atomic::AtomicU64>,
-    dark: Dark,
+    verifier: Arc<ferry_region::Verifier>,
     stop: CancellationToken,
 ) {
+    let (cfg, jm, global, regions, dark) = (&c.cfg, &c.jm, c.kv.clone(), &c.regions, &c.dark);
     use ferry_region::lease;
+    let mut deferred = false;
+    // (primary, region epoch) as last seen while leading.
+    let mut seen: Option<(String, u64)> = None;
     let me = cfg.region.clone();
     let configured = cfg.regions.primary.clone().unwrap_or_else(|| me.clone());
     let interval = cfg.regions.health_check_interval.get();
@@ -597,7 +617,7 @@ async fn follow_region_lease(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if is_dark(&dark) {
+        if is_dark(dark) {
             continue;
         }
         let leading = jm.leadership().fence().is_some();
@@ -661,19 +681,32 @@ async fn follow_region_lease(
             let silent = {
                 let (readable, views) = regions.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let lease_age = (chrono::Utc::now() - since).to_std().unwrap_or_default();
-                // Silent: no heartbeat for the whole timeout, and it has held
-                // the lease at least that long (a region that just became
-                // primary, e.g. by a switchover, has had no time to beat).
-                readable
-                    && lease_age > timeout
-                    && views.iter().any(|v| {
-                        v.region == primary
-                            && !v.healthy
-                            && v.heartbeat_age_ms
-                                .is_none_or(|a| std::time::Duration::from_millis(a) > timeout)
-                    })
+                match ferry_region::lease::takeover(
+                    &me,
+                    &primary,
+                    &views,
+                    &verifier.newest(),
+                    timeout,
+                    lease_age,
+                ) {
+                    _ if !readable => false,
+                    ferry_region::lease::Takeover::Claim => true,
+                    ferry_region::lease::Takeover::Wait => false,
+                    ferry_region::lease::Takeover::Defer(better) => {
+                        if !deferred {
+                            deferred = true;
+                            tracing::info!(
+                                %better,
+                                "primary {primary} is silent; {better} holds newer verified checkpoints and takes over first (this region steps in if it has not within {})",
+                                humantime::format_duration(timeout)
+                            );
+                        }
+                        false
+                    }
+                }
             };
             if silent {
+                deferred = false;
                 let reason = format!(
                     "failover: primary {primary} silent for more than {}",
                     humantime::format_duration(timeout)
@@ -733,7 +766,55 @@ async fn follow_region_lease(
             // just learn whom it stands by for.
             jm.set_standby_region(&me, &primary);
         }
+        // Tell the webhook about every move of the lease seen while leading.
+        let now_epoch = region_epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if leading && now_epoch > 0 {
+            if let Some((was, e)) = &seen
+                && *e != now_epoch
+            {
+                if primary == me {
+                    notify(cfg, "promoted", &primary, now_epoch);
+                } else if *was == me {
+                    notify(cfg, "demoted", &primary, now_epoch);
+                }
+            }
+            seen = Some((primary.clone(), now_epoch));
+        }
     }
+}
+
+/// Posts a region event to `regions.webhook` (if set), in the background:
+/// `{"event", "region", "primary", "epoch", "at"}`; 5 s timeout, failures
+/// logged.
+fn notify(cfg: &ProcessConfig, event: &'static str, primary: &str, epoch: u64) {
+    let Some(url) = cfg.regions.webhook.clone() else {
+        return;
+    };
+    let body = serde_json::json!({
+        "event": event, "region": cfg.region, "primary": primary, "epoch": epoch,
+        "at": chrono::Utc::now(),
+    });
+    tokio::spawn(async move {
+        let client = match reqwest::Client::builder()
+            .no_proxy()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!("regions.webhook: {e}"),
+        };
+        match client.post(&url).json(&body).send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(%url, event, "region event sent to the webhook")
+            }
+            Ok(r) => {
+                tracing::warn!(%url, event, status = %r.status(), "the webhook refused the region event")
+            }
+            Err(e) => {
+                tracing::warn!(%url, event, "sending the region event to the webhook failed: {e}")
+            }
+        }
+    });
 }
 
 /// `POST /v1/regions/{target}/failover`. Planned (on the primary's leader):

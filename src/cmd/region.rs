@@ -96,7 +96,7 @@ pub enum RegionCommand {
 }
 
 /// Decodes checkpoints with the streaming runtime, as a restore would.
-struct RuntimeCheck;
+pub(crate) struct RuntimeCheck;
 
 impl RestoreCheck for RuntimeCheck {
     fn check(&self, spec_yaml: &str, cp: &VerifiedCheckpoint) -> Result<usize, String> {
