@@ -42,6 +42,10 @@ enum Command {
     /// fail against targets.
     #[command(subcommand)]
     Drill(cmd::drill::DrillCommand),
+    /// Start a whole multi-region Ferry on loopback (NATS per region, a
+    /// global NATS cluster, stores, JobManagers, TaskManagers) for demos
+    /// and drills.
+    Sandbox(cmd::sandbox::SandboxArgs),
     /// Measure throughput (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
 }
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Cluster(c) => cmd::cluster::run(c),
         Command::Region(c) => cmd::region::run(c),
         Command::Drill(c) => cmd::drill::run(c),
+        Command::Sandbox(args) => cmd::sandbox::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     };
     match result {

@@ -1058,7 +1058,7 @@ async fn the_leader_replicates_each_checkpoint_to_the_standby_region() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regions_see_each_other_through_the_global_kv() {
     let nats = NatsServer::start();
-    let mut global = NatsServer::start();
+    let mut global = NatsCluster::start(3);
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     two_regions(&mut east, &mut west, &global);
@@ -1153,7 +1153,9 @@ async fn regions_see_each_other_through_the_global_kv() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    global.kill();
+    // Two of the three global nodes go: no quorum.
+    global.nodes[1].kill();
+    global.nodes[2].kill();
     let start = Instant::now();
     loop {
         let r = east
@@ -1182,7 +1184,7 @@ async fn regions_see_each_other_through_the_global_kv() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_region_takes_over_when_the_primary_region_dies() {
     let nats = NatsServer::start();
-    let global = NatsServer::start();
+    let global = NatsCluster::start(3);
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     two_regions(&mut east, &mut west, &global);
@@ -1291,7 +1293,7 @@ async fn the_standby_region_takes_over_when_the_primary_region_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
     let nats = NatsServer::start();
-    let global = NatsServer::start();
+    let global = NatsCluster::start(3);
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     two_regions(&mut east, &mut west, &global);
@@ -1394,18 +1396,27 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
 
 /// Configures `east` (the primary) and `west` as two regions replicating to
 /// each other, with region heartbeats and lease in `global` (300 ms
-/// heartbeats, 2 s region timeout).
-fn two_regions(east: &mut Region, west: &mut Region, global: &NatsServer) {
+/// heartbeats, 2 s region timeout): a 3-node cluster, one node per
+/// simulated region (the third a witness), buckets with 3 replicas; each
+/// region lists its own node first.
+fn two_regions(east: &mut Region, west: &mut Region, global: &NatsCluster) {
     let stores = format!(
         "east=file://{},west=file://{}",
         east.storage().display(),
         west.storage().display()
     );
-    for (r, name) in [(east, "east"), (west, "west")] {
+    let urls = |first: usize| {
+        (0..global.nodes.len())
+            .map(|i| global.nodes[(first + i) % global.nodes.len()].url())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for (r, name, node) in [(east, "east", 0), (west, "west", 1)] {
         r.env.push(("FERRY_REGION", name.to_string()));
         r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
         r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
-        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", global.url()));
+        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", urls(node)));
+        r.env.push(("FERRY_REGIONS_GLOBAL_REPLICAS", "3".into()));
         r.env
             .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
         r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
@@ -1529,7 +1540,7 @@ fn ferry_json(args: &[&str]) -> (bool, Value, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
     let nats = NatsServer::start();
-    let global = NatsServer::start();
+    let global = NatsCluster::start(3);
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     // ~40 s of input: the job is still running after both moves.
@@ -1687,7 +1698,7 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
             break v;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(90),
+            start.elapsed() < Duration::from_secs(240),
             "the job did not finish at home: {v:?}\nfail-back: {fb}\neast:\n{}\nwest:\n{}",
             east.log("jm-east"),
             west.log("jm-west")
@@ -1738,7 +1749,7 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
     s3.create_bucket("west").await;
     let link = FaultProxy::start(s3.port).await;
     let nats = NatsServer::start();
-    let global = NatsServer::start();
+    let global = NatsCluster::start(3);
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     east.rate = 20_000;
@@ -1870,7 +1881,7 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
             break v;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(90),
+            start.elapsed() < Duration::from_secs(240),
             "the job did not finish at home: {v:?}\neast:\n{}\nwest:\n{}",
             east.log("jm-east-2"),
             west.log("jm-west")
@@ -1889,8 +1900,8 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over() {
     let nats = NatsServer::start();
-    let global = NatsServer::start();
-    let global_link = FaultProxy::start(global.port).await;
+    let global = NatsCluster::start(3);
+    let global_link = FaultProxy::start(global.nodes[0].port).await;
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     east.rate = 50_000;
@@ -1948,7 +1959,7 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over(
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(90),
+            start.elapsed() < Duration::from_secs(240),
             "the job did not finish in west: {v:?}\n{}",
             west.log("jm-west")
         );

@@ -11,6 +11,7 @@ pub mod jobmanager;
 pub mod local;
 pub mod process;
 pub mod region;
+pub mod sandbox;
 pub mod schema;
 pub mod taskmanager;
 pub mod validate;
