@@ -342,6 +342,26 @@ impl Region {
         assert_epochs_monotonic(&self.manifest_epochs(job));
     }
 
+    /// Waits (bounded, 240 s: the job's whole input under load) until
+    /// JobManager `jm` reports `job` FINISHED; fails with `jm_log` and
+    /// `other`'s JobManager log.
+    async fn wait_finished(&self, jm: usize, job: &str, other: &Region, jm_log: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let v = self.get(&self.jms[jm], &format!("/v1/jobs/{job}")).await;
+            if let Some(v) = v.clone().filter(|v| v["state"] == "FINISHED") {
+                return v;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "the job did not finish: {v:?}\nthis region:\n{}\nthe other:\n{}",
+                self.log(jm_log),
+                other.log(&other.jms[0].id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Checks the committed output against the generator model.
     fn check_output(&self) {
         let spec_text = SPEC.replace("OUT", &self.out().display().to_string());
@@ -1691,20 +1711,7 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
     );
     assert_eq!(fb["failback"], true);
     assert!(fb["divergence"]["jobs"].is_array(), "{fb}");
-    let start = Instant::now();
-    let done = loop {
-        let v = east.get(&east.jms[0], &format!("/v1/jobs/{job}")).await;
-        if let Some(v) = v.clone().filter(|v| v["state"] == "FINISHED") {
-            break v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(240),
-            "the job did not finish at home: {v:?}\nfail-back: {fb}\neast:\n{}\nwest:\n{}",
-            east.log("jm-east"),
-            west.log("jm-west")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = east.wait_finished(0, &job, &west, "jm-east").await;
     assert_eq!(done["taskmanager"], "tm-east", "{done}");
     east.check_output();
     // A drill that cannot meet its target fails, and says so.
@@ -1874,20 +1881,7 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
         .count();
     assert_eq!(archived, expected.len());
 
-    let start = Instant::now();
-    let done = loop {
-        let v = east.get(&east.jms[1], &format!("/v1/jobs/{job}")).await;
-        if let Some(v) = v.clone().filter(|v| v["state"] == "FINISHED") {
-            break v;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(240),
-            "the job did not finish at home: {v:?}\neast:\n{}\nwest:\n{}",
-            east.log("jm-east-2"),
-            west.log("jm-west")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = east.wait_finished(1, &job, &west, "jm-east-2").await;
     assert_eq!(done["taskmanager"], "tm-east-2", "{done}");
     east.check_output();
 }
@@ -1952,19 +1946,7 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over(
         promoted.1
     );
     assert!(east.log("jm-east").contains("cannot read the region lease"));
-    let start = Instant::now();
-    loop {
-        let v = west.get(&west.jms[0], &format!("/v1/jobs/{job}")).await;
-        if v.as_ref().is_some_and(|v| v["state"] == "FINISHED") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(240),
-            "the job did not finish in west: {v:?}\n{}",
-            west.log("jm-west")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    west.wait_finished(0, &job, &east, "jm-west").await;
     east.check_output();
     // West's checkpoints after the takeover carry the new epoch only.
     let epochs: Vec<u64> = manifests(&west.storage(), &job)

