@@ -922,6 +922,7 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
             epoch: 4,
             deployment: "d".into(),
             checkpoint: 9,
+            region_epoch: 0,
         })
         .await,
     );
@@ -960,10 +961,27 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
             epoch: 5,
             deployment: "d".into(),
             checkpoint: 9,
+            region_epoch: 7,
         })
         .await
         .expect_err("no such deployment");
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    // Sinks refuse a commit of an older region epoch than one seen.
+    let e = c
+        .complete(proto::CompleteRequest {
+            epoch: 5,
+            deployment: "d".into(),
+            checkpoint: 9,
+            region_epoch: 6,
+        })
+        .await
+        .expect_err("an older region epoch");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(
+        e.message()
+            .contains("region epoch 6 is older than region epoch 7"),
+        "{e}"
+    );
     // A newer epoch ends the older attachment.
     let _newest = c
         .attach(proto::AttachRequest {
@@ -977,7 +995,8 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
         .expect("the epoch-5 stream ends once epoch 6 attached");
     assert!(matches!(ended, Ok(None) | Err(_)), "{ended:?}");
     let stale_count = r.tm_metric(0, "stale_commands").await.unwrap();
-    assert_eq!(stale_count, 5);
+    // Five commands of epoch 4, one commit of an older region epoch.
+    assert_eq!(stale_count, 6);
 }
 
 /// A syntactically valid job id for direct deploy requests.

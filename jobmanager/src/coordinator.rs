@@ -805,7 +805,7 @@ async fn complete_checkpoint(
             p.barrier.id
         ));
     }
-    deployed.complete(p.barrier.id);
+    deployed.complete(p.barrier.id, manifest.region_epoch);
     let labels = Metrics::job(&job.id.to_string());
     metrics.checkpoints_completed.get_or_create(&labels).inc();
     metrics

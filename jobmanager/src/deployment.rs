@@ -65,7 +65,7 @@ impl Deployment {
         }
     }
 
-    pub(crate) fn complete(&self, id: CheckpointId) {
+    pub(crate) fn complete(&self, id: CheckpointId, region_epoch: u64) {
         match self {
             Deployment::Local(d) => {
                 for t in &d.all {
@@ -73,7 +73,7 @@ impl Deployment {
                 }
             }
             Deployment::Remote(r) => {
-                let _ = r.commands.send(Command::Complete(id));
+                let _ = r.commands.send(Command::Complete(id, region_epoch));
             }
         }
     }
@@ -141,7 +141,8 @@ impl Deployment {
 
 enum Command {
     Trigger(Barrier),
-    Complete(CheckpointId),
+    /// Commit a checkpoint of a region epoch.
+    Complete(CheckpointId, u64),
 }
 
 /// A job's tasks on one TaskManager.
@@ -190,7 +191,7 @@ impl RemoteDeployment {
                         .await
                         .map(|r| r.map(drop)),
                     ),
-                    Command::Complete(id) => (
+                    Command::Complete(id, region_epoch) => (
                         format!("completing checkpoint {id}"),
                         tokio::time::timeout(
                             RPC_TIMEOUT,
@@ -198,6 +199,7 @@ impl RemoteDeployment {
                                 epoch,
                                 deployment: dep.clone(),
                                 checkpoint: id.0,
+                                region_epoch,
                             }),
                         )
                         .await

@@ -176,7 +176,7 @@ impl TmMetrics {
             ),
             (
                 "stale_commands",
-                "JobManager commands rejected for an older epoch",
+                "JobManager commands rejected for an older epoch, and commits of an older region epoch",
                 |m| m.tm.stats().stale_commands.load(Ordering::Relaxed) as i64,
             ),
             (

@@ -74,6 +74,8 @@ struct Inner {
 struct Shared {
     /// Newest epoch seen.
     epoch: u64,
+    /// Newest region epoch a commit carried.
+    region_epoch: u64,
     /// The attached JobManager's event stream.
     attached: Option<EventTx>,
     deployments: HashMap<String, Running>,
@@ -468,6 +470,19 @@ impl task_manager_server::TaskManager for TaskManager {
         let req = req.into_inner();
         let mut s = self.lock();
         s.check_epoch(req.epoch, &self.inner.stats)?;
+        // A commit of an older region epoch: that region has lost the
+        // primary role since; its sinks must not commit.
+        if req.region_epoch < s.region_epoch {
+            self.inner
+                .stats
+                .stale_commands
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Status::failed_precondition(format!(
+                "commit of checkpoint {} refused: region epoch {} is older than region epoch {} seen here",
+                req.checkpoint, req.region_epoch, s.region_epoch
+            )));
+        }
+        s.region_epoch = req.region_epoch;
         let d = s.deployment(&req.deployment)?;
         d.status.last_completed = d.status.last_completed.max(req.checkpoint);
         for t in &d.all {
