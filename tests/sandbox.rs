@@ -1,7 +1,8 @@
 //! `ferry sandbox --regions 3`: the whole multi-region cluster comes up on
 //! loopback (a NATS per region, the global 3-node cluster, a store per
 //! region, JobManagers, TaskManagers), every region sees every other
-//! healthy, a job runs in the primary and a switchover drill passes; on
+//! healthy, a job runs in the primary and a switchover drill passes and
+//! fails back (`--revert`); on
 //! SIGTERM the sandbox stops every process it started. Without
 //! `nats-server` it says how to install it.
 
@@ -149,7 +150,7 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
             "--rto",
             "30s",
         ])
-        .args(["--timeout", "60s", "-o", "json", "--url", &api])
+        .args(["--timeout", "60s", "--revert", "-o", "json", "--url", &api])
         .output()
         .unwrap();
     let report: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
@@ -160,6 +161,26 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
     );
     assert_eq!(report["to"], "us-east");
     assert_eq!(report["rpo_records"], 0, "{report}");
+    // --revert failed back: the job runs at home again.
+    assert_eq!(report["revert"]["to"], "eu-west", "{report}");
+    assert_eq!(report["revert"]["failback"], true, "{report}");
+    // eu-west's own view follows the lease within a health-check interval.
+    let start = Instant::now();
+    loop {
+        let v: Value = http
+            .get(format!("{api}/v1/regions"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["primary"] == "eu-west" && v["epoch"] == 3 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "{v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // SIGTERM stops every process the sandbox started.
     // SAFETY: kill(2) of our own child's PID.
