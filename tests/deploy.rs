@@ -408,3 +408,102 @@ mod toml_like {
         parse(line.split('=').nth(1).unwrap())
     }
 }
+
+const RULES: &str = "deploy/prometheus/ferry-rules.yaml";
+const RULE_TESTS: &str = "deploy/prometheus/tests/ferry-rules.test.yaml";
+
+#[test]
+fn alert_rules_pass_promtool_check() {
+    let out = run_ok("promtool", &["check", "rules", RULES]);
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[test]
+fn alert_rules_unit_tests_pass() {
+    let out = run_ok("promtool", &["test", "rules", RULE_TESTS]);
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+/// GitHub's anchor of a Markdown heading.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' | '_' => Some(c),
+            ' ' => Some('-'),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_fires_in_a_unit_test_and_links_its_runbook() {
+    let rules: Value = serde_yaml_ng::from_str(&read(RULES)).unwrap();
+    let tests: Value = serde_yaml_ng::from_str(&read(RULE_TESTS)).unwrap();
+    let ops = read("docs/operations.md");
+    let anchors: BTreeSet<String> = ops
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix('#')
+                .map(|h| anchor(h.trim_start_matches('#')))
+        })
+        .collect();
+    // Alerts a test expects to fire (a non-empty exp_alerts).
+    let mut fired = BTreeSet::new();
+    for t in tests["tests"].as_array().unwrap() {
+        for a in t["alert_rule_test"].as_array().unwrap() {
+            if a["exp_alerts"].as_array().is_some_and(|e| !e.is_empty()) {
+                fired.insert(a["alertname"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    let mut alerts = BTreeSet::new();
+    for g in rules["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            let Some(name) = r["alert"].as_str() else {
+                continue;
+            };
+            alerts.insert(name.to_string());
+            assert!(fired.contains(name), "no unit test fires {name}");
+            let url = r["annotations"]["runbook_url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no runbook_url"));
+            let a = url
+                .strip_prefix("docs/operations.md#")
+                .unwrap_or_else(|| panic!("{name}: runbook {url} is not in docs/operations.md"));
+            assert!(
+                anchors.contains(a),
+                "{name}: docs/operations.md has no heading #{a}"
+            );
+            assert!(r["labels"]["severity"].is_string(), "{name}: no severity");
+        }
+    }
+    for required in [
+        "FerryNoLeader",
+        "FerryMoreThanOneLeader",
+        "FerryHeartbeatFailures",
+        "FerryCheckpointsFailing",
+        "FerryReplicationLag",
+        "FerryRegionDown",
+        "FerryFailoverHappened",
+        "FerryDrillFailed",
+    ] {
+        assert!(alerts.contains(required), "{required} missing from {RULES}");
+    }
+}
+
+#[test]
+fn metric_names_are_read_out_of_promql() {
+    let got = metric_names(
+        r#"max by (region) (ferry_replication_lag_seconds{region!="x"}) > 60 or rate(ferry_checkpoint_duration_seconds_bucket[5m]) and on() label_replace(up, "a", "ferry_not_a_metric", "", "")"#,
+    );
+    let want: BTreeSet<String> = [
+        "ferry_replication_lag_seconds",
+        "ferry_checkpoint_duration_seconds_bucket",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(got, want);
+}

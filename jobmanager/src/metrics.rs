@@ -78,6 +78,12 @@ pub struct Metrics {
     /// Times this instance took the region lease for its region after the
     /// primary went silent.
     pub failovers: Counter,
+    /// Every region's health as read from the global KV: 1 while its
+    /// heartbeat is younger than `regions.timeout`.
+    pub region_healthy: Family<RegionLabels, Gauge>,
+    /// Age of each region's last heartbeat in the global KV.
+    pub region_heartbeat_age_seconds:
+        Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// The last failover drill recorded here: its RTO and whether it met
     /// its targets (1) or not (0); drills by result.
     pub drill_last_rto_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -128,6 +134,8 @@ impl Metrics {
             region_is_primary: Gauge::default(),
             region_epoch: Gauge::default(),
             failovers: Counter::default(),
+            region_healthy: Family::default(),
+            region_heartbeat_age_seconds: Family::default(),
             drill_last_rto_seconds: Gauge::default(),
             drill_last_passed: Gauge::default(),
             drills: Family::default(),
@@ -266,6 +274,16 @@ impl Metrics {
             m.failovers.clone(),
         );
         registry.register(
+            "region_healthy",
+            "1 while the region's heartbeat in the global KV is younger than regions.timeout, by region",
+            m.region_healthy.clone(),
+        );
+        registry.register(
+            "region_heartbeat_age_seconds",
+            "Age of the region's last heartbeat in the global KV, by region",
+            m.region_heartbeat_age_seconds.clone(),
+        );
+        registry.register(
             "drill_last_rto_seconds",
             "RTO measured by the last failover drill recorded in this region (ferry drill run)",
             m.drill_last_rto_seconds.clone(),
@@ -368,6 +386,25 @@ impl Metrics {
         self.replication_lag_records
             .get_or_create(&l)
             .set(records as i64);
+    }
+
+    /// Records one region's health as read from the global KV.
+    pub fn set_region_health(&self, region: &str, healthy: bool, heartbeat_age: Option<f64>) {
+        let l = RegionLabels {
+            region: region.to_string(),
+        };
+        self.region_healthy.get_or_create(&l).set(healthy as i64);
+        if let Some(age) = heartbeat_age {
+            self.region_heartbeat_age_seconds.get_or_create(&l).set(age);
+        }
+    }
+
+    /// Creates a job's event counters at 0 when it starts, so its failure
+    /// and restart series exist (and `increase()` sees the first one).
+    pub fn start_job(&self, labels: &JobLabels) {
+        let _ = self.checkpoint_failures.get_or_create(labels);
+        let _ = self.restarts.get_or_create(labels);
+        let _ = self.checkpoints_completed.get_or_create(labels);
     }
 
     /// Label set for a job.

@@ -258,7 +258,7 @@ async fn start_regions(
             verifier.clone(),
             stop.clone(),
         ));
-        let (cache, s) = (regions.clone(), stop.clone());
+        let (cache, s, jm3) = (regions.clone(), stop.clone(), jm.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -273,7 +273,16 @@ async fn start_regions(
                 .await;
                 let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
                 match read {
-                    Ok(Ok(v)) => *c = (true, v),
+                    Ok(Ok(v)) => {
+                        for r in &v {
+                            jm3.metrics().set_region_health(
+                                &r.region,
+                                r.healthy,
+                                r.heartbeat_age_ms.map(|ms| ms as f64 / 1e3),
+                            );
+                        }
+                        *c = (true, v)
+                    }
                     _ => c.0 = false,
                 }
             }
