@@ -507,3 +507,74 @@ fn metric_names_are_read_out_of_promql() {
     .into();
     assert_eq!(got, want);
 }
+
+const DASHBOARD: &str = "deploy/grafana/ferry.json";
+
+#[test]
+fn dashboard_is_grafana_json_whose_queries_parse_as_promql() {
+    let d: Value = serde_json::from_str(&read(DASHBOARD)).expect("dashboard JSON");
+    assert_eq!(d["uid"], "ferry");
+    let panels = d["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "panel id {} twice",
+            p["id"]
+        );
+        assert!(
+            p["gridPos"]["w"].as_u64().is_some(),
+            "{}: no gridPos",
+            p["title"]
+        );
+        if p["type"] != "row" {
+            assert_eq!(
+                p["datasource"]["uid"], "${datasource}",
+                "{}: fixed data source",
+                p["title"]
+            );
+            assert!(
+                !p["targets"].as_array().unwrap().is_empty(),
+                "{}: no query",
+                p["title"]
+            );
+        }
+    }
+    // Every query parses: promtool checks them as recording rules, with
+    // Grafana's interval variable replaced by a duration.
+    let exprs = dashboard_exprs(&d);
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, e)) in exprs.iter().enumerate() {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$__interval", "1m");
+        assert!(!e.contains('$'), "unknown Grafana variable in {e}");
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    let file = temp_file(&rules, ".yaml");
+    run_ok(
+        "promtool",
+        &["check", "rules", file.path().to_str().unwrap()],
+    );
+    // What the issue asks the dashboard to show.
+    let all: String = exprs
+        .iter()
+        .map(|(_, e)| e.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for needle in [
+        "ferry_ha_is_leader",
+        "ferry_ha_epoch",
+        "ferry_ha_members",
+        "ferry_job_records_in_total",
+        "ferry_checkpoint_duration_seconds_bucket",
+        "ferry_checkpoint_size_bytes",
+        "ferry_replication_lag_seconds",
+        "ferry_failovers_total",
+    ] {
+        assert!(all.contains(needle), "the dashboard does not show {needle}");
+    }
+}

@@ -99,6 +99,7 @@ pub(crate) async fn drive(
         (None, false) => RestoreFrom::Nothing,
     };
     let labels = Metrics::job(&job.id.to_string());
+    metrics.start_job(&labels);
     // Only the first deployment of a resumed job can be an adoption.
     let mut try_adopt = opts.resume;
     loop {
