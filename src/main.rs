@@ -65,6 +65,8 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => cmd::sandbox::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     };
+    // Spans still queued for the OTLP collector go out before exit.
+    cmd::telemetry::shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -33,6 +33,7 @@ use crate::service::{SavepointInfo, SubmitOptions};
 use crate::state::JobState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use tracing::Instrument;
 
 /// Requests from the API to a job's driver.
 pub(crate) enum JobCommand {
@@ -59,6 +60,10 @@ enum Outcome {
 /// A snapshot waiting for acknowledgements.
 struct Pending {
     barrier: Barrier,
+    /// The snapshot's span, from trigger to manifest (or failure): entered
+    /// when the barrier is sent and while the manifest is written, so it
+    /// ends there. `outcome` is recorded at the end.
+    span: tracing::Span,
     started: Instant,
     acks: Vec<TaskAck>,
     finished: bool,
@@ -581,12 +586,13 @@ async fn run_attempt(
             _ = sampler.tick() => sample(metrics, &labels, deployed, &mut last_sample),
             _ = tokio::time::sleep_until(deadline.into()), if pending.is_some() => {
                 let p = pending.take().expect("pending checkpoint");
+                p.span.record("outcome", "timed out");
                 metrics.checkpoint_failures.get_or_create(&labels).inc();
                 let msg = format!(
                     "checkpoint {} timed out after {} (checkpointing.timeout)",
                     p.barrier.id, cp.timeout
                 );
-                tracing::warn!(job = %job.id, "{msg}");
+                p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
                 fail_reply(p.reply, JmError::Runtime(msg));
                 if p.barrier.stop {
                     return Outcome::Failed(format!("final checkpoint {} timed out", p.barrier.id));
@@ -636,8 +642,14 @@ async fn run_attempt(
                     };
                     if complete {
                         let p = pending.take().expect("pending checkpoint");
-                        match complete_checkpoint(job, deployed, &p, metrics).await {
+                        // Entered while completing: the span ends when the
+                        // manifest is written (or the commit fails).
+                        match complete_checkpoint(job, deployed, &p, metrics)
+                            .instrument(p.span.clone())
+                            .await
+                        {
                             Ok(info) => {
+                                p.span.record("outcome", "completed");
                                 if p.barrier.stop {
                                     stopping = stopping || !p.finished;
                                 }
@@ -648,6 +660,7 @@ async fn run_attempt(
                                 }
                             }
                             Err(e) => {
+                                p.span.record("outcome", "failed");
                                 metrics.checkpoint_failures.get_or_create(&labels).inc();
                                 tracing::warn!(job = %job.id, "checkpoint {} failed: {e}", p.barrier.id);
                                 let stop = p.barrier.stop;
@@ -725,10 +738,21 @@ fn trigger(
         stop,
         dir: job.root.child(&rel),
     };
-    tracing::debug!(job = %job.id, checkpoint = %id, ?kind, "triggering snapshot");
-    deployed.trigger(&barrier);
+    let span = tracing::info_span!(
+        "checkpoint",
+        job = %job.id,
+        checkpoint = id.0,
+        kind = ?kind,
+        tasks = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    span.in_scope(|| {
+        tracing::debug!(job = %job.id, checkpoint = %id, ?kind, "triggering snapshot");
+        deployed.trigger(&barrier);
+    });
     Some(Pending {
         barrier,
+        span,
         started: Instant::now(),
         acks: Vec::new(),
         finished,
@@ -738,7 +762,12 @@ fn trigger(
 
 /// Writes the manifest of a fully acknowledged snapshot and tells the tasks
 /// to commit; applies retention.
-#[tracing::instrument(skip_all, fields(job = %job.id, checkpoint = %p.barrier.id))]
+#[tracing::instrument(
+    name = "checkpoint.complete",
+    parent = &p.span,
+    skip_all,
+    fields(job = %job.id, checkpoint = p.barrier.id.0, size_bytes = tracing::field::Empty)
+)]
 async fn complete_checkpoint(
     job: &JobEntry,
     deployed: &Deployment,
@@ -788,6 +817,8 @@ async fn complete_checkpoint(
     job.region_fence
         .check()
         .map_err(|e| format!("checkpoint {} abandoned: {e}", p.barrier.id))?;
+    p.span.record("tasks", p.acks.len());
+    tracing::Span::current().record("size_bytes", manifest.total_size());
     write_manifest(&p.barrier.dir, &manifest)
         .await
         .map_err(|e| e.to_string())?;

@@ -19,6 +19,7 @@ use ferry_ha::{
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::leadership::RoleName;
 use crate::service::JobManager;
@@ -244,7 +245,13 @@ pub async fn run(
                     }
                 }
                 if !adopted {
-                    match jm.lead(epoch.0).await {
+                    let span = tracing::info_span!(
+                        "leader_change",
+                        instance = %s.instance_id,
+                        epoch = epoch.0,
+                        role = "leader"
+                    );
+                    match jm.lead(epoch.0).instrument(span).await {
                         Ok(n) => {
                             adopted = true;
                             tracing::info!(epoch = epoch.0, resumed = n, "leader ready");
@@ -255,8 +262,17 @@ pub async fn run(
             }
             Role::Standby { leader } => {
                 if leading.take().is_some() {
-                    tracing::warn!("lost the leadership: stopping every job here");
-                    jm.step_down().await;
+                    let span = tracing::info_span!(
+                        "leader_change",
+                        instance = %s.instance_id,
+                        role = "standby"
+                    );
+                    async {
+                        tracing::warn!("lost the leadership: stopping every job here");
+                        jm.step_down().await;
+                    }
+                    .instrument(span)
+                    .await;
                     if let Some(pool) = jm.inner.taskmanagers.get() {
                         pool.wake();
                     }

@@ -584,7 +584,7 @@ impl JobManager {
     }
 
     /// Starts a validated spec.
-    #[tracing::instrument(skip_all, fields(job = %spec.metadata.name))]
+    #[tracing::instrument(name = "job.submit", skip_all, fields(job = %spec.metadata.name))]
     pub async fn submit_spec(
         &self,
         spec: JobSpec,

@@ -244,6 +244,7 @@ impl JobManager {
     /// and its tasks are cancelled (not left for a next leader), nothing
     /// more is written for them, and no job is accepted. Returns once the
     /// drivers have stopped.
+    #[tracing::instrument(name = "region.demote", skip(self))]
     pub async fn demote(&self, region: &str, primary: &str) {
         self.inner.region_fence.revoke();
         self.set_standby_region(region, primary);
@@ -259,6 +260,7 @@ impl JobManager {
     /// This region became the primary: if this instance leads its region,
     /// it starts every unfinished job of its store from its newest
     /// (replicated) checkpoint. Returns how many it started.
+    #[tracing::instrument(name = "region.promote", skip(self))]
     pub async fn promote(&self) -> Result<usize, JmError> {
         *self
             .inner

@@ -35,6 +35,7 @@ pub async fn read(global: &dyn Coordination) -> Result<Option<(RegionLease, u64)
 /// Makes `region` primary: creates the lease (`expected` `None`) or
 /// replaces the revision `expected`. Returns the new region epoch;
 /// `HaError::Exists` / `WrongRevision` when another change came first.
+#[tracing::instrument(name = "region_lease.claim", skip(global))]
 pub async fn claim(
     global: &Arc<dyn Coordination>,
     region: &str,

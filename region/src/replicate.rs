@@ -102,6 +102,7 @@ impl JobCopy {
 
 /// Copies the checkpoint or savepoint directory `dir` (relative to both
 /// roots) from `source` to `target`.
+#[tracing::instrument(name = "replicate", skip_all, fields(dir = %dir, target = %target.url()))]
 pub async fn replicate_checkpoint(
     source: &StorageLocation,
     target: &StorageLocation,

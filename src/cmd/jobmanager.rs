@@ -18,6 +18,7 @@ use ferry_jobmanager::ha::HaSettings;
 use ferry_jobmanager::leadership::{HaContext, Leadership};
 use ferry_jobmanager::{JobManager, JobManagerConfig};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::process::{
     ProcessArgs, connect_coordination, default_instance_id, run_process, shutdown_signal,
@@ -723,7 +724,12 @@ async fn follow_region_lease(
                     "failover: primary {primary} silent for more than {}",
                     humantime::format_duration(timeout)
                 );
-                match lease::claim(&global, &me, Some(rev), &reason).await {
+                let span =
+                    tracing::info_span!("failover", from = %primary, to = %me, region_epoch = rev);
+                match lease::claim(&global, &me, Some(rev), &reason)
+                    .instrument(span)
+                    .await
+                {
                     Ok(new) => {
                         tracing::warn!(old_primary = %primary, region_epoch = new, "{reason}: this region is the primary now");
                         jm.metrics().failovers.inc();

@@ -56,7 +56,7 @@ pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let interactive = std::io::stderr().is_terminal() && !args.no_progress;
-    crate::cmd::init_logging(&args.log_format, interactive);
+    crate::cmd::init_logging(&args.log_format, interactive, "ferry-local");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -14,24 +14,32 @@ pub mod region;
 pub mod sandbox;
 pub mod schema;
 pub mod taskmanager;
+pub mod telemetry;
 pub mod validate;
 
 /// Sets up `tracing` on stderr: `FERRY_LOG` (or `RUST_LOG`) picks levels,
-/// default `info`; `json` gives one JSON object per line.
-pub fn init_logging(format: &str, quiet_default: bool) {
+/// default `info`; `json` gives one JSON object per line. With
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans also go to that OTLP collector
+/// as service `service` ([`telemetry`]).
+pub fn init_logging(format: &str, quiet_default: bool, service: &str) {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let default = if quiet_default { "warn" } else { "info" };
     let filter = std::env::var("FERRY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .map(EnvFilter::new)
         .unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        let _ = builder.json().try_init();
+    let fmt = if format == "json" {
+        fmt.json().with_filter(filter).boxed()
     } else {
-        let _ = builder.try_init();
-    }
+        fmt.with_filter(filter).boxed()
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(telemetry::layer(service))
+        .try_init();
 }

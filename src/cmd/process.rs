@@ -37,7 +37,13 @@ pub fn run_process<F>(
 where
     F: std::future::Future<Output = anyhow::Result<std::process::ExitCode>>,
 {
-    super::init_logging(&args.log_format, false);
+    // The `service.name` of exported traces: ferry-jobmanager, ferry-taskmanager.
+    let service = match thread_name {
+        "ferry-jm" => "ferry-jobmanager",
+        "ferry-tm" => "ferry-taskmanager",
+        other => other,
+    };
+    super::init_logging(&args.log_format, false, service);
     let cfg = load_config(args.config.as_ref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
