@@ -46,6 +46,8 @@ enum Command {
     /// global NATS cluster, stores, JobManagers, TaskManagers) for demos
     /// and drills.
     Sandbox(cmd::sandbox::SandboxArgs),
+    /// Print the OpenAPI document of the REST API (served at /openapi.json).
+    Openapi(cmd::openapi::OpenapiArgs),
     /// Measure throughput (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
 }
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Region(c) => cmd::region::run(c),
         Command::Drill(c) => cmd::drill::run(c),
         Command::Sandbox(args) => cmd::sandbox::run(args),
+        Command::Openapi(args) => cmd::openapi::run(args),
         Command::Bench(args) => cmd::bench::run(args),
     };
     // Spans still queued for the OTLP collector go out before exit.

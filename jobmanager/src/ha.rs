@@ -41,7 +41,7 @@ pub struct HaSettings {
 }
 
 /// `/health/ha`: this instance's view of its region's HA.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct HaHealth {
     /// `embedded`, `leader` or `standby`.
     pub role: RoleName,
@@ -56,6 +56,8 @@ pub struct HaHealth {
     /// Members with a heartbeat record (healthy or not yet expired from the
     /// store).
     pub total_members: usize,
+    /// `{member: {id, role, region, address, slots, started_at}, heartbeat_age_ms}`.
+    #[schema(value_type = Vec<Object>)]
     pub members: Vec<MemberView>,
     /// Leader changes this instance has seen since it started.
     pub leader_changes: u64,
@@ -68,7 +70,7 @@ pub struct HaHealth {
 }
 
 /// The leader as reported by the API.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LeaderView {
     pub instance: String,
     /// Its REST URL.

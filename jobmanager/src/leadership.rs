@@ -14,7 +14,7 @@ use ferry_ha::{Coordination, Elector, LeaderInfo};
 use serde::{Deserialize, Serialize};
 
 /// The role as the API reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RoleName {
     /// `ferry local`: no election, this instance does everything.

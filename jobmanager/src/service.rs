@@ -19,8 +19,10 @@ pub struct JobManagerConfig {
 }
 
 /// Summary and status of one job, as the API returns it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobInfo {
+    /// 32 hex digits.
+    #[schema(value_type = String, example = "01a2058a42c477a285a8423b5e819224")]
     pub id: JobId,
     pub name: String,
     pub state: JobState,
@@ -66,7 +68,7 @@ pub struct JobInfo {
 }
 
 /// One completed checkpoint or savepoint.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct CheckpointInfo {
     pub id: u64,
     /// `checkpoint` or `savepoint`.
@@ -125,8 +127,9 @@ pub trait RegionOps: Send + Sync {
 pub type RegionControl = Arc<dyn RegionOps>;
 
 /// A savepoint that was taken.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SavepointInfo {
+    #[schema(value_type = String)]
     pub job_id: JobId,
     pub checkpoint_id: u64,
     /// Full URL of the savepoint directory, for `--from-savepoint`.

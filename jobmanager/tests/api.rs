@@ -1,6 +1,7 @@
 //! The REST API over real HTTP: the router is served on a `127.0.0.1:0`
 //! listener and every test talks to it with reqwest, like a user would.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -228,8 +229,8 @@ async fn unknown_route_is_404_json_listing_routes() {
     let res = s.http.get(s.url("/v1/nope")).send().await.unwrap();
     let body = expect_error(res, StatusCode::NOT_FOUND, "not_found").await;
     assert!(body.error.message.contains("/v1/nope"), "{body:?}");
-    assert_eq!(body.error.details.len(), api::ROUTES.len());
-    for r in api::ROUTES {
+    assert_eq!(body.error.details.len(), api::routes().len());
+    for r in api::routes() {
         let line = format!("{} {}", r.method, r.path);
         assert!(
             body.error
@@ -266,17 +267,114 @@ async fn every_route_in_the_table_is_served() {
     // Probe with a method no route uses: a served path answers 405, an
     // unserved one 404, so this checks ROUTES against the router.
     let s = ApiServer::start().await;
-    for r in api::ROUTES {
-        let path = r.path.replace("{id}", "some-job");
+    for r in api::routes() {
+        let path = concrete(&r.path);
         let res = s.http.patch(s.url(&path)).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
         let allow = res.headers()["allow"].to_str().unwrap().to_string();
         assert!(
-            allow.contains(r.method),
+            allow.contains(&r.method),
             "{} {path}: Allow {allow}",
             r.method
         );
     }
+}
+
+/// A route pattern with each `{param}` filled in.
+fn concrete(pattern: &str) -> String {
+    pattern
+        .split('/')
+        .map(|seg| {
+            if seg.starts_with('{') {
+                "some-name"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The paths the axum router itself holds. axum has no public route list,
+/// but its `Debug` output names every path of its path router (the part
+/// before the fallback router).
+fn router_paths(router: &axum::Router) -> BTreeSet<String> {
+    let dbg = format!("{router:?}");
+    let main = &dbg[..dbg
+        .find("fallback_router")
+        .expect("axum Router debug output")];
+    main.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|p| p.starts_with('/'))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn openapi_json_lists_every_route_the_router_serves() {
+    let s = ApiServer::start().await;
+    let res = s.http.get(s.url("/openapi.json")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let doc: serde_json::Value = res.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().unwrap() {
+            if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                assert!(op["summary"].is_string(), "{method} {path}: no summary");
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{method} {path}: no responses"
+                );
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    // What the real router serves: its paths, and per path the methods its
+    // 405 answer allows (HEAD comes with GET and is not documented apart).
+    let jm = JobManager::new(JobManagerConfig {
+        data_url: s.dir.path().join("default-data").display().to_string(),
+        instance_id: INSTANCE.to_string(),
+    });
+    let paths = router_paths(&api::router(jm));
+    assert!(paths.len() >= 10, "router paths not found in {paths:?}");
+    let mut served = BTreeSet::new();
+    for path in &paths {
+        let res = s.http.patch(s.url(&concrete(path))).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+        let allow = res.headers()["allow"].to_str().unwrap().to_string();
+        for m in allow.split(',').map(str::trim).filter(|m| *m != "HEAD") {
+            served.insert((m.to_string(), path.clone()));
+        }
+    }
+    assert_eq!(
+        served, documented,
+        "the router and /openapi.json differ (left: served, right: documented)"
+    );
+    assert!(documented.contains(&("GET".to_string(), "/openapi.json".to_string())));
+    // The response types are described, not left opaque.
+    let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+    for t in ["JobInfo", "CheckpointInfo", "ErrorBody", "HaHealth"] {
+        assert!(schemas.contains_key(t), "no schema {t}");
+    }
+}
+
+#[test]
+fn docs_api_md_shows_the_route_table_of_the_openapi_document() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.md");
+    let doc = std::fs::read_to_string(&path).expect("docs/api.md");
+    let start = doc
+        .find("<!-- routes:")
+        .expect("routes marker in docs/api.md");
+    let body = &doc[start..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    let table = &body[..body.find("<!-- end of routes -->").expect("end marker")];
+    assert_eq!(
+        table,
+        api::openapi_markdown(),
+        "docs/api.md's route table is stale: replace it with the output of `ferry openapi --markdown`"
+    );
 }
 
 #[tokio::test]

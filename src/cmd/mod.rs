@@ -9,6 +9,7 @@ pub mod drill;
 pub mod job;
 pub mod jobmanager;
 pub mod local;
+pub mod openapi;
 pub mod process;
 pub mod region;
 pub mod sandbox;

@@ -4,16 +4,31 @@
 use axum::Json;
 use axum::extract::State;
 
+use super::error::ErrorBody;
 use crate::ha::HaHealth;
 use crate::service::JobManager;
 
 /// `GET /health/ha`: this instance's role, the leader, the epoch, healthy
 /// and total members, heartbeat ages, renew timing.
+#[utoipa::path(
+    get,
+    path = "/health/ha",
+    tag = "cluster",
+    summary = "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
+    responses((status = 200, description = "the region's HA as this instance sees it", body = HaHealth))
+)]
 pub(super) async fn health_ha(State(jm): State<JobManager>) -> Json<HaHealth> {
     Json(jm.ha_health().await)
 }
 
 /// `GET /v1/cluster`: the same view, for `ferry cluster status`.
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    tag = "cluster",
+    summary = "the region's JobManagers and TaskManagers, the leader and its epoch",
+    responses((status = 200, description = "the same object as /health/ha", body = HaHealth))
+)]
 pub(super) async fn cluster(State(jm): State<JobManager>) -> Json<HaHealth> {
     Json(jm.ha_health().await)
 }
@@ -21,6 +36,13 @@ pub(super) async fn cluster(State(jm): State<JobManager>) -> Json<HaHealth> {
 /// `GET /v1/regions`: replication to the standby regions — per region its
 /// store, lag (seconds, checkpoints, records, event time) and per-job
 /// progress, as the leader replicating them sees it.
+#[utoipa::path(
+    get,
+    path = "/v1/regions",
+    tag = "regions",
+    summary = "replication to the standby regions: lag and per-job progress",
+    responses((status = 200, description = "every region's health and the replication to each standby (see docs/api.md)", body = Object))
+)]
 pub(super) async fn regions(State(jm): State<JobManager>) -> Json<serde_json::Value> {
     Json(jm.regions())
 }
@@ -28,6 +50,16 @@ pub(super) async fn regions(State(jm): State<JobManager>) -> Json<serde_json::Va
 /// `GET /health/regions`: every region's health from the global KV;
 /// `503` while the global KV cannot be read (this region cannot tell who is
 /// alive and must not act on it).
+#[utoipa::path(
+    get,
+    path = "/health/regions",
+    tag = "regions",
+    summary = "every region's health from the global KV (503 while it is unreachable)",
+    responses(
+        (status = 200, description = "{region, global_reachable, regions}", body = Object),
+        (status = 503, description = "the global KV cannot be read", body = Object),
+    )
+)]
 pub(super) async fn health_regions(
     State(jm): State<JobManager>,
 ) -> (axum::http::StatusCode, Json<serde_json::Value>) {
@@ -58,6 +90,22 @@ pub(super) struct FailoverQuery {
 /// region lease. `?force=true`: move the lease at once (the primary is
 /// unreachable; what it did after its last replicated checkpoint is lost).
 /// `?dry_run=true`: only the plan.
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{name}/failover",
+    tag = "regions",
+    summary = "make a region the primary (?force=true when the primary is unreachable, ?dry_run=true for the plan)",
+    params(
+        ("name" = String, Path, description = "the region to make primary"),
+        ("force" = Option<bool>, Query, description = "move the region lease now, without savepoints"),
+        ("dry_run" = Option<bool>, Query, description = "only print the plan"),
+    ),
+    responses(
+        (status = 200, description = "from, to, the new region epoch, savepoints, time taken (or the plan)", body = Object),
+        (status = 400, description = "invalid_request: a bad query", body = ErrorBody),
+        (status = 409, description = "region_conflict: it cannot be done now; the message says where to send it or what to wait for", body = ErrorBody),
+    )
+)]
 pub(super) async fn failover(
     State(jm): State<JobManager>,
     name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
@@ -81,6 +129,21 @@ pub(super) struct FailbackQuery {
 /// up by replication from the current primary, a planned switchover moves
 /// them. The answer carries the divergence report: what `name` committed
 /// after its last checkpoint that the current primary restored from.
+#[utoipa::path(
+    post,
+    path = "/v1/regions/{name}/failback",
+    tag = "regions",
+    summary = "move the jobs home to a region that is a standby again after a failover, with the divergence report (?dry_run=true for the plan)",
+    params(
+        ("name" = String, Path, description = "the region the jobs go home to"),
+        ("dry_run" = Option<bool>, Query, description = "only print the plan"),
+    ),
+    responses(
+        (status = 200, description = "the switchover's report with the divergence report (or the plan)", body = Object),
+        (status = 400, description = "invalid_request: a bad query", body = ErrorBody),
+        (status = 409, description = "region_conflict: it cannot be done now; the message says where to send it or what to wait for", body = ErrorBody),
+    )
+)]
 pub(super) async fn failback(
     State(jm): State<JobManager>,
     name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,

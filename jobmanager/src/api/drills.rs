@@ -9,7 +9,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::service::JobManager;
 
 /// Query of `POST /v1/drills/outage`.
@@ -27,6 +27,18 @@ const MAX_OUTAGE: std::time::Duration = std::time::Duration::from_secs(600);
 /// into the global KV, as if the region were gone, for `duration` (default
 /// 60 s, at most 10 min) or until `DELETE`. Answers each job's progress at
 /// the moment it stopped.
+#[utoipa::path(
+    post,
+    path = "/v1/drills/outage",
+    tag = "drills",
+    summary = "simulate this region's outage for a drill (?duration=60s): stop every job without a savepoint and stop the region heartbeat",
+    params(("duration" = Option<String>, Query, description = "how long the region plays dead, e.g. 60s (default), at most 10m")),
+    responses(
+        (status = 200, description = "each job's progress at the moment it stopped", body = Object),
+        (status = 400, description = "invalid_request: a bad duration", body = ErrorBody),
+        (status = 409, description = "region_conflict: not the primary region's leader", body = ErrorBody),
+    )
+)]
 pub(super) async fn start_outage(
     State(jm): State<JobManager>,
     query: Result<Query<OutageQuery>, QueryRejection>,
@@ -54,6 +66,16 @@ pub(super) async fn start_outage(
 
 /// `DELETE /v1/drills/outage`: the simulated outage ends; the region
 /// follows the region lease again (a standby if another region took over).
+#[utoipa::path(
+    delete,
+    path = "/v1/drills/outage",
+    tag = "drills",
+    summary = "end a simulated outage",
+    responses(
+        (status = 200, description = "the outage has ended", body = Object),
+        (status = 409, description = "region_conflict", body = ErrorBody),
+    )
+)]
 pub(super) async fn end_outage(
     State(jm): State<JobManager>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -62,6 +84,17 @@ pub(super) async fn end_outage(
 
 /// `POST /v1/drills`: record a drill report (JSON with `id`, `passed`,
 /// `rto_ms`).
+#[utoipa::path(
+    post,
+    path = "/v1/drills",
+    tag = "drills",
+    summary = "record a failover drill report (ferry drill run does this)",
+    request_body(content = Object, description = "the drill report: JSON with id, passed, rto_ms, ..."),
+    responses(
+        (status = 201, description = "the report was stored in the region's store", body = Object),
+        (status = 400, description = "invalid_request or bad_request: not a JSON report, or without id or passed", body = ErrorBody),
+    )
+)]
 pub(super) async fn record(
     State(jm): State<JobManager>,
     body: Result<Bytes, BytesRejection>,
@@ -79,6 +112,13 @@ pub(super) async fn record(
 
 /// `GET /v1/drills`: the drill reports recorded in this region, newest
 /// first.
+#[utoipa::path(
+    get,
+    path = "/v1/drills",
+    tag = "drills",
+    summary = "failover drill reports recorded in this region, newest first",
+    responses((status = 200, description = r#"{"drills": [report, ...]}"#, body = Object))
+)]
 pub(super) async fn list(
     State(jm): State<JobManager>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -86,6 +126,17 @@ pub(super) async fn list(
 }
 
 /// `GET /v1/drills/{id}`: one drill report.
+#[utoipa::path(
+    get,
+    path = "/v1/drills/{id}",
+    tag = "drills",
+    summary = "one failover drill report",
+    params(("id" = String, Path, description = "the drill's id")),
+    responses(
+        (status = 200, description = "the report", body = Object),
+        (status = 404, description = "not_found", body = ErrorBody),
+    )
+)]
 pub(super) async fn get(
     State(jm): State<JobManager>,
     id: Result<Path<String>, PathRejection>,

@@ -16,13 +16,13 @@ use crate::error::JmError;
 
 /// The JSON body of every error response:
 /// `{"error": {"code": "...", "message": "...", "details": [...]}}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorObject,
 }
 
 /// What went wrong, for machines (`code`) and for people (`message`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ErrorObject {
     /// Stable machine-readable code, e.g. `not_found`, `invalid_spec`.
     pub code: String,
@@ -34,7 +34,7 @@ pub struct ErrorObject {
 }
 
 /// One problem, located by field path and line/column where that applies.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ErrorDetail {
     /// Dotted field path in the submitted spec, e.g. `spec.operators[1].window`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,25 +10,25 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
-use super::error::{ApiError, ErrorDetail};
+use super::error::{ApiError, ErrorBody, ErrorDetail};
 use crate::service::{CheckpointInfo, JobInfo, JobManager, SavepointInfo};
 
 /// Body of `GET /v1/jobs`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobList {
     /// Newest first.
     pub jobs: Vec<JobInfo>,
 }
 
 /// Body of `GET /v1/jobs/{id}/checkpoints`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct CheckpointList {
     /// Newest first; savepoints included (`kind: savepoint`).
     pub checkpoints: Vec<CheckpointInfo>,
 }
 
 /// Body of `DELETE /v1/jobs/{id}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct CancelResponse {
     /// The job after it stopped.
     pub job: JobInfo,
@@ -101,6 +101,21 @@ fn spec_text(body: &[u8]) -> Result<&str, ApiError> {
 }
 
 /// `POST /v1/jobs`: 201 with the new job and its `Location`.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "submit a job (body: YAML or JSON spec)",
+    description = "The body is the job spec, YAML or JSON (detected; any content type). It is validated before anything starts; every problem is reported at once.",
+    request_body(content = String, content_type = "application/yaml", description = "the job spec (YAML or JSON), at most 4 MiB"),
+    responses(
+        (status = 201, description = "the job was accepted", body = JobInfo, headers(("location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "invalid_spec or invalid_body: one detail per problem", body = ErrorBody),
+        (status = 409, description = "not_primary_region: this region runs no jobs", body = ErrorBody),
+        (status = 413, description = "payload_too_large", body = ErrorBody),
+        (status = 503, description = "not_leader or unavailable: retry against another JobManager", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(content_type))]
 pub(super) async fn submit(
     State(jm): State<JobManager>,
@@ -123,11 +138,29 @@ pub(super) async fn submit(
 }
 
 /// `GET /v1/jobs`: every job, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "list jobs, newest first",
+    responses((status = 200, description = "every job", body = JobList))
+)]
 pub(super) async fn list(State(jm): State<JobManager>) -> Json<JobList> {
     Json(JobList { jobs: jm.list() })
 }
 
 /// `GET /v1/jobs/{id}`: one job by id, unique id prefix or name.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "one job by id, id prefix or name",
+    params(("id" = String, Path, description = "job id (32 hex digits), a unique prefix of at least 4, or the job's name (newest of that name)")),
+    responses(
+        (status = 200, description = "the job", body = JobInfo),
+        (status = 404, description = "not_found", body = ErrorBody),
+    )
+)]
 pub(super) async fn get(
     State(jm): State<JobManager>,
     id: Result<Path<String>, PathRejection>,
@@ -138,6 +171,22 @@ pub(super) async fn get(
 
 /// `DELETE /v1/jobs/{id}[?savepoint=true]`: stops the job, after a savepoint
 /// when asked, and answers once it has stopped.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "cancel a job (?savepoint=true to take a savepoint first)",
+    params(
+        ("id" = String, Path, description = "job id, unique prefix or name"),
+        ("savepoint" = Option<bool>, Query, description = "take a savepoint before stopping (true, 1, yes or empty)"),
+    ),
+    responses(
+        (status = 200, description = "the job has stopped", body = CancelResponse),
+        (status = 400, description = "invalid_request: a bad query", body = ErrorBody),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 409, description = "conflict: the job has already ended", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job, savepoint))]
 pub(super) async fn cancel(
     State(jm): State<JobManager>,
@@ -156,6 +205,18 @@ pub(super) async fn cancel(
 
 /// `POST /v1/jobs/{id}/savepoints`: a savepoint of a running job, which keeps
 /// running.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/savepoints",
+    tag = "jobs",
+    summary = "take a savepoint of a running job",
+    params(("id" = String, Path, description = "job id, unique prefix or name")),
+    responses(
+        (status = 201, description = "the savepoint is complete (its manifest written)", body = SavepointInfo),
+        (status = 404, description = "not_found", body = ErrorBody),
+        (status = 409, description = "conflict: the job is not running", body = ErrorBody),
+    )
+)]
 #[tracing::instrument(skip_all, fields(job))]
 pub(super) async fn savepoint(
     State(jm): State<JobManager>,
@@ -168,6 +229,17 @@ pub(super) async fn savepoint(
 }
 
 /// `GET /v1/jobs/{id}/checkpoints`: completed checkpoints and savepoints.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/checkpoints",
+    tag = "jobs",
+    summary = "completed checkpoints and savepoints of a job",
+    params(("id" = String, Path, description = "job id, unique prefix or name")),
+    responses(
+        (status = 200, description = "newest first; savepoints have kind savepoint", body = CheckpointList),
+        (status = 404, description = "not_found", body = ErrorBody),
+    )
+)]
 pub(super) async fn checkpoints(
     State(jm): State<JobManager>,
     id: Result<Path<String>, PathRejection>,

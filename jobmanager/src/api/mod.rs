@@ -3,9 +3,10 @@
 //!
 //! Invariant: every response — success, error, unknown route, wrong method,
 //! oversize body or a handler panic — carries `x-ferry-instance`, and every
-//! error is the JSON shape of [`error::ErrorBody`]. [`ROUTES`] is the one
-//! list of routes; the router, the 404 listing and the 405 `Allow` advice are
-//! all derived from it or checked against it.
+//! error is the JSON shape of [`error::ErrorBody`]. The handlers'
+//! `#[utoipa::path]` annotations are the one list of routes: the router, the
+//! OpenAPI document at `/openapi.json`, the 404 listing and the 405 advice
+//! are all built from them ([`api_routes`]).
 
 mod cluster;
 mod drills;
@@ -15,16 +16,20 @@ mod health;
 mod jobs;
 
 use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+#[cfg(test)]
+use axum::routing::get;
+use axum::{Json, Router};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail, ErrorObject};
 pub use health::PROMETHEUS_CONTENT_TYPE;
@@ -49,142 +54,156 @@ pub const FORWARDED_BY_HEADER: &str = "x-ferry-forwarded-by";
 /// How long [`serve`] waits for in-flight requests after shutdown is asked.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// One route of the API.
-#[derive(Clone, Copy, Debug)]
+/// One route of the API, as the OpenAPI document describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteInfo {
-    pub method: &'static str,
+    /// `GET`, `POST`, `DELETE`.
+    pub method: String,
     /// axum path syntax: `{id}` matches one path segment.
-    pub path: &'static str,
-    pub summary: &'static str,
+    pub path: String,
+    pub summary: String,
 }
 
-/// Every route the API serves.
-pub const ROUTES: &[RouteInfo] = &[
-    RouteInfo {
-        method: "POST",
-        path: "/v1/jobs",
-        summary: "submit a job (body: YAML or JSON spec)",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/jobs",
-        summary: "list jobs, newest first",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/jobs/{id}",
-        summary: "one job by id, id prefix or name",
-    },
-    RouteInfo {
-        method: "DELETE",
-        path: "/v1/jobs/{id}",
-        summary: "cancel a job (?savepoint=true to take a savepoint first)",
-    },
-    RouteInfo {
-        method: "POST",
-        path: "/v1/jobs/{id}/savepoints",
-        summary: "take a savepoint of a running job",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/jobs/{id}/checkpoints",
-        summary: "completed checkpoints and savepoints of a job",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/cluster",
-        summary: "the region's JobManagers and TaskManagers, the leader and its epoch",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/regions",
-        summary: "replication to the standby regions: lag and per-job progress",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/health/regions",
-        summary: "every region's health from the global KV (503 while it is unreachable)",
-    },
-    RouteInfo {
-        method: "POST",
-        path: "/v1/regions/{name}/failover",
-        summary: "make a region the primary (?force=true when the primary is unreachable, ?dry_run=true for the plan)",
-    },
-    RouteInfo {
-        method: "POST",
-        path: "/v1/regions/{name}/failback",
-        summary: "move the jobs home to a region that is a standby again after a failover, with the divergence report (?dry_run=true for the plan)",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/drills",
-        summary: "failover drill reports recorded in this region, newest first",
-    },
-    RouteInfo {
-        method: "POST",
-        path: "/v1/drills",
-        summary: "record a failover drill report (ferry drill run does this)",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/v1/drills/{id}",
-        summary: "one failover drill report",
-    },
-    RouteInfo {
-        method: "POST",
-        path: "/v1/drills/outage",
-        summary: "simulate this region's outage for a drill (?duration=60s): stop every job without a savepoint and stop the region heartbeat",
-    },
-    RouteInfo {
-        method: "DELETE",
-        path: "/v1/drills/outage",
-        summary: "end a simulated outage",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/health/ha",
-        summary: "this instance's role, the leader, epoch, healthy/total members, heartbeat ages",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/healthz",
-        summary: "liveness",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/readyz",
-        summary: "readiness (503 while not accepting jobs)",
-    },
-    RouteInfo {
-        method: "GET",
-        path: "/metrics",
-        summary: "Prometheus metrics",
-    },
-];
+/// Metadata of the OpenAPI document; its paths come from the handlers'
+/// `#[utoipa::path]` annotations through [`api_routes`].
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Ferry REST API",
+        description = "The JobManager's REST API: jobs, checkpoints, the region's HA state, cross-region replication and failover, probes and metrics. Every error is the ErrorBody shape. See docs/api.md."
+    ),
+    tags(
+        (name = "jobs", description = "submit, inspect, cancel and savepoint jobs"),
+        (name = "cluster", description = "the region's JobManagers: leader, epoch, members"),
+        (name = "regions", description = "cross-region health, replication, failover and fail-back"),
+        (name = "drills", description = "failover drills: simulated outages and their reports"),
+        (name = "health", description = "probes, metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+/// Every route the API serves, each registered together with its OpenAPI
+/// operation (`routes!` reads method and path from the handler's
+/// `#[utoipa::path]`), so the router and the document cannot differ.
+fn api_routes() -> OpenApiRouter<JobManager> {
+    use utoipa::OpenApi as _;
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::get, jobs::cancel))
+        .routes(routes!(jobs::savepoint))
+        .routes(routes!(jobs::checkpoints))
+        .routes(routes!(cluster::cluster))
+        .routes(routes!(cluster::regions))
+        .routes(routes!(cluster::health_regions))
+        .routes(routes!(cluster::failover))
+        .routes(routes!(cluster::failback))
+        .routes(routes!(drills::list, drills::record))
+        .routes(routes!(drills::start_outage, drills::end_outage))
+        .routes(routes!(drills::get))
+        .routes(routes!(cluster::health_ha))
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI 3.1 document of the API.
+pub fn openapi() -> &'static utoipa::openapi::OpenApi {
+    static DOC: OnceLock<utoipa::openapi::OpenApi> = OnceLock::new();
+    DOC.get_or_init(|| api_routes().split_for_parts().1)
+}
+
+/// Every route the API serves, read from [`openapi`]: by path, then
+/// method.
+pub fn routes() -> &'static [RouteInfo] {
+    static ROUTES: OnceLock<Vec<RouteInfo>> = OnceLock::new();
+    ROUTES.get_or_init(|| {
+        let mut out = Vec::new();
+        for (path, item) in &openapi().paths.paths {
+            let ops = [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("PUT", &item.put),
+                ("PATCH", &item.patch),
+                ("DELETE", &item.delete),
+            ];
+            for (method, op) in ops {
+                if let Some(op) = op {
+                    out.push(RouteInfo {
+                        method: method.to_string(),
+                        path: path.clone(),
+                        summary: op.summary.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        out
+    })
+}
+
+/// The route table of `docs/api.md`, rendered from [`openapi`]: one row
+/// per operation, grouped by tag, with the status codes it answers.
+/// `ferry openapi --markdown` prints it.
+pub fn openapi_markdown() -> String {
+    let doc = openapi();
+    let tags: Vec<String> = doc.tags.iter().flatten().map(|t| t.name.clone()).collect();
+    let mut rows = Vec::new();
+    for (path, item) in &doc.paths.paths {
+        let ops = [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("PATCH", &item.patch),
+            ("DELETE", &item.delete),
+        ];
+        for (i, (method, op)) in ops.into_iter().enumerate() {
+            let Some(op) = op else { continue };
+            let tag = op
+                .tags
+                .iter()
+                .flatten()
+                .find_map(|t| tags.iter().position(|x| x == t))
+                .unwrap_or(tags.len());
+            let codes: Vec<String> = op
+                .responses
+                .responses
+                .keys()
+                .map(|c| format!("`{c}`"))
+                .collect();
+            let row = format!(
+                "| `{method}` | `{path}` | {} | {} |",
+                op.summary.as_deref().unwrap_or("").replace('|', "\\|"),
+                codes.join(", ")
+            );
+            rows.push(((tag, path.clone(), i), row));
+        }
+    }
+    rows.sort();
+    let mut out = String::from("| Method | Path | Does | Answers |\n|---|---|---|---|\n");
+    for (_, row) in rows {
+        out.push_str(&row);
+        out.push('\n');
+    }
+    out
+}
+
+/// `GET /openapi.json`: this API's OpenAPI document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    summary = "the OpenAPI document of this API",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object))
+)]
+async fn openapi_json() -> impl IntoResponse {
+    Json(openapi().clone())
+}
 
 /// The API's router over a JobManager.
 pub fn router(jm: JobManager) -> Router {
     let instance = instance_header_value(jm.instance_id());
-    let routes = Router::new()
-        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
-        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::cancel))
-        .route("/v1/jobs/{id}/savepoints", post(jobs::savepoint))
-        .route("/v1/jobs/{id}/checkpoints", get(jobs::checkpoints))
-        .route("/v1/cluster", get(cluster::cluster))
-        .route("/v1/regions", get(cluster::regions))
-        .route("/health/regions", get(cluster::health_regions))
-        .route("/v1/regions/{name}/failover", post(cluster::failover))
-        .route("/v1/regions/{name}/failback", post(cluster::failback))
-        .route("/v1/drills", get(drills::list).post(drills::record))
-        .route(
-            "/v1/drills/outage",
-            post(drills::start_outage).delete(drills::end_outage),
-        )
-        .route("/v1/drills/{id}", get(drills::get))
-        .route("/health/ha", get(cluster::health_ha))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    let (routes, _) = api_routes().split_for_parts();
+    let routes = routes
         .layer(middleware::from_fn_with_state(
             jm.clone(),
             forward::forward_writes,
@@ -299,17 +318,17 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
             uri.path()
         ),
     )
-    .with_details(route_details(ROUTES.iter()))
+    .with_details(route_details(routes().iter()))
 }
 
 /// 405 for a known path with a method it does not serve (axum adds `Allow`).
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     let path = uri.path();
-    let here: Vec<&RouteInfo> = ROUTES
+    let here: Vec<&RouteInfo> = routes()
         .iter()
-        .filter(|r| route_matches(r.path, path))
+        .filter(|r| route_matches(&r.path, path))
         .collect();
-    let allowed: Vec<&str> = here.iter().map(|r| r.method).collect();
+    let allowed: Vec<&str> = here.iter().map(|r| r.method.as_str()).collect();
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
