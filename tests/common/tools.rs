@@ -95,7 +95,7 @@ pub fn metric_names(expr: &str) -> BTreeSet<String> {
             let word = &expr[start..i];
             // Skip label values in quotes: the word must not sit in a string.
             let quotes = expr[..start].matches('"').count();
-            if word.starts_with("ferry_") && quotes % 2 == 0 {
+            if word.starts_with("ferry_") && quotes.is_multiple_of(2) {
                 out.insert(word.to_string());
             }
         } else {
