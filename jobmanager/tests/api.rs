@@ -265,7 +265,7 @@ async fn wrong_method_is_405_json_with_allow() {
 #[tokio::test]
 async fn every_route_in_the_table_is_served() {
     // Probe with a method no route uses: a served path answers 405, an
-    // unserved one 404, so this checks ROUTES against the router.
+    // unserved one 404, so this checks api::routes() against the router.
     let s = ApiServer::start().await;
     for r in api::routes() {
         let path = concrete(&r.path);
