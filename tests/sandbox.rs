@@ -42,6 +42,23 @@ fn alive(pid: i64) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls `url` until `done` holds of its JSON answer, at most `secs`.
+async fn poll_json(http: &reqwest::Client, url: &str, secs: u64, done: impl Fn(&Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let v = get_json(http, url).await;
+        if done(&v) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "{url}: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,14 +111,7 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
     assert!(pids.iter().all(|p| alive(*p)));
     let api = regions[0]["api"][0].as_str().unwrap().to_string();
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let v: Value = http
-        .get(format!("{api}/v1/regions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&http, &format!("{api}/v1/regions")).await;
     assert_eq!(v["primary"], regions[0]["name"], "{v}");
     let healthy: Vec<&str> = v["regions"]
         .as_array()
@@ -123,22 +133,10 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
     let job: Value = r.json().await.unwrap();
     let id = job["id"].as_str().unwrap().to_string();
-    let start = Instant::now();
-    loop {
-        let v: Value = http
-            .get(format!("{api}/v1/jobs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["state"] == "RUNNING" && v["last_checkpoint"].is_object() {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_json(&http, &format!("{api}/v1/jobs/{id}"), 30, |v| {
+        v["state"] == "RUNNING" && v["last_checkpoint"].is_object()
+    })
+    .await;
     let o = Command::new(ferry_bin())
         .args([
             "drill",
@@ -165,22 +163,10 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
     assert_eq!(report["revert"]["to"], "eu-west", "{report}");
     assert_eq!(report["revert"]["failback"], true, "{report}");
     // eu-west's own view follows the lease within a health-check interval.
-    let start = Instant::now();
-    loop {
-        let v: Value = http
-            .get(format!("{api}/v1/regions"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["primary"] == "eu-west" && v["epoch"] == 3 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "{v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_json(&http, &format!("{api}/v1/regions"), 20, |v| {
+        v["primary"] == "eu-west" && v["epoch"] == 3
+    })
+    .await;
 
     // SIGTERM stops every process the sandbox started.
     // SAFETY: kill(2) of our own child's PID.
