@@ -198,13 +198,27 @@ impl Region {
     }
 
     /// Deployments started on the live TaskManagers (`except` excluded).
-    async fn deployments_started(&self, except: &[usize]) -> u64 {
+    /// A TaskManager that does not answer within 10 s fails the test with
+    /// its log.
+    async fn deployments_started(&mut self, except: &[usize]) -> u64 {
         let mut n = 0;
         for i in (0..self.tms.len()).filter(|i| !except.contains(i)) {
-            n += self
-                .tm_metric(i, "deployments_started")
-                .await
-                .expect("TaskManager metrics");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let v = loop {
+                if let Some(v) = self.tm_metric(i, "deployments_started").await {
+                    break v;
+                }
+                if Instant::now() >= deadline {
+                    let exit = self.tms[i].child.try_wait();
+                    panic!(
+                        "TaskManager {} does not serve /metrics (exit: {exit:?}):\n{}",
+                        self.tms[i].id,
+                        self.log(&self.tms[i].id)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            n += v;
         }
         n
     }
@@ -546,7 +560,13 @@ async fn graceful_stop_hands_over_without_waiting_for_the_lease_to_expire() {
         .get(&r.jms[new_leader], &format!("/v1/jobs/{job}"))
         .await
         .unwrap();
-    assert_eq!(done["attempt"], 1, "{done}");
+    assert_eq!(
+        done["attempt"],
+        1,
+        "{done}\nold leader:\n{}\nnew leader:\n{}",
+        r.log(&r.jms[leader].id),
+        r.log(&r.jms[new_leader].id)
+    );
     assert_eq!(r.deployments_started(&[]).await, 1);
 }
 

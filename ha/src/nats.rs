@@ -41,12 +41,29 @@ fn unavailable(e: impl std::fmt::Display) -> HaError {
 }
 
 impl NatsKv {
-    /// Every live key with its value (one consumer on the server).
+    /// Every live key with its value. The keys come from the stream's
+    /// subject state (one server-side snapshot), not from `Store::keys`:
+    /// that walks an ordered consumer over the last message per key, and a
+    /// key rewritten while it walks (history 1 deletes the old message) can
+    /// be missing from the walk — a heartbeating member would look gone.
     async fn scan(&self) -> Result<Vec<Entry>, HaError> {
-        let mut keys = self.store.keys().await.map_err(unavailable)?;
-        let mut out = Vec::new();
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(unavailable)?;
+        let prefix = &self.store.prefix;
+        let mut subjects = self
+            .store
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+            .map_err(unavailable)?;
+        let mut keys = Vec::new();
+        while let Some(s) = subjects.next().await {
+            let (subject, _) = s.map_err(unavailable)?;
+            if let Some(k) = subject.strip_prefix(prefix.as_str()) {
+                keys.push(k.to_string());
+            }
+        }
+        keys.sort_unstable();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
             if let Some(e) = self.get(&k).await? {
                 out.push(e);
             }

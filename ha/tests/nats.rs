@@ -233,3 +233,74 @@ async fn members_appear_and_leave() {
     s1.cancel();
     h1.await.unwrap();
 }
+
+/// Members heartbeat by rewriting their key (history 1: the old message is
+/// deleted). A listing taken while keys are rewritten must still hold every
+/// key: a missed key is a live TaskManager declared lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_holds_every_key_while_keys_are_rewritten() {
+    const KEYS: usize = 24;
+    let nats = NatsServer::start();
+    let writer = kv(&nats.url(), "members", Duration::from_secs(60)).await;
+    let key = |i: usize| format!("members.k{i:02}");
+    for i in 0..KEYS {
+        writer
+            .put(&key(i), Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+    }
+    let stop = CancellationToken::new();
+    // Two writers rewrite every key as fast as they can (bounded in count).
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let (w, s) = (writer.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !s.is_cancelled() && n < 500_000 {
+                    for i in 0..KEYS {
+                        w.put(&key(i), Bytes::from_static(b"{}")).await.unwrap();
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    // Three readers (own connections: a connection reuses its listing for
+    // 250 ms) list for 6 s.
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let r = kv(&nats.url(), "members", Duration::from_secs(60)).await;
+        readers.push(tokio::spawn(async move {
+            let (mut lists, mut short) = (0u32, Vec::new());
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(6) {
+                let l = r.list("members.").await.unwrap();
+                lists += 1;
+                if l.len() != KEYS {
+                    short.push(l.len());
+                }
+                tokio::time::sleep(Duration::from_millis(260)).await;
+            }
+            (lists, short)
+        }));
+    }
+    let (mut lists, mut short) = (0, Vec::new());
+    for r in readers {
+        let (l, s) = r.await.unwrap();
+        lists += l;
+        short.extend(s);
+    }
+    stop.cancel();
+    let mut writes = 0;
+    for w in writers {
+        writes += w.await.unwrap();
+    }
+    assert!(writes > 1000, "the keys were rewritten ({writes} writes)");
+    assert!(lists >= 30, "{lists} listings");
+    assert!(
+        short.is_empty(),
+        "{} of {lists} listings missed keys (sizes {short:?}, {KEYS} keys, {writes} writes)",
+        short.len()
+    );
+}
