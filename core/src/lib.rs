@@ -4,7 +4,9 @@
 //! Every other crate depends on this one and on nothing else of Ferry's, so
 //! the types that cross a process or crate boundary live here.
 
+pub mod api;
 pub mod config;
+pub mod epoch;
 pub mod error;
 pub mod ids;
 pub mod manifest;
@@ -13,6 +15,7 @@ pub mod spec;
 pub mod storage;
 pub mod value;
 
+pub use epoch::{JmEpoch, RegionEpoch};
 pub use error::{CoreError, Result};
 pub use ids::{CheckpointId, JobId};
 

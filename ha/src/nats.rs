@@ -86,7 +86,10 @@ impl NatsKv {
                     .map_err(|e| unavailable(format!("bad NATS URL '{u}': {e}")))
             })
             .collect::<Result<_, _>>()?;
+        // The URLs are tried in the order given (nearest node first), not
+        // shuffled.
         let client = async_nats::ConnectOptions::new()
+            .retain_servers_order()
             .connection_timeout(REQUEST_TIMEOUT)
             .request_timeout(Some(REQUEST_TIMEOUT))
             .retry_on_initial_connect()

@@ -142,6 +142,22 @@ pub(crate) async fn drive(
                         return;
                     }
                 };
+                // A job whose newest snapshot is its final one has
+                // finished (e.g. in the region it ran in before a
+                // failover): nothing is left to run, nothing restarts.
+                if let Some(cp) = restored.as_ref().filter(|c| c.manifest.finished) {
+                    tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "the job's newest checkpoint is its final one: it has finished, nothing to run");
+                    job.status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .last_checkpoint = Some(crate::jobs::manifest_info(
+                        &cp.manifest,
+                        &restored_dir(&job, cp, &restore_from),
+                    ));
+                    job.set_state(JobState::Finished, None);
+                    reject_pending_commands(&mut cmds);
+                    return;
+                }
                 *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()) =
                     restored.as_ref().map(|c| c.manifest.checkpoint_id.0);
                 let next_id = match next_checkpoint_id(&job, restored.as_ref()).await {
@@ -196,11 +212,15 @@ pub(crate) async fn drive(
                 };
                 let o = run_attempt(&ctx, baseline, &mut deployed, &mut cmds, &mut next_id).await;
                 match o {
-                    // Leaving tasks running for the next leader.
-                    // A demoted region stops its tasks: the jobs now run
-                    // in the new primary region.
+                    // Leaving tasks running for the next leader — only on
+                    // a pure in-region leader change. A demoted region, or
+                    // one whose region lease is no longer confirmed (its
+                    // leader was frozen or cut off past half the region
+                    // timeout), stops its tasks: the jobs may run in
+                    // another region now.
                     Outcome::Abandoned
-                        if job.demoting.load(std::sync::atomic::Ordering::SeqCst) =>
+                        if job.demoting.load(std::sync::atomic::Ordering::SeqCst)
+                            || job.region_fence.check().is_err() =>
                     {
                         deployed.stop().await
                     }
@@ -344,7 +364,10 @@ async fn adopt(
         }
         tracing::warn!(job = %job.id, "cannot read the region's membership yet: waiting to adopt the job's tasks");
     }
-    let (found, events) = pool.claim(&job.id)?;
+    // Only tasks of the current region epoch: tasks started under an
+    // older one belong to a lineage another region may have continued.
+    let region_epoch = job.region_epoch.load(std::sync::atomic::Ordering::Relaxed);
+    let (found, events) = pool.claim(&job.id, region_epoch)?;
     let last_barrier = found.status.last_barrier;
     tracing::info!(
         job = %job.id,
@@ -386,7 +409,13 @@ async fn start_tasks(
         let Some(epoch) = job.leadership.fence() else {
             return Err(Outcome::Abandoned);
         };
-        if let Some(placed) = pool.place(need) {
+        // Tasks start only under a confirmed region lease (the region
+        // coordinator confirms it, or demotes this region and abandons
+        // the job).
+        let fenced = job.region_fence.check().is_err();
+        if fenced {
+            tracing::debug!(job = %job.id, "waiting for the region lease to be confirmed before deploying");
+        } else if let Some(placed) = pool.place(need) {
             let tm = placed.tm.clone();
             let attempt = job.status.lock().unwrap_or_else(|p| p.into_inner()).attempt + 1;
             let req = ferry_core::proto::DeployRequest {
@@ -396,6 +425,12 @@ async fn start_tasks(
                 attempt,
                 spec: job.spec.to_yaml(),
                 restore_from: restore_url.clone(),
+                region_epoch: job.region_epoch.load(std::sync::atomic::Ordering::Relaxed),
+                fence_ms: job
+                    .region_fence
+                    .remaining()
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
             };
             match RemoteDeployment::deploy(&pool, placed, epoch, req).await {
                 Ok(d) => {

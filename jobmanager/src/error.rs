@@ -47,8 +47,11 @@ pub enum JmError {
     Missing(String),
 
     /// A cross-region operation that cannot be carried out now.
-    #[error("{0}")]
-    Region(String),
+    #[error("{message}")]
+    Region {
+        kind: ferry_core::api::RegionErrorKind,
+        message: String,
+    },
 }
 
 impl JmError {
@@ -65,7 +68,16 @@ impl JmError {
             JmError::NotPrimaryRegion { .. } => "not_primary_region",
             JmError::BadRequest(_) => "bad_request",
             JmError::Missing(_) => "not_found",
-            JmError::Region(_) => "region_conflict",
+            JmError::Region { kind, .. } => kind.code(),
+        }
+    }
+}
+
+impl From<crate::service::RegionFailure> for JmError {
+    fn from(f: crate::service::RegionFailure) -> Self {
+        JmError::Region {
+            kind: f.kind,
+            message: f.message,
         }
     }
 }

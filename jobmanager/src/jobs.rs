@@ -77,6 +77,9 @@ pub(crate) struct Inner {
     pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
     /// Announces completed checkpoints (see `subscribe_completed`).
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
+    /// Announces jobs whose final status is in the job store (see
+    /// `subscribe_ended`).
+    pub(crate) ended: tokio::sync::broadcast::Sender<crate::service::JobEnded>,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
 }
@@ -114,6 +117,16 @@ impl RegionFence {
         let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
         if u.is_some() {
             *u = Some(None);
+        }
+    }
+
+    /// How long the fence still holds: `None` without region fencing,
+    /// zero once it ran out (or was never confirmed).
+    pub(crate) fn remaining(&self) -> Option<std::time::Duration> {
+        match *self.until.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => None,
+            Some(Some(t)) => Some(t.saturating_duration_since(std::time::Instant::now())),
+            Some(None) => Some(std::time::Duration::ZERO),
         }
     }
 
@@ -160,6 +173,7 @@ pub(crate) struct JobEntry {
     pub(crate) leadership: Arc<Leadership>,
     pub(crate) taskmanagers: Option<Arc<crate::taskmanagers::TaskManagers>>,
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
+    pub(crate) ended: tokio::sync::broadcast::Sender<crate::service::JobEnded>,
     /// The region is being demoted: stop tasks when abandoning.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch manifests record.
@@ -441,6 +455,12 @@ async fn status_writer(job: Arc<JobEntry>, store: StorageLocation, instance: Str
         }
         let terminal = job.state().is_terminal();
         match write_status(&job, &store, &instance).await {
+            Ok(()) if terminal => {
+                let _ = job.ended.send(crate::service::JobEnded {
+                    job: job.id,
+                    store: store.clone(),
+                });
+            }
             Ok(()) => {}
             Err(JmError::NotLeader { .. }) => return,
             Err(e) => {
@@ -563,6 +583,7 @@ impl JobManager {
                 runtime: tokio::runtime::Handle::current(),
                 taskmanagers: std::sync::OnceLock::new(),
                 completed: tokio::sync::broadcast::channel(1024).0,
+                ended: tokio::sync::broadcast::channel(1024).0,
                 regions_view: std::sync::OnceLock::new(),
                 region_control: std::sync::OnceLock::new(),
                 standby_region: RwLock::new(None),
@@ -685,6 +706,7 @@ impl JobManager {
             leadership: self.inner.leadership.clone(),
             taskmanagers: self.inner.taskmanagers.get().cloned(),
             completed: self.inner.completed.clone(),
+            ended: self.inner.ended.clone(),
             demoting: self.inner.demoting.clone(),
             region_epoch: self.inner.region_epoch.clone(),
             region_fence: self.inner.region_fence.clone(),

@@ -102,25 +102,56 @@ pub struct CompletedCheckpoint {
     pub watermark: i64,
 }
 
-/// Produces the `/v1/regions` body (the cross-region coordinator's view).
-pub type RegionsView = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// A job whose final status (finished, cancelled, failed) was just written
+/// to the job store `store`, as announced to
+/// [`JobManager::subscribe_ended`]: the replicator copies it to the
+/// standbys, so that none lists it as running or restarts it.
+#[derive(Clone, Debug)]
+pub struct JobEnded {
+    pub job: JobId,
+    pub store: ferry_core::storage::StorageLocation,
+}
 
-/// A cross-region operation's JSON report, or why it cannot be done now.
-pub type RegionResult = futures::future::BoxFuture<'static, Result<serde_json::Value, String>>;
+/// Produces the `/v1/regions` body (the cross-region coordinator's view).
+pub type RegionsView = Arc<dyn Fn() -> ferry_core::api::RegionsStatus + Send + Sync>;
+
+/// Why a cross-region operation cannot be done now: its kind (an HTTP
+/// status) and a message that says what state the jobs are in.
+#[derive(Clone, Debug)]
+pub struct RegionFailure {
+    pub kind: ferry_core::api::RegionErrorKind,
+    pub message: String,
+}
+
+/// A cross-region operation's report, or why it cannot be done now.
+pub type RegionResult<T> = futures::future::BoxFuture<'static, Result<T, RegionFailure>>;
 
 /// The cross-region operations the binary wires in from the region
 /// coordinator (the JobManager does not depend on it).
 pub trait RegionOps: Send + Sync {
     /// `POST /v1/regions/{target}/failover`: make `target` the primary
     /// (planned switchover, or `force`d), or with `dry_run` only the plan.
-    fn failover(&self, target: String, force: bool, dry_run: bool) -> RegionResult;
+    fn failover(
+        &self,
+        target: String,
+        force: bool,
+        dry_run: bool,
+    ) -> RegionResult<ferry_core::api::SwitchoverReport>;
     /// `POST /v1/regions/{target}/failback`: move the jobs home to
-    /// `target` (a standby again after an earlier failover) once it has
-    /// caught up, with the divergence report.
-    fn failback(&self, target: String, dry_run: bool) -> RegionResult;
-    /// `POST /v1/drills/outage` (`Some(how long)`) / `DELETE` (`None`):
-    /// this region plays dead for a drill, or comes back.
-    fn outage(&self, duration: Option<std::time::Duration>) -> RegionResult;
+    /// `target` once it is healthy (waiting up to `wait`) and has caught
+    /// up, with the divergence report.
+    fn failback(
+        &self,
+        target: String,
+        dry_run: bool,
+        wait: std::time::Duration,
+    ) -> RegionResult<ferry_core::api::SwitchoverReport>;
+    /// `POST /v1/drills/outage` (`Some((how long, target))`) / `DELETE`
+    /// (`None`): this region plays dead for a drill, or comes back.
+    fn outage(
+        &self,
+        start: Option<(std::time::Duration, Option<String>)>,
+    ) -> RegionResult<ferry_core::api::OutageReport>;
 }
 
 /// What the region endpoints run.
@@ -220,9 +251,22 @@ impl JobManager {
         self.inner.region_fence.enable();
     }
 
-    /// A read of the region lease named this region primary just now.
-    pub fn confirm_region_lease(&self, valid_for: std::time::Duration) {
+    /// A compare-and-set renewal of the region lease just confirmed this
+    /// region as the primary under `epoch`: it accepts jobs, and commits
+    /// may go on for `valid_for`.
+    pub fn confirm_region_lease(&self, epoch: u64, valid_for: std::time::Duration) {
+        self.set_region_epoch(epoch);
         self.inner.region_fence.confirm(valid_for);
+        if let Some(pool) = self.inner.taskmanagers.get() {
+            pool.renew_fence(epoch, valid_for);
+        }
+        if self.inner.standby().is_some() {
+            *self
+                .inner
+                .standby_region
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// The region epoch new checkpoint manifests record.
@@ -283,10 +327,9 @@ impl JobManager {
     }
 
     fn region_ops(&self) -> Result<RegionControl, JmError> {
-        self.inner.region_control.get().cloned().ok_or_else(|| {
-            JmError::Region(
-                "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)".into(),
-            )
+        self.inner.region_control.get().cloned().ok_or_else(|| JmError::Region {
+            kind: ferry_core::api::RegionErrorKind::NotConfigured,
+            message: "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)".into(),
         })
     }
 
@@ -296,11 +339,9 @@ impl JobManager {
         target: String,
         force: bool,
         dry_run: bool,
-    ) -> Result<serde_json::Value, JmError> {
+    ) -> Result<ferry_core::api::SwitchoverReport, JmError> {
         let ops = self.region_ops()?;
-        ops.failover(target, force, dry_run)
-            .await
-            .map_err(JmError::Region)
+        Ok(ops.failover(target, force, dry_run).await?)
     }
 
     /// Moves the jobs back to `target` (see [`RegionOps::failback`]).
@@ -308,19 +349,20 @@ impl JobManager {
         &self,
         target: String,
         dry_run: bool,
-    ) -> Result<serde_json::Value, JmError> {
+        wait: std::time::Duration,
+    ) -> Result<ferry_core::api::SwitchoverReport, JmError> {
         let ops = self.region_ops()?;
-        ops.failback(target, dry_run).await.map_err(JmError::Region)
+        Ok(ops.failback(target, dry_run, wait).await?)
     }
 
     /// Starts (`Some`) or ends (`None`) a simulated outage of this region
     /// (see [`RegionOps::outage`]).
     pub async fn region_outage(
         &self,
-        duration: Option<std::time::Duration>,
-    ) -> Result<serde_json::Value, JmError> {
+        start: Option<(std::time::Duration, Option<String>)>,
+    ) -> Result<ferry_core::api::OutageReport, JmError> {
         let ops = self.region_ops()?;
-        ops.outage(duration).await.map_err(JmError::Region)
+        Ok(ops.outage(start).await?)
     }
 
     /// Records the report of a failover drill (`ferry drill run`) in this
@@ -443,21 +485,25 @@ impl JobManager {
 
     /// The `/v1/regions` body: the cross-region view, or that replication
     /// is not configured.
-    pub fn regions(&self) -> serde_json::Value {
+    pub fn regions(&self) -> ferry_core::api::RegionsStatus {
         match self.inner.regions_view.get() {
-            Some(v) => {
-                let mut v = v();
-                v["primary"] = match self.inner.standby() {
-                    Some((_, primary)) => primary.into(),
-                    None => v["region"].clone(),
-                };
-                v
-            }
-            None => serde_json::json!({
-                "region": self.inner.leadership.ha_context().map(|c| c.region.clone()),
-                "standbys": [],
-                "note": "cross-region replication is not configured (regions.stores, see docs/config.md)",
-            }),
+            Some(v) => v(),
+            None => ferry_core::api::RegionsStatus {
+                region: self.inner.leadership.ha_context().map(|c| c.region.clone()),
+                instance: self.instance_id().to_string(),
+                region_role: None,
+                primary: None,
+                epoch: ferry_core::RegionEpoch::NONE,
+                home: None,
+                global_reachable: None,
+                regions: Vec::new(),
+                standbys: Vec::new(),
+                verified: Default::default(),
+                note: Some(
+                    "cross-region replication is not configured (regions.stores, see docs/config.md)"
+                        .into(),
+                ),
+            },
         }
     }
 
@@ -465,6 +511,11 @@ impl JobManager {
     /// (a slow receiver misses the oldest ones and is told how many).
     pub fn subscribe_completed(&self) -> tokio::sync::broadcast::Receiver<CompletedCheckpoint> {
         self.inner.completed.subscribe()
+    }
+
+    /// Every job whose final status reaches the job store from now on.
+    pub fn subscribe_ended(&self) -> tokio::sync::broadcast::Receiver<JobEnded> {
+        self.inner.ended.subscribe()
     }
 
     /// Name of this instance.

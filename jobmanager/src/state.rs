@@ -39,6 +39,8 @@ impl JobState {
         matches!(
             (self, to),
             (Created, Running)
+                // Restored from its final checkpoint: nothing left to run.
+                | (Created, Finished)
                 | (Created, Restarting)
                 | (Created, Failed)
                 | (Created, Cancelling)

@@ -458,16 +458,30 @@ impl TaskManagers {
     pub(crate) fn claim(
         &self,
         job: &JobId,
+        region_epoch: u64,
     ) -> Option<(Found, mpsc::UnboundedReceiver<RemoteEvent>)> {
         let mut s = self.lock();
         let id = job.to_string();
+        let stale: Vec<(String, String, u64)> = s
+            .tms
+            .iter()
+            .flat_map(|(tm, t)| t.reported.iter().map(move |d| (tm, d)))
+            .filter(|(_, d)| d.job_id == id && d.region_epoch != region_epoch)
+            .map(|(tm, d)| (tm.clone(), d.deployment.clone(), d.region_epoch))
+            .collect();
+        for (tm, d, e) in &stale {
+            tracing::warn!(job = %job, taskmanager = %tm, deployment = %d, deployment_region_epoch = e, region_epoch, "not adopting tasks started under another region epoch: they are stopped and the job restores from its newest checkpoint");
+        }
         let found = s
             .tms
             .iter()
             .filter(|(_, t)| t.registered)
             .flat_map(|(tm, t)| t.reported.iter().map(move |d| (tm, t, d)))
             .filter(|(_, t, d)| {
-                d.job_id == id && d.failure.is_none() && t.used.contains_key(&d.deployment)
+                d.job_id == id
+                    && d.failure.is_none()
+                    && d.region_epoch == region_epoch
+                    && t.used.contains_key(&d.deployment)
             })
             .max_by_key(|(_, _, d)| (d.epoch, d.attempt))
             .map(|(tm, t, d)| Found {
@@ -576,6 +590,49 @@ impl TaskManagers {
                 tracing::warn!("stopping a leftover deployment failed: {e}");
             }
         });
+    }
+
+    /// The region lease was just confirmed under `region_epoch` for
+    /// `valid_for`: every registered TaskManager hears it (in the
+    /// background, each bounded by `valid_for`), so its tasks go on; a
+    /// TaskManager that does not hear it in time stops them by itself.
+    pub fn renew_fence(&self, region_epoch: u64, valid_for: Duration) {
+        let called = std::time::Instant::now();
+        let (epoch, clients): (Option<u64>, Vec<(String, TmClient)>) = {
+            let s = self.lock();
+            (
+                s.epoch,
+                s.tms
+                    .iter()
+                    .filter(|(_, t)| t.registered)
+                    .map(|(id, t)| (id.clone(), t.client.clone()))
+                    .collect(),
+            )
+        };
+        let Some(epoch) = epoch else { return };
+        for (tm, mut client) in clients {
+            tokio::spawn(async move {
+                // What is left of the validity when the request leaves.
+                let left = valid_for.saturating_sub(called.elapsed());
+                if left.is_zero() {
+                    return;
+                }
+                let req = proto::FenceRequest {
+                    epoch,
+                    region_epoch,
+                    valid_for_ms: left.as_millis() as u64,
+                };
+                match tokio::time::timeout(left, client.fence(req)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(taskmanager = %tm, "renewing the region fence failed: {}", e.message())
+                    }
+                    Err(_) => {
+                        tracing::warn!(taskmanager = %tm, "renewing the region fence timed out")
+                    }
+                }
+            });
+        }
     }
 
     /// Reserves `slots` on the TaskManager with the most free slots.

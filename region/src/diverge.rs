@@ -14,13 +14,14 @@
 //! snapshot in the source.
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use ferry_core::JobId;
+use ferry_core::RegionEpoch;
+use ferry_core::api::{Diverged, DivergenceBase as Base, JobDivergence};
 use ferry_core::manifest::{
     MANIFEST_FILE, Manifest, checkpoint_dir, job_dir, list_checkpoint_ids, read_manifest,
 };
 use ferry_core::storage::StorageLocation;
-use serde::{Deserialize, Serialize};
 
 use crate::ReplicationError;
 
@@ -29,79 +30,30 @@ pub fn diverged_dir(job: &JobId) -> String {
     format!("{}/diverged", job_dir(job))
 }
 
-/// The snapshot a run restored from, as far as the stores still know it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Base {
-    pub checkpoint: u64,
-    pub records_in: u64,
-    pub records_out: u64,
-    /// Watermark (epoch ms).
-    pub watermark: i64,
-}
-
-/// One archived snapshot that diverged.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Diverged {
-    pub job: JobId,
-    /// `checkpoints/<n>` or `savepoints/savepoint-<n>`.
-    pub dir: String,
-    pub checkpoint: u64,
-    pub region_epoch: u64,
-    pub created_at: DateTime<Utc>,
-    pub records_in: u64,
-    pub records_out: u64,
-    /// Watermark (epoch ms).
-    pub watermark: i64,
-    /// Sink transactions it committed.
-    pub sink_transactions: usize,
-    /// The region epoch of the lineage that replaced it.
-    pub replaced_by_epoch: u64,
-    /// Where that lineage started (`None`: it started empty).
-    pub base: Option<Base>,
-    pub archived_at: DateTime<Utc>,
-}
-
-/// Per-job summary of [`Diverged`] snapshots: what the diverged region
+/// Summarises the archived snapshots of one job: what the diverged region
 /// committed beyond the point the surviving lineage restored from.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct JobDivergence {
-    pub job: Option<JobId>,
-    pub checkpoints: Vec<u64>,
-    /// Records written by the sinks after the base (committed only there).
-    pub records_out: u64,
-    /// Records read after the base.
-    pub records_in: u64,
-    /// Event time covered after the base, in milliseconds.
-    pub event_time_ms: i64,
-    pub base: Option<Base>,
-    pub snapshots: Vec<Diverged>,
-}
-
-impl JobDivergence {
-    /// Summarises the archived snapshots of one job.
-    pub fn summarise(job: JobId, mut snapshots: Vec<Diverged>) -> Self {
-        snapshots.sort_by_key(|d| d.checkpoint);
-        let base = snapshots.iter().find_map(|d| d.base.clone());
-        let (b_in, b_out, b_wm) = base
-            .as_ref()
-            .map(|b| (b.records_in, b.records_out, Some(b.watermark)))
-            .unwrap_or((0, 0, None));
-        let max_out = snapshots.iter().map(|d| d.records_out).max().unwrap_or(0);
-        let max_in = snapshots.iter().map(|d| d.records_in).max().unwrap_or(0);
-        let max_wm = snapshots.iter().map(|d| d.watermark).max();
-        let event_time_ms = match (max_wm, b_wm) {
-            (Some(m), Some(b)) if m > b && b > i64::MIN => m - b,
-            _ => 0,
-        };
-        Self {
-            job: Some(job),
-            checkpoints: snapshots.iter().map(|d| d.checkpoint).collect(),
-            records_out: max_out.saturating_sub(b_out),
-            records_in: max_in.saturating_sub(b_in),
-            event_time_ms,
-            base,
-            snapshots,
-        }
+pub fn summarise(job: JobId, mut snapshots: Vec<Diverged>) -> JobDivergence {
+    snapshots.sort_by_key(|d| d.checkpoint);
+    let base = snapshots.iter().find_map(|d| d.base.clone());
+    let (b_in, b_out, b_wm) = base
+        .as_ref()
+        .map(|b| (b.records_in, b.records_out, Some(b.watermark)))
+        .unwrap_or((0, 0, None));
+    let max_out = snapshots.iter().map(|d| d.records_out).max().unwrap_or(0);
+    let max_in = snapshots.iter().map(|d| d.records_in).max().unwrap_or(0);
+    let max_wm = snapshots.iter().map(|d| d.watermark).max();
+    let event_time_ms = match (max_wm, b_wm) {
+        (Some(m), Some(b)) if m > b && b > i64::MIN => m - b,
+        _ => 0,
+    };
+    JobDivergence {
+        job: Some(job),
+        checkpoints: snapshots.iter().map(|d| d.checkpoint).collect(),
+        records_out: max_out.saturating_sub(b_out),
+        records_in: max_in.saturating_sub(b_in),
+        event_time_ms,
+        base,
+        snapshots,
     }
 }
 
@@ -144,6 +96,17 @@ async fn newest_manifest(
     Ok(None)
 }
 
+/// The region epoch of the lineage `store` holds for `job`: that of its
+/// newest complete snapshot.
+pub async fn lineage_epoch(
+    store: &StorageLocation,
+    job: &JobId,
+) -> Result<Option<RegionEpoch>, ReplicationError> {
+    Ok(newest_manifest(store, job)
+        .await?
+        .map(|m| RegionEpoch(m.region_epoch)))
+}
+
 /// Archives and removes the snapshots of `job` in `target` that diverge
 /// from `source`'s lineage (see the module docs). Returns what it archived
 /// in this call.
@@ -155,18 +118,28 @@ pub async fn archive_divergence(
     let Some(newest) = newest_manifest(source, job).await? else {
         return Ok(Vec::new());
     };
-    let lineage_epoch = newest.region_epoch;
+    let lineage_epoch = RegionEpoch(newest.region_epoch);
     let start = newest.restored_from.unwrap_or(0);
+    let mut theirs_all = Vec::new();
+    for (n, dir) in snapshot_dirs(target, job).await? {
+        if let Ok(Some(m)) = read_manifest(&target.child(&dir)).await {
+            // The newer region epoch always wins: a source whose lineage
+            // is older than what the target holds must not replace it.
+            if RegionEpoch(m.region_epoch) > lineage_epoch {
+                return Err(ReplicationError::StaleSource {
+                    job: *job,
+                    source_epoch: lineage_epoch,
+                    target_epoch: RegionEpoch(m.region_epoch),
+                    checkpoint: n,
+                });
+            }
+            theirs_all.push((n, dir, m));
+        }
+    }
     let mut base: Option<Option<Base>> = None;
     let mut out = Vec::new();
-    for (n, dir) in snapshot_dirs(target, job).await? {
-        if n <= start {
-            continue;
-        }
-        let Ok(Some(m)) = read_manifest(&target.child(&dir)).await else {
-            continue;
-        };
-        if m.region_epoch >= lineage_epoch {
+    for (n, dir, m) in theirs_all {
+        if n <= start || RegionEpoch(m.region_epoch) >= lineage_epoch {
             continue;
         }
         let theirs = target.child(&dir).get_opt(MANIFEST_FILE).await?;
@@ -184,7 +157,7 @@ pub async fn archive_divergence(
                 .unwrap_or(&dir)
                 .to_string(),
             checkpoint: n,
-            region_epoch: m.region_epoch,
+            region_epoch: RegionEpoch(m.region_epoch),
             created_at: m.created_at,
             records_in: m.records_in,
             records_out: m.records_out,
@@ -217,7 +190,7 @@ pub async fn archive_divergence(
             target = %target.url(),
             checkpoint = n,
             region_epoch = m.region_epoch,
-            lineage_epoch,
+            lineage_epoch = lineage_epoch.0,
             "snapshot diverged from the primary's lineage (completed after the checkpoint the failover restored from): archived in {name} and removed"
         );
         out.push(d);

@@ -1,184 +1,196 @@
 //! Region heartbeats in the global KV: the leading JobManager of every
 //! region puts `regions.<name>` every health-check interval, carrying its
-//! API URL and its replication progress; any region reads them all to see
-//! which regions are alive and how far their copies are. A region whose
-//! heartbeat is older than the region timeout counts as down.
+//! API URL, its replication progress and its restore-verified checkpoints;
+//! every JobManager lists them to see which regions are alive.
+//!
+//! A region is healthy while its heartbeat's revision keeps changing, on
+//! the reader's own clock ([`crate::clock::Unchanged`]), never by comparing
+//! the writer's timestamp with the reader's wall clock. The global KV counts
+//! as reachable only after a *write* succeeded recently: a minority node
+//! answers reads (stale) long after it lost its quorum.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use ferry_ha::{Coordination, HaError};
-use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
+use chrono::Utc;
+use ferry_core::api::{RegionHeartbeat, RegionView};
+use ferry_ha::{Coordination, Entry, HaError};
+use tokio::time::Instant;
+
+use crate::clock::Unchanged;
 
 /// Key prefix of region heartbeats in the global KV.
 pub const REGIONS_PREFIX: &str = "regions.";
 
-/// What a region's leader publishes about it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct RegionHeartbeat {
-    pub region: String,
-    /// The region's leading JobManager and its REST URL.
-    pub leader: String,
-    pub api_url: String,
-    pub at: Option<DateTime<Utc>>,
-    /// Its replication to every other region: (region, lag seconds, lag
-    /// checkpoints).
-    #[serde(default)]
-    pub replication: Vec<(String, f64, u64)>,
-    /// A standby's newest restore-verified checkpoint per job.
-    #[serde(default)]
-    pub verified: std::collections::BTreeMap<String, u64>,
-}
+/// Key prefix of reachability probes of JobManagers that do not lead their
+/// region (they publish no heartbeat, but must know whether a quorum
+/// answers them).
+pub const PROBES_PREFIX: &str = "probes.";
 
-/// A known region as seen from the global KV.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct RegionView {
-    pub region: String,
-    /// Heard from within the region timeout.
-    pub healthy: bool,
-    /// Age of its last heartbeat (`None`: never heard from).
-    pub heartbeat_age_ms: Option<u64>,
-    pub heartbeat: Option<RegionHeartbeat>,
-}
-
-/// Publishes this region's heartbeat while `leading()` says this instance
-/// leads its region, until `stop`.
-pub async fn publish(
-    global: Arc<dyn Coordination>,
-    interval: Duration,
-    leading: impl Fn() -> bool,
-    heartbeat: impl Fn() -> RegionHeartbeat,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if !leading() {
-            continue;
-        }
-        let mut hb = heartbeat();
-        hb.at = Some(Utc::now());
-        let key = format!("{REGIONS_PREFIX}{}", hb.region);
-        let value = Bytes::from(serde_json::to_vec(&hb).unwrap_or_default());
-        match tokio::time::timeout(interval, global.put(&key, value)).await {
-            Ok(Ok(_)) => failing = false,
-            Ok(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!(
-                    "region heartbeat failed (the global KV is unreachable or has no quorum): {e}"
-                );
+/// The key of a JobManager's reachability probe: `probes.<region>-<id>`,
+/// with every character a KV key does not allow replaced by `_`.
+pub fn probe_key(region: &str, instance: &str) -> String {
+    let clean: String = format!("{region}-{instance}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
             }
-            Err(_) if !failing => {
-                failing = true;
-                tracing::warn!(
-                    "region heartbeat timed out (the global KV is unreachable or has no quorum)"
-                );
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Every known region (and any other that heartbeats), healthy if heard
-/// from within `timeout`, sorted by name.
-pub async fn list(
-    global: &dyn Coordination,
-    known: &[String],
-    timeout: Duration,
-) -> Result<Vec<RegionView>, HaError> {
-    let now = SystemTime::now();
-    let mut out: Vec<RegionView> = known
-        .iter()
-        .map(|r| RegionView {
-            region: r.clone(),
-            healthy: false,
-            heartbeat_age_ms: None,
-            heartbeat: None,
         })
         .collect();
-    for e in global.list(REGIONS_PREFIX).await? {
-        let Ok(hb) = serde_json::from_slice::<RegionHeartbeat>(&e.value) else {
-            continue;
-        };
-        let age = now.duration_since(e.created).unwrap_or_default();
-        let view = RegionView {
-            region: hb.region.clone(),
-            healthy: age < timeout,
-            heartbeat_age_ms: Some(age.as_millis() as u64),
-            heartbeat: Some(hb),
-        };
-        match out.iter_mut().find(|v| v.region == view.region) {
-            Some(v) => *v = view,
-            None => out.push(view),
+    format!("{PROBES_PREFIX}{clean}")
+}
+
+/// Writes this region's heartbeat (a quorum write).
+pub async fn publish(global: &dyn Coordination, mut hb: RegionHeartbeat) -> Result<(), HaError> {
+    hb.at = Some(Utc::now());
+    let key = format!("{REGIONS_PREFIX}{}", hb.region);
+    // A struct of strings and numbers always serializes.
+    let value = Bytes::from(serde_json::to_vec(&hb).unwrap_or_default());
+    global.put(&key, value).await.map(drop)
+}
+
+/// Every known region's health, measured on this process's clock.
+#[derive(Debug)]
+pub struct Health {
+    known: Vec<String>,
+    timeout: Duration,
+    ages: Unchanged,
+    /// When the last write to the global KV succeeded.
+    last_write: Option<Instant>,
+}
+
+impl Health {
+    /// `known`: the regions of `regions.stores` (and this one).
+    pub fn new(known: Vec<String>, timeout: Duration) -> Self {
+        Self {
+            known,
+            timeout,
+            ages: Unchanged::new(),
+            last_write: None,
         }
     }
-    out.sort_by(|a, b| a.region.cmp(&b.region));
-    Ok(out)
+
+    /// A write to the global KV (heartbeat, probe, lease renewal)
+    /// succeeded just now.
+    pub fn wrote(&mut self) {
+        self.last_write = Some(Instant::now());
+    }
+
+    /// True when a write succeeded within the region timeout.
+    pub fn reachable(&self) -> bool {
+        self.last_write.is_some_and(|t| t.elapsed() <= self.timeout)
+    }
+
+    /// The regions' health from a listing of `regions.*` entries: every
+    /// known region (and any other that heartbeats), sorted by name,
+    /// healthy if its heartbeat changed within the timeout on this clock.
+    pub fn observe(&mut self, entries: Vec<Entry>) -> Vec<RegionView> {
+        let mut out: Vec<RegionView> = self
+            .known
+            .iter()
+            .map(|r| RegionView {
+                region: r.clone(),
+                healthy: false,
+                heartbeat_age_ms: None,
+                heartbeat: None,
+            })
+            .collect();
+        let mut present = Vec::new();
+        for e in entries {
+            let Ok(hb) = serde_json::from_slice::<RegionHeartbeat>(&e.value) else {
+                continue;
+            };
+            let age = self.ages.observe(&e.key, e.revision);
+            present.push(e.key.clone());
+            let view = RegionView {
+                region: hb.region.clone(),
+                healthy: age <= self.timeout,
+                heartbeat_age_ms: Some(age.as_millis() as u64),
+                heartbeat: Some(hb),
+            };
+            match out.iter_mut().find(|v| v.region == view.region) {
+                Some(v) => *v = view,
+                None => out.push(view),
+            }
+        }
+        // Keys that expired: never heard from again.
+        for r in &self.known {
+            let key = format!("{REGIONS_PREFIX}{r}");
+            if !present.contains(&key) {
+                self.ages.forget(&key);
+            }
+        }
+        out.sort_by(|a, b| a.region.cmp(&b.region));
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use ferry_ha::in_process::InProcess;
+    use std::sync::Arc;
 
-    #[tokio::test]
-    async fn regions_are_healthy_while_their_leader_heartbeats() {
-        let kv: Arc<dyn Coordination> = Arc::new(InProcess::new(Duration::from_secs(60)));
-        let stop = CancellationToken::new();
-        let leading = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let l = leading.clone();
-        let task = tokio::spawn(publish(
-            kv.clone(),
-            Duration::from_millis(20),
-            move || l.load(std::sync::atomic::Ordering::SeqCst),
-            || RegionHeartbeat {
-                region: "eu-west".into(),
-                leader: "jm-0".into(),
-                api_url: "http://127.0.0.1:1".into(),
-                at: None,
-                replication: vec![("us-east".into(), 0.5, 1)],
-                verified: Default::default(),
-            },
-            stop.clone(),
-        ));
-        let known = vec!["eu-west".to_string(), "us-east".to_string()];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let v = list(kv.as_ref(), &known, Duration::from_millis(200))
-                .await
-                .unwrap();
-            if v[0].healthy {
-                assert_eq!(v[0].heartbeat.as_ref().unwrap().replication[0].2, 1);
-                assert!(!v[1].healthy, "us-east never heartbeat");
-                assert_eq!(v[1].heartbeat_age_ms, None);
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    fn hb(region: &str) -> RegionHeartbeat {
+        RegionHeartbeat {
+            region: region.into(),
+            leader: "jm-0".into(),
+            api_url: "http://127.0.0.1:1".into(),
+            ..Default::default()
         }
-        // A standby instance (not leading) publishes nothing: the region
-        // goes unhealthy after the timeout.
-        leading.store(false, std::sync::atomic::Ordering::SeqCst);
-        loop {
-            let v = list(kv.as_ref(), &known, Duration::from_millis(200))
-                .await
-                .unwrap();
-            if !v[0].healthy {
-                assert!(v[0].heartbeat_age_ms.unwrap() >= 200);
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_region_is_healthy_while_its_heartbeat_changes_on_the_readers_clock() {
+        let kv: Arc<dyn Coordination> = Arc::new(InProcess::new(Duration::from_secs(3600)));
+        let t = Duration::from_secs(2);
+        let mut h = Health::new(vec!["east".into(), "west".into()], t);
+        publish(kv.as_ref(), hb("east")).await.unwrap();
+        let v = h.observe(kv.list(REGIONS_PREFIX).await.unwrap());
+        assert!(v[0].healthy && !v[1].healthy, "{v:?}");
+        assert_eq!(v[1].heartbeat_age_ms, None, "west never heartbeat");
+        // East keeps beating: healthy however long it runs.
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            publish(kv.as_ref(), hb("east")).await.unwrap();
+            assert!(h.observe(kv.list(REGIONS_PREFIX).await.unwrap())[0].healthy);
         }
-        stop.cancel();
-        task.await.unwrap();
+        // East stops: unhealthy once its revision is older than the
+        // timeout here — whatever its own `at` says.
+        let mut stale = hb("east");
+        stale.at = Some(Utc::now() + chrono::Duration::hours(1));
+        kv.put(
+            "regions.east",
+            Bytes::from(serde_json::to_vec(&stale).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert!(h.observe(kv.list(REGIONS_PREFIX).await.unwrap())[0].healthy);
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        let v = h.observe(kv.list(REGIONS_PREFIX).await.unwrap());
+        assert!(!v[0].healthy, "{v:?}");
+        assert_eq!(v[0].heartbeat_age_ms, Some(2100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_global_kv_is_reachable_only_after_a_recent_write() {
+        let mut h = Health::new(vec![], Duration::from_secs(2));
+        assert!(!h.reachable(), "nothing written yet");
+        h.wrote();
+        assert!(h.reachable());
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        assert!(!h.reachable(), "reads alone never count");
+    }
+
+    #[test]
+    fn probe_keys_are_valid_kv_keys() {
+        assert_eq!(
+            probe_key("eu-west", "host.example-12"),
+            "probes.eu-west-host_example-12"
+        );
+        ferry_ha::backend::check_key(&probe_key("a b", "ü.x")).unwrap();
     }
 }

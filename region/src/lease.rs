@@ -1,115 +1,200 @@
 //! The region lease: one key, `region-lease`, in the global KV names the
-//! primary region — the one that runs the jobs. It changes only by
-//! compare-and-set, so of several standbys trying to take over only one
-//! wins, and a region cut off from the global KV's quorum cannot change it
-//! at all. The key's revision when it was last set is the region epoch.
+//! primary region — the one that runs the jobs — and the region epoch.
+//!
+//! - It changes hands only by compare-and-set ([`claim`]), so of several
+//!   standbys trying to take over only one wins, and a region cut off from
+//!   the global KV's quorum cannot change it at all. Each change of hands
+//!   increments the region epoch carried in the record.
+//! - The primary's leader renews it by compare-and-set every health-check
+//!   interval ([`renew`]): same primary, same epoch, a new revision. A
+//!   successful renewal needs a quorum and proves nobody took the lease
+//!   since, so it — never a read, which a minority node answers with stale
+//!   data — is what confirms the primary role: the primary may act until
+//!   half the region timeout after it *sent* its last successful renewal.
+//! - A standby judges the primary silent when the lease's revision has not
+//!   changed for the whole region timeout on its own monotonic clock
+//!   ([`crate::clock::Unchanged`]). Only clock rates must agree, never two
+//!   hosts' wall clocks: the renewal that the standby last saw was sent
+//!   before it was seen, so the primary stopped acting at least half a
+//!   timeout before any standby may claim.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use ferry_core::RegionEpoch;
 use ferry_ha::{Coordination, HaError};
 use serde::{Deserialize, Serialize};
 
-/// Key of the lease in the global KV.
+/// Key of the lease in the global lease bucket.
 pub const REGION_LEASE: &str = "region-lease";
 
-/// Who is primary, since when and why.
+/// What the lease key holds.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct RegionLease {
+pub struct LeaseRecord {
     pub primary: String,
+    /// Absent only in records written before epochs were kept in the
+    /// record; then the revision stands in for it.
+    #[serde(default)]
+    pub epoch: Option<RegionEpoch>,
+    /// When this region became primary (the writer's clock; display only).
     pub since: DateTime<Utc>,
-    /// Why it became primary (`initial`, `failover: …`).
+    /// Why it became primary (`initial`, `failover: …`, `switchover …`).
     pub reason: String,
+    /// The last renewal (the writer's clock; display only).
+    #[serde(default)]
+    pub renewed_at: Option<DateTime<Utc>>,
 }
 
-/// The lease and its revision (the region epoch), if set.
-pub async fn read(global: &dyn Coordination) -> Result<Option<(RegionLease, u64)>, HaError> {
-    Ok(global.get(REGION_LEASE).await?.and_then(|e| {
-        serde_json::from_slice::<RegionLease>(&e.value)
-            .ok()
-            .map(|l| (l, e.revision))
-    }))
+/// The lease as read or as last written by this instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lease {
+    /// `None` when the record is unreadable (then nobody is known to be
+    /// primary: after the region timeout a standby claims it anew).
+    pub record: Option<LeaseRecord>,
+    pub epoch: RegionEpoch,
+    /// KV revision of the record: the expected revision of the next
+    /// compare-and-set.
+    pub revision: u64,
 }
 
-/// Makes `region` primary: creates the lease (`expected` `None`) or
-/// replaces the revision `expected`. Returns the new region epoch;
-/// `HaError::Exists` / `WrongRevision` when another change came first.
-#[tracing::instrument(name = "region_lease.claim", skip(global))]
-pub async fn claim(
+impl Lease {
+    /// The primary region it names, if readable.
+    pub fn primary(&self) -> Option<&str> {
+        self.record.as_ref().map(|r| r.primary.as_str())
+    }
+
+    /// True when it names `region`.
+    pub fn names(&self, region: &str) -> bool {
+        self.primary() == Some(region)
+    }
+}
+
+/// Why a lease operation did not succeed.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+pub enum LeaseError {
+    /// The global KV did not answer, or has no quorum.
+    #[error("the global KV is unreachable or has no quorum: {0}")]
+    Unavailable(String),
+    /// The compare-and-set lost: the lease changed since it was read.
+    #[error(
+        "the region lease changed meanwhile (another region claimed it, or the read was stale)"
+    )]
+    Changed,
+    /// `create` found a lease already there.
+    #[error("the region lease exists already")]
+    Exists,
+}
+
+impl From<HaError> for LeaseError {
+    fn from(e: HaError) -> Self {
+        match e {
+            HaError::Exists(_) => LeaseError::Exists,
+            HaError::WrongRevision(..) => LeaseError::Changed,
+            HaError::Unavailable(m) => LeaseError::Unavailable(m),
+        }
+    }
+}
+
+fn encode(r: &LeaseRecord) -> Bytes {
+    // A struct of strings and numbers always serializes.
+    Bytes::from(serde_json::to_vec(r).unwrap_or_default())
+}
+
+/// Reads the lease (`None`: never created). May be stale on a minority
+/// node: use it to learn who is primary, never to confirm the role.
+pub async fn read(global: &dyn Coordination) -> Result<Option<Lease>, LeaseError> {
+    let Some(e) = global.get(REGION_LEASE).await? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        match serde_json::from_slice::<LeaseRecord>(&e.value) {
+            Ok(r) => Lease {
+                epoch: r.epoch.unwrap_or(RegionEpoch(e.revision)),
+                record: Some(r),
+                revision: e.revision,
+            },
+            Err(err) => {
+                tracing::warn!(
+                    revision = e.revision,
+                    "the region lease record is unreadable ({err}): no region is known to be primary; a standby claims the lease after regions.timeout, or force one with `ferry region failover --to REGION --force`"
+                );
+                // Epochs only grow with revisions (each claim writes at least
+                // once), so the revision bounds every epoch used so far.
+                Lease {
+                    record: None,
+                    epoch: RegionEpoch(e.revision),
+                    revision: e.revision,
+                }
+            }
+        },
+    ))
+}
+
+/// Creates the first lease naming `region`, region epoch 1.
+pub async fn create(
     global: &Arc<dyn Coordination>,
     region: &str,
-    expected: Option<u64>,
     reason: &str,
-) -> Result<u64, HaError> {
-    let value = Bytes::from(
-        serde_json::to_vec(&RegionLease {
-            primary: region.to_string(),
-            since: Utc::now(),
-            reason: reason.to_string(),
-        })
-        .unwrap_or_default(),
-    );
-    match expected {
-        None => global.create(REGION_LEASE, value).await,
-        Some(rev) => global.update(REGION_LEASE, value, rev).await,
-    }
-}
-
-/// What a standby region's leader does about the primary region.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Takeover {
-    /// The primary is alive (or only just became primary).
-    Wait,
-    /// The primary is silent, but this healthy standby holds newer
-    /// verified checkpoints and goes first.
-    Defer(String),
-    /// Take the region lease.
-    Claim,
-}
-
-/// Decides whether `me`, a standby, takes over from `primary`. The primary
-/// is silent when its heartbeat is older than `timeout` and it has held
-/// the lease at least that long (a region that just became primary has had
-/// no time to beat). Of several standbys, the healthy one with the newest
-/// verified checkpoints (the sum over jobs of the newest verified number;
-/// ties: the smaller region name) goes first; the others step in only
-/// when the primary has been silent for twice the timeout.
-pub fn takeover(
-    me: &str,
-    primary: &str,
-    views: &[crate::health::RegionView],
-    my_verified: &std::collections::BTreeMap<String, u64>,
-    timeout: std::time::Duration,
-    lease_age: std::time::Duration,
-) -> Takeover {
-    use crate::verifier::score;
-    use std::cmp::Reverse;
-    let silent_for = views
-        .iter()
-        .find(|v| v.region == primary && !v.healthy)
-        .map(|v| {
-            v.heartbeat_age_ms
-                .map(std::time::Duration::from_millis)
-                .unwrap_or(std::time::Duration::MAX)
-        })
-        .filter(|age| *age > timeout);
-    let Some(silent_for) = silent_for.filter(|_| lease_age > timeout) else {
-        return Takeover::Wait;
+) -> Result<Lease, LeaseError> {
+    let record = LeaseRecord {
+        primary: region.to_string(),
+        epoch: Some(RegionEpoch(1)),
+        since: Utc::now(),
+        reason: reason.to_string(),
+        renewed_at: None,
     };
-    let mine = (score(my_verified), Reverse(me));
-    let better = views.iter().find(|v| {
-        v.region != me
-            && v.region != primary
-            && v.healthy
-            && v.heartbeat
-                .as_ref()
-                .is_some_and(|h| (score(&h.verified), Reverse(v.region.as_str())) > mine)
-    });
-    match better {
-        Some(b) if silent_for < timeout * 2 => Takeover::Defer(b.region.clone()),
-        _ => Takeover::Claim,
-    }
+    let revision = global.create(REGION_LEASE, encode(&record)).await?;
+    Ok(Lease {
+        epoch: RegionEpoch(1),
+        record: Some(record),
+        revision,
+    })
+}
+
+/// Makes `region` primary in place of `current` (compare-and-set on its
+/// revision), with the next region epoch.
+#[tracing::instrument(name = "region_lease.claim", skip(global, current), fields(from = ?current.primary(), epoch = %current.epoch))]
+pub async fn claim(
+    global: &Arc<dyn Coordination>,
+    current: &Lease,
+    region: &str,
+    reason: &str,
+) -> Result<Lease, LeaseError> {
+    let epoch = current.epoch.next();
+    let record = LeaseRecord {
+        primary: region.to_string(),
+        epoch: Some(epoch),
+        since: Utc::now(),
+        reason: reason.to_string(),
+        renewed_at: None,
+    };
+    let revision = global
+        .update(REGION_LEASE, encode(&record), current.revision)
+        .await?;
+    Ok(Lease {
+        record: Some(record),
+        epoch,
+        revision,
+    })
+}
+
+/// Renews `current` unchanged but for its renewal time (compare-and-set):
+/// success proves a quorum holds it as written.
+pub async fn renew(global: &Arc<dyn Coordination>, current: &Lease) -> Result<Lease, LeaseError> {
+    let Some(mut record) = current.record.clone() else {
+        return Err(LeaseError::Changed);
+    };
+    record.epoch = Some(current.epoch);
+    record.renewed_at = Some(Utc::now());
+    let revision = global
+        .update(REGION_LEASE, encode(&record), current.revision)
+        .await?;
+    Ok(Lease {
+        record: Some(record),
+        epoch: current.epoch,
+        revision,
+    })
 }
 
 #[cfg(test)]
@@ -118,123 +203,59 @@ mod tests {
     use ferry_ha::in_process::InProcess;
     use std::time::Duration;
 
+    fn kv() -> Arc<dyn Coordination> {
+        Arc::new(InProcess::new(Duration::from_secs(3600)))
+    }
+
     #[tokio::test]
     async fn only_one_of_two_racing_standbys_takes_the_lease() {
-        let kv: Arc<dyn Coordination> = Arc::new(InProcess::new(Duration::from_secs(60)));
-        let first = claim(&kv, "east", None, "initial").await.unwrap();
-        assert!(claim(&kv, "west", None, "initial").await.is_err());
-        let (l, rev) = read(kv.as_ref()).await.unwrap().unwrap();
-        assert_eq!((l.primary.as_str(), rev), ("east", first));
-        // Both standbys saw revision `first`; only one CAS succeeds.
-        let a = claim(&kv, "west", Some(first), "failover").await;
-        let b = claim(&kv, "south", Some(first), "failover").await;
+        let kv = kv();
+        let first = create(&kv, "east", "initial").await.unwrap();
+        assert_eq!(first.epoch, RegionEpoch(1));
+        assert_eq!(
+            create(&kv, "west", "initial").await,
+            Err(LeaseError::Exists)
+        );
+        let seen = read(kv.as_ref()).await.unwrap().unwrap();
+        assert_eq!(seen, first);
+        // Both standbys saw the same revision; only one CAS succeeds.
+        let a = claim(&kv, &seen, "west", "failover").await;
+        let b = claim(&kv, &seen, "south", "failover").await;
         assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
-        let (l, epoch) = read(kv.as_ref()).await.unwrap().unwrap();
-        assert_eq!(l.primary, "west");
-        assert!(epoch > first, "the region epoch grows");
+        let now = read(kv.as_ref()).await.unwrap().unwrap();
+        assert_eq!(now.primary(), Some("west"));
+        assert_eq!(now.epoch, RegionEpoch(2), "the region epoch grows by one");
     }
 
-    fn view(
-        region: &str,
-        age_ms: Option<u64>,
-        verified: &[(&str, u64)],
-    ) -> crate::health::RegionView {
-        crate::health::RegionView {
-            region: region.into(),
-            healthy: age_ms.is_some_and(|a| a < 5_000),
-            heartbeat_age_ms: age_ms,
-            heartbeat: age_ms.map(|_| crate::health::RegionHeartbeat {
-                region: region.into(),
-                verified: verified.iter().map(|(j, n)| (j.to_string(), *n)).collect(),
-                ..Default::default()
-            }),
-        }
+    #[tokio::test]
+    async fn a_renewal_keeps_the_epoch_and_fails_once_another_region_claimed() {
+        let kv = kv();
+        let mine = create(&kv, "east", "initial").await.unwrap();
+        let renewed = renew(&kv, &mine).await.unwrap();
+        assert_eq!(renewed.epoch, mine.epoch);
+        assert!(renewed.revision > mine.revision);
+        // A renewal on a stale revision loses.
+        assert_eq!(renew(&kv, &mine).await, Err(LeaseError::Changed));
+        let taken = claim(&kv, &renewed, "west", "failover").await.unwrap();
+        assert_eq!(renew(&kv, &renewed).await, Err(LeaseError::Changed));
+        assert_eq!(read(kv.as_ref()).await.unwrap().unwrap(), taken);
     }
 
-    #[test]
-    fn the_standby_with_the_newest_verified_checkpoints_takes_over_first() {
-        let t = Duration::from_secs(5);
-        let long = Duration::from_secs(60);
-        let mine: std::collections::BTreeMap<String, u64> = [("job".to_string(), 7)].into();
-        // The primary beats: wait.
-        let alive = [
-            view("east", Some(100), &[]),
-            view("west", Some(100), &[("job", 9)]),
-        ];
-        assert_eq!(
-            takeover("south", "east", &alive, &mine, t, long),
-            Takeover::Wait
-        );
-        // Silent, no other standby: claim.
-        let alone = [view("east", Some(6_000), &[])];
-        assert_eq!(
-            takeover("south", "east", &alone, &mine, t, long),
-            Takeover::Claim
-        );
-        // ... but not while the lease itself is younger than the timeout.
-        assert_eq!(
-            takeover("south", "east", &alone, &mine, t, Duration::from_secs(1)),
-            Takeover::Wait
-        );
-        // Never heard from at all counts as silent.
-        let never = [view("east", None, &[])];
-        assert_eq!(
-            takeover("south", "east", &never, &mine, t, long),
-            Takeover::Claim
-        );
-        // West verified checkpoint 9, this region only 7: west goes first,
-        let ahead = [
-            view("east", Some(6_000), &[]),
-            view("west", Some(100), &[("job", 9)]),
-        ];
-        assert_eq!(
-            takeover("south", "east", &ahead, &mine, t, long),
-            Takeover::Defer("west".into())
-        );
-        // and west itself claims.
-        let west_view = [
-            view("east", Some(6_000), &[]),
-            view("south", Some(100), &[("job", 7)]),
-        ];
-        let west_has: std::collections::BTreeMap<String, u64> = [("job".to_string(), 9)].into();
-        assert_eq!(
-            takeover("west", "east", &west_view, &west_has, t, long),
-            Takeover::Claim
-        );
-        // When west does not within another timeout, this region steps in.
-        let late = [
-            view("east", Some(10_500), &[]),
-            view("west", Some(100), &[("job", 9)]),
-        ];
-        assert_eq!(
-            takeover("south", "east", &late, &mine, t, long),
-            Takeover::Claim
-        );
-        // An unhealthy better standby does not count.
-        let down = [
-            view("east", Some(6_000), &[]),
-            view("west", Some(7_000), &[("job", 9)]),
-        ];
-        assert_eq!(
-            takeover("south", "east", &down, &mine, t, long),
-            Takeover::Claim
-        );
-        // Ties go to the smaller name.
-        let tie = [
-            view("east", Some(6_000), &[]),
-            view("north", Some(100), &[("job", 7)]),
-        ];
-        assert_eq!(
-            takeover("south", "east", &tie, &mine, t, long),
-            Takeover::Defer("north".into())
-        );
-        let tie2 = [
-            view("east", Some(6_000), &[]),
-            view("south", Some(100), &[("job", 7)]),
-        ];
-        assert_eq!(
-            takeover("north", "east", &tie2, &mine, t, long),
-            Takeover::Claim
-        );
+    #[tokio::test]
+    async fn an_unreadable_record_names_nobody_and_can_be_claimed_above_every_epoch() {
+        let kv = kv();
+        let first = create(&kv, "east", "initial").await.unwrap();
+        let second = claim(&kv, &first, "west", "failover").await.unwrap();
+        kv.put(REGION_LEASE, Bytes::from_static(b"{not json"))
+            .await
+            .unwrap();
+        let corrupt = read(kv.as_ref()).await.unwrap().unwrap();
+        assert_eq!(corrupt.primary(), None);
+        assert!(corrupt.epoch > second.epoch, "{corrupt:?}");
+        // Nobody can renew it; a claim replaces it with a newer epoch.
+        assert_eq!(renew(&kv, &corrupt).await, Err(LeaseError::Changed));
+        let fixed = claim(&kv, &corrupt, "east", "forced").await.unwrap();
+        assert!(fixed.epoch > corrupt.epoch);
+        assert_eq!(read(kv.as_ref()).await.unwrap().unwrap(), fixed);
     }
 }

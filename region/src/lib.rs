@@ -1,24 +1,45 @@
-//! Ferry's cross-region coordination. This crate owns copying every
-//! completed checkpoint and savepoint, and every job spec, from the primary
-//! region's object store to each standby's ([`replicate`]), and proving in
-//! the standby that those copies restore ([`verify`]), and the regions'
-//! heartbeats in the global KV ([`health`]), the region lease ([`lease`]),
-//! and what a region that failed over committed beyond the surviving
-//! lineage ([`diverge`], fail-back's divergence report); promotion,
-//! switchover, fail-back and drills build on it.
+//! Ferry's cross-region coordination.
+//!
+//! - [`coordinator`]: one JobManager's region coordinator — the region role
+//!   as a typed state machine ([`role`], one module per state in
+//!   [`states`]), the region lease ([`lease`]), heartbeats ([`health`]),
+//!   who takes over a silent primary ([`takeover`]), switchover and
+//!   fail-back ([`switchover`]), drill outages ([`outage`], [`hold`]). It
+//!   drives the JobManager only through the [`jobs::RegionJobs`] trait.
+//! - [`replicate`] / [`replicator`]: copying every completed checkpoint,
+//!   savepoint and job spec from the primary's object store to each
+//!   standby's; [`diverge`]: what a region committed that the surviving
+//!   lineage does not contain.
+//! - [`verify`] / [`verifier`]: proving in a standby that those copies
+//!   restore.
 
+pub mod clock;
+pub mod coordinator;
 pub mod diverge;
+pub mod error;
 pub mod health;
+pub mod hold;
+pub mod jobs;
 pub mod lease;
+pub mod outage;
 pub mod replicate;
 pub mod replicator;
+pub mod role;
+pub mod states;
+pub mod switchover;
+pub mod takeover;
 pub mod verifier;
 pub mod verify;
 
-pub use diverge::{Diverged, JobDivergence};
+#[cfg(test)]
+mod coordinator_tests;
+
+pub use coordinator::{Coordinator, Settings};
+pub use error::RegionError;
+pub use jobs::{RegionEvent, RegionJob, RegionJobs};
 pub use replicate::{
     CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
 };
-pub use replicator::{CheckpointEvent, Replicator, Standby, StandbyStatus};
-pub use verifier::{JobVerified, Verifier};
+pub use replicator::{CheckpointEvent, Replicator, Standby};
+pub use verifier::Verifier;
 pub use verify::{CheckpointVerdict, RestoreCheck, Verification, verify_job};

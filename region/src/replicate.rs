@@ -47,6 +47,17 @@ pub enum ReplicationError {
         "{path} already exists with different contents: two primaries wrote this checkpoint number (check the region epochs)"
     )]
     Conflict { path: String },
+    /// The target holds a newer lineage (a higher region epoch) than the
+    /// source: the source is a region that lost the primary role.
+    #[error(
+        "job {job}: the target holds checkpoint {checkpoint} of region epoch {target_epoch}, newer than the source's lineage (region epoch {source_epoch}); a region that lost the primary role does not replicate over a newer one"
+    )]
+    StaleSource {
+        job: JobId,
+        source_epoch: ferry_core::RegionEpoch,
+        target_epoch: ferry_core::RegionEpoch,
+        checkpoint: u64,
+    },
     #[error(transparent)]
     Storage(#[from] CoreError),
 }
@@ -87,7 +98,7 @@ pub struct JobCopy {
     pub removed: Vec<u64>,
     /// Target snapshots archived and removed because they diverged from
     /// the source's lineage (see [`crate::diverge`]).
-    pub diverged: Vec<crate::diverge::Diverged>,
+    pub diverged: Vec<ferry_core::api::Diverged>,
 }
 
 impl JobCopy {
@@ -232,6 +243,10 @@ pub async fn replicate_job(
         job: Some(*job),
         ..Default::default()
     };
+    // What the target completed beyond the source's lineage goes first:
+    // it would conflict with the source's snapshots of the same numbers.
+    // A source whose lineage is older than the target's copies nothing.
+    out.diverged = crate::diverge::archive_divergence(source, target, job).await?;
     let spec_rel = format!("{}/spec.yaml", job_dir(job));
     if let Some(spec) = source.get_opt(&spec_rel).await?
         && target.get_opt(&spec_rel).await?.as_ref() != Some(&spec)
@@ -247,9 +262,6 @@ pub async fn replicate_job(
     {
         target.put(&status_rel, status).await?;
     }
-    // What the target completed beyond the source's lineage goes first:
-    // it would conflict with the source's snapshots of the same numbers.
-    out.diverged = crate::diverge::archive_divergence(source, target, job).await?;
     let mut dirs: Vec<String> = Vec::new();
     let sp_root = format!("{}/savepoints", job_dir(job));
     for name in source.list_dirs(&sp_root).await? {
@@ -292,7 +304,7 @@ pub async fn replicate_job(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ferry_core::manifest::{
         FileEntry, MANIFEST_FORMAT, SnapshotKind, find_restorable, write_manifest,
@@ -304,7 +316,7 @@ mod tests {
 
     /// A checkpoint of region epoch `epoch` in a run restored from
     /// `restored_from`.
-    async fn lineage_checkpoint(
+    pub(crate) async fn lineage_checkpoint(
         root: &StorageLocation,
         job: &JobId,
         n: u64,
@@ -513,7 +525,7 @@ mod tests {
         // The archive is the report: 5 committed 5 records (helper: n),
         // the base 3 had 3 → 2 records and 2 s of event time diverged.
         let archived = crate::diverge::archived(&old_primary, &job).await.unwrap();
-        let s = crate::diverge::JobDivergence::summarise(job, archived);
+        let s = crate::diverge::summarise(job, archived);
         assert_eq!(s.checkpoints, vec![4, 5]);
         assert_eq!(s.records_out, 2);
         assert_eq!(s.records_in, 20);

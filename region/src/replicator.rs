@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ferry_core::JobId;
+use ferry_core::api::{JobProgress, StandbyStatus};
 use ferry_core::storage::StorageLocation;
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::replicate_job;
@@ -42,47 +42,31 @@ pub struct Standby {
     pub store: StorageLocation,
 }
 
-/// How far one standby is, per job and overall.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct StandbyStatus {
-    pub region: String,
-    pub store: String,
-    /// Age of the oldest completed snapshot not yet in the standby (0 when
-    /// caught up).
-    pub lag_seconds: f64,
-    /// Completed snapshots not yet in the standby.
-    pub lag_checkpoints: u64,
-    /// Records the primary's newest checkpoints read beyond the standby's.
-    pub lag_records: u64,
-    /// Event time between the primary's newest watermark and the standby's.
-    pub lag_event_time_ms: i64,
-    pub snapshots_replicated: u64,
-    pub bytes_replicated: u64,
-    /// Files written again after a damaged copy.
-    pub retries: u64,
-    pub last_replicated_at: Option<DateTime<Utc>>,
-    pub last_error: Option<String>,
-    pub jobs: BTreeMap<String, JobProgress>,
+/// One job's replication state towards one standby.
+#[derive(Clone, Debug, Default)]
+struct JobState {
+    progress: JobProgress,
+    /// (records in, watermark) of the primary's newest snapshot.
+    primary: (u64, i64),
+    /// The same of the newest snapshot in the standby.
+    replicated: (u64, i64),
+    pending: VecDeque<CheckpointEvent>,
 }
 
-/// One job's progress towards one standby.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct JobProgress {
-    pub primary_checkpoint: u64,
-    pub replicated_checkpoint: Option<u64>,
-    pub replicated_at: Option<DateTime<Utc>>,
-    #[serde(skip)]
-    primary: (u64, i64),
-    #[serde(skip)]
-    replicated: (u64, i64),
-    #[serde(skip)]
-    pending: VecDeque<CheckpointEvent>,
+/// One standby's replication state.
+#[derive(Clone, Debug, Default)]
+struct StandbyState {
+    status: StandbyStatus,
+    jobs: BTreeMap<String, JobState>,
 }
 
 /// Follows completed checkpoints and replicates them to every standby.
 pub struct Replicator {
     standbys: Vec<Standby>,
-    status: Mutex<Vec<StandbyStatus>>,
+    state: Mutex<Vec<StandbyState>>,
+    /// Jobs whose status changed without a new snapshot (they ended): the
+    /// next pass copies their status to every standby.
+    ended: Mutex<BTreeMap<JobId, StorageLocation>>,
     /// Completion-to-manifest-in-standby times, ms (for the benchmark).
     latencies: Mutex<Vec<f64>>,
 }
@@ -92,33 +76,40 @@ const RETRY: Duration = Duration::from_secs(1);
 
 impl Replicator {
     pub fn new(standbys: Vec<Standby>) -> Self {
-        let status = standbys
+        let state = standbys
             .iter()
-            .map(|s| StandbyStatus {
-                region: s.region.clone(),
-                store: s.store.url().to_string(),
-                ..Default::default()
+            .map(|s| StandbyState {
+                status: StandbyStatus {
+                    region: s.region.clone(),
+                    store: s.store.url().to_string(),
+                    ..Default::default()
+                },
+                jobs: BTreeMap::new(),
             })
             .collect();
         Self {
             standbys,
-            status: Mutex::new(status),
+            state: Mutex::new(state),
+            ended: Mutex::new(BTreeMap::new()),
             latencies: Mutex::new(Vec::new()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StandbyStatus>> {
-        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StandbyState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every standby's progress, lag computed as of now.
     pub fn status(&self) -> Vec<StandbyStatus> {
         let now = Utc::now();
-        let mut out = self.lock().clone();
-        for s in &mut out {
+        let st = self.lock();
+        let mut out = Vec::with_capacity(st.len());
+        for s in st.iter() {
+            let mut status = s.status.clone();
             let mut oldest: Option<DateTime<Utc>> = None;
             let (mut cps, mut records, mut event_time) = (0u64, 0u64, 0i64);
-            for j in s.jobs.values() {
+            for (id, j) in &s.jobs {
+                status.jobs.insert(id.clone(), j.progress.clone());
                 cps += j.pending.len() as u64;
                 if let Some(p) = j.pending.front() {
                     oldest = Some(oldest.map_or(p.completed_at, |o| o.min(p.completed_at)));
@@ -129,12 +120,13 @@ impl Replicator {
                     }
                 }
             }
-            s.lag_checkpoints = cps;
-            s.lag_records = records;
-            s.lag_event_time_ms = event_time;
-            s.lag_seconds = oldest
+            status.lag_checkpoints = cps;
+            status.lag_records = records;
+            status.lag_event_time_ms = event_time;
+            status.lag_seconds = oldest
                 .map(|o| (now - o).num_milliseconds().max(0) as f64 / 1000.0)
                 .unwrap_or(0.0);
+            out.push(status);
         }
         out
     }
@@ -145,6 +137,16 @@ impl Replicator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The job ended (finished, cancelled, failed): its status goes to
+    /// every standby at the next pass, so no standby lists it as running
+    /// or restarts it when promoted.
+    pub fn job_ended(&self, job: JobId, root: StorageLocation) {
+        self.ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job, root);
     }
 
     /// Replicates what `events` announce until the channel closes or
@@ -178,20 +180,34 @@ impl Replicator {
         let mut st = self.lock();
         for s in st.iter_mut() {
             let j = s.jobs.entry(e.job.to_string()).or_default();
-            j.primary_checkpoint = j.primary_checkpoint.max(e.checkpoint);
+            j.progress.primary_checkpoint = j.progress.primary_checkpoint.max(e.checkpoint);
             j.primary = (e.records_in, e.watermark);
             j.pending.push_back(e.clone());
         }
     }
 
-    /// Replicates every job with pending snapshots to every standby.
+    /// Replicates every job with pending snapshots (or an ended status) to
+    /// every standby.
     async fn pass(&self) {
+        let ended: Vec<(JobId, StorageLocation)> = self
+            .ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(j, r)| (*j, r.clone()))
+            .collect();
+        let mut ended_done = true;
         for (i, standby) in self.standbys.iter().enumerate() {
-            let work: Vec<(JobId, StorageLocation)> = self.lock()[i]
+            let mut work: Vec<(JobId, StorageLocation)> = self.lock()[i]
                 .jobs
                 .values()
                 .filter_map(|j| j.pending.back().map(|e| (e.job, e.root.clone())))
                 .collect();
+            for (job, root) in &ended {
+                if !work.iter().any(|(j, _)| j == job) {
+                    work.push((*job, root.clone()));
+                }
+            }
             for (job, root) in work {
                 let result = replicate_job(&root, &standby.store, &job).await;
                 let now = Utc::now();
@@ -199,12 +215,12 @@ impl Replicator {
                 let s = &mut st[i];
                 match result {
                     Ok(copy) => {
-                        s.last_error = None;
+                        s.status.last_error = None;
                         let done: Vec<&str> = copy.copied.iter().map(|c| c.dir.as_str()).collect();
                         for c in copy.copied.iter().filter(|c| !c.already_complete) {
-                            s.snapshots_replicated += 1;
-                            s.bytes_replicated += c.bytes_copied;
-                            s.retries += u64::from(c.retries);
+                            s.status.snapshots_replicated += 1;
+                            s.status.bytes_replicated += c.bytes_copied;
+                            s.status.retries += u64::from(c.retries);
                         }
                         // Everything up to the newest snapshot now in the
                         // standby is done (or superseded: the primary's
@@ -222,10 +238,10 @@ impl Replicator {
                             }
                         });
                         if let Some(n) = copy.newest() {
-                            j.replicated_checkpoint = Some(n.checkpoint);
+                            j.progress.replicated_checkpoint = Some(n.checkpoint);
                             j.replicated = (n.records_in, n.watermark);
-                            j.replicated_at = Some(now);
-                            s.last_replicated_at = Some(now);
+                            j.progress.replicated_at = Some(now);
+                            s.status.last_replicated_at = Some(now);
                         }
                         drop(st);
                         self.latencies
@@ -235,9 +251,18 @@ impl Replicator {
                     }
                     Err(e) => {
                         tracing::warn!(region = %standby.region, job = %job, "replication failed (retrying): {e}");
-                        s.last_error = Some(e.to_string());
+                        s.status.last_error = Some(e.to_string());
+                        if ended.iter().any(|(j, _)| *j == job) {
+                            ended_done = false;
+                        }
                     }
                 }
+            }
+        }
+        if ended_done {
+            let mut e = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            for (job, _) in ended {
+                e.remove(&job);
             }
         }
     }

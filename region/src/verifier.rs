@@ -9,23 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use ferry_core::JobId;
+use ferry_core::api::JobVerified;
 use ferry_core::storage::StorageLocation;
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::ReplicationError;
 use crate::verify::{RestoreCheck, verify_new};
-
-/// The newest verified checkpoint of one job, and the last failure.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct JobVerified {
-    pub checkpoint: Option<u64>,
-    pub verified_at: Option<DateTime<Utc>>,
-    /// The last checkpoint that failed verification, and why.
-    pub last_failure: Option<(u64, String)>,
-}
 
 /// Verifies a region's store, incrementally.
 pub struct Verifier {
@@ -120,10 +110,4 @@ impl Verifier {
             }
         }
     }
-}
-
-/// Rank of a region by its newest verified checkpoints: the sum over jobs
-/// (checkpoint numbers of one job are shared by every region's copies).
-pub fn score(verified: &BTreeMap<String, u64>) -> u64 {
-    verified.values().sum()
 }

@@ -53,6 +53,8 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         .with_context(|| format!("cannot listen on taskmanager.httpListen {}", t.http_listen))?;
     let http_bound = http.local_addr()?.to_string();
     let tm = TaskManager::new(id.clone(), t.slots);
+    let fence_stop = CancellationToken::new();
+    let fence = tokio::spawn(tm.clone().watch_fence(fence_stop.clone()));
 
     let http_stop = CancellationToken::new();
     let metrics = Arc::new(TmMetrics::new(&tm));
@@ -117,6 +119,8 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     heartbeat_stop.cancel();
     let _ = heartbeat.await;
     tm.shutdown().await;
+    fence_stop.cancel();
+    let _ = fence.await;
     grpc_stop.cancel();
     match grpc_task.await {
         Ok(Err(e)) => tracing::warn!("gRPC server ended with an error: {e}"),
@@ -145,7 +149,7 @@ impl TmMetrics {
     fn new(tm: &TaskManager) -> Self {
         let mut registry = Registry::with_prefix("ferry_tm");
         let mut gauges: Vec<(Gauge, Read)> = Vec::new();
-        let defs: [(&str, &str, Read); 10] = [
+        let defs: [(&str, &str, Read); 12] = [
             ("slots", "Task slots of this TaskManager", |m| {
                 m.tm.slots() as i64
             }),
@@ -178,6 +182,20 @@ impl TmMetrics {
                 "stale_commands",
                 "JobManager commands rejected for an older epoch, and commits of an older region epoch",
                 |m| m.tm.stats().stale_commands.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "fenced_stops",
+                "Deployments stopped because the region fence ran out or a newer region epoch was confirmed",
+                |m| m.tm.stats().fenced_stops.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "fence_remaining_milliseconds",
+                "How long the region fence still holds (-1: no region fence)",
+                |m| {
+                    m.tm.fence_remaining()
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(-1)
+                },
             ),
             (
                 "heartbeat_failures",

@@ -11,7 +11,13 @@
 //!   registration and adopts them without a restart;
 //! - each task event is either part of the registration an attaching
 //!   JobManager receives or sent on its stream afterwards, never lost in
-//!   between (both happen under one lock).
+//!   between (both happen under one lock);
+//! - with cross-region coordination, tasks run only while the region fence
+//!   the leader renews ([`TaskManager::watch_fence`]) holds: when it runs
+//!   out — the JobManager frozen or cut off, the region no longer primary —
+//!   every deployment stops here on its own, before a standby region may
+//!   take over; and a deployment of an older region epoch than one seen is
+//!   never started, and stopped when a newer one is confirmed.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -38,6 +44,10 @@ use crate::wire::{event_to_proto, kind_from_proto};
 /// (only when they changed).
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often [`TaskManager::watch_fence`] checks the region fence: the
+/// tasks stop at most this long after it ran out.
+pub const FENCE_CHECK: Duration = Duration::from_millis(50);
+
 type EventTx = mpsc::UnboundedSender<Result<proto::TmEvent, Status>>;
 
 /// Counters of this TaskManager, exported by its `/metrics`.
@@ -52,6 +62,9 @@ pub struct TmStats {
     pub stale_commands: AtomicU64,
     /// JobManager attachments accepted.
     pub attachments: AtomicU64,
+    /// Deployments stopped because the region fence ran out or a newer
+    /// region epoch was confirmed.
+    pub fenced_stops: AtomicU64,
 }
 
 /// A TaskManager: slots and deployments. Cheap to clone.
@@ -74,8 +87,11 @@ struct Inner {
 struct Shared {
     /// Newest epoch seen.
     epoch: u64,
-    /// Newest region epoch a commit carried.
+    /// Newest region epoch a deployment, fence renewal or commit carried.
     region_epoch: u64,
+    /// Until when the region fence holds (`None`: no region fence yet, or
+    /// it ran out and every deployment was stopped).
+    fence_until: Option<std::time::Instant>,
     /// The attached JobManager's event stream.
     attached: Option<EventTx>,
     deployments: HashMap<String, Running>,
@@ -124,6 +140,36 @@ impl Shared {
         {
             self.attached = None;
         }
+    }
+
+    /// Takes the deployments `stale` selects out (their tasks are stopped
+    /// by the caller) and tells the attached JobManager each one failed.
+    fn take_fenced(
+        &mut self,
+        stale: impl Fn(&Running) -> bool,
+        why: &str,
+    ) -> Vec<(String, Running)> {
+        let ids: Vec<String> = self
+            .deployments
+            .iter()
+            .filter(|(_, d)| stale(d))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(d) = self.deployments.remove(&id) {
+                self.send(proto::tm_event::Event::Deployment(proto::DeploymentEvent {
+                    deployment: id.clone(),
+                    event: Some(proto::deployment_event::Event::Failed(proto::TaskFailure {
+                        task: None,
+                        message: why.to_string(),
+                        permanent: false,
+                    })),
+                }));
+                out.push((id, d));
+            }
+        }
+        out
     }
 
     fn deployment(&mut self, id: &str) -> Result<&mut Running, Status> {
@@ -181,6 +227,53 @@ impl TaskManager {
             s.epoch,
             s.attached.is_some(),
         )
+    }
+
+    /// How long the region fence still holds (`None`: no fence).
+    pub fn fence_remaining(&self) -> Option<Duration> {
+        self.lock()
+            .fence_until
+            .map(|u| u.saturating_duration_since(std::time::Instant::now()))
+    }
+
+    /// Stops every deployment once the region fence runs out, until
+    /// `stop`: a TaskManager whose leader cannot confirm the region lease
+    /// (frozen, cut off, or no longer primary) runs no task. Checks every
+    /// [`FENCE_CHECK`].
+    pub async fn watch_fence(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(FENCE_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let stopped = {
+                let mut s = self.lock();
+                match s.fence_until {
+                    Some(until) if std::time::Instant::now() >= until => {
+                        s.fence_until = None;
+                        s.take_fenced(
+                            |_| true,
+                            "the region fence ran out: the leading JobManager did not confirm the region lease in time (frozen, cut off from the global KV, or the region is no longer primary)",
+                        )
+                    }
+                    _ => Vec::new(),
+                }
+            };
+            self.stop_fenced(stopped, "the region fence ran out").await;
+        }
+    }
+
+    async fn stop_fenced(&self, stopped: Vec<(String, Running)>, why: &str) {
+        for (id, d) in stopped {
+            tracing::error!(deployment = %id, job = %d.status.job_id, "{why}: stopping every task of the deployment");
+            self.inner
+                .stats
+                .fenced_stops
+                .fetch_add(1, Ordering::Relaxed);
+            stop_tasks(d.cancel, d.tasks).await;
+        }
     }
 
     /// The gRPC service.
@@ -337,9 +430,38 @@ impl task_manager_server::TaskManager for TaskManager {
             .parse()
             .map_err(|e| Status::invalid_argument(format!("job id '{}': {e}", req.job_id)))?;
         let need = plan.parallelism;
-        {
+        let older = {
             let mut s = self.lock();
             s.check_epoch(req.epoch, &self.inner.stats)?;
+            if req.region_epoch < s.region_epoch {
+                self.inner
+                    .stats
+                    .stale_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Status::failed_precondition(format!(
+                    "deployment refused: region epoch {} is older than region epoch {} seen here (the sender's region lost the primary role)",
+                    req.region_epoch, s.region_epoch
+                )));
+            }
+            if req.fence_ms > 0 {
+                let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
+                s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
+            }
+            let epoch = req.region_epoch;
+            if epoch > s.region_epoch {
+                s.region_epoch = epoch;
+                s.take_fenced(
+                    |d| d.status.region_epoch < epoch,
+                    "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
+                )
+            } else {
+                Vec::new()
+            }
+        };
+        self.stop_fenced(older, "a newer region epoch was confirmed")
+            .await;
+        {
+            let mut s = self.lock();
             if let Some(d) = s.deployments.get(&req.deployment) {
                 // A retried request: the deployment already runs.
                 return Ok(Response::new(proto::DeployReply {
@@ -378,6 +500,7 @@ impl task_manager_server::TaskManager for TaskManager {
             stopped: Vec::new(),
             failure: None,
             counters: Some(counters.into()),
+            region_epoch: req.region_epoch,
         };
         let reply = proto::DeployReply {
             tasks: status.tasks,
@@ -386,7 +509,7 @@ impl task_manager_server::TaskManager for TaskManager {
         };
         let stale = {
             let mut s = self.lock();
-            let stale = req.epoch < s.epoch;
+            let stale = req.epoch < s.epoch || req.region_epoch < s.region_epoch;
             if !stale {
                 s.deployments.insert(
                     req.deployment.clone(),
@@ -402,8 +525,8 @@ impl task_manager_server::TaskManager for TaskManager {
             stale
         };
         if stale {
-            // A newer leader appeared while the tasks started: they were
-            // requested by a deposed one.
+            // A newer leader (or region epoch) appeared while the tasks
+            // started: they were requested by a deposed one.
             deployed.shutdown().await;
             self.inner
                 .stats
@@ -505,6 +628,38 @@ impl task_manager_server::TaskManager for TaskManager {
             stop_tasks(d.cancel, d.tasks).await;
             tracing::info!(deployment = %req.deployment, "deployment cancelled");
         }
+        Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn fence(
+        &self,
+        req: Request<proto::FenceRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let req = req.into_inner();
+        let stale = {
+            let mut s = self.lock();
+            s.check_epoch(req.epoch, &self.inner.stats)?;
+            if req.region_epoch < s.region_epoch {
+                self.inner
+                    .stats
+                    .stale_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Status::failed_precondition(format!(
+                    "fence of region epoch {} refused: region epoch {} was seen here",
+                    req.region_epoch, s.region_epoch
+                )));
+            }
+            s.region_epoch = req.region_epoch;
+            s.fence_until =
+                Some(std::time::Instant::now() + Duration::from_millis(req.valid_for_ms));
+            let epoch = req.region_epoch;
+            s.take_fenced(
+                |d| d.status.region_epoch < epoch,
+                "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
+            )
+        };
+        self.stop_fenced(stale, "a newer region epoch was confirmed")
+            .await;
         Ok(Response::new(proto::Ack {}))
     }
 }

@@ -41,35 +41,36 @@ pub(super) async fn cluster(State(jm): State<JobManager>) -> Json<HaHealth> {
     path = "/v1/regions",
     tag = "regions",
     summary = "replication to the standby regions: lag and per-job progress",
-    responses((status = 200, description = "every region's health and the replication to each standby (see docs/api.md)", body = Object))
+    responses((status = 200, description = "every region's health and the replication to each standby (see docs/api.md)", body = ferry_core::api::RegionsStatus))
 )]
-pub(super) async fn regions(State(jm): State<JobManager>) -> Json<serde_json::Value> {
+pub(super) async fn regions(State(jm): State<JobManager>) -> Json<ferry_core::api::RegionsStatus> {
     Json(jm.regions())
 }
 
 /// `GET /health/regions`: every region's health from the global KV;
-/// `503` while the global KV cannot be read (this region cannot tell who is
-/// alive and must not act on it).
+/// `503` while no write to the global KV succeeded within the region
+/// timeout (a minority node still answers reads, with stale data: this
+/// region cannot tell who is alive and must not act on it).
 #[utoipa::path(
     get,
     path = "/health/regions",
     tag = "regions",
     summary = "every region's health from the global KV (503 while it is unreachable)",
     responses(
-        (status = 200, description = "{region, global_reachable, regions}", body = Object),
-        (status = 503, description = "the global KV cannot be read", body = Object),
+        (status = 200, description = "every region's health", body = ferry_core::api::RegionsHealth),
+        (status = 503, description = "the global KV takes no writes (unreachable, or no quorum)", body = ferry_core::api::RegionsHealth),
     )
 )]
 pub(super) async fn health_regions(
     State(jm): State<JobManager>,
-) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+) -> (axum::http::StatusCode, Json<ferry_core::api::RegionsHealth>) {
     let v = jm.regions();
-    let body = serde_json::json!({
-        "region": v["region"],
-        "global_reachable": v["global_reachable"],
-        "regions": v.get("regions").cloned().unwrap_or_else(|| serde_json::json!([])),
-    });
-    let status = if v["global_reachable"] == false {
+    let body = ferry_core::api::RegionsHealth {
+        region: v.region,
+        global_reachable: v.global_reachable,
+        regions: v.regions,
+    };
+    let status = if body.global_reachable == Some(false) {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     } else {
         axum::http::StatusCode::OK
@@ -101,16 +102,19 @@ pub(super) struct FailoverQuery {
         ("dry_run" = Option<bool>, Query, description = "only print the plan"),
     ),
     responses(
-        (status = 200, description = "from, to, the new region epoch, savepoints, time taken (or the plan)", body = Object),
+        (status = 200, description = "from, to, the new region epoch, savepoints, time taken (or the plan)", body = ferry_core::api::SwitchoverReport),
         (status = 400, description = "invalid_request: a bad query", body = ErrorBody),
-        (status = 409, description = "region_conflict: it cannot be done now; the message says where to send it or what to wait for", body = ErrorBody),
+        (status = 404, description = "unknown_region", body = ErrorBody),
+        (status = 409, description = "region_conflict / not_primary_region / not_leader: it cannot be done here now; the message says where to send it or what to wait for", body = ErrorBody),
+        (status = 503, description = "global_unavailable: the region lease could not be moved; the message says where the jobs run", body = ErrorBody),
+        (status = 504, description = "timeout: savepoints did not reach the target in time; the jobs resumed here", body = ErrorBody),
     )
 )]
 pub(super) async fn failover(
     State(jm): State<JobManager>,
     name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<axum::extract::Query<FailoverQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, super::error::ApiError> {
+) -> Result<Json<ferry_core::api::SwitchoverReport>, super::error::ApiError> {
     let axum::extract::Path(name) = name?;
     let axum::extract::Query(q) = query?;
     let force = super::jobs::parse_flag("force", q.force.as_deref())?;
@@ -122,7 +126,11 @@ pub(super) async fn failover(
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct FailbackQuery {
     dry_run: Option<String>,
+    wait: Option<String>,
 }
+
+/// How long a fail-back waits for its target to become healthy by default.
+const FAILBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// `POST /v1/regions/{name}/failback`: the jobs go home to `name`, a
 /// region that failed earlier and is a standby again: once it has caught
@@ -137,20 +145,27 @@ pub(super) struct FailbackQuery {
     params(
         ("name" = String, Path, description = "the region the jobs go home to"),
         ("dry_run" = Option<bool>, Query, description = "only print the plan"),
+        ("wait" = Option<String>, Query, description = "how long to wait for the region to become healthy, e.g. 60s (default)"),
     ),
     responses(
-        (status = 200, description = "the switchover's report with the divergence report (or the plan)", body = Object),
+        (status = 200, description = "the switchover's report with the divergence report (or the plan)", body = ferry_core::api::SwitchoverReport),
         (status = 400, description = "invalid_request: a bad query", body = ErrorBody),
-        (status = 409, description = "region_conflict: it cannot be done now; the message says where to send it or what to wait for", body = ErrorBody),
+        (status = 404, description = "unknown_region", body = ErrorBody),
+        (status = 409, description = "region_conflict / not_primary_region: it cannot be done here now; the message says where to send it or what to wait for", body = ErrorBody),
+        (status = 504, description = "timeout: the region did not become healthy in time", body = ErrorBody),
     )
 )]
 pub(super) async fn failback(
     State(jm): State<JobManager>,
     name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<axum::extract::Query<FailbackQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<serde_json::Value>, super::error::ApiError> {
+) -> Result<Json<ferry_core::api::SwitchoverReport>, super::error::ApiError> {
     let axum::extract::Path(name) = name?;
     let axum::extract::Query(q) = query?;
     let dry_run = super::jobs::parse_flag("dry_run", q.dry_run.as_deref())?;
-    Ok(Json(jm.region_failback(name, dry_run).await?))
+    let wait = match q.wait.as_deref() {
+        None => FAILBACK_WAIT,
+        Some(w) => super::drills::parse_duration("wait", w)?,
+    };
+    Ok(Json(jm.region_failback(name, dry_run, wait).await?))
 }

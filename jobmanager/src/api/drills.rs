@@ -16,43 +16,56 @@ use crate::service::JobManager;
 #[derive(Debug, serde::Deserialize)]
 pub(super) struct OutageQuery {
     duration: Option<String>,
+    target: Option<String>,
+}
+
+/// Parses a duration query parameter (`60s`, `500ms`, `2m`).
+pub(super) fn parse_duration(name: &str, value: &str) -> Result<std::time::Duration, ApiError> {
+    humantime::parse_duration(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{name}={value:?} is not a duration ({e}); use e.g. {name}=60s"),
+        )
+    })
 }
 
 /// Longest simulated outage: a drill that forgets to end one does not keep
 /// a region dark for good.
 const MAX_OUTAGE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// `POST /v1/drills/outage?duration=60s`: this region plays dead for a drill
-/// — its leader stops every job without a savepoint and stops heartbeating
-/// into the global KV, as if the region were gone, for `duration` (default
-/// 60 s, at most 10 min) or until `DELETE`. Answers each job's progress at
-/// the moment it stopped.
+/// `POST /v1/drills/outage?duration=60s&target=REGION`: this region plays
+/// dead for a drill — its leader stops every job without a savepoint,
+/// stops renewing the region lease and heartbeating into the global KV, as
+/// if the region were gone, for `duration` (default 60 s, at most 10 min)
+/// or until `DELETE`. With `target`, every other standby stands aside so
+/// that the target takes over. Answers each job's progress at the moment
+/// it stopped.
 #[utoipa::path(
     post,
     path = "/v1/drills/outage",
     tag = "drills",
     summary = "simulate this region's outage for a drill (?duration=60s): stop every job without a savepoint and stop the region heartbeat",
-    params(("duration" = Option<String>, Query, description = "how long the region plays dead, e.g. 60s (default), at most 10m")),
+    params(
+        ("duration" = Option<String>, Query, description = "how long the region plays dead, e.g. 60s (default), at most 10m"),
+        ("target" = Option<String>, Query, description = "the standby that is to take over (the others stand aside)"),
+    ),
     responses(
-        (status = 200, description = "each job's progress at the moment it stopped", body = Object),
+        (status = 200, description = "each job's progress at the moment it stopped", body = ferry_core::api::OutageReport),
         (status = 400, description = "invalid_request: a bad duration", body = ErrorBody),
-        (status = 409, description = "region_conflict: not the primary region's leader", body = ErrorBody),
+        (status = 404, description = "unknown_region: no such target", body = ErrorBody),
+        (status = 409, description = "region_conflict: not the primary region's leader, or the target is not healthy", body = ErrorBody),
+        (status = 503, description = "global_unavailable: the drill hold could not be written; nothing was stopped", body = ErrorBody),
     )
 )]
 pub(super) async fn start_outage(
     State(jm): State<JobManager>,
     query: Result<Query<OutageQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ferry_core::api::OutageReport>, ApiError> {
     let Query(q) = query?;
     let duration = match q.duration.as_deref() {
         None => std::time::Duration::from_secs(60),
-        Some(d) => humantime::parse_duration(d).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                format!("duration={d:?} is not a duration ({e}); use e.g. duration=60s"),
-            )
-        })?,
+        Some(d) => parse_duration("duration", d)?,
     };
     if duration.is_zero() || duration > MAX_OUTAGE {
         return Err(ApiError::new(
@@ -61,7 +74,7 @@ pub(super) async fn start_outage(
             "duration must be more than 0 and at most 10m".to_string(),
         ));
     }
-    Ok(Json(jm.region_outage(Some(duration)).await?))
+    Ok(Json(jm.region_outage(Some((duration, q.target))).await?))
 }
 
 /// `DELETE /v1/drills/outage`: the simulated outage ends; the region
@@ -72,13 +85,13 @@ pub(super) async fn start_outage(
     tag = "drills",
     summary = "end a simulated outage",
     responses(
-        (status = 200, description = "the outage has ended", body = Object),
+        (status = 200, description = "the outage has ended", body = ferry_core::api::OutageReport),
         (status = 409, description = "region_conflict", body = ErrorBody),
     )
 )]
 pub(super) async fn end_outage(
     State(jm): State<JobManager>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ferry_core::api::OutageReport>, ApiError> {
     Ok(Json(jm.region_outage(None).await?))
 }
 

@@ -148,7 +148,9 @@ impl From<JmError> for ApiError {
             JmError::NotPrimaryRegion { .. } => StatusCode::CONFLICT,
             JmError::BadRequest(_) => StatusCode::BAD_REQUEST,
             JmError::Missing(_) => StatusCode::NOT_FOUND,
-            JmError::Region(_) => StatusCode::CONFLICT,
+            JmError::Region { kind, .. } => {
+                StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::CONFLICT)
+            }
         };
         Self::new(status, e.code(), e.to_string())
     }

@@ -1,0 +1,79 @@
+//! Silence measured on this process's own monotonic clock.
+//!
+//! A KV entry's timestamp is the writing server's wall clock; subtracting
+//! it from this host's wall clock mixes two clocks, and a host whose clock
+//! runs ahead would see every other region silent (a false failover) while
+//! one running behind would delay a real one. Instead, [`Unchanged`]
+//! remembers when this process first saw each key's current revision: a
+//! key has been silent for as long as its revision has not changed here.
+//!
+//! Invariant: a key seen for the first time counts as just written, so a
+//! process that starts next to a dead writer waits a full timeout before
+//! calling it silent — never less.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// When each key's current revision was first seen.
+#[derive(Debug, Default)]
+pub struct Unchanged {
+    seen: HashMap<String, (u64, Instant)>,
+}
+
+impl Unchanged {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records that `key` has `revision` now; returns how long it has had
+    /// it, on this process's clock.
+    pub fn observe(&mut self, key: &str, revision: u64) -> Duration {
+        let now = Instant::now();
+        match self.seen.get_mut(key) {
+            Some((r, since)) if *r == revision => now.saturating_duration_since(*since),
+            Some(slot) => {
+                *slot = (revision, now);
+                Duration::ZERO
+            }
+            None => {
+                self.seen.insert(key.to_string(), (revision, now));
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// How long `key` has had the revision last observed, without a new
+    /// observation (`None`: never seen, or forgotten).
+    pub fn age(&self, key: &str) -> Option<Duration> {
+        self.seen
+            .get(key)
+            .map(|(_, since)| Instant::now().saturating_duration_since(*since))
+    }
+
+    /// The key is gone (deleted or expired): forget it.
+    pub fn forget(&mut self, key: &str) {
+        self.seen.remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_counts_from_the_first_sight_of_a_revision() {
+        let mut u = Unchanged::new();
+        assert_eq!(u.observe("k", 5), Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(u.observe("k", 5), Duration::from_secs(3));
+        // A new revision resets it.
+        assert_eq!(u.observe("k", 6), Duration::ZERO);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(u.age("k"), Some(Duration::from_millis(500)));
+        u.forget("k");
+        assert_eq!(u.age("k"), None);
+        assert_eq!(u.observe("k", 6), Duration::ZERO);
+    }
+}

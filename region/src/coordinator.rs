@@ -1,0 +1,480 @@
+//! The cross-region coordinator of one JobManager: a loop that, every
+//! health-check interval, publishes the region heartbeat (or a
+//! reachability probe), lists every region's health, and steps the region
+//! role ([`crate::role::Role`], one module per state in
+//! [`crate::states`]). It also runs the replicator (primary) and the
+//! restore verifier (standby), and serves the cross-region operations —
+//! switchover, fail-back ([`crate::switchover`]) and the drill outage
+//! ([`crate::outage`]) — and the `/v1/regions` view.
+//!
+//! Invariant: every change of the role goes through [`Coordinator::enter`],
+//! which refuses transitions [`crate::role::allowed`] does not list; the
+//! role lock is held while a step or an operation acts on the lease, so no
+//! two of them interleave their compare-and-sets.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_core::RegionEpoch;
+use ferry_core::api::{RegionHeartbeat, RegionRole, RegionView, RegionsStatus};
+use ferry_core::storage::StorageLocation;
+use ferry_ha::Coordination;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Unchanged;
+use crate::error::RegionError;
+use crate::health::{self, Health};
+use crate::hold::{self, DRILL_HOLD};
+use crate::jobs::{RegionEvent, RegionJobs};
+use crate::lease::{self, Lease, LeaseError};
+use crate::replicator::{CheckpointEvent, Replicator};
+use crate::role::{Role, allowed};
+use crate::states;
+use crate::verifier::Verifier;
+
+/// What a coordinator is configured with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// This region.
+    pub region: String,
+    /// This JobManager's instance id and REST URL (for the heartbeat).
+    pub instance: String,
+    pub api_url: String,
+    /// Where the jobs belong (`regions.primary`): it creates the first
+    /// lease, and fail-back goes there by default.
+    pub home: Option<String>,
+    /// Every region's store, this one's included (`regions.stores` plus
+    /// `storage`).
+    pub stores: BTreeMap<String, StorageLocation>,
+    /// Health-check interval: heartbeats, lease renewals, decisions.
+    pub interval: Duration,
+    /// A primary whose lease is not renewed this long may be replaced; a
+    /// primary stops acting half of it after its last confirmation.
+    pub timeout: Duration,
+    /// Standbys take over a silent primary by themselves.
+    pub auto_failover: bool,
+    /// URL that receives a JSON `POST` when this region takes or loses the
+    /// primary role.
+    pub webhook: Option<String>,
+}
+
+/// What the loop last saw, for `/v1/regions` (never blocks on the loop).
+#[derive(Clone, Debug)]
+pub(crate) struct Seen {
+    pub role: RegionRole,
+    pub primary: Option<String>,
+    pub epoch: RegionEpoch,
+    pub views: Vec<RegionView>,
+    pub reachable: bool,
+}
+
+/// One JobManager's region coordinator.
+pub struct Coordinator {
+    pub(crate) s: Settings,
+    pub(crate) jobs: Arc<dyn RegionJobs>,
+    /// The global bucket holding the region lease and the drill hold (no
+    /// expiry).
+    pub(crate) lease_kv: Arc<dyn Coordination>,
+    /// The global bucket of heartbeats and probes (entries expire).
+    pub(crate) health_kv: Arc<dyn Coordination>,
+    pub(crate) replicator: Arc<Replicator>,
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) role: tokio::sync::Mutex<Role>,
+    pub(crate) seen: Mutex<Seen>,
+    /// How long the lease and the drill hold have been unchanged here.
+    pub(crate) silence: Mutex<Unchanged>,
+    health: Mutex<Health>,
+    /// One cross-region operation at a time.
+    pub(crate) ops: tokio::sync::Mutex<()>,
+    /// Standby decisions already logged (so each is said once).
+    pub(crate) said: Mutex<Option<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Coordinator {
+    pub fn new(
+        s: Settings,
+        jobs: Arc<dyn RegionJobs>,
+        lease_kv: Arc<dyn Coordination>,
+        health_kv: Arc<dyn Coordination>,
+        replicator: Arc<Replicator>,
+        verifier: Arc<Verifier>,
+    ) -> Arc<Self> {
+        let mut known: Vec<String> = s.stores.keys().cloned().collect();
+        if !known.contains(&s.region) {
+            known.push(s.region.clone());
+        }
+        let health = Health::new(known, s.timeout);
+        Arc::new(Self {
+            seen: Mutex::new(Seen {
+                role: RegionRole::Follower,
+                primary: None,
+                epoch: RegionEpoch::NONE,
+                views: Vec::new(),
+                reachable: false,
+            }),
+            s,
+            jobs,
+            lease_kv,
+            health_kv,
+            replicator,
+            verifier,
+            role: tokio::sync::Mutex::new(Role::Follower),
+            silence: Mutex::new(Unchanged::new()),
+            health: Mutex::new(health),
+            ops: tokio::sync::Mutex::new(()),
+            said: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Runs the coordinator loop, the replicator (fed by `completed`) and
+    /// the restore verifier until `stop`; the returned handle ends after
+    /// all of them.
+    pub fn spawn(
+        self: &Arc<Self>,
+        completed: mpsc::UnboundedReceiver<CheckpointEvent>,
+        verify_interval: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let tracker = tokio_util::task::TaskTracker::new();
+        let me = self.clone();
+        let s = stop.clone();
+        tracker.spawn(async move { me.run(s).await });
+        let r = self.replicator.clone();
+        let s = stop.clone();
+        tracker.spawn(async move { r.run(completed, s.cancelled_owned()).await });
+        let me = self.clone();
+        tracker.spawn(self.verifier.clone().run(
+            verify_interval,
+            move || me.seen().role == RegionRole::Standby,
+            stop,
+        ));
+        tracker.close();
+        tokio::spawn(async move { tracker.wait().await })
+    }
+
+    async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.s.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
+            self.tick().await;
+        }
+    }
+
+    /// Makes the loop take its next step now.
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// One step: heartbeat (or probe), health, then the role's step.
+    pub async fn tick(&self) {
+        let mut role = self.role.lock().await;
+        let leading = self.jobs.leading();
+        let dark = matches!(*role, Role::Dark { .. });
+        if !dark {
+            self.beat(leading.is_some()).await;
+        }
+        let next = match (leading, role.clone()) {
+            (None, Role::Follower) => {
+                // Followers learn who is primary for their views.
+                let _ = self.read_lease().await;
+                Role::Follower
+            }
+            (None, _) => Role::Follower,
+            (Some(_), Role::Follower) => Role::Starting,
+            (Some(_), Role::Starting) => states::starting::step(self).await,
+            (Some(_), Role::Standby { primary }) => states::standby::step(self, primary).await,
+            (Some(e), Role::Promoting { lease, until }) => {
+                states::promoting::step(self, lease, until, e).await
+            }
+            (
+                Some(e),
+                Role::Primary {
+                    lease,
+                    until,
+                    started_for,
+                },
+            ) => states::primary::step(self, lease, until, started_for, e).await,
+            (Some(_), Role::SwitchingOver { lease, until, to }) => {
+                states::switching::step(self, lease, until, to).await
+            }
+            (Some(_), Role::Demoting { to }) => states::demoting::step(self, to).await,
+            (Some(_), Role::Isolated { lease, since }) => {
+                states::isolated::step(self, lease, since).await
+            }
+            (Some(_), Role::Dark { until }) => states::dark::step(until),
+        };
+        self.enter(&mut role, next);
+        self.jobs
+            .report(RegionEvent::Replication(&self.replicator.status()));
+    }
+
+    /// Moves the role to `next` if the transition table allows it.
+    pub(crate) fn enter(&self, role: &mut Role, next: Role) {
+        let (from, to) = (role.name(), next.name());
+        if from != to {
+            if !allowed(from, to) {
+                tracing::error!(%from, %to, "region coordinator: not an allowed transition; staying {from}");
+                return;
+            }
+            tracing::info!(%from, %to, region = %self.s.region, "region role changed");
+            let primary = matches!(
+                to,
+                RegionRole::Promoting | RegionRole::Primary | RegionRole::SwitchingOver
+            );
+            let epoch = next.epoch().unwrap_or_else(|| self.seen().epoch);
+            self.jobs.report(RegionEvent::Role { primary, epoch });
+            match (from, to) {
+                (RegionRole::Standby | RegionRole::Starting, RegionRole::Promoting) => {
+                    self.notify("promoted", &self.s.region, epoch)
+                }
+                (_, RegionRole::Demoting) => {
+                    if let Role::Demoting { to: Some(p) } = &next {
+                        self.notify("demoted", p, epoch);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.role = to;
+        if let Some(l) = next.lease() {
+            seen.primary = l.primary().map(str::to_string);
+            seen.epoch = l.epoch;
+        }
+        drop(seen);
+        *role = next;
+    }
+
+    /// Publishes the heartbeat (leading) or a probe, then lists every
+    /// region's health.
+    async fn beat(&self, leading: bool) {
+        let write = if leading {
+            let hb = RegionHeartbeat {
+                region: self.s.region.clone(),
+                leader: self.s.instance.clone(),
+                api_url: self.s.api_url.clone(),
+                at: None,
+                replication: self
+                    .replicator
+                    .status()
+                    .into_iter()
+                    .map(|s| (s.region, s.lag_seconds, s.lag_checkpoints))
+                    .collect(),
+                verified: self.verifier.newest(),
+            };
+            self.bounded(health::publish(self.health_kv.as_ref(), hb))
+                .await
+        } else {
+            let key = health::probe_key(&self.s.region, &self.s.instance);
+            self.bounded(self.health_kv.put(&key, Bytes::from_static(b"1")))
+                .await
+                .map(drop)
+        };
+        match write {
+            Ok(()) => self.health().wrote(),
+            Err(e) => tracing::debug!("region heartbeat failed: {e}"),
+        }
+        let listed = self
+            .bounded(self.health_kv.list(health::REGIONS_PREFIX))
+            .await;
+        let views = match listed {
+            Ok(entries) => Some(self.health().observe(entries)),
+            Err(e) => {
+                tracing::debug!("listing the region heartbeats failed: {e}");
+                None
+            }
+        };
+        let reachable = self.health().reachable();
+        if let Some(v) = &views {
+            self.jobs.report(RegionEvent::Health(v));
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = views {
+            seen.views = v;
+        }
+        seen.reachable = reachable;
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A global-KV operation bounded by the health-check interval.
+    pub(crate) async fn bounded<T, E: Into<LeaseError>>(
+        &self,
+        f: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, LeaseError> {
+        match tokio::time::timeout(self.s.interval, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(LeaseError::Unavailable(format!(
+                "no answer within {}",
+                humantime::format_duration(self.s.interval)
+            ))),
+        }
+    }
+
+    /// Reads the lease (possibly stale), noting how long it has been
+    /// unchanged here and whom it names.
+    pub(crate) async fn read_lease(&self) -> Result<(Option<Lease>, Duration), LeaseError> {
+        let read = self.bounded(lease::read(self.lease_kv.as_ref())).await?;
+        let silent = match &read {
+            Some(l) => {
+                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.primary = l.primary().map(str::to_string);
+                seen.epoch = l.epoch;
+                drop(seen);
+                self.silence_of(lease::REGION_LEASE, l.revision)
+            }
+            None => Duration::ZERO,
+        };
+        Ok((read, silent))
+    }
+
+    fn silence_of(&self, key: &str, revision: u64) -> Duration {
+        self.silence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(key, revision)
+    }
+
+    /// The standby an ongoing failover drill wants to take over, if any.
+    pub(crate) async fn drill_target(&self) -> Option<String> {
+        match self.bounded(hold::read(self.lease_kv.as_ref())).await {
+            Ok(Some((h, rev))) if self.silence_of(DRILL_HOLD, rev) < h.duration() => Some(h.target),
+            _ => None,
+        }
+    }
+
+    /// Renews `lease`: on success the JobManager's fence is confirmed for
+    /// half the timeout from when the renewal was sent.
+    pub(crate) async fn renew(&self, lease: &Lease) -> Result<(Lease, Instant), LeaseError> {
+        let sent = Instant::now();
+        let renewed = self.bounded(lease::renew(&self.lease_kv, lease)).await?;
+        Ok((renewed.clone(), self.confirmed(&renewed, sent)))
+    }
+
+    /// A compare-and-set on the lease sent at `sent` succeeded: the fence
+    /// holds until half the timeout after it was sent.
+    pub(crate) fn confirmed(&self, lease: &Lease, sent: Instant) -> Instant {
+        self.health().wrote();
+        let until = sent + self.s.timeout / 2;
+        self.jobs
+            .confirm(lease.epoch, until.saturating_duration_since(Instant::now()));
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.primary = lease.primary().map(str::to_string);
+        seen.epoch = lease.epoch;
+        until
+    }
+
+    /// The lease changed under a holder: learn who holds it now.
+    pub(crate) async fn lost(&self) -> Role {
+        match self.read_lease().await {
+            Ok((Some(l), _)) if l.names(&self.s.region) => match self.renew(&l).await {
+                // Moved (back) here, e.g. a forced failover to this region.
+                Ok((lease, until)) => Role::Promoting { lease, until },
+                Err(_) => Role::Demoting { to: None },
+            },
+            Ok((Some(l), _)) => {
+                tracing::warn!(primary = ?l.primary(), epoch = %l.epoch, "the region lease names another region: stopping every job here");
+                Role::Demoting {
+                    to: l.primary().map(str::to_string),
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    "the region lease changed and cannot be read: stopping every job here"
+                );
+                Role::Demoting { to: None }
+            }
+        }
+    }
+
+    /// Says a standby's decision once (until it changes).
+    pub(crate) fn say_once(&self, what: String) {
+        let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+        if said.as_deref() != Some(what.as_str()) {
+            tracing::info!("{what}");
+            *said = Some(what);
+        }
+    }
+
+    pub(crate) fn seen(&self) -> Seen {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Checks that `region` is one of `regions.stores`.
+    pub(crate) fn known(&self, region: &str) -> Result<&StorageLocation, RegionError> {
+        self.s
+            .stores
+            .get(region)
+            .ok_or_else(|| RegionError::UnknownRegion {
+                name: region.to_string(),
+                known: self.s.stores.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// `GET /v1/regions`.
+    pub fn status(&self) -> RegionsStatus {
+        let seen = self.seen();
+        RegionsStatus {
+            region: Some(self.s.region.clone()),
+            instance: self.s.instance.clone(),
+            region_role: Some(seen.role),
+            primary: seen.primary,
+            epoch: seen.epoch,
+            home: self.s.home.clone(),
+            global_reachable: Some(seen.reachable),
+            regions: seen.views,
+            standbys: self.replicator.status(),
+            verified: self.verifier.status(),
+            note: None,
+        }
+    }
+
+    /// Posts a region event to the webhook (if set), in the background:
+    /// `{"event", "region", "primary", "epoch", "at"}`; 5 s timeout,
+    /// failures logged.
+    fn notify(&self, event: &'static str, primary: &str, epoch: RegionEpoch) {
+        let Some(url) = self.s.webhook.clone() else {
+            return;
+        };
+        let body = serde_json::json!({
+            "event": event, "region": self.s.region, "primary": primary, "epoch": epoch,
+            "at": chrono::Utc::now(),
+        });
+        tokio::spawn(async move {
+            let client = match reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(5))
+                .build()
+            {
+                Ok(c) => c,
+                Err(e) => return tracing::warn!("regions.webhook: {e}"),
+            };
+            match client.post(&url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(%url, event, "region event sent to the webhook")
+                }
+                Ok(r) => {
+                    tracing::warn!(%url, event, status = %r.status(), "the webhook refused the region event")
+                }
+                Err(e) => {
+                    tracing::warn!(%url, event, "sending the region event to the webhook failed: {e}")
+                }
+            }
+        });
+    }
+}
