@@ -292,7 +292,9 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             r = role.changed() => if r.is_err() { break },
             _ = tick.tick() => {
-                if leading.is_none()
+                // Standbys, and the leader of a standby region (it drives
+                // nothing), mirror the job store for reads.
+                if (leading.is_none() || jm.is_standby_region())
                     && let Err(e) = jm.refresh_from_store().await
                 {
                     tracing::debug!("refreshing jobs from the store failed: {e}");

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use super::job::{Client, print_result};
 use super::region::{RegionMap, client_for};
+use ferry_core::api::{OutageReport, RegionsStatus, SwitchoverReport};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum DrillCommand {
@@ -105,16 +106,20 @@ async fn get(client: &Client, path: &str) -> Option<Value> {
         .map(|(v, _)| v)
 }
 
-async fn post(client: &Client, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<Value> {
+async fn post<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<T> {
     match client
-        .call::<Value>(
+        .call::<T>(
             reqwest::Method::POST,
             path,
             body.map(|b| (Some("application/json"), b)),
         )
         .await
     {
-        Ok((v, _)) => Ok(v),
+        Ok((_, v)) => Ok(v),
         Err(f) => {
             let _ = f.report();
             bail!("POST {path} failed (see above)")
@@ -142,16 +147,25 @@ struct JobTrack {
     first_output: Option<Duration>,
 }
 
+/// The primary as a region's `/v1/regions` names it, with its region epoch.
+async fn primary_seen(client: &Client) -> Option<(String, u64, RegionsStatus)> {
+    let (_, v) = client
+        .call::<RegionsStatus>(reqwest::Method::GET, "/v1/regions", None)
+        .await
+        .ok()?;
+    Some((v.primary.clone()?, v.epoch.0, v))
+}
+
 async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
     let output = a.api.output;
     let entry = Client::new(&a.api)?;
-    let Some(view) = get(&entry, "/v1/regions").await else {
-        bail!(
+    let map = RegionMap::read(&entry).await.with_context(|| {
+        format!(
             "cannot read /v1/regions from {}: is a JobManager running there?",
             a.api.url.join(",")
-        );
-    };
-    let map = RegionMap::from_view(&view)?;
+        )
+    })?;
+    map.known(&a.target)?;
     let from = map.primary.clone();
     if a.target == from {
         bail!(
@@ -159,7 +173,7 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
             a.target
         );
     }
-    if map.healthy.get(&a.target) != Some(&true) {
+    if !map.status.healthy(&a.target) {
         bail!(
             "region {} is not healthy (no region heartbeat within regions.timeout): a failover to it would fail; `ferry region status` shows every region",
             a.target
@@ -195,19 +209,24 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
     let mut detection = None;
     match a.scenario {
         Scenario::RegionOutage => {
-            let path = format!("/v1/drills/outage?duration={}s", a.timeout.as_secs().max(1));
-            let r = post(&primary, &path, None).await?;
-            for j in r["jobs"].as_array().into_iter().flatten() {
-                if let Some(t) = j["id"].as_str().and_then(|id| track.get_mut(id)) {
-                    t.before = j["last_checkpoint"].clone();
+            let path = format!(
+                "/v1/drills/outage?duration={}s&target={}",
+                a.timeout.as_secs().max(1),
+                a.target
+            );
+            let r: OutageReport = post(&primary, &path, None).await?;
+            for j in r.jobs {
+                if let Some(t) = track.get_mut(&j.id.to_string()) {
+                    t.before = serde_json::to_value(&j.last_checkpoint).unwrap_or_default();
                 }
             }
             eprintln!(
-                "  {from} is down (simulated): jobs stopped without a savepoint, heartbeat stopped"
+                "  {from} is down (simulated): jobs stopped without a savepoint, lease renewals and heartbeat stopped; the other standbys stand aside for {}",
+                a.target
             );
         }
         Scenario::Switchover => {
-            post(
+            let _: SwitchoverReport = post(
                 &primary,
                 &format!("/v1/regions/{}/failover", a.target),
                 None,
@@ -224,16 +243,13 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let deadline = t0 + a.timeout;
     let mut promotion = None;
-    let mut epoch = map.epoch;
+    let mut epoch = map.status.epoch.0;
+    // The region that took over (the target, unless another won) and a
+    // client of its leader.
+    let mut winner: Option<(String, Client)> = None;
     loop {
-        if let Some(v) = get(&target, "/v1/regions").await {
-            let healthy = v["regions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|r| r["region"] == from.as_str())
-                .map(|r| r["healthy"] == true);
-            if detection.is_none() && healthy == Some(false) {
+        if let Some((p, e, v)) = primary_seen(&target).await {
+            if detection.is_none() && v.view(&from).is_some_and(|r| !r.healthy) {
                 detection = Some(t0.elapsed());
                 eprintln!(
                     "  {:>6} ms  {} sees {from} down",
@@ -241,27 +257,38 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
                     a.target
                 );
             }
-            if promotion.is_none() && v["primary"] == a.target.as_str() {
-                promotion = Some(t0.elapsed());
-                epoch = v["epoch"].as_u64().unwrap_or(epoch);
-                // A promotion implies the outage was detected.
-                detection.get_or_insert(t0.elapsed());
-                eprintln!(
-                    "  {:>6} ms  {} is the primary (region epoch {epoch})",
-                    ms(t0.elapsed()),
-                    a.target
-                );
+            if promotion.is_none() && p != from {
+                let url = v.api_url(&p).map(str::to_string);
+                if let Some(Ok(c)) = url.map(|u| client_for(&u, output)) {
+                    promotion = Some(t0.elapsed());
+                    epoch = e;
+                    // A promotion implies the outage was detected.
+                    detection.get_or_insert(t0.elapsed());
+                    if p == a.target {
+                        eprintln!(
+                            "  {:>6} ms  {p} is the primary (region epoch {epoch})",
+                            ms(t0.elapsed())
+                        );
+                    } else {
+                        eprintln!(
+                            "  {:>6} ms  {p} took over instead of {} (region epoch {epoch}); measuring there",
+                            ms(t0.elapsed()),
+                            a.target
+                        );
+                    }
+                    winner = Some((p, c));
+                }
             }
         }
-        if promotion.is_some() {
+        if let Some((w, c)) = &winner {
             for (j, t) in track.iter_mut().filter(|(_, t)| t.first_output.is_none()) {
-                let Some(v) = get(&target, &format!("/v1/jobs/{j}")).await else {
+                let Some(v) = get(c, &format!("/v1/jobs/{j}")).await else {
                     continue;
                 };
                 let running = v["state"] == "RUNNING" || v["state"] == "FINISHED";
                 if t.restored.is_none() && running {
                     t.restored = Some((t0.elapsed(), v["last_checkpoint"].clone()));
-                    eprintln!("  {:>6} ms  job {j} runs in {}", ms(t0.elapsed()), a.target);
+                    eprintln!("  {:>6} ms  job {j} runs in {w}", ms(t0.elapsed()));
                 }
                 if let Some((_, r)) = &t.restored
                     && (v["state"] == "FINISHED"
@@ -269,9 +296,8 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
                 {
                     t.first_output = Some(t0.elapsed());
                     eprintln!(
-                        "  {:>6} ms  job {j} committed output in {}",
-                        ms(t0.elapsed()),
-                        a.target
+                        "  {:>6} ms  job {j} committed output in {w}",
+                        ms(t0.elapsed())
                     );
                 }
             }
@@ -280,15 +306,13 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
         if Instant::now() > deadline {
-            failure = Some(match promotion {
+            failure = Some(match &winner {
                 None => format!(
-                    "{} was not promoted within {}",
-                    a.target,
+                    "no region took over from {from} within {}",
                     humantime::format_duration(a.timeout)
                 ),
-                Some(_) => format!(
-                    "not every job committed output in {} within {}",
-                    a.target,
+                Some((w, _)) => format!(
+                    "not every job committed output in {w} within {}",
                     humantime::format_duration(a.timeout)
                 ),
             });
@@ -296,9 +320,18 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if let Some((w, _)) = &winner
+        && *w != a.target
+        && failure.is_none()
+    {
+        failure = Some(format!(
+            "{w} took over instead of the drill's target {}",
+            a.target
+        ));
+    }
     if a.scenario == Scenario::RegionOutage {
-        // The old primary comes back (as a standby when the target took
-        // over; as the primary again when nothing did).
+        // The old primary comes back (as a standby when another region
+        // took over; as the primary again when nothing did).
         let _ = primary
             .call::<Value>(reqwest::Method::DELETE, "/v1/drills/outage", None)
             .await;
@@ -384,11 +417,13 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     let passed = checks.is_empty();
+    let took_over = winner.as_ref().map(|(w, _)| w.clone());
     let mut report = json!({
         "id": id,
         "scenario": a.scenario.name(),
         "from": from,
-        "to": a.target,
+        "to": took_over.clone().unwrap_or_else(|| a.target.clone()),
+        "target": a.target,
         "region_epoch": epoch,
         "started_at": started_at,
         "jobs": job_reports,
@@ -404,19 +439,17 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
         "passed": passed,
         "failures": checks,
     });
-    if a.revert && promotion.is_some() {
+    if a.revert
+        && let Some((_, c)) = &winner
+    {
         eprintln!("  reverting: failing back to {from} once it is healthy again ...");
-        report["revert"] = revert(&target, &from, deadline.max(Instant::now() + a.timeout)).await;
+        report["revert"] = revert(c, &from, deadline.max(Instant::now() + a.timeout)).await;
     }
     // Recorded where the jobs ran after the failover (or, when none
     // happened, where they still run).
-    let recorder = if promotion.is_some() {
-        &target
-    } else {
-        &primary
-    };
+    let recorder = winner.as_ref().map(|(_, c)| c).unwrap_or(&primary);
     let body = serde_json::to_vec(&report).unwrap_or_default();
-    if let Err(e) = post(recorder, "/v1/drills", Some(body)).await {
+    if let Err(e) = post::<Value>(recorder, "/v1/drills", Some(body)).await {
         eprintln!("warning: the drill report was not recorded: {e}");
     }
     print_result(output, &report, |out| print_report(&report, out));

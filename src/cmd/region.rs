@@ -10,13 +10,14 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use ferry_core::JobId;
+use ferry_core::api::{DivergenceReport, RegionsStatus, SwitchoverReport};
 use ferry_core::manifest::VerifiedCheckpoint;
 use ferry_core::storage::StorageLocation;
 use ferry_region::{JobCopy, RestoreCheck, Verification, replicate_job, verify_job};
 use ferry_taskmanager::runtime::{JobPlan, check_restore};
 use serde_json::json;
 
-use super::job::{Output, print_result};
+use super::job::{Align, Output, Table, print_result};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RegionCommand {
@@ -28,10 +29,10 @@ pub enum RegionCommand {
         api: super::job::ApiArgs,
     },
     /// Make another region the primary. Planned (default; sent to the
-    /// primary region's JobManagers): every job stops with a savepoint, the
-    /// savepoints reach the target's store, the region lease moves, and
-    /// the target resumes every job from its savepoint — nothing lost,
-    /// nothing repeated.
+    /// primary region's leader, found through the region given in --url):
+    /// every job stops with a savepoint, the savepoints reach the target's
+    /// store, the region lease moves, and the target resumes every job from
+    /// its savepoint — nothing lost, nothing repeated.
     Failover {
         /// The region to make primary.
         #[arg(long, value_name = "REGION")]
@@ -62,6 +63,10 @@ pub enum RegionCommand {
         /// Print the plan and the divergence report; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// How long to wait for the region to become healthy (right after
+        /// a failover it may still be starting).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        wait: std::time::Duration,
         #[command(flatten)]
         api: super::job::ApiArgs,
     },
@@ -125,47 +130,17 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
                 force,
                 dry_run,
                 api,
-            } => {
-                let client = super::job::Client::new(&api)?;
-                let path = format!("/v1/regions/{to}/failover?force={force}&dry_run={dry_run}");
-                if !dry_run {
-                    eprintln!(
-                        "{} to {to} ...",
-                        if force {
-                            "forcing the failover"
-                        } else {
-                            "switching over (savepoints, replication, lease)"
-                        }
-                    );
-                }
-                match client
-                    .call::<serde_json::Value>(reqwest::Method::POST, &path, None)
-                    .await
-                {
-                    Ok((raw, v)) => {
-                        print_result(api.output, &raw, |out| {
-                            print_move(out, &v, dry_run, "");
-                            for sp in v["savepoints"].as_array().into_iter().flatten() {
-                                let _ = writeln!(
-                                    out,
-                                    "  savepoint {}",
-                                    sp["path"].as_str().unwrap_or("")
-                                );
-                            }
-                            if let Some(ms) = v["took_ms"].as_u64() {
-                                let _ = writeln!(out, "took {ms} ms");
-                            }
-                        });
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Err(f) => Ok(f.report()),
-                }
-            }
-            RegionCommand::Failback { to, dry_run, api } => failback(to, dry_run, &api).await,
+            } => failover(&to, force, dry_run, &api).await,
+            RegionCommand::Failback {
+                to,
+                dry_run,
+                wait,
+                api,
+            } => failback(to, dry_run, wait, &api).await,
             RegionCommand::Status { api } => {
                 let client = super::job::Client::new(&api)?;
                 match client
-                    .call::<serde_json::Value>(reqwest::Method::GET, "/v1/regions", None)
+                    .call::<RegionsStatus>(reqwest::Method::GET, "/v1/regions", None)
                     .await
                 {
                     Ok((raw, v)) => {
@@ -182,41 +157,55 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
 /// What `GET /v1/regions` says about the regions: the primary and every
 /// region's leader URL from its heartbeat.
 pub(crate) struct RegionMap {
+    pub status: RegionsStatus,
     pub primary: String,
-    pub home: Option<String>,
-    pub epoch: u64,
-    pub urls: std::collections::BTreeMap<String, String>,
-    pub healthy: std::collections::BTreeMap<String, bool>,
 }
 
 impl RegionMap {
-    pub(crate) fn from_view(v: &serde_json::Value) -> anyhow::Result<Self> {
-        let Some(primary) = v["primary"].as_str() else {
+    /// Reads `/v1/regions` through `client`.
+    pub(crate) async fn read(client: &super::job::Client) -> anyhow::Result<Self> {
+        match client
+            .call::<RegionsStatus>(reqwest::Method::GET, "/v1/regions", None)
+            .await
+        {
+            Ok((_, v)) => Self::from_status(v),
+            Err(f) => {
+                let _ = f.report();
+                anyhow::bail!("cannot read /v1/regions (see above)")
+            }
+        }
+    }
+
+    pub(crate) fn from_status(status: RegionsStatus) -> anyhow::Result<Self> {
+        let Some(primary) = status.primary.clone() else {
             anyhow::bail!(
-                "this JobManager reports no primary region: cross-region coordination is not configured (regions.global, see docs/config.md)"
+                "this JobManager knows no primary region: cross-region coordination is not configured (regions.global, see docs/config.md), or the region lease has not been read yet"
             );
         };
-        let mut urls = std::collections::BTreeMap::new();
-        let mut healthy = std::collections::BTreeMap::new();
-        for r in v["regions"].as_array().into_iter().flatten() {
-            let name = r["region"].as_str().unwrap_or_default().to_string();
-            if let Some(u) = r["heartbeat"]["api_url"].as_str().filter(|u| !u.is_empty()) {
-                urls.insert(name.clone(), u.to_string());
-            }
-            healthy.insert(name, r["healthy"] == true);
+        Ok(Self { status, primary })
+    }
+
+    /// Checks that `region` is a known region.
+    pub(crate) fn known(&self, region: &str) -> anyhow::Result<()> {
+        if self.status.view(region).is_some() {
+            return Ok(());
         }
-        Ok(Self {
-            primary: primary.to_string(),
-            home: v["home"].as_str().map(str::to_string),
-            epoch: v["epoch"].as_u64().unwrap_or(0),
-            urls,
-            healthy,
-        })
+        let known: Vec<&str> = self
+            .status
+            .regions
+            .iter()
+            .map(|v| v.region.as_str())
+            .collect();
+        anyhow::bail!(
+            "unknown region '{region}': known regions are {}",
+            known.join(", ")
+        )
     }
 
     /// The REST URL of `region`'s leader, or why there is none.
     pub(crate) fn url(&self, region: &str) -> anyhow::Result<String> {
-        self.urls.get(region).cloned().ok_or_else(|| {
+        self.known(region)?;
+        self.status.api_url(region).map(str::to_string).ok_or_else(|| {
             anyhow::anyhow!(
                 "no JobManager URL is known for region {region} (it has not heartbeat into the global KV); is it running?"
             )
@@ -232,46 +221,108 @@ pub(crate) fn client_for(url: &str, output: Output) -> anyhow::Result<super::job
     })
 }
 
-async fn failback(
-    to: Option<String>,
+/// `ferry region failover`: planned switchovers go to the primary's
+/// leader (found through the region given in --url); forced failovers to
+/// any region's JobManager.
+async fn failover(
+    to: &str,
+    force: bool,
     dry_run: bool,
     api: &super::job::ApiArgs,
 ) -> anyhow::Result<ExitCode> {
-    let client = super::job::Client::new(api)?;
-    let view = match client
-        .call::<serde_json::Value>(reqwest::Method::GET, "/v1/regions", None)
+    let entry = super::job::Client::new(api)?;
+    let map = RegionMap::read(&entry).await?;
+    map.known(to)?;
+    if to == map.primary {
+        anyhow::bail!(
+            "{to} is already the primary region (region epoch {})",
+            map.status.epoch
+        );
+    }
+    let client = if force {
+        entry
+    } else {
+        let url = map.url(&map.primary).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}; if the primary region {} is down, force the failover: `ferry region failover --to {to} --force`",
+                map.primary
+            )
+        })?;
+        client_for(&url, api.output)?
+    };
+    if !dry_run {
+        eprintln!(
+            "{} from {} to {to} ...",
+            if force {
+                "forcing the failover"
+            } else {
+                "switching over (savepoints, replication, lease)"
+            },
+            map.primary
+        );
+    }
+    let path = format!("/v1/regions/{to}/failover?force={force}&dry_run={dry_run}");
+    match client
+        .call::<SwitchoverReport>(reqwest::Method::POST, &path, None)
         .await
     {
-        Ok((_, v)) => v,
-        Err(f) => return Ok(f.report()),
-    };
-    let map = RegionMap::from_view(&view)?;
-    let Some(target) = to.or(map.home.clone()) else {
+        Ok((raw, v)) => {
+            print_result(api.output, &raw, |out| {
+                print_move(out, &v, "");
+                for sp in &v.savepoints {
+                    let _ = writeln!(out, "  savepoint {}", sp.path);
+                }
+                if let Some(ms) = v.took_ms {
+                    let _ = writeln!(out, "took {ms} ms");
+                }
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => Ok(f.report()),
+    }
+}
+
+async fn failback(
+    to: Option<String>,
+    dry_run: bool,
+    wait: std::time::Duration,
+    api: &super::job::ApiArgs,
+) -> anyhow::Result<ExitCode> {
+    let client = super::job::Client::new(api)?;
+    let map = RegionMap::read(&client).await?;
+    let Some(target) = to.or(map.status.home.clone()) else {
         anyhow::bail!("no home region is configured (regions.primary): name the region with --to");
     };
+    map.known(&target)?;
     if target == map.primary {
         anyhow::bail!(
-            "{target} is already the primary region (epoch {}): nothing to fail back",
-            map.epoch
+            "{target} is already the primary region (region epoch {}): nothing to fail back",
+            map.status.epoch
         );
     }
     let primary_url = map.url(&map.primary)?;
     if !dry_run {
         eprintln!(
-            "failing back from {} to {target} (catch-up, savepoints, lease) ...",
-            map.primary
+            "failing back from {} to {target} (waiting up to {} for it to be healthy, then catch-up, savepoints, lease) ...",
+            map.primary,
+            humantime::format_duration(wait)
         );
     }
-    let path = format!("/v1/regions/{target}/failback?dry_run={dry_run}");
+    let path = format!(
+        "/v1/regions/{target}/failback?dry_run={dry_run}&wait={}ms",
+        wait.as_millis()
+    );
     match client_for(&primary_url, api.output)?
-        .call::<serde_json::Value>(reqwest::Method::POST, &path, None)
+        .call::<SwitchoverReport>(reqwest::Method::POST, &path, None)
         .await
     {
         Ok((raw, v)) => {
             print_result(api.output, &raw, |out| {
-                print_move(out, &v, dry_run, "fail-back ");
-                print_divergence(&v["divergence"], out);
-                if let Some(ms) = v["took_ms"].as_u64() {
+                print_move(out, &v, "fail-back ");
+                if let Some(d) = &v.divergence {
+                    print_divergence(d, out);
+                }
+                if let Some(ms) = v.took_ms {
                     let _ = writeln!(out, "took {ms} ms");
                 }
             });
@@ -283,64 +334,72 @@ async fn failback(
 
 /// `from -> to (region epoch)` and the plan's steps of a failover or
 /// fail-back answer.
-fn print_move(out: &mut String, v: &serde_json::Value, dry_run: bool, what: &str) {
+fn print_move(out: &mut String, v: &SwitchoverReport, what: &str) {
     let _ = writeln!(
         out,
         "{}{what}{} -> {} (region epoch {})",
-        if dry_run { "plan: " } else { "" },
-        v["from"].as_str().unwrap_or("-"),
-        v["to"].as_str().unwrap_or("-"),
-        v["epoch"]
+        if v.dry_run { "plan: " } else { "" },
+        v.from,
+        v.to,
+        v.epoch
     );
-    for s in v["steps"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "  - {}", s.as_str().unwrap_or(""));
+    for s in &v.steps {
+        let _ = writeln!(out, "  - {s}");
     }
 }
 
 /// The divergence report of a fail-back, for people.
-fn print_divergence(d: &serde_json::Value, out: &mut String) {
-    let jobs = d["jobs"].as_array().cloned().unwrap_or_default();
-    let region = d["region"].as_str().unwrap_or("-");
-    if jobs.is_empty() {
+fn print_divergence(d: &DivergenceReport, out: &mut String) {
+    if d.jobs.is_empty() {
         let _ = writeln!(
             out,
-            "divergence: none ({region} committed nothing beyond what the failover restored)"
+            "divergence: none ({} committed nothing beyond what the failover restored)",
+            d.region
         );
         return;
     }
     let _ = writeln!(
         out,
-        "divergence: {region} committed {} output records ({} input records, {} ms of event time) after the checkpoints the failover restored from:",
-        d["records_out"], d["records_in"], d["event_time_ms"]
+        "divergence: {} committed {} output records ({} input records, {} ms of event time) after the checkpoints the failover restored from:",
+        d.region, d.records_out, d.records_in, d.event_time_ms
     );
-    let _ = writeln!(
-        out,
-        "  {:<34} {:>6} {:<20} {:>12} {:>12}",
-        "JOB", "BASE", "DIVERGED CHECKPOINTS", "RECORDS OUT", "EVENT MS"
-    );
-    for j in jobs {
-        let cps: Vec<String> = j["checkpoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| c.to_string())
-            .collect();
-        let _ = writeln!(
-            out,
-            "  {:<34} {:>6} {:<20} {:>12} {:>12}",
-            j["job"].as_str().unwrap_or("-"),
-            j["base"]["checkpoint"]
-                .as_u64()
-                .map(|b| b.to_string())
-                .unwrap_or_else(|| "-".into()),
-            cps.join(","),
-            j["records_out"],
-            j["event_time_ms"]
-        );
+    let rows: Vec<Vec<String>> = d
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.job.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
+                j.base
+                    .as_ref()
+                    .map(|b| b.checkpoint.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                j.checkpoints
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                j.records_out.to_string(),
+                j.event_time_ms.to_string(),
+            ]
+        })
+        .collect();
+    let mut t = Table::new(&[
+        ("JOB", Align::Left),
+        ("BASE", Align::Right),
+        ("DIVERGED CHECKPOINTS", Align::Left),
+        ("RECORDS OUT", Align::Right),
+        ("EVENT MS", Align::Right),
+    ]);
+    for r in rows {
+        t.row(r);
+    }
+    for line in t.render().lines() {
+        let _ = writeln!(out, "  {line}");
     }
     let _ = writeln!(
         out,
-        "  (their manifests are archived under jobs/<id>/diverged/ in {region}'s store)"
+        "  (their manifests are archived under jobs/<id>/diverged/ in {}'s store)",
+        d.region
     );
 }
 
@@ -475,57 +534,94 @@ async fn verify(store: &str, named: &[String], output: Output) -> anyhow::Result
     })
 }
 
-fn print_status(v: &serde_json::Value, out: &mut String) {
+fn print_status(v: &RegionsStatus, out: &mut String) {
     let _ = writeln!(
         out,
-        "this region: {} (answered by {}, {})",
-        v["region"].as_str().unwrap_or("-"),
-        v["instance"].as_str().unwrap_or("-"),
-        v["role"].as_str().unwrap_or("-")
+        "this region: {} (answered by {}{})",
+        v.region.as_deref().unwrap_or("-"),
+        v.instance,
+        v.region_role
+            .map(|r| format!(", region role {r}"))
+            .unwrap_or_default()
     );
-    if v["global_reachable"] == false {
-        let _ = writeln!(out, "global KV:   UNREACHABLE (region health unknown)");
+    if let Some(p) = &v.primary {
+        let _ = writeln!(out, "primary:     {p} (region epoch {})", v.epoch);
     }
-    if let Some(regions) = v["regions"].as_array().filter(|r| !r.is_empty()) {
+    let reachable = v.global_reachable != Some(false);
+    if !reachable {
         let _ = writeln!(
             out,
-            "\n{:<16} {:<8} {:>14}  LEADER",
-            "REGION", "HEALTHY", "HEARTBEAT AGE"
+            "global KV:   UNREACHABLE (no write succeeded within regions.timeout: no quorum, or cut off); the health below is the last seen and may be stale"
         );
-        for r in regions {
-            let age = r["heartbeat_age_ms"]
-                .as_u64()
-                .map(|a| format!("{a} ms"))
-                .unwrap_or_else(|| "never".into());
-            let _ = writeln!(
-                out,
-                "{:<16} {:<8} {:>14}  {}",
-                r["region"].as_str().unwrap_or("-"),
-                if r["healthy"] == true { "yes" } else { "NO" },
-                age,
-                r["heartbeat"]["leader"].as_str().unwrap_or("-")
-            );
-        }
     }
-    if let Some(standbys) = v["standbys"].as_array().filter(|s| !s.is_empty()) {
-        let _ = writeln!(
-            out,
-            "\n{:<16} {:>10} {:>12} {:>12}  LAST ERROR",
-            "REPLICA", "LAG S", "LAG CKPTS", "LAG RECORDS"
-        );
-        for s in standbys {
-            let _ = writeln!(
-                out,
-                "{:<16} {:>10.3} {:>12} {:>12}  {}",
-                s["region"].as_str().unwrap_or("-"),
-                s["lag_seconds"].as_f64().unwrap_or(0.0),
-                s["lag_checkpoints"],
-                s["lag_records"],
-                s["last_error"].as_str().unwrap_or("-")
-            );
+    if !v.regions.is_empty() {
+        let rows: Vec<Vec<String>> = v
+            .regions
+            .iter()
+            .map(|r| {
+                vec![
+                    r.region.clone(),
+                    if v.primary.as_deref() == Some(r.region.as_str()) {
+                        "primary".into()
+                    } else {
+                        "standby".into()
+                    },
+                    match (reachable, r.healthy) {
+                        (false, _) => "unknown".into(),
+                        (true, true) => "yes".into(),
+                        (true, false) => "NO".into(),
+                    },
+                    r.heartbeat_age_ms
+                        .map(|a| format!("{a} ms"))
+                        .unwrap_or_else(|| "never".into()),
+                    r.heartbeat
+                        .as_ref()
+                        .map(|h| h.leader.clone())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let mut t = Table::new(&[
+            ("REGION", Align::Left),
+            ("ROLE", Align::Left),
+            ("HEALTHY", Align::Left),
+            ("HEARTBEAT AGE", Align::Right),
+            ("LEADER", Align::Left),
+        ]);
+        for r in rows {
+            t.row(r);
         }
+        out.push('\n');
+        out.push_str(&t.render());
     }
-    if let Some(note) = v["note"].as_str() {
+    if !v.standbys.is_empty() {
+        let rows: Vec<Vec<String>> = v
+            .standbys
+            .iter()
+            .map(|s| {
+                vec![
+                    s.region.clone(),
+                    format!("{:.3}", s.lag_seconds),
+                    s.lag_checkpoints.to_string(),
+                    s.lag_records.to_string(),
+                    s.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let mut t = Table::new(&[
+            ("REPLICA", Align::Left),
+            ("LAG S", Align::Right),
+            ("LAG CKPTS", Align::Right),
+            ("LAG RECORDS", Align::Right),
+            ("LAST ERROR", Align::Left),
+        ]);
+        for r in rows {
+            t.row(r);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    if let Some(note) = &v.note {
         let _ = writeln!(out, "{note}");
     }
 }
