@@ -3,10 +3,13 @@
 //! processes ([`Jm`]) on a NATS server, the bounded test job ([`SPEC`]) and
 //! the check of its committed output against the generator model, the
 //! fencing-epoch check of its checkpoint manifests, and the cross-region
-//! setup: regions on one global NATS cluster ([`two_regions`]), waits for
+//! setup: any number of regions on one global NATS cluster
+//! ([`configure_regions`], [`regions`], [`start_regions`]; [`two_regions`]
+//! and [`start_two_regions`] for the usual east and west), waits for
 //! the region lease, replication, a primary and a healthy region, and a
 //! webhook receiver.
 
+use std::borrow::BorrowMut;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -70,7 +73,12 @@ impl Drop for Jm {
     }
 }
 
+/// The processes of one region, on one NATS, with one store and one output
+/// directory (of the test job) in a temp dir.
 pub struct Region {
+    /// The region's name (`FERRY_REGION`): `test`, or as
+    /// [`configure_regions`] names it.
+    pub name: String,
     pub dir: tempfile::TempDir,
     pub nats_url: String,
     pub jms: Vec<Jm>,
@@ -90,6 +98,7 @@ pub struct Region {
 impl Region {
     pub fn new(nats_url: String, ttl: &'static str, deadline: &'static str) -> Self {
         Self {
+            name: "test".into(),
             dir: tempfile::tempdir().unwrap(),
             nats_url,
             jms: Vec::new(),
@@ -101,6 +110,12 @@ impl Region {
             env: Vec::new(),
             rate: 100_000,
         }
+    }
+
+    /// The same region named `name` (`FERRY_REGION`).
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = name.to_string();
+        self
     }
 
     pub fn storage(&self) -> PathBuf {
@@ -123,7 +138,7 @@ impl Region {
         let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).unwrap();
         let mut cmd = Command::new(ferry_bin());
         cmd.arg(role)
-            .env("FERRY_REGION", "test")
+            .env("FERRY_REGION", &self.name)
             .env("FERRY_INSTANCE_ID", id)
             .env("FERRY_NATS_URLS", nats_url.unwrap_or(&self.nats_url))
             .env(
@@ -438,44 +453,96 @@ pub fn has_checkpoint(v: &Value) -> bool {
     v["last_checkpoint"].is_object() && v["state"] == "RUNNING"
 }
 
+/// Region heartbeat interval (`regions.healthCheckInterval`) of the regions
+/// [`configure_regions`] sets up.
+pub const REGION_HEALTH_CHECK_INTERVAL: &str = "300ms";
+/// Region timeout (`regions.timeout`) of the regions [`configure_regions`]
+/// sets up.
+pub const REGION_TIMEOUT: &str = "2s";
+
+/// Configures `regions`, each named by its [`Region::name`], as the regions
+/// of one deployment, the first the primary: every region lists every
+/// region's store (they replicate to each other), with region heartbeats
+/// and lease in `global` ([`REGION_HEALTH_CHECK_INTERVAL`],
+/// [`REGION_TIMEOUT`]), buckets with 3 replicas (fewer on a smaller
+/// cluster). Region `i` lists global node `i % nodes` first, its own node
+/// (on a 3-node cluster with two regions the third node is a witness).
+/// Settings a test pushes onto a region's `env` afterwards override these.
+pub fn configure_regions<R: BorrowMut<Region>>(regions: &mut [R], global: &NatsCluster) {
+    let stores = regions
+        .iter()
+        .map(|r| {
+            let r = r.borrow();
+            format!("{}=file://{}", r.name, r.storage().display())
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let primary = regions[0].borrow().name.clone();
+    let nodes = global.nodes.len();
+    let urls = |first: usize| {
+        (0..nodes)
+            .map(|i| global.nodes[(first + i) % nodes].url())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for (i, r) in regions.iter_mut().enumerate() {
+        let r = r.borrow_mut();
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        r.env.push(("FERRY_REGIONS_PRIMARY", primary.clone()));
+        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", urls(i % nodes)));
+        r.env
+            .push(("FERRY_REGIONS_GLOBAL_REPLICAS", nodes.min(3).to_string()));
+        r.env.push((
+            "FERRY_REGIONS_HEALTH_CHECK_INTERVAL",
+            REGION_HEALTH_CHECK_INTERVAL.into(),
+        ));
+        r.env.push(("FERRY_REGIONS_TIMEOUT", REGION_TIMEOUT.into()));
+    }
+}
+
+/// Regions named `names` (the first the primary) on the regional NATS
+/// `nats_url` (each region its own buckets), with the in-region timings of
+/// the cross-region tests (lease ttl 800 ms, renew deadline 500 ms),
+/// configured by [`configure_regions`] on `global`. Set a region's `rate`
+/// or push onto its `env` before starting it.
+pub fn regions(nats_url: &str, global: &NatsCluster, names: &[&str]) -> Vec<Region> {
+    let mut regions: Vec<Region> = names
+        .iter()
+        .map(|name| Region::new(nats_url.to_string(), "800ms", "500ms").named(name))
+        .collect();
+    configure_regions(&mut regions, global);
+    regions
+}
+
+/// Starts a JobManager `jm-<name>` and a TaskManager `tm-<name>` in each
+/// region, in order, and waits for every region's leader.
+pub async fn start_regions<R: BorrowMut<Region>>(regions: &mut [R]) {
+    for r in regions.iter_mut() {
+        let r = r.borrow_mut();
+        let name = r.name.clone();
+        r.start(&format!("jm-{name}"), None);
+        r.start_tm(&format!("tm-{name}"));
+    }
+    for r in regions.iter() {
+        r.borrow().leader(&[], Duration::from_secs(20)).await;
+    }
+}
+
 /// Configures `east` (the primary) and `west` as two regions replicating to
 /// each other, with region heartbeats and lease in `global` (300 ms
 /// heartbeats, 2 s region timeout): a 3-node cluster, one node per
 /// simulated region (the third a witness), buckets with 3 replicas; each
-/// region lists its own node first.
+/// region lists its own node first. [`configure_regions`] for two.
 pub fn two_regions(east: &mut Region, west: &mut Region, global: &NatsCluster) {
-    let stores = format!(
-        "east=file://{},west=file://{}",
-        east.storage().display(),
-        west.storage().display()
-    );
-    let urls = |first: usize| {
-        (0..global.nodes.len())
-            .map(|i| global.nodes[(first + i) % global.nodes.len()].url())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    for (r, name, node) in [(east, "east", 0), (west, "west", 1)] {
-        r.env.push(("FERRY_REGION", name.to_string()));
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        r.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
-        r.env.push(("FERRY_REGIONS_GLOBAL_URLS", urls(node)));
-        r.env.push(("FERRY_REGIONS_GLOBAL_REPLICAS", "3".into()));
-        r.env
-            .push(("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", "300ms".into()));
-        r.env.push(("FERRY_REGIONS_TIMEOUT", "2s".into()));
-    }
+    east.name = "east".into();
+    west.name = "west".into();
+    configure_regions(&mut [east, west], global);
 }
 
 /// Starts a JobManager and a TaskManager in each region and waits for both
-/// regions' leaders.
+/// regions' leaders ([`start_regions`] for two).
 pub async fn start_two_regions(east: &mut Region, west: &mut Region) {
-    east.start("jm-east", None);
-    east.start_tm("tm-east");
-    west.start("jm-west", None);
-    west.start_tm("tm-west");
-    east.leader(&[], Duration::from_secs(20)).await;
-    west.leader(&[], Duration::from_secs(20)).await;
+    start_regions(&mut [east, west]).await;
 }
 
 /// Waits until `r`'s first JobManager reads a region lease; its epoch.
