@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use super::bench::percentile;
+
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
     /// Leader SIGKILLs to measure.
@@ -390,14 +392,6 @@ pub(super) async fn start_nats(dir: &std::path::Path) -> anyhow::Result<Proc> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(nats)
-}
-
-pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 pub fn run(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use super::bench_failover::{Proc, free_port, percentile, start_nats};
+use super::bench::percentile;
+use super::bench_failover::{Proc, free_port, start_nats};
 
 #[derive(clap::Args, Debug)]
 pub struct RegionArgs {
