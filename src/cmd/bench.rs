@@ -9,6 +9,7 @@
 //! spend on checkpoints (on a machine whose speed drifts between runs, the
 //! last is the one to trust).
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use anyhow::Context;
 use ferry_core::spec::parse_and_validate;
 use ferry_jobmanager::service::SubmitOptions;
 use ferry_jobmanager::{JobManager, JobManagerConfig, JobState};
+use ferry_testkit::nats::{NatsConfig, NatsProcess, NatsStarter};
+use ferry_testkit::try_free_port;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -276,6 +279,16 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Starts the benchmarks' `nats-server -js` (`sync_interval: always`) on a
+/// free loopback port with its config and store under `dir`, output
+/// discarded, and waits (up to 10 s) until it accepts clients.
+pub(super) fn start_nats(dir: &Path) -> anyhow::Result<NatsProcess> {
+    let config = NatsConfig::new(try_free_port()?, dir.join("js"));
+    Ok(NatsStarter::new(super::sandbox::find_nats_server()?)
+        .with_listen_limit(Duration::from_secs(10))
+        .start("nats-server", &dir.join("nats.conf"), &config)?)
 }
 
 fn tempfile_dir() -> anyhow::Result<String> {
