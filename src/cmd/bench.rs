@@ -9,6 +9,7 @@
 //! spend on checkpoints (on a machine whose speed drifts between runs, the
 //! last is the one to trust).
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use anyhow::Context;
 use ferry_core::spec::parse_and_validate;
 use ferry_jobmanager::service::SubmitOptions;
 use ferry_jobmanager::{JobManager, JobManagerConfig, JobState};
+use ferry_testkit::nats::{NatsConfig, NatsProcess, NatsStarter};
+use ferry_testkit::try_free_port;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -267,8 +270,46 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `p`th percentile (0 < `p` ≤ 100) of the ascending `sorted` by the
+/// nearest-rank method; NaN if it is empty. The one percentile of every
+/// benchmark's p50/p99.
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Starts the benchmarks' `nats-server -js` (`sync_interval: always`) on a
+/// free loopback port with its config and store under `dir`, output
+/// discarded, and waits (up to 10 s) until it accepts clients.
+pub(super) fn start_nats(dir: &Path) -> anyhow::Result<NatsProcess> {
+    let config = NatsConfig::new(try_free_port()?, dir.join("js"));
+    Ok(NatsStarter::new(super::sandbox::find_nats_server()?)
+        .with_listen_limit(Duration::from_secs(10))
+        .start("nats-server", &dir.join("nats.conf"), &config)?)
+}
+
 fn tempfile_dir() -> anyhow::Result<String> {
     let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir.to_string_lossy().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentile_is_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 50.0), 2.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[7.0], 1.0), 7.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
 }

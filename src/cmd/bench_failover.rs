@@ -14,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ferry_testkit::try_free_port;
+
+use super::bench::{percentile, start_nats};
 
 #[derive(clap::Args, Debug)]
 pub struct FailoverArgs {
@@ -68,9 +71,6 @@ impl Drop for Proc {
     }
 }
 
-use super::sandbox::find_nats_server as nats_server;
-pub(super) use super::sandbox::free_port;
-
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
@@ -121,7 +121,7 @@ impl Bench {
     }
 
     fn start_jm(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = free_port()?;
+        let port = try_free_port()?;
         let deadline = format!(
             "{}ms",
             (humantime::parse_duration(&self.ttl)?.as_millis() * 5 / 8).max(200)
@@ -140,7 +140,7 @@ impl Bench {
     }
 
     fn start_tm(&mut self, i: usize) -> anyhow::Result<()> {
-        let port = free_port()?;
+        let port = try_free_port()?;
         let child = self.spawn(
             "taskmanager",
             &format!("tm-{i}"),
@@ -359,47 +359,6 @@ impl Bench {
     }
 }
 
-/// Starts `nats-server -js` (`sync_interval: always`) on a free loopback
-/// port with its store under `dir`, and waits until it accepts clients.
-pub(super) async fn start_nats(dir: &std::path::Path) -> anyhow::Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let port = free_port()?;
-    let conf = dir.join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-            dir.join("js").display()
-        ),
-    )?;
-    let nats = Proc {
-        child: Command::new(nats_server()?)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nats-server")?,
-        port,
-    };
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("nats-server did not start within 10 s");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(nats)
-}
-
-pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 pub fn run(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -412,7 +371,7 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
         std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
     });
     std::fs::create_dir_all(&tmp)?;
-    let nats = start_nats(&tmp.join("nats")).await?;
+    let nats = start_nats(&tmp.join("nats"))?;
     let nats_port = nats.port;
     let mut b = Bench {
         dir: tmp.clone(),

@@ -14,9 +14,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ferry_testkit::try_free_port;
 use serde_json::Value;
 
-use super::bench_failover::{Proc, free_port, percentile, start_nats};
+use super::bench::{percentile, start_nats};
+use super::bench_failover::Proc;
 
 #[derive(clap::Args, Debug)]
 pub struct RegionArgs {
@@ -122,13 +124,13 @@ impl Bench {
 
     fn start(&mut self, i: usize) -> anyhow::Result<()> {
         let name = self.regions[i].name;
-        let port = free_port()?;
+        let port = try_free_port()?;
         let jm = self.spawn(
             name,
             "jobmanager",
             &[("FERRY_API_LISTEN", format!("127.0.0.1:{port}"))],
         )?;
-        let tm_port = free_port()?;
+        let tm_port = try_free_port()?;
         let tm = self.spawn(
             name,
             "taskmanager",
@@ -243,14 +245,15 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
         std::env::temp_dir().join(format!("ferry-bench-region-{}", std::process::id()))
     });
     std::fs::create_dir_all(&tmp)?;
-    let nats = start_nats(&tmp.join("nats")).await?;
+    let nats = start_nats(&tmp.join("nats"))?;
     // The region lease and heartbeats on a 3-node global cluster (R3), as
     // in production: one node per region.
-    let (global, global_urls) = super::sandbox::start_cluster(
+    let global = super::sandbox::start_cluster(
         &super::sandbox::find_nats_server()?,
         &tmp.join("global"),
         3,
     )?;
+    let global_urls = global.iter().map(|n| n.url()).collect();
     let mut b = Bench {
         dir: tmp.clone(),
         nats: format!("nats://127.0.0.1:{}", nats.port),

@@ -16,6 +16,8 @@ use ferry_core::storage::StorageLocation;
 use ferry_jobmanager::service::SubmitOptions;
 use ferry_jobmanager::{JobManager, JobManagerConfig};
 
+use super::bench::percentile;
+
 #[derive(clap::Args, Debug)]
 pub struct ReplicationArgs {
     /// How long the job runs.
@@ -62,14 +64,6 @@ spec:
     blackhole: {{}}
 "#
     )
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 pub fn run(a: ReplicationArgs) -> anyhow::Result<ExitCode> {

@@ -7,12 +7,13 @@
 //! under `--dir`; it runs until Ctrl-C or SIGTERM and then stops every
 //! process it started (SIGTERM first, so JobManagers hand over cleanly).
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ferry_testkit::nats::{self, NatsConfig, NatsProcess, NatsStarter};
+use ferry_testkit::try_free_port;
 use serde_json::json;
 
 /// Names of the simulated regions, in order.
@@ -21,6 +22,8 @@ const REGION_NAMES: &[&str] = &["eu-west", "us-east", "ap-south", "sa-east", "af
 const GLOBAL_NODES: usize = 3;
 /// How long the whole sandbox may take to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a process may take to listen once started.
+const START_LIMIT: Duration = Duration::from_secs(20);
 /// How long a process may take to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -52,6 +55,15 @@ pub struct SandboxArgs {
 pub(super) struct Proc {
     name: String,
     child: Child,
+}
+
+impl From<NatsProcess> for Proc {
+    fn from(p: NatsProcess) -> Self {
+        Self {
+            name: p.name.clone(),
+            child: p.into_child(),
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -94,17 +106,10 @@ impl Proc {
 /// `nats-server` from `FERRY_NATS_SERVER`, PATH or `./.venv/bin` (where
 /// `scripts/test.sh` installs it), or how to get it.
 pub(super) fn find_nats_server() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FERRY_NATS_SERVER") {
-        return Ok(PathBuf::from(p));
-    }
-    if let Some(p) = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default()
+    let dirs = nats::path_dirs()
         .into_iter()
-        .chain([PathBuf::from(".venv/bin")])
-        .map(|d| d.join("nats-server"))
-        .find(|p| p.is_file())
-    {
+        .chain([PathBuf::from(".venv/bin")]);
+    if let Some(p) = nats::find_nats_server(dirs) {
         return Ok(p);
     }
     bail!(
@@ -114,75 +119,34 @@ pub(super) fn find_nats_server() -> anyhow::Result<PathBuf> {
     )
 }
 
-pub(super) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// How the sandbox starts `nats-server`: each with its log next to its
+/// config, [`START_LIMIT`] to listen.
+fn nats_starter(nats_bin: &Path) -> NatsStarter {
+    NatsStarter::new(nats_bin.to_path_buf())
+        .with_logs()
+        .with_listen_limit(START_LIMIT)
 }
 
-/// Starts a `nodes`-node JetStream cluster under `dir` (configs, data and
-/// logs), each node named `global-<i>`, and waits until every node
-/// listens; the processes and their client URLs.
+/// Starts a `nodes`-node JetStream cluster `ferry-global` under `dir`
+/// (configs, data and logs), each node named `global-<i>`, and waits until
+/// every node listens.
 pub(super) fn start_cluster(
     nats_bin: &Path,
     dir: &Path,
     nodes: usize,
-) -> anyhow::Result<(Vec<Proc>, Vec<String>)> {
-    std::fs::create_dir_all(dir)?;
-    let ports: Vec<(u16, u16)> = (0..nodes)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<anyhow::Result<_>>()?;
-    let routes: Vec<String> = ports
-        .iter()
-        .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
-        .collect();
-    let mut procs = Vec::new();
-    let mut urls = Vec::new();
-    for (i, (port, cport)) in ports.iter().enumerate() {
-        let name = format!("global-{i}");
-        let conf = dir.join(format!("{name}.conf"));
-        std::fs::write(
-            &conf,
-            nats_conf(&name, *port, &dir.join(&name), Some((*cport, &routes))),
-        )?;
-        let log = dir.join(format!("{name}.log"));
-        procs.push(spawn(
-            &name,
-            Command::new(nats_bin).arg("-c").arg(&conf),
-            &log,
-        )?);
-        urls.push(format!("nats://127.0.0.1:{port}"));
-    }
-    for (i, (port, _)) in ports.iter().enumerate() {
-        wait_port(&mut procs[i], *port, &dir.join(format!("global-{i}.log")))?;
-    }
-    Ok((procs, urls))
+) -> anyhow::Result<Vec<NatsProcess>> {
+    Ok(nats_starter(nats_bin).start_cluster(dir, nodes, "ferry-global", "global-")?)
 }
 
 /// Waits until `port` accepts connections or `p` exits.
 fn wait_port(p: &mut Proc, port: u16, log: &Path) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        if let Ok(Some(status)) = p.child.try_wait() {
-            bail!(
-                "{} exited ({status}) while starting; its log {}:\n{}",
-                p.name,
-                log.display(),
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "{} does not listen on port {port} after 20 s; see {}",
-                p.name,
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Ok(ferry_testkit::wait_listening(
+        &mut p.child,
+        &p.name,
+        port,
+        Some(log),
+        START_LIMIT,
+    )?)
 }
 
 fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
@@ -197,22 +161,6 @@ fn spawn(name: &str, cmd: &mut Command, log: &Path) -> anyhow::Result<Proc> {
         name: name.to_string(),
         child,
     })
-}
-
-/// A `nats-server` config: JetStream with `sync_interval: always`, plus a
-/// cluster block for the global nodes.
-fn nats_conf(name: &str, port: u16, store: &Path, cluster: Option<(u16, &[String])>) -> String {
-    let mut c = format!(
-        "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-        store.display()
-    );
-    if let Some((cport, routes)) = cluster {
-        c.push_str(&format!(
-            "cluster {{\n  name: ferry-global\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
-            routes.join(", ")
-        ));
-    }
-    c
 }
 
 pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
@@ -244,8 +192,9 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     let mut procs: Vec<Proc> = Vec::new();
 
     // The global cluster.
-    let (global, global_urls) = start_cluster(&nats_bin, &dir.join("global"), GLOBAL_NODES)?;
-    procs.extend(global);
+    let global = start_cluster(&nats_bin, &dir.join("global"), GLOBAL_NODES)?;
+    let global_urls: Vec<String> = global.iter().map(NatsProcess::url).collect();
+    procs.extend(global.into_iter().map(Proc::from));
     eprintln!("global NATS cluster up: {}", global_urls.join(","));
 
     let stores: Vec<String> = regions
@@ -257,18 +206,17 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
     for (ri, region) in regions.iter().enumerate() {
         let rdir = dir.join(region);
         std::fs::create_dir_all(rdir.join("store"))?;
-        let port = free_port()?;
-        let conf = rdir.join("nats.conf");
-        std::fs::write(&conf, nats_conf(region, port, &rdir.join("nats"), None))?;
-        let log = rdir.join("nats.log");
-        let mut nats = spawn(
+        let config = NatsConfig {
+            server_name: Some(region.to_string()),
+            ..NatsConfig::new(try_free_port()?, rdir.join("nats"))
+        };
+        let nats = nats_starter(&nats_bin).start(
             &format!("nats-{region}"),
-            Command::new(&nats_bin).arg("-c").arg(&conf),
-            &log,
+            &rdir.join("nats.conf"),
+            &config,
         )?;
-        wait_port(&mut nats, port, &log)?;
-        procs.push(nats);
-        let nats_url = format!("nats://127.0.0.1:{port}");
+        let nats_url = nats.url();
+        procs.push(Proc::from(nats));
         // This region's global node first (a region beyond the third uses
         // the cluster as it comes).
         let mine: Vec<String> = (0..GLOBAL_NODES)
@@ -301,7 +249,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         let mut apis = Vec::new();
         for i in 0..args.jobmanagers {
             let id = format!("jm-{region}-{i}");
-            let api_port = free_port()?;
+            let api_port = try_free_port()?;
             let mut cmd = Command::new(&ferry);
             cmd.arg("jobmanager")
                 .envs(env.iter().cloned())
@@ -316,7 +264,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         let mut tms = Vec::new();
         for i in 0..args.taskmanagers {
             let id = format!("tm-{region}-{i}");
-            let http_port = free_port()?;
+            let http_port = try_free_port()?;
             let mut cmd = Command::new(&ferry);
             cmd.arg("taskmanager")
                 .envs(env.iter().cloned())

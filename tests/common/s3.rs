@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_testkit::free_port;
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 
@@ -23,15 +24,6 @@ const SECRET_KEY: &str = "ferry-test-secret";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long installing moto into the venv may take.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// A free loopback port (bound and released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
