@@ -12,6 +12,7 @@ use anyhow::Context;
 use ferry_core::spec::{JobSpec, parse_and_validate};
 use ferry_jobmanager::service::SubmitOptions;
 use ferry_jobmanager::{JobInfo, JobManager, JobManagerConfig, JobState};
+use ferry_taskmanager::sink::FileSink;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
@@ -285,12 +286,16 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
         eprintln!("  last checkpoint:   #{} at {}", cp.id, cp.path);
     }
     if let Some(out) = &info.output {
-        // Part files are counted for local output only (no listing of a bucket).
+        // Part files are counted for local output only (no listing of a
+        // bucket). By the job's whole part-file prefix: runs started within
+        // a minute share the short id, and counting by it also counted the
+        // other runs' files.
+        let prefix = FileSink::job_prefix(&info.id);
         match std::fs::read_dir(out) {
             Ok(dir) => {
                 let files = dir
                     .filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().contains(&info.id.short()))
+                    .filter(|e| FileSink::is_part_of(&prefix, &e.file_name().to_string_lossy()))
                     .count();
                 eprintln!("  output:            {out} ({files} part files of this run)");
             }
