@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_core::spec::{JobSpec, parse_and_validate};
+use ferry_core::storage::StorageLocation;
 use ferry_jobmanager::service::SubmitOptions;
 use ferry_jobmanager::{JobInfo, JobManager, JobManagerConfig, JobState};
 use ferry_taskmanager::sink::FileSink;
@@ -69,13 +70,13 @@ async fn run_async(
     spec: Option<JobSpec>,
     interactive: bool,
 ) -> anyhow::Result<ExitCode> {
-    // Absolute, so that every path printed can be used from anywhere.
-    let data_url = match std::path::Path::new(&args.data_dir) {
-        p if !args.data_dir.contains("://") && p.is_relative() => std::env::current_dir()?
-            .join(p)
-            .to_string_lossy()
-            .to_string(),
-        _ => args.data_dir.clone(),
+    // Absolute and without `.` segments (the default `./ferry-data` would
+    // print as `/home/me/./ferry-data/...`), so that every path printed can
+    // be used from anywhere.
+    let data_url = if args.data_dir.contains("://") {
+        args.data_dir.clone()
+    } else {
+        StorageLocation::parse(&args.data_dir)?.path
     };
     let jm = JobManager::new(JobManagerConfig {
         data_url,
