@@ -50,7 +50,11 @@ pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
                 Ok(s) => Some(s),
                 Err(errs) => {
                     eprintln!("{}: invalid job spec\n{errs}", f.display());
-                    eprintln!("(run `ferry validate {}` for details)", f.display());
+                    eprintln!(
+                        "(run `{} validate {}` for details)",
+                        crate::cmd::self_command(),
+                        crate::cmd::shell_quote(&f.display().to_string())
+                    );
                     return Ok(ExitCode::from(2));
                 }
             }
@@ -105,7 +109,8 @@ async fn run_async(
 
     let Some(spec) = spec else {
         eprintln!(
-            "local cluster ready; submit jobs with `ferry job submit FILE --url http://{addr}`; Ctrl-C stops"
+            "local cluster ready; submit jobs with `{} job submit FILE --url http://{addr}`; Ctrl-C stops",
+            crate::cmd::self_command()
         );
         tokio::signal::ctrl_c().await?;
         eprintln!("stopping: taking savepoints of running jobs...");
@@ -162,9 +167,12 @@ async fn run_async(
                         Ok((_, Some(sp))) => {
                             eprintln!("savepoint written to {}", sp.path);
                             eprintln!(
-                                "resume with: ferry local {} --from-savepoint {}",
-                                args.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default(),
-                                sp.path
+                                "resume with: {} local {} --from-savepoint {}",
+                                crate::cmd::self_command(),
+                                crate::cmd::shell_quote(
+                                    &args.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()
+                                ),
+                                crate::cmd::shell_quote(&sp.path)
                             );
                         }
                         Ok((_, None)) => {}
