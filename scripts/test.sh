@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of Ferry on a fresh machine: checks the toolchain, installs
 # what the tests need, then runs formatting and lint checks and the suite.
+# Every test binary runs even when one fails; at the end a summary lists
+# what failed and how many tests passed, and the exit code is non-zero if
+# anything failed.
 #
 #   scripts/test.sh            # everything
 #   scripts/test.sh --quick    # skip fmt/clippy
+#
+# It takes a while: a debug build of everything and the suite take about 15
+# minutes on 2 cores, plus the release build (another 13 or so) unless
+# `cargo run --release` or `cargo build --release` has already made it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,17 +87,101 @@ fi
 echo "==> $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1), $("$VENV/bin/hadolint" --version), $("$VENV/bin/promtool" --version 2>&1 | head -1)"
 
 echo "==> toolchain: $(cargo --version)"
+
+# Each step's outcome, for the summary; a failed step does not stop the
+# ones after it (only the tests need the build).
+steps=()
+failed=0
+step() { # NAME RESULT
+  steps+=("$(printf '  %-15s %s' "$1:" "$2")")
+}
+run_step() { # NAME COMMAND...
+  local name="$1"
+  shift
+  if "$@"; then
+    step "$name" ok
+  else
+    step "$name" FAILED
+    failed=1
+    return 1
+  fi
+}
+
 if [ "$quick" = 0 ]; then
   echo "==> cargo fmt --check"
-  cargo fmt --all -- --check
+  run_step fmt cargo fmt --all -- --check || true
   echo "==> cargo clippy"
-  cargo clippy --workspace --all-targets -- -D warnings
+  run_step clippy cargo clippy --workspace --all-targets -- -D warnings || true
 fi
-echo "==> cargo build (release binary for the examples and crash tests)"
-cargo build --workspace --all-targets
-echo "==> cargo test"
-cargo test --workspace --all-targets -- --test-threads "${FERRY_TEST_THREADS:-2}"
+echo "==> cargo build (debug build of every target: the ferry binary the integration tests run, and the test binaries)"
+if run_step build cargo build --workspace --all-targets; then
+  echo "==> cargo test (every test binary, even after a failure)"
+  test_log="$(mktemp "${TMPDIR:-/tmp}/ferry-test.XXXXXX.log")"
+  set +e
+  cargo test --workspace --all-targets --no-fail-fast -- --test-threads "${FERRY_TEST_THREADS:-2}" 2>&1 | tee "$test_log"
+  test_rc="${PIPESTATUS[0]}"
+  set -e
+  # Per test binary (cargo's "Running" line): its result line, and the
+  # tests it reported FAILED; a binary without a result line crashed.
+  test_summary="$(awk '
+    function finish() {
+      if (bin == "") return
+      if (!seen) { crashed++; bad[++nbad] = "    " bin ": no result (crashed or was killed)" }
+      else if (nf > 0) {
+        bad[++nbad] = "    " bin ": " nf " failed"
+        for (i = 1; i <= nf; i++) bad[++nbad] = "      - " names[i]
+      }
+      bin = ""
+    }
+    /^ *Running / {
+      finish()
+      desc = $0; sub(/^ *Running /, "", desc)
+      path = desc; sub(/^.*\(/, "", path); sub(/\)$/, "", path)
+      sub(/ \(.*$/, "", desc)
+      n = split(path, parts, "/"); exe = parts[n]; sub(/-[0-9a-f]+$/, "", exe)
+      bin = desc " (" exe ")"; bins++; seen = 0; nf = 0; delete names
+      next
+    }
+    /^test .* \.\.\. FAILED$/ { name = $0; sub(/^test /, "", name); sub(/ \.\.\. FAILED$/, "", name); names[++nf] = name; next }
+    /^test result: / {
+      seen = 1
+      for (i = 1; i <= NF; i++) {
+        if ($(i+1) ~ /^passed;?$/) passed += $i
+        if ($(i+1) ~ /^failed;?$/) failures += $i
+        if ($(i+1) ~ /^ignored;?$/) ignored += $i
+      }
+      next
+    }
+    END {
+      finish()
+      printf "%d passed, %d failed, %d ignored in %d test binaries", passed, failures, ignored, bins
+      if (crashed) printf ", %d crashed", crashed
+      printf "\n"
+      for (i = 1; i <= nbad; i++) print bad[i]
+    }
+  ' "$test_log")"
+  if [ "$test_rc" = 0 ]; then
+    step tests "$test_summary"
+  else
+    step tests "FAILED: $test_summary"
+    failed=1
+    if ! grep -q '^ *Running ' "$test_log"; then
+      steps+=("    no test ran: cargo test failed before running them (see the log)")
+    fi
+  fi
+  steps+=("    full output: $test_log")
+else
+  step tests "not run (the build failed)"
+fi
 # The container image's build step (deploy/docker/Dockerfile), so a change
 # that breaks the shipped build fails here first.
 echo "==> scripts/build-release.sh (the image's build step)"
-scripts/build-release.sh
+run_step "release build" scripts/build-release.sh || true
+
+echo "==> summary"
+printf '%s\n' "${steps[@]}"
+if [ "$failed" != 0 ]; then
+  echo "FAILED" >&2
+  exit 1
+fi
+echo "all passed"

@@ -34,8 +34,9 @@ enum Command {
     /// Inspect the region's JobManagers: leader, epoch, members.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
-    /// Cross-region tools: replicate checkpoints between regions' stores,
-    /// test-restore a store's checkpoints.
+    /// Cross-region operations: region health and replication lag (status),
+    /// moving the jobs to another region (failover, failback), copying and
+    /// test-restoring checkpoints between regions' stores (replicate, verify).
     #[command(subcommand)]
     Region(cmd::region::RegionCommand),
     /// Failover drills: fail over on purpose, measure RTO and RPO, pass or
@@ -48,7 +49,8 @@ enum Command {
     Sandbox(cmd::sandbox::SandboxArgs),
     /// Print the OpenAPI document of the REST API (served at /openapi.json).
     Openapi(cmd::openapi::OpenapiArgs),
-    /// Measure throughput (see docs/benchmarks.md).
+    /// Benchmarks: throughput, JobManager failover, region failover,
+    /// replication lag (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
 }
 

@@ -238,6 +238,39 @@ fn text_output_is_compiler_style_with_a_summary() {
     );
 }
 
+/// Whatever is wrong with `spec.parallelism` — not a number, negative, or
+/// out of range — the message states the same rule, at the field's path
+/// and line.
+#[test]
+fn parallelism_problems_state_one_rule() {
+    let specs = Specs::new();
+    for (value, message) in [
+        (
+            "lots",
+            "expected a whole number from 1 to 1024, found the text 'lots'",
+        ),
+        (
+            "-3",
+            "expected a whole number from 1 to 1024, found the number -3",
+        ),
+        ("0", "must be between 1 and 1024, found 0"),
+        ("5000", "must be between 1 and 1024, found 5000"),
+    ] {
+        let file = specs.write(
+            &format!("p{value}.yaml"),
+            with("parallelism: 2", &format!("parallelism: {value}")),
+        );
+        let out = validate(&file, false);
+        assert_eq!(out.status.code(), Some(2));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            stdout.lines().next(),
+            Some(format!("{}:6:16: spec.parallelism: {message}", file.display()).as_str()),
+            "parallelism: {value}"
+        );
+    }
+}
+
 #[test]
 fn valid_specs_pass_with_a_summary() {
     let specs = Specs::new();

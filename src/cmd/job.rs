@@ -64,6 +64,9 @@ pub enum Output {
 pub enum JobCommand {
     /// Submit a job spec file (YAML or JSON; `-` reads stdin).
     Submit {
+        /// The job spec to submit: a YAML or JSON file, or `-` for
+        /// standard input.
+        #[arg(value_name = "FILE")]
         file: PathBuf,
         #[command(flatten)]
         api: ApiArgs,

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_core::spec::{JobSpec, parse_and_validate};
+use ferry_core::storage::StorageLocation;
 use ferry_jobmanager::service::SubmitOptions;
 use ferry_jobmanager::{JobInfo, JobManager, JobManagerConfig, JobState};
+use ferry_taskmanager::sink::FileSink;
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
@@ -48,7 +50,11 @@ pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
                 Ok(s) => Some(s),
                 Err(errs) => {
                     eprintln!("{}: invalid job spec\n{errs}", f.display());
-                    eprintln!("(run `ferry validate {}` for details)", f.display());
+                    eprintln!(
+                        "(run `{} validate {}` for details)",
+                        crate::cmd::self_command(),
+                        crate::cmd::shell_quote(&f.display().to_string())
+                    );
                     return Ok(ExitCode::from(2));
                 }
             }
@@ -68,13 +74,13 @@ async fn run_async(
     spec: Option<JobSpec>,
     interactive: bool,
 ) -> anyhow::Result<ExitCode> {
-    // Absolute, so that every path printed can be used from anywhere.
-    let data_url = match std::path::Path::new(&args.data_dir) {
-        p if !args.data_dir.contains("://") && p.is_relative() => std::env::current_dir()?
-            .join(p)
-            .to_string_lossy()
-            .to_string(),
-        _ => args.data_dir.clone(),
+    // Absolute and without `.` segments (the default `./ferry-data` would
+    // print as `/home/me/./ferry-data/...`), so that every path printed can
+    // be used from anywhere.
+    let data_url = if args.data_dir.contains("://") {
+        args.data_dir.clone()
+    } else {
+        StorageLocation::parse(&args.data_dir)?.path
     };
     let jm = JobManager::new(JobManagerConfig {
         data_url,
@@ -103,7 +109,8 @@ async fn run_async(
 
     let Some(spec) = spec else {
         eprintln!(
-            "local cluster ready; submit jobs with `ferry job submit FILE --url http://{addr}`; Ctrl-C stops"
+            "local cluster ready; submit jobs with `{} job submit FILE --url http://{addr}`; Ctrl-C stops",
+            crate::cmd::self_command()
         );
         tokio::signal::ctrl_c().await?;
         eprintln!("stopping: taking savepoints of running jobs...");
@@ -160,9 +167,12 @@ async fn run_async(
                         Ok((_, Some(sp))) => {
                             eprintln!("savepoint written to {}", sp.path);
                             eprintln!(
-                                "resume with: ferry local {} --from-savepoint {}",
-                                args.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default(),
-                                sp.path
+                                "resume with: {} local {} --from-savepoint {}",
+                                crate::cmd::self_command(),
+                                crate::cmd::shell_quote(
+                                    &args.file.as_ref().map(|f| f.display().to_string()).unwrap_or_default()
+                                ),
+                                crate::cmd::shell_quote(&sp.path)
                             );
                         }
                         Ok((_, None)) => {}
@@ -285,12 +295,16 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
         eprintln!("  last checkpoint:   #{} at {}", cp.id, cp.path);
     }
     if let Some(out) = &info.output {
-        // Part files are counted for local output only (no listing of a bucket).
+        // Part files are counted for local output only (no listing of a
+        // bucket). By the job's whole part-file prefix: runs started within
+        // a minute share the short id, and counting by it also counted the
+        // other runs' files.
+        let prefix = FileSink::job_prefix(&info.id);
         match std::fs::read_dir(out) {
             Ok(dir) => {
                 let files = dir
                     .filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().contains(&info.id.short()))
+                    .filter(|e| FileSink::is_part_of(&prefix, &e.file_name().to_string_lossy()))
                     .count();
                 eprintln!("  output:            {out} ({files} part files of this run)");
             }

@@ -44,3 +44,48 @@ pub fn init_logging(format: &str, quiet_default: bool, service: &str) {
         .with(telemetry::layer(service))
         .try_init();
 }
+
+/// How to run this `ferry` again, as a user can type it: `ferry` when that
+/// name on `PATH` is this executable (after `cargo install --path .`),
+/// otherwise this executable's path (e.g. `/home/me/ferry/target/release/ferry`
+/// after `cargo run --release`), so a printed hint works when copy-pasted.
+pub fn self_command() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "ferry".to_string();
+    };
+    let exe_real = exe.canonicalize().unwrap_or_else(|_| exe.clone());
+    // The first `ferry` on PATH is what a shell runs.
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("ferry"))
+            .find(|p| p.is_file())
+    });
+    match on_path {
+        Some(p) if p.canonicalize().is_ok_and(|p| p == exe_real) => "ferry".to_string(),
+        _ => shell_quote(&exe.to_string_lossy()),
+    }
+}
+
+/// `s` as one shell word: unchanged when it needs no quoting, otherwise in
+/// single quotes.
+pub fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:=@,%".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_leaves_plain_words_alone() {
+        assert_eq!(shell_quote("/a/b-c_d.yaml"), "/a/b-c_d.yaml");
+        assert_eq!(shell_quote("my job.yaml"), "'my job.yaml'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+}

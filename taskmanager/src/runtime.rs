@@ -278,11 +278,7 @@ pub async fn deploy(
     restore: Option<&VerifiedCheckpoint>,
     job: &JobId,
 ) -> Result<DeployedJob, String> {
-    // The full id: short ids (the UUIDv7's leading time bits) repeat for
-    // jobs submitted within about a minute, and two jobs writing part files
-    // with the same names into one directory would lose output (a
-    // create-only commit takes an existing file for "already committed").
-    let part_prefix = job.to_string();
+    let part_prefix = FileSink::job_prefix(job);
     let p = plan.parallelism;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let cancel = CancellationToken::new();

@@ -60,8 +60,9 @@ pub struct Metadata {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobBody {
-    /// Number of parallel subtasks of every operator (default 1).
-    #[serde(default = "default_parallelism")]
+    /// Number of parallel subtasks of every operator, 1 to 1024 (default 1).
+    #[serde(default = "default_parallelism", deserialize_with = "de_parallelism")]
+    #[schemars(range(min = 1, max = 1024))]
     pub parallelism: u32,
     #[serde(default)]
     pub checkpointing: Checkpointing,
@@ -76,6 +77,32 @@ pub struct JobBody {
 
 fn default_parallelism() -> u32 {
     1
+}
+
+/// The largest `spec.parallelism` (checked by validation).
+pub const MAX_PARALLELISM: u32 = 1024;
+
+/// Reads `spec.parallelism` as any `u32`, saying what the field really
+/// takes when the value is not a whole number at all ("expected a whole
+/// number from 1 to 1024, found the text 'two'") instead of the type's
+/// range (0 to 4294967295). The range itself is checked by validation, with
+/// the value found ("must be between 1 and 1024, found 0").
+fn de_parallelism<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    use serde::de::{Error, Unexpected, Visitor};
+    struct Parallelism;
+    impl Visitor<'_> for Parallelism {
+        type Value = u32;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a whole number from 1 to {MAX_PARALLELISM}")
+        }
+        fn visit_u64<E: Error>(self, n: u64) -> Result<u32, E> {
+            u32::try_from(n).map_err(|_| E::invalid_value(Unexpected::Unsigned(n), &self))
+        }
+        fn visit_i64<E: Error>(self, n: i64) -> Result<u32, E> {
+            u32::try_from(n).map_err(|_| E::invalid_value(Unexpected::Signed(n), &self))
+        }
+    }
+    d.deserialize_u32(Parallelism)
 }
 
 /// Periodic, aligned checkpoints.

@@ -9,8 +9,8 @@ use indexmap::IndexMap;
 use crate::schema::Schema;
 use crate::spec::expr::check_expr;
 use crate::spec::{
-    API_VERSION, GeneratorField, JobSpec, KIND_JOB, OperatorSpec, RestartStrategy, SinkSpec,
-    SourceSpec, nats,
+    API_VERSION, GeneratorField, JobSpec, KIND_JOB, MAX_PARALLELISM, OperatorSpec, RestartStrategy,
+    SinkSpec, SourceSpec, nats,
 };
 use crate::value::DataType;
 
@@ -176,10 +176,13 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         push("metadata.name", m);
     }
     let body = &spec.spec;
-    if body.parallelism == 0 || body.parallelism > 1024 {
+    if body.parallelism == 0 || body.parallelism > MAX_PARALLELISM {
         push(
             "spec.parallelism",
-            format!("must be between 1 and 1024, found {}", body.parallelism),
+            format!(
+                "must be between 1 and {MAX_PARALLELISM}, found {}",
+                body.parallelism
+            ),
         );
     }
     let cp = &body.checkpointing;

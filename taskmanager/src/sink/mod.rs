@@ -18,9 +18,9 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use ferry_core::CheckpointId;
 use ferry_core::manifest::SinkTransaction;
 use ferry_core::storage::StorageLocation;
+use ferry_core::{CheckpointId, JobId};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
@@ -171,7 +171,7 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// `prefix` makes part names unique per job (the job id's short form).
+    /// `prefix` makes part names unique per job ([`Self::job_prefix`]).
     pub fn new(out: StorageLocation, prefix: &str, subtask: u32) -> Self {
         Self {
             out,
@@ -183,9 +183,32 @@ impl FileSink {
         }
     }
 
+    /// The part-file prefix of a job: its full id. Short ids (the UUIDv7's
+    /// leading time bits) repeat for jobs submitted within about a minute,
+    /// and two jobs writing part files with the same names into one
+    /// directory would lose output (a create-only commit takes an existing
+    /// file for "already committed").
+    pub fn job_prefix(job: &JobId) -> String {
+        job.to_string()
+    }
+
     /// Deterministic part-file name of a transaction.
     pub fn part_name(prefix: &str, subtask: u32, cp: CheckpointId) -> String {
         format!("part-{prefix}-{subtask:04}-{:08}.jsonl", cp.0)
+    }
+
+    /// Whether `name` is a committed part file of the job with part-file
+    /// prefix `prefix` (any subtask and checkpoint): exactly the names
+    /// [`Self::part_name`] makes, not another job's and not the staging file
+    /// (`<part>#<n>`) a crash can leave behind.
+    pub fn is_part_of(prefix: &str, name: &str) -> bool {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        name.strip_prefix("part-")
+            .and_then(|r| r.strip_prefix(prefix))
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_suffix(".jsonl"))
+            .and_then(|r| r.split_once('-'))
+            .is_some_and(|(subtask, cp)| digits(subtask) && digits(cp))
     }
 
     fn write(&mut self, batch: &Batch) {
@@ -391,6 +414,23 @@ mod tests {
         );
         let one = std::fs::read_to_string(dir.path().join("part-job-0001-00000001.jsonl")).unwrap();
         assert_eq!(one, "{\"n\":3}\n");
+    }
+
+    /// Part files are told apart by the whole job prefix: another job's
+    /// files (even one whose id starts the same) and staging files are not
+    /// the job's.
+    #[test]
+    fn part_files_belong_to_exactly_one_job() {
+        let a = "0195a3b4c5d67e8f9a0b1c2d3e4f5a6b";
+        let b = "0195a3b4ffffffffffffffffffffffff";
+        let name = FileSink::part_name(a, 3, CheckpointId(12));
+        assert_eq!(name, format!("part-{a}-0003-00000012.jsonl"));
+        assert!(FileSink::is_part_of(a, &name));
+        assert!(!FileSink::is_part_of(b, &name));
+        assert!(!FileSink::is_part_of(&a[..8], &name));
+        assert!(!FileSink::is_part_of(a, &format!("{name}#1")));
+        assert!(!FileSink::is_part_of(a, &format!("part-{a}-0003.jsonl")));
+        assert!(!FileSink::is_part_of(a, "README.md"));
     }
 
     /// An intermediate savepoint keeps the open transaction open: its records

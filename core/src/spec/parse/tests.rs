@@ -99,6 +99,22 @@ fn wrong_type() {
         6,
     );
     assert!(m.contains("whole number") && m.contains("'two'"), "{m}");
+    // The field's own rule, as validation states it, not u32's range.
+    assert_eq!(
+        m,
+        "expected a whole number from 1 to 1024, found the text 'two'"
+    );
+    for bad in ["-1", "2.5", "99999999999"] {
+        let m = only(
+            &with("parallelism: 2", &format!("parallelism: {bad}")),
+            "spec.parallelism",
+            6,
+        );
+        assert!(
+            m.starts_with("expected a whole number from 1 to 1024, found the number"),
+            "{bad}: {m}"
+        );
+    }
 }
 
 #[test]
