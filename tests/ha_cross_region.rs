@@ -844,7 +844,10 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over(
         "{last_old} vs promotion at {}",
         promoted.1
     );
-    assert!(east.log("jm-east").contains("cannot renew the region lease"));
+    assert!(
+        east.log("jm-east")
+            .contains("cannot renew the region lease")
+    );
     west.wait_finished(0, &job, &east, "jm-west").await;
     east.check_output();
     // West's checkpoints after the takeover carry the new epoch only.

@@ -70,7 +70,6 @@ pub(crate) struct Seen {
     pub primary: Option<String>,
     pub epoch: RegionEpoch,
     pub views: Vec<RegionView>,
-    pub reachable: bool,
 }
 
 /// One JobManager's region coordinator.
@@ -116,7 +115,6 @@ impl Coordinator {
                 primary: None,
                 epoch: RegionEpoch::NONE,
                 views: Vec::new(),
-                reachable: false,
             }),
             s,
             jobs,
@@ -296,15 +294,10 @@ impl Coordinator {
                 None
             }
         };
-        let reachable = self.health().reachable();
-        if let Some(v) = &views {
-            self.jobs.report(RegionEvent::Health(v));
-        }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = views {
-            seen.views = v;
+            self.jobs.report(RegionEvent::Health(&v));
+            self.seen.lock().unwrap_or_else(|p| p.into_inner()).views = v;
         }
-        seen.reachable = reachable;
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -436,7 +429,9 @@ impl Coordinator {
             primary: seen.primary,
             epoch: seen.epoch,
             home: self.s.home.clone(),
-            global_reachable: Some(seen.reachable),
+            // Computed now, not at the last tick: a tick cut off from the
+            // global KV takes several bounded waits.
+            global_reachable: Some(self.health().reachable()),
             regions: seen.views,
             standbys: self.replicator.status(),
             verified: self.verifier.status(),

@@ -203,6 +203,69 @@ impl NatsCluster {
         })
     }
 
+    /// Starts an `n`-node cluster whose node 0 can be cut off from the
+    /// others ([`Partition::cut`]): every route connection to or from node
+    /// 0 goes through a proxy, so the cut leaves node 0 alone — still
+    /// answering its clients, without a quorum — while the other nodes
+    /// keep theirs. Nodes 1.. start first and route to each other
+    /// directly; node 0 joins last through the proxies, and every node
+    /// advertises (gossips) only a proxied route address, so no route to
+    /// node 0 can bypass them. Clients are not told other nodes' URLs
+    /// (`no_advertise`): a client given node 0 reaches only node 0.
+    pub async fn start_partitionable(n: usize) -> (Self, Partition) {
+        assert!(n >= 3, "a partition needs a majority on the other side");
+        let starter = nats_starter();
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        // proxies[j]: to node j's route port (j = 0: used by nodes 1..;
+        // j > 0: used by node 0 and advertised by node j).
+        let mut proxies = Vec::new();
+        for (_, cport) in &ports {
+            proxies.push(FaultProxy::start(*cport).await);
+        }
+        let route = |p: u16| format!("nats-route://127.0.0.1:{p}");
+        let mut nodes: Vec<Option<NatsServer>> = (0..n).map(|_| None).collect();
+        for i in (1..n).chain(std::iter::once(0)) {
+            let (port, cport) = ports[i];
+            let name = format!("n{i}");
+            let routes: Vec<String> = if i == 0 {
+                proxies[1..].iter().map(|p| route(p.port)).collect()
+            } else {
+                ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != 0 && *j != i)
+                    .map(|(_, (_, c))| route(*c))
+                    .collect()
+            };
+            let config = NatsConfig {
+                server_name: Some(name.clone()),
+                cluster: Some(nats::ClusterConfig {
+                    name: "ferry-test".into(),
+                    port: cport,
+                    routes,
+                    advertise: Some(format!("127.0.0.1:{}", proxies[i].port)),
+                    // Clients reach only the nodes they are given.
+                    no_advertise: true,
+                }),
+                ..NatsConfig::new(port, dir.path().join(&name))
+            };
+            let process = starter
+                .start(&name, &dir.path().join(format!("{name}.conf")), &config)
+                .unwrap_or_else(|e| panic!("the partitionable NATS cluster: {e}"));
+            nodes[i] = Some(NatsServer {
+                port: process.port,
+                process,
+                _dir: None,
+            });
+        }
+        let cluster = Self {
+            nodes: nodes.into_iter().map(|n| n.expect("started")).collect(),
+            _dir: dir,
+        };
+        (cluster, Partition { proxies })
+    }
+
     /// Every node's client URL, comma-separated.
     pub fn urls(&self) -> String {
         self.nodes
@@ -210,6 +273,28 @@ impl NatsCluster {
             .map(|n| n.url())
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// The proxies every route to or from node 0 of a
+/// [`NatsCluster::start_partitionable`] cluster goes through.
+pub struct Partition {
+    proxies: Vec<FaultProxy>,
+}
+
+impl Partition {
+    /// Node 0 loses every route to the other nodes (its clients keep it).
+    pub fn cut(&self) {
+        for p in &self.proxies {
+            p.cut();
+        }
+    }
+
+    /// Routes to and from node 0 work again.
+    pub fn heal(&self) {
+        for p in &self.proxies {
+            p.heal();
+        }
     }
 }
 

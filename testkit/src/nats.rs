@@ -48,6 +48,12 @@ pub struct ClusterConfig {
     pub port: u16,
     /// Every node's route URL (`nats-route://127.0.0.1:<port>`).
     pub routes: Vec<String>,
+    /// The route address other nodes learn for this one (`host:port`;
+    /// `None`: its listen address).
+    pub advertise: Option<String>,
+    /// Do not tell clients the other nodes' client URLs: a client reaches
+    /// only the servers it was given.
+    pub no_advertise: bool,
 }
 
 /// One server's configuration: clients on `127.0.0.1:<port>`, JetStream
@@ -89,8 +95,16 @@ impl NatsConfig {
             self.sync_interval
         ));
         if let Some(cl) = &self.cluster {
+            let mut advertise = cl
+                .advertise
+                .as_ref()
+                .map(|a| format!("  advertise: {a}\n"))
+                .unwrap_or_default();
+            if cl.no_advertise {
+                advertise.push_str("  no_advertise: true\n");
+            }
             c.push_str(&format!(
-                "cluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                "cluster {{\n  name: {}\n  listen: 127.0.0.1:{}\n{advertise}  routes: [{}]\n}}\n",
                 cl.name,
                 cl.port,
                 cl.routes.join(", ")
@@ -181,6 +195,8 @@ impl NatsStarter {
                     name: cluster.to_string(),
                     port: *cport,
                     routes: routes.clone(),
+                    advertise: None,
+                    no_advertise: false,
                 }),
                 ..NatsConfig::new(*port, dir.join(&name))
             };
@@ -333,6 +349,8 @@ mod tests {
                     "nats-route://127.0.0.1:6222".into(),
                     "nats-route://127.0.0.1:6223".into(),
                 ],
+                advertise: None,
+                no_advertise: false,
             }),
             ..NatsConfig::new(4222, PathBuf::from("/d/global-0"))
         };
