@@ -531,3 +531,67 @@ async fn a_finished_job_stays_finished_through_three_failovers() {
     }
     east.check_output();
 }
+
+/// The standby holds the primary's newest checkpoints only partly — their
+/// files but not their manifests, as when the primary dies mid-copy — so
+/// the failover restores an older checkpoint than the primary had
+/// committed, and the primary's part files beyond it are in the shared
+/// output directory. The promoted standby commits none of their rows
+/// again: the output is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_behind_committed_output_does_not_repeat_it() {
+    let nats = NatsServer::start();
+    let global = NatsCluster::start(3);
+    let mut rs = regions(&nats.url(), &global, &["east", "west"]);
+    rs[0].rate = 20_000;
+    // 5 s windows: nearly every checkpoint commits output.
+    rs[0].window_ms = 5_000;
+    start_regions(&mut rs).await;
+    let [east, west] = &mut rs[..] else {
+        unreachable!()
+    };
+    wait_lease(east).await;
+    let job = east.running_job(0).await;
+    let start = Instant::now();
+    while manifests(&west.storage(), &job).len() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(30), "not replicated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    east.jms[0].signal(libc::SIGKILL);
+    east.tms[0].signal(libc::SIGKILL);
+    // West got the files of its two newest checkpoints but not their
+    // manifests.
+    let copies = manifests(&west.storage(), &job);
+    let (older, lost) = copies.split_at(copies.len() - 2);
+    for m in lost {
+        let n = m["checkpoint_id"].as_u64().unwrap();
+        let dir = west.storage().join(format!("jobs/{job}/checkpoints/{n}"));
+        std::fs::remove_file(dir.join("MANIFEST.json")).unwrap();
+    }
+    let restore_point = older.last().unwrap()["checkpoint_id"].as_u64().unwrap();
+    // East had committed output beyond that point.
+    let beyond: Vec<String> = std::fs::read_dir(east.out())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| {
+            n.strip_suffix(".jsonl")
+                .and_then(|n| n.rsplit('-').next())
+                .and_then(|cp| cp.parse::<u64>().ok())
+                .is_some_and(|cp| cp > restore_point)
+        })
+        .collect();
+    assert!(
+        !beyond.is_empty(),
+        "east committed nothing beyond checkpoint {restore_point}: the scenario did not happen"
+    );
+    wait_primary(west, 0, "west", Duration::from_secs(30)).await;
+    west.wait_finished(0, &job, east, "jm-west").await;
+    east.check_output();
+    let log = west.log("jm-west") + &west.log("tm-west");
+    assert!(
+        log.contains("no MANIFEST.json"),
+        "west restored an older checkpoint:\n{log}"
+    );
+    assert!(log.contains("are held back"), "{log}");
+}

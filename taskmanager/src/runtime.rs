@@ -371,8 +371,11 @@ pub async fn deploy(
                     _ => Sink::Blackhole,
                 };
                 let parts = parts_of(restore, SINK_STATE);
+                let restored = restore
+                    .map(|cp| cp.manifest.checkpoint_id)
+                    .unwrap_or_default();
                 let out = sink
-                    .restore(&parts, j, p)
+                    .restore(&parts, j, p, restored)
                     .await
                     .map_err(|e| format!("restoring the sink failed: {e}"))?;
                 m.records_out

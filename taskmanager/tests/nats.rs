@@ -313,7 +313,7 @@ async fn sink_publishes_at_commit_and_a_restore_does_not_repeat_it() {
     assert_eq!(messages(&js, "OUT").await, expected_messages(&job));
     let out = open_sink(&nats, &job)
         .await
-        .restore(&[(0, state)], 0, 1)
+        .restore(&[(0, state)], 0, 1, CheckpointId(7))
         .await
         .unwrap();
     assert_eq!(out, 3);
@@ -341,7 +341,7 @@ async fn a_transaction_cut_short_by_a_crash_is_completed_without_duplicates() {
     }
     open_sink(&nats, &job)
         .await
-        .restore(&[(0, state)], 0, 1)
+        .restore(&[(0, state)], 0, 1, CheckpointId(7))
         .await
         .unwrap();
     assert_eq!(messages(&js, "OUT").await, expected_messages(&job));
@@ -382,7 +382,7 @@ async fn a_restore_after_the_duplicate_window_does_not_repeat_a_transaction() {
 
     open_sink(&nats, &job)
         .await
-        .restore(&[(0, state)], 0, 1)
+        .restore(&[(0, state)], 0, 1, CheckpointId(7))
         .await
         .unwrap();
     let out: Vec<_> = messages(&js, "OUT")

@@ -93,6 +93,9 @@ pub struct Region {
     /// Records per second of the test job (the output does not depend on
     /// it; a lower rate runs the job longer).
     pub rate: u32,
+    /// Window size of the test job in ms (default one minute; a smaller
+    /// one makes nearly every checkpoint commit output).
+    pub window_ms: i64,
 }
 
 impl Region {
@@ -109,6 +112,7 @@ impl Region {
             replicas: "1",
             env: Vec::new(),
             rate: 100_000,
+            window_ms: 60_000,
         }
     }
 
@@ -308,8 +312,8 @@ impl Region {
 
     /// Submits the test job through `jm` and returns its id.
     pub async fn submit(&self, jm: &Jm) -> (String, reqwest::header::HeaderMap) {
-        let spec = SPEC
-            .replace("OUT", &self.out().display().to_string())
+        let spec = self
+            .spec()
             .replace("rate: 100000", &format!("rate: {}", self.rate));
         let r = self
             .http
@@ -394,11 +398,16 @@ impl Region {
         }
     }
 
+    /// The test job's spec as this region submits it.
+    pub fn spec(&self) -> String {
+        SPEC.replace("OUT", &self.out().display().to_string())
+            .replace("tumbling: 1m", &format!("tumbling: {}ms", self.window_ms))
+    }
+
     /// Checks the committed output against the generator model.
     pub fn check_output(&self) {
-        let spec_text = SPEC.replace("OUT", &self.out().display().to_string());
-        let w = ferry_core::spec::parse_and_validate(&spec_text).unwrap();
-        let expected = expected_counts(&generator(&w), TOTAL, 0, 60_000);
+        let w = ferry_core::spec::parse_and_validate(&self.spec()).unwrap();
+        let expected = expected_counts(&generator(&w), TOTAL, 0, self.window_ms);
         let got = count_rows(&read_rows(&self.out()), "user", "clicks");
         assert_eq!(stray_files(&self.out()), Vec::<String>::new());
         assert_eq!(
