@@ -84,7 +84,35 @@ if [ ! -x "$VENV/bin/promtool" ]; then
   install -m 0755 "$pkgdir/usr/bin/promtool" "$VENV/bin/promtool"
   rm -rf "$pkgdir"
 fi
-echo "==> $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1), $("$VENV/bin/hadolint" --version), $("$VENV/bin/promtool" --version 2>&1 | head -1)"
+# libfaketime (the clock-skew failover test runs a JobManager whose wall
+# clock is off by 10 s): Debian's libfaketime package, its preload
+# libraries extracted into the venv, nothing installed system-wide.
+FAKETIME_DIR="$VENV/lib/faketime"
+if [ ! -f "$FAKETIME_DIR/libfaketimeMT.so.1" ]; then
+  echo "==> extracting libfaketime from Debian's libfaketime package into $FAKETIME_DIR"
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: libfaketime missing and apt-get not available; put libfaketimeMT.so.1 into $FAKETIME_DIR" >&2
+    exit 1
+  fi
+  pkgdir="$(mktemp -d)"
+  if ! (cd "$pkgdir" && apt-get download libfaketime >/dev/null 2>&1); then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq
+      (cd "$pkgdir" && apt-get download libfaketime >/dev/null 2>&1)
+    else
+      echo "error: 'apt-get download libfaketime' failed; run 'sudo apt-get update' once and retry" >&2
+      exit 1
+    fi
+  fi
+  dpkg-deb -x "$pkgdir"/libfaketime_*.deb "$pkgdir/x"
+  mkdir -p "$FAKETIME_DIR"
+  cp "$pkgdir"/x/usr/lib/*/faketime/libfaketime*.so.1 "$FAKETIME_DIR/"
+  rm -rf "$pkgdir"
+fi
+FERRY_LIBFAKETIME="$FAKETIME_DIR/libfaketimeMT.so.1"
+export FERRY_LIBFAKETIME
+
+echo "==> $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1), $("$VENV/bin/hadolint" --version), $("$VENV/bin/promtool" --version 2>&1 | head -1), libfaketime
 
 echo "==> toolchain: $(cargo --version)"
 

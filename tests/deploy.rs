@@ -288,7 +288,7 @@ fn nats_values_sync_every_write_and_the_global_cluster_spans_every_region() {
         assert_eq!(v["config"]["jetstream"]["enabled"], true, "{name}");
         assert_eq!(
             v["config"]["jetstream"]["merge"]["sync_interval"], "always",
-            "{name}: JetStream must fsync before acknowledging (INFRA-NOTES: Jepsen)"
+            "{name}: JetStream must fsync before acknowledging (Jepsen lost acknowledged writes without it)"
         );
         assert_eq!(v["config"]["cluster"]["enabled"], true, "{name}");
     }

@@ -2,7 +2,9 @@
 //!
 //! Revisions are the stream sequence, so they keep growing across deletes
 //! and expiry: an acquisition revision is a monotonic fencing epoch. Run the
-//! servers with `jetstream { sync_interval: always }` (see INFRA-NOTES.md).
+//! servers with `jetstream { sync_interval: always }`: JetStream acknowledges
+//! writes before they reach the disk otherwise, and Jepsen (NATS 2.12.1)
+//! lost acknowledged writes and saw split brain after crashes that way.
 
 use std::time::{Duration, SystemTime};
 

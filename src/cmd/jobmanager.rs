@@ -259,6 +259,15 @@ async fn start_regions(
         })));
     }
     let timeout = cfg.regions.timeout.get();
+    let interval = cfg.regions.health_check_interval.get();
+    if timeout / 2 <= cfg.ha.lease_ttl.get() + interval {
+        tracing::warn!(
+            "half of regions.timeout ({}) is not above ha.leaseTtl ({}) plus regions.healthCheckInterval ({}): an in-region JobManager failover in the primary takes longer than its TaskManagers' region fence lasts, so their tasks restart from checkpoints instead of being adopted; raise regions.timeout",
+            cfg.regions.timeout,
+            cfg.ha.lease_ttl,
+            cfg.regions.health_check_interval
+        );
+    }
     let bucket = g.bucket.clone().unwrap_or_else(|| "ferry-global".into());
     // Heartbeats and probes expire; the lease and the drill hold live in a
     // bucket of their own whose keys never expire.
@@ -287,7 +296,7 @@ async fn start_regions(
             api_url: api_url.to_string(),
             home: cfg.regions.primary.clone(),
             stores,
-            interval: cfg.regions.health_check_interval.get(),
+            interval,
             timeout,
             auto_failover: cfg.regions.auto_failover,
             webhook: cfg.regions.webhook.clone(),
