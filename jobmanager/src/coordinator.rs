@@ -16,7 +16,8 @@ use chrono::Utc;
 use ferry_core::CheckpointId;
 use ferry_core::manifest::{
     MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint, checkpoint_dir, find_restorable,
-    list_checkpoint_ids, read_verified, savepoint_dir, write_manifest,
+    list_checkpoint_ids, read_verified, savepoint_number, savepoints_root, snapshot_dir,
+    write_manifest,
 };
 use ferry_core::storage::StorageLocation;
 use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskError, TaskEvent};
@@ -317,11 +318,11 @@ fn restored_dir(job: &JobEntry, cp: &VerifiedCheckpoint, from: &RestoreFrom) -> 
     {
         return l;
     }
-    let n = cp.manifest.checkpoint_id;
-    job.root.child(&match cp.manifest.kind {
-        SnapshotKind::Checkpoint => checkpoint_dir(&job.id, n),
-        SnapshotKind::Savepoint => savepoint_dir(&job.id, &format!("savepoint-{n}")),
-    })
+    job.root.child(&snapshot_dir(
+        &job.id,
+        cp.manifest.kind,
+        cp.manifest.checkpoint_id,
+    ))
 }
 
 /// How long a new leader waits for every TaskManager's registration before
@@ -512,10 +513,9 @@ async fn next_checkpoint_id(
         .map(|c| c.manifest.checkpoint_id)
         .unwrap_or_default();
     let mut sp_high = CheckpointId(0);
-    let sp_root = format!("{}/savepoints", ferry_core::manifest::job_dir(&job.id));
-    for name in job.root.list_dirs(&sp_root).await? {
-        if let Some(n) = name.strip_prefix("savepoint-").and_then(|n| n.parse().ok()) {
-            sp_high = sp_high.max(CheckpointId(n));
+    for name in job.root.list_dirs(&savepoints_root(&job.id)).await? {
+        if let Some(n) = savepoint_number(&name) {
+            sp_high = sp_high.max(n);
         }
     }
     Ok(highest.max(restored).max(sp_high).next())
@@ -727,16 +727,12 @@ fn trigger(
 ) -> Option<Pending> {
     let id = *next_id;
     *next_id = id.next();
-    let rel = match kind {
-        SnapshotKind::Checkpoint => checkpoint_dir(&job.id, id),
-        SnapshotKind::Savepoint => savepoint_dir(&job.id, &format!("savepoint-{id}")),
-    };
     let barrier = Barrier {
         id,
         kind,
         close_txn,
         stop,
-        dir: job.root.child(&rel),
+        dir: job.root.child(&snapshot_dir(&job.id, kind, id)),
     };
     let span = tracing::info_span!(
         "checkpoint",
@@ -866,12 +862,7 @@ async fn complete_checkpoint(
     let _ = job.completed.send(crate::service::CompletedCheckpoint {
         job: job.id,
         root: job.root.clone(),
-        dir: match p.barrier.kind {
-            SnapshotKind::Checkpoint => checkpoint_dir(&job.id, p.barrier.id),
-            SnapshotKind::Savepoint => {
-                savepoint_dir(&job.id, &format!("savepoint-{}", p.barrier.id))
-            }
-        },
+        dir: snapshot_dir(&job.id, p.barrier.kind, p.barrier.id),
         checkpoint: p.barrier.id.0,
         savepoint: p.barrier.kind == SnapshotKind::Savepoint,
         completed_at: manifest.created_at,

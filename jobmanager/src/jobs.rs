@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use ferry_core::JobId;
 use ferry_core::manifest::{
     MANIFEST_FILE, Manifest, checkpoints_root, find_restorable, job_dir, list_checkpoint_ids,
+    savepoint_dir, savepoints_root,
 };
 use ferry_core::spec::{JobSpec, SinkSpec};
 use ferry_core::storage::StorageLocation;
@@ -942,9 +943,8 @@ impl JobManager {
             .into_iter()
             .map(|cp| ferry_core::manifest::checkpoint_dir(&job.id, cp))
             .collect();
-        let sp_root = format!("{}/savepoints", job_dir(&job.id));
-        for name in job.root.list_dirs(&sp_root).await? {
-            dirs.push(format!("{sp_root}/{name}"));
+        for name in job.root.list_dirs(&savepoints_root(&job.id)).await? {
+            dirs.push(savepoint_dir(&job.id, &name));
         }
         let mut out = Vec::new();
         for rel in dirs {
