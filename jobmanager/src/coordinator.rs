@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deployment::{Deployment, RemoteDeployment};
 use crate::error::JmError;
-use crate::jobs::{JobEntry, manifest_info};
+use crate::jobs::JobEntry;
 use crate::metrics::{JobLabels, Metrics};
+use crate::model::{CompletedCheckpoint, SavepointInfo, SubmitOptions, manifest_info};
 use crate::restart::{Decision, RestartPolicy};
-use crate::service::{SavepointInfo, SubmitOptions};
 use crate::state::JobState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -174,7 +174,7 @@ pub(crate) async fn drive(
                     st.placement = deployed.location();
                     if let Some(cp) = &restored {
                         tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
-                        st.last_checkpoint = Some(crate::jobs::manifest_info(
+                        st.last_checkpoint = Some(manifest_info(
                             &cp.manifest,
                             &restored_dir(&job, cp, &restore_from),
                         ));
@@ -859,7 +859,7 @@ async fn complete_checkpoint(
         .get_or_create(&labels)
         .set(Utc::now().timestamp());
     let info = manifest_info(&manifest, &p.barrier.dir);
-    let _ = job.completed.send(crate::service::CompletedCheckpoint {
+    let _ = job.completed.send(CompletedCheckpoint {
         job: job.id,
         root: job.root.clone(),
         dir: snapshot_dir(&job.id, p.barrier.kind, p.barrier.id),

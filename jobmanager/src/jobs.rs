@@ -23,9 +23,10 @@ use crate::deployment::LiveCounters;
 use crate::error::JmError;
 use crate::leadership::Leadership;
 use crate::metrics::{Metrics, StateLabels};
-use crate::service::{
-    CheckpointInfo, JobInfo, JobManager, JobManagerConfig, SavepointInfo, SubmitOptions,
+use crate::model::{
+    CheckpointInfo, JobInfo, JobManagerConfig, SavepointInfo, SubmitOptions, manifest_info,
 };
+use crate::service::JobManager;
 use crate::state::JobState;
 
 /// Name of the spec file in a job's directory.
@@ -73,11 +74,11 @@ pub(crate) struct Inner {
     /// How long this region may still commit checkpoints.
     pub(crate) region_fence: Arc<RegionFence>,
     /// What `POST /v1/regions/{name}/failover` runs.
-    pub(crate) region_control: std::sync::OnceLock<crate::service::RegionControl>,
+    pub(crate) region_control: std::sync::OnceLock<crate::model::RegionControl>,
     /// What `/v1/regions` reports (set when replicating to other regions).
-    pub(crate) regions_view: std::sync::OnceLock<crate::service::RegionsView>,
+    pub(crate) regions_view: std::sync::OnceLock<crate::model::RegionsView>,
     /// Announces completed checkpoints (see `subscribe_completed`).
-    pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
+    pub(crate) completed: tokio::sync::broadcast::Sender<crate::model::CompletedCheckpoint>,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
 }
@@ -160,7 +161,7 @@ pub(crate) struct JobEntry {
     metrics: Arc<Metrics>,
     pub(crate) leadership: Arc<Leadership>,
     pub(crate) taskmanagers: Option<Arc<crate::taskmanagers::TaskManagers>>,
-    pub(crate) completed: tokio::sync::broadcast::Sender<crate::service::CompletedCheckpoint>,
+    pub(crate) completed: tokio::sync::broadcast::Sender<crate::model::CompletedCheckpoint>,
     /// The region is being demoted: stop tasks when abandoning.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch manifests record.
@@ -452,28 +453,6 @@ async fn status_writer(job: Arc<JobEntry>, store: StorageLocation, instance: Str
             return;
         }
     }
-}
-
-fn checkpoint_info(m: &Manifest, url: &str) -> CheckpointInfo {
-    CheckpointInfo {
-        id: m.checkpoint_id.0,
-        kind: match m.kind {
-            ferry_core::manifest::SnapshotKind::Checkpoint => "checkpoint".into(),
-            ferry_core::manifest::SnapshotKind::Savepoint => "savepoint".into(),
-        },
-        completed_at: m.created_at,
-        duration_ms: m.duration_ms,
-        size_bytes: m.total_size(),
-        watermark: (m.watermark != i64::MIN).then(|| format_ts(m.watermark)),
-        records_in: m.records_in,
-        records_out: m.records_out,
-        path: url.to_string(),
-        finished: m.finished,
-    }
-}
-
-pub(crate) fn manifest_info(m: &Manifest, dir: &StorageLocation) -> CheckpointInfo {
-    checkpoint_info(m, dir.url())
 }
 
 impl Inner {

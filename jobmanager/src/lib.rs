@@ -12,13 +12,13 @@ pub mod ha;
 pub mod jobs;
 pub mod leadership;
 pub mod metrics;
+pub mod model;
 pub mod restart;
 pub mod service;
 pub mod state;
 pub mod taskmanagers;
 
 pub use error::JmError;
-pub use service::{
-    CheckpointInfo, CompletedCheckpoint, JobInfo, JobManager, JobManagerConfig, SavepointInfo,
-};
+pub use model::{CheckpointInfo, CompletedCheckpoint, JobInfo, JobManagerConfig, SavepointInfo};
+pub use service::JobManager;
 pub use state::JobState;
