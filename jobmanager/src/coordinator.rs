@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deployment::{Deployment, RemoteDeployment};
 use crate::error::JmError;
-use crate::jobs::JobEntry;
+use crate::job::{JobCommand, JobEntry};
 use crate::metrics::{JobLabels, Metrics};
 use crate::model::{CompletedCheckpoint, SavepointInfo, SubmitOptions, manifest_info};
 use crate::restart::{Decision, RestartPolicy};
@@ -35,15 +35,6 @@ use crate::state::JobState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tracing::Instrument;
-
-/// Requests from the API to a job's driver.
-pub(crate) enum JobCommand {
-    Savepoint(oneshot::Sender<Result<SavepointInfo, JmError>>),
-    Stop {
-        savepoint: bool,
-        reply: oneshot::Sender<Result<Option<SavepointInfo>, JmError>>,
-    },
-}
 
 /// How one deployment of a job ended.
 enum Outcome {

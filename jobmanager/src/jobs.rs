@@ -8,21 +8,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use chrono::{DateTime, Utc};
 use ferry_core::JobId;
 use ferry_core::manifest::{
-    MANIFEST_FILE, Manifest, checkpoints_root, find_restorable, job_dir, list_checkpoint_ids,
-    savepoint_dir, savepoints_root,
+    MANIFEST_FILE, Manifest, find_restorable, job_dir, list_checkpoint_ids, savepoint_dir,
+    savepoints_root,
 };
-use ferry_core::spec::{JobSpec, SinkSpec};
+use ferry_core::spec::JobSpec;
 use ferry_core::storage::StorageLocation;
-use ferry_core::value::format_ts;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::coordinator::{JobCommand, drive};
-use crate::deployment::LiveCounters;
+use crate::coordinator::drive;
 use crate::error::JmError;
-use crate::leadership::Leadership;
-use crate::metrics::{Metrics, StateLabels};
+use crate::job::{JobCommand, JobEntry, Status};
+use crate::leadership::{Leadership, RegionFence};
+use crate::metrics::Metrics;
 use crate::model::{
     CheckpointInfo, JobInfo, JobManagerConfig, SavepointInfo, SubmitOptions, manifest_info,
 };
@@ -81,279 +80,6 @@ pub(crate) struct Inner {
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::model::CompletedCheckpoint>,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
-}
-
-/// The region lease as a commit fence. With cross-region coordination a
-/// region may commit a checkpoint only while a recent read of the region
-/// lease named it primary: a region cut off from the global KV stops
-/// committing when its last confirmation runs out, before any standby can
-/// have taken over. Without cross-region coordination it never refuses.
-#[derive(Debug, Default)]
-pub(crate) struct RegionFence {
-    /// `None`: not fenced; `Some(None)`: fenced, never confirmed.
-    until: Mutex<Option<Option<std::time::Instant>>>,
-}
-
-impl RegionFence {
-    /// From now on commits need a confirmation.
-    pub(crate) fn enable(&self) {
-        let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        if u.is_none() {
-            *u = Some(None);
-        }
-    }
-
-    /// The region lease named this region just now: commits may go on for
-    /// `valid_for`.
-    pub(crate) fn confirm(&self, valid_for: std::time::Duration) {
-        *self.until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Some(std::time::Instant::now() + valid_for));
-    }
-
-    /// The region lost the lease (or was demoted): no commit until the
-    /// next confirmation.
-    pub(crate) fn revoke(&self) {
-        let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
-        if u.is_some() {
-            *u = Some(None);
-        }
-    }
-
-    /// `Err` with the reason when a commit must not happen now.
-    pub(crate) fn check(&self) -> Result<(), String> {
-        match *self.until.lock().unwrap_or_else(|p| p.into_inner()) {
-            None => Ok(()),
-            Some(Some(t)) if std::time::Instant::now() < t => Ok(()),
-            Some(_) => Err(
-                "the region lease has not been confirmed recently (global KV unreachable, or another region is primary)".into(),
-            ),
-        }
-    }
-}
-
-/// Mutable status of a job.
-#[derive(Debug)]
-pub(crate) struct Status {
-    pub(crate) state: JobState,
-    pub(crate) restarts: u32,
-    pub(crate) attempt: u32,
-    /// (TaskManager, deployment id) of remote tasks.
-    pub(crate) placement: Option<(String, String)>,
-    /// See `JobInfo::moved_to`.
-    pub(crate) moved_to: Option<String>,
-    pub(crate) failure: Option<String>,
-    pub(crate) last_checkpoint: Option<CheckpointInfo>,
-    pub(crate) ended_at: Option<DateTime<Utc>>,
-}
-
-/// One job.
-pub(crate) struct JobEntry {
-    pub(crate) id: JobId,
-    pub(crate) spec: JobSpec,
-    /// Storage root holding `jobs/<id>/...`.
-    pub(crate) root: StorageLocation,
-    pub(crate) submitted_at: DateTime<Utc>,
-    pub(crate) status: Mutex<Status>,
-    pub(crate) commands: mpsc::UnboundedSender<JobCommand>,
-    pub(crate) state_tx: watch::Sender<JobState>,
-    /// Counters of the current (or last) deployment's tasks.
-    pub(crate) live: Mutex<Option<LiveCounters>>,
-    metrics: Arc<Metrics>,
-    pub(crate) leadership: Arc<Leadership>,
-    pub(crate) taskmanagers: Option<Arc<crate::taskmanagers::TaskManagers>>,
-    pub(crate) completed: tokio::sync::broadcast::Sender<crate::model::CompletedCheckpoint>,
-    /// The region is being demoted: stop tasks when abandoning.
-    pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
-    /// The region epoch manifests record.
-    pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
-    /// Checked before every checkpoint commit.
-    pub(crate) region_fence: Arc<RegionFence>,
-    /// The checkpoint the current deployment restored from (see
-    /// `Manifest::restored_from`).
-    pub(crate) restored_from: Mutex<Option<u64>>,
-    /// Cancelled when this JobManager loses the leadership: the driver stops
-    /// at once and writes nothing more; the new leader carries on.
-    pub(crate) abandon: CancellationToken,
-    /// The job as the store last recorded it: shown until a deployment has
-    /// live counters (after adoption), and all there is for jobs this
-    /// instance does not drive (ended jobs, and every job on a standby).
-    pub(crate) stored: Mutex<Option<JobInfo>>,
-    /// Bumped on every change worth persisting; the status writer follows.
-    pub(crate) dirty: watch::Sender<u64>,
-    /// True while a driver runs this job in this process.
-    pub(crate) running: watch::Sender<bool>,
-}
-
-impl JobEntry {
-    /// Moves the job to `to` through the state machine, updating metrics.
-    pub(crate) fn set_state(&self, to: JobState, failure: Option<String>) {
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        let from = st.state;
-        if from == to {
-            if failure.is_some() {
-                st.failure = failure;
-            }
-            return;
-        }
-        if let Err(e) = st.state.transition(to) {
-            tracing::error!(job = %self.id, "{e}");
-            return;
-        }
-        if failure.is_some() || to == JobState::Running {
-            st.failure = failure.or(if to == JobState::Running {
-                None
-            } else {
-                st.failure.clone()
-            });
-        }
-        if to.is_terminal() {
-            st.ended_at = Some(Utc::now());
-        }
-        drop(st);
-        self.metrics
-            .jobs
-            .get_or_create(&StateLabels {
-                state: from.to_string(),
-            })
-            .dec();
-        self.metrics
-            .jobs
-            .get_or_create(&StateLabels {
-                state: to.to_string(),
-            })
-            .inc();
-        tracing::info!(job = %self.id, name = %self.spec.metadata.name, from = %from, to = %to, "job state changed");
-        // send_replace stores the state even when nobody is subscribed yet.
-        self.state_tx.send_replace(to);
-        self.touch();
-    }
-
-    /// The region's TaskManagers, when tasks run on them.
-    pub(crate) fn pool(&self) -> Option<Arc<crate::taskmanagers::TaskManagers>> {
-        self.taskmanagers.clone()
-    }
-
-    /// One more deployment of the job's tasks started.
-    pub(crate) fn count_attempt(&self) {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .attempt += 1;
-        self.touch();
-    }
-
-    /// Marks the status as changed, for the job-store writer.
-    pub(crate) fn touch(&self) {
-        self.dirty.send_modify(|v| *v += 1);
-    }
-
-    pub(crate) fn state(&self) -> JobState {
-        self.status.lock().unwrap_or_else(|p| p.into_inner()).state
-    }
-
-    /// Current summary.
-    pub(crate) fn info(&self) -> JobInfo {
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if live.is_none()
-            && let Some(mut stored) = self
-                .stored
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-        {
-            let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-            stored.state = st.state;
-            stored.restarts = st.restarts;
-            stored.attempt = st.attempt;
-            if let Some((tm, d)) = &st.placement {
-                stored.taskmanager = Some(tm.clone());
-                stored.deployment = Some(d.clone());
-            }
-            if st.last_checkpoint.is_some() {
-                stored.last_checkpoint = st.last_checkpoint.clone();
-            }
-            if st.failure.is_some() {
-                stored.failure = st.failure.clone();
-            }
-            stored.ended_at = st.ended_at.or(stored.ended_at);
-            return stored;
-        }
-        let c = live.map(|l| l.read()).unwrap_or_default();
-        let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        JobInfo {
-            id: self.id,
-            name: self.spec.metadata.name.clone(),
-            state: st.state,
-            parallelism: self.spec.spec.parallelism,
-            submitted_at: self.submitted_at,
-            ended_at: st.ended_at,
-            restarts: st.restarts,
-            attempt: st.attempt,
-            taskmanager: st.placement.as_ref().map(|p| p.0.clone()),
-            deployment: st.placement.as_ref().map(|p| p.1.clone()),
-            moved_to: st.moved_to.clone(),
-            records_in: c.records_in,
-            records_out: c.records_out,
-            late_records: c.late_records,
-            expression_errors: c.expression_errors,
-            skipped_records: c.skipped_records,
-            watermark: Some(c.watermark).filter(|w| *w != i64::MIN).map(format_ts),
-            last_checkpoint: st.last_checkpoint.clone(),
-            failure: st.failure.clone(),
-            output: match &self.spec.spec.sink {
-                SinkSpec::File(f) => StorageLocation::parse(&f.path).ok().map(|p| {
-                    if p.scheme == "file" {
-                        p.path
-                    } else {
-                        f.path.clone()
-                    }
-                }),
-                _ => None,
-            },
-            checkpoint_root: self
-                .root
-                .child(&checkpoints_root(&self.id))
-                .url()
-                .to_string(),
-        }
-    }
-}
-
-impl JobEntry {
-    /// True while a driver runs this job in this process (false for jobs
-    /// mirrored from the store).
-    pub(crate) fn driven(&self) -> bool {
-        *self.running.borrow()
-    }
-
-    /// Updates a mirrored (not driven) job from the store.
-    fn refresh_passive(&self, job: JobInfo) {
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        if st.state != job.state {
-            for (state, delta) in [(st.state, -1), (job.state, 1)] {
-                self.metrics
-                    .jobs
-                    .get_or_create(&StateLabels {
-                        state: state.to_string(),
-                    })
-                    .inc_by(delta);
-            }
-        }
-        st.state = job.state;
-        st.restarts = job.restarts;
-        st.attempt = job.attempt;
-        st.placement = job.taskmanager.clone().zip(job.deployment.clone());
-        st.moved_to = job.moved_to.clone();
-        st.failure = job.failure.clone();
-        st.last_checkpoint = job.last_checkpoint.clone();
-        st.ended_at = job.ended_at;
-        drop(st);
-        self.state_tx.send_replace(job.state);
-        // Counters of a deployment this instance drove before it stepped
-        // down are stale now: the store's figures are the current ones.
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = Some(job);
-    }
 }
 
 /// Ids of the jobs under `root`'s `jobs/`, oldest first.
@@ -625,14 +351,11 @@ impl JobManager {
         let id = opts.job_id.unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
         let passive = prior.as_ref().is_some_and(|(_, p)| *p);
-        let state = match &prior {
-            Some((p, true)) => p.job.state,
-            _ => JobState::Created,
-        };
-        let (state_tx, _) = watch::channel(state);
+        let prior_job = prior.map(|(p, _)| p.job);
+        let status = Status::registered(prior_job.as_ref(), passive);
+        let (state_tx, _) = watch::channel(status.state());
         let (dirty, _) = watch::channel(0u64);
         let (running, _) = watch::channel(!passive);
-        let prior_job = prior.map(|(p, _)| p.job);
         let entry = Arc::new(JobEntry {
             id,
             spec,
@@ -641,23 +364,7 @@ impl JobManager {
                 .as_ref()
                 .map(|p| p.submitted_at)
                 .unwrap_or_else(Utc::now),
-            status: Mutex::new(Status {
-                state,
-                restarts: prior_job.as_ref().map(|p| p.restarts).unwrap_or(0),
-                attempt: prior_job.as_ref().map(|p| p.attempt).unwrap_or(0),
-                placement: prior_job
-                    .as_ref()
-                    .and_then(|p| p.taskmanager.clone().zip(p.deployment.clone())),
-                // Driven here again: no longer moved away.
-                moved_to: if passive {
-                    prior_job.as_ref().and_then(|p| p.moved_to.clone())
-                } else {
-                    None
-                },
-                failure: prior_job.as_ref().and_then(|p| p.failure.clone()),
-                last_checkpoint: prior_job.as_ref().and_then(|p| p.last_checkpoint.clone()),
-                ended_at: prior_job.as_ref().and_then(|p| p.ended_at),
-            }),
+            status: Mutex::new(status),
             commands: tx,
             state_tx,
             live: Mutex::new(None),
@@ -682,21 +389,9 @@ impl JobManager {
             .insert(id, entry.clone());
         if let Some(old) = old {
             old.abandon.cancel();
-            self.inner
-                .metrics
-                .jobs
-                .get_or_create(&StateLabels {
-                    state: old.state().to_string(),
-                })
-                .dec();
+            old.leave_gauge();
         }
-        self.inner
-            .metrics
-            .jobs
-            .get_or_create(&StateLabels {
-                state: state.to_string(),
-            })
-            .inc();
+        entry.enter_gauge();
         if passive {
             return Ok(entry);
         }
@@ -806,7 +501,7 @@ impl JobManager {
             let existing = self.inner.entry(&id);
             match existing {
                 Some(j) if j.driven() => continue,
-                Some(j) => j.refresh_passive(status.job),
+                Some(j) => j.mirror(status.job),
                 None => {
                     let root = self.storage_root(&spec)?;
                     let opts = SubmitOptions {

@@ -9,6 +9,7 @@ pub mod coordinator;
 mod deployment;
 pub mod error;
 pub mod ha;
+mod job;
 pub mod jobs;
 pub mod leadership;
 pub mod metrics;
