@@ -5,11 +5,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use ferry_core::JobId;
 use ferry_core::manifest::{
-    MANIFEST_FILE, Manifest, find_restorable, job_dir, list_checkpoint_ids, savepoint_dir,
-    savepoints_root,
+    MANIFEST_FILE, Manifest, list_checkpoint_ids, savepoint_dir, savepoints_root,
 };
 use ferry_core::spec::JobSpec;
 use ferry_core::storage::StorageLocation;
@@ -27,28 +26,9 @@ use crate::model::{
 };
 use crate::service::JobManager;
 use crate::state::JobState;
-
-/// Name of the spec file in a job's directory.
-pub const SPEC_FILE: &str = "spec.yaml";
-
-/// Name of the job-store status file in a job's directory.
-pub const STATUS_FILE: &str = "status.json";
-
-/// How often a running job's status is refreshed in the job store (besides
-/// every state change and checkpoint), for standbys' reads.
-const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// What the job store keeps per job in `jobs/<id>/status.json`: the job as
-/// the API shows it, and who wrote it under which epoch.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct StoredStatus {
-    pub job: JobInfo,
-    /// Fencing epoch of the leader that wrote this (0 in embedded mode).
-    pub jm_epoch: u64,
-    /// Instance that wrote it.
-    pub instance: String,
-    pub updated_at: DateTime<Utc>,
-}
+use crate::store::{
+    StoredStatus, newest_resumable, read_store, status_writer, write_spec, write_status,
+};
 
 pub(crate) struct Inner {
     pub(crate) config: JobManagerConfig,
@@ -80,105 +60,6 @@ pub(crate) struct Inner {
     pub(crate) completed: tokio::sync::broadcast::Sender<crate::model::CompletedCheckpoint>,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
-}
-
-/// Ids of the jobs under `root`'s `jobs/`, oldest first.
-pub async fn job_ids(root: &StorageLocation) -> Result<Vec<JobId>, JmError> {
-    let mut ids: Vec<JobId> = root
-        .list_dirs("jobs")
-        .await?
-        .iter()
-        .filter_map(|d| d.parse().ok())
-        .collect();
-    ids.sort();
-    Ok(ids)
-}
-
-/// The status of a job whose status file is missing or unreadable.
-fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
-    StoredStatus {
-        job: JobInfo {
-            id,
-            name: spec.metadata.name.clone(),
-            state: JobState::Created,
-            parallelism: spec.spec.parallelism,
-            submitted_at: Utc::now(),
-            ended_at: None,
-            restarts: 0,
-            attempt: 0,
-            taskmanager: None,
-            deployment: None,
-            moved_to: None,
-            records_in: 0,
-            records_out: 0,
-            late_records: 0,
-            expression_errors: 0,
-            skipped_records: 0,
-            watermark: None,
-            last_checkpoint: None,
-            failure: None,
-            output: None,
-            checkpoint_root: String::new(),
-        },
-        jm_epoch: 0,
-        instance: String::new(),
-        updated_at: Utc::now(),
-    }
-}
-
-/// Writes the job's status to the job store, if this instance may write.
-async fn write_status(
-    job: &JobEntry,
-    store: &StorageLocation,
-    instance: &str,
-) -> Result<(), JmError> {
-    let Some(epoch) = job.leadership.fence() else {
-        return Err(JmError::NotLeader { leader: None });
-    };
-    let status = StoredStatus {
-        job: job.info(),
-        jm_epoch: epoch,
-        instance: instance.to_string(),
-        updated_at: Utc::now(),
-    };
-    let body = serde_json::to_vec_pretty(&status)
-        .map_err(|e| JmError::Runtime(format!("encoding the job status: {e}")))?;
-    store
-        .put(
-            &format!("{}/{STATUS_FILE}", job_dir(&job.id)),
-            bytes::Bytes::from(body),
-        )
-        .await?;
-    Ok(())
-}
-
-/// Keeps the job's status in the job store current while this instance
-/// drives it: on every change, and every few seconds while it runs.
-async fn status_writer(job: Arc<JobEntry>, store: StorageLocation, instance: String) {
-    let mut dirty = job.dirty.subscribe();
-    let mut tick = tokio::time::interval(STATUS_REFRESH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = job.abandon.cancelled() => return,
-            r = dirty.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
-        }
-        if job.abandon.is_cancelled() {
-            return;
-        }
-        let terminal = job.state().is_terminal();
-        match write_status(&job, &store, &instance).await {
-            Ok(()) => {}
-            Err(JmError::NotLeader { .. }) => return,
-            Err(e) => {
-                tracing::warn!(job = %job.id, "writing the job status to the job store failed: {e}")
-            }
-        }
-        if terminal {
-            return;
-        }
-    }
 }
 
 impl Inner {
@@ -311,13 +192,8 @@ impl JobManager {
             job_id: Some(id),
             ..opts
         };
-        let spec_rel = format!("{}/{SPEC_FILE}", job_dir(&id));
-        let spec_bytes = bytes::Bytes::from(spec.to_yaml());
-        root.put(&spec_rel, spec_bytes.clone()).await?;
         let store = self.store()?;
-        if store.url() != root.url() {
-            store.put(&spec_rel, spec_bytes).await?;
-        }
+        write_spec(&root, &store, &id, &spec).await?;
         let entry = self.start(spec, root, opts, None)?;
         // Durable before the client hears of it: a new leader will know it.
         write_status(&entry, &store, &self.inner.config.instance_id).await?;
@@ -424,7 +300,7 @@ impl JobManager {
     /// at `epoch`: jobs that had not ended are resumed from their newest
     /// verified checkpoint; ended ones are listed. Returns how many resumed.
     pub async fn lead(&self, epoch: u64) -> Result<usize, JmError> {
-        let stored = self.read_store(false).await?;
+        let stored = read_store(&self.store()?, |_| None).await?;
         let mut resumed = 0;
         for (spec, status) in stored {
             if self.inner.leadership.fence().is_none() {
@@ -495,7 +371,7 @@ impl JobManager {
     /// Refreshes the list of jobs from the job store (standbys serve reads
     /// from it).
     pub async fn refresh_from_store(&self) -> Result<(), JmError> {
-        let stored = self.read_store(true).await?;
+        let stored = read_store(&self.store()?, |id| self.inner.entry(id)).await?;
         for (spec, status) in stored {
             let id = status.job.id;
             let existing = self.inner.entry(&id);
@@ -513,50 +389,6 @@ impl JobManager {
             }
         }
         Ok(())
-    }
-
-    /// Every job of the job store with its last recorded status, oldest
-    /// first. Unreadable entries are skipped with a warning. With
-    /// `incremental`, jobs already known to have ended are left out and the
-    /// specs of known jobs are not read again (a standby refreshes often).
-    async fn read_store(&self, incremental: bool) -> Result<Vec<(JobSpec, StoredStatus)>, JmError> {
-        let store = self.store()?;
-        let ids = job_ids(&store).await?;
-        let mut out = Vec::new();
-        for id in ids {
-            let dir = job_dir(&id);
-            let known = incremental.then(|| self.inner.entry(&id)).flatten();
-            let spec = match known {
-                Some(j) if j.state().is_terminal() && !j.driven() => continue,
-                Some(j) => j.spec.clone(),
-                None => {
-                    let Some(raw_spec) = store.get_opt(&format!("{dir}/{SPEC_FILE}")).await? else {
-                        continue;
-                    };
-                    match ferry_core::spec::parse_spec(&String::from_utf8_lossy(&raw_spec)) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::warn!(job = %id, "skipping a job store entry whose spec does not parse: {e}");
-                            continue;
-                        }
-                    }
-                }
-            };
-            let status = match store.get_opt(&format!("{dir}/{STATUS_FILE}")).await? {
-                Some(raw) => match serde_json::from_slice::<StoredStatus>(&raw) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(job = %id, "job store status unreadable ({e}); treating the job as not ended");
-                        created_status(id, &spec)
-                    }
-                },
-                // The spec was written but not the status: the submission
-                // was cut short. Treat the job as submitted.
-                None => created_status(id, &spec),
-            };
-            out.push((spec, status));
-        }
-        Ok(out)
     }
 
     /// Stops a job, optionally taking a savepoint first (returned if taken),
@@ -669,26 +501,6 @@ impl JobManager {
     /// newest verified checkpoint is not final: the run to resume.
     pub async fn find_resumable(&self, spec: &JobSpec) -> Result<Option<(JobId, u64)>, JmError> {
         let root = self.storage_root(spec)?;
-        let ids = job_ids(&root).await?;
-        for id in ids.into_iter().rev() {
-            let Some(raw) = root
-                .get_opt(&format!("{}/{SPEC_FILE}", job_dir(&id)))
-                .await?
-            else {
-                continue;
-            };
-            let Ok(old) = ferry_core::spec::parse_spec(&String::from_utf8_lossy(&raw)) else {
-                continue;
-            };
-            if old.metadata.name != spec.metadata.name {
-                continue;
-            }
-            let choice = find_restorable(&root, &id).await?;
-            return Ok(match choice.checkpoint {
-                Some(cp) if !cp.manifest.finished => Some((id, cp.manifest.checkpoint_id.0)),
-                _ => None,
-            });
-        }
-        Ok(None)
+        newest_resumable(&root, &spec.metadata.name).await
     }
 }

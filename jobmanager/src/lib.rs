@@ -17,6 +17,7 @@ pub mod model;
 pub mod restart;
 pub mod service;
 pub mod state;
+pub mod store;
 pub mod taskmanagers;
 
 pub use error::JmError;
