@@ -8,28 +8,27 @@
 //! then are sinks told to commit; the manifest is written only after every
 //! task acknowledged, so every file it lists is durable.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use ferry_core::CheckpointId;
-use ferry_core::manifest::{
-    MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint, checkpoint_dir, find_restorable,
-    list_checkpoint_ids, read_verified, savepoint_number, savepoints_root, snapshot_dir,
-    write_manifest,
-};
+use ferry_core::manifest::{VerifiedCheckpoint, find_restorable, read_verified, snapshot_dir};
 use ferry_core::storage::StorageLocation;
-use ferry_taskmanager::protocol::{Barrier, TaskAck, TaskError, TaskEvent};
+use ferry_taskmanager::protocol::{TaskError, TaskEvent};
 use ferry_taskmanager::runtime::{Counters, JobPlan, deploy};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint::{
+    Pending, Reply, SnapshotRequest, complete_checkpoint, fail_reply, newest_lineage,
+    next_checkpoint_id, trigger,
+};
 use crate::deployment::{Deployment, RemoteDeployment};
 use crate::error::JmError;
 use crate::job::{JobCommand, JobEntry};
 use crate::metrics::{JobLabels, Metrics};
-use crate::model::{CompletedCheckpoint, SavepointInfo, SubmitOptions, manifest_info};
+use crate::model::{SubmitOptions, manifest_info};
 use crate::restart::{Decision, RestartPolicy};
 use crate::state::JobState;
 use prometheus_client::metrics::counter::Counter;
@@ -47,24 +46,6 @@ enum Outcome {
     Shutdown,
     /// Leadership lost: stop at once, write nothing; the next leader resumes.
     Abandoned,
-}
-
-/// A snapshot waiting for acknowledgements.
-struct Pending {
-    barrier: Barrier,
-    /// The snapshot's span, from trigger to manifest (or failure): entered
-    /// when the barrier is sent and while the manifest is written, so it
-    /// ends there. `outcome` is recorded at the end.
-    span: tracing::Span,
-    started: Instant,
-    acks: Vec<TaskAck>,
-    finished: bool,
-    reply: Option<Reply>,
-}
-
-enum Reply {
-    Savepoint(oneshot::Sender<Result<SavepointInfo, JmError>>),
-    Stop(oneshot::Sender<Result<Option<SavepointInfo>, JmError>>),
 }
 
 /// Where the next deployment restores from.
@@ -489,41 +470,6 @@ async fn load_restore(
     }
 }
 
-/// The first checkpoint number of a deployment: above every number that
-/// has a directory, so no number is ever reused.
-async fn next_checkpoint_id(
-    job: &JobEntry,
-    restored: Option<&VerifiedCheckpoint>,
-) -> Result<CheckpointId, JmError> {
-    let highest = list_checkpoint_ids(&job.root, &job.id)
-        .await?
-        .last()
-        .copied()
-        .unwrap_or_default();
-    let restored = restored
-        .map(|c| c.manifest.checkpoint_id)
-        .unwrap_or_default();
-    let mut sp_high = CheckpointId(0);
-    for name in job.root.list_dirs(&savepoints_root(&job.id)).await? {
-        if let Some(n) = savepoint_number(&name) {
-            sp_high = sp_high.max(n);
-        }
-    }
-    Ok(highest.max(restored).max(sp_high).next())
-}
-
-/// `restored_from` of the job's newest checkpoint, if any.
-async fn newest_lineage(job: &JobEntry) -> Option<u64> {
-    let ids = list_checkpoint_ids(&job.root, &job.id).await.ok()?;
-    for id in ids.iter().rev() {
-        let dir = job.root.child(&checkpoint_dir(&job.id, *id));
-        if let Ok(Some(m)) = ferry_core::manifest::read_manifest(&dir).await {
-            return m.restored_from;
-        }
-    }
-    None
-}
-
 /// What stays the same across the deployments of one job.
 struct AttemptCtx<'a> {
     job: &'a Arc<JobEntry>,
@@ -571,7 +517,7 @@ async fn run_attempt(
             _ = job.abandon.cancelled() => return Outcome::Abandoned,
             _ = ticker.tick() => {
                 if pending.is_none() && !stopping && sources_ended < deployed.source_count() {
-                    pending = trigger(job, deployed, next_id, SnapshotKind::Checkpoint, true, false, false, None);
+                    pending = Some(trigger(job, deployed, next_id, SnapshotRequest::Checkpoint, None));
                 }
             }
             _ = sampler.tick() => sample(metrics, &labels, deployed, &mut last_sample),
@@ -668,253 +614,19 @@ async fn run_attempt(
         // Start queued work once no snapshot is in flight.
         if pending.is_none() && !stopping {
             if let Some(r) = queued.pop_front() {
-                let stop = matches!(r, Reply::Stop(_));
-                pending = trigger(
-                    job,
-                    deployed,
-                    next_id,
-                    SnapshotKind::Savepoint,
-                    stop,
-                    stop,
-                    false,
-                    Some(r),
-                );
+                pending = Some(trigger(job, deployed, next_id, r.request(), Some(r)));
             } else if sources_ended == deployed.source_count() && !final_triggered {
                 final_triggered = true;
-                pending = trigger(
+                pending = Some(trigger(
                     job,
                     deployed,
                     next_id,
-                    SnapshotKind::Checkpoint,
-                    true,
-                    true,
-                    true,
+                    SnapshotRequest::Final,
                     None,
-                );
+                ));
             }
         }
     }
-}
-
-fn fail_reply(reply: Option<Reply>, err: JmError) {
-    match reply {
-        Some(Reply::Savepoint(r)) => drop(r.send(Err(err))),
-        Some(Reply::Stop(r)) => drop(r.send(Err(err))),
-        None => {}
-    }
-}
-
-/// Sends a barrier to every source task.
-#[allow(clippy::too_many_arguments)]
-fn trigger(
-    job: &JobEntry,
-    deployed: &Deployment,
-    next_id: &mut CheckpointId,
-    kind: SnapshotKind,
-    close_txn: bool,
-    stop: bool,
-    finished: bool,
-    reply: Option<Reply>,
-) -> Option<Pending> {
-    let id = *next_id;
-    *next_id = id.next();
-    let barrier = Barrier {
-        id,
-        kind,
-        close_txn,
-        stop,
-        dir: job.root.child(&snapshot_dir(&job.id, kind, id)),
-    };
-    let span = tracing::info_span!(
-        "checkpoint",
-        job = %job.id,
-        checkpoint = id.0,
-        kind = ?kind,
-        tasks = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-    );
-    span.in_scope(|| {
-        tracing::debug!(job = %job.id, checkpoint = %id, ?kind, "triggering snapshot");
-        deployed.trigger(&barrier);
-    });
-    Some(Pending {
-        barrier,
-        span,
-        started: Instant::now(),
-        acks: Vec::new(),
-        finished,
-        reply,
-    })
-}
-
-/// Writes the manifest of a fully acknowledged snapshot and tells the tasks
-/// to commit; applies retention.
-#[tracing::instrument(
-    name = "checkpoint.complete",
-    parent = &p.span,
-    skip_all,
-    fields(job = %job.id, checkpoint = p.barrier.id.0, size_bytes = tracing::field::Empty)
-)]
-async fn complete_checkpoint(
-    job: &JobEntry,
-    deployed: &Deployment,
-    p: &Pending,
-    metrics: &Metrics,
-) -> Result<SavepointInfo, String> {
-    let mut files = Vec::new();
-    let mut offsets = BTreeMap::new();
-    let mut txns = Vec::new();
-    for a in &p.acks {
-        files.extend(a.files.iter().cloned());
-        offsets.extend(a.source_offsets.clone());
-        txns.extend(a.sink_transactions.iter().cloned());
-    }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    // Fenced: only a JobManager that leads right now may complete a
-    // checkpoint, and the manifest records under which epoch it did.
-    let Some(epoch) = job.leadership.fence() else {
-        return Err(format!(
-            "checkpoint {} abandoned: this JobManager no longer holds the leader lease",
-            p.barrier.id
-        ));
-    };
-    let duration = p.started.elapsed();
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        job_id: job.id,
-        job_name: job.spec.metadata.name.clone(),
-        checkpoint_id: p.barrier.id,
-        kind: p.barrier.kind,
-        created_at: Utc::now(),
-        jm_epoch: epoch,
-        region_epoch: job.region_epoch.load(std::sync::atomic::Ordering::Relaxed),
-        parallelism: job.spec.spec.parallelism,
-        watermark: p.acks.iter().map(|a| a.watermark).min().unwrap_or(i64::MIN),
-        records_in: p.acks.iter().map(|a| a.records_in).sum(),
-        records_out: p.acks.iter().map(|a| a.records_out).sum(),
-        finished: p.finished,
-        duration_ms: duration.as_millis() as u64,
-        files,
-        source_offsets: offsets,
-        sink_transactions: txns,
-        restored_from: *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()),
-    };
-    // Fenced across regions too: a region that may have lost the primary
-    // role writes no checkpoint of the old region epoch.
-    job.region_fence
-        .check()
-        .map_err(|e| format!("checkpoint {} abandoned: {e}", p.barrier.id))?;
-    p.span.record("tasks", p.acks.len());
-    tracing::Span::current().record("size_bytes", manifest.total_size());
-    write_manifest(&p.barrier.dir, &manifest)
-        .await
-        .map_err(|e| e.to_string())?;
-    // The write may have taken long enough for the lease to lapse: then the
-    // tasks must not commit their output for it (a new leader may already
-    // have restored from the previous checkpoint).
-    if job.leadership.fence() != Some(epoch) {
-        return Err(format!(
-            "checkpoint {} written, but the leader lease lapsed meanwhile: the sinks do not commit it; the next leader decides",
-            p.barrier.id
-        ));
-    }
-    if let Err(e) = job.region_fence.check() {
-        return Err(format!(
-            "checkpoint {} written, but the sinks do not commit it: {e}",
-            p.barrier.id
-        ));
-    }
-    deployed.complete(p.barrier.id, manifest.region_epoch);
-    let labels = Metrics::job(&job.id.to_string());
-    metrics.checkpoints_completed.get_or_create(&labels).inc();
-    metrics
-        .checkpoint_duration
-        .get_or_create(&labels)
-        .observe(duration.as_secs_f64());
-    metrics
-        .checkpoint_size
-        .get_or_create(&labels)
-        .set(manifest.total_size() as i64);
-    let sync: f64 = p.acks.iter().map(|a| a.sync_duration.as_secs_f64()).sum();
-    let upload: f64 = p.acks.iter().map(|a| a.async_duration.as_secs_f64()).sum();
-    metrics
-        .checkpoint_sync_seconds
-        .get_or_create(&labels)
-        .inc_by(sync);
-    metrics
-        .checkpoint_async_seconds
-        .get_or_create(&labels)
-        .inc_by(upload);
-    metrics
-        .last_checkpoint_timestamp
-        .get_or_create(&labels)
-        .set(Utc::now().timestamp());
-    let info = manifest_info(&manifest, &p.barrier.dir);
-    let _ = job.completed.send(CompletedCheckpoint {
-        job: job.id,
-        root: job.root.clone(),
-        dir: snapshot_dir(&job.id, p.barrier.kind, p.barrier.id),
-        checkpoint: p.barrier.id.0,
-        savepoint: p.barrier.kind == SnapshotKind::Savepoint,
-        completed_at: manifest.created_at,
-        records_in: manifest.records_in,
-        watermark: manifest.watermark,
-    });
-    tracing::info!(
-        job = %job.id,
-        checkpoint = %p.barrier.id,
-        kind = ?p.barrier.kind,
-        ms = duration.as_millis() as u64,
-        bytes = manifest.total_size(),
-        "snapshot completed"
-    );
-    job.status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .last_checkpoint = Some(info);
-    job.touch();
-    if p.barrier.kind == SnapshotKind::Checkpoint
-        && let Err(e) = retain(job, p.barrier.id).await
-    {
-        tracing::warn!(job = %job.id, "checkpoint retention failed: {e}");
-    }
-    Ok(SavepointInfo {
-        job_id: job.id,
-        checkpoint_id: p.barrier.id.0,
-        path: p.barrier.dir.url().to_string(),
-    })
-}
-
-/// Keeps the newest `retained` complete checkpoints up to `completed`;
-/// deletes older directories (complete or not).
-async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
-    let keep = job.spec.spec.checkpointing.retained.max(1) as usize;
-    let ids = list_checkpoint_ids(&job.root, &job.id)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut complete = Vec::new();
-    for id in ids.iter().filter(|i| **i <= completed) {
-        let dir = job.root.child(&checkpoint_dir(&job.id, *id));
-        if dir
-            .size(ferry_core::manifest::MANIFEST_FILE)
-            .await
-            .map_err(|e| e.to_string())?
-            .is_some()
-        {
-            complete.push(*id);
-        }
-    }
-    if complete.len() <= keep {
-        return Ok(());
-    }
-    let oldest_kept = complete[complete.len() - keep];
-    for id in ids.iter().filter(|i| **i < oldest_kept) {
-        job.root
-            .delete_prefix(&checkpoint_dir(&job.id, *id))
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 /// Task counter totals at the last metrics sample.

@@ -7,9 +7,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::Utc;
 use ferry_core::JobId;
-use ferry_core::manifest::{
-    MANIFEST_FILE, Manifest, list_checkpoint_ids, savepoint_dir, savepoints_root,
-};
 use ferry_core::spec::JobSpec;
 use ferry_core::storage::StorageLocation;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -21,9 +18,7 @@ use crate::error::JmError;
 use crate::job::{JobCommand, JobEntry, Status};
 use crate::leadership::{Leadership, RegionFence};
 use crate::metrics::Metrics;
-use crate::model::{
-    CheckpointInfo, JobInfo, JobManagerConfig, SavepointInfo, SubmitOptions, manifest_info,
-};
+use crate::model::{CheckpointInfo, JobInfo, JobManagerConfig, SavepointInfo, SubmitOptions};
 use crate::service::JobManager;
 use crate::state::JobState;
 use crate::store::{
@@ -444,26 +439,7 @@ impl JobManager {
     /// Completed checkpoints and savepoints of a job, newest first.
     pub async fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>, JmError> {
         let job = self.inner.find(id)?;
-        let mut dirs: Vec<String> = list_checkpoint_ids(&job.root, &job.id)
-            .await?
-            .into_iter()
-            .map(|cp| ferry_core::manifest::checkpoint_dir(&job.id, cp))
-            .collect();
-        for name in job.root.list_dirs(&savepoints_root(&job.id)).await? {
-            dirs.push(savepoint_dir(&job.id, &name));
-        }
-        let mut out = Vec::new();
-        for rel in dirs {
-            let dir = job.root.child(&rel);
-            // A directory without a readable manifest is not a checkpoint.
-            if let Some(raw) = dir.get_opt(MANIFEST_FILE).await?
-                && let Ok(m) = serde_json::from_slice::<Manifest>(&raw)
-            {
-                out.push(manifest_info(&m, &dir));
-            }
-        }
-        out.sort_by_key(|c| std::cmp::Reverse(c.id));
-        Ok(out)
+        crate::checkpoint::completed(&job).await
     }
 
     /// Waits until a job reaches a terminal state and returns it.

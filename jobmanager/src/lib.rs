@@ -5,6 +5,7 @@
 //! and only the coordinator of a job writes its manifests.
 
 pub mod api;
+mod checkpoint;
 pub mod coordinator;
 mod deployment;
 pub mod error;
