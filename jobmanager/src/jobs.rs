@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::coordinator::drive;
+use crate::driver::drive;
 use crate::error::JmError;
 use crate::job::{JobCommand, JobEntry, Status};
 use crate::leadership::{Leadership, RegionFence};

@@ -5,9 +5,10 @@
 //! and only the coordinator of a job writes its manifests.
 
 pub mod api;
+mod attempt;
 mod checkpoint;
-pub mod coordinator;
 mod deployment;
+mod driver;
 pub mod error;
 pub mod ha;
 mod job;
