@@ -6,7 +6,9 @@
 //!
 //! Invariant: a job has at most one deployment at a time: the next one is
 //! deployed (or adopted) only after the previous one was stopped or
-//! released, and it restores from the newest snapshot that verifies.
+//! released; a restart restores from the newest snapshot that verifies
+//! (or, before the first checkpoint, from the savepoint the run started
+//! from).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Who may act: this JobManager's role (embedded, leader at an epoch, or
 //! standby) and the fence every leader-only write checks; and the region
-//! lease as the fence of checkpoint commits ([`RegionFence`]).
+//! lease as the fence of checkpoint commits (`RegionFence`).
 //!
 //! Invariant: a write that makes something durable on behalf of a job (a
 //! checkpoint manifest, the job's status in the job store) is made only
