@@ -200,8 +200,11 @@ impl JobManager {
             job_id: Some(id),
             ..opts
         };
+        write_spec(&root, &id, &spec).await?;
         let store = self.store()?;
-        write_spec(&root, &store, &id, &spec).await?;
+        if store.url() != root.url() {
+            write_spec(&store, &id, &spec).await?;
+        }
         let entry = self.start(spec, root, opts, None)?;
         // Durable before the client hears of it: a new leader will know it.
         write_status(&entry, &store, &self.inner.config.instance_id).await?;
@@ -410,6 +413,8 @@ impl JobManager {
             dirty,
             running,
         });
+        // Counted before anyone else can change its state.
+        entry.enter_gauge();
         let old = self
             .inner
             .jobs
@@ -420,7 +425,6 @@ impl JobManager {
             old.abandon.cancel();
             old.leave_gauge();
         }
-        entry.enter_gauge();
         if passive {
             return Ok(entry);
         }

@@ -64,20 +64,15 @@ pub async fn job_ids(root: &StorageLocation) -> Result<Vec<JobId>, JmError> {
     Ok(ids)
 }
 
-/// Writes a submitted job's spec to its storage root and, when that is
-/// elsewhere, to the job store.
+/// Writes a submitted job's spec below `root` (its storage root, and the
+/// job store when that is elsewhere).
 pub(crate) async fn write_spec(
     root: &StorageLocation,
-    store: &StorageLocation,
     id: &JobId,
     spec: &JobSpec,
 ) -> Result<(), JmError> {
-    let spec_rel = spec_file(id);
-    let spec_bytes = bytes::Bytes::from(spec.to_yaml());
-    root.put(&spec_rel, spec_bytes.clone()).await?;
-    if store.url() != root.url() {
-        store.put(&spec_rel, spec_bytes).await?;
-    }
+    root.put(&spec_file(id), bytes::Bytes::from(spec.to_yaml()))
+        .await?;
     Ok(())
 }
 
