@@ -5,8 +5,12 @@
 //! <root>/jobs/<job-id>/spec.yaml
 //! <root>/jobs/<job-id>/checkpoints/<n>/<operator>-<subtask>.state
 //! <root>/jobs/<job-id>/checkpoints/<n>/MANIFEST.json   <- written last, create-only
-//! <root>/jobs/<job-id>/savepoints/<name>/...           <- same layout
+//! <root>/jobs/<job-id>/savepoints/savepoint-<n>/...    <- same layout
 //! ```
+//!
+//! Checkpoints and savepoints share one numbering; every path of this
+//! layout is built by the functions below ([`snapshot_dir`] and friends),
+//! nowhere else.
 //!
 //! Invariant: every path in a manifest is relative to its checkpoint
 //! directory, and a manifest is only written after every file it lists is
@@ -43,9 +47,37 @@ pub fn checkpoints_root(job: &JobId) -> String {
     format!("jobs/{job}/checkpoints")
 }
 
-/// Relative path of a named savepoint of a job.
+/// Relative path of the savepoints folder of a job.
+pub fn savepoints_root(job: &JobId) -> String {
+    format!("jobs/{job}/savepoints")
+}
+
+/// Relative path of a named savepoint of a job (a directory listed under
+/// [`savepoints_root`]).
 pub fn savepoint_dir(job: &JobId, name: &str) -> String {
-    format!("jobs/{job}/savepoints/{name}")
+    format!("{}/{name}", savepoints_root(job))
+}
+
+/// Name of the directory of savepoint `n` under [`savepoints_root`].
+pub fn savepoint_name(n: CheckpointId) -> String {
+    format!("savepoint-{n}")
+}
+
+/// The number of a savepoint directory named by [`savepoint_name`]; `None`
+/// for any other name.
+pub fn savepoint_number(name: &str) -> Option<CheckpointId> {
+    name.strip_prefix("savepoint-")
+        .and_then(|n| n.parse::<u64>().ok())
+        .map(CheckpointId)
+}
+
+/// Relative path of snapshot `n` of a job: `checkpoints/<n>` for a
+/// checkpoint, `savepoints/savepoint-<n>` for a savepoint.
+pub fn snapshot_dir(job: &JobId, kind: SnapshotKind, n: CheckpointId) -> String {
+    match kind {
+        SnapshotKind::Checkpoint => checkpoint_dir(job, n),
+        SnapshotKind::Savepoint => savepoint_dir(job, &savepoint_name(n)),
+    }
 }
 
 /// File name of an operator subtask's state inside a checkpoint directory.
@@ -228,15 +260,9 @@ pub async fn find_restorable(root: &StorageLocation, job: &JobId) -> Result<Rest
         .iter()
         .map(|id| (*id, checkpoint_dir(job, *id)))
         .collect();
-    for name in root
-        .list_dirs(&format!("{}/savepoints", job_dir(job)))
-        .await?
-    {
-        if let Some(n) = name
-            .strip_prefix("savepoint-")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            candidates.push((CheckpointId(n), savepoint_dir(job, &name)));
+    for name in root.list_dirs(&savepoints_root(job)).await? {
+        if let Some(n) = savepoint_number(&name) {
+            candidates.push((n, savepoint_dir(job, &name)));
         }
     }
     candidates.sort();
@@ -273,5 +299,34 @@ pub async fn write_manifest(dir: &StorageLocation, manifest: &Manifest) -> Resul
         Err(CoreError::AlreadyExists {
             path: format!("{}/{MANIFEST_FILE}", dir.url()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_paths_share_one_layout() {
+        let job: JobId = "01a2058a42c477a285a8423b5e819224".parse().unwrap();
+        let n = CheckpointId(7);
+        assert_eq!(job_dir(&job), format!("jobs/{job}"));
+        assert_eq!(checkpoints_root(&job), format!("jobs/{job}/checkpoints"));
+        assert_eq!(savepoints_root(&job), format!("jobs/{job}/savepoints"));
+        assert_eq!(
+            snapshot_dir(&job, SnapshotKind::Checkpoint, n),
+            format!("jobs/{job}/checkpoints/7")
+        );
+        assert_eq!(
+            snapshot_dir(&job, SnapshotKind::Savepoint, n),
+            format!("jobs/{job}/savepoints/savepoint-7")
+        );
+        assert_eq!(
+            snapshot_dir(&job, SnapshotKind::Savepoint, n),
+            savepoint_dir(&job, &savepoint_name(n))
+        );
+        assert_eq!(savepoint_number(&savepoint_name(n)), Some(n));
+        assert_eq!(savepoint_number("savepoint-x"), None);
+        assert_eq!(savepoint_number("before-upgrade"), None);
     }
 }

@@ -73,8 +73,8 @@ impl JmError {
     }
 }
 
-impl From<crate::service::RegionFailure> for JmError {
-    fn from(f: crate::service::RegionFailure) -> Self {
+impl From<crate::model::RegionFailure> for JmError {
+    fn from(f: crate::model::RegionFailure) -> Self {
         JmError::Region {
             kind: f.kind,
             message: f.message,

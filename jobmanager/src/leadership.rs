@@ -1,5 +1,6 @@
 //! Who may act: this JobManager's role (embedded, leader at an epoch, or
-//! standby) and the fence every leader-only write checks.
+//! standby) and the fence every leader-only write checks; and the region
+//! lease as the fence of checkpoint commits (`RegionFence`).
 //!
 //! Invariant: a write that makes something durable on behalf of a job (a
 //! checkpoint manifest, the job's status in the job store) is made only
@@ -7,7 +8,7 @@
 //! embedded mode (`ferry local`) there is no election and the epoch is 0.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use ferry_ha::{Coordination, Elector, LeaderInfo};
@@ -113,5 +114,63 @@ impl Leadership {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+/// The region lease as a commit fence. With cross-region coordination a
+/// region may commit a checkpoint only while a recent read of the region
+/// lease named it primary: a region cut off from the global KV stops
+/// committing when its last confirmation runs out, before any standby can
+/// have taken over. Without cross-region coordination it never refuses.
+#[derive(Debug, Default)]
+pub(crate) struct RegionFence {
+    /// `None`: not fenced; `Some(None)`: fenced, never confirmed.
+    until: Mutex<Option<Option<std::time::Instant>>>,
+}
+
+impl RegionFence {
+    /// From now on commits need a confirmation.
+    pub(crate) fn enable(&self) {
+        let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if u.is_none() {
+            *u = Some(None);
+        }
+    }
+
+    /// The region lease named this region just now: commits may go on for
+    /// `valid_for`.
+    pub(crate) fn confirm(&self, valid_for: std::time::Duration) {
+        *self.until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Some(std::time::Instant::now() + valid_for));
+    }
+
+    /// The region lost the lease (or was demoted): no commit until the
+    /// next confirmation.
+    pub(crate) fn revoke(&self) {
+        let mut u = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        if u.is_some() {
+            *u = Some(None);
+        }
+    }
+
+    /// How long the fence still holds: `None` without region fencing,
+    /// zero once it ran out (or was never confirmed).
+    pub(crate) fn remaining(&self) -> Option<std::time::Duration> {
+        match *self.until.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => None,
+            Some(Some(t)) => Some(t.saturating_duration_since(std::time::Instant::now())),
+            Some(None) => Some(std::time::Duration::ZERO),
+        }
+    }
+
+    /// `Err` with the reason when a commit must not happen now.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match *self.until.lock().unwrap_or_else(|p| p.into_inner()) {
+            None => Ok(()),
+            Some(Some(t)) if std::time::Instant::now() < t => Ok(()),
+            Some(_) => Err(
+                "the region lease has not been confirmed recently (global KV unreachable, or another region is primary)".into(),
+            ),
+        }
     }
 }

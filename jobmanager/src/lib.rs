@@ -1,24 +1,41 @@
 //! The JobManager: owns jobs (submission, lifecycle, restart strategy), the
 //! checkpoint coordinator, savepoints, metrics, and the REST API.
 //!
-//! Invariant: a job's state changes only through [`state::JobState::transition`],
-//! and only the coordinator of a job writes its manifests.
+//! Modules, each using only modules listed before it (so no import cycle):
+//! `state` (the lifecycle table), `error`, `leadership` (role and fences),
+//! `restart` (strategies), `model` (what the API takes and returns),
+//! `taskmanagers` and `deployment` (where tasks run), `metrics`, `job` (one
+//! job and every change of its state), `store` (the job store),
+//! `checkpoint` (snapshot coordination), `attempt` (one deployment),
+//! `driver` (a job's lifetime), `service` (the [`JobManager`] handle and its
+//! job operations), `handover` (leadership changes), `regions` (the
+//! cross-region side), `ha` (the region's election), `api` (REST).
+//!
+//! Invariant: a job's state changes only in the `job` module's one
+//! transition function (along [`state::JobState::can_transition`] for the
+//! jobs this instance drives), and only the checkpoint coordinator of a job,
+//! under the leader's epoch, writes its manifests.
 
 pub mod api;
-pub mod coordinator;
+mod attempt;
+mod checkpoint;
 mod deployment;
+mod driver;
 pub mod error;
 pub mod ha;
-pub mod jobs;
+mod handover;
+mod job;
 pub mod leadership;
 pub mod metrics;
+pub mod model;
+mod regions;
 pub mod restart;
 pub mod service;
 pub mod state;
+pub mod store;
 pub mod taskmanagers;
 
 pub use error::JmError;
-pub use service::{
-    CheckpointInfo, CompletedCheckpoint, JobInfo, JobManager, JobManagerConfig, SavepointInfo,
-};
+pub use model::{CheckpointInfo, CompletedCheckpoint, JobInfo, JobManagerConfig, SavepointInfo};
+pub use service::JobManager;
 pub use state::JobState;

@@ -1,5 +1,10 @@
 //! The job lifecycle as an explicit state machine: every allowed transition
 //! is listed in [`JobState::can_transition`], nowhere else.
+//!
+//! The table binds the JobManager that drives a job. A JobManager that only
+//! mirrors a job from the job store (a standby) copies the state the driver
+//! recorded, which may skip steps it did not see; that copy is the one
+//! other, documented path (`job::JobEntry::mirror`).
 
 use std::fmt;
 

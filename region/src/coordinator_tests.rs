@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ferry_core::api::{RegionRole, SavepointRef};
 use ferry_core::manifest::{
-    MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SnapshotKind, savepoint_dir, write_manifest,
+    MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SnapshotKind, snapshot_dir, write_manifest,
 };
 use ferry_core::storage::StorageLocation;
 use ferry_core::{CheckpointId, JmEpoch, JobId, RegionEpoch};
@@ -156,7 +156,11 @@ impl RegionJobs for FakeJobs {
         }
         self.running.store(false, Ordering::SeqCst);
         let n = 42;
-        let dir = self.stores[target].child(&savepoint_dir(&self.job, &format!("savepoint-{n}")));
+        let dir = self.stores[target].child(&snapshot_dir(
+            &self.job,
+            SnapshotKind::Savepoint,
+            CheckpointId(n),
+        ));
         let m = manifest(self.job, n, SnapshotKind::Savepoint, 1);
         write_manifest(&dir, &m).await.unwrap();
         if let Some(flag) = self.after_savepoints.lock().unwrap().as_ref() {

@@ -20,6 +20,7 @@ use ferry_core::RegionEpoch;
 use ferry_core::api::{Diverged, DivergenceBase as Base, JobDivergence};
 use ferry_core::manifest::{
     MANIFEST_FILE, Manifest, checkpoint_dir, job_dir, list_checkpoint_ids, read_manifest,
+    savepoint_dir, savepoint_number, savepoints_root,
 };
 use ferry_core::storage::StorageLocation;
 
@@ -68,13 +69,9 @@ async fn snapshot_dirs(
         .into_iter()
         .map(|id| (id.0, checkpoint_dir(job, id)))
         .collect();
-    let sp_root = format!("{}/savepoints", job_dir(job));
-    for name in store.list_dirs(&sp_root).await? {
-        if let Some(n) = name
-            .strip_prefix("savepoint-")
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            out.push((n, format!("{sp_root}/{name}")));
+    for name in store.list_dirs(&savepoints_root(job)).await? {
+        if let Some(n) = savepoint_number(&name) {
+            out.push((n.0, savepoint_dir(job, &name)));
         }
     }
     out.sort();

@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use ferry_core::manifest::{
-    MANIFEST_FILE, Manifest, checkpoint_dir, checkpoints_root, job_dir, list_checkpoint_ids,
+    MANIFEST_FILE, Manifest, checkpoint_dir, job_dir, list_checkpoint_ids, savepoint_dir,
+    savepoints_root,
 };
 use ferry_core::storage::{StorageLocation, sha256_hex};
 use ferry_core::{CheckpointId, CoreError, JobId};
@@ -263,9 +264,8 @@ pub async fn replicate_job(
         target.put(&status_rel, status).await?;
     }
     let mut dirs: Vec<String> = Vec::new();
-    let sp_root = format!("{}/savepoints", job_dir(job));
-    for name in source.list_dirs(&sp_root).await? {
-        dirs.push(format!("{sp_root}/{name}"));
+    for name in source.list_dirs(&savepoints_root(job)).await? {
+        dirs.push(savepoint_dir(job, &name));
     }
     let ids = list_checkpoint_ids(source, job).await?;
     let mut complete_src = Vec::new();
@@ -293,9 +293,7 @@ pub async fn replicate_job(
         let newest_dst = out.newest().map(|c| c.checkpoint);
         for id in list_checkpoint_ids(target, job).await? {
             if id < *oldest && Some(id.0) != newest_dst {
-                target
-                    .delete_prefix(&format!("{}/{}", checkpoints_root(job), id))
-                    .await?;
+                target.delete_prefix(&checkpoint_dir(job, id)).await?;
                 out.removed.push(id.0);
             }
         }

@@ -19,8 +19,8 @@
 use std::time::Duration;
 
 use ferry_core::api::{DivergenceReport, JobDivergence, SavepointRef, SwitchoverReport};
-use ferry_core::manifest::{MANIFEST_FILE, savepoint_dir};
-use ferry_core::{JobId, RegionEpoch};
+use ferry_core::manifest::{MANIFEST_FILE, SnapshotKind, snapshot_dir};
+use ferry_core::{CheckpointId, JobId, RegionEpoch};
 use tokio::time::Instant;
 
 use crate::coordinator::Coordinator;
@@ -273,7 +273,11 @@ impl Coordinator {
         // Every savepoint complete in the target before the lease moves.
         let deadline = Instant::now() + SAVEPOINT_WAIT;
         for sp in &savepoints {
-            let rel = savepoint_dir(&sp.job_id, &format!("savepoint-{}", sp.checkpoint_id));
+            let rel = snapshot_dir(
+                &sp.job_id,
+                SnapshotKind::Savepoint,
+                CheckpointId(sp.checkpoint_id),
+            );
             loop {
                 match target_store.child(&rel).size(MANIFEST_FILE).await {
                     Ok(Some(_)) => break,

@@ -414,7 +414,7 @@ async fn jobs(root: &StorageLocation, named: &[String]) -> anyhow::Result<Vec<Jo
             })
             .collect();
     }
-    Ok(ferry_jobmanager::jobs::job_ids(root).await?)
+    Ok(ferry_jobmanager::store::job_ids(root).await?)
 }
 
 async fn replicate(

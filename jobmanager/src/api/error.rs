@@ -257,7 +257,7 @@ mod tests {
             (
                 JmError::WrongState {
                     job: ferry_core::JobId::new(),
-                    state: crate::JobState::Finished,
+                    state: crate::state::JobState::Finished,
                     action: "it has already ended".into(),
                 },
                 StatusCode::CONFLICT,

@@ -11,7 +11,8 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody, ErrorDetail};
-use crate::service::{CheckpointInfo, JobInfo, JobManager, SavepointInfo};
+use crate::model::{CheckpointInfo, JobInfo, SavepointInfo};
+use crate::service::JobManager;
 
 /// Body of `GET /v1/jobs`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -1,0 +1,420 @@
+//! Checkpoint coordination of a job: triggering a snapshot (a barrier into
+//! every source task), completing it once every task acknowledged (the
+//! manifest, written create-only, then the commit), retention, snapshot
+//! numbering, and reading the completed ones back for the API.
+//!
+//! Invariant: a checkpoint exists once its manifest is written and only
+//! then are sinks told to commit; the manifest is written only after every
+//! task acknowledged, so every file it lists is durable.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use chrono::Utc;
+use ferry_core::CheckpointId;
+use ferry_core::manifest::{
+    MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint, checkpoint_dir,
+    list_checkpoint_ids, savepoint_dir, savepoint_number, savepoints_root, snapshot_dir,
+    write_manifest,
+};
+use ferry_taskmanager::protocol::{Barrier, TaskAck};
+use tokio::sync::oneshot;
+
+use crate::deployment::Deployment;
+use crate::error::JmError;
+use crate::job::JobEntry;
+use crate::metrics::Metrics;
+use crate::model::{CheckpointInfo, CompletedCheckpoint, SavepointInfo, manifest_info};
+
+/// What a snapshot is for; decides its kind and what the tasks do at its
+/// barrier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SnapshotRequest {
+    /// A periodic checkpoint: sinks close their transaction, tasks go on.
+    Checkpoint,
+    /// A savepoint. With `stop` (stop-with-savepoint) sinks close their
+    /// transaction and the tasks stop once it completes; an intermediate
+    /// savepoint keeps the open transaction open.
+    Savepoint { stop: bool },
+    /// The final checkpoint of a bounded job whose sources all ended:
+    /// sinks close, tasks stop, and the manifest is marked finished.
+    Final,
+}
+
+impl SnapshotRequest {
+    fn kind(self) -> SnapshotKind {
+        match self {
+            SnapshotRequest::Checkpoint | SnapshotRequest::Final => SnapshotKind::Checkpoint,
+            SnapshotRequest::Savepoint { .. } => SnapshotKind::Savepoint,
+        }
+    }
+
+    fn close_txn(self) -> bool {
+        match self {
+            SnapshotRequest::Checkpoint | SnapshotRequest::Final => true,
+            SnapshotRequest::Savepoint { stop } => stop,
+        }
+    }
+
+    fn stop(self) -> bool {
+        match self {
+            SnapshotRequest::Checkpoint => false,
+            SnapshotRequest::Savepoint { stop } => stop,
+            SnapshotRequest::Final => true,
+        }
+    }
+
+    fn finished(self) -> bool {
+        self == SnapshotRequest::Final
+    }
+}
+
+/// A snapshot waiting for acknowledgements.
+pub(crate) struct Pending {
+    pub(crate) barrier: Barrier,
+    /// The snapshot's span, from trigger to manifest (or failure): entered
+    /// when the barrier is sent and while the manifest is written, so it
+    /// ends there. `outcome` is recorded at the end.
+    pub(crate) span: tracing::Span,
+    pub(crate) started: Instant,
+    pub(crate) acks: Vec<TaskAck>,
+    pub(crate) finished: bool,
+    pub(crate) reply: Option<Reply>,
+}
+
+/// Who waits for a savepoint.
+pub(crate) enum Reply {
+    Savepoint(oneshot::Sender<Result<SavepointInfo, JmError>>),
+    Stop(oneshot::Sender<Result<Option<SavepointInfo>, JmError>>),
+}
+
+impl Reply {
+    /// The snapshot this caller asked for.
+    pub(crate) fn request(&self) -> SnapshotRequest {
+        SnapshotRequest::Savepoint {
+            stop: matches!(self, Reply::Stop(_)),
+        }
+    }
+}
+
+/// Tells whoever waits for a snapshot that it failed.
+pub(crate) fn fail_reply(reply: Option<Reply>, err: JmError) {
+    match reply {
+        Some(Reply::Savepoint(r)) => drop(r.send(Err(err))),
+        Some(Reply::Stop(r)) => drop(r.send(Err(err))),
+        None => {}
+    }
+}
+
+/// Sends the barrier of snapshot `next_id` (numbering on from there) to
+/// every source task.
+pub(crate) fn trigger(
+    job: &JobEntry,
+    deployed: &Deployment,
+    next_id: &mut CheckpointId,
+    request: SnapshotRequest,
+    reply: Option<Reply>,
+) -> Pending {
+    let id = *next_id;
+    *next_id = id.next();
+    let kind = request.kind();
+    let barrier = Barrier {
+        id,
+        kind,
+        close_txn: request.close_txn(),
+        stop: request.stop(),
+        dir: job.root.child(&snapshot_dir(&job.id, kind, id)),
+    };
+    let span = tracing::info_span!(
+        "checkpoint",
+        job = %job.id,
+        checkpoint = id.0,
+        kind = ?kind,
+        tasks = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    span.in_scope(|| {
+        tracing::debug!(job = %job.id, checkpoint = %id, ?kind, "triggering snapshot");
+        deployed.trigger(&barrier);
+    });
+    Pending {
+        barrier,
+        span,
+        started: Instant::now(),
+        acks: Vec::new(),
+        finished: request.finished(),
+        reply,
+    }
+}
+
+/// Writes the manifest of a fully acknowledged snapshot and tells the tasks
+/// to commit; applies retention.
+#[tracing::instrument(
+    name = "checkpoint.complete",
+    parent = &p.span,
+    skip_all,
+    fields(job = %job.id, checkpoint = p.barrier.id.0, size_bytes = tracing::field::Empty)
+)]
+pub(crate) async fn complete_checkpoint(
+    job: &JobEntry,
+    deployed: &Deployment,
+    p: &Pending,
+    metrics: &Metrics,
+) -> Result<SavepointInfo, String> {
+    let mut files = Vec::new();
+    let mut offsets = BTreeMap::new();
+    let mut txns = Vec::new();
+    for a in &p.acks {
+        files.extend(a.files.iter().cloned());
+        offsets.extend(a.source_offsets.clone());
+        txns.extend(a.sink_transactions.iter().cloned());
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    // Fenced: only a JobManager that leads right now may complete a
+    // checkpoint, and the manifest records under which epoch it did.
+    let Some(epoch) = job.leadership.fence() else {
+        return Err(format!(
+            "checkpoint {} abandoned: this JobManager no longer holds the leader lease",
+            p.barrier.id
+        ));
+    };
+    let duration = p.started.elapsed();
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        job_id: job.id,
+        job_name: job.spec.metadata.name.clone(),
+        checkpoint_id: p.barrier.id,
+        kind: p.barrier.kind,
+        created_at: Utc::now(),
+        jm_epoch: epoch,
+        region_epoch: job.region_epoch.load(std::sync::atomic::Ordering::Relaxed),
+        parallelism: job.spec.spec.parallelism,
+        watermark: p.acks.iter().map(|a| a.watermark).min().unwrap_or(i64::MIN),
+        records_in: p.acks.iter().map(|a| a.records_in).sum(),
+        records_out: p.acks.iter().map(|a| a.records_out).sum(),
+        finished: p.finished,
+        duration_ms: duration.as_millis() as u64,
+        files,
+        source_offsets: offsets,
+        sink_transactions: txns,
+        restored_from: *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()),
+    };
+    // Fenced across regions too: a region that may have lost the primary
+    // role writes no checkpoint of the old region epoch.
+    job.region_fence
+        .check()
+        .map_err(|e| format!("checkpoint {} abandoned: {e}", p.barrier.id))?;
+    p.span.record("tasks", p.acks.len());
+    tracing::Span::current().record("size_bytes", manifest.total_size());
+    write_manifest(&p.barrier.dir, &manifest)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The write may have taken long enough for the lease to lapse: then the
+    // tasks must not commit their output for it (a new leader may already
+    // have restored from the previous checkpoint).
+    if job.leadership.fence() != Some(epoch) {
+        return Err(format!(
+            "checkpoint {} written, but the leader lease lapsed meanwhile: the sinks do not commit it; the next leader decides",
+            p.barrier.id
+        ));
+    }
+    if let Err(e) = job.region_fence.check() {
+        return Err(format!(
+            "checkpoint {} written, but the sinks do not commit it: {e}",
+            p.barrier.id
+        ));
+    }
+    deployed.complete(p.barrier.id, manifest.region_epoch);
+    let labels = Metrics::job(&job.id.to_string());
+    metrics.checkpoints_completed.get_or_create(&labels).inc();
+    metrics
+        .checkpoint_duration
+        .get_or_create(&labels)
+        .observe(duration.as_secs_f64());
+    metrics
+        .checkpoint_size
+        .get_or_create(&labels)
+        .set(manifest.total_size() as i64);
+    let sync: f64 = p.acks.iter().map(|a| a.sync_duration.as_secs_f64()).sum();
+    let upload: f64 = p.acks.iter().map(|a| a.async_duration.as_secs_f64()).sum();
+    metrics
+        .checkpoint_sync_seconds
+        .get_or_create(&labels)
+        .inc_by(sync);
+    metrics
+        .checkpoint_async_seconds
+        .get_or_create(&labels)
+        .inc_by(upload);
+    metrics
+        .last_checkpoint_timestamp
+        .get_or_create(&labels)
+        .set(Utc::now().timestamp());
+    let info = manifest_info(&manifest, &p.barrier.dir);
+    let _ = job.completed.send(CompletedCheckpoint {
+        job: job.id,
+        root: job.root.clone(),
+        dir: snapshot_dir(&job.id, p.barrier.kind, p.barrier.id),
+        checkpoint: p.barrier.id.0,
+        savepoint: p.barrier.kind == SnapshotKind::Savepoint,
+        completed_at: manifest.created_at,
+        records_in: manifest.records_in,
+        watermark: manifest.watermark,
+    });
+    tracing::info!(
+        job = %job.id,
+        checkpoint = %p.barrier.id,
+        kind = ?p.barrier.kind,
+        ms = duration.as_millis() as u64,
+        bytes = manifest.total_size(),
+        "snapshot completed"
+    );
+    job.status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last_checkpoint = Some(info);
+    job.touch();
+    if p.barrier.kind == SnapshotKind::Checkpoint
+        && let Err(e) = retain(job, p.barrier.id).await
+    {
+        tracing::warn!(job = %job.id, "checkpoint retention failed: {e}");
+    }
+    Ok(SavepointInfo {
+        job_id: job.id,
+        checkpoint_id: p.barrier.id.0,
+        path: p.barrier.dir.url().to_string(),
+    })
+}
+
+/// Keeps the newest `retained` complete checkpoints up to `completed`;
+/// deletes older directories (complete or not).
+async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
+    let keep = job.spec.spec.checkpointing.retained.max(1) as usize;
+    let ids = list_checkpoint_ids(&job.root, &job.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut complete = Vec::new();
+    for id in ids.iter().filter(|i| **i <= completed) {
+        let dir = job.root.child(&checkpoint_dir(&job.id, *id));
+        if dir
+            .size(MANIFEST_FILE)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            complete.push(*id);
+        }
+    }
+    if complete.len() <= keep {
+        return Ok(());
+    }
+    let oldest_kept = complete[complete.len() - keep];
+    for id in ids.iter().filter(|i| **i < oldest_kept) {
+        job.root
+            .delete_prefix(&checkpoint_dir(&job.id, *id))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The first checkpoint number of a deployment: above every number that
+/// has a directory, so no number is ever reused.
+pub(crate) async fn next_checkpoint_id(
+    job: &JobEntry,
+    restored: Option<&VerifiedCheckpoint>,
+) -> Result<CheckpointId, JmError> {
+    let highest = list_checkpoint_ids(&job.root, &job.id)
+        .await?
+        .last()
+        .copied()
+        .unwrap_or_default();
+    let restored = restored
+        .map(|c| c.manifest.checkpoint_id)
+        .unwrap_or_default();
+    let mut sp_high = CheckpointId(0);
+    for name in job.root.list_dirs(&savepoints_root(&job.id)).await? {
+        if let Some(n) = savepoint_number(&name) {
+            sp_high = sp_high.max(n);
+        }
+    }
+    Ok(highest.max(restored).max(sp_high).next())
+}
+
+/// `restored_from` of the job's newest checkpoint, if any.
+pub(crate) async fn newest_lineage(job: &JobEntry) -> Option<u64> {
+    let ids = list_checkpoint_ids(&job.root, &job.id).await.ok()?;
+    for id in ids.iter().rev() {
+        let dir = job.root.child(&checkpoint_dir(&job.id, *id));
+        if let Ok(Some(m)) = ferry_core::manifest::read_manifest(&dir).await {
+            return m.restored_from;
+        }
+    }
+    None
+}
+
+/// Completed checkpoints and savepoints of a job, newest first.
+pub(crate) async fn completed(job: &JobEntry) -> Result<Vec<CheckpointInfo>, JmError> {
+    let mut dirs: Vec<String> = list_checkpoint_ids(&job.root, &job.id)
+        .await?
+        .into_iter()
+        .map(|cp| checkpoint_dir(&job.id, cp))
+        .collect();
+    for name in job.root.list_dirs(&savepoints_root(&job.id)).await? {
+        dirs.push(savepoint_dir(&job.id, &name));
+    }
+    let mut out = Vec::new();
+    for rel in dirs {
+        let dir = job.root.child(&rel);
+        // A directory without a readable manifest is not a checkpoint.
+        if let Some(raw) = dir.get_opt(MANIFEST_FILE).await?
+            && let Ok(m) = serde_json::from_slice::<Manifest>(&raw)
+        {
+            out.push(manifest_info(&m, &dir));
+        }
+    }
+    out.sort_by_key(|c| std::cmp::Reverse(c.id));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_set_the_barrier_as_the_boolean_arguments_did() {
+        use SnapshotKind::{Checkpoint, Savepoint};
+        // (kind, close_txn, stop, finished) as the call sites passed them.
+        let cases = [
+            (
+                SnapshotRequest::Checkpoint,
+                (Checkpoint, true, false, false),
+            ),
+            (
+                SnapshotRequest::Savepoint { stop: false },
+                (Savepoint, false, false, false),
+            ),
+            (
+                SnapshotRequest::Savepoint { stop: true },
+                (Savepoint, true, true, false),
+            ),
+            (SnapshotRequest::Final, (Checkpoint, true, true, true)),
+        ];
+        for (r, want) in cases {
+            assert_eq!(
+                (r.kind(), r.close_txn(), r.stop(), r.finished()),
+                want,
+                "{r:?}"
+            );
+        }
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(
+            Reply::Stop(tx).request(),
+            SnapshotRequest::Savepoint { stop: true }
+        );
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(
+            Reply::Savepoint(tx).request(),
+            SnapshotRequest::Savepoint { stop: false }
+        );
+    }
+}

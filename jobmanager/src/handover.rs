@@ -1,0 +1,149 @@
+//! Leadership operations: what this JobManager does when its role changes.
+//! A new leader adopts every job of the job store ([`JobManager::lead`]), a
+//! leader that loses the lease stops driving at once
+//! ([`JobManager::step_down`]), a standby mirrors the store for reads
+//! ([`JobManager::refresh_from_store`]), and a region that loses or wins the
+//! primary role demotes or promotes its jobs.
+//!
+//! Invariant: a JobManager drives a job only while it leads: adoption stops
+//! as soon as the fence is gone, and stepping down abandons every driven
+//! job (writing nothing) before it returns.
+
+use std::sync::Arc;
+
+use crate::error::JmError;
+use crate::job::JobEntry;
+use crate::model::SubmitOptions;
+use crate::service::JobManager;
+use crate::store::read_store;
+
+impl JobManager {
+    /// Takes over every job of the job store after winning the leadership
+    /// at `epoch`: jobs that had not ended are resumed from their newest
+    /// verified checkpoint; ended ones are listed. Returns how many resumed.
+    pub async fn lead(&self, epoch: u64) -> Result<usize, JmError> {
+        let stored = read_store(&self.store()?, |_| None).await?;
+        let mut resumed = 0;
+        for (spec, status) in stored {
+            if self.inner.leadership.fence().is_none() {
+                break;
+            }
+            let id = status.job.id;
+            let driven = self
+                .inner
+                .entry(&id)
+                .is_some_and(|j| j.driven() && !j.abandon.is_cancelled());
+            if driven {
+                continue;
+            }
+            let root = self.storage_root(&spec)?;
+            // A standby region's store holds replicated jobs: they run
+            // only in the primary region.
+            // A job a switchover moved away is CANCELLED here but resumes
+            // when this region is primary again.
+            let passive = (status.job.state.is_terminal() && status.job.moved_to.is_none())
+                || self.inner.standby().is_some();
+            let opts = SubmitOptions {
+                job_id: Some(id),
+                from_savepoint: None,
+                resume: true,
+            };
+            if !passive {
+                tracing::info!(job = %id, name = %spec.metadata.name, epoch, state = %status.job.state, "adopting job: resuming it from its newest checkpoint");
+                resumed += 1;
+            }
+            self.start(spec, root, opts, Some((status, passive)))?;
+        }
+        Ok(resumed)
+    }
+
+    /// Stops driving every job at once, writing nothing (the leadership is
+    /// lost or being handed over): the next leader resumes them from their
+    /// checkpoints. Returns once the drivers have let go of their tasks.
+    pub async fn step_down(&self) {
+        let jobs: Vec<Arc<JobEntry>> = self.inner.all();
+        let mut waits = Vec::new();
+        for job in jobs.into_iter().filter(|j| j.driven()) {
+            job.abandon.cancel();
+            let mut rx = job.running.subscribe();
+            waits.push(async move {
+                let _ = rx.wait_for(|r| !*r).await;
+            });
+        }
+        let n = waits.len();
+        let started = std::time::Instant::now();
+        if tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::future::join_all(waits),
+        )
+        .await
+        .is_err()
+        {
+            tracing::error!("stepping down: some job drivers did not stop within 10 s");
+        }
+        if n > 0 {
+            tracing::info!(
+                jobs = n,
+                ms = started.elapsed().as_millis() as u64,
+                "stepped down: no longer driving any job"
+            );
+        }
+    }
+
+    /// Refreshes the list of jobs from the job store (standbys serve reads
+    /// from it).
+    pub async fn refresh_from_store(&self) -> Result<(), JmError> {
+        let stored = read_store(&self.store()?, |id| self.inner.entry(id)).await?;
+        for (spec, status) in stored {
+            let id = status.job.id;
+            let existing = self.inner.entry(&id);
+            match existing {
+                Some(j) if j.driven() => continue,
+                Some(j) => j.mirror(status.job),
+                None => {
+                    let root = self.storage_root(&spec)?;
+                    let opts = SubmitOptions {
+                        job_id: Some(id),
+                        ..SubmitOptions::default()
+                    };
+                    self.start(spec, root, opts, Some((status, true)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This region lost the primary role to `primary`: every job stops here
+    /// and its tasks are cancelled (not left for a next leader), nothing
+    /// more is written for them, and no job is accepted. Returns once the
+    /// drivers have stopped.
+    #[tracing::instrument(name = "region.demote", skip(self))]
+    pub async fn demote(&self, region: &str, primary: &str) {
+        self.inner.region_fence.revoke();
+        self.set_standby_region(region, primary);
+        self.inner
+            .demoting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.step_down().await;
+        self.inner
+            .demoting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This region became the primary: if this instance leads its region,
+    /// it starts every unfinished job of its store from its newest
+    /// (replicated) checkpoint. Returns how many it started.
+    #[tracing::instrument(name = "region.promote", skip(self))]
+    pub async fn promote(&self) -> Result<usize, JmError> {
+        *self
+            .inner
+            .standby_region
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        self.inner.metrics.region_is_primary.set(1);
+        match self.inner.leadership.fence() {
+            Some(epoch) => self.lead(epoch).await,
+            None => Ok(0),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The cross-region side of a JobManager: whether its region is the
+//! primary or a standby (and of which primary), the region lease as the
+//! commit fence, the hooks the binary wires in from the region coordinator
+//! (failover, failback, drills' outages, the `/v1/regions` view), the
+//! switchover's stop-with-savepoint of every job, completed-checkpoint
+//! announcements for the replicator, and failover drill reports.
+//!
+//! Invariant: while this region is a standby (from `set_standby_region`
+//! until `promote` clears it) it accepts no job and starts none: submission
+//! refuses, and a leader only mirrors the jobs of its store.
+
+use ferry_core::JobId;
+
+use crate::error::JmError;
+use crate::model::{CompletedCheckpoint, JobEnded, RegionControl, RegionsView, SavepointInfo};
+use crate::service::JobManager;
+
+impl JobManager {
+    /// Makes this JobManager's region a standby of `primary`: it accepts no
+    /// job and starts none of the jobs replicated into its store. Set once,
+    /// before leading.
+    pub fn set_standby_region(&self, region: &str, primary: &str) {
+        self.inner.metrics.region_is_primary.set(0);
+        *self
+            .inner
+            .standby_region
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some((region.to_string(), primary.to_string()));
+    }
+
+    /// True while this region is a standby.
+    pub fn is_standby_region(&self) -> bool {
+        self.inner.standby().is_some()
+    }
+
+    /// The primary region this standby region follows (`None` while this
+    /// region is the primary).
+    pub fn standby_of(&self) -> Option<String> {
+        self.inner.standby().map(|(_, p)| p)
+    }
+
+    /// Fences checkpoint commits with the region lease: from now on a
+    /// checkpoint completes only within `valid_for` of the last
+    /// [`confirm_region_lease`](Self::confirm_region_lease).
+    pub fn enable_region_fence(&self) {
+        self.inner.region_fence.enable();
+    }
+
+    /// A compare-and-set renewal of the region lease just confirmed this
+    /// region as the primary under `epoch`: it accepts jobs, commits may go
+    /// on for `valid_for`, and the region's TaskManagers hear it (their
+    /// tasks stop by themselves when it runs out).
+    pub fn confirm_region_lease(&self, epoch: u64, valid_for: std::time::Duration) {
+        self.set_region_epoch(epoch);
+        self.inner.region_fence.confirm(valid_for);
+        if let Some(pool) = self.inner.taskmanagers.get() {
+            pool.renew_fence(epoch, valid_for);
+        }
+        if self.inner.standby().is_some() {
+            *self
+                .inner
+                .standby_region
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// The region epoch new checkpoint manifests record.
+    pub fn set_region_epoch(&self, epoch: u64) {
+        self.inner
+            .region_epoch
+            .store(epoch, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets what `POST /v1/regions/{name}/failover` runs.
+    pub fn set_region_control(&self, control: RegionControl) {
+        let _ = self.inner.region_control.set(control);
+    }
+
+    fn region_ops(&self) -> Result<RegionControl, JmError> {
+        self.inner.region_control.get().cloned().ok_or_else(|| JmError::Region {
+            kind: ferry_core::api::RegionErrorKind::NotConfigured,
+            message: "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)".into(),
+        })
+    }
+
+    /// Moves the primary role to `target` (see [`RegionOps::failover`](crate::model::RegionOps::failover)).
+    pub async fn region_failover(
+        &self,
+        target: String,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<ferry_core::api::SwitchoverReport, JmError> {
+        let ops = self.region_ops()?;
+        Ok(ops.failover(target, force, dry_run).await?)
+    }
+
+    /// Moves the jobs back to `target` (see [`RegionOps::failback`](crate::model::RegionOps::failback)).
+    pub async fn region_failback(
+        &self,
+        target: String,
+        dry_run: bool,
+        wait: std::time::Duration,
+    ) -> Result<ferry_core::api::SwitchoverReport, JmError> {
+        let ops = self.region_ops()?;
+        Ok(ops.failback(target, dry_run, wait).await?)
+    }
+
+    /// Starts (`Some`) or ends (`None`) a simulated outage of this region
+    /// (see [`RegionOps::outage`](crate::model::RegionOps::outage)).
+    pub async fn region_outage(
+        &self,
+        start: Option<(std::time::Duration, Option<String>)>,
+    ) -> Result<ferry_core::api::OutageReport, JmError> {
+        let ops = self.region_ops()?;
+        Ok(ops.outage(start).await?)
+    }
+
+    /// Stops every running job with a savepoint for a planned switchover
+    /// to `target` (their status records `moved_to`).
+    pub async fn stop_all_with_savepoints(
+        &self,
+        target: &str,
+    ) -> Vec<(JobId, Result<SavepointInfo, JmError>)> {
+        let mut out = Vec::new();
+        for job in self.inner.all() {
+            if job.state().is_terminal() || !job.driven() {
+                continue;
+            }
+            job.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .moved_to = Some(target.to_string());
+            let r = self
+                .cancel(&job.id.to_string(), true)
+                .await
+                .and_then(|(_, sp)| {
+                    sp.ok_or_else(|| JmError::Runtime("no savepoint was taken".into()))
+                });
+            out.push((job.id, r));
+        }
+        out
+    }
+
+    /// Sets what `/v1/regions` reports.
+    pub fn set_regions_view(&self, view: RegionsView) {
+        let _ = self.inner.regions_view.set(view);
+    }
+
+    /// The `/v1/regions` body: the cross-region view, or that replication
+    /// is not configured.
+    pub fn regions(&self) -> ferry_core::api::RegionsStatus {
+        match self.inner.regions_view.get() {
+            Some(v) => v(),
+            None => ferry_core::api::RegionsStatus {
+                region: self.inner.leadership.ha_context().map(|c| c.region.clone()),
+                instance: self.instance_id().to_string(),
+                region_role: None,
+                primary: None,
+                epoch: ferry_core::RegionEpoch::NONE,
+                home: None,
+                global_reachable: None,
+                regions: Vec::new(),
+                standbys: Vec::new(),
+                verified: Default::default(),
+                note: Some(
+                    "cross-region replication is not configured (regions.stores, see docs/config.md)"
+                        .into(),
+                ),
+            },
+        }
+    }
+
+    /// Every job whose final status reaches the job store from now on.
+    pub fn subscribe_ended(&self) -> tokio::sync::broadcast::Receiver<JobEnded> {
+        self.inner.ended.subscribe()
+    }
+
+    /// Every checkpoint and savepoint this JobManager completes from now on
+    /// (a slow receiver misses the oldest ones and is told how many).
+    pub fn subscribe_completed(&self) -> tokio::sync::broadcast::Receiver<CompletedCheckpoint> {
+        self.inner.completed.subscribe()
+    }
+
+    /// Records the report of a failover drill (`ferry drill run`) in this
+    /// region's store under `drills/<id>.json` and in the drill metrics.
+    /// The report must carry `id` (letters, digits, `-`), `passed` and
+    /// `rto_ms`.
+    pub async fn record_drill(
+        &self,
+        report: serde_json::Value,
+    ) -> Result<serde_json::Value, JmError> {
+        let id = report["id"].as_str().unwrap_or_default().to_string();
+        if id.is_empty()
+            || id.len() > 64
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(JmError::BadRequest(
+                "a drill report needs an \"id\" of 1 to 64 letters, digits or '-'".into(),
+            ));
+        }
+        let Some(passed) = report["passed"].as_bool() else {
+            return Err(JmError::BadRequest(
+                "a drill report needs \"passed\": true or false".into(),
+            ));
+        };
+        let rto_ms = report["rto_ms"].as_f64();
+        let store = self.inner.store.clone().map_err(JmError::Runtime)?;
+        let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
+        store
+            .put(&format!("drills/{id}.json"), bytes::Bytes::from(body))
+            .await?;
+        let m = &self.inner.metrics;
+        if let Some(rto) = rto_ms {
+            m.drill_last_rto_seconds.set(rto / 1000.0);
+        }
+        m.drill_last_passed.set(i64::from(passed));
+        m.drills
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: if passed { "pass" } else { "fail" }.into(),
+            })
+            .inc();
+        tracing::info!(drill = %id, passed, rto_ms = ?rto_ms, "failover drill recorded");
+        Ok(report)
+    }
+
+    /// Drill reports recorded in this region's store, newest first.
+    pub async fn drills(&self) -> Result<Vec<serde_json::Value>, JmError> {
+        let store = self.inner.store.clone().map_err(JmError::Runtime)?;
+        let mut out = Vec::new();
+        for (name, _) in store.list_files("drills").await? {
+            if !name.ends_with(".json") {
+                continue;
+            }
+            if let Some(raw) = store.get_opt(&format!("drills/{name}")).await? {
+                match serde_json::from_slice::<serde_json::Value>(&raw) {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        tracing::warn!(file = %name, "skipping an unreadable drill report: {e}")
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| {
+            b["started_at"]
+                .as_str()
+                .unwrap_or_default()
+                .cmp(a["started_at"].as_str().unwrap_or_default())
+        });
+        Ok(out)
+    }
+
+    /// One drill report by id.
+    pub async fn drill(&self, id: &str) -> Result<serde_json::Value, JmError> {
+        let not_found = || {
+            JmError::Missing(format!(
+                "drill '{id}' not found; list drills with GET /v1/drills"
+            ))
+        };
+        if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(not_found());
+        }
+        let store = self.inner.store.clone().map_err(JmError::Runtime)?;
+        let raw = store
+            .get_opt(&format!("drills/{id}.json"))
+            .await?
+            .ok_or_else(not_found)?;
+        serde_json::from_slice(&raw)
+            .map_err(|e| JmError::Runtime(format!("drill {id}: unreadable report: {e}")))
+    }
+}
