@@ -122,9 +122,9 @@ pub struct Manifest {
     pub kind: SnapshotKind,
     pub created_at: DateTime<Utc>,
     /// Fencing epoch of the JobManager that completed it (0 in `ferry local`).
-    pub jm_epoch: u64,
+    pub jm_epoch: crate::JmEpoch,
     /// Region epoch at completion (0 without cross-region coordination).
-    pub region_epoch: u64,
+    pub region_epoch: crate::RegionEpoch,
     pub parallelism: u32,
     /// Lowest watermark over all tasks when the barrier passed (epoch ms).
     pub watermark: i64,

@@ -15,7 +15,6 @@
 //! stops `renew_deadline < ttl` after sending it. Only clock *rates* must
 //! agree, not clock readings.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,18 +28,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Coordination, Event, HaError};
 
 /// A fencing epoch: the KV revision at which a leader acquired the lease.
-/// Strictly greater for every later leader.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
-#[serde(transparent)]
-pub struct Epoch(pub u64);
-
-impl fmt::Display for Epoch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+/// Strictly greater for every later leader. (The JobManager epoch type of
+/// `ferry_core`, distinct from the region epoch.)
+pub use ferry_core::JmEpoch as Epoch;
 
 /// Timing and identity of a candidate.
 #[derive(Clone, Debug)]

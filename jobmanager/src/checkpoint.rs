@@ -187,7 +187,7 @@ pub(crate) async fn complete_checkpoint(
         kind: p.barrier.kind,
         created_at: Utc::now(),
         jm_epoch: epoch,
-        region_epoch: job.region_epoch.load(std::sync::atomic::Ordering::Relaxed),
+        region_epoch: job.region_epoch.get(),
         parallelism: job.spec.spec.parallelism,
         watermark: p.acks.iter().map(|a| a.watermark).min().unwrap_or(i64::MIN),
         records_in: p.acks.iter().map(|a| a.records_in).sum(),

@@ -10,8 +10,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_core::CheckpointId;
 use ferry_core::proto;
+use ferry_core::{CheckpointId, JmEpoch, RegionEpoch};
 use ferry_taskmanager::protocol::{Barrier, TaskCommand, TaskEvent, TaskId};
 use ferry_taskmanager::runtime::{Counters, DeployedJob};
 use ferry_taskmanager::wire::{RemoteEvent, kind_to_proto};
@@ -65,7 +65,7 @@ impl Deployment {
         }
     }
 
-    pub(crate) fn complete(&self, id: CheckpointId, region_epoch: u64) {
+    pub(crate) fn complete(&self, id: CheckpointId, region_epoch: RegionEpoch) {
         match self {
             Deployment::Local(d) => {
                 for t in &d.all {
@@ -142,7 +142,7 @@ impl Deployment {
 enum Command {
     Trigger(Barrier),
     /// Commit a checkpoint of a region epoch.
-    Complete(CheckpointId, u64),
+    Complete(CheckpointId, RegionEpoch),
 }
 
 /// A job's tasks on one TaskManager.
@@ -151,7 +151,7 @@ pub(crate) struct RemoteDeployment {
     pub(crate) tm: String,
     pub(crate) id: String,
     client: TmClient,
-    epoch: u64,
+    epoch: JmEpoch,
     sources: usize,
     events: mpsc::UnboundedReceiver<RemoteEvent>,
     counters: Arc<Mutex<Counters>>,
@@ -163,7 +163,7 @@ impl RemoteDeployment {
         pool: Arc<TaskManagers>,
         (tm, client): (String, TmClient),
         id: String,
-        epoch: u64,
+        epoch: JmEpoch,
         sources: usize,
         counters: Counters,
         events: mpsc::UnboundedReceiver<RemoteEvent>,
@@ -179,7 +179,7 @@ impl RemoteDeployment {
                         tokio::time::timeout(
                             RPC_TIMEOUT,
                             c.trigger(proto::TriggerRequest {
-                                epoch,
+                                epoch: epoch.0,
                                 deployment: dep.clone(),
                                 checkpoint: b.id.0,
                                 kind: kind_to_proto(b.kind) as i32,
@@ -196,10 +196,10 @@ impl RemoteDeployment {
                         tokio::time::timeout(
                             RPC_TIMEOUT,
                             c.complete(proto::CompleteRequest {
-                                epoch,
+                                epoch: epoch.0,
                                 deployment: dep.clone(),
                                 checkpoint: id.0,
-                                region_epoch,
+                                region_epoch: region_epoch.0,
                             }),
                         )
                         .await
@@ -236,7 +236,7 @@ impl RemoteDeployment {
         pool: &Arc<TaskManagers>,
         found: Found,
         events: mpsc::UnboundedReceiver<RemoteEvent>,
-        epoch: u64,
+        epoch: JmEpoch,
     ) -> Self {
         let st = &found.status;
         Self::new(
@@ -254,7 +254,7 @@ impl RemoteDeployment {
     pub(crate) async fn deploy(
         pool: &Arc<TaskManagers>,
         placed: Placement,
-        epoch: u64,
+        epoch: JmEpoch,
         req: proto::DeployRequest,
     ) -> Result<Self, tonic::Status> {
         let mut client = placed.client.clone();
@@ -292,7 +292,7 @@ impl RemoteDeployment {
         let r = tokio::time::timeout(
             RPC_TIMEOUT,
             self.client.clone().cancel(proto::CancelRequest {
-                epoch: self.epoch,
+                epoch: self.epoch.0,
                 deployment: self.id.clone(),
             }),
         )

@@ -321,7 +321,7 @@ async fn adopt(
     }
     // Only tasks of the current region epoch: tasks started under an
     // older one belong to a lineage another region may have continued.
-    let region_epoch = job.region_epoch.load(std::sync::atomic::Ordering::Relaxed);
+    let region_epoch = job.region_epoch.get();
     let (found, events) = pool.claim(&job.id, region_epoch)?;
     let last_barrier = found.status.last_barrier;
     tracing::info!(
@@ -374,13 +374,13 @@ async fn start_tasks(
             let tm = placed.tm.clone();
             let attempt = job.status.lock().unwrap_or_else(|p| p.into_inner()).attempt + 1;
             let req = ferry_core::proto::DeployRequest {
-                epoch,
+                epoch: epoch.0,
                 deployment: uuid::Uuid::now_v7().to_string(),
                 job_id: job.id.to_string(),
                 attempt,
                 spec: job.spec.to_yaml(),
                 restore_from: restore_url.clone(),
-                region_epoch: job.region_epoch.load(std::sync::atomic::Ordering::Relaxed),
+                region_epoch: job.region_epoch.get().0,
                 fence_ms: job
                     .region_fence
                     .remaining()

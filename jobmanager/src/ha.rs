@@ -117,7 +117,7 @@ impl JobManager {
         };
         h.region = Some(ctx.region.clone());
         h.heartbeat_failures = ctx.heartbeat_failures.load(Ordering::Relaxed);
-        h.epoch = l.fence();
+        h.epoch = l.fence().map(|e| e.0);
         h.leader = l.leader().map(LeaderView::from);
         if let Some(e) = l.elector()
             && h.epoch.is_some()
@@ -226,15 +226,15 @@ pub async fn run(
     let mut role = elector.role();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut leading: Option<u64> = None;
+    let mut leading: Option<ferry_core::JmEpoch> = None;
     let mut adopted = false;
     let metrics = jm.inner.metrics.clone();
     loop {
         let current = role.borrow_and_update().clone();
         match current {
             Role::Leader { epoch } => {
-                if leading != Some(epoch.0) {
-                    leading = Some(epoch.0);
+                if leading != Some(epoch) {
+                    leading = Some(epoch);
                     adopted = false;
                     leadership.set_leader(Some(LeaderInfo {
                         holder: s.instance_id.clone(),
@@ -253,7 +253,7 @@ pub async fn run(
                         epoch = epoch.0,
                         role = "leader"
                     );
-                    match jm.lead(epoch.0).instrument(span).await {
+                    match jm.lead(epoch).instrument(span).await {
                         Ok(n) => {
                             adopted = true;
                             tracing::info!(epoch = epoch.0, resumed = n, "leader ready");

@@ -21,7 +21,7 @@ impl JobManager {
     /// Takes over every job of the job store after winning the leadership
     /// at `epoch`: jobs that had not ended are resumed from their newest
     /// verified checkpoint; ended ones are listed. Returns how many resumed.
-    pub async fn lead(&self, epoch: u64) -> Result<usize, JmError> {
+    pub async fn lead(&self, epoch: ferry_core::JmEpoch) -> Result<usize, JmError> {
         let stored = read_store(&self.store()?, |_| None).await?;
         let mut resumed = 0;
         for (spec, status) in stored {
@@ -49,7 +49,7 @@ impl JobManager {
                 resume: true,
             };
             if !passive {
-                tracing::info!(job = %id, name = %spec.metadata.name, epoch, state = %status.job.state, "adopting job: resuming it from its newest checkpoint");
+                tracing::info!(job = %id, name = %spec.metadata.name, %epoch, state = %status.job.state, "adopting job: resuming it from its newest checkpoint");
                 resumed += 1;
             }
             self.start(spec, root, opts, Some((status, passive)))?;

@@ -104,7 +104,7 @@ pub(crate) struct JobEntry {
     /// The region is being demoted: stop tasks when abandoning.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch manifests record.
-    pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) region_epoch: Arc<crate::leadership::RegionEpochCell>,
     /// Checked before every checkpoint commit.
     pub(crate) region_fence: Arc<RegionFence>,
     /// The checkpoint the current deployment restored from (see

@@ -79,10 +79,10 @@ impl Leadership {
     }
 
     /// The epoch to act under, if this instance may write *now*.
-    pub fn fence(&self) -> Option<u64> {
+    pub fn fence(&self) -> Option<ferry_core::JmEpoch> {
         match &self.ha {
-            None => Some(0),
-            Some(_) => self.elector.get().and_then(|e| e.fence()).map(|e| e.0),
+            None => Some(ferry_core::JmEpoch(0)),
+            Some(_) => self.elector.get().and_then(|e| e.fence()),
         }
     }
 
@@ -172,5 +172,21 @@ impl RegionFence {
                 "the region lease has not been confirmed recently (global KV unreachable, or another region is primary)".into(),
             ),
         }
+    }
+}
+
+/// The region epoch this JobManager acts under (shared by its jobs: the
+/// manifests and commits carry it). `RegionEpoch::NONE` without a region
+/// lease.
+#[derive(Debug, Default)]
+pub(crate) struct RegionEpochCell(std::sync::atomic::AtomicU64);
+
+impl RegionEpochCell {
+    pub(crate) fn get(&self) -> ferry_core::RegionEpoch {
+        ferry_core::RegionEpoch(self.0.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set(&self, epoch: ferry_core::RegionEpoch) {
+        self.0.store(epoch.0, Ordering::Relaxed);
     }
 }

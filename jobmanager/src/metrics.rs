@@ -340,7 +340,7 @@ impl Metrics {
         use std::sync::atomic::Ordering::Relaxed;
         self.ha_is_leader.set(leading as i64);
         self.ha_epoch
-            .set(leadership.fence().filter(|_| leading).unwrap_or(0) as i64);
+            .set(leadership.fence().filter(|_| leading).map_or(0, |e| e.0) as i64);
         let changes = leadership.leader_changes.load(Relaxed);
         self.ha_leader_changes
             .inc_by(changes.saturating_sub(self.ha_leader_changes.get()));

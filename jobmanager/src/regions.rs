@@ -50,7 +50,11 @@ impl JobManager {
     /// region as the primary under `epoch`: it accepts jobs, commits may go
     /// on for `valid_for`, and the region's TaskManagers hear it (their
     /// tasks stop by themselves when it runs out).
-    pub fn confirm_region_lease(&self, epoch: u64, valid_for: std::time::Duration) {
+    pub fn confirm_region_lease(
+        &self,
+        epoch: ferry_core::RegionEpoch,
+        valid_for: std::time::Duration,
+    ) {
         self.set_region_epoch(epoch);
         self.inner.region_fence.confirm(valid_for);
         if let Some(pool) = self.inner.taskmanagers.get() {
@@ -66,10 +70,8 @@ impl JobManager {
     }
 
     /// The region epoch new checkpoint manifests record.
-    pub fn set_region_epoch(&self, epoch: u64) {
-        self.inner
-            .region_epoch
-            .store(epoch, std::sync::atomic::Ordering::Relaxed);
+    pub fn set_region_epoch(&self, epoch: ferry_core::RegionEpoch) {
+        self.inner.region_epoch.set(epoch);
     }
 
     /// Sets what `POST /v1/regions/{name}/failover` runs.

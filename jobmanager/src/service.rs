@@ -61,7 +61,7 @@ pub(crate) struct Inner {
     /// tasks instead of leaving them to a next leader.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
     /// The region epoch as last read (0 without a region lease).
-    pub(crate) region_epoch: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) region_epoch: Arc<crate::leadership::RegionEpochCell>,
     /// How long this region may still commit checkpoints.
     pub(crate) region_fence: Arc<RegionFence>,
     /// What `POST /v1/regions/{name}/failover` runs.

@@ -36,7 +36,7 @@ const STATUS_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 pub struct StoredStatus {
     pub job: JobInfo,
     /// Fencing epoch of the leader that wrote this (0 in embedded mode).
-    pub jm_epoch: u64,
+    pub jm_epoch: ferry_core::JmEpoch,
     /// Instance that wrote it.
     pub instance: String,
     pub updated_at: DateTime<Utc>,
@@ -175,7 +175,7 @@ fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
             output: None,
             checkpoint_root: String::new(),
         },
-        jm_epoch: 0,
+        jm_epoch: ferry_core::JmEpoch(0),
         instance: String::new(),
         updated_at: Utc::now(),
     }

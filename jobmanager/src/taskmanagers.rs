@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_core::JobId;
 use ferry_core::proto::{self, task_manager_client::TaskManagerClient};
+use ferry_core::{JmEpoch, JobId, RegionEpoch};
 use ferry_ha::{Coordination, Membership};
 use ferry_taskmanager::protocol::{TaskError, TaskEvent, TaskId};
 use ferry_taskmanager::wire::{RemoteEvent, event_from_proto};
@@ -48,7 +48,7 @@ pub struct TaskManagers {
 #[derive(Default)]
 struct PoolState {
     /// The epoch attachments were made at (`None` while not leading).
-    epoch: Option<u64>,
+    epoch: Option<JmEpoch>,
     /// True once the membership was read at this epoch.
     listed: bool,
     tms: HashMap<String, Tm>,
@@ -171,7 +171,7 @@ impl TaskManagers {
         self.bump();
     }
 
-    async fn sync(self: &Arc<Self>, epoch: Option<u64>) {
+    async fn sync(self: &Arc<Self>, epoch: Option<JmEpoch>) {
         let current = self.lock().epoch;
         if current != epoch {
             self.detach_all();
@@ -181,7 +181,7 @@ impl TaskManagers {
         let listing = std::time::Instant::now();
         let listed = Membership::list(self.backend.as_ref(), self.expiry).await;
         tracing::debug!(
-            epoch,
+            epoch = %epoch,
             ms = listing.elapsed().as_millis() as u64,
             "listed the members"
         );
@@ -291,17 +291,17 @@ impl TaskManagers {
     }
 
     /// Keeps one TaskManager attached at `epoch` until `stop`.
-    async fn attach(self: Arc<Self>, tm: String, epoch: u64, stop: CancellationToken) {
+    async fn attach(self: Arc<Self>, tm: String, epoch: JmEpoch, stop: CancellationToken) {
         let mut delay = Duration::from_millis(100);
         loop {
             let Some(mut client) = self.lock().tms.get(&tm).map(|t| t.client.clone()) else {
                 return;
             };
             let req = proto::AttachRequest {
-                epoch,
+                epoch: epoch.0,
                 jobmanager: self.instance.clone(),
             };
-            tracing::debug!(taskmanager = %tm, epoch, "attaching");
+            tracing::debug!(taskmanager = %tm, %epoch, "attaching");
             let stream = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = client.attach(req) => r,
@@ -332,7 +332,7 @@ impl TaskManagers {
                     self.bump();
                 }
                 Err(e) if e.code() == tonic::Code::FailedPrecondition => {
-                    tracing::warn!(taskmanager = %tm, epoch, "TaskManager refused the attachment: {}", e.message());
+                    tracing::warn!(taskmanager = %tm, %epoch, "TaskManager refused the attachment: {}", e.message());
                 }
                 Err(e) => tracing::debug!(taskmanager = %tm, "attaching failed: {e}"),
             }
@@ -431,7 +431,7 @@ impl TaskManagers {
     /// (bounded by `timeout`), so adoption sees every running deployment.
     /// Returns false if the membership could not be read at this epoch yet
     /// (then nobody knows which TaskManagers exist).
-    pub(crate) async fn wait_registered(&self, epoch: u64, timeout: Duration) -> bool {
+    pub(crate) async fn wait_registered(&self, epoch: JmEpoch, timeout: Duration) -> bool {
         let mut rx = self.changed.subscribe();
         let all = |s: &PoolState| {
             s.epoch == Some(epoch) && s.listed && s.tms.values().all(|t| t.registered)
@@ -458,7 +458,7 @@ impl TaskManagers {
     pub(crate) fn claim(
         &self,
         job: &JobId,
-        region_epoch: u64,
+        region_epoch: RegionEpoch,
     ) -> Option<(Found, mpsc::UnboundedReceiver<RemoteEvent>)> {
         let mut s = self.lock();
         let id = job.to_string();
@@ -466,11 +466,11 @@ impl TaskManagers {
             .tms
             .iter()
             .flat_map(|(tm, t)| t.reported.iter().map(move |d| (tm, d)))
-            .filter(|(_, d)| d.job_id == id && d.region_epoch != region_epoch)
+            .filter(|(_, d)| d.job_id == id && RegionEpoch(d.region_epoch) != region_epoch)
             .map(|(tm, d)| (tm.clone(), d.deployment.clone(), d.region_epoch))
             .collect();
         for (tm, d, e) in &stale {
-            tracing::warn!(job = %job, taskmanager = %tm, deployment = %d, deployment_region_epoch = e, region_epoch, "not adopting tasks started under another region epoch: they are stopped and the job restores from its newest checkpoint");
+            tracing::warn!(job = %job, taskmanager = %tm, deployment = %d, deployment_region_epoch = e, %region_epoch, "not adopting tasks started under another region epoch: they are stopped and the job restores from its newest checkpoint");
         }
         let found = s
             .tms
@@ -480,7 +480,7 @@ impl TaskManagers {
             .filter(|(_, t, d)| {
                 d.job_id == id
                     && d.failure.is_none()
-                    && d.region_epoch == region_epoch
+                    && RegionEpoch(d.region_epoch) == region_epoch
                     && t.used.contains_key(&d.deployment)
             })
             .max_by_key(|(_, _, d)| (d.epoch, d.attempt))
@@ -584,7 +584,10 @@ impl TaskManagers {
         tokio::spawn(async move {
             let mut client = client;
             if let Err(e) = client
-                .cancel(proto::CancelRequest { epoch, deployment })
+                .cancel(proto::CancelRequest {
+                    epoch: epoch.0,
+                    deployment,
+                })
                 .await
             {
                 tracing::warn!("stopping a leftover deployment failed: {e}");
@@ -596,9 +599,9 @@ impl TaskManagers {
     /// `valid_for`: every registered TaskManager hears it (in the
     /// background, each bounded by `valid_for`), so its tasks go on; a
     /// TaskManager that does not hear it in time stops them by itself.
-    pub fn renew_fence(&self, region_epoch: u64, valid_for: Duration) {
+    pub fn renew_fence(&self, region_epoch: RegionEpoch, valid_for: Duration) {
         let called = std::time::Instant::now();
-        let (epoch, clients): (Option<u64>, Vec<(String, TmClient)>) = {
+        let (epoch, clients): (Option<JmEpoch>, Vec<(String, TmClient)>) = {
             let s = self.lock();
             (
                 s.epoch,
@@ -618,8 +621,8 @@ impl TaskManagers {
                     return;
                 }
                 let req = proto::FenceRequest {
-                    epoch,
-                    region_epoch,
+                    epoch: epoch.0,
+                    region_epoch: region_epoch.0,
                     valid_for_ms: left.as_millis() as u64,
                 };
                 match tokio::time::timeout(left, client.fence(req)).await {

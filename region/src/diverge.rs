@@ -99,9 +99,7 @@ pub async fn lineage_epoch(
     store: &StorageLocation,
     job: &JobId,
 ) -> Result<Option<RegionEpoch>, ReplicationError> {
-    Ok(newest_manifest(store, job)
-        .await?
-        .map(|m| RegionEpoch(m.region_epoch)))
+    Ok(newest_manifest(store, job).await?.map(|m| m.region_epoch))
 }
 
 /// Archives and removes the snapshots of `job` in `target` that diverge
@@ -115,18 +113,18 @@ pub async fn archive_divergence(
     let Some(newest) = newest_manifest(source, job).await? else {
         return Ok(Vec::new());
     };
-    let lineage_epoch = RegionEpoch(newest.region_epoch);
+    let lineage_epoch = newest.region_epoch;
     let start = newest.restored_from.unwrap_or(0);
     let mut theirs_all = Vec::new();
     for (n, dir) in snapshot_dirs(target, job).await? {
         if let Ok(Some(m)) = read_manifest(&target.child(&dir)).await {
             // The newer region epoch always wins: a source whose lineage
             // is older than what the target holds must not replace it.
-            if RegionEpoch(m.region_epoch) > lineage_epoch {
+            if m.region_epoch > lineage_epoch {
                 return Err(ReplicationError::StaleSource {
                     job: *job,
                     source_epoch: lineage_epoch,
-                    target_epoch: RegionEpoch(m.region_epoch),
+                    target_epoch: m.region_epoch,
                     checkpoint: n,
                 });
             }
@@ -136,7 +134,7 @@ pub async fn archive_divergence(
     let mut base: Option<Option<Base>> = None;
     let mut out = Vec::new();
     for (n, dir, m) in theirs_all {
-        if n <= start || RegionEpoch(m.region_epoch) >= lineage_epoch {
+        if n <= start || m.region_epoch >= lineage_epoch {
             continue;
         }
         let theirs = target.child(&dir).get_opt(MANIFEST_FILE).await?;
@@ -154,7 +152,7 @@ pub async fn archive_divergence(
                 .unwrap_or(&dir)
                 .to_string(),
             checkpoint: n,
-            region_epoch: RegionEpoch(m.region_epoch),
+            region_epoch: m.region_epoch,
             created_at: m.created_at,
             records_in: m.records_in,
             records_out: m.records_out,
@@ -186,7 +184,7 @@ pub async fn archive_divergence(
             job = %job,
             target = %target.url(),
             checkpoint = n,
-            region_epoch = m.region_epoch,
+            region_epoch = %m.region_epoch,
             lineage_epoch = lineage_epoch.0,
             "snapshot diverged from the primary's lineage (completed after the checkpoint the failover restored from): archived in {name} and removed"
         );

@@ -341,8 +341,8 @@ pub(crate) mod tests {
             checkpoint_id: CheckpointId(n),
             kind: SnapshotKind::Checkpoint,
             created_at: chrono::Utc::now(),
-            jm_epoch: 1,
-            region_epoch: epoch,
+            jm_epoch: ferry_core::JmEpoch(1),
+            region_epoch: ferry_core::RegionEpoch(epoch),
             parallelism: 1,
             watermark: n as i64 * 1000,
             records_in: n * 10,
@@ -519,7 +519,7 @@ pub(crate) mod tests {
         .await
         .unwrap()
         .unwrap();
-        assert_eq!(m4.region_epoch, 2);
+        assert_eq!(m4.region_epoch, ferry_core::RegionEpoch(2));
         // The archive is the report: 5 committed 5 records (helper: n),
         // the base 3 had 3 → 2 records and 2 s of event time diverged.
         let archived = crate::diverge::archived(&old_primary, &job).await.unwrap();

@@ -329,7 +329,7 @@ struct JmRegion {
 #[async_trait::async_trait]
 impl ferry_region::RegionJobs for JmRegion {
     fn leading(&self) -> Option<ferry_core::JmEpoch> {
-        self.jm.leadership().fence().map(ferry_core::JmEpoch)
+        self.jm.leadership().fence()
     }
 
     fn jobs(&self) -> Vec<ferry_region::RegionJob> {
@@ -352,11 +352,11 @@ impl ferry_region::RegionJobs for JmRegion {
     }
 
     fn confirm(&self, epoch: ferry_core::RegionEpoch, valid_for: std::time::Duration) {
-        self.jm.confirm_region_lease(epoch.0, valid_for);
+        self.jm.confirm_region_lease(epoch, valid_for);
     }
 
     async fn start(&self, epoch: ferry_core::RegionEpoch) -> Result<usize, String> {
-        self.jm.set_region_epoch(epoch.0);
+        self.jm.set_region_epoch(epoch);
         self.jm.promote().await.map_err(|e| e.to_string())
     }
 

@@ -29,7 +29,7 @@ use chrono::{DateTime, Utc};
 use ferry_core::manifest::read_verified;
 use ferry_core::proto::{self, task_manager_server};
 use ferry_core::storage::StorageLocation;
-use ferry_core::{CheckpointId, JobId};
+use ferry_core::{CheckpointId, JmEpoch, JobId, RegionEpoch};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -85,10 +85,10 @@ struct Inner {
 
 #[derive(Default)]
 struct Shared {
-    /// Newest epoch seen.
-    epoch: u64,
+    /// Newest JobManager epoch seen.
+    epoch: JmEpoch,
     /// Newest region epoch a deployment, fence renewal or commit carried.
-    region_epoch: u64,
+    region_epoch: RegionEpoch,
     /// Until when the region fence holds (`None`: no region fence yet, or
     /// it ran out and every deployment was stopped).
     fence_until: Option<std::time::Instant>,
@@ -110,7 +110,7 @@ struct Running {
 impl Shared {
     /// Accepts `epoch` if it is not older than the newest seen; a newer one
     /// ends the older JobManager's attachment.
-    fn check_epoch(&mut self, epoch: u64, stats: &TmStats) -> Result<(), Status> {
+    fn check_epoch(&mut self, epoch: JmEpoch, stats: &TmStats) -> Result<(), Status> {
         if epoch < self.epoch {
             stats.stale_commands.fetch_add(1, Ordering::Relaxed);
             return Err(Status::failed_precondition(format!(
@@ -224,7 +224,7 @@ impl TaskManager {
             s.used_slots(),
             s.deployments.len(),
             tasks,
-            s.epoch,
+            s.epoch.0,
             s.attached.is_some(),
         )
     }
@@ -398,7 +398,7 @@ impl task_manager_server::TaskManager for TaskManager {
         let req = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         let mut s = self.lock();
-        s.check_epoch(req.epoch, &self.inner.stats)?;
+        s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
         let reg = self.registration(&s);
         tracing::info!(
             jobmanager = %req.jobmanager,
@@ -432,8 +432,8 @@ impl task_manager_server::TaskManager for TaskManager {
         let need = plan.parallelism;
         let older = {
             let mut s = self.lock();
-            s.check_epoch(req.epoch, &self.inner.stats)?;
-            if req.region_epoch < s.region_epoch {
+            s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
+            if RegionEpoch(req.region_epoch) < s.region_epoch {
                 self.inner
                     .stats
                     .stale_commands
@@ -447,11 +447,11 @@ impl task_manager_server::TaskManager for TaskManager {
                 let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
                 s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
             }
-            let epoch = req.region_epoch;
+            let epoch = RegionEpoch(req.region_epoch);
             if epoch > s.region_epoch {
                 s.region_epoch = epoch;
                 s.take_fenced(
-                    |d| d.status.region_epoch < epoch,
+                    |d| RegionEpoch(d.status.region_epoch) < epoch,
                     "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
                 )
             } else {
@@ -509,7 +509,8 @@ impl task_manager_server::TaskManager for TaskManager {
         };
         let stale = {
             let mut s = self.lock();
-            let stale = req.epoch < s.epoch || req.region_epoch < s.region_epoch;
+            let stale =
+                JmEpoch(req.epoch) < s.epoch || RegionEpoch(req.region_epoch) < s.region_epoch;
             if !stale {
                 s.deployments.insert(
                     req.deployment.clone(),
@@ -564,7 +565,7 @@ impl task_manager_server::TaskManager for TaskManager {
         let dir = StorageLocation::open(&req.dir)
             .map_err(|e| Status::invalid_argument(format!("checkpoint dir: {e}")))?;
         let mut s = self.lock();
-        s.check_epoch(req.epoch, &self.inner.stats)?;
+        s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
         let d = s.deployment(&req.deployment)?;
         if req.checkpoint <= d.status.last_barrier {
             return Err(Status::failed_precondition(format!(
@@ -592,10 +593,10 @@ impl task_manager_server::TaskManager for TaskManager {
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
         let mut s = self.lock();
-        s.check_epoch(req.epoch, &self.inner.stats)?;
+        s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
         // A commit of an older region epoch: that region has lost the
         // primary role since; its sinks must not commit.
-        if req.region_epoch < s.region_epoch {
+        if RegionEpoch(req.region_epoch) < s.region_epoch {
             self.inner
                 .stats
                 .stale_commands
@@ -605,7 +606,7 @@ impl task_manager_server::TaskManager for TaskManager {
                 req.checkpoint, req.region_epoch, s.region_epoch
             )));
         }
-        s.region_epoch = req.region_epoch;
+        s.region_epoch = RegionEpoch(req.region_epoch);
         let d = s.deployment(&req.deployment)?;
         d.status.last_completed = d.status.last_completed.max(req.checkpoint);
         for t in &d.all {
@@ -621,7 +622,7 @@ impl task_manager_server::TaskManager for TaskManager {
         let req = req.into_inner();
         let d = {
             let mut s = self.lock();
-            s.check_epoch(req.epoch, &self.inner.stats)?;
+            s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
             s.deployments.remove(&req.deployment)
         };
         if let Some(d) = d {
@@ -638,8 +639,8 @@ impl task_manager_server::TaskManager for TaskManager {
         let req = req.into_inner();
         let stale = {
             let mut s = self.lock();
-            s.check_epoch(req.epoch, &self.inner.stats)?;
-            if req.region_epoch < s.region_epoch {
+            s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
+            if RegionEpoch(req.region_epoch) < s.region_epoch {
                 self.inner
                     .stats
                     .stale_commands
@@ -649,12 +650,12 @@ impl task_manager_server::TaskManager for TaskManager {
                     req.region_epoch, s.region_epoch
                 )));
             }
-            s.region_epoch = req.region_epoch;
+            s.region_epoch = RegionEpoch(req.region_epoch);
             s.fence_until =
                 Some(std::time::Instant::now() + Duration::from_millis(req.valid_for_ms));
-            let epoch = req.region_epoch;
+            let epoch = RegionEpoch(req.region_epoch);
             s.take_fenced(
-                |d| d.status.region_epoch < epoch,
+                |d| RegionEpoch(d.status.region_epoch) < epoch,
                 "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
             )
         };
