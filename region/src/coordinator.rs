@@ -372,25 +372,30 @@ impl Coordinator {
         until
     }
 
-    /// The lease changed under a holder: learn who holds it now.
-    pub(crate) async fn lost(&self) -> Role {
+    /// A renewal of `held` lost its compare-and-set: learn who holds the
+    /// lease now. `Ok`: still this region under the same epoch (the held
+    /// copy was stale, e.g. a renewal whose answer was lost) — renewed
+    /// with the fresh revision. `Err`: the next role — `Promoting` when the
+    /// lease names this region under a new epoch (moved here again),
+    /// `Demoting` when it names another region or cannot be read.
+    pub(crate) async fn lost(&self, held: &Lease) -> Result<(Lease, Instant), Role> {
         match self.read_lease().await {
             Ok((Some(l), _)) if l.names(&self.s.region) => match self.renew(&l).await {
-                // Moved (back) here, e.g. a forced failover to this region.
-                Ok((lease, until)) => Role::Promoting { lease, until },
-                Err(_) => Role::Demoting { to: None },
+                Ok((lease, until)) if lease.epoch == held.epoch => Ok((lease, until)),
+                Ok((lease, until)) => Err(Role::Promoting { lease, until }),
+                Err(_) => Err(Role::Demoting { to: None }),
             },
             Ok((Some(l), _)) => {
                 tracing::warn!(primary = ?l.primary(), epoch = %l.epoch, "the region lease names another region: stopping every job here");
-                Role::Demoting {
+                Err(Role::Demoting {
                     to: l.primary().map(str::to_string),
-                }
+                })
             }
             _ => {
                 tracing::warn!(
                     "the region lease changed and cannot be read: stopping every job here"
                 );
-                Role::Demoting { to: None }
+                Err(Role::Demoting { to: None })
             }
         }
     }

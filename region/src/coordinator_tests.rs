@@ -858,3 +858,32 @@ async fn a_stale_region_never_replicates_over_a_newer_lineage() {
         .unwrap();
     assert_eq!(left, vec![CheckpointId(4)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_whose_answer_was_lost_does_not_demote_the_primary() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    // Someone (this region's own renewal, whose answer never arrived)
+    // renewed the lease: east's copy is stale but the lease is still its.
+    let current = w.lease().await;
+    let kv: Arc<dyn Coordination> = w.lease.clone();
+    lease::renew(&kv, &current).await.unwrap();
+    for _ in 0..5 {
+        w.step(&["east", "west"]).await;
+    }
+    assert!(w.r("east").is(RegionRole::Primary));
+    assert!(w.r("east").jobs.stood_by().is_empty(), "nothing stopped");
+    assert_eq!(w.r("east").jobs.started(), vec![RegionEpoch(1)]);
+    // A forced move back to east under a new epoch starts its jobs anew.
+    let current = w.lease().await;
+    lease::claim(&kv, &current, "east", "forced").await.unwrap();
+    w.until(&["east", "west"], 5, |w| {
+        w.r("east").jobs.started().len() == 2
+    })
+    .await;
+    assert_eq!(
+        w.r("east").jobs.started(),
+        vec![RegionEpoch(1), RegionEpoch(2)]
+    );
+    assert!(w.r("west").is(RegionRole::Standby));
+}

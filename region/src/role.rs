@@ -120,6 +120,9 @@ pub fn allowed(from: RegionRole, to: RegionRole) -> bool {
                 | (Promoting, Demoting)
                 | (Promoting, Isolated)
                 | (Primary, Demoting)
+                // The lease was moved to this region again (a new epoch).
+                | (Primary, Promoting)
+                | (SwitchingOver, Promoting)
                 | (Primary, Isolated)
                 | (Primary, SwitchingOver)
                 | (Primary, Dark)

@@ -19,13 +19,14 @@ pub async fn step(c: &Coordinator, lease: Lease, since: Instant) -> Role {
             );
             Role::Promoting { lease, until }
         }
-        Err(LeaseError::Changed) | Err(LeaseError::Exists) => match c.lost().await {
+        Err(LeaseError::Changed) | Err(LeaseError::Exists) => match c.lost(&lease).await {
+            Ok((lease, until)) => Role::Promoting { lease, until },
             // The jobs are stopped already; learn whom to stand by for.
-            Role::Demoting { to } => {
+            Err(Role::Demoting { to }) => {
                 c.jobs.stand_by(to.as_deref()).await;
                 Role::Standby { primary: to }
             }
-            other => other,
+            Err(other) => other,
         },
         Err(LeaseError::Unavailable(_)) => Role::Isolated { lease, since },
     }

@@ -43,7 +43,14 @@ pub async fn step(
                 started_for: Some(leading),
             }
         }
-        Err(LeaseError::Changed) | Err(LeaseError::Exists) => c.lost().await,
+        Err(LeaseError::Changed) | Err(LeaseError::Exists) => match c.lost(&lease).await {
+            Ok((lease, until)) => Role::Primary {
+                lease,
+                until,
+                started_for,
+            },
+            Err(next) => next,
+        },
         Err(LeaseError::Unavailable(e)) if Instant::now() < until => {
             tracing::warn!(
                 "renewing the region lease failed (retrying until half of regions.timeout has passed): {e}"

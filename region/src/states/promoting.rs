@@ -13,7 +13,10 @@ use crate::role::Role;
 pub async fn step(c: &Coordinator, lease: Lease, until: Instant, leading: JmEpoch) -> Role {
     let (lease, until) = match c.renew(&lease).await {
         Ok(x) => x,
-        Err(LeaseError::Changed) | Err(LeaseError::Exists) => return c.lost().await,
+        Err(LeaseError::Changed) | Err(LeaseError::Exists) => match c.lost(&lease).await {
+            Ok(x) => x,
+            Err(next) => return next,
+        },
         Err(LeaseError::Unavailable(e)) => {
             tracing::warn!("renewing the region lease while promoting failed (retrying): {e}");
             if Instant::now() < until {

@@ -13,7 +13,10 @@ use crate::role::Role;
 pub async fn step(c: &Coordinator, lease: Lease, until: Instant, to: String) -> Role {
     match c.renew(&lease).await {
         Ok((lease, until)) => Role::SwitchingOver { lease, until, to },
-        Err(LeaseError::Changed) | Err(LeaseError::Exists) => c.lost().await,
+        Err(LeaseError::Changed) | Err(LeaseError::Exists) => match c.lost(&lease).await {
+            Ok((lease, until)) => Role::SwitchingOver { lease, until, to },
+            Err(next) => next,
+        },
         // The jobs are stopping anyway; the switchover decides what
         // happens when the lease cannot be moved either.
         Err(LeaseError::Unavailable(_)) => Role::SwitchingOver { lease, until, to },
