@@ -60,51 +60,46 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "${missing[@]}"
 fi
 
-# promtool (alert rule checks and unit tests): no PyPI or npm package ships
-# it; Debian's `prometheus` package does. Only the promtool binary is taken
-# out of the downloaded package into the venv; nothing is installed
-# system-wide.
-if [ ! -x "$VENV/bin/promtool" ]; then
-  echo "==> extracting promtool from Debian's prometheus package into $VENV"
+# Downloads Debian's package PKG (apt-get download, no install) into a
+# temporary directory and extracts it there; prints the directory. Nothing
+# is installed system-wide.
+debian_package() { # PKG
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: promtool missing and apt-get not available; put promtool (Prometheus 2.x) at $VENV/bin/promtool" >&2
-    exit 1
+    echo "error: $1 is needed from Debian's packages and apt-get is not available" >&2
+    return 1
   fi
-  pkgdir="$(mktemp -d)"
-  if ! (cd "$pkgdir" && apt-get download prometheus >/dev/null 2>&1); then
+  local dir
+  dir="$(mktemp -d)"
+  if ! (cd "$dir" && apt-get download "$1" >/dev/null 2>&1); then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq
-      (cd "$pkgdir" && apt-get download prometheus >/dev/null 2>&1)
+      (cd "$dir" && apt-get download "$1" >/dev/null 2>&1)
     else
-      echo "error: 'apt-get download prometheus' failed; run 'sudo apt-get update' once and retry" >&2
-      exit 1
+      echo "error: 'apt-get download $1' failed; run 'sudo apt-get update' once and retry" >&2
+      return 1
     fi
   fi
-  dpkg-deb --fsys-tarfile "$pkgdir"/prometheus_*.deb | tar -x -C "$pkgdir" ./usr/bin/promtool
-  install -m 0755 "$pkgdir/usr/bin/promtool" "$VENV/bin/promtool"
+  dpkg-deb -x "$dir"/"$1"_*.deb "$dir/x"
+  echo "$dir"
+}
+
+# promtool (alert rule checks and unit tests): no PyPI or npm package ships
+# it; Debian's `prometheus` package does. Only the promtool binary is taken
+# out of it into the venv.
+if [ ! -x "$VENV/bin/promtool" ]; then
+  echo "==> extracting promtool from Debian's prometheus package into $VENV"
+  pkgdir="$(debian_package prometheus)"
+  install -m 0755 "$pkgdir/x/usr/bin/promtool" "$VENV/bin/promtool"
   rm -rf "$pkgdir"
 fi
+
 # libfaketime (the clock-skew failover test runs a JobManager whose wall
-# clock is off by 10 s): Debian's libfaketime package, its preload
-# libraries extracted into the venv, nothing installed system-wide.
+# clock is off by 10 s): the preload libraries of Debian's libfaketime
+# package, into the venv.
 FAKETIME_DIR="$VENV/lib/faketime"
 if [ ! -f "$FAKETIME_DIR/libfaketimeMT.so.1" ]; then
   echo "==> extracting libfaketime from Debian's libfaketime package into $FAKETIME_DIR"
-  if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: libfaketime missing and apt-get not available; put libfaketimeMT.so.1 into $FAKETIME_DIR" >&2
-    exit 1
-  fi
-  pkgdir="$(mktemp -d)"
-  if ! (cd "$pkgdir" && apt-get download libfaketime >/dev/null 2>&1); then
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq
-      (cd "$pkgdir" && apt-get download libfaketime >/dev/null 2>&1)
-    else
-      echo "error: 'apt-get download libfaketime' failed; run 'sudo apt-get update' once and retry" >&2
-      exit 1
-    fi
-  fi
-  dpkg-deb -x "$pkgdir"/libfaketime_*.deb "$pkgdir/x"
+  pkgdir="$(debian_package libfaketime)"
   mkdir -p "$FAKETIME_DIR"
   cp "$pkgdir"/x/usr/lib/*/faketime/libfaketime*.so.1 "$FAKETIME_DIR/"
   rm -rf "$pkgdir"
@@ -112,7 +107,7 @@ fi
 FERRY_LIBFAKETIME="$FAKETIME_DIR/libfaketimeMT.so.1"
 export FERRY_LIBFAKETIME
 
-echo "==> $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1), $("$VENV/bin/hadolint" --version), $("$VENV/bin/promtool" --version 2>&1 | head -1), libfaketime
+echo "==> $("$VENV/bin/kubectl" version --client 2>/dev/null | head -1), $("$VENV/bin/hadolint" --version), $("$VENV/bin/promtool" --version 2>&1 | head -1), libfaketime"
 
 echo "==> toolchain: $(cargo --version)"
 

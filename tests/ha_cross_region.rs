@@ -832,18 +832,7 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over(
     assert!(stopped_after < promoted.0);
     // Every checkpoint of east's epoch was completed before west's
     // promotion (none lands later).
-    let last_old = manifests(&east.storage(), &job)
-        .into_iter()
-        .filter(|m| m["region_epoch"].as_u64() == Some(epoch))
-        .filter_map(|m| m["created_at"].as_str().map(str::to_string))
-        .max()
-        .expect("east completed checkpoints");
-    let last_old = chrono::DateTime::parse_from_rfc3339(&last_old).unwrap();
-    assert!(
-        last_old < promoted.1,
-        "{last_old} vs promotion at {}",
-        promoted.1
-    );
+    assert_no_checkpoint_of_epoch_after(&east.storage(), &job, epoch, promoted.1);
     assert!(
         east.log("jm-east")
             .contains("cannot renew the region lease")

@@ -182,14 +182,7 @@ async fn a_primary_on_the_minority_side_of_the_global_cluster_stops_before_the_t
     );
     assert!(stopped_after < promoted.0);
     // No checkpoint of east's region epoch completed after the promotion.
-    let last_old = manifests(&east.storage(), &job)
-        .into_iter()
-        .filter(|m| m["region_epoch"].as_u64() == Some(epoch))
-        .filter_map(|m| m["created_at"].as_str().map(str::to_string))
-        .max()
-        .expect("east completed checkpoints");
-    let last_old = chrono::DateTime::parse_from_rfc3339(&last_old).unwrap();
-    assert!(last_old < promoted.1, "{last_old} vs {}", promoted.1);
+    assert_no_checkpoint_of_epoch_after(&east.storage(), &job, epoch, promoted.1);
     assert!(
         east.log("jm-east")
             .contains("cannot renew the region lease")

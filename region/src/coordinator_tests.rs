@@ -352,6 +352,20 @@ impl World {
         );
     }
 
+    /// Ticks every region every interval until the handle is aborted (an
+    /// operation runs meanwhile, as the loop goes on in a JobManager).
+    fn tick_in_background(&self) -> tokio::task::JoinHandle<()> {
+        let regions: Vec<Arc<Coordinator>> = self.regions.iter().map(|r| r.c.clone()).collect();
+        tokio::spawn(async move {
+            loop {
+                for c in &regions {
+                    c.tick().await;
+                }
+                tokio::time::sleep(INTERVAL).await;
+            }
+        })
+    }
+
     async fn lease(&self) -> lease::Lease {
         lease::read(self.lease.as_ref()).await.unwrap().unwrap()
     }
@@ -589,17 +603,7 @@ async fn a_switchover_moves_the_lease_after_the_savepoints_reached_the_target() 
         "a plan changes nothing"
     );
     // The loop keeps renewing while the switchover runs.
-    let ticking = {
-        let regions: Vec<Arc<Coordinator>> = w.regions.iter().map(|r| r.c.clone()).collect();
-        tokio::spawn(async move {
-            loop {
-                for c in &regions {
-                    c.tick().await;
-                }
-                tokio::time::sleep(INTERVAL).await;
-            }
-        })
-    };
+    let ticking = w.tick_in_background();
     let report = east.switchover("west", false, false).await.unwrap();
     assert_eq!(report.epoch, RegionEpoch(2));
     assert_eq!(report.savepoints.len(), 1);
@@ -797,17 +801,7 @@ async fn fail_back_reports_only_what_the_latest_failover_diverged() {
         w.r("east").is(RegionRole::Standby)
     })
     .await;
-    let ticking = {
-        let regions: Vec<Arc<Coordinator>> = w.regions.iter().map(|r| r.c.clone()).collect();
-        tokio::spawn(async move {
-            loop {
-                for c in &regions {
-                    c.tick().await;
-                }
-                tokio::time::sleep(INTERVAL).await;
-            }
-        })
-    };
+    let ticking = w.tick_in_background();
     let plan = w
         .r("west")
         .c

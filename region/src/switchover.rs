@@ -343,35 +343,15 @@ impl Coordinator {
                         .unwrap_or_else(|| "an unknown region".into())
                 )));
             };
-            match self
+            let moved = match self
                 .bounded(lease::claim(&self.lease_kv, &current, target, reason))
                 .await
             {
-                Ok(moved) => {
-                    self.enter(
-                        &mut role,
-                        Role::Demoting {
-                            to: Some(target.to_string()),
-                        },
-                    );
-                    drop(role);
-                    self.wake();
-                    return Ok(moved);
-                }
+                Ok(moved) => Some(moved),
                 Err(LeaseError::Changed) | Err(LeaseError::Exists) => {
                     match self.read_lease().await {
                         // An earlier attempt went through after all.
-                        Ok((Some(l), _)) if l.names(target) => {
-                            self.enter(
-                                &mut role,
-                                Role::Demoting {
-                                    to: Some(target.to_string()),
-                                },
-                            );
-                            drop(role);
-                            self.wake();
-                            return Ok(l);
-                        }
+                        Ok((Some(l), _)) if l.names(target) => Some(l),
                         // Our copy was stale (a renewal raced): retry.
                         Ok((Some(l), _)) if l.names(&me) && l.epoch == current.epoch => {
                             if let Role::SwitchingOver { until, to, .. } = role.clone() {
@@ -398,10 +378,24 @@ impl Coordinator {
                                 l.epoch
                             )));
                         }
-                        Ok((None, _)) | Err(_) => {}
+                        Ok((None, _)) | Err(_) => None,
                     }
                 }
-                Err(LeaseError::Unavailable(e)) => last_error = e,
+                Err(LeaseError::Unavailable(e)) => {
+                    last_error = e;
+                    None
+                }
+            };
+            if let Some(moved) = moved {
+                self.enter(
+                    &mut role,
+                    Role::Demoting {
+                        to: Some(target.to_string()),
+                    },
+                );
+                drop(role);
+                self.wake();
+                return Ok(moved);
             }
             if Instant::now() >= deadline {
                 return Err(self.unmovable(&mut role, target, &last_error).await);

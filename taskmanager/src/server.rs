@@ -172,6 +172,33 @@ impl Shared {
         out
     }
 
+    /// Accepts `epoch` for `what` if it is not older than the newest region
+    /// epoch seen here. A newer one becomes the newest, and the deployments
+    /// of older ones are taken out (the caller stops their tasks): their
+    /// region lost the primary role.
+    fn check_region_epoch(
+        &mut self,
+        epoch: RegionEpoch,
+        what: &str,
+        stats: &TmStats,
+    ) -> Result<Vec<(String, Running)>, Status> {
+        if epoch < self.region_epoch {
+            stats.stale_commands.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::failed_precondition(format!(
+                "{what} refused: region epoch {epoch} is older than region epoch {} seen here (the sender's region lost the primary role)",
+                self.region_epoch
+            )));
+        }
+        if epoch == self.region_epoch {
+            return Ok(Vec::new());
+        }
+        self.region_epoch = epoch;
+        Ok(self.take_fenced(
+            |d| RegionEpoch(d.status.region_epoch) < epoch,
+            "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
+        ))
+    }
+
     fn deployment(&mut self, id: &str) -> Result<&mut Running, Status> {
         self.deployments
             .get_mut(id)
@@ -433,30 +460,16 @@ impl task_manager_server::TaskManager for TaskManager {
         let older = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
-            if RegionEpoch(req.region_epoch) < s.region_epoch {
-                self.inner
-                    .stats
-                    .stale_commands
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(Status::failed_precondition(format!(
-                    "deployment refused: region epoch {} is older than region epoch {} seen here (the sender's region lost the primary role)",
-                    req.region_epoch, s.region_epoch
-                )));
-            }
+            let older = s.check_region_epoch(
+                RegionEpoch(req.region_epoch),
+                "deployment",
+                &self.inner.stats,
+            )?;
             if req.fence_ms > 0 {
                 let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
                 s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
             }
-            let epoch = RegionEpoch(req.region_epoch);
-            if epoch > s.region_epoch {
-                s.region_epoch = epoch;
-                s.take_fenced(
-                    |d| RegionEpoch(d.status.region_epoch) < epoch,
-                    "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
-                )
-            } else {
-                Vec::new()
-            }
+            older
         };
         self.stop_fenced(older, "a newer region epoch was confirmed")
             .await;
@@ -592,26 +605,27 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
-        let mut s = self.lock();
-        s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
-        // A commit of an older region epoch: that region has lost the
-        // primary role since; its sinks must not commit.
-        if RegionEpoch(req.region_epoch) < s.region_epoch {
-            self.inner
-                .stats
-                .stale_commands
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::failed_precondition(format!(
-                "commit of checkpoint {} refused: region epoch {} is older than region epoch {} seen here",
-                req.checkpoint, req.region_epoch, s.region_epoch
-            )));
-        }
-        s.region_epoch = RegionEpoch(req.region_epoch);
-        let d = s.deployment(&req.deployment)?;
-        d.status.last_completed = d.status.last_completed.max(req.checkpoint);
-        for t in &d.all {
-            let _ = t.send(TaskCommand::Complete(CheckpointId(req.checkpoint)));
-        }
+        let (older, found) = {
+            let mut s = self.lock();
+            s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
+            // A commit of an older region epoch: that region has lost the
+            // primary role since; its sinks must not commit.
+            let older = s.check_region_epoch(
+                RegionEpoch(req.region_epoch),
+                &format!("commit of checkpoint {}", req.checkpoint),
+                &self.inner.stats,
+            )?;
+            let found = s.deployment(&req.deployment).map(|d| {
+                d.status.last_completed = d.status.last_completed.max(req.checkpoint);
+                for t in &d.all {
+                    let _ = t.send(TaskCommand::Complete(CheckpointId(req.checkpoint)));
+                }
+            });
+            (older, found)
+        };
+        self.stop_fenced(older, "a newer region epoch was confirmed")
+            .await;
+        found?;
         Ok(Response::new(proto::Ack {}))
     }
 
@@ -640,24 +654,14 @@ impl task_manager_server::TaskManager for TaskManager {
         let stale = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
-            if RegionEpoch(req.region_epoch) < s.region_epoch {
-                self.inner
-                    .stats
-                    .stale_commands
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(Status::failed_precondition(format!(
-                    "fence of region epoch {} refused: region epoch {} was seen here",
-                    req.region_epoch, s.region_epoch
-                )));
-            }
-            s.region_epoch = RegionEpoch(req.region_epoch);
+            let stale = s.check_region_epoch(
+                RegionEpoch(req.region_epoch),
+                "region fence",
+                &self.inner.stats,
+            )?;
             s.fence_until =
                 Some(std::time::Instant::now() + Duration::from_millis(req.valid_for_ms));
-            let epoch = RegionEpoch(req.region_epoch);
-            s.take_fenced(
-                |d| RegionEpoch(d.status.region_epoch) < epoch,
-                "a newer region epoch was confirmed: this deployment belongs to a region that lost the primary role",
-            )
+            stale
         };
         self.stop_fenced(stale, "a newer region epoch was confirmed")
             .await;

@@ -639,6 +639,28 @@ pub fn manifests(store: &std::path::Path, job: &str) -> Vec<Value> {
     out
 }
 
+/// Every checkpoint `store` holds of `job` under region epoch `epoch` was
+/// completed before `promoted` (the moment another region took over): no
+/// commit of the old lineage landed after the takeover.
+pub fn assert_no_checkpoint_of_epoch_after(
+    store: &std::path::Path,
+    job: &str,
+    epoch: u64,
+    promoted: chrono::DateTime<chrono::Utc>,
+) {
+    let last_old = manifests(store, job)
+        .into_iter()
+        .filter(|m| m["region_epoch"].as_u64() == Some(epoch))
+        .filter_map(|m| m["created_at"].as_str().map(str::to_string))
+        .max()
+        .expect("checkpoints of the old region epoch");
+    let last_old = chrono::DateTime::parse_from_rfc3339(&last_old).unwrap();
+    assert!(
+        last_old < promoted,
+        "a checkpoint of region epoch {epoch} completed at {last_old}, after the promotion at {promoted}"
+    );
+}
+
 /// Runs `ferry <args>`; (exit success, stdout as JSON, stderr).
 pub fn ferry_json(args: &[&str]) -> (bool, Value, String) {
     let o = Command::new(ferry_bin()).args(args).output().unwrap();
