@@ -101,6 +101,8 @@ struct FakeJobs {
     savepoint_fails: AtomicBool,
     /// Set once the savepoints are taken (to cut a link at that moment).
     after_savepoints: Mutex<Option<Arc<AtomicBool>>>,
+    /// Starting the jobs fails (the promotion is retried).
+    start_fails: AtomicBool,
 }
 
 impl FakeJobs {
@@ -135,6 +137,9 @@ impl RegionJobs for FakeJobs {
         *self.fence.lock().unwrap() = Some((epoch, Instant::now() + valid_for));
     }
     async fn start(&self, epoch: RegionEpoch) -> Result<usize, String> {
+        if self.start_fails.load(Ordering::SeqCst) {
+            return Err("no free task slots (test)".into());
+        }
         self.started.lock().unwrap().push((epoch, Instant::now()));
         self.running.store(true, Ordering::SeqCst);
         Ok(1)
@@ -285,6 +290,7 @@ impl World {
                     stores: stores.clone(),
                     savepoint_fails: AtomicBool::new(false),
                     after_savepoints: Mutex::new(None),
+                    start_fails: AtomicBool::new(false),
                 });
                 let store = stores[*name].clone();
                 let c = Coordinator::new(
@@ -880,4 +886,55 @@ async fn a_renewal_whose_answer_was_lost_does_not_demote_the_primary() {
         vec![RegionEpoch(1), RegionEpoch(2)]
     );
     assert!(w.r("west").is(RegionRole::Standby));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_promotion_that_cannot_start_its_jobs_retries_and_stops_on_losing_the_lease() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    // East dies; west's jobs cannot start yet: it stays Promoting,
+    // retrying, and keeps the lease renewed.
+    w.r("west").jobs.start_fails.store(true, Ordering::SeqCst);
+    w.until(&["west"], 30, |w| w.r("west").is(RegionRole::Promoting))
+        .await;
+    for _ in 0..20 {
+        w.step(&["west"]).await;
+        assert!(w.r("west").is(RegionRole::Promoting));
+    }
+    // Another region takes the lease meanwhile (forced): west stops.
+    let current = w.lease().await;
+    let kv: Arc<dyn Coordination> = w.lease.clone();
+    lease::claim(&kv, &current, "east", "forced").await.unwrap();
+    w.until(&["west"], 5, |w| w.r("west").is(RegionRole::Standby))
+        .await;
+    assert_eq!(
+        w.r("west").jobs.stood_by().last(),
+        Some(&Some("east".into()))
+    );
+    assert!(w.r("west").jobs.started().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_promotion_cut_off_from_the_global_kv_isolates_within_half_the_timeout() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    w.r("west").jobs.start_fails.store(true, Ordering::SeqCst);
+    w.until(&["west"], 30, |w| w.r("west").is(RegionRole::Promoting))
+        .await;
+    w.r("west").cut(true);
+    let cut = Instant::now();
+    w.until(&["west"], 20, |w| w.r("west").is(RegionRole::Isolated))
+        .await;
+    assert!(
+        cut.elapsed() <= TIMEOUT / 2 + INTERVAL,
+        "{:?}",
+        cut.elapsed()
+    );
+    assert_eq!(w.r("west").jobs.stood_by().last(), Some(&None));
+    // Back, and able to start: it promotes again under the same epoch.
+    w.r("west").cut(false);
+    w.r("west").jobs.start_fails.store(false, Ordering::SeqCst);
+    w.until(&["west"], 10, |w| w.r("west").is(RegionRole::Primary))
+        .await;
+    assert_eq!(w.r("west").jobs.started(), vec![RegionEpoch(2)]);
 }
