@@ -148,6 +148,9 @@ impl Coordinator {
         let s = stop.clone();
         tracker.spawn(async move { r.run(completed, s.cancelled_owned()).await });
         let me = self.clone();
+        let s = stop.clone();
+        tracker.spawn(async move { me.follow_lease_moves(s).await });
+        let me = self.clone();
         tracker.spawn(self.verifier.clone().run(
             verify_interval,
             move || me.seen().role == RegionRole::Standby,
@@ -167,6 +170,39 @@ impl Coordinator {
                 _ = self.wake.notified() => {}
             }
             self.tick().await;
+        }
+    }
+
+    /// Wakes the loop as soon as the lease names another region than the
+    /// one last seen (a switchover or failover elsewhere), instead of at
+    /// its next tick: the new primary starts its jobs at once.
+    async fn follow_lease_moves(&self, stop: CancellationToken) {
+        use futures::StreamExt;
+        loop {
+            let watched = tokio::select! {
+                _ = stop.cancelled() => return,
+                w = self.lease_kv.watch(lease::REGION_LEASE) => w,
+            };
+            match watched {
+                Ok(mut events) => loop {
+                    let ev = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        ev = events.next() => ev,
+                    };
+                    let Some(ev) = ev else { break };
+                    if let ferry_ha::Event::Put(e) = ev
+                        && let Ok(r) = serde_json::from_slice::<lease::LeaseRecord>(&e.value)
+                        && self.seen().primary.as_deref() != Some(r.primary.as_str())
+                    {
+                        self.wake();
+                    }
+                },
+                Err(e) => tracing::debug!("watching the region lease failed: {e}"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.s.interval) => {}
+            }
         }
     }
 
