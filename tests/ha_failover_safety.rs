@@ -322,46 +322,48 @@ async fn a_switchover_without_a_global_stream_leader_leaves_the_job_in_exactly_o
                 .unwrap()
         })
     };
-    // Until the job finishes, it never runs in both regions at once.
-    let running = |v: &Option<Value>| {
-        v.as_ref()
-            .is_some_and(|v| v["state"] == "RUNNING" || v["state"] == "RESTARTING")
-    };
+    // Until the job finishes, its tasks never run in both regions at once
+    // (each region's TaskManager says what runs there; a standby's job
+    // list only mirrors the primary's status).
     let mut cli = Some(cli);
     let mut answer = None;
     let finished_in = loop {
-        let path = format!("/v1/jobs/{job}");
         let (e, w) = (
-            east.get(&east.jms[0], &path).await,
-            west.get(&west.jms[0], &path).await,
+            east.tm_metric(0, "tasks_running").await.unwrap_or(0),
+            west.tm_metric(0, "tasks_running").await.unwrap_or(0),
         );
         assert!(
-            !(running(&e) && running(&w)),
-            "the job runs in both regions: {e:?} {w:?}"
+            e == 0 || w == 0,
+            "the job's tasks run in both regions: {e} in east, {w} in west"
         );
-        if let Some(v) = [("east", &e), ("west", &w)]
-            .into_iter()
-            .find(|(_, v)| v.as_ref().is_some_and(|v| v["state"] == "FINISHED"))
-        {
-            break v.0;
+        let path = format!("/v1/jobs/{job}");
+        let mut finished = None;
+        for r in [&*east, &*west] {
+            if r.get(&r.jms[0], &path).await.is_some_and(|v| {
+                v["state"] == "FINISHED" && v["taskmanager"] == format!("tm-{}", r.name)
+            }) {
+                finished = Some(r.name.clone());
+            }
+        }
+        if let Some(f) = finished {
+            break f;
         }
         if cli.as_ref().is_some_and(|c| c.is_finished()) {
-            answer = Some(cli.take().unwrap().await.unwrap());
+            answer = Some((cli.take().unwrap().await.unwrap(), started.elapsed()));
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),
-            "the job did not finish: east {e:?} west {w:?}"
+            "the job did not finish (tasks running: {e} in east, {w} in west)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let answer = match answer {
+    let (answer, answered) = match answer {
         Some(a) => a,
-        None => cli.unwrap().await.unwrap(),
+        None => (cli.unwrap().await.unwrap(), started.elapsed()),
     };
     let stderr = String::from_utf8_lossy(&answer.stderr);
     eprintln!(
-        "switchover answered in {:?}: {}{stderr}; the job finished in {finished_in}",
-        started.elapsed(),
+        "switchover answered after {answered:?}: {}{stderr}; the job finished in {finished_in}",
         String::from_utf8_lossy(&answer.stdout)
     );
     if !answer.status.success() {
@@ -588,4 +590,143 @@ async fn a_failover_behind_committed_output_does_not_repeat_it() {
         "west restored an older checkpoint:\n{log}"
     );
     assert!(log.contains("are held back"), "{log}");
+}
+
+/// One round of "east goes on alone, dies, west takes over, east comes
+/// back and the jobs fail back": east commits three checkpoints west never
+/// receives (its replication link cut), then dies; west takes over; east
+/// returns as a standby and the jobs fail back. Returns the fail-back's
+/// answer and the checkpoints east completed beyond the point west
+/// restored from (the divergence it must report), under east's epoch.
+async fn diverge_and_fail_back(
+    east: &mut Region,
+    west: &Region,
+    link: &ferry_testkit::FaultProxy,
+    job: &str,
+    round: usize,
+) -> (Value, Vec<u64>) {
+    let jm = east.jms.len() - 1;
+    let epoch = wait_primary(east, jm, "east", Duration::from_secs(30)).await["epoch"]
+        .as_u64()
+        .unwrap();
+    east.wait_job(
+        &east.jms[jm],
+        job,
+        Duration::from_secs(30),
+        "the job running in east",
+        has_checkpoint,
+    )
+    .await;
+    link.cut();
+    let cut_at = east
+        .get(&east.jms[jm], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap()["last_checkpoint"]["id"]
+        .as_u64()
+        .unwrap();
+    east.wait_job(
+        &east.jms[jm],
+        job,
+        Duration::from_secs(30),
+        "3 unreplicated checkpoints",
+        |v| v["last_checkpoint"]["id"].as_u64() >= Some(cut_at + 3),
+    )
+    .await;
+    east.jms[jm].signal(libc::SIGKILL);
+    east.tms[jm].signal(libc::SIGKILL);
+    let _ = east.jms[jm].child.wait();
+    let _ = east.tms[jm].child.wait();
+    let east_own = manifests(&east.storage(), job);
+    wait_primary(west, 0, "west", Duration::from_secs(30)).await;
+    west.wait_job(
+        &west.jms[0],
+        job,
+        Duration::from_secs(30),
+        "the job running in west",
+        has_checkpoint,
+    )
+    .await;
+    link.heal();
+    east.start(&format!("jm-east-{round}"), None);
+    east.start_tm(&format!("tm-east-{round}"));
+    wait_healthy(west, 0, "east", Duration::from_secs(30)).await;
+    let url = east.jms[jm + 1].url();
+    let (ok, fb, stderr) = ferry_json(&["region", "failback", "-o", "json", "--url", &url]);
+    assert!(ok, "round {round}: fail-back failed: {fb}\n{stderr}");
+    let base = fb["divergence"]["jobs"][0]["base"]["checkpoint"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("round {round}: no base: {fb}"));
+    let expected = east_own
+        .iter()
+        .filter(|m| m["region_epoch"].as_u64() == Some(epoch))
+        .filter_map(|m| m["checkpoint_id"].as_u64())
+        .filter(|n| *n > base)
+        .collect();
+    (fb, expected)
+}
+
+/// Two failovers away from east, each followed by a fail-back: the second
+/// fail-back reports what east committed beyond the second failover only,
+/// not again what the first failover's archive holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_fail_back_reports_only_the_latest_failovers_divergence() {
+    let Some(s3) = common::s3::S3Server::start() else {
+        return;
+    };
+    s3.create_bucket("west").await;
+    let link = ferry_testkit::FaultProxy::start(s3.port).await;
+    let nats = NatsServer::start();
+    let global = NatsCluster::start(3);
+    let mut rs = regions(&nats.url(), &global, &["east", "west"]);
+    rs[0].rate = 10_000;
+    let stores = format!(
+        "east=file://{},west=s3://west/ferry",
+        rs[0].storage().display()
+    );
+    for (r, endpoint) in rs.iter_mut().zip([link.http_url(), s3.endpoint()]) {
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        for (k, v) in s3.env() {
+            r.env.push((
+                k,
+                if k == "AWS_ENDPOINT" {
+                    endpoint.clone()
+                } else {
+                    v
+                },
+            ));
+        }
+    }
+    rs[1].env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
+    start_regions(&mut rs).await;
+    let [east, west] = &mut rs[..] else {
+        unreachable!()
+    };
+    wait_lease(east).await;
+    let job = east.running_job(0).await;
+    wait_replicated(east, 0, &job).await;
+    let mut reported = Vec::new();
+    for round in 1..=2 {
+        let (fb, expected) = diverge_and_fail_back(east, west, &link, &job, round).await;
+        let got: Vec<u64> = fb["divergence"]["jobs"][0]["checkpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(got, expected, "round {round}: {fb}");
+        assert!(
+            got.iter().all(|n| !reported.contains(n)),
+            "round {round} reports checkpoints of an earlier failover again: {got:?} (before: {reported:?})"
+        );
+        reported.extend(got);
+    }
+    // Both rounds' snapshots stay archived as evidence.
+    let archived = std::fs::read_dir(east.storage().join("jobs").join(&job).join("diverged"))
+        .unwrap()
+        .count();
+    assert_eq!(archived, reported.len());
+    let jm = east.jms.len() - 1;
+    let id = east.jms[jm].id.clone();
+    east.wait_finished(jm, &job, west, &id).await;
+    east.check_output();
 }
