@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod expr;
+pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod operator;
