@@ -38,6 +38,35 @@ pub struct HaSettings {
     pub min_instances: u32,
 }
 
+impl HaSettings {
+    /// The settings of a process configured by `cfg` (`ha.*`), known as
+    /// `instance_id` and reached at `api_url`.
+    pub fn from_config(
+        cfg: &ferry_core::config::ProcessConfig,
+        instance_id: &str,
+        api_url: &str,
+    ) -> Self {
+        let h = &cfg.ha;
+        Self {
+            region: cfg.region.clone(),
+            instance_id: instance_id.to_string(),
+            api_url: api_url.to_string(),
+            membership: MembershipConfig {
+                interval: h.heartbeat_interval.get(),
+                expiry: h.member_expiry.get(),
+            },
+            elector: ElectorConfig {
+                key: "leader".to_string(),
+                holder: instance_id.to_string(),
+                ttl: h.lease_ttl.get(),
+                renew_interval: h.renew_interval.get(),
+                renew_deadline: h.renew_deadline.get(),
+            },
+            min_instances: h.min_instances_for_election,
+        }
+    }
+}
+
 /// The leader as the API reports it.
 fn leader_view(l: LeaderInfo) -> LeaderView {
     LeaderView {
