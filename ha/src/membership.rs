@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+pub use ferry_core::api::{Member, MemberView};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Coordination, HaError};
@@ -32,27 +31,6 @@ impl Default for MembershipConfig {
             expiry: Duration::from_secs(3),
         }
     }
-}
-
-/// What a member announces about itself.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    pub id: String,
-    /// `jobmanager` or `taskmanager`.
-    pub role: String,
-    pub region: String,
-    /// Address others reach it at (REST for JMs, gRPC for TMs).
-    pub address: String,
-    /// Task slots (TaskManagers).
-    pub slots: u32,
-    pub started_at: DateTime<Utc>,
-}
-
-/// A member and how long ago it was last heard from.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MemberView {
-    pub member: Member,
-    pub heartbeat_age_ms: u64,
 }
 
 /// A running heartbeat.

@@ -14,15 +14,13 @@ use std::time::Duration;
 
 use chrono::Utc;
 use ferry_ha::{
-    Coordination, Elector, ElectorConfig, LeaderInfo, Member, MemberView, Membership,
-    MembershipConfig, Role,
+    Coordination, Elector, ElectorConfig, LeaderInfo, Member, Membership, MembershipConfig, Role,
 };
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::leadership::RoleName;
 use crate::service::JobManager;
+pub use ferry_core::api::{HaHealth, LeaderView};
 
 /// Role name of JobManagers in membership records.
 pub const JOBMANAGER_ROLE: &str = "jobmanager";
@@ -40,51 +38,41 @@ pub struct HaSettings {
     pub min_instances: u32,
 }
 
-/// `/health/ha`: this instance's view of its region's HA.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct HaHealth {
-    /// `embedded`, `leader` or `standby`.
-    pub role: RoleName,
-    pub instance: String,
-    pub region: Option<String>,
-    /// The leader as this instance knows it.
-    pub leader: Option<LeaderView>,
-    /// This instance's epoch while it leads.
-    pub epoch: Option<u64>,
-    /// Members heard from within the expiry.
-    pub healthy_members: usize,
-    /// Members with a heartbeat record (healthy or not yet expired from the
-    /// store).
-    pub total_members: usize,
-    /// `{member: {id, role, region, address, slots, started_at}, heartbeat_age_ms}`.
-    #[schema(value_type = Vec<Object>)]
-    pub members: Vec<MemberView>,
-    /// Leader changes this instance has seen since it started.
-    pub leader_changes: u64,
-    /// Membership heartbeats of this instance that failed.
-    pub heartbeat_failures: u64,
-    /// Duration of the last successful lease renewal (leader only).
-    pub last_renew_ms: Option<f64>,
-    /// False when the coordination backend could not be read.
-    pub backend_reachable: bool,
-}
-
-/// The leader as reported by the API.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct LeaderView {
-    pub instance: String,
-    /// Its REST URL.
-    pub url: String,
-    pub epoch: u64,
-}
-
-impl From<LeaderInfo> for LeaderView {
-    fn from(l: LeaderInfo) -> Self {
+impl HaSettings {
+    /// The settings of a process configured by `cfg` (`ha.*`), known as
+    /// `instance_id` and reached at `api_url`.
+    pub fn from_config(
+        cfg: &ferry_core::config::ProcessConfig,
+        instance_id: &str,
+        api_url: &str,
+    ) -> Self {
+        let h = &cfg.ha;
         Self {
-            instance: l.holder,
-            url: l.payload,
-            epoch: l.epoch.0,
+            region: cfg.region.clone(),
+            instance_id: instance_id.to_string(),
+            api_url: api_url.to_string(),
+            membership: MembershipConfig {
+                interval: h.heartbeat_interval.get(),
+                expiry: h.member_expiry.get(),
+            },
+            elector: ElectorConfig {
+                key: "leader".to_string(),
+                holder: instance_id.to_string(),
+                ttl: h.lease_ttl.get(),
+                renew_interval: h.renew_interval.get(),
+                renew_deadline: h.renew_deadline.get(),
+            },
+            min_instances: h.min_instances_for_election,
         }
+    }
+}
+
+/// The leader as the API reports it.
+fn leader_view(l: LeaderInfo) -> LeaderView {
+    LeaderView {
+        instance: l.holder,
+        url: l.payload,
+        epoch: l.epoch.0,
     }
 }
 
@@ -118,7 +106,7 @@ impl JobManager {
         h.region = Some(ctx.region.clone());
         h.heartbeat_failures = ctx.heartbeat_failures.load(Ordering::Relaxed);
         h.epoch = l.fence().map(|e| e.0);
-        h.leader = l.leader().map(LeaderView::from);
+        h.leader = l.leader().map(leader_view);
         if let Some(e) = l.elector()
             && h.epoch.is_some()
         {
@@ -322,7 +310,7 @@ async fn read_leader(
     backend: &dyn Coordination,
     key: &str,
 ) -> Result<Option<LeaderInfo>, ferry_ha::HaError> {
-    #[derive(Deserialize)]
+    #[derive(serde::Deserialize)]
     struct Lease {
         holder: String,
         payload: String,

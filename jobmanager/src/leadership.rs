@@ -11,18 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
+pub use ferry_core::api::RoleName;
 use ferry_ha::{Coordination, Elector, LeaderInfo};
-use serde::{Deserialize, Serialize};
-
-/// The role as the API reports it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum RoleName {
-    /// `ferry local`: no election, this instance does everything.
-    Embedded,
-    Leader,
-    Standby,
-}
 
 /// The region coordination an HA JobManager takes part in.
 pub struct HaContext {

@@ -3,19 +3,21 @@
 //! cross-region hooks the binary wires in. Plain data; `service` re-exports
 //! all of it under its old paths.
 //!
-//! Invariant: these types import nothing of the JobManager but the job
-//! state, so every other module can use them without an import cycle.
+//! The API bodies among them (`JobInfo`, `CheckpointInfo`, `SavepointInfo`)
+//! live in `ferry_core::api`, shared with the clients, and are re-exported
+//! here under their old paths.
+//!
+//! Invariant: these types import nothing of the JobManager, so every other
+//! module can use them without an import cycle.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use ferry_core::JobId;
+pub use ferry_core::api::{CheckpointInfo, JobInfo, SavepointInfo};
 use ferry_core::manifest::{Manifest, SnapshotKind};
 use ferry_core::storage::StorageLocation;
 use ferry_core::value::format_ts;
-use serde::{Deserialize, Serialize};
-
-use crate::state::JobState;
 
 /// Settings of a JobManager.
 #[derive(Clone, Debug)]
@@ -24,73 +26,6 @@ pub struct JobManagerConfig {
     pub data_url: String,
     /// Name of this instance, reported in API responses.
     pub instance_id: String,
-}
-
-/// Summary and status of one job, as the API returns it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct JobInfo {
-    /// 32 hex digits.
-    #[schema(value_type = String, example = "01a2058a42c477a285a8423b5e819224")]
-    pub id: JobId,
-    pub name: String,
-    pub state: JobState,
-    pub parallelism: u32,
-    pub submitted_at: DateTime<Utc>,
-    pub ended_at: Option<DateTime<Utc>>,
-    /// Restarts after failures (not counting resumes of a new process).
-    pub restarts: u32,
-    /// Deployments of the job's tasks so far: 1 after the first start, +1
-    /// for each restart or resume that started tasks again. A new leader
-    /// that adopts running tasks does not add one.
-    #[serde(default)]
-    pub attempt: u32,
-    /// The TaskManager running the job's tasks (distributed mode).
-    #[serde(default)]
-    pub taskmanager: Option<String>,
-    /// Id of the current deployment on that TaskManager.
-    #[serde(default)]
-    pub deployment: Option<String>,
-    /// The region a planned switchover moved the job to (it was stopped
-    /// here with a savepoint and resumes there); a region that becomes
-    /// primary resumes such jobs although they are CANCELLED here.
-    #[serde(default)]
-    pub moved_to: Option<String>,
-    pub records_in: u64,
-    pub records_out: u64,
-    /// Records dropped because they were later than their window allowed.
-    pub late_records: u64,
-    /// Records whose filter or map expression failed to evaluate.
-    pub expression_errors: u64,
-    /// Malformed input records skipped by the source (`onBadLine: skip`).
-    #[serde(default)]
-    pub skipped_records: u64,
-    /// Lowest watermark over the tasks, RFC 3339, if any record was seen.
-    pub watermark: Option<String>,
-    pub last_checkpoint: Option<CheckpointInfo>,
-    /// Why the job failed or is restarting.
-    pub failure: Option<String>,
-    /// Where the sink writes, if it writes to storage.
-    pub output: Option<String>,
-    /// Where the job's checkpoints live.
-    pub checkpoint_root: String,
-}
-
-/// One completed checkpoint or savepoint.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct CheckpointInfo {
-    pub id: u64,
-    /// `checkpoint` or `savepoint`.
-    pub kind: String,
-    pub completed_at: DateTime<Utc>,
-    pub duration_ms: u64,
-    pub size_bytes: u64,
-    pub watermark: Option<String>,
-    pub records_in: u64,
-    pub records_out: u64,
-    /// Full URL of the checkpoint directory.
-    pub path: String,
-    /// Final checkpoint of a bounded job.
-    pub finished: bool,
 }
 
 /// A checkpoint or savepoint this JobManager completed (its manifest is
@@ -165,16 +100,6 @@ pub trait RegionOps: Send + Sync {
 
 /// What the region endpoints run.
 pub type RegionControl = Arc<dyn RegionOps>;
-
-/// A savepoint that was taken.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct SavepointInfo {
-    #[schema(value_type = String)]
-    pub job_id: JobId,
-    pub checkpoint_id: u64,
-    /// Full URL of the savepoint directory, for `--from-savepoint`.
-    pub path: String,
-}
 
 /// Options for starting a job beyond its spec.
 #[derive(Clone, Debug, Default)]

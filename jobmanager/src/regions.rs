@@ -10,6 +10,7 @@
 //! refuses, and a leader only mirrors the jobs of its store.
 
 use ferry_core::JobId;
+use ferry_core::api::DrillReport;
 
 use crate::error::JmError;
 use crate::model::{CompletedCheckpoint, JobEnded, RegionControl, RegionsView, SavepointInfo};
@@ -186,27 +187,10 @@ impl JobManager {
 
     /// Records the report of a failover drill (`ferry drill run`) in this
     /// region's store under `drills/<id>.json` and in the drill metrics.
-    /// The report must carry `id` (letters, digits, `-`), `passed` and
-    /// `rto_ms`.
-    pub async fn record_drill(
-        &self,
-        report: serde_json::Value,
-    ) -> Result<serde_json::Value, JmError> {
-        let id = report["id"].as_str().unwrap_or_default().to_string();
-        if id.is_empty()
-            || id.len() > 64
-            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            return Err(JmError::BadRequest(
-                "a drill report needs an \"id\" of 1 to 64 letters, digits or '-'".into(),
-            ));
-        }
-        let Some(passed) = report["passed"].as_bool() else {
-            return Err(JmError::BadRequest(
-                "a drill report needs \"passed\": true or false".into(),
-            ));
-        };
-        let rto_ms = report["rto_ms"].as_f64();
+    /// The report's `id` must be letters, digits and `-`.
+    pub async fn record_drill(&self, report: DrillReport) -> Result<DrillReport, JmError> {
+        report.validate().map_err(JmError::BadRequest)?;
+        let (id, passed, rto_ms) = (report.id.clone(), report.passed, report.rto_ms);
         let store = self.inner.store.clone().map_err(JmError::Runtime)?;
         let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
         store
@@ -214,7 +198,7 @@ impl JobManager {
             .await?;
         let m = &self.inner.metrics;
         if let Some(rto) = rto_ms {
-            m.drill_last_rto_seconds.set(rto / 1000.0);
+            m.drill_last_rto_seconds.set(rto as f64 / 1000.0);
         }
         m.drill_last_passed.set(i64::from(passed));
         m.drills
@@ -227,7 +211,7 @@ impl JobManager {
     }
 
     /// Drill reports recorded in this region's store, newest first.
-    pub async fn drills(&self) -> Result<Vec<serde_json::Value>, JmError> {
+    pub async fn drills(&self) -> Result<Vec<DrillReport>, JmError> {
         let store = self.inner.store.clone().map_err(JmError::Runtime)?;
         let mut out = Vec::new();
         for (name, _) in store.list_files("drills").await? {
@@ -235,7 +219,7 @@ impl JobManager {
                 continue;
             }
             if let Some(raw) = store.get_opt(&format!("drills/{name}")).await? {
-                match serde_json::from_slice::<serde_json::Value>(&raw) {
+                match serde_json::from_slice::<DrillReport>(&raw) {
                     Ok(v) => out.push(v),
                     Err(e) => {
                         tracing::warn!(file = %name, "skipping an unreadable drill report: {e}")
@@ -243,23 +227,18 @@ impl JobManager {
                 }
             }
         }
-        out.sort_by(|a, b| {
-            b["started_at"]
-                .as_str()
-                .unwrap_or_default()
-                .cmp(a["started_at"].as_str().unwrap_or_default())
-        });
+        out.sort_by_key(|r| std::cmp::Reverse(r.started_at));
         Ok(out)
     }
 
     /// One drill report by id.
-    pub async fn drill(&self, id: &str) -> Result<serde_json::Value, JmError> {
+    pub async fn drill(&self, id: &str) -> Result<DrillReport, JmError> {
         let not_found = || {
             JmError::Missing(format!(
                 "drill '{id}' not found; list drills with GET /v1/drills"
             ))
         };
-        if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if !ferry_core::api::is_drill_id(id) {
             return Err(not_found());
         }
         let store = self.inner.store.clone().map_err(JmError::Runtime)?;

@@ -1,24 +1,15 @@
-//! `ferry bench`: throughput benchmarks, run in-process on one core.
-//!
-//! `ferry bench throughput` runs a keyed tumbling count (generator →
-//! key_by → 1-minute count → blackhole) with and without periodic
-//! checkpoints, on a single-threaded runtime, and reports events per second
-//! of CPU time (events per second per core) and the checkpoint overhead:
-//! from the fastest of several interleaved runs of each variant, from the
-//! median of back-to-back pairs, and measured directly as the time the tasks
-//! spend on checkpoints (on a machine whose speed drifts between runs, the
-//! last is the one to trust).
+//! `ferry bench`: the benchmarks of `ferry_lab` (see docs/benchmarks.md):
+//! their flags and how their results are printed (a Markdown table, or
+//! JSON with `--json`).
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
-use ferry_core::spec::parse_and_validate;
-use ferry_jobmanager::service::SubmitOptions;
-use ferry_jobmanager::{JobManager, JobManagerConfig, JobState};
-use ferry_testkit::nats::{NatsConfig, NatsProcess, NatsStarter};
-use ferry_testkit::try_free_port;
+use ferry_lab::bench::{ThroughputOptions, ThroughputReport};
+use ferry_lab::failover::{FailoverOptions, FailoverReport};
+use ferry_lab::region::{RegionOptions, RegionReport};
+use ferry_lab::replication::{ReplicationOptions, ReplicationReport};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -32,12 +23,12 @@ pub enum BenchKind {
     Throughput(ThroughputArgs),
     /// Leader failover of `ferry jobmanager` processes: SIGKILL and
     /// graceful handoff times, idle CPU.
-    Failover(super::bench_failover::FailoverArgs),
+    Failover(FailoverArgs),
     /// Cross-region failover (SIGKILL of the primary region) and planned
     /// switchover times.
-    Region(super::bench_region::RegionArgs),
+    Region(RegionArgs),
     /// Cross-region replication lag while a job runs.
-    Replication(super::bench_replication::ReplicationArgs),
+    Replication(ReplicationArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,253 +54,349 @@ pub struct ThroughputArgs {
     pub json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct FailoverArgs {
+    /// Leader SIGKILLs to measure.
+    #[arg(long, default_value_t = 20)]
+    pub kills: u32,
+    /// Graceful handoffs (SIGTERM of the leader) to measure.
+    #[arg(long, default_value_t = 20)]
+    pub handoffs: u32,
+    /// Seconds of idle CPU measurement at the end (0 skips it).
+    #[arg(long, default_value_t = 20)]
+    pub idle_seconds: u64,
+    /// TaskManagers to start (0: none; then no long job runs).
+    #[arg(long, default_value_t = 2)]
+    pub taskmanagers: usize,
+    /// Leader lease ttl of the JobManagers.
+    #[arg(long, default_value = "800ms")]
+    pub lease_ttl: String,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the JobManagers' logs and store in this directory (a temp dir,
+    /// removed at the end, by default).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RegionArgs {
+    /// Unplanned failovers (SIGKILL of the primary region) to measure.
+    #[arg(long, default_value_t = 10)]
+    pub failovers: u32,
+    /// Planned switchovers to measure.
+    #[arg(long, default_value_t = 10)]
+    pub switchovers: u32,
+    /// Region timeout (`regions.timeout`).
+    #[arg(long, default_value = "5s")]
+    pub region_timeout: String,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep logs and stores here (a temp dir, removed at the end, by default).
+    #[arg(long)]
+    pub work_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReplicationArgs {
+    /// How long the job runs.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Checkpoint interval of the job.
+    #[arg(long, default_value = "1s")]
+    pub checkpoint_interval: String,
+    /// Events per second the job reads.
+    #[arg(long, default_value_t = 200_000)]
+    pub rate: u64,
+    /// Primary store (a temp dir by default).
+    #[arg(long, value_name = "URL")]
+    pub from: Option<String>,
+    /// Standby store (a temp dir by default).
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchKind::Throughput(a) => throughput(a),
-        BenchKind::Failover(a) => super::bench_failover::run(a),
-        BenchKind::Replication(a) => super::bench_replication::run(a),
-        BenchKind::Region(a) => super::bench_region::run(a),
+        BenchKind::Failover(a) => failover(a),
+        BenchKind::Replication(a) => replication(a),
+        BenchKind::Region(a) => region(a),
     }
 }
 
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
-fn spec(events: u64, keys: u64, interval: &str) -> String {
-    format!(
-        r#"
-apiVersion: ferry.dev/v1
-kind: Job
-metadata: {{name: bench-keyed-count}}
-spec:
-  parallelism: 1
-  checkpointing: {{interval: {interval}, retained: 2}}
-  restartStrategy: {{type: none}}
-  source:
-    generator:
-      partitions: 1
-      total: {events}
-      eventTime: {{step: 1ms, maxOutOfOrderness: 100ms}}
-      fields:
-        key: {{type: key, cardinality: {keys}}}
-  operators:
-    - key_by: key
-    - window: {{tumbling: 1m, aggregate: {{count: count}}}}
-  sink:
-    blackhole: {{}}
-"#
-    )
-}
-
-#[derive(serde::Serialize, Clone, Copy)]
-struct RunResult {
-    wall_s: f64,
-    cpu_s: f64,
-    events_per_s: f64,
-    events_per_cpu_s: f64,
-    checkpoints: u64,
-    /// Time the tasks spent on checkpoints: snapshots on the record path
-    /// plus the upload's own polls (serializing, hashing, issuing writes),
-    /// which share the one core with the records.
-    checkpoint_work_s: f64,
-}
-
-fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
-    let spec = parse_and_validate(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let jm = JobManager::new(JobManagerConfig {
-            data_url: data.to_string(),
-            instance_id: "bench".into(),
-        });
-        let cpu0 = cpu_time();
-        let t0 = Instant::now();
-        let info = jm.submit_spec(spec, SubmitOptions::default()).await?;
-        let state = jm.wait(info.id).await?;
-        let wall = t0.elapsed().as_secs_f64();
-        let cpu = (cpu_time() - cpu0).as_secs_f64();
-        let info = jm.get(&info.id.to_string())?;
-        anyhow::ensure!(
-            state == JobState::Finished && info.records_in == events,
-            "benchmark job ended {state} after {} of {events} events: {:?}",
-            info.records_in,
-            info.failure
-        );
-        let checkpoints = jm.checkpoints(&info.id.to_string()).await?.len() as u64;
-        let labels = ferry_jobmanager::metrics::Metrics::job(&info.id.to_string());
-        let m = jm.metrics();
-        let sync_s = m.checkpoint_sync_seconds.get_or_create(&labels).get();
-        let async_s = m.checkpoint_async_seconds.get_or_create(&labels).get();
-        let checkpoint_work_s = sync_s + async_s;
-        let completed = info.last_checkpoint.map(|c| c.id).unwrap_or(0);
-        jm.shutdown(false).await;
-        Ok(RunResult {
-            wall_s: wall,
-            cpu_s: cpu,
-            events_per_s: events as f64 / wall,
-            events_per_cpu_s: events as f64 / cpu,
-            checkpoints: completed.max(checkpoints),
-            checkpoint_work_s,
-        })
-    })
+        .build()?)
+}
+
+/// Prints a result as one line of JSON (keys sorted, as `serde_json`'s
+/// maps keep them).
+fn print_json(r: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_value(r)?);
+    Ok(())
 }
 
 fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
-    let tmp = tempfile_dir()?;
-    let data = a.data_dir.clone().unwrap_or_else(|| tmp.clone());
     eprintln!(
         "keyed tumbling count: {} events, {} keys, parallelism 1, one core; best of {}",
         a.events, a.keys, a.repeat
     );
-    let mut runs: [Vec<RunResult>; 2] = [Vec::new(), Vec::new()];
-    let intervals = ["1h", a.checkpoint_interval.as_str()];
-    for r in 0..a.repeat {
-        // ABBA order: a slow drift of the machine's speed hits both variants
-        // alike, so each repeat's pair is comparable.
-        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let interval = intervals[i];
-            let res = run_once(&data, &spec(a.events, a.keys, interval), a.events)
-                .with_context(|| format!("run {} ({interval} checkpoints)", r + 1))?;
-            eprintln!(
-                "  run {} {:<22} {:>7.2} M ev/s per core  ({:.2} s wall, {:.2} s cpu, {} checkpoints, {:.1} ms checkpoint work)",
-                r + 1,
-                if i == 0 {
-                    "without checkpoints"
-                } else {
-                    "with checkpoints"
-                },
-                res.events_per_cpu_s / 1e6,
-                res.wall_s,
-                res.cpu_s,
-                res.checkpoints,
-                res.checkpoint_work_s * 1e3
-            );
-            runs[i].push(res);
-        }
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
-    let best = |v: &[RunResult]| {
-        *v.iter()
-            .max_by(|a, b| a.events_per_cpu_s.total_cmp(&b.events_per_cpu_s))
-            .expect("at least one run")
+    let opts = ThroughputOptions {
+        events: a.events,
+        keys: a.keys,
+        checkpoint_interval: a.checkpoint_interval.clone(),
+        repeat: a.repeat,
+        data_dir: a.data_dir.clone(),
     };
-    let (off, on) = (best(&runs[0]), best(&runs[1]));
-    let overhead = (1.0 - on.events_per_cpu_s / off.events_per_cpu_s) * 100.0;
-    // The same overhead from each repeat's back-to-back pair; the median of
-    // those is robust against one slow run, which best-of is not for a ratio.
-    let mut paired: Vec<f64> = runs[0]
-        .iter()
-        .zip(&runs[1])
-        .map(|(off, on)| (1.0 - on.events_per_cpu_s / off.events_per_cpu_s) * 100.0)
-        .collect();
-    paired.sort_by(f64::total_cmp);
-    // The direct measure, immune to the machine's speed changing between
-    // runs: the share of each checkpointed run's CPU time that went into its
-    // checkpoints (median over the runs).
-    let mut direct: Vec<f64> = runs[1]
-        .iter()
-        .map(|r| r.checkpoint_work_s / r.cpu_s * 100.0)
-        .collect();
-    direct.sort_by(f64::total_cmp);
-    let direct_median = direct[direct.len() / 2];
-    let paired_median = if paired.len() % 2 == 1 {
-        paired[paired.len() / 2]
-    } else {
-        (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0
-    };
+    let r = ferry_lab::bench::throughput(&opts, |n, with, res| {
+        eprintln!(
+            "  run {n} {:<22} {:>7.2} M ev/s per core  ({:.2} s wall, {:.2} s cpu, {} checkpoints, {:.1} ms checkpoint work)",
+            if with {
+                "with checkpoints"
+            } else {
+                "without checkpoints"
+            },
+            res.events_per_cpu_s / 1e6,
+            res.wall_s,
+            res.cpu_s,
+            res.checkpoints,
+            res.checkpoint_work_s * 1e3
+        );
+    })?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "events": a.events, "keys": a.keys,
-                "checkpoint_interval": a.checkpoint_interval,
-                "without_checkpoints": off, "with_checkpoints": on,
-                "checkpoint_overhead_percent": overhead,
-                "checkpoint_overhead_percent_paired_median": paired_median,
-                "checkpoint_overhead_percent_paired": paired,
-                "checkpoint_work_percent_of_cpu": direct_median,
-                "runs": {"without_checkpoints": runs[0], "with_checkpoints": runs[1]},
-            })
-        );
+        print_json(&r)?;
     } else {
-        println!("| variant | M events/s per core | wall s | cpu s | checkpoints |");
-        println!("|---|---|---|---|---|");
-        for (name, r) in [
-            ("without checkpoints", off),
-            (&*format!("checkpoints every {}", a.checkpoint_interval), on),
-        ] {
-            println!(
-                "| {name} | {:.2} | {:.2} | {:.2} | {} |",
-                r.events_per_cpu_s / 1e6,
-                r.wall_s,
-                r.cpu_s,
-                r.checkpoints
-            );
-        }
-        println!(
-            "checkpoint overhead: {overhead:.1} % (fastest vs fastest); median of the {} back-to-back pairs: {paired_median:.1} % (pairs: {})",
-            paired.len(),
-            paired
-                .iter()
-                .map(|p| format!("{p:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        println!(
-            "checkpoint work measured in the tasks (snapshot + hash + upload): {direct_median:.2} % of the run's CPU time (median of the checkpointed runs)"
-        );
+        print_throughput(&r);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `p`th percentile (0 < `p` ≤ 100) of the ascending `sorted` by the
-/// nearest-rank method; NaN if it is empty. The one percentile of every
-/// benchmark's p50/p99.
-pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
+fn print_throughput(r: &ThroughputReport) {
+    println!("| variant | M events/s per core | wall s | cpu s | checkpoints |");
+    println!("|---|---|---|---|---|");
+    for (name, v) in [
+        ("without checkpoints", r.without_checkpoints),
+        (
+            &*format!("checkpoints every {}", r.checkpoint_interval),
+            r.with_checkpoints,
+        ),
+    ] {
+        println!(
+            "| {name} | {:.2} | {:.2} | {:.2} | {} |",
+            v.events_per_cpu_s / 1e6,
+            v.wall_s,
+            v.cpu_s,
+            v.checkpoints
+        );
     }
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    let paired = &r.checkpoint_overhead_percent_paired;
+    println!(
+        "checkpoint overhead: {:.1} % (fastest vs fastest); median of the {} back-to-back pairs: {:.1} % (pairs: {})",
+        r.checkpoint_overhead_percent,
+        paired.len(),
+        r.checkpoint_overhead_percent_paired_median,
+        paired
+            .iter()
+            .map(|p| format!("{p:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "checkpoint work measured in the tasks (snapshot + hash + upload): {:.2} % of the run's CPU time (median of the checkpointed runs)",
+        r.checkpoint_work_percent_of_cpu
+    );
 }
 
-/// Starts the benchmarks' `nats-server -js` (`sync_interval: always`) on a
-/// free loopback port with its config and store under `dir`, output
-/// discarded, and waits (up to 10 s) until it accepts clients.
-pub(super) fn start_nats(dir: &Path) -> anyhow::Result<NatsProcess> {
-    let config = NatsConfig::new(try_free_port()?, dir.join("js"));
-    Ok(NatsStarter::new(super::sandbox::find_nats_server()?)
-        .with_listen_limit(Duration::from_secs(10))
-        .start("nats-server", &dir.join("nats.conf"), &config)?)
-}
-
-fn tempfile_dir() -> anyhow::Result<String> {
-    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir.to_string_lossy().to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentile_is_the_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&[1.0, 2.0, 3.0], 50.0), 2.0);
-        assert_eq!(percentile(&[1.0, 2.0, 3.0], 99.0), 3.0);
-        assert_eq!(percentile(&[7.0], 1.0), 7.0);
-        assert!(percentile(&[], 50.0).is_nan());
+fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
+    let opts = FailoverOptions {
+        ferry: std::env::current_exe()?,
+        kills: a.kills,
+        handoffs: a.handoffs,
+        idle_seconds: a.idle_seconds,
+        taskmanagers: a.taskmanagers,
+        lease_ttl: a.lease_ttl.clone(),
+        work_dir: a.work_dir.clone(),
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let r = current_thread()?.block_on(ferry_lab::failover::run(&opts, |p| match p {
+        ferry_lab::failover::Progress::Started => eprintln!(
+            "failover benchmark: 3 JobManagers, {} TaskManagers, nats-server on loopback, lease ttl {}; {} SIGKILLs, {} graceful handoffs",
+            a.taskmanagers, a.lease_ttl, a.kills, a.handoffs
+        ),
+        ferry_lab::failover::Progress::Round {
+            handoff,
+            n,
+            write,
+            checkpoint,
+        } => eprintln!(
+            "  {} {n:>2}: new leader accepted a write after {:>6.1} ms{}",
+            if handoff { "handoff" } else { "kill" },
+            ms(write),
+            checkpoint
+                .map(|c| format!(
+                    "; the running job's next checkpoint after {:>6.1} ms",
+                    ms(c)
+                ))
+                .unwrap_or_default()
+        ),
+    }))?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        print_failover(&r, a.idle_seconds);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_failover(r: &FailoverReport, idle_seconds: u64) {
+    let (k, h) = (&r.sigkill_ms, &r.graceful_ms);
+    println!("| leader loss | runs | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
+        k.all.len(),
+        k.p50,
+        k.p99,
+        k.max
+    );
+    println!(
+        "| graceful (SIGTERM) | {} | {:.0} | {:.0} | {:.0} |",
+        h.all.len(),
+        h.p50,
+        h.p99,
+        h.max
+    );
+    if r.checkpoints_after_sigkill > 0 {
+        let (kc, hc) = (
+            &r.next_checkpoint_after_sigkill_ms,
+            &r.next_checkpoint_after_graceful_ms,
+        );
+        println!(
+            "| running job's next checkpoint after SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
+            r.checkpoints_after_sigkill, kc.p50, kc.p99, kc.max
+        );
+        println!(
+            "| running job's next checkpoint after graceful | {} | {:.0} | {:.0} | {:.0} |",
+            r.checkpoints_after_graceful, hc.p50, hc.p99, hc.max
+        );
+    }
+    if let (Some(att), Some(st)) = (r.long_job_attempt, r.deployments_started) {
+        println!(
+            "running job: attempt {att} after {} leader changes (1 = never restarted); deployments started on the TaskManagers: {st} (the running job's one, plus one per probe job: one per round, and any a stopping leader still accepted)",
+            r.probe_jobs
+        );
+    }
+    let idle = &r.idle_cpu_percent_per_process;
+    if !idle.is_empty() {
+        let (jm, tm) = idle.split_at(3.min(idle.len()));
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|c| format!("{c:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "idle CPU over {idle_seconds} s, % of a core: JobManagers {}; TaskManagers {}",
+            fmt(jm),
+            if tm.is_empty() { "-".into() } else { fmt(tm) }
+        );
+    }
+}
+
+fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
+    let opts = RegionOptions {
+        ferry: std::env::current_exe()?,
+        failovers: a.failovers,
+        switchovers: a.switchovers,
+        region_timeout: a.region_timeout.clone(),
+        work_dir: a.work_dir.clone(),
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let r = current_thread()?.block_on(ferry_lab::region::run(&opts, |p| match p {
+        ferry_lab::region::Progress::Started => eprintln!(
+            "region benchmark: 2 regions (JM + TM each), region timeout {}; {} failovers, {} switchovers",
+            a.region_timeout, a.failovers, a.switchovers
+        ),
+        ferry_lab::region::Progress::Failover {
+            n,
+            to,
+            promoted,
+            recovered,
+        } => eprintln!(
+            "  failover {n:>2}: {to} promoted after {:>7.1} ms; job checkpointing there after {:>7.1} ms",
+            ms(promoted),
+            ms(recovered)
+        ),
+        ferry_lab::region::Progress::Switchover { n, to, took } => eprintln!(
+            "  switchover {n:>2}: job checkpointing in {to} after {:>7.1} ms",
+            ms(took)
+        ),
+    }))?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        print_region(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_region(r: &RegionReport) {
+    println!("| event | runs | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    for row in &r.results {
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.0} |",
+            row.what, row.runs, row.p50_ms, row.p99_ms, row.max_ms
+        );
+    }
+}
+
+fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
+    let opts = ReplicationOptions {
+        seconds: a.seconds,
+        checkpoint_interval: a.checkpoint_interval.clone(),
+        rate: a.rate,
+        from: a.from.clone(),
+        to: a.to.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(ferry_lab::replication::run(&opts, |s| {
+        eprintln!(
+            "replication benchmark: job {} checkpoints every {} to {}, replicated to {}; {} s",
+            s.job, a.checkpoint_interval, s.from, s.to, a.seconds
+        )
+    }))?;
+    if a.json {
+        print_json(&r)?;
+    } else {
+        print_replication(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_replication(r: &ReplicationReport) {
+    let (l, g) = (&r.completion_to_standby_ms, &r.lag_seconds_sampled_ms);
+    println!("| measure | n | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| checkpoint completed → manifest in standby | {} | {:.1} | {:.1} | {:.1} |",
+        l.n, l.p50, l.p99, l.max
+    );
+    println!(
+        "| replication lag (sampled every 100 ms) | {} | {:.1} | {:.1} | {:.1} |",
+        g.n, g.p50, g.p99, g.max
+    );
+    println!(
+        "{} snapshots, {} bytes replicated, {} retries; target: lag p99 ≤ checkpoint interval + 500 ms = {:.0} ms",
+        r.snapshots_replicated, r.bytes_replicated, r.retries, r.target_ms
+    );
 }

@@ -5,10 +5,9 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use ferry_jobmanager::ha::HaHealth;
-use reqwest::Method;
+use ferry_core::api::HaHealth;
 
-use super::job::{ApiArgs, Client, print_result};
+use super::job::{ApiArgs, client, show};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ClusterCommand {
@@ -26,17 +25,8 @@ pub fn run(c: ClusterCommand) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         match c {
             ClusterCommand::Status { api } => {
-                let client = Client::new(&api)?;
-                match client
-                    .call::<HaHealth>(Method::GET, "/v1/cluster", None)
-                    .await
-                {
-                    Ok((raw, h)) => {
-                        print_result(api.output, &raw, |out| print_status(&h, out));
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Err(f) => Ok(f.report()),
-                }
+                let call = client(&api)?.cluster().await;
+                Ok(show(api.output, call, print_status))
             }
         }
     })

@@ -1,32 +1,20 @@
-//! `ferry job submit|list|get|cancel|savepoint|checkpoints`: a client of the
-//! JobManager REST API (`docs/api.md`), printing tables or the server's JSON.
-//!
-//! Invariant: a request goes to the next `--url` only when the previous one
-//! could not be connected to, or answered 503 `not_leader` (it did nothing:
-//! a standby that knows no leader), so a request a server may have acted on
-//! is never sent twice.
-
-use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Duration;
+//! `ferry job submit|list|get|cancel|savepoint|checkpoints`: the JobManager
+//! REST API (`docs/api.md`) through `ferry_client`, printing tables or the
+//! server's JSON; and what every API command shares: `--url`/`--output`,
+//! the client over them, and how an API failure is shown.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
-use ferry_jobmanager::api::{CancelResponse, CheckpointList, ErrorBody, JobList};
-use ferry_jobmanager::{CheckpointInfo, JobInfo, SavepointInfo};
-use reqwest::{Method, StatusCode};
-use serde::de::DeserializeOwned;
+use ferry_client::{Answer, Client, DEFAULT_URL, Error};
+use ferry_core::api::{CancelResponse, CheckpointInfo, JobInfo, SavepointInfo};
 
 use super::local::human_bytes;
 
-/// Where `ferry local` and a default JobManager serve the API.
-pub const DEFAULT_URL: &str = "http://127.0.0.1:8081";
-/// How long to wait for a TCP connection to one URL before trying the next.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on one request; stopping with a savepoint of large state is slow.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Exit code for an API error.
 const EXIT_ERROR: u8 = 1;
 /// Exit code for a spec the server rejected (as `ferry validate`).
@@ -117,61 +105,48 @@ async fn run_async(c: JobCommand) -> anyhow::Result<ExitCode> {
     let result = match c {
         JobCommand::Submit { file, api } => {
             let (text, content_type) = read_spec(&file)?;
-            let client = Client::new(&api)?;
-            let call = client
-                .call::<JobInfo>(Method::POST, "/v1/jobs", Some((content_type, text)))
-                .await;
-            call.map(|(raw, job)| print_result(api.output, &raw, |out| print_submitted(&job, out)))
+            let call = client(&api)?.submit(text, content_type).await;
+            show(api.output, call, print_submitted)
         }
         JobCommand::List { api } => {
-            let client = Client::new(&api)?;
-            let call = client.call::<JobList>(Method::GET, "/v1/jobs", None).await;
-            call.map(|(raw, list)| {
-                print_result(api.output, &raw, |out| print_jobs(&list.jobs, out))
-            })
+            let call = client(&api)?.jobs().await;
+            show(api.output, call, |list, out| print_jobs(&list.jobs, out))
         }
         JobCommand::Get { id, api } => {
-            let client = Client::new(&api)?;
-            let path = format!("/v1/jobs/{}", escape_segment(&id));
-            let call = client.call::<JobInfo>(Method::GET, &path, None).await;
-            call.map(|(raw, job)| print_result(api.output, &raw, |out| print_job(&job, out)))
+            let call = client(&api)?.job(&id).await;
+            show(api.output, call, print_job)
         }
         JobCommand::Cancel { id, savepoint, api } => {
-            let client = Client::new(&api)?;
-            let path = format!(
-                "/v1/jobs/{}{}",
-                escape_segment(&id),
-                if savepoint { "?savepoint=true" } else { "" }
-            );
-            let call = client
-                .call::<CancelResponse>(Method::DELETE, &path, None)
-                .await;
-            call.map(|(raw, res)| print_result(api.output, &raw, |out| print_cancelled(&res, out)))
+            let call = client(&api)?.cancel(&id, savepoint).await;
+            show(api.output, call, print_cancelled)
         }
         JobCommand::Savepoint { id, api } => {
-            let client = Client::new(&api)?;
-            let path = format!("/v1/jobs/{}/savepoints", escape_segment(&id));
-            let call = client
-                .call::<SavepointInfo>(Method::POST, &path, None)
-                .await;
-            call.map(|(raw, sp)| print_result(api.output, &raw, |out| print_savepoint(&sp, out)))
+            let call = client(&api)?.savepoint(&id).await;
+            show(api.output, call, print_savepoint)
         }
         JobCommand::Checkpoints { id, api } => {
-            let client = Client::new(&api)?;
-            let path = format!("/v1/jobs/{}/checkpoints", escape_segment(&id));
-            let call = client
-                .call::<CheckpointList>(Method::GET, &path, None)
-                .await;
-            call.map(|(raw, list)| {
-                print_result(api.output, &raw, |out| {
-                    print_checkpoints(&list.checkpoints, out)
-                })
+            let call = client(&api)?.checkpoints(&id).await;
+            show(api.output, call, |list, out| {
+                print_checkpoints(&list.checkpoints, out)
             })
         }
     };
-    match result {
-        Ok(()) => Ok(ExitCode::SUCCESS),
-        Err(failure) => Ok(failure.report()),
+    Ok(result)
+}
+
+/// Prints an answer (the server's JSON, or `table`'s form of it) or the
+/// failure; the exit code.
+pub(crate) fn show<T>(
+    output: Output,
+    call: Result<Answer<T>, Error>,
+    table: impl FnOnce(&T, &mut String),
+) -> ExitCode {
+    match call {
+        Ok(a) => {
+            print_result(output, &a.raw, |out| table(&a.value, out));
+            ExitCode::SUCCESS
+        }
+        Err(e) => report_failure(&e),
     }
 }
 
@@ -198,245 +173,93 @@ fn read_spec(file: &PathBuf) -> anyhow::Result<(Vec<u8>, Option<&'static str>)> 
     ))
 }
 
-/// Percent-encodes a job id or name for use as one path segment.
-fn escape_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// The client of `--url`, noting on stderr every URL it skips.
+pub(crate) fn client(args: &ApiArgs) -> anyhow::Result<Client> {
+    Ok(
+        Client::new(&args.url)?.on_skip(Arc::new(|skipped, reason, base| {
+            emit(
+                &mut std::io::stderr(),
+                &format!("note: {skipped} skipped ({reason}); answered by {base}\n"),
+            )
+        })),
+    )
 }
 
-// ---- Talking to the API ----
+// ---- Showing a failure ----
 
-/// A failed command: what to print and the exit code.
-pub(crate) enum Failure {
-    /// The server answered with an error.
-    Api {
-        url: String,
-        status: StatusCode,
-        body: Option<ErrorBody>,
-        text: String,
-    },
-    /// No URL could be connected to: `(url, reason)` for each.
-    Unreachable(Vec<(String, String)>),
-    /// The request failed after connecting (timeout, reset, bad answer).
-    Transport { url: String, reason: String },
+/// Prints a failed request as `error: ...` plus detail lines; the exit
+/// code.
+pub(crate) fn report_failure(e: &Error) -> ExitCode {
+    let mut err = String::new();
+    let code = describe(e, &mut err);
+    emit(&mut std::io::stderr(), &err);
+    code
 }
 
-impl Failure {
-    /// Prints the failure as `error: ...` plus detail lines; the exit code.
-    pub(crate) fn report(self) -> ExitCode {
-        let mut err = String::new();
-        let code = self.describe(&mut err);
-        emit(&mut std::io::stderr(), &err);
-        code
-    }
-
-    /// Writes the failure for a person; returns the exit code.
-    fn describe(self, err: &mut String) -> ExitCode {
-        match self {
-            Failure::Api {
-                url,
-                status,
-                body: Some(body),
-                ..
-            } => {
-                let e = body.error;
-                let _ = writeln!(err, "error: {}", e.message);
-                for d in &e.details {
-                    let _ = writeln!(err, "  - {d}");
-                }
-                tracing::debug!(%url, %status, code = %e.code, "API error");
-                ExitCode::from(if e.code == "invalid_spec" {
-                    EXIT_INVALID_SPEC
-                } else {
-                    EXIT_ERROR
-                })
-            }
-            Failure::Api {
-                url, status, text, ..
-            } => {
-                let text = text.trim();
-                let snippet: String = text.chars().take(500).collect();
-                let _ = writeln!(
-                    err,
-                    "error: {url} answered {status}, not a Ferry API response"
-                );
-                if !snippet.is_empty() {
-                    let _ = writeln!(err, "  {snippet}");
-                }
-                let _ = writeln!(err, "  check that --url points at a Ferry JobManager");
-                ExitCode::from(EXIT_ERROR)
-            }
-            Failure::Unreachable(tried) => {
-                if let [(url, reason)] = tried.as_slice() {
-                    let _ = writeln!(
-                        err,
-                        "error: cannot reach the JobManager at {url} ({reason})"
-                    );
-                } else {
-                    let _ = writeln!(err, "error: cannot reach any JobManager; tried:");
-                    for (url, reason) in &tried {
-                        let _ = writeln!(err, "  - {url}: {reason}");
-                    }
-                }
-                let _ = writeln!(
-                    err,
-                    "  start one with `ferry local` (it serves the API on {DEFAULT_URL}), \
-                     or point at a running one with --url URL or FERRY_URL"
-                );
-                ExitCode::from(EXIT_ERROR)
-            }
-            Failure::Transport { url, reason } => {
-                let _ = writeln!(err, "error: request to {url} failed: {reason}");
-                let _ = writeln!(
-                    err,
-                    "  the JobManager may still have acted on it; check with `ferry job list`"
-                );
-                ExitCode::from(EXIT_ERROR)
-            }
-        }
-    }
-}
-
-/// The REST client over the `--url` list.
-pub(crate) struct Client {
-    http: reqwest::Client,
-    bases: Vec<String>,
-}
-
-impl Client {
-    pub(crate) fn new(args: &ApiArgs) -> anyhow::Result<Self> {
-        let bases = args
-            .url
-            .iter()
-            .map(|u| u.trim())
-            .filter(|u| !u.is_empty())
-            .map(normalize_url)
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        if bases.is_empty() {
-            bail!("--url is empty; give the JobManager's URL, e.g. {DEFAULT_URL}");
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("ferry-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
-        Ok(Self { http, bases })
-    }
-
-    /// Sends one request, trying the URLs in order while they cannot be
-    /// connected to; returns the JSON body and its typed form.
-    pub(crate) async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<(Option<&'static str>, Vec<u8>)>,
-    ) -> Result<(serde_json::Value, T), Failure> {
-        let mut unreachable = Vec::new();
-        for base in &self.bases {
-            let url = format!("{base}{path}");
-            let mut req = self.http.request(method.clone(), &url);
-            if let Some((content_type, bytes)) = &body {
-                if let Some(ct) = content_type {
-                    req = req.header(reqwest::header::CONTENT_TYPE, *ct);
-                }
-                req = req.body(bytes.clone());
-            }
-            let res = match req.send().await {
-                Ok(res) => res,
-                Err(e) if e.is_connect() => {
-                    unreachable.push((base.clone(), root_cause(&e)));
-                    continue;
-                }
-                Err(e) => {
-                    return Err(Failure::Transport {
-                        url,
-                        reason: root_cause(&e),
-                    });
-                }
-            };
-            let answer = read_response(url, res).await;
-            if let Err(Failure::Api {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                body: Some(b),
-                ..
-            }) = &answer
-                && b.error.code == "not_leader"
-                && base != self.bases.last().expect("at least one URL")
-            {
-                unreachable.push((base.clone(), b.error.message.clone()));
-                continue;
-            }
-            for (skipped, reason) in &unreachable {
-                emit(
-                    &mut std::io::stderr(),
-                    &format!("note: {skipped} skipped ({reason}); answered by {base}\n"),
-                );
-            }
-            return answer;
-        }
-        Err(Failure::Unreachable(unreachable))
-    }
-}
-
-/// Accepts `host:port` as `http://host:port`; drops a trailing `/`.
-fn normalize_url(u: &str) -> anyhow::Result<String> {
-    let full = if u.contains("://") {
-        u.to_string()
-    } else {
-        format!("http://{u}")
-    };
-    let parsed = reqwest::Url::parse(&full)
-        .with_context(|| format!("invalid --url '{u}'; expected e.g. {DEFAULT_URL}"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        bail!("invalid --url '{u}': use an http:// or https:// URL");
-    }
-    Ok(full.trim_end_matches('/').to_string())
-}
-
-/// The innermost cause of an error, e.g. `Connection refused (os error 111)`.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
-}
-
-async fn read_response<T: DeserializeOwned>(
-    url: String,
-    res: reqwest::Response,
-) -> Result<(serde_json::Value, T), Failure> {
-    let status = res.status();
-    let bytes = res.bytes().await.map_err(|e| Failure::Transport {
-        url: url.clone(),
-        reason: format!("reading the answer: {}", root_cause(&e)),
-    })?;
-    if !status.is_success() {
-        return Err(Failure::Api {
-            body: serde_json::from_slice(&bytes).ok(),
-            text: String::from_utf8_lossy(&bytes).into_owned(),
+/// Writes the failure for a person; returns the exit code.
+fn describe(e: &Error, err: &mut String) -> ExitCode {
+    match e {
+        Error::Api {
             url,
             status,
-        });
+            body: Some(body),
+            ..
+        } => {
+            let e = &body.error;
+            let _ = writeln!(err, "error: {}", e.message);
+            for d in &e.details {
+                let _ = writeln!(err, "  - {d}");
+            }
+            tracing::debug!(%url, %status, code = %e.code, "API error");
+            ExitCode::from(if e.code == "invalid_spec" {
+                EXIT_INVALID_SPEC
+            } else {
+                EXIT_ERROR
+            })
+        }
+        Error::Api {
+            url, status, text, ..
+        } => {
+            let text = text.trim();
+            let snippet: String = text.chars().take(500).collect();
+            let _ = writeln!(
+                err,
+                "error: {url} answered {status}, not a Ferry API response"
+            );
+            if !snippet.is_empty() {
+                let _ = writeln!(err, "  {snippet}");
+            }
+            let _ = writeln!(err, "  check that --url points at a Ferry JobManager");
+            ExitCode::from(EXIT_ERROR)
+        }
+        Error::Unreachable(tried) => {
+            if let [(url, reason)] = tried.as_slice() {
+                let _ = writeln!(
+                    err,
+                    "error: cannot reach the JobManager at {url} ({reason})"
+                );
+            } else {
+                let _ = writeln!(err, "error: cannot reach any JobManager; tried:");
+                for (url, reason) in tried {
+                    let _ = writeln!(err, "  - {url}: {reason}");
+                }
+            }
+            let _ = writeln!(
+                err,
+                "  start one with `ferry local` (it serves the API on {DEFAULT_URL}), \
+                     or point at a running one with --url URL or FERRY_URL"
+            );
+            ExitCode::from(EXIT_ERROR)
+        }
+        Error::Transport { url, reason } => {
+            let _ = writeln!(err, "error: request to {url} failed: {reason}");
+            let _ = writeln!(
+                err,
+                "  the JobManager may still have acted on it; check with `ferry job list`"
+            );
+            ExitCode::from(EXIT_ERROR)
+        }
     }
-    let raw: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|e| Failure::Transport {
-            url: url.clone(),
-            reason: format!("the answer is not JSON ({e}); is --url a Ferry JobManager?"),
-        })?;
-    let typed = T::deserialize(&raw).map_err(|e| Failure::Transport {
-        url: url.clone(),
-        reason: format!("unexpected answer ({e}); is this CLI as new as the JobManager?"),
-    })?;
-    Ok((raw, typed))
 }
 
 // ---- Printing ----
@@ -723,22 +546,5 @@ mod tests {
         assert_eq!(ago(3 * 3600 + 240), "3h4m");
         assert_eq!(ago(2 * 86_400 + 5 * 3600), "2d5h");
         assert_eq!(ago(-5), "0s");
-    }
-
-    #[test]
-    fn urls_are_normalized() {
-        assert_eq!(normalize_url("127.0.0.1:9").unwrap(), "http://127.0.0.1:9");
-        assert_eq!(
-            normalize_url("https://jm.example/").unwrap(),
-            "https://jm.example"
-        );
-        assert!(normalize_url("ftp://x").is_err());
-        assert!(normalize_url("http://[::1").is_err());
-    }
-
-    #[test]
-    fn ids_are_escaped_as_one_segment() {
-        assert_eq!(escape_segment("my job/1"), "my%20job%2F1");
-        assert_eq!(escape_segment("01a2-x_y.z~"), "01a2-x_y.z~");
     }
 }

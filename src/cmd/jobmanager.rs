@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ferry_core::config::{Placement, ProcessConfig};
-use ferry_ha::{ElectorConfig, MembershipConfig};
 use ferry_jobmanager::ha::HaSettings;
 use ferry_jobmanager::leadership::{HaContext, Leadership};
 use ferry_jobmanager::{JobManager, JobManagerConfig};
@@ -54,23 +53,7 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         },
         leadership,
     );
-    let settings = HaSettings {
-        region: cfg.region.clone(),
-        instance_id: instance_id.clone(),
-        api_url: api_url.clone(),
-        membership: MembershipConfig {
-            interval: h.heartbeat_interval.get(),
-            expiry: h.member_expiry.get(),
-        },
-        elector: ElectorConfig {
-            key: "leader".to_string(),
-            holder: instance_id.clone(),
-            ttl: h.lease_ttl.get(),
-            renew_interval: h.renew_interval.get(),
-            renew_deadline: h.renew_deadline.get(),
-        },
-        min_instances: h.min_instances_for_election,
-    };
+    let settings = HaSettings::from_config(&cfg, &instance_id, &api_url);
     settings
         .elector
         .validate()

@@ -1,9 +1,6 @@
 //! One module per top-level command.
 
 pub mod bench;
-pub mod bench_failover;
-pub mod bench_region;
-pub mod bench_replication;
 pub mod cluster;
 pub mod drill;
 pub mod job;

@@ -9,6 +9,8 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
+use ferry_client::Client;
+use ferry_client::regions::RegionMap;
 use ferry_core::JobId;
 use ferry_core::api::{DivergenceReport, RegionsStatus, SwitchoverReport};
 use ferry_core::manifest::VerifiedCheckpoint;
@@ -17,7 +19,7 @@ use ferry_region::{JobCopy, RestoreCheck, Verification, replicate_job, verify_jo
 use ferry_taskmanager::runtime::{JobPlan, check_restore};
 use serde_json::json;
 
-use super::job::{Align, Output, Table, print_result};
+use super::job::{Align, Output, Table, client, print_result, report_failure, show};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RegionCommand {
@@ -138,87 +140,23 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
                 api,
             } => failback(to, dry_run, wait, &api).await,
             RegionCommand::Status { api } => {
-                let client = super::job::Client::new(&api)?;
-                match client
-                    .call::<RegionsStatus>(reqwest::Method::GET, "/v1/regions", None)
-                    .await
-                {
-                    Ok((raw, v)) => {
-                        print_result(api.output, &raw, |out| print_status(&v, out));
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Err(f) => Ok(f.report()),
-                }
+                let call = client(&api)?.regions().await;
+                Ok(show(api.output, call, print_status))
             }
         }
     })
 }
 
-/// What `GET /v1/regions` says about the regions: the primary and every
-/// region's leader URL from its heartbeat.
-pub(crate) struct RegionMap {
-    pub status: RegionsStatus,
-    pub primary: String,
-}
-
-impl RegionMap {
-    /// Reads `/v1/regions` through `client`.
-    pub(crate) async fn read(client: &super::job::Client) -> anyhow::Result<Self> {
-        match client
-            .call::<RegionsStatus>(reqwest::Method::GET, "/v1/regions", None)
-            .await
-        {
-            Ok((_, v)) => Self::from_status(v),
-            Err(f) => {
-                let _ = f.report();
-                anyhow::bail!("cannot read /v1/regions (see above)")
-            }
+/// The region map from `/v1/regions` through `client`; a failed request
+/// is shown first.
+pub(crate) async fn read_map(client: &Client) -> anyhow::Result<RegionMap> {
+    match client.regions().await {
+        Ok(a) => RegionMap::from_status(a.value),
+        Err(e) => {
+            let _ = report_failure(&e);
+            anyhow::bail!("cannot read /v1/regions (see above)")
         }
     }
-
-    pub(crate) fn from_status(status: RegionsStatus) -> anyhow::Result<Self> {
-        let Some(primary) = status.primary.clone() else {
-            anyhow::bail!(
-                "this JobManager knows no primary region: cross-region coordination is not configured (regions.global, see docs/config.md), or the region lease has not been read yet"
-            );
-        };
-        Ok(Self { status, primary })
-    }
-
-    /// Checks that `region` is a known region.
-    pub(crate) fn known(&self, region: &str) -> anyhow::Result<()> {
-        if self.status.view(region).is_some() {
-            return Ok(());
-        }
-        let known: Vec<&str> = self
-            .status
-            .regions
-            .iter()
-            .map(|v| v.region.as_str())
-            .collect();
-        anyhow::bail!(
-            "unknown region '{region}': known regions are {}",
-            known.join(", ")
-        )
-    }
-
-    /// The REST URL of `region`'s leader, or why there is none.
-    pub(crate) fn url(&self, region: &str) -> anyhow::Result<String> {
-        self.known(region)?;
-        self.status.api_url(region).map(str::to_string).ok_or_else(|| {
-            anyhow::anyhow!(
-                "no JobManager URL is known for region {region} (it has not heartbeat into the global KV); is it running?"
-            )
-        })
-    }
-}
-
-/// A client of one JobManager URL.
-pub(crate) fn client_for(url: &str, output: Output) -> anyhow::Result<super::job::Client> {
-    super::job::Client::new(&super::job::ApiArgs {
-        url: vec![url.to_string()],
-        output,
-    })
 }
 
 /// `ferry region failover`: planned switchovers go to the primary's
@@ -230,8 +168,8 @@ async fn failover(
     dry_run: bool,
     api: &super::job::ApiArgs,
 ) -> anyhow::Result<ExitCode> {
-    let entry = super::job::Client::new(api)?;
-    let map = RegionMap::read(&entry).await?;
+    let entry = client(api)?;
+    let map = read_map(&entry).await?;
     map.known(to)?;
     if to == map.primary {
         anyhow::bail!(
@@ -248,7 +186,7 @@ async fn failover(
                 map.primary
             )
         })?;
-        client_for(&url, api.output)?
+        entry.for_url(&url)?
     };
     if !dry_run {
         eprintln!(
@@ -261,25 +199,16 @@ async fn failover(
             map.primary
         );
     }
-    let path = format!("/v1/regions/{to}/failover?force={force}&dry_run={dry_run}");
-    match client
-        .call::<SwitchoverReport>(reqwest::Method::POST, &path, None)
-        .await
-    {
-        Ok((raw, v)) => {
-            print_result(api.output, &raw, |out| {
-                print_move(out, &v, "");
-                for sp in &v.savepoints {
-                    let _ = writeln!(out, "  savepoint {}", sp.path);
-                }
-                if let Some(ms) = v.took_ms {
-                    let _ = writeln!(out, "took {ms} ms");
-                }
-            });
-            Ok(ExitCode::SUCCESS)
+    let call = client.failover(to, force, dry_run).await;
+    Ok(show(api.output, call, |v, out| {
+        print_move(out, v, "");
+        for sp in &v.savepoints {
+            let _ = writeln!(out, "  savepoint {}", sp.path);
         }
-        Err(f) => Ok(f.report()),
-    }
+        if let Some(ms) = v.took_ms {
+            let _ = writeln!(out, "took {ms} ms");
+        }
+    }))
 }
 
 async fn failback(
@@ -288,8 +217,8 @@ async fn failback(
     wait: std::time::Duration,
     api: &super::job::ApiArgs,
 ) -> anyhow::Result<ExitCode> {
-    let client = super::job::Client::new(api)?;
-    let map = RegionMap::read(&client).await?;
+    let client = client(api)?;
+    let map = read_map(&client).await?;
     let Some(target) = to.or(map.status.home.clone()) else {
         anyhow::bail!("no home region is configured (regions.primary): name the region with --to");
     };
@@ -308,28 +237,19 @@ async fn failback(
             humantime::format_duration(wait)
         );
     }
-    let path = format!(
-        "/v1/regions/{target}/failback?dry_run={dry_run}&wait={}ms",
-        wait.as_millis()
-    );
-    match client_for(&primary_url, api.output)?
-        .call::<SwitchoverReport>(reqwest::Method::POST, &path, None)
-        .await
-    {
-        Ok((raw, v)) => {
-            print_result(api.output, &raw, |out| {
-                print_move(out, &v, "fail-back ");
-                if let Some(d) = &v.divergence {
-                    print_divergence(d, out);
-                }
-                if let Some(ms) = v.took_ms {
-                    let _ = writeln!(out, "took {ms} ms");
-                }
-            });
-            Ok(ExitCode::SUCCESS)
+    let call = client
+        .for_url(&primary_url)?
+        .failback(&target, dry_run, Some(wait))
+        .await;
+    Ok(show(api.output, call, |v, out| {
+        print_move(out, v, "fail-back ");
+        if let Some(d) = &v.divergence {
+            print_divergence(d, out);
         }
-        Err(f) => Ok(f.report()),
-    }
+        if let Some(ms) = v.took_ms {
+            let _ = writeln!(out, "took {ms} ms");
+        }
+    }))
 }
 
 /// `from -> to (region epoch)` and the plan's steps of a failover or

@@ -1,10 +1,13 @@
 //! Ferry's streaming runtime: sources, operators (filter, map, windows),
 //! sinks (files, NATS JetStream, ...), checkpoint barriers and state snapshots, and the tasks that run
 //! them. The JobManager deploys jobs through [`runtime::deploy`] and talks to
-//! tasks with the messages in [`protocol`].
+//! tasks with the messages in [`protocol`]. A TaskManager process serves
+//! the leader over gRPC ([`server`]) and its health and metrics over HTTP
+//! ([`http`]).
 
 pub mod batch;
 pub mod expr;
+pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod operator;

@@ -15,6 +15,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_client::Client;
+use ferry_core::api::RoleName;
 use ferry_testkit::{NatsCluster, free_port};
 use serde_json::Value;
 
@@ -261,15 +263,21 @@ impl Region {
         std::fs::read_to_string(self.dir.path().join(format!("{id}.log"))).unwrap_or_default()
     }
 
+    /// The REST client of JobManager `jm` (2 s per request).
+    pub fn api(&self, jm: &Jm) -> Client {
+        Client::local(&jm.url())
+            .expect("a loopback URL")
+            .with_timeout(Duration::from_secs(2))
+    }
+
+    /// `GET path` from `jm` as JSON, error answers included (their error
+    /// body); `None` when it does not answer JSON.
     pub async fn get(&self, jm: &Jm, path: &str) -> Option<Value> {
-        let r = self
-            .http
-            .get(format!("{}{path}", jm.url()))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?;
-        r.json().await.ok()
+        match self.api(jm).get_json(path).await {
+            Ok(a) => Some(a.raw),
+            Err(ferry_client::Error::Api { text, .. }) => serde_json::from_str(&text).ok(),
+            Err(_) => None,
+        }
     }
 
     /// Waits until exactly one of the live JobManagers says it leads and
@@ -283,11 +291,11 @@ impl Region {
                 if except.contains(&i) {
                     continue;
                 }
-                if let Some(h) = self.get(jm, "/health/ha").await {
-                    if h["role"] == "leader" {
-                        leaders.push((i, h["epoch"].as_u64().unwrap()));
+                if let Ok(h) = self.api(jm).health().await.map(|a| a.value) {
+                    if h.role == RoleName::Leader {
+                        leaders.push((i, h.epoch.unwrap()));
                     }
-                    views.push(h["leader"]["instance"].clone());
+                    views.push(h.leader.map(|l| l.instance));
                 }
             }
             assert!(
@@ -298,7 +306,7 @@ impl Region {
                 && views.len() == self.jms.len() - except.len()
                 && views
                     .iter()
-                    .all(|v| v.as_str() == Some(self.jms[i].id.as_str()))
+                    .all(|v| v.as_deref() == Some(self.jms[i].id.as_str()))
             {
                 return (i, epoch);
             }
@@ -316,16 +324,13 @@ impl Region {
             .spec()
             .replace("rate: 100000", &format!("rate: {}", self.rate));
         let r = self
-            .http
-            .post(format!("{}/v1/jobs", jm.url()))
-            .body(spec)
-            .send()
+            .api(jm)
+            .with_timeout(ferry_client::REQUEST_TIMEOUT)
+            .submit(spec.into_bytes(), None)
             .await
-            .unwrap();
-        let headers = r.headers().clone();
-        assert_eq!(r.status(), 201, "submit: {:?}", r.text().await);
-        let v: Value = r.json().await.unwrap();
-        (v["id"].as_str().unwrap().to_string(), headers)
+            .unwrap_or_else(|e| panic!("submit: {e}"));
+        assert_eq!(r.status, 201, "submit: {}", r.raw);
+        (r.value.id.to_string(), r.headers)
     }
 
     /// Submits the test job through JobManager `via` and waits until that
@@ -558,12 +563,8 @@ pub async fn start_two_regions(east: &mut Region, west: &mut Region) {
 pub async fn wait_lease(r: &Region) -> u64 {
     let start = Instant::now();
     loop {
-        let v = r.get(&r.jms[0], "/v1/regions").await;
-        if let Some(e) = v
-            .as_ref()
-            .and_then(|v| v["epoch"].as_u64())
-            .filter(|e| *e > 0)
-        {
+        let v = r.api(&r.jms[0]).regions().await.ok().map(|a| a.value);
+        if let Some(e) = v.as_ref().map(|v| v.epoch.0).filter(|e| *e > 0) {
             return e;
         }
         assert!(
@@ -579,13 +580,21 @@ pub async fn wait_lease(r: &Region) -> u64 {
 pub async fn wait_replicated(r: &Region, jm: usize, job: &str) -> u64 {
     let start = Instant::now();
     loop {
-        let v = r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default();
-        if let Some(n) = v["standbys"][0]["jobs"][job]["replicated_checkpoint"].as_u64() {
+        let v = r.api(&r.jms[jm]).regions().await.ok();
+        if let Some(n) = v.as_ref().and_then(|a| {
+            a.value
+                .standbys
+                .first()?
+                .jobs
+                .get(job)?
+                .replicated_checkpoint
+        }) {
             return n;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "nothing replicated: {v}"
+            "nothing replicated: {}",
+            v.map(|a| a.raw).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -596,13 +605,16 @@ pub async fn wait_replicated(r: &Region, jm: usize, job: &str) -> u64 {
 pub async fn wait_primary(r: &Region, jm: usize, region: &str, limit: Duration) -> Value {
     let start = Instant::now();
     loop {
-        let v = r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default();
-        if v["primary"] == region {
-            return v;
+        let v = r.api(&r.jms[jm]).regions().await.ok();
+        if let Some(a) = v.as_ref()
+            && a.value.primary.as_deref() == Some(region)
+        {
+            return a.raw.clone();
         }
         assert!(
             start.elapsed() < limit,
-            "{region} did not become the primary within {limit:?}: {v}"
+            "{region} did not become the primary within {limit:?}: {}",
+            v.map(|a| a.raw).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -612,16 +624,15 @@ pub async fn wait_primary(r: &Region, jm: usize, region: &str, limit: Duration) 
 pub async fn wait_healthy(r: &Region, jm: usize, region: &str, limit: Duration) {
     let start = Instant::now();
     loop {
-        let v = r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default();
-        if v["regions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|x| x["region"] == region && x["healthy"] == true)
-        {
+        let v = r.api(&r.jms[jm]).regions().await.ok();
+        if v.as_ref().is_some_and(|a| a.value.healthy(region)) {
             return;
         }
-        assert!(start.elapsed() < limit, "{region} not healthy: {v}");
+        assert!(
+            start.elapsed() < limit,
+            "{region} not healthy: {}",
+            v.map(|a| a.raw).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -9,7 +9,10 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
+use ferry_core::api::{DrillList, DrillReport, DrillReportError};
+
 use super::error::{ApiError, ErrorBody};
+use crate::error::JmError;
 use crate::service::JobManager;
 
 /// Query of `POST /v1/drills/outage`.
@@ -111,14 +114,15 @@ pub(super) async fn end_outage(
 pub(super) async fn record(
     State(jm): State<JobManager>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<DrillReport>), ApiError> {
     let body = body?;
-    let report: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
+    let report = DrillReport::from_json(&body).map_err(|e| match e {
+        DrillReportError::NotJson(e) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             format!("the body is not a JSON drill report: {e}"),
-        )
+        ),
+        DrillReportError::Invalid(message) => JmError::BadRequest(message).into(),
     })?;
     Ok((StatusCode::CREATED, Json(jm.record_drill(report).await?)))
 }
@@ -132,10 +136,10 @@ pub(super) async fn record(
     summary = "failover drill reports recorded in this region, newest first",
     responses((status = 200, description = r#"{"drills": [report, ...]}"#, body = Object))
 )]
-pub(super) async fn list(
-    State(jm): State<JobManager>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(serde_json::json!({ "drills": jm.drills().await? })))
+pub(super) async fn list(State(jm): State<JobManager>) -> Result<Json<DrillList>, ApiError> {
+    Ok(Json(DrillList {
+        drills: jm.drills().await?,
+    }))
 }
 
 /// `GET /v1/drills/{id}`: one drill report.
@@ -153,7 +157,7 @@ pub(super) async fn list(
 pub(super) async fn get(
     State(jm): State<JobManager>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DrillReport>, ApiError> {
     let Path(id) = id?;
     Ok(Json(jm.drill(&id).await?))
 }

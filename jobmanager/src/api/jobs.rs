@@ -8,34 +8,12 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody, ErrorDetail};
-use crate::model::{CheckpointInfo, JobInfo, SavepointInfo};
+use crate::model::{JobInfo, SavepointInfo};
 use crate::service::JobManager;
-
-/// Body of `GET /v1/jobs`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct JobList {
-    /// Newest first.
-    pub jobs: Vec<JobInfo>,
-}
-
-/// Body of `GET /v1/jobs/{id}/checkpoints`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct CheckpointList {
-    /// Newest first; savepoints included (`kind: savepoint`).
-    pub checkpoints: Vec<CheckpointInfo>,
-}
-
-/// Body of `DELETE /v1/jobs/{id}`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct CancelResponse {
-    /// The job after it stopped.
-    pub job: JobInfo,
-    /// The savepoint taken before stopping, when `?savepoint=true`.
-    pub savepoint: Option<SavepointInfo>,
-}
+pub use ferry_core::api::{CancelResponse, CheckpointList, JobList};
 
 /// Query of `DELETE /v1/jobs/{id}`.
 #[derive(Debug, Deserialize)]

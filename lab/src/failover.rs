@@ -1,47 +1,106 @@
-//! `ferry bench failover`: leader failover times of `ferry jobmanager`
-//! processes on loopback. Starts a `nats-server -js` (from PATH, `.venv`, or
-//! `FERRY_NATS_SERVER`), three JobManagers and (by default) two
-//! TaskManagers running a long job, then repeatedly SIGKILLs (or SIGTERMs,
-//! for graceful handoffs) the leader and measures the time until a job
-//! submission — a write only a leader accepts — succeeds again, and until
-//! the long job's next checkpoint completes under the new leader (its tasks
-//! keep running: the number of deployments started must stay 1). The
-//! stopped instance is restarted before the next round. Ends with the idle
-//! CPU of every process over a quiet period (the long job cancelled).
+//! The JobManager failover benchmark (`ferry bench failover`): leader
+//! failover times of `ferry jobmanager` processes on loopback. Starts a
+//! `nats-server -js`, three JobManagers and (by default) two TaskManagers
+//! running a long job, then repeatedly SIGKILLs (or SIGTERMs, for graceful
+//! handoffs) the leader and measures the time until a job submission — a
+//! write only a leader accepts — succeeds again, and until the long job's
+//! next checkpoint completes under the new leader (its tasks keep running:
+//! the number of deployments started must stay 1). The stopped instance is
+//! restarted before the next round. Ends with the idle CPU of every process
+//! over a quiet period (the long job cancelled).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ferry_client::Client;
+use ferry_core::api::RoleName;
 use ferry_testkit::try_free_port;
+use serde::Serialize;
 
-use super::bench::{percentile, start_nats};
+use crate::Stats;
+use crate::procs::{Proc, cpu_seconds, signal, start_nats, tm_metric};
 
-#[derive(clap::Args, Debug)]
-pub struct FailoverArgs {
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct FailoverOptions {
+    /// The `ferry` executable to start.
+    pub ferry: PathBuf,
     /// Leader SIGKILLs to measure.
-    #[arg(long, default_value_t = 20)]
     pub kills: u32,
     /// Graceful handoffs (SIGTERM of the leader) to measure.
-    #[arg(long, default_value_t = 20)]
     pub handoffs: u32,
     /// Seconds of idle CPU measurement at the end (0 skips it).
-    #[arg(long, default_value_t = 20)]
     pub idle_seconds: u64,
     /// TaskManagers to start (0: none; then no long job runs).
-    #[arg(long, default_value_t = 2)]
     pub taskmanagers: usize,
     /// Leader lease ttl of the JobManagers.
-    #[arg(long, default_value = "800ms")]
     pub lease_ttl: String,
-    /// Print results as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Keep the JobManagers' logs and store in this directory (a temp dir,
-    /// removed at the end, by default).
-    #[arg(long)]
+    /// Keep the logs and store here (a temp dir, removed at the end, by
+    /// default).
     pub work_dir: Option<PathBuf>,
+}
+
+/// What happens, as it happens.
+#[derive(Clone, Copy, Debug)]
+pub enum Progress {
+    /// Every process is up.
+    Started,
+    /// One leader loss: `handoff` (SIGTERM) or a SIGKILL, its number from
+    /// 1, the time to an accepted write and to the long job's next
+    /// checkpoint.
+    Round {
+        handoff: bool,
+        n: u32,
+        write: Duration,
+        checkpoint: Option<Duration>,
+    },
+}
+
+/// The times of one kind of leader loss, in ms.
+#[derive(Serialize, Clone, Debug)]
+pub struct Timings {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    /// Ascending.
+    pub all: Vec<f64>,
+}
+
+impl Timings {
+    fn of(all: Vec<f64>) -> Self {
+        let s = Stats::of(&all);
+        Self {
+            p50: s.p50,
+            p99: s.p99,
+            max: s.max,
+            all,
+        }
+    }
+}
+
+/// The benchmark's result.
+#[derive(Serialize, Clone, Debug)]
+pub struct FailoverReport {
+    pub lease_ttl: String,
+    pub sigkill_ms: Timings,
+    pub graceful_ms: Timings,
+    pub next_checkpoint_after_sigkill_ms: Stats,
+    pub next_checkpoint_after_graceful_ms: Stats,
+    /// Measurements behind the two above.
+    #[serde(skip)]
+    pub checkpoints_after_sigkill: usize,
+    #[serde(skip)]
+    pub checkpoints_after_graceful: usize,
+    /// The long job's attempt at the end (1: never restarted).
+    pub long_job_attempt: Option<u64>,
+    /// Deployments the TaskManagers started.
+    pub deployments_started: Option<u64>,
+    pub probe_jobs: u64,
+    /// JobManagers first, then TaskManagers, as in `processes`.
+    pub idle_cpu_percent_per_process: Vec<f64>,
+    pub processes: Vec<String>,
 }
 
 /// A tiny bounded job: submitting it is the write being timed.
@@ -59,33 +118,18 @@ const LONG_JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{
 /// Bound on one round (election + write).
 const ROUND_LIMIT: Duration = Duration::from_secs(30);
 
-pub(super) struct Proc {
-    pub(super) child: Child,
-    pub(super) port: u16,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
+/// A JobManager process and the client of its API.
+struct Jm {
+    proc: Proc,
+    api: Client,
 }
 
 struct Bench {
+    ferry: PathBuf,
     dir: PathBuf,
     nats_url: String,
     ttl: String,
-    jms: Vec<Option<Proc>>,
+    jms: Vec<Option<Jm>>,
     /// TaskManagers (`port`: their HTTP port).
     tms: Vec<Proc>,
     http: reqwest::Client,
@@ -101,7 +145,7 @@ impl Bench {
             .create(true)
             .append(true)
             .open(self.dir.join(format!("{id}.log")))?;
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(&self.ferry);
         cmd.arg(role)
             .env("FERRY_REGION", "bench")
             .env("FERRY_INSTANCE_ID", id)
@@ -135,7 +179,11 @@ impl Bench {
                 ("FERRY_HA_RENEW_DEADLINE", deadline),
             ],
         )?;
-        self.jms[i] = Some(Proc { child, port });
+        let api = Client::local(&format!("http://127.0.0.1:{port}"))?;
+        self.jms[i] = Some(Jm {
+            proc: Proc { child, port },
+            api,
+        });
         Ok(())
     }
 
@@ -153,43 +201,33 @@ impl Bench {
         Ok(())
     }
 
+    /// The client of live JobManager `i` with a bound on each request.
+    fn api(&self, i: usize, timeout: Duration) -> Option<Client> {
+        Some(self.jms[i].as_ref()?.api.clone().with_timeout(timeout))
+    }
+
     /// Deployments the TaskManagers started so far.
     async fn deployments_started(&self) -> anyhow::Result<u64> {
         let mut n = 0;
         for t in &self.tms {
-            let text = self
-                .http
-                .get(format!("http://127.0.0.1:{}/metrics", t.port))
-                .timeout(Duration::from_secs(2))
-                .send()
+            n += tm_metric(&self.http, t.port, "deployments_started")
                 .await?
-                .text()
-                .await?;
-            n += text
-                .lines()
-                .find_map(|l| l.strip_prefix("ferry_tm_deployments_started "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
                 .context("TaskManager metrics without ferry_tm_deployments_started")?;
         }
         Ok(n)
     }
 
-    /// The long job's newest completed checkpoint as the live JobManager
-    /// `i` reports it.
+    /// The long job's newest completed checkpoint and its attempt as the
+    /// live JobManager `i` reports them.
     async fn long_checkpoint(&self, i: usize) -> Option<(u64, u64)> {
-        let p = self.jms[i].as_ref()?;
         let id = self.long_job.as_ref()?;
-        let v: serde_json::Value = self
-            .http
-            .get(format!("http://127.0.0.1:{}/v1/jobs/{id}", p.port))
-            .timeout(Duration::from_secs(1))
-            .send()
+        let job = self
+            .api(i, Duration::from_secs(1))?
+            .job(id)
             .await
             .ok()?
-            .json()
-            .await
-            .ok()?;
-        Some((v["last_checkpoint"]["id"].as_u64()?, v["attempt"].as_u64()?))
+            .value;
+        Some((job.last_checkpoint?.id, u64::from(job.attempt)))
     }
 
     /// Waits until a leader other than `except` reports a checkpoint of the
@@ -198,7 +236,7 @@ impl Bench {
         let start = Instant::now();
         loop {
             for i in (0..self.jms.len()).filter(|i| *i != except) {
-                if self.health(i).await.is_some_and(|h| h["role"] == "leader")
+                if self.is_leader(i).await
                     && let Some((id, _)) = self.long_checkpoint(i).await
                     && id > after
                 {
@@ -214,16 +252,15 @@ impl Bench {
         }
     }
 
-    async fn health(&self, i: usize) -> Option<serde_json::Value> {
-        let p = self.jms[i].as_ref()?;
-        let r = self
-            .http
-            .get(format!("http://127.0.0.1:{}/health/ha", p.port))
-            .timeout(Duration::from_secs(1))
-            .send()
+    async fn health(&self, i: usize) -> Option<ferry_core::api::HaHealth> {
+        let c = self.api(i, Duration::from_secs(1))?;
+        c.health().await.ok().map(|a| a.value)
+    }
+
+    async fn is_leader(&self, i: usize) -> bool {
+        self.health(i)
             .await
-            .ok()?;
-        r.json().await.ok()
+            .is_some_and(|h| h.role == RoleName::Leader)
     }
 
     /// Waits until every live JobManager agrees on one leader and all three
@@ -236,11 +273,10 @@ impl Bench {
             for i in 0..self.jms.len() {
                 match self.health(i).await {
                     Some(h) => {
-                        if h["role"] == "leader" {
+                        if h.role == RoleName::Leader {
                             leaders.push(i);
                         }
-                        members_ok &=
-                            h["healthy_members"].as_u64() == Some(3 + self.tms.len() as u64);
+                        members_ok &= h.healthy_members == 3 + self.tms.len();
                     }
                     None => members_ok = false,
                 }
@@ -263,22 +299,13 @@ impl Bench {
         let old = format!("jm-{except}");
         let start = Instant::now();
         loop {
-            for (i, p) in self.jms.iter().enumerate() {
-                let Some(p) = p.as_ref().filter(|_| i != except) else {
+            for i in (0..self.jms.len()).filter(|i| *i != except) {
+                let Some(c) = self.api(i, Duration::from_secs(2)) else {
                     continue;
                 };
-                let r = self
-                    .http
-                    .post(format!("http://127.0.0.1:{}/v1/jobs", p.port))
-                    .body(PROBE_JOB)
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await;
-                if let Ok(r) = r
-                    && r.status() == reqwest::StatusCode::CREATED
-                    && r.headers()
-                        .get("x-ferry-instance")
-                        .is_some_and(|v| v.as_bytes() != old.as_bytes())
+                if let Ok(a) = c.submit(PROBE_JOB.as_bytes().to_vec(), None).await
+                    && a.status == ferry_client::StatusCode::CREATED
+                    && a.instance().is_some_and(|v| v != old)
                 {
                     return Ok(Instant::now());
                 }
@@ -303,9 +330,13 @@ impl Bench {
             ),
             None => None,
         };
-        let pid = self.jms[leader].as_ref().expect("leader runs").child.id();
-        // SAFETY: kill(2) of our own child's PID.
-        unsafe { libc::kill(pid as i32, sig) };
+        let pid = self.jms[leader]
+            .as_ref()
+            .expect("leader runs")
+            .proc
+            .child
+            .id();
+        signal(pid, sig);
         let t0 = Instant::now();
         let accepted = self.first_accepted_write(leader).await?;
         let took = accepted - t0;
@@ -313,60 +344,43 @@ impl Bench {
             Some(b) => Some(self.next_checkpoint(leader, b).await? - t0),
             None => None,
         };
-        if let Some(mut p) = self.jms[leader].take() {
+        if let Some(mut jm) = self.jms[leader].take() {
             let deadline = Instant::now() + Duration::from_secs(15);
-            while p.child.try_wait()?.is_none() && Instant::now() < deadline {
+            while jm.proc.child.try_wait()?.is_none() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         self.start_jm(leader)?;
         Ok((took, checkpoint))
     }
-}
 
-impl Bench {
     async fn submit_long(&self, leader: usize) -> anyhow::Result<String> {
-        let p = self.jms[leader].as_ref().expect("leader runs");
-        let r = self
-            .http
-            .post(format!("http://127.0.0.1:{}/v1/jobs", p.port))
-            .body(LONG_JOB)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await?;
-        if r.status() != reqwest::StatusCode::CREATED {
-            bail!("submitting the long job failed: {}", r.text().await?);
+        let c = self
+            .api(leader, Duration::from_secs(5))
+            .expect("leader runs");
+        match c.submit(LONG_JOB.as_bytes().to_vec(), None).await {
+            Ok(a) if a.status == ferry_client::StatusCode::CREATED => Ok(a.value.id.to_string()),
+            Ok(a) => bail!("submitting the long job failed: {}", a.raw),
+            Err(e) => bail!("submitting the long job failed: {e}"),
         }
-        let v: serde_json::Value = r.json().await?;
-        v["id"]
-            .as_str()
-            .map(str::to_string)
-            .context("submit answer without an id")
     }
 
     async fn cancel(&self, leader: usize, id: &str) -> anyhow::Result<()> {
-        let p = self.jms[leader].as_ref().expect("leader runs");
-        let r = self
-            .http
-            .delete(format!("http://127.0.0.1:{}/v1/jobs/{id}", p.port))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("cancelling the long job failed: {}", r.text().await?);
+        let c = self
+            .api(leader, Duration::from_secs(10))
+            .expect("leader runs");
+        if let Err(e) = c.cancel(id, false).await {
+            bail!("cancelling the long job failed: {e}");
         }
         Ok(())
     }
 }
 
-pub fn run(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(a))
-}
-
-async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
+/// Runs the benchmark, telling `progress` what happens.
+pub async fn run(
+    a: &FailoverOptions,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<FailoverReport> {
     let tmp = a.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
     });
@@ -374,6 +388,7 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
     let nats = start_nats(&tmp.join("nats"))?;
     let nats_port = nats.port;
     let mut b = Bench {
+        ferry: a.ferry.clone(),
         dir: tmp.clone(),
         nats_url: format!("nats://127.0.0.1:{nats_port}"),
         ttl: a.lease_ttl.clone(),
@@ -388,10 +403,7 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
     for i in 0..a.taskmanagers {
         b.start_tm(i)?;
     }
-    eprintln!(
-        "failover benchmark: 3 JobManagers, {} TaskManagers, nats-server on loopback, lease ttl {}; {} SIGKILLs, {} graceful handoffs",
-        a.taskmanagers, a.lease_ttl, a.kills, a.handoffs
-    );
+    progress(Progress::Started);
     if a.taskmanagers > 0 {
         let leader = b.settled().await?;
         b.long_job = Some(b.submit_long(leader).await?);
@@ -408,29 +420,27 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut kill_cps = Vec::new();
     let mut handoff_cps = Vec::new();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let line = |what: &str, n: u32, t: Duration, cp: Option<Duration>| {
-        eprintln!(
-            "  {what} {:>2}: new leader accepted a write after {:>6.1} ms{}",
-            n + 1,
-            ms(t),
-            cp.map(|c| format!(
-                "; the running job's next checkpoint after {:>6.1} ms",
-                ms(c)
-            ))
-            .unwrap_or_default()
-        );
-    };
     // Interleaved, so a slow phase of the machine hits both kinds alike.
     for n in 0..a.kills.max(a.handoffs) {
         if n < a.kills {
             let (t, cp) = b.round(libc::SIGKILL).await?;
-            line("kill", n, t, cp);
+            progress(Progress::Round {
+                handoff: false,
+                n: n + 1,
+                write: t,
+                checkpoint: cp,
+            });
             kills.push(ms(t));
             kill_cps.extend(cp.map(ms));
         }
         if n < a.handoffs {
             let (t, cp) = b.round(libc::SIGTERM).await?;
-            line("handoff", n, t, cp);
+            progress(Progress::Round {
+                handoff: true,
+                n: n + 1,
+                write: t,
+                checkpoint: cp,
+            });
             handoffs.push(ms(t));
             handoff_cps.extend(cp.map(ms));
         }
@@ -458,6 +468,7 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
             .jms
             .iter()
             .flatten()
+            .map(|j| &j.proc)
             .chain(b.tms.iter())
             .map(|p| p.child.id())
             .collect();
@@ -479,81 +490,23 @@ async fn run_async(a: FailoverArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     kills.sort_by(f64::total_cmp);
     handoffs.sort_by(f64::total_cmp);
-    let stats = |v: &[f64]| {
-        (
-            percentile(v, 50.0),
-            percentile(v, 99.0),
-            v.last().copied().unwrap_or(f64::NAN),
-        )
-    };
-    let (k50, k99, kmax) = stats(&kills);
-    let (h50, h99, hmax) = stats(&handoffs);
     kill_cps.sort_by(f64::total_cmp);
     handoff_cps.sort_by(f64::total_cmp);
-    let (kc50, kc99, kcmax) = stats(&kill_cps);
-    let (hc50, hc99, hcmax) = stats(&handoff_cps);
-    let rounds = u64::from(a.kills + a.handoffs);
-    let processes: Vec<String> = (0..3)
-        .map(|i| format!("jm-{i}"))
-        .chain((0..a.taskmanagers).map(|i| format!("tm-{i}")))
-        .collect();
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "lease_ttl": a.lease_ttl,
-                "sigkill_ms": {"p50": k50, "p99": k99, "max": kmax, "all": kills},
-                "graceful_ms": {"p50": h50, "p99": h99, "max": hmax, "all": handoffs},
-                "next_checkpoint_after_sigkill_ms": {"p50": kc50, "p99": kc99, "max": kcmax},
-                "next_checkpoint_after_graceful_ms": {"p50": hc50, "p99": hc99, "max": hcmax},
-                "long_job_attempt": long_attempt,
-                "deployments_started": started,
-                "probe_jobs": rounds,
-                "idle_cpu_percent_per_process": idle,
-                "processes": processes,
-            })
-        );
-    } else {
-        println!("| leader loss | runs | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|");
-        println!(
-            "| SIGKILL | {} | {k50:.0} | {k99:.0} | {kmax:.0} |",
-            kills.len()
-        );
-        println!(
-            "| graceful (SIGTERM) | {} | {h50:.0} | {h99:.0} | {hmax:.0} |",
-            handoffs.len()
-        );
-        if !kill_cps.is_empty() {
-            println!(
-                "| running job's next checkpoint after SIGKILL | {} | {kc50:.0} | {kc99:.0} | {kcmax:.0} |",
-                kill_cps.len()
-            );
-            println!(
-                "| running job's next checkpoint after graceful | {} | {hc50:.0} | {hc99:.0} | {hcmax:.0} |",
-                handoff_cps.len()
-            );
-        }
-        if let (Some(att), Some(st)) = (long_attempt, started) {
-            println!(
-                "running job: attempt {att} after {rounds} leader changes (1 = never restarted); deployments started on the TaskManagers: {st} (the running job's one, plus one per probe job: one per round, and any a stopping leader still accepted)"
-            );
-        }
-        if !idle.is_empty() {
-            let (jm, tm) = idle.split_at(3.min(idle.len()));
-            let fmt = |v: &[f64]| {
-                v.iter()
-                    .map(|c| format!("{c:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            println!(
-                "idle CPU over {} s, % of a core: JobManagers {}; TaskManagers {}",
-                a.idle_seconds,
-                fmt(jm),
-                if tm.is_empty() { "-".into() } else { fmt(tm) }
-            );
-        }
-    }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(FailoverReport {
+        lease_ttl: a.lease_ttl.clone(),
+        sigkill_ms: Timings::of(kills),
+        graceful_ms: Timings::of(handoffs),
+        next_checkpoint_after_sigkill_ms: Stats::of(&kill_cps),
+        next_checkpoint_after_graceful_ms: Stats::of(&handoff_cps),
+        checkpoints_after_sigkill: kill_cps.len(),
+        checkpoints_after_graceful: handoff_cps.len(),
+        long_job_attempt: long_attempt,
+        deployments_started: started,
+        probe_jobs: u64::from(a.kills + a.handoffs),
+        idle_cpu_percent_per_process: idle,
+        processes: (0..3)
+            .map(|i| format!("jm-{i}"))
+            .chain((0..a.taskmanagers).map(|i| format!("tm-{i}")))
+            .collect(),
+    })
 }

