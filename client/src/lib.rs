@@ -13,6 +13,7 @@
 
 pub mod drill;
 pub mod regions;
+pub mod text;
 
 use std::fmt;
 use std::sync::Arc;

@@ -250,3 +250,47 @@ impl Coordination for NatsKv {
         self.max_age
     }
 }
+
+/// Opens (creating if needed) `bucket` on the NATS at `urls`, connecting
+/// from `rt` (so the client's I/O tasks live there), and keeps trying —
+/// NATS may come up after the process (a rolling start, a cluster still
+/// electing its JetStream leader) — saying why each time; `None` once
+/// `stop` is cancelled first.
+pub async fn open_retrying(
+    urls: &[String],
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+    rt: &tokio::runtime::Handle,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<std::sync::Arc<dyn Coordination>> {
+    tracing::info!(urls = %urls.join(","), %bucket, "connecting to NATS");
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let (u, b) = (urls.to_vec(), bucket.to_string());
+        let open = async {
+            rt.spawn(async move { NatsKv::connect(&u, &b, max_age, replicas).await })
+                .await
+                .map_err(|e| HaError::Unavailable(format!("connect task: {e}")))?
+        };
+        tokio::select! {
+            r = open => match r {
+                Ok(kv) => return Some(std::sync::Arc::new(kv)),
+                Err(e) => {
+                    let wait = Duration::from_millis(500 * u64::from(attempt.min(10)));
+                    tracing::warn!(
+                        attempt,
+                        "cannot open the KV bucket {bucket} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
+                        urls.join(",")
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => return None,
+                    }
+                }
+            },
+            _ = stop.cancelled() => return None,
+        }
+    }
+}

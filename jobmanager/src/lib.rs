@@ -9,7 +9,8 @@
 //! `checkpoint` (snapshot coordination), `attempt` (one deployment),
 //! `driver` (a job's lifetime), `service` (the [`JobManager`] handle and its
 //! job operations), `handover` (leadership changes), `regions` (the
-//! cross-region side), `ha` (the region's election), `api` (REST).
+//! cross-region side), `region_side` (the JobManager wired to
+//! `ferry_region`), `ha` (the region's election), `api` (REST).
 //!
 //! Invariant: a job's state changes only in the `job` module's one
 //! transition function (along [`state::JobState::can_transition`] for the
@@ -28,6 +29,7 @@ mod job;
 pub mod leadership;
 pub mod metrics;
 pub mod model;
+mod region_side;
 mod regions;
 pub mod restart;
 pub mod service;
@@ -37,5 +39,6 @@ pub mod taskmanagers;
 
 pub use error::JmError;
 pub use model::{CheckpointInfo, CompletedCheckpoint, JobInfo, JobManagerConfig, SavepointInfo};
+pub use region_side::{RuntimeCheck, start_region_side};
 pub use service::JobManager;
 pub use state::JobState;

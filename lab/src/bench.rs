@@ -74,6 +74,56 @@ pub struct ThroughputReport {
     pub runs: Runs,
 }
 
+impl ThroughputReport {
+    /// The results as a Markdown table and notes, as `ferry bench` prints
+    /// them (and docs/benchmarks.md records them).
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let r = self;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "| variant | M events/s per core | wall s | cpu s | checkpoints |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for (name, v) in [
+            ("without checkpoints", r.without_checkpoints),
+            (
+                &*format!("checkpoints every {}", r.checkpoint_interval),
+                r.with_checkpoints,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "| {name} | {:.2} | {:.2} | {:.2} | {} |",
+                v.events_per_cpu_s / 1e6,
+                v.wall_s,
+                v.cpu_s,
+                v.checkpoints
+            );
+        }
+        let paired = &r.checkpoint_overhead_percent_paired;
+        let _ = writeln!(
+            out,
+            "checkpoint overhead: {:.1} % (fastest vs fastest); median of the {} back-to-back pairs: {:.1} % (pairs: {})",
+            r.checkpoint_overhead_percent,
+            paired.len(),
+            r.checkpoint_overhead_percent_paired_median,
+            paired
+                .iter()
+                .map(|p| format!("{p:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(
+            out,
+            "checkpoint work measured in the tasks (snapshot + hash + upload): {:.2} % of the run's CPU time (median of the checkpointed runs)",
+            r.checkpoint_work_percent_of_cpu
+        );
+        out
+    }
+}
+
 fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes into the struct we pass.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };

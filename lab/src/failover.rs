@@ -103,6 +103,76 @@ pub struct FailoverReport {
     pub processes: Vec<String>,
 }
 
+impl FailoverReport {
+    /// The results as a Markdown table and notes (idle CPU measured over
+    /// `idle_seconds`), as `ferry bench` prints them (and docs/benchmarks.md
+    /// records them).
+    pub fn markdown(&self, idle_seconds: u64) -> String {
+        use std::fmt::Write as _;
+        let r = self;
+        let mut out = String::new();
+        let (k, h) = (&r.sigkill_ms, &r.graceful_ms);
+        let _ = writeln!(out, "| leader loss | runs | p50 ms | p99 ms | max ms |");
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        let _ = writeln!(
+            out,
+            "| SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
+            k.all.len(),
+            k.p50,
+            k.p99,
+            k.max
+        );
+        let _ = writeln!(
+            out,
+            "| graceful (SIGTERM) | {} | {:.0} | {:.0} | {:.0} |",
+            h.all.len(),
+            h.p50,
+            h.p99,
+            h.max
+        );
+        if r.checkpoints_after_sigkill > 0 {
+            let (kc, hc) = (
+                &r.next_checkpoint_after_sigkill_ms,
+                &r.next_checkpoint_after_graceful_ms,
+            );
+            let _ = writeln!(
+                out,
+                "| running job's next checkpoint after SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
+                r.checkpoints_after_sigkill, kc.p50, kc.p99, kc.max
+            );
+            let _ = writeln!(
+                out,
+                "| running job's next checkpoint after graceful | {} | {:.0} | {:.0} | {:.0} |",
+                r.checkpoints_after_graceful, hc.p50, hc.p99, hc.max
+            );
+        }
+        if let (Some(att), Some(st)) = (r.long_job_attempt, r.deployments_started) {
+            let _ = writeln!(
+                out,
+                "running job: attempt {att} after {} leader changes (1 = never restarted); deployments started on the TaskManagers: {st} (the running job's one, plus one per probe job: one per round, and any a stopping leader still accepted)",
+                r.probe_jobs
+            );
+        }
+        let idle = &r.idle_cpu_percent_per_process;
+        if !idle.is_empty() {
+            let (jm, tm) = idle.split_at(3.min(idle.len()));
+            let fmt = |v: &[f64]| {
+                v.iter()
+                    .map(|c| format!("{c:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "idle CPU over {idle_seconds} s, % of a core: JobManagers {}; TaskManagers {}",
+                fmt(jm),
+                if tm.is_empty() { "-".into() } else { fmt(tm) }
+            );
+        }
+        out
+    }
+}
+
 /// A tiny bounded job: submitting it is the write being timed.
 const PROBE_JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{"name":"failover-probe"},
 "spec":{"parallelism":1,"checkpointing":{"interval":"10s"},"restartStrategy":{"type":"none"},

@@ -80,6 +80,26 @@ pub struct RegionReport {
     pub results: Vec<Row>,
 }
 
+impl RegionReport {
+    /// The results as a Markdown table and notes, as `ferry bench` prints
+    /// them (and docs/benchmarks.md records them).
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let r = self;
+        let mut out = String::new();
+        let _ = writeln!(out, "| event | runs | p50 ms | p99 ms | max ms |");
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for row in &r.results {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0} | {:.0} |",
+                row.what, row.runs, row.p50_ms, row.p99_ms, row.max_ms
+            );
+        }
+        out
+    }
+}
+
 const JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{"name":"region-bench"},
 "spec":{"parallelism":2,"checkpointing":{"interval":"200ms","retained":3},
 "source":{"generator":{"partitions":2,"rate":2000,"fields":{"k":{"type":"key","cardinality":100}}}},

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ferry_core::spec::parse_and_validate;
 use ferry_core::storage::StorageLocation;
 use ferry_jobmanager::service::SubmitOptions;
-use ferry_jobmanager::{CompletedCheckpoint, JobManager, JobManagerConfig};
+use ferry_jobmanager::{JobManager, JobManagerConfig};
 use serde::Serialize;
 
 use crate::Stats;
@@ -66,6 +66,35 @@ pub struct ReplicationReport {
     pub target_ms: f64,
 }
 
+impl ReplicationReport {
+    /// The results as a Markdown table and notes, as `ferry bench` prints
+    /// them (and docs/benchmarks.md records them).
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let r = self;
+        let mut out = String::new();
+        let (l, g) = (&r.completion_to_standby_ms, &r.lag_seconds_sampled_ms);
+        let _ = writeln!(out, "| measure | n | p50 ms | p99 ms | max ms |");
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        let _ = writeln!(
+            out,
+            "| checkpoint completed → manifest in standby | {} | {:.1} | {:.1} | {:.1} |",
+            l.n, l.p50, l.p99, l.max
+        );
+        let _ = writeln!(
+            out,
+            "| replication lag (sampled every 100 ms) | {} | {:.1} | {:.1} | {:.1} |",
+            g.n, g.p50, g.p99, g.max
+        );
+        let _ = writeln!(
+            out,
+            "{} snapshots, {} bytes replicated, {} retries; target: lag p99 ≤ checkpoint interval + 500 ms = {:.0} ms",
+            r.snapshots_replicated, r.bytes_replicated, r.retries, r.target_ms
+        );
+        out
+    }
+}
+
 /// What the benchmark reports when the job started.
 #[derive(Clone, Debug)]
 pub struct Started {
@@ -100,20 +129,6 @@ spec:
     )
 }
 
-/// What the replicator needs to know of a completed checkpoint (as
-/// `ferry jobmanager` wires it).
-fn replication_event(c: CompletedCheckpoint) -> ferry_region::CheckpointEvent {
-    ferry_region::CheckpointEvent {
-        job: c.job,
-        root: c.root,
-        dir: c.dir,
-        checkpoint: c.checkpoint,
-        completed_at: c.completed_at,
-        records_in: c.records_in,
-        watermark: c.watermark,
-    }
-}
-
 /// Runs the benchmark (on a multi-threaded runtime), telling `started`
 /// when the job runs.
 pub async fn run(
@@ -141,7 +156,7 @@ pub async fn run(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(c) = completed.recv().await {
-            let _ = tx.send(replication_event(c));
+            let _ = tx.send(ferry_region::CheckpointEvent::from(c));
         }
     });
     let stop = tokio_util::sync::CancellationToken::new();

@@ -48,6 +48,10 @@ pub enum RegionError {
     #[error("{0}")]
     BadRequest(String),
 
+    /// A setting that cannot work (the key and value are in the message).
+    #[error("{0}")]
+    Config(String),
+
     #[error(
         "cross-region failover is not configured here (regions.global and regions.stores, see docs/config.md)"
     )]
@@ -66,7 +70,7 @@ impl RegionError {
             RegionError::GlobalUnavailable(_) => RegionErrorKind::GlobalUnavailable,
             RegionError::Store(_) => RegionErrorKind::Store,
             RegionError::Timeout(_) => RegionErrorKind::Timeout,
-            RegionError::BadRequest(_) => RegionErrorKind::BadRequest,
+            RegionError::BadRequest(_) | RegionError::Config(_) => RegionErrorKind::BadRequest,
             RegionError::NotConfigured => RegionErrorKind::NotConfigured,
         }
     }

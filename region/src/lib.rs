@@ -12,6 +12,7 @@
 //!   lineage does not contain.
 //! - [`verify`] / [`verifier`]: proving in a standby that those copies
 //!   restore.
+//! - [`side`]: all of it for one JobManager, built from its config.
 
 pub mod clock;
 pub mod coordinator;
@@ -25,6 +26,7 @@ pub mod outage;
 pub mod replicate;
 pub mod replicator;
 pub mod role;
+pub mod side;
 pub mod states;
 pub mod switchover;
 pub mod takeover;
@@ -41,5 +43,6 @@ pub use replicate::{
     CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
 };
 pub use replicator::{CheckpointEvent, Replicator, Standby};
+pub use side::{Announcements, RegionSide};
 pub use verifier::Verifier;
 pub use verify::{CheckpointVerdict, RestoreCheck, Verification, verify_job};

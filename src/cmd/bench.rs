@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ferry_lab::bench::{ThroughputOptions, ThroughputReport};
-use ferry_lab::failover::{FailoverOptions, FailoverReport};
-use ferry_lab::region::{RegionOptions, RegionReport};
-use ferry_lab::replication::{ReplicationOptions, ReplicationReport};
+use ferry_lab::bench::ThroughputOptions;
+use ferry_lab::failover::FailoverOptions;
+use ferry_lab::region::RegionOptions;
+use ferry_lab::replication::ReplicationOptions;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -173,45 +173,9 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(&r)?;
     } else {
-        print_throughput(&r);
+        print!("{}", r.markdown());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_throughput(r: &ThroughputReport) {
-    println!("| variant | M events/s per core | wall s | cpu s | checkpoints |");
-    println!("|---|---|---|---|---|");
-    for (name, v) in [
-        ("without checkpoints", r.without_checkpoints),
-        (
-            &*format!("checkpoints every {}", r.checkpoint_interval),
-            r.with_checkpoints,
-        ),
-    ] {
-        println!(
-            "| {name} | {:.2} | {:.2} | {:.2} | {} |",
-            v.events_per_cpu_s / 1e6,
-            v.wall_s,
-            v.cpu_s,
-            v.checkpoints
-        );
-    }
-    let paired = &r.checkpoint_overhead_percent_paired;
-    println!(
-        "checkpoint overhead: {:.1} % (fastest vs fastest); median of the {} back-to-back pairs: {:.1} % (pairs: {})",
-        r.checkpoint_overhead_percent,
-        paired.len(),
-        r.checkpoint_overhead_percent_paired_median,
-        paired
-            .iter()
-            .map(|p| format!("{p:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "checkpoint work measured in the tasks (snapshot + hash + upload): {:.2} % of the run's CPU time (median of the checkpointed runs)",
-        r.checkpoint_work_percent_of_cpu
-    );
 }
 
 fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
@@ -250,64 +214,9 @@ fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(&r)?;
     } else {
-        print_failover(&r, a.idle_seconds);
+        print!("{}", r.markdown(a.idle_seconds));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_failover(r: &FailoverReport, idle_seconds: u64) {
-    let (k, h) = (&r.sigkill_ms, &r.graceful_ms);
-    println!("| leader loss | runs | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
-        k.all.len(),
-        k.p50,
-        k.p99,
-        k.max
-    );
-    println!(
-        "| graceful (SIGTERM) | {} | {:.0} | {:.0} | {:.0} |",
-        h.all.len(),
-        h.p50,
-        h.p99,
-        h.max
-    );
-    if r.checkpoints_after_sigkill > 0 {
-        let (kc, hc) = (
-            &r.next_checkpoint_after_sigkill_ms,
-            &r.next_checkpoint_after_graceful_ms,
-        );
-        println!(
-            "| running job's next checkpoint after SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
-            r.checkpoints_after_sigkill, kc.p50, kc.p99, kc.max
-        );
-        println!(
-            "| running job's next checkpoint after graceful | {} | {:.0} | {:.0} | {:.0} |",
-            r.checkpoints_after_graceful, hc.p50, hc.p99, hc.max
-        );
-    }
-    if let (Some(att), Some(st)) = (r.long_job_attempt, r.deployments_started) {
-        println!(
-            "running job: attempt {att} after {} leader changes (1 = never restarted); deployments started on the TaskManagers: {st} (the running job's one, plus one per probe job: one per round, and any a stopping leader still accepted)",
-            r.probe_jobs
-        );
-    }
-    let idle = &r.idle_cpu_percent_per_process;
-    if !idle.is_empty() {
-        let (jm, tm) = idle.split_at(3.min(idle.len()));
-        let fmt = |v: &[f64]| {
-            v.iter()
-                .map(|c| format!("{c:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        println!(
-            "idle CPU over {idle_seconds} s, % of a core: JobManagers {}; TaskManagers {}",
-            fmt(jm),
-            if tm.is_empty() { "-".into() } else { fmt(tm) }
-        );
-    }
 }
 
 fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
@@ -342,20 +251,9 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(&r)?;
     } else {
-        print_region(&r);
+        print!("{}", r.markdown());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_region(r: &RegionReport) {
-    println!("| event | runs | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|");
-    for row in &r.results {
-        println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} |",
-            row.what, row.runs, row.p50_ms, row.p99_ms, row.max_ms
-        );
-    }
 }
 
 fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
@@ -378,25 +276,7 @@ fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         print_json(&r)?;
     } else {
-        print_replication(&r);
+        print!("{}", r.markdown());
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn print_replication(r: &ReplicationReport) {
-    let (l, g) = (&r.completion_to_standby_ms, &r.lag_seconds_sampled_ms);
-    println!("| measure | n | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| checkpoint completed → manifest in standby | {} | {:.1} | {:.1} | {:.1} |",
-        l.n, l.p50, l.p99, l.max
-    );
-    println!(
-        "| replication lag (sampled every 100 ms) | {} | {:.1} | {:.1} | {:.1} |",
-        g.n, g.p50, g.p99, g.max
-    );
-    println!(
-        "{} snapshots, {} bytes replicated, {} retries; target: lag p99 ≤ checkpoint interval + 500 ms = {:.0} ms",
-        r.snapshots_replicated, r.bytes_replicated, r.retries, r.target_ms
-    );
 }

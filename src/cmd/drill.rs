@@ -12,13 +12,12 @@
 //! report in the target region (`/v1/drills`, metric
 //! `ferry_drill_last_rto_seconds`) and with `--revert` fails back.
 
-use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use ferry_client::drill::{self, DrillPlan, Event, Scenario as PlanScenario};
-use ferry_core::api::{DrillReport, DrillRevert};
+use ferry_client::text;
 
 use super::job::print_result;
 
@@ -115,7 +114,7 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let report = drill::run(&entry, &map, &plan, &mut |e| print_event(&plan, e)).await?;
     let raw = serde_json::to_value(&report)?;
-    print_result(output, &raw, |out| print_report(&report, out));
+    print_result(output, &raw, |out| text::drill_report(&report, out));
     Ok(if report.passed {
         ExitCode::SUCCESS
     } else {
@@ -168,64 +167,4 @@ fn print_event(plan: &DrillPlan, e: Event<'_>) {
         }
         Event::NotRecorded(e) => eprintln!("warning: the drill report was not recorded: {e}"),
     }
-}
-
-fn print_report(r: &DrillReport, out: &mut String) {
-    let verdict = if r.passed { "PASS" } else { "FAIL" };
-    let _ = writeln!(
-        out,
-        "drill {} {}: {} -> {}  {verdict}",
-        r.scenario, r.id, r.from, r.to,
-    );
-    let phase = |v: Option<u64>| v.map(|m| format!("{m} ms")).unwrap_or_else(|| "-".into());
-    for (name, v) in [
-        ("detection", r.detection_ms),
-        ("promotion", r.promotion_ms),
-        ("restore", r.restore_ms),
-        ("first output", r.first_output_ms),
-    ] {
-        let _ = writeln!(out, "  {name:<13} {:>10}", phase(v));
-    }
-    let _ = writeln!(
-        out,
-        "  {:<13} {:>10}   target {} ms",
-        "RTO",
-        phase(r.rto_ms),
-        r.targets.rto_ms
-    );
-    let _ = writeln!(
-        out,
-        "  {:<13} {:>7} ms   event time, {} input records ({} output records); target {} ms",
-        "RPO", r.rpo_event_time_ms, r.rpo_records, r.rpo_records_out, r.targets.rpo_event_time_ms
-    );
-    for f in &r.failures {
-        let _ = writeln!(out, "  FAILED: {f}");
-    }
-    match &r.revert {
-        None => {}
-        Some(DrillRevert::Failed { error }) => {
-            let _ = writeln!(out, "  revert: FAILED: {error}");
-        }
-        Some(DrillRevert::Done(rev)) => {
-            let (records_out, event_ms) = match &rev.divergence {
-                Some(d) => (d.records_out.to_string(), d.event_time_ms.to_string()),
-                None => ("null".into(), "null".into()),
-            };
-            let _ = writeln!(
-                out,
-                "  revert: back in {} (region epoch {}); divergence: {records_out} output records, {event_ms} ms of event time",
-                rev.to, rev.epoch,
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "  report: GET /v1/drills/{} in {}",
-        r.id,
-        if r.promotion_ms.is_none() {
-            &r.from
-        } else {
-            &r.to
-        }
-    );
 }

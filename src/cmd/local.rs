@@ -230,7 +230,7 @@ impl Progress {
                     "#{} ({} ms, {})",
                     c.id,
                     c.duration_ms,
-                    human_bytes(c.size_bytes)
+                    ferry_client::text::bytes(c.size_bytes)
                 )
             })
             .unwrap_or_else(|| "none yet".into());
@@ -238,9 +238,9 @@ impl Progress {
             "{} {:.0}s | in {} ({}/s) | out {} | watermark {} | checkpoint {}",
             info.state,
             elapsed.as_secs_f64(),
-            human_count(info.records_in),
-            human_count(rate as u64),
-            human_count(info.records_out),
+            ferry_client::text::count(info.records_in),
+            ferry_client::text::count(rate as u64),
+            ferry_client::text::count(info.records_out),
             info.watermark.as_deref().unwrap_or("-"),
             cp
         );
@@ -313,23 +313,5 @@ async fn print_summary(info: &JobInfo, elapsed: Duration) {
     }
     if let Some(f) = &info.failure {
         eprintln!("  failure:           {f}");
-    }
-}
-
-pub fn human_count(n: u64) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.2}G", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
-        n if n >= 10_000 => format!("{:.1}k", n as f64 / 1e3),
-        n => n.to_string(),
-    }
-}
-
-pub fn human_bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_core::config::ProcessConfig;
 use ferry_ha::Coordination;
-use ferry_ha::nats::NatsKv;
+use tokio_util::sync::CancellationToken;
 
 /// The flags of `ferry jobmanager` and `ferry taskmanager`.
 #[derive(clap::Args, Debug)]
@@ -87,65 +87,35 @@ pub fn default_instance_id(fallback: &str) -> String {
 }
 
 /// Opens the region's coordination bucket, connecting from `ha_rt` (so the
-/// client's I/O tasks live there). NATS may come up after us (a rolling
-/// start, a cluster still electing its JetStream leader): keeps trying and
-/// says why; `None` when a shutdown signal came first.
+/// client's I/O tasks live there), retrying until `stop`.
 pub async fn connect_coordination(
     cfg: &ProcessConfig,
     ha_rt: &tokio::runtime::Handle,
+    stop: &CancellationToken,
 ) -> Option<Arc<dyn Coordination>> {
     let h = &cfg.ha;
     // Values in the bucket live as long as the longest-lived key needs.
     let max_age = h.member_expiry.get().max(h.lease_ttl.get()) * 2;
-    connect_kv(
+    ferry_ha::nats::open_retrying(
         &cfg.nats.urls,
         &cfg.bucket(),
         max_age,
         cfg.nats.replicas,
         ha_rt,
+        stop,
     )
     .await
 }
 
-/// Opens (creating if needed) a KV bucket on the NATS at `urls`, retrying
-/// until it works; `None` when a shutdown signal came first.
-pub async fn connect_kv(
-    urls: &[String],
-    bucket: &str,
-    max_age: Duration,
-    replicas: usize,
-    ha_rt: &tokio::runtime::Handle,
-) -> Option<Arc<dyn Coordination>> {
-    tracing::info!(urls = %urls.join(","), %bucket, "connecting to NATS");
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
-        let (u, b) = (urls.to_vec(), bucket.to_string());
-        let open = async {
-            ha_rt
-                .spawn(async move { NatsKv::connect(&u, &b, max_age, replicas).await })
-                .await
-                .map_err(|e| ferry_ha::HaError::Unavailable(format!("connect task: {e}")))?
-        };
-        tokio::select! {
-            r = open => match r {
-                Ok(kv) => return Some(Arc::new(kv)),
-                Err(e) => {
-                    let wait = Duration::from_millis(500 * u64::from(attempt.min(10)));
-                    tracing::warn!(
-                        attempt,
-                        "cannot open the KV bucket {bucket} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
-                        urls.join(",")
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown_signal() => return None,
-                    }
-                }
-            },
-            _ = shutdown_signal() => return None,
-        }
-    }
+/// A token cancelled on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub fn stop_on_signal() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        s.cancel();
+    });
+    stop
 }
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).

@@ -9,17 +9,14 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use ferry_client::Client;
 use ferry_client::regions::RegionMap;
+use ferry_client::{Client, text};
 use ferry_core::JobId;
-use ferry_core::api::{DivergenceReport, RegionsStatus, SwitchoverReport};
-use ferry_core::manifest::VerifiedCheckpoint;
 use ferry_core::storage::StorageLocation;
-use ferry_region::{JobCopy, RestoreCheck, Verification, replicate_job, verify_job};
-use ferry_taskmanager::runtime::{JobPlan, check_restore};
+use ferry_region::{JobCopy, Verification, replicate_job, verify_job};
 use serde_json::json;
 
-use super::job::{Align, Output, Table, client, print_result, report_failure, show};
+use super::job::{Output, client, print_result, report_failure, show};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RegionCommand {
@@ -102,18 +99,6 @@ pub enum RegionCommand {
     },
 }
 
-/// Decodes checkpoints with the streaming runtime, as a restore would.
-pub(crate) struct RuntimeCheck;
-
-impl RestoreCheck for RuntimeCheck {
-    fn check(&self, spec_yaml: &str, cp: &VerifiedCheckpoint) -> Result<usize, String> {
-        let spec = ferry_core::spec::parse_and_validate(spec_yaml)
-            .map_err(|e| format!("the stored job spec is invalid:\n{e}"))?;
-        let plan = JobPlan::new(&spec)?;
-        check_restore(&plan, cp)
-    }
-}
-
 pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -141,7 +126,7 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
             } => failback(to, dry_run, wait, &api).await,
             RegionCommand::Status { api } => {
                 let call = client(&api)?.regions().await;
-                Ok(show(api.output, call, print_status))
+                Ok(show(api.output, call, text::regions))
             }
         }
     })
@@ -200,15 +185,7 @@ async fn failover(
         );
     }
     let call = client.failover(to, force, dry_run).await;
-    Ok(show(api.output, call, |v, out| {
-        print_move(out, v, "");
-        for sp in &v.savepoints {
-            let _ = writeln!(out, "  savepoint {}", sp.path);
-        }
-        if let Some(ms) = v.took_ms {
-            let _ = writeln!(out, "took {ms} ms");
-        }
-    }))
+    Ok(show(api.output, call, text::switchover))
 }
 
 async fn failback(
@@ -241,86 +218,7 @@ async fn failback(
         .for_url(&primary_url)?
         .failback(&target, dry_run, Some(wait))
         .await;
-    Ok(show(api.output, call, |v, out| {
-        print_move(out, v, "fail-back ");
-        if let Some(d) = &v.divergence {
-            print_divergence(d, out);
-        }
-        if let Some(ms) = v.took_ms {
-            let _ = writeln!(out, "took {ms} ms");
-        }
-    }))
-}
-
-/// `from -> to (region epoch)` and the plan's steps of a failover or
-/// fail-back answer.
-fn print_move(out: &mut String, v: &SwitchoverReport, what: &str) {
-    let _ = writeln!(
-        out,
-        "{}{what}{} -> {} (region epoch {})",
-        if v.dry_run { "plan: " } else { "" },
-        v.from,
-        v.to,
-        v.epoch
-    );
-    for s in &v.steps {
-        let _ = writeln!(out, "  - {s}");
-    }
-}
-
-/// The divergence report of a fail-back, for people.
-fn print_divergence(d: &DivergenceReport, out: &mut String) {
-    if d.jobs.is_empty() {
-        let _ = writeln!(
-            out,
-            "divergence: none ({} committed nothing beyond what the failover restored)",
-            d.region
-        );
-        return;
-    }
-    let _ = writeln!(
-        out,
-        "divergence: {} committed {} output records ({} input records, {} ms of event time) after the checkpoints the failover restored from:",
-        d.region, d.records_out, d.records_in, d.event_time_ms
-    );
-    let rows: Vec<Vec<String>> = d
-        .jobs
-        .iter()
-        .map(|j| {
-            vec![
-                j.job.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
-                j.base
-                    .as_ref()
-                    .map(|b| b.checkpoint.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                j.checkpoints
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                j.records_out.to_string(),
-                j.event_time_ms.to_string(),
-            ]
-        })
-        .collect();
-    let mut t = Table::new(&[
-        ("JOB", Align::Left),
-        ("BASE", Align::Right),
-        ("DIVERGED CHECKPOINTS", Align::Left),
-        ("RECORDS OUT", Align::Right),
-        ("EVENT MS", Align::Right),
-    ]);
-    for r in rows {
-        t.row(r);
-    }
-    for line in t.render().lines() {
-        let _ = writeln!(out, "  {line}");
-    }
-    let _ = writeln!(
-        out,
-        "  (their manifests are archived under jobs/<id>/diverged/ in {}'s store)",
-        d.region
-    );
+    Ok(show(api.output, call, text::failback))
 }
 
 /// The named jobs, or every job under `root`'s `jobs/`.
@@ -410,7 +308,7 @@ async fn verify(store: &str, named: &[String], output: Output) -> anyhow::Result
     let ids = jobs(&root, named).await?;
     let mut results: Vec<Verification> = Vec::new();
     for id in &ids {
-        results.push(verify_job(&root, id, &RuntimeCheck).await?);
+        results.push(verify_job(&root, id, &ferry_jobmanager::RuntimeCheck).await?);
     }
     let failed = results
         .iter()
@@ -452,111 +350,4 @@ async fn verify(store: &str, named: &[String], output: Output) -> anyhow::Result
     } else {
         ExitCode::SUCCESS
     })
-}
-
-fn print_status(v: &RegionsStatus, out: &mut String) {
-    let _ = writeln!(
-        out,
-        "this region: {} (answered by {}{})",
-        v.region.as_deref().unwrap_or("-"),
-        v.instance,
-        v.region_role
-            .map(|r| format!(", region role {r}"))
-            .unwrap_or_default()
-    );
-    if let Some(p) = &v.primary {
-        let _ = writeln!(out, "primary:     {p} (region epoch {})", v.epoch);
-    }
-    let reachable = v.global_reachable != Some(false);
-    if !reachable {
-        let _ = writeln!(
-            out,
-            "global KV:   UNREACHABLE (no write succeeded within regions.timeout: no quorum, or cut off); the health below is the last seen and may be stale"
-        );
-    }
-    if !v.regions.is_empty() {
-        let rows: Vec<Vec<String>> = v
-            .regions
-            .iter()
-            .map(|r| {
-                vec![
-                    r.region.clone(),
-                    if v.primary.as_deref() == Some(r.region.as_str()) {
-                        "primary".into()
-                    } else {
-                        "standby".into()
-                    },
-                    match (reachable, r.healthy) {
-                        (false, _) => "unknown".into(),
-                        (true, true) => "yes".into(),
-                        (true, false) => "NO".into(),
-                    },
-                    r.heartbeat_age_ms
-                        .map(|a| format!("{a} ms"))
-                        .unwrap_or_else(|| "never".into()),
-                    r.heartbeat
-                        .as_ref()
-                        .map(|h| h.leader.clone())
-                        .unwrap_or_else(|| "-".into()),
-                ]
-            })
-            .collect();
-        let mut t = Table::new(&[
-            ("REGION", Align::Left),
-            ("ROLE", Align::Left),
-            ("HEALTHY", Align::Left),
-            ("HEARTBEAT AGE", Align::Right),
-            ("LEADER", Align::Left),
-        ]);
-        for r in rows {
-            t.row(r);
-        }
-        out.push('\n');
-        out.push_str(&t.render());
-    }
-    if !v.standbys.is_empty() {
-        let rows: Vec<Vec<String>> = v
-            .standbys
-            .iter()
-            .map(|s| {
-                vec![
-                    s.region.clone(),
-                    format!("{:.3}", s.lag_seconds),
-                    s.lag_checkpoints.to_string(),
-                    s.lag_records.to_string(),
-                    s.last_error.clone().unwrap_or_else(|| "-".into()),
-                ]
-            })
-            .collect();
-        let mut t = Table::new(&[
-            ("REPLICA", Align::Left),
-            ("LAG S", Align::Right),
-            ("LAG CKPTS", Align::Right),
-            ("LAG RECORDS", Align::Right),
-            ("LAST ERROR", Align::Left),
-        ]);
-        for r in rows {
-            t.row(r);
-        }
-        out.push('\n');
-        out.push_str(&t.render());
-    }
-    if let Some(note) = &v.note {
-        let _ = writeln!(out, "{note}");
-    }
-}
-
-/// What the replicator needs to know of a completed checkpoint.
-pub fn replication_event(
-    c: ferry_jobmanager::CompletedCheckpoint,
-) -> ferry_region::CheckpointEvent {
-    ferry_region::CheckpointEvent {
-        job: c.job,
-        root: c.root,
-        dir: c.dir,
-        checkpoint: c.checkpoint,
-        completed_at: c.completed_at,
-        records_in: c.records_in,
-        watermark: c.watermark,
-    }
 }

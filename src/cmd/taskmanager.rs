@@ -20,7 +20,7 @@ use ferry_taskmanager::server::TaskManager;
 use tokio_util::sync::CancellationToken;
 
 use super::process::{
-    ProcessArgs, connect_coordination, default_instance_id, run_process, shutdown_signal,
+    ProcessArgs, connect_coordination, default_instance_id, run_process, stop_on_signal,
 };
 
 /// Role name of TaskManagers in membership records.
@@ -31,6 +31,7 @@ pub fn run(args: ProcessArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
+    let signal = stop_on_signal();
     let t = &cfg.taskmanager;
     let id = cfg
         .instance_id
@@ -74,7 +75,7 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     });
     tracing::info!(taskmanager = %id, region = %cfg.region, slots = t.slots, grpc = %url, http = %http_bound, "taskmanager started; joining the region");
 
-    let Some(backend) = connect_coordination(&cfg, &ha_rt).await else {
+    let Some(backend) = connect_coordination(&cfg, &ha_rt, &signal).await else {
         return Ok(ExitCode::from(1));
     };
     let member = Member {
@@ -100,7 +101,7 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     metrics.set_heartbeat_failures(membership.failures.clone());
     metrics.ready.store(true, Ordering::Relaxed);
 
-    shutdown_signal().await;
+    signal.cancelled().await;
     tracing::info!("stopping: leaving the region and stopping every task");
     metrics.ready.store(false, Ordering::Relaxed);
     heartbeat_stop.cancel();
