@@ -10,7 +10,7 @@
 //! over a quiet period (the long job cancelled).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -20,7 +20,7 @@ use ferry_testkit::try_free_port;
 use serde::Serialize;
 
 use crate::Stats;
-use crate::procs::{Proc, cpu_seconds, signal, start_nats, tm_metric};
+use crate::procs::{Proc, cpu_seconds, signal, spawn_ferry, start_nats, tm_metric};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -211,27 +211,17 @@ impl Bench {
     /// Starts `ferry <role>` as `<id>` on the bench's NATS and store plus
     /// `env`, appending its stderr to `<id>.log`.
     fn spawn(&self, role: &str, id: &str, env: &[(&str, String)]) -> anyhow::Result<Child> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{id}.log")))?;
-        let mut cmd = Command::new(&self.ferry);
-        cmd.arg(role)
-            .env("FERRY_REGION", "bench")
-            .env("FERRY_INSTANCE_ID", id)
-            .env("FERRY_NATS_URLS", &self.nats_url)
-            .env(
+        let mut all = vec![
+            ("FERRY_REGION", "bench".to_string()),
+            ("FERRY_INSTANCE_ID", id.to_string()),
+            ("FERRY_NATS_URLS", self.nats_url.clone()),
+            (
                 "FERRY_STORAGE",
                 format!("file://{}", self.dir.join("store").display()),
-            )
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.spawn()
-            .with_context(|| format!("starting ferry {role}"))
+            ),
+        ];
+        all.extend_from_slice(env);
+        spawn_ferry(&self.ferry, role, &all, &self.dir.join(format!("{id}.log")))
     }
 
     fn start_jm(&mut self, i: usize) -> anyhow::Result<()> {

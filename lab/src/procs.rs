@@ -1,12 +1,13 @@
 //! What the sandbox and the benchmarks share about processes: finding
-//! `nats-server`, starting NATS servers and the global cluster, and a child
-//! process that is killed when dropped.
+//! `nats-server`, starting NATS servers and the global cluster, starting a
+//! `ferry` role with its log in a file, and a child process that is killed
+//! when dropped.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use ferry_testkit::nats::{self, NatsConfig, NatsProcess, NatsStarter};
 use ferry_testkit::try_free_port;
 
@@ -24,6 +25,31 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `ferry <role>` (the binary at `ferry`) with `env` (its
+/// `FERRY_*` config) and `RUST_LOG=info`, appending its stderr to `log`.
+pub fn spawn_ferry(
+    ferry: &Path,
+    role: &str,
+    env: &[(&str, String)],
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut cmd = Command::new(ferry);
+    cmd.arg(role)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {} {role}", ferry.display()))
 }
 
 /// Sends `sig` to our own child `pid`.

@@ -12,17 +12,16 @@
 //!   until the job has completed a checkpoint in the target region.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use ferry_client::Client;
 use ferry_core::api::{JobState, RegionsStatus};
 use ferry_testkit::try_free_port;
 use serde::Serialize;
 
 use crate::Stats;
-use crate::procs::{Proc, find_nats_server, signal, start_cluster, start_nats};
+use crate::procs::{Proc, find_nats_server, signal, spawn_ferry, start_cluster, start_nats};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -143,45 +142,25 @@ impl Bench {
         env: &[(&str, String)],
     ) -> anyhow::Result<std::process::Child> {
         let id = format!("{role}-{region}");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{id}.log")))?;
+        let store = |r: &str| format!("file://{}", self.dir.join(format!("store-{r}")).display());
         let stores = ["east", "west"]
             .iter()
-            .map(|r| {
-                format!(
-                    "{r}=file://{}",
-                    self.dir.join(format!("store-{r}")).display()
-                )
-            })
+            .map(|r| format!("{r}={}", store(r)))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cmd = Command::new(&self.ferry);
-        cmd.arg(role)
-            .env("FERRY_REGION", region)
-            .env("FERRY_INSTANCE_ID", &id)
-            .env("FERRY_NATS_URLS", &self.nats)
-            .env(
-                "FERRY_STORAGE",
-                format!(
-                    "file://{}",
-                    self.dir.join(format!("store-{region}")).display()
-                ),
-            )
-            .env("FERRY_REGIONS_STORES", stores)
-            .env("FERRY_REGIONS_PRIMARY", "east")
-            .env("FERRY_REGIONS_GLOBAL_URLS", self.global_urls(region))
-            .env("FERRY_REGIONS_GLOBAL_REPLICAS", "3")
-            .env("FERRY_REGIONS_TIMEOUT", &self.timeout)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.spawn()
-            .with_context(|| format!("starting ferry {role}"))
+        let mut all = vec![
+            ("FERRY_REGION", region.to_string()),
+            ("FERRY_INSTANCE_ID", id.clone()),
+            ("FERRY_NATS_URLS", self.nats.clone()),
+            ("FERRY_STORAGE", store(region)),
+            ("FERRY_REGIONS_STORES", stores),
+            ("FERRY_REGIONS_PRIMARY", "east".to_string()),
+            ("FERRY_REGIONS_GLOBAL_URLS", self.global_urls(region)),
+            ("FERRY_REGIONS_GLOBAL_REPLICAS", "3".to_string()),
+            ("FERRY_REGIONS_TIMEOUT", self.timeout.clone()),
+        ];
+        all.extend_from_slice(env);
+        spawn_ferry(&self.ferry, role, &all, &self.dir.join(format!("{id}.log")))
     }
 
     fn start(&mut self, i: usize) -> anyhow::Result<()> {

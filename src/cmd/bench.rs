@@ -137,10 +137,18 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Prints a result as one line of JSON (keys sorted, as `serde_json`'s
-/// maps keep them).
-fn print_json(r: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_value(r)?);
-    Ok(())
+/// maps keep them) with `--json`, else as its Markdown.
+fn print_report<R: serde::Serialize>(
+    json: bool,
+    r: &R,
+    markdown: impl FnOnce(&R) -> String,
+) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_value(r)?);
+    } else {
+        print!("{}", markdown(r));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
@@ -170,12 +178,7 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
             res.checkpoint_work_s * 1e3
         );
     })?;
-    if a.json {
-        print_json(&r)?;
-    } else {
-        print!("{}", r.markdown());
-    }
-    Ok(ExitCode::SUCCESS)
+    print_report(a.json, &r, |r| r.markdown())
 }
 
 fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
@@ -211,12 +214,7 @@ fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default()
         ),
     }))?;
-    if a.json {
-        print_json(&r)?;
-    } else {
-        print!("{}", r.markdown(a.idle_seconds));
-    }
-    Ok(ExitCode::SUCCESS)
+    print_report(a.json, &r, |r| r.markdown(a.idle_seconds))
 }
 
 fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
@@ -248,12 +246,7 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
             ms(took)
         ),
     }))?;
-    if a.json {
-        print_json(&r)?;
-    } else {
-        print!("{}", r.markdown());
-    }
-    Ok(ExitCode::SUCCESS)
+    print_report(a.json, &r, |r| r.markdown())
 }
 
 fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
@@ -273,10 +266,5 @@ fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
             s.job, a.checkpoint_interval, s.from, s.to, a.seconds
         )
     }))?;
-    if a.json {
-        print_json(&r)?;
-    } else {
-        print!("{}", r.markdown());
-    }
-    Ok(ExitCode::SUCCESS)
+    print_report(a.json, &r, |r| r.markdown())
 }
