@@ -5,7 +5,7 @@
 //! runs ahead would see every other region silent (a false failover) while
 //! one running behind would delay a real one. Instead, [`Unchanged`]
 //! remembers when this process first saw each key's current revision: a
-//! key has been silent for as long as its revision has not changed here.
+//! key has been silent for as long as no newer revision arrived here.
 //!
 //! Invariant: a key seen for the first time counts as just written, so a
 //! process that starts next to a dead writer waits a full timeout before
@@ -32,7 +32,9 @@ impl Unchanged {
     pub fn observe(&mut self, key: &str, revision: u64) -> Duration {
         let now = Instant::now();
         match self.seen.get_mut(key) {
-            Some((r, since)) if *r == revision => now.saturating_duration_since(*since),
+            // An older revision (a lagging replica's listing after a watch
+            // delivered the newer one) is no news.
+            Some((r, since)) if *r >= revision => now.saturating_duration_since(*since),
             Some(slot) => {
                 *slot = (revision, now);
                 Duration::ZERO
@@ -68,9 +70,11 @@ mod tests {
         assert_eq!(u.observe("k", 5), Duration::ZERO);
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(u.observe("k", 5), Duration::from_secs(3));
-        // A new revision resets it.
+        // A new revision resets it; an older one is no news.
         assert_eq!(u.observe("k", 6), Duration::ZERO);
-        tokio::time::advance(Duration::from_millis(500)).await;
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(u.observe("k", 5), Duration::from_millis(200));
+        tokio::time::advance(Duration::from_millis(300)).await;
         assert_eq!(u.age("k"), Some(Duration::from_millis(500)));
         u.forget("k");
         assert_eq!(u.age("k"), None);

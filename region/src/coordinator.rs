@@ -151,6 +151,9 @@ impl Coordinator {
         let s = stop.clone();
         tracker.spawn(async move { me.follow_lease_moves(s).await });
         let me = self.clone();
+        let s = stop.clone();
+        tracker.spawn(async move { me.follow_heartbeats(s).await });
+        let me = self.clone();
         tracker.spawn(self.verifier.clone().run(
             verify_interval,
             move || me.seen().role == RegionRole::Standby,
@@ -175,7 +178,8 @@ impl Coordinator {
 
     /// Wakes the loop as soon as the lease names another region than the
     /// one last seen (a switchover or failover elsewhere), instead of at
-    /// its next tick: the new primary starts its jobs at once.
+    /// its next tick: the new primary starts its jobs at once. Notes every
+    /// renewal as it arrives.
     async fn follow_lease_moves(&self, stop: CancellationToken) {
         use futures::StreamExt;
         loop {
@@ -190,14 +194,52 @@ impl Coordinator {
                         ev = events.next() => ev,
                     };
                     let Some(ev) = ev else { break };
-                    if let ferry_ha::Event::Put(e) = ev
-                        && let Ok(r) = serde_json::from_slice::<lease::LeaseRecord>(&e.value)
+                    let ferry_ha::Event::Put(e) = ev else {
+                        continue;
+                    };
+                    // A renewal's silence counts from its arrival, as a
+                    // heartbeat's does (see `follow_heartbeats`).
+                    self.silence_of(lease::REGION_LEASE, e.revision);
+                    if let Ok(r) = serde_json::from_slice::<lease::LeaseRecord>(&e.value)
                         && self.seen().primary.as_deref() != Some(r.primary.as_str())
                     {
                         self.wake();
                     }
                 },
                 Err(e) => tracing::debug!("watching the region lease failed: {e}"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(self.s.interval) => {}
+            }
+        }
+    }
+
+    /// Notes every region heartbeat the moment the global KV delivers it,
+    /// so a region's silence is measured from its last heartbeat rather
+    /// than from the next listing (which would add up to one interval to
+    /// every failover). The listing each tick still decides; this only
+    /// makes what it measures exact.
+    async fn follow_heartbeats(&self, stop: CancellationToken) {
+        use futures::StreamExt;
+        loop {
+            let watched = tokio::select! {
+                _ = stop.cancelled() => return,
+                w = self.health_kv.watch(health::REGIONS_PREFIX) => w,
+            };
+            match watched {
+                Ok(mut events) => loop {
+                    let ev = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        ev = events.next() => ev,
+                    };
+                    match ev {
+                        Some(ferry_ha::Event::Put(e)) => self.health().heard(&e.key, e.revision),
+                        Some(ferry_ha::Event::Gone { .. }) => {}
+                        None => break,
+                    }
+                },
+                Err(e) => tracing::debug!("watching the region heartbeats failed: {e}"),
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -269,6 +311,14 @@ impl Coordinator {
             );
             let epoch = next.epoch().unwrap_or_else(|| self.seen().epoch);
             self.jobs.report(RegionEvent::Role { primary, epoch });
+            // A state whose step acts (claim confirmed: start the jobs;
+            // stand by: stop them) takes it at once, not an interval later.
+            if matches!(
+                to,
+                RegionRole::Starting | RegionRole::Promoting | RegionRole::Demoting
+            ) {
+                self.wake();
+            }
             match (from, to) {
                 (RegionRole::Standby | RegionRole::Starting, RegionRole::Promoting) => {
                     self.notify("promoted", &self.s.region, epoch)

@@ -103,6 +103,9 @@ struct FakeJobs {
     after_savepoints: Mutex<Option<Arc<AtomicBool>>>,
     /// Starting the jobs fails (the promotion is retried).
     start_fails: AtomicBool,
+    /// When the role became a primary one (Promoting, Primary,
+    /// SwitchingOver) or a standby one, as the coordinator reported.
+    roles: Mutex<Vec<(bool, Instant)>>,
 }
 
 impl FakeJobs {
@@ -181,8 +184,14 @@ impl RegionJobs for FakeJobs {
         )]
     }
     fn report(&self, event: RegionEvent<'_>) {
-        if let RegionEvent::Failover = event {
-            self.failovers.fetch_add(1, Ordering::SeqCst);
+        match event {
+            RegionEvent::Failover => {
+                self.failovers.fetch_add(1, Ordering::SeqCst);
+            }
+            RegionEvent::Role { primary, .. } => {
+                self.roles.lock().unwrap().push((primary, Instant::now()));
+            }
+            _ => {}
         }
     }
 }
@@ -291,6 +300,7 @@ impl World {
                     savepoint_fails: AtomicBool::new(false),
                     after_savepoints: Mutex::new(None),
                     start_fails: AtomicBool::new(false),
+                    roles: Mutex::new(Vec::new()),
                 });
                 let store = stores[*name].clone();
                 let c = Coordinator::new(
@@ -410,6 +420,39 @@ async fn the_home_region_creates_the_lease_and_starts_its_jobs_while_the_others_
     assert_eq!(s.primary.as_deref(), Some("east"));
     assert_eq!(s.global_reachable, Some(true));
     assert!(s.healthy("east") && s.healthy("west"), "{s:?}");
+}
+
+/// Through the coordinator's own loop: the promoted standby starts its
+/// jobs in the same instant it claimed the lease, not one interval later.
+#[tokio::test(start_paused = true)]
+async fn a_promoted_standby_starts_its_jobs_at_once() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // East is gone; west runs on its own loop.
+    let running = w
+        .r("west")
+        .c
+        .spawn(rx, Duration::from_secs(3600), stop.clone());
+    let limit = Instant::now() + TIMEOUT * 10;
+    while w.r("west").jobs.started().is_empty() {
+        assert!(Instant::now() < limit, "west never started its jobs");
+        tokio::time::sleep(INTERVAL / 10).await;
+    }
+    stop.cancel();
+    running.await.unwrap();
+    // West stood by (not primary); Promoting was its first primary role.
+    let roles = w.r("west").jobs.roles.lock().unwrap().clone();
+    assert!(!roles[0].0, "{roles:?}");
+    let promoted = roles.iter().find(|r| r.0).expect("promoted").1;
+    let started = w.r("west").jobs.started.lock().unwrap()[0].1;
+    assert!(
+        started - promoted < INTERVAL / 2,
+        "west started its jobs {:?} after it claimed the lease",
+        started - promoted
+    );
+    assert_eq!(w.r("west").jobs.started(), vec![RegionEpoch(2)]);
 }
 
 #[tokio::test(start_paused = true)]

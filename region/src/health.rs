@@ -84,6 +84,13 @@ impl Health {
         self.last_write.is_some_and(|t| t.elapsed() <= self.timeout)
     }
 
+    /// A watch delivered `key` at `revision` just now: the silence of a
+    /// region counts from the moment its heartbeat arrived, not from the
+    /// next listing (up to one health-check interval later).
+    pub fn heard(&mut self, key: &str, revision: u64) {
+        self.ages.observe(key, revision);
+    }
+
     /// The regions' health from a listing of `regions.*` entries: every
     /// known region (and any other that heartbeats), sorted by name,
     /// healthy if its heartbeat changed within the timeout on this clock.
@@ -173,6 +180,20 @@ mod tests {
         let v = h.observe(kv.list(REGIONS_PREFIX).await.unwrap());
         assert!(!v[0].healthy, "{v:?}");
         assert_eq!(v[0].heartbeat_age_ms, Some(2100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_counts_from_when_a_watch_delivered_the_heartbeat() {
+        let kv: Arc<dyn Coordination> = Arc::new(InProcess::new(Duration::from_secs(3600)));
+        let mut h = Health::new(vec!["east".into()], Duration::from_secs(2));
+        publish(kv.as_ref(), hb("east")).await.unwrap();
+        let e = kv.get("regions.east").await.unwrap().unwrap();
+        h.heard(&e.key, e.revision);
+        tokio::time::advance(Duration::from_millis(900)).await;
+        // The listing an interval later sees the same revision: its age
+        // runs from the watch, not from this first listing.
+        let v = h.observe(kv.list(REGIONS_PREFIX).await.unwrap());
+        assert_eq!(v[0].heartbeat_age_ms, Some(900));
     }
 
     #[tokio::test(start_paused = true)]

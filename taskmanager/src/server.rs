@@ -44,10 +44,6 @@ use crate::wire::{event_to_proto, kind_from_proto};
 /// (only when they changed).
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often [`TaskManager::watch_fence`] checks the region fence: the
-/// tasks stop at most this long after it ran out.
-pub const FENCE_CHECK: Duration = Duration::from_millis(50);
-
 type EventTx = mpsc::UnboundedSender<Result<proto::TmEvent, Status>>;
 
 /// Counters of this TaskManager, exported by its `/metrics`.
@@ -81,6 +77,8 @@ struct Inner {
     stats: TmStats,
     tasks: TaskTracker,
     shutdown: CancellationToken,
+    /// Wakes [`TaskManager::watch_fence`] when `fence_until` changed.
+    fence_changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -217,6 +215,7 @@ impl TaskManager {
                 stats: TmStats::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                fence_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -265,15 +264,22 @@ impl TaskManager {
 
     /// Stops every deployment once the region fence runs out, until
     /// `stop`: a TaskManager whose leader cannot confirm the region lease
-    /// (frozen, cut off, or no longer primary) runs no task. Checks every
-    /// [`FENCE_CHECK`].
+    /// (frozen, cut off, or no longer primary) runs no task. Sleeps until
+    /// the fence's deadline (woken when a renewal moves it), so a
+    /// TaskManager without a region fence does no work here.
     pub async fn watch_fence(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(FENCE_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let until = self.lock().fence_until;
+            let runs_out = async move {
+                match until {
+                    Some(u) => tokio::time::sleep_until(u.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
+                _ = self.inner.fence_changed.notified() => continue,
+                _ = runs_out => {}
             }
             let stopped = {
                 let mut s = self.lock();
@@ -468,6 +474,7 @@ impl task_manager_server::TaskManager for TaskManager {
             if req.fence_ms > 0 {
                 let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
                 s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
+                self.inner.fence_changed.notify_one();
             }
             older
         };
@@ -661,6 +668,7 @@ impl task_manager_server::TaskManager for TaskManager {
             )?;
             s.fence_until =
                 Some(std::time::Instant::now() + Duration::from_millis(req.valid_for_ms));
+            self.inner.fence_changed.notify_one();
             stale
         };
         self.stop_fenced(stale, "a newer region epoch was confirmed")
@@ -701,5 +709,46 @@ impl TaskManager {
         deploy(plan, restore.as_ref(), job)
             .await
             .map_err(|e| Status::unavailable(format!("starting the tasks failed: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    async fn fence(tm: &TaskManager, valid_for_ms: u64) {
+        let req = Request::new(proto::FenceRequest {
+            epoch: 1,
+            region_epoch: 1,
+            valid_for_ms,
+        });
+        task_manager_server::TaskManager::fence(tm, req)
+            .await
+            .expect("fence accepted");
+    }
+
+    /// The watcher sleeps until the deadline a renewal set, not the one
+    /// it went to sleep on, and clears the fence when it runs out.
+    #[tokio::test]
+    async fn a_renewed_fence_runs_out_at_its_new_deadline() {
+        let tm = TaskManager::new("tm", 1);
+        let stop = CancellationToken::new();
+        let watcher = tokio::spawn(tm.clone().watch_fence(stop.clone()));
+        let start = Instant::now();
+        fence(&tm, 200).await;
+        fence(&tm, 1_000).await;
+        // Past the first deadline: the renewal still holds.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(tm.fence_remaining().is_some_and(|r| r > Duration::ZERO));
+        let limit = start + Duration::from_secs(5);
+        while tm.fence_remaining().is_some() {
+            assert!(Instant::now() < limit, "the fence never ran out");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(start.elapsed() >= Duration::from_millis(1_000));
+        stop.cancel();
+        watcher.await.expect("watcher ends on stop");
     }
 }
