@@ -496,17 +496,12 @@ impl ProcessConfig {
             ));
         }
         let h = &self.ha;
-        if h.renew_deadline.get() >= h.lease_ttl.get() {
-            return err(format!(
-                "ha.renewDeadline ({}) must be below ha.leaseTtl ({}): a leader must stop before another can take over",
-                h.renew_deadline, h.lease_ttl
-            ));
-        }
-        if h.renew_interval.get() >= h.renew_deadline.get() {
-            return err(format!(
-                "ha.renewInterval ({}) must be below ha.renewDeadline ({})",
-                h.renew_interval, h.renew_deadline
-            ));
+        if let Err(e) = lease_timing(
+            h.lease_ttl.get(),
+            h.renew_interval.get(),
+            h.renew_deadline.get(),
+        ) {
+            return err(e);
         }
         if h.heartbeat_interval.get() >= h.member_expiry.get() {
             return err(format!(
@@ -594,6 +589,34 @@ const IGNORED_ENV: &[&str] = &[
     "FERRY_DATA_DIR",
     "FERRY_LISTEN",
 ];
+
+/// The leader lease's timing rule, the one place it is written (the
+/// config and the elector both check it): a leader that cannot renew
+/// stops `renew_deadline` after sending its last successful renewal, which
+/// must come before the lease can expire for the others (`ttl`), and it
+/// must try to renew (`renew_interval`) before its deadline.
+pub fn lease_timing(
+    ttl: Duration,
+    renew_interval: Duration,
+    renew_deadline: Duration,
+) -> Result<(), String> {
+    let f = humantime::format_duration;
+    if renew_deadline >= ttl {
+        return Err(format!(
+            "ha.renewDeadline ({}) must be below ha.leaseTtl ({}): a leader must stop before another can take over",
+            f(renew_deadline),
+            f(ttl)
+        ));
+    }
+    if renew_interval >= renew_deadline {
+        return Err(format!(
+            "ha.renewInterval ({}) must be below ha.renewDeadline ({})",
+            f(renew_interval),
+            f(renew_deadline)
+        ));
+    }
+    Ok(())
+}
 
 fn set_path(tree: &mut Value, path: &str, value: Value) {
     let mut node = tree;

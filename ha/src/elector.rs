@@ -61,21 +61,9 @@ impl ElectorConfig {
         }
     }
 
-    /// Checks the timing rules.
+    /// Checks the timing rules ([`ferry_core::config::lease_timing`]).
     pub fn validate(&self) -> Result<(), String> {
-        if self.renew_deadline >= self.ttl {
-            return Err(format!(
-                "renew deadline ({:?}) must be below the lease ttl ({:?})",
-                self.renew_deadline, self.ttl
-            ));
-        }
-        if self.renew_interval >= self.renew_deadline {
-            return Err(format!(
-                "renew interval ({:?}) must be below the renew deadline ({:?})",
-                self.renew_interval, self.renew_deadline
-            ));
-        }
-        Ok(())
+        ferry_core::config::lease_timing(self.ttl, self.renew_interval, self.renew_deadline)
     }
 }
 

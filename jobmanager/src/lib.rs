@@ -2,9 +2,9 @@
 //! checkpoint coordinator, savepoints, metrics, and the REST API.
 //!
 //! Modules, each using only modules listed before it (so no import cycle):
-//! `state` (the lifecycle table), `error`, `leadership` (role and fences),
-//! `restart` (strategies), `model` (what the API takes and returns),
-//! `taskmanagers` and `deployment` (where tasks run), `metrics`, `job` (one
+//! `state` (the lifecycle table), `model` (what the API takes and
+//! returns), `error`, `leadership` (role and fences), `restart`
+//! (strategies), `taskmanagers` and `deployment` (where tasks run), `metrics`, `job` (one
 //! job and every change of its state), `store` (the job store),
 //! `checkpoint` (snapshot coordination), `attempt` (one deployment),
 //! `driver` (a job's lifetime), `service` (the [`JobManager`] handle and its
