@@ -31,7 +31,9 @@ pub use crate::model::{
     RegionFailure, RegionOps, RegionResult, RegionsView, SavepointInfo, SubmitOptions,
 };
 use crate::state::JobState;
-use crate::store::{StoredStatus, newest_resumable, status_writer, write_spec, write_status};
+use crate::store::{
+    PreviousRun, StoredStatus, previous_run, status_writer, write_spec, write_status,
+};
 use crate::taskmanagers::TaskManagers;
 
 /// The JobManager: a cheap-to-clone handle to the jobs it drives.
@@ -138,6 +140,19 @@ impl Inner {
     }
 }
 
+/// Parses and validates a spec on the blocking pool, a few at a time: a
+/// 4 MiB spec takes about a second of CPU, which on the async workers would
+/// stall every other request (health probes included).
+pub async fn parse_off_the_workers(text: &str) -> Result<JobSpec, JmError> {
+    static PARSERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let _permit = PARSERS.acquire().await.map_err(|_| JmError::ShuttingDown)?;
+    let text = text.to_owned();
+    tokio::task::spawn_blocking(move || ferry_core::spec::parse_and_validate(&text))
+        .await
+        .map_err(|e| JmError::Runtime(format!("parsing the spec failed: {e}")))?
+        .map_err(JmError::InvalidSpec)
+}
+
 impl JobManager {
     /// Creates an embedded JobManager (no election) with no jobs.
     pub fn new(config: JobManagerConfig) -> Self {
@@ -178,7 +193,7 @@ impl JobManager {
 
     /// Parses, validates and starts a job from spec text (YAML or JSON).
     pub async fn submit(&self, text: &str) -> Result<JobInfo, JmError> {
-        let spec = ferry_core::spec::parse_and_validate(text).map_err(JmError::InvalidSpec)?;
+        let spec = parse_off_the_workers(text).await?;
         self.submit_spec(spec, SubmitOptions::default()).await
     }
 
@@ -314,9 +329,9 @@ impl JobManager {
 
     /// The newest job with this name under the default storage root whose
     /// newest verified checkpoint is not final: the run to resume.
-    pub async fn find_resumable(&self, spec: &JobSpec) -> Result<Option<(JobId, u64)>, JmError> {
+    pub async fn previous_run(&self, spec: &JobSpec) -> Result<Option<PreviousRun>, JmError> {
         let root = self.storage_root(spec)?;
-        newest_resumable(&root, &spec.metadata.name).await
+        previous_run(&root, &spec.metadata.name).await
     }
 
     /// Prometheus metrics of this JobManager.

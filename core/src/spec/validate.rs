@@ -250,12 +250,19 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
     }
 
     // Source and its schema.
+    /// Generator partitions are state each subtask holds and checkpoints.
+    const MAX_GENERATOR_PARTITIONS: u32 = 65_536;
     let mut schema = Schema::default();
     match &body.source {
         SourceSpec::Generator(g) => {
             let p = "spec.source.generator";
-            if g.partitions == Some(0) {
-                push(&format!("{p}.partitions"), "must be at least 1".into());
+            match g.partitions {
+                Some(0) => push(&format!("{p}.partitions"), "must be at least 1".into()),
+                Some(n) if n > MAX_GENERATOR_PARTITIONS => push(
+                    &format!("{p}.partitions"),
+                    format!("must be at most {MAX_GENERATOR_PARTITIONS}, found {n}"),
+                ),
+                _ => {}
             }
             if g.fields.is_empty() {
                 push(
@@ -315,6 +322,11 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
                         // Also rejects NaN bounds.
                         if min.partial_cmp(max) != Some(std::cmp::Ordering::Less) {
                             push(&fp, format!("min ({min}) must be below max ({max})"));
+                        } else if !(max - min).is_finite() {
+                            push(
+                                &fp,
+                                format!("max - min must be a finite number, found {min}..{max}"),
+                            );
                         }
                         DataType::Float
                     }

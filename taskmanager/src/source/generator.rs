@@ -47,10 +47,28 @@ pub struct GeneratorModel {
 enum FieldModel {
     KeyInt(u64),
     KeyStr(Vec<Arc<str>>),
+    /// Keys too many to hold as a table: formatted per record.
+    KeyFmt(Arc<str>, u64),
+    /// `min` and `max - min` (the span less one, so the full `i64` range
+    /// fits).
     Int(i64, u64),
     Float(f64, f64),
     Choice(Vec<Arc<str>>),
     Sequence,
+}
+
+/// Most string keys kept as a shared table; more are formatted per record
+/// (a table of 100 M keys would take gigabytes).
+const KEY_TABLE_MAX: u64 = 1 << 20;
+
+/// `r` reduced to `0..=span_less_one`; the whole `u64` when that is its
+/// range (`max - min` of an `i64` field spans at most `u64::MAX`).
+#[inline]
+fn within(r: u64, span_less_one: u64) -> u64 {
+    match span_less_one.checked_add(1) {
+        Some(span) => r % span,
+        None => r,
+    }
 }
 
 #[inline]
@@ -71,12 +89,18 @@ impl GeneratorModel {
                 GeneratorField::Key {
                     cardinality,
                     prefix: Some(p),
-                } => FieldModel::KeyStr(
+                } if *cardinality <= KEY_TABLE_MAX => FieldModel::KeyStr(
                     (0..*cardinality)
                         .map(|n| Arc::from(format!("{p}{n}").as_str()))
                         .collect(),
                 ),
-                GeneratorField::Int { min, max } => FieldModel::Int(*min, (*max - *min) as u64 + 1),
+                GeneratorField::Key {
+                    cardinality,
+                    prefix: Some(p),
+                } => FieldModel::KeyFmt(Arc::from(p.as_str()), *cardinality),
+                GeneratorField::Int { min, max } => {
+                    FieldModel::Int(*min, max.wrapping_sub(*min) as u64)
+                }
                 GeneratorField::Float { min, max } => FieldModel::Float(*min, *max - *min),
                 GeneratorField::Choice { values } => {
                     FieldModel::Choice(values.iter().map(|v| Arc::from(v.as_str())).collect())
@@ -114,14 +138,18 @@ impl GeneratorModel {
     /// Event time of global record `i`.
     #[inline]
     pub fn ts_at(&self, i: u64) -> i64 {
-        let mut t = self.start + i as i64 * self.step;
+        // Saturating: a huge step or record index pins time at the end of
+        // the representable range rather than wrapping into the past.
+        let mut t = self
+            .start
+            .saturating_add((i.min(i64::MAX as u64) as i64).saturating_mul(self.step));
         if self.ooo > 0 {
-            t -= (h(self.seed, i, JITTER_SALT) % (self.ooo as u64 + 1)) as i64;
+            t = t.saturating_sub(within(h(self.seed, i, JITTER_SALT), self.ooo as u64) as i64);
         }
         if let Some((frac, by)) = self.late {
             let u = (h(self.seed, i, LATE_SALT) >> 11) as f64 / (1u64 << 53) as f64;
             if u < frac {
-                t -= by;
+                t = t.saturating_sub(by);
             }
         }
         t
@@ -150,7 +178,8 @@ impl GeneratorModel {
         match f {
             FieldModel::KeyInt(c) => Value::Int((r % c) as i64),
             FieldModel::KeyStr(keys) => Value::Str(keys[(r % keys.len() as u64) as usize].clone()),
-            FieldModel::Int(min, span) => Value::Int(min.wrapping_add((r % span) as i64)),
+            FieldModel::KeyFmt(prefix, c) => Value::Str(Arc::from(format!("{prefix}{}", r % c))),
+            FieldModel::Int(min, span) => Value::Int(min.wrapping_add(within(r, *span) as i64)),
             FieldModel::Float(min, span) => {
                 Value::Float(min + span * ((r >> 11) as f64 / (1u64 << 53) as f64))
             }
@@ -162,7 +191,7 @@ impl GeneratorModel {
     /// Generates records `offset..offset+n` of partition `p` as a batch.
     pub fn batch(&self, p: u32, offset: u64, n: u64) -> (Batch, i64) {
         let parts = self.partitions as u64;
-        let idx = |o: u64| o * parts + p as u64;
+        let idx = |o: u64| o.wrapping_mul(parts).wrapping_add(p as u64);
         let len = n as usize;
         let mut columns = Vec::with_capacity(self.fields.len() + 1);
         for (k, f) in self.fields.iter().enumerate() {
@@ -180,9 +209,17 @@ impl GeneratorModel {
                         })
                         .collect(),
                 ),
+                FieldModel::KeyFmt(prefix, c) => Column::Str(
+                    (offset..offset + n)
+                        .map(|o| {
+                            let k = h(self.seed, idx(o), salt) % c;
+                            Arc::from(format!("{prefix}{k}"))
+                        })
+                        .collect(),
+                ),
                 FieldModel::Int(min, span) => Column::Int(
                     (offset..offset + n)
-                        .map(|o| min.wrapping_add((h(self.seed, idx(o), salt) % span) as i64))
+                        .map(|o| min.wrapping_add(within(h(self.seed, idx(o), salt), *span) as i64))
                         .collect(),
                 ),
                 FieldModel::Float(min, span) => Column::Float(
@@ -422,5 +459,37 @@ mod tests {
             rest += x.len() as u64;
         }
         assert_eq!(rest + MAX_BATCH.min(m.partition_len(0).unwrap()), seen);
+    }
+
+    #[test]
+    fn extreme_bounds_and_many_keys_generate_without_overflow() {
+        // The full i64 range (its span does not fit a u64 plus one), a
+        // single-value range, and more string keys than the table holds.
+        let m = model(
+            "{a: {type: int, min: -9223372036854775808, max: 9223372036854775807}, b: {type: int, min: 7, max: 7}, k: {type: key, cardinality: 100000000, prefix: c-}}",
+            100,
+            1,
+        );
+        let (b, _) = m.batch(0, 0, 100);
+        let a: Vec<Value> = (0..100).map(|r| b.columns[0].get(r)).collect();
+        let distinct: std::collections::BTreeSet<String> =
+            a.iter().map(|v| format!("{v:?}")).collect();
+        assert!(
+            distinct.len() > 90,
+            "full-range ints should rarely repeat: {distinct:?}"
+        );
+        assert!(a.iter().any(|v| matches!(v, Value::Int(x) if *x < 0)));
+        assert!(a.iter().any(|v| matches!(v, Value::Int(x) if *x > 0)));
+        for r in 0..100 {
+            assert_eq!(b.columns[1].get(r), Value::Int(7));
+            let Value::Str(k) = b.columns[2].get(r) else {
+                panic!("key is a string")
+            };
+            let n: u64 = k.strip_prefix("c-").unwrap().parse().unwrap();
+            assert!(n < 100_000_000);
+            assert_eq!(b.columns[2].get(r), m.record_at(r as u64)[2]);
+        }
+        // Time saturates instead of wrapping for an index far past the end.
+        assert!(m.ts_at(u64::MAX) >= m.ts_at(1));
     }
 }

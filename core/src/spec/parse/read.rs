@@ -105,6 +105,9 @@ enum Frame {
         anchor: usize,
         tag: Option<String>,
         entries: Vec<Entry>,
+        /// Line of each key in `entries`, to find duplicates in constant
+        /// time (a linear search made a mapping of n keys cost n²).
+        lines: std::collections::HashMap<String, usize>,
         /// The key read, waiting for its value (`None` key: an unusable key
         /// whose value is dropped).
         key: Option<(Option<String>, Pos)>,
@@ -186,6 +189,7 @@ pub(crate) fn read(text: &str) -> Read {
                     anchor,
                     tag,
                     entries: Vec::new(),
+                    lines: Default::default(),
                     key: None,
                 })
             }
@@ -386,7 +390,12 @@ impl Builder {
                 items.push(node);
                 None
             }
-            Some(Frame::Map { entries, key, .. }) => match key.take() {
+            Some(Frame::Map {
+                entries,
+                lines,
+                key,
+                ..
+            }) => match key.take() {
                 // The node is a key.
                 None => match node.kind {
                     Kind::Scalar(_, raw) => {
@@ -403,15 +412,13 @@ impl Builder {
                 },
                 // The value of an unusable key: dropped.
                 Some((None, _)) => None,
-                Some((Some(k), key_pos)) => match entries.iter().find(|e| e.key == k) {
+                Some((Some(k), key_pos)) => match lines.get(&k) {
                     Some(first) => Some((
                         key_pos,
-                        format!(
-                            "duplicate key '{k}' (first set on line {}); keep only one",
-                            first.key_pos.line
-                        ),
+                        format!("duplicate key '{k}' (first set on line {first}); keep only one"),
                     )),
                     None => {
+                        lines.insert(k.clone(), key_pos.line);
                         entries.push(Entry {
                             key: k,
                             key_pos,

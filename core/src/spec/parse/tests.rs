@@ -474,3 +474,28 @@ fn format_detection_and_display() {
     }]);
     assert_eq!(e.to_string(), "  - line 5, column 1: spec.sink: missing");
 }
+
+#[test]
+fn generator_bounds_that_would_exhaust_memory_or_overflow_are_refused() {
+    let text = with(
+        "      total: 100000\n",
+        "      total: 100000\n      partitions: 100000000\n",
+    );
+    let m = only(&text, "spec.source.generator.partitions", 13);
+    assert!(m.contains("at most 65536"), "{m}");
+    let m = only(
+        &with(
+            "{type: float, min: 0, max: 100}",
+            "{type: float, min: -1e308, max: 1e308}",
+        ),
+        "spec.source.generator.fields.amount",
+        18,
+    );
+    assert!(m.contains("finite"), "{m}");
+    // The whole i64 range is valid (it used to panic at run time).
+    parse_and_validate(&with(
+        "{type: float, min: 0, max: 100}",
+        "{type: int, min: -9223372036854775808, max: 9223372036854775807}",
+    ))
+    .expect("the full i64 range is a valid int field");
+}
