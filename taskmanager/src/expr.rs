@@ -13,6 +13,7 @@ use cel_parser::ast::{Expr, IdedExpr};
 use cel_parser::reference::Val;
 use ferry_core::schema::Schema;
 use ferry_core::value::{DataType, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Column};
 
@@ -54,7 +55,21 @@ pub struct CompiledExpr {
     /// Field name and column index of every field the expression reads.
     refs: Vec<(String, usize)>,
     ctx: Context<'static>,
+    /// Checked between records on the interpreted path, so that cancelling
+    /// a job never waits for a whole batch of slow expressions.
+    cancel: Option<CancellationToken>,
+    /// Rows evaluated and rows that failed, until [`HOPELESS_AFTER`].
+    seen: u64,
+    failed: u64,
+    first_error: Option<String>,
 }
+
+/// After this many rows, an expression that failed on every one of them
+/// fails the job instead of silently dropping everything.
+pub const HOPELESS_AFTER: u64 = 1000;
+
+/// Rows between cancellation checks on the interpreted path.
+const CANCEL_CHECK_ROWS: usize = 64;
 
 impl std::fmt::Debug for CompiledExpr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,7 +107,39 @@ impl CompiledExpr {
             program,
             refs,
             ctx: Context::default(),
+            cancel: None,
+            seen: 0,
+            failed: 0,
+            first_error: None,
         })
+    }
+
+    /// Stops interpreted evaluation between records once `token` fires.
+    pub fn cancel_on(&mut self, token: CancellationToken) {
+        self.cancel = Some(token);
+    }
+
+    /// Why the job should fail: the expression failed on every one of the
+    /// first [`HOPELESS_AFTER`] or more rows it saw.
+    pub fn hopeless(&self) -> Option<String> {
+        (self.seen >= HOPELESS_AFTER && self.failed == self.seen).then(|| {
+            format!(
+                "the expression '{}' failed on every one of the first {} records ({}); fix \
+                 the expression or the input",
+                self.source,
+                self.seen,
+                self.first_error
+                    .as_deref()
+                    .unwrap_or("its result has the wrong type")
+            )
+        })
+    }
+
+    fn tally(&mut self, rows: usize, errors: u64) {
+        if self.seen < HOPELESS_AFTER {
+            self.seen += rows as u64;
+            self.failed += errors;
+        }
     }
 
     /// True if the expression runs on the native fast path.
@@ -102,8 +149,17 @@ impl CompiledExpr {
 
     /// Evaluates the expression for every row of `batch`.
     pub fn eval(&mut self, batch: &Batch) -> Evaluated {
+        let r = self.eval_rows(batch);
+        self.tally(batch.len(), r.errors);
+        r
+    }
+
+    fn eval_rows(&mut self, batch: &Batch) -> Evaluated {
         if let Some(n) = &self.native {
             let (column, errors) = eval_native(n, batch);
+            if errors > 0 && self.first_error.is_none() {
+                self.first_error = Some("an operand is null or of the wrong type".into());
+            }
             return Evaluated { column, errors };
         }
         let program = self
@@ -113,6 +169,13 @@ impl CompiledExpr {
         let mut out = Vec::with_capacity(batch.len());
         let mut errors = 0;
         for row in 0..batch.len() {
+            if row % CANCEL_CHECK_ROWS == 0
+                && self.cancel.as_ref().is_some_and(|c| c.is_cancelled())
+            {
+                // The task is going away: the rest of the batch is never used.
+                out.resize(batch.len(), Value::Null);
+                break;
+            }
             for (name, idx) in &self.refs {
                 self.ctx
                     .add_variable_from_value(name.clone(), to_cel(batch.columns[*idx].get(row)));
@@ -125,8 +188,13 @@ impl CompiledExpr {
                         out.push(Value::Null)
                     }
                 },
-                Err(_) => {
+                Err(e) => {
                     errors += 1;
+                    if self.first_error.is_none() {
+                        let mut msg = e.to_string();
+                        msg.truncate(200);
+                        self.first_error = Some(msg);
+                    }
                     out.push(Value::Null);
                 }
             }
@@ -602,5 +670,53 @@ mod tests {
         assert_eq!(r.errors, 1);
         assert_eq!(r.column.get(2), Value::Null);
         assert_eq!(r.column.get(1), Value::Int(4));
+    }
+
+    #[test]
+    fn an_expression_failing_on_every_record_is_hopeless() {
+        let b = batch();
+        // `n * 1000000000000000000` overflows on rows 1 and 2 only: some
+        // records succeed, so the expression is never hopeless.
+        let mut partly = CompiledExpr::compile("n * 4611686018427387904", &b.schema).unwrap();
+        // Index 5 of a one-element list fails on every row.
+        let mut always = CompiledExpr::compile("[user][5] + 'x'", &b.schema).unwrap();
+        let mut rows = 0;
+        while rows < HOPELESS_AFTER {
+            assert!(
+                always.hopeless().is_none(),
+                "not before {HOPELESS_AFTER} rows"
+            );
+            assert!(partly.eval(&b).errors < 3);
+            assert_eq!(always.eval(&b).errors, 3);
+            rows += 3;
+        }
+        let why = always.hopeless().expect("every row failed");
+        assert!(
+            why.contains("[user][5] + 'x'") && why.contains("every one of the first"),
+            "{why}"
+        );
+        assert!(partly.hopeless().is_none());
+    }
+
+    #[test]
+    fn a_cancelled_task_stops_evaluating_between_records() {
+        let rows = 1000;
+        let b = Batch {
+            schema: Arc::new(Schema::new([("n".to_string(), DataType::Int)])),
+            columns: vec![Column::Int((0..rows).collect())],
+            ts: vec![0; rows as usize],
+        };
+        let mut e = CompiledExpr::compile("[n].map(x, x + 1)[0]", &b.schema).unwrap();
+        let token = CancellationToken::new();
+        e.cancel_on(token.clone());
+        let before = e.eval(&b);
+        assert_eq!(before.column.get(999), Value::Int(1000));
+        token.cancel();
+        let after = e.eval(&b);
+        // Stopped at the first check: nothing evaluated, nothing counted
+        // as an error.
+        assert_eq!(after.column.len(), rows as usize);
+        assert_eq!(after.column.get(0), Value::Null);
+        assert_eq!(after.errors, 0);
     }
 }

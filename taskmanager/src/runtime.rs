@@ -128,14 +128,20 @@ impl JobPlan {
         self.schema_before(idx)
     }
 
-    fn build_ops(&self, stage: &Stage) -> Result<Vec<Box<dyn Operator>>, String> {
+    fn build_ops(
+        &self,
+        stage: &Stage,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Box<dyn Operator>>, String> {
         let mut ops: Vec<Box<dyn Operator>> = Vec::new();
         for &i in &stage.ops {
             let before = self.schema_before(i);
             let after = &self.flow.after[i];
             match &self.spec.spec.operators[i] {
-                OperatorSpec::Filter(e) => ops.push(Box::new(Filter::new(e, before)?)),
-                OperatorSpec::Map(fields) => ops.push(Box::new(Map::new(fields, before, after)?)),
+                OperatorSpec::Filter(e) => ops.push(Box::new(Filter::new(e, before, cancel)?)),
+                OperatorSpec::Map(fields) => {
+                    ops.push(Box::new(Map::new(fields, before, after, cancel)?))
+                }
                 OperatorSpec::Window(w) => {
                     let keys = self.flow.keys_after[i]
                         .clone()
@@ -220,7 +226,7 @@ pub fn check_restore(plan: &JobPlan, cp: &VerifiedCheckpoint) -> Result<usize, S
     let mut known: Vec<&str> = vec!["source", SINK_STATE];
     for (s, stage) in plan.stages.iter().enumerate() {
         for j in 0..plan.parallelism {
-            let mut ops = plan.build_ops(stage)?;
+            let mut ops = plan.build_ops(stage, &CancellationToken::new())?;
             for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
                 let Some(name) = &plan.state_names[i] else {
                     continue;
@@ -327,7 +333,7 @@ pub async fn deploy(
                 stage: s as u32,
                 subtask: j,
             };
-            let mut ops = plan.build_ops(stage)?;
+            let mut ops = plan.build_ops(stage, &cancel)?;
             for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
                 if let Some(name) = &plan.state_names[i] {
                     let parts: Vec<Bytes> = parts_of(restore, name)
@@ -425,7 +431,7 @@ pub async fn deploy(
                 sources.push(cmd_tx.clone());
                 tasks.spawn(async move {
                     let r = tokio::select! {
-                        r = run_source_task(ctx, source, chain) => r,
+                        r = guarded(run_source_task(ctx, source, chain)) => r,
                         _ = token.cancelled() => return,
                     };
                     report(&events, id, r);
@@ -434,7 +440,7 @@ pub async fn deploy(
                 let inputs = std::mem::take(&mut receivers[s][j as usize]);
                 tasks.spawn(async move {
                     let r = tokio::select! {
-                        r = run_downstream_task(ctx, inputs, chain) => r,
+                        r = guarded(run_downstream_task(ctx, inputs, chain)) => r,
                         _ = token.cancelled() => return,
                     };
                     report(&events, id, r);
@@ -455,9 +461,53 @@ pub async fn deploy(
     })
 }
 
+/// Runs a task, turning a panic into its failure: a panic is a bug that
+/// the same input would hit again after a restart, so it fails the job
+/// (permanently) with the panic's message instead of vanishing.
+async fn guarded(
+    task: impl std::future::Future<Output = Result<(), TaskError>>,
+) -> Result<(), TaskError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(task).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(TaskError::Permanent(format!(
+                "the task panicked: {msg} (a bug in Ferry: please report it with the job spec)"
+            )))
+        }
+    }
+}
+
 fn report(events: &mpsc::UnboundedSender<TaskEvent>, task: TaskId, r: Result<(), TaskError>) {
     let _ = events.send(match r {
         Ok(()) => TaskEvent::Stopped(task),
         Err(error) => TaskEvent::Failed { task, error },
     });
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_fails_permanently_with_its_message() {
+        let r = guarded(async {
+            let divisor = std::hint::black_box(0u64);
+            let _ = 7u64 % divisor;
+            Ok(())
+        })
+        .await;
+        match r {
+            Err(TaskError::Permanent(m)) => {
+                assert!(m.contains("remainder with a divisor of zero"), "{m}")
+            }
+            other => panic!("expected a permanent failure, got {other:?}"),
+        }
+        assert!(matches!(guarded(async { Ok(()) }).await, Ok(())));
+    }
 }

@@ -1,7 +1,10 @@
 //! Static checks of CEL expressions against a record schema: syntax, unknown
-//! fields, and the result type where it can be known before run time.
+//! fields and functions, operand types where they are known, the result
+//! type, and (in [`bound`]) what one evaluation may allocate and compute.
 
-use cel_parser::ast::{Expr, IdedExpr};
+pub mod bound;
+
+use cel_parser::ast::{Expr, IdedExpr, operators};
 use cel_parser::reference::Val;
 
 use crate::schema::Schema;
@@ -91,7 +94,195 @@ pub fn check_expr(source: &str, schema: &Schema) -> Result<DataType, String> {
             schema.names().join(", ")
         ));
     }
+    let mut problems = Vec::new();
+    check_calls(&expr, schema, &mut problems);
+    if !problems.is_empty() {
+        problems.dedup();
+        return Err(problems.join("; "));
+    }
+    bound::bound(&expr, schema)?;
     Ok(infer_type(&expr, schema))
+}
+
+/// Functions the runtime's interpreter provides, called as `f(x)`.
+const GLOBAL_FUNCTIONS: &[&str] = &[
+    "size",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bytes",
+    "duration",
+    "timestamp",
+    "max",
+    "min",
+];
+
+/// Functions the runtime's interpreter provides, called as `x.f(...)`.
+const MEMBER_FUNCTIONS: &[&str] = &[
+    "contains",
+    "startsWith",
+    "endsWith",
+    "size",
+    "getFullYear",
+    "getMonth",
+    "getDayOfYear",
+    "getDayOfMonth",
+    "getDate",
+    "getDayOfWeek",
+    "getHours",
+    "getMinutes",
+    "getSeconds",
+    "getMilliseconds",
+];
+
+/// Operators the interpreter evaluates (macros are already expanded).
+const OPERATORS: &[&str] = &[
+    operators::CONDITIONAL,
+    operators::LOGICAL_AND,
+    operators::LOGICAL_OR,
+    operators::LOGICAL_NOT,
+    operators::SUBSTRACT,
+    operators::ADD,
+    operators::MULTIPLY,
+    operators::DIVIDE,
+    operators::MODULO,
+    operators::EQUALS,
+    operators::NOT_EQUALS,
+    operators::GREATER_EQUALS,
+    operators::LESS_EQUALS,
+    operators::GREATER,
+    operators::LESS,
+    operators::NEGATE,
+    operators::INDEX,
+    operators::NOT_STRICTLY_FALSE,
+    operators::IN,
+];
+
+/// How an operand reads in a message: a field or literal by name.
+fn describe(e: &IdedExpr, ty: DataType) -> String {
+    match &e.expr {
+        Expr::Ident(name) => format!("field '{name}' ({ty})"),
+        Expr::Literal(Val::String(s)) => format!("the string '{s}'"),
+        Expr::Literal(Val::Int(i)) => format!("the {ty} {i}"),
+        Expr::Literal(Val::UInt(u)) => format!("the {ty} {u}"),
+        Expr::Literal(Val::Double(d)) => format!("the {ty} {d}"),
+        Expr::Literal(Val::Boolean(b)) => format!("the {ty} {b}"),
+        _ => format!("a {ty} expression"),
+    }
+}
+
+/// Operand types that can meet in a comparison or an equality.
+fn comparable(a: DataType, b: DataType) -> bool {
+    a == DataType::Any || b == DataType::Any || a == b || (a.is_numeric() && b.is_numeric())
+}
+
+/// Finds calls of functions the runtime does not have, and operators
+/// applied to operands of types they cannot take (where both are known).
+fn check_calls(e: &IdedExpr, schema: &Schema, out: &mut Vec<String>) {
+    let mut children: Vec<&IdedExpr> = Vec::new();
+    match &e.expr {
+        Expr::Call(c) => {
+            let name = c.func_name.as_str();
+            let known = if c.target.is_some() {
+                MEMBER_FUNCTIONS.contains(&name)
+            } else {
+                GLOBAL_FUNCTIONS.contains(&name) || OPERATORS.contains(&name)
+            };
+            if !known {
+                let (how, list) = if c.target.is_some() {
+                    ("x.", MEMBER_FUNCTIONS)
+                } else {
+                    ("", GLOBAL_FUNCTIONS)
+                };
+                out.push(format!(
+                    "unknown function '{how}{name}(…)'; the functions are {}, and the macros \
+                     has, all, exists, exists_one, map and filter",
+                    list.join(", ")
+                ));
+            }
+            let types: Vec<DataType> = c.args.iter().map(|a| infer_type(a, schema)).collect();
+            match (name, types.as_slice()) {
+                (
+                    operators::LESS
+                    | operators::LESS_EQUALS
+                    | operators::GREATER
+                    | operators::GREATER_EQUALS
+                    | operators::EQUALS
+                    | operators::NOT_EQUALS,
+                    [a, b],
+                ) if !comparable(*a, *b) => out.push(format!(
+                    "{} cannot be compared with {}; convert one side (int(), double(), string())",
+                    describe(&c.args[0], *a),
+                    describe(&c.args[1], *b)
+                )),
+                (
+                    operators::SUBSTRACT
+                    | operators::MULTIPLY
+                    | operators::DIVIDE
+                    | operators::MODULO,
+                    [a, b],
+                ) if [*a, *b]
+                    .iter()
+                    .any(|t| *t != DataType::Any && !t.is_numeric()) =>
+                {
+                    out.push(format!(
+                        "arithmetic needs numbers, not {} and {}",
+                        describe(&c.args[0], *a),
+                        describe(&c.args[1], *b)
+                    ))
+                }
+                (operators::ADD, [a, b])
+                    if *a != DataType::Any
+                        && *b != DataType::Any
+                        && !(a.is_numeric() && b.is_numeric())
+                        && a != b =>
+                {
+                    out.push(format!(
+                        "{} and {} cannot be added; convert one side (string(), double())",
+                        describe(&c.args[0], *a),
+                        describe(&c.args[1], *b)
+                    ))
+                }
+                (operators::LOGICAL_AND | operators::LOGICAL_OR | operators::LOGICAL_NOT, ts) => {
+                    for (arg, t) in c.args.iter().zip(ts) {
+                        if !matches!(t, DataType::Bool | DataType::Any) {
+                            out.push(format!(
+                                "{} is not a condition (bool); compare it, e.g. `x > 0`",
+                                describe(arg, *t)
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            children.extend(c.target.as_deref());
+            children.extend(&c.args);
+        }
+        Expr::Select(s) => children.push(&s.operand),
+        Expr::List(l) => children.extend(&l.elements),
+        Expr::Map(m) => {
+            for entry in &m.entries {
+                if let cel_parser::ast::EntryExpr::MapEntry(me) = &entry.expr {
+                    children.push(&me.key);
+                    children.push(&me.value);
+                }
+            }
+        }
+        Expr::Comprehension(c) => children.extend([
+            &*c.iter_range,
+            &*c.accu_init,
+            &*c.loop_cond,
+            &*c.loop_step,
+            &*c.result,
+        ]),
+        Expr::Struct(_) => out
+            .push("message literals (`Type{...}`) are not supported; use a map `{'k': v}`".into()),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
+    for child in children {
+        check_calls(child, schema, out);
+    }
 }
 
 fn collect_unknown(e: &IdedExpr, schema: &Schema, bound: &mut Vec<String>, out: &mut Vec<String>) {
@@ -220,5 +411,36 @@ mod tests {
         assert!(check_expr("amount >", &s).is_err());
         // Comprehension variables are not fields.
         assert_eq!(check_expr("[1, 2].exists(x, x > n)", &s), Ok(DataType::Any));
+    }
+
+    #[test]
+    fn unknown_functions_and_mismatched_types_are_refused() {
+        let s = schema();
+        let e = check_expr("system('id') == ''", &s).unwrap_err();
+        assert!(e.contains("unknown function 'system"), "{e}");
+        let e = check_expr("user.exec()", &s).unwrap_err();
+        assert!(e.contains("unknown function 'x.exec"), "{e}");
+        // `matches` needs a regex engine the runtime is built without.
+        assert!(check_expr("user.matches('a.*')", &s).is_err());
+        let e = check_expr("amount > 'x'", &s).unwrap_err();
+        assert!(
+            e.contains("field 'amount' (float)") && e.contains("the string 'x'"),
+            "{e}"
+        );
+        assert!(check_expr("user == 3", &s).is_err());
+        assert!(check_expr("user * 2", &s).is_err());
+        assert!(check_expr("user + 1", &s).is_err());
+        assert!(check_expr("n && true", &s).is_err());
+        // Numbers mix; unknown types are left to run time.
+        assert_eq!(check_expr("n < amount", &s), Ok(DataType::Bool));
+        assert_eq!(check_expr("user + '!'", &s), Ok(DataType::String));
+        assert_eq!(
+            check_expr("size(user) > 2 && user.startsWith('a')", &s),
+            Ok(DataType::Bool)
+        );
+        assert_eq!(
+            check_expr("[1, 2].map(x, x * 2)[0] > n", &s),
+            Ok(DataType::Bool)
+        );
     }
 }

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use ferry_core::schema::Schema;
+use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batch;
 use crate::expr::CompiledExpr;
@@ -14,14 +15,18 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn new(expr: &str, schema: &Schema) -> Result<Self, String> {
-        Ok(Self {
-            expr: CompiledExpr::compile(expr, schema)?,
-        })
+    pub fn new(expr: &str, schema: &Schema, cancel: &CancellationToken) -> Result<Self, String> {
+        let mut expr = CompiledExpr::compile(expr, schema)?;
+        expr.cancel_on(cancel.clone());
+        Ok(Self { expr })
     }
 }
 
 impl Operator for Filter {
+    fn failure(&self) -> Option<String> {
+        self.expr.hopeless()
+    }
+
     fn process(&mut self, batch: Batch, out: &mut Vec<Batch>, m: &TaskMetrics) {
         let (mask, errors) = self.expr.eval_mask(&batch);
         if errors > 0 {

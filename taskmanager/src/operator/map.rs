@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ferry_core::schema::{Schema, SchemaRef};
+use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batch;
 use crate::expr::CompiledExpr;
@@ -20,11 +21,16 @@ impl Map {
         fields: &indexmap::IndexMap<String, String>,
         input: &Schema,
         output: &Schema,
+        cancel: &CancellationToken,
     ) -> Result<Self, String> {
         Ok(Self {
             exprs: fields
                 .values()
-                .map(|e| CompiledExpr::compile(e, input))
+                .map(|e| {
+                    let mut e = CompiledExpr::compile(e, input)?;
+                    e.cancel_on(cancel.clone());
+                    Ok::<_, String>(e)
+                })
                 .collect::<Result<_, _>>()?,
             out_schema: Arc::new(output.clone()),
         })
@@ -32,6 +38,10 @@ impl Map {
 }
 
 impl Operator for Map {
+    fn failure(&self) -> Option<String> {
+        self.exprs.iter().find_map(|e| e.hopeless())
+    }
+
     fn process(&mut self, batch: Batch, out: &mut Vec<Batch>, m: &TaskMetrics) {
         let mut columns = Vec::with_capacity(self.exprs.len());
         for e in &mut self.exprs {

@@ -25,6 +25,12 @@ pub trait Operator: Send {
     /// Processes one batch, pushing output batches to `out`.
     fn process(&mut self, batch: Batch, out: &mut Vec<Batch>, m: &TaskMetrics);
 
+    /// Why the job must fail, when processing showed it can never succeed
+    /// (an expression that fails on every record).
+    fn failure(&self) -> Option<String> {
+        None
+    }
+
     /// The input watermark advanced to `wm`; emit whatever it completes.
     fn on_watermark(&mut self, _wm: i64, _out: &mut Vec<Batch>) {}
 
