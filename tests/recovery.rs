@@ -219,9 +219,10 @@ fn summary_counts_only_the_runs_own_part_files_after_a_crash() {
         assert!(first_files > 0, "the first run committed nothing");
         assert_eq!(part_files_in_summary(&first_log), first_files);
 
-        // A finished run is not resumed: this is a new run (new id). Kill it
-        // once it has committed output and completed a checkpoint.
-        let mut child = w.spawn_local(&[], "second.log");
+        // A finished run is not resumed: `--fresh` starts a new run (new
+        // id). Kill it once it has committed output and completed a
+        // checkpoint.
+        let mut child = w.spawn_local(&["--fresh"], "second.log");
         let mut second = String::new();
         wait_until(Duration::from_secs(60), "the second run's output", || {
             if second.is_empty() {
@@ -270,4 +271,115 @@ fn summary_counts_only_the_runs_own_part_files_after_a_crash() {
         return;
     }
     panic!("two attempts straddled a short-id period; the machine is too slow for this test");
+}
+
+/// Rewrites a checkpoint file and its manifest entry so that the hashes
+/// verify but the bytes are not state the runtime can decode.
+fn replace_verified(dir: &Path, file: &str, data: &[u8]) {
+    std::fs::write(dir.join(file), data).unwrap();
+    let path = dir.join("MANIFEST.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["path"] == file {
+            f["size"] = data.len().into();
+            f["sha256"] = ferry_core::storage::sha256_hex(data).into();
+        }
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn undecodable_state_and_another_jobs_checkpoint_are_skipped() {
+    let w = Workdir::new(&spec(TOTAL));
+    run_until_checkpoints(&w, 4);
+    let cps = w.complete_checkpoints();
+    let ids: Vec<u64> = cps.keys().rev().take(3).copied().collect();
+    // Newest: state that verifies but does not decode.
+    replace_verified(
+        &cps[&ids[0]],
+        "window-0.state",
+        b"\xff\xff\xff\xffnot state",
+    );
+    // Next: a manifest of another job (as if copied into this directory).
+    let path = cps[&ids[1]].join("MANIFEST.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["job_id"] = "0000000000000000000000000000abcd".into();
+    m["job_name"] = "someone-else".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
+    let code = w.run_local(&[], "second.log", Duration::from_secs(120));
+    let log = w.log("second.log");
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!(
+            "skipping checkpoint {}: its state cannot be decoded",
+            ids[0]
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "skipping checkpoint {}: its manifest belongs to job 'someone-else'",
+            ids[1]
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("from checkpoint {}", ids[2])),
+        "{log}"
+    );
+    assert_eq!(log.matches("restored from checkpoint").count(), 1, "{log}");
+    let got: BTreeSet<_> = count_rows(&w.output_rows("out"), "user", "clicks")
+        .into_iter()
+        .collect();
+    let want: BTreeSet<_> = expected(&w).into_iter().collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_job_whose_every_checkpoint_is_damaged_does_not_silently_start_over() {
+    let w = Workdir::new(&spec(TOTAL));
+    run_until_checkpoints(&w, 2);
+    let cps = w.complete_checkpoints();
+    for dir in cps.values() {
+        flip_bytes(&dir.join("window-0.state"));
+    }
+    let code = w.run_local(&[], "second.log", Duration::from_secs(120));
+    let log = w.log("second.log");
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        log.contains("none can be restored") && log.contains("--fresh"),
+        "{log}"
+    );
+    assert!(!log.contains("started:"), "a job was started:\n{log}");
+
+    let code = w.run_local(&["--fresh"], "third.log", Duration::from_secs(120));
+    assert_eq!(code, 0, "{}", w.log("third.log"));
+}
+
+#[test]
+fn a_finished_job_is_not_run_a_second_time_without_fresh() {
+    let w = Workdir::new(&spec(20_000));
+    let code = w.run_local(&[], "first.log", Duration::from_secs(120));
+    assert_eq!(code, 0, "{}", w.log("first.log"));
+    let rows = w.output_rows("out").len();
+    assert!(rows > 0);
+
+    let code = w.run_local(&[], "second.log", Duration::from_secs(120));
+    let log = w.log("second.log");
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        log.contains("already ran to the end") && log.contains("--fresh"),
+        "{log}"
+    );
+    assert_eq!(w.output_rows("out").len(), rows, "output was written again");
+
+    let code = w.run_local(&["--fresh"], "third.log", Duration::from_secs(120));
+    assert_eq!(code, 0, "{}", w.log("third.log"));
+    assert_eq!(
+        w.output_rows("out").len(),
+        2 * rows,
+        "--fresh runs it again"
+    );
 }

@@ -215,3 +215,111 @@ fn s3_input_checkpoints_and_output_stay_exactly_once_across_a_sigkill() {
         );
     });
 }
+
+const OUTAGE_SPEC: &str = r#"
+apiVersion: ferry.dev/v1
+kind: Job
+metadata: {name: outage}
+spec:
+  parallelism: 1
+  checkpointing:
+    interval: 200ms
+    retained: 2
+    storage: "s3://ferry-outage/checkpoints"
+    tolerableFailures: 1
+  restartStrategy: {type: fixed-attempts, attempts: 2, delay: 100ms}
+  source:
+    generator:
+      total: 30000
+      rate: 3000
+      fields: {n: {type: sequence}}
+  sink:
+    file: {path: ./out}
+"#;
+
+/// The store behind the checkpoints goes down (connections refused) for
+/// longer than `tolerableFailures` checkpoints: the checkpoints fail, the
+/// job restarts once, waits for the store to come back without using up
+/// its restart attempts, restores, and finishes with every record exactly
+/// once. No failed attempt's partial files stay behind.
+#[test]
+fn a_store_outage_delays_the_job_but_never_fails_it() {
+    let Some(s3) = S3Server::start() else {
+        return; // S3Server said loudly why.
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = s3.store("ferry-outage");
+    let port: u16 = s3.endpoint().rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = rt.block_on(async {
+        s3.create_bucket("ferry-outage").await;
+        ferry_testkit::FaultProxy::start(port).await
+    });
+    let w = Workdir::new(OUTAGE_SPEC);
+    let mut env = s3.env();
+    env.retain(|(k, _)| *k != "AWS_ENDPOINT");
+    env.push(("AWS_ENDPOINT", proxy.http_url()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut child = w.spawn_local_env(&[], "run.log", &env);
+    wait_until(Duration::from_secs(60), "a checkpoint in the store", || {
+        assert!(child.try_wait().unwrap().is_none(), "{}", w.log("run.log"));
+        !rt.block_on(manifests(store.as_ref())).is_empty()
+    });
+    proxy.refuse();
+    // Long enough for more than one checkpoint to fail and the restore to
+    // find the store still down.
+    wait_until(
+        Duration::from_secs(60),
+        "the job to wait for the store",
+        || {
+            w.log("run.log")
+                .contains("waiting for the checkpoint store")
+                || w.log("run.log")
+                    .contains("cannot read the job's checkpoints")
+        },
+    );
+    assert!(child.try_wait().unwrap().is_none(), "{}", w.log("run.log"));
+    std::thread::sleep(Duration::from_secs(2)); // the outage goes on
+    proxy.heal();
+    let code = wait_exit(&mut child, Duration::from_secs(120));
+    let log = w.log("run.log");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("checkpoints failed in a row"), "{log}");
+
+    // Every record exactly once: the sequence 0..30000, computed here.
+    let mut seen: Vec<i64> = w
+        .output_rows("out")
+        .iter()
+        .map(|r| r["n"].as_i64().expect("n"))
+        .collect();
+    seen.sort_unstable();
+    let want: Vec<i64> = (0..30_000).collect();
+    assert_eq!(seen.len(), want.len(), "records lost or repeated");
+    assert_eq!(seen, want);
+
+    // Checkpoint directories hold a manifest or an abort marker only.
+    rt.block_on(async {
+        let objs = objects(store.as_ref(), "checkpoints").await;
+        let mut dirs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (path, _) in &objs {
+            let (dir, file) = path.rsplit_once('/').unwrap();
+            let mut up = dir.rsplit('/');
+            let is_checkpoint = up.next().is_some_and(|n| n.parse::<u64>().is_ok())
+                && up.next() == Some("checkpoints");
+            if is_checkpoint {
+                dirs.entry(dir.to_string())
+                    .or_default()
+                    .push(file.to_string());
+            }
+        }
+        assert!(!dirs.is_empty(), "no checkpoint directories");
+        for (dir, files) in &dirs {
+            let complete = files.iter().any(|f| f == "MANIFEST.json");
+            let aborted = files == &vec![ferry_core::manifest::ABORTED_FILE.to_string()];
+            assert!(
+                complete || aborted,
+                "{dir} holds a failed attempt's files: {files:?}"
+            );
+        }
+    });
+    eprintln!("store outage: job waited, restored and finished exactly once");
+}

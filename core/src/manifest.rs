@@ -244,8 +244,42 @@ pub struct RestoreChoice {
     pub checkpoint: Option<VerifiedCheckpoint>,
     /// Newer checkpoints that were skipped, and why.
     pub skipped: Vec<(CheckpointId, String)>,
+    /// How many of `skipped` were complete (had a manifest) but unusable:
+    /// corrupt, another job's, or state that does not decode. Their output
+    /// may be committed, so starting over instead would repeat it.
+    pub damaged: usize,
     /// Highest checkpoint number with a directory (manifest or not).
     pub highest_id: Option<CheckpointId>,
+}
+
+impl RestoreChoice {
+    /// Nothing to restore although completed checkpoints exist: starting
+    /// from the beginning would repeat committed output.
+    pub fn all_damaged(&self) -> bool {
+        self.checkpoint.is_none() && self.damaged > 0
+    }
+}
+
+/// Marker left in the directory of a checkpoint attempt that failed, once
+/// its partial files are removed: it keeps the number from being reused.
+pub const ABORTED_FILE: &str = "ABORTED";
+
+/// Removes the partial files of a failed checkpoint attempt, leaving only
+/// an [`ABORTED_FILE`] marker with `reason`. A directory that has a manifest
+/// (the checkpoint did complete) is left alone.
+pub async fn abort_snapshot_dir(dir: &StorageLocation, reason: &str) -> Result<()> {
+    if dir.size(MANIFEST_FILE).await?.is_some() {
+        return Ok(());
+    }
+    let files = dir.list_files("").await?;
+    if files.iter().all(|(p, _)| p == ABORTED_FILE) && !files.is_empty() {
+        return Ok(());
+    }
+    for (p, _) in files {
+        dir.delete(&p).await?;
+    }
+    dir.put(ABORTED_FILE, Bytes::from(format!("{reason}\n")))
+        .await
 }
 
 /// Finds the newest snapshot — checkpoint or savepoint `savepoint-<n>`
@@ -255,6 +289,18 @@ pub struct RestoreChoice {
 /// output is committed, so resuming from an older checkpoint instead would
 /// repeat that output.
 pub async fn find_restorable(root: &StorageLocation, job: &JobId) -> Result<RestoreChoice> {
+    find_restorable_checked(root, job, |_| Ok(())).await
+}
+
+/// [`find_restorable`], also skipping a snapshot that belongs to another
+/// job or number, and one that `decodes` refuses (state the runtime cannot
+/// read): the restore then falls back to the next older one instead of
+/// failing the same way on every restart.
+pub async fn find_restorable_checked(
+    root: &StorageLocation,
+    job: &JobId,
+    decodes: impl Fn(&VerifiedCheckpoint) -> std::result::Result<(), String>,
+) -> Result<RestoreChoice> {
     let ids = list_checkpoint_ids(root, job).await?;
     let mut candidates: Vec<(CheckpointId, String)> = ids
         .iter()
@@ -267,24 +313,57 @@ pub async fn find_restorable(root: &StorageLocation, job: &JobId) -> Result<Rest
     }
     candidates.sort();
     let mut skipped = Vec::new();
+    let mut damaged = 0;
     for (id, rel) in candidates.iter().rev() {
         let dir = root.child(rel);
         match read_verified(&dir).await {
             Ok(Some(cp)) => {
-                return Ok(RestoreChoice {
-                    checkpoint: Some(cp),
-                    skipped,
-                    highest_id: ids.last().copied(),
-                });
+                let m = &cp.manifest;
+                let problem = if m.job_id != *job {
+                    Some(format!(
+                        "its manifest belongs to job '{}' ({}), not this one: a snapshot copied into the wrong directory",
+                        m.job_name, m.job_id
+                    ))
+                } else if m.checkpoint_id != *id {
+                    Some(format!(
+                        "its manifest is of checkpoint {} but lies in the directory of {id}",
+                        m.checkpoint_id
+                    ))
+                } else {
+                    decodes(&cp)
+                        .err()
+                        .map(|e| format!("its state cannot be decoded: {e}"))
+                };
+                match problem {
+                    None => {
+                        return Ok(RestoreChoice {
+                            checkpoint: Some(cp),
+                            skipped,
+                            damaged,
+                            highest_id: ids.last().copied(),
+                        });
+                    }
+                    Some(why) => {
+                        damaged += 1;
+                        skipped.push((*id, why));
+                    }
+                }
+            }
+            Ok(None) if dir.size(ABORTED_FILE).await?.is_some() => {
+                skipped.push((*id, "an aborted checkpoint attempt".into()))
             }
             Ok(None) => skipped.push((*id, "no MANIFEST.json (incomplete checkpoint)".into())),
-            Err(e @ CoreError::Corrupt { .. }) => skipped.push((*id, e.to_string())),
+            Err(e @ CoreError::Corrupt { .. }) => {
+                damaged += 1;
+                skipped.push((*id, e.to_string()));
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(RestoreChoice {
         checkpoint: None,
         skipped,
+        damaged,
         highest_id: ids.last().copied(),
     })
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::checkpoint::{
-    Pending, Reply, SnapshotRequest, complete_checkpoint, fail_reply, trigger,
+    Pending, Reply, SnapshotRequest, abort_checkpoint, complete_checkpoint, fail_reply, trigger,
 };
 use crate::deployment::Deployment;
 use crate::error::JmError;
@@ -49,6 +49,38 @@ pub(crate) struct AttemptCtx<'a> {
     pub(crate) plan: &'a JobPlan,
     pub(crate) metrics: &'a Metrics,
     pub(crate) shutdown: &'a CancellationToken,
+}
+
+/// Counts failed snapshots against `checkpointing.tolerableFailures`.
+struct Failures<'a> {
+    in_row: &'a mut u32,
+    final_triggered: &'a mut bool,
+    tolerable: u32,
+}
+
+impl Failures<'_> {
+    /// After snapshot `p` failed (its waiter already told): removes its
+    /// partial files; `Some` ends the attempt. A failed stop-with-savepoint
+    /// left its tasks stopping, so the job restarts; a failed final
+    /// checkpoint of a bounded job is simply triggered again.
+    async fn failed(&mut self, job: &JobEntry, p: Pending, why: &str) -> Option<Outcome> {
+        if p.barrier.stop && !p.finished {
+            return Some(Outcome::Failed(format!(
+                "stop-with-savepoint failed: {why}"
+            )));
+        }
+        abort_checkpoint(job, &p).await;
+        if p.finished {
+            *self.final_triggered = false;
+        }
+        *self.in_row += 1;
+        (*self.in_row > self.tolerable).then(|| {
+            Outcome::Failed(format!(
+                "{} checkpoints failed in a row (checkpointing.tolerableFailures is {}); the last: {why}",
+                self.in_row, self.tolerable
+            ))
+        })
+    }
 }
 
 /// Runs one deployment until it finishes, stops, fails or the JM shuts down.
@@ -80,6 +112,8 @@ pub(crate) async fn run_attempt(
     let mut stopping = false;
     let mut stopped_tasks = 0usize;
     let task_count = plan.task_count();
+    // Checkpoints failed since the last one completed.
+    let mut failed_in_row = 0u32;
     loop {
         let deadline = pending
             .as_ref()
@@ -95,7 +129,7 @@ pub(crate) async fn run_attempt(
             }
             _ = sampler.tick() => sample(metrics, &labels, deployed, &mut last_sample),
             _ = tokio::time::sleep_until(deadline.into()), if pending.is_some() => {
-                let p = pending.take().expect("pending checkpoint");
+                let mut p = pending.take().expect("pending checkpoint");
                 p.span.record("outcome", "timed out");
                 metrics.checkpoint_failures.get_or_create(&labels).inc();
                 let msg = format!(
@@ -103,9 +137,10 @@ pub(crate) async fn run_attempt(
                     p.barrier.id, cp.timeout
                 );
                 p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
-                fail_reply(p.reply, JmError::Runtime(msg));
-                if p.barrier.stop {
-                    return Outcome::Failed(format!("final checkpoint {} timed out", p.barrier.id));
+                fail_reply(p.reply.take(), JmError::Runtime(msg.clone()));
+                let mut f = Failures { in_row: &mut failed_in_row, final_triggered: &mut final_triggered, tolerable: cp.tolerable_failures };
+                if let Some(o) = f.failed(job, p, &msg).await {
+                    return o;
                 }
             }
             cmd = cmds.recv() => match cmd {
@@ -135,6 +170,20 @@ pub(crate) async fn run_attempt(
                     };
                 }
                 Some(TaskEvent::SourceEnded(_)) => sources_ended += 1,
+                Some(TaskEvent::Declined { task, checkpoint, reason }) => {
+                    let Some(mut p) = pending.take_if(|p| p.barrier.id == checkpoint) else {
+                        continue; // an abandoned checkpoint's late news
+                    };
+                    p.span.record("outcome", "declined");
+                    metrics.checkpoint_failures.get_or_create(&labels).inc();
+                    let msg = format!("checkpoint {checkpoint} failed: {task}: {reason}");
+                    p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
+                    fail_reply(p.reply.take(), JmError::Runtime(msg.clone()));
+                    let mut f = Failures { in_row: &mut failed_in_row, final_triggered: &mut final_triggered, tolerable: cp.tolerable_failures };
+                    if let Some(o) = f.failed(job, p, &msg).await {
+                        return o;
+                    }
+                }
                 Some(TaskEvent::Stopped(_)) => {
                     stopped_tasks += 1;
                     if stopped_tasks == task_count {
@@ -151,7 +200,7 @@ pub(crate) async fn run_attempt(
                         _ => false, // a late ack of an abandoned checkpoint
                     };
                     if complete {
-                        let p = pending.take().expect("pending checkpoint");
+                        let mut p = pending.take().expect("pending checkpoint");
                         // Entered while completing: the span ends when the
                         // manifest is written (or the commit fails).
                         match complete_checkpoint(job, deployed, &p, metrics)
@@ -159,11 +208,12 @@ pub(crate) async fn run_attempt(
                             .await
                         {
                             Ok(info) => {
+                                failed_in_row = 0;
                                 p.span.record("outcome", "completed");
                                 if p.barrier.stop {
                                     stopping = stopping || !p.finished;
                                 }
-                                match p.reply {
+                                match p.reply.take() {
                                     Some(Reply::Savepoint(r)) => drop(r.send(Ok(info))),
                                     Some(Reply::Stop(r)) => drop(r.send(Ok(Some(info)))),
                                     None => {}
@@ -173,10 +223,11 @@ pub(crate) async fn run_attempt(
                                 p.span.record("outcome", "failed");
                                 metrics.checkpoint_failures.get_or_create(&labels).inc();
                                 tracing::warn!(job = %job.id, "checkpoint {} failed: {e}", p.barrier.id);
-                                let stop = p.barrier.stop;
-                                fail_reply(p.reply, JmError::Runtime(e.clone()));
-                                if stop {
-                                    return Outcome::Failed(format!("final checkpoint failed: {e}"));
+                                fail_reply(p.reply.take(), JmError::Runtime(e.clone()));
+                                let msg = format!("checkpoint {} failed: {e}", p.barrier.id);
+                                let mut f = Failures { in_row: &mut failed_in_row, final_triggered: &mut final_triggered, tolerable: cp.tolerable_failures };
+                                if let Some(o) = f.failed(job, p, &msg).await {
+                                    return o;
                                 }
                             }
                         }

@@ -285,8 +285,47 @@ pub(crate) async fn complete_checkpoint(
     })
 }
 
+/// Removes the partial files of a checkpoint attempt that failed (best
+/// effort: a task still uploading may add a file afterwards, which the
+/// next completed checkpoint's retention or the next deployment removes).
+pub(crate) async fn abort_checkpoint(job: &JobEntry, p: &Pending) {
+    if p.barrier.kind != SnapshotKind::Checkpoint {
+        return;
+    }
+    if let Err(e) =
+        ferry_core::manifest::abort_snapshot_dir(&p.barrier.dir, "the checkpoint failed").await
+    {
+        tracing::debug!(job = %job.id, checkpoint = %p.barrier.id, "removing the failed checkpoint's files failed: {e}");
+    }
+}
+
+/// Removes the partial files of every incomplete checkpoint directory
+/// above `restored` (attempts of the previous deployment, none of them in
+/// flight any more), leaving their markers.
+pub(crate) async fn abort_incomplete(job: &JobEntry, restored: Option<CheckpointId>) {
+    let ids = match list_checkpoint_ids(&job.root, &job.id).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::debug!(job = %job.id, "listing checkpoints to clean up failed: {e}");
+            return;
+        }
+    };
+    for id in ids.into_iter().filter(|id| Some(*id) > restored) {
+        let dir = job.root.child(&checkpoint_dir(&job.id, id));
+        if let Err(e) = ferry_core::manifest::abort_snapshot_dir(
+            &dir,
+            "the deployment ended before it completed",
+        )
+        .await
+        {
+            tracing::debug!(job = %job.id, checkpoint = %id, "removing an incomplete checkpoint failed: {e}");
+        }
+    }
+}
+
 /// Keeps the newest `retained` complete checkpoints up to `completed`;
-/// deletes older directories (complete or not).
+/// deletes older directories (complete or not), and the partial files of
+/// failed attempts between them.
 async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
     let keep = job.spec.spec.checkpointing.retained.max(1) as usize;
     let ids = list_checkpoint_ids(&job.root, &job.id)
@@ -303,6 +342,17 @@ async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
         {
             complete.push(*id);
         }
+    }
+    for id in ids
+        .iter()
+        .filter(|i| **i < completed && !complete.contains(i))
+    {
+        ferry_core::manifest::abort_snapshot_dir(
+            &job.root.child(&checkpoint_dir(&job.id, *id)),
+            "the checkpoint failed",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
     }
     if complete.len() <= keep {
         return Ok(());

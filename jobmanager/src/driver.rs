@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_core::CheckpointId;
-use ferry_core::manifest::{VerifiedCheckpoint, find_restorable, read_verified, snapshot_dir};
+use ferry_core::manifest::{
+    VerifiedCheckpoint, find_restorable, find_restorable_checked, read_verified, snapshot_dir,
+};
 use ferry_core::storage::StorageLocation;
 use ferry_taskmanager::runtime::{JobPlan, deploy};
 use tokio::sync::mpsc;
@@ -36,6 +38,11 @@ enum RestoreFrom {
     Savepoint(String),
     LatestCheckpoint,
 }
+
+/// First and longest wait before reading checkpoints again from a store
+/// that could not be reached.
+const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Drives one job until it ends.
 pub(crate) async fn drive(
@@ -62,6 +69,7 @@ pub(crate) async fn drive(
     metrics.start_job(&labels);
     // Only the first deployment of a resumed job can be an adoption.
     let mut try_adopt = opts.resume;
+    let mut store_wait = STORE_RETRY_FIRST;
     loop {
         if job.abandon.is_cancelled() {
             tracing::info!(job = %job.id, "leadership lost: no longer driving the job");
@@ -89,14 +97,44 @@ pub(crate) async fn drive(
                 (None, Ok((d, next.max(CheckpointId(last_barrier).next()))))
             }
             None => {
-                let restored = match load_restore(&job, &restore_from, &opts).await {
-                    Ok(r) => r,
+                let restored = match load_restore(&job, &plan, &restore_from).await {
+                    Ok(r) => {
+                        store_wait = STORE_RETRY_FIRST;
+                        r
+                    }
+                    // The store may come back: wait for it, however long,
+                    // without spending restart attempts.
+                    Err(JmError::Storage(e)) if e.is_transient() => {
+                        tracing::warn!(job = %job.id, "cannot read the job's checkpoints: {}; retrying in {:?}", e.describe(), store_wait);
+                        job.set_state(
+                            JobState::Restarting,
+                            Some(format!(
+                                "waiting for the checkpoint store: {}; retrying in {} s",
+                                e.describe(),
+                                store_wait.as_secs()
+                            )),
+                        );
+                        if !pause(&job, store_wait, &mut cmds, &shutdown).await {
+                            return;
+                        }
+                        store_wait = (store_wait * 2).min(STORE_RETRY_MAX);
+                        continue;
+                    }
                     Err(e) => {
-                        job.set_state(JobState::Failed, Some(e.to_string()));
+                        let why = match &e {
+                            JmError::Storage(c) => c.describe(),
+                            e => e.to_string(),
+                        };
+                        job.set_state(JobState::Failed, Some(why));
                         reject_pending_commands(&mut cmds);
                         return;
                     }
                 };
+                crate::checkpoint::abort_incomplete(
+                    &job,
+                    restored.as_ref().map(|c| c.manifest.checkpoint_id),
+                )
+                .await;
                 // A job whose newest snapshot is its final one has
                 // finished (e.g. in the region it ran in before a
                 // failover): nothing is left to run, nothing restarts.
@@ -235,34 +273,8 @@ pub(crate) async fn drive(
                             JobState::Restarting,
                             Some(format!("{err}; restarting in {} ms", delay.as_millis())),
                         );
-                        let wake = tokio::time::sleep(delay);
-                        tokio::pin!(wake);
-                        loop {
-                            tokio::select! {
-                                _ = &mut wake => break,
-                                _ = job.abandon.cancelled() => return,
-                                _ = shutdown.cancelled() => {
-                                    job.set_state(JobState::Cancelling, None);
-                                    job.set_state(JobState::Cancelled, None);
-                                    return;
-                                }
-                                cmd = cmds.recv() => match cmd {
-                                    Some(JobCommand::Stop { reply, .. }) => {
-                                        job.set_state(JobState::Cancelling, None);
-                                        job.set_state(JobState::Cancelled, None);
-                                        let _ = reply.send(Ok(None));
-                                        return;
-                                    }
-                                    Some(JobCommand::Savepoint(reply)) => {
-                                        let _ = reply.send(Err(JmError::WrongState {
-                                            job: job.id,
-                                            state: JobState::Restarting,
-                                            action: "retry once it is RUNNING again".into(),
-                                        }));
-                                    }
-                                    None => {}
-                                }
-                            }
+                        if !pause(&job, delay, &mut cmds, &shutdown).await {
+                            return;
                         }
                         // Restore from the newest checkpoint; if none was taken
                         // yet, from where this run started.
@@ -278,6 +290,49 @@ pub(crate) async fn drive(
                             _ => RestoreFrom::LatestCheckpoint,
                         };
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Waits `delay` before the next deployment, answering commands meanwhile:
+/// `false` when the job ended (stopped, shut down, or leadership lost).
+async fn pause(
+    job: &JobEntry,
+    delay: Duration,
+    cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let wake = tokio::time::sleep(delay);
+    tokio::pin!(wake);
+    loop {
+        tokio::select! {
+            _ = &mut wake => return true,
+            _ = job.abandon.cancelled() => return false,
+            _ = shutdown.cancelled() => {
+                job.set_state(JobState::Cancelling, None);
+                job.set_state(JobState::Cancelled, None);
+                return false;
+            }
+            cmd = cmds.recv() => match cmd {
+                Some(JobCommand::Stop { reply, .. }) => {
+                    job.set_state(JobState::Cancelling, None);
+                    job.set_state(JobState::Cancelled, None);
+                    let _ = reply.send(Ok(None));
+                    return false;
+                }
+                Some(JobCommand::Savepoint(reply)) => {
+                    let _ = reply.send(Err(JmError::WrongState {
+                        job: job.id,
+                        state: JobState::Restarting,
+                        action: "retry once it is RUNNING again".into(),
+                    }));
+                }
+                None => {
+                    // No more commands can come: just wait.
+                    (&mut wake).await;
+                    return true;
                 }
             }
         }
@@ -459,8 +514,8 @@ fn reject_pending_commands(cmds: &mut mpsc::UnboundedReceiver<JobCommand>) {
 /// newer checkpoint that had to be skipped.
 async fn load_restore(
     job: &JobEntry,
+    plan: &JobPlan,
     from: &RestoreFrom,
-    _opts: &SubmitOptions,
 ) -> Result<Option<VerifiedCheckpoint>, JmError> {
     match from {
         RestoreFrom::Nothing => Ok(None),
@@ -474,7 +529,24 @@ async fn load_restore(
             }
         }
         RestoreFrom::LatestCheckpoint => {
-            let choice = find_restorable(&job.root, &job.id).await?;
+            let choice = find_restorable_checked(&job.root, &job.id, |cp| {
+                ferry_taskmanager::runtime::check_restore(plan, cp).map(drop)
+            })
+            .await?;
+            if choice.all_damaged() {
+                let reasons: Vec<String> = choice
+                    .skipped
+                    .iter()
+                    .map(|(id, why)| format!("checkpoint {id}: {why}"))
+                    .collect();
+                return Err(JmError::Runtime(format!(
+                    "no checkpoint of this job can be restored ({}); starting from the beginning would repeat output already committed, so the job stops here. Repair or remove the damaged checkpoints under {}, or submit the spec again as a new job to start over",
+                    reasons.join("; "),
+                    job.root
+                        .child(&ferry_core::manifest::checkpoints_root(&job.id))
+                        .url()
+                )));
+            }
             for (id, why) in &choice.skipped {
                 tracing::warn!(
                     job = %job.id,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use ferry_core::JobId;
-use ferry_core::manifest::{find_restorable, job_dir};
+use ferry_core::manifest::{find_restorable_checked, job_dir};
 use ferry_core::spec::JobSpec;
 use ferry_core::storage::StorageLocation;
 
@@ -122,13 +122,23 @@ pub(crate) async fn read_store(
     Ok(out)
 }
 
-/// The newest job named `name` under `root` whose newest verified
-/// checkpoint is not final, with that checkpoint's number: the run to
-/// resume.
-pub(crate) async fn newest_resumable(
+/// What became of the newest earlier run of a job of the same name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PreviousRun {
+    /// It stopped before the end: resume it from this checkpoint.
+    Resumable { id: JobId, checkpoint: u64 },
+    /// Its newest checkpoint is its final one: its output is complete.
+    Finished { id: JobId, checkpoint: u64 },
+    /// It completed checkpoints, but none can be restored.
+    Damaged { id: JobId, reasons: String },
+}
+
+/// The newest earlier run of a job named `name` under `root` that left
+/// checkpoints, and what can be done with it.
+pub(crate) async fn previous_run(
     root: &StorageLocation,
     name: &str,
-) -> Result<Option<(JobId, u64)>, JmError> {
+) -> Result<Option<PreviousRun>, JmError> {
     let ids = job_ids(root).await?;
     for id in ids.into_iter().rev() {
         let Some(raw) = root.get_opt(&spec_file(&id)).await? else {
@@ -140,10 +150,31 @@ pub(crate) async fn newest_resumable(
         if old.metadata.name != name {
             continue;
         }
-        let choice = find_restorable(root, &id).await?;
+        let plan = ferry_taskmanager::runtime::JobPlan::new(&old).ok();
+        let choice = find_restorable_checked(root, &id, |cp| match &plan {
+            Some(plan) => ferry_taskmanager::runtime::check_restore(plan, cp).map(drop),
+            None => Ok(()),
+        })
+        .await?;
         return Ok(match choice.checkpoint {
-            Some(cp) if !cp.manifest.finished => Some((id, cp.manifest.checkpoint_id.0)),
-            _ => None,
+            Some(cp) if !cp.manifest.finished => Some(PreviousRun::Resumable {
+                id,
+                checkpoint: cp.manifest.checkpoint_id.0,
+            }),
+            Some(cp) => Some(PreviousRun::Finished {
+                id,
+                checkpoint: cp.manifest.checkpoint_id.0,
+            }),
+            None if choice.all_damaged() => Some(PreviousRun::Damaged {
+                id,
+                reasons: choice
+                    .skipped
+                    .iter()
+                    .map(|(n, why)| format!("checkpoint {n}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }),
+            None => None,
         });
     }
     Ok(None)

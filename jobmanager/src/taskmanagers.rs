@@ -713,5 +713,7 @@ fn apply(d: &mut proto::DeploymentStatus, e: proto::deployment_event::Event) {
         Event::Failed(f) => d.failure = Some(f),
         Event::Counters(c) => d.counters = Some(c),
         Event::Ack(a) => d.last_barrier = d.last_barrier.max(a.checkpoint),
+        // The checkpoint it declined fails; the new leader triggers anew.
+        Event::Declined(_) => {}
     }
 }

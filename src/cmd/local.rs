@@ -12,6 +12,7 @@ use anyhow::Context;
 use ferry_core::spec::{JobSpec, parse_and_validate};
 use ferry_core::storage::StorageLocation;
 use ferry_jobmanager::service::SubmitOptions;
+use ferry_jobmanager::store::PreviousRun;
 use ferry_jobmanager::{JobInfo, JobManager, JobManagerConfig, JobState};
 use ferry_taskmanager::sink::FileSink;
 use tokio_util::sync::CancellationToken;
@@ -124,16 +125,36 @@ async fn run_async(
         from_savepoint: args.from_savepoint.clone(),
         ..Default::default()
     };
-    if opts.from_savepoint.is_none()
-        && !args.fresh
-        && let Some((id, cp)) = jm.find_resumable(&spec).await?
-    {
-        eprintln!(
-            "resuming job '{}' ({id}) from checkpoint {cp}; pass --fresh to start over",
-            spec.metadata.name
-        );
-        opts.job_id = Some(id);
-        opts.resume = true;
+    if opts.from_savepoint.is_none() && !args.fresh {
+        let name = &spec.metadata.name;
+        match jm.previous_run(&spec).await? {
+            Some(PreviousRun::Resumable { id, checkpoint }) => {
+                eprintln!(
+                    "resuming job '{name}' ({id}) from checkpoint {checkpoint}; pass --fresh to start over"
+                );
+                opts.job_id = Some(id);
+                opts.resume = true;
+            }
+            Some(PreviousRun::Finished { id, checkpoint }) => {
+                eprintln!(
+                    "job '{name}' already ran to the end ({id}, final checkpoint {checkpoint}); running it again would write a second full set of output. Pass --fresh to run it again from the beginning."
+                );
+                jm.shutdown(false).await;
+                api_stop.cancel();
+                let _ = api.await;
+                return Ok(ExitCode::from(2));
+            }
+            Some(PreviousRun::Damaged { id, reasons }) => {
+                eprintln!(
+                    "job '{name}' ({id}) has checkpoints but none can be restored: {reasons}. Starting over would repeat output it already committed. Pass --fresh to start from the beginning anyway."
+                );
+                jm.shutdown(false).await;
+                api_stop.cancel();
+                let _ = api.await;
+                return Ok(ExitCode::from(2));
+            }
+            None => {}
+        }
     }
     let started = Instant::now();
     let info = jm.submit_spec(spec.clone(), opts).await?;

@@ -214,10 +214,25 @@ async fn failback(
             humantime::format_duration(wait)
         );
     }
-    let call = client
-        .for_url(&primary_url)?
-        .failback(&target, dry_run, Some(wait))
-        .await;
+    // Right after a failover the jobs here may still be starting: the
+    // server refuses with a conflict that says to retry. Retry those, once
+    // a second, within the same wait.
+    let deadline = std::time::Instant::now() + wait;
+    let primary = client.for_url(&primary_url)?;
+    let call = loop {
+        let call = primary.failback(&target, dry_run, Some(wait)).await;
+        match &call {
+            Err(e @ ferry_client::Error::Api { body: Some(b), .. })
+                if e.code() == Some("conflict")
+                    && b.error.message.contains("retry")
+                    && std::time::Instant::now() + std::time::Duration::from_secs(1) < deadline =>
+            {
+                eprintln!("not yet: {}; retrying in 1 s", b.error.message);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            _ => break call,
+        }
+    };
     Ok(show(api.output, call, text::failback))
 }
 

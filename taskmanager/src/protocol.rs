@@ -85,6 +85,13 @@ pub enum TaskEvent {
         task: TaskId,
         error: TaskError,
     },
+    /// The task could not complete its part of `checkpoint` (its state
+    /// upload failed): that checkpoint fails; the task keeps running.
+    Declined {
+        task: TaskId,
+        checkpoint: CheckpointId,
+        reason: String,
+    },
 }
 
 /// Why a task stopped with an error, and whether a restart can help.

@@ -378,7 +378,7 @@ impl TaskManager {
                                     ..proto::TaskFailure::from(error)
                                 });
                             }
-                            TaskEvent::Ack(_) => {}
+                            TaskEvent::Ack(_) | TaskEvent::Declined { .. } => {}
                         }
                         if fresh {
                             s.send(proto::tm_event::Event::Deployment(proto::DeploymentEvent {

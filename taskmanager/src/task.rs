@@ -46,12 +46,15 @@ pub struct Chain {
 
 impl Chain {
     /// Runs `batch` through the operators from `from` on, then outputs.
-    async fn push_from(&mut self, from: usize, batch: Batch) -> Result<(), String> {
+    async fn push_from(&mut self, from: usize, batch: Batch) -> Result<(), TaskError> {
         let mut cur = vec![batch];
         for op in &mut self.ops[from..] {
             let mut next = Vec::new();
             for b in cur {
                 op.process(b, &mut next, &self.metrics);
+            }
+            if let Some(why) = op.failure() {
+                return Err(TaskError::Permanent(why));
             }
             if next.is_empty() {
                 return Ok(());
@@ -64,7 +67,7 @@ impl Chain {
         Ok(())
     }
 
-    async fn push(&mut self, batch: Batch) -> Result<(), String> {
+    async fn push(&mut self, batch: Batch) -> Result<(), TaskError> {
         self.push_from(0, batch).await
     }
 
@@ -104,7 +107,7 @@ impl Chain {
     }
 
     /// Advances the watermark through every operator, then downstream.
-    async fn watermark(&mut self, wm: i64) -> Result<(), String> {
+    async fn watermark(&mut self, wm: i64) -> Result<(), TaskError> {
         self.metrics.watermark.store(wm, Ordering::Relaxed);
         for i in 0..self.ops.len() {
             let mut out = Vec::new();
@@ -221,11 +224,13 @@ impl TaskContext {
             // for the store while records keep flowing.
             let (result, busy) = poll_timed(upload).await;
             if let Err(e) = result {
-                let _ = events.send(TaskEvent::Failed {
+                // The checkpoint fails, not the task: the JobManager decides
+                // (checkpointing.tolerableFailures) whether the job must
+                // restart.
+                let _ = events.send(TaskEvent::Declined {
                     task,
-                    error: TaskError::Transient(format!(
-                        "uploading checkpoint {checkpoint} state failed: {e}"
-                    )),
+                    checkpoint,
+                    reason: format!("uploading its state failed: {}", e.describe()),
                 });
                 return;
             }

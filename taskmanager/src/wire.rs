@@ -167,6 +167,15 @@ pub fn event_to_proto(e: &TaskEvent) -> proto::deployment_event::Event {
             task: Some((*task).into()),
             ..proto::TaskFailure::from(error)
         }),
+        TaskEvent::Declined {
+            task,
+            checkpoint,
+            reason,
+        } => Event::Declined(proto::TaskDecline {
+            task: Some((*task).into()),
+            checkpoint: checkpoint.0,
+            reason: reason.clone(),
+        }),
     }
 }
 
@@ -189,6 +198,11 @@ pub fn event_from_proto(e: proto::deployment_event::Event) -> Result<RemoteEvent
             error: TaskError::from(&f),
         }),
         Event::Counters(c) => RemoteEvent::Counters(c.into()),
+        Event::Declined(d) => RemoteEvent::Task(TaskEvent::Declined {
+            task: task_of(d.task),
+            checkpoint: CheckpointId(d.checkpoint),
+            reason: d.reason,
+        }),
     })
 }
 

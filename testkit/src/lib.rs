@@ -309,6 +309,7 @@ pub struct FaultProxy {
     stop: CancellationToken,
     corrupt: Arc<Mutex<Option<Vec<u8>>>>,
     corrupted: Arc<std::sync::atomic::AtomicU32>,
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Client-to-server copy that flips the last byte of the first occurrence
@@ -361,6 +362,8 @@ impl FaultProxy {
         let stop = CancellationToken::new();
         let corrupt = Arc::new(Mutex::new(None));
         let corrupted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refuse = refusing.clone();
         let (c, h, s) = (cut.clone(), held.clone(), stop.clone());
         let (armed, count) = (corrupt.clone(), corrupted.clone());
         tokio::spawn(async move {
@@ -370,11 +373,16 @@ impl FaultProxy {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => return },
                 };
                 let generation = c.lock().unwrap().clone();
+                if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound); // closed at once: "connection reset"
+                    continue;
+                }
                 if generation.is_cancelled() {
                     h.lock().unwrap().push(inbound);
                     continue;
                 }
                 let h2 = h.clone();
+                let refuse = refuse.clone();
                 let (armed, count) = (armed.clone(), count.clone());
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await
@@ -395,6 +403,9 @@ impl FaultProxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = generation.cancelled() => {
+                            if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                                return; // both ends closed
+                            }
                             // Partition: keep both ends open, move no bytes.
                             h2.lock().unwrap().push(inbound);
                             h2.lock().unwrap().push(outbound);
@@ -410,7 +421,16 @@ impl FaultProxy {
             stop,
             corrupt,
             corrupted,
+            refusing,
         }
+    }
+
+    /// Closes every connection and refuses new ones at once (a server that
+    /// is down, as opposed to [`FaultProxy::cut`]'s silent network).
+    pub fn refuse(&self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut.lock().unwrap().cancel();
     }
 
     /// Flips one byte of the next client-to-server data that contains
@@ -440,6 +460,8 @@ impl FaultProxy {
 
     /// Forwards new connections again (held ones are closed).
     pub fn heal(&self) {
+        self.refusing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         *self.cut.lock().unwrap() = CancellationToken::new();
         self.held.lock().unwrap().clear();
     }

@@ -123,6 +123,11 @@ pub struct Checkpointing {
     /// A checkpoint not complete after this long is abandoned (default 60s).
     #[serde(default = "default_cp_timeout")]
     pub timeout: DurationSpec,
+    /// How many checkpoints may fail in a row (a store outage, a full disk,
+    /// timeouts) before the job restarts from its last completed one
+    /// (default 5). The job keeps running meanwhile.
+    #[serde(default = "default_tolerable_failures")]
+    pub tolerable_failures: u32,
 }
 
 fn default_cp_interval() -> DurationSpec {
@@ -134,6 +139,9 @@ fn default_retained() -> u32 {
 fn default_cp_timeout() -> DurationSpec {
     DurationSpec::from_millis(60_000)
 }
+fn default_tolerable_failures() -> u32 {
+    5
+}
 
 impl Default for Checkpointing {
     fn default() -> Self {
@@ -142,6 +150,7 @@ impl Default for Checkpointing {
             retained: default_retained(),
             storage: None,
             timeout: default_cp_timeout(),
+            tolerable_failures: default_tolerable_failures(),
         }
     }
 }

@@ -49,6 +49,16 @@ pub struct NatsSourceSpec {
     /// false: read new messages forever).
     #[serde(default)]
     pub stop_at_end: bool,
+    /// A message that is not a JSON object, has a field of another type
+    /// than the schema's, or lacks its event time: `fail` (default) fails
+    /// the job naming the stream and sequence; `skip` logs and counts it.
+    #[serde(default)]
+    pub on_bad_line: crate::spec::BadLinePolicy,
+    /// A partition that receives no message for this long stops holding
+    /// the watermark back until its next message (default: off, every
+    /// partition holds it back). Its later records may then be late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<crate::spec::DurationSpec>,
 }
 
 /// Payload formats the NATS source reads.

@@ -99,12 +99,13 @@ impl Source {
         }
     }
 
-    /// Malformed records skipped so far (including before a restore).
+    /// Malformed records skipped so far (a file source's including before
+    /// a restore; a NATS source's since its task started).
     pub fn skipped_records(&self) -> u64 {
         match self {
             Source::Generator(_) => 0,
             Source::File(f) => f.skipped_records(),
-            Source::Nats(_) => 0,
+            Source::Nats(n) => n.skipped_records(),
         }
     }
 }

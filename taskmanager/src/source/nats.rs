@@ -20,12 +20,14 @@ use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll as TaskPoll, Waker};
+use std::time::Instant;
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig, OrderedError};
 use async_nats::jetstream::{self, Message};
 use bytes::Bytes;
 use ferry_core::schema::{Schema, SchemaRef};
+use ferry_core::spec::BadLinePolicy;
 use ferry_core::spec::{NatsSourceSpec, StartFrom};
 use ferry_core::value::Value;
 use futures::StreamExt;
@@ -38,6 +40,8 @@ use crate::source::lines::convert_json;
 
 /// Most messages in one batch.
 const MAX_BATCH: usize = 1024;
+/// Bad messages logged one by one; later ones are only counted.
+const BAD_MESSAGES_LOGGED: u64 = 20;
 
 /// One partition's checkpointed position.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -61,6 +65,8 @@ struct Partition {
     st: PartitionState,
     /// Bounded mode: everything up to `end` has been read.
     done: bool,
+    /// When its last message arrived (or reading began): for `idleTimeout`.
+    seen: Instant,
     /// The consumer's messages. The stream is `Send` but not `Sync`, and a
     /// source is shared (`&Source`) while a snapshot is taken; the mutex is
     /// never locked, only reached through `&mut` ([`Mutex::get_mut`]).
@@ -88,6 +94,8 @@ pub struct NatsSource {
     peeked: Option<(usize, Option<Result<Message, OrderedError>>)>,
     /// Partition polled first next time (fairness).
     rr: usize,
+    /// Bad messages skipped (`onBadLine: skip`).
+    skipped: u64,
 }
 
 impl NatsSource {
@@ -119,6 +127,7 @@ impl NatsSource {
                     max_ts: i64::MIN,
                 },
                 done: false,
+                seen: Instant::now(),
                 messages: Mutex::new(None),
             })
             .collect();
@@ -134,6 +143,7 @@ impl NatsSource {
             started: false,
             peeked: None,
             rr: 0,
+            skipped: 0,
         })
     }
 
@@ -263,20 +273,37 @@ impl NatsSource {
                 self.finish(i);
                 continue;
             }
-            let values = self
-                .parse(&msg.payload, seq)
-                .map_err(TaskError::Permanent)?;
-            let t = match self.ts_idx {
-                Some(k) => match &values[k] {
-                    Value::Ts(t) | Value::Int(t) => *t,
-                    _ => {
-                        return Err(TaskError::Permanent(format!(
-                            "stream '{}' sequence {seq}: event-time field '{}' is missing or not a timestamp",
-                            self.spec.stream, fields[k].name
-                        )));
+            self.parts[i].seen = Instant::now();
+            let parsed = self.parse(&msg.payload, seq).and_then(|values| {
+                let t = match self.ts_idx {
+                    Some(k) => match &values[k] {
+                        Value::Ts(t) | Value::Int(t) => *t,
+                        _ => {
+                            return Err(format!(
+                                "stream '{}' sequence {seq}: event-time field '{}' is missing or not a timestamp",
+                                self.spec.stream, fields[k].name
+                            ));
+                        }
+                    },
+                    None => published,
+                };
+                Ok((values, t))
+            });
+            let (values, t) = match parsed {
+                Ok(x) => x,
+                Err(why) if self.spec.on_bad_line == BadLinePolicy::Skip => {
+                    self.skipped += 1;
+                    if self.skipped <= BAD_MESSAGES_LOGGED {
+                        tracing::warn!("skipping a bad message (onBadLine: skip): {why}");
                     }
-                },
-                None => published,
+                    let p = &mut self.parts[i].st;
+                    p.next_seq = seq + 1;
+                    if self.end.is_some_and(|end| seq >= end || pending == 0) {
+                        self.finish(i);
+                    }
+                    continue;
+                }
+                Err(why) => return Err(TaskError::Permanent(why)),
             };
             for (b, v) in builders.iter_mut().zip(values) {
                 b.push(v);
@@ -330,21 +357,42 @@ impl NatsSource {
                     self.spec.stream, self.spec.stream
                 )
             })?;
-        Ok(self
-            .schema
+        // Strict, as the file source: a value of another type than the
+        // schema's is a bad message, never a silent null.
+        self.schema
             .fields
             .iter()
-            .map(|f| convert_json(obj.get(&f.name), f.data_type).unwrap_or(Value::Null))
-            .collect())
+            .map(|f| {
+                convert_json(obj.get(&f.name), f.data_type).map_err(|raw| {
+                    format!(
+                        "stream '{}' sequence {seq}: field '{}' is {raw}, not a {} (set onBadLine: skip to skip such messages)",
+                        self.spec.stream, f.name, f.data_type
+                    )
+                })
+            })
+            .collect()
     }
 
+    /// Messages skipped as bad (`onBadLine: skip`) since the task started.
+    pub fn skipped_records(&self) -> u64 {
+        self.skipped
+    }
+
+    /// The lowest watermark over the partitions still read, leaving out
+    /// those idle past `idleTimeout`; while every one is idle, the highest
+    /// (the watermark never goes back: the task only forwards increases).
     pub fn watermark(&self) -> i64 {
-        self.parts
-            .iter()
-            .filter(|p| !p.done)
-            .map(|p| super::bounded_watermark(p.st.max_ts, self.ooo))
-            .min()
-            .unwrap_or(i64::MAX)
+        let live = self.parts.iter().filter(|p| !p.done);
+        let idle = |p: &&Partition| {
+            self.spec
+                .idle_timeout
+                .is_some_and(|t| p.seen.elapsed() >= t.get())
+        };
+        let wm = |p: &Partition| super::bounded_watermark(p.st.max_ts, self.ooo);
+        match live.clone().filter(|p| !idle(p)).map(wm).min() {
+            Some(w) => w,
+            None => live.map(wm).max().unwrap_or(i64::MAX),
+        }
     }
 
     pub fn snapshot(&self) -> Result<(Vec<u8>, BTreeMap<String, serde_json::Value>), String> {
