@@ -368,7 +368,10 @@ impl Coordinator {
         };
         match write {
             Ok(()) => self.health().wrote(),
-            Err(e) => tracing::debug!("region heartbeat failed: {e}"),
+            Err(e) => {
+                self.health().write_failed();
+                tracing::debug!("region heartbeat failed: {e}")
+            }
         }
         let listed = self
             .bounded(self.health_kv.list(health::REGIONS_PREFIX))
@@ -441,7 +444,14 @@ impl Coordinator {
     /// half the timeout from when the renewal was sent.
     pub(crate) async fn renew(&self, lease: &Lease) -> Result<(Lease, Instant), LeaseError> {
         let sent = Instant::now();
-        let renewed = self.bounded(lease::renew(&self.lease_kv, lease)).await?;
+        let renewed = self
+            .bounded(lease::renew(&self.lease_kv, lease))
+            .await
+            .inspect_err(|e| {
+                if matches!(e, LeaseError::Unavailable(_)) {
+                    self.health().write_failed()
+                }
+            })?;
         Ok((renewed.clone(), self.confirmed(&renewed, sent)))
     }
 

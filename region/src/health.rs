@@ -60,6 +60,8 @@ pub struct Health {
     ages: Unchanged,
     /// When the last write to the global KV succeeded.
     last_write: Option<Instant>,
+    /// When the last write to the global KV failed.
+    last_failure: Option<Instant>,
 }
 
 impl Health {
@@ -70,6 +72,7 @@ impl Health {
             timeout,
             ages: Unchanged::new(),
             last_write: None,
+            last_failure: None,
         }
     }
 
@@ -79,9 +82,17 @@ impl Health {
         self.last_write = Some(Instant::now());
     }
 
-    /// True when a write succeeded within the region timeout.
+    /// A write to the global KV (heartbeat, lease renewal) failed just now.
+    pub fn write_failed(&mut self) {
+        self.last_failure = Some(Instant::now());
+    }
+
+    /// True when a write succeeded within the region timeout and the
+    /// newest write did not fail: cut off, a process says so at its first
+    /// failed write, not a whole timeout after its last good one.
     pub fn reachable(&self) -> bool {
-        self.last_write.is_some_and(|t| t.elapsed() <= self.timeout)
+        self.last_write
+            .is_some_and(|t| t.elapsed() <= self.timeout && self.last_failure.is_none_or(|f| f < t))
     }
 
     /// A watch delivered `key` at `revision` just now: the silence of a
@@ -204,6 +215,13 @@ mod tests {
         assert!(h.reachable());
         tokio::time::advance(Duration::from_millis(2500)).await;
         assert!(!h.reachable(), "reads alone never count");
+        h.wrote();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        h.write_failed();
+        assert!(!h.reachable(), "the newest write failed");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        h.wrote();
+        assert!(h.reachable());
     }
 
     #[test]

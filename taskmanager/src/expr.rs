@@ -180,7 +180,16 @@ impl CompiledExpr {
                 self.ctx
                     .add_variable_from_value(name.clone(), to_cel(batch.columns[*idx].get(row)));
             }
-            match program.execute(&self.ctx) {
+            // The interpreter panics on some values (a macro over a bool):
+            // that record's evaluation fails, the task goes on.
+            let run = ferry_core::spec::expr::quietly(|| program.execute(&self.ctx))
+                .unwrap_or_else(|_| {
+                    Err(cel_interpreter::ExecutionError::function_error(
+                        "interpreter",
+                        "cannot evaluate the expression on this record",
+                    ))
+                });
+            match run {
                 Ok(v) => match from_cel(v) {
                     Some(v) => out.push(v),
                     None => {
@@ -718,5 +727,20 @@ mod tests {
         assert_eq!(after.column.len(), rows as usize);
         assert_eq!(after.column.get(0), Value::Null);
         assert_eq!(after.errors, 0);
+    }
+
+    /// Found by fuzzing: the interpreter panics on a macro over a bool. The
+    /// record's evaluation fails; the others go on.
+    #[test]
+    fn an_interpreter_panic_fails_only_its_record() {
+        let b = batch();
+        let src = "(n > 1 ? [1] : true).exists(v, v == 1)";
+        ferry_core::spec::expr::check_expr(src, &b.schema).expect("passes validation");
+        let mut e = CompiledExpr::compile(src, &b.schema).unwrap();
+        let r = e.eval(&b);
+        assert_eq!(r.errors, 1);
+        assert_eq!(r.column.get(0), Value::Null);
+        assert_eq!(r.column.get(1), Value::Bool(true));
+        assert_eq!(r.column.get(2), Value::Bool(true));
     }
 }

@@ -40,11 +40,7 @@ pub fn parse_expr(source: &str) -> Result<IdedExpr, String> {
     }
     // The generated parser panics on some malformed input (e.g. `a >`);
     // that is a syntax error, not a crash, and not worth a panic message.
-    quiet_panics_in_parser();
-    IN_PARSER.with(|f| f.set(true));
-    let parsed = std::panic::catch_unwind(|| cel_parser::Parser::default().parse(source));
-    IN_PARSER.with(|f| f.set(false));
-    let parsed = parsed
+    let parsed = quietly(|| cel_parser::Parser::default().parse(source))
         .map_err(|_| "syntax error: the expression is incomplete or malformed".to_string())?;
     parsed.map_err(|errs| {
         errs.errors
@@ -56,22 +52,28 @@ pub fn parse_expr(source: &str) -> Result<IdedExpr, String> {
 }
 
 thread_local! {
-    /// Set while this thread runs the CEL parser under `catch_unwind`.
-    static IN_PARSER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set while this thread runs CEL code under [`quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Installs (once) a panic hook that stays silent for panics caught in
-/// [`parse_expr`] and defers to the previous hook for every other panic.
-fn quiet_panics_in_parser() {
+/// Runs CEL library code (parser or interpreter), turning a panic into an
+/// `Err` without a panic message: the libraries panic on some inputs
+/// (`a >`, a macro over a bool) that are bad expressions or bad records,
+/// not crashes. Other threads' panics still print as usual.
+pub fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !IN_PARSER.with(|f| f.get()) {
+            if !QUIET.with(|f| f.get()) {
                 previous(info);
             }
         }));
     });
+    let was = QUIET.with(|q| q.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    out
 }
 
 /// Checks an expression against `schema` and returns its inferred type.
@@ -269,13 +271,22 @@ fn check_calls(e: &IdedExpr, schema: &Schema, out: &mut Vec<String>) {
                 }
             }
         }
-        Expr::Comprehension(c) => children.extend([
-            &*c.iter_range,
-            &*c.accu_init,
-            &*c.loop_cond,
-            &*c.loop_step,
-            &*c.result,
-        ]),
+        Expr::Comprehension(c) => {
+            let ty = infer_type(&c.iter_range, schema);
+            if !matches!(ty, DataType::Any) {
+                out.push(format!(
+                    "the macros all, exists, exists_one, map and filter apply to lists and maps, not to {}",
+                    describe(&c.iter_range, ty)
+                ));
+            }
+            children.extend([
+                &*c.iter_range,
+                &*c.accu_init,
+                &*c.loop_cond,
+                &*c.loop_step,
+                &*c.result,
+            ]);
+        }
         Expr::Struct(_) => out
             .push("message literals (`Type{...}`) are not supported; use a map `{'k': v}`".into()),
         Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}

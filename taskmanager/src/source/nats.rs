@@ -350,27 +350,7 @@ impl NatsSource {
     }
 
     fn parse(&self, payload: &Bytes, seq: u64) -> Result<Vec<Value>, String> {
-        let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload)
-            .map_err(|e| {
-                format!(
-                    "stream '{}' sequence {seq}: the payload is not a JSON object ({e}); fix or delete that message (`nats stream rmm {} {seq}`)",
-                    self.spec.stream, self.spec.stream
-                )
-            })?;
-        // Strict, as the file source: a value of another type than the
-        // schema's is a bad message, never a silent null.
-        self.schema
-            .fields
-            .iter()
-            .map(|f| {
-                convert_json(obj.get(&f.name), f.data_type).map_err(|raw| {
-                    format!(
-                        "stream '{}' sequence {seq}: field '{}' is {raw}, not a {} (set onBadLine: skip to skip such messages)",
-                        self.spec.stream, f.name, f.data_type
-                    )
-                })
-            })
-            .collect()
+        decode_payload(&self.spec.stream, &self.schema, payload, seq)
     }
 
     /// Messages skipped as bad (`onBadLine: skip`) since the task started.
@@ -459,4 +439,35 @@ fn describe(filter: &str) -> String {
     } else {
         format!("subjects '{filter}'")
     }
+}
+
+/// Decodes one message payload of stream `stream` (at sequence `seq`) into
+/// the values of `schema`, strictly: a payload that is not a JSON object or
+/// a field of another type than the schema's is an error naming both.
+pub fn decode_payload(
+    stream: &str,
+    schema: &Schema,
+    payload: &[u8],
+    seq: u64,
+) -> Result<Vec<Value>, String> {
+    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload)
+        .map_err(|e| {
+            format!(
+                "stream '{stream}' sequence {seq}: the payload is not a JSON object ({e}); fix or delete that message (`nats stream rmm {stream} {seq}`)"
+            )
+        })?;
+    // Strict, as the file source: a value of another type than the
+    // schema's is a bad message, never a silent null.
+    schema
+        .fields
+        .iter()
+        .map(|f| {
+            convert_json(obj.get(&f.name), f.data_type).map_err(|raw| {
+                format!(
+                    "stream '{stream}' sequence {seq}: field '{}' is {raw}, not a {} (set onBadLine: skip to skip such messages)",
+                    f.name, f.data_type
+                )
+            })
+        })
+        .collect()
 }
