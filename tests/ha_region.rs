@@ -294,6 +294,48 @@ async fn the_region_recovers_by_itself_from_a_nats_restart() {
         .await;
 }
 
+/// The regional NATS server comes back with empty storage (a lost volume):
+/// the processes re-create the bucket, elect a leader with a higher epoch
+/// than any before (the TaskManagers accept it), and the job finishes
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_recovers_from_nats_losing_its_data() {
+    let mut nats = NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    for id in ["jm-a", "jm-b", "jm-c"] {
+        r.start(id, None);
+    }
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
+    let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
+    let job = r.running_job(leader).await;
+
+    nats.restart_empty();
+    // The old leader may still report its epoch until its renewal fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (new_leader, _) = loop {
+        let (l, e) = r.leader(&[], Duration::from_secs(30)).await;
+        if e > epoch {
+            break (l, e);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader with an epoch above {epoch} after the data loss (still {e})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    r.finish_and_check(new_leader, &job, Duration::from_secs(90))
+        .await;
+    let logs: String = ["jm-a", "jm-b", "jm-c"]
+        .iter()
+        .map(|id| r.log(id))
+        .collect();
+    assert!(
+        logs.contains("the KV bucket was lost"),
+        "no re-creation logged"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_three_node_nats_cluster_loses_a_node_and_the_region_carries_on() {
     let mut cluster = NatsCluster::start(3);

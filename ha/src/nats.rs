@@ -1,11 +1,19 @@
 //! The NATS JetStream KV coordination backend (one bucket per instance).
 //!
 //! Revisions are the stream sequence, so they keep growing across deletes
-//! and expiry: an acquisition revision is a monotonic fencing epoch. Run the
+//! and expiry: an acquisition revision is a monotonic fencing epoch.
+//!
+//! A bucket can be lost (a server restarted with empty storage, a freshly
+//! deployed cluster): every operation that finds it gone re-creates it and
+//! moves its sequence above the highest revision this process has seen, so
+//! epochs stay monotonic for everyone who saw the old ones (TaskManagers
+//! refuse a lower epoch, as they must refuse a forged one). Run the
 //! servers with `jetstream { sync_interval: always }`: JetStream acknowledges
 //! writes before they reach the disk otherwise, and Jepsen (NATS 2.12.1)
 //! lost acknowledged writes and saw split brain after crashes that way.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::kv::{self, Operation};
@@ -29,7 +37,15 @@ const LIST_REUSE: Duration = Duration::from_millis(250);
 
 /// A JetStream KV bucket.
 pub struct NatsKv {
-    store: kv::Store,
+    js: async_nats::jetstream::Context,
+    /// How the bucket is created (again, if it is lost).
+    config: kv::Config,
+    store: std::sync::RwLock<kv::Store>,
+    /// One re-creation at a time.
+    recreating: tokio::sync::Mutex<()>,
+    /// The highest revision seen in the bucket: a re-created bucket goes on
+    /// above it.
+    high: Arc<AtomicU64>,
     max_age: Duration,
     /// The last full listing (when, after how many own writes, what); one
     /// scan at a time.
@@ -42,6 +58,28 @@ fn unavailable(e: impl std::fmt::Display) -> HaError {
     HaError::Unavailable(e.to_string())
 }
 
+/// Whether an error says the bucket's stream does not exist.
+fn is_lost(e: &impl std::fmt::Display) -> bool {
+    let text = e.to_string();
+    text.contains("no stream found") || text.contains("stream not found")
+}
+
+/// Runs `$op` with `$s` bound to the bucket; if the bucket is gone,
+/// re-creates it and runs `$op` once more.
+macro_rules! on_bucket {
+    ($self:ident, $s:ident => $op:expr) => {{
+        let $s = $self.store();
+        match $op {
+            Err(e) if is_lost(&e) => {
+                $self.recreate().await?;
+                let $s = $self.store();
+                $op
+            }
+            r => r,
+        }
+    }};
+}
+
 impl NatsKv {
     /// Every live key with its value. The keys come from the stream's
     /// subject state (one server-side snapshot), not from `Store::keys`:
@@ -49,13 +87,13 @@ impl NatsKv {
     /// key rewritten while it walks (history 1 deletes the old message) can
     /// be missing from the walk — a heartbeating member would look gone.
     async fn scan(&self) -> Result<Vec<Entry>, HaError> {
-        let prefix = &self.store.prefix;
-        let mut subjects = self
-            .store
+        let store = self.store();
+        let prefix = store.prefix.clone();
+        let mut subjects = on_bucket!(self, s => s
             .stream
-            .info_with_subjects(format!("{prefix}>"))
-            .await
-            .map_err(unavailable)?;
+            .info_with_subjects(format!("{}>", s.prefix))
+            .await)
+        .map_err(unavailable)?;
         let mut keys = Vec::new();
         while let Some(s) = subjects.next().await {
             let (subject, _) = s.map_err(unavailable)?;
@@ -110,26 +148,80 @@ impl NatsKv {
         replicas: usize,
     ) -> Result<Self, HaError> {
         let js = async_nats::jetstream::new(client);
+        let config = kv::Config {
+            bucket: bucket.to_string(),
+            history: 1,
+            max_age,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas.max(1),
+            ..Default::default()
+        };
         let store = match js.get_key_value(bucket).await {
             Ok(s) => s,
             Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_string(),
-                    history: 1,
-                    max_age,
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    num_replicas: replicas.max(1),
-                    ..Default::default()
-                })
+                .create_key_value(config.clone())
                 .await
                 .map_err(|e| unavailable(format!("creating KV bucket '{bucket}': {e}")))?,
         };
         Ok(Self {
-            store,
+            js,
+            config,
+            store: std::sync::RwLock::new(store),
+            recreating: tokio::sync::Mutex::new(()),
+            high: Arc::new(AtomicU64::new(0)),
             max_age,
             listing: tokio::sync::Mutex::new(None),
             writes: Default::default(),
         })
+    }
+
+    fn store(&self) -> kv::Store {
+        self.store.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Notes a revision seen in the bucket.
+    fn saw(&self, revision: u64) -> u64 {
+        self.high.fetch_max(revision, Ordering::SeqCst);
+        revision
+    }
+
+    /// The bucket is gone: creates it again (unless another process already
+    /// did) and moves its sequence above every revision seen here, so that
+    /// no later revision — no later fencing epoch — repeats an earlier one.
+    async fn recreate(&self) -> Result<(), HaError> {
+        let _one = self.recreating.lock().await;
+        let bucket = &self.config.bucket;
+        let store = match self.js.get_key_value(bucket).await {
+            Ok(s) => s,
+            Err(_) => self
+                .js
+                .create_key_value(self.config.clone())
+                .await
+                .map_err(|e| unavailable(format!("re-creating KV bucket '{bucket}': {e}")))?,
+        };
+        let floor = self.high.load(Ordering::SeqCst) + 1;
+        let mut stream = store.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(unavailable)?
+            .state
+            .last_sequence;
+        if last < floor {
+            stream.purge().sequence(floor).await.map_err(|e| {
+                unavailable(format!(
+                    "moving KV bucket '{bucket}' to revision {floor}: {e}"
+                ))
+            })?;
+        }
+        tracing::warn!(
+            %bucket,
+            floor,
+            "the KV bucket was lost (a NATS server restarted with empty storage, or a new cluster): re-created it; revisions go on above {}",
+            floor - 1
+        );
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = store;
+        Ok(())
     }
 
     fn entry(e: kv::Entry) -> Entry {
@@ -146,9 +238,16 @@ impl NatsKv {
 impl Coordination for NatsKv {
     async fn get(&self, key: &str) -> Result<Option<Entry>, HaError> {
         check_key(key)?;
-        match self.store.entry(key).await.map_err(unavailable)? {
-            Some(e) if e.operation == Operation::Put => Ok(Some(Self::entry(e))),
-            _ => Ok(None),
+        match on_bucket!(self, s => s.entry(key).await).map_err(unavailable)? {
+            Some(e) if e.operation == Operation::Put => {
+                self.saw(e.revision);
+                Ok(Some(Self::entry(e)))
+            }
+            Some(e) => {
+                self.saw(e.revision);
+                Ok(None)
+            }
+            None => Ok(None),
         }
     }
 
@@ -156,9 +255,8 @@ impl Coordination for NatsKv {
         check_key(key)?;
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.store
-            .create(key, value)
-            .await
+        on_bucket!(self, s => s.create(key, value.clone()).await)
+            .map(|r| self.saw(r))
             .map_err(|e| match e.kind() {
                 kv::CreateErrorKind::AlreadyExists => HaError::Exists(key.to_string()),
                 _ => unavailable(e),
@@ -169,9 +267,8 @@ impl Coordination for NatsKv {
         check_key(key)?;
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.store
-            .update(key, value, revision)
-            .await
+        on_bucket!(self, s => s.update(key, value.clone(), revision).await)
+            .map(|r| self.saw(r))
             .map_err(|e| match e.kind() {
                 kv::UpdateErrorKind::WrongLastRevision => {
                     HaError::WrongRevision(key.to_string(), revision)
@@ -184,24 +281,23 @@ impl Coordination for NatsKv {
         check_key(key)?;
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.store.put(key, value).await.map_err(unavailable)
+        on_bucket!(self, s => s.put(key, value.clone()).await)
+            .map(|r| self.saw(r))
+            .map_err(unavailable)
     }
 
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), HaError> {
         check_key(key)?;
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.store
-            .delete_expect_revision(key, revision)
-            .await
-            .map_err(|e| {
-                let text = e.to_string();
-                if text.contains("wrong last sequence") || text.contains("10071") {
-                    HaError::WrongRevision(key.to_string(), revision.unwrap_or(0))
-                } else {
-                    unavailable(text)
-                }
-            })
+        on_bucket!(self, s => s.delete_expect_revision(key, revision).await).map_err(|e| {
+            let text = e.to_string();
+            if text.contains("wrong last sequence") || text.contains("10071") {
+                HaError::WrongRevision(key.to_string(), revision.unwrap_or(0))
+            } else {
+                unavailable(text)
+            }
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, HaError> {
@@ -229,17 +325,27 @@ impl Coordination for NatsKv {
             check_key(key)?;
             key.to_string()
         };
-        let w = self.store.watch(subject).await.map_err(unavailable)?;
-        Ok(w.filter_map(|r| async move {
-            match r {
-                Ok(e) if e.operation == Operation::Put => Some(Event::Put(Self::entry(e))),
-                Ok(e) => Some(Event::Gone {
-                    key: e.key,
-                    revision: e.revision,
-                }),
-                Err(err) => {
-                    tracing::warn!("KV watch error: {err}");
-                    None
+        let w = on_bucket!(self, s => s.watch(subject.clone()).await).map_err(unavailable)?;
+        let high = self.high.clone();
+        Ok(w.filter_map(move |r| {
+            let high = high.clone();
+            async move {
+                match r {
+                    Ok(e) if e.operation == Operation::Put => {
+                        high.fetch_max(e.revision, Ordering::SeqCst);
+                        Some(Event::Put(Self::entry(e)))
+                    }
+                    Ok(e) => {
+                        high.fetch_max(e.revision, Ordering::SeqCst);
+                        Some(Event::Gone {
+                            key: e.key,
+                            revision: e.revision,
+                        })
+                    }
+                    Err(err) => {
+                        tracing::warn!("KV watch error: {err}");
+                        None
+                    }
                 }
             }
         })

@@ -176,6 +176,22 @@ impl NatsServer {
             .restart(LISTEN_LIMIT)
             .unwrap_or_else(|e| panic!("{e}"));
     }
+
+    /// Kills it, deletes its JetStream store (a lost volume) and starts it
+    /// again on the same port, empty.
+    pub fn restart_empty(&mut self) {
+        self.process.kill();
+        let dir = self
+            ._dir
+            .as_ref()
+            .expect("a single server owns its store")
+            .path()
+            .join("js");
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("deleting {}: {e}", dir.display()));
+        self.process
+            .restart(LISTEN_LIMIT)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// A JetStream cluster of `nats-server` processes on loopback (routes
