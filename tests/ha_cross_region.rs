@@ -99,7 +99,7 @@ async fn the_leader_replicates_each_checkpoint_to_the_standby_region() {
     let o = Command::new(ferry_bin())
         .args(["region", "verify", "--store"])
         .arg(format!("file://{}", standby.display()))
-        .output()
+        .output_within(common::COMMAND_LIMIT)
         .unwrap();
     assert!(
         o.status.success(),
@@ -183,7 +183,7 @@ async fn regions_see_each_other_through_the_global_kv() {
     assert_eq!(body["error"]["code"], "not_primary_region", "{body}");
     let o = Command::new(ferry_bin())
         .args(["region", "status", "--url", &east.jms[0].url()])
-        .output()
+        .output_within(common::COMMAND_LIMIT)
         .unwrap();
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{table}");
@@ -377,7 +377,7 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
                 &east.jms[0].url(),
             ])
             .args(args)
-            .output()
+            .output_within(common::COMMAND_LIMIT)
             .unwrap()
     };
     let plan = run(&["--dry-run", "-o", "json"]);

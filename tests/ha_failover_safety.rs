@@ -318,7 +318,7 @@ async fn a_switchover_without_a_global_stream_leader_leaves_the_job_in_exactly_o
         tokio::task::spawn_blocking(move || {
             std::process::Command::new(ferry_bin())
                 .args(["region", "failover", "--to", "west", "--url", &url])
-                .output()
+                .output_within(common::COMMAND_LIMIT)
                 .unwrap()
         })
     };

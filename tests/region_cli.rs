@@ -41,7 +41,7 @@ fn region(args: &[&str]) -> Output {
         .arg("region")
         .args(args)
         .env("FERRY_LOG", "warn")
-        .output()
+        .output_within(common::COMMAND_LIMIT)
         .expect("run ferry region")
 }
 

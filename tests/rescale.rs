@@ -53,9 +53,17 @@ fn restores_exactly_once_at_other_parallelisms() {
         });
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
+        // Every run after the first resumed the one before.
+        assert_eq!(
+            w.log("run.log")
+                .matches("resuming job 'rescale-test'")
+                .count(),
+            i,
+            "{}",
+            w.log("run.log")
+        );
         // The same job (same name) resumes with another parallelism.
         std::fs::write(&w.spec_path, spec(next)).unwrap();
-        assert!(i < 2);
     }
     let code = w.run_local(&[], "run.log", Duration::from_secs(120));
     let log = w.log("run.log");

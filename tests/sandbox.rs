@@ -11,6 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::OutputWithin;
 use common::ferry_bin;
 use serde_json::Value;
 
@@ -149,7 +150,7 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
             "30s",
         ])
         .args(["--timeout", "60s", "--revert", "-o", "json", "--url", &api])
-        .output()
+        .output_within(common::COMMAND_LIMIT)
         .unwrap();
     let report: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     assert!(
@@ -196,7 +197,7 @@ fn without_nats_server_the_sandbox_says_how_to_get_it() {
         .current_dir(tmp.path())
         .env("PATH", tmp.path())
         .env_remove("FERRY_NATS_SERVER")
-        .output()
+        .output_within(common::COMMAND_LIMIT)
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

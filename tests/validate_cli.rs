@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+use common::OutputWithin;
+
 const VALID: &str = r#"apiVersion: ferry.dev/v1
 kind: Job
 metadata:
@@ -71,7 +74,7 @@ impl Specs {
 fn ferry(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
-        .output()
+        .output_within(common::COMMAND_LIMIT)
         .expect("run ferry")
 }
 

@@ -215,6 +215,10 @@ async fn metrics_are_prometheus_text_with_ferry_names() {
 
 /// Every sample in a Prometheus text page is named `ferry_...`.
 fn assert_ferry_metrics(text: &str) {
+    assert!(
+        text.lines().any(|l| l.starts_with("ferry_")),
+        "no Ferry metric on the page:\n{text}"
+    );
     for line in text
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))

@@ -20,6 +20,7 @@ use ferry_core::api::RoleName;
 use ferry_testkit::{NatsCluster, free_port};
 use serde_json::Value;
 
+use super::OutputWithin;
 use super::{count_rows, expected_counts, ferry_bin, generator, read_rows, stray_files};
 
 /// A bounded job that runs ~8 s: long enough to lose its leader mid-run.
@@ -674,7 +675,10 @@ pub fn assert_no_checkpoint_of_epoch_after(
 
 /// Runs `ferry <args>`; (exit success, stdout as JSON, stderr).
 pub fn ferry_json(args: &[&str]) -> (bool, Value, String) {
-    let o = Command::new(ferry_bin()).args(args).output().unwrap();
+    let o = Command::new(ferry_bin())
+        .args(args)
+        .output_within(super::COMMAND_LIMIT)
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
         panic!(

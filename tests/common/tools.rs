@@ -7,6 +7,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use super::OutputWithin;
+
 /// The repository root.
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -43,7 +45,7 @@ pub fn run(name: &str, args: &[&str]) -> Output {
     Command::new(tool(name))
         .args(args)
         .current_dir(repo())
-        .output()
+        .output_within(super::COMMAND_LIMIT)
         .unwrap_or_else(|e| panic!("cannot run {name}: {e}"))
 }
 
