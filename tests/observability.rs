@@ -182,7 +182,11 @@ async fn every_metric_of_the_dashboard_and_the_alert_rules_is_exported() {
     );
     let jm = format!("http://127.0.0.1:{jm_port}");
     let tm = format!("http://127.0.0.1:{tm_port}");
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
 
     // Submit once the JobManager leads and the region lease names it.
     let start = Instant::now();

@@ -111,7 +111,11 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
     assert_eq!(pids.len(), 3 + 3 * 3, "{d}");
     assert!(pids.iter().all(|p| alive(*p)));
     let api = regions[0]["api"][0].as_str().unwrap().to_string();
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap();
     let v = get_json(&http, &format!("{api}/v1/regions")).await;
     assert_eq!(v["primary"], regions[0]["name"], "{v}");
     let healthy: Vec<&str> = v["regions"]

@@ -109,7 +109,11 @@ impl Region {
             nats_url,
             jms: Vec::new(),
             tms: Vec::new(),
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
             ttl,
             deadline,
             replicas: "1",

@@ -203,7 +203,10 @@ impl S3Server {
 
     /// Creates a bucket with a plain HTTP PUT.
     pub async fn create_bucket(&self, bucket: &str) {
-        let resp = reqwest::Client::new()
+        let resp = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
             .put(format!("{}/{bucket}", self.endpoint()))
             .send()
             .await
