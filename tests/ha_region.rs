@@ -255,9 +255,9 @@ async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
     assert_eq!(r.deployments_started(&[]).await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_region_recovers_by_itself_from_a_nats_restart() {
-    let mut nats = NatsServer::start();
+/// Three JobManagers and two TaskManagers on `nats`, a leader elected and
+/// a job running: the region, the leader, its epoch and the job's id.
+async fn region_running_a_job(nats: &NatsServer) -> (Region, usize, u64, String) {
     let mut r = Region::new(nats.url(), "800ms", "500ms");
     for id in ["jm-a", "jm-b", "jm-c"] {
         r.start(id, None);
@@ -266,6 +266,13 @@ async fn the_region_recovers_by_itself_from_a_nats_restart() {
     r.start_tm("tm-2");
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
     let job = r.running_job(leader).await;
+    (r, leader, epoch, job)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_recovers_by_itself_from_a_nats_restart() {
+    let mut nats = NatsServer::start();
+    let (r, leader, epoch, job) = region_running_a_job(&nats).await;
 
     nats.kill();
     // Without NATS no one may lead: the leader steps down by its deadline.
@@ -301,14 +308,7 @@ async fn the_region_recovers_by_itself_from_a_nats_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_region_recovers_from_nats_losing_its_data() {
     let mut nats = NatsServer::start();
-    let mut r = Region::new(nats.url(), "800ms", "500ms");
-    for id in ["jm-a", "jm-b", "jm-c"] {
-        r.start(id, None);
-    }
-    r.start_tm("tm-1");
-    r.start_tm("tm-2");
-    let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
-    let job = r.running_job(leader).await;
+    let (r, _, epoch, job) = region_running_a_job(&nats).await;
 
     nats.restart_empty();
     // The old leader may still report its epoch until its renewal fails.

@@ -114,6 +114,16 @@ fn is_full(e: &object_store::Error) -> bool {
     false
 }
 
+/// The message of a caught panic (`&str` or `String` payloads; other
+/// payloads have none).
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

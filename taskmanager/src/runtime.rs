@@ -471,11 +471,7 @@ async fn guarded(
     match std::panic::AssertUnwindSafe(task).catch_unwind().await {
         Ok(r) => r,
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let msg = ferry_core::error::panic_message(panic.as_ref());
             Err(TaskError::Permanent(format!(
                 "the task panicked: {msg} (a bug in Ferry: please report it with the job spec)"
             )))

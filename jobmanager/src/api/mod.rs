@@ -280,11 +280,7 @@ async fn catch_panic(req: Request, next: Next) -> Response {
     match AssertUnwindSafe(next.run(req)).catch_unwind().await {
         Ok(res) => res,
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".into());
+            let msg = ferry_core::error::panic_message(panic.as_ref());
             tracing::error!(request = %what, "handler panicked: {msg}");
             ApiError::internal(&what).into_response()
         }
