@@ -135,12 +135,33 @@ pub fn run(c: RegionCommand) -> anyhow::Result<ExitCode> {
 /// The region map from `/v1/regions` through `client`; a failed request
 /// is shown first.
 pub(crate) async fn read_map(client: &Client) -> anyhow::Result<RegionMap> {
-    match client.regions().await {
-        Ok(a) => RegionMap::from_status(a.value),
-        Err(e) => {
-            let _ = report_failure(&e);
-            anyhow::bail!("cannot read /v1/regions (see above)")
+    read_map_within(client, std::time::Duration::ZERO).await
+}
+
+/// [`read_map`], waiting up to `limit` for a JobManager that has not read
+/// the region lease yet (one that just started) to learn the primary.
+pub(crate) async fn read_map_within(
+    client: &Client,
+    limit: std::time::Duration,
+) -> anyhow::Result<RegionMap> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let status = match client.regions().await {
+            Ok(a) => a.value,
+            Err(e) => {
+                let _ = report_failure(&e);
+                anyhow::bail!("cannot read /v1/regions (see above)")
+            }
+        };
+        // Coordinating regions but not yet knowing the primary.
+        if status.primary.is_none()
+            && status.region_role.is_some()
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            continue;
         }
+        return RegionMap::from_status(status);
     }
 }
 
@@ -154,7 +175,7 @@ async fn failover(
     api: &super::job::ApiArgs,
 ) -> anyhow::Result<ExitCode> {
     let entry = client(api)?;
-    let map = read_map(&entry).await?;
+    let map = read_map_within(&entry, std::time::Duration::from_secs(10)).await?;
     map.known(to)?;
     if to == map.primary {
         anyhow::bail!(
@@ -195,7 +216,8 @@ async fn failback(
     api: &super::job::ApiArgs,
 ) -> anyhow::Result<ExitCode> {
     let client = client(api)?;
-    let map = read_map(&client).await?;
+    // A JobManager that just started may not have read the lease yet.
+    let map = read_map_within(&client, wait.min(std::time::Duration::from_secs(30))).await?;
     let Some(target) = to.or(map.status.home.clone()) else {
         anyhow::bail!("no home region is configured (regions.primary): name the region with --to");
     };
