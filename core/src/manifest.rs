@@ -258,6 +258,15 @@ impl RestoreChoice {
     pub fn all_damaged(&self) -> bool {
         self.checkpoint.is_none() && self.damaged > 0
     }
+
+    /// Every skipped snapshot and why, on one line.
+    pub fn skipped_reasons(&self) -> String {
+        self.skipped
+            .iter()
+            .map(|(id, why)| format!("checkpoint {id}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 /// Marker left in the directory of a checkpoint attempt that failed, once

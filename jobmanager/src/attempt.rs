@@ -52,18 +52,24 @@ pub(crate) struct AttemptCtx<'a> {
 }
 
 /// Counts failed snapshots against `checkpointing.tolerableFailures`.
-struct Failures<'a> {
-    in_row: &'a mut u32,
-    final_triggered: &'a mut bool,
+struct Failures {
+    /// Snapshots failed since the last one completed.
+    in_row: u32,
     tolerable: u32,
 }
 
-impl Failures<'_> {
+impl Failures {
     /// After snapshot `p` failed (its waiter already told): removes its
     /// partial files; `Some` ends the attempt. A failed stop-with-savepoint
     /// left its tasks stopping, so the job restarts; a failed final
     /// checkpoint of a bounded job is simply triggered again.
-    async fn failed(&mut self, job: &JobEntry, p: Pending, why: &str) -> Option<Outcome> {
+    async fn failed(
+        &mut self,
+        job: &JobEntry,
+        p: Pending,
+        why: &str,
+        final_triggered: &mut bool,
+    ) -> Option<Outcome> {
         if p.barrier.stop && !p.finished {
             return Some(Outcome::Failed(format!(
                 "stop-with-savepoint failed: {why}"
@@ -71,10 +77,10 @@ impl Failures<'_> {
         }
         abort_checkpoint(job, &p).await;
         if p.finished {
-            *self.final_triggered = false;
+            *final_triggered = false;
         }
-        *self.in_row += 1;
-        (*self.in_row > self.tolerable).then(|| {
+        self.in_row += 1;
+        (self.in_row > self.tolerable).then(|| {
             Outcome::Failed(format!(
                 "{} checkpoints failed in a row (checkpointing.tolerableFailures is {}); the last: {why}",
                 self.in_row, self.tolerable
@@ -112,8 +118,10 @@ pub(crate) async fn run_attempt(
     let mut stopping = false;
     let mut stopped_tasks = 0usize;
     let task_count = plan.task_count();
-    // Checkpoints failed since the last one completed.
-    let mut failed_in_row = 0u32;
+    let mut failures = Failures {
+        in_row: 0,
+        tolerable: cp.tolerable_failures,
+    };
     loop {
         let deadline = pending
             .as_ref()
@@ -138,8 +146,7 @@ pub(crate) async fn run_attempt(
                 );
                 p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
                 fail_reply(p.reply.take(), JmError::Runtime(msg.clone()));
-                let mut f = Failures { in_row: &mut failed_in_row, final_triggered: &mut final_triggered, tolerable: cp.tolerable_failures };
-                if let Some(o) = f.failed(job, p, &msg).await {
+                                if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered).await {
                     return o;
                 }
             }
@@ -179,8 +186,7 @@ pub(crate) async fn run_attempt(
                     let msg = format!("checkpoint {checkpoint} failed: {task}: {reason}");
                     p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
                     fail_reply(p.reply.take(), JmError::Runtime(msg.clone()));
-                    let mut f = Failures { in_row: &mut failed_in_row, final_triggered: &mut final_triggered, tolerable: cp.tolerable_failures };
-                    if let Some(o) = f.failed(job, p, &msg).await {
+                                        if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered).await {
                         return o;
                     }
                 }
@@ -208,7 +214,7 @@ pub(crate) async fn run_attempt(
                             .await
                         {
                             Ok(info) => {
-                                failed_in_row = 0;
+                                failures.in_row = 0;
                                 p.span.record("outcome", "completed");
                                 if p.barrier.stop {
                                     stopping = stopping || !p.finished;
@@ -225,8 +231,7 @@ pub(crate) async fn run_attempt(
                                 tracing::warn!(job = %job.id, "checkpoint {} failed: {e}", p.barrier.id);
                                 fail_reply(p.reply.take(), JmError::Runtime(e.clone()));
                                 let msg = format!("checkpoint {} failed: {e}", p.barrier.id);
-                                let mut f = Failures { in_row: &mut failed_in_row, final_triggered: &mut final_triggered, tolerable: cp.tolerable_failures };
-                                if let Some(o) = f.failed(job, p, &msg).await {
+                                                                if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered).await {
                                     return o;
                                 }
                             }

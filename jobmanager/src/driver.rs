@@ -534,14 +534,9 @@ async fn load_restore(
             })
             .await?;
             if choice.all_damaged() {
-                let reasons: Vec<String> = choice
-                    .skipped
-                    .iter()
-                    .map(|(id, why)| format!("checkpoint {id}: {why}"))
-                    .collect();
                 return Err(JmError::Runtime(format!(
                     "no checkpoint of this job can be restored ({}); starting from the beginning would repeat output already committed, so the job stops here. Repair or remove the damaged checkpoints under {}, or submit the spec again as a new job to start over",
-                    reasons.join("; "),
+                    choice.skipped_reasons(),
                     job.root
                         .child(&ferry_core::manifest::checkpoints_root(&job.id))
                         .url()

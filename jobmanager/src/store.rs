@@ -167,12 +167,7 @@ pub(crate) async fn previous_run(
             }),
             None if choice.all_damaged() => Some(PreviousRun::Damaged {
                 id,
-                reasons: choice
-                    .skipped
-                    .iter()
-                    .map(|(n, why)| format!("checkpoint {n}: {why}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                reasons: choice.skipped_reasons(),
             }),
             None => None,
         });
