@@ -52,6 +52,10 @@ enum Command {
     /// Benchmarks: throughput, JobManager failover, region failover,
     /// replication lag (see docs/benchmarks.md).
     Bench(cmd::bench::BenchArgs),
+    /// A seeded campaign of random faults (processes, NATS, links, the
+    /// object store, whole regions) against a two-region Ferry on loopback,
+    /// each round audited end to end (see docs/reliability.md).
+    Chaos(cmd::chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::Sandbox(args) => cmd::sandbox::run(args),
         Command::Openapi(args) => cmd::openapi::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Chaos(args) => cmd::chaos::run(args),
     };
     // Spans still queued for the OTLP collector go out before exit.
     cmd::telemetry::shutdown();

@@ -10,6 +10,7 @@
 //! is dropped — a benchmark or a sandbox leaves no process behind.
 
 pub mod bench;
+pub mod chaos;
 pub mod failover;
 pub mod procs;
 pub mod region;

@@ -54,6 +54,16 @@ impl Unchanged {
             .map(|(_, since)| Instant::now().saturating_duration_since(*since))
     }
 
+    /// Every key's silence starts again now: this process could not see
+    /// (its own reads and writes failed), so what it missed meanwhile is
+    /// no evidence of anyone's silence.
+    pub fn restart_all(&mut self) {
+        let now = Instant::now();
+        for (_, since) in self.seen.values_mut() {
+            *since = now;
+        }
+    }
+
     /// The key is gone (deleted or expired): forget it.
     pub fn forget(&mut self, key: &str) {
         self.seen.remove(key);
@@ -76,6 +86,8 @@ mod tests {
         assert_eq!(u.observe("k", 5), Duration::from_millis(200));
         tokio::time::advance(Duration::from_millis(300)).await;
         assert_eq!(u.age("k"), Some(Duration::from_millis(500)));
+        u.restart_all();
+        assert_eq!(u.age("k"), Some(Duration::ZERO));
         u.forget("k");
         assert_eq!(u.age("k"), None);
         assert_eq!(u.observe("k", 6), Duration::ZERO);

@@ -367,7 +367,7 @@ impl Coordinator {
                 .map(drop)
         };
         match write {
-            Ok(()) => self.health().wrote(),
+            Ok(()) => self.wrote(),
             Err(e) => {
                 self.health().write_failed();
                 tracing::debug!("region heartbeat failed: {e}")
@@ -387,6 +387,27 @@ impl Coordinator {
             self.jobs.report(RegionEvent::Health(&v));
             self.seen.lock().unwrap_or_else(|p| p.into_inner()).views = v;
         }
+    }
+
+    /// A write to the global KV succeeded. After a time in which none did
+    /// (this process was cut off, or the KV had no quorum), the lease's and
+    /// every region's silence count again from now: what this process
+    /// could not see is no evidence that the primary was silent, and a
+    /// primary that could not renew either gets a whole timeout to do so
+    /// before a standby may claim the lease.
+    fn wrote(&self) {
+        if self.health().wrote() {
+            self.silence
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restart_all();
+            tracing::debug!("the global KV takes writes from here again: silences count from now");
+        }
+    }
+
+    /// The global KV took this process's newest write, within the timeout.
+    pub(crate) fn reachable(&self) -> bool {
+        self.health().reachable()
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -458,7 +479,7 @@ impl Coordinator {
     /// A compare-and-set on the lease sent at `sent` succeeded: the fence
     /// holds until half the timeout after it was sent.
     pub(crate) fn confirmed(&self, lease: &Lease, sent: Instant) -> Instant {
-        self.health().wrote();
+        self.wrote();
         let until = sent + self.s.timeout / 2;
         self.jobs
             .confirm(lease.epoch, until.saturating_duration_since(Instant::now()));

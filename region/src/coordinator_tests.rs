@@ -527,6 +527,41 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_any_standby_takes_ove
     assert!(w.r("west").is(RegionRole::Primary));
 }
 
+/// The global KV answers nobody for longer than the region timeout (its
+/// stream leader died and the next one is being elected): when it answers
+/// again the standby has heard nothing, and must not take that for the
+/// primary's silence. The primary renews and keeps the lease.
+#[tokio::test(start_paused = true)]
+async fn a_global_kv_that_answers_nobody_for_a_while_moves_no_lease() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    w.step(&["east", "west"]).await;
+    w.r("east").cut(true);
+    w.r("west").cut(true);
+    for _ in 0..(2 * TIMEOUT.as_millis() / INTERVAL.as_millis()) {
+        w.step(&["east", "west"]).await;
+    }
+    assert!(w.r("west").is(RegionRole::Standby));
+    // West happens to tick first when the KV is back.
+    w.r("west").cut(false);
+    w.r("east").cut(false);
+    w.until(&["west", "east"], 10, |w| {
+        w.r("east").is(RegionRole::Primary)
+    })
+    .await;
+    for _ in 0..(2 * TIMEOUT.as_millis() / INTERVAL.as_millis()) {
+        w.step(&["west", "east"]).await;
+        assert!(
+            w.r("west").is(RegionRole::Standby),
+            "west took the lease: {:?}",
+            w.r("west").role().name()
+        );
+    }
+    assert_eq!(w.lease().await.epoch, RegionEpoch(1));
+    assert_eq!(w.r("west").jobs.started(), Vec::<RegionEpoch>::new());
+    assert_eq!(w.r("west").jobs.failovers.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_isolated_primary_that_renews_again_restarts_its_jobs() {
     let w = World::new(&["east", "west"]);

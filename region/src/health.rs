@@ -77,9 +77,16 @@ impl Health {
     }
 
     /// A write to the global KV (heartbeat, probe, lease renewal)
-    /// succeeded just now.
-    pub fn wrote(&mut self) {
+    /// succeeded just now. True when it ends a time in which the global KV
+    /// was unreachable from here: every region's silence then counts
+    /// again from now (this process could not have heard them).
+    pub fn wrote(&mut self) -> bool {
+        let regained = !self.reachable();
         self.last_write = Some(Instant::now());
+        if regained {
+            self.ages.restart_all();
+        }
+        regained
     }
 
     /// A write to the global KV (heartbeat, lease renewal) failed just now.
@@ -211,8 +218,9 @@ mod tests {
     async fn the_global_kv_is_reachable_only_after_a_recent_write() {
         let mut h = Health::new(vec![], Duration::from_secs(2));
         assert!(!h.reachable(), "nothing written yet");
-        h.wrote();
+        assert!(h.wrote(), "the first write makes it reachable");
         assert!(h.reachable());
+        assert!(!h.wrote(), "already reachable");
         tokio::time::advance(Duration::from_millis(2500)).await;
         assert!(!h.reachable(), "reads alone never count");
         h.wrote();

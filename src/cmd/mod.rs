@@ -1,6 +1,7 @@
 //! One module per top-level command.
 
 pub mod bench;
+pub mod chaos;
 pub mod cluster;
 pub mod drill;
 pub mod job;

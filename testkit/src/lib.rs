@@ -326,6 +326,35 @@ pub struct FaultProxy {
     corrupt: Arc<Mutex<Option<Vec<u8>>>>,
     corrupted: Arc<std::sync::atomic::AtomicU32>,
     refusing: Arc<std::sync::atomic::AtomicBool>,
+    /// Delay (ms) before forwarding each chunk, both ways; 0: none.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Copies `from` to `to` chunk by chunk, waiting `delay_ms` (read for each
+/// chunk) before forwarding one: a slow link.
+async fn copy_delayed(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        let d = delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if d > 0 {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Client-to-server copy that flips the last byte of the first occurrence
@@ -379,12 +408,14 @@ impl FaultProxy {
         let corrupt = Arc::new(Mutex::new(None));
         let corrupted = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let refuse = refusing.clone();
+        let delay = delay_ms.clone();
         let (c, h, s) = (cut.clone(), held.clone(), stop.clone());
         let (armed, count) = (corrupt.clone(), corrupted.clone());
         tokio::spawn(async move {
             loop {
-                let (mut inbound, _) = tokio::select! {
+                let (inbound, _) = tokio::select! {
                     _ = s.cancelled() => return,
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => return },
                 };
@@ -400,9 +431,9 @@ impl FaultProxy {
                 let h2 = h.clone();
                 let refuse = refuse.clone();
                 let (armed, count) = (armed.clone(), count.clone());
+                let delay = delay.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await
-                    else {
+                    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
                         return;
                     };
                     if armed.lock().unwrap().is_some() {
@@ -416,15 +447,19 @@ impl FaultProxy {
                         }
                         return;
                     }
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = generation.cancelled() => {
-                            if refuse.load(std::sync::atomic::Ordering::SeqCst) {
-                                return; // both ends closed
-                            }
-                            // Partition: keep both ends open, move no bytes.
-                            h2.lock().unwrap().push(inbound);
-                            h2.lock().unwrap().push(outbound);
+                    let (mut in_r, mut in_w) = inbound.into_split();
+                    let (mut out_r, mut out_w) = outbound.into_split();
+                    let up = copy_delayed(&mut in_r, &mut out_w, delay.clone());
+                    let down = copy_delayed(&mut out_r, &mut in_w, delay);
+                    let cut = tokio::select! {
+                        _ = async { tokio::join!(up, down) } => false,
+                        _ = generation.cancelled() => true,
+                    };
+                    if cut && !refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                        // Partition: keep both ends open, move no bytes.
+                        if let (Ok(i), Ok(o)) = (in_r.reunite(in_w), out_r.reunite(out_w)) {
+                            h2.lock().unwrap().push(i);
+                            h2.lock().unwrap().push(o);
                         }
                     }
                 });
@@ -438,7 +473,17 @@ impl FaultProxy {
             corrupt,
             corrupted,
             refusing,
+            delay_ms,
         }
+    }
+
+    /// Delays every chunk of data on every connection by `delay` (zero:
+    /// a normal link again), both ways: a slow link.
+    pub fn slow(&self, delay: Duration) {
+        self.delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Closes every connection and refuses new ones at once (a server that
@@ -478,7 +523,13 @@ impl FaultProxy {
     pub fn heal(&self) {
         self.refusing
             .store(false, std::sync::atomic::Ordering::SeqCst);
-        *self.cut.lock().unwrap() = CancellationToken::new();
+        // A new generation only after a cut: connections of the current
+        // one must stay reachable by the next cut.
+        let mut cut = self.cut.lock().unwrap();
+        if cut.is_cancelled() {
+            *cut = CancellationToken::new();
+        }
+        drop(cut);
         self.held.lock().unwrap().clear();
     }
 }
@@ -560,5 +611,78 @@ pub mod jetstream {
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.to_string())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An echo server on loopback; its port.
+    async fn echo() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 64];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// Sends one byte; whether it came back within `limit`, and how fast.
+    async fn round_trip(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        s.write_all(b"x").await.ok()?;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(limit, s.read_exact(&mut b)).await {
+            Ok(Ok(_)) => Some(t.elapsed()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_silences_connections_made_before_an_earlier_heal() {
+        let proxy = FaultProxy::start(echo().await).await;
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        assert!(round_trip(&mut s, Duration::from_secs(5)).await.is_some());
+        // Healing a proxy that was never cut changes nothing ...
+        proxy.heal();
+        assert!(round_trip(&mut s, Duration::from_secs(5)).await.is_some());
+        // ... and the next cut still reaches the connection.
+        proxy.cut();
+        assert_eq!(round_trip(&mut s, Duration::from_millis(300)).await, None);
+        proxy.heal();
+        let mut fresh = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        assert!(
+            round_trip(&mut fresh, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_link_delays_every_chunk_until_it_is_fast_again() {
+        let proxy = FaultProxy::start(echo().await).await;
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        let fast = round_trip(&mut s, Duration::from_secs(5)).await.unwrap();
+        proxy.slow(Duration::from_millis(150));
+        // Both ways: at least two delays.
+        let slow = round_trip(&mut s, Duration::from_secs(5)).await.unwrap();
+        assert!(
+            slow >= Duration::from_millis(300),
+            "{slow:?} (fast: {fast:?})"
+        );
+        proxy.slow(Duration::ZERO);
+        let again = round_trip(&mut s, Duration::from_secs(5)).await.unwrap();
+        assert!(again < Duration::from_millis(300), "{again:?}");
     }
 }

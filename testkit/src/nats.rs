@@ -126,6 +126,9 @@ pub struct NatsStarter {
     pub logs: bool,
     /// How long a server may take to accept clients once started.
     pub listen_limit: Duration,
+    /// Clusters' nodes don't tell clients the other nodes' URLs, so a
+    /// client reaches only the servers (or proxies) it was given.
+    pub no_advertise: bool,
 }
 
 impl NatsStarter {
@@ -135,7 +138,15 @@ impl NatsStarter {
             bin,
             logs: false,
             listen_limit: Duration::from_secs(30),
+            no_advertise: false,
         }
+    }
+
+    /// Cluster nodes don't advertise each other to clients (`no_advertise`):
+    /// for clients that reach the nodes through proxies.
+    pub fn without_client_advertise(mut self) -> Self {
+        self.no_advertise = true;
+        self
     }
 
     /// Writes each server's output to a log next to its configuration.
@@ -196,7 +207,7 @@ impl NatsStarter {
                     port: *cport,
                     routes: routes.clone(),
                     advertise: None,
-                    no_advertise: false,
+                    no_advertise: self.no_advertise,
                 }),
                 ..NatsConfig::new(*port, dir.join(&name))
             };

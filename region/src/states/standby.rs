@@ -2,7 +2,8 @@
 //! lease is moved here (switchover, fail-back, forced failover) it
 //! confirms and promotes; when the primary stops renewing for the region
 //! timeout it takes the lease over by compare-and-set if
-//! [`crate::takeover::decide`] says this region goes first.
+//! [`crate::takeover::decide`] says this region goes first — counting
+//! silence only while this region itself reaches the global KV.
 
 use tracing::Instrument;
 
@@ -32,6 +33,12 @@ pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
         c.jobs.stand_by(named.as_deref()).await;
     }
     if !c.s.auto_failover {
+        return Role::Standby { primary: named };
+    }
+    if !c.reachable() {
+        // Cut off from the global KV (or it has no quorum): this region
+        // cannot tell a silent primary from its own deafness. The silence
+        // counts again from its next good write.
         return Role::Standby { primary: named };
     }
     let drill = c.drill_target().await;

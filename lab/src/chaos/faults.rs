@@ -1,0 +1,395 @@
+//! The fault catalog of `ferry chaos` and the seeded schedule: which
+//! faults a round injects, drawn from a seeded generator so that the same
+//! seed (with the same `ferry` build) replays the same campaign.
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Which region a fault hits, resolved when it is injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Primary,
+    Standby,
+}
+
+/// Which JobManager.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JmPick {
+    Leader,
+    Standby,
+}
+
+/// How a process is hit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hit {
+    /// SIGKILL; restarted at heal.
+    Kill,
+    /// SIGTERM (a graceful stop); restarted at heal.
+    Term,
+    /// SIGSTOP; SIGCONT at heal.
+    Freeze,
+}
+
+/// A link to cut or slow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// The leader JobManager ↔ its region's NATS cluster.
+    JmNats,
+    /// JobManagers → one TaskManager (its gRPC).
+    JmTm,
+    /// Every process of a region ↔ the global cluster.
+    RegionGlobal,
+    /// The leader JobManager ↔ the S3 store.
+    JmStore,
+}
+
+/// What the S3 store does wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFault {
+    /// `503 SlowDown` to everything.
+    Unavailable,
+    /// Accepts connections, never answers (black hole).
+    Timeouts,
+    /// Every answer 2 s late.
+    Slow,
+    /// Every connection reset, new ones refused.
+    Resets,
+    /// `403 AccessDenied` to writes.
+    RefusesWrites,
+}
+
+/// One fault of the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    JobManager(Side, JmPick, Hit),
+    TaskManager(Side, usize, Hit),
+    /// A node of a region's NATS cluster killed (restarted at heal).
+    RegionNats(Side, usize),
+    /// A node of the global cluster killed (restarted at heal).
+    GlobalNats(usize),
+    /// A region's whole NATS cluster restarted with empty storage (a lost
+    /// volume): coordination data loss.
+    CoordinationLoss(Side),
+    /// A link cut (black-holed) or slowed by 300 ms per chunk.
+    Link(LinkKind, Side, bool),
+    Store(StoreFault),
+    /// West's file store full (a ballast file fills its tmpfs).
+    StoreFull,
+    /// Every JobManager and TaskManager of the primary region SIGKILLed;
+    /// restarted at heal (they rejoin as the standby).
+    RegionOutage,
+    /// A planned switchover to the standby region.
+    Switchover,
+    /// Fail-back to the home region after it was failed away from (a
+    /// switchover home otherwise).
+    Failback,
+}
+
+impl Fault {
+    /// The fault's kind, for the summary (no targets).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::JobManager(_, JmPick::Leader, Hit::Kill) => "leader JM SIGKILL",
+            Fault::JobManager(_, JmPick::Leader, Hit::Term) => "leader JM SIGTERM",
+            Fault::JobManager(_, JmPick::Leader, Hit::Freeze) => "leader JM SIGSTOP",
+            Fault::JobManager(_, JmPick::Standby, _) => "standby JM kill/stop",
+            Fault::TaskManager(_, _, Hit::Kill) => "TM SIGKILL",
+            Fault::TaskManager(_, _, Hit::Term) => "TM SIGTERM",
+            Fault::TaskManager(_, _, Hit::Freeze) => "TM SIGSTOP",
+            Fault::RegionNats(..) => "regional NATS node killed",
+            Fault::GlobalNats(_) => "global NATS node killed",
+            Fault::CoordinationLoss(_) => "coordination data loss",
+            Fault::Link(LinkKind::JmNats, _, false) => "JM↔NATS cut",
+            Fault::Link(LinkKind::JmNats, _, true) => "JM↔NATS slow",
+            Fault::Link(LinkKind::JmTm, _, false) => "JM↔TM cut",
+            Fault::Link(LinkKind::JmTm, _, true) => "JM↔TM slow",
+            Fault::Link(LinkKind::RegionGlobal, _, false) => "region↔global cut",
+            Fault::Link(LinkKind::RegionGlobal, _, true) => "region↔global slow",
+            Fault::Link(LinkKind::JmStore, _, false) => "JM↔store cut",
+            Fault::Link(LinkKind::JmStore, _, true) => "JM↔store slow",
+            Fault::Store(StoreFault::Unavailable) => "store 503",
+            Fault::Store(StoreFault::Timeouts) => "store timeouts",
+            Fault::Store(StoreFault::Slow) => "store slow",
+            Fault::Store(StoreFault::Resets) => "store resets",
+            Fault::Store(StoreFault::RefusesWrites) => "store refuses writes",
+            Fault::StoreFull => "store full",
+            Fault::RegionOutage => "region outage",
+            Fault::Switchover => "planned switchover",
+            Fault::Failback => "fail-back",
+        }
+    }
+
+    /// The kind as a command-line word: lowercase, words joined by `-`
+    /// (`leader-jm-sigkill`, `jm-nats-cut`, `store-503`).
+    pub fn slug(&self) -> String {
+        slug(self.kind())
+    }
+
+    /// Whether only JobManagers are hit: such a round must add no
+    /// deployment (a JobManager failover adopts running tasks).
+    pub fn jobmanagers_only(&self) -> bool {
+        matches!(self, Fault::JobManager(..))
+    }
+
+    /// Draws one fault. `store_full`: the catalog has a full store (west's
+    /// store is a tmpfs).
+    fn draw(rng: &mut StdRng, store_full: bool) -> Fault {
+        let side = |rng: &mut StdRng| {
+            if rng.random_bool(0.7) {
+                Side::Primary
+            } else {
+                Side::Standby
+            }
+        };
+        let hit = |rng: &mut StdRng| match rng.random_range(0..3) {
+            0 => Hit::Kill,
+            1 => Hit::Term,
+            _ => Hit::Freeze,
+        };
+        loop {
+            let f = match rng.random_range(0..14) {
+                0 | 1 => Fault::JobManager(side(rng), JmPick::Leader, hit(rng)),
+                2 => Fault::JobManager(side(rng), JmPick::Standby, hit(rng)),
+                3 => Fault::TaskManager(side(rng), rng.random_range(0..2), hit(rng)),
+                4 => Fault::RegionNats(side(rng), rng.random_range(0..3)),
+                5 => Fault::GlobalNats(rng.random_range(0..3)),
+                6 => Fault::CoordinationLoss(side(rng)),
+                7 | 8 => {
+                    let kind = match rng.random_range(0..4) {
+                        0 => LinkKind::JmNats,
+                        1 => LinkKind::JmTm,
+                        2 => LinkKind::RegionGlobal,
+                        _ => LinkKind::JmStore,
+                    };
+                    Fault::Link(kind, side(rng), rng.random_bool(0.3))
+                }
+                9 | 10 => Fault::Store(match rng.random_range(0..5) {
+                    0 => StoreFault::Unavailable,
+                    1 => StoreFault::Timeouts,
+                    2 => StoreFault::Slow,
+                    3 => StoreFault::Resets,
+                    _ => StoreFault::RefusesWrites,
+                }),
+                11 => Fault::StoreFull,
+                12 => Fault::RegionOutage,
+                _ => {
+                    if rng.random_bool(0.5) {
+                        Fault::Switchover
+                    } else {
+                        Fault::Failback
+                    }
+                }
+            };
+            if f != Fault::StoreFull || store_full {
+                return f;
+            }
+        }
+    }
+}
+
+fn hit_word(h: &Hit) -> &'static str {
+    match h {
+        Hit::Kill => "SIGKILL",
+        Hit::Term => "SIGTERM",
+        Hit::Freeze => "SIGSTOP",
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let side = |s: &Side| match s {
+            Side::Primary => "primary",
+            Side::Standby => "standby",
+        };
+        match self {
+            Fault::JobManager(s, p, h) => write!(
+                f,
+                "{} {} JobManager of the {} region",
+                hit_word(h),
+                match p {
+                    JmPick::Leader => "the leading",
+                    JmPick::Standby => "a standby",
+                },
+                side(s)
+            ),
+            Fault::TaskManager(s, i, h) => {
+                write!(
+                    f,
+                    "{} TaskManager {i} of the {} region",
+                    hit_word(h),
+                    side(s)
+                )
+            }
+            Fault::RegionNats(s, n) => write!(f, "kill NATS node {n} of the {} region", side(s)),
+            Fault::GlobalNats(n) => write!(f, "kill global NATS node {n}"),
+            Fault::CoordinationLoss(s) => write!(
+                f,
+                "restart the {} region's NATS cluster with empty storage",
+                side(s)
+            ),
+            Fault::Link(k, s, slow) => write!(
+                f,
+                "{} {} of the {} region",
+                if *slow { "slow" } else { "cut" },
+                match k {
+                    LinkKind::JmNats => "leader JM ↔ NATS",
+                    LinkKind::JmTm => "JMs → TaskManager 0",
+                    LinkKind::RegionGlobal => "every process ↔ global cluster",
+                    LinkKind::JmStore => "leader JM ↔ S3 store",
+                },
+                side(s)
+            ),
+            Fault::Store(s) => write!(f, "S3 store: {}", self.kind().trim_start_matches("store "))
+                .and(match s {
+                    StoreFault::Slow => write!(f, " (2 s per request)"),
+                    _ => Ok(()),
+                }),
+            Fault::StoreFull => write!(f, "fill west's file store"),
+            Fault::RegionOutage => write!(
+                f,
+                "kill every JobManager and TaskManager of the primary region"
+            ),
+            Fault::Switchover => write!(f, "planned switchover to the standby region"),
+            Fault::Failback => write!(f, "fail back to the home region"),
+        }
+    }
+}
+
+/// `kind` as a command-line word.
+pub fn slug(kind: &str) -> String {
+    let mut out = String::new();
+    for c in kind.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// Every kind of the catalog, as command-line words.
+pub fn all_slugs() -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(0);
+    let mut kinds = std::collections::BTreeSet::new();
+    for _ in 0..5_000 {
+        kinds.insert(Fault::draw(&mut rng, true).slug());
+    }
+    kinds.into_iter().collect()
+}
+
+/// One round's plan: its faults, each injected `at` after the round's
+/// start, all healed after `hold`.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub faults: Vec<(Duration, Fault)>,
+    pub hold: Duration,
+}
+
+/// The seeded schedule.
+pub struct Schedule {
+    rng: StdRng,
+    store_full: bool,
+    /// Only these kinds (slugs), if given.
+    only: Option<Vec<String>>,
+}
+
+impl Schedule {
+    /// `only`: draw only faults of these kinds ([`Fault::slug`]); they
+    /// must be of the catalog ([`all_slugs`]).
+    pub fn new(seed: u64, store_full: bool, only: Option<Vec<String>>) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            store_full,
+            only,
+        }
+    }
+
+    fn draw(&mut self) -> Fault {
+        loop {
+            let f = Fault::draw(&mut self.rng, self.store_full);
+            if self.only.as_ref().is_none_or(|o| o.contains(&f.slug())) {
+                return f;
+            }
+        }
+    }
+
+    /// The next round: 1–3 faults within its first 3 s, held 4–10 s.
+    pub fn next_round(&mut self) -> Plan {
+        let n = self.rng.random_range(1..=3);
+        let mut faults: Vec<(Duration, Fault)> = (0..n)
+            .map(|_| {
+                let at = Duration::from_millis(self.rng.random_range(0..3_000));
+                (at, self.draw())
+            })
+            .collect();
+        faults.sort_by_key(|(at, _)| *at);
+        let hold = Duration::from_millis(self.rng.random_range(4_000..10_000));
+        Plan { faults, hold }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_schedule_and_covers_the_catalog() {
+        let plans = |seed| {
+            let mut s = Schedule::new(seed, true, None);
+            (0..200).map(|_| s.next_round()).collect::<Vec<_>>()
+        };
+        let (a, b) = (plans(7), plans(7));
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.faults, y.faults);
+            assert_eq!(x.hold, y.hold);
+        }
+        assert_ne!(
+            a.iter().map(|p| p.faults.clone()).collect::<Vec<_>>(),
+            plans(8)
+                .iter()
+                .map(|p| p.faults.clone())
+                .collect::<Vec<_>>()
+        );
+        let kinds: std::collections::BTreeSet<&str> = a
+            .iter()
+            .flat_map(|p| p.faults.iter().map(|(_, f)| f.kind()))
+            .collect();
+        // 200 rounds draw every kind of the catalog.
+        assert!(kinds.len() >= 25, "{kinds:?}");
+        assert!(a.iter().all(|p| (1..=3).contains(&p.faults.len())));
+        let mut only = Schedule::new(
+            7,
+            true,
+            Some(vec!["store-503".into(), "region-outage".into()]),
+        );
+        for _ in 0..50 {
+            for (_, f) in only.next_round().faults {
+                assert!(
+                    matches!(
+                        f,
+                        Fault::RegionOutage | Fault::Store(StoreFault::Unavailable)
+                    ),
+                    "{f}"
+                );
+            }
+        }
+        assert!(
+            all_slugs().contains(&"jm-nats-cut".to_string()),
+            "{:?}",
+            all_slugs()
+        );
+        assert_eq!(all_slugs().len(), 27, "{:?}", all_slugs());
+        let mut without = Schedule::new(7, false, None);
+        assert!((0..200).all(|_| {
+            without
+                .next_round()
+                .faults
+                .iter()
+                .all(|(_, f)| *f != Fault::StoreFull)
+        }));
+    }
+}
