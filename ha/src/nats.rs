@@ -52,16 +52,26 @@ pub struct NatsKv {
     listing: tokio::sync::Mutex<Option<(std::time::Instant, u64, Vec<Entry>)>>,
     /// Own writes so far: a listing older than the last one is not reused.
     writes: std::sync::atomic::AtomicU64,
+    /// When the bucket's stream was created (server clock, ns since the
+    /// epoch), as last seen: the stream's identity. A stream with the same
+    /// creation time was never lost, whatever a server that is starting
+    /// or catching up answered meanwhile.
+    created: std::sync::Mutex<Option<i128>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HaError {
     HaError::Unavailable(e.to_string())
 }
 
-/// Whether an error says the bucket's stream does not exist.
+/// Whether an error may mean that the bucket's stream does not exist
+/// ("no responders": nothing answers a direct get of a missing stream). A
+/// server that is down or catching up says the same for a while:
+/// [`NatsKv::recreate`] tells the two apart.
 fn is_lost(e: &impl std::fmt::Display) -> bool {
     let text = e.to_string();
-    text.contains("no stream found") || text.contains("stream not found")
+    text.contains("no stream found")
+        || text.contains("stream not found")
+        || text.contains("no responders")
 }
 
 /// Runs `$op` with `$s` bound to the bucket; if the bucket is gone,
@@ -163,6 +173,12 @@ impl NatsKv {
                 .await
                 .map_err(|e| unavailable(format!("creating KV bucket '{bucket}': {e}")))?,
         };
+        let mut stream = store.stream.clone();
+        let created = stream
+            .info()
+            .await
+            .ok()
+            .map(|i| i.created.unix_timestamp_nanos());
         Ok(Self {
             js,
             config,
@@ -172,6 +188,7 @@ impl NatsKv {
             max_age,
             listing: tokio::sync::Mutex::new(None),
             writes: Default::default(),
+            created: std::sync::Mutex::new(created),
         })
     }
 
@@ -188,6 +205,13 @@ impl NatsKv {
     /// The bucket is gone: creates it again (unless another process already
     /// did) and moves its sequence above every revision seen here, so that
     /// no later revision — no later fencing epoch — repeats an earlier one.
+    ///
+    /// Only a stream created since this process last saw the bucket counts
+    /// as lost: a server that restarted with its data, and has not caught
+    /// up yet, answers "no stream found" for a while. Purging the healthy
+    /// stream then would wipe the leader lease under its holder and let a
+    /// second leader in (seen in the chaos campaign); instead such an
+    /// answer is a transient error.
     async fn recreate(&self) -> Result<(), HaError> {
         let _one = self.recreating.lock().await;
         let bucket = &self.config.bucket;
@@ -201,13 +225,15 @@ impl NatsKv {
         };
         let floor = self.high.load(Ordering::SeqCst) + 1;
         let mut stream = store.stream.clone();
-        let last = stream
-            .info()
-            .await
-            .map_err(unavailable)?
-            .state
-            .last_sequence;
-        if last < floor {
+        let info = stream.info().await.map_err(unavailable)?;
+        let created = info.created.unix_timestamp_nanos();
+        let known = *self.created.lock().unwrap_or_else(|p| p.into_inner());
+        if known == Some(created) {
+            return Err(unavailable(format!(
+                "KV bucket '{bucket}' did not answer (a NATS server is starting or catching up); its stream was not lost"
+            )));
+        }
+        if info.state.last_sequence < floor {
             stream.purge().sequence(floor).await.map_err(|e| {
                 unavailable(format!(
                     "moving KV bucket '{bucket}' to revision {floor}: {e}"
@@ -220,6 +246,7 @@ impl NatsKv {
             "the KV bucket was lost (a NATS server restarted with empty storage, or a new cluster): re-created it; revisions go on above {}",
             floor - 1
         );
+        *self.created.lock().unwrap_or_else(|p| p.into_inner()) = Some(created);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = store;
         Ok(())
     }
@@ -398,5 +425,58 @@ pub async fn open_retrying(
             },
             _ = stop.cancelled() => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_testkit::NatsServer;
+
+    async fn open(server: &NatsServer) -> NatsKv {
+        NatsKv::connect(&[server.url()], "t", Duration::from_secs(60), 1)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_false_alarm_never_purges_a_healthy_bucket() {
+        let server = NatsServer::start();
+        let kv = open(&server).await;
+        let rev = kv.create("leader", Bytes::from_static(b"a")).await.unwrap();
+        // A server catching up said "no stream found": the stream is the
+        // one this process opened, so nothing is re-created or purged.
+        let e = kv.recreate().await.unwrap_err();
+        assert!(e.to_string().contains("was not lost"), "{e}");
+        let held = kv.get("leader").await.unwrap().unwrap();
+        assert_eq!(held.revision, rev);
+        assert_eq!(&held.value[..], b"a");
+    }
+
+    #[tokio::test]
+    async fn a_lost_bucket_comes_back_above_every_revision_seen() {
+        let mut server = NatsServer::start();
+        let kv = open(&server).await;
+        let mut last = 0;
+        for i in 0..5u8 {
+            last = kv.put("k", Bytes::from(vec![i])).await.unwrap();
+        }
+        server.restart_empty();
+        let start = std::time::Instant::now();
+        let rev = loop {
+            match kv.create("leader", Bytes::from_static(b"b")).await {
+                Ok(r) => break r,
+                Err(e) => assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "not re-created: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(rev > last, "revision {rev} after {last}");
+        // The re-created stream is now the known one: a later false alarm
+        // leaves it alone.
+        assert!(kv.recreate().await.is_err());
+        assert_eq!(kv.get("leader").await.unwrap().unwrap().revision, rev);
     }
 }

@@ -87,6 +87,8 @@ pub struct Coordinator {
     pub(crate) seen: Mutex<Seen>,
     /// How long the lease and the drill hold have been unchanged here.
     pub(crate) silence: Mutex<Unchanged>,
+    /// The newest probe write into the lease bucket failed.
+    lease_deaf: std::sync::atomic::AtomicBool,
     health: Mutex<Health>,
     /// One cross-region operation at a time.
     pub(crate) ops: tokio::sync::Mutex<()>,
@@ -124,6 +126,7 @@ impl Coordinator {
             verifier,
             role: tokio::sync::Mutex::new(Role::Follower),
             silence: Mutex::new(Unchanged::new()),
+            lease_deaf: std::sync::atomic::AtomicBool::new(false),
             health: Mutex::new(health),
             ops: tokio::sync::Mutex::new(()),
             said: Mutex::new(None),
@@ -253,12 +256,27 @@ impl Coordinator {
         self.wake.notify_one();
     }
 
-    /// One step: heartbeat (or probe), health, then the role's step.
+    /// One step: heartbeat (or probe), health, and the role's step. A
+    /// leader that holds or is taking the region lease steps first and
+    /// beats after: its renewal confirms the TaskManagers' region fence,
+    /// and a slow global KV must not spend the fence on heartbeats first
+    /// (an in-region failover has half of `regions.timeout` to confirm the
+    /// lease again before the tasks stop).
     pub async fn tick(&self) {
         let mut role = self.role.lock().await;
         let leading = self.jobs.leading();
         let dark = matches!(*role, Role::Dark { .. });
-        if !dark {
+        let lease_first = leading.is_some()
+            && matches!(
+                *role,
+                Role::Follower
+                    | Role::Starting
+                    | Role::Promoting { .. }
+                    | Role::Primary { .. }
+                    | Role::SwitchingOver { .. }
+                    | Role::Isolated { .. }
+            );
+        if !dark && !lease_first {
             self.beat(leading.is_some()).await;
         }
         let next = match (leading, role.clone()) {
@@ -268,7 +286,12 @@ impl Coordinator {
                 Role::Follower
             }
             (None, _) => Role::Follower,
-            (Some(_), Role::Follower) => Role::Starting,
+            (Some(_), Role::Follower) => {
+                // Just became the region's leader: take up the lease in
+                // this tick, not the next.
+                self.enter(&mut role, Role::Starting);
+                states::starting::step(self).await
+            }
             (Some(_), Role::Starting) => states::starting::step(self).await,
             (Some(_), Role::Standby { primary }) => states::standby::step(self, primary).await,
             (Some(e), Role::Promoting { lease, until }) => {
@@ -292,6 +315,9 @@ impl Coordinator {
             (Some(_), Role::Dark { until }) => states::dark::step(until),
         };
         self.enter(&mut role, next);
+        if !dark && lease_first {
+            self.beat(true).await;
+        }
         self.jobs
             .report(RegionEvent::Replication(&self.replicator.status()));
     }
@@ -403,6 +429,32 @@ impl Coordinator {
                 .restart_all();
             tracing::debug!("the global KV takes writes from here again: silences count from now");
         }
+    }
+
+    /// Writes this region's probe into the lease bucket; true when it took
+    /// it. The lease's stream can be without a leader while the heartbeat
+    /// bucket's has one, and reads of the lease (answered by any replica)
+    /// go on meanwhile: a standby judges the primary's silence only while
+    /// its own writes into the lease bucket succeed, and counts it afresh
+    /// from the first that does after any that failed.
+    pub(crate) async fn probe_lease(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let key = health::probe_key(&self.s.region, "lease");
+        let ok = self
+            .bounded(self.lease_kv.put(&key, Bytes::from_static(b"1")))
+            .await
+            .is_ok();
+        let was_deaf = self.lease_deaf.swap(!ok, Ordering::SeqCst);
+        if ok && was_deaf {
+            self.silence
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restart_all();
+            tracing::debug!(
+                "the lease bucket takes writes from here again: its silence counts from now"
+            );
+        }
+        ok
     }
 
     /// The global KV took this process's newest write, within the timeout.

@@ -37,11 +37,21 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 struct Link {
     bucket: Arc<InProcess>,
     down: Arc<AtomicBool>,
+    /// Also down when this is (the lease bucket alone, as when its stream
+    /// has no leader while the heartbeat bucket's has).
+    also: Option<Arc<AtomicBool>>,
+    /// Every call hangs (a slow KV; callers bound their waits) while set.
+    hang: Option<Arc<AtomicBool>>,
 }
 
 impl Link {
-    fn check(&self) -> Result<(), HaError> {
-        if self.down.load(Ordering::SeqCst) {
+    async fn check(&self) -> Result<(), HaError> {
+        if self.hang.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        if self.down.load(Ordering::SeqCst)
+            || self.also.as_ref().is_some_and(|a| a.load(Ordering::SeqCst))
+        {
             Err(HaError::Unavailable("cut off (test)".into()))
         } else {
             Ok(())
@@ -52,31 +62,31 @@ impl Link {
 #[async_trait]
 impl Coordination for Link {
     async fn get(&self, key: &str) -> Result<Option<Entry>, HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.get(key).await
     }
     async fn create(&self, key: &str, value: Bytes) -> Result<u64, HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.create(key, value).await
     }
     async fn update(&self, key: &str, value: Bytes, revision: u64) -> Result<u64, HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.update(key, value, revision).await
     }
     async fn put(&self, key: &str, value: Bytes) -> Result<u64, HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.put(key, value).await
     }
     async fn delete(&self, key: &str, revision: Option<u64>) -> Result<(), HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.delete(key, revision).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.list(prefix).await
     }
     async fn watch(&self, key: &str) -> Result<BoxStream<'static, Event>, HaError> {
-        self.check()?;
+        self.check().await?;
         self.bucket.watch(key).await
     }
     fn max_age(&self) -> Duration {
@@ -238,6 +248,9 @@ struct Region {
     jobs: Arc<FakeJobs>,
     down: Arc<AtomicBool>,
     store: StorageLocation,
+    lease_down: Arc<AtomicBool>,
+    /// The heartbeat bucket hangs for this region.
+    health_hang: Arc<AtomicBool>,
 }
 
 impl Region {
@@ -249,6 +262,10 @@ impl Region {
     }
     fn cut(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+    /// Only the lease bucket stops answering this region.
+    fn cut_lease(&self, down: bool) {
+        self.lease_down.store(down, Ordering::SeqCst);
     }
 }
 
@@ -282,10 +299,17 @@ impl World {
             .iter()
             .map(|name| {
                 let down = Arc::new(AtomicBool::new(false));
-                let link = |b: &Arc<InProcess>| -> Arc<dyn Coordination> {
+                let lease_down = Arc::new(AtomicBool::new(false));
+                let health_hang = Arc::new(AtomicBool::new(false));
+                let link = |b: &Arc<InProcess>,
+                            also: Option<&Arc<AtomicBool>>,
+                            hang: Option<&Arc<AtomicBool>>|
+                 -> Arc<dyn Coordination> {
                     Arc::new(Link {
                         bucket: b.clone(),
                         down: down.clone(),
+                        also: also.cloned(),
+                        hang: hang.cloned(),
                     })
                 };
                 let jobs = Arc::new(FakeJobs {
@@ -316,8 +340,8 @@ impl World {
                         webhook: None,
                     },
                     jobs.clone(),
-                    link(&lease),
-                    link(&health),
+                    link(&lease, Some(&lease_down), None),
+                    link(&health, None, Some(&health_hang)),
                     Arc::new(Replicator::new(Vec::new())),
                     Arc::new(Verifier::new(store.clone(), Arc::new(AcceptAll))),
                 );
@@ -326,6 +350,8 @@ impl World {
                     c,
                     jobs,
                     down,
+                    lease_down,
+                    health_hang,
                     store,
                 }
             })
@@ -562,6 +588,39 @@ async fn a_global_kv_that_answers_nobody_for_a_while_moves_no_lease() {
     assert_eq!(w.r("west").jobs.failovers.load(Ordering::SeqCst), 0);
 }
 
+/// Only the lease's stream has no leader for longer than the timeout (the
+/// heartbeat bucket's stream, elsewhere, takes writes all along): the
+/// standby cannot write to the lease bucket either, so what it reads of the
+/// lease meanwhile proves nothing about the primary.
+#[tokio::test(start_paused = true)]
+async fn a_lease_bucket_that_takes_no_writes_for_a_while_moves_no_lease() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    w.step(&["east", "west"]).await;
+    w.r("east").cut_lease(true);
+    w.r("west").cut_lease(true);
+    for _ in 0..(2 * TIMEOUT.as_millis() / INTERVAL.as_millis()) {
+        w.step(&["east", "west"]).await;
+    }
+    assert!(w.r("west").is(RegionRole::Standby));
+    w.r("west").cut_lease(false);
+    w.r("east").cut_lease(false);
+    w.until(&["west", "east"], 10, |w| {
+        w.r("east").is(RegionRole::Primary)
+    })
+    .await;
+    for _ in 0..(2 * TIMEOUT.as_millis() / INTERVAL.as_millis()) {
+        w.step(&["west", "east"]).await;
+        assert!(
+            w.r("west").is(RegionRole::Standby),
+            "west took the lease: {:?}",
+            w.r("west").role().name()
+        );
+    }
+    assert_eq!(w.lease().await.epoch, RegionEpoch(1));
+    assert_eq!(w.r("west").jobs.failovers.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_isolated_primary_that_renews_again_restarts_its_jobs() {
     let w = World::new(&["east", "west"]);
@@ -786,6 +845,32 @@ async fn a_lost_in_region_leadership_hands_the_region_to_the_next_leader() {
         w.r("west").is(RegionRole::Standby),
         "the lease kept being renewed"
     );
+}
+
+/// A new in-region leader confirms the region lease — and with it the
+/// TaskManagers' region fence — in its very first tick, before it spends
+/// any time on heartbeats: with a slow heartbeat bucket, beating first
+/// used up the fence that the old leader's last renewal left, and the
+/// tasks stopped although the region never stopped being primary.
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_confirms_the_fence_before_it_beats() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    *w.r("east").jobs.leading.lock().unwrap() = None;
+    w.step(&["east", "west"]).await;
+    assert!(w.r("east").is(RegionRole::Follower));
+    w.r("east").health_hang.store(true, Ordering::SeqCst);
+    *w.r("east").jobs.leading.lock().unwrap() = Some(JmEpoch(8));
+    let start = Instant::now();
+    w.r("east").c.tick().await;
+    let (_, until) = w.r("east").jobs.fence.lock().unwrap().unwrap();
+    let sent = until - TIMEOUT / 2;
+    assert!(
+        sent >= start && sent - start < INTERVAL,
+        "the fence was confirmed {:?} into the first tick",
+        sent.saturating_duration_since(start)
+    );
+    assert!(w.r("east").is(RegionRole::Promoting) || w.r("east").is(RegionRole::Primary));
 }
 
 #[tokio::test(start_paused = true)]

@@ -33,6 +33,9 @@ pub struct ChaosArgs {
     /// default (docs/reliability.md lists them).
     #[arg(long, value_delimiter = ',')]
     pub faults: Option<Vec<String>>,
+    /// Print the schedule of faults the seed gives, and start nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print the report as JSON instead of Markdown.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +48,28 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
             .map(|d| d.as_secs())
             .unwrap_or(1)
     });
+    let bad = if a.rounds == 0 {
+        Some("--rounds must be at least 1".to_string())
+    } else if !(1..=5_000).contains(&a.rate) {
+        Some("--rate must be between 1 and 5000 records per second".to_string())
+    } else {
+        ferry_lab::chaos::check_only(a.faults.as_deref())
+            .err()
+            .map(|e| format!("{e:#}"))
+    };
+    if let Some(why) = bad {
+        eprintln!("error: {why}");
+        return Ok(ExitCode::from(2));
+    }
+    if a.dry_run {
+        for (n, plan) in ferry_lab::chaos::plans(seed, a.faults.clone(), a.rounds)
+            .iter()
+            .enumerate()
+        {
+            println!("round {}: {}", n + 1, describe(plan));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = ChaosOptions {
         ferry: std::env::current_exe()?,
         rounds: a.rounds,
@@ -69,18 +94,11 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
                 dir.display()
             )
         }
-        Progress::Planned { round, plan } => {
-            let faults: Vec<String> = plan
-                .faults
-                .iter()
-                .map(|(at, f)| format!("+{:.1}s {f}", at.as_secs_f64()))
-                .collect();
-            eprintln!(
-                "round {round}: {} (held {:.1} s)",
-                faults.join("; "),
-                plan.hold.as_secs_f64()
-            );
-        }
+        Progress::Planned { round, plan } => eprintln!(
+            "round {round} ({} UTC): {}",
+            chrono::Utc::now().format("%H:%M:%S"),
+            describe(plan)
+        ),
         Progress::Round(r) => {
             for f in &r.faults {
                 eprintln!("    {f}");
@@ -127,4 +145,18 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
         );
         Ok(ExitCode::from(1))
     }
+}
+
+/// A round's plan on one line.
+fn describe(plan: &ferry_lab::chaos::faults::Plan) -> String {
+    let faults: Vec<String> = plan
+        .faults
+        .iter()
+        .map(|(at, f)| format!("+{:.1}s {f}", at.as_secs_f64()))
+        .collect();
+    format!(
+        "{} (held {:.1} s)",
+        faults.join("; "),
+        plan.hold.as_secs_f64()
+    )
 }

@@ -107,7 +107,7 @@ fn install_moto() -> Result<PathBuf, String> {
 }
 
 /// Where `moto_server` is, installing it if needed (once per test binary).
-fn moto_binary() -> Result<PathBuf, String> {
+pub fn moto_binary() -> Result<PathBuf, String> {
     static FOUND: Mutex<Option<Result<PathBuf, String>>> = Mutex::new(None);
     let mut found = FOUND.lock().unwrap_or_else(|p| p.into_inner());
     found

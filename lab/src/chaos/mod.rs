@@ -69,6 +69,8 @@ pub struct ChaosOptions {
 #[derive(Serialize, Clone, Debug)]
 pub struct RoundReport {
     pub round: u32,
+    /// When the round began (to find it in the processes' logs).
+    pub started_at: DateTime<Utc>,
     /// The faults, as injected ("…: <what happened>").
     pub faults: Vec<String>,
     pub kinds: Vec<&'static str>,
@@ -202,16 +204,7 @@ pub async fn run(
     if o.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    if let Some(only) = &o.only {
-        let known = faults::all_slugs();
-        let unknown: Vec<&String> = only.iter().filter(|k| !known.contains(k)).collect();
-        if !unknown.is_empty() || only.is_empty() {
-            bail!(
-                "unknown fault kinds {unknown:?} in --faults; the catalog: {}",
-                known.join(", ")
-            );
-        }
-    }
+    check_only(o.only.as_deref())?;
     if !(1..=5_000).contains(&o.rate) {
         bail!("--rate must be between 1 and 5000 records per second");
     }
@@ -285,6 +278,28 @@ pub async fn run(
     Ok(report)
 }
 
+/// Checks `--faults`: every kind must be of the catalog.
+pub fn check_only(only: Option<&[String]>) -> anyhow::Result<()> {
+    if let Some(only) = only {
+        let known = faults::all_slugs();
+        let unknown: Vec<&String> = only.iter().filter(|k| !known.contains(k)).collect();
+        if !unknown.is_empty() || only.is_empty() {
+            bail!(
+                "unknown fault kinds {unknown:?} in --faults; the catalog: {}",
+                known.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The plans of the first `rounds` rounds of a seed (what `--dry-run`
+/// prints).
+pub fn plans(seed: u64, only: Option<Vec<String>>, rounds: u32) -> Vec<Plan> {
+    let mut s = Schedule::new(seed, only);
+    (0..rounds).map(|_| s.next_round()).collect()
+}
+
 /// Recovery (and detection) percentiles per fault kind.
 fn by_kind(rounds: &[RoundReport]) -> Vec<KindRow> {
     let mut kinds: BTreeMap<&'static str, (Vec<f64>, Vec<f64>, usize)> = BTreeMap::new();
@@ -326,7 +341,7 @@ impl Campaign {
         progress(Progress::Started {
             dir: &self.world.dir,
         });
-        let mut schedule = Schedule::new(o.seed, self.world.tmpfs.is_some(), o.only.clone());
+        let mut schedule = Schedule::new(o.seed, o.only.clone());
         let mut rounds = Vec::new();
         for n in 1..=o.rounds {
             let plan = schedule.next_round();
@@ -496,6 +511,7 @@ impl Campaign {
     async fn round(&mut self, n: u32, plan: &Plan) -> RoundReport {
         let mut report = RoundReport {
             round: n,
+            started_at: Utc::now(),
             faults: Vec::new(),
             kinds: plan.faults.iter().map(|(_, f)| f.kind()).collect(),
             detection_ms: None,
@@ -519,12 +535,14 @@ impl Campaign {
         let t0 = Instant::now();
         let mut pending = plan.faults.iter().peekable();
         let mut detected: Option<Duration> = None;
+        let mut may_redeploy = false;
         while t0.elapsed() < plan.hold || pending.peek().is_some() {
             while let Some((at, f)) = pending.peek() {
                 if t0.elapsed() < *at {
                     break;
                 }
-                let what = self.inject(f).await;
+                let (what, hits_primary) = self.inject(f).await;
+                may_redeploy |= f.may_redeploy(hits_primary);
                 report.faults.push(format!("{f}: {what}"));
                 pending.next();
             }
@@ -554,9 +572,9 @@ impl Campaign {
             .zip(&before)
             .map(|(a, b)| a.saturating_sub(*b))
             .sum();
-        if plan.faults.iter().all(|(_, f)| f.jobmanagers_only()) && report.deployments > 0 {
+        if !may_redeploy && report.deployments > 0 {
             report.violations.push(format!(
-                "a round of JobManager faults only redeployed tasks {} times (a JobManager failover adopts running tasks)",
+                "tasks were redeployed {} times in a round of faults that must not restart anything (JobManager failovers adopt running tasks; one NATS node of three leaves a quorum; the standby region's faults do not reach the primary's tasks)",
                 report.deployments
             ));
         }
@@ -564,13 +582,29 @@ impl Campaign {
         report
     }
 
-    /// Injects `f`; says what it did.
-    async fn inject(&mut self, f: &Fault) -> String {
-        let side = |s: &Side, p: usize| match s {
-            Side::Primary => p,
-            Side::Standby => 1 - p,
+    /// Injects `f`; says what it did, and whether it hit the primary
+    /// region (for a store: the region whose store it is).
+    async fn inject(&mut self, f: &Fault) -> (String, bool) {
+        let p = self.current_primary().await;
+        let hits = match f {
+            Fault::JobManager(s, ..)
+            | Fault::TaskManager(s, ..)
+            | Fault::RegionNats(s, _)
+            | Fault::CoordinationLoss(s)
+            | Fault::Link(_, s, _) => *s == Side::Primary,
+            Fault::Store(_) => p == 0,
+            Fault::StoreFull => p == 1,
+            Fault::GlobalNats(_) | Fault::RegionOutage | Fault::Switchover | Fault::Failback => {
+                true
+            }
         };
-        let p = match self
+        (self.inject_at(f, p).await, hits)
+    }
+
+    /// The primary region as a JobManager that answers names it (east
+    /// when none does).
+    async fn current_primary(&self) -> usize {
+        match self
             .world
             .regions_view(0)
             .await
@@ -582,6 +616,13 @@ impl Campaign {
                 .and_then(|n| REGIONS.iter().position(|r| *r == n))
                 .unwrap_or(0),
             None => 0,
+        }
+    }
+
+    async fn inject_at(&mut self, f: &Fault, p: usize) -> String {
+        let side = |s: &Side, p: usize| match s {
+            Side::Primary => p,
+            Side::Standby => 1 - p,
         };
         match f {
             Fault::JobManager(s, pick, hit) => {
@@ -678,6 +719,9 @@ impl Campaign {
                 }
                 "east's store".into()
             }
+            Fault::StoreFull if self.world.tmpfs.is_none() => {
+                "skipped: west's store is not a tmpfs (mounting one needs root)".into()
+            }
             Fault::StoreFull => match self.fill_west_store() {
                 Ok(bytes) => format!("{} MiB of ballast", bytes >> 20),
                 Err(e) => format!("could not fill it: {e}"),
@@ -698,19 +742,24 @@ impl Campaign {
                     return format!("no leader in {} to ask (skipped)", REGIONS[p]);
                 };
                 let c = c.with_timeout(Duration::from_secs(90));
-                let answer = if *f == Fault::Failback && home_away {
+                let failback = *f == Fault::Failback && home_away;
+                let answer = if failback {
                     c.failback(REGIONS[0], false, Some(Duration::from_secs(30)))
                         .await
                 } else {
                     c.failover(REGIONS[1 - p], false, false).await
                 };
+                let instead = if *f == Fault::Failback && !failback {
+                    "already home, so a switchover instead: "
+                } else {
+                    ""
+                };
                 match answer {
-                    Ok(a) if a.status.is_success() => format!(
-                        "moved to {}",
-                        a.raw["to"].as_str().unwrap_or(REGIONS[1 - p])
-                    ),
-                    Ok(a) => format!("refused ({}): {}", a.status, a.raw),
-                    Err(e) => format!("refused: {e}"),
+                    Ok(a) if a.status.is_success() => {
+                        format!("{instead}moved to {}", REGIONS[1 - p])
+                    }
+                    Ok(a) => format!("{instead}refused ({}): {}", a.status, a.raw),
+                    Err(e) => format!("{instead}refused: {e}"),
                 }
             }
         }

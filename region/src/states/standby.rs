@@ -15,6 +15,9 @@ use crate::takeover::{self, Situation, Takeover};
 
 pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
     let me = c.s.region.as_str();
+    // Before the lease is read: a first good write after a deaf spell
+    // restarts the silence that reading measures.
+    let hearing = c.reachable() && c.probe_lease().await;
     let (l, silent_for) = match c.read_lease().await {
         Ok((Some(l), silent)) => (l, silent),
         Ok((None, _)) | Err(_) => return Role::Standby { primary },
@@ -35,10 +38,11 @@ pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
     if !c.s.auto_failover {
         return Role::Standby { primary: named };
     }
-    if !c.reachable() {
-        // Cut off from the global KV (or it has no quorum): this region
-        // cannot tell a silent primary from its own deafness. The silence
-        // counts again from its next good write.
+    if !hearing {
+        // Cut off from the global KV (or it, or the lease's stream, has no
+        // quorum or leader): this region cannot tell a silent primary from
+        // its own deafness. The silence counts again from its next good
+        // write.
         return Role::Standby { primary: named };
     }
     let drill = c.drill_target().await;
