@@ -15,6 +15,10 @@ use common::OutputWithin;
 use common::ferry_bin;
 use serde_json::Value;
 
+/// Records the job generates (20 s at its rate: it runs through the
+/// drill and the fail-back).
+const TOTAL: u64 = 400_000;
+
 const JOB: &str = r#"
 apiVersion: ferry.dev/v1
 kind: Job
@@ -25,7 +29,7 @@ spec:
   source:
     generator:
       partitions: 2
-      total: 2000000
+      total: 400000
       rate: 20000
       seed: 3
       eventTime: {step: 10ms, maxOutOfOrderness: 1s}
@@ -172,6 +176,21 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
         v["primary"] == "eu-west" && v["epoch"] == 3
     })
     .await;
+
+    // The job finishes at home with exactly the output the generator model
+    // gives: the switchover and the fail-back lost and repeated nothing.
+    poll_json(&http, &format!("{api}/v1/jobs/{id}"), 120, |v| {
+        v["state"] == "FINISHED"
+    })
+    .await;
+    let spec =
+        ferry_core::spec::parse_and_validate(&JOB.replace("OUT", &out.display().to_string()))
+            .unwrap();
+    let want = common::expected_counts(&common::generator(&spec), TOTAL, 0, 60_000);
+    let got = common::count_rows(&common::read_rows(&out), "user", "clicks");
+    assert_eq!(common::stray_files(&out), Vec::<String>::new());
+    assert_eq!(got.len(), want.len(), "window results");
+    assert_eq!(got, want, "output differs from the generator model");
 
     // SIGTERM stops every process the sandbox started.
     // SAFETY: kill(2) of our own child's PID.

@@ -107,23 +107,32 @@ impl Workdir {
 
     /// Paths of every checkpoint directory that has a manifest, by number.
     pub fn complete_checkpoints(&self) -> BTreeMap<u64, PathBuf> {
-        let mut out = BTreeMap::new();
-        let jobs = self.data_dir().join("jobs");
-        for job in std::fs::read_dir(&jobs).into_iter().flatten().flatten() {
-            for cp in std::fs::read_dir(job.path().join("checkpoints"))
-                .into_iter()
-                .flatten()
-                .flatten()
+        complete_checkpoints_under(&self.data_dir())
+    }
+}
+
+/// Complete checkpoints (with a manifest) of every job under checkpoint
+/// root `root`, by number.
+pub fn complete_checkpoints_under(root: &Path) -> BTreeMap<u64, PathBuf> {
+    let mut out = BTreeMap::new();
+    for job in std::fs::read_dir(root.join("jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for cp in std::fs::read_dir(job.path().join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(n) = cp.file_name().to_string_lossy().parse::<u64>()
+                && cp.path().join("MANIFEST.json").exists()
             {
-                if let Ok(n) = cp.file_name().to_string_lossy().parse::<u64>()
-                    && cp.path().join("MANIFEST.json").exists()
-                {
-                    out.insert(n, cp.path());
-                }
+                out.insert(n, cp.path());
             }
         }
-        out
     }
+    out
 }
 
 /// The random source of a crash test's kill schedule, seeded from
@@ -213,16 +222,34 @@ pub fn ts(v: &serde_json::Value) -> i64 {
     ferry_core::value::parse_ts(v.as_str().expect("timestamp string")).expect("timestamp")
 }
 
-/// Normalizes output rows of a count window into (key, window start, count).
+/// Normalizes output rows of a count window into (key, window start,
+/// count), sorted; repeated rows stay (comparing with the expected rows
+/// finds them). Every row must hold exactly the key, `window_start`,
+/// `window_end` and the count, with the same window length throughout:
+/// a row with a damaged or extra column fails here rather than passing as
+/// its key and count.
 pub fn count_rows(rows: &[serde_json::Value], key: &str, count: &str) -> Vec<(String, i64, i64)> {
+    let mut length = None;
     let mut v: Vec<(String, i64, i64)> = rows
         .iter()
         .map(|r| {
-            (
-                r[key].to_string(),
-                ts(&r["window_start"]),
-                r[count].as_i64().expect("count"),
-            )
+            let fields: std::collections::BTreeSet<&str> = r
+                .as_object()
+                .unwrap_or_else(|| panic!("not an object: {r}"))
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let want: std::collections::BTreeSet<&str> =
+                [key, "window_start", "window_end", count].into();
+            assert_eq!(fields, want, "columns of {r}");
+            let (start, end) = (ts(&r["window_start"]), ts(&r["window_end"]));
+            assert!(end > start, "window_end not after window_start: {r}");
+            assert_eq!(
+                *length.get_or_insert(end - start),
+                end - start,
+                "windows of different lengths: {r}"
+            );
+            (r[key].to_string(), start, r[count].as_i64().expect("count"))
         })
         .collect();
     v.sort();

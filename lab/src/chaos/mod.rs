@@ -192,6 +192,10 @@ struct Campaign {
     dead_nats: Vec<(usize, usize, bool)>,
     dead_global: Vec<usize>,
     ballast: Option<PathBuf>,
+    /// This round's JobManagers (by id) and regional NATS nodes hit, per
+    /// region: faults harmless one by one can together leave a region
+    /// without a JobManager or its NATS without a quorum.
+    hits: Vec<(usize, String)>,
     s3: StorageLocation,
     west: StorageLocation,
 }
@@ -247,6 +251,7 @@ pub async fn run(
         dead_nats: Vec::new(),
         dead_global: Vec::new(),
         ballast: None,
+        hits: Vec::new(),
         s3,
         west,
     };
@@ -274,7 +279,6 @@ pub async fn run(
     if !keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let _ = progress; // every round was reported
     Ok(report)
 }
 
@@ -536,6 +540,7 @@ impl Campaign {
         let mut pending = plan.faults.iter().peekable();
         let mut detected: Option<Duration> = None;
         let mut may_redeploy = false;
+        self.hits.clear();
         while t0.elapsed() < plan.hold || pending.peek().is_some() {
             while let Some((at, f)) = pending.peek() {
                 if t0.elapsed() < *at {
@@ -552,6 +557,24 @@ impl Campaign {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         report.detection_ms = detected.map(|d| d.as_millis() as u64);
+        // Together: every JobManager of a region, or two of its three NATS
+        // nodes, may stop the region's tasks (its fence runs out).
+        for r in 0..REGIONS.len() {
+            let hit = |prefix: &str| {
+                let mut ids: Vec<&String> = self
+                    .hits
+                    .iter()
+                    .filter(|(h, id)| *h == r && id.starts_with(prefix))
+                    .map(|(_, id)| id)
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                ids.len()
+            };
+            if hit("jm-") >= world::JOBMANAGERS || hit("nats-") >= 2 {
+                may_redeploy = true;
+            }
+        }
         let healed_at = Utc::now();
         let heal_start = Instant::now();
         if let Err(e) = self.heal().await {
@@ -636,7 +659,9 @@ impl Campaign {
                 let Some(m) = target else {
                     return format!("no such JobManager in {} (skipped)", REGIONS[r]);
                 };
-                self.hit(r, m, *hit)
+                let id = self.hit(r, m, *hit);
+                self.hits.push((r, id.clone()));
+                id
             }
             Fault::TaskManager(s, i, hit) => {
                 let r = side(s, p);
@@ -646,6 +671,7 @@ impl Campaign {
                 let r = side(s, p);
                 self.world.regions[r].nats[*node].kill();
                 self.dead_nats.push((r, *node, false));
+                self.hits.push((r, format!("nats-{node}")));
                 format!("killed {}", self.world.regions[r].nats[*node].name)
             }
             Fault::GlobalNats(node) => {
@@ -677,12 +703,14 @@ impl Campaign {
                             return format!("no leader in {} (skipped)", REGIONS[r]);
                         };
                         let member = &self.world.regions[r].members[m];
+                        let id = member.id.clone();
                         if *kind == LinkKind::JmNats {
                             member.links.nats.iter().for_each(act);
+                            self.hits.push((r, id.clone()));
                         } else {
                             act(&member.links.store);
                         }
-                        member.id.clone()
+                        id
                     }
                     LinkKind::JmTm => {
                         let member = &self.world.regions[r].members[world::JOBMANAGERS];

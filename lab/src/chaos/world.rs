@@ -157,7 +157,7 @@ pub struct World {
     pub regions: Vec<Region>,
     /// The workload's `nats-server` (never faulted).
     pub data: NatsProcess,
-    moto: Option<Child>,
+    _moto: KillOnDrop,
     moto_port: u16,
     pub store: StoreProxy,
     /// West's store directory, a tmpfs when one could be mounted.
@@ -172,13 +172,20 @@ impl Drop for World {
         for r in &mut self.regions {
             r.members.clear();
         }
-        if let Some(mut m) = self.moto.take() {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
         if let Some(t) = &self.tmpfs {
             let _ = Command::new("umount").arg("-l").arg(t).status();
         }
+    }
+}
+
+/// A child process SIGKILLed (and reaped) when dropped, also when a later
+/// step of starting fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -247,16 +254,18 @@ impl World {
         let moto_port = try_free_port()?;
         std::fs::create_dir_all(dir.join("moto"))?;
         let log = std::fs::File::create(dir.join("moto/moto.log"))?;
-        let mut moto = Command::new(&moto_bin)
-            .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
-            .current_dir(dir.join("moto"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", moto_bin.display()))?;
+        let mut moto = KillOnDrop(
+            Command::new(&moto_bin)
+                .args(["-H", "127.0.0.1", "-p", &moto_port.to_string()])
+                .current_dir(dir.join("moto"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", moto_bin.display()))?,
+        );
         ferry_testkit::wait_listening(
-            &mut moto,
+            &mut moto.0,
             "moto_server",
             moto_port,
             Some(&dir.join("moto/moto.log")),
@@ -289,7 +298,7 @@ impl World {
             global,
             regions: Vec::new(),
             data,
-            moto: Some(moto),
+            _moto: moto,
             moto_port,
             store,
             tmpfs,

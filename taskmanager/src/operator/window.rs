@@ -590,8 +590,21 @@ mod tests {
         }
         got.sort_by_key(|r| (r.0, r.1));
         assert_eq!(got, want);
-        let k3: Vec<_> = want.iter().filter(|r| r.0 == 3).collect();
-        assert_eq!(k3[0].2, vec![Value::Int(2), Value::Float(9.0)]);
+        // Every row, computed here from the input: one record per key at
+        // 100 ms (x = 1.5 k), key 3 again at 200 ms and at 1200 ms.
+        let mut independent: Vec<(i64, i64, Vec<Value>)> = (0..40)
+            .map(|k| {
+                let (n, s) = if k == 3 {
+                    (2, 9.0)
+                } else {
+                    (1, k as f64 * 1.5)
+                };
+                (k, 0, vec![Value::Int(n), Value::Float(s)])
+            })
+            .collect();
+        independent.push((3, 1000, vec![Value::Int(1), Value::Float(4.5)]));
+        independent.sort_by_key(|r| (r.0, r.1));
+        assert_eq!(want, independent);
     }
 
     #[test]

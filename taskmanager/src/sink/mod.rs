@@ -14,7 +14,7 @@
 //! ([`FileSink::reconcile`]), so deterministic replays do not repeat
 //! committed output. The NATS JetStream sink ([`nats`])
 //! follows the same protocol, publishing a transaction when its checkpoint
-//! completes. `stdout` (at-least-once) and `blackhole` are for demos and
+//! completes, and holds back what a lost lineage published likewise. `stdout` (at-least-once) and `blackhole` are for demos and
 //! benchmarks.
 
 pub mod nats;
@@ -143,7 +143,12 @@ impl Sink {
                 f.commit(CheckpointId(u64::MAX)).await?;
                 f.reconcile(restored).await?;
             }
-            Sink::Nats(n) => n.recommit().await?,
+            Sink::Nats(n) => {
+                // Before the restored transactions are published again:
+                // the lost lineage's messages follow the restored state's.
+                n.reconcile(restored).await?;
+                n.recommit().await?;
+            }
             Sink::Stdout | Sink::Blackhole => {}
         }
         Ok(records)

@@ -30,6 +30,16 @@
 //! checkpoint completes (like the file sink), and the checkpoint holds the
 //! transaction's messages until then.
 //!
+//! Output published *beyond* the restored checkpoint — by a lineage that
+//! was lost, e.g. the old primary's transactions after the newest
+//! checkpoint a failover could restore — is held back as in the file sink
+//! ([`NatsSink::reconcile`]): the restored sink reads this subtask's
+//! messages of later transactions from the stream and leaves each out once
+//! when it produces it again. Their ids may be taken by then, so such a
+//! lineage tags its transaction ids (`<job>-<subtask>.<tag>-<checkpoint>`):
+//! JetStream would otherwise drop its new messages as duplicates of the
+//! lost lineage's.
+//!
 //! Invariant: a message id names the same message in every attempt of a
 //! job, and a transaction leaves the pending set only when every one of its
 //! messages is acknowledged by the configured stream. A failed or timed-out
@@ -85,7 +95,56 @@ struct NatsSinkState {
     /// Records of a transaction an intermediate savepoint left open.
     open: Vec<Msg>,
     records_out: u64,
+    /// Added after the first version; states written before lack it.
+    guard: NatsGuard,
 }
+
+/// The first version of [`NatsSinkState`] (no replay guard).
+#[derive(Debug, Deserialize)]
+struct NatsSinkStateV1 {
+    pending: Vec<(u64, String, Vec<Msg>)>,
+    open: Vec<Msg>,
+    records_out: u64,
+}
+
+impl NatsSinkState {
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if let Ok(st) = postcard::from_bytes::<NatsSinkState>(bytes) {
+            return Ok(st);
+        }
+        let v1: NatsSinkStateV1 = postcard::from_bytes(bytes)
+            .map_err(|e| format!("NATS sink state is unreadable: {e}"))?;
+        Ok(NatsSinkState {
+            pending: v1.pending,
+            open: v1.open,
+            records_out: v1.records_out,
+            guard: NatsGuard::default(),
+        })
+    }
+}
+
+/// What a restored sink holds back (see [`NatsSink::reconcile`]).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct NatsGuard {
+    /// (subject, payload) of messages a lost lineage published, and how
+    /// many times each is still owed.
+    owed: Vec<(String, Vec<u8>, u32)>,
+    /// Transactions whose messages were taken into `owed` (never twice).
+    counted: Vec<String>,
+    /// This lineage's transaction-id tag, set when a restore found output
+    /// beyond its checkpoint.
+    tag: Option<String>,
+    /// The stream sequence of the newest message this sink had published
+    /// when the state was taken: a lost lineage's later messages follow it.
+    published_through: u64,
+}
+
+/// Largest output of a lost lineage held back, in payload bytes; beyond
+/// it the output is published again (at-least-once for that window), with
+/// a warning, rather than held in every checkpoint.
+const MAX_OWED_BYTES: usize = 64 << 20;
+/// Bound on a reconcile's scan of the stream.
+const RECONCILE_LIMIT: Duration = Duration::from_secs(60);
 
 /// A subject template with field names resolved to column indices.
 enum Subject {
@@ -112,6 +171,18 @@ pub struct NatsSink {
     /// one subtask can hold several old subtasks' transactions of one
     /// checkpoint. The id prefixes its messages' ids.
     pending: BTreeMap<(u64, String), Vec<Msg>>,
+    /// Messages still owed to a lost lineage's output, with their count.
+    owed: std::collections::HashMap<(String, Vec<u8>), u32>,
+    owed_bytes: usize,
+    counted: std::collections::BTreeSet<String>,
+    tag: Option<String>,
+    /// The newest stream sequence this sink published (at first, the
+    /// stream's end when it opened).
+    published_through: u64,
+    /// Where the restored states had published through (the lowest of
+    /// them; 0: a state of the first version): a lost lineage's messages
+    /// follow it.
+    restored_through: Option<u64>,
 }
 
 impl NatsSink {
@@ -126,12 +197,13 @@ impl NatsSink {
     ) -> Result<Self, String> {
         let js = crate::nats::connect(&spec.url, &format!("ferry-sink-{subtask}")).await?;
         let mut handle = crate::nats::stream(&js, &spec.stream, &spec.url).await?;
-        let window = handle
+        let info = handle
             .info()
             .await
-            .map_err(|e| format!("reading stream '{}' info: {e}", spec.stream))?
-            .config
-            .duplicate_window;
+            .map_err(|e| format!("reading stream '{}' info: {e}", spec.stream))?;
+        let window = info.config.duplicate_window;
+        // Nothing this sink publishes can come before the stream's end now.
+        let opened_at = info.state.last_sequence.max(1);
         if window < min_window {
             return Err(format!(
                 "stream '{}' deduplicates for {} but a replay after a restart can come up to {} later, so it could be published twice; raise the stream's duplicate window (`nats stream edit {} --dupe-window {}s`) or shorten the checkpoint interval or restart delays",
@@ -170,12 +242,55 @@ impl NatsSink {
             subtask,
             open: Vec::new(),
             pending: BTreeMap::new(),
+            owed: Default::default(),
+            owed_bytes: 0,
+            counted: Default::default(),
+            tag: None,
+            published_through: opened_at,
+            restored_through: None,
         })
     }
 
-    /// The transaction id of this subtask for checkpoint `cp`.
+    /// The transaction id of this subtask for checkpoint `cp` (tagged in
+    /// a lineage that restored behind published output).
     fn txn_id(&self, cp: CheckpointId) -> String {
-        format!("{}-{:08}", self.txn_prefix, cp.0)
+        match &self.tag {
+            None => format!("{}-{:08}", self.txn_prefix, cp.0),
+            Some(t) => format!("{}.{t}-{:08}", self.txn_prefix, cp.0),
+        }
+    }
+
+    /// Whether transaction prefix `prefix` (`<job>-<subtask>` or tagged)
+    /// is this subtask's.
+    fn is_own(&self, prefix: &str) -> bool {
+        prefix == self.txn_prefix
+            || prefix
+                .strip_prefix(self.txn_prefix.as_str())
+                .is_some_and(|t| t.starts_with('.'))
+    }
+
+    /// Leaves every owed message out of `msgs`, once each.
+    fn hold_back(&mut self, msgs: Vec<Msg>) -> Vec<Msg> {
+        if self.owed.is_empty() {
+            return msgs;
+        }
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let key = (m.subject, m.payload);
+            if let Some(n) = self.owed.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.owed.remove(&key);
+                }
+                self.owed_bytes = self.owed_bytes.saturating_sub(key.1.len());
+                continue;
+            }
+            out.push(Msg {
+                subject: key.0,
+                payload: key.1,
+            });
+        }
+        out
     }
 
     /// Adds a batch to the open transaction.
@@ -221,7 +336,10 @@ impl NatsSink {
     ) -> Result<(Vec<u8>, Vec<SinkTransaction>), String> {
         if close_txn && !self.open.is_empty() {
             let msgs = std::mem::take(&mut self.open);
-            self.pending.insert((cp.0, self.txn_id(cp)), msgs);
+            let msgs = self.hold_back(msgs);
+            if !msgs.is_empty() {
+                self.pending.insert((cp.0, self.txn_id(cp)), msgs);
+            }
         }
         let st = NatsSinkState {
             pending: self
@@ -231,6 +349,16 @@ impl NatsSink {
                 .collect(),
             open: self.open.clone(),
             records_out,
+            guard: NatsGuard {
+                owed: self
+                    .owed
+                    .iter()
+                    .map(|((s, p), n)| (s.clone(), p.clone(), *n))
+                    .collect(),
+                counted: self.counted.iter().cloned().collect(),
+                tag: self.tag.clone(),
+                published_through: self.published_through,
+            },
         };
         let txns = self
             .pending
@@ -253,7 +381,8 @@ impl NatsSink {
             .cloned()
             .collect();
         for key in due {
-            self.publish(&key.1, &self.pending[&key]).await?;
+            let seq = self.publish(&key.1, &self.pending[&key]).await?;
+            self.published_through = self.published_through.max(seq);
             self.pending.remove(&key);
         }
         Ok(())
@@ -268,10 +397,125 @@ impl NatsSink {
             if self.already_published(&key.1, msgs).await? {
                 tracing::info!(txn = %key.1, "transaction already published; not publishing it again");
             } else {
-                self.publish(&key.1, msgs).await?;
+                let seq = self.publish(&key.1, msgs).await?;
+                self.published_through = self.published_through.max(seq);
             }
             self.pending.remove(&key);
         }
+        Ok(())
+    }
+
+    /// After a restore from checkpoint `restored`: every message of this
+    /// subtask's transactions numbered above it — published by a lineage
+    /// that was lost — is read from the stream once (from where the
+    /// restored state had published through), and held back until this
+    /// run produces it again. From then on this lineage tags its
+    /// transaction ids, as the lost lineage's ids are taken.
+    pub async fn reconcile(&mut self, restored: CheckpointId) -> Result<(), String> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        use futures::StreamExt;
+        let last = self
+            .handle
+            .info()
+            .await
+            .map_err(|e| format!("reading stream '{}' info: {e}", self.stream))?
+            .state
+            .last_sequence;
+        let through = match self.restored_through {
+            Some(t) if t > 0 => t,
+            // Nothing restored, or a state of the first version: where its
+            // output ends is unknown (the stream may be long); nothing is
+            // held back.
+            _ => return Ok(()),
+        };
+        let start = through + 1;
+        if last < start {
+            return Ok(());
+        }
+        let consumer = self
+            .handle
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("reading stream '{}' failed: {e}", self.stream))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("reading stream '{}' failed: {e}", self.stream))?;
+        let deadline = tokio::time::Instant::now() + RECONCILE_LIMIT;
+        let mut found = 0u64;
+        let mut txns = std::collections::BTreeSet::new();
+        loop {
+            let next = match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(m)) => {
+                    m.map_err(|e| format!("reading stream '{}' failed: {e}", self.stream))?
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        stream = %self.stream,
+                        "reading the stream from sequence {start} to {last} for output of a lost run took over {}s: holding back only what was read (the rest may be published again)",
+                        RECONCILE_LIMIT.as_secs()
+                    );
+                    break;
+                }
+            };
+            let seq = next.info().map(|i| i.stream_sequence).unwrap_or(last);
+            let id = next
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(NATS_MESSAGE_ID))
+                .map(|v| v.as_str().to_string());
+            if let Some((prefix, cp, _)) = id.as_deref().and_then(parse_msg_id)
+                && cp > restored.0
+                && self.is_own(prefix)
+            {
+                let txn = format!("{prefix}-{cp:08}");
+                if !self.counted.contains(&txn) {
+                    txns.insert(txn);
+                    self.owed_bytes += next.payload.len();
+                    *self
+                        .owed
+                        .entry((next.subject.to_string(), next.payload.to_vec()))
+                        .or_default() += 1;
+                    found += 1;
+                }
+            }
+            if seq >= last {
+                break;
+            }
+        }
+        if found == 0 {
+            return Ok(());
+        }
+        self.counted.extend(txns.iter().cloned());
+        if self.owed_bytes > MAX_OWED_BYTES {
+            tracing::warn!(
+                subtask = self.subtask,
+                messages = found,
+                mib = self.owed_bytes >> 20,
+                "output published beyond checkpoint {restored} is too large to hold back (over {} MiB): it is published again (at-least-once for that window)",
+                MAX_OWED_BYTES >> 20
+            );
+            self.owed.clear();
+            self.owed_bytes = 0;
+        } else {
+            tracing::warn!(
+                subtask = self.subtask,
+                transactions = txns.len(),
+                messages = found,
+                "output was published beyond checkpoint {restored} (by a run that was lost, e.g. before a failover): its messages are held back until this run produces them again"
+            );
+        }
+        // Distinct from every earlier lineage's (the time of this restore).
+        self.tag = Some(format!(
+            "{:x}",
+            chrono::Utc::now().timestamp_micros() & 0xff_ffff_ffff
+        ));
         Ok(())
     }
 
@@ -308,14 +552,17 @@ impl NatsSink {
     }
 
     #[tracing::instrument(skip(self, msgs), fields(messages = msgs.len()))]
-    async fn publish(&self, txn: &str, msgs: &[Msg]) -> Result<(), String> {
+    async fn publish(&self, txn: &str, msgs: &[Msg]) -> Result<u64, String> {
         let mut in_flight: VecDeque<PublishAckFuture> = VecDeque::new();
         let mut duplicates = 0usize;
+        let mut newest = 0u64;
         for (i, m) in msgs.iter().enumerate() {
             if in_flight.len() >= MAX_IN_FLIGHT
                 && let Some(ack) = in_flight.pop_front()
             {
-                duplicates += self.check_ack(ack, txn).await?;
+                let (dup, seq) = self.check_ack(ack, txn).await?;
+                duplicates += dup;
+                newest = newest.max(seq);
             }
             let mut headers = HeaderMap::new();
             headers.insert(NATS_MESSAGE_ID, format!("{txn}-{i}").as_str());
@@ -327,7 +574,9 @@ impl NatsSink {
             in_flight.push_back(ack);
         }
         while let Some(ack) = in_flight.pop_front() {
-            duplicates += self.check_ack(ack, txn).await?;
+            let (dup, seq) = self.check_ack(ack, txn).await?;
+            duplicates += dup;
+            newest = newest.max(seq);
         }
         if duplicates > 0 {
             tracing::info!(
@@ -335,11 +584,12 @@ impl NatsSink {
                 "a replayed transaction: JetStream dropped {duplicates} messages it already had"
             );
         }
-        Ok(())
+        Ok(newest)
     }
 
-    /// 1 if the ack reports a dropped duplicate, 0 if newly stored.
-    async fn check_ack(&self, ack: PublishAckFuture, txn: &str) -> Result<usize, String> {
+    /// (1 if the ack reports a dropped duplicate, 0 if newly stored; the
+    /// message's stream sequence).
+    async fn check_ack(&self, ack: PublishAckFuture, txn: &str) -> Result<(usize, u64), String> {
         let ack = ack
             .await
             .map_err(|e| format!("publishing transaction {txn} failed: {e}"))?;
@@ -349,25 +599,32 @@ impl NatsSink {
                 ack.stream, self.stream
             ));
         }
-        Ok(usize::from(ack.duplicate))
+        Ok((usize::from(ack.duplicate), ack.sequence))
     }
 
     /// Adds the pending and open transactions of an old subtask's state,
     /// returning its records-out count.
     /// Decodes one snapshot part without restoring it (restore checks).
     pub fn check_state(bytes: &[u8]) -> Result<(), String> {
-        postcard::from_bytes::<NatsSinkState>(bytes)
-            .map(drop)
-            .map_err(|e| format!("NATS sink state is unreadable: {e}"))
+        NatsSinkState::decode(bytes).map(drop)
     }
 
     pub fn adopt(&mut self, bytes: &[u8]) -> Result<u64, String> {
-        let st: NatsSinkState = postcard::from_bytes(bytes)
-            .map_err(|e| format!("NATS sink state is unreadable: {e}"))?;
+        let st = NatsSinkState::decode(bytes)?;
         for (cp, id, msgs) in st.pending {
             self.pending.insert((cp, id), msgs);
         }
         self.open.extend(st.open);
+        for (subject, payload, n) in st.guard.owed {
+            self.owed_bytes += payload.len() * n as usize;
+            *self.owed.entry((subject, payload)).or_default() += n;
+        }
+        self.counted.extend(st.guard.counted);
+        if st.guard.tag.is_some() {
+            self.tag = st.guard.tag;
+        }
+        let through = st.guard.published_through;
+        self.restored_through = Some(self.restored_through.map_or(through, |r| r.min(through)));
         Ok(st.records_out)
     }
 }
@@ -402,5 +659,42 @@ mod tests {
         );
         assert_eq!(parse_msg_id("not-an-id"), None);
         assert_eq!(parse_msg_id("x"), None);
+        // A tagged lineage's ids keep the tag in the prefix.
+        assert_eq!(
+            parse_msg_id(&format!("{job}-0003.1f2e-00000012-7")),
+            Some((format!("{job}-0003.1f2e").as_str(), 12, 7))
+        );
+    }
+
+    /// States written before the replay guard existed still restore.
+    #[test]
+    fn a_state_of_the_first_version_decodes() {
+        #[derive(Serialize)]
+        struct V1 {
+            pending: Vec<(u64, String, Vec<Msg>)>,
+            open: Vec<Msg>,
+            records_out: u64,
+        }
+        let bytes = postcard::to_stdvec(&V1 {
+            pending: vec![(
+                3,
+                "j-0000-00000003".into(),
+                vec![Msg {
+                    subject: "s".into(),
+                    payload: b"{}".to_vec(),
+                }],
+            )],
+            open: Vec::new(),
+            records_out: 9,
+        })
+        .unwrap();
+        let st = NatsSinkState::decode(&bytes).unwrap();
+        assert_eq!(st.records_out, 9);
+        assert_eq!(st.pending.len(), 1);
+        assert_eq!(
+            st.guard.published_through, 0,
+            "unknown: nothing is held back"
+        );
+        assert!(NatsSinkState::decode(b"\xff\xff").is_err());
     }
 }
