@@ -660,6 +660,55 @@ async fn cancel_with_savepoint_writes_a_manifest() {
     expect_error(res, StatusCode::CONFLICT, "conflict").await;
 }
 
+/// A cancel with a savepoint whose savepoint cannot be written (here a
+/// file stands where the savepoints go; in the chaos campaign, a full
+/// store under a switchover) fails, and the job goes on: it restarts from
+/// its newest checkpoint and runs, rather than staying CANCELLING forever
+/// while its tasks run.
+#[tokio::test]
+async fn a_cancel_whose_savepoint_fails_leaves_the_job_running() {
+    let s = ApiServer::start().await;
+    let job = s.submit(s.spec("endless", "rate: 1000")).await;
+    let id = job.id.to_string();
+    s.wait_until(&id, "RUNNING with a checkpoint", |j| {
+        j.state == JobState::Running && j.last_checkpoint.is_some()
+    })
+    .await;
+    let cp = s
+        .http
+        .get(s.url(&format!("/v1/jobs/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json::<JobInfo>()
+        .await
+        .unwrap()
+        .last_checkpoint
+        .unwrap();
+    // <root>/jobs/<id>/checkpoints/<n> → <root>/jobs/<id>/savepoints
+    let job_dir = local_path(&cp.path)
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .to_path_buf();
+    std::fs::write(job_dir.join("savepoints"), b"in the way").unwrap();
+
+    let res = s
+        .http
+        .delete(s.url(&format!("/v1/jobs/{id}?savepoint=true")))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert!(!status.is_success(), "{status}: {text}");
+    assert!(text.contains("savepoint"), "{text}");
+    s.wait_until(&id, "RUNNING again after the failed stop", |j| {
+        j.state == JobState::Running && j.restarts >= 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn savepoint_of_a_running_job_leaves_it_running() {
     let s = ApiServer::start().await;

@@ -62,6 +62,10 @@ impl JobState {
                 | (Restarting, Cancelling)
                 | (Cancelling, Cancelled)
                 | (Cancelling, Failed)
+                // A stop-with-savepoint whose savepoint failed (a full or
+                // refusing store, a failed task): the stop is abandoned
+                // and the job goes on from its newest checkpoint.
+                | (Cancelling, Restarting)
         )
     }
 
