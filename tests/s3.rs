@@ -286,15 +286,7 @@ fn a_store_outage_delays_the_job_but_never_fails_it() {
     assert!(log.contains("checkpoints failed in a row"), "{log}");
 
     // Every record exactly once: the sequence 0..30000, computed here.
-    let mut seen: Vec<i64> = w
-        .output_rows("out")
-        .iter()
-        .map(|r| r["n"].as_i64().expect("n"))
-        .collect();
-    seen.sort_unstable();
-    let want: Vec<i64> = (0..30_000).collect();
-    assert_eq!(seen.len(), want.len(), "records lost or repeated");
-    assert_eq!(seen, want);
+    assert_sequence_exactly_once(&w.output_rows("out"), "n", 30_000);
 
     // Checkpoint directories hold a manifest or an abort marker only.
     rt.block_on(async {

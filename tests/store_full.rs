@@ -106,14 +106,7 @@ spec:
     assert_eq!(code, 0, "{log}");
 
     // Every record exactly once: 0..40000, computed here.
-    let mut seen: Vec<i64> = w
-        .output_rows("out")
-        .iter()
-        .map(|r| r["n"].as_i64().expect("n"))
-        .collect();
-    seen.sort_unstable();
-    assert_eq!(seen.len(), 40_000, "records lost or repeated");
-    assert_eq!(seen, (0..40_000).collect::<Vec<i64>>());
+    assert_sequence_exactly_once(&w.output_rows("out"), "n", 40_000);
 
     // Checkpoint directories hold a manifest or an abort marker only.
     let mut dirs = 0;

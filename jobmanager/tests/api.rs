@@ -52,6 +52,18 @@ impl ApiServer {
         }
     }
 
+    /// `DELETE /v1/jobs/{id}?savepoint=true`: (status, body).
+    async fn cancel_with_savepoint(&self, id: &str) -> (StatusCode, String) {
+        let res = self
+            .http
+            .delete(self.url(&format!("/v1/jobs/{id}?savepoint=true")))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        (status, res.text().await.unwrap())
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -625,14 +637,7 @@ async fn cancel_with_savepoint_writes_a_manifest() {
     })
     .await;
 
-    let res = s
-        .http
-        .delete(s.url(&format!("/v1/jobs/{id}?savepoint=true")))
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    let text = res.text().await.unwrap();
+    let (status, text) = s.cancel_with_savepoint(&id).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let cancelled: CancelResponse = serde_json::from_str(&text).unwrap();
     assert_eq!(cancelled.job.state, JobState::Cancelled);
@@ -693,14 +698,7 @@ async fn a_cancel_whose_savepoint_fails_leaves_the_job_running() {
         .to_path_buf();
     std::fs::write(job_dir.join("savepoints"), b"in the way").unwrap();
 
-    let res = s
-        .http
-        .delete(s.url(&format!("/v1/jobs/{id}?savepoint=true")))
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    let text = res.text().await.unwrap();
+    let (status, text) = s.cancel_with_savepoint(&id).await;
     assert!(!status.is_success(), "{status}: {text}");
     assert!(text.contains("savepoint"), "{text}");
     s.wait_until(&id, "RUNNING again after the failed stop", |j| {

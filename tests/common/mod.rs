@@ -111,6 +111,22 @@ impl Workdir {
     }
 }
 
+/// Asserts that `rows` hold field `field` = 0, 1, …, `n` − 1, each exactly
+/// once (a generator's `sequence`): nothing lost, nothing repeated.
+pub fn assert_sequence_exactly_once(rows: &[serde_json::Value], field: &str, n: i64) {
+    let mut seen: Vec<i64> = rows
+        .iter()
+        .map(|r| {
+            r[field]
+                .as_i64()
+                .unwrap_or_else(|| panic!("no {field} in {r}"))
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen.len() as i64, n, "records lost or repeated");
+    assert_eq!(seen, (0..n).collect::<Vec<i64>>());
+}
+
 /// Complete checkpoints (with a manifest) of every job under checkpoint
 /// root `root`, by number.
 pub fn complete_checkpoints_under(root: &Path) -> BTreeMap<u64, PathBuf> {

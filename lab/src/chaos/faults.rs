@@ -130,15 +130,19 @@ impl Fault {
 
     /// Whether the fault may redeploy tasks, given whether the region it
     /// hits (or, for a store, the region whose store it is) is the
-    /// primary. A JobManager failover adopts running tasks, one NATS node
-    /// of three leaves a quorum, and nothing that happens to the standby
-    /// region touches the primary's tasks: a round of only such faults
-    /// must add no deployment.
+    /// primary. A JobManager failover adopts running tasks, and nothing
+    /// that happens to the standby region touches the primary's tasks: a
+    /// round of only such faults must add no deployment. One NATS node of
+    /// three may: when it led the coordination KV's stream, the KV takes no
+    /// writes until the survivors elect a leader (several seconds of NATS
+    /// Raft election), no JobManager can hold the region's lease meanwhile,
+    /// and the TaskManagers' region fence runs out.
     pub fn may_redeploy(&self, hits_primary: bool) -> bool {
         match self {
-            Fault::JobManager(..) | Fault::RegionNats(..) => false,
+            Fault::JobManager(..) => false,
             Fault::Link(LinkKind::JmNats, ..) => false,
             Fault::TaskManager(..)
+            | Fault::RegionNats(..)
             | Fault::CoordinationLoss(_)
             | Fault::Link(..)
             | Fault::Store(_)

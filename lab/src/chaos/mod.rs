@@ -192,9 +192,8 @@ struct Campaign {
     dead_nats: Vec<(usize, usize, bool)>,
     dead_global: Vec<usize>,
     ballast: Option<PathBuf>,
-    /// This round's JobManagers (by id) and regional NATS nodes hit, per
-    /// region: faults harmless one by one can together leave a region
-    /// without a JobManager or its NATS without a quorum.
+    /// This round's JobManagers hit (by id), per region: faults harmless
+    /// one by one can together leave a region without a JobManager.
     hits: Vec<(usize, String)>,
     s3: StorageLocation,
     west: StorageLocation,
@@ -557,21 +556,18 @@ impl Campaign {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         report.detection_ms = detected.map(|d| d.as_millis() as u64);
-        // Together: every JobManager of a region, or two of its three NATS
-        // nodes, may stop the region's tasks (its fence runs out).
+        // Together: every JobManager of a region may stop its tasks (no
+        // leader confirms the region fence).
         for r in 0..REGIONS.len() {
-            let hit = |prefix: &str| {
-                let mut ids: Vec<&String> = self
-                    .hits
-                    .iter()
-                    .filter(|(h, id)| *h == r && id.starts_with(prefix))
-                    .map(|(_, id)| id)
-                    .collect();
-                ids.sort();
-                ids.dedup();
-                ids.len()
-            };
-            if hit("jm-") >= world::JOBMANAGERS || hit("nats-") >= 2 {
+            let mut jms: Vec<&String> = self
+                .hits
+                .iter()
+                .filter(|(h, id)| *h == r && id.starts_with("jm-"))
+                .map(|(_, id)| id)
+                .collect();
+            jms.sort();
+            jms.dedup();
+            if jms.len() >= world::JOBMANAGERS {
                 may_redeploy = true;
             }
         }
@@ -597,7 +593,7 @@ impl Campaign {
             .sum();
         if !may_redeploy && report.deployments > 0 {
             report.violations.push(format!(
-                "tasks were redeployed {} times in a round of faults that must not restart anything (JobManager failovers adopt running tasks; one NATS node of three leaves a quorum; the standby region's faults do not reach the primary's tasks)",
+                "tasks were redeployed {} times in a round of faults that must not restart anything (JobManager failovers adopt running tasks; the standby region's faults do not reach the primary's tasks)",
                 report.deployments
             ));
         }
@@ -671,7 +667,6 @@ impl Campaign {
                 let r = side(s, p);
                 self.world.regions[r].nats[*node].kill();
                 self.dead_nats.push((r, *node, false));
-                self.hits.push((r, format!("nats-{node}")));
                 format!("killed {}", self.world.regions[r].nats[*node].name)
             }
             Fault::GlobalNats(node) => {
