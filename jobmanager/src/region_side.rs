@@ -210,6 +210,27 @@ impl RegionJobs for JmRegion {
 /// by the region coordinator.
 struct RegionCtl(Arc<Coordinator>);
 
+/// Runs a cross-region operation as a task of its own, to its end even
+/// when its caller stops waiting: dropping a switchover halfway (an HTTP
+/// client that timed out or went away) left its jobs stopped with
+/// savepoints while the lease still named this region — nobody resumed
+/// them. The caller gets the result if it still waits.
+fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, RegionFailure>> + Send + 'static,
+) -> RegionResult<T> {
+    let task = tokio::spawn(op);
+    Box::pin(async move {
+        task.await.unwrap_or_else(|e| {
+            Err(RegionFailure {
+                kind: ferry_core::api::RegionErrorKind::Conflict,
+                message: format!(
+                    "the cross-region operation ended abnormally ({e}); check `ferry region status`"
+                ),
+            })
+        })
+    })
+}
+
 fn failure(e: RegionError) -> RegionFailure {
     RegionFailure {
         kind: e.kind(),
@@ -225,7 +246,7 @@ impl RegionOps for RegionCtl {
         dry_run: bool,
     ) -> RegionResult<SwitchoverReport> {
         let c = self.0.clone();
-        Box::pin(async move { c.switchover(&target, force, dry_run).await.map_err(failure) })
+        detached(async move { c.switchover(&target, force, dry_run).await.map_err(failure) })
     }
 
     fn failback(
@@ -235,7 +256,7 @@ impl RegionOps for RegionCtl {
         wait: Duration,
     ) -> RegionResult<SwitchoverReport> {
         let c = self.0.clone();
-        Box::pin(async move {
+        detached(async move {
             c.failback(Some(&target), dry_run, wait)
                 .await
                 .map_err(failure)
@@ -244,6 +265,40 @@ impl RegionOps for RegionCtl {
 
     fn outage(&self, start: Option<(Duration, Option<String>)>) -> RegionResult<OutageReport> {
         let c = self.0.clone();
-        Box::pin(async move { c.outage(start).await.map_err(failure) })
+        detached(async move { c.outage(start).await.map_err(failure) })
+    }
+}
+
+#[cfg(test)]
+mod detached_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The HTTP handler of a switchover is dropped when its client times
+    /// out; the switchover itself must go on to its end (move the lease,
+    /// or roll back and resume the jobs).
+    #[tokio::test]
+    async fn a_detached_operation_finishes_when_its_caller_stops_waiting() {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let op = detached(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            d.store(true, Ordering::SeqCst);
+            Ok::<_, RegionFailure>(())
+        });
+        // The caller gives up long before the operation ends.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(5), op)
+                .await
+                .is_err()
+        );
+        let finished = async {
+            while !done.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the operation was dropped with its caller");
     }
 }
