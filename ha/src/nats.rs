@@ -4,10 +4,14 @@
 //! and expiry: an acquisition revision is a monotonic fencing epoch.
 //!
 //! A bucket can be lost (a server restarted with empty storage, a freshly
-//! deployed cluster): every operation that finds it gone re-creates it and
-//! moves its sequence above the highest revision this process has seen, so
-//! epochs stay monotonic for everyone who saw the old ones (TaskManagers
-//! refuse a lower epoch, as they must refuse a forged one). Run the
+//! deployed cluster): every operation that finds it gone re-creates it.
+//! A bucket nobody has written to yet starts at a revision taken from the
+//! wall clock (microseconds), so every incarnation starts above every
+//! revision an earlier one reached, and epochs stay monotonic for everyone
+//! who saw the old ones (TaskManagers refuse a lower epoch, as they must
+//! refuse a forged one) — whichever process creates it first. A process
+//! that finds the new bucket already written to moves it above the highest
+//! revision it has seen itself. Run the
 //! servers with `jetstream { sync_interval: always }`: JetStream acknowledges
 //! writes before they reach the disk otherwise, and Jepsen (NATS 2.12.1)
 //! lost acknowledged writes and saw split brain after crashes that way.
@@ -57,6 +61,20 @@ pub struct NatsKv {
     /// creation time was never lost, whatever a server that is starting
     /// or catching up answered meanwhile.
     created: std::sync::Mutex<Option<i128>>,
+}
+
+/// The lowest revision a bucket that nobody has written to yet starts at:
+/// the wall clock in microseconds. Revisions grow by the writes, far slower
+/// than a microsecond clock, so a bucket created (again) later starts above
+/// every revision an earlier incarnation reached — whichever process
+/// creates it, and whatever revisions the others have seen: a TaskManager
+/// that followed a leader of the lost bucket accepts the next one.
+fn fresh_floor(high: u64) -> u64 {
+    let micros = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    (high + 1).max(micros)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HaError {
@@ -174,11 +192,23 @@ impl NatsKv {
                 .map_err(|e| unavailable(format!("creating KV bucket '{bucket}': {e}")))?,
         };
         let mut stream = store.stream.clone();
-        let created = stream
+        let info = stream
             .info()
             .await
             .ok()
-            .map(|i| i.created.unix_timestamp_nanos());
+            .map(|i| (i.state.last_sequence, i.created.unix_timestamp_nanos()));
+        if let Some((0, _)) = info {
+            // Nobody has written yet (created just now, here or by
+            // another process): start at the clock, above any revision a
+            // lost earlier incarnation of the bucket reached.
+            let floor = fresh_floor(0);
+            stream.purge().sequence(floor).await.map_err(|e| {
+                unavailable(format!(
+                    "moving KV bucket '{bucket}' to revision {floor}: {e}"
+                ))
+            })?;
+        }
+        let created = info.map(|(_, created)| created);
         Ok(Self {
             js,
             config,
@@ -223,17 +253,28 @@ impl NatsKv {
                 .await
                 .map_err(|e| unavailable(format!("re-creating KV bucket '{bucket}': {e}")))?,
         };
-        let floor = self.high.load(Ordering::SeqCst) + 1;
+        let high = self.high.load(Ordering::SeqCst);
         let mut stream = store.stream.clone();
-        let info = stream.info().await.map_err(unavailable)?;
-        let created = info.created.unix_timestamp_nanos();
+        let (last, created) = stream
+            .info()
+            .await
+            .map(|i| (i.state.last_sequence, i.created.unix_timestamp_nanos()))
+            .map_err(unavailable)?;
         let known = *self.created.lock().unwrap_or_else(|p| p.into_inner());
         if known == Some(created) {
             return Err(unavailable(format!(
                 "KV bucket '{bucket}' did not answer (a NATS server is starting or catching up); its stream was not lost"
             )));
         }
-        if info.state.last_sequence < floor {
+        // Nobody wrote to the new stream yet: start at the clock (see
+        // `fresh_floor`). Someone did: at least above what this process
+        // saw, for the processes that saw more than its writer.
+        let floor = if last == 0 {
+            fresh_floor(high)
+        } else {
+            high + 1
+        };
+        if last < floor {
             stream.purge().sequence(floor).await.map_err(|e| {
                 unavailable(format!(
                     "moving KV bucket '{bucket}' to revision {floor}: {e}"
@@ -437,6 +478,28 @@ mod tests {
         NatsKv::connect(&[server.url()], "t", Duration::from_secs(60), 1)
             .await
             .unwrap()
+    }
+
+    /// The bucket is lost and a process that never saw it (one started
+    /// after the loss) creates it first: its revisions still start above
+    /// every revision of the lost bucket, so TaskManagers that followed a
+    /// leader of the old bucket accept the next one (found by the chaos
+    /// campaign: a TaskManager refused every new leader for good).
+    #[tokio::test]
+    async fn a_bucket_created_again_by_a_newcomer_starts_above_the_old_revisions() {
+        let mut server = NatsServer::start();
+        let old = open(&server).await;
+        let mut last = 0;
+        for i in 0..5u8 {
+            last = old.put("k", Bytes::from(vec![i])).await.unwrap();
+        }
+        server.restart_empty();
+        let newcomer = open(&server).await;
+        let rev = newcomer
+            .create("leader", Bytes::from_static(b"n"))
+            .await
+            .unwrap();
+        assert!(rev > last, "revision {rev} after {last}");
     }
 
     #[tokio::test]
