@@ -192,8 +192,9 @@ struct Campaign {
     dead_nats: Vec<(usize, usize, bool)>,
     dead_global: Vec<usize>,
     ballast: Option<PathBuf>,
-    /// This round's JobManagers hit (by id), per region: faults harmless
-    /// one by one can together leave a region without a JobManager.
+    /// This round's JobManagers hit (by id, `leader:` when it led), per
+    /// region: faults harmless one by one can together use up the region
+    /// fence.
     hits: Vec<(usize, String)>,
     s3: StorageLocation,
     west: StorageLocation,
@@ -556,18 +557,23 @@ impl Campaign {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         report.detection_ms = detected.map(|d| d.as_millis() as u64);
-        // Together: every JobManager of a region may stop its tasks (no
-        // leader confirms the region fence).
+        // Together: every JobManager of a region, or two of its leaders
+        // one after the other, may stop its tasks: the region fence lasts
+        // half of regions.timeout from the last confirmation, which one
+        // in-region failover fits in but two in a row need not.
         for r in 0..REGIONS.len() {
-            let mut jms: Vec<&String> = self
-                .hits
-                .iter()
-                .filter(|(h, id)| *h == r && id.starts_with("jm-"))
-                .map(|(_, id)| id)
-                .collect();
-            jms.sort();
-            jms.dedup();
-            if jms.len() >= world::JOBMANAGERS {
+            let distinct = |leaders: bool| {
+                let mut ids: Vec<&String> = self
+                    .hits
+                    .iter()
+                    .filter(|(h, id)| *h == r && (!leaders || id.starts_with("leader:")))
+                    .map(|(_, id)| id)
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                ids.len()
+            };
+            if distinct(false) >= world::JOBMANAGERS || distinct(true) >= 2 {
                 may_redeploy = true;
             }
         }
@@ -656,7 +662,12 @@ impl Campaign {
                     return format!("no such JobManager in {} (skipped)", REGIONS[r]);
                 };
                 let id = self.hit(r, m, *hit);
-                self.hits.push((r, id.clone()));
+                let tag = if *pick == JmPick::Leader {
+                    "leader:"
+                } else {
+                    ""
+                };
+                self.hits.push((r, format!("{tag}{id}")));
                 id
             }
             Fault::TaskManager(s, i, hit) => {
@@ -701,7 +712,7 @@ impl Campaign {
                         let id = member.id.clone();
                         if *kind == LinkKind::JmNats {
                             member.links.nats.iter().for_each(act);
-                            self.hits.push((r, id.clone()));
+                            self.hits.push((r, format!("leader:{id}")));
                         } else {
                             act(&member.links.store);
                         }
