@@ -391,17 +391,22 @@ impl Campaign {
         self.settle(since, START_LIMIT).await.map(|_| ())
     }
 
-    /// What is visible now.
-    async fn visible(&self) -> Visible {
-        let mut primary = None;
+    /// The primary region as the first region whose JobManagers answer
+    /// names it (the other region is asked only if needed).
+    async fn named_primary(&self) -> Option<String> {
         for r in 0..REGIONS.len() {
             if let Some(v) = self.world.regions_view(r).await
                 && v.primary.is_some()
             {
-                primary = v.primary;
-                break;
+                return v.primary;
             }
         }
+        None
+    }
+
+    /// What is visible now.
+    async fn visible(&self) -> Visible {
+        let primary = self.named_primary().await;
         let mut leaders = Vec::new();
         for r in 0..REGIONS.len() {
             leaders.push(self.world.leader(r).await);
@@ -629,19 +634,10 @@ impl Campaign {
     /// The primary region as a JobManager that answers names it (east
     /// when none does).
     async fn current_primary(&self) -> usize {
-        match self
-            .world
-            .regions_view(0)
+        self.named_primary()
             .await
-            .or(self.world.regions_view(1).await)
-        {
-            Some(v) => v
-                .primary
-                .as_deref()
-                .and_then(|n| REGIONS.iter().position(|r| *r == n))
-                .unwrap_or(0),
-            None => 0,
-        }
+            .and_then(|n| REGIONS.iter().position(|r| *r == n))
+            .unwrap_or(0)
     }
 
     async fn inject_at(&mut self, f: &Fault, p: usize) -> String {
