@@ -5,8 +5,8 @@
 //!
 //! A bucket can be lost (a server restarted with empty storage, a freshly
 //! deployed cluster): every operation that finds it gone re-creates it.
-//! A bucket nobody has written to yet starts at a revision taken from the
-//! wall clock (microseconds), so every incarnation starts above every
+//! A bucket is created with its sequence starting at a revision taken from
+//! the wall clock (microseconds), so every incarnation starts above every
 //! revision an earlier one reached, and epochs stay monotonic for everyone
 //! who saw the old ones (TaskManagers refuse a lower epoch, as they must
 //! refuse a forged one) — whichever process creates it first. A process
@@ -75,6 +75,47 @@ fn fresh_floor(high: u64) -> u64 {
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0);
     (high + 1).max(micros)
+}
+
+/// Creates the bucket's stream with its sequence starting at `first`, in
+/// one request: no write can land below `first`. Purging a just-created
+/// bucket up to the floor instead raced with a second process that opened
+/// it meanwhile — one process's purge could delete the lease another had
+/// just written. When another process created the stream first (its
+/// configuration differs in `first`), that stream is opened instead.
+///
+/// The stream is configured as `create_key_value` configures a bucket's.
+async fn create_at(
+    js: &async_nats::jetstream::Context,
+    config: &kv::Config,
+    first: u64,
+) -> Result<kv::Store, String> {
+    use async_nats::jetstream::stream;
+    let stream_config = stream::Config {
+        name: format!("KV_{}", config.bucket),
+        subjects: vec![format!("$KV.{}.>", config.bucket)],
+        max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
+        storage: config.storage,
+        num_replicas: config.num_replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        first_sequence: Some(first),
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(stream_config).await {
+        // Created meanwhile by another process (with another `first`)?
+        return js
+            .get_key_value(config.bucket.as_str())
+            .await
+            .map_err(|_| e.to_string());
+    }
+    js.get_key_value(config.bucket.as_str())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn unavailable(e: impl std::fmt::Display) -> HaError {
@@ -186,21 +227,24 @@ impl NatsKv {
         };
         let store = match js.get_key_value(bucket).await {
             Ok(s) => s,
-            Err(_) => js
-                .create_key_value(config.clone())
+            Err(_) => create_at(&js, &config, fresh_floor(0))
                 .await
                 .map_err(|e| unavailable(format!("creating KV bucket '{bucket}': {e}")))?,
         };
         let mut stream = store.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .ok()
-            .map(|i| (i.state.last_sequence, i.created.unix_timestamp_nanos()));
-        if let Some((0, _)) = info {
-            // Nobody has written yet (created just now, here or by
-            // another process): start at the clock, above any revision a
-            // lost earlier incarnation of the bucket reached.
+        let info = stream.info().await.ok().map(|i| {
+            (
+                i.state.last_sequence,
+                i.state.first_sequence,
+                i.created.unix_timestamp_nanos(),
+            )
+        });
+        if let Some((0, 0 | 1, _)) = info {
+            // A bucket created elsewhere (e.g. `nats kv add`) that nobody
+            // has written to: start at the clock, above any revision a
+            // lost earlier incarnation of the bucket reached. (Ferry
+            // creates its buckets there in the first place: see
+            // `create_at`.)
             let floor = fresh_floor(0);
             stream.purge().sequence(floor).await.map_err(|e| {
                 unavailable(format!(
@@ -208,7 +252,7 @@ impl NatsKv {
                 ))
             })?;
         }
-        let created = info.map(|(_, created)| created);
+        let created = info.map(|(_, _, created)| created);
         Ok(Self {
             js,
             config,
@@ -245,15 +289,13 @@ impl NatsKv {
     async fn recreate(&self) -> Result<(), HaError> {
         let _one = self.recreating.lock().await;
         let bucket = &self.config.bucket;
+        let high = self.high.load(Ordering::SeqCst);
         let store = match self.js.get_key_value(bucket).await {
             Ok(s) => s,
-            Err(_) => self
-                .js
-                .create_key_value(self.config.clone())
+            Err(_) => create_at(&self.js, &self.config, fresh_floor(high))
                 .await
                 .map_err(|e| unavailable(format!("re-creating KV bucket '{bucket}': {e}")))?,
         };
-        let high = self.high.load(Ordering::SeqCst);
         let mut stream = store.stream.clone();
         let (last, created) = stream
             .info()
@@ -541,5 +583,52 @@ mod tests {
         // leaves it alone.
         assert!(kv.recreate().await.is_err());
         assert_eq!(kv.get("leader").await.unwrap().unwrap().revision, rev);
+    }
+
+    /// Several processes open a bucket nobody has created yet, at once,
+    /// and each writes right away: every write survives, and every
+    /// revision is on the clock floor. Purging the new bucket up to the
+    /// floor after creating it (the way before) let one opener's purge
+    /// delete another's first write — a just-won leader lease.
+    #[tokio::test]
+    async fn processes_opening_a_new_bucket_at_once_keep_each_others_writes() {
+        let server = NatsServer::start();
+        let before = fresh_floor(0);
+        for round in 0..8 {
+            let bucket = format!("race{round}");
+            let writers = (0..6).map(|i| {
+                let (url, bucket) = (server.url(), bucket.clone());
+                tokio::spawn(async move {
+                    let kv = NatsKv::connect(&[url], &bucket, Duration::from_secs(60), 1)
+                        .await
+                        .unwrap();
+                    let rev = kv.create(&format!("k{i}"), Bytes::from("v")).await.unwrap();
+                    (kv, rev)
+                })
+            });
+            let mut opened = Vec::new();
+            for w in writers {
+                opened.push(w.await.unwrap());
+            }
+            // The stream was created at the floor, not moved there later.
+            let info = opened[0].0.store().stream.info().await.unwrap().clone();
+            assert!(
+                info.config.first_sequence.is_some_and(|f| f >= before),
+                "round {round}: the stream was created at {:?}, not on the floor {before}",
+                info.config.first_sequence
+            );
+            for (i, (kv, rev)) in opened.iter().enumerate() {
+                assert!(
+                    *rev >= before,
+                    "round {round}: revision {rev} below the clock floor {before}"
+                );
+                let e = kv.get(&format!("k{i}")).await.unwrap();
+                assert_eq!(
+                    e.map(|e| e.revision),
+                    Some(*rev),
+                    "round {round}: writer {i}'s first write was lost"
+                );
+            }
+        }
     }
 }

@@ -292,15 +292,19 @@ impl Region {
         loop {
             let mut leaders = Vec::new();
             let mut views = Vec::new();
+            let mut silent = Vec::new();
             for (i, jm) in self.jms.iter().enumerate() {
                 if except.contains(&i) {
                     continue;
                 }
-                if let Ok(h) = self.api(jm).health().await.map(|a| a.value) {
-                    if h.role == RoleName::Leader {
-                        leaders.push((i, h.epoch.unwrap()));
+                match self.api(jm).health().await.map(|a| a.value) {
+                    Ok(h) => {
+                        if h.role == RoleName::Leader {
+                            leaders.push((i, h.epoch.unwrap()));
+                        }
+                        views.push(h.leader.map(|l| l.instance));
                     }
-                    views.push(h.leader.map(|l| l.instance));
+                    Err(e) => silent.push((jm.id.clone(), e.to_string())),
                 }
             }
             assert!(
@@ -315,10 +319,17 @@ impl Region {
             {
                 return (i, epoch);
             }
-            assert!(
-                start.elapsed() < limit,
-                "no single agreed leader within {limit:?} (leaders {leaders:?}, views {views:?})"
-            );
+            if start.elapsed() >= limit {
+                let logs: Vec<String> = self
+                    .jms
+                    .iter()
+                    .map(|jm| format!("--- {} log ---\n{}", jm.id, tail(&self.log(&jm.id), 40)))
+                    .collect();
+                panic!(
+                    "no single agreed leader within {limit:?} (leaders {leaders:?}, views {views:?}, not answering {silent:?})\n{}",
+                    logs.join("\n")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -739,4 +750,10 @@ pub async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver
         }
     });
     (url, rx)
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
