@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ferry_client::Client;
 use ferry_core::api::RoleName;
-use ferry_testkit::{NatsCluster, free_port};
+use ferry_testkit::{NatsCluster, free_port, wait_listening};
 use serde_json::Value;
 
 use super::OutputWithin;
@@ -167,45 +167,68 @@ impl Region {
             .unwrap_or_else(|e| panic!("start ferry {role}: {e}"))
     }
 
+    /// Spawns `role` listening on a free port (`listen_env` names the
+    /// variable that sets it) and waits until it listens there. A free
+    /// port can be taken by another process before the child binds it
+    /// (the child then exits saying so): it starts again on a new port.
+    fn spawn_listening(
+        &self,
+        role: &str,
+        id: &str,
+        nats_url: Option<&str>,
+        listen_env: &'static str,
+        env: &[(&str, String)],
+    ) -> Jm {
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let mut env = env.to_vec();
+            env.push((listen_env, format!("127.0.0.1:{port}")));
+            let mut child = self.spawn(role, id, nats_url, &env);
+            let log = self.dir.path().join(format!("{id}.log"));
+            match wait_listening(&mut child, id, port, Some(&log), Duration::from_secs(20)) {
+                Ok(()) => {
+                    return Jm {
+                        id: id.to_string(),
+                        port,
+                        child,
+                    };
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        panic!("start {role} {id}: {last}")
+    }
+
     /// Starts a JobManager; `nats_url` overrides the region's (a proxy).
     pub fn start(&mut self, id: &str, nats_url: Option<&str>) {
-        let port = free_port();
-        let child = self.spawn(
+        let jm = self.spawn_listening(
             "jobmanager",
             id,
             nats_url,
+            "FERRY_API_LISTEN",
             &[
-                ("FERRY_API_LISTEN", format!("127.0.0.1:{port}")),
                 ("FERRY_HA_LEASE_TTL", self.ttl.to_string()),
                 ("FERRY_HA_RENEW_DEADLINE", self.deadline.to_string()),
                 ("FERRY_HA_RENEW_INTERVAL", "150ms".to_string()),
             ],
         );
-        self.jms.push(Jm {
-            id: id.to_string(),
-            port,
-            child,
-        });
+        self.jms.push(jm);
     }
 
     /// Starts a TaskManager with 4 slots (`port`: its HTTP port).
     pub fn start_tm(&mut self, id: &str) {
-        let port = free_port();
-        let child = self.spawn(
+        let tm = self.spawn_listening(
             "taskmanager",
             id,
             None,
+            "FERRY_TASKMANAGER_HTTP_LISTEN",
             &[
                 ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
-                ("FERRY_TASKMANAGER_HTTP_LISTEN", format!("127.0.0.1:{port}")),
                 ("FERRY_TASKMANAGER_SLOTS", "4".to_string()),
             ],
         );
-        self.tms.push(Jm {
-            id: id.to_string(),
-            port,
-            child,
-        });
+        self.tms.push(tm);
     }
 
     /// A TaskManager's metric (`ferry_tm_<name>`), if it answers.
