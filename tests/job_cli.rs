@@ -3,7 +3,6 @@
 //! and failover over a `--url` list.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -217,12 +216,10 @@ fn ferry_job(args: &[&str], env: &[(&str, &str)]) -> CliRun {
     }
 }
 
-/// A loopback URL nothing listens on.
+/// A loopback URL nothing listens on (a port no other test of this binary
+/// is given).
 fn dead_url() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    drop(l);
-    url
+    format!("http://127.0.0.1:{}", ferry_testkit::free_port())
 }
 
 fn local_path(url: &str) -> &Path {

@@ -25,11 +25,26 @@ use nats::{NatsConfig, NatsProcess, NatsStarter};
 
 /// A free loopback port (bound and released). Another process can take it
 /// before its user binds it: starters retry on fresh ports (see
-/// [`NatsServer::start`]).
+/// [`NatsServer::start`]). Within this process no port is handed out
+/// twice: the tests of one binary run at once, and the kernel may offer a
+/// port again as soon as it is released — two servers of two tests were
+/// then told the same port.
 pub fn try_free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    let mut last = 0;
+    for _ in 0..64 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if given.get_or_insert_with(Default::default).insert(port) {
+            return Ok(port);
+        }
+        last = port;
+    }
+    // Every port offered was handed out before: a long-running process
+    // has used most of the range; reuse rather than fail.
+    Ok(last)
 }
 
 /// [`try_free_port`], for tests: panics if loopback has no free port.
@@ -611,6 +626,27 @@ pub mod jetstream {
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.to_string())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    /// Tests running at once each get ports no other was given, however
+    /// the kernel reuses released ones.
+    #[test]
+    fn no_port_is_handed_out_twice() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..100).map(|_| free_port()).collect::<Vec<_>>()))
+            .collect();
+        let mut all = std::collections::HashSet::new();
+        for t in threads {
+            for p in t.join().unwrap() {
+                assert!(all.insert(p), "port {p} was handed out twice");
+            }
+        }
+        assert_eq!(all.len(), 400);
     }
 }
 
