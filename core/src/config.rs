@@ -106,6 +106,9 @@ pub struct GlobalConfig {
     /// Replicas of the bucket (3 for one node per region).
     #[serde(default = "one")]
     pub replicas: usize,
+    /// How to authenticate to the global cluster.
+    #[serde(default)]
+    pub auth: NatsAuth,
 }
 
 fn d_region_timeout() -> DurationSpec {
@@ -203,6 +206,149 @@ pub struct NatsConfig {
     /// Replicas of the bucket (1 for a single server, 3 for a 3-node cluster).
     #[serde(default = "one")]
     pub replicas: usize,
+    /// How to authenticate to the region's cluster.
+    #[serde(default)]
+    pub auth: NatsAuth,
+}
+
+/// Credentials for a NATS cluster (the region's, or the global one). The
+/// config names only files — mounted Kubernetes Secrets — read when the
+/// process connects, so nothing secret is in the config or echoed with it.
+/// Give at most one way: `user` with `passwordFile`, `tokenFile`,
+/// `nkeySeedFile`, or `credsFile` (a JWT and NKey seed, as `nsc` writes
+/// them). Credentials in a server URL (`nats://user:pass@host`) work too,
+/// but end up wherever the URL is shown: prefer the files.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsAuth {
+    /// User name; the password is in `passwordFile`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the user's password.
+    #[serde(default)]
+    pub password_file: Option<String>,
+    /// File holding an authentication token.
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// File holding an NKey seed (`SU…`).
+    #[serde(default)]
+    pub nkey_seed_file: Option<String>,
+    /// A `.creds` file (decentralized JWT authentication).
+    #[serde(default)]
+    pub creds_file: Option<String>,
+}
+
+impl NatsAuth {
+    /// Whether no credentials are configured.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Checks that the credentials are given one way, completely; `at` is
+    /// the key (`nats.auth`), `urls` the cluster's URLs.
+    pub fn check(&self, at: &str, urls: &[String]) -> Result<(), String> {
+        if self.user.is_some() != self.password_file.is_some() {
+            return Err(format!(
+                "{at}: user and passwordFile go together; give both, or use tokenFile, nkeySeedFile or credsFile"
+            ));
+        }
+        let ways = [
+            self.user.is_some(),
+            self.token_file.is_some(),
+            self.nkey_seed_file.is_some(),
+            self.creds_file.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err(format!(
+                "{at}: give one way to authenticate: user with passwordFile, tokenFile, nkeySeedFile or credsFile"
+            ));
+        }
+        if !self.is_empty()
+            && let Some(u) = urls.iter().find(|u| url_has_credentials(u))
+        {
+            return Err(format!(
+                "{at}: the URL {} carries credentials too; give them once, in {at}",
+                redact_url(u)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a URL carries credentials (`scheme://user:pass@host`).
+pub fn url_has_credentials(url: &str) -> bool {
+    userinfo_span(url).is_some()
+}
+
+/// Where the credentials of a URL are: the byte range of its userinfo.
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://").map(|i| i + 3)?;
+    let rest = &url[start..];
+    let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+    let at = authority.rfind('@')?;
+    Some((start, start + at))
+}
+
+/// The credentials a URL carries, percent-decoded: `(user, Some(password))`
+/// for `scheme://user:password@host`, `(token, None)` for
+/// `scheme://token@host` (NATS reads a lone user as a token).
+pub fn url_userinfo(url: &str) -> Option<(String, Option<String>)> {
+    let (start, end) = userinfo_span(url)?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    Some(match url[start..end].split_once(':') {
+        Some((user, password)) => (decode(user), Some(decode(password))),
+        None => (decode(&url[start..end]), None),
+    })
+}
+
+/// `url` with any password or token replaced by `***`
+/// (`nats://app:***@host:4222`, `nats://***@host`): for logs, errors and
+/// anything else a person or a log pipeline reads. Comma-separated lists
+/// of URLs are redacted one by one.
+pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
+    match userinfo_span(url) {
+        None => url.to_string(),
+        Some((start, end)) => {
+            let userinfo = &url[start..end];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            format!("{}{shown}{}", &url[..start], &url[end..])
+        }
+    }
+}
+
+/// [`redact_url`] over any text: every URL in it (`scheme://…` up to
+/// whitespace or a quote) is redacted. For messages that quote a URL
+/// inside other words — errors from a client library.
+pub fn redact_urls_in(text: &str) -> String {
+    if !text.contains('@') {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        // The scheme starts after the last non-scheme character.
+        let scheme_start = rest[..i]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'))
+            .map_or(0, |j| j + 1);
+        let end = rest[i..]
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '`' || c == ',')
+            .map_or(rest.len(), |e| i + e);
+        out.push_str(&rest[..scheme_start]);
+        out.push_str(&redact_url(&rest[scheme_start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn one() -> usize {
@@ -315,6 +461,27 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     ("FERRY_NATS_URLS", "nats.urls", EnvKind::List),
     ("FERRY_NATS_BUCKET", "nats.bucket", EnvKind::Text),
     ("FERRY_NATS_REPLICAS", "nats.replicas", EnvKind::Integer),
+    ("FERRY_NATS_USER", "nats.auth.user", EnvKind::Text),
+    (
+        "FERRY_NATS_PASSWORD_FILE",
+        "nats.auth.passwordFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_NATS_TOKEN_FILE",
+        "nats.auth.tokenFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_NATS_NKEY_SEED_FILE",
+        "nats.auth.nkeySeedFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_NATS_CREDS_FILE",
+        "nats.auth.credsFile",
+        EnvKind::Text,
+    ),
     ("FERRY_STORAGE", "storage", EnvKind::Text),
     ("FERRY_API_LISTEN", "api.listen", EnvKind::Text),
     ("FERRY_API_ADVERTISE", "api.advertise", EnvKind::Text),
@@ -373,6 +540,31 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "FERRY_REGIONS_GLOBAL_REPLICAS",
         "regions.global.replicas",
         EnvKind::Integer,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_USER",
+        "regions.global.auth.user",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_PASSWORD_FILE",
+        "regions.global.auth.passwordFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_TOKEN_FILE",
+        "regions.global.auth.tokenFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_NKEY_SEED_FILE",
+        "regions.global.auth.nkeySeedFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_CREDS_FILE",
+        "regions.global.auth.credsFile",
+        EnvKind::Text,
     ),
     (
         "FERRY_REGIONS_HEALTH_CHECK_INTERVAL",
@@ -489,6 +681,15 @@ impl ProcessConfig {
         if self.nats.urls.is_empty() {
             return err("nats.urls: give at least one NATS server URL (FERRY_NATS_URLS)".into());
         }
+        self.nats
+            .auth
+            .check("nats.auth", &self.nats.urls)
+            .map_err(ConfigError)?;
+        self.regions
+            .global
+            .auth
+            .check("regions.global.auth", &self.regions.global.urls)
+            .map_err(ConfigError)?;
         if self.nats.replicas == 0 || self.nats.replicas > 5 {
             return err(format!(
                 "nats.replicas: {} is out of range; JetStream allows 1 to 5",
@@ -711,6 +912,74 @@ mod tests {
         for (file, vars, want) in cases {
             let e = ProcessConfig::load(Some(("f.yaml", file)), &env(vars)).unwrap_err();
             assert!(e.0.contains(want), "{file:?} {vars:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted_wherever_they_stand() {
+        assert_eq!(
+            redact_url("nats://app:hunter2@10.0.0.1:4222"),
+            "nats://app:***@10.0.0.1:4222"
+        );
+        assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_url("h:4222"), "h:4222");
+        // An `@` after the authority is not a credential.
+        assert_eq!(redact_url("https://h/a@b?x=c@d"), "https://h/a@b?x=c@d");
+        assert_eq!(
+            redact_url("nats://a:p1@h1:1,nats://b:p2@h2:2"),
+            "nats://a:***@h1:1,nats://b:***@h2:2"
+        );
+        assert_eq!(
+            redact_urls_in("connecting to 'nats://a:p1@h:1' failed (see nats://t@h:2)"),
+            "connecting to 'nats://a:***@h:1' failed (see nats://***@h:2)"
+        );
+        assert_eq!(
+            url_userinfo("nats://app:p%40ss@h:1"),
+            Some(("app".into(), Some("p@ss".into())))
+        );
+        assert_eq!(url_userinfo("nats://tok@h"), Some(("tok".into(), None)));
+        assert_eq!(url_userinfo("nats://h"), None);
+        assert!(url_has_credentials("nats://a:b@h"));
+        assert!(!url_has_credentials("nats://h"));
+    }
+
+    #[test]
+    fn nats_credentials_are_given_one_way_completely_and_once() {
+        let ok = |vars: &[(&str, &str)]| {
+            let mut all = vec![("FERRY_NATS_URLS", "nats://h:1")];
+            all.extend_from_slice(vars);
+            ProcessConfig::load(Some(("f", "region: r\nstorage: file:///s\n")), &env(&all))
+        };
+        let c = ok(&[("FERRY_NATS_USER", "u"), ("FERRY_NATS_PASSWORD_FILE", "/p")]).unwrap();
+        assert_eq!(c.nats.auth.user.as_deref(), Some("u"));
+        assert_eq!(c.nats.auth.password_file.as_deref(), Some("/p"));
+        let c = ok(&[("FERRY_REGIONS_GLOBAL_CREDS_FILE", "/c")]).unwrap();
+        assert_eq!(c.regions.global.auth.creds_file.as_deref(), Some("/c"));
+        assert!(c.nats.auth.is_empty());
+        for (vars, want) in [
+            (
+                vec![("FERRY_NATS_PASSWORD_FILE", "/p")],
+                "nats.auth: user and passwordFile go together",
+            ),
+            (
+                vec![
+                    ("FERRY_NATS_TOKEN_FILE", "/t"),
+                    ("FERRY_NATS_CREDS_FILE", "/c"),
+                ],
+                "nats.auth: give one way",
+            ),
+            (
+                vec![
+                    ("FERRY_REGIONS_GLOBAL_URLS", "nats://u:secret@g:1"),
+                    ("FERRY_REGIONS_GLOBAL_TOKEN_FILE", "/t"),
+                ],
+                "regions.global.auth: the URL nats://u:***@g:1 carries credentials too",
+            ),
+        ] {
+            let e = ok(&vars).unwrap_err().0;
+            assert!(e.contains(want), "{vars:?}: {e}");
+            assert!(!e.contains("secret"), "{e}");
         }
     }
 

@@ -26,6 +26,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
+use ferry_core::config::{NatsAuth, redact_url};
+
 use crate::backend::{Coordination, Entry, Event, HaError, check_key};
 
 /// How long one KV request may take before it counts as unavailable.
@@ -118,6 +120,125 @@ async fn create_at(
         .map_err(|e| e.to_string())
 }
 
+/// Credentials read from the files a [`NatsAuth`] names. `Debug` shows
+/// which kind they are, never the secret.
+#[derive(Clone, Default)]
+pub struct NatsCredentials(Secret);
+
+#[derive(Clone, Default)]
+enum Secret {
+    #[default]
+    Anonymous,
+    UserPassword(String, String),
+    Token(String),
+    NKey(String),
+    Creds(String),
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match &self.0 {
+            Secret::Anonymous => "anonymous",
+            Secret::UserPassword(..) => "user and password",
+            Secret::Token(_) => "token",
+            Secret::NKey(_) => "NKey",
+            Secret::Creds(_) => "creds file",
+        })
+    }
+}
+
+impl NatsCredentials {
+    /// The credentials of the first of `urls` that carries any
+    /// (`nats://user:password@host`, `nats://token@host`): the client
+    /// library does not read them from the URL itself.
+    pub fn from_urls(urls: &[String]) -> Self {
+        Self(
+            match urls
+                .iter()
+                .find_map(|u| ferry_core::config::url_userinfo(u))
+            {
+                Some((user, Some(password))) => Secret::UserPassword(user, password),
+                Some((token, None)) => Secret::Token(token),
+                None => Secret::Anonymous,
+            },
+        )
+    }
+
+    /// These credentials, or else those carried by `urls`.
+    pub fn or_from_urls(&self, urls: &[String]) -> Self {
+        match self.0 {
+            Secret::Anonymous => Self::from_urls(urls),
+            _ => self.clone(),
+        }
+    }
+
+    /// Reads the secrets `auth` names (checked by [`NatsAuth::check`]);
+    /// `at` is its config key, for the message when a file cannot be read.
+    pub fn load(auth: &NatsAuth, at: &str) -> Result<Self, String> {
+        let read = |key: &str, path: &str| -> Result<String, String> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("{at}.{key}: cannot read {path}: {e}"))?;
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(format!("{at}.{key}: {path} is empty"));
+            }
+            Ok(text.to_string())
+        };
+        Ok(Self(
+            match (
+                &auth.user,
+                &auth.password_file,
+                &auth.token_file,
+                &auth.nkey_seed_file,
+                &auth.creds_file,
+            ) {
+                (Some(user), Some(p), ..) => {
+                    Secret::UserPassword(user.clone(), read("passwordFile", p)?)
+                }
+                (_, _, Some(t), ..) => Secret::Token(read("tokenFile", t)?),
+                (_, _, _, Some(n), _) => Secret::NKey(read("nkeySeedFile", n)?),
+                (.., Some(c)) => Secret::Creds(read("credsFile", c)?),
+                _ => Secret::Anonymous,
+            },
+        ))
+    }
+
+    /// `options` authenticating with these credentials.
+    pub fn apply(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, String> {
+        Ok(match &self.0 {
+            Secret::Anonymous => options,
+            Secret::UserPassword(u, p) => options.user_and_password(u.clone(), p.clone()),
+            Secret::Token(t) => options.token(t.clone()),
+            Secret::NKey(n) => options.nkey(n.clone()),
+            Secret::Creds(c) => options
+                .credentials(c)
+                .map_err(|e| format!("the NATS creds file is not valid: {e}"))?,
+        })
+    }
+}
+
+/// What a failed NATS connection means, and what to do about it.
+fn connection_hint(why: &str) -> String {
+    if why.contains("authorization violation") || why.contains("Authorization Violation") {
+        format!(
+            "{why}: the server refused this process's credentials; check nats.auth (or regions.global.auth for the global cluster) against the server's users"
+        )
+    } else if why.contains("TLS") || why.contains("tls") {
+        format!(
+            "{why}: the TLS handshake failed; check the server's certificate and the CA this process trusts"
+        )
+    } else if why.contains("signing nonce") {
+        format!(
+            "{why}: the NKey or creds file could not sign the server's challenge; check nats.auth"
+        )
+    } else {
+        why.to_string()
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> HaError {
     HaError::Unavailable(e.to_string())
 }
@@ -182,31 +303,70 @@ impl NatsKv {
 
     /// Connects to any of `urls` (a NATS cluster) and opens — creating it if
     /// needed — `bucket` with values that live `max_age` unless refreshed.
+    /// `credentials` authenticate the process (none: anonymous).
     pub async fn connect(
         urls: &[String],
         bucket: &str,
         max_age: Duration,
         replicas: usize,
+        credentials: &NatsCredentials,
     ) -> Result<Self, HaError> {
         let addrs: Vec<async_nats::ServerAddr> = urls
             .iter()
             .map(|u| {
                 u.parse()
-                    .map_err(|e| unavailable(format!("bad NATS URL '{u}': {e}")))
+                    .map_err(|e| unavailable(format!("bad NATS URL '{}': {e}", redact_url(u))))
             })
             .collect::<Result<_, _>>()?;
+        // The connection is retried in the background, so why it fails
+        // (credentials refused, TLS) reaches us only as an event: kept to
+        // say so when the first request times out.
+        let refused: Arc<std::sync::Mutex<Option<String>>> = Default::default();
+        let seen = refused.clone();
         // The URLs are tried in the order given (nearest node first), not
         // shuffled.
-        let client = async_nats::ConnectOptions::new()
+        let options = async_nats::ConnectOptions::new()
             .retain_servers_order()
             .connection_timeout(REQUEST_TIMEOUT)
             .request_timeout(Some(REQUEST_TIMEOUT))
             .retry_on_initial_connect()
             .max_reconnects(None)
+            .event_callback(move |event| {
+                let seen = seen.clone();
+                async move {
+                    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    match event {
+                        async_nats::Event::ClientError(e) => *seen = Some(e.to_string()),
+                        async_nats::Event::ServerError(e) => *seen = Some(e.to_string()),
+                        async_nats::Event::Connected => *seen = None,
+                        _ => {}
+                    }
+                }
+            });
+        let client = credentials
+            .or_from_urls(urls)
+            .apply(options)
+            .map_err(unavailable)?
             .connect(addrs)
             .await
-            .map_err(|e| unavailable(format!("connecting to NATS {}: {e}", urls.join(","))))?;
-        Self::open(client, bucket, max_age, replicas).await
+            .map_err(|e| {
+                unavailable(format!(
+                    "connecting to NATS {}: {e}",
+                    redact_url(&urls.join(","))
+                ))
+            })?;
+        Self::open(client, bucket, max_age, replicas)
+            .await
+            .map_err(|e| {
+                let why = refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                match why {
+                    Some(why) => unavailable(format!(
+                        "{e}; the connection to NATS fails: {}",
+                        connection_hint(&why)
+                    )),
+                    None => e,
+                }
+            })
     }
 
     /// Opens `bucket` on an existing client.
@@ -477,16 +637,18 @@ pub async fn open_retrying(
     bucket: &str,
     max_age: Duration,
     replicas: usize,
+    credentials: &NatsCredentials,
     rt: &tokio::runtime::Handle,
     stop: &tokio_util::sync::CancellationToken,
 ) -> Option<std::sync::Arc<dyn Coordination>> {
-    tracing::info!(urls = %urls.join(","), %bucket, "connecting to NATS");
+    let shown = redact_url(&urls.join(","));
+    tracing::info!(urls = %shown, %bucket, ?credentials, "connecting to NATS");
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let (u, b) = (urls.to_vec(), bucket.to_string());
+        let (u, b, c) = (urls.to_vec(), bucket.to_string(), credentials.clone());
         let open = async {
-            rt.spawn(async move { NatsKv::connect(&u, &b, max_age, replicas).await })
+            rt.spawn(async move { NatsKv::connect(&u, &b, max_age, replicas, &c).await })
                 .await
                 .map_err(|e| HaError::Unavailable(format!("connect task: {e}")))?
         };
@@ -495,10 +657,17 @@ pub async fn open_retrying(
                 Ok(kv) => return Some(std::sync::Arc::new(kv)),
                 Err(e) => {
                     let wait = Duration::from_millis(500 * u64::from(attempt.min(10)));
+                    // Without a connection error, the server answered
+                    // nothing: most often JetStream is off.
+                    let hint = if e.to_string().contains("the connection to NATS fails") {
+                        ""
+                    } else {
+                        " — is nats-server running with JetStream (-js)?"
+                    };
                     tracing::warn!(
                         attempt,
-                        "cannot open the KV bucket {bucket} on NATS {} ({e}); is nats-server running with JetStream (-js)? retrying in {wait:?}",
-                        urls.join(",")
+                        "cannot open the KV bucket {bucket} on NATS {shown} ({}){hint}; retrying in {wait:?}",
+                        ferry_core::config::redact_urls_in(&e.to_string())
                     );
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -517,9 +686,15 @@ mod tests {
     use ferry_testkit::NatsServer;
 
     async fn open(server: &NatsServer) -> NatsKv {
-        NatsKv::connect(&[server.url()], "t", Duration::from_secs(60), 1)
-            .await
-            .unwrap()
+        NatsKv::connect(
+            &[server.url()],
+            "t",
+            Duration::from_secs(60),
+            1,
+            &NatsCredentials::default(),
+        )
+        .await
+        .unwrap()
     }
 
     /// The bucket is lost and a process that never saw it (one started
@@ -585,6 +760,53 @@ mod tests {
         assert_eq!(kv.get("leader").await.unwrap().unwrap().revision, rev);
     }
 
+    #[test]
+    fn credentials_come_from_their_files_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let auth = NatsAuth {
+            user: Some("u".into()),
+            password_file: Some(file("pw", "  s3cret\n")),
+            ..Default::default()
+        };
+        let c = NatsCredentials::load(&auth, "nats.auth").unwrap();
+        assert!(matches!(&c.0, Secret::UserPassword(u, p) if u == "u" && p == "s3cret"));
+        assert_eq!(format!("{c:?}"), "user and password");
+        let empty = NatsAuth {
+            token_file: Some(file("empty", "\n")),
+            ..Default::default()
+        };
+        let e = NatsCredentials::load(&empty, "regions.global.auth").unwrap_err();
+        assert!(
+            e.starts_with("regions.global.auth.tokenFile: ") && e.ends_with("is empty"),
+            "{e}"
+        );
+        let missing = NatsAuth {
+            nkey_seed_file: Some("/nonexistent/seed".into()),
+            ..Default::default()
+        };
+        let e = NatsCredentials::load(&missing, "nats.auth").unwrap_err();
+        assert!(
+            e.contains("nats.auth.nkeySeedFile: cannot read /nonexistent/seed"),
+            "{e}"
+        );
+        let creds = NatsAuth {
+            creds_file: Some(file("bad.creds", "not a creds file")),
+            ..Default::default()
+        };
+        let c = NatsCredentials::load(&creds, "nats.auth").unwrap();
+        let e = c
+            .apply(async_nats::ConnectOptions::new())
+            .err()
+            .expect("a creds file without a JWT is refused");
+        assert!(e.contains("creds file is not valid"), "{e}");
+        assert!(NatsCredentials::load(&NatsAuth::default(), "nats.auth").is_ok());
+    }
+
     /// Several processes open a bucket nobody has created yet, at once,
     /// and each writes right away: every write survives, and every
     /// revision is on the clock floor. Purging the new bucket up to the
@@ -599,9 +821,15 @@ mod tests {
             let writers = (0..6).map(|i| {
                 let (url, bucket) = (server.url(), bucket.clone());
                 tokio::spawn(async move {
-                    let kv = NatsKv::connect(&[url], &bucket, Duration::from_secs(60), 1)
-                        .await
-                        .unwrap();
+                    let kv = NatsKv::connect(
+                        &[url],
+                        &bucket,
+                        Duration::from_secs(60),
+                        1,
+                        &NatsCredentials::default(),
+                    )
+                    .await
+                    .unwrap();
                     let rev = kv.create(&format!("k{i}"), Bytes::from("v")).await.unwrap();
                     (kv, rev)
                 })

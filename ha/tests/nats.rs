@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 async fn kv(url: &str, bucket: &str, max_age: Duration) -> Arc<dyn Coordination> {
     Arc::new(
-        NatsKv::connect(&[url.to_string()], bucket, max_age, 1)
+        NatsKv::connect(&[url.to_string()], bucket, max_age, 1, &Default::default())
             .await
             .expect("connect"),
     )

@@ -157,10 +157,21 @@ impl RegionSide {
         let bucket = g.bucket.clone().unwrap_or_else(|| "ferry-global".into());
         // Heartbeats and probes expire; the lease and the drill hold live in
         // a bucket of their own whose keys never expire.
+        let credentials = ferry_ha::nats::NatsCredentials::load(&g.auth, "regions.global.auth")
+            .map_err(RegionError::Config)?;
         let kv = |name: String, max_age: Duration| {
-            let (urls, stop) = (g.urls.clone(), stop.clone());
+            let (urls, stop, credentials) = (g.urls.clone(), stop.clone(), credentials.clone());
             async move {
-                ferry_ha::nats::open_retrying(&urls, &name, max_age, g.replicas, rt, &stop).await
+                ferry_ha::nats::open_retrying(
+                    &urls,
+                    &name,
+                    max_age,
+                    g.replicas,
+                    &credentials,
+                    rt,
+                    &stop,
+                )
+                .await
             }
         };
         let Some(health_kv) = kv(bucket.clone(), timeout * 4).await else {

@@ -96,11 +96,20 @@ pub async fn connect_coordination(
     let h = &cfg.ha;
     // Values in the bucket live as long as the longest-lived key needs.
     let max_age = h.member_expiry.get().max(h.lease_ttl.get()) * 2;
+    let credentials = match ferry_ha::nats::NatsCredentials::load(&cfg.nats.auth, "nats.auth") {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            return None;
+        }
+    };
     ferry_ha::nats::open_retrying(
         &cfg.nats.urls,
         &cfg.bucket(),
         max_age,
         cfg.nats.replicas,
+        &credentials,
         ha_rt,
         stop,
     )

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use ferry_core::config::redact_url;
 use ferry_core::spec::nats::server_urls;
 
 /// How long connecting to a server may take.
@@ -20,21 +21,33 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects to the servers of `url` (comma-separated) and returns a
 /// JetStream context. `name` identifies the connection in server monitoring.
 pub async fn connect(url: &str, name: &str) -> Result<jetstream::Context, String> {
-    let addrs = server_urls(url)?
+    let urls = server_urls(url)?;
+    let addrs = urls
         .iter()
         .map(|u| {
             u.parse::<async_nats::ServerAddr>()
-                .map_err(|e| format!("bad NATS URL '{u}': {e}"))
+                .map_err(|e| format!("bad NATS URL '{}': {e}", redact_url(u)))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let client = async_nats::ConnectOptions::new()
+    // The client library does not read credentials from the URL itself.
+    let options = match urls
+        .iter()
+        .find_map(|u| ferry_core::config::url_userinfo(u))
+    {
+        Some((user, Some(password))) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let client = options
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
         .request_timeout(Some(REQUEST_TIMEOUT))
         .max_reconnects(None)
         .connect(addrs)
         .await
-        .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
+        .map_err(|e| format!("cannot connect to NATS at {}: {e}", redact_url(url)))?;
     Ok(jetstream::ContextBuilder::new()
         .timeout(REQUEST_TIMEOUT)
         .build(client))
@@ -47,6 +60,7 @@ pub async fn stream(
     url: &str,
 ) -> Result<jetstream::stream::Stream, String> {
     use jetstream::context::GetStreamErrorKind;
+    let url = redact_url(url);
     js.get_stream(name).await.map_err(|e| match e.kind() {
         GetStreamErrorKind::JetStream(j) if j.code() == 404 => format!(
             "JetStream stream '{name}' does not exist on {url}; create it first (e.g. `nats stream add {name}`)"

@@ -190,7 +190,8 @@ pub fn server_urls(url: &str) -> Result<Vec<String>, String> {
     for part in url.split(',').map(str::trim) {
         if part.is_empty() {
             return Err(format!(
-                "'{url}' has an empty server; write e.g. nats://127.0.0.1:4222"
+                "'{}' has an empty server; write e.g. nats://127.0.0.1:4222",
+                crate::config::redact_url(url)
             ));
         }
         let full = if part.contains("://") {
@@ -198,15 +199,20 @@ pub fn server_urls(url: &str) -> Result<Vec<String>, String> {
         } else {
             format!("nats://{part}")
         };
-        let parsed = url::Url::parse(&full).map_err(|e| format!("'{part}' is not a URL: {e}"))?;
+        let parsed = url::Url::parse(&full)
+            .map_err(|e| format!("'{}' is not a URL: {e}", crate::config::redact_url(part)))?;
         if !matches!(parsed.scheme(), "nats" | "tls" | "ws" | "wss") {
             return Err(format!(
-                "'{part}' has scheme '{}'; use nats://, tls://, ws:// or wss://",
+                "'{}' has scheme '{}'; use nats://, tls://, ws:// or wss://",
+                crate::config::redact_url(part),
                 parsed.scheme()
             ));
         }
         if parsed.host_str().is_none_or(str::is_empty) {
-            return Err(format!("'{part}' names no host"));
+            return Err(format!(
+                "'{}' names no host",
+                crate::config::redact_url(part)
+            ));
         }
         out.push(full);
     }
