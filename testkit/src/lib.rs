@@ -157,13 +157,24 @@ impl NatsServer {
         Self::start_with_sync("2m")
     }
 
+    /// Starts a server with `extra` appended to its configuration (e.g.
+    /// an `authorization { … }` block: clients must then authenticate).
+    pub fn start_configured(extra: &str) -> Self {
+        Self::start_with("always", extra)
+    }
+
     fn start_with_sync(sync_interval: &str) -> Self {
+        Self::start_with(sync_interval, "")
+    }
+
+    fn start_with(sync_interval: &str, extra: &str) -> Self {
         let starter = nats_starter();
         with_port_retries("nats-server", || {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
             let config = NatsConfig {
                 sync_interval: sync_interval.to_string(),
+                extra: extra.to_string(),
                 ..NatsConfig::new(port, dir.path().join("js"))
             };
             let process = starter.start("nats-server", &dir.path().join("nats.conf"), &config)?;

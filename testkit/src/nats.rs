@@ -67,6 +67,8 @@ pub struct NatsConfig {
     /// is acknowledged, as Ferry's coordination clusters run) or a duration.
     pub sync_interval: String,
     pub cluster: Option<ClusterConfig>,
+    /// More configuration, appended as is (e.g. an `authorization` block).
+    pub extra: String,
 }
 
 impl NatsConfig {
@@ -79,6 +81,7 @@ impl NatsConfig {
             store_dir,
             sync_interval: "always".into(),
             cluster: None,
+            extra: String::new(),
         }
     }
 
@@ -110,6 +113,7 @@ impl NatsConfig {
                 cl.routes.join(", ")
             ));
         }
+        c.push_str(&self.extra);
         c
     }
 }
