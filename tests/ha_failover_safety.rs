@@ -468,15 +468,7 @@ async fn a_finished_job_stays_finished_through_three_failovers() {
     };
     wait_lease(east).await;
     let job = east.running_job(0).await;
-    let done = east
-        .wait_job(
-            &east.jms[0],
-            &job,
-            Duration::from_secs(60),
-            "the job to finish",
-            |v| v["state"] == "FINISHED",
-        )
-        .await;
+    let done = east.finished(0, &job, Duration::from_secs(60)).await;
     let attempt = done["attempt"].clone();
     // The standby lists it finished too (its status was replicated).
     west.wait_job(

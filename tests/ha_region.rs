@@ -67,15 +67,7 @@ async fn sigkill_of_the_leader_hands_its_running_tasks_to_a_standby_without_a_re
     // benchmark measures the time.
     assert!(took < Duration::from_secs(5), "takeover took {took:?}");
 
-    let done = r
-        .wait_job(
-            &r.jms[new_leader],
-            &job,
-            Duration::from_secs(60),
-            "the job to finish",
-            |v| v["state"] == "FINISHED",
-        )
-        .await;
+    let done = r.finished(new_leader, &job, Duration::from_secs(60)).await;
     assert_eq!(
         done["records_in"],
         TOTAL,
@@ -223,14 +215,7 @@ async fn a_leader_cut_off_from_nats_stops_before_another_leads() {
         .unwrap();
     assert_ne!(res.headers()["x-ferry-role"], "leader");
 
-    r.wait_job(
-        &r.jms[new_leader],
-        &job,
-        Duration::from_secs(60),
-        "the job to finish",
-        |v| v["state"] == "FINISHED",
-    )
-    .await;
+    r.finished(new_leader, &job, Duration::from_secs(60)).await;
     r.check_output();
     let epochs = r.manifest_epochs(&job);
     assert_epochs_monotonic(&epochs);

@@ -104,15 +104,7 @@ async fn a_region_runs_on_a_nats_that_requires_a_password_and_never_shows_it() {
     }
 
     let job = r.running_job(leader).await;
-    let done = r
-        .wait_job(
-            &r.jms[leader],
-            &job,
-            Duration::from_secs(60),
-            "the job to finish",
-            |v| v["state"] == "FINISHED",
-        )
-        .await;
+    let done = r.finished(leader, &job, Duration::from_secs(60)).await;
     r.check_output();
     let mut answers = vec![done.to_string()];
     for path in ["/v1/jobs", "/v1/cluster", "/healthz"] {

@@ -799,10 +799,9 @@ mod tests {
             ..Default::default()
         };
         let c = NatsCredentials::load(&creds, "nats.auth").unwrap();
-        let e = c
-            .apply(async_nats::ConnectOptions::new())
-            .err()
-            .expect("a creds file without a JWT is refused");
+        let Err(e) = c.apply(async_nats::ConnectOptions::new()) else {
+            panic!("a creds file without a JWT is refused");
+        };
         assert!(e.contains("creds file is not valid"), "{e}");
         assert!(NatsCredentials::load(&NatsAuth::default(), "nats.auth").is_ok());
     }

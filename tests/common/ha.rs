@@ -411,13 +411,19 @@ impl Region {
         }
     }
 
-    /// Waits (reading from JobManager `via`) for the job to finish, then
-    /// checks its output and that its checkpoints' epochs never go back.
-    pub async fn finish_and_check(&self, via: usize, job: &str, limit: Duration) {
+    /// Waits (reading from JobManager `via`, bounded by `limit`) until
+    /// `job` is FINISHED; its status.
+    pub async fn finished(&self, via: usize, job: &str, limit: Duration) -> Value {
         self.wait_job(&self.jms[via], job, limit, "the job to finish", |v| {
             v["state"] == "FINISHED"
         })
-        .await;
+        .await
+    }
+
+    /// Waits (reading from JobManager `via`) for the job to finish, then
+    /// checks its output and that its checkpoints' epochs never go back.
+    pub async fn finish_and_check(&self, via: usize, job: &str, limit: Duration) {
+        self.finished(via, job, limit).await;
         self.check_output();
         assert_epochs_monotonic(&self.manifest_epochs(job));
     }
