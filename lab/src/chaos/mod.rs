@@ -192,10 +192,9 @@ struct Campaign {
     dead_nats: Vec<(usize, usize, bool)>,
     dead_global: Vec<usize>,
     ballast: Option<PathBuf>,
-    /// This round's JobManagers hit (by id, `leader:` when it led), per
-    /// region: faults harmless one by one can together use up the region
-    /// fence.
-    hits: Vec<(usize, String)>,
+    /// This round's JobManagers hit: (region, id, whether it led then).
+    /// Faults harmless one by one can together use up the region fence.
+    hits: Vec<(usize, String, bool)>,
     s3: StorageLocation,
     west: StorageLocation,
 }
@@ -571,8 +570,8 @@ impl Campaign {
                 let mut ids: Vec<&String> = self
                     .hits
                     .iter()
-                    .filter(|(h, id)| *h == r && (!leaders || id.starts_with("leader:")))
-                    .map(|(_, id)| id)
+                    .filter(|(h, _, led)| *h == r && (!leaders || *led))
+                    .map(|(_, id, _)| id)
                     .collect();
                 ids.sort();
                 ids.dedup();
@@ -658,12 +657,7 @@ impl Campaign {
                     return format!("no such JobManager in {} (skipped)", REGIONS[r]);
                 };
                 let id = self.hit(r, m, *hit);
-                let tag = if *pick == JmPick::Leader {
-                    "leader:"
-                } else {
-                    ""
-                };
-                self.hits.push((r, format!("{tag}{id}")));
+                self.hits.push((r, id.clone(), *pick == JmPick::Leader));
                 id
             }
             Fault::TaskManager(s, i, hit) => {
@@ -708,7 +702,7 @@ impl Campaign {
                         let id = member.id.clone();
                         if *kind == LinkKind::JmNats {
                             member.links.nats.iter().for_each(act);
-                            self.hits.push((r, format!("leader:{id}")));
+                            self.hits.push((r, id.clone(), true));
                         } else {
                             act(&member.links.store);
                         }
