@@ -104,15 +104,6 @@ impl JobManager {
             return h;
         };
         h.region = Some(ctx.region.clone());
-        h.heartbeat_failures = ctx.heartbeat_failures.load(Ordering::Relaxed);
-        h.epoch = l.fence().map(|e| e.0);
-        h.leader = l.leader().map(leader_view);
-        if let Some(e) = l.elector()
-            && h.epoch.is_some()
-        {
-            h.last_renew_ms =
-                Some(e.stats.last_renew_micros.load(Ordering::Relaxed) as f64 / 1000.0);
-        }
         // Short bounds: this answers health probes, which must not hang
         // when NATS is unreachable.
         match tokio::time::timeout(
@@ -134,6 +125,19 @@ impl JobManager {
                 }
             }
             _ => h.backend_reachable = false,
+        }
+        // The role last, as it is when the answer leaves: the listing
+        // above may wait up to a second on an unreachable NATS, and a
+        // leader that stepped down meanwhile must not answer "leader".
+        h.role = l.role();
+        h.heartbeat_failures = ctx.heartbeat_failures.load(Ordering::Relaxed);
+        h.epoch = l.fence().map(|e| e.0);
+        h.leader = l.leader().map(leader_view);
+        if let Some(e) = l.elector()
+            && h.epoch.is_some()
+        {
+            h.last_renew_ms =
+                Some(e.stats.last_renew_micros.load(Ordering::Relaxed) as f64 / 1000.0);
         }
         h
     }

@@ -346,6 +346,8 @@ impl Partition {
 /// client-to-server data containing a pattern (damage in transit).
 pub struct FaultProxy {
     pub port: u16,
+    /// The port it forwards to ([`FaultProxy::retarget`] changes it).
+    target: Arc<std::sync::atomic::AtomicU16>,
     cut: Arc<Mutex<CancellationToken>>,
     held: Arc<Mutex<Vec<TcpStream>>>,
     stop: CancellationToken,
@@ -435,6 +437,8 @@ impl FaultProxy {
         let corrupted = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let target = Arc::new(std::sync::atomic::AtomicU16::new(target_port));
+        let to = target.clone();
         let refuse = refusing.clone();
         let delay = delay_ms.clone();
         let (c, h, s) = (cut.clone(), held.clone(), stop.clone());
@@ -458,6 +462,7 @@ impl FaultProxy {
                 let refuse = refuse.clone();
                 let (armed, count) = (armed.clone(), count.clone());
                 let delay = delay.clone();
+                let target_port = to.load(std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(("127.0.0.1", target_port)).await else {
                         return;
@@ -493,6 +498,7 @@ impl FaultProxy {
         });
         Self {
             port,
+            target,
             cut,
             held,
             stop,
@@ -501,6 +507,12 @@ impl FaultProxy {
             refusing,
             delay_ms,
         }
+    }
+
+    /// Forwards new connections to `port` from now on (the process behind
+    /// it had to move to another port).
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Delays every chunk of data on every connection by `delay` (zero:
@@ -714,6 +726,35 @@ mod proxy_tests {
                 .await
                 .is_some()
         );
+    }
+
+    #[tokio::test]
+    async fn a_retargeted_proxy_sends_new_connections_to_the_new_port() {
+        // A listener that answers with its own tag instead of an echo.
+        async fn tagged(tag: u8) -> u16 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = l.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let _ = s.write_all(&[tag]).await;
+                }
+            });
+            port
+        }
+        async fn tag_via(port: u16) -> u8 {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut b = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            b[0]
+        }
+        let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+        let proxy = FaultProxy::start(a).await;
+        assert_eq!(tag_via(proxy.port).await, b'a');
+        proxy.retarget(b);
+        assert_eq!(tag_via(proxy.port).await, b'b');
     }
 
     #[tokio::test]

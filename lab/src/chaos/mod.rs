@@ -541,6 +541,7 @@ impl Campaign {
         };
         let baseline = self.visible().await;
         let t0 = Instant::now();
+        let round_start = Utc::now();
         let mut pending = plan.faults.iter().peekable();
         let mut detected: Option<Duration> = None;
         let mut may_redeploy = false;
@@ -561,6 +562,19 @@ impl Campaign {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         report.detection_ms = detected.map(|d| d.as_millis() as u64);
+        // A JobManager picked as a standby may have won the lease between
+        // the pick and the signal (or just before): its log says so.
+        for (r, id, led) in &mut self.hits {
+            if !*led
+                && let Some(m) = self.world.regions[*r]
+                    .members
+                    .iter()
+                    .position(|m| &m.id == id)
+                && let Ok(log) = std::fs::read_to_string(self.world.log_of(*r, m))
+            {
+                *led = became_leader_since(&log, id, round_start);
+            }
+        }
         // Together: every JobManager of a region, or two of its leaders
         // one after the other, may stop its tasks: the region fence lasts
         // half of regions.timeout from the last confirmation, which one
@@ -1002,5 +1016,64 @@ impl Campaign {
             ));
         }
         wrong
+    }
+}
+
+/// Whether `log` (a JobManager's log) says `id` became its region's leader
+/// at or after `since`.
+fn became_leader_since(log: &str, id: &str, since: DateTime<Utc>) -> bool {
+    let holder = format!("holder={id}");
+    log.lines().any(|line| {
+        line.contains("became leader")
+            && line.split_whitespace().any(|w| w == holder)
+            && line
+                .split_whitespace()
+                .next()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t.with_timezone(&Utc) >= since)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = "\
+2026-12-06T00:41:10.000000Z  INFO ferry_ha::elector: became leader holder=jm-east-1 epoch=1
+2026-12-06T00:41:28.500000Z  WARN ferry_ha::elector: no lease renewal within the deadline; stepping down holder=jm-east-10 epoch=2
+2026-12-06T00:41:29.897328Z  INFO ferry_ha::elector: became leader holder=jm-east-10 epoch=3
+not a log line: became leader holder=jm-east-1
+";
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_standby_that_won_the_lease_during_the_round_counts_as_a_leader() {
+        // jm-east-10 won at 29.897: in a round from 29.0, not one from 30.0.
+        assert!(became_leader_since(
+            LOG,
+            "jm-east-10",
+            at("2026-12-06T00:41:29Z")
+        ));
+        assert!(!became_leader_since(
+            LOG,
+            "jm-east-10",
+            at("2026-12-06T00:41:30Z")
+        ));
+        // jm-east-1 led only before the round; the id must match whole
+        // (not as a prefix of jm-east-10), and a line without a timestamp
+        // proves nothing.
+        assert!(!became_leader_since(
+            LOG,
+            "jm-east-1",
+            at("2026-12-06T00:41:29Z")
+        ));
+        assert!(became_leader_since(
+            LOG,
+            "jm-east-1",
+            at("2026-12-06T00:41:00Z")
+        ));
     }
 }

@@ -388,8 +388,32 @@ impl World {
     }
 
     /// Starts (or restarts) member `m` of region `r` and waits until it
-    /// listens.
+    /// listens. A port picked free can be taken before the process binds
+    /// it (an outgoing connection's ephemeral port, while the member was
+    /// down): then it moves to fresh ports, at most three times.
     pub fn start_member(&mut self, r: usize, m: usize) -> anyhow::Result<()> {
+        let mut tries = 0;
+        loop {
+            match self.try_start_member(r, m) {
+                Err(e) if tries < 3 && e.to_string().contains("Address already in use") => {
+                    tries += 1;
+                    let member = &mut self.regions[r].members[m];
+                    eprintln!(
+                        "    {}: a port was taken before it bound; moving to fresh ports",
+                        member.id
+                    );
+                    member.port = try_free_port()?;
+                    member.grpc_port = try_free_port()?;
+                    if let Some(p) = &member.links.inbound {
+                        p.retarget(member.grpc_port);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_start_member(&mut self, r: usize, m: usize) -> anyhow::Result<()> {
         let region = &self.regions[r];
         let member = &region.members[m];
         let stores = format!(
