@@ -226,6 +226,12 @@ pub async fn run(
         match current {
             Role::Leader { epoch } => {
                 if leading != Some(epoch) {
+                    if leading.is_some() {
+                        // Lost and won again before this loop saw the
+                        // loss: let go of the old term first.
+                        jm.step_down().await;
+                        jm.forget_region_role();
+                    }
                     leading = Some(epoch);
                     adopted = false;
                     leadership.set_leader(Some(LeaderInfo {
@@ -264,6 +270,7 @@ pub async fn run(
                     async {
                         tracing::warn!("lost the leadership: stopping every job here");
                         jm.step_down().await;
+                        jm.forget_region_role();
                     }
                     .instrument(span)
                     .await;

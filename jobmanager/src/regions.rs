@@ -29,6 +29,28 @@ impl JobManager {
             .unwrap_or_else(|p| p.into_inner()) = Some((region.to_string(), primary.to_string()));
     }
 
+    /// This instance lost its region's leadership. What it knew of the
+    /// region lease — that this region is the primary, under which region
+    /// epoch — may be stale by the time it leads again (the primary role
+    /// can move away and back meanwhile), so it starts and adopts no job
+    /// until its region coordinator has read the lease afresh, as at
+    /// start. Without a region lease (no `regions.global`) nothing changes.
+    pub fn forget_region_role(&self) {
+        if self.inner.region_fence.remaining().is_none() {
+            return;
+        }
+        self.inner.region_fence.revoke();
+        if self.inner.standby().is_none() {
+            let region = self
+                .inner
+                .leadership
+                .ha_context()
+                .map(|c| c.region.clone())
+                .unwrap_or_default();
+            self.set_standby_region(&region, "(not known until the region lease is read)");
+        }
+    }
+
     /// True while this region is a standby.
     pub fn is_standby_region(&self) -> bool {
         self.inner.standby().is_some()
@@ -248,5 +270,55 @@ impl JobManager {
             .ok_or_else(not_found)?;
         serde_json::from_slice(&raw)
             .map_err(|e| JmError::Runtime(format!("drill {id}: unreadable report: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use ferry_core::RegionEpoch;
+
+    use crate::leadership::{HaContext, Leadership};
+    use crate::model::JobManagerConfig;
+    use crate::service::JobManager;
+
+    #[tokio::test]
+    async fn a_leader_that_lost_its_region_leadership_forgets_the_region_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let leadership = Leadership::ha(HaContext {
+            backend: Arc::new(ferry_ha::in_process::InProcess::new(Duration::from_secs(
+                60,
+            ))),
+            region: "east".into(),
+            member_expiry: Duration::from_secs(3),
+            heartbeat_failures: Default::default(),
+        });
+        let jm = JobManager::with_leadership(
+            JobManagerConfig {
+                data_url: format!("file://{}", dir.path().display()),
+                instance_id: "jm-a".into(),
+            },
+            leadership,
+        );
+        // Without a region lease in play nothing changes.
+        jm.forget_region_role();
+        assert!(!jm.is_standby_region());
+        // The primary under region epoch 29, while this instance led ...
+        jm.enable_region_fence();
+        jm.confirm_region_lease(RegionEpoch(29), Duration::from_secs(60));
+        assert!(!jm.is_standby_region());
+        assert!(jm.inner.region_fence.check().is_ok());
+        // ... is not known any more once it lost the leadership: it starts,
+        // adopts and accepts no job (the region epoch may have moved on,
+        // and adopting under 29 would stop tasks of a newer one) until its
+        // region coordinator confirms the lease again.
+        jm.forget_region_role();
+        assert_eq!(jm.inner.standby().map(|(r, _)| r), Some("east".to_string()));
+        assert!(jm.inner.region_fence.check().is_err());
+        jm.confirm_region_lease(RegionEpoch(31), Duration::from_secs(60));
+        assert!(!jm.is_standby_region());
+        assert_eq!(jm.inner.region_epoch.get(), RegionEpoch(31));
     }
 }
