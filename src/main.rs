@@ -34,6 +34,9 @@ enum Command {
     /// Inspect the region's JobManagers: leader, epoch, members.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
+    /// The audit trail: who changed what (submit, cancel, failover, drills),
+    /// newest first.
+    Audit(cmd::audit::AuditArgs),
     /// Cross-region operations: region health and replication lag (status),
     /// moving the jobs to another region (failover, failback), copying and
     /// test-restoring checkpoints between regions' stores (replicate, verify).
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Jobmanager(args) => cmd::jobmanager::run(args),
         Command::Taskmanager(args) => cmd::taskmanager::run(args),
         Command::Cluster(c) => cmd::cluster::run(c),
+        Command::Audit(a) => cmd::audit::run(a),
         Command::Region(c) => cmd::region::run(c),
         Command::Drill(c) => cmd::drill::run(c),
         Command::Sandbox(args) => cmd::sandbox::run(args),

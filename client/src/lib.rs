@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_core::api::{
-    CancelResponse, CheckpointList, DrillList, DrillReport, ErrorBody, HaHealth, JobInfo, JobList,
-    OutageReport, RegionsHealth, RegionsStatus, SavepointInfo, SwitchoverReport,
+    AuditList, CancelResponse, CheckpointList, DrillList, DrillReport, ErrorBody, HaHealth,
+    JobInfo, JobList, OutageReport, RegionsHealth, RegionsStatus, SavepointInfo, SwitchoverReport,
 };
 use reqwest::Method;
 pub use reqwest::StatusCode;
@@ -132,6 +132,8 @@ pub type SkipHook = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
 pub struct Client {
     http: reqwest::Client,
     bases: Vec<String>,
+    /// Bearer token sent with every request (never shown by `Debug`).
+    token: Option<Arc<str>>,
     timeout: Duration,
     no_proxy: bool,
     on_skip: Option<SkipHook>,
@@ -141,6 +143,7 @@ impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("urls", &self.bases)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -162,6 +165,7 @@ impl Client {
         Ok(Self {
             http: build_http(false)?,
             bases,
+            token: None,
             timeout: REQUEST_TIMEOUT,
             no_proxy: false,
             on_skip: None,
@@ -181,6 +185,14 @@ impl Client {
         Ok(self)
     }
 
+    /// The same client, sending `token` as `Authorization: Bearer` with
+    /// every request (a JobManager with `api.auth` needs one).
+    pub fn with_token(mut self, token: &str) -> Self {
+        let t = token.trim();
+        self.token = (!t.is_empty()).then(|| Arc::from(t));
+        self
+    }
+
     /// The same client with another bound on each request.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -197,6 +209,7 @@ impl Client {
     pub fn for_url(&self, url: &str) -> anyhow::Result<Self> {
         let mut c = Self::new(&[url])?;
         c.http = self.http.clone();
+        c.token = self.token.clone();
         c.timeout = self.timeout;
         c.no_proxy = self.no_proxy;
         c.on_skip = self.on_skip.clone();
@@ -261,6 +274,12 @@ impl Client {
     /// `GET /v1/cluster`: the region's JobManagers, the leader, its epoch.
     pub async fn cluster(&self) -> Result<Answer<HaHealth>, Error> {
         self.call(Method::GET, "/v1/cluster", None).await
+    }
+
+    /// `GET /v1/audit?limit=N`: the newest entries of the audit trail.
+    pub async fn audit(&self, limit: usize) -> Result<Answer<AuditList>, Error> {
+        self.call(Method::GET, &format!("/v1/audit?limit={limit}"), None)
+            .await
     }
 
     /// `GET /health/ha`: the same view as [`Self::cluster`].
@@ -378,6 +397,9 @@ impl Client {
                 .http
                 .request(method.clone(), &url)
                 .timeout(self.timeout);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
             if let Some((content_type, bytes)) = &body {
                 if let Some(ct) = content_type {
                     req = req.header(reqwest::header::CONTENT_TYPE, *ct);

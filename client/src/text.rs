@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use ferry_core::api::{
-    CancelResponse, CheckpointInfo, DivergenceReport, DrillReport, DrillRevert, HaHealth, JobInfo,
-    RegionsStatus, SavepointInfo, SwitchoverReport,
+    AuditEntry, CancelResponse, CheckpointInfo, DivergenceReport, DrillReport, DrillRevert,
+    HaHealth, JobInfo, RegionsStatus, SavepointInfo, SwitchoverReport,
 };
 
 use crate::{DEFAULT_URL, Error};
@@ -24,6 +24,12 @@ pub fn failure(e: &Error, err: &mut String) {
             let _ = writeln!(err, "error: {}", e.message);
             for d in &e.details {
                 let _ = writeln!(err, "  - {d}");
+            }
+            if e.code == "unauthenticated" {
+                let _ = writeln!(
+                    err,
+                    "  give a token with FERRY_TOKEN, --token-file FILE or --token TOKEN"
+                );
             }
         }
         Error::Api {
@@ -108,6 +114,42 @@ pub fn jobs(jobs: &[JobInfo], out: &mut String) {
                 .map(|c| format!("#{} ({} ago)", c.id, age(c.completed_at, now)))
                 .unwrap_or_else(|| "-".into()),
             age(j.submitted_at, now),
+        ]);
+    }
+    out.push_str(&t.render());
+}
+
+/// `ferry audit`: one row per entry, newest first.
+pub fn audit(entries: &[AuditEntry], out: &mut String) {
+    if entries.is_empty() {
+        let _ = writeln!(out, "no audit entries yet: no call has changed anything");
+        return;
+    }
+    let now = Utc::now();
+    let mut t = Table::new(&[
+        ("AT", Align::Left),
+        ("AGE", Align::Left),
+        ("ACTOR", Align::Left),
+        ("ACTION", Align::Left),
+        ("JOB/REGION", Align::Left),
+        ("RESULT", Align::Left),
+        ("BY", Align::Left),
+    ]);
+    for e in entries {
+        t.row(vec![
+            e.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            age(e.at, now),
+            format!("{} ({})", e.actor, e.auth),
+            e.action.clone(),
+            e.job
+                .clone()
+                .or_else(|| e.region.clone())
+                .unwrap_or_else(|| "-".into()),
+            format!("{} {}", e.status, e.result),
+            match &e.forwarded_by {
+                Some(f) => format!("{} via {f}", e.instance),
+                None => e.instance.clone(),
+            },
         ]);
     }
     out.push_str(&t.render());

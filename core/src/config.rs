@@ -367,6 +367,57 @@ pub struct ApiConfig {
     /// forward writes to the leader's advertised URL.
     #[serde(default)]
     pub advertise: Option<String>,
+    /// Who may call the API (default: anyone; see docs/security.md).
+    #[serde(default)]
+    pub auth: ApiAuthConfig,
+}
+
+/// Authentication of REST callers: static tokens, JWTs, or both. With
+/// neither configured the API is open (every caller is an admin).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiAuthConfig {
+    /// YAML file of static tokens and their grants (`tokens: [{name,
+    /// token | sha256, roles: [ns:role]}]`); read at start, kept hashed.
+    #[serde(default)]
+    pub tokens_file: Option<String>,
+    /// JWTs signed by a key of a JWKS file.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+    /// Whether `/metrics` needs a caller with any role (default false:
+    /// Prometheus scrapes it openly).
+    #[serde(default)]
+    pub metrics_authenticated: bool,
+}
+
+impl ApiAuthConfig {
+    /// Whether any way to authenticate is configured.
+    pub fn enabled(&self) -> bool {
+        self.tokens_file.is_some() || self.jwt.is_some()
+    }
+}
+
+/// How a JWT is checked.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtConfig {
+    /// JSON Web Key Set file with the issuer's public keys (RSA, EC, Ed25519)
+    /// or shared secrets (`oct`).
+    pub jwks_file: String,
+    /// Required `iss` claim (recommended).
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Required `aud` claim (recommended).
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Claim holding the caller's grants, a list (or space-separated
+    /// string) of `namespace:role` (default `roles`).
+    #[serde(default = "d_roles_claim")]
+    pub roles_claim: String,
+}
+
+fn d_roles_claim() -> String {
+    "roles".to_string()
 }
 
 fn default_listen() -> String {
@@ -378,6 +429,7 @@ impl Default for ApiConfig {
         Self {
             listen: default_listen(),
             advertise: None,
+            auth: ApiAuthConfig::default(),
         }
     }
 }
@@ -485,6 +537,36 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     ("FERRY_STORAGE", "storage", EnvKind::Text),
     ("FERRY_API_LISTEN", "api.listen", EnvKind::Text),
     ("FERRY_API_ADVERTISE", "api.advertise", EnvKind::Text),
+    (
+        "FERRY_API_AUTH_TOKENS_FILE",
+        "api.auth.tokensFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_JWKS_FILE",
+        "api.auth.jwt.jwksFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_ISSUER",
+        "api.auth.jwt.issuer",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_AUDIENCE",
+        "api.auth.jwt.audience",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_ROLES_CLAIM",
+        "api.auth.jwt.rolesClaim",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_METRICS_AUTHENTICATED",
+        "api.auth.metricsAuthenticated",
+        EnvKind::Bool,
+    ),
     (
         "FERRY_HA_HEARTBEAT_INTERVAL",
         "ha.heartbeatInterval",

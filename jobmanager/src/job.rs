@@ -280,6 +280,7 @@ impl JobEntry {
                 .clone()
         {
             let st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            stored.namespace = self.spec.metadata.namespace().to_string();
             stored.state = st.state;
             stored.restarts = st.restarts;
             stored.attempt = st.attempt;
@@ -301,6 +302,7 @@ impl JobEntry {
         JobInfo {
             id: self.id,
             name: self.spec.metadata.name.clone(),
+            namespace: self.spec.metadata.namespace().to_string(),
             state: st.state,
             parallelism: self.spec.spec.parallelism,
             submitted_at: self.submitted_at,

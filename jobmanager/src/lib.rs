@@ -10,7 +10,8 @@
 //! `driver` (a job's lifetime), `service` (the [`JobManager`] handle and its
 //! job operations), `handover` (leadership changes), `regions` (the
 //! cross-region side), `region_side` (the JobManager wired to
-//! `ferry_region`), `ha` (the region's election), `api` (REST).
+//! `ferry_region`), `ha` (the region's election), `auth` (who calls the API and
+//! their grants), `audit` (the trail of mutating calls), `api` (REST).
 //!
 //! Invariant: a job's state changes only in the `job` module's one
 //! transition function (along [`state::JobState::can_transition`] for the
@@ -19,6 +20,8 @@
 
 pub mod api;
 mod attempt;
+pub mod audit;
+pub mod auth;
 mod checkpoint;
 mod deployment;
 mod driver;

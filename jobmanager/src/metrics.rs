@@ -78,6 +78,10 @@ pub struct Metrics {
     /// Times this instance took the region lease for its region after the
     /// primary went silent.
     pub failovers: Counter,
+    /// API calls refused for want of a valid credential (401), and audit
+    /// entries the store did not take.
+    pub api_unauthenticated: Counter,
+    pub audit_write_failures: Counter,
     /// Every region's health as read from the global KV: 1 while its
     /// heartbeat is younger than `regions.timeout`.
     pub region_healthy: Family<RegionLabels, Gauge>,
@@ -134,6 +138,8 @@ impl Metrics {
             region_is_primary: Gauge::default(),
             region_epoch: Gauge::default(),
             failovers: Counter::default(),
+            api_unauthenticated: Counter::default(),
+            audit_write_failures: Counter::default(),
             region_healthy: Family::default(),
             region_heartbeat_age_seconds: Family::default(),
             drill_last_rto_seconds: Gauge::default(),
@@ -274,6 +280,16 @@ impl Metrics {
             m.failovers.clone(),
         );
         registry.register(
+            "api_unauthenticated",
+            "REST calls refused with 401 (no token, an unknown one, or a JWT that did not verify)",
+            m.api_unauthenticated.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Audit entries the job store did not take (they are in the JobManager log only)",
+            m.audit_write_failures.clone(),
+        );
+        registry.register(
             "region_healthy",
             "1 while the region's heartbeat in the global KV is younger than regions.timeout, by region",
             m.region_healthy.clone(),
@@ -323,6 +339,11 @@ impl Metrics {
     }
 
     /// Renders every metric in the Prometheus text format.
+    /// One audit entry the store did not take.
+    pub fn audit_write_failed(&self) {
+        self.audit_write_failures.inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());

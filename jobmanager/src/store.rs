@@ -181,6 +181,7 @@ fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
         job: JobInfo {
             id,
             name: spec.metadata.name.clone(),
+            namespace: spec.metadata.namespace().to_string(),
             state: JobState::Created,
             parallelism: spec.spec.parallelism,
             submitted_at: Utc::now(),

@@ -30,6 +30,23 @@ pub struct ApiArgs {
         value_name = "URL[,URL...]"
     )]
     pub url: Vec<String>,
+    /// Bearer token for a JobManager with `api.auth` (prefer FERRY_TOKEN or
+    /// --token-file: a flag's value shows in the process list).
+    #[arg(
+        long,
+        env = "FERRY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// File whose first line is the bearer token.
+    #[arg(
+        long,
+        env = "FERRY_TOKEN_FILE",
+        conflicts_with = "token",
+        value_name = "FILE"
+    )]
+    pub token_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -171,14 +188,36 @@ fn read_spec(file: &PathBuf) -> anyhow::Result<(Vec<u8>, Option<&'static str>)> 
 
 /// The client of `--url`, noting on stderr every URL it skips.
 pub(crate) fn client(args: &ApiArgs) -> anyhow::Result<Client> {
-    Ok(
-        Client::new(&args.url)?.on_skip(Arc::new(|skipped, reason, base| {
-            emit(
-                &mut std::io::stderr(),
-                &format!("note: {skipped} skipped ({reason}); answered by {base}\n"),
-            )
-        })),
-    )
+    let mut c = Client::new(&args.url)?.on_skip(Arc::new(|skipped, reason, base| {
+        emit(
+            &mut std::io::stderr(),
+            &format!("note: {skipped} skipped ({reason}); answered by {base}\n"),
+        )
+    }));
+    if let Some(t) = token(args)? {
+        c = c.with_token(&t);
+    }
+    Ok(c)
+}
+
+/// The token of `--token`/FERRY_TOKEN or the first line of
+/// `--token-file`/FERRY_TOKEN_FILE.
+fn token(args: &ApiArgs) -> anyhow::Result<Option<String>> {
+    if let Some(t) = &args.token {
+        return Ok(Some(t.clone()));
+    }
+    let Some(path) = &args.token_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+    match text.lines().next().map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) => Ok(Some(t.to_string())),
+        None => anyhow::bail!(
+            "--token-file {}: the file is empty; put the token on its first line",
+            path.display()
+        ),
+    }
 }
 
 // ---- Showing a failure ----

@@ -31,6 +31,13 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         .instance_id
         .clone()
         .unwrap_or_else(|| default_instance_id("jm"));
+    let auth = ferry_jobmanager::auth::ApiAuth::from_config(&cfg.api.auth)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !auth.enabled() {
+        tracing::warn!(
+            "api.auth is not set: anyone who reaches the REST API may submit and cancel jobs and fail regions over (see docs/security.md)"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
         .await
         .with_context(|| format!("cannot listen on api.listen {}", cfg.api.listen))?;
@@ -92,9 +99,10 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         ferry_jobmanager::start_region_side(&cfg, &jm, &api_url, &ha_rt, replication_stop.clone())
             .await?;
     let api_stop = CancellationToken::new();
-    let api = tokio::spawn(ferry_jobmanager::api::serve(
+    let api = tokio::spawn(ferry_jobmanager::api::serve_with_auth(
         jm.clone(),
         listener,
+        std::sync::Arc::new(auth),
         api_stop.clone(),
     ));
     tracing::info!(instance = %instance_id, region = %cfg.region, api = %api_url, listen = %bound, "jobmanager started");

@@ -99,6 +99,8 @@ pub struct Region {
     /// Window size of the test job in ms (default one minute; a smaller
     /// one makes nearly every checkpoint commit output).
     pub window_ms: i64,
+    /// Bearer token of the fixture's own API calls (`api.auth` regions).
+    pub token: Option<String>,
 }
 
 impl Region {
@@ -120,6 +122,7 @@ impl Region {
             env: Vec::new(),
             rate: 100_000,
             window_ms: 60_000,
+            token: None,
         }
     }
 
@@ -293,9 +296,13 @@ impl Region {
 
     /// The REST client of JobManager `jm` (2 s per request).
     pub fn api(&self, jm: &Jm) -> Client {
-        Client::local(&jm.url())
+        let c = Client::local(&jm.url())
             .expect("a loopback URL")
-            .with_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(2));
+        match &self.token {
+            Some(t) => c.with_token(t),
+            None => c,
+        }
     }
 
     /// `GET path` from `jm` as JSON, error answers included (their error

@@ -102,6 +102,9 @@ pub struct JobInfo {
     #[schema(value_type = String, example = "01a2058a42c477a285a8423b5e819224")]
     pub id: JobId,
     pub name: String,
+    /// `metadata.namespace` of the spec (`default` when it names none).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
     pub state: JobState,
     pub parallelism: u32,
     pub submitted_at: DateTime<Utc>,
@@ -142,6 +145,10 @@ pub struct JobInfo {
     pub output: Option<String>,
     /// Where the job's checkpoints live.
     pub checkpoint_root: String,
+}
+
+fn default_namespace() -> String {
+    crate::spec::DEFAULT_NAMESPACE.to_string()
 }
 
 /// One completed checkpoint or savepoint.

@@ -5,12 +5,14 @@
 //! Invariant: a body is defined once, here; nobody builds or parses the
 //! JSON of an endpoint by hand.
 
+pub mod audit;
 pub mod cluster;
 pub mod drill;
 pub mod error;
 pub mod jobs;
 pub mod region;
 
+pub use audit::*;
 pub use cluster::*;
 pub use drill::*;
 pub use error::*;

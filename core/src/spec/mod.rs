@@ -51,6 +51,11 @@ pub struct JobSpec {
 pub struct Metadata {
     /// Lowercase letters, digits and '-', 1 to 63 characters, starting with a letter.
     pub name: String,
+    /// The namespace the job belongs to (default `default`), with the same
+    /// rules as `name`. API roles are granted per namespace
+    /// (`payments:operator`); see docs/security.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// Free-form labels shown by `ferry job list`.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub labels: IndexMap<String, String>,
@@ -494,6 +499,16 @@ pub struct FileSinkSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EmptySpec {}
+
+/// The namespace of a job whose spec names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+impl Metadata {
+    /// The job's namespace: `metadata.namespace`, or `default`.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+    }
+}
 
 impl JobSpec {
     /// Renders the spec back as YAML (what the job store keeps).

@@ -175,6 +175,11 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
     if let Err(m) = check_name(&spec.metadata.name) {
         push("metadata.name", m);
     }
+    if let Some(ns) = &spec.metadata.namespace
+        && let Err(m) = check_name(ns)
+    {
+        push("metadata.namespace", m);
+    }
     let body = &spec.spec;
     if body.parallelism == 0 || body.parallelism > MAX_PARALLELISM {
         push(

@@ -1,7 +1,8 @@
 //! Standbys forward writes: a `POST`/`PUT`/`DELETE` that reaches a standby
 //! JobManager is sent on to the leader (whose URL it publishes with its
 //! lease) and the leader's answer is returned, marked with
-//! `x-ferry-forwarded-by`. Reads are answered locally from the job store.
+//! `x-ferry-forwarded-by`, with the caller's `Authorization` header (the
+//! leader checks it again). Reads are answered locally from the job store.
 //! Every response carries `x-ferry-role`.
 //!
 //! Invariant: a request is forwarded at most once (a request that already
@@ -79,6 +80,9 @@ async fn forward(jm: &JobManager, req: Request) -> Response {
     let url = format!("{}{path}", leader.payload.trim_end_matches('/'));
     let method = req.method().clone();
     let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+    // The caller's own credential goes on: the leader authenticates it
+    // again, so no header a client could forge stands for an identity.
+    let authorization = req.headers().get(header::AUTHORIZATION).cloned();
     let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(e) => {
@@ -96,6 +100,9 @@ async fn forward(jm: &JobManager, req: Request) -> Response {
         .body(body);
     if let Some(ct) = content_type {
         out = out.header(header::CONTENT_TYPE, ct);
+    }
+    if let Some(a) = authorization {
+        out = out.header(header::AUTHORIZATION, a);
     }
     tracing::debug!(%method, %url, "forwarding a write to the leader");
     match out.send().await {

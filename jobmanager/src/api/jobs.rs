@@ -1,7 +1,9 @@
 //! `/v1/jobs...`: submit, list, get, cancel, savepoint, checkpoints. Each
-//! handler turns HTTP into one [`JobManager`] call and its result back into
-//! JSON; no job logic lives here.
+//! handler checks the caller's role in the job's namespace, turns HTTP into
+//! one [`JobManager`] call and its result back into JSON; no job logic
+//! lives here.
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -10,7 +12,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 
+use super::auth::require;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
+use crate::auth::{Caller, Role};
 use crate::model::{JobInfo, SavepointInfo};
 use crate::service::JobManager;
 pub use ferry_core::api::{CancelResponse, CheckpointList, JobList};
@@ -98,6 +102,7 @@ fn spec_text(body: &[u8]) -> Result<&str, ApiError> {
 #[tracing::instrument(skip_all, fields(content_type))]
 pub(super) async fn submit(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -107,7 +112,14 @@ pub(super) async fn submit(
     }
     let body = body?;
     let text = spec_text(&body)?;
-    let info = jm.submit(text).await?;
+    let spec = crate::service::parse_off_the_workers(text).await?;
+    require(
+        &caller,
+        "submitting a job",
+        Role::Operator,
+        spec.metadata.namespace(),
+    )?;
+    let info = jm.submit_spec(spec, Default::default()).await?;
     let location = format!("/v1/jobs/{}", info.id);
     Ok((
         StatusCode::CREATED,
@@ -116,16 +128,42 @@ pub(super) async fn submit(
     ))
 }
 
-/// `GET /v1/jobs`: every job, newest first.
+/// `GET /v1/jobs`: every job the caller may view, newest first.
 #[utoipa::path(
     get,
     path = "/v1/jobs",
     tag = "jobs",
     summary = "list jobs, newest first",
-    responses((status = 200, description = "every job", body = JobList))
+    responses((status = 200, description = "every job in a namespace the caller may view", body = JobList))
 )]
-pub(super) async fn list(State(jm): State<JobManager>) -> Json<JobList> {
-    Json(JobList { jobs: jm.list() })
+pub(super) async fn list(
+    State(jm): State<JobManager>,
+    Extension(caller): Extension<Caller>,
+) -> Json<JobList> {
+    let jobs = jm
+        .list()
+        .into_iter()
+        .filter(|j| caller.may(Role::Viewer, &j.namespace))
+        .collect();
+    Json(JobList { jobs })
+}
+
+/// The job `key` names, if the caller holds `role` in its namespace.
+fn job_for(
+    jm: &JobManager,
+    caller: &Caller,
+    key: &str,
+    what: &str,
+    role: Role,
+) -> Result<JobInfo, ApiError> {
+    let job = jm.get(key)?;
+    require(
+        caller,
+        &format!("{what} job {}", job.name),
+        role,
+        &job.namespace,
+    )?;
+    Ok(job)
 }
 
 /// `GET /v1/jobs/{id}`: one job by id, unique id prefix or name.
@@ -142,10 +180,11 @@ pub(super) async fn list(State(jm): State<JobManager>) -> Json<JobList> {
 )]
 pub(super) async fn get(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobInfo>, ApiError> {
     let id = job_key(id)?;
-    Ok(Json(jm.get(&id)?))
+    Ok(Json(job_for(&jm, &caller, &id, "viewing", Role::Viewer)?))
 }
 
 /// `DELETE /v1/jobs/{id}[?savepoint=true]`: stops the job, after a savepoint
@@ -169,12 +208,17 @@ pub(super) async fn get(
 #[tracing::instrument(skip_all, fields(job, savepoint))]
 pub(super) async fn cancel(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, PathRejection>,
     query: Result<Query<CancelQuery>, QueryRejection>,
 ) -> Result<Json<CancelResponse>, ApiError> {
     let id = job_key(id)?;
     let Query(q) = query?;
     let with_savepoint = parse_flag("savepoint", q.savepoint.as_deref())?;
+    // By id from here on: the name could come to mean a newer job.
+    let id = job_for(&jm, &caller, &id, "cancelling", Role::Operator)?
+        .id
+        .to_string();
     let span = tracing::Span::current();
     span.record("job", id.as_str());
     span.record("savepoint", with_savepoint);
@@ -199,9 +243,13 @@ pub(super) async fn cancel(
 #[tracing::instrument(skip_all, fields(job))]
 pub(super) async fn savepoint(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let id = job_key(id)?;
+    let id = job_for(&jm, &caller, &id, "taking a savepoint of", Role::Operator)?
+        .id
+        .to_string();
     tracing::Span::current().record("job", id.as_str());
     let sp = jm.savepoint(&id).await?;
     Ok((StatusCode::CREATED, Json(sp)))
@@ -221,9 +269,19 @@ pub(super) async fn savepoint(
 )]
 pub(super) async fn checkpoints(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CheckpointList>, ApiError> {
     let id = job_key(id)?;
+    let id = job_for(
+        &jm,
+        &caller,
+        &id,
+        "viewing the checkpoints of",
+        Role::Viewer,
+    )?
+    .id
+    .to_string();
     Ok(Json(CheckpointList {
         checkpoints: jm.checkpoints(&id).await?,
     }))

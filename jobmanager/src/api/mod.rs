@@ -8,6 +8,8 @@
 //! OpenAPI document at `/openapi.json`, the 404 listing and the 405 advice
 //! are all built from them ([`api_routes`]).
 
+mod audit;
+mod auth;
 mod cluster;
 mod drills;
 pub mod error;
@@ -16,7 +18,7 @@ mod health;
 mod jobs;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -35,6 +37,7 @@ pub use error::{ApiError, ErrorBody, ErrorDetail, ErrorObject};
 pub use health::PROMETHEUS_CONTENT_TYPE;
 pub use jobs::{CancelResponse, CheckpointList, JobList};
 
+use crate::auth::ApiAuth;
 use crate::service::JobManager;
 
 /// Largest request body accepted (a job spec), in bytes.
@@ -93,6 +96,7 @@ fn api_routes() -> OpenApiRouter<JobManager> {
         .routes(routes!(jobs::savepoint))
         .routes(routes!(jobs::checkpoints))
         .routes(routes!(cluster::cluster))
+        .routes(routes!(audit::list))
         .routes(routes!(cluster::regions))
         .routes(routes!(cluster::health_regions))
         .routes(routes!(cluster::failover))
@@ -199,15 +203,29 @@ async fn openapi_json() -> impl IntoResponse {
     Json(openapi().clone())
 }
 
-/// The API's router over a JobManager.
+/// The API's router over a JobManager, open to every caller.
 pub fn router(jm: JobManager) -> Router {
+    router_with_auth(jm, Arc::new(ApiAuth::open()))
+}
+
+/// The API's router over a JobManager; callers authenticate as `auth`
+/// says before anything else (a standby forwarding a write included).
+pub fn router_with_auth(jm: JobManager, auth: Arc<ApiAuth>) -> Router {
     let instance = instance_header_value(jm.instance_id());
     let (routes, _) = api_routes().split_for_parts();
+    // Outermost first: the gate, then forwarding, then the audit record
+    // (so only the instance that carries a call out records it).
+    let gate = auth::Gate {
+        auth,
+        jm: jm.clone(),
+    };
     let routes = routes
+        .layer(middleware::from_fn_with_state(jm.clone(), audit::record))
         .layer(middleware::from_fn_with_state(
             jm.clone(),
             forward::forward_writes,
         ))
+        .layer(middleware::from_fn_with_state(gate, auth::gate))
         .with_state(jm);
     with_boundary(routes, instance)
 }
@@ -232,16 +250,27 @@ fn with_boundary(routes: Router, instance: HeaderValue) -> Router {
         }))
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled, then lets
-/// in-flight requests finish for up to [`SHUTDOWN_GRACE`].
+/// Serves the API, open to every caller, on `listener` until `shutdown`
+/// is cancelled, then lets in-flight requests finish for up to
+/// [`SHUTDOWN_GRACE`].
 pub async fn serve(
     jm: JobManager,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with_auth(jm, listener, Arc::new(ApiAuth::open()), shutdown).await
+}
+
+/// [`serve`] with callers authenticated as `auth` says.
+pub async fn serve_with_auth(
+    jm: JobManager,
+    listener: tokio::net::TcpListener,
+    auth: Arc<ApiAuth>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, instance = jm.instance_id(), "REST API listening");
-    let server = axum::serve(listener, router(jm))
+    tracing::info!(%addr, instance = jm.instance_id(), auth = auth.enabled(), "REST API listening");
+    let server = axum::serve(listener, router_with_auth(jm, auth))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tokio::select! {
         res = server => res,
