@@ -4,7 +4,7 @@
 //! handover, a leader cut off from NATS by a fault proxy, SIGKILL of a
 //! TaskManager (the job moves to the other one), NATS restarts and node
 //! loss, a job waiting for free task slots, and a TaskManager refusing
-//! commands of an older epoch. Each job test checks the committed output
+//! commands of an older epoch and epochs the leader lease does not show. Each job test checks the committed output
 //! against the expected counts computed from the generator model, and that
 //! the checkpoint manifests' fencing epochs never go back (no two leaders
 //! completed checkpoints of the job interleaved). The fixture is
@@ -515,7 +515,34 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The region's leader lease at epoch 6, as a JobManager that won it
+    // would have written it: the TaskManager believes epochs up to 6 only.
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let kv = async_nats::jetstream::new(nc)
+        .get_key_value("ferry-test")
+        .await
+        .expect("the TaskManager created the region's bucket");
+    kv.put(
+        "leader",
+        r#"{"holder":"test-6","payload":"","epoch":6}"#.into(),
+    )
+    .await
+    .unwrap();
     let mut c = TaskManagerClient::connect(addr.clone()).await.unwrap();
+    // A made-up epoch above the lease's is refused, and locks no one out.
+    let e = c
+        .attach(proto::AttachRequest {
+            epoch: 1_000_000_000,
+            jobmanager: "intruder".into(),
+        })
+        .await
+        .expect_err("an epoch the lease does not show");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("lease is at epoch 6"),
+        "{}",
+        e.message()
+    );
     let mut newer = c
         .attach(proto::AttachRequest {
             epoch: 5,
@@ -629,6 +656,8 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
     let stale_count = r.tm_metric(0, "stale_commands").await.unwrap();
     // Five commands of epoch 4, one commit of an older region epoch.
     assert_eq!(stale_count, 6);
+    assert_eq!(r.tm_metric(0, "unconfirmed_epochs").await, Some(1));
+    assert_eq!(r.tm_metric(0, "epoch").await, Some(6));
 }
 
 /// A syntactically valid job id for direct deploy requests.

@@ -44,6 +44,68 @@ pub struct ProcessConfig {
     /// The other regions (cross-region replication).
     #[serde(default)]
     pub regions: RegionsConfig,
+    /// TLS per link (none by default).
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// TLS per link. Certificate files are checked for changes every
+/// `reloadInterval`; new connections use new material, with no restart.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// JobManager ↔ TaskManager gRPC, always mutual: a TaskManager serves
+    /// only clients whose certificate the CA signed, and a JobManager
+    /// dials TaskManagers with its certificate and verifies theirs. Set
+    /// it on every JobManager and TaskManager of the region.
+    #[serde(default)]
+    pub grpc: Option<GrpcTls>,
+    /// How often certificate files are read again (default `10s`).
+    #[serde(default = "d_tls_reload")]
+    pub reload_interval: DurationSpec,
+}
+
+fn d_tls_reload() -> DurationSpec {
+    DurationSpec(Duration::from_secs(10))
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            grpc: None,
+            reload_interval: d_tls_reload(),
+        }
+    }
+}
+
+/// The gRPC link's certificate, key and CA (PEM files, e.g. a
+/// cert-manager Secret's `tls.crt`, `tls.key` and `ca.crt`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcTls {
+    /// This process's certificate chain, leaf first.
+    pub cert_file: String,
+    /// Its private key.
+    pub key_file: String,
+    /// The region's CA: the other side's certificate must chain to it.
+    pub ca_file: String,
+    /// The name a JobManager expects in every TaskManager's certificate
+    /// (default: the host of the TaskManager's advertised URL). One name
+    /// in every TaskManager certificate spares a certificate per pod IP.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl GrpcTls {
+    /// The files as the TLS layer takes them.
+    pub fn files(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            link: "grpc",
+            cert: self.cert_file.clone().into(),
+            key: self.key_file.clone().into(),
+            ca: self.ca_file.clone().into(),
+        }
+    }
 }
 
 /// The regions of a multi-region deployment.
@@ -665,6 +727,23 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     ("FERRY_REGIONS_WEBHOOK", "regions.webhook", EnvKind::Text),
+    (
+        "FERRY_TLS_GRPC_CERT_FILE",
+        "tls.grpc.certFile",
+        EnvKind::Text,
+    ),
+    ("FERRY_TLS_GRPC_KEY_FILE", "tls.grpc.keyFile", EnvKind::Text),
+    ("FERRY_TLS_GRPC_CA_FILE", "tls.grpc.caFile", EnvKind::Text),
+    (
+        "FERRY_TLS_GRPC_SERVER_NAME",
+        "tls.grpc.serverName",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TLS_RELOAD_INTERVAL",
+        "tls.reloadInterval",
+        EnvKind::Text,
+    ),
 ];
 
 /// A configuration problem, saying where and what to do.
@@ -824,6 +903,24 @@ impl ProcessConfig {
         if self.taskmanager.slots == 0 {
             return err("taskmanager.slots must be at least 1".into());
         }
+        if let Some(url) = &self.taskmanager.advertise {
+            match (self.tls.grpc.is_some(), url.starts_with("https://")) {
+                (true, false) => {
+                    return err(format!(
+                        "taskmanager.advertise {url}: use an https:// URL, tls.grpc is set"
+                    ));
+                }
+                (false, true) => {
+                    return err(format!(
+                        "taskmanager.advertise {url}: an https:// URL needs tls.grpc (certFile, keyFile, caFile)"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.tls.reload_interval.get().is_zero() {
+            return err("tls.reloadInterval must be above 0".into());
+        }
         Ok(())
     }
 
@@ -845,10 +942,15 @@ impl ProcessConfig {
 
     /// The URL JobManagers dial this TaskManager at.
     pub fn taskmanager_url(&self, bound: &str) -> String {
+        let scheme = if self.tls.grpc.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         self.taskmanager
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{}", bound.replace("0.0.0.0", "127.0.0.1")))
+            .unwrap_or_else(|| format!("{scheme}://{}", bound.replace("0.0.0.0", "127.0.0.1")))
     }
 
     /// The URL others reach this instance's API at.

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod schema;
 pub mod spec;
 pub mod storage;
+pub mod tls;
 pub mod value;
 
 pub use epoch::{JmEpoch, RegionEpoch};

@@ -85,6 +85,21 @@ pub struct LeaderInfo {
     pub epoch: Epoch,
 }
 
+/// The leader the lease in `backend` names now, if any (`key` as in
+/// [`ElectorConfig::key`]). What a TaskManager checks a JobManager's claim
+/// to a new epoch against: no one can lead under an epoch above the
+/// lease's.
+pub async fn read_leader(
+    backend: &dyn Coordination,
+    key: &str,
+) -> Result<Option<LeaderInfo>, HaError> {
+    Ok(backend
+        .get(key)
+        .await?
+        .as_ref()
+        .and_then(Runner::leader_info))
+}
+
 /// This instance's role.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Role {

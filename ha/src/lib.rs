@@ -14,5 +14,5 @@ pub mod membership;
 pub mod nats;
 
 pub use backend::{Coordination, Entry, Event, HaError};
-pub use elector::{Elector, ElectorConfig, Epoch, LeaderInfo, Role};
+pub use elector::{Elector, ElectorConfig, Epoch, LeaderInfo, Role, read_leader};
 pub use membership::{Member, MemberView, Membership, MembershipConfig};

@@ -56,7 +56,7 @@ impl HaSettings {
                 expiry: h.member_expiry.get(),
             },
             elector: ElectorConfig {
-                key: "leader".to_string(),
+                key: LEADER_KEY.to_string(),
                 holder: instance_id.to_string(),
                 ttl: h.lease_ttl.get(),
                 renew_interval: h.renew_interval.get(),
@@ -66,6 +66,9 @@ impl HaSettings {
         }
     }
 }
+
+/// The key of the region's leader lease in its KV bucket.
+pub const LEADER_KEY: &str = "leader";
 
 /// The leader as the API reports it.
 fn leader_view(l: LeaderInfo) -> LeaderView {

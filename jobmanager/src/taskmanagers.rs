@@ -37,6 +37,8 @@ pub struct TaskManagers {
     backend: Arc<dyn Coordination>,
     expiry: Duration,
     interval: Duration,
+    /// Mutual TLS to TaskManagers (`tls.grpc`), if set.
+    tls: Option<ferry_core::tls::Connector>,
     state: Mutex<PoolState>,
     changed: watch::Sender<u64>,
     /// The last membership listing failed (warned once per streak).
@@ -115,6 +117,7 @@ impl TaskManagers {
         backend: Arc<dyn Coordination>,
         expiry: Duration,
         interval: Duration,
+        tls: Option<ferry_core::tls::Connector>,
     ) -> Arc<Self> {
         Arc::new(Self {
             region,
@@ -122,6 +125,7 @@ impl TaskManagers {
             backend,
             expiry,
             interval,
+            tls,
             state: Mutex::new(PoolState::default()),
             changed: watch::channel(0).0,
             list_failing: Default::default(),
@@ -260,12 +264,23 @@ impl TaskManagers {
                 tracing::warn!(taskmanager = %id, %address, "TaskManager advertises an unusable address");
                 continue;
             };
-            let channel = endpoint
+            let endpoint = endpoint
                 .connect_timeout(Duration::from_secs(1))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_lazy();
+                .keep_alive_timeout(Duration::from_secs(5));
+            let channel = match (&self.tls, address.starts_with("https://")) {
+                (Some(tls), true) => endpoint.connect_with_connector_lazy(tls.clone()),
+                (None, false) => endpoint.connect_lazy(),
+                (Some(_), false) => {
+                    tracing::warn!(taskmanager = %id, %address, "TaskManager advertises a plaintext address but tls.grpc is set here: not dialing it (set tls.grpc on the TaskManager too)");
+                    continue;
+                }
+                (None, true) => {
+                    tracing::warn!(taskmanager = %id, %address, "TaskManager advertises an https address but tls.grpc is not set here: not dialing it (set tls.grpc on this JobManager too)");
+                    continue;
+                }
+            };
             let stop = CancellationToken::new();
             if let Some(old) = s.tms.insert(
                 id.clone(),

@@ -38,6 +38,13 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
             "api.auth is not set: anyone who reaches the REST API may submit and cancel jobs and fail regions over (see docs/security.md)"
         );
     }
+    let grpc_tls = match &cfg.tls.grpc {
+        Some(t) => Some(ferry_core::tls::Connector::new(
+            ferry_core::tls::ClientTls::load(t.files(), &[b"h2"], cfg.tls.reload_interval.get())?,
+            t.server_name.clone(),
+        )),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
         .await
         .with_context(|| format!("cannot listen on api.listen {}", cfg.api.listen))?;
@@ -74,6 +81,7 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
                 backend.clone(),
                 h.member_expiry.get(),
                 h.heartbeat_interval.get(),
+                grpc_tls,
             );
             jm.use_taskmanagers(pool.clone());
             Some(tokio::spawn(

@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use anyhow::Context;
 use chrono::Utc;
 use ferry_core::config::ProcessConfig;
+use ferry_core::tls::{ClientAuth, ServerTls};
 use ferry_ha::{Member, Membership, MembershipConfig};
 use ferry_taskmanager::http::TmMetrics;
 use ferry_taskmanager::server::TaskManager;
@@ -22,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::process::{
     ProcessArgs, connect_coordination, default_instance_id, run_process, stop_on_signal,
 };
+
+/// The key of the region's leader lease (the JobManagers' elector).
+const LEADER_KEY: &str = ferry_jobmanager::ha::LEADER_KEY;
 
 /// Role name of TaskManagers in membership records.
 const ROLE: &str = ferry_jobmanager::taskmanagers::TASKMANAGER_ROLE;
@@ -37,6 +41,17 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         .instance_id
         .clone()
         .unwrap_or_else(|| default_instance_id("tm"));
+    // Certificates first: a missing or broken file stops the process at
+    // once, naming the file.
+    let grpc_tls = match &cfg.tls.grpc {
+        Some(tls) => Some(ServerTls::load(
+            tls.files(),
+            ClientAuth::Required,
+            &[b"h2"],
+            cfg.tls.reload_interval.get(),
+        )?),
+        None => None,
+    };
     let grpc = tokio::net::TcpListener::bind(&t.listen)
         .await
         .with_context(|| format!("cannot listen on taskmanager.listen {}", t.listen))?;
@@ -58,26 +73,55 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         http_stop.clone(),
     ));
 
+    let Some(backend) = connect_coordination(&cfg, &ha_rt, &signal).await else {
+        return Ok(ExitCode::from(1));
+    };
+    // A newer JobManager epoch is believed only once the region's leader
+    // lease shows it (read on the coordination runtime, where the NATS
+    // client lives).
+    {
+        let (backend, rt) = (backend.clone(), ha_rt.clone());
+        tm.confirm_epochs_with(Arc::new(move || {
+            let (backend, rt) = (backend.clone(), rt.clone());
+            Box::pin(async move {
+                rt.spawn(async move { ferry_ha::read_leader(&*backend, LEADER_KEY).await })
+                    .await
+                    .map_err(|e| format!("the lease read stopped: {e}"))?
+                    .map(|l| l.map(|l| l.epoch))
+                    .map_err(|e| e.to_string())
+            })
+        }));
+    }
+
     // Serve gRPC before joining the membership: once the leader sees the
     // record it dials at once.
     let grpc_stop = CancellationToken::new();
     let stop = grpc_stop.clone();
     let service = tm.service();
-    let grpc_task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                async move { stop.cancelled().await },
-            )
-            .await
-    });
-    tracing::info!(taskmanager = %id, region = %cfg.region, slots = t.slots, grpc = %url, http = %http_bound, "taskmanager started; joining the region");
-
-    let Some(backend) = connect_coordination(&cfg, &ha_rt, &signal).await else {
-        return Ok(ExitCode::from(1));
+    let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
+    let grpc_task = match grpc_tls {
+        Some(tls) => {
+            let incoming =
+                ferry_core::tls::incoming(grpc, tls, metrics.tls_handshake_failures.clone());
+            tokio::spawn(async move {
+                server
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+                    .await
+            })
+        }
+        None => tokio::spawn(async move {
+            server
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc),
+                    async move { stop.cancelled().await },
+                )
+                .await
+        }),
     };
+    tracing::info!(taskmanager = %id, region = %cfg.region, slots = t.slots, grpc = %url, tls = cfg.tls.grpc.is_some(), http = %http_bound, "taskmanager started; joining the region");
+
     let member = Member {
         id: id.clone(),
         role: ROLE.to_string(),

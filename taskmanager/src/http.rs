@@ -48,6 +48,8 @@ pub struct TmMetrics {
     /// True while the TaskManager is in its region (`/readyz` answers 200).
     pub ready: std::sync::atomic::AtomicBool,
     heartbeat_failures: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>,
+    /// gRPC connections refused in the TLS handshake.
+    pub tls_handshake_failures: Arc<std::sync::atomic::AtomicU64>,
     registry: Registry,
     gauges: Vec<(Gauge, Read)>,
 }
@@ -57,7 +59,7 @@ impl TmMetrics {
     pub fn new(tm: &TaskManager) -> Self {
         let mut registry = Registry::with_prefix("ferry_tm");
         let mut gauges: Vec<(Gauge, Read)> = Vec::new();
-        let defs: [(&str, &str, Read); 12] = [
+        let defs: [(&str, &str, Read); 14] = [
             ("slots", "Task slots of this TaskManager", |m| {
                 m.tm.slots() as i64
             }),
@@ -97,6 +99,16 @@ impl TmMetrics {
                 |m| m.tm.stats().fenced_stops.load(Ordering::Relaxed) as i64,
             ),
             (
+                "unconfirmed_epochs",
+                "Commands refused because the region's leader lease did not show their epoch (not sent by a leader)",
+                |m| m.tm.stats().unconfirmed_epochs.load(Ordering::Relaxed) as i64,
+            ),
+            (
+                "tls_handshake_failures",
+                "gRPC connections refused in the TLS handshake (plaintext, no certificate, another CA)",
+                |m| m.tls_handshake_failures.load(Ordering::Relaxed) as i64,
+            ),
+            (
                 "fence_remaining_milliseconds",
                 "How long the region fence still holds (-1: no region fence)",
                 |m| {
@@ -125,6 +137,7 @@ impl TmMetrics {
             tm: tm.clone(),
             ready: Default::default(),
             heartbeat_failures: Default::default(),
+            tls_handshake_failures: Default::default(),
             registry,
             gauges,
         }

@@ -6,6 +6,11 @@
 //! - every command carries the sender's fencing epoch; an epoch older than
 //!   the newest this TaskManager has seen is rejected (`FAILED_PRECONDITION`),
 //!   so a deposed leader can neither trigger nor commit checkpoints here;
+//! - with an epoch check ([`TaskManager::confirm_epochs_with`], what a
+//!   region's TaskManager has) a newer epoch is believed only once the
+//!   region's leader lease shows it: a client that never won the lease
+//!   cannot push a made-up epoch and lock the real leader out
+//!   (`PERMISSION_DENIED`);
 //! - a deployment's tasks keep running when its JobManager goes away; a new
 //!   leader attaches, reads every deployment's progress from the
 //!   registration and adopts them without a restart;
@@ -61,7 +66,24 @@ pub struct TmStats {
     /// Deployments stopped because the region fence ran out or a newer
     /// region epoch was confirmed.
     pub fenced_stops: AtomicU64,
+    /// Commands refused because their epoch was above the region's
+    /// leader lease (not a leader's).
+    pub unconfirmed_epochs: AtomicU64,
 }
+
+/// Reads the epoch of the region's leader lease now (`None`: no one holds
+/// it). A read may be stale, never ahead: an epoch at or below what it
+/// returns was granted by the lease.
+pub type EpochCheck = Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<Option<JmEpoch>, String>> + Send + Sync,
+>;
+
+/// Lease reads before an epoch above the lease's is refused (a read from a
+/// lagging replica can trail a just-won lease), and the pause between them.
+const EPOCH_CHECK_READS: u32 = 4;
+const EPOCH_CHECK_PAUSE: Duration = Duration::from_millis(250);
+/// One lease read longer than this counts as failed.
+const EPOCH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A TaskManager: slots and deployments. Cheap to clone.
 #[derive(Clone)]
@@ -79,6 +101,11 @@ struct Inner {
     shutdown: CancellationToken,
     /// Wakes [`TaskManager::watch_fence`] when `fence_until` changed.
     fence_changed: tokio::sync::Notify,
+    /// Confirms a newer epoch against the region's leader lease.
+    epoch_check: std::sync::OnceLock<EpochCheck>,
+    /// The highest lease epoch a check has seen: epochs up to it need no
+    /// new read.
+    confirmed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -216,7 +243,66 @@ impl TaskManager {
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 fence_changed: tokio::sync::Notify::new(),
+                epoch_check: std::sync::OnceLock::new(),
+                confirmed: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// From now on, an epoch newer than any seen here is believed only
+    /// once `check` (the region's leader lease) shows it. Set once, before
+    /// the gRPC service takes commands; later calls change nothing.
+    pub fn confirm_epochs_with(&self, check: EpochCheck) {
+        let _ = self.inner.epoch_check.set(check);
+    }
+
+    /// Lets `epoch` through if it is not newer than the newest seen here,
+    /// or if the region's leader lease shows it (or a later one). Stale
+    /// epochs are refused afterwards by `check_epoch`, as without a check.
+    async fn admit_epoch(&self, epoch: JmEpoch) -> Result<(), Status> {
+        let Some(check) = self.inner.epoch_check.get() else {
+            return Ok(());
+        };
+        if epoch <= self.lock().epoch || epoch.0 <= self.inner.confirmed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut seen = None;
+        let mut last_err = None;
+        for i in 0..EPOCH_CHECK_READS {
+            if i > 0 {
+                tokio::time::sleep(EPOCH_CHECK_PAUSE).await;
+            }
+            match tokio::time::timeout(EPOCH_CHECK_TIMEOUT, check()).await {
+                Ok(Ok(lease)) => {
+                    if let Some(l) = lease {
+                        self.inner.confirmed.fetch_max(l.0, Ordering::Relaxed);
+                        if l >= epoch {
+                            return Ok(());
+                        }
+                    }
+                    seen = Some(lease);
+                }
+                Ok(Err(e)) => last_err = Some(e),
+                Err(_) => last_err = Some(format!("no answer within {EPOCH_CHECK_TIMEOUT:?}")),
+            }
+        }
+        match seen {
+            Some(lease) => {
+                self.inner
+                    .stats
+                    .unconfirmed_epochs
+                    .fetch_add(1, Ordering::Relaxed);
+                let lease =
+                    lease.map_or_else(|| "held by no one".to_string(), |l| format!("at epoch {l}"));
+                tracing::warn!(%epoch, "refused a command whose epoch the region's leader lease does not show (lease {lease})");
+                Err(Status::permission_denied(format!(
+                    "epoch {epoch} refused: the region's leader lease is {lease}; only the JobManager that won the lease can take this TaskManager over at a new epoch"
+                )))
+            }
+            None => Err(Status::unavailable(format!(
+                "epoch {epoch} not confirmed: cannot read the region's leader lease ({}); retry",
+                last_err.unwrap_or_default()
+            ))),
         }
     }
 
@@ -429,6 +515,7 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::AttachRequest>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut s = self.lock();
         s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
@@ -454,6 +541,7 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::DeployRequest>,
     ) -> Result<Response<proto::DeployReply>, Status> {
         let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
         let spec = ferry_core::spec::parse_and_validate(&req.spec).map_err(|issues| {
             Status::invalid_argument(format!("the job spec is invalid:\n{issues}"))
         })?;
@@ -582,6 +670,7 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::TriggerRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
         let dir = StorageLocation::open(&req.dir)
             .map_err(|e| Status::invalid_argument(format!("checkpoint dir: {e}")))?;
         let mut s = self.lock();
@@ -612,6 +701,7 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::CompleteRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
         let (older, found) = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
@@ -641,6 +731,7 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::CancelRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
         let d = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
@@ -658,6 +749,7 @@ impl task_manager_server::TaskManager for TaskManager {
         req: Request<proto::FenceRequest>,
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
         let stale = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
@@ -750,5 +842,89 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(1_000));
         stop.cancel();
         watcher.await.expect("watcher ends on stop");
+    }
+
+    fn fence_req(epoch: u64) -> Request<proto::FenceRequest> {
+        Request::new(proto::FenceRequest {
+            epoch,
+            region_epoch: 1,
+            valid_for_ms: 60_000,
+        })
+    }
+
+    /// A lease that says `epoch` (or nothing, or cannot be read).
+    fn lease(answer: Arc<Mutex<Result<Option<u64>, String>>>) -> EpochCheck {
+        Arc::new(move || {
+            let a = answer.lock().unwrap().clone().map(|e| e.map(JmEpoch));
+            Box::pin(async move { a })
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_epoch_the_leader_lease_does_not_show_is_refused_and_locks_no_one_out() {
+        let tm = TaskManager::new("tm", 1);
+        let answer = Arc::new(Mutex::new(Ok(Some(7))));
+        tm.confirm_epochs_with(lease(answer.clone()));
+        let svc = task_manager_server::TaskManager::fence;
+
+        // The leader at epoch 7, as the lease says.
+        svc(&tm, fence_req(7)).await.expect("the leader's epoch");
+        // A made-up epoch from a client that never won the lease.
+        let err = svc(&tm, fence_req(1_000_000_000)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message().contains("lease is at epoch 7"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(tm.stats().unconfirmed_epochs.load(Ordering::Relaxed), 1);
+        // The real leader keeps working.
+        svc(&tm, fence_req(7)).await.expect("still the leader");
+        assert_eq!(tm.usage().3, 7);
+
+        // No lease at all: refused; a lease that cannot be read: retry.
+        *answer.lock().unwrap() = Ok(None);
+        let err = svc(&tm, fence_req(8)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(
+            err.message().contains("held by no one"),
+            "{}",
+            err.message()
+        );
+        *answer.lock().unwrap() = Err("NATS unreachable".into());
+        let err = svc(&tm, fence_req(8)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(
+            err.message().contains("NATS unreachable"),
+            "{}",
+            err.message()
+        );
+
+        // A new leader won the lease at 9: believed, and the old one is
+        // now stale as before.
+        *answer.lock().unwrap() = Ok(Some(9));
+        svc(&tm, fence_req(9)).await.expect("the new leader");
+        let err = svc(&tm, fence_req(7)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_read_that_trails_a_new_leader_is_read_again() {
+        let tm = TaskManager::new("tm", 1);
+        let answer = Arc::new(Mutex::new(Ok(Some(3))));
+        tm.confirm_epochs_with(lease(answer.clone()));
+        let reader = {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                // A lagging replica answers 3 for a while, then 4.
+                tokio::time::sleep(EPOCH_CHECK_PAUSE * 2).await;
+                *answer.lock().unwrap() = Ok(Some(4));
+            })
+        };
+        task_manager_server::TaskManager::fence(&tm, fence_req(4))
+            .await
+            .expect("confirmed on a later read");
+        reader.await.unwrap();
+        assert_eq!(tm.stats().unconfirmed_epochs.load(Ordering::Relaxed), 0);
     }
 }

@@ -20,6 +20,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod nats;
+#[cfg(feature = "pki")]
+pub mod pki;
 
 use nats::{NatsConfig, NatsProcess, NatsStarter};
 

@@ -93,6 +93,9 @@ pub struct Region {
     pub replicas: &'static str,
     /// Extra environment of every process started from now on.
     pub env: Vec<(&'static str, String)>,
+    /// Extra environment of JobManagers only, and of TaskManagers only.
+    pub jm_env: Vec<(&'static str, String)>,
+    pub tm_env: Vec<(&'static str, String)>,
     /// Records per second of the test job (the output does not depend on
     /// it; a lower rate runs the job longer).
     pub rate: u32,
@@ -120,6 +123,8 @@ impl Region {
             deadline,
             replicas: "1",
             env: Vec::new(),
+            jm_env: Vec::new(),
+            tm_env: Vec::new(),
             rate: 100_000,
             window_ms: 60_000,
             token: None,
@@ -205,31 +210,29 @@ impl Region {
 
     /// Starts a JobManager; `nats_url` overrides the region's (a proxy).
     pub fn start(&mut self, id: &str, nats_url: Option<&str>) {
-        let jm = self.spawn_listening(
-            "jobmanager",
-            id,
-            nats_url,
-            "FERRY_API_LISTEN",
-            &[
-                ("FERRY_HA_LEASE_TTL", self.ttl.to_string()),
-                ("FERRY_HA_RENEW_DEADLINE", self.deadline.to_string()),
-                ("FERRY_HA_RENEW_INTERVAL", "150ms".to_string()),
-            ],
-        );
+        let mut env = vec![
+            ("FERRY_HA_LEASE_TTL", self.ttl.to_string()),
+            ("FERRY_HA_RENEW_DEADLINE", self.deadline.to_string()),
+            ("FERRY_HA_RENEW_INTERVAL", "150ms".to_string()),
+        ];
+        env.extend(self.jm_env.iter().cloned());
+        let jm = self.spawn_listening("jobmanager", id, nats_url, "FERRY_API_LISTEN", &env);
         self.jms.push(jm);
     }
 
     /// Starts a TaskManager with 4 slots (`port`: its HTTP port).
     pub fn start_tm(&mut self, id: &str) {
+        let mut env = vec![
+            ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
+            ("FERRY_TASKMANAGER_SLOTS", "4".to_string()),
+        ];
+        env.extend(self.tm_env.iter().cloned());
         let tm = self.spawn_listening(
             "taskmanager",
             id,
             None,
             "FERRY_TASKMANAGER_HTTP_LISTEN",
-            &[
-                ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
-                ("FERRY_TASKMANAGER_SLOTS", "4".to_string()),
-            ],
+            &env,
         );
         self.tms.push(tm);
     }
