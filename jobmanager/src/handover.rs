@@ -22,6 +22,10 @@ impl JobManager {
     /// at `epoch`: jobs that had not ended are resumed from their newest
     /// verified checkpoint; ended ones are listed. Returns how many resumed.
     pub async fn lead(&self, epoch: ferry_core::JmEpoch) -> Result<usize, JmError> {
+        // The HA loop adopts on winning the lease while the region
+        // coordinator may promote at the same moment: one at a time, so
+        // the second finds every job driven.
+        let _adopting = self.inner.adopting.lock().await;
         let stored = read_store(&self.store()?, |_| None).await?;
         let mut resumed = 0;
         for (spec, status) in stored {
@@ -93,6 +97,7 @@ impl JobManager {
     /// Refreshes the list of jobs from the job store (standbys serve reads
     /// from it).
     pub async fn refresh_from_store(&self) -> Result<(), JmError> {
+        let _adopting = self.inner.adopting.lock().await;
         let stored = read_store(&self.store()?, |id| self.inner.entry(id)).await?;
         for (spec, status) in stored {
             let id = status.job.id;
@@ -145,5 +150,89 @@ impl JobManager {
             Some(epoch) => self.lead(epoch).await,
             None => Ok(0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::leadership::Leadership;
+    use crate::model::JobManagerConfig;
+    use crate::service::JobManager;
+    use crate::store::read_store;
+
+    fn jm(dir: &std::path::Path, id: &str) -> JobManager {
+        JobManager::with_leadership(
+            JobManagerConfig {
+                data_url: format!("file://{}", dir.display()),
+                instance_id: id.into(),
+            },
+            Leadership::embedded(),
+        )
+    }
+
+    /// Found by `ferry chaos` (seed 20261205, round 3): a JobManager that
+    /// won the lease adopted the job store from its HA loop while the
+    /// region coordinator promoted the region and adopted it too; both
+    /// had waited on the same slow store read, found every job undriven
+    /// and started each twice — two deployments of one job ran at once
+    /// and its output was duplicated.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_adoptions_at_once_start_each_job_once() {
+        const JOBS: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = jm(&data, "jm-a");
+        for i in 0..JOBS {
+            let spec = format!(
+                r#"apiVersion: ferry.dev/v1
+kind: Job
+metadata: {{name: adopt-{i}}}
+spec:
+  parallelism: 1
+  source:
+    generator:
+      total: 1000000
+      rate: 100
+      eventTime: {{step: 10ms}}
+      fields:
+        user: {{type: key, cardinality: 10, prefix: "u"}}
+  operators:
+    - key_by: user
+    - window: {{tumbling: 1m, aggregate: {{clicks: count}}}}
+  sink:
+    file: {{path: "{}"}}
+"#,
+                dir.path().join(format!("out-{i}")).display()
+            );
+            first.submit(&spec).await.expect("submit");
+        }
+        // Every job is in the store, then its leader goes away.
+        let limit = Instant::now() + Duration::from_secs(20);
+        loop {
+            let stored = read_store(&first.store().unwrap(), |_| None).await.unwrap();
+            if stored.len() == JOBS {
+                break;
+            }
+            assert!(
+                Instant::now() < limit,
+                "{} of {JOBS} jobs stored",
+                stored.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.step_down().await;
+
+        // Both on threads of their own, as the HA loop and the region
+        // coordinator run.
+        let next = jm(&data, "jm-b");
+        let epoch = ferry_core::JmEpoch(2);
+        let (x, y) = (next.clone(), next.clone());
+        let a = tokio::spawn(async move { x.lead(epoch).await });
+        let b = tokio::spawn(async move { y.lead(epoch).await });
+        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!(a + b, JOBS, "each job resumed exactly once ({a} + {b})");
+        next.step_down().await;
     }
 }

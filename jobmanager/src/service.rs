@@ -62,6 +62,10 @@ pub(crate) struct Inner {
     /// Set while this region is being demoted: abandoned jobs stop their
     /// tasks instead of leaving them to a next leader.
     pub(crate) demoting: Arc<std::sync::atomic::AtomicBool>,
+    /// Held through every adoption of the job store (`lead`, `promote`,
+    /// `refresh_from_store`): two at once would both find a job undriven
+    /// and start it twice.
+    pub(crate) adopting: tokio::sync::Mutex<()>,
     /// The region epoch as last read (0 without a region lease).
     pub(crate) region_epoch: Arc<crate::leadership::RegionEpochCell>,
     /// How long this region may still commit checkpoints.
@@ -185,6 +189,7 @@ impl JobManager {
                 region_control: std::sync::OnceLock::new(),
                 standby_region: RwLock::new(None),
                 demoting: Default::default(),
+                adopting: Default::default(),
                 region_epoch: Default::default(),
                 region_fence: Default::default(),
             }),
