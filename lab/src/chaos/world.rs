@@ -38,8 +38,13 @@ const BUCKET: &str = "ferry-chaos-east";
 const TMPFS_SIZE: &str = "192m";
 /// moto accepts any keys; these never leave the machine.
 const AWS_KEY: &str = "chaos";
-/// Region timeout and heartbeat interval.
-pub const REGION_TIMEOUT: &str = "3s";
+/// Region timeout and heartbeat interval. Half the timeout is the region
+/// fence, which must hold through an in-region leader change (lease TTL
+/// 800 ms plus a heartbeat plus a region-lease read) with room for a
+/// coordination stall: at 3 s the margin was 0.4 s, and one fsync stall
+/// on the shared disk (both regions' leaders missed a renewal at once)
+/// outlasted it.
+pub const REGION_TIMEOUT: &str = "4s";
 const REGION_HEARTBEAT: &str = "300ms";
 
 /// A JobManager or a TaskManager.
