@@ -136,6 +136,8 @@ pub struct Client {
     token: Option<Arc<str>>,
     timeout: Duration,
     no_proxy: bool,
+    /// CA certificates trusted besides the public ones (`--ca-cert`).
+    roots: Arc<Vec<reqwest::Certificate>>,
     on_skip: Option<SkipHook>,
 }
 
@@ -163,11 +165,12 @@ impl Client {
             bail!("--url is empty; give the JobManager's URL, e.g. {DEFAULT_URL}");
         }
         Ok(Self {
-            http: build_http(false)?,
+            http: build_http(false, &[])?,
             bases,
             token: None,
             timeout: REQUEST_TIMEOUT,
             no_proxy: false,
+            roots: Arc::new(Vec::new()),
             on_skip: None,
         })
     }
@@ -180,8 +183,22 @@ impl Client {
 
     /// The same client without proxies.
     pub fn no_proxy(mut self) -> anyhow::Result<Self> {
-        self.http = build_http(true)?;
+        self.http = build_http(true, &self.roots)?;
         self.no_proxy = true;
+        Ok(self)
+    }
+
+    /// The same client, also trusting the CA certificates in `pem` for
+    /// `https://` JobManagers (a region whose `tls.api` certificates a
+    /// private CA signed).
+    pub fn with_ca_cert(mut self, pem: &[u8]) -> anyhow::Result<Self> {
+        let certs = reqwest::Certificate::from_pem_bundle(pem)
+            .context("not PEM certificates (expected -----BEGIN CERTIFICATE-----)")?;
+        if certs.is_empty() {
+            bail!("holds no certificate (expected -----BEGIN CERTIFICATE-----)");
+        }
+        self.roots = Arc::new(certs);
+        self.http = build_http(self.no_proxy, &self.roots)?;
         Ok(self)
     }
 
@@ -442,8 +459,9 @@ impl Client {
     }
 }
 
-fn build_http(no_proxy: bool) -> anyhow::Result<reqwest::Client> {
+fn build_http(no_proxy: bool, roots: &[reqwest::Certificate]) -> anyhow::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
+        .tls_certs_merge(roots.iter().cloned())
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
         .user_agent(concat!("ferry-cli/", env!("CARGO_PKG_VERSION")));
@@ -488,7 +506,14 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     while let Some(next) = cur.source() {
         cur = next;
     }
-    cur.to_string()
+    let why = cur.to_string();
+    if why.contains("invalid peer certificate") {
+        format!(
+            "{why}; the JobManager's certificate is not signed by a CA this client trusts: pass the region's CA with --ca-cert or FERRY_CA_CERT"
+        )
+    } else {
+        why
+    }
 }
 
 async fn read_response<T: DeserializeOwned>(

@@ -60,6 +60,10 @@ pub struct TlsConfig {
     /// it on every JobManager and TaskManager of the region.
     #[serde(default)]
     pub grpc: Option<GrpcTls>,
+    /// The REST API over HTTPS. A standby forwarding a write to the leader
+    /// checks the leader's certificate against `caFile`.
+    #[serde(default)]
+    pub api: Option<ApiTls>,
     /// How often certificate files are read again (default `10s`).
     #[serde(default = "d_tls_reload")]
     pub reload_interval: DurationSpec,
@@ -73,6 +77,7 @@ impl Default for TlsConfig {
     fn default() -> Self {
         Self {
             grpc: None,
+            api: None,
             reload_interval: d_tls_reload(),
         }
     }
@@ -94,6 +99,32 @@ pub struct GrpcTls {
     /// in every TaskManager certificate spares a certificate per pod IP.
     #[serde(default)]
     pub server_name: Option<String>,
+}
+
+/// The REST API's certificate, key and CA (PEM files).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiTls {
+    /// This JobManager's certificate chain, leaf first: it must name the
+    /// host of `api.advertise` (what clients and standbys dial).
+    pub cert_file: String,
+    /// Its private key.
+    pub key_file: String,
+    /// The CA that signed the region's JobManager certificates: a standby
+    /// forwarding a write checks the leader against it.
+    pub ca_file: String,
+}
+
+impl ApiTls {
+    /// The files as the TLS layer takes them.
+    pub fn files(&self) -> crate::tls::TlsFiles {
+        crate::tls::TlsFiles {
+            link: "api",
+            cert: self.cert_file.clone().into(),
+            key: self.key_file.clone().into(),
+            ca: self.ca_file.clone().into(),
+        }
+    }
 }
 
 impl GrpcTls {
@@ -739,6 +770,9 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "tls.grpc.serverName",
         EnvKind::Text,
     ),
+    ("FERRY_TLS_API_CERT_FILE", "tls.api.certFile", EnvKind::Text),
+    ("FERRY_TLS_API_KEY_FILE", "tls.api.keyFile", EnvKind::Text),
+    ("FERRY_TLS_API_CA_FILE", "tls.api.caFile", EnvKind::Text),
     (
         "FERRY_TLS_RELOAD_INTERVAL",
         "tls.reloadInterval",
@@ -918,6 +952,21 @@ impl ProcessConfig {
                 _ => {}
             }
         }
+        if let Some(url) = &self.api.advertise {
+            match (self.tls.api.is_some(), url.starts_with("https://")) {
+                (true, false) => {
+                    return err(format!(
+                        "api.advertise {url}: use an https:// URL, tls.api is set"
+                    ));
+                }
+                (false, true) => {
+                    return err(format!(
+                        "api.advertise {url}: an https:// URL needs tls.api (certFile, keyFile, caFile)"
+                    ));
+                }
+                _ => {}
+            }
+        }
         if self.tls.reload_interval.get().is_zero() {
             return err("tls.reloadInterval must be above 0".into());
         }
@@ -955,10 +1004,15 @@ impl ProcessConfig {
 
     /// The URL others reach this instance's API at.
     pub fn advertised_url(&self, bound: &str) -> String {
+        let scheme = if self.tls.api.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         self.api
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{}", bound.replace("0.0.0.0", "127.0.0.1")))
+            .unwrap_or_else(|| format!("{scheme}://{}", bound.replace("0.0.0.0", "127.0.0.1")))
     }
 }
 

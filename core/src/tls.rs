@@ -351,14 +351,34 @@ pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 /// `tonic::transport::Server::serve_with_incoming*`. Each handshake runs on
 /// a task of its own, bounded by [`HANDSHAKE_TIMEOUT`]; a failed one (a
 /// plaintext client, no certificate, one from another CA) is logged with
-/// the peer's address, counted in `failures` and never reaches the server.
+/// the peer's address, counted by `refused` and never reaches the server.
 /// Accepting stops when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: ServerTls,
-    failures: Arc<std::sync::atomic::AtomicU64>,
+    refused: Refused,
 ) -> impl Stream<Item = io::Result<ServerStream>> + Send + 'static {
-    let (tx, mut rx) = mpsc::channel::<io::Result<ServerStream>>(64);
+    let mut rx = accept(listener, tls, refused, None);
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(|(s, _)| Ok(s))))
+}
+
+/// What a TLS port answers a client that sent a plaintext HTTP request
+/// (e.g. `http://` instead of `https://`), instead of a bare hang-up.
+pub type PlaintextAnswer = &'static [u8];
+
+/// Called once for every connection refused in the handshake (a metric).
+pub type Refused = Arc<dyn Fn() + Send + Sync>;
+
+/// The TLS connections accepted on `listener`, with their peers, as
+/// [`incoming`] describes. With `plaintext`, a client whose first bytes
+/// look like an HTTP request gets that answer and is closed.
+pub fn accept(
+    listener: TcpListener,
+    tls: ServerTls,
+    failures: Refused,
+    plaintext: Option<PlaintextAnswer>,
+) -> mpsc::Receiver<(ServerStream, std::net::SocketAddr)> {
+    let (tx, rx) = mpsc::channel::<(ServerStream, std::net::SocketAddr)>(64);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -381,23 +401,51 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let (tx, failures, link) = (tx.clone(), failures.clone(), tls.0.files.link);
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let refused = |why: String| {
+                    failures();
+                    tracing::warn!(link, %peer, "refused a connection: {why}");
+                };
+                let handshake = async {
+                    if let Some(answer) = plaintext
+                        && looks_like_http(&tcp).await
+                    {
+                        let mut tcp = tcp;
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, answer).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
+                        return Err("a plaintext HTTP request on a TLS port (told to use https)"
+                            .to_string());
+                    }
+                    acceptor
+                        .accept(tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake failed: {e}"))
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send((stream, peer)).await;
                     }
-                    Ok(Err(e)) => {
-                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(link, %peer, "refused a connection: TLS handshake failed: {e}");
-                    }
-                    Err(_) => {
-                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(link, %peer, "refused a connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
-                    }
+                    Ok(Err(why)) => refused(why),
+                    Err(_) => refused(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")),
                 }
             });
         }
     });
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    rx
+}
+
+/// True when the first bytes on `tcp` are an HTTP/1 request line (a TLS
+/// client starts with a handshake record, byte 0x16).
+async fn looks_like_http(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; 8];
+    let Ok(n) = tcp.peek(&mut buf).await else {
+        return false;
+    };
+    let head = &buf[..n];
+    [
+        "GET ", "POST", "PUT ", "DELE", "HEAD", "OPTI", "PATC", "CONN", "TRAC",
+    ]
+    .iter()
+    .any(|m| head.starts_with(m.as_bytes()))
 }
 
 /// Dials `https://host:port` URIs over TLS for a tonic `Endpoint`
@@ -541,7 +589,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let tls = ServerTls::load(files(leaf), ClientAuth::Required, &[], HOUR).unwrap();
         let failures = Arc::new(AtomicU64::new(0));
-        let mut conns = Box::pin(incoming(listener, tls, failures.clone()));
+        let counted = failures.clone();
+        let mut conns = Box::pin(incoming(
+            listener,
+            tls,
+            Arc::new(move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+            }),
+        ));
         tokio::spawn(async move {
             while let Some(Ok(mut c)) = conns.next().await {
                 let _ = c.write_all(b"ok").await;

@@ -82,6 +82,8 @@ pub struct Metrics {
     /// entries the store did not take.
     pub api_unauthenticated: Counter,
     pub audit_write_failures: Counter,
+    /// REST connections refused in the TLS handshake (`tls.api`).
+    pub api_tls_refused: Counter,
     /// Every region's health as read from the global KV: 1 while its
     /// heartbeat is younger than `regions.timeout`.
     pub region_healthy: Family<RegionLabels, Gauge>,
@@ -140,6 +142,7 @@ impl Metrics {
             failovers: Counter::default(),
             api_unauthenticated: Counter::default(),
             audit_write_failures: Counter::default(),
+            api_tls_refused: Counter::default(),
             region_healthy: Family::default(),
             region_heartbeat_age_seconds: Family::default(),
             drill_last_rto_seconds: Gauge::default(),
@@ -278,6 +281,11 @@ impl Metrics {
             "failovers",
             "Unplanned failovers this JobManager performed (took the region lease from a silent primary)",
             m.failovers.clone(),
+        );
+        registry.register(
+            "api_tls_refused",
+            "REST connections refused in the TLS handshake: plaintext requests (answered 400 https_required) and failed handshakes",
+            m.api_tls_refused.clone(),
         );
         registry.register(
             "api_unauthenticated",

@@ -47,6 +47,10 @@ pub struct ApiArgs {
         value_name = "FILE"
     )]
     pub token_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to trust for `https://` JobManagers besides
+    /// the public ones: the region's CA when `tls.api` uses a private one.
+    #[arg(long, env = "FERRY_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -196,6 +200,13 @@ pub(crate) fn client(args: &ApiArgs) -> anyhow::Result<Client> {
     }));
     if let Some(t) = token(args)? {
         c = c.with_token(&t);
+    }
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+        c = c
+            .with_ca_cert(&pem)
+            .with_context(|| format!("--ca-cert {}", path.display()))?;
     }
     Ok(c)
 }

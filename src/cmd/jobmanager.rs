@@ -45,6 +45,22 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         )),
         None => None,
     };
+    let api_tls = match &cfg.tls.api {
+        Some(t) => Some(ferry_core::tls::ServerTls::load(
+            t.files(),
+            ferry_core::tls::ClientAuth::None,
+            &[b"http/1.1"],
+            cfg.tls.reload_interval.get(),
+        )?),
+        None => None,
+    };
+    let api_ca = match &cfg.tls.api {
+        Some(t) => Some(
+            std::fs::read(&t.ca_file)
+                .with_context(|| format!("tls.api: cannot read the CA file {}", t.ca_file))?,
+        ),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
         .await
         .with_context(|| format!("cannot listen on api.listen {}", cfg.api.listen))?;
@@ -107,10 +123,15 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         ferry_jobmanager::start_region_side(&cfg, &jm, &api_url, &ha_rt, replication_stop.clone())
             .await?;
     let api_stop = CancellationToken::new();
+    if let Some(ca) = &api_ca {
+        jm.trust_leaders_signed_by(ca)
+            .map_err(|e| anyhow::anyhow!("tls.api: {e}"))?;
+    }
     let api = tokio::spawn(ferry_jobmanager::api::serve_with_auth(
         jm.clone(),
         listener,
         std::sync::Arc::new(auth),
+        api_tls,
         api_stop.clone(),
     ));
     tracing::info!(instance = %instance_id, region = %cfg.region, api = %api_url, listen = %bound, "jobmanager started");

@@ -101,8 +101,14 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
     let grpc_task = match grpc_tls {
         Some(tls) => {
-            let incoming =
-                ferry_core::tls::incoming(grpc, tls, metrics.tls_handshake_failures.clone());
+            let failures = metrics.tls_handshake_failures.clone();
+            let incoming = ferry_core::tls::incoming(
+                grpc,
+                tls,
+                Arc::new(move || {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }),
+            );
             tokio::spawn(async move {
                 server
                     .add_service(service)

@@ -54,11 +54,13 @@ pub struct Jm {
     pub id: String,
     pub port: u16,
     pub child: Child,
+    /// `https` for a JobManager with `tls.api`.
+    pub scheme: &'static str,
 }
 
 impl Jm {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
@@ -104,6 +106,8 @@ pub struct Region {
     pub window_ms: i64,
     /// Bearer token of the fixture's own API calls (`api.auth` regions).
     pub token: Option<String>,
+    /// The CA the fixture trusts for `https` JobManagers (`tls.api`).
+    pub ca_cert: Option<Vec<u8>>,
 }
 
 impl Region {
@@ -128,7 +132,21 @@ impl Region {
             rate: 100_000,
             window_ms: 60_000,
             token: None,
+            ca_cert: None,
         }
+    }
+
+    /// Trusts the CA in `pem` for `https` JobManagers from now on (the
+    /// fixture's REST client and its plain HTTP client).
+    pub fn trust(&mut self, pem: Vec<u8>) {
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(120));
+        for c in reqwest::Certificate::from_pem_bundle(&pem).unwrap() {
+            b = b.tls_certs_merge([c]);
+        }
+        self.http = b.build().unwrap();
+        self.ca_cert = Some(pem);
     }
 
     /// The same region named `name` (`FERRY_REGION`).
@@ -196,10 +214,13 @@ impl Region {
             let log = self.dir.path().join(format!("{id}.log"));
             match wait_listening(&mut child, id, port, Some(&log), Duration::from_secs(20)) {
                 Ok(()) => {
+                    let tls = role == "jobmanager"
+                        && env.iter().any(|(k, _)| *k == "FERRY_TLS_API_CERT_FILE");
                     return Jm {
                         id: id.to_string(),
                         port,
                         child,
+                        scheme: if tls { "https" } else { "http" },
                     };
                 }
                 Err(e) => last = e.to_string(),
@@ -299,9 +320,12 @@ impl Region {
 
     /// The REST client of JobManager `jm` (2 s per request).
     pub fn api(&self, jm: &Jm) -> Client {
-        let c = Client::local(&jm.url())
+        let mut c = Client::local(&jm.url())
             .expect("a loopback URL")
             .with_timeout(Duration::from_secs(2));
+        if let Some(pem) = &self.ca_cert {
+            c = c.with_ca_cert(pem).expect("the test CA");
+        }
         match &self.token {
             Some(t) => c.with_token(t),
             None => c,

@@ -28,16 +28,42 @@ use crate::service::JobManager;
 /// the savepoint).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn client() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(FORWARD_TIMEOUT)
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(FORWARD_TIMEOUT)
+}
+
+/// The client forwarding goes through: one that trusts the region's CA
+/// when the API speaks HTTPS, else a plain one.
+fn client(jm: &JobManager) -> &reqwest::Client {
+    static PLAIN: OnceLock<reqwest::Client> = OnceLock::new();
+    jm.inner
+        .forward_client
+        .get()
+        .unwrap_or_else(|| PLAIN.get_or_init(|| builder().build().expect("reqwest client")))
+}
+
+impl JobManager {
+    /// Forwarded writes go over HTTPS to leaders whose certificate the CA
+    /// in `ca_pem` (PEM, one or more certificates) signed, and to no other.
+    pub fn trust_leaders_signed_by(&self, ca_pem: &[u8]) -> Result<(), String> {
+        let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
+            .map_err(|e| format!("tls.api.caFile is not PEM certificates: {e}"))?;
+        if certs.is_empty() {
+            return Err("tls.api.caFile holds no certificate".into());
+        }
+        let client = builder()
+            .tls_certs_only(certs)
+            .https_only(true)
             .build()
-            .expect("reqwest client")
-    })
+            .map_err(|e| format!("cannot set up the forwarding client: {e}"))?;
+        self.inner
+            .forward_client
+            .set(client)
+            .map_err(|_| "the forwarding client is already set".to_string())
+    }
 }
 
 pub(super) async fn forward_writes(
@@ -94,7 +120,7 @@ async fn forward(jm: &JobManager, req: Request) -> Response {
             .into_response();
         }
     };
-    let mut out = client()
+    let mut out = client(jm)
         .request(method.clone(), &url)
         .header(FORWARDED_BY_HEADER, jm.instance_id())
         .body(body);

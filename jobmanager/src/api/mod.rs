@@ -258,7 +258,33 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve_with_auth(jm, listener, Arc::new(ApiAuth::open()), shutdown).await
+    serve_with_auth(jm, listener, Arc::new(ApiAuth::open()), None, shutdown).await
+}
+
+/// What a plaintext HTTP request to the HTTPS port is answered.
+const HTTPS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 138\r\n\r\n{\"error\":{\"code\":\"https_required\",\"message\":\"this JobManager's REST API speaks HTTPS: use https:// (and --ca-cert with the region's CA)\"}}";
+
+/// The REST API's connections over TLS ([`ferry_core::tls::accept`]).
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(ferry_core::tls::ServerStream, std::net::SocketAddr)>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = ferry_core::tls::ServerStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept loop ended (never while this listener lives).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// [`serve`] with callers authenticated as `auth` says.
@@ -266,12 +292,38 @@ pub async fn serve_with_auth(
     jm: JobManager,
     listener: tokio::net::TcpListener,
     auth: Arc<ApiAuth>,
+    tls: Option<ferry_core::tls::ServerTls>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, instance = jm.instance_id(), auth = auth.enabled(), "REST API listening");
-    let server = axum::serve(listener, router_with_auth(jm, auth))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    tracing::info!(%addr, instance = jm.instance_id(), auth = auth.enabled(), tls = tls.is_some(), "REST API listening");
+    let router = router_with_auth(jm.clone(), auth);
+    let stop = shutdown.clone().cancelled_owned();
+    let server = async move {
+        match tls {
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            Some(tls) => {
+                let rx = ferry_core::tls::accept(
+                    listener,
+                    tls,
+                    {
+                        let c = jm.inner.metrics.api_tls_refused.clone();
+                        Arc::new(move || {
+                            c.inc();
+                        })
+                    },
+                    Some(HTTPS_REQUIRED),
+                );
+                axum::serve(TlsListener { rx, local: addr }, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        }
+    };
     tokio::select! {
         res = server => res,
         () = async {
@@ -372,6 +424,21 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_https_required_answer_is_a_whole_json_response() {
+        let text = std::str::from_utf8(HTTPS_REQUIRED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len());
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "https_required");
+    }
 
     #[test]
     fn route_patterns_match_one_segment_per_parameter() {
