@@ -76,27 +76,6 @@ fn leaf_der(leaf: &Leaf) -> Vec<u8> {
     CertificateDer::from_pem_file(&leaf.cert).unwrap().to_vec()
 }
 
-/// The TaskManager's gRPC URL, from its start line.
-async fn grpc_url(r: &Region, id: &str) -> String {
-    let start = Instant::now();
-    loop {
-        if let Some(url) = r
-            .log(id)
-            .split("grpc=")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-        {
-            return url.to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{id} did not start:\n{}",
-            r.log(id)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_over_mutual_tls_refuses_outsiders_rotates_and_fails_over_exactly_once() {
     let nats = NatsServer::start();
@@ -110,7 +89,7 @@ async fn a_region_over_mutual_tls_refuses_outsiders_rotates_and_fails_over_exact
     r.start("jm-a", None);
     r.start("jm-b", None);
     r.start_tm("tm-1");
-    let addr = grpc_url(&r, "tm-1").await;
+    let addr = r.tm_grpc_url("tm-1").await;
     assert!(addr.starts_with("https://"), "advertised {addr}");
 
     let (leader, epoch) = r.leader(&[], Duration::from_secs(20)).await;
@@ -130,34 +109,31 @@ async fn a_region_over_mutual_tls_refuses_outsiders_rotates_and_fails_over_exact
 
     // A plaintext client: refused in the handshake.
     let plain = addr.replace("https://", "http://");
-    let plain_result = match TaskManagerClient::connect(plain).await {
-        Err(e) => Err(e.to_string()),
-        Ok(mut c) => c
-            .cancel(proto::CancelRequest {
+    let cancel = |c: Result<TaskManagerClient<Channel>, String>| {
+        let deployment = deployment.clone();
+        async move {
+            c?.cancel(proto::CancelRequest {
                 epoch: made_up,
-                deployment: deployment.clone(),
+                deployment,
             })
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string()),
+            .map_err(|e| e.to_string())
+        }
     };
+    let plain_result = cancel(
+        TaskManagerClient::connect(plain)
+            .await
+            .map_err(|e| e.to_string()),
+    )
+    .await;
     assert!(plain_result.is_err(), "a plaintext client got through");
 
     // A certificate another CA signed (the client trusts the region's CA).
     let rogue_pki = Pki::new(&r.dir.path().join("pki"), "rogue");
     let rogue = rogue_pki.issue("jobmanager", &["jobmanager.ferry.test"]);
     std::fs::copy(pki.ca_file(), &rogue.ca).unwrap();
-    let rogue_result = match client(&addr, &rogue).await {
-        Err(e) => Err(e),
-        Ok(mut c) => c
-            .cancel(proto::CancelRequest {
-                epoch: made_up,
-                deployment: deployment.clone(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
-    };
+    let rogue_result = cancel(client(&addr, &rogue).await).await;
     assert!(
         rogue_result.is_err(),
         "a certificate of another CA got through"

@@ -498,23 +498,7 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
     let mut r = Region::new(nats.url(), "800ms", "500ms");
     r.start_tm("tm-1");
     // Its gRPC address, as its membership record publishes it.
-    let log_says = |r: &Region| {
-        let log = r.log("tm-1");
-        log.split("grpc=")
-            .nth(1)
-            .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
-    };
-    let start = Instant::now();
-    let addr = loop {
-        if let Some(a) = log_says(&r) {
-            break a;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "TaskManager did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let addr = r.tm_grpc_url("tm-1").await;
     // The region's leader lease at epoch 6, as a JobManager that won it
     // would have written it: the TaskManager believes epochs up to 6 only.
     let nc = async_nats::connect(nats.url()).await.unwrap();

@@ -258,6 +258,28 @@ impl Region {
         self.tms.push(tm);
     }
 
+    /// TaskManager `id`'s gRPC URL, from its start line (what its
+    /// membership record publishes); waits up to 20 s for it.
+    pub async fn tm_grpc_url(&self, id: &str) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(url) = self
+                .log(id)
+                .split("grpc=")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+            {
+                return url.to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{id} did not start:\n{}",
+                self.log(id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A TaskManager's metric (`ferry_tm_<name>`), if it answers.
     pub async fn tm_metric(&self, tm: usize, name: &str) -> Option<u64> {
         let text = self
