@@ -937,36 +937,18 @@ impl ProcessConfig {
         if self.taskmanager.slots == 0 {
             return err("taskmanager.slots must be at least 1".into());
         }
-        if let Some(url) = &self.taskmanager.advertise {
-            match (self.tls.grpc.is_some(), url.starts_with("https://")) {
-                (true, false) => {
-                    return err(format!(
-                        "taskmanager.advertise {url}: use an https:// URL, tls.grpc is set"
-                    ));
-                }
-                (false, true) => {
-                    return err(format!(
-                        "taskmanager.advertise {url}: an https:// URL needs tls.grpc (certFile, keyFile, caFile)"
-                    ));
-                }
-                _ => {}
-            }
-        }
-        if let Some(url) = &self.api.advertise {
-            match (self.tls.api.is_some(), url.starts_with("https://")) {
-                (true, false) => {
-                    return err(format!(
-                        "api.advertise {url}: use an https:// URL, tls.api is set"
-                    ));
-                }
-                (false, true) => {
-                    return err(format!(
-                        "api.advertise {url}: an https:// URL needs tls.api (certFile, keyFile, caFile)"
-                    ));
-                }
-                _ => {}
-            }
-        }
+        advertise_matches_tls(
+            "taskmanager.advertise",
+            self.taskmanager.advertise.as_deref(),
+            "tls.grpc",
+            self.tls.grpc.is_some(),
+        )?;
+        advertise_matches_tls(
+            "api.advertise",
+            self.api.advertise.as_deref(),
+            "tls.api",
+            self.tls.api.is_some(),
+        )?;
         if self.tls.reload_interval.get().is_zero() {
             return err("tls.reloadInterval must be above 0".into());
         }
@@ -991,28 +973,45 @@ impl ProcessConfig {
 
     /// The URL JobManagers dial this TaskManager at.
     pub fn taskmanager_url(&self, bound: &str) -> String {
-        let scheme = if self.tls.grpc.is_some() {
-            "https"
-        } else {
-            "http"
-        };
         self.taskmanager
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("{scheme}://{}", bound.replace("0.0.0.0", "127.0.0.1")))
+            .unwrap_or_else(|| default_url(self.tls.grpc.is_some(), bound))
     }
 
     /// The URL others reach this instance's API at.
     pub fn advertised_url(&self, bound: &str) -> String {
-        let scheme = if self.tls.api.is_some() {
-            "https"
-        } else {
-            "http"
-        };
         self.api
             .advertise
             .clone()
-            .unwrap_or_else(|| format!("{scheme}://{}", bound.replace("0.0.0.0", "127.0.0.1")))
+            .unwrap_or_else(|| default_url(self.tls.api.is_some(), bound))
+    }
+}
+
+/// The URL of a listener bound at `bound` when nothing is advertised:
+/// `https` with TLS, and `0.0.0.0` as `127.0.0.1`.
+fn default_url(tls: bool, bound: &str) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{}", bound.replace("0.0.0.0", "127.0.0.1"))
+}
+
+/// An advertised URL (`key`) is `https://` exactly when its link's TLS
+/// (`tls_key`) is set.
+fn advertise_matches_tls(
+    key: &str,
+    url: Option<&str>,
+    tls_key: &str,
+    tls: bool,
+) -> Result<(), ConfigError> {
+    let Some(url) = url else { return Ok(()) };
+    match (tls, url.starts_with("https://")) {
+        (true, false) => Err(ConfigError(format!(
+            "{key} {url}: use an https:// URL, {tls_key} is set"
+        ))),
+        (false, true) => Err(ConfigError(format!(
+            "{key} {url}: an https:// URL needs {tls_key} (certFile, keyFile, caFile)"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1088,6 +1087,35 @@ mod tests {
 
     const FILE: &str =
         "region: eu-west\nnats: {urls: [nats://127.0.0.1:4222]}\nstorage: file:///tmp/f\n";
+
+    #[test]
+    fn an_advertised_url_is_https_exactly_when_its_link_has_tls() {
+        let load = |vars: &[(&str, &str)]| ProcessConfig::load(Some(("f.yaml", FILE)), &env(vars));
+        let grpc = [
+            ("FERRY_TLS_GRPC_CERT_FILE", "/c"),
+            ("FERRY_TLS_GRPC_KEY_FILE", "/k"),
+            ("FERRY_TLS_GRPC_CA_FILE", "/a"),
+        ];
+        let c = load(&grpc).unwrap();
+        assert_eq!(c.taskmanager_url("0.0.0.0:6124"), "https://127.0.0.1:6124");
+        assert_eq!(c.advertised_url("0.0.0.0:8081"), "http://127.0.0.1:8081");
+        let mut v = grpc.to_vec();
+        v.push(("FERRY_TASKMANAGER_ADVERTISE", "http://tm:6124"));
+        let e = load(&v).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "taskmanager.advertise http://tm:6124: use an https:// URL, tls.grpc is set"
+            ),
+            "{e}"
+        );
+        let e = load(&[("FERRY_API_ADVERTISE", "https://jm:8081")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("api.advertise https://jm:8081: an https:// URL needs tls.api"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn file_gives_values_and_defaults() {
