@@ -365,6 +365,9 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let job = east.running_job(0).await;
+    // A switchover refuses an unhealthy target: wait until east has seen
+    // west's heartbeat (it may not have by the time the job runs).
+    wait_healthy(&east, 0, "west", Duration::from_secs(20)).await;
 
     let run = |args: &[&str]| {
         Command::new(ferry_bin())
