@@ -294,3 +294,128 @@ spec:
     assert!(log.contains("nats://ferry:***@127.0.0.1"), "{log}");
     assert!(!log.contains(WRONG), "the log shows the password:\n{log}");
 }
+
+/// A region on a NATS that requires TLS with client certificates and a
+/// password: JobManagers and TaskManagers connect with `nats.tls.*`, the
+/// job runs exactly once; a process that trusts another CA, one without a
+/// client certificate and one without TLS each say what is wrong with
+/// TLS (the client library only says "IO error"); and when the server is
+/// restarted trusting a new client CA, the processes reconnect with the
+/// client certificates rewritten on disk meanwhile (a rotation), with no
+/// restart of theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_runs_over_tls_to_nats_and_reconnects_with_rotated_client_certificates() {
+    use ferry_testkit::pki::Pki;
+    let pki_dir = tempfile::tempdir().unwrap();
+    let server_ca = Pki::new(pki_dir.path(), "nats-server");
+    let client_ca = Pki::new(pki_dir.path(), "nats-clients");
+    let next_client_ca = Pki::new(pki_dir.path(), "nats-clients-next");
+    let server = server_ca.issue("nats", &["127.0.0.1", "localhost"]);
+    // The CA file the server trusts for clients: rewritten at rotation.
+    let trusted_clients = pki_dir.path().join("trusted-clients.crt");
+    std::fs::copy(client_ca.ca_file(), &trusted_clients).unwrap();
+    let mut nats = NatsServer::start_configured(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n  timeout: 2\n}}\nauthorization {{\n  users = [ {{ user: ferry, password: \"{PASSWORD}\" }} ]\n}}\n",
+        server.cert.display(),
+        server.key.display(),
+        trusted_clients.display()
+    ));
+    let mut r = Region::new(nats.url(), "800ms", "500ms");
+    let password = secret_file(&r, "nats-password", PASSWORD);
+    let client = client_ca.issue("ferry", &["ferry"]);
+    let secure = |ca: &std::path::Path, identity: Option<&ferry_testkit::pki::Leaf>| {
+        let mut env = vec![
+            ("FERRY_NATS_USER", "ferry".to_string()),
+            ("FERRY_NATS_PASSWORD_FILE", password.clone()),
+            ("FERRY_NATS_TLS_CA_FILE", ca.display().to_string()),
+        ];
+        if let Some(l) = identity {
+            env.push(("FERRY_NATS_TLS_CERT_FILE", l.cert.display().to_string()));
+            env.push(("FERRY_NATS_TLS_KEY_FILE", l.key.display().to_string()));
+        }
+        env
+    };
+    // Slow enough that the job still runs when the server restarts.
+    r.rate = 40_000;
+    r.env = secure(&server_ca.ca_file(), Some(&client));
+    r.start("jm-a", None);
+    r.start("jm-b", None);
+    r.start_tm("tm-1");
+    // Trusts the clients' CA, not the server's.
+    r.env = secure(&client_ca.ca_file(), Some(&client));
+    r.start("jm-wrong-ca", None);
+    // No client certificate.
+    r.env = secure(&server_ca.ca_file(), None);
+    r.start("jm-no-cert", None);
+    // No TLS at all.
+    r.env = vec![
+        ("FERRY_NATS_USER", "ferry".to_string()),
+        ("FERRY_NATS_PASSWORD_FILE", password.clone()),
+    ];
+    r.start("jm-plain", None);
+
+    let (leader, _) = r.leader(&[2, 3, 4], Duration::from_secs(30)).await;
+    assert!(leader < 2, "jm-a or jm-b leads");
+    let port = nats.port;
+    for (id, says) in [
+        (
+            "jm-wrong-ca",
+            format!("the TLS handshake with the NATS server at 127.0.0.1:{port} failed"),
+        ),
+        (
+            "jm-no-cert",
+            "the server verifies clients: set nats.tls.certFile and nats.tls.keyFile".to_string(),
+        ),
+        (
+            "jm-plain",
+            format!("the NATS server at 127.0.0.1:{port} requires TLS; set nats.tls.caFile"),
+        ),
+    ] {
+        let log = log_says(&r, id, &says, Duration::from_secs(30)).await;
+        assert!(
+            !log.contains("is nats-server running with JetStream"),
+            "{id} blames JetStream for a TLS problem:\n{log}"
+        );
+    }
+    let wrong = r.log("jm-wrong-ca");
+    assert!(
+        wrong.contains("check that nats.tls.caFile holds the CA"),
+        "jm-wrong-ca does not name the key to fix:\n{wrong}"
+    );
+    for jm in &r.jms[2..] {
+        assert!(r.api(jm).health().await.is_err());
+    }
+
+    // Rotation: the clients' certificates move to a new CA, which the
+    // server alone trusts once restarted. Only processes that read their
+    // files again on reconnecting get back in.
+    let (_, epoch) = r.leader(&[2, 3, 4], Duration::from_secs(30)).await;
+    let job = r.running_job(leader).await;
+    next_client_ca.write(&client, "ferry", &["ferry"]);
+    std::fs::copy(next_client_ca.ca_file(), &trusted_clients).unwrap();
+    nats.kill();
+    // Down for longer than the lease lives: whoever leads afterwards won
+    // a new election through the restarted server.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart();
+    let (_, after) = r.leader(&[2, 3, 4], Duration::from_secs(30)).await;
+    assert!(after > epoch, "no new election after the restart");
+    let done = r.finished(leader, &job, Duration::from_secs(120)).await;
+    r.check_output();
+    for p in r.jms[..2].iter_mut().chain(r.tms.iter_mut()) {
+        assert!(p.child.try_wait().unwrap().is_none(), "{} exited", p.id);
+    }
+    assert_no_secret(
+        &r,
+        &[
+            "jm-a",
+            "jm-b",
+            "tm-1",
+            "jm-wrong-ca",
+            "jm-no-cert",
+            "jm-plain",
+        ],
+        &[done.to_string()],
+        &[PASSWORD],
+    );
+}

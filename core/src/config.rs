@@ -202,6 +202,9 @@ pub struct GlobalConfig {
     /// How to authenticate to the global cluster.
     #[serde(default)]
     pub auth: NatsAuth,
+    /// TLS to the global cluster (required when set).
+    #[serde(default)]
+    pub tls: Option<NatsTls>,
 }
 
 fn d_region_timeout() -> DurationSpec {
@@ -302,6 +305,42 @@ pub struct NatsConfig {
     /// How to authenticate to the region's cluster.
     #[serde(default)]
     pub auth: NatsAuth,
+    /// TLS to the region's cluster (required when set).
+    #[serde(default)]
+    pub tls: Option<NatsTls>,
+}
+
+/// TLS to a NATS cluster. When set, the process speaks only TLS to it
+/// (a server that offers none is refused) and checks the server's
+/// certificate against `caFile` (default: the system's roots). The
+/// client certificate is for servers that verify clients (`verify: true`
+/// in the server's `tls` block). The files are read again on every
+/// (re)connection, so a rotated certificate is used from the next one.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsTls {
+    /// CA certificates (PEM) the server's certificate must chain to.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// This process's client certificate chain (PEM), leaf first.
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<String>,
+}
+
+impl NatsTls {
+    /// Checks that the client certificate and key come together; `at` is
+    /// the key (`nats.tls`).
+    pub fn check(&self, at: &str) -> Result<(), String> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(format!(
+                "{at}: certFile and keyFile go together (a client certificate and its key); give both or neither"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Credentials for a NATS cluster (the region's, or the global one). The
@@ -627,6 +666,13 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "nats.auth.credsFile",
         EnvKind::Text,
     ),
+    ("FERRY_NATS_TLS_CA_FILE", "nats.tls.caFile", EnvKind::Text),
+    (
+        "FERRY_NATS_TLS_CERT_FILE",
+        "nats.tls.certFile",
+        EnvKind::Text,
+    ),
+    ("FERRY_NATS_TLS_KEY_FILE", "nats.tls.keyFile", EnvKind::Text),
     ("FERRY_STORAGE", "storage", EnvKind::Text),
     ("FERRY_API_LISTEN", "api.listen", EnvKind::Text),
     ("FERRY_API_ADVERTISE", "api.advertise", EnvKind::Text),
@@ -739,6 +785,21 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     (
         "FERRY_REGIONS_GLOBAL_CREDS_FILE",
         "regions.global.auth.credsFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_TLS_CA_FILE",
+        "regions.global.tls.caFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_TLS_CERT_FILE",
+        "regions.global.tls.certFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_GLOBAL_TLS_KEY_FILE",
+        "regions.global.tls.keyFile",
         EnvKind::Text,
     ),
     (
@@ -885,6 +946,14 @@ impl ProcessConfig {
             .auth
             .check("regions.global.auth", &self.regions.global.urls)
             .map_err(ConfigError)?;
+        for (at, tls) in [
+            ("nats.tls", &self.nats.tls),
+            ("regions.global.tls", &self.regions.global.tls),
+        ] {
+            if let Some(t) = tls {
+                t.check(at).map_err(ConfigError)?;
+            }
+        }
         if self.nats.replicas == 0 || self.nats.replicas > 5 {
             return err(format!(
                 "nats.replicas: {} is out of range; JetStream allows 1 to 5",
@@ -1241,6 +1310,14 @@ mod tests {
                     ("FERRY_REGIONS_GLOBAL_TOKEN_FILE", "/t"),
                 ],
                 "regions.global.auth: the URL nats://u:***@g:1 carries credentials too",
+            ),
+            (
+                vec![("FERRY_NATS_TLS_CERT_FILE", "/c")],
+                "nats.tls: certFile and keyFile go together",
+            ),
+            (
+                vec![("FERRY_REGIONS_GLOBAL_TLS_KEY_FILE", "/k")],
+                "regions.global.tls: certFile and keyFile go together",
             ),
         ] {
             let e = ok(&vars).unwrap_err().0;

@@ -96,7 +96,12 @@ impl Material {
     }
 
     fn certs(&self, files: &TlsFiles) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-        pem_certs(&self.cert, files.link, "certificate", &files.cert)
+        pem_certs(
+            &self.cert,
+            &format!("tls.{}", files.link),
+            "certificate",
+            &files.cert,
+        )
     }
 
     fn key(&self, files: &TlsFiles) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -111,7 +116,7 @@ impl Material {
 
     fn roots(&self, files: &TlsFiles) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
-        for cert in pem_certs(&self.ca, files.link, "CA", &files.ca)? {
+        for cert in pem_certs(&self.ca, &format!("tls.{}", files.link), "CA", &files.ca)? {
             roots.add(cert).map_err(|e| {
                 TlsError(format!(
                     "tls.{}: the CA file {} holds a certificate that is not a usable CA: {e}",
@@ -124,9 +129,11 @@ impl Material {
     }
 }
 
+/// The certificates of a PEM file's `bytes`; `at` is the config key, for
+/// messages.
 fn pem_certs(
     bytes: &[u8],
-    link: &str,
+    at: &str,
     what: &str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -134,13 +141,13 @@ fn pem_certs(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
             TlsError(format!(
-                "tls.{link}: the {what} file {} is not PEM certificates: {e}",
+                "{at}: the {what} file {} is not PEM certificates: {e}",
                 path.display()
             ))
         })?;
     if certs.is_empty() {
         return Err(TlsError(format!(
-            "tls.{link}: the {what} file {} holds no certificate (expected -----BEGIN CERTIFICATE-----)",
+            "{at}: the {what} file {} holds no certificate (expected -----BEGIN CERTIFICATE-----)",
             path.display()
         )));
     }
@@ -341,6 +348,58 @@ impl ClientTls {
     /// Reads the files again now (what the reload task does on its own).
     pub fn reload(&self) -> Result<bool, TlsError> {
         self.0.check()
+    }
+}
+
+/// A one-off client config from PEM files — trusting the CAs in `ca`,
+/// presenting `identity` (certificate chain, key) when given — for links
+/// whose client library reads the files itself (NATS) and that need the
+/// same trust to check them at start or find out why a handshake fails.
+/// `at` is the config key (`nats.tls`), for messages.
+pub fn client_config(
+    at: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, TlsError> {
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            TlsError(format!(
+                "{at}: cannot read the {what} file {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in pem_certs(&read("CA", ca)?, at, "CA", ca)? {
+        roots.add(cert).map_err(|e| {
+            TlsError(format!(
+                "{at}: the CA file {} holds a certificate that is not a usable CA: {e}",
+                ca.display()
+            ))
+        })?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(format!("{at}: {e}")))?
+        .with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let certs = pem_certs(&read("certificate", cert)?, at, "certificate", cert)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&read("key", key)?).map_err(|e| {
+                TlsError(format!(
+                    "{at}: the key file {} holds no usable private key (PEM PKCS#8, PKCS#1 or SEC1): {e}",
+                    key.display()
+                ))
+            })?;
+            builder.with_client_auth_cert(certs, key_der).map_err(|e| {
+                TlsError(format!(
+                    "{at}: the certificate {} and key {} do not make a usable identity: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })
+        }
     }
 }
 

@@ -16,6 +16,7 @@
 //! writes before they reach the disk otherwise, and Jepsen (NATS 2.12.1)
 //! lost acknowledged writes and saw split brain after crashes that way.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -26,7 +27,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use ferry_core::config::{NatsAuth, redact_url};
+use ferry_core::config::{NatsAuth, NatsTls, redact_url};
 
 use crate::backend::{Coordination, Entry, Event, HaError, check_key};
 
@@ -120,10 +121,14 @@ async fn create_at(
         .map_err(|e| e.to_string())
 }
 
-/// Credentials read from the files a [`NatsAuth`] names. `Debug` shows
-/// which kind they are, never the secret.
+/// How this process authenticates to a NATS cluster: the credentials read
+/// from the files a [`NatsAuth`] names, and the TLS settings of
+/// [`NatsTls`]. `Debug` shows which kind they are, never the secret.
 #[derive(Clone, Default)]
-pub struct NatsCredentials(Secret);
+pub struct NatsCredentials {
+    secret: Secret,
+    tls: Option<TlsFiles>,
+}
 
 #[derive(Clone, Default)]
 enum Secret {
@@ -135,15 +140,30 @@ enum Secret {
     Creds(String),
 }
 
+/// The TLS files of a NATS link (read again by the client library on every
+/// connection, so a rotated certificate is used from the next one).
+#[derive(Clone, Debug)]
+struct TlsFiles {
+    /// The config key (`nats.tls`), for messages.
+    at: String,
+    ca: Option<PathBuf>,
+    identity: Option<(PathBuf, PathBuf)>,
+}
+
 impl std::fmt::Debug for NatsCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match &self.0 {
+        f.write_str(match &self.secret {
             Secret::Anonymous => "anonymous",
             Secret::UserPassword(..) => "user and password",
             Secret::Token(_) => "token",
             Secret::NKey(_) => "NKey",
             Secret::Creds(_) => "creds file",
-        })
+        })?;
+        match &self.tls {
+            Some(t) if t.identity.is_some() => f.write_str(", TLS with a client certificate"),
+            Some(_) => f.write_str(", TLS"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -152,8 +172,8 @@ impl NatsCredentials {
     /// (`nats://user:password@host`, `nats://token@host`): the client
     /// library does not read them from the URL itself.
     pub fn from_urls(urls: &[String]) -> Self {
-        Self(
-            match urls
+        Self {
+            secret: match urls
                 .iter()
                 .find_map(|u| ferry_core::config::url_userinfo(u))
             {
@@ -161,13 +181,18 @@ impl NatsCredentials {
                 Some((token, None)) => Secret::Token(token),
                 None => Secret::Anonymous,
             },
-        )
+            tls: None,
+        }
     }
 
-    /// These credentials, or else those carried by `urls`.
+    /// These credentials, or else those carried by `urls` (with these TLS
+    /// settings either way).
     pub fn or_from_urls(&self, urls: &[String]) -> Self {
-        match self.0 {
-            Secret::Anonymous => Self::from_urls(urls),
+        match self.secret {
+            Secret::Anonymous => Self {
+                tls: self.tls.clone(),
+                ..Self::from_urls(urls)
+            },
             _ => self.clone(),
         }
     }
@@ -184,8 +209,8 @@ impl NatsCredentials {
             }
             Ok(text.to_string())
         };
-        Ok(Self(
-            match (
+        Ok(Self {
+            secret: match (
                 &auth.user,
                 &auth.password_file,
                 &auth.token_file,
@@ -200,7 +225,45 @@ impl NatsCredentials {
                 (.., Some(c)) => Secret::Creds(read("credsFile", c)?),
                 _ => Secret::Anonymous,
             },
-        ))
+            tls: None,
+        })
+    }
+
+    /// These credentials speaking TLS as `tls` says (none: plaintext unless
+    /// a URL is `tls://` or the server requires TLS). The files are checked
+    /// now — readable, PEM, a key that fits the certificate — so a typo
+    /// stops the process at start with the key to fix; `at` is the config
+    /// key (`nats.tls`).
+    pub fn with_tls(mut self, tls: Option<&NatsTls>, at: &str) -> Result<Self, String> {
+        let Some(t) = tls else {
+            self.tls = None;
+            return Ok(self);
+        };
+        let files = TlsFiles {
+            at: at.to_string(),
+            ca: t.ca_file.as_ref().map(PathBuf::from),
+            identity: t
+                .cert_file
+                .as_ref()
+                .zip(t.key_file.as_ref())
+                .map(|(c, k)| (PathBuf::from(c), PathBuf::from(k))),
+        };
+        if let Some(ca) = &files.ca {
+            ferry_core::tls::client_config(
+                at,
+                ca,
+                files
+                    .identity
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+            .map_err(|e| e.to_string())?;
+        } else if let Some((c, k)) = &files.identity {
+            // No CA of our own: check the identity against itself.
+            ferry_core::tls::client_config(at, c, Some((c, k))).map_err(|e| e.to_string())?;
+        }
+        self.tls = Some(files);
+        Ok(self)
     }
 
     /// `options` authenticating with these credentials.
@@ -208,7 +271,7 @@ impl NatsCredentials {
         &self,
         options: async_nats::ConnectOptions,
     ) -> Result<async_nats::ConnectOptions, String> {
-        Ok(match &self.0 {
+        let mut options = match &self.secret {
             Secret::Anonymous => options,
             Secret::UserPassword(u, p) => options.user_and_password(u.clone(), p.clone()),
             Secret::Token(t) => options.token(t.clone()),
@@ -216,8 +279,129 @@ impl NatsCredentials {
             Secret::Creds(c) => options
                 .credentials(c)
                 .map_err(|e| format!("the NATS creds file is not valid: {e}"))?,
-        })
+        };
+        if let Some(t) = &self.tls {
+            options = options.require_tls(true);
+            if let Some(ca) = &t.ca {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let Some((cert, key)) = &t.identity {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+        }
+        Ok(options)
     }
+
+    /// Why a connection to the server at `url` fails at the TLS layer, if
+    /// it does: the client library reports only "IO error", so this does
+    /// the server's greeting and the handshake itself and names the cause
+    /// and the key to fix. `None` when TLS is not the problem (or the
+    /// server cannot be reached at all).
+    pub async fn diagnose_tls(&self, url: &str) -> Option<String> {
+        diagnose_tls(url, self.tls.as_ref()).await
+    }
+}
+
+/// See [`NatsCredentials::diagnose_tls`].
+async fn diagnose_tls(url: &str, tls: Option<&TlsFiles>) -> Option<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    const STEP: Duration = Duration::from_secs(2);
+    let (host, port) = host_port(url)?;
+    let at = tls.map_or("nats.tls", |t| t.at.as_str());
+    let tcp = tokio::time::timeout(STEP, tokio::net::TcpStream::connect((host.as_str(), port)))
+        .await
+        .ok()?
+        .ok()?;
+    // The server speaks first: `INFO {json}\r\n`, saying whether it
+    // requires or offers TLS. Bounded: a line of at most 16 KiB.
+    let mut reader = tokio::io::BufReader::new(tcp);
+    let mut line = Vec::new();
+    let mut limited = (&mut reader).take(16 * 1024);
+    tokio::time::timeout(STEP, limited.read_until(b'\n', &mut line))
+        .await
+        .ok()?
+        .ok()?;
+    let info: serde_json::Value = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|l| l.trim().strip_prefix("INFO "))
+        .and_then(|j| serde_json::from_str(j).ok())?;
+    let flag = |k: &str| info.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    let (required, available) = (flag("tls_required"), flag("tls_available"));
+    let Some(tls) = tls else {
+        return required.then(|| {
+            format!(
+                "the NATS server at {host}:{port} requires TLS; set {at}.caFile to the CA that signed its certificate"
+            )
+        });
+    };
+    if !required && !available {
+        return Some(format!(
+            "the NATS server at {host}:{port} does not offer TLS, but {at} is set: enable TLS in the server's config (a tls block) or remove {at}"
+        ));
+    }
+    let Some(ca) = &tls.ca else {
+        return Some(format!(
+            "the TLS connection to {host}:{port} fails, checked against the system's roots: set {at}.caFile to the CA that signed the server's certificate"
+        ));
+    };
+    let identity = tls
+        .identity
+        .as_ref()
+        .map(|(c, k)| (c.as_path(), k.as_path()));
+    let config = match ferry_core::tls::client_config(at, ca, identity) {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = match tokio::time::timeout(STEP, connector.connect(name, reader.into_inner()))
+        .await
+    {
+        Err(_) => return None,
+        Ok(Err(e)) => {
+            return Some(format!(
+                "the TLS handshake with the NATS server at {host}:{port} failed: {e}; check that {at}.caFile holds the CA that signed the server's certificate and that the certificate names {host}"
+            ));
+        }
+        Ok(Ok(s)) => s,
+    };
+    // A server that verifies clients refuses a missing or unknown client
+    // certificate with an alert right after the handshake (TLS 1.3).
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await {
+        Ok(Err(e)) => Some(format!(
+            "the NATS server at {host}:{port} refused this process's TLS client certificate: {e}; {}",
+            if tls.identity.is_some() {
+                format!("check that the server trusts the CA that signed {at}.certFile")
+            } else {
+                format!("the server verifies clients: set {at}.certFile and {at}.keyFile")
+            }
+        )),
+        _ => None,
+    }
+}
+
+/// The host and port of a NATS URL (`nats://user:pw@host:4222`,
+/// `tls://host`, `host:port`); the port defaults to 4222.
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (h, p) = v6.split_once(']')?;
+            (h, p.strip_prefix(':'))
+        }
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 4222,
+    };
+    (!host.is_empty()).then(|| (host.to_string(), port))
 }
 
 /// What a failed NATS connection means, and what to do about it.
@@ -355,18 +539,27 @@ impl NatsKv {
                     redact_url(&urls.join(","))
                 ))
             })?;
-        Self::open(client, bucket, max_age, replicas)
-            .await
-            .map_err(|e| {
-                let why = refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                match why {
-                    Some(why) => unavailable(format!(
-                        "{e}; the connection to NATS fails: {}",
-                        connection_hint(&why)
-                    )),
-                    None => e,
+        let e = match Self::open(client, bucket, max_age, replicas).await {
+            Ok(kv) => return Ok(kv),
+            Err(e) => e,
+        };
+        let why = refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(why) = why else { return Err(e) };
+        // A failed TLS handshake reaches us as a bare "IO error": find out
+        // whether TLS is the cause, and which part of it.
+        let mut diagnosis = None;
+        if why.contains("IO error") || why.to_lowercase().contains("tls") {
+            for url in urls {
+                diagnosis = credentials.diagnose_tls(url).await;
+                if diagnosis.is_some() {
+                    break;
                 }
-            })
+            }
+        }
+        Err(unavailable(format!(
+            "{e}; the connection to NATS fails: {}",
+            diagnosis.unwrap_or_else(|| connection_hint(&why))
+        )))
     }
 
     /// Opens `bucket` on an existing client.
@@ -774,7 +967,7 @@ mod tests {
             ..Default::default()
         };
         let c = NatsCredentials::load(&auth, "nats.auth").unwrap();
-        assert!(matches!(&c.0, Secret::UserPassword(u, p) if u == "u" && p == "s3cret"));
+        assert!(matches!(&c.secret, Secret::UserPassword(u, p) if u == "u" && p == "s3cret"));
         assert_eq!(format!("{c:?}"), "user and password");
         let empty = NatsAuth {
             token_file: Some(file("empty", "\n")),
@@ -804,6 +997,80 @@ mod tests {
         };
         assert!(e.contains("creds file is not valid"), "{e}");
         assert!(NatsCredentials::load(&NatsAuth::default(), "nats.auth").is_ok());
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start_and_shown_only_as_a_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = ferry_testkit::pki::Pki::new(dir.path(), "nats-ca");
+        let leaf = pki.issue("ferry", &["localhost"]);
+        let path = |p: &std::path::Path| Some(p.display().to_string());
+        let good = NatsTls {
+            ca_file: path(&pki.ca_file()),
+            cert_file: path(&leaf.cert),
+            key_file: path(&leaf.key),
+        };
+        let c = NatsCredentials::default()
+            .with_tls(Some(&good), "nats.tls")
+            .unwrap();
+        assert_eq!(format!("{c:?}"), "anonymous, TLS with a client certificate");
+        let ca_only = NatsTls {
+            ca_file: path(&pki.ca_file()),
+            ..Default::default()
+        };
+        let c = NatsCredentials::default()
+            .with_tls(Some(&ca_only), "regions.global.tls")
+            .unwrap();
+        assert_eq!(format!("{c:?}"), "anonymous, TLS");
+        // A missing CA, a CA file holding a key, a key of another
+        // certificate: each names the key to fix.
+        let other = pki.issue("other", &["localhost"]);
+        for (tls, want) in [
+            (
+                NatsTls {
+                    ca_file: Some("/nonexistent/ca.pem".into()),
+                    ..Default::default()
+                },
+                "nats.tls: cannot read the CA file /nonexistent/ca.pem",
+            ),
+            (
+                NatsTls {
+                    ca_file: path(&leaf.key),
+                    ..Default::default()
+                },
+                "nats.tls: the CA file",
+            ),
+            (
+                NatsTls {
+                    key_file: path(&other.key),
+                    ..good.clone()
+                },
+                "nats.tls: the certificate",
+            ),
+        ] {
+            let e = NatsCredentials::default()
+                .with_tls(Some(&tls), "nats.tls")
+                .unwrap_err();
+            assert!(e.starts_with(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn host_port_of_nats_urls() {
+        for (url, want) in [
+            ("nats://127.0.0.1:4222", Some(("127.0.0.1", 4222))),
+            (
+                "tls://u:p@nats.example:7422/x",
+                Some(("nats.example", 7422)),
+            ),
+            ("nats://tok@[::1]:1234", Some(("::1", 1234))),
+            ("nats.example", Some(("nats.example", 4222))),
+            ("nats://:4222", None),
+            ("nats://h:99999", None),
+        ] {
+            let got = host_port(url);
+            assert_eq!(got.as_ref().map(|(h, p)| (h.as_str(), *p)), want, "{url}");
+        }
     }
 
     /// Several processes open a bucket nobody has created yet, at once,

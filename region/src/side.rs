@@ -158,6 +158,7 @@ impl RegionSide {
         // Heartbeats and probes expire; the lease and the drill hold live in
         // a bucket of their own whose keys never expire.
         let credentials = ferry_ha::nats::NatsCredentials::load(&g.auth, "regions.global.auth")
+            .and_then(|c| c.with_tls(g.tls.as_ref(), "regions.global.tls"))
             .map_err(RegionError::Config)?;
         let kv = |name: String, max_age: Duration| {
             let (urls, stop, credentials) = (g.urls.clone(), stop.clone(), credentials.clone());

@@ -96,7 +96,9 @@ pub async fn connect_coordination(
     let h = &cfg.ha;
     // Values in the bucket live as long as the longest-lived key needs.
     let max_age = h.member_expiry.get().max(h.lease_ttl.get()) * 2;
-    let credentials = match ferry_ha::nats::NatsCredentials::load(&cfg.nats.auth, "nats.auth") {
+    let credentials = match ferry_ha::nats::NatsCredentials::load(&cfg.nats.auth, "nats.auth")
+        .and_then(|c| c.with_tls(cfg.nats.tls.as_ref(), "nats.tls"))
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
