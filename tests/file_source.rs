@@ -82,6 +82,44 @@ fn run_ok(w: &Workdir, limit: Duration) -> String {
     log
 }
 
+/// `ferry local` lets a job use only its working directory, its data
+/// directory and what `--allow` adds: input elsewhere is refused before
+/// anything runs, naming the field; allowed, the same job counts exactly.
+#[test]
+fn local_jobs_read_outside_the_working_directory_only_when_allowed() {
+    let data = generate(2, 1, 500, 10, 20);
+    let outside = tempfile::tempdir().unwrap();
+    write(outside.path(), "clicks.jsonl", &jsonl(&data[0]));
+    let input = outside.path().join("clicks.jsonl");
+    let w = Workdir::new(&spec(
+        "outside",
+        1,
+        "200ms",
+        &input.display().to_string(),
+        "jsonl",
+        "",
+    ));
+    let code = w.run_local(&[], "refused.log", Duration::from_secs(60));
+    let log = w.log("refused.log");
+    assert_ne!(code, 0, "{log}");
+    let real = input.canonicalize().unwrap();
+    assert!(
+        log.contains(&format!(
+            "spec.source.file.path: file://{} lies outside the roots namespace 'default' may use",
+            real.display()
+        )),
+        "{log}"
+    );
+    assert!(!w.path().join("out").exists(), "a refused job wrote output");
+
+    let allow = outside.path().display().to_string();
+    let code = w.run_local(&["--allow", &allow], "run.log", Duration::from_secs(60));
+    let log = w.log("run.log");
+    assert_eq!(code, 0, "{log}");
+    let got = count_rows(&w.output_rows("out"), "user", "clicks");
+    assert_counts_eq(&got, &expected(data.iter().flatten()), "allowed");
+}
+
 #[test]
 fn jsonl_files_matched_by_a_glob_are_counted_exactly() {
     let data = generate(1, 3, 3000, 25, 50);

@@ -106,7 +106,7 @@ fn s3_input_checkpoints_and_output_stay_exactly_once_across_a_sigkill() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
 
     // First run: SIGKILL it as soon as a checkpoint is complete in the bucket.
-    let mut child = w.spawn_local_env(&[], "run.log", &env);
+    let mut child = w.spawn_local_env(&["--allow", "s3://ferry-it"], "run.log", &env);
     let start = Instant::now();
     while rt.block_on(manifests(store.as_ref())).is_empty() {
         assert!(
@@ -140,7 +140,7 @@ fn s3_input_checkpoints_and_output_stay_exactly_once_across_a_sigkill() {
     });
 
     // Second run: resumes from the checkpoint in the bucket and finishes.
-    let mut child = w.spawn_local_env(&[], "run.log", &env);
+    let mut child = w.spawn_local_env(&["--allow", "s3://ferry-it"], "run.log", &env);
     let code = wait_exit(&mut child, Duration::from_secs(300));
     let log = w.log("run.log");
     assert_eq!(code, 0, "{log}\nmoto:\n{}", s3.log());
@@ -259,7 +259,7 @@ fn a_store_outage_delays_the_job_but_never_fails_it() {
     env.retain(|(k, _)| *k != "AWS_ENDPOINT");
     env.push(("AWS_ENDPOINT", proxy.http_url()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut child = w.spawn_local_env(&[], "run.log", &env);
+    let mut child = w.spawn_local_env(&["--allow", "s3://ferry-outage"], "run.log", &env);
     wait_until(Duration::from_secs(60), "a checkpoint in the store", || {
         assert!(child.try_wait().unwrap().is_none(), "{}", w.log("run.log"));
         !rt.block_on(manifests(store.as_ref())).is_empty()
@@ -314,4 +314,84 @@ fn a_store_outage_delays_the_job_but_never_fails_it() {
         }
     });
     eprintln!("store outage: job waited, restored and finished exactly once");
+}
+
+/// A standby region's store in another account: the primary's JobManager
+/// opens it with `regions.storeCredentials` (`env:WEST_`: the `WEST_AWS_*`
+/// variables) alone — its own `AWS_*` point at a dead endpoint with other
+/// keys, and would fail every copy if they leaked in — and every
+/// checkpoint of the job arrives in that bucket. No secret of either set
+/// shows in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_store_with_credentials_of_its_own_receives_every_checkpoint() {
+    use common::ha::Region;
+    let Some(s3) = S3Server::start() else {
+        return; // S3Server said loudly why.
+    };
+    const WEST_SECRET: &str = "west-only-s3cret-7731";
+    const PROCESS_SECRET: &str = "process-s3cret-0042";
+    s3.create_bucket("west").await;
+    let nats = ferry_testkit::NatsServer::start();
+    let mut r = Region::new(nats.url(), "800ms", "500ms").named("east");
+    let own = format!("file://{}", r.storage().display());
+    r.env = vec![
+        (
+            "FERRY_REGIONS_STORES",
+            format!("east={own},west=s3://west/ferry"),
+        ),
+        ("FERRY_REGIONS_PRIMARY", "east".into()),
+        ("FERRY_REGIONS_STORE_CREDENTIALS", "west=env:WEST_".into()),
+        ("WEST_AWS_ENDPOINT", s3.endpoint()),
+        ("WEST_AWS_ALLOW_HTTP", "true".into()),
+        ("WEST_AWS_REGION", "us-east-1".into()),
+        ("WEST_AWS_ACCESS_KEY_ID", "west-key".into()),
+        ("WEST_AWS_SECRET_ACCESS_KEY", WEST_SECRET.into()),
+        ("AWS_ENDPOINT", "http://127.0.0.1:1".into()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "process-key".into()),
+        ("AWS_SECRET_ACCESS_KEY", PROCESS_SECRET.into()),
+    ];
+    r.start("jm-a", None);
+    r.start_tm("tm-1");
+    let (leader, _) = r.leader(&[], Duration::from_secs(30)).await;
+    let job = r.running_job(leader).await;
+    let done = r.finished(leader, &job, Duration::from_secs(120)).await;
+    r.check_output();
+
+    // The job's newest checkpoint, as the primary wrote it, is in the
+    // west bucket, manifest and all.
+    let newest = r
+        .manifest_epochs(&job)
+        .keys()
+        .next_back()
+        .copied()
+        .expect("a checkpoint");
+    let west = s3.store("west");
+    let start = Instant::now();
+    loop {
+        let names: Vec<String> = objects(west.as_ref(), &format!("ferry/jobs/{job}/"))
+            .await
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        if names
+            .iter()
+            .any(|k| k.ends_with("MANIFEST.json") && k.contains(&format!("/checkpoints/{newest}/")))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "checkpoint {newest} did not reach the west bucket; it holds {names:?}\n{}",
+            r.log("jm-a")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in ["jm-a", "tm-1"] {
+        let log = r.log(id);
+        for secret in [WEST_SECRET, PROCESS_SECRET] {
+            assert!(!log.contains(secret), "{id}'s log shows a secret:\n{log}");
+        }
+    }
+    assert!(!done.to_string().contains(WEST_SECRET));
 }

@@ -81,6 +81,8 @@ async fn a_three_region_sandbox_comes_up_runs_a_drill_and_stops_everything() {
         .arg(tmp.path().join("sb"))
         .arg("--ready-file")
         .arg(&ready)
+        // Jobs may write into the working directory (the job's output).
+        .current_dir(tmp.path())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -86,7 +86,8 @@ spec:
         store.display()
     );
     let w = Workdir::new(&spec);
-    let mut child = w.spawn_local(&[], "run.log");
+    let allow = store.display().to_string();
+    let mut child = w.spawn_local(&["--allow", &allow], "run.log");
     wait_until(Duration::from_secs(60), "two checkpoints", || {
         assert!(child.try_wait().unwrap().is_none(), "{}", w.log("run.log"));
         complete_checkpoints_under(&store).len() >= 2

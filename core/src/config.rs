@@ -47,6 +47,9 @@ pub struct ProcessConfig {
     /// TLS per link (none by default).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// What jobs may touch.
+    #[serde(default)]
+    pub security: SecurityConfig,
 }
 
 /// TLS per link. Certificate files are checked for changes every
@@ -79,6 +82,179 @@ impl Default for TlsConfig {
             grpc: None,
             api: None,
             reload_interval: d_tls_reload(),
+        }
+    }
+}
+
+/// The object-store settings `spec` (a `regions.storeCredentials` entry:
+/// `env:PREFIX` or `file:PATH`) names, as object_store keys
+/// (`aws_access_key_id`); `at` is its config key and `env` the process
+/// environment. Messages name variables and files, never values.
+pub fn store_settings(
+    spec: &str,
+    at: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, String> {
+    const FAMILIES: [&str; 3] = ["AWS_", "GOOGLE_", "AZURE_"];
+    let setting = |name: &str| {
+        FAMILIES
+            .iter()
+            .any(|f| name.starts_with(f))
+            .then(|| name.to_ascii_lowercase())
+    };
+    let settings: Vec<(String, String)> = if let Some(prefix) = spec.strip_prefix("env:") {
+        if prefix.is_empty() {
+            return Err(format!("{at}: env: needs a prefix, e.g. env:US_EAST_"));
+        }
+        env.iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix(prefix)?;
+                Some((setting(name)?, v.clone()))
+            })
+            .collect()
+    } else if let Some(path) = spec.strip_prefix("file:") {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("{at}: cannot read {path}: {e}"))?;
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(format!("{at}: {path} line {}: expected NAME=VALUE", i + 1));
+            };
+            let k = k.trim();
+            let Some(name) = setting(k) else {
+                return Err(format!(
+                    "{at}: {path} line {}: {k} is not an AWS_, GOOGLE_ or AZURE_ setting",
+                    i + 1
+                ));
+            };
+            let v = v.trim().trim_matches('"').trim_matches('\'');
+            out.push((name, v.to_string()));
+        }
+        out
+    } else {
+        return Err(format!(
+            "{at}: {spec:?} is neither env:PREFIX nor file:PATH"
+        ));
+    };
+    if settings.is_empty() {
+        return Err(match spec.strip_prefix("env:") {
+            Some(p) => format!("{at}: no variable starts with {p}AWS_, {p}GOOGLE_ or {p}AZURE_"),
+            None => format!("{at}: {} holds no setting", &spec[5..]),
+        });
+    }
+    Ok(settings)
+}
+
+/// The process whose listeners [`ProcessConfig::unprotected_listeners`]
+/// checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessRole {
+    JobManager,
+    TaskManager,
+}
+
+/// Whether a listen address (`host:port`) binds only loopback.
+pub fn is_loopback_listen(addr: &str) -> bool {
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl ProcessConfig {
+    /// Why this process would take commands from anyone who reaches it:
+    /// one message per listener bound beyond loopback without TLS and
+    /// authentication (the REST API needs `tls.api` and `api.auth`; the
+    /// TaskManager's gRPC port `tls.grpc`, whose client certificates
+    /// authenticate). The TaskManager's probe and metrics port serves
+    /// nothing that changes state, so it may listen anywhere.
+    pub fn unprotected_listeners(&self, role: ProcessRole) -> Vec<String> {
+        let mut out = Vec::new();
+        match role {
+            ProcessRole::JobManager if !is_loopback_listen(&self.api.listen) => {
+                let mut missing = Vec::new();
+                if self.tls.api.is_none() {
+                    missing.push("no TLS (tls.api)");
+                }
+                if !self.api.auth.enabled() {
+                    missing.push("no authentication (api.auth)");
+                }
+                if !missing.is_empty() {
+                    out.push(format!(
+                        "api.listen {} is not a loopback address, and the REST API has {}: anyone who reaches it could submit and cancel jobs and fail regions over",
+                        self.api.listen,
+                        missing.join(" and ")
+                    ));
+                }
+            }
+            ProcessRole::TaskManager
+                if !is_loopback_listen(&self.taskmanager.listen) && self.tls.grpc.is_none() =>
+            {
+                out.push(format!(
+                    "taskmanager.listen {} is not a loopback address, and the gRPC port has no mutual TLS (tls.grpc): anyone who reaches it could deploy and cancel tasks",
+                    self.taskmanager.listen
+                ));
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+/// What jobs may read and write: every file path, object-store URL and
+/// NATS server a spec names (sources, sinks, `checkpointing.storage`)
+/// must lie under a root allowed for the job's namespace. Without any
+/// list, a region's jobs may use only the region's own store.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Roots for every namespace without a list of its own: path or
+    /// storage URL prefixes (`file:///data/in`, `s3://lake/ferry`), NATS
+    /// servers (`nats://host:4222`), or `*` for anything.
+    #[serde(default)]
+    pub allowed_urls: Option<Vec<String>>,
+    /// Per-namespace roots, replacing `allowedUrls` for that namespace.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespaceSecurity>,
+}
+
+/// One namespace's roots.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespaceSecurity {
+    /// What this namespace's jobs may touch (as `security.allowedUrls`).
+    pub allowed_urls: Vec<String>,
+}
+
+impl ProcessConfig {
+    /// The roots jobs of this region may touch: the configured lists, or
+    /// else the region's own store.
+    pub fn access_policy(&self) -> Result<crate::access::AccessPolicy, String> {
+        let namespaces = self
+            .security
+            .namespaces
+            .iter()
+            .map(|(ns, n)| (ns.clone(), n.allowed_urls.clone()))
+            .collect();
+        match &self.security.allowed_urls {
+            Some(list) => {
+                crate::access::AccessPolicy::new(list, &namespaces, "security.allowedUrls")
+            }
+            None => crate::access::AccessPolicy::new(
+                std::slice::from_ref(&self.storage),
+                &namespaces,
+                "the default, the region's store (set security.allowedUrls)",
+            ),
         }
     }
 }
@@ -149,6 +325,12 @@ pub struct RegionsConfig {
     /// other region's store. Empty: no replication.
     #[serde(default)]
     pub stores: BTreeMap<String, String>,
+    /// Credentials of other regions' stores, by region: `env:PREFIX`
+    /// (the variables `PREFIX` + `AWS_*`/`GOOGLE_*`/`AZURE_*`) or
+    /// `file:PATH` (`KEY=VALUE` lines of those variables). A store with an
+    /// entry here is opened with those settings alone, not the process's.
+    #[serde(default)]
+    pub store_credentials: BTreeMap<String, String>,
     /// The region jobs run in; every other region is a standby that
     /// receives copies and runs nothing. Required when `stores` names other
     /// regions; default: this region.
@@ -215,6 +397,7 @@ impl Default for RegionsConfig {
     fn default() -> Self {
         Self {
             stores: BTreeMap::new(),
+            store_credentials: BTreeMap::new(),
             primary: None,
             global: GlobalConfig::default(),
             health_check_interval: d_heartbeat(),
@@ -405,6 +588,30 @@ impl NatsAuth {
         }
         Ok(())
     }
+}
+
+/// The host and port of a server URL (`nats://user:pw@host:4222`,
+/// `tls://host`, `host:port`, `[::1]:4222`), credentials dropped; the port
+/// is `default_port` when the URL gives none.
+pub fn url_host_port(url: &str, default_port: u16) -> Option<(String, u16)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => {
+            let (h, p) = v6.split_once(']')?;
+            (h, p.strip_prefix(':'))
+        }
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => default_port,
+    };
+    (!host.is_empty()).then(|| (host.to_string(), port))
 }
 
 /// Whether a URL carries credentials (`scheme://user:pass@host`).
@@ -746,6 +953,11 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     ("FERRY_REGIONS_STORES", "regions.stores", EnvKind::Map),
+    (
+        "FERRY_REGIONS_STORE_CREDENTIALS",
+        "regions.storeCredentials",
+        EnvKind::Map,
+    ),
     ("FERRY_REGIONS_PRIMARY", "regions.primary", EnvKind::Text),
     (
         "FERRY_REGIONS_GLOBAL_URLS",
@@ -834,6 +1046,11 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     ("FERRY_TLS_API_CERT_FILE", "tls.api.certFile", EnvKind::Text),
     ("FERRY_TLS_API_KEY_FILE", "tls.api.keyFile", EnvKind::Text),
     ("FERRY_TLS_API_CA_FILE", "tls.api.caFile", EnvKind::Text),
+    (
+        "FERRY_SECURITY_ALLOWED_URLS",
+        "security.allowedUrls",
+        EnvKind::List,
+    ),
     (
         "FERRY_TLS_RELOAD_INTERVAL",
         "tls.reloadInterval",
@@ -946,6 +1163,7 @@ impl ProcessConfig {
             .auth
             .check("regions.global.auth", &self.regions.global.urls)
             .map_err(ConfigError)?;
+        self.access_policy().map_err(ConfigError)?;
         for (at, tls) in [
             ("nats.tls", &self.nats.tls),
             ("regions.global.tls", &self.regions.global.tls),
@@ -989,6 +1207,19 @@ impl ProcessConfig {
             ));
         }
         let r = &self.regions;
+        for (region, spec) in &r.store_credentials {
+            let at = format!("regions.storeCredentials.{region}");
+            if !r.stores.contains_key(region) || *region == self.region {
+                return err(format!(
+                    "{at}: credentials for a store that regions.stores does not list as another region's; this region's own store uses the process environment"
+                ));
+            }
+            if !(spec.starts_with("env:") || spec.starts_with("file:")) {
+                return err(format!(
+                    "{at}: {spec:?} is neither env:PREFIX nor file:PATH"
+                ));
+            }
+        }
         if r.primary.is_none() && r.stores.keys().any(|k| *k != self.region) {
             return err(
                 "regions.primary: set the primary region (FERRY_REGIONS_PRIMARY) when regions.stores names other regions"
@@ -1324,6 +1555,136 @@ mod tests {
             assert!(e.contains(want), "{vars:?}: {e}");
             assert!(!e.contains("secret"), "{e}");
         }
+    }
+
+    #[test]
+    fn listeners_beyond_loopback_need_tls_and_authentication() {
+        for (addr, loopback) in [
+            ("127.0.0.1:8081", true),
+            ("127.9.9.9:1", true),
+            ("localhost:8081", true),
+            ("[::1]:8081", true),
+            ("0.0.0.0:8081", false),
+            ("[::]:8081", false),
+            ("10.0.0.5:6124", false),
+            ("jm.example:8081", false),
+        ] {
+            assert_eq!(is_loopback_listen(addr), loopback, "{addr}");
+        }
+        let base = [
+            ("FERRY_REGION", "r"),
+            ("FERRY_NATS_URLS", "nats://n:4222"),
+            ("FERRY_STORAGE", "file:///s"),
+        ];
+        let cfg = |extra: &[(&str, &str)]| {
+            let env: BTreeMap<String, String> = base
+                .iter()
+                .chain(extra)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            ProcessConfig::load(None, &env).unwrap()
+        };
+        // The defaults listen on every interface.
+        let open = cfg(&[]);
+        let jm = open.unprotected_listeners(ProcessRole::JobManager);
+        assert_eq!(jm.len(), 1);
+        assert!(
+            jm[0].starts_with("api.listen 0.0.0.0:8081 is not a loopback address, and the REST API has no TLS (tls.api) and no authentication (api.auth)"),
+            "{jm:?}"
+        );
+        let tm = open.unprotected_listeners(ProcessRole::TaskManager);
+        assert!(tm[0].contains("no mutual TLS (tls.grpc)"), "{tm:?}");
+        // Authentication alone is not enough: a token would cross in clear.
+        let auth_only = cfg(&[("FERRY_API_AUTH_TOKENS_FILE", "/t")]);
+        let jm = auth_only.unprotected_listeners(ProcessRole::JobManager);
+        assert!(jm[0].contains("has no TLS (tls.api):"), "{jm:?}");
+        let secure = cfg(&[
+            ("FERRY_API_AUTH_TOKENS_FILE", "/t"),
+            ("FERRY_TLS_API_CERT_FILE", "/c"),
+            ("FERRY_TLS_API_KEY_FILE", "/k"),
+            ("FERRY_TLS_API_CA_FILE", "/a"),
+            ("FERRY_API_ADVERTISE", "https://jm:8081"),
+            ("FERRY_TLS_GRPC_CERT_FILE", "/c"),
+            ("FERRY_TLS_GRPC_KEY_FILE", "/k"),
+            ("FERRY_TLS_GRPC_CA_FILE", "/a"),
+            ("FERRY_TASKMANAGER_ADVERTISE", "https://tm:6124"),
+        ]);
+        assert!(
+            secure
+                .unprotected_listeners(ProcessRole::JobManager)
+                .is_empty()
+        );
+        assert!(
+            secure
+                .unprotected_listeners(ProcessRole::TaskManager)
+                .is_empty()
+        );
+        let local = cfg(&[
+            ("FERRY_API_LISTEN", "127.0.0.1:0"),
+            ("FERRY_TASKMANAGER_LISTEN", "[::1]:0"),
+        ]);
+        assert!(
+            local
+                .unprotected_listeners(ProcessRole::JobManager)
+                .is_empty()
+        );
+        assert!(
+            local
+                .unprotected_listeners(ProcessRole::TaskManager)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn store_credentials_come_from_prefixed_variables_or_a_file() {
+        let env: BTreeMap<String, String> = [
+            ("US_EAST_AWS_ACCESS_KEY_ID", "AKIAEAST"),
+            ("US_EAST_AWS_SECRET_ACCESS_KEY", "east-secret-1"),
+            ("US_EAST_OTHER", "ignored"),
+            ("AWS_ACCESS_KEY_ID", "AKIAPROCESS"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let got = store_settings("env:US_EAST_", "at", &env).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("aws_access_key_id".to_string(), "AKIAEAST".to_string()),
+                ("aws_secret_access_key".into(), "east-secret-1".into())
+            ]
+        );
+        let e = store_settings("env:AP_", "regions.storeCredentials.ap", &env).unwrap_err();
+        assert_eq!(
+            e,
+            "regions.storeCredentials.ap: no variable starts with AP_AWS_, AP_GOOGLE_ or AP_AZURE_"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("west.env");
+        std::fs::write(
+            &file,
+            "# west's account\nAWS_ACCESS_KEY_ID=AKIAWEST\nexport AWS_SECRET_ACCESS_KEY=\"west-secret-2\"\n\nAWS_ENDPOINT=http://127.0.0.1:9\n",
+        )
+        .unwrap();
+        let got = store_settings(&format!("file:{}", file.display()), "at", &env).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got[1],
+            ("aws_secret_access_key".into(), "west-secret-2".into())
+        );
+        std::fs::write(
+            &file,
+            "AWS_ACCESS_KEY_ID=AKIAWEST\nPASSWORD=hunter2-secret\n",
+        )
+        .unwrap();
+        let e = store_settings(&format!("file:{}", file.display()), "at", &env).unwrap_err();
+        assert!(
+            e.ends_with("line 2: PASSWORD is not an AWS_, GOOGLE_ or AZURE_ setting"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = store_settings("s3:x", "at", &env).unwrap_err();
+        assert!(e.contains("neither env:PREFIX nor file:PATH"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Every other crate depends on this one and on nothing else of Ferry's, so
 //! the types that cross a process or crate boundary live here.
 
+pub mod access;
 pub mod api;
 pub mod config;
 pub mod epoch;

@@ -101,7 +101,20 @@ impl StorageLocation {
     /// Opens the store behind a URL. Cloud credentials and endpoints come from
     /// the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, None)
+    }
+
+    /// Opens the store behind a URL with settings of its own (`own`:
+    /// object_store's keys, e.g. `aws_access_key_id`, `aws_endpoint`)
+    /// instead of the process environment — another account's bucket.
+    /// `None`: the environment, as [`Self::open`].
+    pub fn open_with(url: &str, own: Option<&[(String, String)]>) -> Result<Self> {
         let parsed = Self::parse(url)?;
+        #[allow(unused_variables)]
+        let setting_err = |key: &str| CoreError::StorageUrl {
+            url: url.to_string(),
+            reason: format!("unknown store setting {key:?} in its credentials"),
+        };
         let store_err = |e: object_store::Error| CoreError::StorageUrl {
             url: url.to_string(),
             reason: e.to_string(),
@@ -125,7 +138,17 @@ impl StorageLocation {
             ),
             #[cfg(feature = "s3")]
             "s3" => {
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                let s3 = match own {
+                    None => object_store::aws::AmazonS3Builder::from_env(),
+                    Some(settings) => {
+                        let mut b = object_store::aws::AmazonS3Builder::new();
+                        for (k, v) in settings {
+                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
+                        }
+                        b
+                    }
+                };
+                let s3 = s3
                     .with_bucket_name(&parsed.bucket)
                     .build()
                     .map_err(store_err)?;
@@ -133,7 +156,17 @@ impl StorageLocation {
             }
             #[cfg(feature = "gcs")]
             "gs" => {
-                let gcs = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                let gcs = match own {
+                    None => object_store::gcp::GoogleCloudStorageBuilder::from_env(),
+                    Some(settings) => {
+                        let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
+                        for (k, v) in settings {
+                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
+                        }
+                        b
+                    }
+                };
+                let gcs = gcs
                     .with_bucket_name(&parsed.bucket)
                     .build()
                     .map_err(store_err)?;
@@ -141,7 +174,17 @@ impl StorageLocation {
             }
             #[cfg(feature = "azure")]
             "az" | "abfs" => {
-                let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+                let az = match own {
+                    None => object_store::azure::MicrosoftAzureBuilder::from_env(),
+                    Some(settings) => {
+                        let mut b = object_store::azure::MicrosoftAzureBuilder::new();
+                        for (k, v) in settings {
+                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
+                        }
+                        b
+                    }
+                };
+                let az = az
                     .with_container_name(&parsed.bucket)
                     .build()
                     .map_err(store_err)?;

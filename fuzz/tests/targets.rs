@@ -362,9 +362,17 @@ fn rest_app() -> &'static (tokio::runtime::Runtime, axum::Router, tempfile::Temp
         let dir = tempfile::tempdir().unwrap();
         let data_url = dir.path().display().to_string();
         let router = rt.block_on(async {
+            // Fuzzed specs may touch only the temp dir.
+            let access = ferry_core::access::AccessPolicy::new(
+                std::slice::from_ref(&data_url),
+                &Default::default(),
+                "the fuzz target's temp dir",
+            )
+            .unwrap();
             let jm = ferry_jobmanager::JobManager::new(ferry_jobmanager::JobManagerConfig {
                 data_url,
                 instance_id: "fuzz".into(),
+                access,
             });
             ferry_jobmanager::api::router(jm)
         });

@@ -381,27 +381,9 @@ async fn diagnose_tls(url: &str, tls: Option<&TlsFiles>) -> Option<String> {
     }
 }
 
-/// The host and port of a NATS URL (`nats://user:pw@host:4222`,
-/// `tls://host`, `host:port`); the port defaults to 4222.
+/// The host and port of a NATS URL; the port defaults to 4222.
 fn host_port(url: &str) -> Option<(String, u16)> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let (host, port) = match hostport.strip_prefix('[') {
-        Some(v6) => {
-            let (h, p) = v6.split_once(']')?;
-            (h, p.strip_prefix(':'))
-        }
-        None => match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        },
-    };
-    let port = match port {
-        Some(p) => p.parse().ok()?,
-        None => 4222,
-    };
-    (!host.is_empty()).then(|| (host.to_string(), port))
+    ferry_core::config::url_host_port(url, 4222)
 }
 
 /// What a failed NATS connection means, and what to do about it.

@@ -52,6 +52,11 @@ pub enum JmError {
         kind: ferry_core::api::RegionErrorKind,
         message: String,
     },
+
+    /// The spec names locations its namespace may not use: (spec field,
+    /// why) per problem.
+    #[error("the job may not use these locations:\n{}", .0.iter().map(|(f, m)| format!("  {f}: {m}")).collect::<Vec<_>>().join("\n"))]
+    LocationNotAllowed(Vec<(&'static str, String)>),
 }
 
 impl JmError {
@@ -69,6 +74,7 @@ impl JmError {
             JmError::BadRequest(_) => "bad_request",
             JmError::Missing(_) => "not_found",
             JmError::Region { kind, .. } => kind.code(),
+            JmError::LocationNotAllowed(_) => "location_not_allowed",
         }
     }
 }

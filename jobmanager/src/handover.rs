@@ -167,6 +167,7 @@ mod tests {
             JobManagerConfig {
                 data_url: format!("file://{}", dir.display()),
                 instance_id: id.into(),
+                access: ferry_core::access::AccessPolicy::unrestricted(),
             },
             Leadership::embedded(),
         )

@@ -26,6 +26,8 @@ pub struct JobManagerConfig {
     pub data_url: String,
     /// Name of this instance, reported in API responses.
     pub instance_id: String,
+    /// What jobs may touch, per namespace.
+    pub access: ferry_core::access::AccessPolicy,
 }
 
 /// A checkpoint or savepoint this JobManager completed (its manifest is

@@ -299,6 +299,7 @@ mod tests {
             JobManagerConfig {
                 data_url: format!("file://{}", dir.path().display()),
                 instance_id: "jm-a".into(),
+                access: ferry_core::access::AccessPolicy::unrestricted(),
             },
             leadership,
         );

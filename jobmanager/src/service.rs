@@ -228,8 +228,9 @@ impl JobManager {
             job_id: Some(id),
             ..opts
         };
-        write_spec(&root, &id, &spec).await?;
         let store = self.store()?;
+        self.check_access(&spec, &id, &root, &store)?;
+        write_spec(&root, &id, &spec).await?;
         if store.url() != root.url() {
             write_spec(&store, &id, &spec).await?;
         }
@@ -237,6 +238,37 @@ impl JobManager {
         // Durable before the client hears of it: a new leader will know it.
         write_status(&entry, &store, &self.inner.config.instance_id).await?;
         Ok(entry.info())
+    }
+
+    /// Refuses a spec that names a location its namespace may not use, or
+    /// writes into the job store or another job's directories.
+    fn check_access(
+        &self,
+        spec: &JobSpec,
+        id: &JobId,
+        root: &StorageLocation,
+        store: &StorageLocation,
+    ) -> Result<(), JmError> {
+        let others: Vec<(String, String)> = self
+            .inner
+            .list()
+            .into_iter()
+            .filter(|j| j.id != *id)
+            .flat_map(|j| {
+                let name = j.id.to_string();
+                j.output
+                    .map(|o| (name.clone(), o))
+                    .into_iter()
+                    .chain([(name, j.checkpoint_root)])
+            })
+            .filter(|(_, l)| !l.is_empty())
+            .collect();
+        let own = root.child(&ferry_core::manifest::checkpoints_root(id));
+        self.inner
+            .config
+            .access
+            .check(spec, Some(own.url()), Some(store.url()), &others)
+            .map_err(JmError::LocationNotAllowed)
     }
 
     /// All jobs, newest first.

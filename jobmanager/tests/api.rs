@@ -27,10 +27,19 @@ struct ApiServer {
 
 impl ApiServer {
     async fn start() -> Self {
+        Self::start_with_roots(|_| ferry_core::access::AccessPolicy::unrestricted()).await
+    }
+
+    /// A server whose jobs may touch what `roots` (given the server's temp
+    /// dir) allows.
+    async fn start_with_roots(
+        roots: impl FnOnce(&Path) -> ferry_core::access::AccessPolicy,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let jm = JobManager::new(JobManagerConfig {
             data_url: dir.path().join("default-data").display().to_string(),
             instance_id: INSTANCE.to_string(),
+            access: roots(dir.path()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -352,6 +361,7 @@ async fn openapi_json_lists_every_route_the_router_serves() {
     let jm = JobManager::new(JobManagerConfig {
         data_url: s.dir.path().join("default-data").display().to_string(),
         instance_id: INSTANCE.to_string(),
+        access: ferry_core::access::AccessPolicy::unrestricted(),
     });
     let paths = router_paths(&api::router(jm));
     assert!(paths.len() >= 10, "router paths not found in {paths:?}");
@@ -435,6 +445,113 @@ async fn invalid_spec_is_400_with_every_problem_and_its_path() {
     assert!(paths.contains(&"spec.parallelism"), "{body:?}");
     assert!(paths.contains(&"spec.operators[0].key_by"), "{body:?}");
     assert!(body.error.message.contains("2 problems"), "{body:?}");
+}
+
+/// A spec naming a location outside its namespace's roots, or one inside
+/// the job store or another job's output, is refused with 403
+/// `location_not_allowed`, one detail per location, naming the field.
+#[tokio::test]
+async fn a_spec_outside_its_namespace_roots_is_403_naming_each_field() {
+    let s = ApiServer::start_with_roots(|dir| {
+        let d = dir.display();
+        ferry_core::access::AccessPolicy::new(
+            &[format!("{d}/data"), format!("{d}/out")],
+            &[("payments".to_string(), vec![format!("{d}/payments")])]
+                .into_iter()
+                .collect(),
+            "security.allowedUrls",
+        )
+        .unwrap()
+    })
+    .await;
+    let post = |spec: String| {
+        s.http
+            .post(s.url("/v1/jobs"))
+            .header("content-type", "application/yaml")
+            .body(spec)
+            .send()
+    };
+    let spec = s.spec("first", "total: 100");
+    let first = s.submit(spec.clone()).await;
+
+    let tmp = s.dir.path().display().to_string();
+    // Outside every root: the sink under /etc, the source reading /etc.
+    let bad = spec
+        .replace(&format!("{tmp}/out/first"), "/etc/ferry-out")
+        .replace(
+            "    generator:\n      total: 100\n      eventTime: {step: 10ms}\n      fields:\n        user: {type: key, cardinality: 10, prefix: \"u\"}",
+            "    file: {path: /etc/passwd, format: csv, header: false, schema: {user: string}}",
+        );
+    assert!(bad.contains("/etc/passwd"), "{bad}");
+    let body = expect_error(
+        post(bad).await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "location_not_allowed",
+    )
+    .await;
+    let fields: Vec<_> = body
+        .error
+        .details
+        .iter()
+        .map(|d| d.path.clone().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["spec.source.file.path", "spec.sink.file.path"],
+        "{body:?}"
+    );
+    assert!(
+        body.error.details[0]
+            .message
+            .contains("file:///etc/passwd lies outside the roots namespace 'default' may use"),
+        "{body:?}"
+    );
+    assert!(
+        body.error.message.contains("security.allowedUrls"),
+        "{body:?}"
+    );
+
+    // Into the first job's output.
+    let into = s
+        .spec("second", "total: 100")
+        .replace("out/second", "out/first/x");
+    let body = expect_error(
+        post(into).await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "location_not_allowed",
+    )
+    .await;
+    assert!(
+        body.error.details[0]
+            .message
+            .contains(&format!("of job {}", first.id)),
+        "{body:?}"
+    );
+
+    // Namespace payments has roots of its own: the default's do not apply.
+    let payments = s.spec("third", "total: 100").replace(
+        "metadata: {name: third}",
+        "metadata: {name: third, namespace: payments}",
+    );
+    let body = expect_error(
+        post(payments.clone()).await.unwrap(),
+        StatusCode::FORBIDDEN,
+        "location_not_allowed",
+    )
+    .await;
+    assert_eq!(body.error.details.len(), 2, "{body:?}");
+    assert!(
+        body.error.details[0]
+            .message
+            .contains("security.namespaces.payments.allowedUrls"),
+        "{body:?}"
+    );
+    let inside = payments
+        .replace(&format!("{tmp}/data"), &format!("{tmp}/payments/data"))
+        .replace(&format!("{tmp}/out/third"), &format!("{tmp}/payments/out"));
+    s.submit(inside).await;
+    // Nothing of a refused job was written.
+    assert!(!s.dir.path().join("out/first/x").exists());
 }
 
 #[tokio::test]

@@ -167,6 +167,7 @@ fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
         let jm = JobManager::new(JobManagerConfig {
             data_url: data.to_string(),
             instance_id: "bench".into(),
+            access: ferry_core::access::AccessPolicy::unrestricted(),
         });
         let cpu0 = cpu_time();
         let t0 = Instant::now();

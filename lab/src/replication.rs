@@ -147,6 +147,7 @@ pub async fn run(
     let jm = JobManager::new(JobManagerConfig {
         data_url: from.clone(),
         instance_id: "bench".into(),
+        access: ferry_core::access::AccessPolicy::unrestricted(),
     });
     let replicator = Arc::new(ferry_region::Replicator::new(vec![ferry_region::Standby {
         region: "standby".into(),

@@ -44,6 +44,9 @@ pub struct SandboxOptions {
     pub dir: PathBuf,
     /// `regions.timeout`.
     pub region_timeout: Duration,
+    /// What jobs may use beyond the working directory, the sandbox's
+    /// directory and NATS on this machine (`security.allowedUrls`).
+    pub allow: Vec<String>,
 }
 
 /// What happens while the sandbox starts.
@@ -198,6 +201,7 @@ impl Sandbox {
         procs.extend(global.into_iter().map(Proc::from));
         progress(Progress::GlobalUp(&global_urls));
 
+        let cwd = std::env::current_dir()?;
         let stores: Vec<String> = regions
             .iter()
             .map(|r| format!("{r}=file://{}", dir.join(r).join("store").display()))
@@ -233,6 +237,17 @@ impl Sandbox {
                 ),
                 ("FERRY_REGIONS_STORES", stores.join(",")),
                 ("FERRY_REGIONS_PRIMARY", regions[0].to_string()),
+                // As `ferry local`: the working directory, the sandbox's
+                // directory and NATS on this machine.
+                (
+                    "FERRY_SECURITY_ALLOWED_URLS",
+                    [cwd.display().to_string(), dir.display().to_string()]
+                        .into_iter()
+                        .chain(["nats://127.0.0.1".to_string()])
+                        .chain(args.allow.iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
                 ("FERRY_REGIONS_GLOBAL_URLS", mine.join(",")),
                 (
                     "FERRY_REGIONS_GLOBAL_REPLICAS",

@@ -67,18 +67,32 @@ impl RegionSide {
         C: Stream<Item = CheckpointEvent> + Send + Unpin + 'static,
         E: Stream<Item = (JobId, StorageLocation)> + Send + Unpin + 'static,
     {
-        let open = |key: String, url: &str| {
-            StorageLocation::open(url)
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        // A store with credentials of its own (another account's bucket)
+        // is opened with them alone; the others with the environment's.
+        let open = |key: String, url: &str, credentials: Option<(&String, &String)>| {
+            let settings = credentials
+                .map(|(region, spec)| {
+                    let at = format!("regions.storeCredentials.{region}");
+                    ferry_core::config::store_settings(spec, &at, &env)
+                })
+                .transpose()
+                .map_err(RegionError::Config)?;
+            StorageLocation::open_with(url, settings.as_deref())
                 .map_err(|e| RegionError::Config(format!("{key}: {url}: {e}")))
         };
         let mut stores = BTreeMap::new();
         for (region, url) in &cfg.regions.stores {
             stores.insert(
                 region.clone(),
-                open(format!("regions.stores.{region}"), url)?,
+                open(
+                    format!("regions.stores.{region}"),
+                    url,
+                    cfg.regions.store_credentials.get_key_value(region),
+                )?,
             );
         }
-        let own = open("storage".into(), &cfg.storage)?;
+        let own = open("storage".into(), &cfg.storage, None)?;
         stores
             .entry(cfg.region.clone())
             .or_insert_with(|| own.clone());

@@ -67,6 +67,8 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     let bound = listener.local_addr()?.to_string();
     let api_url = cfg.advertised_url(&bound);
     let h = &cfg.ha;
+    // Checked by the config's validation already.
+    let access = cfg.access_policy().map_err(anyhow::Error::msg)?;
     let Some(backend) = connect_coordination(&cfg, &ha_rt, &signal).await else {
         return Ok(ExitCode::from(1));
     };
@@ -80,6 +82,7 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         JobManagerConfig {
             data_url: cfg.storage.clone(),
             instance_id: instance_id.clone(),
+            access,
         },
         leadership,
     );

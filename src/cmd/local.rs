@@ -40,6 +40,11 @@ pub struct LocalArgs {
     /// Log format: text or json.
     #[arg(long, env = "FERRY_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Also let jobs use this path, storage URL prefix or NATS server
+    /// (repeatable; `*` for anything). Jobs may always use the working
+    /// directory, the data directory and NATS servers on this machine.
+    #[arg(long, value_name = "URL")]
+    pub allow: Vec<String>,
 }
 
 pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
@@ -83,9 +88,24 @@ async fn run_async(
     } else {
         StorageLocation::parse(&args.data_dir)?.path
     };
+    let mut allowed = vec![
+        std::env::current_dir()?.display().to_string(),
+        data_url.clone(),
+        "nats://127.0.0.1".to_string(),
+        "nats://localhost".to_string(),
+        "nats://[::1]".to_string(),
+    ];
+    allowed.extend(args.allow.iter().cloned());
+    let access = ferry_core::access::AccessPolicy::new(
+        &allowed,
+        &Default::default(),
+        "ferry local: the working directory, the data directory, NATS on this machine and --allow",
+    )
+    .map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
     let jm = JobManager::new(JobManagerConfig {
         data_url,
         instance_id: "local".to_string(),
+        access,
     });
     let api_stop = CancellationToken::new();
     let listener = match tokio::net::TcpListener::bind(&args.listen).await {

@@ -23,6 +23,11 @@ pub struct ProcessArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
+    /// Listen beyond loopback without TLS and authentication (anyone who
+    /// reaches the port may then command this process). Without it, such a
+    /// config is refused at start.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Sets up logging and the config, then runs `main` on a runtime named
@@ -45,6 +50,25 @@ where
     };
     super::init_logging(&args.log_format, false, service);
     let cfg = load_config(args.config.as_ref())?;
+    let role = match thread_name {
+        "ferry-tm" => ferry_core::config::ProcessRole::TaskManager,
+        _ => ferry_core::config::ProcessRole::JobManager,
+    };
+    let exposed = cfg.unprotected_listeners(role);
+    if !exposed.is_empty() {
+        if !args.insecure {
+            for e in &exposed {
+                eprintln!("error: {e}");
+            }
+            eprintln!(
+                "Set up TLS and authentication (docs/security.md), listen on a loopback address, or pass --insecure to accept the risk."
+            );
+            return Ok(std::process::ExitCode::from(2));
+        }
+        for e in &exposed {
+            tracing::warn!("--insecure: {e}");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(thread_name)

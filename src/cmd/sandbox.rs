@@ -31,6 +31,11 @@ pub struct SandboxArgs {
     /// URLs, PIDs) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
+    /// Also let jobs use this path, storage URL prefix or NATS server
+    /// (repeatable; `*` for anything). Jobs may always use the working
+    /// directory, the sandbox's directory and NATS servers on this machine.
+    #[arg(long, value_name = "URL")]
+    allow: Vec<String>,
 }
 
 fn killed(name: &str, after: Duration) {
@@ -45,6 +50,7 @@ pub fn run(args: SandboxArgs) -> anyhow::Result<ExitCode> {
         taskmanagers: args.taskmanagers,
         dir: args.dir,
         region_timeout: args.region_timeout,
+        allow: args.allow.clone(),
     };
     let mut sandbox = Sandbox::start(&opts, |p| match p {
         Progress::GlobalUp(urls) => eprintln!("global NATS cluster up: {}", urls.join(",")),

@@ -231,7 +231,13 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(n: usize) -> Self {
-        let starter = nats_starter();
+        Self::start_configured(n, "")
+    }
+
+    /// An `n`-node cluster with `extra` appended to every node's
+    /// configuration (e.g. `tls` and `authorization` blocks for clients).
+    pub fn start_configured(n: usize, extra: &str) -> Self {
+        let starter = nats_starter().with_extra(extra);
         with_port_retries("the NATS cluster", || {
             let dir = tempfile::tempdir().unwrap();
             let nodes = starter

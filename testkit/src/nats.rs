@@ -133,6 +133,9 @@ pub struct NatsStarter {
     /// Clusters' nodes don't tell clients the other nodes' URLs, so a
     /// client reaches only the servers (or proxies) it was given.
     pub no_advertise: bool,
+    /// Configuration appended to every cluster node's (e.g. `tls` and
+    /// `authorization` blocks).
+    pub extra: String,
 }
 
 impl NatsStarter {
@@ -143,7 +146,14 @@ impl NatsStarter {
             logs: false,
             listen_limit: Duration::from_secs(30),
             no_advertise: false,
+            extra: String::new(),
         }
+    }
+
+    /// Appends `extra` to every cluster node's configuration.
+    pub fn with_extra(mut self, extra: &str) -> Self {
+        self.extra = extra.to_string();
+        self
     }
 
     /// Cluster nodes don't advertise each other to clients (`no_advertise`):
@@ -213,6 +223,7 @@ impl NatsStarter {
                     advertise: None,
                     no_advertise: self.no_advertise,
                 }),
+                extra: self.extra.clone(),
                 ..NatsConfig::new(*port, dir.join(&name))
             };
             procs.push(self.spawn(&name, &dir.join(format!("{name}.conf")), &config)?);

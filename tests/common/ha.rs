@@ -183,6 +183,11 @@ impl Region {
                 format!("file://{}", self.storage().display()),
             )
             .env("FERRY_NATS_REPLICAS", self.replicas)
+            // The region's jobs write into its directory.
+            .env(
+                "FERRY_SECURITY_ALLOWED_URLS",
+                format!("file://{}", self.dir.path().display()),
+            )
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);

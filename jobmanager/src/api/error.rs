@@ -78,6 +78,27 @@ impl From<JmError> for ApiError {
         let status = match &e {
             JmError::NotFound(_) => StatusCode::NOT_FOUND,
             JmError::InvalidSpec(errs) => return Self::invalid_spec(errs),
+            JmError::LocationNotAllowed(problems) => {
+                let n = problems.len();
+                let details = problems
+                    .iter()
+                    .map(|(field, message)| ErrorDetail {
+                        path: Some(field.to_string()),
+                        line: None,
+                        column: None,
+                        message: message.clone(),
+                    })
+                    .collect();
+                return Self::new(
+                    StatusCode::FORBIDDEN,
+                    e.code(),
+                    format!(
+                        "the job names {n} location{} its namespace may not use; use locations under the allowed roots, or ask an operator to allow them (security.allowedUrls, security.namespaces.<namespace>.allowedUrls)",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                )
+                .with_details(details);
+            }
             JmError::Storage(CoreError::Spec(errs)) => return Self::invalid_spec(errs),
             JmError::WrongState { .. } => StatusCode::CONFLICT,
             // The object store behind us failed: a gateway problem, not ours.

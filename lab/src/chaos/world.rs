@@ -447,6 +447,12 @@ impl World {
         .env("FERRY_REGIONS_GLOBAL_REPLICAS", NODES.to_string())
         .env("FERRY_REGIONS_TIMEOUT", REGION_TIMEOUT)
         .env("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", REGION_HEARTBEAT)
+        // The workload's jobs write under `out` and use NATS on loopback
+        // (through the fault proxies).
+        .env(
+            "FERRY_SECURITY_ALLOWED_URLS",
+            format!("file://{},nats://127.0.0.1", self.out.display()),
+        )
         .env("AWS_ENDPOINT", member.links.store.http_url())
         .env("AWS_ALLOW_HTTP", "true")
         .env("AWS_ACCESS_KEY_ID", AWS_KEY)
