@@ -330,6 +330,19 @@ async fn the_api_takes_only_verified_callers_with_the_role_in_the_jobs_namespace
         .await;
         refused(&got, 403, "forbidden", &["admin", "every namespace"]);
     }
+    // An admin records a drill report through the standby: the stored
+    // report names the admin, whatever actor its body claims.
+    let recorded = call(
+        &http,
+        Method::POST,
+        &format!("{}/v1/drills", r.jms[standby].url()),
+        Some(ADMIN),
+        &[],
+        Some(r#"{"id": "drill-actor-1", "passed": true, "actor": "someone-else"}"#.into()),
+    )
+    .await;
+    assert_eq!(recorded.0, 201, "{}", recorded.2);
+    assert_eq!(recorded.2["actor"], "admin", "{}", recorded.2);
     // A forged forwarding header with a claimed identity grants nothing.
     let forged_forward = call(
         &http,

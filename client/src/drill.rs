@@ -413,6 +413,7 @@ pub async fn run(
         passed,
         failures: checks,
         revert: None,
+        actor: None,
         extra: BTreeMap::new(),
     };
     if plan.revert

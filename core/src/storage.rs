@@ -110,7 +110,10 @@ impl StorageLocation {
     /// `None`: the environment, as [`Self::open`].
     pub fn open_with(url: &str, own: Option<&[(String, String)]>) -> Result<Self> {
         let parsed = Self::parse(url)?;
-        #[allow(unused_variables)]
+        // Without a cloud store compiled in, nothing takes settings.
+        #[cfg(not(any(feature = "s3", feature = "gcs", feature = "azure")))]
+        let _ = own;
+        #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
         let setting_err = |key: &str| CoreError::StorageUrl {
             url: url.to_string(),
             reason: format!("unknown store setting {key:?} in its credentials"),

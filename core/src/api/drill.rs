@@ -75,6 +75,12 @@ pub struct DrillReport {
     /// The fail-back afterwards (`--revert`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revert: Option<DrillRevert>,
+    /// Who recorded the report: the authenticated caller of
+    /// `POST /v1/drills` (a token's name or a JWT's `sub`; `anonymous`
+    /// without `api.auth`). Set by the JobManager, never taken from the
+    /// body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// Fields of a report this version does not know, kept as they are.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,

@@ -3,6 +3,7 @@
 //! region it failed over to (`/v1/drills`), where the drill metrics show the
 //! last result.
 
+use axum::Extension;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -113,10 +114,11 @@ pub(super) async fn end_outage(
 )]
 pub(super) async fn record(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<crate::auth::Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<DrillReport>), ApiError> {
     let body = body?;
-    let report = DrillReport::from_json(&body).map_err(|e| match e {
+    let mut report = DrillReport::from_json(&body).map_err(|e| match e {
         DrillReportError::NotJson(e) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -124,6 +126,8 @@ pub(super) async fn record(
         ),
         DrillReportError::Invalid(message) => JmError::BadRequest(message).into(),
     })?;
+    // Who ran the drill is whoever is authenticated, whatever the body says.
+    report.actor = Some(caller.name.clone());
     Ok((StatusCode::CREATED, Json(jm.record_drill(report).await?)))
 }
 
