@@ -20,7 +20,7 @@ use ferry_testkit::try_free_port;
 use serde::Serialize;
 
 use crate::Stats;
-use crate::procs::{Proc, cpu_seconds, signal, spawn_ferry, start_nats, tm_metric};
+use crate::procs::{Proc, cpu_seconds, signal, spawn_ferry, start_nats_with, tm_metric};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -40,6 +40,13 @@ pub struct FailoverOptions {
     /// Keep the logs and store here (a temp dir, removed at the end, by
     /// default).
     pub work_dir: Option<PathBuf>,
+    /// Every link over TLS with authentication: NATS (TLS with a client
+    /// certificate and a password), the REST API (HTTPS and a bearer
+    /// token), JobManager ↔ TaskManager gRPC (mutual TLS), with
+    /// certificates made for the run.
+    pub secure: bool,
+    /// REST requests to time on the settled leader.
+    pub rest_requests: u32,
 }
 
 /// What happens, as it happens.
@@ -84,6 +91,14 @@ impl Timings {
 #[derive(Serialize, Clone, Debug)]
 pub struct FailoverReport {
     pub lease_ttl: String,
+    /// TLS and authentication on every link.
+    pub secure: bool,
+    /// `GET /v1/jobs/{id}` against the leader, one after another on one
+    /// client (its connections kept alive), in a steady state.
+    pub rest_ms: Timings,
+    /// `GET /v1/jobs` against the leader, each from a new client: a new
+    /// connection (and TLS handshake) per request, as the CLI makes them.
+    pub rest_new_connection_ms: Timings,
     pub sigkill_ms: Timings,
     pub graceful_ms: Timings,
     pub next_checkpoint_after_sigkill_ms: Stats,
@@ -112,6 +127,16 @@ impl FailoverReport {
         let r = self;
         let mut out = String::new();
         let (k, h) = (&r.sigkill_ms, &r.graceful_ms);
+        let _ = writeln!(
+            out,
+            "links: {}",
+            if r.secure {
+                "TLS with authentication on every link (NATS, REST API, gRPC)"
+            } else {
+                "plaintext, no authentication"
+            }
+        );
+        let _ = writeln!(out);
         let _ = writeln!(out, "| leader loss | runs | p50 ms | p99 ms | max ms |");
         let _ = writeln!(out, "|---|---|---|---|---|");
         let _ = writeln!(
@@ -130,6 +155,28 @@ impl FailoverReport {
             h.p99,
             h.max
         );
+        let q = &r.rest_ms;
+        if !q.all.is_empty() {
+            let _ = writeln!(
+                out,
+                "| REST request on a kept-alive connection (GET /v1/jobs/{{id}}) | {} | {:.1} | {:.1} | {:.1} |",
+                q.all.len(),
+                q.p50,
+                q.p99,
+                q.max
+            );
+        }
+        let q = &r.rest_new_connection_ms;
+        if !q.all.is_empty() {
+            let _ = writeln!(
+                out,
+                "| REST request on a new connection (GET /v1/jobs) | {} | {:.1} | {:.1} | {:.1} |",
+                q.all.len(),
+                q.p50,
+                q.p99,
+                q.max
+            );
+        }
         if r.checkpoints_after_sigkill > 0 {
             let (kc, hc) = (
                 &r.next_checkpoint_after_sigkill_ms,
@@ -173,6 +220,45 @@ impl FailoverReport {
     }
 }
 
+/// The p99s of a plaintext and a secure run side by side, as a Markdown
+/// table with the secure run's difference.
+pub fn compare(plain: &FailoverReport, secure: &FailoverReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "| p99 | plaintext ms | TLS + auth ms | difference |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for (what, p, s) in [
+        (
+            "SIGKILL takeover",
+            plain.sigkill_ms.p99,
+            secure.sigkill_ms.p99,
+        ),
+        (
+            "graceful handoff",
+            plain.graceful_ms.p99,
+            secure.graceful_ms.p99,
+        ),
+        (
+            "REST request, kept-alive connection",
+            plain.rest_ms.p99,
+            secure.rest_ms.p99,
+        ),
+        (
+            "REST request, new connection",
+            plain.rest_new_connection_ms.p99,
+            secure.rest_new_connection_ms.p99,
+        ),
+    ] {
+        let diff = if p > 0.0 {
+            format!("{:+.1} %", (s - p) / p * 100.0)
+        } else {
+            "-".to_string()
+        };
+        let _ = writeln!(out, "| {what} | {p:.1} | {s:.1} | {diff} |");
+    }
+    out
+}
+
 /// A tiny bounded job: submitting it is the write being timed.
 const PROBE_JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{"name":"failover-probe"},
 "spec":{"parallelism":1,"checkpointing":{"interval":"10s"},"restartStrategy":{"type":"none"},
@@ -184,6 +270,9 @@ const LONG_JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{
 "spec":{"parallelism":2,"checkpointing":{"interval":"200ms","retained":2},
 "source":{"generator":{"partitions":2,"rate":1000,"fields":{"k":{"type":"key","cardinality":10}}}},
 "operators":[],"sink":{"blackhole":{}}}}"#;
+
+/// Untimed REST requests before the timed ones (connection setup).
+const REST_WARMUP: u32 = 10;
 
 /// Bound on one round (election + write).
 const ROUND_LIMIT: Duration = Duration::from_secs(30);
@@ -205,6 +294,94 @@ struct Bench {
     http: reqwest::Client,
     /// The long job's id.
     long_job: Option<String>,
+    /// TLS and credentials of a `--secure` run.
+    secure: Option<Secure>,
+}
+
+/// A `--secure` run's certificates and secrets, as each process and the
+/// bench's own client take them.
+struct Secure {
+    /// Every process: NATS TLS with a client certificate, and a password.
+    all: Vec<(&'static str, String)>,
+    /// JobManagers: HTTPS with tokens; gRPC client certificate.
+    jm: Vec<(&'static str, String)>,
+    /// TaskManagers: gRPC server certificate.
+    tm: Vec<(&'static str, String)>,
+    ca_pem: Vec<u8>,
+    token: String,
+}
+
+/// The name every TaskManager certificate of a secure run carries.
+const TM_NAME: &str = "taskmanager.bench.ferry";
+
+impl Secure {
+    /// Makes a CA and a certificate per link in `dir`, the NATS password
+    /// and the API token; the `nats-server` configuration that requires
+    /// them is the second value.
+    fn create(dir: &std::path::Path) -> anyhow::Result<(Self, String)> {
+        use ferry_testkit::pki::Pki;
+        let pki = Pki::new(dir, "bench");
+        let nats = pki.issue("nats", &["127.0.0.1", "localhost"]);
+        let client = pki.issue("nats-client", &["ferry"]);
+        let api = pki.issue("api", &["127.0.0.1", "localhost"]);
+        let jm = pki.issue("grpc-jobmanager", &["jobmanager.bench.ferry"]);
+        let tm = pki.issue("grpc-taskmanager", &[TM_NAME]);
+        let secret = |name: &str| -> String {
+            format!(
+                "{name}-{}-{}",
+                std::process::id(),
+                uuid::Uuid::new_v4().simple()
+            )
+        };
+        let password = secret("nats");
+        let token = secret("token");
+        let password_file = dir.join("nats-password");
+        std::fs::write(&password_file, &password)?;
+        let tokens = dir.join("tokens.yaml");
+        std::fs::write(
+            &tokens,
+            format!("tokens:\n  - {{name: bench, token: {token}, roles: ['*:admin']}}\n"),
+        )?;
+        let p = |p: &std::path::Path| p.display().to_string();
+        let ca = pki.ca_file();
+        let nats_conf = format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: true\n}}\nauthorization {{\n  users = [ {{ user: ferry, password: \"{password}\" }} ]\n}}\n",
+            p(&nats.cert),
+            p(&nats.key),
+            p(&ca)
+        );
+        let grpc = |leaf: &ferry_testkit::pki::Leaf| {
+            vec![
+                ("FERRY_TLS_GRPC_CERT_FILE", p(&leaf.cert)),
+                ("FERRY_TLS_GRPC_KEY_FILE", p(&leaf.key)),
+                ("FERRY_TLS_GRPC_CA_FILE", p(&ca)),
+                ("FERRY_TLS_GRPC_SERVER_NAME", TM_NAME.to_string()),
+            ]
+        };
+        let mut jm_env = vec![
+            ("FERRY_TLS_API_CERT_FILE", p(&api.cert)),
+            ("FERRY_TLS_API_KEY_FILE", p(&api.key)),
+            ("FERRY_TLS_API_CA_FILE", p(&ca)),
+            ("FERRY_API_AUTH_TOKENS_FILE", p(&tokens)),
+        ];
+        jm_env.extend(grpc(&jm));
+        Ok((
+            Self {
+                all: vec![
+                    ("FERRY_NATS_USER", "ferry".to_string()),
+                    ("FERRY_NATS_PASSWORD_FILE", p(&password_file)),
+                    ("FERRY_NATS_TLS_CA_FILE", p(&ca)),
+                    ("FERRY_NATS_TLS_CERT_FILE", p(&client.cert)),
+                    ("FERRY_NATS_TLS_KEY_FILE", p(&client.key)),
+                ],
+                jm: jm_env,
+                tm: grpc(&tm),
+                ca_pem: std::fs::read(&ca)?,
+                token,
+            },
+            nats_conf,
+        ))
+    }
 }
 
 impl Bench {
@@ -220,6 +397,13 @@ impl Bench {
                 format!("file://{}", self.dir.join("store").display()),
             ),
         ];
+        if let Some(s) = &self.secure {
+            all.extend(s.all.iter().cloned());
+            all.extend(match role {
+                "jobmanager" => s.jm.iter().cloned(),
+                _ => s.tm.iter().cloned(),
+            });
+        }
         all.extend_from_slice(env);
         spawn_ferry(&self.ferry, role, &all, &self.dir.join(format!("{id}.log")))
     }
@@ -239,7 +423,12 @@ impl Bench {
                 ("FERRY_HA_RENEW_DEADLINE", deadline),
             ],
         )?;
-        let api = Client::local(&format!("http://127.0.0.1:{port}"))?;
+        let api = match &self.secure {
+            None => Client::local(&format!("http://127.0.0.1:{port}"))?,
+            Some(s) => Client::local(&format!("https://127.0.0.1:{port}"))?
+                .with_ca_cert(&s.ca_pem)?
+                .with_token(&s.token),
+        };
         self.jms[i] = Some(Jm {
             proc: Proc { child, port },
             api,
@@ -414,6 +603,61 @@ impl Bench {
         Ok((took, checkpoint))
     }
 
+    /// `n` requests `GET /v1/jobs/{long job}` (`GET /v1/jobs` without
+    /// one) to the leader, one after another; their times in ms,
+    /// ascending.
+    async fn rest_latencies(&self, leader: usize, n: u32) -> anyhow::Result<Vec<f64>> {
+        let c = self
+            .api(leader, Duration::from_secs(5))
+            .expect("leader runs");
+        let mut out = Vec::with_capacity(n as usize);
+        // Untimed: the connection's setup (and its TLS handshake) is
+        // measured by `new_connection_latencies`.
+        for i in 0..n + REST_WARMUP {
+            let t0 = Instant::now();
+            let status = match &self.long_job {
+                Some(id) => c.job(id).await.map(|a| a.status),
+                None => c.jobs().await.map(|a| a.status),
+            };
+            match status {
+                Ok(ferry_client::StatusCode::OK) => {}
+                Ok(s) => bail!("a timed REST request answered {s}"),
+                Err(e) => bail!("a timed REST request failed: {e}"),
+            }
+            if i >= REST_WARMUP {
+                out.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        out.sort_by(f64::total_cmp);
+        Ok(out)
+    }
+
+    /// `n` requests `GET /v1/jobs` to the leader, each from a new client
+    /// (a new connection, with its TLS handshake in a secure run), as a
+    /// CLI invocation makes them; their times in ms, ascending.
+    async fn new_connection_latencies(&self, leader: usize, n: u32) -> anyhow::Result<Vec<f64>> {
+        let port = self.jms[leader].as_ref().expect("leader runs").proc.port;
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let c = match &self.secure {
+                None => Client::local(&format!("http://127.0.0.1:{port}"))?,
+                Some(s) => Client::local(&format!("https://127.0.0.1:{port}"))?
+                    .with_ca_cert(&s.ca_pem)?
+                    .with_token(&s.token),
+            }
+            .with_timeout(Duration::from_secs(5));
+            match c.jobs().await.map(|a| a.status) {
+                Ok(ferry_client::StatusCode::OK) => {}
+                Ok(s) => bail!("a timed REST request answered {s}"),
+                Err(e) => bail!("a timed REST request failed: {e}"),
+            }
+            out.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        out.sort_by(f64::total_cmp);
+        Ok(out)
+    }
+
     async fn submit_long(&self, leader: usize) -> anyhow::Result<String> {
         let c = self
             .api(leader, Duration::from_secs(5))
@@ -445,7 +689,14 @@ pub async fn run(
         std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
     });
     std::fs::create_dir_all(&tmp)?;
-    let nats = start_nats(&tmp.join("nats"))?;
+    let (secure, nats_conf) = match a.secure {
+        true => {
+            let (s, conf) = Secure::create(&tmp.join("pki"))?;
+            (Some(s), conf)
+        }
+        false => (None, String::new()),
+    };
+    let nats = start_nats_with(&tmp.join("nats"), &nats_conf)?;
     let nats_port = nats.port;
     let mut b = Bench {
         ferry: a.ferry.clone(),
@@ -456,6 +707,7 @@ pub async fn run(
         tms: Vec::new(),
         http: reqwest::Client::builder().no_proxy().build()?,
         long_job: None,
+        secure,
     };
     for i in 0..3 {
         b.start_jm(i)?;
@@ -475,6 +727,16 @@ pub async fn run(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    let (rest, rest_new) = match a.rest_requests {
+        0 => (Vec::new(), Vec::new()),
+        n => {
+            let leader = b.settled().await?;
+            (
+                b.rest_latencies(leader, n).await?,
+                b.new_connection_latencies(leader, n.div_ceil(5)).await?,
+            )
+        }
+    };
     let mut kills = Vec::new();
     let mut handoffs = Vec::new();
     let mut kill_cps = Vec::new();
@@ -554,6 +816,9 @@ pub async fn run(
     handoff_cps.sort_by(f64::total_cmp);
     Ok(FailoverReport {
         lease_ttl: a.lease_ttl.clone(),
+        secure: a.secure,
+        rest_ms: Timings::of(rest),
+        rest_new_connection_ms: Timings::of(rest_new),
         sigkill_ms: Timings::of(kills),
         graceful_ms: Timings::of(handoffs),
         next_checkpoint_after_sigkill_ms: Stats::of(&kill_cps),

@@ -97,7 +97,16 @@ pub fn start_cluster(
 /// free loopback port with its config and store under `dir`, output
 /// discarded, and waits (up to 10 s) until it accepts clients.
 pub fn start_nats(dir: &Path) -> anyhow::Result<NatsProcess> {
-    let config = NatsConfig::new(try_free_port()?, dir.join("js"));
+    start_nats_with(dir, "")
+}
+
+/// [`start_nats`] with `extra` appended to its configuration (`tls`,
+/// `authorization` blocks).
+pub fn start_nats_with(dir: &Path, extra: &str) -> anyhow::Result<NatsProcess> {
+    let config = NatsConfig {
+        extra: extra.to_string(),
+        ..NatsConfig::new(try_free_port()?, dir.join("js"))
+    };
     Ok(NatsStarter::new(find_nats_server()?)
         .with_listen_limit(Duration::from_secs(10))
         .start("nats-server", &dir.join("nats.conf"), &config)?)

@@ -78,6 +78,18 @@ pub struct FailoverArgs {
     /// removed at the end, by default).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Run every link over TLS with authentication (NATS: TLS, client
+    /// certificate and password; REST: HTTPS and a bearer token; gRPC:
+    /// mutual TLS), with certificates made for the run.
+    #[arg(long, conflicts_with = "compare_secure")]
+    pub secure: bool,
+    /// Run the benchmark twice in one go, plaintext then `--secure`, and
+    /// compare the p99s.
+    #[arg(long)]
+    pub compare_secure: bool,
+    /// REST requests (`GET /v1/jobs/{id}`) to time on the leader.
+    #[arg(long, default_value_t = 500)]
+    pub rest_requests: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -182,39 +194,81 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
-    let opts = FailoverOptions {
-        ferry: std::env::current_exe()?,
-        kills: a.kills,
-        handoffs: a.handoffs,
-        idle_seconds: a.idle_seconds,
-        taskmanagers: a.taskmanagers,
-        lease_ttl: a.lease_ttl.clone(),
-        work_dir: a.work_dir.clone(),
+    let modes: &[bool] = match (a.secure, a.compare_secure) {
+        (_, true) => &[false, true],
+        (secure, false) => {
+            if secure {
+                &[true]
+            } else {
+                &[false]
+            }
+        }
     };
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let r = current_thread()?.block_on(ferry_lab::failover::run(&opts, |p| match p {
-        ferry_lab::failover::Progress::Started => eprintln!(
-            "failover benchmark: 3 JobManagers, {} TaskManagers, nats-server on loopback, lease ttl {}; {} SIGKILLs, {} graceful handoffs",
-            a.taskmanagers, a.lease_ttl, a.kills, a.handoffs
-        ),
-        ferry_lab::failover::Progress::Round {
-            handoff,
-            n,
-            write,
-            checkpoint,
-        } => eprintln!(
-            "  {} {n:>2}: new leader accepted a write after {:>6.1} ms{}",
-            if handoff { "handoff" } else { "kill" },
-            ms(write),
-            checkpoint
-                .map(|c| format!(
-                    "; the running job's next checkpoint after {:>6.1} ms",
-                    ms(c)
-                ))
-                .unwrap_or_default()
-        ),
-    }))?;
-    print_report(a.json, &r, |r| r.markdown(a.idle_seconds))
+    let mut reports = Vec::new();
+    for &secure in modes {
+        let opts = FailoverOptions {
+            ferry: std::env::current_exe()?,
+            kills: a.kills,
+            handoffs: a.handoffs,
+            idle_seconds: a.idle_seconds,
+            taskmanagers: a.taskmanagers,
+            lease_ttl: a.lease_ttl.clone(),
+            work_dir: a
+                .work_dir
+                .as_ref()
+                .map(|d| d.join(if secure { "secure" } else { "plaintext" })),
+            secure,
+            rest_requests: a.rest_requests,
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let r = current_thread()?.block_on(ferry_lab::failover::run(&opts, |p| match p {
+            ferry_lab::failover::Progress::Started => eprintln!(
+                "failover benchmark ({}): 3 JobManagers, {} TaskManagers, nats-server on loopback, lease ttl {}; {} REST requests, {} SIGKILLs, {} graceful handoffs",
+                if secure { "TLS + authentication on every link" } else { "plaintext" },
+                a.taskmanagers,
+                a.lease_ttl,
+                a.rest_requests,
+                a.kills,
+                a.handoffs
+            ),
+            ferry_lab::failover::Progress::Round {
+                handoff,
+                n,
+                write,
+                checkpoint,
+            } => eprintln!(
+                "  {} {n:>2}: new leader accepted a write after {:>6.1} ms{}",
+                if handoff { "handoff" } else { "kill" },
+                ms(write),
+                checkpoint
+                    .map(|c| format!(
+                        "; the running job's next checkpoint after {:>6.1} ms",
+                        ms(c)
+                    ))
+                    .unwrap_or_default()
+            ),
+        }))?;
+        reports.push(r);
+    }
+    match &reports[..] {
+        [r] => print_report(a.json, r, |r| r.markdown(a.idle_seconds)),
+        [plain, secure] => {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"plaintext": plain, "secure": secure})
+                    )?
+                );
+            } else {
+                println!("{}", plain.markdown(a.idle_seconds));
+                println!("{}", secure.markdown(a.idle_seconds));
+                println!("{}", ferry_lab::failover::compare(plain, secure));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => unreachable!("one or two modes"),
+    }
 }
 
 fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
