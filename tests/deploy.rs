@@ -1,8 +1,10 @@
 //! The deployment artifacts under `deploy/`, checked with the real tools
 //! that `scripts/test.sh` installs: every Kubernetes overlay renders with
-//! kustomize and validates against the Kubernetes schemas (offline), its
-//! settings load with Ferry's own config loader, the NATS values keep every
-//! write on disk, the Dockerfile passes hadolint and builds with CI's
+//! kustomize and validates against the Kubernetes schemas (offline; the
+//! cert-manager objects, which those schemas do not cover, against the
+//! fields of cert-manager's v1 CRDs here), its settings load with Ferry's
+//! own config loader, the NATS values keep every write on disk, the
+//! Dockerfile passes hadolint and builds with CI's
 //! build step, and the alert rules pass `promtool check` and their unit
 //! tests.
 
@@ -39,6 +41,33 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
     docs.iter()
         .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+/// Whether a cert-manager object (`cert-manager.io/...`), which the
+/// Kubernetes schemas do not cover.
+fn is_cert_manager(doc: &Value) -> bool {
+    doc["apiVersion"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("cert-manager.io/"))
+}
+
+/// Documents as one multi-document YAML text.
+fn to_yaml(docs: &[&Value]) -> String {
+    docs.iter()
+        .map(|d| serde_yaml_ng::to_string(d).expect("YAML"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// `kubernetes-validate --strict` of every object that is not cert-manager's;
+/// its output.
+fn validate_core(docs: &[Value]) -> std::process::Output {
+    let core: Vec<&Value> = docs.iter().filter(|d| !is_cert_manager(d)).collect();
+    let file = temp_file(&to_yaml(&core), ".yaml");
+    run(
+        "kubernetes-validate",
+        &["--strict", file.path().to_str().unwrap()],
+    )
 }
 
 fn config_map(docs: &[Value]) -> BTreeMap<String, String> {
@@ -95,17 +124,34 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
             .iter()
             .map(|d| d["kind"].as_str().unwrap_or("?").to_string())
             .collect();
-        for k in ["Deployment", "Service", "ConfigMap", "PodDisruptionBudget"] {
+        for k in [
+            "Deployment",
+            "Service",
+            "ConfigMap",
+            "PodDisruptionBudget",
+            "Certificate",
+            "ClusterIssuer",
+        ] {
             assert!(kinds.contains(k), "{region}: no {k} rendered ({kinds:?})");
         }
-        let file = temp_file(&rendered, ".yaml");
-        let path = file.path().to_str().unwrap();
-        // --strict: unknown fields are errors, not warnings.
-        let out = run_ok("kubernetes-validate", &["--strict", path]);
-        assert!(
-            !out.contains("ERROR") && !out.contains("WARN"),
-            "{region}: {out}"
+        let docs = yaml_docs(&rendered);
+        // --strict: unknown fields are errors, not warnings. An object of
+        // an API the tool has no schema for is a warning, and fails here:
+        // only cert-manager's are taken out, and checked below instead.
+        let out = validate_core(&docs);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
+        assert!(out.status.success(), "{region}: {text}");
+        assert!(
+            !text.contains("ERROR") && !text.contains("WARN"),
+            "{region}: {text}"
+        );
+        for d in docs.iter().filter(|d| is_cert_manager(d)) {
+            check_cert_manager(d).unwrap_or_else(|e| panic!("{region}: {e}"));
+        }
     }
 }
 
@@ -122,12 +168,404 @@ fn kubernetes_validate_rejects_a_broken_object() {
     ] {
         let broken = rendered.replacen(from, to, 1);
         assert_ne!(broken, rendered, "{from} not in the rendered objects");
-        let file = temp_file(&broken, ".yaml");
-        let out = run(
-            "kubernetes-validate",
-            &["--strict", file.path().to_str().unwrap()],
-        );
+        let out = validate_core(&yaml_docs(&broken));
         assert!(!out.status.success(), "{to} passed validation");
+    }
+}
+
+#[test]
+fn the_cert_manager_check_rejects_a_broken_object() {
+    let docs = yaml_docs(&render(&overlays()[0]));
+    let cert = find(&docs, "Certificate", "ferry-jobmanager-api");
+    let issuer = find(&docs, "ClusterIssuer", "ferry-region-ca");
+    check_cert_manager(cert).unwrap();
+    check_cert_manager(issuer).unwrap();
+    let broken = |doc: &Value, edit: &dyn Fn(&mut Value)| {
+        let mut d = doc.clone();
+        edit(&mut d);
+        check_cert_manager(&d)
+    };
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, &Value, Edit)> = vec![
+        (
+            "no secretName",
+            cert,
+            Box::new(|d| {
+                d["spec"].as_object_mut().unwrap().remove("secretName");
+            }),
+        ),
+        (
+            "a typo in a field",
+            cert,
+            Box::new(|d| {
+                let v = d["spec"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("dnsNames")
+                    .unwrap();
+                d["spec"]["dnsName"] = v;
+            }),
+        ),
+        (
+            "an unknown usage",
+            cert,
+            Box::new(|d| d["spec"]["usages"][0] = "server-auth".into()),
+        ),
+        (
+            "a wildcard inside a name",
+            cert,
+            Box::new(|d| d["spec"]["dnsNames"][0] = "ferry.*.svc".into()),
+        ),
+        (
+            "renewBefore longer than the duration",
+            cert,
+            Box::new(|d| d["spec"]["renewBefore"] = "3000h".into()),
+        ),
+        (
+            "an issuer kind cert-manager does not have",
+            cert,
+            Box::new(|d| d["spec"]["issuerRef"]["kind"] = "CA".into()),
+        ),
+        (
+            "a key size ECDSA does not have",
+            cert,
+            Box::new(|d| d["spec"]["privateKey"]["size"] = 2048.into()),
+        ),
+        (
+            "two issuer types",
+            issuer,
+            Box::new(|d| d["spec"]["selfSigned"] = serde_json::json!({})),
+        ),
+        (
+            "a ClusterIssuer in a namespace",
+            issuer,
+            Box::new(|d| d["metadata"]["namespace"] = "ferry".into()),
+        ),
+        (
+            "another apiVersion",
+            issuer,
+            Box::new(|d| d["apiVersion"] = "cert-manager.io/v1alpha2".into()),
+        ),
+    ];
+    for (what, doc, edit) in cases {
+        assert!(
+            broken(doc, &*edit).is_err(),
+            "{what}: the cert-manager check accepted it"
+        );
+    }
+}
+
+/// Fields of `spec` of a cert-manager.io/v1 Certificate (its CRD).
+const CERTIFICATE_SPEC: &[&str] = &[
+    "additionalOutputFormats",
+    "commonName",
+    "dnsNames",
+    "duration",
+    "emailAddresses",
+    "encodeUsagesInRequest",
+    "ipAddresses",
+    "isCA",
+    "issuerRef",
+    "keystores",
+    "literalSubject",
+    "nameConstraints",
+    "otherNames",
+    "privateKey",
+    "renewBefore",
+    "renewBeforePercentage",
+    "revisionHistoryLimit",
+    "secretName",
+    "secretTemplate",
+    "signatureAlgorithm",
+    "subject",
+    "uris",
+    "usages",
+];
+
+/// The values `usages` may take (cert-manager's KeyUsage).
+const USAGES: &[&str] = &[
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
+];
+
+/// The issuer types of an Issuer or ClusterIssuer, and the fields of the
+/// two used here.
+const ISSUER_TYPES: &[&str] = &["acme", "ca", "selfSigned", "vault", "venafi"];
+const CA_ISSUER: &[&str] = &[
+    "secretName",
+    "crlDistributionPoints",
+    "issuingCertificateURLs",
+    "ocspServers",
+];
+
+/// A Go duration as cert-manager reads it (`2160h`, `1h30m`, `90s`).
+fn go_duration(s: &str) -> Option<std::time::Duration> {
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|&i| i > 0)?;
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let u = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..u] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return None,
+        };
+        total += value * unit;
+        rest = &rest[u..];
+    }
+    Some(std::time::Duration::from_secs_f64(total))
+}
+
+/// Whether `name` is a DNS name a certificate may carry: labels of
+/// letters, digits and `-`, a wildcard only as the whole first label.
+fn is_dns_name(name: &str) -> bool {
+    let labels: Vec<&str> = name.split('.').collect();
+    labels.iter().enumerate().all(|(i, l)| {
+        (i == 0 && *l == "*" && labels.len() > 2)
+            || (!l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-'))
+    })
+}
+
+/// Checks a cert-manager object the way cert-manager's CRD schemas and
+/// webhook would: known fields only, the required ones present, values
+/// from their enums. Any other kind of cert-manager.io is an error: there
+/// is no check for it here.
+fn check_cert_manager(d: &Value) -> Result<(), String> {
+    let kind = d["kind"].as_str().unwrap_or("?");
+    let name = d["metadata"]["name"].as_str().unwrap_or("?");
+    let at = format!("{kind} {name}");
+    if d["apiVersion"] != "cert-manager.io/v1" {
+        return Err(format!(
+            "{at}: apiVersion {} is not cert-manager.io/v1",
+            d["apiVersion"]
+        ));
+    }
+    let spec = d["spec"]
+        .as_object()
+        .ok_or_else(|| format!("{at}: no spec"))?;
+    let unknown = |allowed: &[&str], obj: &serde_json::Map<String, Value>, what: &str| match obj
+        .keys()
+        .find(|k| !allowed.contains(&k.as_str()))
+    {
+        Some(k) => Err(format!("{at}: unknown field {what}.{k}")),
+        None => Ok(()),
+    };
+    let namespaced = d["metadata"]["namespace"].is_string();
+    match kind {
+        "Certificate" => {
+            if !namespaced {
+                return Err(format!("{at}: a Certificate lives in a namespace"));
+            }
+            unknown(CERTIFICATE_SPEC, spec, "spec")?;
+            if spec
+                .get("secretName")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return Err(format!("{at}: spec.secretName is required"));
+            }
+            let issuer = spec
+                .get("issuerRef")
+                .and_then(Value::as_object)
+                .ok_or_else(|| format!("{at}: spec.issuerRef is required"))?;
+            unknown(&["name", "kind", "group"], issuer, "spec.issuerRef")?;
+            if !issuer.get("name").is_some_and(Value::is_string) {
+                return Err(format!("{at}: spec.issuerRef.name is required"));
+            }
+            if let Some(k) = issuer.get("kind")
+                && k != "Issuer"
+                && k != "ClusterIssuer"
+            {
+                return Err(format!(
+                    "{at}: spec.issuerRef.kind {k} is not Issuer or ClusterIssuer"
+                ));
+            }
+            if let Some(g) = issuer.get("group")
+                && g != "cert-manager.io"
+            {
+                return Err(format!(
+                    "{at}: spec.issuerRef.group {g} (this deployment uses cert-manager.io issuers)"
+                ));
+            }
+            let identities = [
+                "commonName",
+                "literalSubject",
+                "dnsNames",
+                "ipAddresses",
+                "uris",
+                "emailAddresses",
+                "otherNames",
+            ];
+            if !identities.iter().any(|k| spec.contains_key(*k)) {
+                return Err(format!("{at}: names nothing (one of {identities:?})"));
+            }
+            for list in [
+                "dnsNames",
+                "ipAddresses",
+                "uris",
+                "emailAddresses",
+                "usages",
+            ] {
+                if let Some(v) = spec.get(list)
+                    && !v
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty() && a.iter().all(Value::is_string))
+                {
+                    return Err(format!("{at}: spec.{list} must be a list of strings"));
+                }
+            }
+            for n in spec
+                .get("dnsNames")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let n = n.as_str().unwrap();
+                if !is_dns_name(n) {
+                    return Err(format!("{at}: {n} is not a DNS name"));
+                }
+            }
+            for u in spec
+                .get("usages")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if !USAGES.contains(&u.as_str().unwrap()) {
+                    return Err(format!("{at}: usage {u} is not one of cert-manager's"));
+                }
+            }
+            if let Some(v) = spec.get("isCA")
+                && !v.is_boolean()
+            {
+                return Err(format!("{at}: spec.isCA must be true or false"));
+            }
+            if let Some(pk) = spec.get("privateKey") {
+                let pk = pk
+                    .as_object()
+                    .ok_or_else(|| format!("{at}: spec.privateKey must be an object"))?;
+                unknown(
+                    &["algorithm", "encoding", "rotationPolicy", "size"],
+                    pk,
+                    "spec.privateKey",
+                )?;
+                let algorithm = pk.get("algorithm").and_then(Value::as_str).unwrap_or("RSA");
+                let sizes: &[u64] = match algorithm {
+                    "RSA" => &[2048, 4096, 8192],
+                    "ECDSA" => &[256, 384, 521],
+                    "Ed25519" => &[],
+                    a => return Err(format!("{at}: privateKey.algorithm {a}")),
+                };
+                if let Some(size) = pk.get("size")
+                    && algorithm != "Ed25519"
+                    && !size.as_u64().is_some_and(|s| sizes.contains(&s))
+                {
+                    return Err(format!("{at}: privateKey.size {size} for {algorithm}"));
+                }
+                for (field, allowed) in [
+                    ("encoding", &["PKCS1", "PKCS8"][..]),
+                    ("rotationPolicy", &["Never", "Always"][..]),
+                ] {
+                    if let Some(v) = pk.get(field)
+                        && !v.as_str().is_some_and(|v| allowed.contains(&v))
+                    {
+                        return Err(format!(
+                            "{at}: privateKey.{field} {v} is not one of {allowed:?}"
+                        ));
+                    }
+                }
+            }
+            let duration = |field: &str, default: std::time::Duration| match spec.get(field) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_str()
+                    .and_then(go_duration)
+                    .ok_or_else(|| format!("{at}: spec.{field} {v} is not a duration")),
+            };
+            let lifetime = duration("duration", std::time::Duration::from_secs(90 * 86400))?;
+            if lifetime < std::time::Duration::from_secs(3600) {
+                return Err(format!(
+                    "{at}: spec.duration is below cert-manager's minimum of 1h"
+                ));
+            }
+            if spec.contains_key("renewBefore") {
+                let before = duration("renewBefore", lifetime)?;
+                if before < std::time::Duration::from_secs(300) || before >= lifetime {
+                    return Err(format!(
+                        "{at}: spec.renewBefore must be at least 5m and below spec.duration"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        "ClusterIssuer" | "Issuer" => {
+            if namespaced != (kind == "Issuer") {
+                return Err(format!(
+                    "{at}: an Issuer lives in a namespace, a ClusterIssuer in none"
+                ));
+            }
+            unknown(ISSUER_TYPES, spec, "spec")?;
+            if spec.len() != 1 {
+                return Err(format!(
+                    "{at}: give exactly one issuer type of {ISSUER_TYPES:?}"
+                ));
+            }
+            if let Some(ca) = spec.get("ca") {
+                let ca = ca
+                    .as_object()
+                    .ok_or_else(|| format!("{at}: spec.ca must be an object"))?;
+                unknown(CA_ISSUER, ca, "spec.ca")?;
+                if !ca.get("secretName").is_some_and(Value::is_string) {
+                    return Err(format!("{at}: spec.ca.secretName is required"));
+                }
+            }
+            if let Some(ss) = spec.get("selfSigned") {
+                let ss = ss
+                    .as_object()
+                    .ok_or_else(|| format!("{at}: spec.selfSigned must be an object"))?;
+                unknown(&["crlDistributionPoints"], ss, "spec.selfSigned")?;
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "{at}: no check for cert-manager kind {other}; add one to tests/deploy.rs"
+        )),
     }
 }
 
