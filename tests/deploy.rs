@@ -4,7 +4,8 @@
 //! cert-manager objects, which those schemas do not cover, against the
 //! fields of cert-manager's v1 CRDs here), its settings load with Ferry's
 //! own config loader, every link is TLS with certificates that name what
-//! is dialled, secrets come from mounted Secrets only, the NATS values keep
+//! is dialled, secrets come from mounted Secrets only, NetworkPolicies let
+//! only JobManagers reach a TaskManager's gRPC port, the NATS values keep
 //! every write on disk and require TLS and a password (checked against a
 //! real nats-server), the Dockerfile passes hadolint and builds with CI's
 //! build step, and the alert rules pass `promtool check` and their unit
@@ -165,6 +166,7 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
             "Service",
             "ConfigMap",
             "PodDisruptionBudget",
+            "NetworkPolicy",
             "Certificate",
             "ClusterIssuer",
         ] {
@@ -893,6 +895,215 @@ fn selects(selector: &Value, labels: &Value) -> bool {
         .into_iter()
         .flatten()
         .all(|(k, v)| &labels[k] == v)
+}
+
+/// Who may open a TCP connection to `port` of a pod labelled `labels`
+/// (its `container` resolves named ports), by the rendered
+/// NetworkPolicies of its namespace: `None` when no policy isolates the
+/// pod for ingress (anyone may), else the `from` peers of every rule that
+/// admits the port, a rule without `from` as one `{}` peer (anyone).
+fn ingress_peers(
+    docs: &[Value],
+    labels: &Value,
+    container: &Value,
+    port: u64,
+) -> Option<Vec<Value>> {
+    let policies: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy" && selects(&d["spec"]["podSelector"], labels))
+        .filter(|d| {
+            let types = &d["spec"]["policyTypes"];
+            // Without policyTypes a policy is an ingress policy.
+            types.is_null() || types.as_array().unwrap().iter().any(|t| t == "Ingress")
+        })
+        .collect();
+    if policies.is_empty() {
+        return None;
+    }
+    let mut peers = Vec::new();
+    for p in policies {
+        for rule in p["spec"]["ingress"].as_array().into_iter().flatten() {
+            let admits = match rule["ports"].as_array() {
+                None => true,
+                Some(ports) if ports.is_empty() => true,
+                Some(ports) => ports.iter().any(|pp| {
+                    let tcp = pp["protocol"].is_null() || pp["protocol"] == "TCP";
+                    let hit = match &pp["port"] {
+                        Value::Null => true,
+                        v @ Value::String(_) => {
+                            container["ports"].is_array() && container_port(container, v) == port
+                        }
+                        v => {
+                            let from = v.as_u64().unwrap();
+                            let to = pp["endPort"].as_u64().unwrap_or(from);
+                            (from..=to).contains(&port)
+                        }
+                    };
+                    tcp && hit
+                }),
+            };
+            if !admits {
+                continue;
+            }
+            match rule["from"].as_array() {
+                Some(from) if !from.is_empty() => peers.extend(from.iter().cloned()),
+                _ => peers.push(serde_json::json!({})),
+            }
+        }
+    }
+    Some(peers)
+}
+
+/// What the NetworkPolicies of a rendered region must hold: only pods of
+/// the namespace that are JobManagers reach a TaskManager's gRPC port,
+/// only labelled namespaces its metrics port, clients the JobManagers'
+/// API, and nothing reaches anything else.
+fn check_network_policies(docs: &[Value]) -> Result<(), String> {
+    let jm = workload(docs, JOBMANAGER);
+    let tm = workload(docs, TASKMANAGER);
+    let (jm_labels, tm_labels) = (pod_labels(jm), pod_labels(tm));
+    let tm_c = &pod_spec(tm)["containers"][0];
+    let jm_c = &pod_spec(jm)["containers"][0];
+    let tm_env = container_env(docs, TASKMANAGER);
+    let grpc = listen_port(&tm_env["FERRY_TASKMANAGER_LISTEN"]);
+    let http = listen_port(&tm_env["FERRY_TASKMANAGER_HTTP_LISTEN"]);
+    let api = listen_port(&container_env(docs, JOBMANAGER)["FERRY_API_LISTEN"]);
+
+    // gRPC: pods of this namespace that are JobManagers, and no others.
+    let peers = ingress_peers(docs, tm_labels, tm_c, grpc)
+        .ok_or("no NetworkPolicy isolates the TaskManagers")?;
+    if peers.is_empty() {
+        return Err(format!(
+            "nothing may reach the TaskManagers' gRPC port {grpc}"
+        ));
+    }
+    for peer in &peers {
+        let keys: Vec<&String> = peer.as_object().unwrap().keys().collect();
+        if keys != ["podSelector"] {
+            return Err(format!(
+                "{peer} may reach port {grpc}: only a podSelector of this namespace may"
+            ));
+        }
+        let sel = &peer["podSelector"];
+        if !selects(sel, jm_labels)
+            || selects(sel, tm_labels)
+            || sel["matchLabels"]["app.kubernetes.io/component"] != "jobmanager"
+        {
+            return Err(format!(
+                "{sel} admits more than the JobManagers to port {grpc}"
+            ));
+        }
+    }
+    // Probes and metrics: Prometheus' namespace, by its label.
+    let peers = ingress_peers(docs, tm_labels, tm_c, http).unwrap_or_default();
+    if peers.is_empty() {
+        return Err(format!("Prometheus cannot reach port {http}"));
+    }
+    for peer in &peers {
+        let labelled = peer["namespaceSelector"]["matchLabels"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty());
+        if !labelled || !peer["ipBlock"].is_null() {
+            return Err(format!(
+                "{peer} may reach port {http}: only labelled namespaces should"
+            ));
+        }
+    }
+    // The REST API: clients.
+    if ingress_peers(docs, jm_labels, jm_c, api).is_some_and(|p| p.is_empty()) {
+        return Err(format!("nothing may reach the API port {api}"));
+    }
+    // Everything else is denied, on Ferry's pods and on any other pod of
+    // the namespace.
+    let stranger = serde_json::json!({"app": "something-else"});
+    for (what, labels, c, port) in [
+        ("a TaskManager", tm_labels, tm_c, api),
+        ("a JobManager", jm_labels, jm_c, grpc),
+        ("a JobManager", jm_labels, jm_c, http),
+        ("another pod", &stranger, &Value::Null, 80),
+    ] {
+        if ingress_peers(docs, labels, c, port) != Some(vec![]) {
+            return Err(format!("port {port} of {what} is not denied"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn only_jobmanagers_reach_a_taskmanagers_grpc_port() {
+    for region in overlays() {
+        let docs = yaml_docs(&render(&region));
+        check_network_policies(&docs).unwrap_or_else(|e| panic!("{region}: {e}"));
+    }
+}
+
+#[test]
+fn the_network_policy_check_catches_an_open_port() {
+    let docs = yaml_docs(&render(&overlays()[0]));
+    check_network_policies(&docs).unwrap();
+    let policy = |docs: &mut Vec<Value>, name: &str, edit: &dyn Fn(&mut Value)| {
+        for d in docs
+            .iter_mut()
+            .filter(|d| d["kind"] == "NetworkPolicy" && d["metadata"]["name"] == name)
+        {
+            edit(d);
+        }
+    };
+    type Edit<'a> = Box<dyn Fn(&mut Vec<Value>) + 'a>;
+    let cases: Vec<(&str, Edit<'_>)> = vec![
+        (
+            "gRPC open to every Ferry pod",
+            Box::new(|d| {
+                policy(d, "ferry-taskmanager-grpc", &|p| {
+                    p["spec"]["ingress"][0]["from"][0]["podSelector"] =
+                        serde_json::json!({"matchLabels": {"app.kubernetes.io/name": "ferry"}})
+                })
+            }),
+        ),
+        (
+            "gRPC open to JobManagers of any namespace",
+            Box::new(|d| {
+                policy(d, "ferry-taskmanager-grpc", &|p| {
+                    p["spec"]["ingress"][0]["from"][0]["namespaceSelector"] = serde_json::json!({})
+                })
+            }),
+        ),
+        (
+            "gRPC open to anyone",
+            Box::new(|d| {
+                policy(d, "ferry-taskmanager-grpc", &|p| {
+                    p["spec"]["ingress"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("from");
+                })
+            }),
+        ),
+        (
+            "metrics open to anyone",
+            Box::new(|d| {
+                policy(d, "ferry-taskmanager-metrics", &|p| {
+                    p["spec"]["ingress"][0]["from"] = serde_json::json!([])
+                })
+            }),
+        ),
+        (
+            "no default deny",
+            Box::new(|d| d.retain(|p| p["metadata"]["name"] != "ferry-default-deny-ingress")),
+        ),
+        (
+            "no policies",
+            Box::new(|d| d.retain(|p| p["kind"] != "NetworkPolicy")),
+        ),
+    ];
+    for (what, edit) in cases {
+        let mut broken = docs.clone();
+        edit(&mut broken);
+        assert!(
+            check_network_policies(&broken).is_err(),
+            "{what}: the check passed"
+        );
+    }
 }
 
 /// Whether a certificate name (`*.` only as the first label) covers `host`.
