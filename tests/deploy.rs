@@ -638,6 +638,22 @@ fn each_overlay_names_its_region_nats_and_bucket_and_loads_as_ferry_config() {
                 "{region}: {var} is not a Ferry setting (docs/config.md)"
             );
         }
+        // And those set in the pod specs: the loader only warns about an
+        // unknown one, so a misspelt TLS or password file would leave a
+        // link open or unauthenticated without failing anything.
+        for deployment in [JOBMANAGER, TASKMANAGER] {
+            let c = &pod_spec(workload(&docs, deployment))["containers"][0];
+            for e in c["env"].as_array().unwrap() {
+                let var = e["name"].as_str().unwrap();
+                assert!(
+                    !var.starts_with("FERRY_")
+                        || ferry_core::config::ENV_KEYS
+                            .iter()
+                            .any(|(v, _, _)| *v == var),
+                    "{region} {deployment}: {var} is not a Ferry setting (docs/config.md)"
+                );
+            }
+        }
         // What the processes will see loads with Ferry's config loader and
         // passes its checks (timings, primary, the region's own store).
         for deployment in [JOBMANAGER, TASKMANAGER] {
