@@ -666,14 +666,43 @@ fn each_overlay_names_its_region_nats_and_bucket_and_loads_as_ferry_config() {
                 Some(storage),
                 "{region}: regions.stores names another store for this region"
             );
+            // Secure by default: Ferry refuses a listener beyond loopback
+            // without TLS and authentication unless given --insecure,
+            // which no container here passes (checked below).
+            let role = if deployment == JOBMANAGER {
+                ferry_core::config::ProcessRole::JobManager
+            } else {
+                ferry_core::config::ProcessRole::TaskManager
+            };
+            assert_eq!(
+                cfg.unprotected_listeners(role),
+                Vec::<String>::new(),
+                "{region} {deployment}: would need --insecure"
+            );
             // Every link TLS, every NATS connection with credentials.
             assert!(cfg.tls.grpc.is_some(), "{region} {deployment}: no tls.grpc");
+            assert!(
+                cfg.nats.tls.as_ref().is_some_and(|t| t.ca_file.is_some()
+                    && t.cert_file.is_some()
+                    && t.key_file.is_some()),
+                "{region} {deployment}: no nats.tls with a CA and a client certificate"
+            );
             assert!(
                 cfg.nats.auth.user.is_some() && cfg.nats.auth.password_file.is_some(),
                 "{region} {deployment}: no NATS credentials"
             );
             if deployment == JOBMANAGER {
                 assert!(cfg.tls.api.is_some(), "{region}: no tls.api");
+                assert!(
+                    cfg.regions
+                        .global
+                        .tls
+                        .as_ref()
+                        .is_some_and(|t| t.ca_file.is_some()
+                            && t.cert_file.is_some()
+                            && t.key_file.is_some()),
+                    "{region}: no regions.global.tls with a CA and a client certificate"
+                );
                 let global = &cfg.regions.global.auth;
                 assert!(
                     global.user.is_some() && global.password_file.is_some(),
