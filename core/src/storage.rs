@@ -118,6 +118,23 @@ impl StorageLocation {
             url: url.to_string(),
             reason: format!("unknown store setting {key:?} in its credentials"),
         };
+        // A cloud store's builder: from the environment, or from `own`
+        // settings alone.
+        #[cfg(any(feature = "s3", feature = "gcs", feature = "azure"))]
+        macro_rules! builder {
+            ($b:ty) => {
+                match own {
+                    None => <$b>::from_env(),
+                    Some(settings) => {
+                        let mut b = <$b>::new();
+                        for (k, v) in settings {
+                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
+                        }
+                        b
+                    }
+                }
+            };
+        }
         let store_err = |e: object_store::Error| CoreError::StorageUrl {
             url: url.to_string(),
             reason: e.to_string(),
@@ -141,17 +158,7 @@ impl StorageLocation {
             ),
             #[cfg(feature = "s3")]
             "s3" => {
-                let s3 = match own {
-                    None => object_store::aws::AmazonS3Builder::from_env(),
-                    Some(settings) => {
-                        let mut b = object_store::aws::AmazonS3Builder::new();
-                        for (k, v) in settings {
-                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
-                        }
-                        b
-                    }
-                };
-                let s3 = s3
+                let s3 = builder!(object_store::aws::AmazonS3Builder)
                     .with_bucket_name(&parsed.bucket)
                     .build()
                     .map_err(store_err)?;
@@ -159,17 +166,7 @@ impl StorageLocation {
             }
             #[cfg(feature = "gcs")]
             "gs" => {
-                let gcs = match own {
-                    None => object_store::gcp::GoogleCloudStorageBuilder::from_env(),
-                    Some(settings) => {
-                        let mut b = object_store::gcp::GoogleCloudStorageBuilder::new();
-                        for (k, v) in settings {
-                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
-                        }
-                        b
-                    }
-                };
-                let gcs = gcs
+                let gcs = builder!(object_store::gcp::GoogleCloudStorageBuilder)
                     .with_bucket_name(&parsed.bucket)
                     .build()
                     .map_err(store_err)?;
@@ -177,17 +174,7 @@ impl StorageLocation {
             }
             #[cfg(feature = "azure")]
             "az" | "abfs" => {
-                let az = match own {
-                    None => object_store::azure::MicrosoftAzureBuilder::from_env(),
-                    Some(settings) => {
-                        let mut b = object_store::azure::MicrosoftAzureBuilder::new();
-                        for (k, v) in settings {
-                            b = b.with_config(k.parse().map_err(|_| setting_err(k))?, v);
-                        }
-                        b
-                    }
-                };
-                let az = az
+                let az = builder!(object_store::azure::MicrosoftAzureBuilder)
                     .with_container_name(&parsed.bucket)
                     .build()
                     .map_err(store_err)?;

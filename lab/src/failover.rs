@@ -139,42 +139,30 @@ impl FailoverReport {
         let _ = writeln!(out);
         let _ = writeln!(out, "| leader loss | runs | p50 ms | p99 ms | max ms |");
         let _ = writeln!(out, "|---|---|---|---|---|");
-        let _ = writeln!(
-            out,
-            "| SIGKILL | {} | {:.0} | {:.0} | {:.0} |",
-            k.all.len(),
-            k.p50,
-            k.p99,
-            k.max
-        );
-        let _ = writeln!(
-            out,
-            "| graceful (SIGTERM) | {} | {:.0} | {:.0} | {:.0} |",
-            h.all.len(),
-            h.p50,
-            h.p99,
-            h.max
-        );
-        let q = &r.rest_ms;
-        if !q.all.is_empty() {
+        let mut row = |what: &str, t: &Timings, digits: usize| {
             let _ = writeln!(
                 out,
-                "| REST request on a kept-alive connection (GET /v1/jobs/{{id}}) | {} | {:.1} | {:.1} | {:.1} |",
-                q.all.len(),
-                q.p50,
-                q.p99,
-                q.max
+                "| {what} | {} | {:.digits$} | {:.digits$} | {:.digits$} |",
+                t.all.len(),
+                t.p50,
+                t.p99,
+                t.max
+            );
+        };
+        row("SIGKILL", k, 0);
+        row("graceful (SIGTERM)", h, 0);
+        if !r.rest_ms.all.is_empty() {
+            row(
+                "REST request on a kept-alive connection (GET /v1/jobs/{id})",
+                &r.rest_ms,
+                1,
             );
         }
-        let q = &r.rest_new_connection_ms;
-        if !q.all.is_empty() {
-            let _ = writeln!(
-                out,
-                "| REST request on a new connection (GET /v1/jobs) | {} | {:.1} | {:.1} | {:.1} |",
-                q.all.len(),
-                q.p50,
-                q.p99,
-                q.max
+        if !r.rest_new_connection_ms.all.is_empty() {
+            row(
+                "REST request on a new connection (GET /v1/jobs)",
+                &r.rest_new_connection_ms,
+                1,
             );
         }
         if r.checkpoints_after_sigkill > 0 {
