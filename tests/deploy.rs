@@ -1356,6 +1356,24 @@ fn certificates_name_what_each_link_dials() {
                 .any(|n| name_covers(n, server_name)),
             "{region}: the JobManagers' gRPC certificate could pass for a TaskManager"
         );
+        // And the other way: a TaskManager takes commands only from a
+        // certificate with the JobManagers' name, which its own lacks.
+        let client_name = tm_env
+            .get("FERRY_TLS_GRPC_CLIENT_NAME")
+            .unwrap_or_else(|| panic!("{region}: no FERRY_TLS_GRPC_CLIENT_NAME: a TaskManager's certificate could send commands"));
+        assert!(
+            dns_names(&jm_grpc)
+                .iter()
+                .any(|n| name_covers(n, client_name)),
+            "{region}: the JobManagers' gRPC certificate {:?} does not name {client_name}",
+            dns_names(&jm_grpc)
+        );
+        assert!(
+            !dns_names(&tm_grpc)
+                .iter()
+                .any(|n| name_covers(n, client_name)),
+            "{region}: the TaskManagers' certificate could pass for a JobManager"
+        );
         for (who, c) in [("TaskManager", &tm_grpc), ("JobManager", &jm_grpc)] {
             for u in ["server auth", "client auth"] {
                 assert!(

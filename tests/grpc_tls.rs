@@ -86,6 +86,11 @@ async fn a_region_over_mutual_tls_refuses_outsiders_rotates_and_fails_over_exact
     let tm_leaf = pki.issue("taskmanager", &[TM_NAME]);
     r.jm_env = tls_env(&jm_leaf);
     r.tm_env = tls_env(&tm_leaf);
+    // Of the CA's certificates, only JobManagers' may send commands.
+    r.tm_env.push((
+        "FERRY_TLS_GRPC_CLIENT_NAME",
+        "jobmanager.ferry.test".to_string(),
+    ));
     r.start("jm-a", None);
     r.start("jm-b", None);
     r.start_tm("tm-1");
@@ -139,6 +144,14 @@ async fn a_region_over_mutual_tls_refuses_outsiders_rotates_and_fails_over_exact
         "a certificate of another CA got through"
     );
 
+    // A certificate of the region's CA that is not a JobManager's (the
+    // TaskManager's own): refused, it does not carry the client name.
+    let peer_result = cancel(client(&addr, &tm_leaf).await).await;
+    assert!(
+        peer_result.is_err(),
+        "a TaskManager's certificate sent a command"
+    );
+
     // A valid certificate (stolen from a JobManager) with a made-up epoch:
     // refused against the leader lease.
     let mut stolen = client(&addr, &jm_leaf).await.expect("a valid certificate");
@@ -155,7 +168,7 @@ async fn a_region_over_mutual_tls_refuses_outsiders_rotates_and_fails_over_exact
         "{}",
         e.message()
     );
-    assert!(r.tm_metric(0, "tls_handshake_failures").await >= Some(2));
+    assert!(r.tm_metric(0, "tls_handshake_failures").await >= Some(3));
     assert_eq!(r.tm_metric(0, "unconfirmed_epochs").await, Some(1));
     assert_eq!(r.tm_metric(0, "epoch").await, Some(epoch));
     // The real leader keeps working: the job checkpoints on.

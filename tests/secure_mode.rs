@@ -133,6 +133,10 @@ async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
             ("FERRY_TLS_GRPC_CERT_FILE", path(&grpc_tm.cert)),
             ("FERRY_TLS_GRPC_KEY_FILE", path(&grpc_tm.key)),
             ("FERRY_TLS_GRPC_CA_FILE", path(&ca)),
+            (
+                "FERRY_TLS_GRPC_CLIENT_NAME",
+                "jobmanager.ferry.test".to_string(),
+            ),
         ];
         r.token = Some(ADMIN.to_string());
         r.trust(std::fs::read(&ca).unwrap());

@@ -275,6 +275,12 @@ pub struct GrpcTls {
     /// in every TaskManager certificate spares a certificate per pod IP.
     #[serde(default)]
     pub server_name: Option<String>,
+    /// On a TaskManager: the DNS name every JobManager's client
+    /// certificate must carry (default: any certificate the CA signed).
+    /// Set it when the CA also signs other certificates — the
+    /// TaskManagers' own — so that those cannot send commands.
+    #[serde(default)]
+    pub client_name: Option<String>,
 }
 
 /// The REST API's certificate, key and CA (PEM files).
@@ -1041,6 +1047,11 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     (
         "FERRY_TLS_GRPC_SERVER_NAME",
         "tls.grpc.serverName",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TLS_GRPC_CLIENT_NAME",
+        "tls.grpc.clientName",
         EnvKind::Text,
     ),
     ("FERRY_TLS_API_CERT_FILE", "tls.api.certFile", EnvKind::Text),

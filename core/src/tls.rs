@@ -52,12 +52,15 @@ pub struct TlsFiles {
 }
 
 /// Whether a server asks its clients for a certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientAuth {
     /// Clients need no certificate.
     None,
     /// A client must present a certificate signed by the CA.
     Required,
+    /// ... that also names this DNS name (a subject alternative name):
+    /// of all the certificates the CA signs, only those of this role.
+    RequiredNamed(String),
 }
 
 /// The bytes of one link's files, with a fingerprint to see them change.
@@ -256,7 +259,7 @@ impl ServerTls {
         let f = files.clone();
         let r = Reloading::load(
             files,
-            Box::new(move |m| Self::build(m, &f, client_auth, &alpn)),
+            Box::new(move |m| Self::build(m, &f, &client_auth, &alpn)),
         )?;
         r.watch(reload);
         Ok(Self(r))
@@ -265,7 +268,7 @@ impl ServerTls {
     fn build(
         m: &Material,
         files: &TlsFiles,
-        client_auth: ClientAuth,
+        client_auth: &ClientAuth,
         alpn: &[Vec<u8>],
     ) -> Result<ServerConfig, TlsError> {
         let builder = ServerConfig::builder_with_provider(provider())
@@ -278,7 +281,7 @@ impl ServerTls {
                 m.roots(files)?;
                 builder.with_no_client_auth()
             }
-            ClientAuth::Required => {
+            ClientAuth::Required | ClientAuth::RequiredNamed(_) => {
                 let verifier = WebPkiClientVerifier::builder_with_provider(
                     Arc::new(m.roots(files)?),
                     provider(),
@@ -291,7 +294,21 @@ impl ServerTls {
                         files.ca.display()
                     ))
                 })?;
-                builder.with_client_cert_verifier(verifier)
+                match client_auth {
+                    ClientAuth::RequiredNamed(name) => {
+                        let name = ServerName::try_from(name.clone()).map_err(|e| {
+                            TlsError(format!(
+                                "tls.{}: {name:?} is not a DNS name a client certificate can carry: {e}",
+                                files.link
+                            ))
+                        })?;
+                        builder.with_client_cert_verifier(Arc::new(NamedClients {
+                            inner: verifier,
+                            name,
+                        }))
+                    }
+                    _ => builder.with_client_cert_verifier(verifier),
+                }
             }
         };
         let mut config = builder
@@ -309,6 +326,68 @@ impl ServerTls {
     /// Reads the files again now (what the reload task does on its own).
     pub fn reload(&self) -> Result<bool, TlsError> {
         self.0.check()
+    }
+}
+
+/// A client verifier that takes only certificates of the CA that also
+/// carry one name: the CA may sign other roles' certificates too (a
+/// TaskManager's), and those must not pass for a JobManager's.
+#[derive(Debug)]
+struct NamedClients {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for NamedClients {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        webpki::EndEntityCert::try_from(end_entity)
+            .and_then(|cert| cert.verify_is_valid_for_subject_name(&self.name))
+            .map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+            })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

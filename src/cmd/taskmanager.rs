@@ -46,7 +46,10 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     let grpc_tls = match &cfg.tls.grpc {
         Some(tls) => Some(ServerTls::load(
             tls.files(),
-            ClientAuth::Required,
+            match &tls.client_name {
+                Some(name) => ClientAuth::RequiredNamed(name.clone()),
+                None => ClientAuth::Required,
+            },
             &[b"h2"],
             cfg.tls.reload_interval.get(),
         )?),
