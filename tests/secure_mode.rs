@@ -50,25 +50,6 @@ fn key_body(leaf: &Leaf) -> String {
         .to_string()
 }
 
-/// Waits until `r`'s JobManager `jm` names `primary` as the primary.
-async fn wait_primary_named(r: &Region, jm: usize, primary: &str, limit: Duration) -> Value {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = r.get(&r.jms[jm], "/v1/regions").await
-            && v["primary"] == primary
-            && v["epoch"].as_u64().unwrap_or(0) > 0
-        {
-            return v;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{} does not see {primary} as the primary after {limit:?}",
-            r.jms[jm].id
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
     let pki_dir = tempfile::tempdir().unwrap();
@@ -147,9 +128,7 @@ async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
         assert!(r.jms[0].url().starts_with("https://"));
         assert!(r.tm_grpc_url(&r.tms[0].id).await.starts_with("https://"));
     }
-    let epoch = wait_primary_named(&east, 0, "east", Duration::from_secs(20)).await["epoch"]
-        .as_u64()
-        .unwrap();
+    let epoch = wait_lease(&east).await;
     let (leader, jm_epoch) = east.leader(&[], Duration::from_secs(20)).await;
     let job = east.running_job(leader).await;
     let mut answers = vec![east.get(&east.jms[leader], "/v1/regions").await.unwrap()];
@@ -203,7 +182,7 @@ async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
     // The whole primary region dies; west takes over and finishes the job.
     east.jms[next].signal(libc::SIGKILL);
     east.tms[0].signal(libc::SIGKILL);
-    let v = wait_primary_named(&west, 0, "west", Duration::from_secs(20)).await;
+    let v = wait_primary(&west, 0, "west", Duration::from_secs(20)).await;
     assert!(v["epoch"].as_u64().unwrap() > epoch, "{v}");
     answers.push(v);
     let done = west
