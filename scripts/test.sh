@@ -22,6 +22,15 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# A cold build and the suite need room; a full disk fails the linker with a
+# "Bus error" that does not say why, so say it first.
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+mkdir -p "$target"
+free_gb=$(df -Pk "$target" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ "${free_gb:-0}" -lt 25 ]; then
+  echo "warning: only ${free_gb} GB free under $target; a cold build and the suite need about 25 GB (delete old target directories if the build fails)" >&2
+fi
+
 # Test dependencies live in a local venv (PyPI), never system-wide.
 VENV="${FERRY_TEST_VENV:-$PWD/.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
