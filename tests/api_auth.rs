@@ -10,94 +10,19 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use common::ha::*;
+use common::jwt::{AUDIENCE, jwt, now, signing_key};
+use common::rest::{call, refused};
 use ferry_testkit::NatsServer;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "adm-7Hq2-token-000000000001";
 const PAY_OPERATOR: &str = "pay-3Kd9-token-00000000002";
 const VIEWER: &str = "vwr-8Lm1-token-00000000003";
 const ISSUER: &str = "https://idp.test";
-const AUDIENCE: &str = "ferry";
-
-/// An EC P-256 signing key and its JWK (`kid`).
-struct SigningKey {
-    der: Vec<u8>,
-    jwk: Value,
-}
-
-fn signing_key(kid: &str) -> SigningKey {
-    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let raw = kp.public_key_raw();
-    assert_eq!(raw.len(), 65, "an uncompressed P-256 point");
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    SigningKey {
-        der: kp.serialize_der(),
-        jwk: json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-                    "x": b64(&raw[1..33]), "y": b64(&raw[33..])}),
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// A JWT signed by `key` with `kid`, for `sub` with `roles`, expiring at
-/// `exp`, from `iss`.
-fn jwt(key: &SigningKey, kid: &str, sub: &str, roles: &[&str], exp: u64, iss: &str) -> String {
-    let mut h = Header::new(Algorithm::ES256);
-    h.kid = Some(kid.to_string());
-    let claims = json!({"sub": sub, "iss": iss, "aud": AUDIENCE, "exp": exp, "roles": roles});
-    jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_der(&key.der)).unwrap()
-}
-
-/// `method path` on `url` with `token` (if any) and extra headers; status,
-/// headers and JSON body.
-async fn call(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: &str,
-    token: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Option<String>,
-) -> (u16, reqwest::header::HeaderMap, Value) {
-    let mut req = http.request(method, url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if let Some(b) = body {
-        req = req.body(b);
-    }
-    let res = req.send().await.unwrap();
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let text = res.text().await.unwrap();
-    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, headers, v)
-}
-
-/// Asserts an error answer: `status`, `code`, and a message containing
-/// each of `says`.
-#[track_caller]
-fn refused(got: &(u16, reqwest::header::HeaderMap, Value), status: u16, code: &str, says: &[&str]) {
-    let (s, _, v) = got;
-    assert_eq!(*s, status, "{v}");
-    assert_eq!(v["error"]["code"], code, "{v}");
-    let msg = v["error"]["message"].as_str().unwrap_or_default();
-    for w in says {
-        assert!(msg.contains(w), "{msg:?} does not say {w:?}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_takes_only_verified_callers_with_the_role_in_the_jobs_namespace() {

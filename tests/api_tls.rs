@@ -27,6 +27,7 @@ async fn served_certificate(port: u16, leaf: &Leaf) -> Vec<u8> {
         cert: leaf.cert.clone(),
         key: leaf.key.clone(),
         ca: leaf.ca.clone(),
+        callers_ca: None,
     };
     let tls = ClientTls::load(files, &[b"http/1.1"], Duration::from_secs(3600)).unwrap();
     let io = Connector::new(tls, None)

@@ -33,6 +33,7 @@ fn files(leaf: &Leaf) -> TlsFiles {
         cert: leaf.cert.clone(),
         key: leaf.key.clone(),
         ca: leaf.ca.clone(),
+        callers_ca: None,
     }
 }
 

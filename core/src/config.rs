@@ -158,6 +158,13 @@ pub enum ProcessRole {
     TaskManager,
 }
 
+/// Whether two paths name one file (the same path, or one file reached by
+/// both); a path that cannot be resolved compares as written.
+fn same_file(a: &str, b: &str) -> bool {
+    let canon = |p: &str| std::fs::canonicalize(p).unwrap_or_else(|_| p.into());
+    canon(a) == canon(b)
+}
+
 /// Whether a listen address (`host:port`) binds only loopback.
 pub fn is_loopback_listen(addr: &str) -> bool {
     let host = match addr.rsplit_once(':') {
@@ -305,6 +312,7 @@ impl ApiTls {
             cert: self.cert_file.clone().into(),
             key: self.key_file.clone().into(),
             ca: self.ca_file.clone().into(),
+            callers_ca: None,
         }
     }
 }
@@ -317,6 +325,7 @@ impl GrpcTls {
             cert: self.cert_file.clone().into(),
             key: self.key_file.clone().into(),
             ca: self.ca_file.clone().into(),
+            callers_ca: None,
         }
     }
 }
@@ -717,18 +726,23 @@ pub struct ApiConfig {
     pub auth: ApiAuthConfig,
 }
 
-/// Authentication of REST callers: static tokens, JWTs, or both. With
-/// neither configured the API is open (every caller is an admin).
+/// Authentication of REST callers: static tokens, JWTs, client
+/// certificates, or any mix. With none configured the API is open (every
+/// caller is an admin).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ApiAuthConfig {
     /// YAML file of static tokens and their grants (`tokens: [{name,
-    /// token | sha256, roles: [ns:role]}]`); read at start, kept hashed.
+    /// token | sha256, roles: [ns:role]}]`); kept hashed, read again when
+    /// it changes.
     #[serde(default)]
     pub tokens_file: Option<String>,
-    /// JWTs signed by a key of a JWKS file.
+    /// JWTs signed by a key of a JWKS file or URL.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// Callers identified by a TLS client certificate (needs `tls.api`).
+    #[serde(default)]
+    pub client_certificates: Option<ClientCertAuth>,
     /// Whether `/metrics` needs a caller with any role (default false:
     /// Prometheus scrapes it openly).
     #[serde(default)]
@@ -738,7 +752,7 @@ pub struct ApiAuthConfig {
 impl ApiAuthConfig {
     /// Whether any way to authenticate is configured.
     pub fn enabled(&self) -> bool {
-        self.tokens_file.is_some() || self.jwt.is_some()
+        self.tokens_file.is_some() || self.jwt.is_some() || self.client_certificates.is_some()
     }
 }
 
@@ -747,8 +761,21 @@ impl ApiAuthConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtConfig {
     /// JSON Web Key Set file with the issuer's public keys (RSA, EC, Ed25519)
-    /// or shared secrets (`oct`).
-    pub jwks_file: String,
+    /// or shared secrets (`oct`); read again when it changes.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// ... or the issuer's JWKS endpoint (`https://`; `http://` only to a
+    /// loopback host), fetched at start, every `jwksRefreshInterval`, and
+    /// when a token names a key id the set lacks (at most every 30 s).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// CA certificates (PEM) that the JWKS endpoint's certificate chains to,
+    /// instead of the system's roots.
+    #[serde(default)]
+    pub jwks_ca_file: Option<String>,
+    /// How often the JWKS URL is fetched again (default 5m).
+    #[serde(default = "d_jwks_refresh")]
+    pub jwks_refresh_interval: DurationSpec,
     /// Required `iss` claim (recommended).
     #[serde(default)]
     pub issuer: Option<String>,
@@ -759,6 +786,89 @@ pub struct JwtConfig {
     /// string) of `namespace:role` (default `roles`).
     #[serde(default = "d_roles_claim")]
     pub roles_claim: String,
+}
+
+fn d_jwks_refresh() -> DurationSpec {
+    DurationSpec(Duration::from_secs(300))
+}
+
+impl JwtConfig {
+    fn check(&self) -> Result<(), String> {
+        match (&self.jwks_file, &self.jwks_url) {
+            (Some(_), None) => {}
+            (None, Some(url)) => {
+                let scheme = url.split_once("://").map_or("", |(s, _)| s);
+                let loopback = url_host_port(url, 80).is_some_and(|(h, _)| is_loopback_listen(&h));
+                match scheme {
+                    "https" => {}
+                    "http" if loopback => {}
+                    "http" => {
+                        return Err(format!(
+                            "api.auth.jwt.jwksUrl {url}: use https:// (keys fetched over plain http could be swapped by anyone on the path); http:// is taken only for a loopback host"
+                        ));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "api.auth.jwt.jwksUrl {url:?} is not an https:// URL"
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err("api.auth.jwt: give exactly one of jwksFile and jwksUrl".to_string());
+            }
+        }
+        if self.jwks_ca_file.is_some() && self.jwks_url.is_none() {
+            return Err(
+                "api.auth.jwt.jwksCaFile is for jwksUrl; it has no use with jwksFile".into(),
+            );
+        }
+        if self.jwks_refresh_interval.get() < Duration::from_secs(1) {
+            return Err(format!(
+                "api.auth.jwt.jwksRefreshInterval ({}) must be at least 1s",
+                self.jwks_refresh_interval
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// REST callers identified by a TLS client certificate: the certificate
+/// must chain to `caFile` (a CA for callers, not the JobManagers' own), and
+/// its subject common name, a DNS name or a URI (e.g. a SPIFFE id) it
+/// carries names an entry of `identities`, which holds its grants.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientCertAuth {
+    /// The CA (PEM) that signs callers' certificates. It must not be
+    /// `tls.api.caFile`: a certificate of that CA is a JobManager's.
+    pub ca_file: String,
+    /// Certificate name → grants (`namespace:role`): a list, or one
+    /// space-separated string (as the environment gives it).
+    #[serde(default, deserialize_with = "grants_by_name")]
+    pub identities: BTreeMap<String, Vec<String>>,
+}
+
+fn grants_by_name<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Grants {
+        Spaced(String),
+        List(Vec<String>),
+    }
+    let map = BTreeMap::<String, Grants>::deserialize(d)?;
+    Ok(map
+        .into_iter()
+        .map(|(name, g)| {
+            let list = match g {
+                Grants::Spaced(s) => s.split_whitespace().map(str::to_string).collect(),
+                Grants::List(l) => l,
+            };
+            (name, list)
+        })
+        .collect())
 }
 
 fn d_roles_claim() -> String {
@@ -898,6 +1008,31 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "FERRY_API_AUTH_JWT_JWKS_FILE",
         "api.auth.jwt.jwksFile",
         EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_JWKS_URL",
+        "api.auth.jwt.jwksUrl",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_JWKS_CA_FILE",
+        "api.auth.jwt.jwksCaFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_JWT_JWKS_REFRESH_INTERVAL",
+        "api.auth.jwt.jwksRefreshInterval",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_CLIENT_CERTIFICATES_CA_FILE",
+        "api.auth.clientCertificates.caFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_API_AUTH_CLIENT_CERTIFICATES_IDENTITIES",
+        "api.auth.clientCertificates.identities",
+        EnvKind::Map,
     ),
     (
         "FERRY_API_AUTH_JWT_ISSUER",
@@ -1263,6 +1398,20 @@ impl ProcessConfig {
         if self.tls.reload_interval.get().is_zero() {
             return err("tls.reloadInterval must be above 0".into());
         }
+        if let Some(j) = &self.api.auth.jwt {
+            j.check().map_err(ConfigError)?;
+        }
+        if let Some(c) = &self.api.auth.client_certificates {
+            let Some(api) = &self.tls.api else {
+                return err("api.auth.clientCertificates needs tls.api: client certificates are asked for in the API's TLS handshake".into());
+            };
+            if same_file(&c.ca_file, &api.ca_file) {
+                return err(format!(
+                    "api.auth.clientCertificates.caFile {} is tls.api.caFile: that CA signs the JobManagers' own certificates, which must not pass for callers; give callers a CA of their own",
+                    c.ca_file
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1425,6 +1574,76 @@ mod tests {
         assert!(
             e.contains("api.advertise https://jm:8081: an https:// URL needs tls.api"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn api_authentication_settings_are_checked_at_start() {
+        let load = |vars: &[(&str, &str)]| {
+            ProcessConfig::load(Some(("f.yaml", FILE)), &env(vars)).map_err(|e| e.to_string())
+        };
+        let url = |u: &str| load(&[("FERRY_API_AUTH_JWT_JWKS_URL", u)]);
+        assert!(url("https://idp.example.com/jwks.json").is_ok());
+        assert!(url("http://127.0.0.1:8080/jwks.json").is_ok());
+        let e = url("http://idp.example.com/jwks.json").unwrap_err();
+        assert!(e.contains("use https://") && e.contains("loopback"), "{e}");
+        let e = url("ftp://idp/jwks").unwrap_err();
+        assert!(e.contains("is not an https:// URL"), "{e}");
+        let e = load(&[
+            ("FERRY_API_AUTH_JWT_JWKS_URL", "https://idp/jwks"),
+            ("FERRY_API_AUTH_JWT_JWKS_FILE", "/etc/jwks.json"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("exactly one of jwksFile and jwksUrl"), "{e}");
+        let e = load(&[
+            ("FERRY_API_AUTH_JWT_JWKS_FILE", "/etc/jwks.json"),
+            ("FERRY_API_AUTH_JWT_JWKS_CA_FILE", "/etc/ca.pem"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("jwksCaFile is for jwksUrl"), "{e}");
+        let e = load(&[
+            ("FERRY_API_AUTH_JWT_JWKS_URL", "https://idp/jwks"),
+            ("FERRY_API_AUTH_JWT_JWKS_REFRESH_INTERVAL", "10ms"),
+        ])
+        .unwrap_err();
+        assert!(e.contains("at least 1s"), "{e}");
+
+        // Client certificates: they need the API's TLS, and a CA of their
+        // own; grants come as a list or a spaced string.
+        let certs = [
+            (
+                "FERRY_API_AUTH_CLIENT_CERTIFICATES_CA_FILE",
+                "/pki/callers.pem",
+            ),
+            (
+                "FERRY_API_AUTH_CLIENT_CERTIFICATES_IDENTITIES",
+                "ci=payments:operator *:viewer,ops=*:admin",
+            ),
+        ];
+        let e = load(&certs).unwrap_err();
+        assert!(e.contains("needs tls.api"), "{e}");
+        let tls = [
+            ("FERRY_TLS_API_CERT_FILE", "/pki/jm.crt"),
+            ("FERRY_TLS_API_KEY_FILE", "/pki/jm.key"),
+        ];
+        let mut v = certs.to_vec();
+        v.extend(tls);
+        v.push(("FERRY_TLS_API_CA_FILE", "/pki/region.pem"));
+        let c = load(&v).unwrap();
+        let ids = &c.api.auth.client_certificates.as_ref().unwrap().identities;
+        assert_eq!(ids["ci"], vec!["payments:operator", "*:viewer"]);
+        assert_eq!(ids["ops"], vec!["*:admin"]);
+        assert!(c.api.auth.enabled());
+        let mut v = certs.to_vec();
+        v.extend(tls);
+        v.push(("FERRY_TLS_API_CA_FILE", "/pki/callers.pem"));
+        let e = load(&v).unwrap_err();
+        assert!(e.contains("is tls.api.caFile"), "{e}");
+        let yaml = "region: r\nnats: {urls: [nats://127.0.0.1:4222]}\nstorage: file:///tmp/f\ntls: {api: {certFile: /c, keyFile: /k, caFile: /a}}\napi: {auth: {clientCertificates: {caFile: /b, identities: {ci: [a:viewer, b:operator]}}}}\n";
+        let c = ProcessConfig::load(Some(("f.yaml", yaml)), &env(&[])).unwrap();
+        assert_eq!(
+            c.api.auth.client_certificates.unwrap().identities["ci"],
+            vec!["a:viewer", "b:operator"]
         );
     }
 

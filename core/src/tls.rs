@@ -49,6 +49,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The CA certificates (PEM) the other side's certificate must chain to.
     pub ca: PathBuf,
+    /// A server's second CA (PEM) for clients of another kind — the REST
+    /// API's callers — whose certificates it takes besides the link CA's
+    /// ([`ClientAuth::Optional`]).
+    pub callers_ca: Option<PathBuf>,
 }
 
 /// Whether a server asks its clients for a certificate.
@@ -61,6 +65,10 @@ pub enum ClientAuth {
     /// ... that also names this DNS name (a subject alternative name):
     /// of all the certificates the CA signs, only those of this role.
     RequiredNamed(String),
+    /// A client may present a certificate signed by the link CA (a peer of
+    /// this server's own kind) or by [`TlsFiles::callers_ca`]; one that
+    /// presents none is still served (it authenticates otherwise).
+    Optional,
 }
 
 /// The bytes of one link's files, with a fingerprint to see them change.
@@ -68,6 +76,7 @@ struct Material {
     cert: Vec<u8>,
     key: Vec<u8>,
     ca: Vec<u8>,
+    callers_ca: Option<Vec<u8>>,
     fingerprint: [u8; 32],
 }
 
@@ -85,8 +94,12 @@ impl Material {
         let cert = read("certificate", &files.cert)?;
         let key = read("key", &files.key)?;
         let ca = read("CA", &files.ca)?;
+        let callers_ca = match &files.callers_ca {
+            Some(p) => Some(read("callers' CA", p)?),
+            None => None,
+        };
         let mut h = Sha256::new();
-        for part in [&cert, &key, &ca] {
+        for part in [&cert, &key, &ca].into_iter().chain(callers_ca.as_ref()) {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
@@ -94,6 +107,7 @@ impl Material {
             cert,
             key,
             ca,
+            callers_ca,
             fingerprint: h.finalize().into(),
         })
     }
@@ -127,6 +141,24 @@ impl Material {
                     files.ca.display()
                 ))
             })?;
+        }
+        Ok(roots)
+    }
+}
+
+impl Material {
+    /// The link CA's roots plus the callers' CA's.
+    fn roots_with_callers(&self, files: &TlsFiles) -> Result<RootCertStore, TlsError> {
+        let mut roots = self.roots(files)?;
+        if let (Some(bytes), Some(path)) = (&self.callers_ca, &files.callers_ca) {
+            for cert in pem_certs(bytes, "api.auth.clientCertificates", "CA", path)? {
+                roots.add(cert).map_err(|e| {
+                    TlsError(format!(
+                        "api.auth.clientCertificates: the CA file {} holds a certificate that is not a usable CA: {e}",
+                        path.display()
+                    ))
+                })?;
+            }
         }
         Ok(roots)
     }
@@ -242,9 +274,17 @@ impl<C: Send + Sync + 'static> Reloading<C> {
     }
 }
 
+/// What a server's files build: the config new connections use, and a
+/// verifier of the link CA alone, to tell a peer of the server's own kind
+/// from a caller ([`ServerTls::from_link_ca`]).
+struct ServerBuilt {
+    config: Arc<ServerConfig>,
+    link_peers: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
 /// A server's TLS config, reloaded when its files change. Cheap to clone.
 #[derive(Clone)]
-pub struct ServerTls(Arc<Reloading<ServerConfig>>);
+pub struct ServerTls(Arc<Reloading<ServerBuilt>>);
 
 impl ServerTls {
     /// Loads `files`, offering `alpn` (e.g. `h2`), and checks them again
@@ -270,63 +310,107 @@ impl ServerTls {
         files: &TlsFiles,
         client_auth: &ClientAuth,
         alpn: &[Vec<u8>],
-    ) -> Result<ServerConfig, TlsError> {
+    ) -> Result<ServerBuilt, TlsError> {
+        let verifier = |roots: RootCertStore, optional: bool| {
+            let b = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let b = if optional {
+                b.allow_unauthenticated()
+            } else {
+                b
+            };
+            b.build().map_err(|e| {
+                TlsError(format!(
+                    "tls.{}: cannot verify clients against the CA file {}: {e}",
+                    files.link,
+                    files.ca.display()
+                ))
+            })
+        };
+        // Also checks the CA file: it is this link's declared trust, and a
+        // typo there should show at start even when clients need none.
+        let link_peers = verifier(m.roots(files)?, false)?;
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| rustls_error(files, e))?;
         let builder = match client_auth {
-            ClientAuth::None => {
-                // The CA file still has to be valid: it is this link's
-                // declared trust, and a typo there should show at start.
-                m.roots(files)?;
-                builder.with_no_client_auth()
-            }
-            ClientAuth::Required | ClientAuth::RequiredNamed(_) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(m.roots(files)?),
-                    provider(),
-                )
-                .build()
-                .map_err(|e| {
+            ClientAuth::None => builder.with_no_client_auth(),
+            ClientAuth::Required => builder.with_client_cert_verifier(link_peers.clone()),
+            ClientAuth::RequiredNamed(name) => {
+                let name = ServerName::try_from(name.clone()).map_err(|e| {
                     TlsError(format!(
-                        "tls.{}: cannot verify clients against the CA file {}: {e}",
-                        files.link,
-                        files.ca.display()
+                        "tls.{}: {name:?} is not a DNS name a client certificate can carry: {e}",
+                        files.link
                     ))
                 })?;
-                match client_auth {
-                    ClientAuth::RequiredNamed(name) => {
-                        let name = ServerName::try_from(name.clone()).map_err(|e| {
-                            TlsError(format!(
-                                "tls.{}: {name:?} is not a DNS name a client certificate can carry: {e}",
-                                files.link
-                            ))
-                        })?;
-                        builder.with_client_cert_verifier(Arc::new(NamedClients {
-                            inner: verifier,
-                            name,
-                        }))
-                    }
-                    _ => builder.with_client_cert_verifier(verifier),
-                }
+                builder.with_client_cert_verifier(Arc::new(NamedClients {
+                    inner: link_peers.clone(),
+                    name,
+                }))
+            }
+            ClientAuth::Optional => {
+                builder.with_client_cert_verifier(verifier(m.roots_with_callers(files)?, true)?)
             }
         };
         let mut config = builder
             .with_single_cert(m.certs(files)?, m.key(files)?)
             .map_err(|e| rustls_error(files, e))?;
         config.alpn_protocols = alpn.to_vec();
-        Ok(config)
+        Ok(ServerBuilt {
+            config: Arc::new(config),
+            link_peers,
+        })
     }
 
     /// The config new connections use.
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.0.current()
+        self.0.current().config.clone()
     }
 
     /// Reads the files again now (what the reload task does on its own).
     pub fn reload(&self) -> Result<bool, TlsError> {
         self.0.check()
     }
+
+    /// Whether a client's certificate `chain` (leaf first, as the
+    /// handshake verified it) chains to the link CA — a peer of this
+    /// server's own kind, such as another JobManager — rather than only to
+    /// the callers' CA.
+    pub fn from_link_ca(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.0
+            .current()
+            .link_peers
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .is_ok()
+    }
+}
+
+/// The names a certificate carries, for matching it to an identity: its
+/// subject common names, DNS names and URIs (e.g. `spiffe://...`), in that
+/// order. Empty for bytes that are not a certificate.
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let Ok((_, x509)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = x509
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .collect();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push(d.to_string()),
+                GeneralName::URI(u) => names.push(u.to_string()),
+                _ => {}
+            }
+        }
+    }
+    names
 }
 
 /// A client verifier that takes only certificates of the CA that also
@@ -654,10 +738,49 @@ mod tests {
             cert: leaf.cert.clone(),
             key: leaf.key.clone(),
             ca: leaf.ca.clone(),
+            callers_ca: None,
         }
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_servers_own_ca_tells_its_peers_from_callers_of_the_callers_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Pki::new(dir.path(), "region");
+        let callers = Pki::new(dir.path(), "callers");
+        let jm = region.issue("jm", &["jm-0.ferry.test"]);
+        let ci = callers.issue("ci-bot", &["ci-bot.ferry.test"]);
+        let mut f = files(&jm);
+        f.callers_ca = Some(callers.ca_file());
+        let tls = ServerTls::load(f, ClientAuth::Optional, &[], HOUR).unwrap();
+        let chain = |leaf: &Leaf| {
+            CertificateDer::pem_file_iter(&leaf.cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        };
+        assert!(tls.from_link_ca(&chain(&jm)));
+        assert!(!tls.from_link_ca(&chain(&ci)));
+        assert!(!tls.from_link_ca(&[]));
+        assert_eq!(
+            certificate_names(&chain(&ci)[0]),
+            vec!["ci-bot".to_string(), "ci-bot.ferry.test".to_string()]
+        );
+        assert!(certificate_names(&CertificateDer::from(vec![1u8, 2, 3])).is_empty());
+        // The callers' CA file is part of the material: a broken one is
+        // named at start.
+        let mut f = files(&jm);
+        f.callers_ca = Some(dir.path().join("missing.pem"));
+        let e = ServerTls::load(f, ClientAuth::Optional, &[], HOUR)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("callers' CA") && e.contains("missing.pem"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn rotated_files_are_picked_up_and_a_half_done_rotation_keeps_the_old() {

@@ -1,21 +1,30 @@
 //! Who calls the REST API and what they may do. A caller proves who it is
-//! with a bearer token: a static token from `api.auth.tokensFile` (kept
-//! only as its SHA-256 in memory) or a JWT signed by a key of
-//! `api.auth.jwt.jwksFile`. Either carries grants `namespace:role`
-//! (`payments:operator`, `*:viewer`); roles are ordered viewer < operator
-//! < admin, and a grant on `*` holds in every namespace.
+//! with a bearer token — a static token from `api.auth.tokensFile` (kept
+//! only as its SHA-256 in memory) or a JWT signed by a key of the JWKS
+//! (`api.auth.jwt.jwksFile` or `jwksUrl`) — or with a TLS client
+//! certificate of the callers' CA (`api.auth.clientCertificates`). Each
+//! carries grants `namespace:role` (`payments:operator`, `*:viewer`); roles
+//! are ordered viewer < operator < admin, and a grant on `*` holds in every
+//! namespace. The tokens file and the JWKS are read again when they change
+//! (a JWKS URL on its refresh interval, and when a token names a key id it
+//! lacks), with no restart.
 //!
 //! Invariant: with authentication configured, a request is served only for
-//! a [`Caller`] built here from a credential that verified; nothing a
-//! client can set besides that credential (a forwarded-by header, a
-//! claimed identity) changes who the caller is. With none configured every
+//! a [`Caller`] built here from a credential that verified. Nothing a
+//! client can set besides that credential changes who the caller is: the
+//! one claimed identity taken (`x-ferry-forwarded-identity`, a standby
+//! forwarding a certificate caller's write) counts only on a connection
+//! whose client certificate chains to the JobManagers' own CA, and its
+//! grants come from this instance's settings. With none configured every
 //! caller is [`Caller::open`], an admin everywhere.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use ferry_core::config::{ApiAuthConfig, JwtConfig};
+use ferry_core::config::{ApiAuthConfig, ClientCertAuth, JwtConfig};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -108,6 +117,9 @@ pub enum Method {
     Token,
     /// A JWT.
     Jwt,
+    /// A TLS client certificate (directly, or forwarded by a standby
+    /// JobManager that verified it).
+    Certificate,
 }
 
 /// An authenticated caller.
@@ -177,6 +189,21 @@ pub enum Unauthenticated {
     UnknownToken(bool),
     #[error("the JWT was refused: {0}")]
     Jwt(String),
+    #[error(
+        "x-ferry-forwarded-identity is taken only from a JobManager of this region (a client certificate of tls.api.caFile); send your own credential instead"
+    )]
+    ForgedForward,
+}
+
+/// The client certificate a connection presented, as the API's TLS
+/// handshake verified it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Its subject common names, DNS names and URIs.
+    pub names: Vec<String>,
+    /// Whether it chains to the JobManagers' own CA (`tls.api.caFile`):
+    /// another JobManager of the region, not a caller.
+    pub from_region_jobmanager: bool,
 }
 
 /// A problem with the authentication settings, found at start.
@@ -211,8 +238,33 @@ struct JwtKey {
     key: DecodingKey,
 }
 
+/// Where the JWKS comes from.
+enum JwksSource {
+    File(PathBuf),
+    Url {
+        url: String,
+        client: reqwest::Client,
+        refresh: Duration,
+    },
+}
+
+/// The keys in use, and why the newest fetch failed (a JWKS URL that
+/// could not be fetched at start leaves no key).
+#[derive(Default)]
+struct JwksState {
+    keys: Arc<Vec<JwtKey>>,
+    fingerprint: [u8; 32],
+    error: Option<String>,
+    fetched: Option<Instant>,
+    /// When a token with an unknown key id last caused a fetch.
+    refetched: Option<Instant>,
+}
+
 struct JwtCheck {
-    keys: Vec<JwtKey>,
+    source: JwksSource,
+    state: RwLock<JwksState>,
+    /// Serializes fetches of a JWKS URL.
+    fetching: tokio::sync::Mutex<()>,
     issuer: Option<String>,
     audience: Option<String>,
     roles_claim: String,
@@ -222,12 +274,28 @@ struct JwtCheck {
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Clock skew allowed on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 30;
+/// Largest JWKS document fetched, in bytes.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// How long one JWKS fetch may take.
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tokens naming key ids the JWKS lacks fetch it again at most this often
+/// (a rotated key shows up at once, without waiting for the refresh; a
+/// flood of made-up key ids costs the issuer one request per period).
+const JWKS_REFETCH_MIN: Duration = Duration::from_secs(10);
+/// A JWKS URL that failed is tried again this often.
+const JWKS_RETRY: Duration = Duration::from_secs(5);
 
-/// The API's authentication: off, or static tokens and/or JWTs.
+/// SHA-256 of a static token → its caller.
+type Tokens = HashMap<[u8; 32], Caller>;
+
+/// The API's authentication: off, or static tokens, JWTs and client
+/// certificates in any mix.
 pub struct ApiAuth {
-    /// SHA-256 of each static token → its caller.
-    tokens: HashMap<[u8; 32], Caller>,
+    tokens: RwLock<(Arc<Tokens>, [u8; 32])>,
+    tokens_file: Option<PathBuf>,
     jwt: Option<JwtCheck>,
+    /// Certificate name → grants.
+    certificates: Option<HashMap<String, Vec<Grant>>>,
     enabled: bool,
     /// Whether `/metrics` needs a caller.
     pub metrics_authenticated: bool,
@@ -237,36 +305,53 @@ impl fmt::Debug for ApiAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ApiAuth")
             .field("enabled", &self.enabled)
-            .field("tokens", &self.tokens.len())
-            .field("jwt_keys", &self.jwt.as_ref().map_or(0, |j| j.keys.len()))
+            .field("tokens", &self.tokens().len())
+            .field("jwt_keys", &self.jwt.as_ref().map_or(0, |j| j.keys().len()))
+            .field(
+                "certificate_identities",
+                &self.certificates.as_ref().map_or(0, HashMap::len),
+            )
             .finish()
     }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 impl ApiAuth {
     /// No authentication: every caller is an admin.
     pub fn open() -> ApiAuth {
         ApiAuth {
-            tokens: HashMap::new(),
+            tokens: RwLock::new((Arc::new(HashMap::new()), [0; 32])),
+            tokens_file: None,
             jwt: None,
+            certificates: None,
             enabled: false,
             metrics_authenticated: false,
         }
     }
 
-    /// Reads the files `cfg` names.
+    /// Reads the files `cfg` names. A JWKS URL is fetched by [`Self::start`].
     pub fn from_config(cfg: &ApiAuthConfig) -> Result<ApiAuth, AuthSetupError> {
         if !cfg.enabled() {
             return Ok(ApiAuth::open());
         }
-        let tokens = match &cfg.tokens_file {
+        let (tokens, fingerprint) = match &cfg.tokens_file {
             Some(f) => load_tokens(Path::new(f))?,
-            None => HashMap::new(),
+            None => (HashMap::new(), [0; 32]),
         };
         let jwt = cfg.jwt.as_ref().map(load_jwt).transpose()?;
+        let certificates = cfg
+            .client_certificates
+            .as_ref()
+            .map(certificate_grants)
+            .transpose()?;
         Ok(ApiAuth {
-            tokens,
+            tokens: RwLock::new((Arc::new(tokens), fingerprint)),
+            tokens_file: cfg.tokens_file.as_ref().map(PathBuf::from),
             jwt,
+            certificates,
             enabled: true,
             metrics_authenticated: cfg.metrics_authenticated,
         })
@@ -274,12 +359,89 @@ impl ApiAuth {
 
     /// Static tokens from YAML text (for tests and `from_config`).
     pub fn with_tokens_yaml(text: &str, source: &str) -> Result<ApiAuth, AuthSetupError> {
-        Ok(ApiAuth {
-            tokens: parse_tokens(text, source)?,
-            jwt: None,
-            enabled: true,
-            metrics_authenticated: false,
-        })
+        let mut auth = ApiAuth::open();
+        auth.tokens = RwLock::new((
+            Arc::new(parse_tokens(text, source)?),
+            digest(text.as_bytes()),
+        ));
+        auth.enabled = true;
+        Ok(auth)
+    }
+
+    /// Fetches a JWKS URL for the first time (bounded: a failure is
+    /// logged, and JWTs are refused saying why until a retry succeeds),
+    /// then keeps every source fresh: the tokens file and the JWKS file
+    /// are read again every `reload` and taken when they changed and
+    /// parse; a JWKS URL is fetched every `jwksRefreshInterval`. Runs
+    /// while anyone holds `self`.
+    pub async fn start(self: &Arc<Self>, reload: Duration) {
+        if let Some(j) = &self.jwt
+            && matches!(j.source, JwksSource::Url { .. })
+        {
+            j.fetch().await;
+        }
+        if self.tokens_file.is_none() && self.jwt.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut warned: HashMap<&'static str, String> = HashMap::new();
+            loop {
+                tokio::time::sleep(reload).await;
+                let Some(me) = weak.upgrade() else { return };
+                let mut report = |what: &'static str, r: Result<bool, String>| match r {
+                    Ok(changed) => {
+                        if changed {
+                            tracing::info!("{what} changed: new requests use it");
+                        }
+                        warned.remove(what);
+                    }
+                    Err(e) => {
+                        if warned.get(what) != Some(&e) {
+                            tracing::warn!("keeping the {what} in use: {e}");
+                            warned.insert(what, e);
+                        }
+                    }
+                };
+                if let Some(path) = &me.tokens_file {
+                    report("api.auth.tokensFile", me.reload_tokens(path));
+                }
+                if let Some(j) = &me.jwt {
+                    match &j.source {
+                        JwksSource::File(path) => {
+                            report("api.auth.jwt.jwksFile", j.reload_file(path))
+                        }
+                        JwksSource::Url { refresh, .. } => {
+                            if j.due(*refresh) {
+                                j.fetch().await;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn tokens(&self) -> Arc<Tokens> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Reads the tokens file again; `Ok(true)` when new tokens are in use.
+    fn reload_tokens(&self, path: &Path) -> Result<bool, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+        let fp = digest(text.as_bytes());
+        if self.tokens.read().unwrap_or_else(|p| p.into_inner()).1 == fp {
+            return Ok(false);
+        }
+        let tokens = parse_tokens(&text, &format!("api.auth.tokensFile {}", path.display()))
+            .map_err(|e| e.0)?;
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(tokens), fp);
+        Ok(true)
     }
 
     /// Whether callers must authenticate.
@@ -287,7 +449,8 @@ impl ApiAuth {
         self.enabled
     }
 
-    /// The caller an `Authorization` header value proves.
+    /// The caller an `Authorization` header value proves (bearer tokens
+    /// only).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, Unauthenticated> {
         if !self.enabled {
             return Ok(Caller::open());
@@ -299,8 +462,7 @@ impl ApiAuth {
             .map(str::trim)
             .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_BYTES)
             .ok_or(Unauthenticated::Malformed)?;
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(c) = self.tokens.get(&digest) {
+        if let Some(c) = self.tokens().get(&digest(token.as_bytes())) {
             return Ok(c.clone());
         }
         match &self.jwt {
@@ -309,16 +471,110 @@ impl ApiAuth {
             _ => Err(Unauthenticated::UnknownToken(false)),
         }
     }
+
+    /// The caller of a request: its bearer token when it sends one, else
+    /// the client certificate its connection presented (`peer`), else —
+    /// only on a connection from another JobManager of the region — the
+    /// identity that JobManager verified and forwards (`forwarded`). A
+    /// JWT naming a key id the JWKS URL lacks fetches the set again first
+    /// (rate-limited), so a rotated key works at once.
+    pub async fn authenticate_request(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<&PeerCert>,
+        forwarded: Option<&str>,
+    ) -> Result<Caller, Unauthenticated> {
+        if !self.enabled {
+            return Ok(Caller::open());
+        }
+        if let Some(name) = forwarded {
+            let from_jm = peer.is_some_and(|p| p.from_region_jobmanager);
+            return match &self.certificates {
+                Some(ids) if from_jm && authorization.is_none() => Ok(certificate_caller(
+                    ids,
+                    std::slice::from_ref(&name.to_string()),
+                )),
+                _ => Err(Unauthenticated::ForgedForward),
+            };
+        }
+        if authorization.is_none()
+            && let (Some(ids), Some(p)) = (&self.certificates, peer)
+            && !p.from_region_jobmanager
+            && !p.names.is_empty()
+        {
+            return Ok(certificate_caller(ids, &p.names));
+        }
+        match self.authenticate(authorization) {
+            Err(Unauthenticated::Jwt(m)) if m.starts_with(UNKNOWN_KID) => {
+                let Some(j) = &self.jwt else {
+                    return Err(Unauthenticated::Jwt(m));
+                };
+                if j.refetch_for_unknown_key().await {
+                    self.authenticate(authorization)
+                } else {
+                    Err(Unauthenticated::Jwt(m))
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// The grants `name` holds as a certificate identity (none unknown).
+    pub fn certificate_identity(&self, name: &str) -> Option<Caller> {
+        self.certificates
+            .as_ref()
+            .map(|ids| certificate_caller(ids, std::slice::from_ref(&name.to_string())))
+    }
 }
 
-fn load_tokens(path: &Path) -> Result<HashMap<[u8; 32], Caller>, AuthSetupError> {
+/// The caller of a certificate with `names`: the first that
+/// `identities` lists, with its grants; else the first name, with none.
+fn certificate_caller(identities: &HashMap<String, Vec<Grant>>, names: &[String]) -> Caller {
+    let found = names.iter().find_map(|n| identities.get(n).map(|g| (n, g)));
+    let (name, grants) = match found {
+        Some((n, g)) => (n.clone(), g.clone()),
+        None => (
+            names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "(unnamed certificate)".into()),
+            Vec::new(),
+        ),
+    };
+    Caller {
+        name,
+        method: Method::Certificate,
+        grants,
+    }
+}
+
+fn certificate_grants(cfg: &ClientCertAuth) -> Result<HashMap<String, Vec<Grant>>, AuthSetupError> {
+    let mut out = HashMap::new();
+    for (name, roles) in &cfg.identities {
+        let grants = roles
+            .iter()
+            .map(|g| {
+                Grant::parse(g).map_err(|m| {
+                    AuthSetupError(format!(
+                        "api.auth.clientCertificates.identities.{name}: {m}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.insert(name.clone(), grants);
+    }
+    Ok(out)
+}
+
+fn load_tokens(path: &Path) -> Result<(Tokens, [u8; 32]), AuthSetupError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         AuthSetupError(format!(
             "api.auth.tokensFile {}: cannot read it ({e})",
             path.display()
         ))
     })?;
-    parse_tokens(&text, &format!("api.auth.tokensFile {}", path.display()))
+    let tokens = parse_tokens(&text, &format!("api.auth.tokensFile {}", path.display()))?;
+    Ok((tokens, digest(text.as_bytes())))
 }
 
 fn parse_tokens(text: &str, source: &str) -> Result<HashMap<[u8; 32], Caller>, AuthSetupError> {
@@ -378,16 +634,121 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 }
 
 fn load_jwt(cfg: &JwtConfig) -> Result<JwtCheck, AuthSetupError> {
-    let at = format!("api.auth.jwt.jwksFile {}", cfg.jwks_file);
-    let text = std::fs::read_to_string(&cfg.jwks_file)
-        .map_err(|e| AuthSetupError(format!("{at}: cannot read it ({e})")))?;
-    let keys = parse_jwks(&text).map_err(|m| AuthSetupError(format!("{at}: {m}")))?;
+    let (source, state) = match (&cfg.jwks_file, &cfg.jwks_url) {
+        (Some(file), _) => {
+            let at = format!("api.auth.jwt.jwksFile {file}");
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| AuthSetupError(format!("{at}: cannot read it ({e})")))?;
+            let keys = parse_jwks(&text).map_err(|m| AuthSetupError(format!("{at}: {m}")))?;
+            let state = JwksState {
+                keys: Arc::new(keys),
+                fingerprint: digest(text.as_bytes()),
+                fetched: Some(Instant::now()),
+                ..JwksState::default()
+            };
+            (JwksSource::File(file.into()), state)
+        }
+        (None, Some(url)) => {
+            let mut b = reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(JWKS_FETCH_TIMEOUT)
+                .redirect(reqwest::redirect::Policy::none());
+            if let Some(ca) = &cfg.jwks_ca_file {
+                let at = format!("api.auth.jwt.jwksCaFile {ca}");
+                let pem = std::fs::read(ca)
+                    .map_err(|e| AuthSetupError(format!("{at}: cannot read it ({e})")))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| AuthSetupError(format!("{at}: not PEM certificates ({e})")))?;
+                if certs.is_empty() {
+                    return Err(AuthSetupError(format!("{at}: holds no certificate")));
+                }
+                b = b.tls_certs_only(certs);
+            }
+            let client = b.build().map_err(|e| {
+                AuthSetupError(format!(
+                    "api.auth.jwt.jwksUrl: cannot set up the HTTP client ({e})"
+                ))
+            })?;
+            let source = JwksSource::Url {
+                url: url.clone(),
+                client,
+                refresh: cfg.jwks_refresh_interval.get(),
+            };
+            let state = JwksState {
+                error: Some(format!("the JWKS at {url} has not been fetched yet")),
+                ..JwksState::default()
+            };
+            (source, state)
+        }
+        (None, None) => {
+            return Err(AuthSetupError(
+                "api.auth.jwt: give jwksFile or jwksUrl".into(),
+            ));
+        }
+    };
     Ok(JwtCheck {
-        keys,
+        source,
+        state: RwLock::new(state),
+        fetching: tokio::sync::Mutex::new(()),
         issuer: cfg.issuer.clone(),
         audience: cfg.audience.clone(),
         roles_claim: cfg.roles_claim.clone(),
     })
+}
+
+/// GETs a JWKS, reading at most [`MAX_JWKS_BYTES`]; its keys and the
+/// document's fingerprint.
+async fn fetch_jwks(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<(Vec<JwtKey>, [u8; 32]), String> {
+    let mut res = client
+        .get(url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| describe_fetch_error(&e))?;
+    if !res.status().is_success() {
+        return Err(format!("the endpoint answered HTTP {}", res.status()));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = res
+        .chunk()
+        .await
+        .map_err(|e| format!("reading the answer failed ({e})"))?
+    {
+        if body.len() + chunk.len() > MAX_JWKS_BYTES {
+            return Err(format!(
+                "the answer is larger than {MAX_JWKS_BYTES} bytes; that is no JWKS"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let text =
+        std::str::from_utf8(&body).map_err(|_| "the answer is not UTF-8 text".to_string())?;
+    let keys = parse_jwks(text)?;
+    Ok((keys, digest(&body)))
+}
+
+/// A failed fetch's cause, TLS trust named as such.
+fn describe_fetch_error(e: &reqwest::Error) -> String {
+    let mut chain = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    if e.is_timeout() {
+        format!("no answer within {JWKS_FETCH_TIMEOUT:?} ({chain})")
+    } else if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+        format!(
+            "the endpoint's TLS certificate is not trusted ({chain}); set api.auth.jwt.jwksCaFile to the CA that signed it"
+        )
+    } else {
+        chain
+    }
 }
 
 /// Each key of a JWKS with the one algorithm it may verify: the key's
@@ -425,13 +786,115 @@ fn parse_jwks(text: &str) -> Result<Vec<JwtKey>, String> {
     Ok(keys)
 }
 
+/// How a refusal for a key id the JWKS lacks begins (it may be a rotated
+/// key: the JWKS URL is fetched again).
+const UNKNOWN_KID: &str = "no key of the JWKS has key id";
+
 impl JwtCheck {
+    fn keys(&self) -> Arc<Vec<JwtKey>> {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .clone()
+    }
+
+    /// Whether the keys are older than `refresh` (or failed: retried
+    /// every [`JWKS_RETRY`]).
+    fn due(&self, refresh: Duration) -> bool {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let every = if st.error.is_some() {
+            JWKS_RETRY.min(refresh)
+        } else {
+            refresh
+        };
+        st.fetched.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    /// Reads the JWKS file again; `Ok(true)` when new keys are in use.
+    fn reload_file(&self, path: &Path) -> Result<bool, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+        let fp = digest(text.as_bytes());
+        if self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .fingerprint
+            == fp
+        {
+            return Ok(false);
+        }
+        let keys = parse_jwks(&text).map_err(|m| format!("{}: {m}", path.display()))?;
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        st.keys = Arc::new(keys);
+        st.fingerprint = fp;
+        Ok(true)
+    }
+
+    /// Fetches the JWKS URL once. Keys that parse replace the ones in use;
+    /// a failure keeps them (and is what a refused JWT then names).
+    async fn fetch(&self) {
+        let JwksSource::Url { url, client, .. } = &self.source else {
+            return;
+        };
+        let _one = self.fetching.lock().await;
+        let got = fetch_jwks(client, url).await;
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        st.fetched = Some(Instant::now());
+        match got {
+            Ok((keys, fp)) => {
+                if st.fingerprint != fp {
+                    tracing::info!(%url, keys = keys.len(), "JWKS fetched: new requests use its keys");
+                }
+                st.keys = Arc::new(keys);
+                st.fingerprint = fp;
+                st.error = None;
+            }
+            Err(e) => {
+                if st.error.as_deref() != Some(e.as_str()) {
+                    tracing::warn!(%url, "cannot fetch the JWKS (keeping {} key(s) in use; retrying every {JWKS_RETRY:?}): {e}", st.keys.len());
+                }
+                st.error = Some(e);
+            }
+        }
+    }
+
+    /// Fetches a JWKS URL again for a token whose key id it lacks, unless
+    /// it was fetched within [`JWKS_REFETCH_MIN`]; true when it fetched.
+    async fn refetch_for_unknown_key(&self) -> bool {
+        if !matches!(self.source, JwksSource::Url { .. }) {
+            return false;
+        }
+        {
+            let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+            if st.refetched.is_some_and(|t| t.elapsed() < JWKS_REFETCH_MIN) {
+                return false;
+            }
+            st.refetched = Some(Instant::now());
+        }
+        self.fetch().await;
+        true
+    }
+
     fn check(&self, token: &str) -> Result<Caller, Unauthenticated> {
         let bad = |m: String| Unauthenticated::Jwt(m);
         let header =
             jsonwebtoken::decode_header(token).map_err(|_| Unauthenticated::UnknownToken(true))?;
-        let candidates: Vec<&JwtKey> = self
-            .keys
+        let keys = self.keys();
+        if keys.is_empty() {
+            let why = self
+                .state
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .error
+                .clone()
+                .unwrap_or_else(|| "the JWKS holds no key".into());
+            return Err(bad(format!(
+                "no key to verify it with: {why}; retry shortly, and check api.auth.jwt.jwksUrl"
+            )));
+        }
+        let candidates: Vec<&JwtKey> = keys
             .iter()
             .filter(|k| {
                 k.alg == header.alg
@@ -444,7 +907,7 @@ impl JwtCheck {
             .collect();
         if candidates.is_empty() {
             return Err(bad(format!(
-                "no key of the JWKS has key id {:?} and algorithm {:?}: the token is forged, from another issuer, or the JWKS file is out of date",
+                "{UNKNOWN_KID} {:?} and algorithm {:?}: the token is forged, from another issuer, or signed by a key newer than the JWKS in use",
                 header.kid.as_deref().unwrap_or("(none)"),
                 header.alg
             )));
@@ -628,6 +1091,124 @@ tokens:
             assert!(e.contains(says) && e.starts_with("f.yaml: "), "{text}: {e}");
             assert!(!e.contains("0123456789abcdefg"), "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn client_certificates_name_callers_and_only_a_jobmanager_forwards_one() {
+        let cfg = ApiAuthConfig {
+            tokens_file: None,
+            jwt: None,
+            client_certificates: Some(ClientCertAuth {
+                ca_file: "/callers.pem".into(),
+                identities: [("ci-bot".to_string(), vec!["payments:operator".to_string()])].into(),
+            }),
+            metrics_authenticated: false,
+        };
+        let auth = ApiAuth::from_config(&cfg).unwrap();
+        let caller_cert = |names: &[&str]| PeerCert {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            from_region_jobmanager: false,
+        };
+        // The first of the certificate's names that has grants.
+        let ci = auth
+            .authenticate_request(None, Some(&caller_cert(&["CI Bot", "ci-bot"])), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (ci.name.as_str(), ci.method),
+            ("ci-bot", Method::Certificate)
+        );
+        assert!(ci.may(Role::Operator, "payments") && !ci.may(Role::Viewer, "billing"));
+        // A name with no grants: known, allowed nothing.
+        let nobody = auth
+            .authenticate_request(None, Some(&caller_cert(&["stranger"])), None)
+            .await
+            .unwrap();
+        assert_eq!(nobody.name, "stranger");
+        assert!(nobody.grants.is_empty());
+        // A JobManager's own certificate is no caller.
+        let jm = PeerCert {
+            names: vec!["ci-bot".into()],
+            from_region_jobmanager: true,
+        };
+        assert_eq!(
+            auth.authenticate_request(None, Some(&jm), None).await,
+            Err(Unauthenticated::Missing)
+        );
+        // It alone may forward an identity, whose grants are this side's.
+        let fwd = auth
+            .authenticate_request(None, Some(&jm), Some("ci-bot"))
+            .await
+            .unwrap();
+        assert_eq!(fwd.grants, ci.grants);
+        for peer in [None, Some(&caller_cert(&["ci-bot"]))] {
+            assert_eq!(
+                auth.authenticate_request(None, peer, Some("ci-bot")).await,
+                Err(Unauthenticated::ForgedForward)
+            );
+        }
+        // A token beside a forwarded identity: the identity is refused.
+        assert_eq!(
+            auth.authenticate_request(Some("Bearer x"), Some(&jm), Some("ci-bot"))
+                .await,
+            Err(Unauthenticated::ForgedForward)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_identity_means_nothing_without_client_certificates() {
+        let auth = ApiAuth::with_tokens_yaml(TOKENS, "test").unwrap();
+        let jm = PeerCert {
+            names: vec!["jm".into()],
+            from_region_jobmanager: true,
+        };
+        assert_eq!(
+            auth.authenticate_request(None, Some(&jm), Some("ops"))
+                .await,
+            Err(Unauthenticated::ForgedForward)
+        );
+        let ci = auth
+            .authenticate_request(Some("Bearer 0123456789abcdef-ci"), None, None)
+            .await
+            .unwrap();
+        assert_eq!(ci.name, "ci");
+    }
+
+    #[test]
+    fn a_changed_tokens_file_replaces_the_tokens_and_a_broken_one_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        std::fs::write(&path, TOKENS).unwrap();
+        let cfg = ApiAuthConfig {
+            tokens_file: Some(path.display().to_string()),
+            ..ApiAuthConfig::default()
+        };
+        let auth = ApiAuth::from_config(&cfg).unwrap();
+        assert_eq!(auth.reload_tokens(&path), Ok(false), "unchanged");
+        std::fs::write(
+            &path,
+            "tokens: [{name: new, token: 0123456789abcdef-new, roles: ['*:viewer']}]",
+        )
+        .unwrap();
+        assert_eq!(auth.reload_tokens(&path), Ok(true));
+        assert!(
+            auth.authenticate(Some("Bearer 0123456789abcdef-ci"))
+                .is_err()
+        );
+        assert_eq!(
+            auth.authenticate(Some("Bearer 0123456789abcdef-new"))
+                .unwrap()
+                .name,
+            "new"
+        );
+        std::fs::write(&path, "tokens: [{name: x, token: short}]").unwrap();
+        let e = auth.reload_tokens(&path).unwrap_err();
+        assert!(e.contains("shorter than 16"), "{e}");
+        assert!(
+            auth.authenticate(Some("Bearer 0123456789abcdef-new"))
+                .is_ok(),
+            "the tokens in use stay"
+        );
     }
 
     #[test]

@@ -66,9 +66,10 @@ pub(crate) struct Inner {
     /// `refresh_from_store`): two at once would both find a job undriven
     /// and start it twice.
     pub(crate) adopting: tokio::sync::Mutex<()>,
-    /// The HTTP client a standby forwards writes to the leader with, when
-    /// the REST API speaks HTTPS (`tls.api`): it trusts the region's CA.
-    pub(crate) forward_client: std::sync::OnceLock<reqwest::Client>,
+    /// The TLS a standby forwards writes to the leader with, when the REST
+    /// API speaks HTTPS (`tls.api`): it trusts the region's CA and presents
+    /// this JobManager's certificate.
+    pub(crate) forward_tls: std::sync::OnceLock<crate::api::ForwardTls>,
     /// The region epoch as last read (0 without a region lease).
     pub(crate) region_epoch: Arc<crate::leadership::RegionEpochCell>,
     /// How long this region may still commit checkpoints.
@@ -193,7 +194,7 @@ impl JobManager {
                 standby_region: RwLock::new(None),
                 demoting: Default::default(),
                 adopting: Default::default(),
-                forward_client: std::sync::OnceLock::new(),
+                forward_tls: std::sync::OnceLock::new(),
                 region_epoch: Default::default(),
                 region_fence: Default::default(),
             }),

@@ -31,8 +31,11 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         .instance_id
         .clone()
         .unwrap_or_else(|| default_instance_id("jm"));
-    let auth = ferry_jobmanager::auth::ApiAuth::from_config(&cfg.api.auth)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let auth = std::sync::Arc::new(
+        ferry_jobmanager::auth::ApiAuth::from_config(&cfg.api.auth)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    auth.start(cfg.tls.reload_interval.get()).await;
     if !auth.enabled() {
         tracing::warn!(
             "api.auth is not set: anyone who reaches the REST API may submit and cancel jobs and fail regions over (see docs/security.md)"
@@ -46,19 +49,32 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         None => None,
     };
     let api_tls = match &cfg.tls.api {
-        Some(t) => Some(ferry_core::tls::ServerTls::load(
+        Some(t) => {
+            let mut files = t.files();
+            // Callers may bring a certificate of their own CA; another
+            // JobManager (forwarding a write) one of the region's.
+            let client_auth = match &cfg.api.auth.client_certificates {
+                Some(c) => {
+                    files.callers_ca = Some(c.ca_file.clone().into());
+                    ferry_core::tls::ClientAuth::Optional
+                }
+                None => ferry_core::tls::ClientAuth::None,
+            };
+            Some(ferry_core::tls::ServerTls::load(
+                files,
+                client_auth,
+                &[b"http/1.1"],
+                cfg.tls.reload_interval.get(),
+            )?)
+        }
+        None => None,
+    };
+    let forward_tls = match &cfg.tls.api {
+        Some(t) => Some(ferry_core::tls::ClientTls::load(
             t.files(),
-            ferry_core::tls::ClientAuth::None,
             &[b"http/1.1"],
             cfg.tls.reload_interval.get(),
         )?),
-        None => None,
-    };
-    let api_ca = match &cfg.tls.api {
-        Some(t) => Some(
-            std::fs::read(&t.ca_file)
-                .with_context(|| format!("tls.api: cannot read the CA file {}", t.ca_file))?,
-        ),
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
@@ -126,14 +142,14 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         ferry_jobmanager::start_region_side(&cfg, &jm, &api_url, &ha_rt, replication_stop.clone())
             .await?;
     let api_stop = CancellationToken::new();
-    if let Some(ca) = &api_ca {
-        jm.trust_leaders_signed_by(ca)
+    if let Some(tls) = forward_tls {
+        jm.forward_with(tls)
             .map_err(|e| anyhow::anyhow!("tls.api: {e}"))?;
     }
     let api = tokio::spawn(ferry_jobmanager::api::serve_with_auth(
         jm.clone(),
         listener,
-        std::sync::Arc::new(auth),
+        auth,
         api_tls,
         api_stop.clone(),
     ));

@@ -20,6 +20,8 @@ use ferry_taskmanager::source::generator::GeneratorModel;
 
 pub mod clicks;
 pub mod ha;
+pub mod jwt;
+pub mod rest;
 pub mod s3;
 pub mod tools;
 

@@ -9,10 +9,11 @@ use serde::{Deserialize, Serialize};
 pub struct AuditEntry {
     /// When the answer was sent.
     pub at: DateTime<Utc>,
-    /// The caller: a static token's name, a JWT's `sub`, or `anonymous`
-    /// when the API is open.
+    /// The caller: a static token's name, a JWT's `sub`, a client
+    /// certificate's identity, or `anonymous` when the API is open.
     pub actor: String,
-    /// How the caller authenticated: `token`, `jwt` or `none`.
+    /// How the caller authenticated: `token`, `jwt`, `certificate` or
+    /// `none`.
     pub auth: String,
     /// The caller's grants (`namespace:role`).
     #[serde(default)]

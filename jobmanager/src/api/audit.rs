@@ -67,6 +67,7 @@ fn auth_name(m: AuthMethod) -> &'static str {
         AuthMethod::None => "none",
         AuthMethod::Token => "token",
         AuthMethod::Jwt => "jwt",
+        AuthMethod::Certificate => "certificate",
     }
 }
 

@@ -5,13 +5,15 @@
 //! [`require`]; this layer checks what holds for the route as a whole.
 //!
 //! Invariant: the [`Caller`] a handler sees comes from this gate, built
-//! from the request's `Authorization` header alone; 401 means no valid
+//! from the request's `Authorization` header or its connection's verified
+//! client certificate (see [`crate::auth`] for the one forwarded identity
+//! taken, from another JobManager's certificate only); 401 means no valid
 //! credential, 403 a valid one without the role, both as JSON naming what
 //! was missing.
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -112,8 +114,16 @@ pub(super) async fn gate(State(g): State<Gate>, mut req: Request, next: Next) ->
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""));
+    let forwarded = req
+        .headers()
+        .get(super::FORWARDED_IDENTITY_HEADER)
+        .map(|v| v.to_str().unwrap_or(""));
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<super::Peer>>()
+        .and_then(|c| c.0.cert.as_deref());
     let write = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let caller = match auth.authenticate(header) {
+    let caller = match auth.authenticate_request(header, peer, forwarded).await {
         Ok(c) => c,
         Err(e) => {
             // Counted and logged, not kept in the store: anyone can send

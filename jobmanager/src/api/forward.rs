@@ -2,7 +2,10 @@
 //! JobManager is sent on to the leader (whose URL it publishes with its
 //! lease) and the leader's answer is returned, marked with
 //! `x-ferry-forwarded-by`, with the caller's `Authorization` header (the
-//! leader checks it again). Reads are answered locally from the job store.
+//! leader checks it again). A caller known by its client certificate is
+//! named in `x-ferry-forwarded-identity` instead, on a connection where the
+//! standby presents its own JobManager certificate, which is what lets the
+//! leader believe the name. Reads are answered locally from the job store.
 //! Every response carries `x-ferry-role`.
 //!
 //! Invariant: a request is forwarded at most once (a request that already
@@ -10,7 +13,7 @@
 //! if this instance does not lead), so two standbys with stale views of the
 //! leader cannot bounce a request between them.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,7 +23,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::{FORWARDED_BY_HEADER, MAX_BODY_BYTES, ROLE_HEADER};
+use super::{FORWARDED_BY_HEADER, FORWARDED_IDENTITY_HEADER, MAX_BODY_BYTES, ROLE_HEADER};
+use crate::auth::{Caller, Method as AuthMethod};
 use crate::leadership::RoleName;
 use crate::service::JobManager;
 
@@ -35,33 +39,58 @@ fn builder() -> reqwest::ClientBuilder {
         .timeout(FORWARD_TIMEOUT)
 }
 
-/// The client forwarding goes through: one that trusts the region's CA
-/// when the API speaks HTTPS, else a plain one.
-fn client(jm: &JobManager) -> &reqwest::Client {
-    static PLAIN: OnceLock<reqwest::Client> = OnceLock::new();
-    jm.inner
-        .forward_client
-        .get()
-        .unwrap_or_else(|| PLAIN.get_or_init(|| builder().build().expect("reqwest client")))
+/// The TLS a standby forwards with: the region's CA to check the leader,
+/// this JobManager's certificate to show it is one. The client is built
+/// again when the files change (cert-manager rotated them).
+pub struct ForwardTls {
+    tls: ferry_core::tls::ClientTls,
+    client: Mutex<Option<(Arc<rustls::ClientConfig>, reqwest::Client)>>,
 }
 
-impl JobManager {
-    /// Forwarded writes go over HTTPS to leaders whose certificate the CA
-    /// in `ca_pem` (PEM, one or more certificates) signed, and to no other.
-    pub fn trust_leaders_signed_by(&self, ca_pem: &[u8]) -> Result<(), String> {
-        let certs = reqwest::Certificate::from_pem_bundle(ca_pem)
-            .map_err(|e| format!("tls.api.caFile is not PEM certificates: {e}"))?;
-        if certs.is_empty() {
-            return Err("tls.api.caFile holds no certificate".into());
+impl ForwardTls {
+    /// The client for the material in use now.
+    fn client(&self) -> Result<reqwest::Client, String> {
+        let config = self.tls.config();
+        let mut cached = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, client)) = cached.as_ref()
+            && Arc::ptr_eq(c, &config)
+        {
+            return Ok(client.clone());
         }
         let client = builder()
-            .tls_certs_only(certs)
+            .tls_backend_preconfigured((*config).clone())
             .https_only(true)
             .build()
             .map_err(|e| format!("cannot set up the forwarding client: {e}"))?;
+        *cached = Some((config, client.clone()));
+        Ok(client)
+    }
+}
+
+/// The client forwarding goes through: over HTTPS when the API speaks it,
+/// else a plain one.
+fn client(jm: &JobManager) -> Result<reqwest::Client, String> {
+    static PLAIN: OnceLock<reqwest::Client> = OnceLock::new();
+    match jm.inner.forward_tls.get() {
+        Some(t) => t.client(),
+        None => Ok(PLAIN
+            .get_or_init(|| builder().build().expect("reqwest client"))
+            .clone()),
+    }
+}
+
+impl JobManager {
+    /// Forwarded writes go over HTTPS to leaders whose certificate `tls`'s
+    /// CA signed, and to no other, presenting `tls`'s certificate.
+    pub fn forward_with(&self, tls: ferry_core::tls::ClientTls) -> Result<(), String> {
+        let f = ForwardTls {
+            tls,
+            client: Mutex::new(None),
+        };
+        f.client()?;
         self.inner
-            .forward_client
-            .set(client)
+            .forward_tls
+            .set(f)
             .map_err(|_| "the forwarding client is already set".to_string())
     }
 }
@@ -109,6 +138,13 @@ async fn forward(jm: &JobManager, req: Request) -> Response {
     // The caller's own credential goes on: the leader authenticates it
     // again, so no header a client could forge stands for an identity.
     let authorization = req.headers().get(header::AUTHORIZATION).cloned();
+    // ... except for one known by its client certificate, which cannot go
+    // on: this JobManager vouches for it with its own.
+    let certified = req
+        .extensions()
+        .get::<Caller>()
+        .filter(|c| c.method == AuthMethod::Certificate && authorization.is_none())
+        .and_then(|c| HeaderValue::from_str(&c.name).ok());
     let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
         Ok(b) => b,
         Err(e) => {
@@ -120,7 +156,16 @@ async fn forward(jm: &JobManager, req: Request) -> Response {
             .into_response();
         }
     };
-    let mut out = client(jm)
+    let http = match client(jm) {
+        Ok(c) => c,
+        Err(e) => {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_leader", format!(
+                "this JobManager is a standby and cannot forward the write to the leader: {e}; check tls.api"
+            ))
+            .into_response();
+        }
+    };
+    let mut out = http
         .request(method.clone(), &url)
         .header(FORWARDED_BY_HEADER, jm.instance_id())
         .body(body);
@@ -129,6 +174,9 @@ async fn forward(jm: &JobManager, req: Request) -> Response {
     }
     if let Some(a) = authorization {
         out = out.header(header::AUTHORIZATION, a);
+    }
+    if let Some(name) = certified {
+        out = out.header(FORWARDED_IDENTITY_HEADER, name);
     }
     tracing::debug!(%method, %url, "forwarding a write to the leader");
     match out.send().await {

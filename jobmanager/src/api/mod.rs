@@ -34,6 +34,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail, ErrorObject};
+pub use forward::ForwardTls;
 pub use health::PROMETHEUS_CONTENT_TYPE;
 pub use jobs::{CancelResponse, CheckpointList, JobList};
 
@@ -53,6 +54,11 @@ pub const ROLE_HEADER: &str = "x-ferry-role";
 /// Header naming the standby that forwarded a write to the leader (on the
 /// forwarded request, and on the response the client gets).
 pub const FORWARDED_BY_HEADER: &str = "x-ferry-forwarded-by";
+
+/// Header with the caller a standby verified by its client certificate,
+/// on a write it forwards to the leader over its own JobManager
+/// certificate; taken from nothing else (see [`crate::auth`]).
+pub const FORWARDED_IDENTITY_HEADER: &str = "x-ferry-forwarded-identity";
 
 /// How long [`serve`] waits for in-flight requests after shutdown is asked.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -268,22 +274,47 @@ const HTTPS_REQUIRED: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: applic
 struct TlsListener {
     rx: tokio::sync::mpsc::Receiver<(ferry_core::tls::ServerStream, std::net::SocketAddr)>,
     local: std::net::SocketAddr,
+    tls: ferry_core::tls::ServerTls,
+}
+
+/// Who is at the other end of a connection to the API: its address and
+/// the client certificate it presented, read once per connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub cert: Option<Arc<crate::auth::PeerCert>>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
+    }
 }
 
 impl axum::serve::Listener for TlsListener {
     type Io = ferry_core::tls::ServerStream;
-    type Addr = std::net::SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(c) => c,
+        let Some((io, addr)) = self.rx.recv().await else {
             // The accept loop ended (never while this listener lives).
-            None => std::future::pending().await,
-        }
+            return std::future::pending().await;
+        };
+        let cert = io.get_ref().1.peer_certificates().and_then(|chain| {
+            let leaf = chain.first()?;
+            Some(Arc::new(crate::auth::PeerCert {
+                names: ferry_core::tls::certificate_names(leaf),
+                from_region_jobmanager: self.tls.from_link_ca(chain),
+            }))
+        });
+        (io, Peer { addr, cert })
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(Peer {
+            addr: self.local,
+            cert: None,
+        })
     }
 }
 
@@ -309,7 +340,7 @@ pub async fn serve_with_auth(
             Some(tls) => {
                 let rx = ferry_core::tls::accept(
                     listener,
-                    tls,
+                    tls.clone(),
                     {
                         let c = jm.inner.metrics.api_tls_refused.clone();
                         Arc::new(move || {
@@ -318,9 +349,16 @@ pub async fn serve_with_auth(
                     },
                     Some(HTTPS_REQUIRED),
                 );
-                axum::serve(TlsListener { rx, local: addr }, router)
-                    .with_graceful_shutdown(stop)
-                    .await
+                axum::serve(
+                    TlsListener {
+                        rx,
+                        local: addr,
+                        tls,
+                    },
+                    router.into_make_service_with_connect_info::<Peer>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
             }
         }
     };
