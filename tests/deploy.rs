@@ -1321,8 +1321,10 @@ fn certificates_name_what_each_link_dials() {
             names.iter().any(|n| name_covers(n, &svc)),
             "{region}: the API certificate does not name the Service {svc}"
         );
+        // Client auth too: a standby presents it when it forwards a
+        // certificate caller's write.
         assert!(
-            usages(&api).contains(&"server auth"),
+            usages(&api).contains(&"server auth") && usages(&api).contains(&"client auth"),
             "{region}: API certificate usages"
         );
 
