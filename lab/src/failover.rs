@@ -52,12 +52,13 @@ pub struct FailoverOptions {
 /// What happens, as it happens.
 #[derive(Clone, Copy, Debug)]
 pub enum Progress {
-    /// Every process is up.
-    Started,
-    /// One leader loss: `handoff` (SIGTERM) or a SIGKILL, its number from
-    /// 1, the time to an accepted write and to the long job's next
-    /// checkpoint.
+    /// Every process of the plaintext or the `secure` cluster is up.
+    Started { secure: bool },
+    /// One leader loss in the plaintext or the `secure` cluster:
+    /// `handoff` (SIGTERM) or a SIGKILL, its number from 1, the time to an
+    /// accepted write and to the long job's next checkpoint.
     Round {
+        secure: bool,
         handoff: bool,
         n: u32,
         write: Duration,
@@ -155,14 +156,14 @@ impl FailoverReport {
             row(
                 "REST request on a kept-alive connection (GET /v1/jobs/{id})",
                 &r.rest_ms,
-                1,
+                3,
             );
         }
         if !r.rest_new_connection_ms.all.is_empty() {
             row(
                 "REST request on a new connection (GET /v1/jobs)",
                 &r.rest_new_connection_ms,
-                1,
+                3,
             );
         }
         if r.checkpoints_after_sigkill > 0 {
@@ -215,6 +216,7 @@ pub fn compare(plain: &FailoverReport, secure: &FailoverReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "| p99 | plaintext ms | TLS + auth ms | difference |");
     let _ = writeln!(out, "|---|---|---|---|");
+    // Sub-millisecond REST times need three decimals to compare.
     for (what, p, s) in [
         (
             "SIGKILL takeover",
@@ -242,7 +244,8 @@ pub fn compare(plain: &FailoverReport, secure: &FailoverReport) -> String {
         } else {
             "-".to_string()
         };
-        let _ = writeln!(out, "| {what} | {p:.1} | {s:.1} | {diff} |");
+        let digits = if p < 10.0 { 3 } else { 1 };
+        let _ = writeln!(out, "| {what} | {p:.digits$} | {s:.digits$} | {diff} |");
     }
     out
 }
@@ -261,6 +264,83 @@ const LONG_JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{
 
 /// Untimed REST requests before the timed ones (connection setup).
 const REST_WARMUP: u32 = 10;
+
+/// Times REST requests against one cluster's leader.
+struct RestProbe {
+    /// The bench's client: its connection stays open between requests.
+    kept: Client,
+    /// A client without a connection pool: a TCP connect, and in a secure
+    /// run a TLS handshake, per request — what a CLI invocation pays.
+    fresh: reqwest::Client,
+    list_url: String,
+    token: Option<String>,
+    /// `GET /v1/jobs/{job}` on the kept connection (`GET /v1/jobs`
+    /// without one).
+    job: Option<String>,
+}
+
+impl RestProbe {
+    /// One request on the kept-alive connection, in ms.
+    async fn kept_alive(&self) -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        let status = match &self.job {
+            Some(id) => self.kept.job(id).await.map(|a| a.status),
+            None => self.kept.jobs().await.map(|a| a.status),
+        };
+        match status {
+            Ok(ferry_client::StatusCode::OK) => Ok(t0.elapsed().as_secs_f64() * 1e3),
+            Ok(s) => bail!("a timed REST request answered {s}"),
+            Err(e) => bail!("a timed REST request failed: {e}"),
+        }
+    }
+
+    /// One `GET /v1/jobs` on a new connection, in ms.
+    async fn new_connection(&self) -> anyhow::Result<f64> {
+        let t0 = Instant::now();
+        let mut req = self.fresh.get(&self.list_url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let res = req
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("a timed REST request failed: {e}"))?;
+        if !res.status().is_success() {
+            bail!("a timed REST request answered {}", res.status());
+        }
+        res.bytes().await?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+/// `n` kept-alive requests (after [`REST_WARMUP`] untimed ones) and
+/// `n / 5` on new connections against each probe's leader, the probes
+/// taking turns request by request, so that a slow moment of the machine
+/// falls on all alike; per probe, the two lists of times in ms, ascending.
+async fn time_rest(probes: &[RestProbe], n: u32) -> anyhow::Result<Vec<(Vec<f64>, Vec<f64>)>> {
+    let mut out = vec![(Vec::new(), Vec::new()); probes.len()];
+    if n == 0 {
+        return Ok(out);
+    }
+    for i in 0..n + REST_WARMUP {
+        for (p, o) in probes.iter().zip(&mut out) {
+            let t = p.kept_alive().await?;
+            if i >= REST_WARMUP {
+                o.0.push(t);
+            }
+        }
+    }
+    for _ in 0..n.div_ceil(5) {
+        for (p, o) in probes.iter().zip(&mut out) {
+            o.1.push(p.new_connection().await?);
+        }
+    }
+    for o in &mut out {
+        o.0.sort_by(f64::total_cmp);
+        o.1.sort_by(f64::total_cmp);
+    }
+    Ok(out)
+}
 
 /// Bound on one round (election + write).
 const ROUND_LIMIT: Duration = Duration::from_secs(30);
@@ -591,41 +671,10 @@ impl Bench {
         Ok((took, checkpoint))
     }
 
-    /// `n` requests `GET /v1/jobs/{long job}` (`GET /v1/jobs` without
-    /// one) to the leader, one after another; their times in ms,
-    /// ascending.
-    async fn rest_latencies(&self, leader: usize, n: u32) -> anyhow::Result<Vec<f64>> {
-        let c = self
-            .api(leader, Duration::from_secs(5))
-            .expect("leader runs");
-        let mut out = Vec::with_capacity(n as usize);
-        // Untimed: the connection's setup (and its TLS handshake) is
-        // measured by `new_connection_latencies`.
-        for i in 0..n + REST_WARMUP {
-            let t0 = Instant::now();
-            let status = match &self.long_job {
-                Some(id) => c.job(id).await.map(|a| a.status),
-                None => c.jobs().await.map(|a| a.status),
-            };
-            match status {
-                Ok(ferry_client::StatusCode::OK) => {}
-                Ok(s) => bail!("a timed REST request answered {s}"),
-                Err(e) => bail!("a timed REST request failed: {e}"),
-            }
-            if i >= REST_WARMUP {
-                out.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        out.sort_by(f64::total_cmp);
-        Ok(out)
-    }
-
-    /// `n` requests `GET /v1/jobs` to the leader, each on a new
-    /// connection (one client without a connection pool: a TCP connect,
-    /// and in a secure run a TLS handshake, per request — what a CLI
-    /// invocation pays); their times in ms, ascending.
-    async fn new_connection_latencies(&self, leader: usize, n: u32) -> anyhow::Result<Vec<f64>> {
-        let port = self.jms[leader].as_ref().expect("leader runs").proc.port;
+    /// The REST timers of the settled leader.
+    async fn rest_probe(&self) -> anyhow::Result<RestProbe> {
+        let leader = self.settled().await?;
+        let jm = self.jms[leader].as_ref().expect("leader runs");
         let mut b = reqwest::Client::builder()
             .no_proxy()
             .pool_max_idle_per_host(0)
@@ -639,27 +688,13 @@ impl Bench {
             }
             None => "http",
         };
-        let http = b.build()?;
-        let url = format!("{scheme}://127.0.0.1:{port}/v1/jobs");
-        let mut out = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let t0 = Instant::now();
-            let mut req = http.get(&url);
-            if let Some(s) = &self.secure {
-                req = req.bearer_auth(&s.token);
-            }
-            let res = req
-                .send()
-                .await
-                .map_err(|e| anyhow::anyhow!("a timed REST request failed: {e}"))?;
-            if !res.status().is_success() {
-                bail!("a timed REST request answered {}", res.status());
-            }
-            res.bytes().await?;
-            out.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-        out.sort_by(f64::total_cmp);
-        Ok(out)
+        Ok(RestProbe {
+            kept: jm.api.clone().with_timeout(Duration::from_secs(5)),
+            fresh: b.build()?,
+            list_url: format!("{scheme}://127.0.0.1:{}/v1/jobs", jm.proc.port),
+            token: self.secure.as_ref().map(|s| s.token.clone()),
+            job: self.long_job.clone(),
+        })
     }
 
     async fn submit_long(&self, leader: usize) -> anyhow::Result<String> {
@@ -684,113 +719,142 @@ impl Bench {
     }
 }
 
-/// Runs the benchmark, telling `progress` what happens.
-pub async fn run(
-    a: &FailoverOptions,
-    mut progress: impl FnMut(Progress),
-) -> anyhow::Result<FailoverReport> {
-    let tmp = a.work_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&tmp)?;
-    let (secure, nats_conf) = match a.secure {
-        true => {
-            let (s, conf) = Secure::create(&tmp.join("pki"))?;
-            (Some(s), conf)
-        }
-        false => (None, String::new()),
-    };
-    let nats = start_nats_with(&tmp.join("nats"), &nats_conf)?;
-    let nats_port = nats.port;
-    let mut b = Bench {
-        ferry: a.ferry.clone(),
-        dir: tmp.clone(),
-        nats_url: format!("nats://127.0.0.1:{nats_port}"),
-        ttl: a.lease_ttl.clone(),
-        jms: vec![None, None, None],
-        tms: Vec::new(),
-        http: reqwest::Client::builder().no_proxy().build()?,
-        long_job: None,
-        secure,
-    };
-    for i in 0..3 {
-        b.start_jm(i)?;
-    }
-    for i in 0..a.taskmanagers {
-        b.start_tm(i)?;
-    }
-    progress(Progress::Started);
-    if a.taskmanagers > 0 {
-        let leader = b.settled().await?;
-        b.long_job = Some(b.submit_long(leader).await?);
-        let start = Instant::now();
-        while b.long_checkpoint(leader).await.is_none() {
-            if start.elapsed() > ROUND_LIMIT {
-                bail!("the long job completed no checkpoint within {ROUND_LIMIT:?}");
+/// One benchmark cluster: its NATS server, JobManagers, TaskManagers and
+/// the long job, and what its leader losses measured.
+struct Cluster {
+    b: Bench,
+    nats: ferry_testkit::nats::NatsProcess,
+    tmp: PathBuf,
+    secure: bool,
+    kills: Vec<f64>,
+    handoffs: Vec<f64>,
+    kill_cps: Vec<f64>,
+    handoff_cps: Vec<f64>,
+}
+
+/// What a cluster reports when the long job has been cancelled.
+struct Ended {
+    long_attempt: Option<u64>,
+    started: Option<u64>,
+    pids: Vec<u32>,
+}
+
+impl Cluster {
+    /// Starts every process (in `<work dir>/<sub>` or a temp dir) and the
+    /// long job, and waits for its first checkpoint.
+    async fn start(
+        a: &FailoverOptions,
+        secure: bool,
+        sub: Option<&str>,
+        progress: &mut impl FnMut(Progress),
+    ) -> anyhow::Result<Cluster> {
+        let base = base_dir(a);
+        let tmp = match sub {
+            Some(s) => base.join(s),
+            None => base,
+        };
+        std::fs::create_dir_all(&tmp)?;
+        let (secure_setup, nats_conf) = match secure {
+            true => {
+                let (s, conf) = Secure::create(&tmp.join("pki"))?;
+                (Some(s), conf)
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            false => (None, String::new()),
+        };
+        let nats = start_nats_with(&tmp.join("nats"), &nats_conf)?;
+        let mut b = Bench {
+            ferry: a.ferry.clone(),
+            dir: tmp.clone(),
+            nats_url: format!("nats://127.0.0.1:{}", nats.port),
+            ttl: a.lease_ttl.clone(),
+            jms: vec![None, None, None],
+            tms: Vec::new(),
+            http: reqwest::Client::builder().no_proxy().build()?,
+            long_job: None,
+            secure: secure_setup,
+        };
+        for i in 0..3 {
+            b.start_jm(i)?;
         }
-    }
-    let (rest, rest_new) = match a.rest_requests {
-        0 => (Vec::new(), Vec::new()),
-        n => {
+        for i in 0..a.taskmanagers {
+            b.start_tm(i)?;
+        }
+        progress(Progress::Started { secure });
+        if a.taskmanagers > 0 {
             let leader = b.settled().await?;
-            (
-                b.rest_latencies(leader, n).await?,
-                b.new_connection_latencies(leader, n.div_ceil(5)).await?,
-            )
+            b.long_job = Some(b.submit_long(leader).await?);
+            let start = Instant::now();
+            while b.long_checkpoint(leader).await.is_none() {
+                if start.elapsed() > ROUND_LIMIT {
+                    bail!("the long job completed no checkpoint within {ROUND_LIMIT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-    };
-    let mut kills = Vec::new();
-    let mut handoffs = Vec::new();
-    let mut kill_cps = Vec::new();
-    let mut handoff_cps = Vec::new();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    // Interleaved, so a slow phase of the machine hits both kinds alike.
-    for n in 0..a.kills.max(a.handoffs) {
-        if n < a.kills {
-            let (t, cp) = b.round(libc::SIGKILL).await?;
+        Ok(Cluster {
+            b,
+            nats,
+            tmp,
+            secure,
+            kills: Vec::new(),
+            handoffs: Vec::new(),
+            kill_cps: Vec::new(),
+            handoff_cps: Vec::new(),
+        })
+    }
+
+    /// Round `n` (from 0): a leader SIGKILL while `n < a.kills`, then a
+    /// graceful handoff while `n < a.handoffs` — interleaved, so a slow
+    /// phase of the machine hits both kinds alike.
+    async fn rounds(
+        &mut self,
+        n: u32,
+        a: &FailoverOptions,
+        progress: &mut impl FnMut(Progress),
+    ) -> anyhow::Result<()> {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        for (sig, limit) in [(libc::SIGKILL, a.kills), (libc::SIGTERM, a.handoffs)] {
+            if n >= limit {
+                continue;
+            }
+            let handoff = sig == libc::SIGTERM;
+            let (t, cp) = self.b.round(sig).await?;
             progress(Progress::Round {
-                handoff: false,
+                secure: self.secure,
+                handoff,
                 n: n + 1,
                 write: t,
                 checkpoint: cp,
             });
-            kills.push(ms(t));
-            kill_cps.extend(cp.map(ms));
+            let (times, cps) = match handoff {
+                false => (&mut self.kills, &mut self.kill_cps),
+                true => (&mut self.handoffs, &mut self.handoff_cps),
+            };
+            times.push(ms(t));
+            cps.extend(cp.map(ms));
         }
-        if n < a.handoffs {
-            let (t, cp) = b.round(libc::SIGTERM).await?;
-            progress(Progress::Round {
-                handoff: true,
-                n: n + 1,
-                write: t,
-                checkpoint: cp,
-            });
-            handoffs.push(ms(t));
-            handoff_cps.extend(cp.map(ms));
+        Ok(())
+    }
+
+    /// Reads the long job's attempt and the deployments, and cancels it.
+    async fn end_jobs(&mut self) -> anyhow::Result<Ended> {
+        let b = &self.b;
+        let leader = b.settled().await?;
+        // Every leader change adopted the long job's tasks: none was restarted.
+        let long_attempt = match &b.long_job {
+            Some(_) => Some(b.long_checkpoint(leader).await.map(|c| c.1).unwrap_or(0)),
+            None => None,
+        };
+        // The probe jobs ran on the TaskManagers too (one deployment each).
+        let started = if b.tms.is_empty() {
+            None
+        } else {
+            Some(b.deployments_started().await?)
+        };
+        if let Some(id) = b.long_job.clone() {
+            b.cancel(leader, &id).await?;
         }
-    }
-    let leader = b.settled().await?;
-    // Every leader change adopted the long job's tasks: none was restarted.
-    let long_attempt = match &b.long_job {
-        Some(_) => Some(b.long_checkpoint(leader).await.map(|c| c.1).unwrap_or(0)),
-        None => None,
-    };
-    // The probe jobs ran on the TaskManagers too (one deployment each).
-    let started = if b.tms.is_empty() {
-        None
-    } else {
-        Some(b.deployments_started().await?)
-    };
-    if let Some(id) = b.long_job.clone() {
-        b.cancel(leader, &id).await?;
-    }
-    let mut idle = Vec::new();
-    if a.idle_seconds > 0 {
-        // Settle (the jobs have ended), then measure.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let pids: Vec<u32> = b
+        let pids = b
             .jms
             .iter()
             .flatten()
@@ -798,44 +862,133 @@ pub async fn run(
             .chain(b.tms.iter())
             .map(|p| p.child.id())
             .collect();
-        let c0: Vec<f64> = pids
-            .iter()
-            .map(|p| cpu_seconds(*p).unwrap_or(0.0))
-            .collect();
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(a.idle_seconds)).await;
-        let wall = t0.elapsed().as_secs_f64();
-        for (p, c) in pids.iter().zip(c0) {
-            idle.push((cpu_seconds(*p).unwrap_or(c) - c) / wall * 100.0);
+        Ok(Ended {
+            long_attempt,
+            started,
+            pids,
+        })
+    }
+
+    /// Stops every process and builds the report.
+    fn report(
+        mut self,
+        a: &FailoverOptions,
+        rest: (Vec<f64>, Vec<f64>),
+        ended: Ended,
+        idle: Vec<f64>,
+    ) -> FailoverReport {
+        drop(self.b);
+        drop(self.nats);
+        if a.work_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+        for v in [
+            &mut self.kills,
+            &mut self.handoffs,
+            &mut self.kill_cps,
+            &mut self.handoff_cps,
+        ] {
+            v.sort_by(f64::total_cmp);
+        }
+        FailoverReport {
+            lease_ttl: a.lease_ttl.clone(),
+            secure: self.secure,
+            rest_ms: Timings::of(rest.0),
+            rest_new_connection_ms: Timings::of(rest.1),
+            sigkill_ms: Timings::of(self.kills),
+            graceful_ms: Timings::of(self.handoffs),
+            next_checkpoint_after_sigkill_ms: Stats::of(&self.kill_cps),
+            next_checkpoint_after_graceful_ms: Stats::of(&self.handoff_cps),
+            checkpoints_after_sigkill: self.kill_cps.len(),
+            checkpoints_after_graceful: self.handoff_cps.len(),
+            long_job_attempt: ended.long_attempt,
+            deployments_started: ended.started,
+            probe_jobs: u64::from(a.kills + a.handoffs),
+            idle_cpu_percent_per_process: idle,
+            processes: (0..3)
+                .map(|i| format!("jm-{i}"))
+                .chain((0..a.taskmanagers).map(|i| format!("tm-{i}")))
+                .collect(),
         }
     }
-    drop(b);
-    drop(nats);
-    if a.work_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    kills.sort_by(f64::total_cmp);
-    handoffs.sort_by(f64::total_cmp);
-    kill_cps.sort_by(f64::total_cmp);
-    handoff_cps.sort_by(f64::total_cmp);
-    Ok(FailoverReport {
-        lease_ttl: a.lease_ttl.clone(),
-        secure: a.secure,
-        rest_ms: Timings::of(rest),
-        rest_new_connection_ms: Timings::of(rest_new),
-        sigkill_ms: Timings::of(kills),
-        graceful_ms: Timings::of(handoffs),
-        next_checkpoint_after_sigkill_ms: Stats::of(&kill_cps),
-        next_checkpoint_after_graceful_ms: Stats::of(&handoff_cps),
-        checkpoints_after_sigkill: kill_cps.len(),
-        checkpoints_after_graceful: handoff_cps.len(),
-        long_job_attempt: long_attempt,
-        deployments_started: started,
-        probe_jobs: u64::from(a.kills + a.handoffs),
-        idle_cpu_percent_per_process: idle,
-        processes: (0..3)
-            .map(|i| format!("jm-{i}"))
-            .chain((0..a.taskmanagers).map(|i| format!("tm-{i}")))
-            .collect(),
+}
+
+/// Where a run keeps its files: the work dir, or a temp dir.
+fn base_dir(a: &FailoverOptions) -> PathBuf {
+    a.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("ferry-bench-failover-{}", std::process::id()))
     })
+}
+
+/// The CPU each of `pids` used over `seconds` (after 2 s to settle), in %
+/// of one core; empty for 0 seconds.
+async fn idle_cpu(pids: &[u32], seconds: u64) -> Vec<f64> {
+    if seconds == 0 {
+        return Vec::new();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c0: Vec<f64> = pids
+        .iter()
+        .map(|p| cpu_seconds(*p).unwrap_or(0.0))
+        .collect();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let wall = t0.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(c0)
+        .map(|(p, c)| (cpu_seconds(*p).unwrap_or(c) - c) / wall * 100.0)
+        .collect()
+}
+
+/// Runs the benchmark on one cluster (`a.secure` or plaintext), telling
+/// `progress` what happens.
+pub async fn run(
+    a: &FailoverOptions,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<FailoverReport> {
+    let mut c = Cluster::start(a, a.secure, None, &mut progress).await?;
+    let rest = time_rest(&[c.b.rest_probe().await?], a.rest_requests)
+        .await?
+        .remove(0);
+    for n in 0..a.kills.max(a.handoffs) {
+        c.rounds(n, a, &mut progress).await?;
+    }
+    let ended = c.end_jobs().await?;
+    let idle = idle_cpu(&ended.pids, a.idle_seconds).await;
+    Ok(c.report(a, rest, ended, idle))
+}
+
+/// Runs the benchmark on a plaintext and a secure cluster side by side,
+/// both running throughout: their REST requests take turns request by
+/// request, and so do their leader losses round by round, so that what
+/// the machine does meanwhile falls on both alike. Idle CPU is measured
+/// for both at once, after both long jobs ended. Returns (plaintext,
+/// secure).
+pub async fn run_compared(
+    a: &FailoverOptions,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<(FailoverReport, FailoverReport)> {
+    let mut plain = Cluster::start(a, false, Some("plaintext"), &mut progress).await?;
+    let mut secure = Cluster::start(a, true, Some("secure"), &mut progress).await?;
+    let probes = [plain.b.rest_probe().await?, secure.b.rest_probe().await?];
+    let mut rest = time_rest(&probes, a.rest_requests).await?;
+    drop(probes);
+    for n in 0..a.kills.max(a.handoffs) {
+        plain.rounds(n, a, &mut progress).await?;
+        secure.rounds(n, a, &mut progress).await?;
+    }
+    let (ep, es) = (plain.end_jobs().await?, secure.end_jobs().await?);
+    let pids: Vec<u32> = ep.pids.iter().chain(&es.pids).copied().collect();
+    let mut idle = idle_cpu(&pids, a.idle_seconds).await;
+    let idle_secure = idle.split_off(idle.len().min(ep.pids.len()));
+    let rest_secure = rest.pop().expect("two probes");
+    let rest_plain = rest.pop().expect("two probes");
+    let reports = (
+        plain.report(a, rest_plain, ep, idle),
+        secure.report(a, rest_secure, es, idle_secure),
+    );
+    if a.work_dir.is_none() {
+        let _ = std::fs::remove_dir_all(base_dir(a));
+    }
+    Ok(reports)
 }

@@ -83,12 +83,14 @@ pub struct FailoverArgs {
     /// mutual TLS), with certificates made for the run.
     #[arg(long, conflicts_with = "compare_secure")]
     pub secure: bool,
-    /// Run the benchmark twice in one go, plaintext then `--secure`, and
-    /// compare the p99s.
+    /// Run a plaintext and a `--secure` cluster side by side (REST
+    /// requests and leader losses taking turns between them) and compare
+    /// the p99s.
     #[arg(long)]
     pub compare_secure: bool,
-    /// REST requests (`GET /v1/jobs/{id}`) to time on the leader.
-    #[arg(long, default_value_t = 500)]
+    /// REST requests (`GET /v1/jobs/{id}`) to time on the leader (and a
+    /// fifth as many on new connections).
+    #[arg(long, default_value_t = 2000)]
     pub rest_requests: u32,
 }
 
@@ -194,81 +196,81 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
-    let modes: &[bool] = match (a.secure, a.compare_secure) {
-        (_, true) => &[false, true],
-        (secure, false) => {
-            if secure {
-                &[true]
-            } else {
-                &[false]
-            }
-        }
+    use ferry_lab::failover::Progress;
+    let opts = FailoverOptions {
+        ferry: std::env::current_exe()?,
+        kills: a.kills,
+        handoffs: a.handoffs,
+        idle_seconds: a.idle_seconds,
+        taskmanagers: a.taskmanagers,
+        lease_ttl: a.lease_ttl.clone(),
+        work_dir: a.work_dir.clone(),
+        secure: a.secure,
+        rest_requests: a.rest_requests,
     };
-    let mut reports = Vec::new();
-    for &secure in modes {
-        let opts = FailoverOptions {
-            ferry: std::env::current_exe()?,
-            kills: a.kills,
-            handoffs: a.handoffs,
-            idle_seconds: a.idle_seconds,
-            taskmanagers: a.taskmanagers,
-            lease_ttl: a.lease_ttl.clone(),
-            work_dir: a
-                .work_dir
-                .as_ref()
-                .map(|d| d.join(if secure { "secure" } else { "plaintext" })),
-            secure,
-            rest_requests: a.rest_requests,
-        };
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let r = current_thread()?.block_on(ferry_lab::failover::run(&opts, |p| match p {
-            ferry_lab::failover::Progress::Started => eprintln!(
-                "failover benchmark ({}): 3 JobManagers, {} TaskManagers, nats-server on loopback, lease ttl {}; {} REST requests, {} SIGKILLs, {} graceful handoffs",
-                if secure { "TLS + authentication on every link" } else { "plaintext" },
-                a.taskmanagers,
-                a.lease_ttl,
-                a.rest_requests,
-                a.kills,
-                a.handoffs
-            ),
-            ferry_lab::failover::Progress::Round {
-                handoff,
-                n,
-                write,
-                checkpoint,
-            } => eprintln!(
-                "  {} {n:>2}: new leader accepted a write after {:>6.1} ms{}",
-                if handoff { "handoff" } else { "kill" },
-                ms(write),
-                checkpoint
-                    .map(|c| format!(
-                        "; the running job's next checkpoint after {:>6.1} ms",
-                        ms(c)
-                    ))
-                    .unwrap_or_default()
-            ),
-        }))?;
-        reports.push(r);
-    }
-    match &reports[..] {
-        [r] => print_report(a.json, r, |r| r.markdown(a.idle_seconds)),
-        [plain, secure] => {
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"plaintext": plain, "secure": secure})
-                    )?
-                );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let label = |secure: bool| match (a.compare_secure, secure) {
+        (false, _) => "",
+        (true, false) => "plaintext ",
+        (true, true) => "secure    ",
+    };
+    let progress = |p: Progress| match p {
+        Progress::Started { secure } => eprintln!(
+            "failover benchmark ({}): 3 JobManagers, {} TaskManagers, nats-server on loopback, lease ttl {}; {} REST requests, {} SIGKILLs, {} graceful handoffs{}",
+            if secure {
+                "TLS + authentication on every link"
             } else {
-                println!("{}", plain.markdown(a.idle_seconds));
-                println!("{}", secure.markdown(a.idle_seconds));
-                println!("{}", ferry_lab::failover::compare(plain, secure));
+                "plaintext"
+            },
+            a.taskmanagers,
+            a.lease_ttl,
+            a.rest_requests,
+            a.kills,
+            a.handoffs,
+            if a.compare_secure {
+                "; both clusters run side by side, taking turns"
+            } else {
+                ""
             }
-            Ok(ExitCode::SUCCESS)
-        }
-        _ => unreachable!("one or two modes"),
+        ),
+        Progress::Round {
+            secure,
+            handoff,
+            n,
+            write,
+            checkpoint,
+        } => eprintln!(
+            "  {}{} {n:>2}: new leader accepted a write after {:>6.1} ms{}",
+            label(secure),
+            if handoff { "handoff" } else { "kill" },
+            ms(write),
+            checkpoint
+                .map(|c| format!(
+                    "; the running job's next checkpoint after {:>6.1} ms",
+                    ms(c)
+                ))
+                .unwrap_or_default()
+        ),
+    };
+    if !a.compare_secure {
+        let r = current_thread()?.block_on(ferry_lab::failover::run(&opts, progress))?;
+        return print_report(a.json, &r, |r| r.markdown(a.idle_seconds));
     }
+    let (plain, secure) =
+        current_thread()?.block_on(ferry_lab::failover::run_compared(&opts, progress))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"plaintext": plain, "secure": secure})
+            )?
+        );
+    } else {
+        println!("{}", plain.markdown(a.idle_seconds));
+        println!("{}", secure.markdown(a.idle_seconds));
+        println!("{}", ferry_lab::failover::compare(&plain, &secure));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
