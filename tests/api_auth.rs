@@ -15,7 +15,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::ha::*;
 use common::jwt::{AUDIENCE, jwt, now, signing_key};
-use common::rest::{call, refused};
+use common::rest::{call, mutating_calls, refused};
 use ferry_testkit::NatsServer;
 use serde_json::{Value, json};
 
@@ -382,6 +382,21 @@ async fn the_api_takes_only_verified_callers_with_the_role_in_the_jobs_namespace
     let cancel = find("alice", &format!("DELETE /v1/jobs/{job}"), 200);
     assert_eq!(cancel.len(), 1, "{entries:#?}");
     assert_eq!(cancel[0]["forwarded_by"], standby_id.as_str());
+    assert_eq!(
+        find("admin", "POST /v1/drills", 201).len(),
+        1,
+        "{entries:#?}"
+    );
+    // Every mutating call this test made past authentication, and no
+    // other, is in the trail once, with an actor and a result.
+    assert_eq!(entries.len(), mutating_calls(), "{entries:#?}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["actor"].as_str().is_some_and(|a| !a.is_empty())
+                && e["result"].as_str().is_some_and(|r| !r.is_empty())),
+        "{entries:#?}"
+    );
     // Refusals for want of a credential are counted, not stored.
     assert!(entries.iter().all(|e| e["status"] != 401), "{entries:#?}");
     let metrics = get("/metrics", None).await.2;

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::ha::*;
 use common::jwt::{AUDIENCE, jwt, now, signing_key};
-use common::rest::{call, refused};
+use common::rest::{call, mutating_calls, refused};
 use ferry_core::tls::{ClientAuth, ServerStream, ServerTls, TlsFiles};
 use ferry_testkit::NatsServer;
 use ferry_testkit::pki::{Leaf, Pki};
@@ -339,6 +339,9 @@ async fn callers_are_known_by_a_jwks_url_a_reloaded_tokens_file_and_client_certi
         r.jms[standby].id.as_str(),
         "{submit}"
     );
+    // Every mutating call past authentication, once (the two forged
+    // forwards were refused as unauthenticated: counted, not stored).
+    assert_eq!(entries.len(), mutating_calls(), "{}", trail.2);
     assert!(
         entries
             .iter()
