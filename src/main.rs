@@ -31,6 +31,9 @@ enum Command {
     Jobmanager(cmd::process::ProcessArgs),
     /// Run one TaskManager of a region (task slots; runs what the leader deploys).
     Taskmanager(cmd::process::ProcessArgs),
+    /// Named JobManager targets (URL, CA, token) in a contexts file: list,
+    /// use, set, delete, show.
+    Context(cmd::context::ContextArgs),
     /// Inspect the region's JobManagers: leader, epoch, members.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Job(c) => cmd::job::run(c),
         Command::Jobmanager(args) => cmd::jobmanager::run(args),
         Command::Taskmanager(args) => cmd::taskmanager::run(args),
+        Command::Context(a) => cmd::context::run(a),
         Command::Cluster(c) => cmd::cluster::run(c),
         Command::Audit(a) => cmd::audit::run(a),
         Command::Region(c) => cmd::region::run(c),

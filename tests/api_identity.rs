@@ -68,13 +68,7 @@ impl axum::serve::Listener for Conns {
 }
 
 async fn idp(leaf: &Leaf, jwks: Value) -> Idp {
-    let files = TlsFiles {
-        link: "idp",
-        cert: leaf.cert.clone(),
-        key: leaf.key.clone(),
-        ca: leaf.ca.clone(),
-        callers_ca: None,
-    };
+    let files = TlsFiles::new("idp", &leaf.cert, &leaf.key, &leaf.ca);
     let tls = ServerTls::load(
         files,
         ClientAuth::None,

@@ -28,13 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 const TM_NAME: &str = "taskmanager.ferry.test";
 
 fn files(leaf: &Leaf) -> TlsFiles {
-    TlsFiles {
-        link: "grpc",
-        cert: leaf.cert.clone(),
-        key: leaf.key.clone(),
-        ca: leaf.ca.clone(),
-        callers_ca: None,
-    }
+    TlsFiles::new("grpc", &leaf.cert, &leaf.key, &leaf.ca)
 }
 
 fn tls_env(leaf: &Leaf) -> Vec<(&'static str, String)> {

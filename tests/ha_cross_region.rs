@@ -346,15 +346,58 @@ async fn the_standby_region_takes_over_when_the_primary_region_dies() {
 /// Planned switchover with `ferry region failover --to`: the primary stops
 /// the job with a savepoint, the savepoint reaches the standby's store, the
 /// lease moves, and the standby resumes from the savepoint — the output is
-/// exactly the expected result (nothing lost, nothing repeated).
+/// exactly the expected result (nothing lost, nothing repeated). The REST
+/// API needs a token; both regions announce the move to an HTTPS webhook
+/// whose certificate a private CA signed (`regions.webhookCaFile`), with
+/// a bearer token, naming the token's owner as the actor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
+    const SRE: &str = "sre-token-5d1e-0000000000001";
+    const HOOK_TOKEN: &str = "hook-token-77c2-000000000001";
     let nats = NatsServer::start();
     let global = NatsCluster::start(3);
     let mut east = Region::new(nats.url(), "800ms", "500ms");
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     two_regions(&mut east, &mut west, &global);
+    let pki = ferry_testkit::pki::Pki::new(&east.dir.path().join("pki"), "hooks");
+    let receiver = pki.issue("receiver", &["127.0.0.1"]);
+    let (hook_url, mut hook) = https_webhook_receiver(&receiver).await;
+    let tokens = east.dir.path().join("tokens.yaml");
+    std::fs::write(
+        &tokens,
+        format!("tokens:\n  - {{name: sre-alice, token: {SRE}, roles: ['*:admin']}}\n"),
+    )
+    .unwrap();
+    let hook_token = east.dir.path().join("hook.token");
+    std::fs::write(&hook_token, format!("{HOOK_TOKEN}\n")).unwrap();
+    for r in [&mut east, &mut west] {
+        r.jm_env.extend([
+            ("FERRY_API_AUTH_TOKENS_FILE", tokens.display().to_string()),
+            ("FERRY_REGIONS_WEBHOOK", hook_url.clone()),
+            (
+                "FERRY_REGIONS_WEBHOOK_CA_FILE",
+                pki.ca_file().display().to_string(),
+            ),
+            (
+                "FERRY_REGIONS_WEBHOOK_TOKEN_FILE",
+                hook_token.display().to_string(),
+            ),
+        ]);
+        r.token = Some(SRE.to_string());
+    }
     start_two_regions(&mut east, &mut west).await;
+    // East took the first lease by itself, and said so over HTTPS.
+    let first = tokio::time::timeout(Duration::from_secs(20), hook.recv())
+        .await
+        .expect("east's first announcement")
+        .unwrap();
+    assert_eq!(first.body["event"], "promoted", "{:?}", first.body);
+    assert_eq!(first.body["region"], "east");
+    assert_eq!(first.body["actor"], "automatic");
+    assert_eq!(
+        first.authorization.as_deref(),
+        Some(format!("Bearer {HOOK_TOKEN}").as_str())
+    );
     let start = Instant::now();
     while east.get(&east.jms[0], "/v1/regions").await.unwrap()["epoch"]
         .as_u64()
@@ -380,6 +423,7 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
                 &east.jms[0].url(),
             ])
             .args(args)
+            .env("FERRY_TOKEN", SRE)
             .output_within(common::COMMAND_LIMIT)
             .unwrap()
     };
@@ -447,11 +491,52 @@ async fn a_planned_switchover_moves_a_running_job_without_loss_or_duplicates() {
     let res = east
         .http
         .post(format!("{}/v1/jobs", east.jms[0].url()))
+        .bearer_auth(SRE)
         .body(SPEC.replace("OUT", &east.out().display().to_string()))
         .send()
         .await
         .unwrap();
     assert_eq!(res.status(), 409);
+    // Both regions announced the move over HTTPS as sre-alice's, with the
+    // new region epoch; nobody logged the webhook's token or its path.
+    let mut moved = Vec::new();
+    while moved.len() < 2 {
+        let h = tokio::time::timeout(Duration::from_secs(10), hook.recv())
+            .await
+            .expect("the switchover's announcements")
+            .unwrap();
+        assert_eq!(
+            h.authorization.as_deref(),
+            Some(format!("Bearer {HOOK_TOKEN}").as_str())
+        );
+        moved.push(h.body);
+    }
+    moved.sort_by_key(|b| b["event"].as_str().map(str::to_string));
+    for (b, event, region) in [
+        (&moved[0], "demoted", "east"),
+        (&moved[1], "promoted", "west"),
+    ] {
+        assert_eq!(
+            (b["event"].as_str(), b["region"].as_str()),
+            (Some(event), Some(region)),
+            "{b}"
+        );
+        assert_eq!(b["actor"], "sre-alice", "{b}");
+        assert_eq!(b["primary"], "west", "{b}");
+        assert_eq!(b["epoch"], report["epoch"], "{b} vs {report}");
+        assert_eq!(b["reason"], "switchover from east", "{b}");
+    }
+    for (r, id) in [(&east, "jm-east"), (&west, "jm-west")] {
+        let log = r.log(id);
+        assert!(
+            log.contains("region event sent to the webhook"),
+            "{id}: {log}"
+        );
+        assert!(
+            !log.contains(HOOK_TOKEN) && !log.contains("hook-path-s3cret"),
+            "{id}'s log shows the webhook's secret"
+        );
+    }
 }
 
 /// `ferry drill run --scenario region-outage`: east plays dead, west's
@@ -633,6 +718,14 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
     assert_eq!(event["event"], "promoted", "{event}");
     assert_eq!(event["region"], "west");
     assert_eq!(event["epoch"], r["region_epoch"], "{event} vs {r}");
+    // The takeover is the drill's: whoever started it (no api.auth here).
+    assert_eq!(event["actor"], "anonymous", "{event}");
+    assert!(
+        event["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("failover drill:")),
+        "{event}"
+    );
 
     // Home again: east is healthy (a standby), fail-back moves the job.
     wait_healthy(&west, 0, "east", Duration::from_secs(20)).await;
@@ -645,6 +738,18 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
     );
     assert_eq!(fb["failback"], true);
     assert!(fb["divergence"]["jobs"].is_array(), "{fb}");
+    // West announced that the fail-back demoted it.
+    let event = tokio::time::timeout(Duration::from_secs(10), hook.recv())
+        .await
+        .expect("a webhook call")
+        .unwrap();
+    assert_eq!(
+        (event["event"].as_str(), event["primary"].as_str()),
+        (Some("demoted"), Some("east")),
+        "{event}"
+    );
+    assert_eq!(event["actor"], "anonymous", "{event}");
+    assert_eq!(event["epoch"], fb["epoch"], "{event} vs {fb}");
     let done = east.wait_finished(0, &job, &west, "jm-east").await;
     assert_eq!(done["taskmanager"], "tm-east", "{done}");
     east.check_output();

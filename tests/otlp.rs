@@ -3,7 +3,8 @@
 //! implementing opentelemetry-proto's TraceService on a loopback port)
 //! sends the spans of its checkpoints — the `checkpoint` span from trigger
 //! to manifest, with its `checkpoint.complete` child — and of the job's
-//! submission.
+//! submission; to an `https://` receiver whose certificate a test CA
+//! signed, too, given that CA in `OTEL_EXPORTER_OTLP_CERTIFICATE`.
 
 mod common;
 
@@ -93,34 +94,22 @@ fn attr(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoint_spans_reach_an_otlp_collector() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let server = {
-        let stop = stop.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(Receiver(tx)))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    stop.cancelled_owned(),
-                ),
-        )
-    };
-
+/// Runs `ferry local` exporting to `endpoint` (with `env` besides) until
+/// a completed `checkpoint` span and its `checkpoint.complete` child have
+/// arrived on `rx`; every span received by id, and that pair.
+async fn spans_of_a_checkpoint(
+    endpoint: &str,
+    env: &[(&str, &str)],
+    rx: &mut mpsc::UnboundedReceiver<(String, Span)>,
+) -> (HashMap<Vec<u8>, (String, Span)>, Span, Span) {
     let w = Workdir::new(SPEC);
-    let mut ferry = w.spawn_local_env(
-        &[],
-        "ferry.log",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            // Export batches every 100 ms instead of every 5 s.
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    );
+    let mut all_env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        // Export batches every 100 ms instead of every 5 s.
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    all_env.extend_from_slice(env);
+    let mut ferry = w.spawn_local_env(&[], "ferry.log", &all_env);
 
     // Spans by id; done once a completed checkpoint span and its
     // `checkpoint.complete` child have both arrived.
@@ -160,6 +149,27 @@ async fn checkpoint_spans_reach_an_otlp_collector() {
     };
     let _ = ferry.kill();
     let _ = ferry.wait();
+    (spans, checkpoint, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_spans_reach_an_otlp_collector() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Receiver(tx)))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                ),
+        )
+    };
+    let (spans, checkpoint, child) = spans_of_a_checkpoint(&endpoint, &[], &mut rx).await;
     stop.cancel();
     let _ = server.await;
 
@@ -183,5 +193,72 @@ async fn checkpoint_spans_reach_an_otlp_collector() {
     assert!(
         spans.values().any(|(_, s)| s.name == "job.submit"),
         "no job.submit span"
+    );
+}
+
+/// The same collector over TLS only (a test CA's certificate, ALPN h2):
+/// the spans arrive over `https://` with the CA given in the standard
+/// variable, and every connection that reached the service completed a
+/// TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_spans_reach_an_https_collector_trusting_its_ca() {
+    use ferry_core::tls::{ClientAuth, ServerTls, TlsFiles};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = ferry_testkit::pki::Pki::new(dir.path(), "otel");
+    let leaf = pki.issue("collector", &["127.0.0.1"]);
+    let tls = ServerTls::load(
+        TlsFiles::new("otlp-test", &leaf.cert, &leaf.key, &leaf.ca),
+        ClientAuth::None,
+        &[b"h2"],
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let refused = Arc::new(AtomicU64::new(0));
+    let incoming = {
+        let refused = refused.clone();
+        ferry_core::tls::incoming(
+            listener,
+            tls,
+            Arc::new(move || {
+                refused.fetch_add(1, Ordering::SeqCst);
+            }),
+        )
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Receiver(tx)))
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned()),
+        )
+    };
+    let ca = pki.ca_file().display().to_string();
+    let (spans, checkpoint, _) = spans_of_a_checkpoint(
+        &endpoint,
+        &[("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())],
+        &mut rx,
+    )
+    .await;
+    stop.cancel();
+    let _ = server.await;
+    assert_eq!(spans[&checkpoint.span_id].0, "ferry-local");
+    assert!(attr(&checkpoint, "job").is_some_and(|j| j.len() == 32));
+    assert!(
+        spans.values().any(|(_, s)| s.name == "job.submit"),
+        "no job.submit span"
+    );
+    assert_eq!(
+        refused.load(Ordering::SeqCst),
+        0,
+        "a handshake with the collector failed"
     );
 }

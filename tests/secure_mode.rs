@@ -5,8 +5,10 @@
 //! TaskManager gRPC (mutual TLS). A job survives a leader failover in the
 //! primary and then the loss of the whole primary region with its output
 //! exactly once; every mutating call is in the audit trail with its actor;
-//! and no secret — passwords, tokens, private keys — shows up in any log
-//! line or API answer.
+//! the new primary announces its automatic promotion to an HTTPS webhook
+//! (the region's CA, a bearer token); and no secret — passwords, tokens,
+//! private keys, the webhook's token and path — shows up in any log line
+//! or API answer.
 
 mod common;
 
@@ -21,6 +23,7 @@ use serde_json::Value;
 const NATS_PASSWORD: &str = "nats-pw-Sec-4471";
 const GLOBAL_TOKEN: &str = "global-tok-Sec-8812";
 const ADMIN: &str = "admin-tok-Sec-1209";
+const HOOK_TOKEN: &str = "hook-tok-Sec-5530";
 /// The name every TaskManager certificate carries.
 const TM_NAME: &str = "taskmanager.ferry.test";
 
@@ -122,6 +125,16 @@ async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
         r.token = Some(ADMIN.to_string());
         r.trust(std::fs::read(&ca).unwrap());
     }
+    // West announces its promotion to an HTTPS webhook that trusts only
+    // the region's CA, with a bearer token.
+    let receiver = pki.issue("webhook", &["127.0.0.1"]);
+    let (hook_url, mut hook) = https_webhook_receiver(&receiver).await;
+    let hook_token = write(&secrets_dir.join("webhook-token"), HOOK_TOKEN);
+    west.jm_env.extend([
+        ("FERRY_REGIONS_WEBHOOK", hook_url),
+        ("FERRY_REGIONS_WEBHOOK_CA_FILE", path(&ca)),
+        ("FERRY_REGIONS_WEBHOOK_TOKEN_FILE", hook_token),
+    ]);
     start_two_regions(&mut east, &mut west).await;
     east.start("jm-east-b", None);
     for r in [&east, &west] {
@@ -184,6 +197,18 @@ async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
     east.tms[0].signal(libc::SIGKILL);
     let v = wait_primary(&west, 0, "west", Duration::from_secs(20)).await;
     assert!(v["epoch"].as_u64().unwrap() > epoch, "{v}");
+    // Nobody asked for this failover: the webhook hears it was automatic.
+    let announced = tokio::time::timeout(Duration::from_secs(10), hook.recv())
+        .await
+        .expect("west's announcement")
+        .unwrap();
+    assert_eq!(announced.body["event"], "promoted", "{:?}", announced.body);
+    assert_eq!(announced.body["actor"], "automatic", "{:?}", announced.body);
+    assert_eq!(announced.body["epoch"], v["epoch"], "{:?}", announced.body);
+    assert_eq!(
+        announced.authorization.as_deref(),
+        Some(format!("Bearer {HOOK_TOKEN}").as_str())
+    );
     answers.push(v);
     let done = west
         .wait_job(
@@ -207,6 +232,8 @@ async fn two_regions_in_secure_mode_fail_over_exactly_once_and_leak_nothing() {
         NATS_PASSWORD.to_string(),
         GLOBAL_TOKEN.to_string(),
         ADMIN.to_string(),
+        HOOK_TOKEN.to_string(),
+        "hook-path-s3cret".to_string(),
         key_body(&nats_client),
         key_body(&api),
         key_body(&grpc_jm),

@@ -373,6 +373,14 @@ pub struct RegionsConfig {
     /// lease (failover or switchover) or loses it. Unset: none.
     #[serde(default)]
     pub webhook: Option<String>,
+    /// CA certificate(s) (PEM) trusted for an `https://` webhook besides
+    /// the system's roots (a private CA).
+    #[serde(default)]
+    pub webhook_ca_file: Option<String>,
+    /// File whose first line is a bearer token sent to the webhook
+    /// (`Authorization: Bearer`).
+    #[serde(default)]
+    pub webhook_token_file: Option<String>,
 }
 
 fn d_verify_interval() -> DurationSpec {
@@ -420,6 +428,8 @@ impl Default for RegionsConfig {
             auto_failover: true,
             verify_interval: d_verify_interval(),
             webhook: None,
+            webhook_ca_file: None,
+            webhook_token_file: None,
         }
     }
 }
@@ -1173,6 +1183,16 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     ),
     ("FERRY_REGIONS_WEBHOOK", "regions.webhook", EnvKind::Text),
     (
+        "FERRY_REGIONS_WEBHOOK_CA_FILE",
+        "regions.webhookCaFile",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_WEBHOOK_TOKEN_FILE",
+        "regions.webhookTokenFile",
+        EnvKind::Text,
+    ),
+    (
         "FERRY_TLS_GRPC_CERT_FILE",
         "tls.grpc.certFile",
         EnvKind::Text,
@@ -1380,6 +1400,21 @@ impl ProcessConfig {
                 r.health_check_interval, r.timeout
             ));
         }
+        match r.webhook.as_deref().map(str::trim) {
+            Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
+                return err(format!(
+                    "regions.webhook {}: use an http:// or https:// URL",
+                    redact_url(url)
+                ));
+            }
+            None | Some("") if r.webhook_ca_file.is_some() || r.webhook_token_file.is_some() => {
+                return err(
+                    "regions.webhookCaFile and regions.webhookTokenFile apply to regions.webhook, which is not set"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
         if self.taskmanager.slots == 0 {
             return err("taskmanager.slots must be at least 1".into());
         }
@@ -1547,6 +1582,33 @@ mod tests {
 
     const FILE: &str =
         "region: eu-west\nnats: {urls: [nats://127.0.0.1:4222]}\nstorage: file:///tmp/f\n";
+
+    #[test]
+    fn webhook_trust_and_token_come_with_a_webhook_url() {
+        let load = |vars: &[(&str, &str)]| ProcessConfig::load(Some(("f.yaml", FILE)), &env(vars));
+        let c = load(&[
+            ("FERRY_REGIONS_WEBHOOK", "https://ops.example/hooks/ferry"),
+            ("FERRY_REGIONS_WEBHOOK_CA_FILE", "/etc/ferry/ops-ca.crt"),
+            ("FERRY_REGIONS_WEBHOOK_TOKEN_FILE", "/etc/ferry/hook.token"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.regions.webhook_ca_file.as_deref(),
+            Some("/etc/ferry/ops-ca.crt")
+        );
+        assert_eq!(
+            c.regions.webhook_token_file.as_deref(),
+            Some("/etc/ferry/hook.token")
+        );
+        let e = load(&[("FERRY_REGIONS_WEBHOOK_CA_FILE", "/ca.crt")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("regions.webhook, which is not set"), "{e}");
+        let e = load(&[("FERRY_REGIONS_WEBHOOK", "ops.example/hook")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use an http:// or https:// URL"), "{e}");
+    }
 
     #[test]
     fn an_advertised_url_is_https_exactly_when_its_link_has_tls() {

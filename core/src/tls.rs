@@ -9,7 +9,8 @@
 //! runs over when `tls.grpc` is set: [`incoming`] (a TaskManager's
 //! accepted connections, each handshake on a task of its own so one slow
 //! or hostile client never holds up the others) and [`Connector`] (a
-//! JobManager dialing a TaskManager).
+//! JobManager dialing a TaskManager; also the trace exporter dialing an
+//! `https://` OTLP collector, with [`public_client_config`]).
 
 use std::future::Future;
 use std::io;
@@ -53,6 +54,19 @@ pub struct TlsFiles {
     /// API's callers — whose certificates it takes besides the link CA's
     /// ([`ClientAuth::Optional`]).
     pub callers_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files of `link` with no callers' CA.
+    pub fn new(link: &'static str, cert: &Path, key: &Path, ca: &Path) -> Self {
+        Self {
+            link,
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            ca: ca.to_path_buf(),
+            callers_ca: None,
+        }
+    }
 }
 
 /// Whether a server asks its clients for a certificate.
@@ -566,6 +580,44 @@ pub fn client_config(
     }
 }
 
+/// A client config for a server outside Ferry's own PKI (an OTLP
+/// collector): its certificate must chain to the system's roots (as the
+/// HTTP clients check them) or to a CA in the PEM file `extra_ca`; no
+/// client certificate; asking for `alpn`. `at` names the setting, for
+/// messages.
+pub fn public_client_config(
+    at: &str,
+    extra_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
+    let extra = match extra_ca {
+        None => Vec::new(),
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| {
+                TlsError(format!(
+                    "{at}: cannot read the CA file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            pem_certs(&bytes, at, "CA", path)?
+        }
+    };
+    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider())
+        .map_err(|e| {
+            TlsError(format!(
+                "{at}: cannot set up certificate verification ({e}); give the server's CA as a PEM file"
+            ))
+        })?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(format!("{at}: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
 /// A server-side TLS connection.
 pub type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
 
@@ -677,13 +729,34 @@ async fn looks_like_http(tcp: &TcpStream) -> bool {
 /// the URI's host — and presenting this side's certificate.
 #[derive(Clone)]
 pub struct Connector {
-    tls: ClientTls,
+    tls: ConnectorConfig,
     server_name: Option<String>,
+}
+
+/// Where a [`Connector`] takes its client config from.
+#[derive(Clone)]
+enum ConnectorConfig {
+    /// Files, reloaded when they change.
+    Reloading(ClientTls),
+    /// Built once ([`public_client_config`]).
+    Fixed(Arc<ClientConfig>),
 }
 
 impl Connector {
     pub fn new(tls: ClientTls, server_name: Option<String>) -> Self {
-        Self { tls, server_name }
+        Self {
+            tls: ConnectorConfig::Reloading(tls),
+            server_name,
+        }
+    }
+
+    /// A connector with one config that never changes (e.g. from
+    /// [`public_client_config`]), checking the URI's host.
+    pub fn fixed(config: Arc<ClientConfig>) -> Self {
+        Self {
+            tls: ConnectorConfig::Fixed(config),
+            server_name: None,
+        }
     }
 }
 
@@ -697,7 +770,10 @@ impl tonic::codegen::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let config = self.tls.config();
+        let config = match &self.tls {
+            ConnectorConfig::Reloading(tls) => tls.config(),
+            ConnectorConfig::Fixed(config) => config.clone(),
+        };
         let name = self.server_name.clone();
         Box::pin(async move {
             let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
@@ -733,13 +809,7 @@ mod tests {
     use super::*;
 
     fn files(leaf: &Leaf) -> TlsFiles {
-        TlsFiles {
-            link: "grpc",
-            cert: leaf.cert.clone(),
-            key: leaf.key.clone(),
-            ca: leaf.ca.clone(),
-            callers_ca: None,
-        }
+        TlsFiles::new("grpc", &leaf.cert, &leaf.key, &leaf.ca)
     }
 
     const HOUR: Duration = Duration::from_secs(3600);

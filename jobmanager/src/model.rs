@@ -77,11 +77,14 @@ pub type RegionResult<T> = futures::future::BoxFuture<'static, Result<T, RegionF
 pub trait RegionOps: Send + Sync {
     /// `POST /v1/regions/{target}/failover`: make `target` the primary
     /// (planned switchover, or `force`d), or with `dry_run` only the plan.
+    /// `actor` is the authenticated caller: the lease records it and the
+    /// region webhook names it.
     fn failover(
         &self,
         target: String,
         force: bool,
         dry_run: bool,
+        actor: String,
     ) -> RegionResult<ferry_core::api::SwitchoverReport>;
     /// `POST /v1/regions/{target}/failback`: move the jobs home to
     /// `target` once it is healthy (waiting up to `wait`) and has caught
@@ -91,12 +94,15 @@ pub trait RegionOps: Send + Sync {
         target: String,
         dry_run: bool,
         wait: std::time::Duration,
+        actor: String,
     ) -> RegionResult<ferry_core::api::SwitchoverReport>;
     /// `POST /v1/drills/outage` (`Some((how long, target))`) / `DELETE`
-    /// (`None`): this region plays dead for a drill, or comes back.
+    /// (`None`): this region plays dead for a drill, or comes back; the
+    /// target's takeover is `actor`'s.
     fn outage(
         &self,
         start: Option<(std::time::Duration, Option<String>)>,
+        actor: String,
     ) -> RegionResult<ferry_core::api::OutageReport>;
 }
 

@@ -244,9 +244,14 @@ impl RegionOps for RegionCtl {
         target: String,
         force: bool,
         dry_run: bool,
+        actor: String,
     ) -> RegionResult<SwitchoverReport> {
         let c = self.0.clone();
-        detached(async move { c.switchover(&target, force, dry_run).await.map_err(failure) })
+        detached(async move {
+            c.switchover(&target, force, dry_run, &actor)
+                .await
+                .map_err(failure)
+        })
     }
 
     fn failback(
@@ -254,18 +259,23 @@ impl RegionOps for RegionCtl {
         target: String,
         dry_run: bool,
         wait: Duration,
+        actor: String,
     ) -> RegionResult<SwitchoverReport> {
         let c = self.0.clone();
         detached(async move {
-            c.failback(Some(&target), dry_run, wait)
+            c.failback(Some(&target), dry_run, wait, &actor)
                 .await
                 .map_err(failure)
         })
     }
 
-    fn outage(&self, start: Option<(Duration, Option<String>)>) -> RegionResult<OutageReport> {
+    fn outage(
+        &self,
+        start: Option<(Duration, Option<String>)>,
+        actor: String,
+    ) -> RegionResult<OutageReport> {
         let c = self.0.clone();
-        detached(async move { c.outage(start).await.map_err(failure) })
+        detached(async move { c.outage(start, &actor).await.map_err(failure) })
     }
 }
 

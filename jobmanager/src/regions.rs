@@ -115,9 +115,10 @@ impl JobManager {
         target: String,
         force: bool,
         dry_run: bool,
+        actor: String,
     ) -> Result<ferry_core::api::SwitchoverReport, JmError> {
         let ops = self.region_ops()?;
-        Ok(ops.failover(target, force, dry_run).await?)
+        Ok(ops.failover(target, force, dry_run, actor).await?)
     }
 
     /// Moves the jobs back to `target` (see [`RegionOps::failback`](crate::model::RegionOps::failback)).
@@ -126,9 +127,10 @@ impl JobManager {
         target: String,
         dry_run: bool,
         wait: std::time::Duration,
+        actor: String,
     ) -> Result<ferry_core::api::SwitchoverReport, JmError> {
         let ops = self.region_ops()?;
-        Ok(ops.failback(target, dry_run, wait).await?)
+        Ok(ops.failback(target, dry_run, wait, actor).await?)
     }
 
     /// Starts (`Some`) or ends (`None`) a simulated outage of this region
@@ -136,9 +138,10 @@ impl JobManager {
     pub async fn region_outage(
         &self,
         start: Option<(std::time::Duration, Option<String>)>,
+        actor: String,
     ) -> Result<ferry_core::api::OutageReport, JmError> {
         let ops = self.region_ops()?;
-        Ok(ops.outage(start).await?)
+        Ok(ops.outage(start, actor).await?)
     }
 
     /// Stops every running job with a savepoint for a planned switchover

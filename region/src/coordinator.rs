@@ -36,6 +36,7 @@ use crate::replicator::{CheckpointEvent, Replicator};
 use crate::role::{Role, allowed};
 use crate::states;
 use crate::verifier::Verifier;
+use crate::webhook::{Announce, Announcement};
 
 /// What a coordinator is configured with.
 #[derive(Clone, Debug)]
@@ -58,9 +59,9 @@ pub struct Settings {
     pub timeout: Duration,
     /// Standbys take over a silent primary by themselves.
     pub auto_failover: bool,
-    /// URL that receives a JSON `POST` when this region takes or loses the
-    /// primary role.
-    pub webhook: Option<String>,
+    /// Where to announce that this region took or lost the primary role
+    /// (`regions.webhook`, [`crate::webhook::Webhook`]).
+    pub webhook: Option<Arc<dyn Announce>>,
 }
 
 /// What the loop last saw, for `/v1/regions` (never blocks on the loop).
@@ -69,7 +70,20 @@ pub(crate) struct Seen {
     pub role: RegionRole,
     pub primary: Option<String>,
     pub epoch: RegionEpoch,
+    /// Who moved the lease to `primary`, and why, as its record says.
+    pub by: Option<String>,
+    pub reason: Option<String>,
     pub views: Vec<RegionView>,
+}
+
+impl Seen {
+    /// Notes whom `lease` names, under which epoch, moved there by whom.
+    pub(crate) fn lease(&mut self, lease: &Lease) {
+        self.primary = lease.primary().map(str::to_string);
+        self.epoch = lease.epoch;
+        self.by = lease.record.as_ref().and_then(|r| r.by.clone());
+        self.reason = lease.record.as_ref().map(|r| r.reason.clone());
+    }
 }
 
 /// One JobManager's region coordinator.
@@ -116,6 +130,8 @@ impl Coordinator {
                 role: RegionRole::Follower,
                 primary: None,
                 epoch: RegionEpoch::NONE,
+                by: None,
+                reason: None,
                 views: Vec::new(),
             }),
             s,
@@ -345,26 +361,32 @@ impl Coordinator {
             ) {
                 self.wake();
             }
-            match (from, to) {
-                (RegionRole::Standby | RegionRole::Starting, RegionRole::Promoting) => {
-                    self.notify("promoted", &self.s.region, epoch)
+            let announce = match (from, to, &next) {
+                (RegionRole::Standby | RegionRole::Starting, RegionRole::Promoting, _) => {
+                    Some(("promoted", self.s.region.clone()))
                 }
-                (_, RegionRole::Demoting) => {
-                    if let Role::Demoting { to: Some(p) } = &next {
-                        self.notify("demoted", p, epoch);
-                    }
+                (_, RegionRole::Demoting, Role::Demoting { to: Some(p) }) => {
+                    Some(("demoted", p.clone()))
                 }
-                _ => {}
+                _ => None,
+            };
+            self.see(&next, to);
+            if let Some((event, primary)) = announce {
+                self.notify(event, primary, epoch);
             }
+        } else {
+            self.see(&next, to);
         }
+        *role = next;
+    }
+
+    /// Notes the role entered and the lease it holds, if any.
+    fn see(&self, next: &Role, to: RegionRole) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.role = to;
         if let Some(l) = next.lease() {
-            seen.primary = l.primary().map(str::to_string);
-            seen.epoch = l.epoch;
+            seen.lease(l);
         }
-        drop(seen);
-        *role = next;
     }
 
     /// Publishes the heartbeat (leading) or a probe, then lists every
@@ -487,10 +509,7 @@ impl Coordinator {
         let read = self.bounded(lease::read(self.lease_kv.as_ref())).await?;
         let silent = match &read {
             Some(l) => {
-                let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-                seen.primary = l.primary().map(str::to_string);
-                seen.epoch = l.epoch;
-                drop(seen);
+                self.seen.lock().unwrap_or_else(|p| p.into_inner()).lease(l);
                 self.silence_of(lease::REGION_LEASE, l.revision)
             }
             None => Duration::ZERO,
@@ -505,10 +524,11 @@ impl Coordinator {
             .observe(key, revision)
     }
 
-    /// The standby an ongoing failover drill wants to take over, if any.
-    pub(crate) async fn drill_target(&self) -> Option<String> {
+    /// The hold of an ongoing failover drill (naming the standby it wants
+    /// to take over), if any.
+    pub(crate) async fn drill_target(&self) -> Option<hold::DrillHold> {
         match self.bounded(hold::read(self.lease_kv.as_ref())).await {
-            Ok(Some((h, rev))) if self.silence_of(DRILL_HOLD, rev) < h.duration() => Some(h.target),
+            Ok(Some((h, rev))) if self.silence_of(DRILL_HOLD, rev) < h.duration() => Some(h),
             _ => None,
         }
     }
@@ -535,9 +555,10 @@ impl Coordinator {
         let until = sent + self.s.timeout / 2;
         self.jobs
             .confirm(lease.epoch, until.saturating_duration_since(Instant::now()));
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.primary = lease.primary().map(str::to_string);
-        seen.epoch = lease.epoch;
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .lease(lease);
         until
     }
 
@@ -613,37 +634,21 @@ impl Coordinator {
         }
     }
 
-    /// Posts a region event to the webhook (if set), in the background:
-    /// `{"event", "region", "primary", "epoch", "at"}`; 5 s timeout,
-    /// failures logged.
-    fn notify(&self, event: &'static str, primary: &str, epoch: RegionEpoch) {
-        let Some(url) = self.s.webhook.clone() else {
+    /// Announces a change of the primary role to the webhook (if set), in
+    /// the background, naming who moved the lease (as its record says).
+    fn notify(&self, event: &'static str, primary: String, epoch: RegionEpoch) {
+        let Some(hook) = &self.s.webhook else {
             return;
         };
-        let body = serde_json::json!({
-            "event": event, "region": self.s.region, "primary": primary, "epoch": epoch,
-            "at": chrono::Utc::now(),
-        });
-        tokio::spawn(async move {
-            let client = match reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(5))
-                .build()
-            {
-                Ok(c) => c,
-                Err(e) => return tracing::warn!("regions.webhook: {e}"),
-            };
-            match client.post(&url).json(&body).send().await {
-                Ok(r) if r.status().is_success() => {
-                    tracing::info!(%url, event, "region event sent to the webhook")
-                }
-                Ok(r) => {
-                    tracing::warn!(%url, event, status = %r.status(), "the webhook refused the region event")
-                }
-                Err(e) => {
-                    tracing::warn!(%url, event, "sending the region event to the webhook failed: {e}")
-                }
-            }
+        let seen = self.seen();
+        hook.announce(Announcement {
+            event,
+            region: self.s.region.clone(),
+            primary,
+            epoch,
+            actor: seen.by.unwrap_or_else(|| "unknown".into()),
+            reason: seen.reason,
+            at: chrono::Utc::now(),
         });
     }
 }

@@ -28,6 +28,7 @@ use crate::replicator::Replicator;
 use crate::role::Role;
 use crate::verifier::Verifier;
 use crate::verify::RestoreCheck;
+use crate::webhook::{AUTOMATIC, Announce, Announcement};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 const TIMEOUT: Duration = Duration::from_secs(1);
@@ -242,10 +243,33 @@ impl RestoreCheck for AcceptAll {
 }
 
 /// One region: its coordinator, its JobManager, its link.
+/// What a region announced to its webhook, in order.
+#[derive(Debug, Default)]
+struct Heard(Mutex<Vec<Announcement>>);
+
+impl Announce for Heard {
+    fn announce(&self, a: Announcement) {
+        self.0.lock().unwrap().push(a);
+    }
+}
+
+impl Heard {
+    /// (event, primary, epoch, actor) of every announcement.
+    fn events(&self) -> Vec<(&'static str, String, RegionEpoch, String)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| (a.event, a.primary.clone(), a.epoch, a.actor.clone()))
+            .collect()
+    }
+}
+
 struct Region {
     name: &'static str,
     c: Arc<Coordinator>,
     jobs: Arc<FakeJobs>,
+    heard: Arc<Heard>,
     down: Arc<AtomicBool>,
     store: StorageLocation,
     lease_down: Arc<AtomicBool>,
@@ -327,6 +351,7 @@ impl World {
                     roles: Mutex::new(Vec::new()),
                 });
                 let store = stores[*name].clone();
+                let heard = Arc::new(Heard::default());
                 let c = Coordinator::new(
                     Settings {
                         region: name.to_string(),
@@ -337,7 +362,7 @@ impl World {
                         interval: INTERVAL,
                         timeout: TIMEOUT,
                         auto_failover: true,
-                        webhook: None,
+                        webhook: Some(heard.clone()),
                     },
                     jobs.clone(),
                     link(&lease, Some(&lease_down), None),
@@ -349,6 +374,7 @@ impl World {
                     name,
                     c,
                     jobs,
+                    heard,
                     down,
                     lease_down,
                     health_hang,
@@ -517,6 +543,26 @@ async fn a_silent_primary_is_replaced_only_after_the_whole_timeout() {
         vec![RegionEpoch(1)],
         "never restarted"
     );
+    // Nobody asked: both announcements name the move automatic.
+    assert_eq!(
+        w.r("west").heard.events(),
+        vec![("promoted", "west".into(), RegionEpoch(2), AUTOMATIC.into())]
+    );
+    assert_eq!(
+        w.r("east").heard.events(),
+        vec![
+            ("promoted", "east".into(), RegionEpoch(1), AUTOMATIC.into()),
+            ("demoted", "west".into(), RegionEpoch(2), AUTOMATIC.into()),
+        ]
+    );
+    let reason = w.r("west").heard.0.lock().unwrap()[0].reason.clone();
+    assert!(
+        reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("failover: primary east silent"),
+        "{reason:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -678,14 +724,20 @@ async fn a_drill_target_takes_over_while_the_other_standbys_stand_aside() {
     let err = w
         .r("east")
         .c
-        .outage(Some((Duration::from_secs(30), Some("nowhere".into()))))
+        .outage(
+            Some((Duration::from_secs(30), Some("nowhere".into()))),
+            "drill-bot",
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind().status(), 404, "{err}");
     let report = w
         .r("east")
         .c
-        .outage(Some((Duration::from_secs(30), Some("south".into()))))
+        .outage(
+            Some((Duration::from_secs(30), Some("south".into()))),
+            "drill-bot",
+        )
         .await
         .unwrap();
     assert_eq!(report.target.as_deref(), Some("south"));
@@ -697,8 +749,19 @@ async fn a_drill_target_takes_over_while_the_other_standbys_stand_aside() {
         .await;
     assert!(w.r("west").is(RegionRole::Standby));
     assert!(w.r("west").jobs.started().is_empty());
+    // South took over for the drill: on behalf of whoever started it.
+    assert_eq!(
+        w.r("south").heard.events(),
+        vec![(
+            "promoted",
+            "south".into(),
+            RegionEpoch(2),
+            "drill-bot".into()
+        )]
+    );
+    assert!(w.r("west").heard.events().is_empty());
     // The drill ends: east reads the lease anew and stands by for south.
-    let end = w.r("east").c.outage(None).await.unwrap();
+    let end = w.r("east").c.outage(None, "drill-bot").await.unwrap();
     assert!(end.was_dark);
     w.until(&all, 10, |w| w.r("east").is(RegionRole::Standby))
         .await;
@@ -714,13 +777,16 @@ async fn a_switchover_moves_the_lease_after_the_savepoints_reached_the_target() 
     let e = w
         .r("west")
         .c
-        .switchover("east", false, false)
+        .switchover("east", false, false, "alice")
         .await
         .unwrap_err();
     assert_eq!(e.kind().status(), 409, "{e}");
-    let e = east.switchover("mars", false, false).await.unwrap_err();
+    let e = east
+        .switchover("mars", false, false, "alice")
+        .await
+        .unwrap_err();
     assert_eq!(e.kind().status(), 404, "{e}");
-    let plan = east.switchover("west", false, true).await.unwrap();
+    let plan = east.switchover("west", false, true, "alice").await.unwrap();
     assert!(plan.dry_run && plan.jobs == vec![w.job], "{plan:?}");
     assert!(
         w.r("east").jobs.running.load(Ordering::SeqCst),
@@ -728,7 +794,10 @@ async fn a_switchover_moves_the_lease_after_the_savepoints_reached_the_target() 
     );
     // The loop keeps renewing while the switchover runs.
     let ticking = w.tick_in_background();
-    let report = east.switchover("west", false, false).await.unwrap();
+    let report = east
+        .switchover("west", false, false, "alice")
+        .await
+        .unwrap();
     assert_eq!(report.epoch, RegionEpoch(2));
     assert_eq!(report.savepoints.len(), 1);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -739,6 +808,24 @@ async fn a_switchover_moves_the_lease_after_the_savepoints_reached_the_target() 
     ticking.abort();
     assert_eq!(w.r("west").jobs.started(), vec![RegionEpoch(2)]);
     assert_eq!(w.r("east").jobs.failovers.load(Ordering::SeqCst), 0);
+    // Both regions name alice, who asked for it, and the new epoch.
+    let by_alice = |event, primary: &str| {
+        (
+            event,
+            primary.to_string(),
+            RegionEpoch(2),
+            "alice".to_string(),
+        )
+    };
+    assert_eq!(
+        w.r("west").heard.events(),
+        vec![by_alice("promoted", "west")]
+    );
+    assert_eq!(
+        w.r("east").heard.events().last(),
+        Some(&by_alice("demoted", "west"))
+    );
+    assert_eq!(w.lease().await.record.unwrap().by.as_deref(), Some("alice"));
     assert_eq!(
         w.r("west").jobs.failovers.load(Ordering::SeqCst),
         0,
@@ -757,7 +844,7 @@ async fn a_switchover_that_cannot_take_a_savepoint_resumes_the_jobs_here() {
     let e = w
         .r("east")
         .c
-        .switchover("west", false, false)
+        .switchover("west", false, false, "alice")
         .await
         .unwrap_err();
     assert!(
@@ -782,7 +869,7 @@ async fn a_switchover_whose_lease_move_fails_leaves_every_job_in_exactly_one_reg
     // The global KV takes no writes from east once the savepoints are
     // taken (as when its stream leader died).
     *w.r("east").jobs.after_savepoints.lock().unwrap() = Some(w.r("east").down.clone());
-    let report = east.switchover("west", false, false).await;
+    let report = east.switchover("west", false, false, "alice").await;
     let down = w.r("east").down.clone();
     let e = report.unwrap_err();
     assert_eq!(e.kind().status(), 503, "{e}");
@@ -955,7 +1042,7 @@ async fn fail_back_reports_only_what_the_latest_failover_diverged() {
     let plan = w
         .r("west")
         .c
-        .failback(None, true, Duration::from_secs(5))
+        .failback(None, true, Duration::from_secs(5), "alice")
         .await
         .unwrap();
     ticking.abort();
@@ -1020,7 +1107,9 @@ async fn a_renewal_whose_answer_was_lost_does_not_demote_the_primary() {
     assert_eq!(w.r("east").jobs.started(), vec![RegionEpoch(1)]);
     // A forced move back to east under a new epoch starts its jobs anew.
     let current = w.lease().await;
-    lease::claim(&kv, &current, "east", "forced").await.unwrap();
+    lease::claim(&kv, &current, "east", "forced", "carol")
+        .await
+        .unwrap();
     w.until(&["east", "west"], 5, |w| {
         w.r("east").jobs.started().len() == 2
     })
@@ -1048,7 +1137,9 @@ async fn a_promotion_that_cannot_start_its_jobs_retries_and_stops_on_losing_the_
     // Another region takes the lease meanwhile (forced): west stops.
     let current = w.lease().await;
     let kv: Arc<dyn Coordination> = w.lease.clone();
-    lease::claim(&kv, &current, "east", "forced").await.unwrap();
+    lease::claim(&kv, &current, "east", "forced", "carol")
+        .await
+        .unwrap();
     w.until(&["west"], 5, |w| w.r("west").is(RegionRole::Standby))
         .await;
     assert_eq!(

@@ -23,6 +23,10 @@ pub struct DrillHold {
     pub target: String,
     /// How long the hold lasts, in milliseconds.
     pub duration_ms: u64,
+    /// Who started the drill (the REST caller); the target's takeover is
+    /// theirs. Absent in holds written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl DrillHold {

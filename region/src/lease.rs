@@ -44,6 +44,11 @@ pub struct LeaseRecord {
     /// The last renewal (the writer's clock; display only).
     #[serde(default)]
     pub renewed_at: Option<DateTime<Utc>>,
+    /// Who moved the lease here: the REST caller of a switchover, forced
+    /// failover, fail-back or drill, or [`crate::webhook::AUTOMATIC`].
+    /// Absent in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// The lease as read or as last written by this instance.
@@ -131,11 +136,13 @@ pub async fn read(global: &dyn Coordination) -> Result<Option<Lease>, LeaseError
     ))
 }
 
-/// Creates the first lease naming `region`, region epoch 1.
+/// Creates the first lease naming `region`, region epoch 1, on behalf of
+/// `by`.
 pub async fn create(
     global: &Arc<dyn Coordination>,
     region: &str,
     reason: &str,
+    by: &str,
 ) -> Result<Lease, LeaseError> {
     let record = LeaseRecord {
         primary: region.to_string(),
@@ -143,6 +150,7 @@ pub async fn create(
         since: Utc::now(),
         reason: reason.to_string(),
         renewed_at: None,
+        by: Some(by.to_string()),
     };
     let revision = global.create(REGION_LEASE, encode(&record)).await?;
     Ok(Lease {
@@ -153,13 +161,14 @@ pub async fn create(
 }
 
 /// Makes `region` primary in place of `current` (compare-and-set on its
-/// revision), with the next region epoch.
+/// revision), with the next region epoch, on behalf of `by`.
 #[tracing::instrument(name = "region_lease.claim", skip(global, current), fields(from = ?current.primary(), epoch = %current.epoch))]
 pub async fn claim(
     global: &Arc<dyn Coordination>,
     current: &Lease,
     region: &str,
     reason: &str,
+    by: &str,
 ) -> Result<Lease, LeaseError> {
     let epoch = current.epoch.next();
     let record = LeaseRecord {
@@ -168,6 +177,7 @@ pub async fn claim(
         since: Utc::now(),
         reason: reason.to_string(),
         renewed_at: None,
+        by: Some(by.to_string()),
     };
     let revision = global
         .update(REGION_LEASE, encode(&record), current.revision)
@@ -210,17 +220,17 @@ mod tests {
     #[tokio::test]
     async fn only_one_of_two_racing_standbys_takes_the_lease() {
         let kv = kv();
-        let first = create(&kv, "east", "initial").await.unwrap();
+        let first = create(&kv, "east", "initial", "automatic").await.unwrap();
         assert_eq!(first.epoch, RegionEpoch(1));
         assert_eq!(
-            create(&kv, "west", "initial").await,
+            create(&kv, "west", "initial", "automatic").await,
             Err(LeaseError::Exists)
         );
         let seen = read(kv.as_ref()).await.unwrap().unwrap();
         assert_eq!(seen, first);
         // Both standbys saw the same revision; only one CAS succeeds.
-        let a = claim(&kv, &seen, "west", "failover").await;
-        let b = claim(&kv, &seen, "south", "failover").await;
+        let a = claim(&kv, &seen, "west", "failover", "automatic").await;
+        let b = claim(&kv, &seen, "south", "failover", "automatic").await;
         assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
         let now = read(kv.as_ref()).await.unwrap().unwrap();
         assert_eq!(now.primary(), Some("west"));
@@ -230,22 +240,50 @@ mod tests {
     #[tokio::test]
     async fn a_renewal_keeps_the_epoch_and_fails_once_another_region_claimed() {
         let kv = kv();
-        let mine = create(&kv, "east", "initial").await.unwrap();
+        let mine = create(&kv, "east", "initial", "automatic").await.unwrap();
         let renewed = renew(&kv, &mine).await.unwrap();
         assert_eq!(renewed.epoch, mine.epoch);
         assert!(renewed.revision > mine.revision);
         // A renewal on a stale revision loses.
         assert_eq!(renew(&kv, &mine).await, Err(LeaseError::Changed));
-        let taken = claim(&kv, &renewed, "west", "failover").await.unwrap();
+        let taken = claim(&kv, &renewed, "west", "failover", "automatic")
+            .await
+            .unwrap();
         assert_eq!(renew(&kv, &renewed).await, Err(LeaseError::Changed));
         assert_eq!(read(kv.as_ref()).await.unwrap().unwrap(), taken);
     }
 
     #[tokio::test]
+    async fn who_moved_the_lease_survives_renewals_and_old_records_still_read() {
+        let kv = kv();
+        let first = create(&kv, "east", "initial", "automatic").await.unwrap();
+        let moved = claim(&kv, &first, "west", "switchover from east", "alice")
+            .await
+            .unwrap();
+        renew(&kv, &moved).await.unwrap();
+        let read_back = read(kv.as_ref()).await.unwrap().unwrap();
+        assert_eq!(read_back.record.unwrap().by.as_deref(), Some("alice"));
+        // A record written before `by` was kept.
+        kv.put(
+            REGION_LEASE,
+            Bytes::from_static(
+                br#"{"primary":"east","epoch":3,"since":"2026-01-01T00:00:00Z","reason":"initial"}"#,
+            ),
+        )
+        .await
+        .unwrap();
+        let old = read(kv.as_ref()).await.unwrap().unwrap();
+        assert_eq!(old.primary(), Some("east"));
+        assert_eq!(old.record.unwrap().by, None);
+    }
+
+    #[tokio::test]
     async fn an_unreadable_record_names_nobody_and_can_be_claimed_above_every_epoch() {
         let kv = kv();
-        let first = create(&kv, "east", "initial").await.unwrap();
-        let second = claim(&kv, &first, "west", "failover").await.unwrap();
+        let first = create(&kv, "east", "initial", "automatic").await.unwrap();
+        let second = claim(&kv, &first, "west", "failover", "automatic")
+            .await
+            .unwrap();
         kv.put(REGION_LEASE, Bytes::from_static(b"{not json"))
             .await
             .unwrap();
@@ -254,7 +292,9 @@ mod tests {
         assert!(corrupt.epoch > second.epoch, "{corrupt:?}");
         // Nobody can renew it; a claim replaces it with a newer epoch.
         assert_eq!(renew(&kv, &corrupt).await, Err(LeaseError::Changed));
-        let fixed = claim(&kv, &corrupt, "east", "forced").await.unwrap();
+        let fixed = claim(&kv, &corrupt, "east", "forced", "automatic")
+            .await
+            .unwrap();
         assert!(fixed.epoch > corrupt.epoch);
         assert_eq!(read(kv.as_ref()).await.unwrap().unwrap(), fixed);
     }

@@ -12,6 +12,8 @@
 //!   lineage does not contain.
 //! - [`verify`] / [`verifier`]: proving in a standby that those copies
 //!   restore.
+//! - [`webhook`]: announcing a change of the primary role, and who caused
+//!   it, to `regions.webhook`.
 //! - [`side`]: all of it for one JobManager, built from its config.
 
 pub mod clock;
@@ -32,6 +34,7 @@ pub mod switchover;
 pub mod takeover;
 pub mod verifier;
 pub mod verify;
+pub mod webhook;
 
 #[cfg(test)]
 mod coordinator_tests;

@@ -18,10 +18,12 @@ use crate::role::Role;
 
 impl Coordinator {
     /// Starts an outage of `duration` (asking `target` to take over), or
-    /// ends one (`None`).
+    /// ends one (`None`), on behalf of `actor` (the target's takeover is
+    /// recorded as theirs).
     pub async fn outage(
         &self,
         start: Option<(Duration, Option<String>)>,
+        actor: &str,
     ) -> Result<OutageReport, RegionError> {
         let me = self.s.region.clone();
         let Some((duration, target)) = start else {
@@ -69,6 +71,7 @@ impl Coordinator {
                 from: me.clone(),
                 target: t.clone(),
                 duration_ms: duration.as_millis() as u64,
+                by: Some(actor.to_string()),
             };
             self.bounded(hold::set(&self.lease_kv, &h))
                 .await

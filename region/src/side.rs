@@ -10,6 +10,7 @@
 //! does, through [`RegionJobs::start`], once the lease is confirmed.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,6 +169,19 @@ impl RegionSide {
                 cfg.regions.health_check_interval
             );
         }
+        // Read before the global KV is waited for: a bad file shows at start.
+        let webhook = match cfg.regions.webhook.as_deref().map(str::trim) {
+            Some(url) if !url.is_empty() => {
+                let hook = crate::webhook::Webhook::new(
+                    url,
+                    cfg.regions.webhook_ca_file.as_deref().map(Path::new),
+                    cfg.regions.webhook_token_file.as_deref().map(Path::new),
+                )
+                .map_err(RegionError::Config)?;
+                Some(Arc::new(hook) as Arc<dyn crate::webhook::Announce>)
+            }
+            _ => None,
+        };
         let bucket = g.bucket.clone().unwrap_or_else(|| "ferry-global".into());
         // Heartbeats and probes expire; the lease and the drill hold live in
         // a bucket of their own whose keys never expire.
@@ -205,7 +219,7 @@ impl RegionSide {
                 interval,
                 timeout,
                 auto_failover: cfg.regions.auto_failover,
-                webhook: cfg.regions.webhook.clone(),
+                webhook,
             },
             jobs,
             lease_kv,

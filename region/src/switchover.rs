@@ -39,29 +39,33 @@ pub const SAVEPOINT_WAIT: Duration = Duration::from_secs(60);
 impl Coordinator {
     /// Makes `target` the primary: planned, or `force`d (move the lease now;
     /// the old primary's work after its last replicated checkpoint is
-    /// lost), or with `dry_run` only the plan.
+    /// lost), or with `dry_run` only the plan. `actor` (who asked) goes
+    /// into the lease record and the webhook's announcements.
     pub async fn switchover(
         &self,
         target: &str,
         force: bool,
         dry_run: bool,
+        actor: &str,
     ) -> Result<SwitchoverReport, RegionError> {
         self.known(target)?;
         let _op = self.ops.try_lock().map_err(|_| busy())?;
         if force {
-            return self.forced(target, dry_run).await;
+            return self.forced(target, dry_run, actor).await;
         }
-        self.planned(target, dry_run).await
+        self.planned(target, dry_run, actor).await
     }
 
     /// Moves the jobs home to `target` (default: the home region) once it
     /// is healthy (waiting up to `wait`) and has caught up, with the
-    /// report of what it committed after the latest failover away from it.
+    /// report of what it committed after the latest failover away from it;
+    /// on behalf of `actor`.
     pub async fn failback(
         &self,
         target: Option<&str>,
         dry_run: bool,
         wait: Duration,
+        actor: &str,
     ) -> Result<SwitchoverReport, RegionError> {
         let Some(target) = target.or(self.s.home.as_deref()).map(str::to_string) else {
             return Err(RegionError::BadRequest(
@@ -139,7 +143,7 @@ impl Coordinator {
             plan.divergence = Some(divergence);
             return Ok(plan);
         }
-        let mut report = self.planned(&target, false).await?;
+        let mut report = self.planned(&target, false, actor).await?;
         report.failback = true;
         report.divergence = Some(divergence);
         Ok(report)
@@ -212,7 +216,12 @@ impl Coordinator {
         }
     }
 
-    async fn planned(&self, target: &str, dry_run: bool) -> Result<SwitchoverReport, RegionError> {
+    async fn planned(
+        &self,
+        target: &str,
+        dry_run: bool,
+        actor: &str,
+    ) -> Result<SwitchoverReport, RegionError> {
         let started = Instant::now();
         let me = self.s.region.clone();
         let target_store = self.known(target)?.clone();
@@ -296,7 +305,7 @@ impl Coordinator {
             }
         }
         let reason = format!("switchover from {me}");
-        let moved = self.move_lease(target, &reason).await?;
+        let moved = self.move_lease(target, &reason, actor).await?;
         tracing::info!(to = %target, region_epoch = %moved.epoch, jobs = savepoints.len(), "switchover: the region lease moved");
         Ok(SwitchoverReport {
             from: me,
@@ -326,9 +335,14 @@ impl Coordinator {
         self.wake();
     }
 
-    /// Moves the lease from this region (in `SwitchingOver`) to `target`,
-    /// retrying while the global KV takes no writes.
-    async fn move_lease(&self, target: &str, reason: &str) -> Result<Lease, RegionError> {
+    /// Moves the lease from this region (in `SwitchingOver`) to `target`
+    /// on behalf of `actor`, retrying while the global KV takes no writes.
+    async fn move_lease(
+        &self,
+        target: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<Lease, RegionError> {
         let me = self.s.region.clone();
         let deadline = Instant::now() + LEASE_MOVE_RETRY;
         let mut last_error = String::new();
@@ -344,7 +358,13 @@ impl Coordinator {
                 )));
             };
             let moved = match self
-                .bounded(lease::claim(&self.lease_kv, &current, target, reason))
+                .bounded(lease::claim(
+                    &self.lease_kv,
+                    &current,
+                    target,
+                    reason,
+                    actor,
+                ))
                 .await
             {
                 Ok(moved) => Some(moved),
@@ -387,6 +407,11 @@ impl Coordinator {
                 }
             };
             if let Some(moved) = moved {
+                // The demotion announces the lease as moved.
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .lease(&moved);
                 self.enter(
                     &mut role,
                     Role::Demoting {
@@ -445,7 +470,12 @@ impl Coordinator {
     }
 
     /// `force`: moves the lease to `target` now, from any region.
-    async fn forced(&self, target: &str, dry_run: bool) -> Result<SwitchoverReport, RegionError> {
+    async fn forced(
+        &self,
+        target: &str,
+        dry_run: bool,
+        actor: &str,
+    ) -> Result<SwitchoverReport, RegionError> {
         let started = Instant::now();
         let me = &self.s.region;
         let current = match self.read_lease().await {
@@ -485,7 +515,13 @@ impl Coordinator {
         }
         let reason = format!("forced failover from {from} (requested in {me})");
         let moved = self
-            .bounded(lease::claim(&self.lease_kv, &current, target, &reason))
+            .bounded(lease::claim(
+                &self.lease_kv,
+                &current,
+                target,
+                &reason,
+                actor,
+            ))
             .await
             .map_err(|e| match e {
                 LeaseError::Unavailable(e) => RegionError::GlobalUnavailable(format!(

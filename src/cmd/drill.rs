@@ -100,7 +100,7 @@ async fn drill(a: RunArgs) -> anyhow::Result<ExitCode> {
     let map = super::region::read_map(&entry).await.with_context(|| {
         format!(
             "cannot read /v1/regions from {}: is a JobManager running there?",
-            a.api.url.join(",")
+            entry.urls().join(",")
         )
     })?;
     let plan = DrillPlan {

@@ -1,7 +1,8 @@
 //! `ferry job submit|list|get|cancel|savepoint|checkpoints`: the JobManager
 //! REST API (`docs/api.md`) through `ferry_client`, printing tables or the
-//! server's JSON; and what every API command shares: `--url`/`--output`,
-//! the client over them, and how an API failure is shown.
+//! server's JSON; and what every API command shares: `--url`, the
+//! credentials, `--context` and `--output`, the client over them (through
+//! [`super::context::target`]), and how an API failure is shown.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -9,23 +10,23 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ferry_client::{Answer, Client, DEFAULT_URL, Error, text};
+use ferry_client::{Answer, Client, Error, text};
 
 /// Exit code for an API error.
 const EXIT_ERROR: u8 = 1;
 /// Exit code for a spec the server rejected (as `ferry validate`).
 const EXIT_INVALID_SPEC: u8 = 2;
 
-/// Options every `ferry job` command takes.
+/// Options every command that talks to a JobManager takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
     /// JobManager REST URL. A comma-separated list (every JobManager of the
     /// region) is tried in order while a URL cannot be connected to or has
-    /// no leader to forward a write to.
+    /// no leader to forward a write to. [default: the context's url, else
+    /// http://127.0.0.1:8081]
     #[arg(
         long,
         env = "FERRY_URL",
-        default_value = DEFAULT_URL,
         value_delimiter = ',',
         value_name = "URL[,URL...]"
     )]
@@ -51,6 +52,14 @@ pub struct ApiArgs {
     /// the public ones: the region's CA when `tls.api` uses a private one.
     #[arg(long, env = "FERRY_CA_CERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
+    /// Take the URL, CA and token this command is not given from this
+    /// context of the contexts file (`ferry context`). [default: the
+    /// file's current context]
+    #[arg(long, env = "FERRY_CONTEXT", value_name = "NAME")]
+    pub context: Option<String>,
+    /// The contexts file. [default: ~/.config/ferry/contexts.yaml]
+    #[arg(long, env = super::context::FILE_ENV, value_name = "FILE")]
+    pub contexts_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -190,42 +199,62 @@ fn read_spec(file: &PathBuf) -> anyhow::Result<(Vec<u8>, Option<&'static str>)> 
     ))
 }
 
-/// The client of `--url`, noting on stderr every URL it skips.
+/// The context an API command used, for the note under a failure.
+static USED_CONTEXT: std::sync::OnceLock<(String, PathBuf)> = std::sync::OnceLock::new();
+
+/// The client of `--url` (or the context's URL), noting on stderr every
+/// URL it skips.
 pub(crate) fn client(args: &ApiArgs) -> anyhow::Result<Client> {
-    let mut c = Client::new(&args.url)?.on_skip(Arc::new(|skipped, reason, base| {
+    let target = super::context::target(
+        super::context::Explicit {
+            url: args.url.clone(),
+            token: args.token.clone(),
+            token_file: args.token_file.clone(),
+            ca_cert: args.ca_cert.clone(),
+        },
+        args.context.as_deref(),
+        args.contexts_file.as_deref(),
+    )?;
+    if let Some(used) = &target.context {
+        let _ = USED_CONTEXT.set(used.clone());
+    }
+    let mut c = Client::new(&target.urls)?.on_skip(Arc::new(|skipped, reason, base| {
         emit(
             &mut std::io::stderr(),
             &format!("note: {skipped} skipped ({reason}); answered by {base}\n"),
         )
     }));
-    if let Some(t) = token(args)? {
+    if let Some(t) = token(&target)? {
         c = c.with_token(&t);
     }
-    if let Some(path) = &args.ca_cert {
+    if let Some(path) = &target.ca_cert {
+        let from = &target.ca_from;
         let pem = std::fs::read(path)
-            .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+            .with_context(|| format!("cannot read {from} {}", path.display()))?;
         c = c
             .with_ca_cert(&pem)
-            .with_context(|| format!("--ca-cert {}", path.display()))?;
+            .with_context(|| format!("{from} {}", path.display()))?;
     }
     Ok(c)
 }
 
-/// The token of `--token`/FERRY_TOKEN or the first line of
-/// `--token-file`/FERRY_TOKEN_FILE.
-fn token(args: &ApiArgs) -> anyhow::Result<Option<String>> {
-    if let Some(t) = &args.token {
-        return Ok(Some(t.clone()));
-    }
-    let Some(path) = &args.token_file else {
-        return Ok(None);
+/// The token of `--token`/FERRY_TOKEN (or the context's `token`), or the
+/// first line of `--token-file`/FERRY_TOKEN_FILE (or the context's
+/// `tokenFile`).
+fn token(target: &super::context::Target) -> anyhow::Result<Option<String>> {
+    use super::context::TokenSource;
+    let path = match &target.token {
+        None => return Ok(None),
+        Some(TokenSource::Inline(t)) => return Ok(Some(t.clone())),
+        Some(TokenSource::File(path)) => path,
     };
+    let from = &target.token_from;
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+        .with_context(|| format!("cannot read {from} {}", path.display()))?;
     match text.lines().next().map(str::trim).filter(|t| !t.is_empty()) {
         Some(t) => Ok(Some(t.to_string())),
         None => anyhow::bail!(
-            "--token-file {}: the file is empty; put the token on its first line",
+            "{from} {}: the file is empty; put the token on its first line",
             path.display()
         ),
     }
@@ -238,6 +267,13 @@ fn token(args: &ApiArgs) -> anyhow::Result<Option<String>> {
 pub(crate) fn report_failure(e: &Error) -> ExitCode {
     let mut err = String::new();
     text::failure(e, &mut err);
+    if let Some((name, file)) = USED_CONTEXT.get() {
+        let _ = writeln!(
+            err,
+            "  (context '{name}' of {}; flags and their variables override it)",
+            file.display()
+        );
+    }
     emit(&mut std::io::stderr(), &err);
     match e {
         Error::Api {

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod bench;
 pub mod chaos;
 pub mod cluster;
+pub mod context;
 pub mod drill;
 pub mod job;
 pub mod jobmanager;

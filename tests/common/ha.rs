@@ -6,8 +6,8 @@
 //! setup: any number of regions on one global NATS cluster
 //! ([`configure_regions`], [`regions`], [`start_regions`]; [`two_regions`]
 //! and [`start_two_regions`] for the usual east and west), waits for
-//! the region lease, replication, a primary and a healthy region, and a
-//! webhook receiver.
+//! the region lease, replication, a primary and a healthy region, and
+//! webhook receivers (plain HTTP, and HTTPS with a test CA's certificate).
 
 use std::borrow::BorrowMut;
 use std::collections::BTreeMap;
@@ -794,47 +794,108 @@ pub fn ferry_json(args: &[&str]) -> (bool, Value, String) {
     (o.status.success(), v, stderr)
 }
 
+/// One request a webhook receiver took: its JSON body and its
+/// `Authorization` header.
+#[derive(Clone, Debug)]
+pub struct Hook {
+    pub body: Value,
+    pub authorization: Option<String>,
+}
+
+/// Reads one HTTP/1 request from `sock` (headers, then Content-Length
+/// bytes of body; bounded), answers 200 and closes; the request as a
+/// [`Hook`] when its body is JSON.
+async fn take_hook<S>(mut sock: S) -> Option<Hook>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while buf.len() < 1 << 20 {
+        let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let len = header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+            let _ = sock.shutdown().await;
+            let body = serde_json::from_slice(&buf[end + 4..end + 4 + len]).ok()?;
+            return Some(Hook {
+                body,
+                authorization: header("authorization"),
+            });
+        }
+    }
+    None
+}
+
 /// A loopback HTTP endpoint that answers 200 to every POST and hands each
 /// JSON body over; its URL.
 pub async fn webhook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
+        while let Ok((sock, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                // Headers, then Content-Length bytes of body (bounded).
-                while buf.len() < 1 << 20 {
-                    let n =
-                        match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk))
-                            .await
-                        {
-                            Ok(Ok(n)) if n > 0 => n,
-                            _ => return,
-                        };
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if buf.len() >= end + 4 + len {
-                        if let Ok(v) = serde_json::from_slice(&buf[end + 4..end + 4 + len]) {
-                            let _ = tx.send(v);
-                        }
-                        let _ = sock
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                            .await;
-                        return;
-                    }
+                if let Some(h) = take_hook(sock).await {
+                    let _ = tx.send(h.body);
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// A loopback HTTPS-only endpoint with `leaf`'s certificate (a client must
+/// trust its CA) that answers 200 to every POST and hands each request
+/// over; its URL, whose path stands for a webhook's secret.
+pub async fn https_webhook_receiver(
+    leaf: &ferry_testkit::pki::Leaf,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<Hook>) {
+    use ferry_core::tls::{ClientAuth, ServerTls, TlsFiles};
+    let files = TlsFiles::new("webhook-receiver", &leaf.cert, &leaf.key, &leaf.ca);
+    let tls = ServerTls::load(
+        files,
+        ClientAuth::None,
+        &[b"http/1.1"],
+        Duration::from_secs(3600),
+    )
+    .expect("the receiver's certificate");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/hooks/hook-path-s3cret",
+        listener.local_addr().unwrap().port()
+    );
+    // Only connections that completed a TLS handshake arrive here.
+    let mut accepted = ferry_core::tls::accept(listener, tls, std::sync::Arc::new(|| {}), None);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((sock, _)) = accepted.recv().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Some(h) = take_hook(sock).await {
+                    let _ = tx.send(h);
                 }
             });
         }

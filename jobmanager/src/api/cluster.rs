@@ -112,6 +112,7 @@ pub(super) struct FailoverQuery {
 )]
 pub(super) async fn failover(
     State(jm): State<JobManager>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<axum::extract::Query<FailoverQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ferry_core::api::SwitchoverReport>, super::error::ApiError> {
@@ -119,7 +120,12 @@ pub(super) async fn failover(
     let axum::extract::Query(q) = query?;
     let force = super::jobs::parse_flag("force", q.force.as_deref())?;
     let dry_run = super::jobs::parse_flag("dry_run", q.dry_run.as_deref())?;
-    Ok(Json(jm.region_failover(name, force, dry_run).await?))
+    // Who asked is whoever is authenticated: the lease records it and the
+    // region webhook names it.
+    Ok(Json(
+        jm.region_failover(name, force, dry_run, caller.name)
+            .await?,
+    ))
 }
 
 /// Query of `POST /v1/regions/{name}/failback`.
@@ -157,6 +163,7 @@ const FAILBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 )]
 pub(super) async fn failback(
     State(jm): State<JobManager>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<axum::extract::Query<FailbackQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ferry_core::api::SwitchoverReport>, super::error::ApiError> {
@@ -167,5 +174,7 @@ pub(super) async fn failback(
         None => FAILBACK_WAIT,
         Some(w) => super::drills::parse_duration("wait", w)?,
     };
-    Ok(Json(jm.region_failback(name, dry_run, wait).await?))
+    Ok(Json(
+        jm.region_failback(name, dry_run, wait, caller.name).await?,
+    ))
 }

@@ -64,6 +64,7 @@ const MAX_OUTAGE: std::time::Duration = std::time::Duration::from_secs(600);
 )]
 pub(super) async fn start_outage(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<crate::auth::Caller>,
     query: Result<Query<OutageQuery>, QueryRejection>,
 ) -> Result<Json<ferry_core::api::OutageReport>, ApiError> {
     let Query(q) = query?;
@@ -78,7 +79,11 @@ pub(super) async fn start_outage(
             "duration must be more than 0 and at most 10m".to_string(),
         ));
     }
-    Ok(Json(jm.region_outage(Some((duration, q.target))).await?))
+    // The target's takeover is recorded as the caller's.
+    Ok(Json(
+        jm.region_outage(Some((duration, q.target)), caller.name)
+            .await?,
+    ))
 }
 
 /// `DELETE /v1/drills/outage`: the simulated outage ends; the region
@@ -95,8 +100,9 @@ pub(super) async fn start_outage(
 )]
 pub(super) async fn end_outage(
     State(jm): State<JobManager>,
+    Extension(caller): Extension<crate::auth::Caller>,
 ) -> Result<Json<ferry_core::api::OutageReport>, ApiError> {
-    Ok(Json(jm.region_outage(None).await?))
+    Ok(Json(jm.region_outage(None, caller.name).await?))
 }
 
 /// `POST /v1/drills`: record a drill report (JSON with `id`, `passed`,

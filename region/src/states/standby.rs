@@ -12,6 +12,7 @@ use crate::jobs::RegionEvent;
 use crate::lease;
 use crate::role::Role;
 use crate::takeover::{self, Situation, Takeover};
+use crate::webhook::AUTOMATIC;
 
 pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
     let me = c.s.region.as_str();
@@ -55,7 +56,7 @@ pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
         views: &seen.views,
         my_verified: &verified,
         timeout: c.s.timeout,
-        drill_target: drill.as_deref(),
+        drill_target: drill.as_ref().map(|h| h.target.as_str()),
     });
     let who = named.as_deref().unwrap_or("(unreadable lease)");
     let wait = humantime::format_duration(c.s.timeout);
@@ -74,12 +75,24 @@ pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
             Role::Standby { primary: named }
         }
         Takeover::Claim => {
-            let reason = format!("failover: primary {who} silent for more than {wait}");
+            // A drill's target takes over on behalf of whoever started it.
+            let (reason, by) = match drill.filter(|h| h.target == me) {
+                Some(h) => (
+                    format!(
+                        "failover drill: primary {who} silent (simulated outage) for more than {wait}"
+                    ),
+                    h.by.unwrap_or_else(|| AUTOMATIC.to_string()),
+                ),
+                None => (
+                    format!("failover: primary {who} silent for more than {wait}"),
+                    AUTOMATIC.to_string(),
+                ),
+            };
             let span =
                 tracing::info_span!("failover", from = %who, to = %me, region_epoch = %l.epoch);
             let sent = tokio::time::Instant::now();
             let claimed = c
-                .bounded(lease::claim(&c.lease_kv, &l, me, &reason))
+                .bounded(lease::claim(&c.lease_kv, &l, me, &reason, &by))
                 .instrument(span)
                 .await;
             match claimed {

@@ -6,6 +6,7 @@
 use crate::coordinator::Coordinator;
 use crate::lease::{self, LeaseError};
 use crate::role::Role;
+use crate::webhook::AUTOMATIC;
 
 pub async fn step(c: &Coordinator) -> Role {
     let me = c.s.region.as_str();
@@ -17,7 +18,10 @@ pub async fn step(c: &Coordinator) -> Role {
         }
         Ok((None, _)) if home == me => {
             let sent = tokio::time::Instant::now();
-            match c.bounded(lease::create(&c.lease_kv, me, "initial")).await {
+            match c
+                .bounded(lease::create(&c.lease_kv, me, "initial", AUTOMATIC))
+                .await
+            {
                 Ok(l) => {
                     tracing::info!(region_epoch = %l.epoch, "took the region lease: this region is the primary");
                     let until = c.confirmed(&l, sent);
