@@ -56,6 +56,7 @@ pub trait Announce: Send + Sync + fmt::Debug {
 }
 
 /// An HTTP(S) endpoint receiving announcements as JSON `POST`s.
+#[derive(Clone)]
 pub struct Webhook {
     url: String,
     /// The URL as logged: scheme, host and port only.
@@ -164,12 +165,7 @@ impl Webhook {
 
 impl Announce for Webhook {
     fn announce(&self, a: Announcement) {
-        let me = Self {
-            url: self.url.clone(),
-            shown: self.shown.clone(),
-            client: self.client.clone(),
-            token: self.token.clone(),
-        };
+        let me = self.clone();
         tokio::spawn(async move {
             match me.deliver(&a).await {
                 Ok(()) => tracing::info!(
