@@ -6,6 +6,7 @@
 //! ([`http`]).
 
 pub mod batch;
+pub mod exchange;
 pub mod expr;
 pub mod http;
 pub mod metrics;

@@ -1,0 +1,542 @@
+//! Batches on the wire between TaskManagers, as Arrow IPC stream messages
+//! (ADR 0007): [`BatchEncoder`] on the sending end of a channel,
+//! [`BatchDecoder`] on the receiving end.
+//!
+//! A batch's columns are typed per batch (a column is `Any` when its
+//! values disagree), so the Arrow schema follows the batch's layout: `Bool`,
+//! `Int`, `Float`, `Str` and `Ts` columns become boolean, int64, float64,
+//! utf8 and timestamp(ms) arrays, an `Any` column a dense union of those
+//! and null, and the event times one more int64 column, [`EVENT_TIME`]. A
+//! batch whose layout differs from the one before starts a new IPC stream
+//! (its schema message first); a steady channel sends its schema once.
+//!
+//! Invariant: decoding a message never panics out of [`BatchDecoder::decode`]
+//! and never allocates more than the message allows: a message is at most
+//! the decoder's bound, holds exactly one record batch, and its schema must
+//! name the fields the receiver's plan expects, in order; anything else is
+//! a [`CodecError`]. (arrow-ipc panics on some messages whose buffer
+//! offsets lie; the decoder contains that panic, reports the message as
+//! malformed, and needs a new stream before it takes another batch.)
+
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, NullArray, RecordBatch, StringArray,
+    TimestampMillisecondArray, UnionArray,
+};
+use arrow_buffer::{Buffer, ScalarBuffer};
+use arrow_ipc::reader::StreamDecoder;
+use arrow_ipc::writer::StreamWriter;
+use arrow_schema::{DataType as ArrowType, Field as ArrowField, Schema as ArrowSchema, TimeUnit};
+use arrow_schema::{UnionFields, UnionMode};
+use ferry_core::schema::SchemaRef;
+use ferry_core::value::Value;
+
+use crate::batch::{Batch, Column};
+
+/// Name of the column that carries a batch's event times.
+pub const EVENT_TIME: &str = "__ferry_event_time";
+
+/// Largest message a decoder takes by default, in bytes.
+pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Why a batch could not be encoded or a message decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("exchange: {0}")]
+pub struct CodecError(pub String);
+
+impl From<arrow_schema::ArrowError> for CodecError {
+    fn from(e: arrow_schema::ArrowError) -> Self {
+        CodecError(format!("Arrow IPC: {e}"))
+    }
+}
+
+/// One message of a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The message starts a new IPC stream: a schema message comes first.
+    pub new_stream: bool,
+    /// Arrow IPC stream bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// The physical type of each column of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Bool,
+    Int,
+    Float,
+    Str,
+    Ts,
+    Any,
+}
+
+fn kind(c: &Column) -> Kind {
+    match c {
+        Column::Bool(_) => Kind::Bool,
+        Column::Int(_) => Kind::Int,
+        Column::Float(_) => Kind::Float,
+        Column::Str(_) => Kind::Str,
+        Column::Ts(_) => Kind::Ts,
+        Column::Any(_) => Kind::Any,
+    }
+}
+
+/// The children of an `Any` column's dense union, by type id.
+fn union_fields() -> UnionFields {
+    let ts = ArrowType::Timestamp(TimeUnit::Millisecond, None);
+    UnionFields::try_new(
+        0..6,
+        [
+            ArrowField::new("null", ArrowType::Null, true),
+            ArrowField::new("bool", ArrowType::Boolean, false),
+            ArrowField::new("int", ArrowType::Int64, false),
+            ArrowField::new("float", ArrowType::Float64, false),
+            ArrowField::new("str", ArrowType::Utf8, false),
+            ArrowField::new("ts", ts, false),
+        ],
+    )
+    .expect("six distinct type ids")
+}
+
+fn arrow_type(k: Kind) -> ArrowType {
+    match k {
+        Kind::Bool => ArrowType::Boolean,
+        Kind::Int => ArrowType::Int64,
+        Kind::Float => ArrowType::Float64,
+        Kind::Str => ArrowType::Utf8,
+        Kind::Ts => ArrowType::Timestamp(TimeUnit::Millisecond, None),
+        Kind::Any => ArrowType::Union(union_fields(), UnionMode::Dense),
+    }
+}
+
+fn any_array(values: &[Value]) -> Result<ArrayRef, CodecError> {
+    let (mut nulls, mut bools, mut ints, mut floats, mut strs, mut tss) = (
+        0usize,
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut type_ids = Vec::with_capacity(values.len());
+    let mut offsets = Vec::with_capacity(values.len());
+    for v in values {
+        let (id, at) = match v {
+            Value::Null => {
+                nulls += 1;
+                (0, nulls - 1)
+            }
+            Value::Bool(b) => {
+                bools.push(*b);
+                (1, bools.len() - 1)
+            }
+            Value::Int(i) => {
+                ints.push(*i);
+                (2, ints.len() - 1)
+            }
+            Value::Float(f) => {
+                floats.push(*f);
+                (3, floats.len() - 1)
+            }
+            Value::Str(s) => {
+                strs.push(s.clone());
+                (4, strs.len() - 1)
+            }
+            Value::Ts(t) => {
+                tss.push(*t);
+                (5, tss.len() - 1)
+            }
+        };
+        type_ids.push(id as i8);
+        offsets.push(
+            i32::try_from(at).map_err(|_| CodecError("a column of over 2^31 values".into()))?,
+        );
+    }
+    let children: Vec<ArrayRef> = vec![
+        Arc::new(NullArray::new(nulls)),
+        Arc::new(BooleanArray::from(bools)),
+        Arc::new(Int64Array::from(ints)),
+        Arc::new(Float64Array::from(floats)),
+        Arc::new(StringArray::from_iter_values(strs.iter().map(|s| &**s))),
+        Arc::new(TimestampMillisecondArray::from(tss)),
+    ];
+    Ok(Arc::new(UnionArray::try_new(
+        union_fields(),
+        ScalarBuffer::from(type_ids),
+        Some(ScalarBuffer::from(offsets)),
+        children,
+    )?))
+}
+
+fn to_arrow(c: &Column) -> Result<ArrayRef, CodecError> {
+    Ok(match c {
+        Column::Bool(v) => Arc::new(BooleanArray::from(v.clone())),
+        Column::Int(v) => Arc::new(Int64Array::from(v.clone())),
+        Column::Float(v) => Arc::new(Float64Array::from(v.clone())),
+        Column::Str(v) => Arc::new(StringArray::from_iter_values(v.iter().map(|s| &**s))),
+        Column::Ts(v) => Arc::new(TimestampMillisecondArray::from(v.clone())),
+        Column::Any(v) => any_array(v)?,
+    })
+}
+
+/// `batch` as an Arrow record batch: its columns, then [`EVENT_TIME`].
+fn record_batch(batch: &Batch) -> Result<RecordBatch, CodecError> {
+    if batch.columns.len() != batch.schema.fields.len() {
+        return Err(CodecError(format!(
+            "a batch of {} columns for a schema of {} fields",
+            batch.columns.len(),
+            batch.schema.fields.len()
+        )));
+    }
+    let mut fields = Vec::with_capacity(batch.columns.len() + 1);
+    let mut arrays = Vec::with_capacity(batch.columns.len() + 1);
+    for (f, c) in batch.schema.fields.iter().zip(&batch.columns) {
+        let k = kind(c);
+        fields.push(ArrowField::new(&f.name, arrow_type(k), false));
+        arrays.push(to_arrow(c)?);
+    }
+    fields.push(ArrowField::new(EVENT_TIME, ArrowType::Int64, false));
+    arrays.push(Arc::new(Int64Array::from(batch.ts.clone())));
+    Ok(RecordBatch::try_new(
+        Arc::new(ArrowSchema::new(fields)),
+        arrays,
+    )?)
+}
+
+/// The sending end of a channel.
+#[derive(Default)]
+pub struct BatchEncoder {
+    layout: Vec<Kind>,
+    writer: Option<StreamWriter<Vec<u8>>>,
+}
+
+impl BatchEncoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The message that carries `batch`.
+    pub fn encode(&mut self, batch: &Batch) -> Result<Message, CodecError> {
+        let rb = record_batch(batch)?;
+        let layout: Vec<Kind> = batch.columns.iter().map(kind).collect();
+        let new_stream = self.writer.is_none() || layout != self.layout;
+        if new_stream {
+            self.writer = Some(StreamWriter::try_new(Vec::new(), rb.schema_ref())?);
+            self.layout = layout;
+        }
+        let w = self.writer.as_mut().expect("set above");
+        w.write(&rb)?;
+        Ok(Message {
+            new_stream,
+            bytes: std::mem::take(w.get_mut()),
+        })
+    }
+}
+
+/// The receiving end of a channel, for batches of `schema`.
+pub struct BatchDecoder {
+    schema: SchemaRef,
+    decoder: StreamDecoder,
+    /// Whether a stream has begun (its schema read).
+    started: bool,
+    max_message: usize,
+}
+
+impl BatchDecoder {
+    /// A decoder of batches whose fields are `schema`'s, taking messages of
+    /// at most `max_message` bytes.
+    pub fn new(schema: SchemaRef, max_message: usize) -> Self {
+        Self {
+            schema,
+            decoder: StreamDecoder::new(),
+            started: false,
+            max_message,
+        }
+    }
+
+    /// The batch `msg` carries.
+    pub fn decode(&mut self, msg: &Message) -> Result<Batch, CodecError> {
+        if msg.bytes.len() > self.max_message {
+            return Err(CodecError(format!(
+                "a message of {} bytes is over the bound of {}",
+                msg.bytes.len(),
+                self.max_message
+            )));
+        }
+        if msg.new_stream {
+            self.decoder = StreamDecoder::new();
+            self.started = true;
+        } else if !self.started {
+            return Err(CodecError("a batch before its stream's schema".to_string()));
+        }
+        // arrow-ipc trusts the buffer offsets a message declares and
+        // panics on some that lie: contain that as this message's error,
+        // and take nothing more from the stream (its state is unknown).
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.record_batch(&msg.bytes)
+        }));
+        let rb = match decoded {
+            Ok(r) => r?,
+            Err(_) => {
+                self.decoder = StreamDecoder::new();
+                self.started = false;
+                return Err(CodecError(
+                    "a malformed message (its buffers lie outside its body)".into(),
+                ));
+            }
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.batch(&rb))).unwrap_or_else(
+            |_| {
+                Err(CodecError(
+                    "a malformed message (its arrays are inconsistent)".into(),
+                ))
+            },
+        )
+    }
+
+    /// The one record batch in `bytes`.
+    fn record_batch(&mut self, bytes: &[u8]) -> Result<RecordBatch, CodecError> {
+        let mut buf = Buffer::from(bytes);
+        let mut got = None;
+        while !buf.is_empty() {
+            let before = buf.len();
+            if let Some(rb) = self.decoder.decode(&mut buf)? {
+                if got.is_some() {
+                    return Err(CodecError("a message with more than one batch".into()));
+                }
+                got = Some(rb);
+            }
+            if buf.len() == before {
+                return Err(CodecError("a message the decoder cannot advance in".into()));
+            }
+        }
+        got.ok_or_else(|| CodecError("a message without a whole batch".into()))
+    }
+
+    fn batch(&self, rb: &RecordBatch) -> Result<Batch, CodecError> {
+        let fields = &self.schema.fields;
+        let arrow = rb.schema();
+        let names: Vec<&str> = arrow.fields().iter().map(|f| f.name().as_str()).collect();
+        let want: Vec<&str> = fields
+            .iter()
+            .map(|f| f.name.as_str())
+            .chain([EVENT_TIME])
+            .collect();
+        if names != want {
+            return Err(CodecError(format!(
+                "the stream's fields {names:?} are not the plan's {want:?}: the two TaskManagers run different plans of the job"
+            )));
+        }
+        let mut columns = Vec::with_capacity(fields.len());
+        for (i, a) in rb.columns()[..fields.len()].iter().enumerate() {
+            columns.push(
+                from_arrow(a).map_err(|e| CodecError(format!("column {:?}: {}", names[i], e.0)))?,
+            );
+        }
+        let ts = rb.columns()[fields.len()]
+            .as_primitive_opt::<Int64Type>()
+            .filter(|a| a.null_count() == 0)
+            .ok_or_else(|| CodecError(format!("{EVENT_TIME} is not a non-null int64 column")))?;
+        Ok(Batch {
+            schema: self.schema.clone(),
+            columns,
+            ts: ts.values().to_vec(),
+        })
+    }
+}
+
+fn from_arrow(a: &ArrayRef) -> Result<Column, CodecError> {
+    let nulls = || CodecError("a null outside a union".into());
+    if a.null_count() > 0 && !matches!(a.data_type(), ArrowType::Union(..) | ArrowType::Null) {
+        return Err(nulls());
+    }
+    Ok(match a.data_type() {
+        ArrowType::Boolean => {
+            Column::Bool(a.as_boolean().iter().map(|b| b.unwrap_or(false)).collect())
+        }
+        ArrowType::Int64 => Column::Int(a.as_primitive::<Int64Type>().values().to_vec()),
+        ArrowType::Float64 => Column::Float(a.as_primitive::<Float64Type>().values().to_vec()),
+        ArrowType::Utf8 => Column::Str(
+            a.as_string::<i32>()
+                .iter()
+                .map(|s| Arc::from(s.unwrap_or("")))
+                .collect(),
+        ),
+        ArrowType::Timestamp(TimeUnit::Millisecond, None) => Column::Ts(
+            a.as_primitive::<TimestampMillisecondType>()
+                .values()
+                .to_vec(),
+        ),
+        ArrowType::Union(fields, UnionMode::Dense) if *fields == union_fields() => {
+            Column::Any(union_values(a.as_union())?)
+        }
+        other => {
+            return Err(CodecError(format!(
+                "a column of Arrow type {other}, which Ferry does not send"
+            )));
+        }
+    })
+}
+
+fn union_values(u: &UnionArray) -> Result<Vec<Value>, CodecError> {
+    let bad = || CodecError("a union value outside its child".into());
+    let child = |id: i8| u.child(id);
+    let mut out = Vec::with_capacity(u.len());
+    for i in 0..u.len() {
+        let id = u.type_id(i);
+        let at = u.value_offset(i);
+        let c = child(id);
+        if at >= c.len() || c.is_null(at) && id != 0 {
+            return Err(bad());
+        }
+        out.push(match id {
+            0 => Value::Null,
+            1 => Value::Bool(c.as_boolean().value(at)),
+            2 => Value::Int(c.as_primitive::<Int64Type>().value(at)),
+            3 => Value::Float(c.as_primitive::<Float64Type>().value(at)),
+            4 => Value::Str(Arc::from(c.as_string::<i32>().value(at))),
+            5 => Value::Ts(c.as_primitive::<TimestampMillisecondType>().value(at)),
+            _ => return Err(bad()),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_core::schema::Schema;
+    use ferry_core::value::DataType;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new([
+            ("user".to_string(), DataType::String),
+            ("n".to_string(), DataType::Int),
+            ("x".to_string(), DataType::Any),
+        ]))
+    }
+
+    fn batch(rows: usize, mixed: bool) -> Batch {
+        let any: Vec<Value> = (0..rows)
+            .map(|i| match (mixed, i % 6) {
+                (false, _) => Value::Float(i as f64 / 3.0),
+                (true, 0) => Value::Null,
+                (true, 1) => Value::Bool(i % 4 == 1),
+                (true, 2) => Value::Int(-(i as i64)),
+                (true, 3) => Value::Float(f64::MAX),
+                (true, 4) => Value::Str(Arc::from(format!("é-{i}"))),
+                (true, _) => Value::Ts(1_700_000_000_000 + i as i64),
+            })
+            .collect();
+        Batch {
+            schema: schema(),
+            columns: vec![
+                Column::Str(
+                    (0..rows)
+                        .map(|i| Arc::from(format!("u{}", i % 7)))
+                        .collect(),
+                ),
+                Column::Int((0..rows as i64).map(|i| i * 1_000_003).collect()),
+                Column::from_values(any),
+            ],
+            ts: (0..rows as i64).map(|i| 1_000 + i * 10).collect(),
+        }
+    }
+
+    fn same(a: &Batch, b: &Batch) {
+        assert_eq!(a.ts, b.ts);
+        assert_eq!(a.columns, b.columns);
+        assert_eq!(a.schema, b.schema);
+    }
+
+    #[test]
+    fn batches_cross_the_wire_unchanged_and_the_schema_goes_once_per_layout() {
+        let mut enc = BatchEncoder::new();
+        let mut dec = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE);
+        let first = batch(100, false);
+        let m1 = enc.encode(&first).unwrap();
+        assert!(m1.new_stream);
+        same(&dec.decode(&m1).unwrap(), &first);
+        // Same layout: no schema again, and smaller.
+        let m2 = enc.encode(&batch(100, false)).unwrap();
+        assert!(!m2.new_stream && m2.bytes.len() < m1.bytes.len());
+        same(&dec.decode(&m2).unwrap(), &batch(100, false));
+        // A column turned Any: a new stream, every value kind kept.
+        let mixed = batch(60, true);
+        assert!(matches!(mixed.columns[2], Column::Any(_)));
+        let m3 = enc.encode(&mixed).unwrap();
+        assert!(m3.new_stream);
+        same(&dec.decode(&m3).unwrap(), &mixed);
+        // An empty batch too.
+        let empty = batch(0, false);
+        same(&dec.decode(&enc.encode(&empty).unwrap()).unwrap(), &empty);
+    }
+
+    #[test]
+    fn what_the_plan_does_not_expect_is_refused_with_a_reason() {
+        let mut enc = BatchEncoder::new();
+        let m = enc.encode(&batch(10, false)).unwrap();
+        let other = Arc::new(Schema::new([
+            ("user".to_string(), DataType::String),
+            ("m".to_string(), DataType::Int),
+            ("x".to_string(), DataType::Any),
+        ]));
+        let e = BatchDecoder::new(other, DEFAULT_MAX_MESSAGE)
+            .decode(&m)
+            .unwrap_err();
+        assert!(e.0.contains("different plans"), "{e}");
+        let e = BatchDecoder::new(schema(), 16).decode(&m).unwrap_err();
+        assert!(e.0.contains("over the bound"), "{e}");
+        let mut dec = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE);
+        let later = enc.encode(&batch(10, false)).unwrap();
+        let e = dec.decode(&later).unwrap_err();
+        assert!(e.0.contains("before its stream's schema"), "{e}");
+        // Two batches in one message.
+        let mut two = m.clone();
+        two.bytes.extend_from_slice(&later.bytes);
+        let e = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE)
+            .decode(&two)
+            .unwrap_err();
+        assert!(e.0.contains("more than one batch"), "{e}");
+        // A truncated message.
+        let mut cut = m.clone();
+        cut.bytes.truncate(m.bytes.len() / 2);
+        assert!(
+            BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE)
+                .decode(&cut)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn corrupted_messages_are_errors_never_panics() {
+        let mut enc = BatchEncoder::new();
+        let msgs = [
+            enc.encode(&batch(40, true)).unwrap(),
+            enc.encode(&batch(40, true)).unwrap(),
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let mut refused = 0;
+        for _ in 0..3000 {
+            let mut m = msgs[rng.random_range(0..2)].clone();
+            m.new_stream = true;
+            for _ in 0..rng.random_range(1..6) {
+                let i = rng.random_range(0..m.bytes.len());
+                m.bytes[i] = rng.random();
+            }
+            let mut dec = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dec.decode(&m)));
+            match r {
+                Ok(Ok(b)) => assert_eq!(b.columns.len(), 3),
+                Ok(Err(_)) => refused += 1,
+                Err(_) => panic!("decoding a corrupted message panicked: {:?}", m.bytes),
+            }
+        }
+        assert!(refused > 0, "no corruption was noticed");
+    }
+}
