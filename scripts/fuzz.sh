@@ -5,14 +5,15 @@
 #   scripts/fuzz.sh [TARGET|all] [DURATION]      e.g. scripts/fuzz.sh all 10m
 #
 # TARGET is one of: spec_documents spec_bytes cel_expressions rest_requests
-# grpc_messages checkpoint_state nats_payloads config_files (default: all).
+# grpc_messages checkpoint_state nats_payloads exchange_messages config_files
+# (default: all).
 # DURATION is per target: 30s, 10m, 1h (default 1m). A failure prints the
 # input and a BOLERO_RANDOM_SEED that replays it; add the input as a
 # regression test next to the code it broke.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(spec_documents spec_bytes cel_expressions rest_requests grpc_messages checkpoint_state nats_payloads config_files)
+TARGETS=(spec_documents spec_bytes cel_expressions rest_requests grpc_messages checkpoint_state nats_payloads exchange_messages config_files)
 which="${1:-all}"
 duration="${2:-1m}"
 

@@ -1,6 +1,7 @@
 //! Fuzz targets, one per input Ferry takes from outside: job specs (YAML and
 //! JSON), CEL expressions, REST requests, gRPC messages, checkpoint
-//! manifests and state, NATS payloads and process config files.
+//! manifests and state, NATS payloads, exchange messages between
+//! TaskManagers and process config files.
 //!
 //! Each target feeds generated input to the real code and fails on a panic
 //! or on an input that takes longer than [`HANG`]. Structured inputs are
@@ -632,6 +633,60 @@ fn nats_payloads() {
                     );
                     assert!(fits, "{v:?} in {} ({})", f.name, f.data_type);
                 }
+            }
+        });
+}
+
+/// Exchange messages (Arrow IPC) from a peer TaskManager: a valid
+/// message with bytes overwritten, or raw bytes. Decoding fails or yields
+/// a batch of the plan's fields; it never panics or hangs.
+#[test]
+fn exchange_messages() {
+    use ferry_taskmanager::exchange::{BatchDecoder, BatchEncoder, Message};
+    let schema = Arc::new(Schema::new([
+        ("user".to_string(), DataType::String),
+        ("n".to_string(), DataType::Int),
+        ("any".to_string(), DataType::Any),
+    ]));
+    let batch = Batch {
+        schema: schema.clone(),
+        columns: vec![
+            Column::Str(vec![Arc::from("u1"), Arc::from("u2"), Arc::from("é")]),
+            Column::Int(vec![1, -2, i64::MAX]),
+            Column::from_values(vec![
+                Value::Null,
+                Value::Float(1.5),
+                Value::Str(Arc::from("x")),
+            ]),
+        ],
+        ts: vec![1, 2, 3],
+    };
+    let valid = BatchEncoder::new().encode(&batch).unwrap();
+    let count = Count::new("exchange_messages");
+    check!()
+        .with_type::<(bool, Vec<(u16, u8)>, Vec<u8>)>()
+        .for_each(|(raw, edits, bytes)| {
+            count.add();
+            let msg = Message {
+                new_stream: true,
+                bytes: if *raw {
+                    bytes.clone()
+                } else {
+                    let mut b = valid.bytes.clone();
+                    for (at, v) in edits {
+                        let i = *at as usize % b.len();
+                        b[i] = *v;
+                    }
+                    b
+                },
+            };
+            let mut dec = BatchDecoder::new(schema.clone(), 1 << 20);
+            let out = timed("decoding an exchange message", &msg.bytes, || {
+                dec.decode(&msg)
+            });
+            if let Ok(b) = out {
+                assert_eq!(b.columns.len(), 3);
+                assert!(b.columns.iter().all(|c| c.len() == b.ts.len()));
             }
         });
 }
