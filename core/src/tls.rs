@@ -147,35 +147,42 @@ impl Material {
 
     fn roots(&self, files: &TlsFiles) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
-        for cert in pem_certs(&self.ca, &format!("tls.{}", files.link), "CA", &files.ca)? {
-            roots.add(cert).map_err(|e| {
-                TlsError(format!(
-                    "tls.{}: the CA file {} holds a certificate that is not a usable CA: {e}",
-                    files.link,
-                    files.ca.display()
-                ))
-            })?;
+        add_roots(
+            &mut roots,
+            &self.ca,
+            &format!("tls.{}", files.link),
+            &files.ca,
+        )?;
+        Ok(roots)
+    }
+
+    /// The link CA's roots plus the callers' CA's.
+    fn roots_with_callers(&self, files: &TlsFiles) -> Result<RootCertStore, TlsError> {
+        let mut roots = self.roots(files)?;
+        if let (Some(bytes), Some(path)) = (&self.callers_ca, &files.callers_ca) {
+            add_roots(&mut roots, bytes, "api.auth.clientCertificates", path)?;
         }
         Ok(roots)
     }
 }
 
-impl Material {
-    /// The link CA's roots plus the callers' CA's.
-    fn roots_with_callers(&self, files: &TlsFiles) -> Result<RootCertStore, TlsError> {
-        let mut roots = self.roots(files)?;
-        if let (Some(bytes), Some(path)) = (&self.callers_ca, &files.callers_ca) {
-            for cert in pem_certs(bytes, "api.auth.clientCertificates", "CA", path)? {
-                roots.add(cert).map_err(|e| {
-                    TlsError(format!(
-                        "api.auth.clientCertificates: the CA file {} holds a certificate that is not a usable CA: {e}",
-                        path.display()
-                    ))
-                })?;
-            }
-        }
-        Ok(roots)
+/// Adds the CA certificates of the PEM file `path` (read as `bytes`) to
+/// `roots`; `at` is the config key, for messages.
+fn add_roots(
+    roots: &mut RootCertStore,
+    bytes: &[u8],
+    at: &str,
+    path: &Path,
+) -> Result<(), TlsError> {
+    for cert in pem_certs(bytes, at, "CA", path)? {
+        roots.add(cert).map_err(|e| {
+            TlsError(format!(
+                "{at}: the CA file {} holds a certificate that is not a usable CA: {e}",
+                path.display()
+            ))
+        })?;
     }
+    Ok(())
 }
 
 /// The certificates of a PEM file's `bytes`; `at` is the config key, for

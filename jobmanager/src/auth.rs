@@ -189,6 +189,10 @@ pub enum Unauthenticated {
     UnknownToken(bool),
     #[error("the JWT was refused: {0}")]
     Jwt(String),
+    /// ... because no key of the JWKS has its key id: it may be signed by
+    /// a key the issuer added since (a JWKS URL is fetched again).
+    #[error("the JWT was refused: {0}")]
+    UnknownKeyId(String),
     #[error(
         "x-ferry-forwarded-identity is taken only from a JobManager of this region (a client certificate of tls.api.caFile); send your own credential instead"
     )]
@@ -319,6 +323,16 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// The text of a file that is read again when it changes (the tokens file,
+/// the JWKS file) and its fingerprint; `None` when the fingerprint is
+/// still `current`.
+fn read_if_changed(path: &Path, current: [u8; 32]) -> Result<Option<(String, [u8; 32])>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
+    let fp = digest(text.as_bytes());
+    Ok((fp != current).then_some((text, fp)))
+}
+
 impl ApiAuth {
     /// No authentication: every caller is an admin.
     pub fn open() -> ApiAuth {
@@ -432,12 +446,10 @@ impl ApiAuth {
 
     /// Reads the tokens file again; `Ok(true)` when new tokens are in use.
     fn reload_tokens(&self, path: &Path) -> Result<bool, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
-        let fp = digest(text.as_bytes());
-        if self.tokens.read().unwrap_or_else(|p| p.into_inner()).1 == fp {
+        let current = self.tokens.read().unwrap_or_else(|p| p.into_inner()).1;
+        let Some((text, fp)) = read_if_changed(path, current)? else {
             return Ok(false);
-        }
+        };
         let tokens = parse_tokens(&text, &format!("api.auth.tokensFile {}", path.display()))
             .map_err(|e| e.0)?;
         *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(tokens), fp);
@@ -504,26 +516,14 @@ impl ApiAuth {
         {
             return Ok(certificate_caller(ids, &p.names));
         }
-        match self.authenticate(authorization) {
-            Err(Unauthenticated::Jwt(m)) if m.starts_with(UNKNOWN_KID) => {
-                let Some(j) = &self.jwt else {
-                    return Err(Unauthenticated::Jwt(m));
-                };
-                if j.refetch_for_unknown_key().await {
-                    self.authenticate(authorization)
-                } else {
-                    Err(Unauthenticated::Jwt(m))
-                }
+        match (self.authenticate(authorization), &self.jwt) {
+            (Err(Unauthenticated::UnknownKeyId(_)), Some(j))
+                if j.refetch_for_unknown_key().await =>
+            {
+                self.authenticate(authorization)
             }
-            r => r,
+            (r, _) => r,
         }
-    }
-
-    /// The grants `name` holds as a certificate identity (none unknown).
-    pub fn certificate_identity(&self, name: &str) -> Option<Caller> {
-        self.certificates
-            .as_ref()
-            .map(|ids| certificate_caller(ids, std::slice::from_ref(&name.to_string())))
     }
 }
 
@@ -786,10 +786,6 @@ fn parse_jwks(text: &str) -> Result<Vec<JwtKey>, String> {
     Ok(keys)
 }
 
-/// How a refusal for a key id the JWKS lacks begins (it may be a rotated
-/// key: the JWKS URL is fetched again).
-const UNKNOWN_KID: &str = "no key of the JWKS has key id";
-
 impl JwtCheck {
     fn keys(&self) -> Arc<Vec<JwtKey>> {
         self.state
@@ -813,18 +809,14 @@ impl JwtCheck {
 
     /// Reads the JWKS file again; `Ok(true)` when new keys are in use.
     fn reload_file(&self, path: &Path) -> Result<bool, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {} ({e})", path.display()))?;
-        let fp = digest(text.as_bytes());
-        if self
+        let current = self
             .state
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .fingerprint
-            == fp
-        {
+            .fingerprint;
+        let Some((text, fp)) = read_if_changed(path, current)? else {
             return Ok(false);
-        }
+        };
         let keys = parse_jwks(&text).map_err(|m| format!("{}: {m}", path.display()))?;
         let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
         st.keys = Arc::new(keys);
@@ -906,8 +898,8 @@ impl JwtCheck {
             })
             .collect();
         if candidates.is_empty() {
-            return Err(bad(format!(
-                "{UNKNOWN_KID} {:?} and algorithm {:?}: the token is forged, from another issuer, or signed by a key newer than the JWKS in use",
+            return Err(Unauthenticated::UnknownKeyId(format!(
+                "no key of the JWKS has key id {:?} and algorithm {:?}: the token is forged, from another issuer, or signed by a key newer than the JWKS in use",
                 header.kid.as_deref().unwrap_or("(none)"),
                 header.alg
             )));
