@@ -1,10 +1,16 @@
-//! Compiles the JobManager <-> TaskManager protobufs with the pure-Rust
-//! `protox` compiler (no `protoc` needed on the build machine).
+//! Compiles the JobManager <-> TaskManager and the TaskManager <->
+//! TaskManager (exchange) protobufs with the pure-Rust `protox` compiler
+//! (no `protoc` needed on the build machine).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/ferry/v1/taskmanager.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let fds = protox::compile([proto], ["proto"])?;
+    let protos = [
+        "proto/ferry/v1/taskmanager.proto",
+        "proto/ferry/v1/exchange.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

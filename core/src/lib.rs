@@ -21,7 +21,9 @@ pub use epoch::{JmEpoch, RegionEpoch};
 pub use error::{CoreError, Result};
 pub use ids::{CheckpointId, JobId};
 
-/// The JobManager <-> TaskManager gRPC protocol (`proto/ferry/v1/taskmanager.proto`).
+/// The gRPC protocols: JobManager <-> TaskManager
+/// (`proto/ferry/v1/taskmanager.proto`) and the exchange between
+/// TaskManagers (`proto/ferry/v1/exchange.proto`), both package `ferry.v1`.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("ferry.v1");
