@@ -43,6 +43,10 @@ pub enum Msg {
     Batch(Batch),
     Watermark(i64),
     Barrier(Barrier),
+    /// The channel broke (a network channel of the exchange, [`crate::link`]):
+    /// the receiving task fails transiently, with this reason. Never sent
+    /// by a task.
+    Fail(String),
 }
 
 /// From the JobManager to a task.

@@ -435,6 +435,7 @@ pub async fn run_downstream_task(
                     }
                 }
                 Some(Msg::Batch(b)) => chain.push(b).await?,
+                Some(Msg::Fail(reason)) => return Err(TaskError::Transient(reason)),
                 Some(Msg::Watermark(w)) => {
                     input_wm[i] = input_wm[i].max(w);
                     let min = input_wm.iter().copied().min().unwrap_or(i64::MIN);
