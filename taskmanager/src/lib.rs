@@ -3,12 +3,14 @@
 //! them. The JobManager deploys jobs through [`runtime::deploy`] and talks to
 //! tasks with the messages in [`protocol`]. A TaskManager process serves
 //! the leader over gRPC ([`server`]) and its health and metrics over HTTP
-//! ([`http`]).
+//! ([`http`]); tasks on different TaskManagers exchange records over
+//! [`link`].
 
 pub mod batch;
 pub mod exchange;
 pub mod expr;
 pub mod http;
+pub mod link;
 pub mod metrics;
 pub mod nats;
 pub mod operator;
