@@ -29,7 +29,6 @@ use ferry_testkit::pki::{Leaf, Pki};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -74,7 +73,7 @@ async fn node(id: &str, cfg: LinkConfig) -> Node {
     let server = tokio::spawn(async move {
         let _ = Exchange::server_builder()
             .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
+            .serve_with_incoming(Exchange::incoming(listener))
             .await;
     });
     Node {
@@ -899,12 +898,17 @@ async fn channels_run_over_mutual_tls_for_taskmanager_certificates_only() {
 
 /// Throughput of one channel on loopback, 1024-row batches; run with
 /// `cargo test --release -p ferry-taskmanager --test link -- --ignored
-/// --nocapture throughput`.
+/// --nocapture throughput` (`FERRY_LINK_CREDITS` sets the credits, 8 by
+/// default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn throughput() {
-    let b = node("tm-b", LinkConfig::default()).await;
-    let a = Exchange::new("tm-a", LinkConfig::default(), None);
+    let credits: u32 = std::env::var("FERRY_LINK_CREDITS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(8);
+    let b = node("tm-b", cfg(credits)).await;
+    let a = Exchange::new("tm-a", cfg(credits), None);
     let k = key("d", 0, 0);
     let (down_tx, mut down_rx) = mpsc::channel(8);
     let _inbound = b.ex.accept(k.clone(), schema(), down_tx);
