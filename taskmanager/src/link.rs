@@ -80,8 +80,8 @@ const FRAME_SLACK: usize = 64 * 1024;
 const OPEN_MARGIN: Duration = Duration::from_secs(5);
 /// The response header in which the receiver names itself.
 const PEER_HEADER: &str = "ferry-taskmanager";
-/// Longest TaskManager id kept from a peer (for messages and metrics).
-const MAX_PEER_NAME: usize = 256;
+/// Longest deployment or TaskManager id an `open` may carry, in bytes.
+const MAX_NAME: usize = 256;
 
 /// One channel of an edge: upstream subtask `from` to downstream subtask
 /// `to` of stage `stage` (the downstream stage) of a deployment.
@@ -214,18 +214,6 @@ struct Inner {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// `name`, cut to [`MAX_PEER_NAME`] bytes.
-fn bounded(mut name: String) -> String {
-    if name.len() > MAX_PEER_NAME {
-        let mut at = MAX_PEER_NAME;
-        while !name.is_char_boundary(at) {
-            at -= 1;
-        }
-        name.truncate(at);
-    }
-    name
 }
 
 /// One more on a gauge while it lives (an open channel, a waiting open).

@@ -531,8 +531,12 @@ async fn malformed_frames_fail_the_downstream_task_with_a_reason() {
             .contains("must be open, not a watermark frame"),
         "{status:?}"
     );
-    let status = raw_call(&b.url, vec![open_frame(&k), end(), wm(2)]).await;
+    // An open naming a deployment too long to be one.
+    let status = raw_call(&b.url, vec![open_frame(&key(&"d".repeat(300), 0, 0))]).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("over 256 bytes"), "{status:?}");
     // A frame after end.
+    let status = raw_call(&b.url, vec![open_frame(&k), end(), wm(2)]).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let why = fail_of(&mut rx).await;
     assert!(

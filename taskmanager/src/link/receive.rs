@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    ChannelKey, Counters, Direction, Exchange, Gauge, Inner, PEER_HEADER, bounded, lock,
+    ChannelKey, Counters, Direction, Exchange, Gauge, Inner, MAX_NAME, PEER_HEADER, lock,
     status_text,
 };
 use crate::exchange::{BatchDecoder, Message};
@@ -195,13 +195,18 @@ impl exchange_server::Exchange for Exchange {
                 )));
             }
         };
+        if open.deployment.len() > MAX_NAME || open.from_taskmanager.len() > MAX_NAME {
+            return Err(Status::invalid_argument(format!(
+                "an open frame naming a deployment or TaskManager of over {MAX_NAME} bytes"
+            )));
+        }
         let key = ChannelKey {
             deployment: open.deployment,
             stage: open.stage,
             from: open.from,
             to: open.to,
         };
-        let peer = match bounded(open.from_taskmanager) {
+        let peer = match open.from_taskmanager {
             p if p.is_empty() => "an unnamed TaskManager".to_string(),
             p => p,
         };

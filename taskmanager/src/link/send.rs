@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::{
     CONNECT_TIMEOUT, CONNECTION_WINDOW, ChannelKey, Counters, Direction, FRAME_SLACK, Gauge, Inner,
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, OPEN_MARGIN, PEER_HEADER, STREAM_WINDOW, bounded, lock,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, OPEN_MARGIN, PEER_HEADER, STREAM_WINDOW, lock,
     status_text,
 };
 use crate::exchange::BatchEncoder;
@@ -189,7 +189,7 @@ pub(super) async fn send_channel(
         .metadata()
         .get(PEER_HEADER)
         .and_then(|v| v.to_str().ok())
-        .map(|v| bounded(v.to_string()))
+        .map(str::to_string)
         .unwrap_or_else(|| url.to_string());
     let mut credit_stream = response.into_inner();
     let counters = inner.counters(&peer, Direction::Out);
