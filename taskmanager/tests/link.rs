@@ -192,18 +192,12 @@ async fn fail_of(rx: &mut mpsc::Receiver<Msg>) -> String {
     }
 }
 
-fn out_stats(ex: &Exchange, peer: &str) -> PeerStats {
+/// `ex`'s counters of `peer`, one way.
+fn stats(ex: &Exchange, peer: &str, direction: Direction) -> PeerStats {
     ex.stats()
         .into_iter()
-        .find(|s| s.peer == peer && s.direction == Direction::Out)
-        .unwrap_or_else(|| panic!("no counters out to {peer}: {:?}", ex.stats()))
-}
-
-fn in_stats(ex: &Exchange, peer: &str) -> PeerStats {
-    ex.stats()
-        .into_iter()
-        .find(|s| s.peer == peer && s.direction == Direction::In)
-        .unwrap_or_else(|| panic!("no counters in from {peer}: {:?}", ex.stats()))
+        .find(|s| s.peer == peer && s.direction == direction)
+        .unwrap_or_else(|| panic!("no counters {direction} for {peer}: {:?}", ex.stats()))
 }
 
 #[tokio::test]
@@ -263,8 +257,8 @@ async fn messages_cross_in_order_and_unchanged_then_the_input_closes() {
     within("the producer", producer).await.unwrap();
     assert_eq!(within("the sender", sender).await.unwrap(), Ok(()));
 
-    let out = out_stats(&a, "tm-b");
-    let inn = in_stats(&b.ex, "tm-a");
+    let out = stats(&a, "tm-b", Direction::Out);
+    let inn = stats(&b.ex, "tm-a", Direction::In);
     assert_eq!((out.batches, out.records), (batches, rows));
     assert_eq!((inn.batches, inn.records), (batches, rows));
     assert_eq!(out.bytes, inn.bytes);
@@ -329,7 +323,7 @@ async fn credits_bound_a_stalled_channel_and_the_other_channel_flows() {
     );
     // The frames in flight reach the receiver, which holds them.
     until("the receiver to hold the frames in flight", || {
-        in_stats(&b.ex, "tm-a").frames == (CREDITS + DOWN) as u64
+        stats(&b.ex, "tm-a", Direction::In).frames == (CREDITS + DOWN) as u64
     })
     .await;
 
@@ -379,7 +373,7 @@ async fn credits_bound_a_stalled_channel_and_the_other_channel_flows() {
     assert_eq!(within("sender 1", sender1).await.unwrap(), Ok(()));
     assert_eq!(a.inflight(), 0);
     // Channel 1 waited for credit at least while channel 2 ran.
-    let wait = Duration::from_nanos(out_stats(&a, "tm-b").credit_wait_ns);
+    let wait = Duration::from_nanos(stats(&a, "tm-b", Direction::Out).credit_wait_ns);
     assert!(wait >= stalled_for, "{wait:?} < {stalled_for:?}");
     assert_eq!(a.credit_wait(), wait);
 }
@@ -940,7 +934,7 @@ async fn throughput() {
     producer.await.unwrap();
     sender.await.unwrap().unwrap();
     assert_eq!(n, N);
-    let bytes = out_stats(&a, "tm-b").bytes as f64;
+    let bytes = stats(&a, "tm-b", Direction::Out).bytes as f64;
     println!(
         "{N} batches of 1024 rows in {took:?}: {:.0} batches/s, {:.1} MB/s of Arrow IPC, credit wait {:?}",
         N as f64 / took.as_secs_f64(),
