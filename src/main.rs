@@ -30,7 +30,7 @@ enum Command {
     /// Run one JobManager of a region (leader election over NATS).
     Jobmanager(cmd::process::ProcessArgs),
     /// Run one TaskManager of a region (task slots; runs what the leader deploys).
-    Taskmanager(cmd::process::ProcessArgs),
+    Taskmanager(cmd::taskmanager::TaskmanagerArgs),
     /// Named JobManager targets (URL, CA, token) in a contexts file: list,
     /// use, set, delete, show.
     Context(cmd::context::ContextArgs),

@@ -819,11 +819,52 @@ fn jobmanagers_are_highly_available_and_probed_where_ferry_serves() {
     for probe in ["livenessProbe", "startupProbe", "readinessProbe"] {
         assert_eq!(probe_scheme(c, probe), "HTTP", "TaskManager {probe}");
     }
+    let tm_grace = tm["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(tm_grace >= 30);
+    // A rolling upgrade moves the jobs by savepoint: the preStop hook
+    // drains through the probe port, within the grace period, and SIGTERM
+    // drains too.
+    let hook: Vec<&str> = c["lifecycle"]["preStop"]["exec"]["command"]
+        .as_array()
+        .expect("a preStop exec hook")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &hook[..5],
+        [
+            "/usr/local/bin/ferry",
+            "taskmanager",
+            "drain",
+            "--local",
+            "--wait"
+        ],
+        "{hook:?}"
+    );
+    assert_eq!(http, 9249, "the hook's default --http port");
+    let secs = |v: &str| humantime::parse_duration(v).unwrap().as_secs();
+    let hook_timeout = secs(hook[hook.iter().position(|a| *a == "--timeout").unwrap() + 1]);
     assert!(
-        tm["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-            .as_u64()
+        hook_timeout < tm_grace,
+        "{hook_timeout} s vs grace {tm_grace} s"
+    );
+    assert_eq!(env["FERRY_TASKMANAGER_DRAIN_ON_SHUTDOWN"], "true");
+    assert!(secs(&env["FERRY_TASKMANAGER_DRAIN_TIMEOUT"]) < tm_grace);
+    // The exchange port: advertised on the pod IP over https, declared,
+    // and open to TaskManagers only.
+    let exchange = listen_port(&env["FERRY_TASKMANAGER_EXCHANGE_LISTEN"]);
+    assert!(
+        env["FERRY_TASKMANAGER_EXCHANGE_ADVERTISE"].ends_with(&format!("$(POD_IP):{exchange}"))
+            && env["FERRY_TASKMANAGER_EXCHANGE_ADVERTISE"].starts_with("https://")
+    );
+    assert!(
+        c["ports"]
+            .as_array()
             .unwrap()
-            >= 30
+            .iter()
+            .any(|p| p["containerPort"] == exchange)
     );
 
     for d in docs

@@ -585,6 +585,7 @@ async fn a_taskmanager_rejects_commands_of_an_older_epoch() {
             restore_from: String::new(),
             region_epoch: 0,
             fence_ms: 0,
+            ..Default::default()
         })
         .await
         .expect_err("deploy with an older epoch");

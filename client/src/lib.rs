@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_core::api::{
-    AuditList, CancelResponse, CheckpointList, DrillList, DrillReport, ErrorBody, HaHealth,
-    JobInfo, JobList, OutageReport, RegionsHealth, RegionsStatus, SavepointInfo, SwitchoverReport,
+    AuditList, CancelResponse, CheckpointList, DrainReport, DrillList, DrillReport, ErrorBody,
+    HaHealth, JobInfo, JobList, OutageReport, RebalancePlan, RegionsHealth, RegionsStatus,
+    SavepointInfo, SwitchoverReport,
 };
 use reqwest::Method;
 pub use reqwest::StatusCode;
@@ -291,6 +292,23 @@ impl Client {
     /// `GET /v1/cluster`: the region's JobManagers, the leader, its epoch.
     pub async fn cluster(&self) -> Result<Answer<HaHealth>, Error> {
         self.call(Method::GET, "/v1/cluster", None).await
+    }
+
+    /// `POST /v1/taskmanagers/{id}/drain` (`on`) or `DELETE` (end it).
+    pub async fn drain(&self, taskmanager: &str, on: bool) -> Result<Answer<DrainReport>, Error> {
+        let path = format!("/v1/taskmanagers/{}/drain", escape_segment(taskmanager));
+        let method = if on { Method::POST } else { Method::DELETE };
+        self.call(method, &path, None).await
+    }
+
+    /// `POST /v1/cluster/rebalance?dry_run=...`: even out the slot load.
+    pub async fn rebalance(&self, dry_run: bool) -> Result<Answer<RebalancePlan>, Error> {
+        self.call(
+            Method::POST,
+            &format!("/v1/cluster/rebalance?dry_run={dry_run}"),
+            None,
+        )
+        .await
     }
 
     /// `GET /v1/audit?limit=N`: the newest entries of the audit trail.

@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 use ferry_core::api::{
-    AuditEntry, CancelResponse, CheckpointInfo, DivergenceReport, DrillReport, DrillRevert,
-    HaHealth, JobInfo, RegionsStatus, SavepointInfo, SwitchoverReport,
+    AuditEntry, CancelResponse, CheckpointInfo, DivergenceReport, DrainReport, DrillReport,
+    DrillRevert, HaHealth, JobInfo, RebalancePlan, RegionsStatus, SavepointInfo, SwitchoverReport,
 };
 
 use crate::{DEFAULT_URL, Error};
@@ -338,6 +338,83 @@ pub fn cluster(h: &HaHealth, out: &mut String) {
                 m.member.address
             );
         }
+    }
+    if !h.taskmanagers.is_empty() {
+        let _ = writeln!(
+            out,
+            "taskmanagers: slot load spread {:.2}{}",
+            h.slot_load_variance.unwrap_or(0.0),
+            if h.taskmanagers.iter().any(|t| t.draining) {
+                " (draining ones not counted)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>5} {:>5} {:<9} JOBS",
+            "ID", "USED", "SLOTS", "STATE"
+        );
+        for t in &h.taskmanagers {
+            let jobs: Vec<String> = t
+                .jobs
+                .iter()
+                .map(|j| format!("{}({})", &j.job[..8.min(j.job.len())], j.slots))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {:<24} {:>5} {:>5} {:<9} {}",
+                t.id,
+                t.used,
+                t.slots,
+                if t.draining { "draining" } else { "active" },
+                jobs.join(" ")
+            );
+        }
+    }
+}
+
+/// `ferry taskmanager drain`: what moves.
+pub fn drain(r: &DrainReport, out: &mut String) {
+    if !r.draining {
+        let _ = writeln!(out, "TaskManager {} takes new jobs again", r.taskmanager);
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "draining TaskManager {}: {} job(s) move elsewhere by savepoint ({} slot(s) needed, {} free on the other TaskManagers)",
+        r.taskmanager,
+        r.jobs.len(),
+        r.needed,
+        r.free_elsewhere
+    );
+    for j in &r.jobs {
+        let _ = writeln!(out, "  {j}");
+    }
+    if r.free_elsewhere < r.needed {
+        let _ = writeln!(
+            out,
+            "warning: too few free slots elsewhere: some jobs wait for slots (start another TaskManager, or end the drain with --cancel)"
+        );
+    }
+}
+
+/// `ferry cluster rebalance`: the moves.
+pub fn rebalance(p: &RebalancePlan, out: &mut String) {
+    let verb = if p.dry_run { "would move" } else { "moving" };
+    let _ = writeln!(
+        out,
+        "slot load spread {:.3} -> {:.3}: {verb} {} job(s)",
+        p.variance_before,
+        p.variance_after,
+        p.moves.len()
+    );
+    for m in &p.moves {
+        let _ = writeln!(
+            out,
+            "  {}  {} -> {}  ({} slot(s))",
+            m.job, m.from, m.to, m.slots
+        );
     }
 }
 

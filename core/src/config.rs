@@ -211,6 +211,20 @@ impl ProcessConfig {
                     "taskmanager.listen {} is not a loopback address, and the gRPC port has no mutual TLS (tls.grpc): anyone who reaches it could deploy and cancel tasks",
                     self.taskmanager.listen
                 ));
+                let exchange = self.exchange_listen();
+                if !is_loopback_listen(&exchange) {
+                    out.push(format!(
+                        "taskmanager.exchangeListen {exchange} is not a loopback address, and the exchange port has no mutual TLS (tls.grpc): anyone who reaches it could send records into running jobs",
+                    ));
+                }
+            }
+            ProcessRole::TaskManager
+                if !is_loopback_listen(&self.exchange_listen()) && self.tls.grpc.is_none() =>
+            {
+                out.push(format!(
+                    "taskmanager.exchangeListen {} is not a loopback address, and the exchange port has no mutual TLS (tls.grpc): anyone who reaches it could send records into running jobs",
+                    self.exchange_listen()
+                ));
             }
             _ => {}
         }
@@ -435,7 +449,7 @@ impl Default for RegionsConfig {
 }
 
 /// Where a JobManager runs job tasks.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SchedulingConfig {
     /// `taskmanagers` (default): on the region's TaskManager processes,
@@ -444,6 +458,76 @@ pub struct SchedulingConfig {
     /// but a leader change restarts the tasks from their checkpoint).
     #[serde(default)]
     pub placement: Placement,
+    /// How jobs are placed on the region's TaskManagers: `spread` (the
+    /// default) or `pack`.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// `manual` (default): jobs move to even out the slot load only when
+    /// asked (`ferry cluster rebalance`); `auto`: also by themselves when
+    /// the load's spread passes `rebalanceThreshold` (a TaskManager
+    /// joined, or jobs ended unevenly).
+    #[serde(default)]
+    pub rebalance: Rebalance,
+    /// Spread of the slot load (standard deviation of used/total slots per
+    /// TaskManager over its mean) above which `auto` rebalances (default
+    /// 0.2).
+    #[serde(default = "d_rebalance_threshold")]
+    pub rebalance_threshold: f64,
+    /// Least time between two automatic rebalances (default 30s).
+    #[serde(default = "d_rebalance_interval")]
+    pub rebalance_interval: DurationSpec,
+    /// Jobs moving at once, by a drain or a rebalance (default 4).
+    #[serde(default = "d_max_moves")]
+    pub max_concurrent_moves: u32,
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        Self {
+            placement: Placement::default(),
+            strategy: Strategy::default(),
+            rebalance: Rebalance::default(),
+            rebalance_threshold: d_rebalance_threshold(),
+            rebalance_interval: d_rebalance_interval(),
+            max_concurrent_moves: d_max_moves(),
+        }
+    }
+}
+
+fn d_rebalance_threshold() -> f64 {
+    0.2
+}
+fn d_rebalance_interval() -> DurationSpec {
+    DurationSpec::from_millis(30_000)
+}
+fn d_max_moves() -> u32 {
+    4
+}
+
+/// See [`SchedulingConfig::rebalance`].
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Rebalance {
+    #[default]
+    Manual,
+    Auto,
+}
+
+/// See [`SchedulingConfig::strategy`]. Either way a job stays on one
+/// TaskManager when one has enough free slots (its channels stay in
+/// memory), and is split over several — the fewest that hold it, those
+/// with the most free slots first — only when none has.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Strategy {
+    /// Each job goes to the TaskManager with the most free slots: jobs
+    /// spread over the region, evening out load.
+    #[default]
+    Spread,
+    /// Each job goes to the TaskManager with the fewest free slots that
+    /// holds it: TaskManagers fill one by one, and idle ones can be
+    /// scaled away.
+    Pack,
 }
 
 /// See [`SchedulingConfig::placement`].
@@ -459,8 +543,8 @@ pub enum Placement {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaskManagerConfig {
-    /// Task slots: a job of parallelism N takes N slots on one TaskManager
-    /// (default 4).
+    /// Task slots: a job of parallelism N takes N slots, on one
+    /// TaskManager when one has them free, else over several (default 4).
     #[serde(default = "d_slots")]
     pub slots: u32,
     /// gRPC listen address for JobManager commands (default `0.0.0.0:6124`).
@@ -474,6 +558,36 @@ pub struct TaskManagerConfig {
     /// (default `0.0.0.0:9249`).
     #[serde(default = "d_tm_http")]
     pub http_listen: String,
+    /// Listen address of the exchange port, where other TaskManagers send
+    /// the records of jobs spread over TaskManagers (default: the host of
+    /// `listen`, a free port — it is published in the membership record;
+    /// mutual TLS with `tls.grpc`). See [`ProcessConfig::exchange_listen`].
+    #[serde(default)]
+    pub exchange_listen: Option<String>,
+    /// URL other TaskManagers reach the exchange port at (default
+    /// `http://<exchangeListen>`, `https://` with `tls.grpc`).
+    #[serde(default)]
+    pub exchange_advertise: Option<String>,
+    /// Batches a channel from another TaskManager may have in flight
+    /// (credits; default 8): memory per channel is about this many
+    /// batches.
+    #[serde(default = "d_tm_credits")]
+    pub exchange_credits: u32,
+    /// On SIGTERM, first drain: the leader moves this TaskManager's jobs
+    /// elsewhere by savepoint (default false; the Kubernetes manifests set
+    /// it), then stop. Without it SIGTERM stops the tasks and the jobs
+    /// restart from their checkpoints elsewhere.
+    #[serde(default)]
+    pub drain_on_shutdown: bool,
+    /// How long a drain on shutdown waits for the jobs to move before the
+    /// TaskManager stops anyway (default 2m; keep it under the pod's
+    /// termination grace period).
+    #[serde(default = "d_drain_timeout")]
+    pub drain_timeout: DurationSpec,
+}
+
+fn d_drain_timeout() -> DurationSpec {
+    DurationSpec::from_millis(120_000)
 }
 
 fn d_slots() -> u32 {
@@ -485,6 +599,9 @@ fn d_tm_listen() -> String {
 fn d_tm_http() -> String {
     "0.0.0.0:9249".to_string()
 }
+fn d_tm_credits() -> u32 {
+    8
+}
 
 impl Default for TaskManagerConfig {
     fn default() -> Self {
@@ -493,6 +610,11 @@ impl Default for TaskManagerConfig {
             listen: d_tm_listen(),
             advertise: None,
             http_listen: d_tm_http(),
+            exchange_listen: None,
+            exchange_advertise: None,
+            exchange_credits: d_tm_credits(),
+            drain_on_shutdown: false,
+            drain_timeout: d_drain_timeout(),
         }
     }
 }
@@ -968,6 +1090,8 @@ pub enum EnvKind {
     /// `true` or `false`.
     Bool,
     Integer,
+    /// A decimal number (e.g. `0.2`).
+    Number,
 }
 
 /// Every config key settable from the environment: (variable, dotted path,
@@ -1084,6 +1208,31 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     (
+        "FERRY_SCHEDULING_STRATEGY",
+        "scheduling.strategy",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_SCHEDULING_REBALANCE",
+        "scheduling.rebalance",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_SCHEDULING_REBALANCE_THRESHOLD",
+        "scheduling.rebalanceThreshold",
+        EnvKind::Number,
+    ),
+    (
+        "FERRY_SCHEDULING_REBALANCE_INTERVAL",
+        "scheduling.rebalanceInterval",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_SCHEDULING_MAX_CONCURRENT_MOVES",
+        "scheduling.maxConcurrentMoves",
+        EnvKind::Integer,
+    ),
+    (
         "FERRY_TASKMANAGER_SLOTS",
         "taskmanager.slots",
         EnvKind::Integer,
@@ -1101,6 +1250,31 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
     (
         "FERRY_TASKMANAGER_HTTP_LISTEN",
         "taskmanager.httpListen",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_EXCHANGE_LISTEN",
+        "taskmanager.exchangeListen",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_EXCHANGE_ADVERTISE",
+        "taskmanager.exchangeAdvertise",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_EXCHANGE_CREDITS",
+        "taskmanager.exchangeCredits",
+        EnvKind::Integer,
+    ),
+    (
+        "FERRY_TASKMANAGER_DRAIN_ON_SHUTDOWN",
+        "taskmanager.drainOnShutdown",
+        EnvKind::Bool,
+    ),
+    (
+        "FERRY_TASKMANAGER_DRAIN_TIMEOUT",
+        "taskmanager.drainTimeout",
         EnvKind::Text,
     ),
     ("FERRY_REGIONS_STORES", "regions.stores", EnvKind::Map),
@@ -1285,6 +1459,13 @@ impl ProcessConfig {
                         .map_err(|_| ConfigError(format!("{var}={raw:?} is not a whole number")))?
                         .into(),
                 ),
+                EnvKind::Number => raw
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Value::Number)
+                    .ok_or_else(|| ConfigError(format!("{var}={raw:?} is not a number")))?,
             };
             set_path(&mut tree, path, value);
         }
@@ -1425,6 +1606,28 @@ impl ProcessConfig {
             self.tls.grpc.is_some(),
         )?;
         advertise_matches_tls(
+            "taskmanager.exchangeAdvertise",
+            self.taskmanager.exchange_advertise.as_deref(),
+            "tls.grpc",
+            self.tls.grpc.is_some(),
+        )?;
+        let s = &self.scheduling;
+        if !(s.rebalance_threshold.is_finite() && s.rebalance_threshold > 0.0) {
+            return err(format!(
+                "scheduling.rebalanceThreshold {}: use a number above 0 (e.g. 0.2)",
+                s.rebalance_threshold
+            ));
+        }
+        if s.max_concurrent_moves == 0 {
+            return err("scheduling.maxConcurrentMoves must be at least 1".into());
+        }
+        if !(1..=1024).contains(&self.taskmanager.exchange_credits) {
+            return err(format!(
+                "taskmanager.exchangeCredits {}: use 1 to 1024 (batches in flight per channel)",
+                self.taskmanager.exchange_credits
+            ));
+        }
+        advertise_matches_tls(
             "api.advertise",
             self.api.advertise.as_deref(),
             "tls.api",
@@ -1470,6 +1673,29 @@ impl ProcessConfig {
     pub fn taskmanager_url(&self, bound: &str) -> String {
         self.taskmanager
             .advertise
+            .clone()
+            .unwrap_or_else(|| default_url(self.tls.grpc.is_some(), bound))
+    }
+
+    /// Where the exchange port listens: `taskmanager.exchangeListen`, or
+    /// the host of `taskmanager.listen` with a free port.
+    pub fn exchange_listen(&self) -> String {
+        match &self.taskmanager.exchange_listen {
+            Some(l) => l.clone(),
+            None => {
+                let host = match self.taskmanager.listen.rsplit_once(':') {
+                    Some((h, _)) => h,
+                    None => self.taskmanager.listen.as_str(),
+                };
+                format!("{host}:0")
+            }
+        }
+    }
+
+    /// The URL other TaskManagers reach this one's exchange port at.
+    pub fn exchange_url(&self, bound: &str) -> String {
+        self.taskmanager
+            .exchange_advertise
             .clone()
             .unwrap_or_else(|| default_url(self.tls.grpc.is_some(), bound))
     }
@@ -1886,6 +2112,26 @@ mod tests {
         );
         let tm = open.unprotected_listeners(ProcessRole::TaskManager);
         assert!(tm[0].contains("no mutual TLS (tls.grpc)"), "{tm:?}");
+        assert!(
+            tm[1].starts_with("taskmanager.exchangeListen 0.0.0.0:0 is not a loopback address"),
+            "{tm:?}"
+        );
+        assert_eq!(tm.len(), 2);
+        // An exchange port beyond loopback is unprotected on its own.
+        let exchange_open = cfg(&[
+            ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0"),
+            ("FERRY_TASKMANAGER_EXCHANGE_LISTEN", "0.0.0.0:6125"),
+        ]);
+        let tm = exchange_open.unprotected_listeners(ProcessRole::TaskManager);
+        assert_eq!(tm.len(), 1, "{tm:?}");
+        assert!(
+            tm[0].contains("could send records into running jobs"),
+            "{tm:?}"
+        );
+        assert_eq!(
+            exchange_open.exchange_url("0.0.0.0:6125"),
+            "http://127.0.0.1:6125"
+        );
         // Authentication alone is not enough: a token would cross in clear.
         let auth_only = cfg(&[("FERRY_API_AUTH_TOKENS_FILE", "/t")]);
         let jm = auth_only.unprotected_listeners(ProcessRole::JobManager);

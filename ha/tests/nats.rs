@@ -195,6 +195,7 @@ async fn members_appear_and_leave() {
         address: format!("127.0.0.1:{}", free_port()),
         slots: 2,
         started_at: chrono::Utc::now(),
+        exchange: None,
     };
     let (s1, s2) = (CancellationToken::new(), CancellationToken::new());
     let (_, h1) = Membership::spawn(

@@ -41,6 +41,9 @@ pub(crate) enum Outcome {
     Shutdown,
     /// Leadership lost: stop at once, write nothing; the next leader resumes.
     Abandoned,
+    /// Stopped with a savepoint to be deployed again elsewhere (why, and
+    /// the TaskManager to prefer).
+    Moved(String, Option<String>),
 }
 
 /// What stays the same across the deployments of one job.
@@ -116,6 +119,7 @@ pub(crate) async fn run_attempt(
     let mut sources_ended = 0usize;
     let mut final_triggered = false;
     let mut stopping = false;
+    let mut moving: Option<(String, Option<String>)> = None;
     let mut stopped_tasks = 0usize;
     let task_count = plan.task_count();
     let mut failures = Failures {
@@ -159,6 +163,20 @@ pub(crate) async fn run_attempt(
                 }
                 Some(JobCommand::Stop { savepoint: true, reply }) => {
                     job.set_state(JobState::Cancelling, None);
+                    // A stop outranks a move in flight: the job ends.
+                    moving = None;
+                    queued.push_back(Reply::Stop(reply));
+                }
+                Some(JobCommand::Move { reply, .. }) if moving.is_some() || stopping || job.state() == JobState::Cancelling => {
+                    let _ = reply.send(Err(JmError::WrongState {
+                        job: job.id,
+                        state: job.state(),
+                        action: "it is already moving or stopping".into(),
+                    }));
+                }
+                Some(JobCommand::Move { reason, to, reply }) => {
+                    tracing::info!(job = %job.id, "moving the job: {reason}; stopping it with a savepoint first");
+                    moving = Some((reason, to));
                     queued.push_back(Reply::Stop(reply));
                 }
                 None => {}
@@ -194,7 +212,11 @@ pub(crate) async fn run_attempt(
                     stopped_tasks += 1;
                     if stopped_tasks == task_count {
                         sample(metrics, &labels, deployed, &mut last_sample);
-                        return if stopping { Outcome::Stopped } else { Outcome::Finished };
+                        return match (stopping, moving.take()) {
+                            (true, Some((why, to))) => Outcome::Moved(why, to),
+                            (true, None) => Outcome::Stopped,
+                            (false, _) => Outcome::Finished,
+                        };
                     }
                 }
                 Some(TaskEvent::Ack(ack)) => {

@@ -69,6 +69,8 @@ pub(crate) async fn drive(
     metrics.start_job(&labels);
     // Only the first deployment of a resumed job can be an adoption.
     let mut try_adopt = opts.resume;
+    // The TaskManager a move asked for, for the next deployment.
+    let mut prefer: Option<String> = None;
     let mut store_wait = STORE_RETRY_FIRST;
     loop {
         if job.abandon.is_cancelled() {
@@ -165,6 +167,7 @@ pub(crate) async fn drive(
                     &plan,
                     restored.as_ref(),
                     &restore_from,
+                    prefer.take(),
                     &mut cmds,
                     &shutdown,
                 )
@@ -179,7 +182,9 @@ pub(crate) async fn drive(
                 *job.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(deployed.live());
                 {
                     let mut st = job.status.lock().unwrap_or_else(|p| p.into_inner());
-                    st.placement = deployed.location();
+                    st.placement = deployed
+                        .location()
+                        .and_then(|l| crate::job::Placed::from_location(l, plan.parallelism));
                     if let Some(cp) = &restored {
                         tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
                         st.last_checkpoint = Some(manifest_info(
@@ -232,6 +237,15 @@ pub(crate) async fn drive(
             Outcome::Stopped => {
                 job.set_state(JobState::Cancelled, None);
                 return;
+            }
+            Outcome::Moved(why, to) => {
+                // Not a failure: no restart counted, no delay. The newest
+                // snapshot is the savepoint just taken.
+                tracing::info!(job = %job.id, "stopped with a savepoint to move ({why}); deploying it again");
+                metrics.moves.get_or_create(&labels).inc();
+                job.set_state(JobState::Restarting, Some(format!("moving: {why}")));
+                restore_from = RestoreFrom::LatestCheckpoint;
+                prefer = to;
             }
             Outcome::Abandoned => {
                 tracing::info!(job = %job.id, "leadership lost: tasks stopped, nothing written; the next leader resumes the job");
@@ -329,6 +343,13 @@ async fn pause(
                         action: "retry once it is RUNNING again".into(),
                     }));
                 }
+                Some(JobCommand::Move { reply, .. }) => {
+                    let _ = reply.send(Err(JmError::WrongState {
+                        job: job.id,
+                        state: JobState::Restarting,
+                        action: "it is not running (it restarts)".into(),
+                    }));
+                }
                 None => {
                     // No more commands can come: just wait.
                     (&mut wake).await;
@@ -378,16 +399,21 @@ async fn adopt(
     // older one belong to a lineage another region may have continued.
     let region_epoch = job.region_epoch.get();
     let (found, events) = pool.claim(&job.id, region_epoch)?;
-    let last_barrier = found.status.last_barrier;
+    let last_barrier = found
+        .iter()
+        .map(|f| f.status.last_barrier)
+        .max()
+        .unwrap_or(0);
+    let attempt = found.first().map(|f| f.status.attempt).unwrap_or(0);
+    let d = RemoteDeployment::adopt(pool, found, events, epoch);
     tracing::info!(
         job = %job.id,
-        taskmanager = %found.tm,
-        deployment = %found.status.deployment,
-        attempt = found.status.attempt,
+        taskmanagers = ?d.taskmanagers(),
+        deployment = %d.id,
+        attempt,
         "adopted the job's running tasks: no restart"
     );
-    let d = RemoteDeployment::adopt(pool, found, events, epoch);
-    pool.cancel_others(&job.id, &d.id);
+    pool.cancel_others(&job.id, &d.part_ids());
     Some((Deployment::Remote(d), last_barrier))
 }
 
@@ -398,6 +424,7 @@ async fn start_tasks(
     plan: &JobPlan,
     restored: Option<&VerifiedCheckpoint>,
     from: &RestoreFrom,
+    prefer: Option<String>,
     cmds: &mut mpsc::UnboundedReceiver<JobCommand>,
     shutdown: &CancellationToken,
 ) -> Result<Deployment, Outcome> {
@@ -425,8 +452,12 @@ async fn start_tasks(
         let fenced = job.region_fence.check().is_err();
         if fenced {
             tracing::debug!(job = %job.id, "waiting for the region lease to be confirmed before deploying");
-        } else if let Some(placed) = pool.place(need) {
-            let tm = placed.tm.clone();
+        } else if let Some(placed) = pool.place(need, prefer.as_deref()) {
+            let tm = placed
+                .iter()
+                .map(|p| p.tm.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
             let attempt = job.status.lock().unwrap_or_else(|p| p.into_inner()).attempt + 1;
             let req = ferry_core::proto::DeployRequest {
                 epoch: epoch.0,
@@ -441,12 +472,13 @@ async fn start_tasks(
                     .remaining()
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0),
+                ..Default::default()
             };
             match RemoteDeployment::deploy(&pool, placed, epoch, req).await {
                 Ok(d) => {
-                    tracing::info!(job = %job.id, taskmanager = %tm, deployment = %d.id, attempt, "tasks deployed");
+                    tracing::info!(job = %job.id, taskmanagers = %tm, deployment = %d.id, parts = d.parts.len(), attempt, "tasks deployed");
                     job.count_attempt();
-                    pool.cancel_others(&job.id, &d.id);
+                    pool.cancel_others(&job.id, &d.part_ids());
                     return Ok(Deployment::Remote(d));
                 }
                 Err(e) if e.code() == tonic::Code::ResourceExhausted => {
@@ -469,7 +501,7 @@ async fn start_tasks(
             said_waiting = true;
             let c = pool.capacity();
             let msg = format!(
-                "waiting for {need} free task slots on one TaskManager ({} registered, {} of {} slots free)",
+                "waiting for {need} free task slots in the region ({} TaskManagers registered, {} of {} slots free)",
                 c.taskmanagers, c.free, c.slots
             );
             tracing::warn!(job = %job.id, "{msg}");
@@ -494,6 +526,13 @@ async fn start_tasks(
                         action: "retry once it is RUNNING (it waits for task slots)".into(),
                     }));
                 }
+                Some(JobCommand::Move { reply, .. }) => {
+                    let _ = reply.send(Err(JmError::WrongState {
+                        job: job.id,
+                        state: job.state(),
+                        action: "it is not running yet (it waits for task slots)".into(),
+                    }));
+                }
                 None => {}
             },
         }
@@ -506,6 +545,7 @@ fn reject_pending_commands(cmds: &mut mpsc::UnboundedReceiver<JobCommand>) {
         match cmd {
             JobCommand::Savepoint(r) => drop(r.send(Err(err()))),
             JobCommand::Stop { reply, .. } => drop(reply.send(Err(err()))),
+            JobCommand::Move { reply, .. } => drop(reply.send(Err(err()))),
         }
     }
 }

@@ -96,6 +96,8 @@ impl JobManager {
             heartbeat_failures: 0,
             last_renew_ms: None,
             backend_reachable: true,
+            taskmanagers: Vec::new(),
+            slot_load_variance: None,
         };
         let Some(ctx) = l.ha_context() else {
             h.epoch = Some(0);
@@ -142,6 +144,12 @@ impl JobManager {
             h.last_renew_ms =
                 Some(e.stats.last_renew_micros.load(Ordering::Relaxed) as f64 / 1000.0);
         }
+        if h.epoch.is_some()
+            && let Some(pool) = self.inner.taskmanagers.get()
+        {
+            h.taskmanagers = crate::scheduler::views(pool);
+            h.slot_load_variance = Some(pool.capacity().variance);
+        }
         h
     }
 }
@@ -166,6 +174,7 @@ pub async fn run(
         address: s.api_url.clone(),
         slots: 0,
         started_at: Utc::now(),
+        exchange: None,
     };
     let heartbeat_stop = CancellationToken::new();
     let (membership, heartbeat) = Membership::spawn(

@@ -33,6 +33,57 @@ pub(crate) enum JobCommand {
         savepoint: bool,
         reply: oneshot::Sender<Result<Option<SavepointInfo>, JmError>>,
     },
+    /// Move the job's tasks: stop with a savepoint, then deploy again from
+    /// it (draining a TaskManager, rebalancing). `to`: the TaskManager to
+    /// prefer when it has room. The reply comes once the savepoint is
+    /// taken.
+    Move {
+        reason: String,
+        to: Option<String>,
+        reply: oneshot::Sender<Result<Option<SavepointInfo>, JmError>>,
+    },
+}
+
+/// Where a job's remote tasks run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Placed {
+    /// The first part's TaskManager.
+    pub taskmanager: String,
+    pub deployment: String,
+    pub parts: Vec<ferry_core::api::jobs::JobPart>,
+}
+
+impl Placed {
+    /// As the job store recorded it.
+    fn of(job: &JobInfo) -> Option<Self> {
+        Some(Self {
+            taskmanager: job.taskmanager.clone()?,
+            deployment: job.deployment.clone()?,
+            parts: job.parts.clone(),
+        })
+    }
+
+    /// From a running deployment's location; `parallelism` fills in the
+    /// subtasks of a part that runs the whole job.
+    pub(crate) fn from_location(l: crate::deployment::Location, parallelism: u32) -> Option<Self> {
+        let parts: Vec<ferry_core::api::jobs::JobPart> = l
+            .parts
+            .into_iter()
+            .map(|(tm, subtasks)| ferry_core::api::jobs::JobPart {
+                taskmanager: tm,
+                subtasks: if subtasks.is_empty() {
+                    (0..parallelism.max(1)).collect()
+                } else {
+                    subtasks
+                },
+            })
+            .collect();
+        Some(Self {
+            taskmanager: parts.first()?.taskmanager.clone(),
+            deployment: l.id,
+            parts,
+        })
+    }
 }
 
 /// Mutable status of a job.
@@ -43,7 +94,7 @@ pub(crate) struct Status {
     pub(crate) restarts: u32,
     pub(crate) attempt: u32,
     /// (TaskManager, deployment id) of remote tasks.
-    pub(crate) placement: Option<(String, String)>,
+    pub(crate) placement: Option<Placed>,
     /// See `JobInfo::moved_to`.
     pub(crate) moved_to: Option<String>,
     pub(crate) failure: Option<String>,
@@ -64,7 +115,7 @@ impl Status {
             },
             restarts: prior.map(|p| p.restarts).unwrap_or(0),
             attempt: prior.map(|p| p.attempt).unwrap_or(0),
-            placement: prior.and_then(|p| p.taskmanager.clone().zip(p.deployment.clone())),
+            placement: prior.and_then(Placed::of),
             // Driven here again: no longer moved away.
             moved_to: if passive {
                 prior.and_then(|p| p.moved_to.clone())
@@ -205,7 +256,7 @@ impl JobEntry {
                 st.state = to;
                 st.restarts = job.restarts;
                 st.attempt = job.attempt;
-                st.placement = job.taskmanager.clone().zip(job.deployment.clone());
+                st.placement = Placed::of(&job);
                 st.moved_to = job.moved_to.clone();
                 st.failure = job.failure.clone();
                 st.last_checkpoint = job.last_checkpoint.clone();
@@ -284,9 +335,10 @@ impl JobEntry {
             stored.state = st.state;
             stored.restarts = st.restarts;
             stored.attempt = st.attempt;
-            if let Some((tm, d)) = &st.placement {
-                stored.taskmanager = Some(tm.clone());
-                stored.deployment = Some(d.clone());
+            if let Some(p) = &st.placement {
+                stored.taskmanager = Some(p.taskmanager.clone());
+                stored.deployment = Some(p.deployment.clone());
+                stored.parts = p.parts.clone();
             }
             if st.last_checkpoint.is_some() {
                 stored.last_checkpoint = st.last_checkpoint.clone();
@@ -309,8 +361,13 @@ impl JobEntry {
             ended_at: st.ended_at,
             restarts: st.restarts,
             attempt: st.attempt,
-            taskmanager: st.placement.as_ref().map(|p| p.0.clone()),
-            deployment: st.placement.as_ref().map(|p| p.1.clone()),
+            taskmanager: st.placement.as_ref().map(|p| p.taskmanager.clone()),
+            deployment: st.placement.as_ref().map(|p| p.deployment.clone()),
+            parts: st
+                .placement
+                .as_ref()
+                .map(|p| p.parts.clone())
+                .unwrap_or_default(),
             moved_to: st.moved_to.clone(),
             records_in: c.records_in,
             records_out: c.records_out,

@@ -8,7 +8,8 @@
 //! job and every change of its state), `store` (the job store),
 //! `checkpoint` (snapshot coordination), `attempt` (one deployment),
 //! `driver` (a job's lifetime), `service` (the [`JobManager`] handle and its
-//! job operations), `handover` (leadership changes), `regions` (the
+//! job operations), `scheduler` (drains and rebalancing: moving jobs),
+//! `handover` (leadership changes), `regions` (the
 //! cross-region side), `region_side` (the JobManager wired to
 //! `ferry_region`), `ha` (the region's election), `auth` (who calls the API and
 //! their grants), `audit` (the trail of mutating calls), `api` (REST).
@@ -35,6 +36,7 @@ pub mod model;
 mod region_side;
 mod regions;
 pub mod restart;
+pub mod scheduler;
 pub mod service;
 pub mod state;
 pub mod store;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub checkpoint_async_seconds: Family<JobLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub last_checkpoint_timestamp: Family<JobLabels, Gauge>,
     pub restarts: Family<JobLabels, Counter>,
+    /// Moves of a job by savepoint (drains, rebalancing).
+    pub moves: Family<JobLabels, Counter>,
     pub late_records: Family<JobLabels, Counter>,
     pub expression_errors: Family<JobLabels, Counter>,
     pub skipped_records: Family<JobLabels, Counter>,
@@ -99,6 +101,12 @@ pub struct Metrics {
     pub taskmanagers: Gauge,
     /// Task slots of the registered TaskManagers, by state (free, used).
     pub task_slots: Family<StateLabels, Gauge>,
+    /// TaskManagers draining.
+    pub taskmanagers_draining: Gauge,
+    /// Coefficient of variation of the slot load over the TaskManagers.
+    pub slot_load_variance: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Moves the rebalancer started.
+    pub rebalance_moves: Counter,
 }
 
 impl Default for Metrics {
@@ -124,6 +132,7 @@ impl Metrics {
             checkpoint_async_seconds: Family::default(),
             last_checkpoint_timestamp: Family::default(),
             restarts: Family::default(),
+            moves: Family::default(),
             late_records: Family::default(),
             expression_errors: Family::default(),
             skipped_records: Family::default(),
@@ -150,6 +159,9 @@ impl Metrics {
             drills: Family::default(),
             taskmanagers: Gauge::default(),
             task_slots: Family::default(),
+            taskmanagers_draining: Gauge::default(),
+            slot_load_variance: Gauge::default(),
+            rebalance_moves: Counter::default(),
         };
         registry.register(
             "job_records_in",
@@ -212,6 +224,11 @@ impl Metrics {
             m.restarts.clone(),
         );
         registry.register(
+            "job_moves",
+            "Jobs moved to other TaskManagers by stop-with-savepoint and restore (drains, rebalancing); not counted as restarts",
+            m.moves.clone(),
+        );
+        registry.register(
             "job_late_records",
             "Records dropped because they arrived after their window's allowed lateness",
             m.late_records.clone(),
@@ -264,8 +281,23 @@ impl Metrics {
         );
         registry.register(
             "task_slots",
-            "Task slots of the registered TaskManagers by state (free, used)",
+            "Task slots of the registered TaskManagers by state (free, used; a draining TaskManager's free slots count as neither)",
             m.task_slots.clone(),
+        );
+        registry.register(
+            "taskmanagers_draining",
+            "TaskManagers draining: their jobs move elsewhere, nothing new is placed on them",
+            m.taskmanagers_draining.clone(),
+        );
+        registry.register(
+            "slot_load_variance_ratio",
+            "Spread of the slot load over the TaskManagers that are not draining: standard deviation of used/total slots divided by its mean (0: even; scheduling.rebalanceThreshold triggers a rebalance above it)",
+            m.slot_load_variance.clone(),
+        );
+        registry.register(
+            "rebalance_moves",
+            "Job moves the rebalancer started (automatic or ferry cluster rebalance)",
+            m.rebalance_moves.clone(),
         );
         registry.register(
             "region_is_primary",
@@ -394,7 +426,9 @@ impl Metrics {
     /// Records the registered TaskManagers' capacity.
     pub fn set_capacity(&self, c: crate::taskmanagers::Capacity) {
         self.taskmanagers.set(c.taskmanagers as i64);
-        for (state, n) in [("free", c.free), ("used", c.slots - c.free.min(c.slots))] {
+        self.taskmanagers_draining.set(c.draining as i64);
+        self.slot_load_variance.set(c.variance);
+        for (state, n) in [("free", c.free), ("used", c.used)] {
             self.task_slots
                 .get_or_create(&StateLabels {
                     state: state.into(),

@@ -55,6 +55,8 @@ pub(crate) struct Inner {
     /// The region's TaskManagers, when tasks run on them (distributed
     /// mode); unset: tasks run in this process.
     pub(crate) taskmanagers: std::sync::OnceLock<Arc<TaskManagers>>,
+    /// Jobs moving (drains, rebalancing), once the scheduler started.
+    pub(crate) moves: std::sync::OnceLock<crate::scheduler::Moves>,
     drivers: TaskTracker,
     /// (this region, the primary region) when this region is a standby: it
     /// runs no job (the replicated ones wait for a promotion).
@@ -187,6 +189,7 @@ impl JobManager {
                 drivers: TaskTracker::new(),
                 runtime: tokio::runtime::Handle::current(),
                 taskmanagers: std::sync::OnceLock::new(),
+                moves: std::sync::OnceLock::new(),
                 completed: tokio::sync::broadcast::channel(1024).0,
                 ended: tokio::sync::broadcast::channel(1024).0,
                 regions_view: std::sync::OnceLock::new(),

@@ -190,6 +190,7 @@ fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
             attempt: 0,
             taskmanager: None,
             deployment: None,
+            parts: Vec::new(),
             moved_to: None,
             records_in: 0,
             records_out: 0,

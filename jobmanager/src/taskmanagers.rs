@@ -2,8 +2,9 @@
 //! membership records, attaches to each at its fencing epoch (the
 //! TaskManager answers with its registration: slots and running
 //! deployments), routes their task events to the job drivers, places new
-//! deployments on free slots, and turns a TaskManager whose heartbeat
-//! expired into a failure of every deployment it ran.
+//! deployments on free slots (a job on one TaskManager when one holds it,
+//! else in parts over several), and turns a TaskManager whose heartbeat
+//! expired into a failure of every deployment it ran a part of.
 //!
 //! Invariant: the pool acts only for the epoch the leader holds; when the
 //! leadership is lost or changes, every attachment is dropped and the
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_core::config::Strategy;
 use ferry_core::proto::{self, task_manager_client::TaskManagerClient};
 use ferry_core::{JmEpoch, JobId, RegionEpoch};
 use ferry_ha::{Coordination, Membership};
@@ -39,6 +41,8 @@ pub struct TaskManagers {
     interval: Duration,
     /// Mutual TLS to TaskManagers (`tls.grpc`), if set.
     tls: Option<ferry_core::tls::Connector>,
+    /// `scheduling.strategy`.
+    strategy: Strategy,
     state: Mutex<PoolState>,
     changed: watch::Sender<u64>,
     /// The last membership listing failed (warned once per streak).
@@ -60,6 +64,8 @@ struct PoolState {
 
 struct Tm {
     address: String,
+    /// Its exchange URL (none: it runs only whole jobs).
+    exchange: Option<String>,
     slots: u32,
     client: TmClient,
     /// The registration of the current attachment arrived.
@@ -72,34 +78,77 @@ struct Tm {
     used: HashMap<String, u32>,
     /// Slots promised to deployments being started.
     reserved: u32,
+    /// Draining: its jobs move elsewhere, nothing new goes here.
+    draining: bool,
     stop: CancellationToken,
 }
 
 impl Tm {
-    fn free(&self) -> u32 {
-        self.slots
-            .saturating_sub(self.used.values().sum::<u32>() + self.reserved)
+    fn used_slots(&self) -> u32 {
+        self.used.values().sum::<u32>() + self.reserved
     }
+
+    fn free(&self) -> u32 {
+        self.slots.saturating_sub(self.used_slots())
+    }
+
+    /// Free slots new deployments may take (none while draining).
+    fn placeable(&self) -> u32 {
+        if self.draining { 0 } else { self.free() }
+    }
+}
+
+/// One TaskManager as the leader sees it (`GET /v1/cluster`, the drain and
+/// the rebalancer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TmView {
+    pub id: String,
+    pub slots: u32,
+    /// Slots used by deployments (and promised to ones starting).
+    pub used: u32,
+    pub draining: bool,
+    /// Whether it takes parts of jobs spread over TaskManagers.
+    pub exchange: bool,
+    /// Jobs with tasks on it, with the slots each uses here.
+    pub jobs: Vec<(JobId, u32)>,
 }
 
 struct Route {
     tm: String,
     job: JobId,
-    tx: mpsc::UnboundedSender<RemoteEvent>,
+    /// Which part of its deployment this is (events carry it).
+    part: usize,
+    tx: mpsc::UnboundedSender<PartEvent>,
 }
 
-/// A deployment found running on a TaskManager.
+/// An event of one part of a deployment, by part index.
+pub(crate) type PartEvent = (usize, RemoteEvent);
+
+/// A deployment part found running on a TaskManager.
 pub(crate) struct Found {
     pub tm: String,
     pub client: TmClient,
     pub status: proto::DeploymentStatus,
 }
 
-/// Where a new deployment goes.
+/// Where one part of a new deployment goes.
 pub(crate) struct Placement {
     pub tm: String,
     pub client: TmClient,
     pub slots: u32,
+    /// The TaskManager's exchange URL (set whenever a job is split).
+    pub exchange: Option<String>,
+}
+
+/// Why a drain could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("this JobManager does not lead the region")]
+    NotLeading,
+    #[error("no registered TaskManager '{0}' in this region")]
+    Unknown(String),
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// Free capacity, for "waiting for slots" messages.
@@ -107,7 +156,32 @@ pub(crate) struct Placement {
 pub struct Capacity {
     pub taskmanagers: usize,
     pub slots: u32,
+    /// Slots new deployments may take (not on draining TaskManagers).
     pub free: u32,
+    pub used: u32,
+    pub draining: usize,
+    /// [`slot_load_variance`] of the TaskManagers not draining.
+    pub variance: f64,
+}
+
+/// How unevenly slots are used: the standard deviation of each
+/// TaskManager's used/total slots, divided by their mean (the coefficient
+/// of variation; 0 when even, or when nothing runs).
+pub fn slot_load_variance(loads: &[(u32, u32)]) -> f64 {
+    let l: Vec<f64> = loads
+        .iter()
+        .filter(|(_, slots)| *slots > 0)
+        .map(|(used, slots)| f64::from(*used) / f64::from(*slots))
+        .collect();
+    if l.is_empty() {
+        return 0.0;
+    }
+    let mean = l.iter().sum::<f64>() / l.len() as f64;
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    let var = l.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / l.len() as f64;
+    var.sqrt() / mean
 }
 
 impl TaskManagers {
@@ -118,6 +192,7 @@ impl TaskManagers {
         expiry: Duration,
         interval: Duration,
         tls: Option<ferry_core::tls::Connector>,
+        strategy: Strategy,
     ) -> Arc<Self> {
         Arc::new(Self {
             region,
@@ -126,6 +201,7 @@ impl TaskManagers {
             expiry,
             interval,
             tls,
+            strategy,
             state: Mutex::new(PoolState::default()),
             changed: watch::channel(0).0,
             list_failing: Default::default(),
@@ -208,10 +284,15 @@ impl TaskManagers {
                 return;
             }
         };
-        let live: HashMap<String, (String, u32)> = members
+        let live: HashMap<String, (String, u32, Option<String>)> = members
             .into_iter()
             .filter(|m| m.member.role == TASKMANAGER_ROLE && m.member.region == self.region)
-            .map(|m| (m.member.id, (m.member.address, m.member.slots)))
+            .map(|m| {
+                (
+                    m.member.id,
+                    (m.member.address, m.member.slots, m.member.exchange),
+                )
+            })
             .collect();
         let mut s = self.lock();
         if s.epoch != Some(epoch) {
@@ -254,10 +335,11 @@ impl TaskManagers {
             }
             fail_routes(&mut s, &id, &why);
         }
-        for (id, (address, slots)) in live {
-            if let Some(tm) = s.tms.get(&id)
+        for (id, (address, slots, exchange)) in live {
+            if let Some(tm) = s.tms.get_mut(&id)
                 && tm.address == address
             {
+                tm.exchange = exchange;
                 continue;
             }
             let Ok(endpoint) = Endpoint::from_shared(address.clone()) else {
@@ -286,6 +368,7 @@ impl TaskManagers {
                 id.clone(),
                 Tm {
                     address,
+                    exchange,
                     slots,
                     client: TaskManagerClient::new(channel),
                     registered: false,
@@ -293,6 +376,7 @@ impl TaskManagers {
                     reported: Vec::new(),
                     used: HashMap::new(),
                     reserved: 0,
+                    draining: false,
                     stop: stop.clone(),
                 },
             ) {
@@ -373,6 +457,10 @@ impl TaskManagers {
                 t.registered = true;
                 t.detached_since = None;
                 t.slots = reg.slots;
+                if reg.draining != t.draining {
+                    tracing::info!(taskmanager = %tm, draining = reg.draining, "TaskManager drain state from its registration");
+                }
+                t.draining = reg.draining;
                 t.used = reg
                     .deployments
                     .iter()
@@ -390,9 +478,12 @@ impl TaskManagers {
                     .collect();
                 for d in lost {
                     if let Some(r) = s.routes.remove(&d) {
-                        let _ = r.tx.send(failure(&format!(
-                            "TaskManager {tm} no longer runs deployment {d} (it restarted)"
-                        )));
+                        let _ = r.tx.send((
+                            r.part,
+                            failure(&format!(
+                                "TaskManager {tm} no longer runs deployment {d} (it restarted)"
+                            )),
+                        ));
                     }
                 }
                 // Deployments of jobs whose driver owns another deployment
@@ -417,6 +508,13 @@ impl TaskManagers {
                 }
                 self.bump();
             }
+            proto::tm_event::Event::Drain(d) => {
+                if let Some(t) = self.lock().tms.get_mut(tm) {
+                    tracing::info!(taskmanager = %tm, draining = d.draining, "TaskManager drain state changed");
+                    t.draining = d.draining;
+                }
+                self.bump();
+            }
             proto::tm_event::Event::Deployment(ev) => {
                 let Some(e) = ev.event else { return };
                 let mut s = self.lock();
@@ -434,7 +532,7 @@ impl TaskManagers {
                 };
                 match event_from_proto(e) {
                     Ok(e) => {
-                        let _ = route.tx.send(e);
+                        let _ = route.tx.send((route.part, e));
                     }
                     Err(e) => tracing::warn!(deployment = %ev.deployment, "malformed event: {e}"),
                 }
@@ -466,15 +564,18 @@ impl TaskManagers {
         s.epoch == Some(epoch) && s.listed
     }
 
-    /// Claims the newest healthy deployment of `job` running on a
-    /// TaskManager: from now on its events go to the returned receiver,
-    /// starting with a replay of what it reported before (ended sources,
-    /// stopped tasks) — one lock, so nothing falls in between.
+    /// Claims the newest healthy deployment of `job` running on the
+    /// TaskManagers — every part of it, covering every subtask: from now on
+    /// their events go to the returned receiver, starting with a replay of
+    /// what they reported before (ended sources, stopped tasks) — one
+    /// lock, so nothing falls in between. A deployment missing a part (its
+    /// TaskManager is gone or not registered) is not adopted: the job
+    /// restarts from its checkpoint.
     pub(crate) fn claim(
         &self,
         job: &JobId,
         region_epoch: RegionEpoch,
-    ) -> Option<(Found, mpsc::UnboundedReceiver<RemoteEvent>)> {
+    ) -> Option<(Vec<Found>, mpsc::UnboundedReceiver<PartEvent>)> {
         let mut s = self.lock();
         let id = job.to_string();
         let stale: Vec<(String, String, u64)> = s
@@ -487,58 +588,86 @@ impl TaskManagers {
         for (tm, d, e) in &stale {
             tracing::warn!(job = %job, taskmanager = %tm, deployment = %d, deployment_region_epoch = e, %region_epoch, "not adopting tasks started under another region epoch: they are stopped and the job restores from its newest checkpoint");
         }
-        let found = s
-            .tms
-            .iter()
-            .filter(|(_, t)| t.registered)
-            .flat_map(|(tm, t)| t.reported.iter().map(move |d| (tm, t, d)))
-            .filter(|(_, t, d)| {
-                d.job_id == id
+        // Healthy parts by deployment (group).
+        let mut groups: HashMap<String, Vec<Found>> = HashMap::new();
+        for (tm, t) in s.tms.iter().filter(|(_, t)| t.registered) {
+            for d in &t.reported {
+                if d.job_id == id
                     && d.failure.is_none()
                     && RegionEpoch(d.region_epoch) == region_epoch
                     && t.used.contains_key(&d.deployment)
+                {
+                    let group = if d.group.is_empty() {
+                        d.deployment.clone()
+                    } else {
+                        d.group.clone()
+                    };
+                    groups.entry(group).or_default().push(Found {
+                        tm: tm.clone(),
+                        client: t.client.clone(),
+                        status: d.clone(),
+                    });
+                }
+            }
+        }
+        let mut complete: Vec<Vec<Found>> = groups
+            .into_iter()
+            .filter_map(|(group, parts)| {
+                if covers_every_subtask(&parts) {
+                    Some(parts)
+                } else {
+                    tracing::warn!(job = %job, deployment = %group, parts = parts.len(), "not adopting a deployment whose parts do not cover every subtask (a TaskManager running one is gone): the job restores from its newest checkpoint");
+                    None
+                }
             })
-            .max_by_key(|(_, _, d)| (d.epoch, d.attempt))
-            .map(|(tm, t, d)| Found {
-                tm: tm.clone(),
-                client: t.client.clone(),
-                status: d.clone(),
-            })?;
+            .collect();
+        complete.sort_by_key(|parts| {
+            parts
+                .first()
+                .map(|f| (f.status.epoch, f.status.attempt))
+                .unwrap_or_default()
+        });
+        let mut parts = complete.pop()?;
+        parts.sort_by_key(|f| f.status.subtasks.first().copied().unwrap_or(0));
         let (tx, rx) = mpsc::unbounded_channel();
-        let st = &found.status;
-        for t in &st.sources_ended {
-            let _ = tx.send(RemoteEvent::Task(TaskEvent::SourceEnded((*t).into())));
+        for (k, found) in parts.iter().enumerate() {
+            let st = &found.status;
+            for t in &st.sources_ended {
+                let _ = tx.send((k, RemoteEvent::Task(TaskEvent::SourceEnded((*t).into()))));
+            }
+            for t in &st.stopped {
+                let _ = tx.send((k, RemoteEvent::Task(TaskEvent::Stopped((*t).into()))));
+            }
+            s.routes.insert(
+                st.deployment.clone(),
+                Route {
+                    tm: found.tm.clone(),
+                    job: *job,
+                    part: k,
+                    tx: tx.clone(),
+                },
+            );
         }
-        for t in &st.stopped {
-            let _ = tx.send(RemoteEvent::Task(TaskEvent::Stopped((*t).into())));
-        }
-        s.routes.insert(
-            st.deployment.clone(),
-            Route {
-                tm: found.tm.clone(),
-                job: *job,
-                tx,
-            },
-        );
-        Some((found, rx))
+        Some((parts, rx))
     }
 
-    /// Routes a deployment's events to its driver.
+    /// Routes the events of part `part` of a deployment to `tx`.
     pub(crate) fn route(
         &self,
         tm: &str,
         job: JobId,
         deployment: &str,
         slots: u32,
-    ) -> mpsc::UnboundedReceiver<RemoteEvent> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        part: usize,
+        tx: &mpsc::UnboundedSender<PartEvent>,
+    ) {
         let mut s = self.lock();
         match s.tms.get_mut(tm) {
             Some(t) => {
                 t.used.insert(deployment.to_string(), slots);
             }
             None => {
-                let _ = tx.send(failure(&format!("TaskManager {tm} is gone")));
+                let _ = tx.send((part, failure(&format!("TaskManager {tm} is gone"))));
             }
         }
         s.routes.insert(
@@ -546,10 +675,10 @@ impl TaskManagers {
             Route {
                 tm: tm.to_string(),
                 job,
-                tx,
+                part,
+                tx: tx.clone(),
             },
         );
-        rx
     }
 
     /// Stops routing a deployment's events (the driver let go of it).
@@ -569,15 +698,16 @@ impl TaskManagers {
         self.bump();
     }
 
-    /// Every other deployment of `job` on any TaskManager is stopped.
-    pub(crate) fn cancel_others(&self, job: &JobId, keep: &str) {
+    /// Every other deployment of `job` on any TaskManager is stopped
+    /// (`keep`: the part ids of the one that goes on).
+    pub(crate) fn cancel_others(&self, job: &JobId, keep: &[String]) {
         let id = job.to_string();
         let others: Vec<(String, String)> = {
             let s = self.lock();
             s.tms
                 .iter()
                 .flat_map(|(tm, t)| t.reported.iter().map(move |d| (tm, d)))
-                .filter(|(_, d)| d.job_id == id && d.deployment != keep)
+                .filter(|(_, d)| d.job_id == id && !keep.contains(&d.deployment))
                 .map(|(tm, d)| (tm.clone(), d.deployment.clone()))
                 .collect()
         };
@@ -653,20 +783,40 @@ impl TaskManagers {
         }
     }
 
-    /// Reserves `slots` on the TaskManager with the most free slots.
-    pub(crate) fn place(&self, slots: u32) -> Option<Placement> {
+    /// Reserves `need` slots for a job as `strategy` says: on one
+    /// TaskManager when one has them free, else in parts over the fewest
+    /// TaskManagers with exchange ports that hold it (most free slots
+    /// first). `None` while the region as a whole lacks the slots.
+    pub(crate) fn place(&self, need: u32, prefer: Option<&str>) -> Option<Vec<Placement>> {
+        let strategy = self.strategy;
         let mut s = self.lock();
-        let (id, t) = s
+        let free: Vec<(String, u32, bool)> = s
             .tms
-            .iter_mut()
-            .filter(|(_, t)| t.registered && t.free() >= slots)
-            .max_by(|a, b| a.1.free().cmp(&b.1.free()).then(b.0.cmp(a.0)))?;
-        t.reserved += slots;
-        Some(Placement {
-            tm: id.clone(),
-            client: t.client.clone(),
-            slots,
-        })
+            .iter()
+            .filter(|(_, t)| t.registered)
+            .map(|(id, t)| (id.clone(), t.placeable(), t.exchange.is_some()))
+            .collect();
+        // A move's target, when it has room; else the strategy decides.
+        let chosen = match prefer.and_then(|p| free.iter().find(|(id, f, _)| id == p && *f >= need))
+        {
+            Some((id, _, _)) => vec![(id.clone(), need)],
+            None => plan_placement(&free, need, strategy)?,
+        };
+        Some(
+            chosen
+                .into_iter()
+                .map(|(id, slots)| {
+                    let t = s.tms.get_mut(&id).expect("chosen among the registered");
+                    t.reserved += slots;
+                    Placement {
+                        tm: id,
+                        client: t.client.clone(),
+                        slots,
+                        exchange: t.exchange.clone(),
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// Ends a reservation made by [`TaskManagers::place`].
@@ -681,17 +831,160 @@ impl TaskManagers {
     pub fn capacity(&self) -> Capacity {
         let s = self.lock();
         let reg = s.tms.values().filter(|t| t.registered);
+        let loads: Vec<(u32, u32)> = reg
+            .clone()
+            .filter(|t| !t.draining)
+            .map(|t| (t.used_slots(), t.slots))
+            .collect();
         Capacity {
             taskmanagers: reg.clone().count(),
             slots: reg.clone().map(|t| t.slots).sum(),
-            free: reg.map(|t| t.free()).sum(),
+            free: reg.clone().map(|t| t.placeable()).sum(),
+            used: reg.clone().map(|t| t.used_slots().min(t.slots)).sum(),
+            draining: reg.filter(|t| t.draining).count(),
+            variance: slot_load_variance(&loads),
         }
+    }
+
+    /// The registered TaskManagers, by id.
+    pub fn view(&self) -> Vec<TmView> {
+        let s = self.lock();
+        let mut out: Vec<TmView> = s
+            .tms
+            .iter()
+            .filter(|(_, t)| t.registered)
+            .map(|(id, t)| {
+                let mut jobs: HashMap<JobId, u32> = HashMap::new();
+                for (d, slots) in &t.used {
+                    let job = s.routes.get(d).map(|r| r.job).or_else(|| {
+                        t.reported
+                            .iter()
+                            .find(|r| &r.deployment == d)
+                            .and_then(|r| r.job_id.parse().ok())
+                    });
+                    if let Some(job) = job {
+                        *jobs.entry(job).or_default() += slots;
+                    }
+                }
+                let mut jobs: Vec<(JobId, u32)> = jobs.into_iter().collect();
+                jobs.sort();
+                TmView {
+                    id: id.clone(),
+                    slots: t.slots,
+                    used: t.used_slots(),
+                    draining: t.draining,
+                    exchange: t.exchange.is_some(),
+                    jobs,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    /// Starts (or ends) draining TaskManager `tm`: it is told (so a new
+    /// leader finds it draining in its registration) and nothing new is
+    /// placed on it from now on; the scheduler moves its jobs.
+    pub async fn set_draining(&self, tm: &str, on: bool) -> Result<(), DrainError> {
+        let (mut client, epoch) = {
+            let s = self.lock();
+            let epoch = s.epoch.ok_or(DrainError::NotLeading)?;
+            let t = s
+                .tms
+                .get(tm)
+                .filter(|t| t.registered)
+                .ok_or_else(|| DrainError::Unknown(tm.to_string()))?;
+            (t.client.clone(), epoch)
+        };
+        let req = proto::DrainRequest {
+            epoch: epoch.0,
+            draining: on,
+        };
+        match tokio::time::timeout(Duration::from_secs(10), client.drain(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(DrainError::Unreachable(format!(
+                    "TaskManager {tm} refused: {}",
+                    e.message()
+                )));
+            }
+            Err(_) => {
+                return Err(DrainError::Unreachable(format!(
+                    "TaskManager {tm} did not answer within 10 s"
+                )));
+            }
+        }
+        if let Some(t) = self.lock().tms.get_mut(tm) {
+            t.draining = on;
+        }
+        self.bump();
+        Ok(())
     }
 
     /// Resolves when the pool changed (a registration, a loss, freed slots).
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+}
+
+/// Whether the parts of one deployment run every subtask of the job: a
+/// lone part without a subtask list is the whole job.
+fn covers_every_subtask(parts: &[Found]) -> bool {
+    match parts {
+        [] => false,
+        [one] if one.status.subtasks.is_empty() => true,
+        parts => {
+            let p = parts[0].status.parallelism;
+            let mut seen = vec![false; p as usize];
+            for f in parts {
+                if f.status.subtasks.is_empty() || f.status.parallelism != p {
+                    return false;
+                }
+                for &j in &f.status.subtasks {
+                    match seen.get_mut(j as usize) {
+                        Some(x) if !*x => *x = true,
+                        _ => return false,
+                    }
+                }
+            }
+            seen.iter().all(|x| *x)
+        }
+    }
+}
+
+/// Where a job needing `need` slots goes, given each registered
+/// TaskManager's (id, free slots, has an exchange port): (id, slots) per
+/// part. Pure, so the rules are tested on their own.
+pub(crate) fn plan_placement(
+    free: &[(String, u32, bool)],
+    need: u32,
+    strategy: Strategy,
+) -> Option<Vec<(String, u32)>> {
+    let whole = free.iter().filter(|(_, f, _)| *f >= need);
+    let one = match strategy {
+        // Most free slots; ties by id, for a stable choice.
+        Strategy::Spread => whole.max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0))),
+        // Fewest free slots that still hold the job.
+        Strategy::Pack => whole.min_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0))),
+    };
+    if let Some((id, _, _)) = one {
+        return Some(vec![(id.clone(), need)]);
+    }
+    // Split: the fewest TaskManagers that hold it, most free first.
+    let mut split: Vec<&(String, u32, bool)> =
+        free.iter().filter(|(_, f, x)| *x && *f > 0).collect();
+    split.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut left = need;
+    let mut out = Vec::new();
+    for (id, f, _) in split {
+        if left == 0 {
+            break;
+        }
+        let take = (*f).min(left);
+        out.push((id.clone(), take));
+        left -= take;
+    }
+    (left == 0 && need > 0).then_some(out)
 }
 
 fn failure(msg: &str) -> RemoteEvent {
@@ -713,7 +1006,7 @@ fn fail_routes(s: &mut PoolState, tm: &str, why: &str) {
         .collect();
     for d in lost {
         if let Some(r) = s.routes.remove(&d) {
-            let _ = r.tx.send(failure(why));
+            let _ = r.tx.send((r.part, failure(why)));
         }
     }
 }
@@ -730,5 +1023,120 @@ fn apply(d: &mut proto::DeploymentStatus, e: proto::deployment_event::Event) {
         Event::Ack(a) => d.last_barrier = d.last_barrier.max(a.checkpoint),
         // The checkpoint it declined fails; the new leader triggers anew.
         Event::Declined(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tms(free: &[(&str, u32, bool)]) -> Vec<(String, u32, bool)> {
+        free.iter()
+            .map(|(i, f, x)| (i.to_string(), *f, *x))
+            .collect()
+    }
+
+    #[test]
+    fn a_job_stays_whole_when_one_taskmanager_holds_it() {
+        let free = tms(&[("a", 2, true), ("b", 6, true), ("c", 4, true)]);
+        assert_eq!(
+            plan_placement(&free, 3, Strategy::Spread),
+            Some(vec![("b".into(), 3)])
+        );
+        // Pack: the fullest one that still holds it.
+        assert_eq!(
+            plan_placement(&free, 3, Strategy::Pack),
+            Some(vec![("c".into(), 3)])
+        );
+        assert_eq!(
+            plan_placement(&free, 2, Strategy::Pack),
+            Some(vec![("a".into(), 2)])
+        );
+        // Ties go by id, both ways.
+        let even = tms(&[("b", 4, true), ("a", 4, true)]);
+        assert_eq!(
+            plan_placement(&even, 1, Strategy::Spread),
+            Some(vec![("a".into(), 1)])
+        );
+        assert_eq!(
+            plan_placement(&even, 1, Strategy::Pack),
+            Some(vec![("a".into(), 1)])
+        );
+    }
+
+    #[test]
+    fn a_job_no_taskmanager_holds_is_split_over_the_fewest() {
+        let free = tms(&[
+            ("a", 2, true),
+            ("b", 3, true),
+            ("c", 1, true),
+            ("d", 0, true),
+        ]);
+        for strategy in [Strategy::Spread, Strategy::Pack] {
+            assert_eq!(
+                plan_placement(&free, 5, strategy),
+                Some(vec![("b".into(), 3), ("a".into(), 2)])
+            );
+            assert_eq!(
+                plan_placement(&free, 6, strategy),
+                Some(vec![("b".into(), 3), ("a".into(), 2), ("c".into(), 1)])
+            );
+            // The region as a whole lacks slots: wait.
+            assert_eq!(plan_placement(&free, 7, strategy), None);
+        }
+    }
+
+    #[test]
+    fn only_taskmanagers_with_an_exchange_port_take_parts() {
+        let free = tms(&[("old", 3, false), ("a", 2, true), ("b", 2, true)]);
+        // Whole on the one without an exchange port is fine.
+        assert_eq!(
+            plan_placement(&free, 3, Strategy::Spread),
+            Some(vec![("old".into(), 3)])
+        );
+        assert_eq!(
+            plan_placement(&free, 4, Strategy::Spread),
+            Some(vec![("a".into(), 2), ("b".into(), 2)])
+        );
+        assert_eq!(plan_placement(&free, 5, Strategy::Spread), None);
+        assert_eq!(plan_placement(&[], 1, Strategy::Spread), None);
+    }
+
+    fn found(tm: &str, parallelism: u32, subtasks: &[u32]) -> Found {
+        let endpoint = tonic::transport::Endpoint::from_static("http://127.0.0.1:1");
+        Found {
+            tm: tm.into(),
+            client: TaskManagerClient::new(endpoint.connect_lazy()),
+            status: proto::DeploymentStatus {
+                parallelism,
+                subtasks: subtasks.to_vec(),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deployment_is_adopted_only_with_every_subtask_covered_once() {
+        assert!(covers_every_subtask(&[found("a", 2, &[])]));
+        assert!(covers_every_subtask(&[
+            found("a", 4, &[0, 1]),
+            found("b", 4, &[2, 3])
+        ]));
+        // A part is missing (its TaskManager is gone).
+        assert!(!covers_every_subtask(&[found("a", 4, &[0, 1])]));
+        // Overlapping, out of range, or disagreeing parts.
+        assert!(!covers_every_subtask(&[
+            found("a", 4, &[0, 1, 2]),
+            found("b", 4, &[2, 3])
+        ]));
+        assert!(!covers_every_subtask(&[
+            found("a", 2, &[0, 1]),
+            found("b", 2, &[2])
+        ]));
+        assert!(!covers_every_subtask(&[
+            found("a", 4, &[0, 1]),
+            found("b", 2, &[2, 3])
+        ]));
+        assert!(!covers_every_subtask(&[]));
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod exchange;
 pub mod failover;
 pub mod procs;
 pub mod region;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferry_lab::bench::ThroughputOptions;
+use ferry_lab::exchange::ExchangeOptions;
 use ferry_lab::failover::FailoverOptions;
 use ferry_lab::region::RegionOptions;
 use ferry_lab::replication::ReplicationOptions;
@@ -29,6 +30,29 @@ pub enum BenchKind {
     Region(RegionArgs),
     /// Cross-region replication lag while a job runs.
     Replication(ReplicationArgs),
+    /// A keyed count at parallelism 2 split over two TaskManagers (records
+    /// crossing the exchange) against the same job on one, same process
+    /// and cores, runs interleaved; exchange throughput per CPU second.
+    Exchange(ExchangeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExchangeArgs {
+    /// Events per run.
+    #[arg(long, default_value_t = 50_000_000)]
+    pub events: u64,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Runs of each variant, interleaved; the fastest of each is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: u32,
+    /// Worker threads both variants run on.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Print results as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,6 +162,7 @@ pub struct ReplicationArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchKind::Throughput(a) => throughput(a),
+        BenchKind::Exchange(a) => exchange(a),
         BenchKind::Failover(a) => failover(a),
         BenchKind::Replication(a) => replication(a),
         BenchKind::Region(a) => region(a),
@@ -323,4 +348,23 @@ fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
         )
     }))?;
     print_report(a.json, &r, |r| r.markdown())
+}
+
+fn exchange(a: ExchangeArgs) -> anyhow::Result<ExitCode> {
+    let opts = ExchangeOptions {
+        events: a.events,
+        keys: a.keys,
+        repeat: a.repeat,
+        threads: a.threads,
+    };
+    let report = ferry_lab::exchange::exchange(&opts, |r, split, res| {
+        eprintln!(
+            "run {r} ({} TaskManager{}): {:.0} events/s, {:.0} events/CPU-s",
+            if split { 2 } else { 1 },
+            if split { "s" } else { "" },
+            res.events_per_s,
+            res.events_per_cpu_s
+        );
+    })?;
+    print_report(a.json, &report, |r| r.markdown())
 }

@@ -117,8 +117,16 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
                 h.member_expiry.get(),
                 h.heartbeat_interval.get(),
                 grpc_tls,
+                cfg.scheduling.strategy,
             );
             jm.use_taskmanagers(pool.clone());
+            // Drains and rebalancing, while this instance leads.
+            tokio::spawn(ferry_jobmanager::scheduler::run(
+                jm.clone(),
+                pool.clone(),
+                cfg.scheduling.clone(),
+                pool_stop.clone(),
+            ));
             Some(tokio::spawn(
                 pool.run(jm.leadership().clone(), pool_stop.clone()),
             ))

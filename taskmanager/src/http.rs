@@ -1,9 +1,13 @@
 //! The TaskManager's HTTP server: `/healthz` (the process answers),
-//! `/readyz` (it is in its region) and `/metrics` (Prometheus text, read
-//! from the TaskManager's state on each scrape).
+//! `/readyz` (it is in its region), `/metrics` (Prometheus text, read
+//! from the TaskManager's state on each scrape) and `/drain` (for the
+//! pod's `preStop` hook: `POST` starts draining, `GET` tells how many
+//! deployments are left).
 //!
-//! Invariant: a scrape only reads the TaskManager's state; it never waits
-//! on a task.
+//! Invariants: a scrape only reads the TaskManager's state; it never waits
+//! on a task. The port is plaintext and unauthenticated, so `/drain`
+//! answers only callers on this host's loopback (a hook run inside the
+//! pod); anyone else gets 403.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +17,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -25,9 +32,12 @@ pub async fn serve(
     metrics: Arc<TmMetrics>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let _ = axum::serve(listener, router(metrics))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let _ = axum::serve(
+        listener,
+        router(metrics).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await;
 }
 
 /// The HTTP app over `metrics`.
@@ -36,6 +46,7 @@ pub fn router(metrics: Arc<TmMetrics>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/drain", get(drain_state).post(drain))
         .with_state(metrics)
 }
 
@@ -52,6 +63,40 @@ pub struct TmMetrics {
     pub tls_handshake_failures: Arc<std::sync::atomic::AtomicU64>,
     registry: Registry,
     gauges: Vec<(Gauge, Read)>,
+    /// Per task: share of the last second it waited to send downstream.
+    backpressure: Family<TaskLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The exchange, per peer TaskManager and direction.
+    exchange_bytes: Family<PeerLabels, Counter>,
+    exchange_records: Family<PeerLabels, Counter>,
+    exchange_batches: Family<PeerLabels, Counter>,
+    exchange_channels: Family<PeerLabels, Gauge>,
+    exchange_credit_wait: Family<PeerLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    exchange_inflight: Gauge,
+}
+
+/// Labels of a per-peer exchange metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+    /// `out`: this TaskManager sends; `in`: it receives.
+    direction: String,
+}
+
+/// Raises `c` to `value` (the source counts on its own; a counter only
+/// goes up).
+fn raise_to(c: &Counter, value: u64) {
+    let now = c.get();
+    if value > now {
+        c.inc_by(value - now);
+    }
+}
+
+/// Labels of a per-task metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    job: String,
+    stage: u32,
+    subtask: u32,
 }
 
 impl TmMetrics {
@@ -133,6 +178,46 @@ impl TmMetrics {
             registry.register(name, help, g.clone());
             gauges.push((g, read));
         }
+        let backpressure = Family::default();
+        registry.register(
+            "task_backpressure_ratio",
+            "Share of the last second a task waited to send downstream because the channel (in memory, or the exchange to another TaskManager) was full: 0 flows freely, 1 is fully backpressured",
+            backpressure.clone(),
+        );
+        let (exchange_bytes, exchange_records, exchange_batches) =
+            (Family::default(), Family::default(), Family::default());
+        let (exchange_channels, exchange_credit_wait, exchange_inflight) =
+            (Family::default(), Family::default(), Gauge::default());
+        registry.register(
+            "exchange_bytes",
+            "Arrow IPC bytes of the batches exchanged with another TaskManager (jobs spread over TaskManagers)",
+            exchange_bytes.clone(),
+        );
+        registry.register(
+            "exchange_records",
+            "Records exchanged with another TaskManager",
+            exchange_records.clone(),
+        );
+        registry.register(
+            "exchange_batches",
+            "Batches exchanged with another TaskManager",
+            exchange_batches.clone(),
+        );
+        registry.register(
+            "exchange_channels",
+            "Exchange channels open with another TaskManager",
+            exchange_channels.clone(),
+        );
+        registry.register(
+            "exchange_credit_wait_seconds",
+            "Time channels to another TaskManager waited with every credit in use (the receiver is slower: backpressure over the network)",
+            exchange_credit_wait.clone(),
+        );
+        registry.register(
+            "exchange_inflight_batches",
+            "Exchange frames sent to other TaskManagers and not yet taken by their tasks (buffers in use; at most credits per channel)",
+            exchange_inflight.clone(),
+        );
         Self {
             tm: tm.clone(),
             ready: Default::default(),
@@ -140,6 +225,13 @@ impl TmMetrics {
             tls_handshake_failures: Default::default(),
             registry,
             gauges,
+            backpressure,
+            exchange_bytes,
+            exchange_records,
+            exchange_batches,
+            exchange_channels,
+            exchange_credit_wait,
+            exchange_inflight,
         }
     }
 
@@ -147,6 +239,53 @@ impl TmMetrics {
     pub fn set_heartbeat_failures(&self, f: Arc<std::sync::atomic::AtomicU64>) {
         let _ = self.heartbeat_failures.set(f);
     }
+}
+
+/// `/drain` answers only loopback callers.
+fn local_only(
+    peer: &std::net::SocketAddr,
+) -> Result<(), (StatusCode, axum::Json<serde_json::Value>)> {
+    if peer.ip().is_loopback() {
+        return Ok(());
+    }
+    Err((
+        StatusCode::FORBIDDEN,
+        axum::Json(serde_json::json!({
+            "error": "forbidden",
+            "message": format!("/drain answers only callers on this host's loopback (you are {}): drain a TaskManager from elsewhere through the JobManager (ferry taskmanager drain ID)", peer.ip()),
+        })),
+    ))
+}
+
+fn drain_body(m: &TmMetrics) -> axum::Json<serde_json::Value> {
+    let (used, deployments, ..) = m.tm.usage();
+    axum::Json(serde_json::json!({
+        "taskmanager": m.tm.id(),
+        "draining": m.tm.draining(),
+        "deployments": deployments,
+        "slots_used": used,
+    }))
+}
+
+async fn drain_state(
+    State(m): State<Arc<TmMetrics>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> axum::response::Response {
+    match local_only(&peer) {
+        Ok(()) => drain_body(&m).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn drain(
+    State(m): State<Arc<TmMetrics>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+) -> axum::response::Response {
+    if let Err(e) = local_only(&peer) {
+        return e.into_response();
+    }
+    m.tm.set_draining(true);
+    (StatusCode::ACCEPTED, drain_body(&m)).into_response()
 }
 
 async fn readyz(State(m): State<Arc<TmMetrics>>) -> impl IntoResponse {
@@ -163,6 +302,38 @@ async fn readyz(State(m): State<Arc<TmMetrics>>) -> impl IntoResponse {
 async fn metrics_text(State(m): State<Arc<TmMetrics>>) -> impl IntoResponse {
     for (g, read) in &m.gauges {
         g.set(read(&m));
+    }
+    m.backpressure.clear();
+    for (job, task, t) in m.tm.task_metrics() {
+        let labels = TaskLabels {
+            job,
+            stage: task.stage,
+            subtask: task.subtask,
+        };
+        let permille = t.backpressure_permille.load(Ordering::Relaxed);
+        m.backpressure
+            .get_or_create(&labels)
+            .set(permille as f64 / 1000.0);
+    }
+    if let Some(exchange) = m.tm.exchange() {
+        for p in exchange.stats() {
+            let labels = PeerLabels {
+                peer: p.peer.clone(),
+                direction: p.direction.to_string(),
+            };
+            raise_to(&m.exchange_bytes.get_or_create(&labels), p.bytes);
+            raise_to(&m.exchange_records.get_or_create(&labels), p.records);
+            raise_to(&m.exchange_batches.get_or_create(&labels), p.batches);
+            m.exchange_channels
+                .get_or_create(&labels)
+                .set(p.channels as i64);
+            let wait = m.exchange_credit_wait.get_or_create(&labels);
+            let secs = p.credit_wait_ns as f64 / 1e9;
+            if secs > wait.get() {
+                wait.inc_by(secs - wait.get());
+            }
+        }
+        m.exchange_inflight.set(exchange.inflight() as i64);
     }
     let mut body = String::new();
     if let Err(e) = encode(&mut body, &m.registry) {

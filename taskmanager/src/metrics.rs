@@ -16,6 +16,12 @@ pub struct TaskMetrics {
     /// Malformed input records the source skipped (file source with
     /// `onBadLine: skip`), including those skipped before a restore.
     pub skipped_records: AtomicU64,
+    /// Time spent waiting to send downstream because the channel was full
+    /// (ns): backpressure from the tasks after this one.
+    pub backpressure_ns: AtomicU64,
+    /// Share of the last second spent so, in thousandths (set once a
+    /// second by the TaskManager).
+    pub backpressure_permille: AtomicU64,
 }
 
 impl Default for TaskMetrics {
@@ -27,6 +33,8 @@ impl Default for TaskMetrics {
             late_records: AtomicU64::new(0),
             expr_errors: AtomicU64::new(0),
             skipped_records: AtomicU64::new(0),
+            backpressure_ns: AtomicU64::new(0),
+            backpressure_permille: AtomicU64::new(0),
         }
     }
 }

@@ -1,6 +1,13 @@
 //! Turning a validated job spec into running tasks: the stage plan (one
 //! stage per `key_by` when parallelism > 1), operator construction, state
 //! restore, and the channels between tasks and to the JobManager.
+//!
+//! A job runs whole in one process, or in parts over several TaskManagers
+//! ([`Part`]): a slot runs subtask `j` of every stage, so a part is a set
+//! of subtask indices. Channels between subtasks of one part stay in
+//! memory; a channel to or from a subtask of another part is the same
+//! bounded in-memory channel on each side, carried between them by the
+//! exchange ([`crate::link`]), so tasks never know which kind they have.
 
 use std::sync::Arc;
 
@@ -13,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::link::{ChannelKey, Exchange};
 use crate::metrics::TaskMetrics;
 use crate::operator::Operator;
 use crate::operator::filter::Filter;
@@ -196,6 +204,24 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The counters of a deployment from those of its parts: sums, and
+    /// the lowest watermark.
+    pub fn combine(parts: &[Counters]) -> Self {
+        let mut out = parts.first().copied().unwrap_or(Counters {
+            watermark: i64::MIN,
+            ..Default::default()
+        });
+        for c in parts.iter().skip(1) {
+            out.records_in += c.records_in;
+            out.records_out += c.records_out;
+            out.late_records += c.late_records;
+            out.expression_errors += c.expression_errors;
+            out.skipped_records += c.skipped_records;
+            out.watermark = out.watermark.min(c.watermark);
+        }
+        out
+    }
+
     /// Sums the counters of `tasks`.
     pub fn of(tasks: &[(TaskId, Arc<TaskMetrics>)]) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
@@ -277,6 +303,48 @@ fn parts_of(cp: Option<&VerifiedCheckpoint>, operator: &str) -> Vec<(u32, Bytes)
         .collect()
 }
 
+/// The subtasks of a job one TaskManager runs, when the job is spread over
+/// several, and where the others run.
+#[derive(Clone)]
+pub struct Part {
+    /// The id every part of the deployment shares: it names the exchange
+    /// channels between the parts.
+    pub group: String,
+    /// Subtask indices run here.
+    pub local: Vec<u32>,
+    /// The exchange URL of the TaskManager running each subtask, by index.
+    pub homes: Vec<String>,
+    /// This TaskManager's exchange.
+    pub exchange: Exchange,
+}
+
+impl Part {
+    /// Checks the part against the plan's parallelism.
+    pub fn check(&self, parallelism: u32) -> Result<(), String> {
+        if self.homes.len() != parallelism as usize {
+            return Err(format!(
+                "{} exchange URLs for a job of parallelism {parallelism}: one per subtask expected",
+                self.homes.len()
+            ));
+        }
+        if self.local.is_empty() {
+            return Err("a part without subtasks".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for &j in &self.local {
+            if j >= parallelism {
+                return Err(format!(
+                    "subtask {j} is out of range for a job of parallelism {parallelism}"
+                ));
+            }
+            if !seen.insert(j) {
+                return Err(format!("subtask {j} is listed twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Starts every task of `plan`, restoring from `restore` if given. `job`
 /// makes sink output names (file parts, NATS message ids) unique to the job.
 pub async fn deploy(
@@ -284,6 +352,20 @@ pub async fn deploy(
     restore: Option<&VerifiedCheckpoint>,
     job: &JobId,
 ) -> Result<DeployedJob, String> {
+    deploy_part(plan, restore, job, None).await
+}
+
+/// Starts the tasks of `part` (every task when `None`), as [`deploy`].
+pub async fn deploy_part(
+    plan: &JobPlan,
+    restore: Option<&VerifiedCheckpoint>,
+    job: &JobId,
+    part: Option<&Part>,
+) -> Result<DeployedJob, String> {
+    if let Some(part) = part {
+        part.check(plan.parallelism)?;
+    }
+    let here = |j: u32| part.is_none_or(|p| p.local.contains(&j));
     let part_prefix = FileSink::job_prefix(job);
     let p = plan.parallelism;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
@@ -312,23 +394,65 @@ pub async fn deploy(
     let mut receivers: Vec<Vec<Vec<mpsc::Receiver<Msg>>>> = (0..nstages)
         .map(|_| (0..p).map(|_| Vec::new()).collect())
         .collect();
-    // Each upstream subtask gets its own channel to each downstream subtask.
+    // Each upstream subtask gets its own channel to each downstream subtask
+    // (senders indexed by the downstream subtask: the key partition).
+    // A channel with one end in another part is carried by the exchange:
+    // its sending end here feeds `connect`, its receiving end `accept`.
     let mut upstream_senders: Vec<Vec<Vec<mpsc::Sender<Msg>>>> = (0..nstages)
         .map(|_| (0..p).map(|_| Vec::new()).collect())
         .collect();
+    let mut inbound = Vec::new();
     for s in 1..nstages {
         for up in 0..p {
             for down in 0..p {
-                let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-                upstream_senders[s - 1][up as usize].push(tx);
-                receivers[s][down as usize].push(rx);
+                let key = || ChannelKey {
+                    deployment: part.map(|p| p.group.clone()).unwrap_or_default(),
+                    stage: s as u32,
+                    from: up,
+                    to: down,
+                };
+                match (here(up), here(down), part) {
+                    (true, true, _) | (_, _, None) => {
+                        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                        upstream_senders[s - 1][up as usize].push(tx);
+                        receivers[s][down as usize].push(rx);
+                    }
+                    (true, false, Some(part)) => {
+                        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                        upstream_senders[s - 1][up as usize].push(tx);
+                        let link = part.exchange.connect(
+                            &part.homes[down as usize],
+                            key(),
+                            rx,
+                            cancel.clone(),
+                        );
+                        tasks.spawn(async move {
+                            let _ = link.await;
+                        });
+                    }
+                    (false, true, Some(part)) => {
+                        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+                        receivers[s][down as usize].push(rx);
+                        let schema = Arc::new(plan.schema_at_stage_end(s - 1).clone());
+                        inbound.push(part.exchange.accept(key(), schema, tx));
+                    }
+                    (false, false, Some(_)) => {}
+                }
             }
         }
     }
     drop(senders.drain(..));
+    if !inbound.is_empty() {
+        // The receiving ends stay registered until the deployment stops.
+        let token = cancel.clone();
+        tasks.spawn(async move {
+            token.cancelled().await;
+            drop(inbound);
+        });
+    }
 
     for (s, stage) in plan.stages.iter().enumerate() {
-        for j in 0..p {
+        for j in (0..p).filter(|&j| here(j)) {
             let id = TaskId {
                 stage: s as u32,
                 subtask: j,

@@ -41,8 +41,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use crate::protocol::{Barrier, TaskCommand, TaskEvent};
-use crate::runtime::{Counters, DeployedJob, JobPlan, deploy};
+use crate::link::Exchange;
+use crate::metrics::TaskMetrics;
+use crate::protocol::{Barrier, TaskCommand, TaskEvent, TaskId};
+use crate::runtime::{Counters, DeployedJob, JobPlan, Part, deploy_part};
 use crate::wire::{event_to_proto, kind_from_proto};
 
 /// How often a running deployment's counters are sent to the JobManager
@@ -106,6 +108,11 @@ struct Inner {
     /// The highest lease epoch a check has seen: epochs up to it need no
     /// new read.
     confirmed: AtomicU64,
+    /// The exchange port's service, for parts of jobs spread over
+    /// TaskManagers (none: this TaskManager runs only whole jobs).
+    exchange: std::sync::OnceLock<Exchange>,
+    /// Wakes [`TaskManager::wait_drained`] when a deployment ended.
+    deployments_changed: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -122,10 +129,14 @@ struct Shared {
     deployments: HashMap<String, Running>,
     /// Slots promised to deployments still starting.
     reserved: u32,
+    /// Draining: the leader moves its jobs elsewhere and places nothing
+    /// new here.
+    draining: bool,
 }
 
 struct Running {
     status: proto::DeploymentStatus,
+    metrics: Vec<(TaskId, Arc<TaskMetrics>)>,
     sources: Vec<mpsc::UnboundedSender<TaskCommand>>,
     all: Vec<mpsc::UnboundedSender<TaskCommand>>,
     cancel: CancellationToken,
@@ -245,6 +256,8 @@ impl TaskManager {
                 fence_changed: tokio::sync::Notify::new(),
                 epoch_check: std::sync::OnceLock::new(),
                 confirmed: AtomicU64::new(0),
+                exchange: std::sync::OnceLock::new(),
+                deployments_changed: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -254,6 +267,59 @@ impl TaskManager {
     /// the gRPC service takes commands; later calls change nothing.
     pub fn confirm_epochs_with(&self, check: EpochCheck) {
         let _ = self.inner.epoch_check.set(check);
+    }
+
+    /// Starts (or ends) draining: the attached leader hears it at once,
+    /// and a new leader from the registration. Returns whether it changed.
+    pub fn set_draining(&self, on: bool) -> bool {
+        let mut s = self.lock();
+        if s.draining == on {
+            return false;
+        }
+        s.draining = on;
+        s.send(proto::tm_event::Event::Drain(proto::DrainState {
+            draining: on,
+        }));
+        drop(s);
+        if on {
+            tracing::info!("draining: the leader moves this TaskManager's jobs elsewhere");
+        } else {
+            tracing::info!("no longer draining");
+        }
+        true
+    }
+
+    /// Whether it is draining.
+    pub fn draining(&self) -> bool {
+        self.lock().draining
+    }
+
+    /// Waits until no deployment runs here (drained), up to `limit`;
+    /// returns the deployments still running.
+    pub async fn wait_drained(&self, limit: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.inner.deployments_changed.notified();
+            let left = self.lock().deployments.len();
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.lock().deployments.len();
+            }
+        }
+    }
+
+    /// Gives this TaskManager its exchange (set once, before the gRPC
+    /// service takes commands): from then on it runs parts of jobs spread
+    /// over TaskManagers.
+    pub fn set_exchange(&self, exchange: Exchange) {
+        let _ = self.inner.exchange.set(exchange);
+    }
+
+    /// The exchange, if set.
+    pub fn exchange(&self) -> Option<&Exchange> {
+        self.inner.exchange.get()
     }
 
     /// Lets `epoch` through if it is not newer than the newest seen here,
@@ -341,6 +407,19 @@ impl TaskManager {
         )
     }
 
+    /// Every running task's metrics, with its job id.
+    pub fn task_metrics(&self) -> Vec<(String, TaskId, Arc<TaskMetrics>)> {
+        let s = self.lock();
+        s.deployments
+            .values()
+            .flat_map(|d| {
+                d.metrics
+                    .iter()
+                    .map(|(t, m)| (d.status.job_id.clone(), *t, m.clone()))
+            })
+            .collect()
+    }
+
     /// How long the region fence still holds (`None`: no fence).
     pub fn fence_remaining(&self) -> Option<Duration> {
         self.lock()
@@ -385,6 +464,9 @@ impl TaskManager {
     }
 
     async fn stop_fenced(&self, stopped: Vec<(String, Running)>, why: &str) {
+        if !stopped.is_empty() {
+            self.inner.deployments_changed.notify_waiters();
+        }
         for (id, d) in stopped {
             tracing::error!(deployment = %id, job = %d.status.job_id, "{why}: stopping every task of the deployment");
             self.inner
@@ -425,6 +507,7 @@ impl TaskManager {
             slots: self.inner.slots,
             deployments,
             started_at: self.inner.started_at.to_rfc3339(),
+            draining: s.draining,
         }
     }
 
@@ -439,6 +522,8 @@ impl TaskManager {
             let mut tick = tokio::time::interval(COUNTERS_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last = Counters::default();
+            let mut blocked: Vec<u64> = vec![0; metrics.len()];
+            let mut sampled = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -478,6 +563,15 @@ impl TaskManager {
                         }));
                     }
                     _ = tick.tick() => {
+                        // Each task's backpressure over the last tick.
+                        let span = sampled.elapsed().as_nanos().max(1) as u64;
+                        sampled = std::time::Instant::now();
+                        for ((_, m), prev) in metrics.iter().zip(blocked.iter_mut()) {
+                            let total = m.backpressure_ns.load(Ordering::Relaxed);
+                            let permille = (total.saturating_sub(*prev).saturating_mul(1000) / span).min(1000);
+                            m.backpressure_permille.store(permille, Ordering::Relaxed);
+                            *prev = total;
+                        }
                         let now = Counters::of(&metrics);
                         if now == last {
                             continue;
@@ -550,7 +644,33 @@ impl task_manager_server::TaskManager for TaskManager {
             .job_id
             .parse()
             .map_err(|e| Status::invalid_argument(format!("job id '{}': {e}", req.job_id)))?;
-        let need = plan.parallelism;
+        let part = if req.subtasks.is_empty() {
+            None
+        } else {
+            let exchange = self.inner.exchange.get().cloned().ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "TaskManager {} has no exchange port: it runs only whole jobs",
+                    self.inner.id
+                ))
+            })?;
+            let part = Part {
+                group: if req.group.is_empty() {
+                    req.deployment.clone()
+                } else {
+                    req.group.clone()
+                },
+                local: req.subtasks.clone(),
+                homes: req.exchange_urls.clone(),
+                exchange,
+            };
+            part.check(plan.parallelism).map_err(|e| {
+                Status::invalid_argument(format!("the deployment's part is inconsistent: {e}"))
+            })?;
+            Some(part)
+        };
+        let need = part
+            .as_ref()
+            .map_or(plan.parallelism, |p| p.local.len() as u32);
         let older = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
@@ -587,7 +707,7 @@ impl task_manager_server::TaskManager for TaskManager {
             }
             s.reserved += need;
         }
-        let started = self.start(&req, &plan, &job).await;
+        let started = self.start(&req, &plan, &job, part.as_ref()).await;
         let deployed = {
             let mut s = self.lock();
             s.reserved -= need;
@@ -609,6 +729,9 @@ impl task_manager_server::TaskManager for TaskManager {
             failure: None,
             counters: Some(counters.into()),
             region_epoch: req.region_epoch,
+            parallelism: plan.parallelism,
+            subtasks: req.subtasks.clone(),
+            group: req.group.clone(),
         };
         let reply = proto::DeployReply {
             tasks: status.tasks,
@@ -624,6 +747,7 @@ impl task_manager_server::TaskManager for TaskManager {
                     req.deployment.clone(),
                     Running {
                         status,
+                        metrics: deployed.metrics.clone(),
                         sources: deployed.sources.clone(),
                         all: deployed.all.clone(),
                         cancel: deployed.cancel.clone(),
@@ -740,7 +864,20 @@ impl task_manager_server::TaskManager for TaskManager {
         if let Some(d) = d {
             stop_tasks(d.cancel, d.tasks).await;
             tracing::info!(deployment = %req.deployment, "deployment cancelled");
+            self.inner.deployments_changed.notify_waiters();
         }
+        Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<proto::DrainRequest>,
+    ) -> Result<Response<proto::Ack>, Status> {
+        let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
+        self.lock()
+            .check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
+        self.set_draining(req.draining);
         Ok(Response::new(proto::Ack {}))
     }
 
@@ -776,6 +913,7 @@ impl TaskManager {
         req: &proto::DeployRequest,
         plan: &JobPlan,
         job: &JobId,
+        part: Option<&Part>,
     ) -> Result<DeployedJob, Status> {
         let restore = if req.restore_from.is_empty() {
             None
@@ -798,7 +936,7 @@ impl TaskManager {
                 }
             }
         };
-        deploy(plan, restore.as_ref(), job)
+        deploy_part(plan, restore.as_ref(), job, part)
             .await
             .map_err(|e| Status::unavailable(format!("starting the tasks failed: {e}")))
     }

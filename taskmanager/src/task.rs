@@ -83,7 +83,7 @@ impl Chain {
             Output::Exchange { senders, key_idx } => {
                 let n = senders.len() as u32;
                 if n == 1 {
-                    return send(&senders[0], Msg::Batch(batch)).await;
+                    return send(&senders[0], Msg::Batch(batch), &self.metrics).await;
                 }
                 let mut idx: Vec<Vec<u32>> = vec![Vec::new(); n as usize];
                 for i in 0..batch.len() {
@@ -99,7 +99,7 @@ impl Chain {
                     } else {
                         batch.take(rows)
                     };
-                    send(&senders[t], Msg::Batch(part)).await?;
+                    send(&senders[t], Msg::Batch(part), &self.metrics).await?;
                 }
                 Ok(())
             }
@@ -118,17 +118,32 @@ impl Chain {
         }
         if let Output::Exchange { senders, .. } = &self.output {
             for s in senders {
-                send(s, Msg::Watermark(wm)).await?;
+                send(s, Msg::Watermark(wm), &self.metrics).await?;
             }
         }
         Ok(())
     }
 }
 
-async fn send(s: &mpsc::Sender<Msg>, m: Msg) -> Result<(), String> {
-    s.send(m)
-        .await
-        .map_err(|_| "downstream task is gone".to_string())
+/// Sends `m` downstream; the time spent waiting for room (backpressure:
+/// the downstream task, or the exchange to another TaskManager, is full)
+/// is counted in `metrics`.
+async fn send(s: &mpsc::Sender<Msg>, m: Msg, metrics: &TaskMetrics) -> Result<(), String> {
+    let gone = || {
+        "the channel to a downstream task closed (the task or its link to another TaskManager is gone)".to_string()
+    };
+    match s.try_send(m) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(gone()),
+        Err(mpsc::error::TrySendError::Full(m)) => {
+            let waiting = std::time::Instant::now();
+            let r = s.send(m).await.map_err(|_| gone());
+            metrics
+                .backpressure_ns
+                .fetch_add(waiting.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            r
+        }
+    }
 }
 
 /// What every task needs besides its chain.
@@ -180,7 +195,7 @@ impl TaskContext {
             }
             Output::Exchange { senders, .. } => {
                 for s in senders {
-                    send(s, Msg::Barrier(barrier.clone())).await?;
+                    send(s, Msg::Barrier(barrier.clone()), &chain.metrics).await?;
                 }
             }
         }

@@ -106,6 +106,10 @@ pub struct Region {
     pub window_ms: i64,
     /// Bearer token of the fixture's own API calls (`api.auth` regions).
     pub token: Option<String>,
+    /// Parallelism of the test job (default 2).
+    pub parallelism: u32,
+    /// Slots of TaskManagers started from now on (default 4).
+    pub tm_slots: u32,
     /// The CA the fixture trusts for `https` JobManagers (`tls.api`).
     pub ca_cert: Option<Vec<u8>>,
 }
@@ -133,6 +137,8 @@ impl Region {
             window_ms: 60_000,
             token: None,
             ca_cert: None,
+            parallelism: 2,
+            tm_slots: 4,
         }
     }
 
@@ -246,11 +252,11 @@ impl Region {
         self.jms.push(jm);
     }
 
-    /// Starts a TaskManager with 4 slots (`port`: its HTTP port).
+    /// Starts a TaskManager with `tm_slots` slots (`port`: its HTTP port).
     pub fn start_tm(&mut self, id: &str) {
         let mut env = vec![
             ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
-            ("FERRY_TASKMANAGER_SLOTS", "4".to_string()),
+            ("FERRY_TASKMANAGER_SLOTS", self.tm_slots.to_string()),
         ];
         env.extend(self.tm_env.iter().cloned());
         let tm = self.spawn_listening(
@@ -513,6 +519,10 @@ impl Region {
     pub fn spec(&self) -> String {
         SPEC.replace("OUT", &self.out().display().to_string())
             .replace("tumbling: 1m", &format!("tumbling: {}ms", self.window_ms))
+            .replace(
+                "parallelism: 2",
+                &format!("parallelism: {}", self.parallelism),
+            )
     }
 
     /// Checks the committed output against the generator model.

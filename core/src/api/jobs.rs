@@ -95,6 +95,14 @@ impl fmt::Display for JobState {
     }
 }
 
+/// One TaskManager's share of a job.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct JobPart {
+    pub taskmanager: String,
+    /// The subtask indices it runs (each one slot).
+    pub subtasks: Vec<u32>,
+}
+
 /// Summary and status of one job, as the API returns it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct JobInfo {
@@ -122,6 +130,11 @@ pub struct JobInfo {
     /// Id of the current deployment on that TaskManager.
     #[serde(default)]
     pub deployment: Option<String>,
+    /// Where the job's subtasks run, one entry per TaskManager: one when
+    /// the job fits on a TaskManager, several when it is spread over them
+    /// (distributed mode; `taskmanager` is the first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<JobPart>,
     /// The region a planned switchover moved the job to (it was stopped
     /// here with a savepoint and resumes there); a region that becomes
     /// primary resumes such jobs although they are CANCELLED here.

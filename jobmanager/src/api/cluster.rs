@@ -178,3 +178,80 @@ pub(super) async fn failback(
         jm.region_failback(name, dry_run, wait, caller.name).await?,
     ))
 }
+
+/// `POST /v1/taskmanagers/{id}/drain`: move every job with tasks on
+/// TaskManager `id` elsewhere (stop-with-savepoint, then restore), and
+/// place nothing new on it; the drain lasts until `DELETE` ends it (or the
+/// TaskManager leaves). `ferry taskmanager drain ID --wait` waits until it
+/// runs nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/taskmanagers/{id}/drain",
+    tag = "cluster",
+    summary = "drain a TaskManager: its jobs move elsewhere by savepoint, nothing new is placed on it",
+    params(("id" = String, Path, description = "the TaskManager's instance id")),
+    responses(
+        (status = 200, description = "the jobs that move, the slots they need and the slots free elsewhere", body = ferry_core::api::DrainReport),
+        (status = 404, description = "not_found: no such TaskManager registered with the leader", body = ErrorBody),
+        (status = 503, description = "not_leader: send it to the leader", body = ErrorBody),
+    )
+)]
+pub(super) async fn drain(
+    State(jm): State<JobManager>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<ferry_core::api::DrainReport>, super::error::ApiError> {
+    let axum::extract::Path(id) = id?;
+    Ok(Json(jm.drain_taskmanager(&id, true).await?))
+}
+
+/// `DELETE /v1/taskmanagers/{id}/drain`: end a drain; the TaskManager
+/// takes new jobs again (moved jobs stay where they went).
+#[utoipa::path(
+    delete,
+    path = "/v1/taskmanagers/{id}/drain",
+    tag = "cluster",
+    summary = "end a drain: the TaskManager takes new jobs again",
+    params(("id" = String, Path, description = "the TaskManager's instance id")),
+    responses(
+        (status = 200, description = "the TaskManager no longer drains", body = ferry_core::api::DrainReport),
+        (status = 404, description = "not_found: no such TaskManager registered with the leader", body = ErrorBody),
+        (status = 503, description = "not_leader: send it to the leader", body = ErrorBody),
+    )
+)]
+pub(super) async fn undrain(
+    State(jm): State<JobManager>,
+    id: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<ferry_core::api::DrainReport>, super::error::ApiError> {
+    let axum::extract::Path(id) = id?;
+    Ok(Json(jm.drain_taskmanager(&id, false).await?))
+}
+
+/// Query of `POST /v1/cluster/rebalance`.
+#[derive(Debug, serde::Deserialize)]
+pub(super) struct RebalanceQuery {
+    dry_run: Option<String>,
+}
+
+/// `POST /v1/cluster/rebalance`: even out the slot load by moving whole
+/// jobs (stop-with-savepoint, then restore) from the most to the least
+/// loaded TaskManagers; `?dry_run=true`: only the plan.
+#[utoipa::path(
+    post,
+    path = "/v1/cluster/rebalance",
+    tag = "cluster",
+    summary = "even out the slot load over the TaskManagers by moving jobs (?dry_run=true for the plan)",
+    params(("dry_run" = Option<bool>, Query, description = "only print the plan")),
+    responses(
+        (status = 200, description = "the load's spread before and after, and the moves (started unless dry_run)", body = ferry_core::api::RebalancePlan),
+        (status = 400, description = "bad_request: jobs are moving already, or tasks run in the JobManager", body = ErrorBody),
+        (status = 503, description = "not_leader: send it to the leader", body = ErrorBody),
+    )
+)]
+pub(super) async fn rebalance(
+    State(jm): State<JobManager>,
+    query: Result<axum::extract::Query<RebalanceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ferry_core::api::RebalancePlan>, super::error::ApiError> {
+    let axum::extract::Query(q) = query?;
+    let dry_run = super::jobs::parse_flag("dry_run", q.dry_run.as_deref())?;
+    Ok(Json(jm.rebalance(dry_run).await?))
+}

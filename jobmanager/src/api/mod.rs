@@ -102,6 +102,8 @@ fn api_routes() -> OpenApiRouter<JobManager> {
         .routes(routes!(jobs::savepoint))
         .routes(routes!(jobs::checkpoints))
         .routes(routes!(cluster::cluster))
+        .routes(routes!(cluster::rebalance))
+        .routes(routes!(cluster::drain, cluster::undrain))
         .routes(routes!(audit::list))
         .routes(routes!(cluster::regions))
         .routes(routes!(cluster::health_regions))
