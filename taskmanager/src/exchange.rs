@@ -243,6 +243,40 @@ pub struct BatchDecoder {
     /// Whether a stream has begun (its schema read).
     started: bool,
     max_message: usize,
+    strings: Interner,
+}
+
+/// The strings a decoder has seen, shared by every row that repeats one
+/// (keys repeat): one allocation per distinct string instead of one per
+/// row, and equal keys are one `Arc`, which compares by pointer. Bounded:
+/// past [`Interner::MAX_STRINGS`] strings or [`Interner::MAX_BYTES`] bytes
+/// it keeps what it has and allocates the rest per row.
+#[derive(Default)]
+struct Interner {
+    set: rustc_hash::FxHashSet<Arc<str>>,
+    bytes: usize,
+}
+
+impl Interner {
+    const MAX_STRINGS: usize = 1 << 16;
+    const MAX_BYTES: usize = 8 << 20;
+    /// Longer strings are payloads, not keys: not kept.
+    const MAX_LEN: usize = 256;
+
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.set.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        if s.len() <= Self::MAX_LEN
+            && self.set.len() < Self::MAX_STRINGS
+            && self.bytes + s.len() <= Self::MAX_BYTES
+        {
+            self.bytes += s.len();
+            self.set.insert(a.clone());
+        }
+        a
+    }
 }
 
 impl BatchDecoder {
@@ -254,6 +288,7 @@ impl BatchDecoder {
             decoder: StreamDecoder::new(),
             started: false,
             max_message,
+            strings: Interner::default(),
         }
     }
 
@@ -288,13 +323,13 @@ impl BatchDecoder {
                 ));
             }
         };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.batch(&rb))).unwrap_or_else(
-            |_| {
+        let (schema, strings) = (&self.schema, &mut self.strings);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch(schema, strings, &rb)))
+            .unwrap_or_else(|_| {
                 Err(CodecError(
                     "a malformed message (its arrays are inconsistent)".into(),
                 ))
-            },
-        )
+            })
     }
 
     /// The one record batch in `bytes`.
@@ -315,40 +350,46 @@ impl BatchDecoder {
         }
         got.ok_or_else(|| CodecError("a message without a whole batch".into()))
     }
-
-    fn batch(&self, rb: &RecordBatch) -> Result<Batch, CodecError> {
-        let fields = &self.schema.fields;
-        let arrow = rb.schema();
-        let names: Vec<&str> = arrow.fields().iter().map(|f| f.name().as_str()).collect();
-        let want: Vec<&str> = fields
-            .iter()
-            .map(|f| f.name.as_str())
-            .chain([EVENT_TIME])
-            .collect();
-        if names != want {
-            return Err(CodecError(format!(
-                "the stream's fields {names:?} are not the plan's {want:?}: the two TaskManagers run different plans of the job"
-            )));
-        }
-        let mut columns = Vec::with_capacity(fields.len());
-        for (i, a) in rb.columns()[..fields.len()].iter().enumerate() {
-            columns.push(
-                from_arrow(a).map_err(|e| CodecError(format!("column {:?}: {}", names[i], e.0)))?,
-            );
-        }
-        let ts = rb.columns()[fields.len()]
-            .as_primitive_opt::<Int64Type>()
-            .filter(|a| a.null_count() == 0)
-            .ok_or_else(|| CodecError(format!("{EVENT_TIME} is not a non-null int64 column")))?;
-        Ok(Batch {
-            schema: self.schema.clone(),
-            columns,
-            ts: ts.values().to_vec(),
-        })
-    }
 }
 
-fn from_arrow(a: &ArrayRef) -> Result<Column, CodecError> {
+/// The batch of `schema` that `rb` holds.
+fn batch(
+    schema: &SchemaRef,
+    strings: &mut Interner,
+    rb: &RecordBatch,
+) -> Result<Batch, CodecError> {
+    let fields = &schema.fields;
+    let arrow = rb.schema();
+    let names: Vec<&str> = arrow.fields().iter().map(|f| f.name().as_str()).collect();
+    let want: Vec<&str> = fields
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain([EVENT_TIME])
+        .collect();
+    if names != want {
+        return Err(CodecError(format!(
+            "the stream's fields {names:?} are not the plan's {want:?}: the two TaskManagers run different plans of the job"
+        )));
+    }
+    let mut columns = Vec::with_capacity(fields.len());
+    for (i, a) in rb.columns()[..fields.len()].iter().enumerate() {
+        columns.push(
+            from_arrow(a, strings)
+                .map_err(|e| CodecError(format!("column {:?}: {}", names[i], e.0)))?,
+        );
+    }
+    let ts = rb.columns()[fields.len()]
+        .as_primitive_opt::<Int64Type>()
+        .filter(|a| a.null_count() == 0)
+        .ok_or_else(|| CodecError(format!("{EVENT_TIME} is not a non-null int64 column")))?;
+    Ok(Batch {
+        schema: schema.clone(),
+        columns,
+        ts: ts.values().to_vec(),
+    })
+}
+
+fn from_arrow(a: &ArrayRef, strings: &mut Interner) -> Result<Column, CodecError> {
     let nulls = || CodecError("a null outside a union".into());
     if a.null_count() > 0 && !matches!(a.data_type(), ArrowType::Union(..) | ArrowType::Null) {
         return Err(nulls());
@@ -362,7 +403,7 @@ fn from_arrow(a: &ArrayRef) -> Result<Column, CodecError> {
         ArrowType::Utf8 => Column::Str(
             a.as_string::<i32>()
                 .iter()
-                .map(|s| Arc::from(s.unwrap_or("")))
+                .map(|s| strings.get(s.unwrap_or("")))
                 .collect(),
         ),
         ArrowType::Timestamp(TimeUnit::Millisecond, None) => Column::Ts(
@@ -371,7 +412,7 @@ fn from_arrow(a: &ArrayRef) -> Result<Column, CodecError> {
                 .to_vec(),
         ),
         ArrowType::Union(fields, UnionMode::Dense) if *fields == union_fields() => {
-            Column::Any(union_values(a.as_union())?)
+            Column::Any(union_values(a.as_union(), strings)?)
         }
         other => {
             return Err(CodecError(format!(
@@ -381,7 +422,7 @@ fn from_arrow(a: &ArrayRef) -> Result<Column, CodecError> {
     })
 }
 
-fn union_values(u: &UnionArray) -> Result<Vec<Value>, CodecError> {
+fn union_values(u: &UnionArray, strings: &mut Interner) -> Result<Vec<Value>, CodecError> {
     let bad = || CodecError("a union value outside its child".into());
     let child = |id: i8| u.child(id);
     let mut out = Vec::with_capacity(u.len());
@@ -397,7 +438,7 @@ fn union_values(u: &UnionArray) -> Result<Vec<Value>, CodecError> {
             1 => Value::Bool(c.as_boolean().value(at)),
             2 => Value::Int(c.as_primitive::<Int64Type>().value(at)),
             3 => Value::Float(c.as_primitive::<Float64Type>().value(at)),
-            4 => Value::Str(Arc::from(c.as_string::<i32>().value(at))),
+            4 => Value::Str(strings.get(c.as_string::<i32>().value(at))),
             5 => Value::Ts(c.as_primitive::<TimestampMillisecondType>().value(at)),
             _ => return Err(bad()),
         });
