@@ -855,9 +855,9 @@ fn jobmanagers_are_highly_available_and_probed_where_ferry_serves() {
     // The exchange port: advertised on the pod IP over https, declared,
     // and open to TaskManagers only.
     let exchange = listen_port(&env["FERRY_TASKMANAGER_EXCHANGE_LISTEN"]);
-    assert!(
-        env["FERRY_TASKMANAGER_EXCHANGE_ADVERTISE"].ends_with(&format!("$(POD_IP):{exchange}"))
-            && env["FERRY_TASKMANAGER_EXCHANGE_ADVERTISE"].starts_with("https://")
+    assert_eq!(
+        env["FERRY_TASKMANAGER_EXCHANGE_ADVERTISE"],
+        format!("https://{}:{exchange}", env["POD_IP"])
     );
     assert!(
         c["ports"]

@@ -260,3 +260,139 @@ async fn a_spread_job_runs_over_a_mutual_tls_exchange_with_exact_output() {
         assert_eq!(r.tm_metric(tm, "tls_handshake_failures").await, Some(0));
     }
 }
+
+/// Every record crosses to a slow sink: an endless generator → key_by →
+/// a blackhole taking 20,000 records per second per subtask.
+const SLOW_SPEC: &str = r#"
+apiVersion: ferry.dev/v1
+kind: Job
+metadata: {name: slow-sink}
+spec:
+  parallelism: 2
+  checkpointing: {interval: 1s, retained: 2}
+  restartStrategy: {type: none}
+  source:
+    generator:
+      partitions: 2
+      total: 10000000000
+      seed: 3
+      eventTime: {step: 1ms, maxOutOfOrderness: 100ms}
+      fields:
+        user: {type: key, cardinality: 1000, prefix: "u"}
+  operators:
+    - key_by: user
+  sink:
+    blackhole: {recordsPerSecond: 20000}
+"#;
+
+/// Resident memory of a process, from /proc.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_backpressures_across_taskmanagers_in_bounded_memory_and_checkpoints_go_on() {
+    const RUN: Duration = Duration::from_secs(120);
+    let nats = NatsServer::start();
+    let mut r = region(&nats);
+    r.tm_slots = 1;
+    r.start("jm-a", None);
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
+    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
+    let api = r.api(&r.jms[leader]);
+    let job = api
+        .submit(SLOW_SPEC.as_bytes().to_vec(), None)
+        .await
+        .unwrap()
+        .value
+        .id
+        .to_string();
+    r.wait_job(
+        &r.jms[leader],
+        &job,
+        Duration::from_secs(30),
+        "spread and checkpointing",
+        |v| has_checkpoint(v) && parts(v).len() == 2,
+    )
+    .await;
+    let start = Instant::now();
+    let (mut peak, mut backpressured) = ([0u64; 2], 0.0f64);
+    let mut completed: Vec<(Duration, u64)> = Vec::new();
+    while start.elapsed() < RUN {
+        for (i, tm) in r.tms.iter().enumerate() {
+            let rss = rss_mib(tm.child.id());
+            peak[i] = peak[i].max(rss);
+            assert!(
+                rss < 512,
+                "{} uses {rss} MiB after {:?}",
+                tm.id,
+                start.elapsed()
+            );
+        }
+        let v = r
+            .get(&r.jms[leader], &format!("/v1/jobs/{job}"))
+            .await
+            .unwrap_or_default();
+        assert_eq!(v["state"], "RUNNING", "{v}");
+        if let Some(id) = v["last_checkpoint"]["id"].as_u64()
+            && completed.last().is_none_or(|(_, last)| *last < id)
+        {
+            completed.push((start.elapsed(), id));
+        }
+        // The sources wait on the slow sink, through the exchange.
+        for tm in 0..2 {
+            let text = r
+                .http
+                .get(format!("{}/metrics", r.tms[tm].url()))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for l in text.lines().filter(|l| {
+                l.starts_with("ferry_tm_task_backpressure_ratio{") && l.contains("stage=\"0\"")
+            }) {
+                let ratio: f64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+                backpressured = backpressured.max(ratio);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!(
+        "peak RSS {peak:?} MiB; sources' backpressure up to {backpressured}; {} checkpoints completed, the last {:?} in",
+        completed.len(),
+        completed.last()
+    );
+    assert!(
+        backpressured > 0.5,
+        "the sources never waited on the sink: {backpressured}"
+    );
+    // Checkpoints completed all along: in every 30 s of the run.
+    for window in 0..4 {
+        let (from, to) = (
+            Duration::from_secs(30 * window),
+            Duration::from_secs(30 * (window + 1)),
+        );
+        assert!(
+            completed.iter().any(|(t, _)| *t >= from && *t < to),
+            "no checkpoint completed between {from:?} and {to:?}: {completed:?}"
+        );
+    }
+    // The sink took what it could, no more: 2 × 20,000 a second at most.
+    let v = r
+        .get(&r.jms[leader], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap();
+    let out = v["records_out"].as_u64().unwrap();
+    let limit = 2 * 20_000 * (start.elapsed().as_secs() + 40);
+    assert!(out > 0 && out <= limit, "records_out {out}, limit {limit}");
+    api.cancel(&job, false).await.unwrap();
+}

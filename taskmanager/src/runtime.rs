@@ -498,7 +498,10 @@ pub async fn deploy_part(
                         .await?,
                     )),
                     (SinkSpec::Stdout(_), _) => Sink::Stdout,
-                    _ => Sink::Blackhole,
+                    (SinkSpec::Blackhole(b), _) => {
+                        Sink::Blackhole(b.records_per_second.map(crate::sink::Pace::new))
+                    }
+                    _ => Sink::Blackhole(None),
                 };
                 let parts = parts_of(restore, SINK_STATE);
                 let restored = restore

@@ -77,6 +77,9 @@ impl Chain {
         }
         match &mut self.output {
             Output::Sink(s) => {
+                // A paced sink is slow on purpose: the bottleneck, busy
+                // (not backpressured); the tasks before it wait on it.
+                s.pace(batch.len()).await;
                 s.write(&batch, &self.metrics);
                 Ok(())
             }

@@ -480,8 +480,8 @@ pub enum SinkSpec {
     File(FileSinkSpec),
     /// Print records as JSON lines (at-least-once; for demos).
     Stdout(EmptySpec),
-    /// Count and drop (for benchmarks).
-    Blackhole(EmptySpec),
+    /// Count and drop (for benchmarks), optionally no faster than a rate.
+    Blackhole(BlackholeSpec),
     /// Exactly-once (within the stream's duplicate window) JSON messages on
     /// a NATS JetStream stream, published when their checkpoint completes.
     Nats(NatsSinkSpec),
@@ -493,6 +493,17 @@ pub enum SinkSpec {
 pub struct FileSinkSpec {
     /// Object store URL (or plain path) of the output directory.
     pub path: String,
+}
+
+/// Settings of the blackhole sink.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlackholeSpec {
+    /// Take at most this many records per second per subtask (none: as
+    /// fast as they come): a stand-in for a slow external system, to
+    /// rehearse backpressure.
+    #[serde(default)]
+    pub records_per_second: Option<u64>,
 }
 
 /// A sink without settings (`stdout: {}`).

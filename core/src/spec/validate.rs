@@ -573,7 +573,15 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
         SinkSpec::Nats(n) => {
             nats::check_sink(n, &schema, "spec.sink.nats", &mut push);
         }
-        SinkSpec::Stdout(_) | SinkSpec::Blackhole(_) => {}
+        SinkSpec::Blackhole(b) => {
+            if b.records_per_second == Some(0) {
+                push(
+                    "spec.sink.blackhole.recordsPerSecond",
+                    "must be at least 1 (leave it out for no limit)".to_string(),
+                );
+            }
+        }
+        SinkSpec::Stdout(_) => {}
     }
 
     if issues.is_empty() {

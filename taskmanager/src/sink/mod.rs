@@ -40,7 +40,26 @@ pub enum Sink {
     File(FileSink),
     Nats(Box<nats::NatsSink>),
     Stdout,
-    Blackhole,
+    /// Drops records, at most at a pace when given.
+    Blackhole(Option<Pace>),
+}
+
+/// A rate a blackhole takes records at: `per_second` on average since
+/// `start`.
+pub struct Pace {
+    pub per_second: u64,
+    pub start: std::time::Instant,
+    pub taken: u64,
+}
+
+impl Pace {
+    pub fn new(per_second: u64) -> Self {
+        Self {
+            per_second: per_second.max(1),
+            start: std::time::Instant::now(),
+            taken: 0,
+        }
+    }
 }
 
 impl Sink {
@@ -60,7 +79,18 @@ impl Sink {
                 let _ = out.write_all(s.as_bytes());
                 let _ = out.flush();
             }
-            Sink::Blackhole => {}
+            Sink::Blackhole(_) => {}
+        }
+    }
+
+    /// Waits until the sink may take `records` more (a blackhole with
+    /// `recordsPerSecond`); at once for every other sink.
+    pub async fn pace(&mut self, records: usize) {
+        if let Sink::Blackhole(Some(p)) = self {
+            p.taken += records as u64;
+            let due =
+                p.start + std::time::Duration::from_secs_f64(p.taken as f64 / p.per_second as f64);
+            tokio::time::sleep_until(due.into()).await;
         }
     }
 
@@ -79,7 +109,7 @@ impl Sink {
                 let (bytes, txns) = n.snapshot(cp, close_txn, records_out)?;
                 Ok((Some(bytes), txns))
             }
-            Sink::Stdout | Sink::Blackhole => {
+            Sink::Stdout | Sink::Blackhole(_) => {
                 let st = FileSinkState {
                     records_out,
                     ..Default::default()
@@ -97,7 +127,7 @@ impl Sink {
         match self {
             Sink::File(f) => f.commit(cp).await,
             Sink::Nats(n) => n.commit(cp).await,
-            Sink::Stdout | Sink::Blackhole => Ok(()),
+            Sink::Stdout | Sink::Blackhole(_) => Ok(()),
         }
     }
 
@@ -149,7 +179,7 @@ impl Sink {
                 n.reconcile(restored).await?;
                 n.recommit().await?;
             }
-            Sink::Stdout | Sink::Blackhole => {}
+            Sink::Stdout | Sink::Blackhole(_) => {}
         }
         Ok(records)
     }

@@ -499,3 +499,24 @@ fn generator_bounds_that_would_exhaust_memory_or_overflow_are_refused() {
     ))
     .expect("the full i64 range is a valid int field");
 }
+
+#[test]
+fn a_paced_blackhole_takes_a_positive_rate() {
+    let sink = "    file:\n      path: ./out/clicks-per-minute\n";
+    let paced = with(sink, "    blackhole: {recordsPerSecond: 500}\n");
+    let spec = parse_and_validate(&paced).expect("a paced blackhole is valid");
+    assert_eq!(
+        spec.spec.sink,
+        crate::spec::SinkSpec::Blackhole(crate::spec::BlackholeSpec {
+            records_per_second: Some(500)
+        })
+    );
+    let m = only(
+        &with(sink, "    blackhole: {recordsPerSecond: 0}\n"),
+        "spec.sink.blackhole.recordsPerSecond",
+        28,
+    );
+    assert!(m.contains("at least 1"), "{m}");
+    // A plain blackhole still needs no settings.
+    parse_and_validate(&with(sink, "    blackhole: {}\n")).expect("blackhole: {}");
+}
