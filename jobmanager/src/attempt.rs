@@ -122,6 +122,8 @@ pub(crate) async fn run_attempt(
     let mut moving: Option<(String, Option<String>)> = None;
     let mut stopped_tasks = 0usize;
     let task_count = plan.task_count();
+    // The epoch this attempt runs under.
+    let leading = job.leadership.fence();
     let mut failures = Failures {
         in_row: 0,
         tolerable: cp.tolerable_failures,
@@ -182,6 +184,14 @@ pub(crate) async fn run_attempt(
                 None => {}
             },
             ev = deployed.next_event() => match ev {
+                // A remote deployment's events stop when the pool lets go
+                // of its TaskManagers: this instance no longer leads at the
+                // epoch it deployed under. Its tasks belong to the next
+                // leader now: they must not be cancelled as failed.
+                None if job.abandon.is_cancelled() || job.leadership.fence() != leading => {
+                    tracing::info!(job = %job.id, "the deployment's events stopped with the leadership: leaving its tasks to the next leader");
+                    return Outcome::Abandoned;
+                }
                 None => return Outcome::Failed("every task ended unexpectedly".into()),
                 Some(TaskEvent::Failed { task, error }) => {
                     fail_reply(pending.take().and_then(|p| p.reply), JmError::Runtime(format!("task failed: {error}")));
