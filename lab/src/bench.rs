@@ -124,7 +124,8 @@ impl ThroughputReport {
     }
 }
 
-fn cpu_time() -> Duration {
+/// CPU time this process used so far (user + system).
+pub(crate) fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes into the struct we pass.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };

@@ -12,7 +12,7 @@
 //! final barrier itself and waits for every task's acknowledgement — the
 //! point where every record has been counted.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use ferry_core::CheckpointId;
@@ -24,6 +24,8 @@ use ferry_taskmanager::link::{Exchange, LinkConfig};
 use ferry_taskmanager::protocol::{Barrier, TaskCommand, TaskEvent};
 use ferry_taskmanager::runtime::{DeployedJob, JobPlan, Part, deploy, deploy_part};
 use serde::Serialize;
+
+use crate::bench::cpu_time;
 use tokio::sync::mpsc;
 
 /// What to measure.
@@ -103,14 +105,6 @@ impl ExchangeReport {
         ));
         out
     }
-}
-
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 fn spec(events: u64, keys: u64) -> String {

@@ -288,75 +288,23 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     // Serve gRPC before joining the membership: once the leader sees the
     // record it dials at once.
     let grpc_stop = CancellationToken::new();
-    let stop = grpc_stop.clone();
-    let service = tm.service();
-    let mut server = tonic::transport::Server::builder().tcp_nodelay(true);
-    let grpc_task = match grpc_tls {
-        Some(tls) => {
-            let failures = metrics.tls_handshake_failures.clone();
-            let incoming = ferry_core::tls::incoming(
-                grpc,
-                tls,
-                Arc::new(move || {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }),
-            );
-            tokio::spawn(async move {
-                server
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-                    .await
-            })
-        }
-        None => tokio::spawn(async move {
-            server
-                .add_service(service)
-                // Without Nagle's delay: tonic's tcp_nodelay does not reach
-                // connections served from a listener of our own, and each
-                // command would wait for the JobManager's delayed ACK.
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                    async move { stop.cancelled().await },
-                )
-                .await
-        }),
-    };
+    let grpc_task = serve(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(tm.service()),
+        grpc,
+        grpc_tls,
+        metrics.tls_handshake_failures.clone(),
+        grpc_stop.clone(),
+    );
     let exchange_stop = CancellationToken::new();
-    let exchange_task = {
-        let stop = exchange_stop.clone();
-        let service = exchange.service();
-        let mut server = Exchange::server_builder();
-        match exchange_server_tls {
-            Some(tls) => {
-                let failures = metrics.tls_handshake_failures.clone();
-                let incoming = ferry_core::tls::incoming(
-                    exchange_listener,
-                    tls,
-                    Arc::new(move || {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                    }),
-                );
-                tokio::spawn(async move {
-                    server
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(
-                            incoming,
-                            async move { stop.cancelled().await },
-                        )
-                        .await
-                })
-            }
-            None => tokio::spawn(async move {
-                server
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(
-                        Exchange::incoming(exchange_listener),
-                        async move { stop.cancelled().await },
-                    )
-                    .await
-            }),
-        }
-    };
+    let exchange_task = serve(
+        Exchange::server_builder().add_service(exchange.service()),
+        exchange_listener,
+        exchange_server_tls,
+        metrics.tls_handshake_failures.clone(),
+        exchange_stop.clone(),
+    );
     tracing::info!(taskmanager = %id, region = %cfg.region, slots = t.slots, grpc = %url, exchange = %exchange_url, tls = cfg.tls.grpc.is_some(), http = %http_bound, "taskmanager started; joining the region");
 
     let member = Member {
@@ -421,4 +369,34 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
     let _ = http_task.await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves `router` on `listener` until `stop`: over TLS when `tls` is set
+/// (a refused handshake counted in `failures`), else plaintext — without
+/// Nagle's delay either way: tonic's `tcp_nodelay` does not reach
+/// connections served from a listener of our own, and each message would
+/// wait for the peer's delayed ACK.
+fn serve(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    tls: Option<ServerTls>,
+    failures: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let stopped = async move { stop.cancelled().await };
+    match tls {
+        Some(tls) => {
+            let incoming = ferry_core::tls::incoming(
+                listener,
+                tls,
+                Arc::new(move || {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }),
+            );
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => {
+            tokio::spawn(router.serve_with_incoming_shutdown(Exchange::incoming(listener), stopped))
+        }
+    }
 }
