@@ -72,6 +72,27 @@ async fn running_away_from(r: &Region, jm: usize, job: &str, away_from: &str) ->
     .await
 }
 
+/// Starts a JobManager and two TaskManagers, runs the test job until its
+/// first checkpoint: (the leader, the job, the TaskManager it runs on).
+async fn job_on_a_taskmanager(r: &mut Region) -> (usize, String, String) {
+    r.start("jm-a", None);
+    r.start_tm("tm-1");
+    r.start_tm("tm-2");
+    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
+    let job = r.running_job(leader).await;
+    let placed = r
+        .wait_job(
+            &r.jms[leader],
+            &job,
+            Duration::from_secs(20),
+            "placed",
+            |v| on(v).len() == 1,
+        )
+        .await;
+    let from = on(&placed)[0].clone();
+    (leader, job, from)
+}
+
 /// Checks a moved job: one move, no restart, exact output, a short gap.
 async fn check_moved(r: &Region, leader: usize, job: &str, moved_in: Duration) {
     let done = r.finished(leader, job, Duration::from_secs(90)).await;
@@ -103,21 +124,7 @@ async fn check_moved(r: &Region, leader: usize, job: &str, moved_in: Duration) {
 async fn a_drained_taskmanagers_job_moves_by_savepoint_with_exact_output() {
     let nats = NatsServer::start();
     let mut r = region(&nats);
-    r.start("jm-a", None);
-    r.start_tm("tm-1");
-    r.start_tm("tm-2");
-    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
-    let job = r.running_job(leader).await;
-    let before = r
-        .wait_job(
-            &r.jms[leader],
-            &job,
-            Duration::from_secs(20),
-            "placed",
-            |v| on(v).len() == 1,
-        )
-        .await;
-    let from = on(&before)[0].clone();
+    let (leader, job, from) = job_on_a_taskmanager(&mut r).await;
     let url = r.jms[leader].url();
 
     // The CLI: drain and wait until it runs nothing.
@@ -181,21 +188,7 @@ async fn the_prestop_hook_and_sigterm_drain_a_taskmanager_before_it_stops() {
     let mut r = region(&nats);
     r.tm_env
         .push(("FERRY_TASKMANAGER_DRAIN_ON_SHUTDOWN", "true".to_string()));
-    r.start("jm-a", None);
-    r.start_tm("tm-1");
-    r.start_tm("tm-2");
-    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
-    let job = r.running_job(leader).await;
-    let before = r
-        .wait_job(
-            &r.jms[leader],
-            &job,
-            Duration::from_secs(20),
-            "placed",
-            |v| on(v).len() == 1,
-        )
-        .await;
-    let from = on(&before)[0].clone();
+    let (leader, job, from) = job_on_a_taskmanager(&mut r).await;
     let victim = r.tms.iter().position(|t| t.id == from).unwrap();
 
     // What the pod's preStop hook runs, on the TaskManager's own host.
@@ -244,21 +237,7 @@ async fn sigterm_with_drain_on_shutdown_moves_the_job_first() {
     let mut r = region(&nats);
     r.tm_env
         .push(("FERRY_TASKMANAGER_DRAIN_ON_SHUTDOWN", "true".to_string()));
-    r.start("jm-a", None);
-    r.start_tm("tm-1");
-    r.start_tm("tm-2");
-    let (leader, _) = r.leader(&[], Duration::from_secs(20)).await;
-    let job = r.running_job(leader).await;
-    let before = r
-        .wait_job(
-            &r.jms[leader],
-            &job,
-            Duration::from_secs(20),
-            "placed",
-            |v| on(v).len() == 1,
-        )
-        .await;
-    let from = on(&before)[0].clone();
+    let (leader, job, from) = job_on_a_taskmanager(&mut r).await;
     let victim = r.tms.iter().position(|t| t.id == from).unwrap();
 
     let asked = Instant::now();
