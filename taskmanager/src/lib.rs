@@ -14,6 +14,7 @@ pub mod link;
 pub mod metrics;
 pub mod nats;
 pub mod operator;
+pub mod pace;
 pub mod protocol;
 pub mod runtime;
 pub mod server;

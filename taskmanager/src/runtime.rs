@@ -499,7 +499,7 @@ pub async fn deploy_part(
                     )),
                     (SinkSpec::Stdout(_), _) => Sink::Stdout,
                     (SinkSpec::Blackhole(b), _) => {
-                        Sink::Blackhole(b.records_per_second.map(crate::sink::Pace::new))
+                        Sink::Blackhole(b.records_per_second.map(crate::pace::Pace::new))
                     }
                     _ => Sink::Blackhole(None),
                 };
@@ -541,9 +541,9 @@ pub async fn deploy_part(
                         j,
                         p,
                     )),
-                    SourceSpec::File(f) => Source::File(
+                    SourceSpec::File(f) => Source::File(Box::new(
                         crate::source::file::FileSource::open(f, &plan.flow.source, j, p).await?,
-                    ),
+                    )),
                     SourceSpec::Nats(n) => Source::Nats(Box::new(
                         NatsSource::open(n, &plan.flow.source, j, p).await?,
                     )),

@@ -367,6 +367,11 @@ pub struct FileSourceSpec {
     /// logging it with its file and line number and counting it.
     #[serde(default)]
     pub on_bad_line: BadLinePolicy,
+    /// Read at most this many records per second per subtask (none: as
+    /// fast as the files allow): replay a backlog without swamping the sink,
+    /// or feed a drill a steady stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records_per_second: Option<u64>,
 }
 
 /// What the file source does with a line it cannot turn into a record

@@ -380,6 +380,12 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             if let Some(et) = &f.event_time {
                 check_event_time_field(&schema, &et.field, p, &mut push);
             }
+            if f.records_per_second == Some(0) {
+                push(
+                    &format!("{p}.recordsPerSecond"),
+                    "must be at least 1 (leave it out for no limit)".to_string(),
+                );
+            }
         }
         SourceSpec::Nats(n) => {
             let p = "spec.source.nats";

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::Batch;
 use crate::metrics::TaskMetrics;
+use crate::pace::Pace;
 
 /// Name of the sink's state in checkpoints.
 pub const SINK_STATE: &str = "sink";
@@ -42,24 +43,6 @@ pub enum Sink {
     Stdout,
     /// Drops records, at most at a pace when given.
     Blackhole(Option<Pace>),
-}
-
-/// A rate a blackhole takes records at: `per_second` on average since
-/// `start`.
-pub struct Pace {
-    pub per_second: u64,
-    pub start: std::time::Instant,
-    pub taken: u64,
-}
-
-impl Pace {
-    pub fn new(per_second: u64) -> Self {
-        Self {
-            per_second: per_second.max(1),
-            start: std::time::Instant::now(),
-            taken: 0,
-        }
-    }
 }
 
 impl Sink {
@@ -87,10 +70,8 @@ impl Sink {
     /// `recordsPerSecond`); at once for every other sink.
     pub async fn pace(&mut self, records: usize) {
         if let Sink::Blackhole(Some(p)) = self {
-            p.taken += records as u64;
-            let due =
-                p.start + std::time::Duration::from_secs_f64(p.taken as f64 / p.per_second as f64);
-            tokio::time::sleep_until(due.into()).await;
+            p.take(records);
+            tokio::time::sleep_until(p.due().into()).await;
         }
     }
 

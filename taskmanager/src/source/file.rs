@@ -24,6 +24,7 @@ use ferry_core::storage::StorageLocation;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, ColumnBuilder};
+use crate::pace::Pace;
 use crate::protocol::TaskError;
 use crate::source::Poll;
 use crate::source::lines::{Line, LineParser};
@@ -73,6 +74,8 @@ pub struct FileSource {
     logged_bad: u64,
     ooo: i64,
     max_ts: i64,
+    /// `recordsPerSecond`, when given.
+    pace: Option<Pace>,
 }
 
 /// Where a file is, for messages: the location's URL and the file name.
@@ -198,10 +201,18 @@ impl FileSource {
                 .map(|e| e.max_out_of_orderness.as_millis())
                 .unwrap_or(0),
             max_ts: i64::MIN,
+            pace: spec.records_per_second.map(Pace::new),
         }
     }
 
     pub async fn poll(&mut self) -> Result<Poll, TaskError> {
+        if let Some(p) = &self.pace {
+            let wait = p.wait();
+            if !wait.is_zero() {
+                return Ok(Poll::Idle(wait));
+            }
+        }
+        let max_lines = self.pace.as_ref().map_or(MAX_BATCH, |p| p.batch(MAX_BATCH));
         loop {
             if self.buffered.is_empty() {
                 while self
@@ -216,19 +227,22 @@ impl FileSource {
                 }
                 self.buffered = self.read_lines().await?;
             }
-            // At most MAX_BATCH lines per batch, so that a checkpoint barrier
-            // never waits behind more than that.
+            // At most MAX_BATCH lines per batch (about 10 ms of them when
+            // paced), so that a checkpoint barrier never waits behind more.
             let take = self
                 .buffered
                 .iter()
                 .enumerate()
                 .filter(|(_, b)| **b == b'\n')
-                .nth(MAX_BATCH - 1)
+                .nth(max_lines - 1)
                 .map_or(self.buffered.len(), |(i, _)| i + 1);
             let lines = self.buffered.split_to(take);
             let batch = self.parse(&lines)?;
             self.files[self.current].pos += lines.len() as u64;
             if let Some(b) = batch {
+                if let Some(p) = &mut self.pace {
+                    p.take(b.len());
+                }
                 return Ok(Poll::Batch(b));
             }
         }
@@ -511,6 +525,36 @@ mod tests {
             assert!(msg.contains(reason), "{bad}: {msg}");
             assert!(msg.contains("onBadLine"), "{msg}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_paced_source_reads_small_batches_no_faster_than_its_rate() {
+        let text = GOOD.repeat(300);
+        let mut spec = jsonl_spec("fail");
+        spec["recordsPerSecond"] = 1000.into();
+        let (_d, mut src) = source(&[("in.jsonl", &text)], spec, 0, 1).await;
+        let start = std::time::Instant::now();
+        let (mut n, mut idle) = (0, 0);
+        loop {
+            match src.poll().await.unwrap() {
+                Poll::Batch(b) => {
+                    assert!(b.len() <= 10, "about 10 ms of records: {}", b.len());
+                    n += b.len();
+                }
+                Poll::Idle(d) => {
+                    idle += 1;
+                    tokio::time::sleep(d).await;
+                }
+                Poll::End => break,
+                Poll::Wait => panic!("a file source never waits"),
+            }
+        }
+        assert_eq!(n, 300);
+        assert!(idle > 0, "it waited for its rate");
+        // 300 records at 1000/s: the last batch is taken at 0.29 s at the
+        // earliest.
+        let took = start.elapsed();
+        assert!(took >= std::time::Duration::from_millis(290), "{took:?}");
     }
 
     #[tokio::test]

@@ -41,7 +41,7 @@ pub enum Poll {
 /// A source subtask.
 pub enum Source {
     Generator(generator::GeneratorSource),
-    File(file::FileSource),
+    File(Box<file::FileSource>),
     Nats(Box<nats::NatsSource>),
 }
 

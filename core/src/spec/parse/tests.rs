@@ -520,3 +520,23 @@ fn a_paced_blackhole_takes_a_positive_rate() {
     // A plain blackhole still needs no settings.
     parse_and_validate(&with(sink, "    blackhole: {}\n")).expect("blackhole: {}");
 }
+
+#[test]
+fn a_paced_file_source_takes_a_positive_rate() {
+    let generator = "    generator:\n      total: 100000\n      eventTime:\n        step: 5ms\n        maxOutOfOrderness: 2s\n      fields:\n        user: {type: key, cardinality: 100, prefix: \"user-\"}\n        amount: {type: float, min: 0, max: 100}\n";
+    let file = |rate: &str| {
+        with(
+            generator,
+            &format!(
+                "    file:\n      path: ./in\n      format: csv\n      schema: {{user: string, amount: float}}\n      recordsPerSecond: {rate}\n"
+            ),
+        )
+    };
+    let spec = parse_and_validate(&file("2000")).expect("a paced file source is valid");
+    let crate::spec::SourceSpec::File(f) = &spec.spec.source else {
+        panic!("not a file source: {:?}", spec.spec.source)
+    };
+    assert_eq!(f.records_per_second, Some(2000));
+    let m = only(&file("0"), "spec.source.file.recordsPerSecond", 15);
+    assert!(m.contains("at least 1"), "{m}");
+}
