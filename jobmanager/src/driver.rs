@@ -500,8 +500,12 @@ async fn start_tasks(
         } else if !said_waiting {
             said_waiting = true;
             let c = pool.capacity();
+            let draining = match c.draining {
+                0 => String::new(),
+                n => format!(", {n} draining: their slots take nothing new"),
+            };
             let msg = format!(
-                "waiting for {need} free task slots in the region ({} TaskManagers registered, {} of {} slots free)",
+                "waiting for {need} free task slots in the region ({} TaskManagers registered{draining}; {} of {} slots free)",
                 c.taskmanagers, c.free, c.slots
             );
             tracing::warn!(job = %job.id, "{msg}");

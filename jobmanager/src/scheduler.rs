@@ -144,6 +144,60 @@ pub fn plan_rebalance(tms: &[TmView], target: f64) -> RebalancePlan {
     }
 }
 
+/// What a drain does now: the jobs on draining TaskManagers that fit on
+/// the others, and those that do not (yet).
+#[derive(Debug, Default, PartialEq)]
+pub struct DrainPlan {
+    /// (job, a draining TaskManager it runs on): move it now.
+    pub moves: Vec<(JobId, String)>,
+    /// (job, slots it needs, slots it would find): it keeps running where
+    /// it is until that many are free on TaskManagers that are not
+    /// draining — stopping it would only stop its output.
+    pub blocked: Vec<(JobId, u32, u32)>,
+}
+
+/// Plans a drain step over `tms`, skipping jobs in `skip` (moving
+/// already, or not running). A job fits when the free slots of the
+/// TaskManagers that are not draining, plus the slots it uses there
+/// itself (freed when it stops), hold all of its slots; each job planned
+/// to move takes its share of those free slots, so two jobs never count
+/// on the same ones. Pure, for tests.
+pub fn plan_drain(tms: &[TmView], skip: impl Fn(JobId) -> bool) -> DrainPlan {
+    let mut free: u32 = tms
+        .iter()
+        .filter(|t| !t.draining)
+        .map(|t| t.slots.saturating_sub(t.used))
+        .sum();
+    let mut plan = DrainPlan::default();
+    let mut seen = HashSet::new();
+    for t in tms.iter().filter(|t| t.draining) {
+        for (job, _) in &t.jobs {
+            if !seen.insert(*job) || skip(*job) {
+                continue;
+            }
+            let (mut need, mut own) = (0u32, 0u32);
+            for u in tms {
+                for (j, s) in &u.jobs {
+                    if j == job {
+                        need += s;
+                        if !u.draining {
+                            own += s;
+                        }
+                    }
+                }
+            }
+            let room = free + own;
+            if need <= room {
+                free -= need - own;
+                plan.moves.push((*job, t.id.clone()));
+            } else {
+                plan.blocked.push((*job, need, room));
+            }
+        }
+    }
+    plan
+}
+
 /// Jobs moving now (shared by the loop and the API's rebalance).
 #[derive(Clone)]
 pub(crate) struct Moves {
@@ -173,9 +227,16 @@ impl Moves {
         self.lock().len()
     }
 
+    /// The jobs moving now.
+    fn moving(&self) -> HashSet<JobId> {
+        self.lock().clone()
+    }
+
     /// Moves `job` in the background unless it is moving already: waits for
     /// a permit, asks its driver to move, and counts it in flight until it
-    /// runs again away from `from` (bounded by [`MOVE_LIMIT`]).
+    /// runs again in a new deployment (bounded by [`MOVE_LIMIT`]) — which
+    /// may be on `from` again when the drain that moved it was cancelled
+    /// before the job found room elsewhere.
     pub(crate) fn start(
         &self,
         jm: &JobManager,
@@ -193,20 +254,18 @@ impl Moves {
                 return;
             };
             let started = Instant::now();
+            let deployed = |jm: &JobManager| jm.get(&job.to_string()).ok().map(|i| i.deployment);
+            let before = deployed(&jm);
             match jm.move_job(job, reason.clone(), to).await {
                 Ok(()) => {
-                    // In flight until it runs again elsewhere.
+                    // In flight until it runs again, deployed anew.
                     let mut state = jm.job_state(job);
                     while started.elapsed() < MOVE_LIMIT {
-                        let running_elsewhere = jm
+                        let running_again = jm
                             .get(&job.to_string())
-                            .map(|i| {
-                                i.state == JobState::Running
-                                    && !i.parts.iter().any(|p| p.taskmanager == from)
-                            })
+                            .map(|i| i.state == JobState::Running && Some(i.deployment) != before)
                             .unwrap_or(true);
-                        if running_elsewhere
-                            || state.as_ref().is_none_or(|s| s.borrow().is_terminal())
+                        if running_again || state.as_ref().is_none_or(|s| s.borrow().is_terminal())
                         {
                             break;
                         }
@@ -234,6 +293,8 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rebalance = Instant::now();
+    // Jobs a drain cannot move yet (logged once each while blocked).
+    let mut blocked: HashSet<JobId> = HashSet::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -243,21 +304,27 @@ pub async fn run(
             continue;
         }
         let tms = pool.view();
-        let mut draining = false;
-        for t in tms.iter().filter(|t| t.draining) {
-            draining = true;
-            for (job, _) in &t.jobs {
-                if jm.job_state_now(*job) == Some(JobState::Running) {
-                    moves.start(
-                        &jm,
-                        *job,
-                        t.id.clone(),
-                        None,
-                        format!("TaskManager {} is draining", t.id),
-                    );
-                }
+        let draining = tms.iter().any(|t| t.draining);
+        let moving = moves.moving();
+        let drain = plan_drain(&tms, |job| {
+            moving.contains(&job) || jm.job_state_now(job) != Some(JobState::Running)
+        });
+        for (job, from) in drain.moves {
+            moves.start(
+                &jm,
+                job,
+                from.clone(),
+                None,
+                format!("TaskManager {from} is draining"),
+            );
+        }
+        let now_blocked: HashSet<JobId> = drain.blocked.iter().map(|(j, ..)| *j).collect();
+        for (job, need, room) in &drain.blocked {
+            if !blocked.contains(job) {
+                tracing::warn!(job = %job, needed = need, free = room, "a drain cannot move the job yet: it needs {need} slots and the TaskManagers that are not draining have {room} for it; it keeps running until there is room (add a TaskManager, or end the drain)");
             }
         }
+        blocked = now_blocked;
         if cfg.rebalance != Rebalance::Auto
             || draining
             || moves.in_flight() > 0
@@ -432,6 +499,28 @@ mod tests {
 
     fn job(n: u128) -> JobId {
         format!("{n:032x}").parse().unwrap()
+    }
+
+    #[test]
+    fn a_drain_moves_only_jobs_that_fit_elsewhere_and_never_counts_a_slot_twice() {
+        // a (draining): job 1 (2 slots), job 2 (3 slots), and 3 slots of
+        // job 3, which has 1 more on b. b: 5 slots, 2 used (job 3, job 4).
+        let mut a = tm("a", 8, &[(1, 2), (2, 3), (3, 3)]);
+        a.draining = true;
+        let b = tm("b", 5, &[(3, 1), (4, 1)]);
+        let tms = vec![a, b];
+        // Free on b: 3. Job 1 fits (3 → 1 free), job 2 then does not,
+        // job 3 needs 4 and finds 1 + its own 1.
+        let plan = plan_drain(&tms, |_| false);
+        assert_eq!(plan.moves, vec![(job(1), "a".to_string())]);
+        assert_eq!(plan.blocked, vec![(job(2), 3, 1), (job(3), 4, 2)]);
+        // Skipped jobs (moving, not running) take nothing: job 2 fits.
+        let plan = plan_drain(&tms, |j| j == job(1));
+        assert_eq!(plan.moves, vec![(job(2), "a".to_string())]);
+        assert_eq!(plan.blocked, vec![(job(3), 4, 1)]);
+        // Nothing draining: nothing to do.
+        let calm = vec![tm("a", 8, &[(1, 2)]), tm("b", 5, &[])];
+        assert_eq!(plan_drain(&calm, |_| false), DrainPlan::default());
     }
 
     /// Applies a plan to the views, as the moves would.

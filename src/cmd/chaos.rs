@@ -80,7 +80,7 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<ExitCode> {
         only: a.faults.clone(),
     };
     eprintln!(
-        "chaos: seed {seed}, {} rounds; two regions × (3 JobManagers, 2 TaskManagers, 3 NATS nodes), a 3-node global cluster, moto S3 behind a fault proxy",
+        "chaos: seed {seed}, {} rounds; two regions × (3 JobManagers, 3 TaskManagers, 3 NATS nodes), a 3-node global cluster, moto S3 behind a fault proxy",
         a.rounds
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -44,6 +44,9 @@ pub enum LinkKind {
     RegionGlobal,
     /// The leader JobManager ↔ the S3 store.
     JmStore,
+    /// TaskManager ↔ TaskManager: every exchange connection of the region
+    /// (records of jobs spread over both TaskManagers).
+    TmTm,
 }
 
 /// What the S3 store does wrong.
@@ -78,6 +81,9 @@ pub enum Fault {
     Store(StoreFault),
     /// West's file store full (a ballast file fills its tmpfs).
     StoreFull,
+    /// A TaskManager drained under load (`ferry taskmanager drain`): its
+    /// jobs move away by savepoint; the drain is cancelled at heal.
+    Drain(Side, usize),
     /// Every JobManager and TaskManager of the primary region SIGKILLed;
     /// restarted at heal (they rejoin as the standby).
     RegionOutage,
@@ -110,6 +116,9 @@ impl Fault {
             Fault::Link(LinkKind::RegionGlobal, _, true) => "region↔global slow",
             Fault::Link(LinkKind::JmStore, _, false) => "JM↔store cut",
             Fault::Link(LinkKind::JmStore, _, true) => "JM↔store slow",
+            Fault::Link(LinkKind::TmTm, _, false) => "TM↔TM exchange cut",
+            Fault::Link(LinkKind::TmTm, _, true) => "TM↔TM exchange slow",
+            Fault::Drain(..) => "TM drain",
             Fault::Store(StoreFault::Unavailable) => "store 503",
             Fault::Store(StoreFault::Timeouts) => "store timeouts",
             Fault::Store(StoreFault::Slow) => "store slow",
@@ -146,22 +155,17 @@ impl Fault {
             | Fault::CoordinationLoss(_)
             | Fault::Link(..)
             | Fault::Store(_)
-            | Fault::StoreFull => hits_primary,
+            | Fault::StoreFull
+            | Fault::Drain(..) => hits_primary,
             Fault::GlobalNats(_) | Fault::RegionOutage | Fault::Switchover | Fault::Failback => {
                 true
             }
         }
     }
 
-    /// Draws one fault.
+    /// Draws one fault of the first catalog (its draws never change, so
+    /// that a seed replays what it always did).
     fn draw(rng: &mut StdRng) -> Fault {
-        let side = |rng: &mut StdRng| {
-            if rng.random_bool(0.7) {
-                Side::Primary
-            } else {
-                Side::Standby
-            }
-        };
         let hit = |rng: &mut StdRng| match rng.random_range(0..3) {
             0 => Hit::Kill,
             1 => Hit::Term,
@@ -201,6 +205,27 @@ impl Fault {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Primary (70 %) or standby.
+fn side(rng: &mut StdRng) -> Side {
+    if rng.random_bool(0.7) {
+        Side::Primary
+    } else {
+        Side::Standby
+    }
+}
+
+impl Fault {
+    /// Draws one fault of the catalog's extension: the exchange between
+    /// TaskManagers cut or slowed, or a TaskManager drained.
+    fn draw_extension(rng: &mut StdRng) -> Fault {
+        match rng.random_range(0..3) {
+            0 => Fault::Link(LinkKind::TmTm, side(rng), false),
+            1 => Fault::Link(LinkKind::TmTm, side(rng), true),
+            _ => Fault::Drain(side(rng), rng.random_range(0..super::world::TASKMANAGERS)),
         }
     }
 }
@@ -254,6 +279,7 @@ impl fmt::Display for Fault {
                     LinkKind::JmTm => "JMs → TaskManager 0",
                     LinkKind::RegionGlobal => "every process ↔ global cluster",
                     LinkKind::JmStore => "leader JM ↔ S3 store",
+                    LinkKind::TmTm => "TaskManager ↔ TaskManager exchange",
                 },
                 side(s)
             ),
@@ -263,6 +289,7 @@ impl fmt::Display for Fault {
                     _ => Ok(()),
                 }),
             Fault::StoreFull => write!(f, "fill west's file store"),
+            Fault::Drain(s, i) => write!(f, "drain TaskManager {i} of the {} region", side(s)),
             Fault::RegionOutage => write!(
                 f,
                 "kill every JobManager and TaskManager of the primary region"
@@ -292,9 +319,15 @@ pub fn all_slugs() -> Vec<String> {
     let mut kinds = std::collections::BTreeSet::new();
     for _ in 0..5_000 {
         kinds.insert(Fault::draw(&mut rng).slug());
+        kinds.insert(Fault::draw_extension(&mut rng).slug());
     }
     kinds.into_iter().collect()
 }
+
+/// Seeds the extension's own stream: `seed` with this mixed in.
+const EXTENSION_STREAM: u64 = 0x6578_7465_6e64_0001;
+/// A round gets one fault of the extension with this probability.
+const EXTENSION_PER_ROUND: f64 = 0.35;
 
 /// One round's plan: its faults, each injected `at` after the round's
 /// start, all healed after `hold`.
@@ -304,9 +337,14 @@ pub struct Plan {
     pub hold: Duration,
 }
 
-/// The seeded schedule.
+/// The seeded schedule. Faults added to the catalog after the first are
+/// drawn from a stream of their own (`extra`) and join rounds on top of
+/// the first catalog's draws, so every seed still injects the faults it
+/// always did at the same moments — seeds named in findings and in CI keep
+/// replaying their scenarios — and gains the new ones besides.
 pub struct Schedule {
     rng: StdRng,
+    extra: StdRng,
     /// Only these kinds (slugs), if given.
     only: Option<Vec<String>>,
 }
@@ -318,14 +356,26 @@ impl Schedule {
     pub fn new(seed: u64, only: Option<Vec<String>>) -> Self {
         Self {
             rng: StdRng::seed_from_u64(seed),
+            extra: StdRng::seed_from_u64(seed ^ EXTENSION_STREAM),
             only,
         }
     }
 
     fn draw(&mut self) -> Fault {
+        let Some(only) = &self.only else {
+            return Fault::draw(&mut self.rng);
+        };
+        // Filtered: from the whole catalog, the extension as often as its
+        // share of the kinds (3 of the 30 that `all_slugs` lists; the
+        // schedule's test checks that count).
+        let share = 3.0 / 30.0;
         loop {
-            let f = Fault::draw(&mut self.rng);
-            if self.only.as_ref().is_none_or(|o| o.contains(&f.slug())) {
+            let f = if self.rng.random_bool(share) {
+                Fault::draw_extension(&mut self.rng)
+            } else {
+                Fault::draw(&mut self.rng)
+            };
+            if only.contains(&f.slug()) {
                 return f;
             }
         }
@@ -340,8 +390,12 @@ impl Schedule {
                 (at, self.draw())
             })
             .collect();
-        faults.sort_by_key(|(at, _)| *at);
         let hold = Duration::from_millis(self.rng.random_range(4_000..10_000));
+        if self.only.is_none() && self.extra.random_bool(EXTENSION_PER_ROUND) {
+            let at = Duration::from_millis(self.extra.random_range(0..3_000));
+            faults.push((at, Fault::draw_extension(&mut self.extra)));
+        }
+        faults.sort_by_key(|(at, _)| *at);
         Plan { faults, hold }
     }
 }
@@ -374,7 +428,42 @@ mod tests {
             .collect();
         // 200 rounds draw every kind of the catalog.
         assert!(kinds.len() >= 25, "{kinds:?}");
-        assert!(a.iter().all(|p| (1..=3).contains(&p.faults.len())));
+        assert!(a.iter().all(|p| (1..=4).contains(&p.faults.len())));
+        // The extension joins some rounds, on top of the first catalog's
+        // faults: without it a schedule is what it was before.
+        let first: Vec<Vec<(Duration, Fault)>> = a
+            .iter()
+            .map(|p| {
+                p.faults
+                    .iter()
+                    .filter(|(_, f)| {
+                        !matches!(f, Fault::Drain(..) | Fault::Link(LinkKind::TmTm, ..))
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        assert!(first.iter().all(|f| (1..=3).contains(&f.len())));
+        let extended = a
+            .iter()
+            .zip(&first)
+            .filter(|(p, f)| p.faults.len() > f.len())
+            .count();
+        assert!(
+            (40..=100).contains(&extended),
+            "{extended} of 200 rounds extended"
+        );
+        let mut seed1 = Schedule::new(1, None);
+        let round1: Vec<Fault> = seed1.next_round().faults.iter().map(|(_, f)| *f).collect();
+        assert!(
+            round1.contains(&Fault::JobManager(
+                Side::Primary,
+                JmPick::Standby,
+                Hit::Term
+            )) && round1.contains(&Fault::GlobalNats(2))
+                && round1.contains(&Fault::Store(StoreFault::Unavailable)),
+            "seed 1 no longer replays its first round: {round1:?}"
+        );
         let mut only = Schedule::new(7, Some(vec!["store-503".into(), "region-outage".into()]));
         for _ in 0..50 {
             for (_, f) in only.next_round().faults {
@@ -392,6 +481,9 @@ mod tests {
             "{:?}",
             all_slugs()
         );
-        assert_eq!(all_slugs().len(), 27, "{:?}", all_slugs());
+        for new in ["tm-tm-exchange-cut", "tm-tm-exchange-slow", "tm-drain"] {
+            assert!(all_slugs().contains(&new.to_string()), "{:?}", all_slugs());
+        }
+        assert_eq!(all_slugs().len(), 30, "{:?}", all_slugs());
     }
 }

@@ -192,6 +192,8 @@ struct Campaign {
     dead_nats: Vec<(usize, usize, bool)>,
     dead_global: Vec<usize>,
     ballast: Option<PathBuf>,
+    /// TaskManagers drained this round: (region, id), cancelled at heal.
+    drains: Vec<(usize, String)>,
     /// This round's JobManagers hit: (region, id, whether it led then).
     /// Faults harmless one by one can together use up the region fence.
     hits: Vec<(usize, String, bool)>,
@@ -250,6 +252,7 @@ pub async fn run(
         dead_nats: Vec::new(),
         dead_global: Vec::new(),
         ballast: None,
+        drains: Vec::new(),
         hits: Vec::new(),
         s3,
         west,
@@ -634,7 +637,8 @@ impl Campaign {
             | Fault::TaskManager(s, ..)
             | Fault::RegionNats(s, _)
             | Fault::CoordinationLoss(s)
-            | Fault::Link(_, s, _) => *s == Side::Primary,
+            | Fault::Link(_, s, _)
+            | Fault::Drain(s, _) => *s == Side::Primary,
             Fault::Store(_) => p == 0,
             Fault::StoreFull => p == 1,
             Fault::GlobalNats(_) | Fault::RegionOutage | Fault::Switchover | Fault::Failback => {
@@ -727,6 +731,15 @@ impl Campaign {
                         member.links.inbound.iter().for_each(act);
                         member.id.clone()
                     }
+                    LinkKind::TmTm => {
+                        let tms = &self.world.regions[r].members[world::JOBMANAGERS..];
+                        tms.iter()
+                            .for_each(|m| m.links.exchange.iter().for_each(act));
+                        tms.iter()
+                            .map(|m| m.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ↔ ")
+                    }
                     LinkKind::RegionGlobal => {
                         for m in &self.world.regions[r].members {
                             m.links.global.iter().for_each(act);
@@ -764,6 +777,29 @@ impl Campaign {
                 Ok(bytes) => format!("{} MiB of ballast", bytes >> 20),
                 Err(e) => format!("could not fill it: {e}"),
             },
+            Fault::Drain(s, i) => {
+                let r = side(s, p);
+                let id = self.world.regions[r].members[world::JOBMANAGERS + i]
+                    .id
+                    .clone();
+                let Some(c) = self.world.api(r).await else {
+                    return format!("no leader in {} to ask (skipped)", REGIONS[r]);
+                };
+                // Ended at heal whatever the answer: a drain whose answer
+                // was lost (a timeout) may have begun all the same.
+                self.drains.push((r, id.clone()));
+                match c.drain(&id, true).await {
+                    Ok(a) if a.status.is_success() => {
+                        let jobs = a.raw["jobs"].as_array().map_or(0, Vec::len);
+                        format!(
+                            "{id}: {jobs} jobs to move, {} slots free elsewhere",
+                            a.raw["free_elsewhere"]
+                        )
+                    }
+                    Ok(a) => format!("{id}: refused ({}): {}", a.status, a.raw),
+                    Err(e) => format!("{id}: refused: {e}"),
+                }
+            }
             Fault::RegionOutage => {
                 for m in 0..self.world.regions[p].members.len() {
                     self.world.regions[p].members[m].kill();
@@ -881,7 +917,29 @@ impl Campaign {
                 }
             }
         }
+        // Drains end last: the leader that ends one may be new.
+        for (r, id) in std::mem::take(&mut self.drains) {
+            self.end_drain(r, &id).await?;
+        }
         Ok(())
+    }
+
+    /// Ends the drain of TaskManager `id` in region `r`, asking its leader
+    /// until one answers (a leader may be changing right after the heal).
+    async fn end_drain(&self, r: usize, id: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::from("no leader answered");
+        while Instant::now() < deadline {
+            if let Some(c) = self.world.api(r).await {
+                match c.drain(id, false).await {
+                    Ok(a) if a.status.is_success() => return Ok(()),
+                    Ok(a) => last = format!("{}: {}", a.status, a.raw),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        bail!("ending the drain of {id} failed for 60 s: {last}")
     }
 
     /// Reads every message of the stream `name`.

@@ -2,7 +2,10 @@
 //! output against. Three jobs:
 //! - `chaos-windows`: the NATS stream `CHAOS_IN` (written by the producer
 //!   here, outside Ferry) → `key_by k` → 1 s tumbling count and sum →
-//!   the NATS stream `CHAOS_MID`;
+//!   the NATS stream `CHAOS_MID`; parallelism [`WINDOWS_PARALLELISM`],
+//!   more than a TaskManager's slots, so it spans both TaskManagers and
+//!   its keyed records cross the exchange (the subtasks beyond the two
+//!   input partitions read nothing, which must not hold the windows back);
 //! - `chaos-relay`: `CHAOS_MID` → file sink `out/windows`;
 //! - `chaos-generated`: generator (`seq` = the record's index) → file sink
 //!   `out/generated`.
@@ -31,6 +34,8 @@ pub const WINDOW_MS: i64 = 1_000;
 const KEYS: u64 = 10;
 /// Input partitions (`chaos.in.<p>`, record `i` in `i % 2`).
 pub const PARTITIONS: u64 = 2;
+/// Parallelism of `chaos-windows`: one more than a TaskManager's slots.
+pub const WINDOWS_PARALLELISM: u32 = super::world::TM_SLOTS + 1;
 
 /// splitmix64: a fixed, well-mixed function of `x`.
 fn mix(mut x: u64) -> u64 {
@@ -104,7 +109,7 @@ pub fn specs(nats: &str, out: &std::path::Path) -> Vec<(&'static str, String)> {
     };
     let windows = job(
         "chaos-windows",
-        2,
+        WINDOWS_PARALLELISM,
         json!({"nats": {"url": nats, "stream": "CHAOS_IN",
                "subjects": ["chaos.in.0", "chaos.in.1"],
                "schema": {"k": "string", "v": "int", "ts": "timestamp"},

@@ -1,13 +1,14 @@
 //! The system under test of `ferry chaos`: two regions (`east`, `west`) on
-//! loopback, each with 3 JobManagers, 2 TaskManagers and a 3-node NATS
+//! loopback, each with 3 JobManagers, 3 TaskManagers and a 3-node NATS
 //! cluster, a 3-node global cluster between them, east's store on moto S3
 //! behind the store fault proxy, west's on a small tmpfs (it can be
 //! filled), and a data `nats-server` for the workload's streams.
 //!
 //! Every link a fault can cut or slow is a [`FaultProxy`] of its own: each
 //! process reaches each node of its region's cluster, each global node and
-//! the S3 store through its own proxy, and JobManagers dial each
-//! TaskManager through one. Clusters run with `no_advertise`, so clients
+//! the S3 store through its own proxy, JobManagers dial each TaskManager
+//! through one, and TaskManagers dial each other's exchange port through
+//! one per TaskManager. Clusters run with `no_advertise`, so clients
 //! never learn a route around the proxies.
 
 use std::path::{Path, PathBuf};
@@ -28,8 +29,14 @@ use crate::procs::{START_LIMIT, find_nats_server, signal};
 pub const REGIONS: [&str; 2] = ["east", "west"];
 /// JobManagers per region.
 pub const JOBMANAGERS: usize = 3;
-/// TaskManagers per region.
-pub const TASKMANAGERS: usize = 2;
+/// TaskManagers per region: the faults of the first catalog hit the first
+/// two; the third gives a drain room to move every job, the one spread
+/// over two TaskManagers too.
+pub const TASKMANAGERS: usize = 3;
+/// Task slots per TaskManager: fewer than the `chaos-windows` job's
+/// parallelism, so that it spans two TaskManagers of the primary region
+/// and its records cross the exchange.
+pub const TM_SLOTS: u32 = 5;
 /// Nodes of every NATS cluster.
 pub const NODES: usize = 3;
 /// The S3 bucket of east's store.
@@ -65,6 +72,8 @@ pub struct Links {
     pub store: FaultProxy,
     /// TaskManagers: the address JobManagers dial them at.
     pub inbound: Option<FaultProxy>,
+    /// TaskManagers: the exchange address other TaskManagers dial them at.
+    pub exchange: Option<FaultProxy>,
 }
 
 impl Links {
@@ -75,6 +84,7 @@ impl Links {
             .chain(&self.global)
             .chain(std::iter::once(&self.store))
             .chain(&self.inbound)
+            .chain(&self.exchange)
     }
 }
 
@@ -87,6 +97,8 @@ pub struct Member {
     pub port: u16,
     /// TaskManager: its gRPC port (behind `links.inbound`).
     grpc_port: u16,
+    /// TaskManager: its exchange port (behind `links.exchange`).
+    exchange_port: u16,
     pub links: Links,
     child: Option<Child>,
     /// Stopped by SIGSTOP (and not yet continued).
@@ -370,9 +382,13 @@ impl World {
         }
         let store = start_proxy(self.store.port).await;
         let grpc_port = try_free_port()?;
-        let inbound = match role {
-            Role::TaskManager => Some(start_proxy(grpc_port).await),
-            Role::JobManager => None,
+        let exchange_port = try_free_port()?;
+        let (inbound, exchange) = match role {
+            Role::TaskManager => (
+                Some(start_proxy(grpc_port).await),
+                Some(start_proxy(exchange_port).await),
+            ),
+            Role::JobManager => (None, None),
         };
         Ok(Member {
             log: self.dir.join(name).join(format!("{id}.log")),
@@ -381,11 +397,13 @@ impl World {
             region,
             port: try_free_port()?,
             grpc_port,
+            exchange_port,
             links: Links {
                 nats,
                 global,
                 store,
                 inbound,
+                exchange,
             },
             child: None,
             frozen: false,
@@ -409,8 +427,12 @@ impl World {
                     );
                     member.port = try_free_port()?;
                     member.grpc_port = try_free_port()?;
+                    member.exchange_port = try_free_port()?;
                     if let Some(p) = &member.links.inbound {
                         p.retarget(member.grpc_port);
+                    }
+                    if let Some(p) = &member.links.exchange {
+                        p.retarget(member.exchange_port);
                     }
                 }
                 other => return other,
@@ -463,22 +485,30 @@ impl World {
                 cmd.env("FERRY_API_LISTEN", format!("127.0.0.1:{}", member.port));
             }
             Role::TaskManager => {
-                let inbound = member
-                    .links
-                    .inbound
-                    .as_ref()
-                    .map(FaultProxy::http_url)
-                    .unwrap_or_default();
+                let advertised = |l: &Option<FaultProxy>| {
+                    l.as_ref().map(FaultProxy::http_url).unwrap_or_default()
+                };
                 cmd.env(
                     "FERRY_TASKMANAGER_LISTEN",
                     format!("127.0.0.1:{}", member.grpc_port),
                 )
-                .env("FERRY_TASKMANAGER_ADVERTISE", inbound)
+                .env(
+                    "FERRY_TASKMANAGER_ADVERTISE",
+                    advertised(&member.links.inbound),
+                )
+                .env(
+                    "FERRY_TASKMANAGER_EXCHANGE_LISTEN",
+                    format!("127.0.0.1:{}", member.exchange_port),
+                )
+                .env(
+                    "FERRY_TASKMANAGER_EXCHANGE_ADVERTISE",
+                    advertised(&member.links.exchange),
+                )
                 .env(
                     "FERRY_TASKMANAGER_HTTP_LISTEN",
                     format!("127.0.0.1:{}", member.port),
                 )
-                .env("FERRY_TASKMANAGER_SLOTS", "6");
+                .env("FERRY_TASKMANAGER_SLOTS", TM_SLOTS.to_string());
             }
         }
         if let Some(d) = member.log.parent() {
