@@ -161,13 +161,9 @@ pub async fn replicate_checkpoint(
             report.files_present += 1;
             continue;
         }
-        let data = src
-            .get_opt(&f.path)
-            .await?
-            .ok_or_else(|| ReplicationError::SourceCorrupt {
-                path: format!("{}/{}", src.url(), f.path),
-                reason: "listed in the manifest but missing".into(),
-            })?;
+        let Some(data) = src.get_opt(&f.path).await? else {
+            return Err(missing_source_file(&src, &f.path).await);
+        };
         check(&data, f.size, &f.sha256).map_err(|reason| ReplicationError::SourceCorrupt {
             path: format!("{}/{}", src.url(), f.path),
             reason,
@@ -217,6 +213,21 @@ pub async fn replicate_checkpoint(
         }
     }
     Ok(report)
+}
+
+/// Why a file the source's manifest lists is missing: the checkpoint was
+/// deleted since its manifest was read (retention on the primary deletes
+/// the manifest first, then the files) — then it is simply no longer a
+/// checkpoint — or the source is corrupt.
+async fn missing_source_file(src: &StorageLocation, file: &str) -> ReplicationError {
+    match src.get_opt(MANIFEST_FILE).await {
+        Ok(None) => ReplicationError::Incomplete(src.url().to_string()),
+        Ok(Some(_)) => ReplicationError::SourceCorrupt {
+            path: format!("{}/{file}", src.url()),
+            reason: "listed in the manifest but missing".into(),
+        },
+        Err(e) => e.into(),
+    }
 }
 
 fn check(data: &Bytes, size: u64, sha256: &str) -> Result<(), String> {
@@ -362,6 +373,24 @@ pub(crate) mod tests {
         let a = StorageLocation::open(&format!("file://{}/a", tmp.path().display())).unwrap();
         let b = StorageLocation::open(&format!("file://{}/b", tmp.path().display())).unwrap();
         (tmp, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_file_gone_with_its_manifest_is_a_deleted_checkpoint_not_a_corrupt_one() {
+        let (_tmp, src, _) = stores();
+        let job = JobId::new();
+        checkpoint(&src, &job, 4, &[("window-0.state", b"state")]).await;
+        let dir = src.child(&checkpoint_dir(&job, CheckpointId(4)));
+        // Retention halfway through: the state file is gone, the manifest
+        // still there — corrupt as far as anyone can tell.
+        dir.delete("window-0.state").await.unwrap();
+        let e = missing_source_file(&dir, "window-0.state").await;
+        assert!(matches!(e, ReplicationError::SourceCorrupt { .. }), "{e}");
+        // Retention done (manifest first, then files): what a replicator
+        // that read the manifest before finds is a deleted checkpoint.
+        dir.delete(MANIFEST_FILE).await.unwrap();
+        let e = missing_source_file(&dir, "window-0.state").await;
+        assert!(matches!(e, ReplicationError::Incomplete(_)), "{e}");
     }
 
     #[tokio::test]

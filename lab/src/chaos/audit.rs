@@ -190,6 +190,37 @@ impl Commit {
     }
 }
 
+/// The checkpoint number and region epoch an archived diverged snapshot's
+/// file names (`checkpoint-N-epoch-E.json` under `jobs/<id>/diverged/`).
+pub fn diverged_name(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix("checkpoint-")?.strip_suffix(".json")?;
+    let (n, e) = rest.split_once("-epoch-")?;
+    Some((n.parse().ok()?, e.parse().ok()?))
+}
+
+/// Drops from `commits` (one job's checkpoints, by number) those a
+/// failover superseded: archived as diverged (`diverged`: number, region
+/// epoch) *and* outnumbered by a newer region epoch — one that committed a
+/// checkpoint at or below that number (`lowest`: region epoch → its lowest
+/// checkpoint number, over every store). After an asynchronous failover
+/// the new primary numbers on from the checkpoint it restored, so the old
+/// primary's later numbers come again under the newer epoch; an archive
+/// alone is not enough (a region must not hide its own commits by
+/// archiving them). Returns how many were dropped.
+pub fn drop_superseded(
+    commits: &mut BTreeMap<u64, Commit>,
+    diverged: &BTreeSet<(u64, u64)>,
+    lowest: &BTreeMap<u64, u64>,
+) -> usize {
+    let before = commits.len();
+    commits.retain(|n, c| {
+        let superseded = diverged.contains(&(*n, c.region_epoch))
+            && lowest.range(c.region_epoch + 1..).any(|(_, low)| low <= n);
+        !superseded
+    });
+    before - commits.len()
+}
+
 /// Checks the commits of one job in one store (`what` names them), by
 /// checkpoint number: (region epoch, JobManager epoch) never goes back,
 /// and the time spans in which each region epoch — and, within one, each
@@ -233,6 +264,42 @@ pub fn check_commits(what: &str, commits: &BTreeMap<u64, Commit>) -> Vec<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_diverged_snapshots_a_newer_epoch_renumbered_are_forgotten() {
+        assert_eq!(diverged_name("checkpoint-237-epoch-8.json"), Some((237, 8)));
+        assert_eq!(diverged_name("savepoint-3-epoch-8.json"), None);
+        assert_eq!(diverged_name("checkpoint-x-epoch-8.json"), None);
+        let at = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let c = |region_epoch, s| Commit {
+            region_epoch,
+            jm_epoch: 1,
+            created_at: at(s),
+        };
+        // Region 8 committed 230..=237; region 9 restored 231 and committed
+        // 236 (replicated here); 232..=237 of region 8 were archived.
+        let mut commits: BTreeMap<u64, Commit> = (230..=237).map(|n| (n, c(8, n as i64))).collect();
+        commits.insert(236, c(9, 300));
+        assert_eq!(
+            check_commits("job", &commits).len(),
+            1,
+            "the violation the audit saw"
+        );
+        let diverged: BTreeSet<(u64, u64)> = (232..=237).map(|n| (n, 8)).collect();
+        let lowest = BTreeMap::from([(8, 230), (9, 236)]);
+        let mut kept = commits.clone();
+        assert_eq!(drop_superseded(&mut kept, &diverged, &lowest), 1);
+        assert!(!kept.contains_key(&237));
+        assert_eq!(check_commits("job", &kept), Vec::<String>::new());
+        // Without an archive, or without a newer epoch at or below the
+        // number, nothing is forgotten and the violation stands.
+        let mut kept = commits.clone();
+        assert_eq!(drop_superseded(&mut kept, &BTreeSet::new(), &lowest), 0);
+        let mut kept = commits.clone();
+        let only_later = BTreeMap::from([(8, 230), (9, 240)]);
+        assert_eq!(drop_superseded(&mut kept, &diverged, &only_later), 0);
+        assert_eq!(check_commits("job", &kept).len(), 1);
+    }
     use crate::chaos::workload::{expected_windows, must_have_fired};
     use serde_json::json;
 

@@ -17,7 +17,7 @@ pub mod store_proxy;
 pub mod workload;
 pub mod world;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1062,12 +1062,43 @@ impl Campaign {
                 }
             }
         }
-        for ((store, job), commits) in &self.ledger.commits {
-            let checkpoints: BTreeMap<u64, Commit> = commits
+        // Snapshots archived as diverged, per job (from both stores).
+        let mut diverged: BTreeMap<String, BTreeSet<(u64, u64)>> = BTreeMap::new();
+        for store in [&self.s3, &self.west] {
+            for (name, id) in &self.jobs {
+                if let Ok(files) = store.list_files(&format!("jobs/{id}/diverged")).await {
+                    let d = diverged.entry(name.to_string()).or_default();
+                    d.extend(files.iter().filter_map(|(f, _)| audit::diverged_name(f)));
+                }
+            }
+        }
+        // Per job: each region epoch's lowest checkpoint number.
+        let mut lowest: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+        for ((_, job), commits) in &self.ledger.commits {
+            let l = lowest.entry(job.clone()).or_default();
+            for ((kind, n), c) in commits {
+                if *kind == 0 {
+                    let e = l.entry(c.region_epoch).or_insert(*n);
+                    *e = (*e).min(*n);
+                }
+            }
+        }
+        let none = BTreeSet::new();
+        for ((store, job), commits) in &mut self.ledger.commits {
+            let mut checkpoints: BTreeMap<u64, Commit> = commits
                 .iter()
                 .filter(|((k, _), _)| *k == 0)
                 .map(|((_, id), c)| (*id, c.clone()))
                 .collect();
+            let dropped = audit::drop_superseded(
+                &mut checkpoints,
+                diverged.get(job).unwrap_or(&none),
+                &lowest.get(job).cloned().unwrap_or_default(),
+            );
+            if dropped > 0 {
+                // Forgotten for good: a newer region's lineage replaced them.
+                commits.retain(|(k, n), _| *k != 0 || checkpoints.contains_key(n));
+            }
             wrong.extend(check_commits(
                 &format!("{job} in {store}'s store"),
                 &checkpoints,
