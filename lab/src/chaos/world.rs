@@ -488,27 +488,26 @@ impl World {
                 let advertised = |l: &Option<FaultProxy>| {
                     l.as_ref().map(FaultProxy::http_url).unwrap_or_default()
                 };
-                cmd.env(
-                    "FERRY_TASKMANAGER_LISTEN",
-                    format!("127.0.0.1:{}", member.grpc_port),
-                )
-                .env(
-                    "FERRY_TASKMANAGER_ADVERTISE",
-                    advertised(&member.links.inbound),
-                )
-                .env(
-                    "FERRY_TASKMANAGER_EXCHANGE_LISTEN",
-                    format!("127.0.0.1:{}", member.exchange_port),
-                )
-                .env(
-                    "FERRY_TASKMANAGER_EXCHANGE_ADVERTISE",
-                    advertised(&member.links.exchange),
-                )
-                .env(
-                    "FERRY_TASKMANAGER_HTTP_LISTEN",
-                    format!("127.0.0.1:{}", member.port),
-                )
-                .env("FERRY_TASKMANAGER_SLOTS", TM_SLOTS.to_string());
+                let loopback = |port: u16| format!("127.0.0.1:{port}");
+                for (key, value) in [
+                    ("FERRY_TASKMANAGER_LISTEN", loopback(member.grpc_port)),
+                    (
+                        "FERRY_TASKMANAGER_ADVERTISE",
+                        advertised(&member.links.inbound),
+                    ),
+                    (
+                        "FERRY_TASKMANAGER_EXCHANGE_LISTEN",
+                        loopback(member.exchange_port),
+                    ),
+                    (
+                        "FERRY_TASKMANAGER_EXCHANGE_ADVERTISE",
+                        advertised(&member.links.exchange),
+                    ),
+                    ("FERRY_TASKMANAGER_HTTP_LISTEN", loopback(member.port)),
+                    ("FERRY_TASKMANAGER_SLOTS", TM_SLOTS.to_string()),
+                ] {
+                    cmd.env(key, value);
+                }
             }
         }
         if let Some(d) = member.log.parent() {
