@@ -168,6 +168,17 @@ pub fn plan_drain(tms: &[TmView], skip: impl Fn(JobId) -> bool) -> DrainPlan {
         .filter(|t| !t.draining)
         .map(|t| t.slots.saturating_sub(t.used))
         .sum();
+    // Per job: (slots in all, slots on TaskManagers not draining).
+    let mut slots: HashMap<JobId, (u32, u32)> = HashMap::new();
+    for t in tms {
+        for (job, s) in &t.jobs {
+            let e = slots.entry(*job).or_default();
+            e.0 += s;
+            if !t.draining {
+                e.1 += s;
+            }
+        }
+    }
     let mut plan = DrainPlan::default();
     let mut seen = HashSet::new();
     for t in tms.iter().filter(|t| t.draining) {
@@ -175,17 +186,7 @@ pub fn plan_drain(tms: &[TmView], skip: impl Fn(JobId) -> bool) -> DrainPlan {
             if !seen.insert(*job) || skip(*job) {
                 continue;
             }
-            let (mut need, mut own) = (0u32, 0u32);
-            for u in tms {
-                for (j, s) in &u.jobs {
-                    if j == job {
-                        need += s;
-                        if !u.draining {
-                            own += s;
-                        }
-                    }
-                }
-            }
+            let (need, own) = slots[job];
             let room = free + own;
             if need <= room {
                 free -= need - own;

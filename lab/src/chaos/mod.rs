@@ -797,7 +797,7 @@ impl Campaign {
                         )
                     }
                     Ok(a) => format!("{id}: refused ({}): {}", a.status, a.raw),
-                    Err(e) => format!("{id}: refused: {e}"),
+                    Err(e) => format!("{id}: no answer ({e}); it may have begun, and ends at heal"),
                 }
             }
             Fault::RegionOutage => {
@@ -1083,7 +1083,7 @@ impl Campaign {
                 }
             }
         }
-        let none = BTreeSet::new();
+        let (none, no_lowest) = (BTreeSet::new(), BTreeMap::new());
         for ((store, job), commits) in &mut self.ledger.commits {
             let mut checkpoints: BTreeMap<u64, Commit> = commits
                 .iter()
@@ -1093,7 +1093,7 @@ impl Campaign {
             let dropped = audit::drop_superseded(
                 &mut checkpoints,
                 diverged.get(job).unwrap_or(&none),
-                &lowest.get(job).cloned().unwrap_or_default(),
+                lowest.get(job).unwrap_or(&no_lowest),
             );
             if dropped > 0 {
                 // Forgotten for good: a newer region's lineage replaced them.
