@@ -370,6 +370,25 @@ impl Campaign {
     /// runs with a checkpoint.
     async fn submit(&mut self) -> anyhow::Result<()> {
         let start = Instant::now();
+        // Every TaskManager first: jobs placed while one is still starting
+        // land on the others, and a campaign's drains and exchange faults
+        // would then find a different world on a slower machine.
+        loop {
+            if let Some(c) = self.world.api(0).await
+                && let Ok(a) = c.cluster().await
+                && a.value.taskmanagers.len() >= world::TASKMANAGERS
+            {
+                break;
+            }
+            if start.elapsed() > START_LIMIT {
+                bail!(
+                    "east's leader did not see its {} TaskManagers within {START_LIMIT:?}; logs are in {}",
+                    world::TASKMANAGERS,
+                    self.world.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let nats = self.world.data.url();
         for (name, spec) in workload::specs(&nats, &self.world.out) {
             let id = loop {
