@@ -321,9 +321,32 @@ pub async fn find_restorable_checked(
         }
     }
     candidates.sort();
+    // The newer region epoch always wins: a snapshot numbered above one of
+    // a newer region epoch was written by a region that had lost the
+    // primary role (a late copy of a deposed primary), not by this
+    // lineage. Unreadable manifests are judged by the full read below.
+    let mut newest_epoch = crate::RegionEpoch::NONE;
+    let mut superseded = BTreeMap::new();
+    for (id, rel) in &candidates {
+        if let Ok(Some(m)) = read_manifest(&root.child(rel)).await {
+            if m.region_epoch < newest_epoch {
+                superseded.insert(*id, newest_epoch);
+            }
+            newest_epoch = newest_epoch.max(m.region_epoch);
+        }
+    }
     let mut skipped = Vec::new();
     let mut damaged = 0;
     for (id, rel) in candidates.iter().rev() {
+        if let Some(newer) = superseded.get(id) {
+            skipped.push((
+                *id,
+                format!(
+                    "its region epoch is older than that of a lower-numbered snapshot ({newer}): written by a region that had lost the primary role, not this job's lineage"
+                ),
+            ));
+            continue;
+        }
         let dir = root.child(rel);
         match read_verified(&dir).await {
             Ok(Some(cp)) => {

@@ -149,10 +149,13 @@ pub async fn run(
         instance_id: "bench".into(),
         access: ferry_core::access::AccessPolicy::unrestricted(),
     });
-    let replicator = Arc::new(ferry_region::Replicator::new(vec![ferry_region::Standby {
-        region: "standby".into(),
-        store: standby,
-    }]));
+    let replicator = Arc::new(ferry_region::Replicator::new(
+        vec![ferry_region::Standby {
+            region: "standby".into(),
+            store: standby,
+        }],
+        ferry_region::WriteFence::unfenced(),
+    ));
     let mut completed = jm.subscribe_completed();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

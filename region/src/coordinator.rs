@@ -351,6 +351,10 @@ impl Coordinator {
                 to,
                 RegionRole::Promoting | RegionRole::Primary | RegionRole::SwitchingOver
             );
+            if !primary {
+                // Nothing more goes into other regions' stores from here.
+                self.replicator.stand_down();
+            }
             let epoch = next.epoch().unwrap_or_else(|| self.seen().epoch);
             self.jobs.report(RegionEvent::Role { primary, epoch });
             // A state whose step acts (claim confirmed: start the jobs;
@@ -553,6 +557,7 @@ impl Coordinator {
     pub(crate) fn confirmed(&self, lease: &Lease, sent: Instant) -> Instant {
         self.wrote();
         let until = sent + self.s.timeout / 2;
+        self.replicator.fence().open_until(until);
         self.jobs
             .confirm(lease.epoch, until.saturating_duration_since(Instant::now()));
         self.seen

@@ -367,7 +367,7 @@ impl World {
                     jobs.clone(),
                     link(&lease, Some(&lease_down), None),
                     link(&health, None, Some(&health_hang)),
-                    Arc::new(Replicator::new(Vec::new())),
+                    Arc::new(Replicator::new(Vec::new(), crate::WriteFence::closed())),
                     Arc::new(Verifier::new(store.clone(), Arc::new(AcceptAll))),
                 );
                 Region {
@@ -1025,7 +1025,9 @@ async fn fail_back_reports_only_what_the_latest_failover_diverged() {
     for n in 1..=3 {
         lineage_checkpoint(east, &job, n, &[("s", b"a")], 1, None).await;
     }
-    crate::replicate_job(east, west, &job).await.unwrap();
+    crate::replicate_job(east, west, &job, &crate::WriteFence::unfenced())
+        .await
+        .unwrap();
     for n in [4, 5] {
         lineage_checkpoint(east, &job, n, &[("s", b"a")], 1, None).await;
     }
@@ -1078,7 +1080,9 @@ async fn a_stale_region_never_replicates_over_a_newer_lineage() {
         lineage_checkpoint(east, &job, n, &[("s", b"a")], 1, None).await;
     }
     lineage_checkpoint(west, &job, 4, &[("s", b"b")], 2, Some(3)).await;
-    let e = crate::replicate_job(east, west, &job).await.unwrap_err();
+    let e = crate::replicate_job(east, west, &job, &crate::WriteFence::unfenced())
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, crate::ReplicationError::StaleSource { .. }),
         "{e}"
@@ -1088,6 +1092,55 @@ async fn a_stale_region_never_replicates_over_a_newer_lineage() {
         .await
         .unwrap();
     assert_eq!(left, vec![CheckpointId(4)]);
+}
+
+/// A primary cut off while its replication still runs (as through a
+/// store outage) writes nothing into another region's store from before
+/// a standby takes over: its copies would land in the new primary's store
+/// as manifests of the old epoch above the new primary's checkpoints.
+#[tokio::test(start_paused = true)]
+async fn a_region_that_lost_the_primary_role_writes_nothing_into_other_stores() {
+    use crate::replicate::tests::lineage_checkpoint;
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    let (east, west) = (&w.r("east").store, &w.r("west").store);
+    let (job, fence) = (w.job, w.r("east").c.replicator.fence().clone());
+    assert!(fence.is_open(), "the primary replicates");
+    assert!(
+        !w.r("west").c.replicator.fence().is_open(),
+        "a standby does not"
+    );
+    lineage_checkpoint(east, &job, 1, &[("s", b"a")], 1, None).await;
+    w.r("east").cut(true);
+    w.until(&["east", "west"], 30, |w| {
+        let claimed = w.r("west").is(RegionRole::Promoting) || w.r("west").is(RegionRole::Primary);
+        assert!(
+            !(claimed && w.r("east").c.replicator.fence().is_open()),
+            "east's fence outlived west's claim"
+        );
+        claimed
+    })
+    .await;
+    let e = crate::replicate_job(east, west, &job, &fence)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, crate::ReplicationError::Fenced { .. }), "{e}");
+    assert!(
+        ferry_core::manifest::list_checkpoint_ids(west, &job)
+            .await
+            .unwrap()
+            .is_empty(),
+        "east wrote into west's store after losing the role"
+    );
+    // Back on the network east stands by, its fence still closed; west's
+    // is open.
+    w.r("east").cut(false);
+    w.until(&["east", "west"], 5, |w| {
+        w.r("east").is(RegionRole::Standby)
+    })
+    .await;
+    assert!(!fence.is_open());
+    assert!(w.r("west").c.replicator.fence().is_open());
 }
 
 #[tokio::test(start_paused = true)]

@@ -109,6 +109,7 @@ pub async fn archive_divergence(
     source: &StorageLocation,
     target: &StorageLocation,
     job: &JobId,
+    fence: &crate::fence::WriteFence,
 ) -> Result<Vec<Diverged>, ReplicationError> {
     let Some(newest) = newest_manifest(source, job).await? else {
         return Ok(Vec::new());
@@ -173,13 +174,9 @@ pub async fn archive_divergence(
             m.region_epoch
         );
         let body = serde_json::json!({ "diverged": d, "manifest": m });
-        target
-            .put(
-                &name,
-                Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default()),
-            )
-            .await?;
-        target.delete_prefix(&dir).await?;
+        let body = Bytes::from(serde_json::to_vec_pretty(&body).unwrap_or_default());
+        fence.write(&name, target.put(&name, body)).await?;
+        fence.write(&dir, target.delete_prefix(&dir)).await?;
         tracing::warn!(
             job = %job,
             target = %target.url(),

@@ -8,7 +8,8 @@
 //!   drives the JobManager only through the [`jobs::RegionJobs`] trait.
 //! - [`replicate`] / [`replicator`]: copying every completed checkpoint,
 //!   savepoint and job spec from the primary's object store to each
-//!   standby's; [`diverge`]: what a region committed that the surviving
+//!   standby's, only while [`fence`] says this region holds the primary
+//!   role; [`diverge`]: what a region committed that the surviving
 //!   lineage does not contain.
 //! - [`verify`] / [`verifier`]: proving in a standby that those copies
 //!   restore.
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod coordinator;
 pub mod diverge;
 pub mod error;
+pub mod fence;
 pub mod health;
 pub mod hold;
 pub mod jobs;
@@ -41,6 +43,7 @@ mod coordinator_tests;
 
 pub use coordinator::{Coordinator, Settings};
 pub use error::RegionError;
+pub use fence::WriteFence;
 pub use jobs::{RegionEvent, RegionJob, RegionJobs};
 pub use replicate::{
     CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,

@@ -24,6 +24,8 @@ use ferry_core::manifest::{
 use ferry_core::storage::{StorageLocation, sha256_hex};
 use ferry_core::{CheckpointId, CoreError, JobId};
 
+use crate::fence::WriteFence;
+
 /// Writes of one file before its copy counts as failed.
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -59,6 +61,12 @@ pub enum ReplicationError {
         target_epoch: ferry_core::RegionEpoch,
         checkpoint: u64,
     },
+    /// This region does not hold the primary role with a confirmed lease
+    /// (see [`crate::fence`]): it writes nothing into other stores.
+    #[error(
+        "{what} not written: this region does not hold the primary role with a confirmed region lease, so it writes nothing into other regions' stores"
+    )]
+    Fenced { what: String },
     #[error(transparent)]
     Storage(#[from] CoreError),
 }
@@ -119,6 +127,7 @@ pub async fn replicate_checkpoint(
     source: &StorageLocation,
     target: &StorageLocation,
     dir: &str,
+    fence: &WriteFence,
 ) -> Result<CheckpointCopy, ReplicationError> {
     let src = source.child(dir);
     let dst = target.child(dir);
@@ -174,6 +183,7 @@ pub async fn replicate_checkpoint(
             // A write the store refused (e.g. its payload checksum did not
             // match what arrived) counts as a failed attempt like a copy
             // that reads back wrong.
+            fence.check(&f.path)?;
             let written = match dst.put(&f.path, data.clone()).await {
                 Ok(()) => match dst.get_opt(&f.path).await? {
                     Some(back) => check(&back, f.size, &f.sha256),
@@ -204,7 +214,11 @@ pub async fn replicate_checkpoint(
         report.bytes_copied += f.size;
     }
     // Last, create-only: from here on the checkpoint exists in the target.
-    if !dst.put_create(MANIFEST_FILE, raw.clone()).await? {
+    let manifest_path = format!("{}/{MANIFEST_FILE}", dst.url());
+    if !fence
+        .write(&manifest_path, dst.put_create(MANIFEST_FILE, raw.clone()))
+        .await?
+    {
         let existing = dst.get_opt(MANIFEST_FILE).await?.unwrap_or_default();
         if existing != raw {
             return Err(ReplicationError::Conflict {
@@ -246,10 +260,15 @@ fn check(data: &Bytes, size: u64, sha256: &str) -> Result<(), String> {
 /// older than the source's oldest complete one are deleted, never the
 /// newest complete one the target has. A checkpoint that cannot be copied
 /// is reported in `skipped` and the others still go.
+///
+/// Every write into `target` goes through `fence` (see [`crate::fence`]):
+/// the replicator passes the region's, an operator's one-off copy
+/// [`WriteFence::unfenced`].
 pub async fn replicate_job(
     source: &StorageLocation,
     target: &StorageLocation,
     job: &JobId,
+    fence: &WriteFence,
 ) -> Result<JobCopy, ReplicationError> {
     let mut out = JobCopy {
         job: Some(*job),
@@ -258,12 +277,12 @@ pub async fn replicate_job(
     // What the target completed beyond the source's lineage goes first:
     // it would conflict with the source's snapshots of the same numbers.
     // A source whose lineage is older than the target's copies nothing.
-    out.diverged = crate::diverge::archive_divergence(source, target, job).await?;
+    out.diverged = crate::diverge::archive_divergence(source, target, job, fence).await?;
     let spec_rel = format!("{}/spec.yaml", job_dir(job));
     if let Some(spec) = source.get_opt(&spec_rel).await?
         && target.get_opt(&spec_rel).await?.as_ref() != Some(&spec)
     {
-        target.put(&spec_rel, spec).await?;
+        fence.write(&spec_rel, target.put(&spec_rel, spec)).await?;
         out.spec_copied = true;
     }
     // The job's lifecycle status too: a job cancelled or finished in the
@@ -272,7 +291,9 @@ pub async fn replicate_job(
     if let Some(status) = source.get_opt(&status_rel).await?
         && target.get_opt(&status_rel).await?.as_ref() != Some(&status)
     {
-        target.put(&status_rel, status).await?;
+        fence
+            .write(&status_rel, target.put(&status_rel, status))
+            .await?;
     }
     let mut dirs: Vec<String> = Vec::new();
     for name in source.list_dirs(&savepoints_root(job)).await? {
@@ -284,7 +305,7 @@ pub async fn replicate_job(
         dirs.push(checkpoint_dir(job, *id));
     }
     for dir in dirs {
-        match replicate_checkpoint(source, target, &dir).await {
+        match replicate_checkpoint(source, target, &dir, fence).await {
             Ok(c) => {
                 if dir.contains("/checkpoints/") {
                     complete_src.push(CheckpointId(c.checkpoint));
@@ -293,7 +314,9 @@ pub async fn replicate_job(
             }
             // Still being written (or abandoned): not a checkpoint yet.
             Err(ReplicationError::Incomplete(_)) => {}
-            Err(e @ ReplicationError::Storage(_)) => return Err(e),
+            Err(e @ (ReplicationError::Storage(_) | ReplicationError::Fenced { .. })) => {
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!(job = %job, %dir, "not replicated: {e}");
                 out.skipped.push((dir, e.to_string()));
@@ -304,7 +327,8 @@ pub async fn replicate_job(
         let newest_dst = out.newest().map(|c| c.checkpoint);
         for id in list_checkpoint_ids(target, job).await? {
             if id < *oldest && Some(id.0) != newest_dst {
-                target.delete_prefix(&checkpoint_dir(job, id)).await?;
+                let dir = checkpoint_dir(job, id);
+                fence.write(&dir, target.delete_prefix(&dir)).await?;
                 out.removed.push(id.0);
             }
         }
@@ -318,6 +342,44 @@ pub(crate) mod tests {
     use ferry_core::manifest::{
         FileEntry, MANIFEST_FORMAT, SnapshotKind, find_restorable, write_manifest,
     };
+
+    /// A copy of a deposed primary that landed in the new primary's store
+    /// anyway (held back on the network beyond the write fence) is never
+    /// restored there: its region epoch is older than that of a checkpoint
+    /// numbered below it.
+    #[tokio::test]
+    async fn a_late_copy_of_a_deposed_primary_is_never_restored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = StorageLocation::open(&format!("file://{}", tmp.path().display())).unwrap();
+        let job = JobId::new();
+        for n in [1, 2] {
+            lineage_checkpoint(&root, &job, n, &[("s", b"old")], 1, None).await;
+        }
+        // Promoted under region epoch 2 from checkpoint 1, numbered on
+        // from 3; then the old primary's 4 arrives late.
+        lineage_checkpoint(&root, &job, 3, &[("s", b"new")], 2, Some(1)).await;
+        lineage_checkpoint(&root, &job, 4, &[("s", b"late")], 1, None).await;
+        let choice = find_restorable(&root, &job).await.unwrap();
+        let cp = choice.checkpoint.expect("a checkpoint");
+        assert_eq!(cp.manifest.checkpoint_id, CheckpointId(3));
+        assert_eq!(choice.skipped.len(), 1, "{:?}", choice.skipped);
+        assert_eq!(choice.skipped[0].0, CheckpointId(4));
+        assert!(
+            choice.skipped[0].1.contains("lost the primary role"),
+            "{}",
+            choice.skipped[0].1
+        );
+        assert_eq!(choice.damaged, 0, "not corrupt: skipped quietly");
+        // Without the newer epoch's checkpoint, 4 is simply the newest.
+        root.delete_prefix(&checkpoint_dir(&job, CheckpointId(3)))
+            .await
+            .unwrap();
+        let choice = find_restorable(&root, &job).await.unwrap();
+        assert_eq!(
+            choice.checkpoint.unwrap().manifest.checkpoint_id,
+            CheckpointId(4)
+        );
+    }
 
     async fn checkpoint(root: &StorageLocation, job: &JobId, n: u64, files: &[(&str, &[u8])]) {
         lineage_checkpoint(root, job, n, files, 0, None).await
@@ -410,7 +472,9 @@ pub(crate) mod tests {
             .put("window-0.state", Bytes::from_static(b"partial"))
             .await
             .unwrap();
-        let r = replicate_job(&src, &dst, &job).await.unwrap();
+        let r = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         assert!(r.spec_copied);
         assert_eq!(r.copied.len(), 2);
         assert_eq!(r.newest().unwrap().checkpoint, 2);
@@ -427,7 +491,9 @@ pub(crate) mod tests {
                 .is_empty()
         );
         // A second pass copies nothing.
-        let again = replicate_job(&src, &dst, &job).await.unwrap();
+        let again = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         assert!(!again.spec_copied);
         assert!(again.copied.iter().all(|c| c.already_complete));
         assert_eq!(
@@ -454,7 +520,9 @@ pub(crate) mod tests {
                 .checkpoint
                 .is_none()
         );
-        let c = replicate_checkpoint(&src, &dst, &rel).await.unwrap();
+        let c = replicate_checkpoint(&src, &dst, &rel, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         assert_eq!((c.files_present, c.files_copied, c.bytes_copied), (1, 1, 2));
         assert!(
             find_restorable(&dst, &job)
@@ -476,7 +544,9 @@ pub(crate) mod tests {
             .put("w.state", Bytes::from_static(b"bad!"))
             .await
             .unwrap();
-        let r = replicate_job(&src, &dst, &job).await.unwrap();
+        let r = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         assert_eq!(r.skipped.len(), 1, "{r:?}");
         assert!(r.skipped[0].1.contains("SHA-256"), "{r:?}");
         assert_eq!(r.newest().unwrap().checkpoint, 1);
@@ -496,7 +566,9 @@ pub(crate) mod tests {
         for n in 1..=3 {
             checkpoint(&src, &job, n, &[("w.state", b"x")]).await;
         }
-        replicate_job(&src, &dst, &job).await.unwrap();
+        replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         // The source retained only 3 and 4 meanwhile.
         for n in 1..=2 {
             src.delete_prefix(&checkpoint_dir(&job, CheckpointId(n)))
@@ -504,7 +576,9 @@ pub(crate) mod tests {
                 .unwrap();
         }
         checkpoint(&src, &job, 4, &[("w.state", b"y")]).await;
-        let r = replicate_job(&src, &dst, &job).await.unwrap();
+        let r = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         assert_eq!(r.removed, vec![1, 2]);
         let left = list_checkpoint_ids(&dst, &job).await.unwrap();
         assert_eq!(left, vec![CheckpointId(3), CheckpointId(4)]);
@@ -521,18 +595,28 @@ pub(crate) mod tests {
         for n in 1..=3 {
             lineage_checkpoint(&new_primary, &job, n, &[("w.state", b"old")], 1, None).await;
         }
-        replicate_job(&new_primary, &old_primary, &job)
-            .await
-            .unwrap();
+        replicate_job(
+            &new_primary,
+            &old_primary,
+            &job,
+            &crate::WriteFence::unfenced(),
+        )
+        .await
+        .unwrap();
         for n in [4, 5] {
             lineage_checkpoint(&old_primary, &job, n, &[("w.state", b"old")], 1, None).await;
         }
         for n in [4, 6] {
             lineage_checkpoint(&new_primary, &job, n, &[("w.state", b"new")], 2, Some(3)).await;
         }
-        let r = replicate_job(&new_primary, &old_primary, &job)
-            .await
-            .unwrap();
+        let r = replicate_job(
+            &new_primary,
+            &old_primary,
+            &job,
+            &crate::WriteFence::unfenced(),
+        )
+        .await
+        .unwrap();
         let diverged: Vec<u64> = r.diverged.iter().map(|d| d.checkpoint).collect();
         assert_eq!(diverged, vec![4, 5]);
         assert!(r.skipped.is_empty(), "no conflict is left: {:?}", r.skipped);
@@ -559,19 +643,26 @@ pub(crate) mod tests {
         assert_eq!(s.event_time_ms, 2000);
         assert_eq!(s.base.as_ref().map(|b| b.checkpoint), Some(3));
         // A second pass finds nothing new.
-        let again = replicate_job(&new_primary, &old_primary, &job)
-            .await
-            .unwrap();
+        let again = replicate_job(
+            &new_primary,
+            &old_primary,
+            &job,
+            &crate::WriteFence::unfenced(),
+        )
+        .await
+        .unwrap();
         assert!(again.diverged.is_empty());
         // A standby that only ever received copies has no divergence.
         let (_tmp2, a, b) = stores();
         for n in 1..=3 {
             lineage_checkpoint(&a, &job, n, &[("w.state", b"x")], 1, None).await;
         }
-        replicate_job(&a, &b, &job).await.unwrap();
+        replicate_job(&a, &b, &job, &crate::WriteFence::unfenced())
+            .await
+            .unwrap();
         lineage_checkpoint(&a, &job, 4, &[("w.state", b"y")], 1, None).await;
         assert!(
-            replicate_job(&a, &b, &job)
+            replicate_job(&a, &b, &job, &crate::WriteFence::unfenced())
                 .await
                 .unwrap()
                 .diverged
@@ -585,9 +676,14 @@ pub(crate) mod tests {
         let job = JobId::default();
         checkpoint(&src, &job, 7, &[("w.state", b"source")]).await;
         checkpoint(&dst, &job, 7, &[("w.state", b"target")]).await;
-        let e = replicate_checkpoint(&src, &dst, &checkpoint_dir(&job, CheckpointId(7)))
-            .await
-            .unwrap_err();
+        let e = replicate_checkpoint(
+            &src,
+            &dst,
+            &checkpoint_dir(&job, CheckpointId(7)),
+            &crate::WriteFence::unfenced(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, ReplicationError::Conflict { .. }), "{e}");
     }
 }

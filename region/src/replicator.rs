@@ -19,6 +19,7 @@ use ferry_core::api::{JobProgress, StandbyStatus};
 use ferry_core::storage::StorageLocation;
 use tokio::sync::mpsc;
 
+use crate::fence::WriteFence;
 use crate::replicate_job;
 
 /// A snapshot the primary completed.
@@ -63,6 +64,8 @@ struct StandbyState {
 /// Follows completed checkpoints and replicates them to every standby.
 pub struct Replicator {
     standbys: Vec<Standby>,
+    /// Open while this region holds the primary role (see [`crate::fence`]).
+    fence: WriteFence,
     state: Mutex<Vec<StandbyState>>,
     /// Jobs whose status changed without a new snapshot (they ended): the
     /// next pass copies their status to every standby.
@@ -75,7 +78,10 @@ pub struct Replicator {
 const RETRY: Duration = Duration::from_secs(1);
 
 impl Replicator {
-    pub fn new(standbys: Vec<Standby>) -> Self {
+    /// A replicator writing through `fence`: the region coordinator's, or
+    /// [`WriteFence::unfenced`] when regions have no global KV (no region
+    /// lease: the operator decides which region is primary).
+    pub fn new(standbys: Vec<Standby>, fence: WriteFence) -> Self {
         let state = standbys
             .iter()
             .map(|s| StandbyState {
@@ -89,10 +95,31 @@ impl Replicator {
             .collect();
         Self {
             standbys,
+            fence,
             state: Mutex::new(state),
             ended: Mutex::new(BTreeMap::new()),
             latencies: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The fence every write into a standby's store goes through.
+    pub fn fence(&self) -> &WriteFence {
+        &self.fence
+    }
+
+    /// This region left the primary role: what was pending is no longer
+    /// its to copy (the new primary replicates its own lineage, and
+    /// archives what this region committed beyond it).
+    pub fn stand_down(&self) {
+        self.fence.close();
+        let mut st = self.lock();
+        for s in st.iter_mut() {
+            for j in s.jobs.values_mut() {
+                j.pending.clear();
+            }
+        }
+        drop(st);
+        self.ended.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StandbyState>> {
@@ -189,6 +216,9 @@ impl Replicator {
     /// Replicates every job with pending snapshots (or an ended status) to
     /// every standby.
     async fn pass(&self) {
+        if !self.fence.is_open() {
+            return;
+        }
         let ended: Vec<(JobId, StorageLocation)> = self
             .ended
             .lock()
@@ -209,7 +239,7 @@ impl Replicator {
                 }
             }
             for (job, root) in work {
-                let result = replicate_job(&root, &standby.store, &job).await;
+                let result = replicate_job(&root, &standby.store, &job, &self.fence).await;
                 let now = Utc::now();
                 let mut st = self.lock();
                 let s = &mut st[i];
@@ -248,6 +278,11 @@ impl Replicator {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .extend(lat);
+                    }
+                    Err(e @ crate::ReplicationError::Fenced { .. }) => {
+                        tracing::info!(region = %standby.region, job = %job, "replication paused: {e}");
+                        s.status.last_error = Some(e.to_string());
+                        return;
                     }
                     Err(e) => {
                         tracing::warn!(region = %standby.region, job = %job, "replication failed (retrying): {e}");

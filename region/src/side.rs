@@ -109,7 +109,14 @@ impl RegionSide {
                 store: s.clone(),
             })
             .collect();
-        let replicator = Arc::new(Replicator::new(standbys));
+        // With a global KV the coordinator opens the fence while this
+        // region holds the lease; without one there is no lease to hold.
+        let fence = if g.urls.is_empty() {
+            crate::WriteFence::unfenced()
+        } else {
+            crate::WriteFence::closed()
+        };
+        let replicator = Arc::new(Replicator::new(standbys, fence));
         let tracker = tokio_util::task::TaskTracker::new();
         // Completed snapshots go to the replicator, and so do ended jobs'
         // final status (no standby restarts them).

@@ -106,7 +106,7 @@ impl Coordinator {
         // this lineage.
         let mut jobs = Vec::new();
         for j in self.jobs.jobs() {
-            crate::replicate_job(&source, &target_store, &j.id)
+            crate::replicate_job(&source, &target_store, &j.id, self.replicator.fence())
                 .await
                 .map_err(|e| {
                     RegionError::Store(format!(

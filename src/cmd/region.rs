@@ -13,7 +13,7 @@ use ferry_client::regions::RegionMap;
 use ferry_client::{Client, text};
 use ferry_core::JobId;
 use ferry_core::storage::StorageLocation;
-use ferry_region::{JobCopy, Verification, replicate_job, verify_job};
+use ferry_region::{JobCopy, Verification, WriteFence, replicate_job, verify_job};
 use serde_json::json;
 
 use super::job::{Output, client, print_result, report_failure, show};
@@ -285,7 +285,7 @@ async fn replicate(
     let mut failed = false;
     for id in &ids {
         eprintln!("replicating job {id} ...");
-        match replicate_job(&source, &target, id).await {
+        match replicate_job(&source, &target, id, &WriteFence::unfenced()).await {
             Ok(c) => {
                 failed |= !c.skipped.is_empty();
                 copies.push(c);

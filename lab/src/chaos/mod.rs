@@ -44,6 +44,8 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(180);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(90);
 /// How long the sandbox may take to come up and run the jobs.
 const START_LIMIT: Duration = Duration::from_secs(120);
+/// Bound on a switchover's or fail-back's answer.
+const REQUEST_LIMIT: Duration = Duration::from_secs(90);
 /// Event time by which a window must be older than the newest record to
 /// count as "must have fired" (the records in flight through two jobs).
 const FIRED_MARGIN_MS: i64 = 2_000;
@@ -197,6 +199,10 @@ struct Campaign {
     /// This round's JobManagers hit: (region, id, whether it led then).
     /// Faults harmless one by one can together use up the region fence.
     hits: Vec<(usize, String, bool)>,
+    /// The answer of a switchover or fail-back just requested: it runs
+    /// beside the round (it takes as long as the faults let it), so the
+    /// round's other faults and its heal keep their schedule.
+    requested: Option<tokio::task::JoinHandle<String>>,
     s3: StorageLocation,
     west: StorageLocation,
 }
@@ -253,6 +259,7 @@ pub async fn run(
         dead_global: Vec::new(),
         ballast: None,
         drains: Vec::new(),
+        requested: None,
         hits: Vec::new(),
         s3,
         west,
@@ -567,6 +574,7 @@ impl Campaign {
         let mut pending = plan.faults.iter().peekable();
         let mut detected: Option<Duration> = None;
         let mut may_redeploy = false;
+        let mut answers = Vec::new();
         self.hits.clear();
         while t0.elapsed() < plan.hold || pending.peek().is_some() {
             while let Some((at, f)) = pending.peek() {
@@ -576,6 +584,9 @@ impl Campaign {
                 let (what, hits_primary) = self.inject(f).await;
                 may_redeploy |= f.may_redeploy(hits_primary);
                 report.faults.push(format!("{f}: {what}"));
+                if let Some(answer) = self.requested.take() {
+                    answers.push((report.faults.len() - 1, f.to_string(), answer));
+                }
                 pending.next();
             }
             if detected.is_none() && self.visible().await != baseline {
@@ -619,7 +630,17 @@ impl Campaign {
         }
         let healed_at = Utc::now();
         let heal_start = Instant::now();
-        if let Err(e) = self.heal().await {
+        let healed = self.heal().await;
+        // Requests still under way finish against a healed world.
+        for (i, f, answer) in answers {
+            let said = match tokio::time::timeout(REQUEST_LIMIT, answer).await {
+                Ok(Ok(said)) => said,
+                Ok(Err(e)) => format!("the request failed: {e}"),
+                Err(_) => format!("no answer within {REQUEST_LIMIT:?}"),
+            };
+            report.faults[i] = format!("{f}: {said}");
+        }
+        if let Err(e) = healed {
             report.violations.push(format!("healing failed: {e:#}"));
             return report;
         }
@@ -834,26 +855,29 @@ impl Campaign {
                 let Some(c) = self.world.api(p).await else {
                     return format!("no leader in {} to ask (skipped)", REGIONS[p]);
                 };
-                let c = c.with_timeout(Duration::from_secs(90));
+                let c = c.with_timeout(REQUEST_LIMIT);
                 let failback = *f == Fault::Failback && home_away;
-                let answer = if failback {
-                    c.failback(REGIONS[0], false, Some(Duration::from_secs(30)))
-                        .await
-                } else {
-                    c.failover(REGIONS[1 - p], false, false).await
-                };
                 let instead = if *f == Fault::Failback && !failback {
                     "already home, so a switchover instead: "
                 } else {
                     ""
                 };
-                match answer {
-                    Ok(a) if a.status.is_success() => {
-                        format!("{instead}moved to {}", REGIONS[1 - p])
+                self.requested = Some(tokio::spawn(async move {
+                    let answer = if failback {
+                        c.failback(REGIONS[0], false, Some(Duration::from_secs(30)))
+                            .await
+                    } else {
+                        c.failover(REGIONS[1 - p], false, false).await
+                    };
+                    match answer {
+                        Ok(a) if a.status.is_success() => {
+                            format!("{instead}moved to {}", REGIONS[1 - p])
+                        }
+                        Ok(a) => format!("{instead}refused ({}): {}", a.status, a.raw),
+                        Err(e) => format!("{instead}refused: {e}"),
                     }
-                    Ok(a) => format!("{instead}refused ({}): {}", a.status, a.raw),
-                    Err(e) => format!("{instead}refused: {e}"),
-                }
+                }));
+                "requested".into()
             }
         }
     }
