@@ -351,8 +351,12 @@ impl Coordinator {
                 to,
                 RegionRole::Promoting | RegionRole::Primary | RegionRole::SwitchingOver
             );
-            if !primary {
+            if !primary && to != RegionRole::Dark {
                 // Nothing more goes into other regions' stores from here.
+                // A drill's dark primary plays a region that just died or
+                // was cut off: what it had under way may still land while
+                // its last renewal's fence lasts, as it would then, and no
+                // longer (it renews nothing).
                 self.replicator.stand_down();
             }
             let epoch = next.epoch().unwrap_or_else(|| self.seen().epoch);

@@ -11,7 +11,9 @@
 //!
 //! The coordinator opens the fence until half the region timeout after
 //! each lease renewal it sends (as long as the TaskManagers' region fence
-//! lasts) and closes it when the region leaves the primary role. Every
+//! lasts) and closes it when the region leaves the primary role (a
+//! drill's dark primary, playing a region that just died, lets it run
+//! out instead, as a real one's copies under way would). Every
 //! write of a copy checks the fence first, and every write a restore sees
 //! — a manifest, a deletion, an archive, a spec or status — must also
 //! finish before the fence expires. A standby takes over only once the
