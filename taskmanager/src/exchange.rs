@@ -229,9 +229,12 @@ impl BatchEncoder {
         }
         let w = self.writer.as_mut().expect("set above");
         w.write(&rb)?;
+        // The next message starts with room for one as big as this one:
+        // growing the buffer from empty copies it over and over.
+        let room = w.get_ref().len();
         Ok(Message {
             new_stream,
-            bytes: std::mem::take(w.get_mut()),
+            bytes: std::mem::replace(w.get_mut(), Vec::with_capacity(room)),
         })
     }
 }

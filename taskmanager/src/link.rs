@@ -73,6 +73,12 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// about 10,000 batches of 1,024 rows a second, bound by decoding).
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Batches and watermarks a sender puts in one `run` frame at most (the
+/// default of [`LinkConfig::run_items`]).
+pub const RUN_ITEMS: usize = 64;
+/// Items of a `run` a receiver takes at most: a run of tiny watermarks
+/// must not decode into more messages than the frame's bytes suggest.
+const MAX_RUN_ITEMS: usize = 1024;
 /// Room for a frame's protobuf fields around its IPC bytes.
 const FRAME_SLACK: usize = 64 * 1024;
 /// A sender waits this much longer than `open_timeout` for the peer's
@@ -115,6 +121,9 @@ pub struct LinkConfig {
     /// a channel a peer opens ([`Exchange::accept`]); and for the `open`
     /// frame itself, and for the close of a stream after its `end`.
     pub open_timeout: Duration,
+    /// Batches and watermarks a sender puts in one frame at most (those
+    /// already queued behind the first); 1 to [`RUN_ITEMS`].
+    pub run_items: usize,
 }
 
 impl Default for LinkConfig {
@@ -123,6 +132,7 @@ impl Default for LinkConfig {
             credits: 8,
             max_message: DEFAULT_MAX_MESSAGE,
             open_timeout: Duration::from_secs(30),
+            run_items: RUN_ITEMS,
         }
     }
 }
@@ -265,6 +275,7 @@ impl Exchange {
     ) -> Self {
         let cfg = LinkConfig {
             credits: cfg.credits.max(1),
+            run_items: cfg.run_items.clamp(1, RUN_ITEMS),
             ..cfg
         };
         Self {

@@ -263,10 +263,62 @@ async fn messages_cross_in_order_and_unchanged_then_the_input_closes() {
     assert_eq!((inn.batches, inn.records), (batches, rows));
     assert_eq!(out.bytes, inn.bytes);
     assert!(out.bytes > 0);
-    // Every message and the end.
-    assert_eq!(out.frames, want.len() as u64 + 1);
-    assert_eq!(inn.frames, want.len() as u64 + 1);
+    // Every message and the end, some of them sharing a run frame.
+    assert!(out.frames <= want.len() as u64 + 1, "{} frames", out.frames);
+    assert_eq!(inn.frames, out.frames);
     assert_eq!((out.channels, inn.channels), (0, 0));
+    assert_eq!(a.inflight(), 0);
+}
+
+/// Batches and watermarks queued behind the one a credit takes travel
+/// with it in one frame, in order; a barrier never joins a run.
+#[tokio::test]
+async fn queued_batches_and_watermarks_share_frames_and_keep_their_order() {
+    let b = node("tm-b", cfg(2)).await;
+    let a = Exchange::new("tm-a", cfg(2), None);
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = format!("file://{}/chk-1", dir.path().display());
+    let sequence = || {
+        let mut s = Vec::new();
+        for i in 0..150 {
+            s.push(Msg::Batch(batch(i, 1 + i % 50)));
+            s.push(Msg::Watermark(10 * i as i64));
+            if i == 99 {
+                s.push(barrier(1, SnapshotKind::Checkpoint, true, false, &d1));
+            }
+        }
+        s
+    };
+    let want = sequence();
+    // Everything is queued before the channel opens.
+    let (up_tx, up_rx) = mpsc::channel(want.len());
+    for m in sequence() {
+        up_tx.try_send(m).unwrap();
+    }
+    drop(up_tx);
+    let (down_tx, mut down_rx) = mpsc::channel(want.len());
+    let _inbound = b.ex.accept(key("runs", 0, 1), schema(), down_tx);
+    let sender = a.connect(&b.url, key("runs", 0, 1), up_rx, CancellationToken::new());
+    let mut got = Vec::new();
+    while let Some(m) = within("the next message", down_rx.recv()).await {
+        got.push(m);
+    }
+    assert_eq!(got.len(), want.len(), "messages received");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        same(g, w, i);
+    }
+    assert_eq!(within("the sender", sender).await.unwrap(), Ok(()));
+    // 301 messages and the end: runs of up to RUN_ITEMS before the
+    // barrier and after it, the barrier alone, the end alone.
+    let out = stats(&a, "tm-b", Direction::Out);
+    let per_run = ferry_taskmanager::link::RUN_ITEMS as u64;
+    let fewest = 200u64.div_ceil(per_run) + 1 + 100u64.div_ceil(per_run) + 1;
+    assert!(
+        out.frames >= fewest && out.frames <= fewest + 4,
+        "{} frames for 302 messages (runs of {per_run})",
+        out.frames
+    );
+    assert_eq!(stats(&b.ex, "tm-a", Direction::In).frames, out.frames);
     assert_eq!(a.inflight(), 0);
 }
 
@@ -276,7 +328,15 @@ async fn credits_bound_a_stalled_channel_and_the_other_channel_flows() {
     const UP: usize = 3;
     const DOWN: usize = 2;
     let b = node("tm-b", cfg(CREDITS as u32)).await;
-    let a = Exchange::new("tm-a", cfg(CREDITS as u32), None);
+    // One message per frame, so that frames count messages.
+    let a = Exchange::new(
+        "tm-a",
+        LinkConfig {
+            run_items: 1,
+            ..cfg(CREDITS as u32)
+        },
+        None,
+    );
 
     // Channel 1: its downstream task reads nothing for now.
     let (down1_tx, mut down1) = mpsc::channel(DOWN);
@@ -591,6 +651,29 @@ async fn malformed_frames_fail_the_downstream_task_with_a_reason() {
             "empty",
             vec![ExchangeFrame { frame: None }],
             "an empty frame",
+        ),
+        (
+            "no-items",
+            vec![frame(Frame::Run(proto::Run { items: vec![] }))],
+            "a run of 0 items",
+        ),
+        (
+            "many-items",
+            vec![frame(Frame::Run(proto::Run {
+                items: (0..1025)
+                    .map(|w| proto::RunItem {
+                        item: Some(proto::run_item::Item::Watermark(w)),
+                    })
+                    .collect(),
+            }))],
+            "a run of 1025 items",
+        ),
+        (
+            "empty-item",
+            vec![frame(Frame::Run(proto::Run {
+                items: vec![proto::RunItem { item: None }],
+            }))],
+            "an empty item in a run",
         ),
     ];
     for (d, frames, reason) in cases {

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
-    ChannelKey, Counters, Direction, Exchange, Gauge, Inner, MAX_NAME, PEER_HEADER, lock,
-    status_text,
+    ChannelKey, Counters, Direction, Exchange, Gauge, Inner, MAX_NAME, MAX_RUN_ITEMS, PEER_HEADER,
+    lock, status_text,
 };
 use crate::exchange::{BatchDecoder, Message};
 use crate::protocol::{Barrier, Msg};
@@ -156,6 +156,7 @@ fn frame_name(f: &Option<Frame>) -> &'static str {
         Some(Frame::Watermark(_)) => "a watermark frame",
         Some(Frame::Barrier(_)) => "a barrier frame",
         Some(Frame::End(_)) => "an end frame",
+        Some(Frame::Run(_)) => "a run frame",
     }
 }
 
@@ -334,9 +335,11 @@ impl Receiver {
         closed: &CancellationToken,
     ) -> Result<(), Broken> {
         let credits = self.inner.cfg.credits;
-        let mut queue: VecDeque<Msg> = VecDeque::new();
-        // Credits the sender has left: `usable + queue.len() == credits`
-        // until `end`.
+        // Messages not yet handed over, each marked when it is its frame's
+        // last (a run frame carries several).
+        let mut queue: VecDeque<(Msg, bool)> = VecDeque::new();
+        // Credits the sender has left: `usable` plus the frames with
+        // messages in `queue` is `credits` until `end`.
         let mut usable = credits;
         let mut phase = Phase::Open;
         loop {
@@ -354,10 +357,11 @@ impl Receiver {
                     let Ok(permit) = permit else {
                         return Err(Broken::DownstreamGone);
                     };
-                    if let Some(m) = queue.pop_front() {
-                        permit.send(m);
-                    }
-                    if let Phase::Open = phase {
+                    let Some((m, last)) = queue.pop_front() else {
+                        continue;
+                    };
+                    permit.send(m);
+                    if last && let Phase::Open = phase {
                         usable += 1;
                         self.grants.grant(1);
                     }
@@ -385,13 +389,10 @@ impl Receiver {
                         }
                         usable -= 1;
                         self.counters.frames.fetch_add(1, Ordering::Relaxed);
-                        match self.message(f.frame)? {
-                            Some(m) => queue.push_back(m),
-                            None => {
-                                phase = Phase::Ended(
-                                    tokio::time::Instant::now() + self.inner.cfg.open_timeout,
-                                );
-                            }
+                        if !self.messages(f.frame, &mut queue)? {
+                            phase = Phase::Ended(
+                                tokio::time::Instant::now() + self.inner.cfg.open_timeout,
+                            );
                         }
                     }
                 },
@@ -405,25 +406,63 @@ impl Receiver {
         }
     }
 
-    /// The message a frame carries; `None` for `end`.
-    fn message(&mut self, frame: Option<Frame>) -> Result<Option<Msg>, Broken> {
-        Ok(Some(match frame {
+    /// Queues the messages a frame carries, the last one marked; `false`
+    /// for `end` (which carries none).
+    fn messages(
+        &mut self,
+        frame: Option<Frame>,
+        queue: &mut VecDeque<(Msg, bool)>,
+    ) -> Result<bool, Broken> {
+        let items = match frame {
+            Some(Frame::End(_)) => return Ok(false),
+            Some(Frame::Run(run)) => run.items,
+            other => {
+                let m = self.message(other)?;
+                queue.push_back((m, true));
+                return Ok(true);
+            }
+        };
+        if items.is_empty() || items.len() > MAX_RUN_ITEMS {
+            return Err(Broken::Peer(format!(
+                "a run of {} items (1 to {MAX_RUN_ITEMS} are allowed)",
+                items.len()
+            )));
+        }
+        let n = items.len();
+        for (i, item) in items.into_iter().enumerate() {
+            let m = match item.item {
+                Some(proto::run_item::Item::Batch(b)) => self.batch(b)?,
+                Some(proto::run_item::Item::Watermark(w)) => Msg::Watermark(w),
+                None => return Err(Broken::Peer("an empty item in a run".into())),
+            };
+            queue.push_back((m, i + 1 == n));
+        }
+        Ok(true)
+    }
+
+    fn batch(&mut self, b: proto::IpcBatch) -> Result<Msg, Broken> {
+        let bytes = b.ipc.len();
+        let batch = self
+            .decoder
+            .decode(&Message {
+                new_stream: b.new_stream,
+                bytes: b.ipc,
+            })
+            .map_err(|e| Broken::Peer(format!("a batch that does not decode: {e}")))?;
+        self.counters.batch(batch.len(), bytes);
+        Ok(Msg::Batch(batch))
+    }
+
+    /// The message a frame other than `end` and `run` carries.
+    fn message(&mut self, frame: Option<Frame>) -> Result<Msg, Broken> {
+        Ok(match frame {
             None => return Err(Broken::Peer("an empty frame".into())),
             Some(Frame::Open(_)) => return Err(Broken::Peer("a second open frame".into())),
-            Some(Frame::End(_)) => return Ok(None),
-            Some(Frame::Watermark(w)) => Msg::Watermark(w),
-            Some(Frame::Batch(b)) => {
-                let bytes = b.ipc.len();
-                let batch = self
-                    .decoder
-                    .decode(&Message {
-                        new_stream: b.new_stream,
-                        bytes: b.ipc,
-                    })
-                    .map_err(|e| Broken::Peer(format!("a batch that does not decode: {e}")))?;
-                self.counters.batch(batch.len(), bytes);
-                Msg::Batch(batch)
+            Some(Frame::End(_)) | Some(Frame::Run(_)) => {
+                return Err(Broken::Peer("an end or run frame out of place".into()));
             }
+            Some(Frame::Watermark(w)) => Msg::Watermark(w),
+            Some(Frame::Batch(b)) => self.batch(b)?,
             Some(Frame::Barrier(b)) => {
                 let kind = match proto::SnapshotKind::try_from(b.kind) {
                     Ok(proto::SnapshotKind::Checkpoint) => SnapshotKind::Checkpoint,
@@ -446,6 +485,6 @@ impl Receiver {
                     dir,
                 })
             }
-        }))
+        })
     }
 }

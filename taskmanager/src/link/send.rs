@@ -1,7 +1,11 @@
 //! The sending end of the exchange's channels
 //! ([`Exchange::connect`](super::Exchange::connect)): one HTTP/2 connection
 //! per peer URL, and per channel a `Channel` call that sends what the
-//! upstream task's channel yields, one frame per credit.
+//! upstream task's channel yields, one frame per credit. Batches and
+//! watermarks already queued behind the one a credit takes travel with it
+//! as one `run` frame (up to `run_items` of them and about
+//! [`RUN_BYTES`]): fewer frames for the same records, and nothing waits to
+//! fill a run.
 //!
 //! Invariant: a sender takes a message from the upstream task's channel
 //! only when it holds a credit for it, so a stalled channel holds nothing
@@ -92,6 +96,85 @@ impl InFlight<'_> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.inner.inflight.fetch_sub(self.n, Ordering::Relaxed);
+    }
+}
+
+/// Stop adding to a run once its batches hold this many bytes.
+pub(super) const RUN_BYTES: usize = 256 * 1024;
+
+/// What a sender sends next.
+enum Next {
+    /// A message of the upstream task (`None`: it finished).
+    Msg(Option<Msg>),
+    /// A frame already encoded: the batch that did not fit in the run
+    /// before it.
+    Frame(Frame),
+}
+
+/// The frame that carries `first` and, when it is a batch or a watermark,
+/// the batches and watermarks queued behind it. A message taken that does
+/// not join the run is left in `held`, to go next.
+fn gather(
+    first: Option<Msg>,
+    rx: &mut mpsc::Receiver<Msg>,
+    held: &mut Option<Next>,
+    encoder: &mut BatchEncoder,
+    counters: &Counters,
+    max_message: usize,
+    run_items: usize,
+) -> Result<Frame, String> {
+    let joins = |m: &Msg| matches!(m, Msg::Batch(_) | Msg::Watermark(_));
+    if !first.as_ref().is_some_and(joins) {
+        return frame(first, encoder, counters, max_message);
+    }
+    let first = frame(first, encoder, counters, max_message)?;
+    let mut bytes = frame_bytes(&first);
+    let mut items = vec![first];
+    while items.len() < run_items && bytes < RUN_BYTES {
+        let m = match rx.try_recv() {
+            Ok(m) if joins(&m) => m,
+            Ok(m) => {
+                *held = Some(Next::Msg(Some(m)));
+                break;
+            }
+            Err(mpsc::error::TryRecvError::Empty) => break,
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                *held = Some(Next::Msg(None));
+                break;
+            }
+        };
+        let f = frame(Some(m), encoder, counters, max_message)?;
+        let size = frame_bytes(&f);
+        if bytes + size > max_message {
+            // Encoded already (the encoder's stream moved on): it goes
+            // alone, next.
+            *held = Some(Next::Frame(f));
+            break;
+        }
+        bytes += size;
+        items.push(f);
+    }
+    if items.len() == 1 {
+        return Ok(items.pop().expect("one item"));
+    }
+    let items = items
+        .into_iter()
+        .map(|f| proto::RunItem {
+            item: Some(match f {
+                Frame::Batch(b) => proto::run_item::Item::Batch(b),
+                Frame::Watermark(w) => proto::run_item::Item::Watermark(w),
+                _ => unreachable!("only batches and watermarks join a run"),
+            }),
+        })
+        .collect();
+    Ok(Frame::Run(proto::Run { items }))
+}
+
+/// The IPC bytes a frame carries.
+fn frame_bytes(f: &Frame) -> usize {
+    match f {
+        Frame::Batch(b) => b.ipc.len(),
+        _ => 0,
     }
 }
 
@@ -201,8 +284,20 @@ pub(super) async fn send_channel(
     let mut credits: u64 = 0;
     // Since when every credit is in use.
     let mut starved: Option<Instant> = None;
+    // Taken from the upstream channel while gathering a run, not part of
+    // it: it goes first once a credit allows.
+    let mut held: Option<Next> = None;
     loop {
-        tokio::select! {
+        let next = match held.take() {
+            Some(n) if credits > 0 && req_tx.is_some() => Some(n),
+            other => {
+                held = other;
+                None
+            }
+        };
+        let next = match next {
+            Some(n) => n,
+            None => tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err("cancelled".into()),
             credit = credit_stream.message() => match credit {
@@ -216,35 +311,50 @@ pub(super) async fn send_channel(
                         counters.credit_wait_ns.fetch_add(ns, Ordering::Relaxed);
                         inner.credit_wait_ns.fetch_add(ns, Ordering::Relaxed);
                     }
+                    continue;
                 }
                 Ok(None) if req_tx.is_none() => return Ok(()),
                 Ok(None) => return Err("the peer finished the channel before its end".into()),
                 Err(s) => return Err(format!("the channel broke ({})", status_text(&s))),
             },
-            msg = rx.recv(), if req_tx.is_some() && credits > 0 => {
-                credits -= 1;
-                inflight.sent();
-                if credits == 0 {
-                    starved = Some(Instant::now());
-                }
-                counters.frames.fetch_add(1, Ordering::Relaxed);
+            msg = rx.recv(), if req_tx.is_some() && credits > 0 && held.is_none() => Next::Msg(msg),
+            },
+        };
+        // Only `Next::Msg(None)` ends the channel.
+        let (f, end) = match next {
+            Next::Frame(f) => (f, false),
+            Next::Msg(msg) => {
                 let end = msg.is_none();
-                let f = proto::ExchangeFrame {
-                    frame: Some(frame(msg, &mut encoder, &counters, cfg.max_message)?),
-                };
-                if let Some(tx) = &req_tx {
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return Err("cancelled".into()),
-                        sent = tx.send(f) => if sent.is_err() {
-                            return Err(call_end(&mut credit_stream).await);
-                        },
-                    }
-                }
-                if end {
-                    req_tx = None;
-                }
+                let f = gather(
+                    msg,
+                    &mut rx,
+                    &mut held,
+                    &mut encoder,
+                    &counters,
+                    cfg.max_message,
+                    cfg.run_items,
+                )?;
+                (f, end)
             }
+        };
+        credits -= 1;
+        inflight.sent();
+        if credits == 0 {
+            starved = Some(Instant::now());
+        }
+        counters.frames.fetch_add(1, Ordering::Relaxed);
+        let f = proto::ExchangeFrame { frame: Some(f) };
+        if let Some(tx) = &req_tx {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err("cancelled".into()),
+                sent = tx.send(f) => if sent.is_err() {
+                    return Err(call_end(&mut credit_stream).await);
+                },
+            }
+        }
+        if end {
+            req_tx = None;
         }
     }
 }
