@@ -101,15 +101,12 @@ async fn a_file_damaged_in_transit_is_detected_and_copied_again() {
         .unwrap();
     let files = checkpoint(&source, &job, 1).await;
 
+    // An operator's copy: no region fence.
+    let unfenced = ferry_region::WriteFence::unfenced();
     proxy.corrupt_once(MARKER);
-    let copy = ferry_region::replicate_job(
-        &source,
-        &over_link,
-        &job,
-        &ferry_region::WriteFence::unfenced(),
-    )
-    .await
-    .expect("replication succeeds after copying the damaged file again");
+    let copy = ferry_region::replicate_job(&source, &over_link, &job, &unfenced)
+        .await
+        .expect("replication succeeds after copying the damaged file again");
     assert_eq!(proxy.corrupted(), 1, "the proxy damaged one upload");
     let cp = copy.newest().expect("checkpoint 1 replicated");
     assert_eq!(cp.checkpoint, 1);
@@ -130,14 +127,9 @@ async fn a_file_damaged_in_transit_is_detected_and_copied_again() {
 
     // Incremental: the next pass copies only the new checkpoint.
     checkpoint(&source, &job, 2).await;
-    let next = ferry_region::replicate_job(
-        &source,
-        &over_link,
-        &job,
-        &ferry_region::WriteFence::unfenced(),
-    )
-    .await
-    .unwrap();
+    let next = ferry_region::replicate_job(&source, &over_link, &job, &unfenced)
+        .await
+        .unwrap();
     let copied: Vec<(u64, usize, bool)> = next
         .copied
         .iter()

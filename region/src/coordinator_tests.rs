@@ -1025,7 +1025,7 @@ async fn fail_back_reports_only_what_the_latest_failover_diverged() {
     for n in 1..=3 {
         lineage_checkpoint(east, &job, n, &[("s", b"a")], 1, None).await;
     }
-    crate::replicate_job(east, west, &job, &crate::WriteFence::unfenced())
+    crate::replicate::tests::copy(east, west, &job)
         .await
         .unwrap();
     for n in [4, 5] {
@@ -1080,7 +1080,7 @@ async fn a_stale_region_never_replicates_over_a_newer_lineage() {
         lineage_checkpoint(east, &job, n, &[("s", b"a")], 1, None).await;
     }
     lineage_checkpoint(west, &job, 4, &[("s", b"b")], 2, Some(3)).await;
-    let e = crate::replicate_job(east, west, &job, &crate::WriteFence::unfenced())
+    let e = crate::replicate::tests::copy(east, west, &job)
         .await
         .unwrap_err();
     assert!(

@@ -381,6 +381,15 @@ pub(crate) mod tests {
         );
     }
 
+    /// An operator's one-off copy (no fence).
+    pub(crate) async fn copy(
+        source: &StorageLocation,
+        target: &StorageLocation,
+        job: &JobId,
+    ) -> Result<JobCopy, ReplicationError> {
+        replicate_job(source, target, job, &crate::WriteFence::unfenced()).await
+    }
+
     async fn checkpoint(root: &StorageLocation, job: &JobId, n: u64, files: &[(&str, &[u8])]) {
         lineage_checkpoint(root, job, n, files, 0, None).await
     }
@@ -472,9 +481,7 @@ pub(crate) mod tests {
             .put("window-0.state", Bytes::from_static(b"partial"))
             .await
             .unwrap();
-        let r = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
-            .await
-            .unwrap();
+        let r = copy(&src, &dst, &job).await.unwrap();
         assert!(r.spec_copied);
         assert_eq!(r.copied.len(), 2);
         assert_eq!(r.newest().unwrap().checkpoint, 2);
@@ -491,9 +498,7 @@ pub(crate) mod tests {
                 .is_empty()
         );
         // A second pass copies nothing.
-        let again = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
-            .await
-            .unwrap();
+        let again = copy(&src, &dst, &job).await.unwrap();
         assert!(!again.spec_copied);
         assert!(again.copied.iter().all(|c| c.already_complete));
         assert_eq!(
@@ -544,9 +549,7 @@ pub(crate) mod tests {
             .put("w.state", Bytes::from_static(b"bad!"))
             .await
             .unwrap();
-        let r = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
-            .await
-            .unwrap();
+        let r = copy(&src, &dst, &job).await.unwrap();
         assert_eq!(r.skipped.len(), 1, "{r:?}");
         assert!(r.skipped[0].1.contains("SHA-256"), "{r:?}");
         assert_eq!(r.newest().unwrap().checkpoint, 1);
@@ -566,9 +569,7 @@ pub(crate) mod tests {
         for n in 1..=3 {
             checkpoint(&src, &job, n, &[("w.state", b"x")]).await;
         }
-        replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
-            .await
-            .unwrap();
+        copy(&src, &dst, &job).await.unwrap();
         // The source retained only 3 and 4 meanwhile.
         for n in 1..=2 {
             src.delete_prefix(&checkpoint_dir(&job, CheckpointId(n)))
@@ -576,9 +577,7 @@ pub(crate) mod tests {
                 .unwrap();
         }
         checkpoint(&src, &job, 4, &[("w.state", b"y")]).await;
-        let r = replicate_job(&src, &dst, &job, &crate::WriteFence::unfenced())
-            .await
-            .unwrap();
+        let r = copy(&src, &dst, &job).await.unwrap();
         assert_eq!(r.removed, vec![1, 2]);
         let left = list_checkpoint_ids(&dst, &job).await.unwrap();
         assert_eq!(left, vec![CheckpointId(3), CheckpointId(4)]);
@@ -595,28 +594,14 @@ pub(crate) mod tests {
         for n in 1..=3 {
             lineage_checkpoint(&new_primary, &job, n, &[("w.state", b"old")], 1, None).await;
         }
-        replicate_job(
-            &new_primary,
-            &old_primary,
-            &job,
-            &crate::WriteFence::unfenced(),
-        )
-        .await
-        .unwrap();
+        copy(&new_primary, &old_primary, &job).await.unwrap();
         for n in [4, 5] {
             lineage_checkpoint(&old_primary, &job, n, &[("w.state", b"old")], 1, None).await;
         }
         for n in [4, 6] {
             lineage_checkpoint(&new_primary, &job, n, &[("w.state", b"new")], 2, Some(3)).await;
         }
-        let r = replicate_job(
-            &new_primary,
-            &old_primary,
-            &job,
-            &crate::WriteFence::unfenced(),
-        )
-        .await
-        .unwrap();
+        let r = copy(&new_primary, &old_primary, &job).await.unwrap();
         let diverged: Vec<u64> = r.diverged.iter().map(|d| d.checkpoint).collect();
         assert_eq!(diverged, vec![4, 5]);
         assert!(r.skipped.is_empty(), "no conflict is left: {:?}", r.skipped);
@@ -643,31 +628,16 @@ pub(crate) mod tests {
         assert_eq!(s.event_time_ms, 2000);
         assert_eq!(s.base.as_ref().map(|b| b.checkpoint), Some(3));
         // A second pass finds nothing new.
-        let again = replicate_job(
-            &new_primary,
-            &old_primary,
-            &job,
-            &crate::WriteFence::unfenced(),
-        )
-        .await
-        .unwrap();
+        let again = copy(&new_primary, &old_primary, &job).await.unwrap();
         assert!(again.diverged.is_empty());
         // A standby that only ever received copies has no divergence.
         let (_tmp2, a, b) = stores();
         for n in 1..=3 {
             lineage_checkpoint(&a, &job, n, &[("w.state", b"x")], 1, None).await;
         }
-        replicate_job(&a, &b, &job, &crate::WriteFence::unfenced())
-            .await
-            .unwrap();
+        copy(&a, &b, &job).await.unwrap();
         lineage_checkpoint(&a, &job, 4, &[("w.state", b"y")], 1, None).await;
-        assert!(
-            replicate_job(&a, &b, &job, &crate::WriteFence::unfenced())
-                .await
-                .unwrap()
-                .diverged
-                .is_empty()
-        );
+        assert!(copy(&a, &b, &job).await.unwrap().diverged.is_empty());
     }
 
     #[tokio::test]
