@@ -181,6 +181,19 @@ fn same(got: &Msg, want: &Msg, at: usize) {
     }
 }
 
+/// Receives every message until the input closes and checks them against
+/// `want`, in order.
+async fn receive_all(rx: &mut mpsc::Receiver<Msg>, want: &[Msg]) {
+    let mut got = Vec::new();
+    while let Some(m) = within("the next message", rx.recv()).await {
+        got.push(m);
+    }
+    assert_eq!(got.len(), want.len(), "messages received");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        same(g, w, i);
+    }
+}
+
 /// The next message, which must be a failure; its reason.
 async fn fail_of(rx: &mut mpsc::Receiver<Msg>) -> String {
     loop {
@@ -246,14 +259,7 @@ async fn messages_cross_in_order_and_unchanged_then_the_input_closes() {
                 .unwrap();
         }
     });
-    let mut got = Vec::new();
-    while let Some(m) = within("the next message", down_rx.recv()).await {
-        got.push(m);
-    }
-    assert_eq!(got.len(), want.len(), "messages received");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        same(g, w, i);
-    }
+    receive_all(&mut down_rx, &want).await;
     within("the producer", producer).await.unwrap();
     assert_eq!(within("the sender", sender).await.unwrap(), Ok(()));
 
@@ -299,14 +305,7 @@ async fn queued_batches_and_watermarks_share_frames_and_keep_their_order() {
     let (down_tx, mut down_rx) = mpsc::channel(want.len());
     let _inbound = b.ex.accept(key("runs", 0, 1), schema(), down_tx);
     let sender = a.connect(&b.url, key("runs", 0, 1), up_rx, CancellationToken::new());
-    let mut got = Vec::new();
-    while let Some(m) = within("the next message", down_rx.recv()).await {
-        got.push(m);
-    }
-    assert_eq!(got.len(), want.len(), "messages received");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        same(g, w, i);
-    }
+    receive_all(&mut down_rx, &want).await;
     assert_eq!(within("the sender", sender).await.unwrap(), Ok(()));
     // 301 messages and the end: runs of up to RUN_ITEMS before the
     // barrier and after it, the barrier alone, the end alone.
