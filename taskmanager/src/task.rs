@@ -405,7 +405,56 @@ pub async fn run_source_task(
     }
 }
 
-/// Runs a task fed by upstream tasks, aligning barriers across its inputs.
+/// How far (event time, ms) an input may run ahead of the slowest active
+/// input of its task before the task stops reading it until the slowest
+/// catches up. Without a bound, an upstream task that gets more CPU or a
+/// faster path (in memory rather than across the exchange) runs ahead by
+/// as much as the job can read: every window between the slowest input's
+/// watermark and the fastest input's records stays open, and the state
+/// (and its cache misses) grows with the drift — minutes of event time
+/// when a job catches up on a backlog. The fast upstream task waits on its
+/// full channel instead (backpressure), as a Flink source does under
+/// watermark alignment.
+pub const MAX_INPUT_DRIFT_MS: i64 = 10_000;
+
+/// An input that delivered nothing for this long is idle: the others no
+/// longer wait for it (an idle source's watermark does not advance).
+pub const IDLE_INPUT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The event time past which a downstream task does not read an input
+/// (`None`: it reads them all): [`MAX_INPUT_DRIFT_MS`] past the slowest
+/// open input's watermark, while that input is active (it delivered
+/// something within [`IDLE_INPUT`]) and has a watermark. Never while
+/// aligning a barrier: the barriers behind held messages must come in.
+fn read_limit(
+    input_wm: &[i64],
+    closed: &[bool],
+    heard: &[tokio::time::Instant],
+    aligning: bool,
+    now: tokio::time::Instant,
+) -> Option<(i64, tokio::time::Instant)> {
+    if aligning {
+        return None;
+    }
+    let slowest = (0..input_wm.len())
+        .filter(|&i| !closed[i])
+        .min_by_key(|&i| input_wm[i])?;
+    let until = heard[slowest] + IDLE_INPUT;
+    (input_wm[slowest] != i64::MIN && now < until)
+        .then(|| (input_wm[slowest].saturating_add(MAX_INPUT_DRIFT_MS), until))
+}
+
+/// Sleeps until `deadline`; forever without one.
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a task fed by upstream tasks, aligning barriers across its inputs
+/// and bounding how far one input runs ahead of the others in event time
+/// ([`MAX_INPUT_DRIFT_MS`]).
 pub async fn run_downstream_task(
     mut ctx: TaskContext,
     mut inputs: Vec<mpsc::Receiver<Msg>>,
@@ -415,19 +464,46 @@ pub async fn run_downstream_task(
     let mut blocked = vec![false; n];
     let mut closed = vec![false; n];
     let mut input_wm = vec![i64::MIN; n];
+    let mut heard = vec![tokio::time::Instant::now(); n];
     let mut cur_wm = i64::MIN;
     let mut aligning: Option<(Barrier, usize)> = None;
     let mut stop_at = None;
     let mut rr = 0usize;
     loop {
+        let limit = if n > 1 {
+            read_limit(
+                &input_wm,
+                &closed,
+                &heard,
+                aligning.is_some(),
+                tokio::time::Instant::now(),
+            )
+        } else {
+            None
+        };
+        let readable =
+            |i: usize| !blocked[i] && !closed[i] && limit.is_none_or(|(max, _)| input_wm[i] <= max);
+        // Wake when the slowest input turns idle, if an input waits on it.
+        let held_until = limit
+            .filter(|_| (0..n).any(|i| !blocked[i] && !closed[i] && !readable(i)))
+            .map(|(_, until)| until);
+        // The slowest input first when it has a message, then the others
+        // in turn.
+        let slowest = (0..n)
+            .map(|k| (rr + k) % n)
+            .filter(|&i| readable(i))
+            .reduce(|a, b| if input_wm[b] < input_wm[a] { b } else { a });
         let next = poll_fn(|cx| {
-            for k in 0..n {
-                let i = (rr + k) % n;
-                if blocked[i] || closed[i] {
+            for i in slowest
+                .into_iter()
+                .chain((0..n).map(|k| (rr + k) % n).filter(|&i| Some(i) != slowest))
+            {
+                if !readable(i) {
                     continue;
                 }
                 if let TaskPoll::Ready(m) = inputs[i].poll_recv(cx) {
                     rr = (i + 1) % n;
+                    heard[i] = tokio::time::Instant::now();
                     return TaskPoll::Ready((i, m));
                 }
             }
@@ -485,7 +561,9 @@ pub async fn run_downstream_task(
                         ctx.snapshot(&bar, None, &mut chain).await?;
                     }
                 }
-            }
+            },
+            // The slowest input turned idle: read the others again.
+            _ = sleep_until(held_until) => {}
         }
     }
 }

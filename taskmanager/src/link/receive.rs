@@ -25,6 +25,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::task::sleep_until;
+
 use super::{
     ChannelKey, Counters, Direction, Exchange, Gauge, Inner, MAX_NAME, MAX_RUN_ITEMS, PEER_HEADER,
     lock, status_text,
@@ -239,14 +241,6 @@ enum Phase {
     Ended(tokio::time::Instant),
     /// The stream ended after `end`.
     Finished,
-}
-
-/// Sleeps until `deadline`; forever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Why a channel's receiving end broke.
