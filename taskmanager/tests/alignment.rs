@@ -7,6 +7,8 @@
 //! The tests run on tokio's paused clock: time moves only when every task
 //! waits, so "within 50 ms" and "after 100 ms of silence" are exact.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +18,8 @@ use ferry_core::schema::Schema;
 use ferry_core::storage::StorageLocation;
 use ferry_core::value::DataType;
 use ferry_taskmanager::batch::{Batch, Column};
-use ferry_taskmanager::metrics::TaskMetrics;
-use ferry_taskmanager::protocol::{Barrier, Msg, TaskError, TaskId};
-use ferry_taskmanager::task::{
-    Chain, IDLE_INPUT, MAX_INPUT_DRIFT_MS, Output, TaskContext, run_downstream_task,
-};
+use ferry_taskmanager::protocol::{Barrier, Msg, TaskError};
+use ferry_taskmanager::task::{IDLE_INPUT, MAX_INPUT_DRIFT_MS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -49,29 +48,7 @@ fn task() -> Task {
     let (slow, slow_rx) = mpsc::channel(8);
     let (fast, fast_rx) = mpsc::channel(8);
     let (out_tx, out) = mpsc::channel(64);
-    let (commands_tx, commands) = mpsc::unbounded_channel();
-    let (events, events_rx) = mpsc::unbounded_channel();
-    let ctx = TaskContext {
-        id: TaskId {
-            stage: 1,
-            subtask: 0,
-        },
-        commands,
-        events,
-        uploads: tokio_util::task::TaskTracker::new(),
-    };
-    let chain = Chain {
-        ops: Vec::new(),
-        output: Output::Exchange {
-            senders: vec![out_tx],
-            key_idx: Vec::new(),
-        },
-        metrics: Arc::new(TaskMetrics::default()),
-    };
-    let handle = tokio::spawn(async move {
-        let _keep = (commands_tx, events_rx);
-        run_downstream_task(ctx, vec![slow_rx, fast_rx], chain).await
-    });
+    let handle = common::downstream_task(vec![slow_rx, fast_rx], vec![out_tx]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = StorageLocation::open(&format!("file://{}", tmp.path().display())).unwrap();
     Task {

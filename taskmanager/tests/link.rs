@@ -5,6 +5,8 @@
 //! links failing both ends, malformed frames from a raw client, and mutual
 //! TLS with the TaskManagers' certificate name.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,9 +23,7 @@ use ferry_core::value::{DataType, Value};
 use ferry_taskmanager::batch::{Batch, Column};
 use ferry_taskmanager::exchange::BatchEncoder;
 use ferry_taskmanager::link::{ChannelKey, Direction, Exchange, LinkConfig, PeerStats};
-use ferry_taskmanager::metrics::TaskMetrics;
-use ferry_taskmanager::protocol::{Barrier, Msg, TaskError, TaskId};
-use ferry_taskmanager::task::{Chain, Output, TaskContext, run_downstream_task};
+use ferry_taskmanager::protocol::{Barrier, Msg, TaskError};
 use ferry_testkit::FaultProxy;
 use ferry_testkit::pki::{Leaf, Pki};
 use tokio::net::TcpListener;
@@ -694,34 +694,6 @@ async fn malformed_frames_fail_the_downstream_task_with_a_reason() {
     }
 }
 
-/// A downstream task with no operators reading `input`, and what it
-/// returns.
-fn downstream_task(input: mpsc::Receiver<Msg>) -> JoinHandle<Result<(), TaskError>> {
-    let (commands_tx, commands) = mpsc::unbounded_channel();
-    let (events, _events_rx) = mpsc::unbounded_channel();
-    let ctx = TaskContext {
-        id: TaskId {
-            stage: 1,
-            subtask: 0,
-        },
-        commands,
-        events,
-        uploads: tokio_util::task::TaskTracker::new(),
-    };
-    let chain = Chain {
-        ops: Vec::new(),
-        output: Output::Exchange {
-            senders: Vec::new(),
-            key_idx: Vec::new(),
-        },
-        metrics: Arc::new(TaskMetrics::default()),
-    };
-    tokio::spawn(async move {
-        let _keep = (commands_tx, _events_rx);
-        run_downstream_task(ctx, vec![input], chain).await
-    })
-}
-
 #[tokio::test]
 async fn a_closed_receiving_end_fails_both_tasks() {
     let b = node("tm-b", cfg(4)).await;
@@ -729,7 +701,7 @@ async fn a_closed_receiving_end_fails_both_tasks() {
     let k = key("d", 2, 3);
     let (down_tx, down_rx) = mpsc::channel(8);
     let inbound = b.ex.accept(k.clone(), schema(), down_tx);
-    let task = downstream_task(down_rx);
+    let task = common::downstream_task(vec![down_rx], Vec::new());
     let (up_tx, up_rx) = mpsc::channel(8);
     let sender = a.connect(&b.url, k.clone(), up_rx, CancellationToken::new());
     up_tx.send(Msg::Watermark(5)).await.unwrap();
