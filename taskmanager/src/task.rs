@@ -421,24 +421,18 @@ pub const MAX_INPUT_DRIFT_MS: i64 = 10_000;
 /// longer wait for it (an idle source's watermark does not advance).
 pub const IDLE_INPUT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// The event time past which a downstream task does not read an input
-/// (`None`: it reads them all): [`MAX_INPUT_DRIFT_MS`] past the slowest
-/// open input's watermark, while that input is active (it delivered
-/// something within [`IDLE_INPUT`]) and has a watermark. Never while
-/// aligning a barrier: the barriers behind held messages must come in.
+/// The event time past which a downstream task does not read an input,
+/// and until when (`None`: it reads them all): [`MAX_INPUT_DRIFT_MS`] past
+/// the watermark of `slowest` (its slowest open input), while that input
+/// has a watermark and is active (it delivered something within
+/// [`IDLE_INPUT`]). The caller never asks while aligning a barrier: the
+/// barriers behind held messages must come in.
 fn read_limit(
+    slowest: usize,
     input_wm: &[i64],
-    closed: &[bool],
     heard: &[tokio::time::Instant],
-    aligning: bool,
     now: tokio::time::Instant,
 ) -> Option<(i64, tokio::time::Instant)> {
-    if aligning {
-        return None;
-    }
-    let slowest = (0..input_wm.len())
-        .filter(|&i| !closed[i])
-        .min_by_key(|&i| input_wm[i])?;
     let until = heard[slowest] + IDLE_INPUT;
     (input_wm[slowest] != i64::MIN && now < until)
         .then(|| (input_wm[slowest].saturating_add(MAX_INPUT_DRIFT_MS), until))
@@ -470,29 +464,21 @@ pub async fn run_downstream_task(
     let mut stop_at = None;
     let mut rr = 0usize;
     loop {
-        let limit = if n > 1 {
-            read_limit(
-                &input_wm,
-                &closed,
-                &heard,
-                aligning.is_some(),
-                tokio::time::Instant::now(),
-            )
-        } else {
-            None
-        };
-        let readable =
-            |i: usize| !blocked[i] && !closed[i] && limit.is_none_or(|(max, _)| input_wm[i] <= max);
-        // Wake when the slowest input turns idle, if an input waits on it.
-        let held_until = limit
-            .filter(|_| (0..n).any(|i| !blocked[i] && !closed[i] && !readable(i)))
-            .map(|(_, until)| until);
-        // The slowest input first when it has a message, then the others
-        // in turn.
+        let open = |i: usize| !blocked[i] && !closed[i];
+        // The slowest open input (ties in turn) is read first when it has
+        // a message, then the others in turn; it is always within the limit.
         let slowest = (0..n)
             .map(|k| (rr + k) % n)
-            .filter(|&i| readable(i))
+            .filter(|&i| open(i))
             .reduce(|a, b| if input_wm[b] < input_wm[a] { b } else { a });
+        let limit = slowest
+            .filter(|_| n > 1 && aligning.is_none())
+            .and_then(|s| read_limit(s, &input_wm, &heard, tokio::time::Instant::now()));
+        let readable = |i: usize| open(i) && limit.is_none_or(|(max, _)| input_wm[i] <= max);
+        // Wake when the slowest input turns idle, if an input waits on it.
+        let held_until = limit
+            .filter(|_| (0..n).any(|i| open(i) && !readable(i)))
+            .map(|(_, until)| until);
         let next = poll_fn(|cx| {
             for i in slowest
                 .into_iter()
