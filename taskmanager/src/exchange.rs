@@ -10,6 +10,16 @@
 //! batch whose layout differs from the one before starts a new IPC stream
 //! (its schema message first); a steady channel sends its schema once.
 //!
+//! A `Str` column goes as a dictionary (Arrow's dictionary encoding, 16-bit
+//! codes, with delta dictionary messages): each distinct string crosses
+//! once per stream, then every row is two bytes, and the receiver turns a
+//! code into the one `Arc` it keeps per string. Keys repeat, so this halves
+//! what a keyed exchange sends. A column whose strings do not repeat gains
+//! nothing: once its dictionary would pass [`MAX_DICTIONARY`] strings, or
+//! keeping it up (copying the grown dictionary into a new array for the
+//! writer) costs more than [`UPKEEP_PER_ROW`] strings per row sent, the
+//! column goes as plain utf8 for the rest of the channel.
+//!
 //! Invariant: decoding a message never panics out of [`BatchDecoder::decode`]
 //! and never allocates more than the message allows: a message is at most
 //! the decoder's bound, holds exactly one record batch, and its schema must
@@ -21,14 +31,14 @@
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType, UInt16Type};
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, NullArray, RecordBatch, StringArray,
     TimestampMillisecondArray, UnionArray,
 };
 use arrow_buffer::{Buffer, ScalarBuffer};
 use arrow_ipc::reader::StreamDecoder;
-use arrow_ipc::writer::StreamWriter;
+use arrow_ipc::writer::{DictionaryHandling, IpcWriteOptions, StreamWriter};
 use arrow_schema::{DataType as ArrowType, Field as ArrowField, Schema as ArrowSchema, TimeUnit};
 use arrow_schema::{UnionFields, UnionMode};
 use ferry_core::schema::SchemaRef;
@@ -41,6 +51,16 @@ pub const EVENT_TIME: &str = "__ferry_event_time";
 
 /// Largest message a decoder takes by default, in bytes.
 pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Most distinct strings a column's dictionary holds (its codes are 16
+/// bits); a decoder refuses a bigger one.
+pub const MAX_DICTIONARY: usize = 1 << 16;
+/// Strings copied into grown dictionaries a column may cost per row sent
+/// with it (after [`DICTIONARY_WARMUP`]) before it goes plain.
+pub const UPKEEP_PER_ROW: usize = 4;
+/// Strings copied into grown dictionaries that do not count against
+/// [`UPKEEP_PER_ROW`]: a channel's first batches fill its dictionary.
+const DICTIONARY_WARMUP: usize = 1 << 18;
 
 /// Why a batch could not be encoded or a message decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,6 +91,8 @@ enum Kind {
     Str,
     Ts,
     Any,
+    /// A `Str` column as a dictionary.
+    Dict,
 }
 
 fn kind(c: &Column) -> Kind {
@@ -109,7 +131,12 @@ fn arrow_type(k: Kind) -> ArrowType {
         Kind::Str => ArrowType::Utf8,
         Kind::Ts => ArrowType::Timestamp(TimeUnit::Millisecond, None),
         Kind::Any => ArrowType::Union(union_fields(), UnionMode::Dense),
+        Kind::Dict => dictionary_type(),
     }
+}
+
+fn dictionary_type() -> ArrowType {
+    ArrowType::Dictionary(Box::new(ArrowType::UInt16), Box::new(ArrowType::Utf8))
 }
 
 fn any_array(values: &[Value]) -> Result<ArrayRef, CodecError> {
@@ -182,21 +209,32 @@ fn to_arrow(c: &Column) -> Result<ArrayRef, CodecError> {
     })
 }
 
-/// `batch` as an Arrow record batch: its columns, then [`EVENT_TIME`].
-fn record_batch(batch: &Batch) -> Result<RecordBatch, CodecError> {
-    if batch.columns.len() != batch.schema.fields.len() {
-        return Err(CodecError(format!(
-            "a batch of {} columns for a schema of {} fields",
-            batch.columns.len(),
-            batch.schema.fields.len()
-        )));
-    }
+/// `batch` as an Arrow record batch of `layout`: its columns (those of
+/// kind `Dict` as `dictionary`, their codes in `codes`), then
+/// [`EVENT_TIME`].
+fn record_batch(
+    batch: &Batch,
+    layout: &[Kind],
+    dictionaries: &mut [Dictionary],
+) -> Result<RecordBatch, CodecError> {
     let mut fields = Vec::with_capacity(batch.columns.len() + 1);
     let mut arrays = Vec::with_capacity(batch.columns.len() + 1);
-    for (f, c) in batch.schema.fields.iter().zip(&batch.columns) {
-        let k = kind(c);
-        fields.push(ArrowField::new(&f.name, arrow_type(k), false));
-        arrays.push(to_arrow(c)?);
+    for (((f, c), k), d) in batch
+        .schema
+        .fields
+        .iter()
+        .zip(&batch.columns)
+        .zip(layout)
+        .zip(dictionaries.iter_mut())
+    {
+        fields.push(ArrowField::new(&f.name, arrow_type(*k), false));
+        arrays.push(match (k, c) {
+            (Kind::Dict, _) => d
+                .pending
+                .take()
+                .ok_or_else(|| CodecError("a dictionary column without its codes".into()))?,
+            _ => to_arrow(c)?,
+        });
     }
     fields.push(ArrowField::new(EVENT_TIME, ArrowType::Int64, false));
     arrays.push(Arc::new(Int64Array::from(batch.ts.clone())));
@@ -206,11 +244,81 @@ fn record_batch(batch: &Batch) -> Result<RecordBatch, CodecError> {
     )?)
 }
 
+/// The dictionary of one string column of a channel, on the sending end:
+/// every string it has coded, kept across streams (a new stream's first
+/// batch carries the whole dictionary again).
+#[derive(Default)]
+struct Dictionary {
+    codes: rustc_hash::FxHashMap<Arc<str>, u16>,
+    values: Vec<Arc<str>>,
+    /// `values` as the Arrow array the batches carry: the same array while
+    /// no string is added, so the writer sends no dictionary message.
+    array: Option<ArrayRef>,
+    /// Strings copied into dictionary arrays, and rows sent.
+    copied: usize,
+    rows: usize,
+    /// Too many strings, or too dear to keep up: the column goes as utf8.
+    plain: bool,
+    /// This batch's column, encoded.
+    pending: Option<ArrayRef>,
+}
+
+impl Dictionary {
+    /// `column` as a dictionary array, the dictionary grown by its new
+    /// strings; `None` (and the column plain from now on) when the
+    /// dictionary would pass its bounds.
+    fn encode(&mut self, column: &[Arc<str>]) -> Option<ArrayRef> {
+        let before = self.values.len();
+        let mut keys = Vec::with_capacity(column.len());
+        for s in column {
+            let code = match self.codes.get(s) {
+                Some(c) => *c,
+                None => {
+                    let Ok(c) = u16::try_from(self.values.len()) else {
+                        self.go_plain();
+                        return None;
+                    };
+                    self.codes.insert(s.clone(), c);
+                    self.values.push(s.clone());
+                    c
+                }
+            };
+            keys.push(code);
+        }
+        self.rows += column.len();
+        if self.values.len() != before || self.array.is_none() {
+            self.copied += self.values.len();
+            if self.copied > DICTIONARY_WARMUP + UPKEEP_PER_ROW * self.rows {
+                self.go_plain();
+                return None;
+            }
+            self.array = Some(Arc::new(StringArray::from_iter_values(
+                self.values.iter().map(|s| &**s),
+            )));
+        }
+        let values = self.array.clone()?;
+        let keys = arrow_array::UInt16Array::from(keys);
+        // Every code indexes `values`: no check needed, but cheap.
+        arrow_array::DictionaryArray::try_new(keys, values)
+            .ok()
+            .map(|d| Arc::new(d) as ArrayRef)
+    }
+
+    fn go_plain(&mut self) {
+        *self = Self {
+            plain: true,
+            ..Self::default()
+        };
+    }
+}
+
 /// The sending end of a channel.
 #[derive(Default)]
 pub struct BatchEncoder {
     layout: Vec<Kind>,
     writer: Option<StreamWriter<Vec<u8>>>,
+    /// One per column (used by `Str` columns).
+    dictionaries: Vec<Dictionary>,
 }
 
 impl BatchEncoder {
@@ -220,11 +328,41 @@ impl BatchEncoder {
 
     /// The message that carries `batch`.
     pub fn encode(&mut self, batch: &Batch) -> Result<Message, CodecError> {
-        let rb = record_batch(batch)?;
-        let layout: Vec<Kind> = batch.columns.iter().map(kind).collect();
+        if batch.columns.len() != batch.schema.fields.len() {
+            return Err(CodecError(format!(
+                "a batch of {} columns for a schema of {} fields",
+                batch.columns.len(),
+                batch.schema.fields.len()
+            )));
+        }
+        self.dictionaries
+            .resize_with(batch.columns.len(), Dictionary::default);
+        let layout: Vec<Kind> = batch
+            .columns
+            .iter()
+            .zip(self.dictionaries.iter_mut())
+            .map(|(c, d)| match c {
+                Column::Str(v) if !d.plain => {
+                    d.pending = d.encode(v);
+                    if d.pending.is_some() {
+                        Kind::Dict
+                    } else {
+                        Kind::Str
+                    }
+                }
+                c => kind(c),
+            })
+            .collect();
+        let rb = record_batch(batch, &layout, &mut self.dictionaries)?;
         let new_stream = self.writer.is_none() || layout != self.layout;
         if new_stream {
-            self.writer = Some(StreamWriter::try_new(Vec::new(), rb.schema_ref())?);
+            let options =
+                IpcWriteOptions::default().with_dictionary_handling(DictionaryHandling::Delta);
+            self.writer = Some(StreamWriter::try_new_with_options(
+                Vec::new(),
+                rb.schema_ref(),
+                options,
+            )?);
             self.layout = layout;
         }
         let w = self.writer.as_mut().expect("set above");
@@ -247,6 +385,63 @@ pub struct BatchDecoder {
     started: bool,
     max_message: usize,
     strings: Interner,
+    /// The strings of each dictionary column of the stream, by code.
+    dictionaries: Vec<DictionaryStrings>,
+}
+
+/// A stream's dictionary for one column, on the receiving end: one `Arc`
+/// per string, by code, read once per dictionary message.
+#[derive(Default)]
+struct DictionaryStrings {
+    /// The dictionary array they were read from (the decoder hands every
+    /// batch the same buffers until the next dictionary message; holding
+    /// them keeps their address from being reused).
+    read_from: Option<StringArray>,
+    strings: Vec<Arc<str>>,
+}
+
+/// Whether two string arrays are the same buffers.
+fn same_array(a: &StringArray, b: &StringArray) -> bool {
+    a.len() == b.len()
+        && a.offsets().inner().inner().as_ptr() == b.offsets().inner().inner().as_ptr()
+        && a.values().as_ptr() == b.values().as_ptr()
+}
+
+impl DictionaryStrings {
+    /// The strings of `values`, the dictionary of a batch.
+    fn update(&mut self, values: &StringArray, strings: &mut Interner) -> Result<(), CodecError> {
+        if self
+            .read_from
+            .as_ref()
+            .is_some_and(|r| same_array(r, values))
+        {
+            return Ok(());
+        }
+        if values.len() > MAX_DICTIONARY {
+            return Err(CodecError(format!(
+                "a dictionary of {} strings (at most {MAX_DICTIONARY})",
+                values.len()
+            )));
+        }
+        if values.null_count() > 0 {
+            return Err(CodecError("a null in a dictionary".into()));
+        }
+        // A delta keeps what came before; anything else starts over.
+        let kept = self.strings.len() <= values.len()
+            && self
+                .strings
+                .iter()
+                .enumerate()
+                .all(|(i, s)| **s == *values.value(i));
+        if !kept {
+            self.strings.clear();
+        }
+        for i in self.strings.len()..values.len() {
+            self.strings.push(strings.get(values.value(i)));
+        }
+        self.read_from = Some(values.clone());
+        Ok(())
+    }
 }
 
 /// The strings a decoder has seen, shared by every row that repeats one
@@ -292,6 +487,7 @@ impl BatchDecoder {
             started: false,
             max_message,
             strings: Interner::default(),
+            dictionaries: Vec::new(),
         }
     }
 
@@ -306,6 +502,7 @@ impl BatchDecoder {
         }
         if msg.new_stream {
             self.decoder = StreamDecoder::new();
+            self.dictionaries.clear();
             self.started = true;
         } else if !self.started {
             return Err(CodecError("a batch before its stream's schema".to_string()));
@@ -326,13 +523,17 @@ impl BatchDecoder {
                 ));
             }
         };
-        let (schema, strings) = (&self.schema, &mut self.strings);
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batch(schema, strings, &rb)))
-            .unwrap_or_else(|_| {
-                Err(CodecError(
-                    "a malformed message (its arrays are inconsistent)".into(),
-                ))
-            })
+        let (schema, strings, dictionaries) =
+            (&self.schema, &mut self.strings, &mut self.dictionaries);
+        dictionaries.resize_with(schema.fields.len(), DictionaryStrings::default);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            batch(schema, strings, dictionaries, &rb)
+        }))
+        .unwrap_or_else(|_| {
+            Err(CodecError(
+                "a malformed message (its arrays are inconsistent)".into(),
+            ))
+        })
     }
 
     /// The one record batch in `bytes`.
@@ -359,6 +560,7 @@ impl BatchDecoder {
 fn batch(
     schema: &SchemaRef,
     strings: &mut Interner,
+    dictionaries: &mut [DictionaryStrings],
     rb: &RecordBatch,
 ) -> Result<Batch, CodecError> {
     let fields = &schema.fields;
@@ -375,9 +577,13 @@ fn batch(
         )));
     }
     let mut columns = Vec::with_capacity(fields.len());
-    for (i, a) in rb.columns()[..fields.len()].iter().enumerate() {
+    for ((i, a), d) in rb.columns()[..fields.len()]
+        .iter()
+        .enumerate()
+        .zip(dictionaries.iter_mut())
+    {
         columns.push(
-            from_arrow(a, strings)
+            from_arrow(a, strings, d)
                 .map_err(|e| CodecError(format!("column {:?}: {}", names[i], e.0)))?,
         );
     }
@@ -392,7 +598,11 @@ fn batch(
     })
 }
 
-fn from_arrow(a: &ArrayRef, strings: &mut Interner) -> Result<Column, CodecError> {
+fn from_arrow(
+    a: &ArrayRef,
+    strings: &mut Interner,
+    dictionary: &mut DictionaryStrings,
+) -> Result<Column, CodecError> {
     let nulls = || CodecError("a null outside a union".into());
     if a.null_count() > 0 && !matches!(a.data_type(), ArrowType::Union(..) | ArrowType::Null) {
         return Err(nulls());
@@ -416,6 +626,29 @@ fn from_arrow(a: &ArrayRef, strings: &mut Interner) -> Result<Column, CodecError
         ),
         ArrowType::Union(fields, UnionMode::Dense) if *fields == union_fields() => {
             Column::Any(union_values(a.as_union(), strings)?)
+        }
+        t if *t == dictionary_type() => {
+            let d = a.as_dictionary::<UInt16Type>();
+            let values = d
+                .values()
+                .as_string_opt::<i32>()
+                .ok_or_else(|| CodecError("a dictionary whose values are not utf8".into()))?;
+            dictionary.update(values, strings)?;
+            let all = &dictionary.strings;
+            Column::Str(
+                d.keys()
+                    .values()
+                    .iter()
+                    .map(|k| {
+                        all.get(usize::from(*k)).cloned().ok_or_else(|| {
+                            CodecError(format!(
+                                "a code {k} outside its dictionary of {}",
+                                all.len()
+                            ))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            )
         }
         other => {
             return Err(CodecError(format!(
@@ -519,6 +752,140 @@ mod tests {
         // An empty batch too.
         let empty = batch(0, false);
         same(&dec.decode(&enc.encode(&empty).unwrap()).unwrap(), &empty);
+    }
+
+    /// A batch of one string column `user` with these values.
+    fn users(values: impl IntoIterator<Item = String>) -> Batch {
+        let users: Vec<Arc<str>> = values.into_iter().map(Arc::from).collect();
+        let n = users.len() as i64;
+        Batch {
+            schema: Arc::new(Schema::new([("user".to_string(), DataType::String)])),
+            columns: vec![Column::Str(users)],
+            ts: (0..n).collect(),
+        }
+    }
+
+    #[test]
+    fn repeated_strings_cross_once_then_as_two_byte_codes() {
+        let mut enc = BatchEncoder::new();
+        let mut dec = BatchDecoder::new(users([]).schema, DEFAULT_MAX_MESSAGE);
+        let keys =
+            |from: usize, n: usize| users((0..1000).map(move |i| format!("key-{}", from + i % n)));
+        let first = keys(0, 100);
+        let m1 = enc.encode(&first).unwrap();
+        let d1 = dec.decode(&m1).unwrap();
+        same(&d1, &first);
+        // The same 100 keys again: no dictionary, two bytes a row plus the
+        // event time's eight (and the message's framing).
+        let again = keys(0, 100);
+        let m2 = enc.encode(&again).unwrap();
+        assert!(!m2.new_stream);
+        assert!(
+            m2.bytes.len() < 1000 * 10 + 1024,
+            "{} bytes",
+            m2.bytes.len()
+        );
+        let d2 = dec.decode(&m2).unwrap();
+        same(&d2, &again);
+        // Equal strings are one `Arc` on the receiving end, batch after batch.
+        let (Column::Str(a), Column::Str(b)) = (&d1.columns[0], &d2.columns[0]) else {
+            panic!("string columns")
+        };
+        assert!(Arc::ptr_eq(&a[0], &b[0]) && Arc::ptr_eq(&a[0], &a[100]));
+        // Fifty new keys: a delta, decoded with the old ones.
+        let more = keys(50, 100);
+        let m3 = enc.encode(&more).unwrap();
+        assert!(!m3.new_stream);
+        same(&dec.decode(&m3).unwrap(), &more);
+        // Compared with the same rows as plain utf8 (six bytes and a
+        // four-byte offset a row), each row saves at least seven bytes.
+        let mut plain = BatchEncoder::new();
+        plain.dictionaries = vec![Dictionary {
+            plain: true,
+            ..Dictionary::default()
+        }];
+        let p = plain.encode(&again).unwrap();
+        assert!(
+            m2.bytes.len() + 1000 * 7 <= p.bytes.len(),
+            "{} vs {}",
+            m2.bytes.len(),
+            p.bytes.len()
+        );
+        let mut dec = BatchDecoder::new(again.schema.clone(), DEFAULT_MAX_MESSAGE);
+        same(&dec.decode(&p).unwrap(), &again);
+    }
+
+    #[test]
+    fn strings_that_do_not_repeat_go_plain_and_still_arrive() {
+        let mut enc = BatchEncoder::new();
+        let mut dec = BatchDecoder::new(users([]).schema, DEFAULT_MAX_MESSAGE);
+        let mut new_streams = 0;
+        let mut last = 0;
+        // 2,000 new strings a batch: past the warm-up the upkeep of a
+        // dictionary that only grows is too dear.
+        for b in 0..100 {
+            let batch = users((0..2000).map(|i| format!("id-{b}-{i}")));
+            let m = enc.encode(&batch).unwrap();
+            new_streams += usize::from(m.new_stream);
+            same(&dec.decode(&m).unwrap(), &batch);
+            last = m.bytes.len();
+        }
+        assert!(
+            enc.dictionaries[0].plain,
+            "the column should have gone plain"
+        );
+        assert_eq!(new_streams, 2, "one stream as a dictionary, one plain");
+        assert!(last > 2000 * 10, "plain strings: {last} bytes");
+        // More distinct strings than 16-bit codes reach, in one batch.
+        let mut enc = BatchEncoder::new();
+        let big = users((0..MAX_DICTIONARY + 10).map(|i| format!("{i}")));
+        let m = enc.encode(&big).unwrap();
+        assert!(enc.dictionaries[0].plain);
+        let mut dec = BatchDecoder::new(big.schema.clone(), DEFAULT_MAX_MESSAGE);
+        same(&dec.decode(&m).unwrap(), &big);
+    }
+
+    #[test]
+    fn a_dictionary_past_the_bound_is_refused() {
+        use arrow_array::{DictionaryArray, UInt16Array};
+        let schema = users([]).schema;
+        let message = |values: Vec<String>, codes: Vec<u16>| {
+            let n = codes.len() as i64;
+            let dict = DictionaryArray::new(
+                UInt16Array::from(codes),
+                Arc::new(StringArray::from(values)),
+            );
+            let rb = RecordBatch::try_new(
+                Arc::new(ArrowSchema::new(vec![
+                    ArrowField::new("user", dictionary_type(), false),
+                    ArrowField::new(EVENT_TIME, ArrowType::Int64, false),
+                ])),
+                vec![
+                    Arc::new(dict),
+                    Arc::new(Int64Array::from((0..n).collect::<Vec<_>>())),
+                ],
+            )
+            .unwrap();
+            let mut w = StreamWriter::try_new(Vec::new(), rb.schema_ref()).unwrap();
+            w.write(&rb).unwrap();
+            Message {
+                new_stream: true,
+                bytes: w.into_inner().unwrap(),
+            }
+        };
+        let ok = message(vec!["a".into(), "b".into()], vec![1, 0, 1]);
+        let got = BatchDecoder::new(schema.clone(), DEFAULT_MAX_MESSAGE)
+            .decode(&ok)
+            .unwrap();
+        same(&got, &users(["b", "a", "b"].map(String::from)));
+        let huge = message(
+            (0..MAX_DICTIONARY + 1).map(|i| i.to_string()).collect(),
+            vec![0],
+        );
+        let e = BatchDecoder::new(schema.clone(), DEFAULT_MAX_MESSAGE)
+            .decode(&huge)
+            .unwrap_err();
+        assert!(e.0.contains("a dictionary of"), "{e}");
     }
 
     #[test]
