@@ -39,6 +39,8 @@ pub struct ExchangeOptions {
     pub repeat: u32,
     /// Worker threads of the runtime both variants run on.
     pub threads: usize,
+    /// String keys `<prefix><n>` instead of integers.
+    pub key_prefix: Option<String>,
 }
 
 /// One run of one variant.
@@ -51,6 +53,10 @@ pub struct ExchangeRun {
     /// Records and Arrow IPC bytes that crossed the exchange.
     pub exchanged_records: u64,
     pub exchanged_bytes: u64,
+    /// Batches that crossed it, and the frames that carried them (with
+    /// the watermarks, barriers and ends).
+    pub exchanged_batches: u64,
+    pub exchanged_frames: u64,
 }
 
 /// The benchmark's result.
@@ -58,6 +64,7 @@ pub struct ExchangeRun {
 pub struct ExchangeReport {
     pub events: u64,
     pub keys: u64,
+    pub key_prefix: Option<String>,
     pub threads: usize,
     /// The fastest run of each variant.
     pub one_taskmanager: ExchangeRun,
@@ -77,8 +84,12 @@ impl ExchangeReport {
     /// The results as a Markdown table, as `ferry bench` prints them.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
+        let keys = match &self.key_prefix {
+            Some(p) => format!("string keys ({p}N)"),
+            None => "integer keys".to_string(),
+        };
         out.push_str(&format!(
-            "keyed tumbling count, parallelism 2, {} events over {} keys, {} worker threads, best of {} runs each\n\n",
+            "keyed tumbling count, parallelism 2, {} events over {} {keys}, {} worker threads, best of {} runs each\n\n",
             self.events,
             self.keys,
             self.threads,
@@ -107,7 +118,11 @@ impl ExchangeReport {
     }
 }
 
-fn spec(events: u64, keys: u64) -> String {
+fn spec(events: u64, keys: u64, key_prefix: Option<&str>) -> String {
+    let prefix = match key_prefix {
+        Some(p) => format!(", prefix: {}", serde_json::to_string(p).unwrap_or_default()),
+        None => String::new(),
+    };
     format!(
         r#"
 apiVersion: ferry.dev/v1
@@ -123,7 +138,7 @@ spec:
       total: {events}
       eventTime: {{step: 1ms, maxOutOfOrderness: 100ms}}
       fields:
-        key: {{type: key, cardinality: {keys}}}
+        key: {{type: key, cardinality: {keys}{prefix}}}
   operators:
     - key_by: key
     - window: {{tumbling: 1m, aggregate: {{count: count}}}}
@@ -241,12 +256,14 @@ async fn run_once(
     let cpu = (cpu_time() - cpu0).as_secs_f64();
     let read: u64 = parts.iter().map(|p| p.counters().records_in).sum();
     anyhow::ensure!(read == events, "read {read} of {events} events");
-    let (mut records, mut bytes) = (0, 0);
+    let (mut records, mut bytes, mut batches, mut frames) = (0, 0, 0, 0);
     for e in &exchanges {
         for s in e.stats() {
             if s.direction == ferry_taskmanager::link::Direction::Out {
                 records += s.records;
                 bytes += s.bytes;
+                batches += s.batches;
+                frames += s.frames;
             }
         }
     }
@@ -263,6 +280,8 @@ async fn run_once(
         events_per_cpu_s: events as f64 / cpu,
         exchanged_records: records,
         exchanged_bytes: bytes,
+        exchanged_batches: batches,
+        exchanged_frames: frames,
     })
 }
 
@@ -271,7 +290,8 @@ pub fn exchange(
     a: &ExchangeOptions,
     mut on_run: impl FnMut(u32, bool, &ExchangeRun),
 ) -> anyhow::Result<ExchangeReport> {
-    let spec = parse_and_validate(&spec(a.events, a.keys)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = parse_and_validate(&spec(a.events, a.keys, a.key_prefix.as_deref()))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let plan = JobPlan::new(&spec).map_err(|e| anyhow::anyhow!(e))?;
     let tmp = tempfile::tempdir()?;
     let dir = StorageLocation::open(&format!("file://{}", tmp.path().display()))?;
@@ -307,6 +327,7 @@ pub fn exchange(
     Ok(ExchangeReport {
         events: a.events,
         keys: a.keys,
+        key_prefix: a.key_prefix.clone(),
         threads: a.threads,
         one_taskmanager: one,
         two_taskmanagers: two,

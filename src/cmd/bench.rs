@@ -50,6 +50,9 @@ pub struct ExchangeArgs {
     /// Worker threads both variants run on.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// String keys `<prefix><n>` (e.g. `customer-`) instead of integers.
+    #[arg(long)]
+    pub key_prefix: Option<String>,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -356,10 +359,19 @@ fn exchange(a: ExchangeArgs) -> anyhow::Result<ExitCode> {
         keys: a.keys,
         repeat: a.repeat,
         threads: a.threads,
+        key_prefix: a.key_prefix,
     };
     let report = ferry_lab::exchange::exchange(&opts, |r, split, res| {
+        let crossed = if split {
+            format!(
+                "; {} batches in {} frames crossed the exchange",
+                res.exchanged_batches, res.exchanged_frames
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "run {r} ({} TaskManager{}): {:.0} events/s, {:.0} events/CPU-s",
+            "run {r} ({} TaskManager{}): {:.0} events/s, {:.0} events/CPU-s{crossed}",
             if split { 2 } else { 1 },
             if split { "s" } else { "" },
             res.events_per_s,
