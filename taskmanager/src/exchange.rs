@@ -209,32 +209,14 @@ fn to_arrow(c: &Column) -> Result<ArrayRef, CodecError> {
     })
 }
 
-/// `batch` as an Arrow record batch of `layout`: its columns (those of
-/// kind `Dict` as `dictionary`, their codes in `codes`), then
-/// [`EVENT_TIME`].
-fn record_batch(
-    batch: &Batch,
-    layout: &[Kind],
-    dictionaries: &mut [Dictionary],
-) -> Result<RecordBatch, CodecError> {
-    let mut fields = Vec::with_capacity(batch.columns.len() + 1);
-    let mut arrays = Vec::with_capacity(batch.columns.len() + 1);
-    for (((f, c), k), d) in batch
-        .schema
-        .fields
-        .iter()
-        .zip(&batch.columns)
-        .zip(layout)
-        .zip(dictionaries.iter_mut())
-    {
-        fields.push(ArrowField::new(&f.name, arrow_type(*k), false));
-        arrays.push(match (k, c) {
-            (Kind::Dict, _) => d
-                .pending
-                .take()
-                .ok_or_else(|| CodecError("a dictionary column without its codes".into()))?,
-            _ => to_arrow(c)?,
-        });
+/// `batch` as an Arrow record batch: its columns, already as Arrow arrays
+/// of their kinds, then [`EVENT_TIME`].
+fn record_batch(batch: &Batch, columns: Vec<(Kind, ArrayRef)>) -> Result<RecordBatch, CodecError> {
+    let mut fields = Vec::with_capacity(columns.len() + 1);
+    let mut arrays = Vec::with_capacity(columns.len() + 1);
+    for (f, (k, a)) in batch.schema.fields.iter().zip(columns) {
+        fields.push(ArrowField::new(&f.name, arrow_type(k), false));
+        arrays.push(a);
     }
     fields.push(ArrowField::new(EVENT_TIME, ArrowType::Int64, false));
     arrays.push(Arc::new(Int64Array::from(batch.ts.clone())));
@@ -259,8 +241,6 @@ struct Dictionary {
     rows: usize,
     /// Too many strings, or too dear to keep up: the column goes as utf8.
     plain: bool,
-    /// This batch's column, encoded.
-    pending: Option<ArrayRef>,
 }
 
 impl Dictionary {
@@ -337,23 +317,19 @@ impl BatchEncoder {
         }
         self.dictionaries
             .resize_with(batch.columns.len(), Dictionary::default);
-        let layout: Vec<Kind> = batch
-            .columns
-            .iter()
-            .zip(self.dictionaries.iter_mut())
-            .map(|(c, d)| match c {
-                Column::Str(v) if !d.plain => {
-                    d.pending = d.encode(v);
-                    if d.pending.is_some() {
-                        Kind::Dict
-                    } else {
-                        Kind::Str
-                    }
-                }
-                c => kind(c),
-            })
-            .collect();
-        let rb = record_batch(batch, &layout, &mut self.dictionaries)?;
+        let mut columns = Vec::with_capacity(batch.columns.len());
+        for (c, d) in batch.columns.iter().zip(self.dictionaries.iter_mut()) {
+            let coded = match c {
+                Column::Str(v) if !d.plain => d.encode(v),
+                _ => None,
+            };
+            columns.push(match coded {
+                Some(a) => (Kind::Dict, a),
+                None => (kind(c), to_arrow(c)?),
+            });
+        }
+        let layout: Vec<Kind> = columns.iter().map(|(k, _)| *k).collect();
+        let rb = record_batch(batch, columns)?;
         let new_stream = self.writer.is_none() || layout != self.layout;
         if new_stream {
             let options =
