@@ -12,6 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
+        // A batch's IPC bytes come out of the decode buffer as a
+        // `bytes::Bytes` slice of it, not copied into a `Vec` first.
+        .bytes(".ferry.v1.IpcBatch.ipc")
+        // prost's codec, reserving each message's size before writing it.
+        .codec_path("crate::codec::SizedCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

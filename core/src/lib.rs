@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod api;
+pub mod codec;
 pub mod config;
 pub mod epoch;
 pub mod error;

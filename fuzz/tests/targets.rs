@@ -661,7 +661,7 @@ fn exchange_messages() {
         ],
         ts: vec![1, 2, 3],
     };
-    let valid = BatchEncoder::new().encode(&batch).unwrap();
+    let valid = BatchEncoder::new().encode(batch.clone()).unwrap();
     let count = Count::new("exchange_messages");
     check!()
         .with_type::<(bool, Vec<(u16, u8)>, Vec<u8>)>()
@@ -670,14 +670,14 @@ fn exchange_messages() {
             let msg = Message {
                 new_stream: true,
                 bytes: if *raw {
-                    bytes.clone()
+                    bytes.clone().into()
                 } else {
-                    let mut b = valid.bytes.clone();
+                    let mut b = valid.bytes.to_vec();
                     for (at, v) in edits {
                         let i = *at as usize % b.len();
                         b[i] = *v;
                     }
-                    b
+                    b.into()
                 },
             };
             let mut dec = BatchDecoder::new(schema.clone(), 1 << 20);

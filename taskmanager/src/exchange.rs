@@ -10,6 +10,11 @@
 //! batch whose layout differs from the one before starts a new IPC stream
 //! (its schema message first); a steady channel sends its schema once.
 //!
+//! A `Ts` column equal to the batch's event times (an event time taken
+//! from a field, as most jobs take it) goes as an Arrow null column, which
+//! has no buffers: the receiver copies the event times into it, and the
+//! field does not cross twice.
+//!
 //! A `Str` column goes as a dictionary (Arrow's dictionary encoding, 16-bit
 //! codes, with delta dictionary messages): each distinct string crosses
 //! once per stream, then every row is two bytes, and the receiver turns a
@@ -41,7 +46,8 @@ use arrow_ipc::reader::StreamDecoder;
 use arrow_ipc::writer::{DictionaryHandling, IpcWriteOptions, StreamWriter};
 use arrow_schema::{DataType as ArrowType, Field as ArrowField, Schema as ArrowSchema, TimeUnit};
 use arrow_schema::{UnionFields, UnionMode};
-use ferry_core::schema::SchemaRef;
+use bytes::Bytes;
+use ferry_core::schema::{Schema, SchemaRef};
 use ferry_core::value::Value;
 
 use crate::batch::{Batch, Column};
@@ -78,8 +84,9 @@ impl From<arrow_schema::ArrowError> for CodecError {
 pub struct Message {
     /// The message starts a new IPC stream: a schema message comes first.
     pub new_stream: bool,
-    /// Arrow IPC stream bytes.
-    pub bytes: Vec<u8>,
+    /// Arrow IPC stream bytes (on the receiving side, a slice of the
+    /// buffer the frame was decoded from).
+    pub bytes: Bytes,
 }
 
 /// The physical type of each column of a batch.
@@ -93,6 +100,9 @@ enum Kind {
     Any,
     /// A `Str` column as a dictionary.
     Dict,
+    /// A `Ts` column equal to the batch's event times, sent as an Arrow
+    /// null column (no buffers): the receiver copies the event times.
+    EventTime,
 }
 
 fn kind(c: &Column) -> Kind {
@@ -132,6 +142,7 @@ fn arrow_type(k: Kind) -> ArrowType {
         Kind::Ts => ArrowType::Timestamp(TimeUnit::Millisecond, None),
         Kind::Any => ArrowType::Union(union_fields(), UnionMode::Dense),
         Kind::Dict => dictionary_type(),
+        Kind::EventTime => ArrowType::Null,
     }
 }
 
@@ -198,28 +209,38 @@ fn any_array(values: &[Value]) -> Result<ArrayRef, CodecError> {
     )?))
 }
 
-fn to_arrow(c: &Column) -> Result<ArrayRef, CodecError> {
+/// `c` as an Arrow array; numeric columns hand their vectors over
+/// without a copy.
+fn to_arrow(c: Column) -> Result<ArrayRef, CodecError> {
     Ok(match c {
-        Column::Bool(v) => Arc::new(BooleanArray::from(v.clone())),
-        Column::Int(v) => Arc::new(Int64Array::from(v.clone())),
-        Column::Float(v) => Arc::new(Float64Array::from(v.clone())),
+        Column::Bool(v) => Arc::new(BooleanArray::from(v)),
+        Column::Int(v) => Arc::new(Int64Array::from(v)),
+        Column::Float(v) => Arc::new(Float64Array::from(v)),
         Column::Str(v) => Arc::new(StringArray::from_iter_values(v.iter().map(|s| &**s))),
-        Column::Ts(v) => Arc::new(TimestampMillisecondArray::from(v.clone())),
-        Column::Any(v) => any_array(v)?,
+        Column::Ts(v) => Arc::new(TimestampMillisecondArray::from(v)),
+        Column::Any(v) => any_array(&v)?,
     })
 }
 
-/// `batch` as an Arrow record batch: its columns, already as Arrow arrays
-/// of their kinds, then [`EVENT_TIME`].
-fn record_batch(batch: &Batch, columns: Vec<(Kind, ArrayRef)>) -> Result<RecordBatch, CodecError> {
+/// A batch of `schema` as an Arrow record batch: its columns, already as
+/// Arrow arrays of their kinds, then [`EVENT_TIME`] (`ts`).
+fn record_batch(
+    schema: &Schema,
+    columns: Vec<(Kind, ArrayRef)>,
+    ts: Vec<i64>,
+) -> Result<RecordBatch, CodecError> {
     let mut fields = Vec::with_capacity(columns.len() + 1);
     let mut arrays = Vec::with_capacity(columns.len() + 1);
-    for (f, (k, a)) in batch.schema.fields.iter().zip(columns) {
-        fields.push(ArrowField::new(&f.name, arrow_type(k), false));
+    for (f, (k, a)) in schema.fields.iter().zip(columns) {
+        fields.push(ArrowField::new(
+            &f.name,
+            arrow_type(k),
+            k == Kind::EventTime,
+        ));
         arrays.push(a);
     }
     fields.push(ArrowField::new(EVENT_TIME, ArrowType::Int64, false));
-    arrays.push(Arc::new(Int64Array::from(batch.ts.clone())));
+    arrays.push(Arc::new(Int64Array::from(ts)));
     Ok(RecordBatch::try_new(
         Arc::new(ArrowSchema::new(fields)),
         arrays,
@@ -306,8 +327,9 @@ impl BatchEncoder {
         Self::default()
     }
 
-    /// The message that carries `batch`.
-    pub fn encode(&mut self, batch: &Batch) -> Result<Message, CodecError> {
+    /// The message that carries `batch` (whose vectors become the Arrow
+    /// arrays the writer reads, without a copy).
+    pub fn encode(&mut self, batch: Batch) -> Result<Message, CodecError> {
         if batch.columns.len() != batch.schema.fields.len() {
             return Err(CodecError(format!(
                 "a batch of {} columns for a schema of {} fields",
@@ -317,19 +339,28 @@ impl BatchEncoder {
         }
         self.dictionaries
             .resize_with(batch.columns.len(), Dictionary::default);
-        let mut columns = Vec::with_capacity(batch.columns.len());
-        for (c, d) in batch.columns.iter().zip(self.dictionaries.iter_mut()) {
-            let coded = match c {
-                Column::Str(v) if !d.plain => d.encode(v),
+        let Batch {
+            schema,
+            columns: batch_columns,
+            ts,
+        } = batch;
+        let mut columns = Vec::with_capacity(batch_columns.len());
+        for (c, d) in batch_columns.into_iter().zip(self.dictionaries.iter_mut()) {
+            let coded = match &c {
+                Column::Str(v) if !d.plain => d.encode(v).map(|a| (Kind::Dict, a)),
+                Column::Ts(v) if *v == ts => Some((
+                    Kind::EventTime,
+                    Arc::new(NullArray::new(v.len())) as ArrayRef,
+                )),
                 _ => None,
             };
             columns.push(match coded {
-                Some(a) => (Kind::Dict, a),
-                None => (kind(c), to_arrow(c)?),
+                Some(a) => a,
+                None => (kind(&c), to_arrow(c)?),
             });
         }
         let layout: Vec<Kind> = columns.iter().map(|(k, _)| *k).collect();
-        let rb = record_batch(batch, columns)?;
+        let rb = record_batch(&schema, columns, ts)?;
         let new_stream = self.writer.is_none() || layout != self.layout;
         if new_stream {
             let options =
@@ -348,7 +379,7 @@ impl BatchEncoder {
         let room = w.get_ref().len();
         Ok(Message {
             new_stream,
-            bytes: std::mem::replace(w.get_mut(), Vec::with_capacity(room)),
+            bytes: Bytes::from(std::mem::replace(w.get_mut(), Vec::with_capacity(room))),
         })
     }
 }
@@ -514,6 +545,11 @@ impl BatchDecoder {
 
     /// The one record batch in `bytes`.
     fn record_batch(&mut self, bytes: &[u8]) -> Result<RecordBatch, CodecError> {
+        // One copy, into an aligned buffer, rather than handing Arrow the
+        // received bytes themselves: they sit at whatever offset the frame
+        // put them, so Arrow would copy every misaligned buffer anyway, and
+        // arrays it kept (a stream's dictionaries) would pin the whole
+        // receive buffer they were sliced from.
         let mut buf = Buffer::from(bytes);
         let mut got = None;
         while !buf.is_empty() {
@@ -552,6 +588,11 @@ fn batch(
             "the stream's fields {names:?} are not the plan's {want:?}: the two TaskManagers run different plans of the job"
         )));
     }
+    let ts = rb.columns()[fields.len()]
+        .as_primitive_opt::<Int64Type>()
+        .filter(|a| a.null_count() == 0)
+        .ok_or_else(|| CodecError(format!("{EVENT_TIME} is not a non-null int64 column")))?
+        .values();
     let mut columns = Vec::with_capacity(fields.len());
     for ((i, a), d) in rb.columns()[..fields.len()]
         .iter()
@@ -559,23 +600,22 @@ fn batch(
         .zip(dictionaries.iter_mut())
     {
         columns.push(
-            from_arrow(a, strings, d)
+            from_arrow(a, ts, strings, d)
                 .map_err(|e| CodecError(format!("column {:?}: {}", names[i], e.0)))?,
         );
     }
-    let ts = rb.columns()[fields.len()]
-        .as_primitive_opt::<Int64Type>()
-        .filter(|a| a.null_count() == 0)
-        .ok_or_else(|| CodecError(format!("{EVENT_TIME} is not a non-null int64 column")))?;
     Ok(Batch {
         schema: schema.clone(),
         columns,
-        ts: ts.values().to_vec(),
+        ts: ts.to_vec(),
     })
 }
 
+/// The column `a` carries; `ts` are the batch's event times (what a null
+/// column stands for).
 fn from_arrow(
     a: &ArrayRef,
+    ts: &[i64],
     strings: &mut Interner,
     dictionary: &mut DictionaryStrings,
 ) -> Result<Column, CodecError> {
@@ -588,6 +628,8 @@ fn from_arrow(
             Column::Bool(a.as_boolean().iter().map(|b| b.unwrap_or(false)).collect())
         }
         ArrowType::Int64 => Column::Int(a.as_primitive::<Int64Type>().values().to_vec()),
+        // A timestamp column equal to the event times (Kind::EventTime).
+        ArrowType::Null => Column::Ts(ts.to_vec()),
         ArrowType::Float64 => Column::Float(a.as_primitive::<Float64Type>().values().to_vec()),
         ArrowType::Utf8 => Column::Str(
             a.as_string::<i32>()
@@ -708,26 +750,64 @@ mod tests {
     }
 
     #[test]
+    fn a_field_equal_to_the_event_time_crosses_once() {
+        let schema = Arc::new(Schema::new([
+            ("k".to_string(), DataType::Int),
+            ("ts".to_string(), DataType::Timestamp),
+        ]));
+        let rows = 1000i64;
+        let ts: Vec<i64> = (0..rows).map(|i| 1_700_000_000_000 + i * 7).collect();
+        let with = |field: Vec<i64>| Batch {
+            schema: schema.clone(),
+            columns: vec![Column::Int((0..rows).collect()), Column::Ts(field)],
+            ts: ts.clone(),
+        };
+        let same = with(ts.clone());
+        let mut other_ts = ts.clone();
+        other_ts[rows as usize - 1] += 1;
+        let other = with(other_ts);
+        let mut enc = BatchEncoder::new();
+        let mut dec = BatchDecoder::new(schema.clone(), DEFAULT_MAX_MESSAGE);
+        // Sent twice each, so the second message of each layout carries
+        // no schema and the sizes compare the batches alone.
+        let mut sizes = Vec::new();
+        for b in [&same, &same, &other, &other] {
+            let m = enc.encode(b.clone()).unwrap();
+            let got = dec.decode(&m).unwrap();
+            assert_eq!(got.columns, b.columns);
+            assert_eq!(got.ts, b.ts);
+            sizes.push(m.bytes.len());
+        }
+        assert!(
+            sizes[1] + 8 * rows as usize <= sizes[3],
+            "a field equal to the event time saves its eight bytes a row: {sizes:?}"
+        );
+    }
+
+    #[test]
     fn batches_cross_the_wire_unchanged_and_the_schema_goes_once_per_layout() {
         let mut enc = BatchEncoder::new();
         let mut dec = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE);
         let first = batch(100, false);
-        let m1 = enc.encode(&first).unwrap();
+        let m1 = enc.encode(first.clone()).unwrap();
         assert!(m1.new_stream);
         same(&dec.decode(&m1).unwrap(), &first);
         // Same layout: no schema again, and smaller.
-        let m2 = enc.encode(&batch(100, false)).unwrap();
+        let m2 = enc.encode(batch(100, false)).unwrap();
         assert!(!m2.new_stream && m2.bytes.len() < m1.bytes.len());
         same(&dec.decode(&m2).unwrap(), &batch(100, false));
         // A column turned Any: a new stream, every value kind kept.
         let mixed = batch(60, true);
         assert!(matches!(mixed.columns[2], Column::Any(_)));
-        let m3 = enc.encode(&mixed).unwrap();
+        let m3 = enc.encode(mixed.clone()).unwrap();
         assert!(m3.new_stream);
         same(&dec.decode(&m3).unwrap(), &mixed);
         // An empty batch too.
         let empty = batch(0, false);
-        same(&dec.decode(&enc.encode(&empty).unwrap()).unwrap(), &empty);
+        same(
+            &dec.decode(&enc.encode(empty.clone()).unwrap()).unwrap(),
+            &empty,
+        );
     }
 
     /// A batch of one string column `user` with these values.
@@ -748,13 +828,13 @@ mod tests {
         let keys =
             |from: usize, n: usize| users((0..1000).map(move |i| format!("key-{}", from + i % n)));
         let first = keys(0, 100);
-        let m1 = enc.encode(&first).unwrap();
+        let m1 = enc.encode(first.clone()).unwrap();
         let d1 = dec.decode(&m1).unwrap();
         same(&d1, &first);
         // The same 100 keys again: no dictionary, two bytes a row plus the
         // event time's eight (and the message's framing).
         let again = keys(0, 100);
-        let m2 = enc.encode(&again).unwrap();
+        let m2 = enc.encode(again.clone()).unwrap();
         assert!(!m2.new_stream);
         assert!(
             m2.bytes.len() < 1000 * 10 + 1024,
@@ -770,7 +850,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a[0], &b[0]) && Arc::ptr_eq(&a[0], &a[100]));
         // Fifty new keys: a delta, decoded with the old ones.
         let more = keys(50, 100);
-        let m3 = enc.encode(&more).unwrap();
+        let m3 = enc.encode(more.clone()).unwrap();
         assert!(!m3.new_stream);
         same(&dec.decode(&m3).unwrap(), &more);
         // Compared with the same rows as plain utf8 (six bytes and a
@@ -780,7 +860,7 @@ mod tests {
             plain: true,
             ..Dictionary::default()
         }];
-        let p = plain.encode(&again).unwrap();
+        let p = plain.encode(again.clone()).unwrap();
         assert!(
             m2.bytes.len() + 1000 * 7 <= p.bytes.len(),
             "{} vs {}",
@@ -801,7 +881,7 @@ mod tests {
         // dictionary that only grows is too dear.
         for b in 0..100 {
             let batch = users((0..2000).map(|i| format!("id-{b}-{i}")));
-            let m = enc.encode(&batch).unwrap();
+            let m = enc.encode(batch.clone()).unwrap();
             new_streams += usize::from(m.new_stream);
             same(&dec.decode(&m).unwrap(), &batch);
             last = m.bytes.len();
@@ -815,7 +895,7 @@ mod tests {
         // More distinct strings than 16-bit codes reach, in one batch.
         let mut enc = BatchEncoder::new();
         let big = users((0..MAX_DICTIONARY + 10).map(|i| format!("{i}")));
-        let m = enc.encode(&big).unwrap();
+        let m = enc.encode(big.clone()).unwrap();
         assert!(enc.dictionaries[0].plain);
         let mut dec = BatchDecoder::new(big.schema.clone(), DEFAULT_MAX_MESSAGE);
         same(&dec.decode(&m).unwrap(), &big);
@@ -846,7 +926,7 @@ mod tests {
             w.write(&rb).unwrap();
             Message {
                 new_stream: true,
-                bytes: w.into_inner().unwrap(),
+                bytes: w.into_inner().unwrap().into(),
             }
         };
         let ok = message(vec!["a".into(), "b".into()], vec![1, 0, 1]);
@@ -867,7 +947,7 @@ mod tests {
     #[test]
     fn what_the_plan_does_not_expect_is_refused_with_a_reason() {
         let mut enc = BatchEncoder::new();
-        let m = enc.encode(&batch(10, false)).unwrap();
+        let m = enc.encode(batch(10, false)).unwrap();
         let other = Arc::new(Schema::new([
             ("user".to_string(), DataType::String),
             ("m".to_string(), DataType::Int),
@@ -880,12 +960,12 @@ mod tests {
         let e = BatchDecoder::new(schema(), 16).decode(&m).unwrap_err();
         assert!(e.0.contains("over the bound"), "{e}");
         let mut dec = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE);
-        let later = enc.encode(&batch(10, false)).unwrap();
+        let later = enc.encode(batch(10, false)).unwrap();
         let e = dec.decode(&later).unwrap_err();
         assert!(e.0.contains("before its stream's schema"), "{e}");
         // Two batches in one message.
         let mut two = m.clone();
-        two.bytes.extend_from_slice(&later.bytes);
+        two.bytes = [&m.bytes[..], &later.bytes[..]].concat().into();
         let e = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE)
             .decode(&two)
             .unwrap_err();
@@ -904,18 +984,20 @@ mod tests {
     fn corrupted_messages_are_errors_never_panics() {
         let mut enc = BatchEncoder::new();
         let msgs = [
-            enc.encode(&batch(40, true)).unwrap(),
-            enc.encode(&batch(40, true)).unwrap(),
+            enc.encode(batch(40, true)).unwrap(),
+            enc.encode(batch(40, true)).unwrap(),
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(18);
         let mut refused = 0;
         for _ in 0..3000 {
             let mut m = msgs[rng.random_range(0..2)].clone();
             m.new_stream = true;
+            let mut bytes = m.bytes.to_vec();
             for _ in 0..rng.random_range(1..6) {
-                let i = rng.random_range(0..m.bytes.len());
-                m.bytes[i] = rng.random();
+                let i = rng.random_range(0..bytes.len());
+                bytes[i] = rng.random();
             }
+            m.bytes = bytes.into();
             let mut dec = BatchDecoder::new(schema(), DEFAULT_MAX_MESSAGE);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dec.decode(&m)));
             match r {

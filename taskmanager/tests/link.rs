@@ -554,7 +554,7 @@ async fn malformed_frames_fail_the_downstream_task_with_a_reason() {
     let _i = b.ex.accept(k.clone(), schema(), tx);
     let garbage = frame(Frame::Batch(proto::IpcBatch {
         new_stream: true,
-        ipc: b"\xff\xff\xff\xffnot arrow at all".to_vec(),
+        ipc: bytes::Bytes::from_static(b"\xff\xff\xff\xffnot arrow at all"),
     }));
     let status = raw_call(&b.url, vec![open_frame(&k), wm(1), garbage]).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -621,7 +621,7 @@ async fn malformed_frames_fail_the_downstream_task_with_a_reason() {
             ("m".to_string(), DataType::Int),
             ("x".to_string(), DataType::Any),
         ]));
-        let m = BatchEncoder::new().encode(&b).unwrap();
+        let m = BatchEncoder::new().encode(b.clone()).unwrap();
         frame(Frame::Batch(proto::IpcBatch {
             new_stream: m.new_stream,
             ipc: m.bytes,

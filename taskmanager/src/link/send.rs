@@ -188,15 +188,16 @@ fn frame(
     Ok(match msg {
         None => Frame::End(proto::ChannelEnd {}),
         Some(Msg::Batch(b)) => {
-            let m = encoder.encode(&b).map_err(|e| e.to_string())?;
+            let rows = b.len();
+            let m = encoder.encode(b).map_err(|e| e.to_string())?;
             if m.bytes.len() > max_message {
                 return Err(format!(
                     "a batch of {} rows is {} bytes as Arrow IPC, over the exchange's bound of {max_message}",
-                    b.len(),
+                    rows,
                     m.bytes.len(),
                 ));
             }
-            counters.batch(b.len(), m.bytes.len());
+            counters.batch(rows, m.bytes.len());
             Frame::Batch(proto::IpcBatch {
                 new_stream: m.new_stream,
                 ipc: m.bytes,
