@@ -668,6 +668,27 @@ async fn an_isolated_primary_that_renews_again_restarts_its_jobs() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_switchover_refused_by_an_isolated_primary_says_where_the_jobs_are() {
+    let w = World::new(&["east", "west"]);
+    settled(&w).await;
+    w.r("east").cut(true);
+    w.until(&["east"], 20, |w| w.r("east").is(RegionRole::Isolated))
+        .await;
+    let e = w
+        .r("east")
+        .c
+        .switchover("west", false, false, "alice")
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("every job here is stopped until this region renews the region lease"),
+        "{e}"
+    );
+    assert!(w.r("east").is(RegionRole::Isolated), "nothing moved");
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_standby_with_the_newest_verified_checkpoints_takes_over_first() {
     let w = World::new(&["east", "west", "south"]);
     // West verified checkpoint 5 of the job, south only 3.

@@ -81,6 +81,28 @@ impl Role {
         }
     }
 
+    /// What this state means for the jobs of this region, for messages
+    /// that must say where the jobs are.
+    pub fn jobs_here(&self) -> &'static str {
+        match self {
+            Role::Follower => {
+                "this JobManager does not lead its region: its region's leader decides where every job runs"
+            }
+            Role::Starting => "every job waits here until the region lease is read",
+            Role::Standby { .. } => "every job runs in the primary region, none here",
+            Role::Promoting { .. } => "every job is being started here",
+            Role::Primary { .. } => "every job runs here",
+            Role::SwitchingOver { .. } => {
+                "every job is being stopped here with a savepoint for a switchover"
+            }
+            Role::Demoting { .. } => "every job is being stopped here",
+            Role::Isolated { .. } => {
+                "every job here is stopped until this region renews the region lease (it then resumes here) or another region takes over"
+            }
+            Role::Dark { .. } => "every job here is stopped for a failover drill",
+        }
+    }
+
     /// The lease this state holds, if it holds one.
     pub fn lease(&self) -> Option<&Lease> {
         match self {

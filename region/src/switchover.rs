@@ -186,8 +186,9 @@ impl Coordinator {
                         primary: p,
                     }),
                     _ => Err(RegionError::Conflict(format!(
-                        "region {} is {other} now, not the primary: {what} is not possible; `ferry region status` shows every region",
-                        self.s.region
+                        "region {} is {other} now, not the primary: {what} is not possible ({}); `ferry region status` shows every region",
+                        self.s.region,
+                        other.jobs_here()
                     ))),
                 }
             }
@@ -261,7 +262,8 @@ impl Coordinator {
                 ),
                 other => {
                     return Err(RegionError::Conflict(format!(
-                        "the region role changed to {other} meanwhile; nothing was moved"
+                        "the region role changed to {other} meanwhile; nothing was moved, and {}; `ferry region status` shows every region",
+                        other.jobs_here()
                     )));
                 }
             }
