@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 
 use prost::Message;
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic_prost::ProstDecoder;
 
 /// prost's codec with exact-size reservation on the encoding side.
@@ -44,7 +44,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::default())
+        ProstDecoder::default()
     }
 }
 
@@ -64,9 +64,5 @@ impl<T: Message> Encoder for SizedEncoder<T> {
         // room) cannot happen; report it rather than panic all the same.
         item.encode(buf)
             .map_err(|e| Status::internal(format!("encoding a message: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
     }
 }
