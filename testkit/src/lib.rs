@@ -86,7 +86,16 @@ pub fn wait_listening(
         ),
         None => String::new(),
     };
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    loop {
+        // Something listens; it counts only if it is the child: a port
+        // picked free can be taken by another process (a parallel test's
+        // server) before the child binds it, and then the child fails while
+        // the port answers.
+        let answered = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        let theirs = answered && holds_listener(child.id(), port) == Some(false);
+        if answered && !theirs {
+            return Ok(());
+        }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(StartError(format!(
                 "{name} exited ({status}) while starting{}",
@@ -96,14 +105,54 @@ pub fn wait_listening(
         if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
+            let held = if theirs {
+                " (another process listens there)"
+            } else {
+                ""
+            };
             return Err(StartError(format!(
-                "{name} does not listen on port {port} after {limit:?}{}",
+                "{name} does not listen on port {port} after {limit:?}{held}{}",
                 show(log)
             )));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(())
+}
+
+/// Whether process `pid` holds the socket listening on `port`: the
+/// listening sockets' inodes from `/proc/net/tcp{,6}` against the
+/// process's open file descriptors. `None` where `/proc` cannot tell (not
+/// Linux, or the listener not found there).
+fn holds_listener(pid: u32, port: u16) -> Option<bool> {
+    const LISTEN: &str = "0A";
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == LISTEN && local_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str()))
+    }))
 }
 
 /// How long a test's nats-server may take to listen (a loaded machine).
@@ -678,6 +727,40 @@ mod port_tests {
             }
         }
         assert_eq!(all.len(), 400);
+    }
+
+    /// A port someone else listens on does not count as the child's: the
+    /// child that fails to bind it is reported as exited (with its log),
+    /// and one that never binds it as not listening, naming the other
+    /// listener — not as started.
+    #[test]
+    fn a_port_another_process_listens_on_is_not_the_childs() {
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = other.local_addr().unwrap().port();
+        assert_eq!(holds_listener(std::process::id(), port), Some(true));
+
+        let mut failing = std::process::Command::new("sh")
+            .args(["-c", "sleep 0.2; exit 1"])
+            .spawn()
+            .unwrap();
+        let e = wait_listening(&mut failing, "failing", port, None, Duration::from_secs(20))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("failing exited"), "{e}");
+
+        let mut idle = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert_eq!(holds_listener(idle.id(), port), Some(false));
+        let e = wait_listening(&mut idle, "idle", port, None, Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("another process listens there"), "{e}");
+        assert!(
+            idle.try_wait().unwrap().is_some(),
+            "the idle child was killed"
+        );
     }
 }
 
