@@ -3,7 +3,9 @@
 //! 2, run whole on one TaskManager and split over two — subtask 0 on one,
 //! subtask 1 on the other, so half the records cross the exchange (Arrow
 //! IPC over a real gRPC connection on loopback) — in the same process, on
-//! the same cores, runs interleaved. It reports events per second and per
+//! the same worker threads, runs interleaved. The one TaskManager runs on
+//! a runtime with every thread; each of the two on its own runtime with
+//! half of them, as two processes would. It reports events per second and per
 //! CPU second of each, their ratio, and what crossed the exchange per CPU
 //! second.
 //!
@@ -26,6 +28,8 @@ use ferry_taskmanager::runtime::{DeployedJob, JobPlan, Part, deploy, deploy_part
 use serde::Serialize;
 
 use crate::bench::cpu_time;
+use std::future::Future;
+use tokio::runtime::{Handle, Runtime};
 use tokio::sync::mpsc;
 
 /// What to measure.
@@ -37,7 +41,9 @@ pub struct ExchangeOptions {
     pub keys: u64,
     /// Runs of each variant, interleaved; the fastest of each is reported.
     pub repeat: u32,
-    /// Worker threads of the runtime both variants run on.
+    /// Worker threads in all: the one TaskManager's runtime has them all;
+    /// split, each TaskManager runs on its own runtime with half of them
+    /// (with one thread, both share it).
     pub threads: usize,
     /// String keys `<prefix><n>` instead of integers.
     pub key_prefix: Option<String>,
@@ -66,6 +72,9 @@ pub struct ExchangeReport {
     pub keys: u64,
     pub key_prefix: Option<String>,
     pub threads: usize,
+    /// Worker threads of each TaskManager's own runtime in the split run;
+    /// `None` when both share the one runtime (one thread in all).
+    pub split_threads: Option<[usize; 2]>,
     /// The fastest run of each variant.
     pub one_taskmanager: ExchangeRun,
     pub two_taskmanagers: ExchangeRun,
@@ -88,8 +97,12 @@ impl ExchangeReport {
             Some(p) => format!("string keys ({p}N)"),
             None => "integer keys".to_string(),
         };
+        let split = match self.split_threads {
+            Some([a, b]) => format!("split: {a} + {b}, one runtime per TaskManager"),
+            None => "split: both TaskManagers on the one runtime".to_string(),
+        };
         out.push_str(&format!(
-            "keyed tumbling count, parallelism 2, {} events over {} {keys}, {} worker threads, best of {} runs each\n\n",
+            "keyed tumbling count, parallelism 2, {} events over {} {keys}, {} worker threads ({split}), best of {} runs each\n\n",
             self.events,
             self.keys,
             self.threads,
@@ -212,22 +225,95 @@ async fn drive(
     Ok(())
 }
 
+/// The runtimes the TaskManagers run on. The one TaskManager runs on
+/// `whole`, with every worker thread. Split, each TaskManager runs on its
+/// own runtime with half of them: two TaskManagers are two processes, each
+/// with its own scheduler, never stealing each other's tasks — and together
+/// they get the same threads as the one. With a single thread in all, both
+/// share `whole`.
+struct TaskManagerRuntimes {
+    whole: Runtime,
+    halves: Option<[Runtime; 2]>,
+}
+
+impl TaskManagerRuntimes {
+    fn new(threads: usize) -> std::io::Result<Self> {
+        let runtime = |threads: usize, name: &str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name(name)
+                .enable_all()
+                .build()
+        };
+        let threads = threads.max(1);
+        let halves = if threads >= 2 {
+            Some([
+                runtime(threads.div_ceil(2), "tm-a")?,
+                runtime(threads / 2, "tm-b")?,
+            ])
+        } else {
+            None
+        };
+        Ok(Self {
+            whole: runtime(threads, "tm")?,
+            halves,
+        })
+    }
+
+    /// The runtimes of the split run's two TaskManagers.
+    fn split(&self) -> [Handle; 2] {
+        match &self.halves {
+            Some([a, b]) => [a.handle().clone(), b.handle().clone()],
+            None => [self.whole.handle().clone(), self.whole.handle().clone()],
+        }
+    }
+
+    fn split_threads(&self) -> Option<[usize; 2]> {
+        self.halves
+            .as_ref()
+            .map(|[a, b]| [a.metrics().num_workers(), b.metrics().num_workers()])
+    }
+}
+
+/// Runs `f` on the runtime `rt` (a TaskManager's), so that every task it
+/// spawns — the exchange server and its connections, the job's tasks and
+/// their exchange channels — runs there too.
+async fn on<T: Send + 'static>(
+    rt: &Handle,
+    f: impl Future<Output = T> + Send + 'static,
+) -> anyhow::Result<T> {
+    rt.spawn(f)
+        .await
+        .context("a TaskManager's setup task failed")
+}
+
 async fn run_once(
     plan: &JobPlan,
     split: bool,
     events: u64,
     dir: &StorageLocation,
+    taskmanagers: &TaskManagerRuntimes,
 ) -> anyhow::Result<ExchangeRun> {
     let job = JobId::new();
     let mut servers = Vec::new();
     let mut exchanges = Vec::new();
+    let plans = [plan.clone(), plan.clone()];
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let mut parts = if split {
+        let [ha, hb] = taskmanagers.split();
         let a = Exchange::new("tm-a", LinkConfig::default(), None);
         let b = Exchange::new("tm-b", LinkConfig::default(), None);
-        let (ua, sa) = serve(&a).await?;
-        let (ub, sb) = serve(&b).await?;
+        let (ua, sa) = on(&ha, {
+            let a = a.clone();
+            async move { serve(&a).await }
+        })
+        .await??;
+        let (ub, sb) = on(&hb, {
+            let b = b.clone();
+            async move { serve(&b).await }
+        })
+        .await??;
         servers.extend([sa, sb]);
         let homes = vec![ua, ub];
         let part = |local: u32, exchange: &Exchange| Part {
@@ -236,19 +322,28 @@ async fn run_once(
             homes: homes.clone(),
             exchange: exchange.clone(),
         };
-        let pa = deploy_part(plan, None, &job, Some(&part(0, &a)))
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let pb = deploy_part(plan, None, &job, Some(&part(1, &b)))
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
+        let [plan_a, plan_b] = plans;
+        let (part_a, part_b) = (part(0, &a), part(1, &b));
+        let pa = on(&ha, async move {
+            deploy_part(&plan_a, None, &job, Some(&part_a)).await
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!(e))?;
+        let pb = on(&hb, async move {
+            deploy_part(&plan_b, None, &job, Some(&part_b)).await
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!(e))?;
         exchanges.extend([a, b]);
         vec![pa, pb]
     } else {
+        let [plan, _] = plans;
         vec![
-            deploy(plan, None, &job)
-                .await
-                .map_err(|e| anyhow::anyhow!(e))?,
+            on(taskmanagers.whole.handle(), async move {
+                deploy(&plan, None, &job).await
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!(e))?,
         ]
     };
     drive(&mut parts, plan.task_count(), &dir.child(&job.to_string())).await?;
@@ -295,8 +390,9 @@ pub fn exchange(
     let plan = JobPlan::new(&spec).map_err(|e| anyhow::anyhow!(e))?;
     let tmp = tempfile::tempdir()?;
     let dir = StorageLocation::open(&format!("file://{}", tmp.path().display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(a.threads.max(1))
+    let taskmanagers = TaskManagerRuntimes::new(a.threads)?;
+    // The benchmark's own driver (deploy, end, count) on this thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut runs: [Vec<ExchangeRun>; 2] = [Vec::new(), Vec::new()];
@@ -309,7 +405,7 @@ pub fn exchange(
         };
         for split in order {
             let res = rt
-                .block_on(run_once(&plan, split, a.events, &dir))
+                .block_on(run_once(&plan, split, a.events, &dir, &taskmanagers))
                 .with_context(|| {
                     format!("run {} ({} TaskManagers)", r + 1, if split { 2 } else { 1 })
                 })?;
@@ -329,6 +425,7 @@ pub fn exchange(
         keys: a.keys,
         key_prefix: a.key_prefix.clone(),
         threads: a.threads,
+        split_threads: taskmanagers.split_threads(),
         one_taskmanager: one,
         two_taskmanagers: two,
         ratio: two.events_per_s / one.events_per_s,

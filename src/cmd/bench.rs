@@ -47,7 +47,9 @@ pub struct ExchangeArgs {
     /// Runs of each variant, interleaved; the fastest of each is reported.
     #[arg(long, default_value_t = 3)]
     pub repeat: u32,
-    /// Worker threads both variants run on.
+    /// Worker threads in all: the one TaskManager runs on all of them; split,
+    /// each TaskManager runs on its own runtime with half (with 1, both
+    /// share it).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// String keys `<prefix><n>` (e.g. `customer-`) instead of integers.
