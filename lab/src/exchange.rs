@@ -24,11 +24,10 @@ use ferry_core::spec::parse_and_validate;
 use ferry_core::storage::StorageLocation;
 use ferry_taskmanager::link::{Exchange, LinkConfig};
 use ferry_taskmanager::protocol::{Barrier, TaskCommand, TaskEvent};
-use ferry_taskmanager::runtime::{DeployedJob, JobPlan, Part, deploy, deploy_part};
+use ferry_taskmanager::runtime::{DeployedJob, JobPlan, Part, deploy_part};
 use serde::Serialize;
 
 use crate::bench::cpu_time;
-use std::future::Future;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::mpsc;
 
@@ -275,16 +274,20 @@ impl TaskManagerRuntimes {
     }
 }
 
-/// Runs `f` on the runtime `rt` (a TaskManager's), so that every task it
-/// spawns — the exchange server and its connections, the job's tasks and
-/// their exchange channels — runs there too.
-async fn on<T: Send + 'static>(
+/// Deploys `part` of `plan` (the whole job when `None`) on the runtime `rt`
+/// (a TaskManager's), so that every task it spawns — the job's tasks and
+/// their exchange channels — runs there.
+async fn deploy_on(
     rt: &Handle,
-    f: impl Future<Output = T> + Send + 'static,
-) -> anyhow::Result<T> {
-    rt.spawn(f)
+    plan: &JobPlan,
+    job: JobId,
+    part: Option<Part>,
+) -> anyhow::Result<DeployedJob> {
+    let plan = plan.clone();
+    rt.spawn(async move { deploy_part(&plan, None, &job, part.as_ref()).await })
         .await
-        .context("a TaskManager's setup task failed")
+        .context("a TaskManager's deploy task failed")?
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn run_once(
@@ -297,23 +300,26 @@ async fn run_once(
     let job = JobId::new();
     let mut servers = Vec::new();
     let mut exchanges = Vec::new();
-    let plans = [plan.clone(), plan.clone()];
     let cpu0 = cpu_time();
     let t0 = Instant::now();
     let mut parts = if split {
         let [ha, hb] = taskmanagers.split();
         let a = Exchange::new("tm-a", LinkConfig::default(), None);
         let b = Exchange::new("tm-b", LinkConfig::default(), None);
-        let (ua, sa) = on(&ha, {
-            let a = a.clone();
-            async move { serve(&a).await }
-        })
-        .await??;
-        let (ub, sb) = on(&hb, {
-            let b = b.clone();
-            async move { serve(&b).await }
-        })
-        .await??;
+        // Each exchange server on its TaskManager's runtime, with its
+        // connections.
+        let (ua, sa) = ha
+            .spawn({
+                let a = a.clone();
+                async move { serve(&a).await }
+            })
+            .await??;
+        let (ub, sb) = hb
+            .spawn({
+                let b = b.clone();
+                async move { serve(&b).await }
+            })
+            .await??;
         servers.extend([sa, sb]);
         let homes = vec![ua, ub];
         let part = |local: u32, exchange: &Exchange| Part {
@@ -322,29 +328,12 @@ async fn run_once(
             homes: homes.clone(),
             exchange: exchange.clone(),
         };
-        let [plan_a, plan_b] = plans;
-        let (part_a, part_b) = (part(0, &a), part(1, &b));
-        let pa = on(&ha, async move {
-            deploy_part(&plan_a, None, &job, Some(&part_a)).await
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!(e))?;
-        let pb = on(&hb, async move {
-            deploy_part(&plan_b, None, &job, Some(&part_b)).await
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!(e))?;
+        let pa = deploy_on(&ha, plan, job, Some(part(0, &a))).await?;
+        let pb = deploy_on(&hb, plan, job, Some(part(1, &b))).await?;
         exchanges.extend([a, b]);
         vec![pa, pb]
     } else {
-        let [plan, _] = plans;
-        vec![
-            on(taskmanagers.whole.handle(), async move {
-                deploy(&plan, None, &job).await
-            })
-            .await?
-            .map_err(|e| anyhow::anyhow!(e))?,
-        ]
+        vec![deploy_on(taskmanagers.whole.handle(), plan, job, None).await?]
     };
     drive(&mut parts, plan.task_count(), &dir.child(&job.to_string())).await?;
     let wall = t0.elapsed().as_secs_f64();
