@@ -154,6 +154,11 @@ pub async fn run(
     }
     let primary = entry.for_url(&map.url(&from)?)?;
     let target = entry.for_url(&map.url(&plan.target)?)?;
+    let replication = primary.regions().await.ok().map(|a| match a.value.sync {
+        None => "async".to_string(),
+        Some(s) if s.state == ferry_core::api::SyncState::Sync => "sync".to_string(),
+        Some(s) => format!("sync ({})", s.state.as_str()),
+    });
     let jobs: Vec<String> = match primary.jobs().await {
         Ok(a) => a
             .value
@@ -410,6 +415,7 @@ pub async fn run(
             rpo_event_time_ms: ms(plan.rpo),
             rpo_records: plan.rpo_records,
         },
+        replication,
         passed,
         failures: checks,
         revert: None,

@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use ferry_core::api::{
     AuditEntry, CancelResponse, CheckpointInfo, DivergenceReport, DrainReport, DrillReport,
     DrillRevert, HaHealth, JobInfo, RebalancePlan, RegionsStatus, SavepointInfo, SwitchoverReport,
+    SyncState,
 };
 
 use crate::{DEFAULT_URL, Error};
@@ -507,6 +508,28 @@ pub fn regions(v: &RegionsStatus, out: &mut String) {
         out.push('\n');
         out.push_str(&t.render());
     }
+    if let Some(s) = &v.sync {
+        let lat = match (s.latency_p50_ms, s.latency_p99_ms) {
+            (Some(a), Some(b)) => format!("; copy into the standbys p50 {a:.0} ms, p99 {b:.0} ms"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "\nreplication: sync ({} standby store(s) per checkpoint, onStandbyLoss {}): {} since {}{lat}",
+            s.sync_standbys,
+            s.on_standby_loss,
+            match s.state {
+                SyncState::Sync => "in sync",
+                SyncState::Blocked => "BLOCKED — checkpoints fail, output waits uncommitted",
+                SyncState::Degraded =>
+                    "DEGRADED to asynchronous — a failover may repeat committed output",
+            },
+            s.since.format("%Y-%m-%d %H:%M:%S UTC"),
+        );
+        if let Some(why) = &s.reason {
+            let _ = writeln!(out, "  why: {why}");
+        }
+    }
     if let Some(note) = &v.note {
         let _ = writeln!(out, "{note}");
     }
@@ -634,6 +657,9 @@ pub fn drill_report(r: &DrillReport, out: &mut String) {
         "  {:<13} {:>7} ms   event time, {} input records ({} output records); target {} ms",
         "RPO", r.rpo_event_time_ms, r.rpo_records, r.rpo_records_out, r.targets.rpo_event_time_ms
     );
+    if let Some(mode) = &r.replication {
+        let _ = writeln!(out, "  {:<13} {mode}", "replication");
+    }
     for f in &r.failures {
         let _ = writeln!(out, "  FAILED: {f}");
     }

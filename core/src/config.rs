@@ -395,6 +395,64 @@ pub struct RegionsConfig {
     /// (`Authorization: Bearer`).
     #[serde(default)]
     pub webhook_token_file: Option<String>,
+    /// `async` (default): a checkpoint completes in the primary and is
+    /// copied to the standbys after; `sync`: it completes only once its
+    /// manifest is in `syncStandbys` standby stores, hash-verified, so no
+    /// sink commits output a standby could not restore.
+    #[serde(default)]
+    pub replication: ReplicationMode,
+    /// With `replication: sync`, how many standby stores must hold a
+    /// checkpoint before it completes (default 1).
+    #[serde(default = "one")]
+    pub sync_standbys: usize,
+    /// With `replication: sync`, what happens when fewer than
+    /// `syncStandbys` standbys take a checkpoint within `syncTimeout`:
+    /// `block` (default) fails the checkpoint, so output stays uncommitted
+    /// until standbys are back; `async` completes it anyway and runs
+    /// asynchronously until the standbys have caught up.
+    #[serde(default)]
+    pub on_standby_loss: OnStandbyLoss,
+    /// With `replication: sync`, how long a checkpoint waits for the
+    /// standby stores (default 5s).
+    #[serde(default = "d_sync_timeout")]
+    pub sync_timeout: DurationSpec,
+}
+
+/// When a checkpoint counts as complete across regions
+/// (`regions.replication`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum ReplicationMode {
+    /// Completed in the primary; copied to the standbys after.
+    #[default]
+    Async,
+    /// Completed only once `regions.syncStandbys` standbys hold it.
+    Sync,
+}
+
+impl ReplicationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Async => "async",
+            ReplicationMode::Sync => "sync",
+        }
+    }
+}
+
+/// What synchronous replication does without enough standbys
+/// (`regions.onStandbyLoss`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum OnStandbyLoss {
+    /// Checkpoints fail (output stays uncommitted) until standbys are back.
+    #[default]
+    Block,
+    /// Checkpoints complete without them; back to `sync` once they caught up.
+    Async,
+}
+
+fn d_sync_timeout() -> DurationSpec {
+    DurationSpec(Duration::from_secs(5))
 }
 
 fn d_verify_interval() -> DurationSpec {
@@ -444,6 +502,10 @@ impl Default for RegionsConfig {
             webhook: None,
             webhook_ca_file: None,
             webhook_token_file: None,
+            replication: ReplicationMode::Async,
+            sync_standbys: 1,
+            on_standby_loss: OnStandbyLoss::Block,
+            sync_timeout: d_sync_timeout(),
         }
     }
 }
@@ -1367,6 +1429,26 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Text,
     ),
     (
+        "FERRY_REGIONS_REPLICATION",
+        "regions.replication",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_SYNC_STANDBYS",
+        "regions.syncStandbys",
+        EnvKind::Integer,
+    ),
+    (
+        "FERRY_REGIONS_ON_STANDBY_LOSS",
+        "regions.onStandbyLoss",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_REGIONS_SYNC_TIMEOUT",
+        "regions.syncTimeout",
+        EnvKind::Text,
+    ),
+    (
         "FERRY_TLS_GRPC_CERT_FILE",
         "tls.grpc.certFile",
         EnvKind::Text,
@@ -1580,6 +1662,24 @@ impl ProcessConfig {
                 "regions.healthCheckInterval ({}) must be above 0 and below half of regions.timeout ({})",
                 r.health_check_interval, r.timeout
             ));
+        }
+        if r.replication == ReplicationMode::Sync {
+            let standbys = r.stores.keys().filter(|k| **k != self.region).count();
+            if standbys == 0 {
+                return err(
+                    "regions.replication: sync needs standby stores: list the other regions in regions.stores (FERRY_REGIONS_STORES)"
+                        .into(),
+                );
+            }
+            if r.sync_standbys == 0 || r.sync_standbys > standbys {
+                return err(format!(
+                    "regions.syncStandbys ({}) must be between 1 and the number of standby stores in regions.stores ({standbys})",
+                    r.sync_standbys
+                ));
+            }
+            if r.sync_timeout.get().is_zero() {
+                return err("regions.syncTimeout must be above 0".into());
+            }
         }
         match r.webhook.as_deref().map(str::trim) {
             Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {

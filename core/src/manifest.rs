@@ -403,8 +403,20 @@ pub async fn find_restorable_checked(
 /// Writes a manifest with a create-only put. Fails if one already exists:
 /// a checkpoint number is completed at most once.
 pub async fn write_manifest(dir: &StorageLocation, manifest: &Manifest) -> Result<()> {
-    let data = serde_json::to_vec_pretty(manifest).map_err(|e| CoreError::Other(e.to_string()))?;
-    if dir.put_create(MANIFEST_FILE, Bytes::from(data)).await? {
+    write_manifest_bytes(dir, manifest_bytes(manifest)?).await
+}
+
+/// A manifest as `MANIFEST.json` holds it.
+pub fn manifest_bytes(manifest: &Manifest) -> Result<Bytes> {
+    serde_json::to_vec_pretty(manifest)
+        .map(Bytes::from)
+        .map_err(|e| CoreError::Other(e.to_string()))
+}
+
+/// Writes `MANIFEST.json` (the bytes of [`manifest_bytes`]) into `dir`,
+/// create-only, as [`write_manifest`].
+pub async fn write_manifest_bytes(dir: &StorageLocation, data: Bytes) -> Result<()> {
+    if dir.put_create(MANIFEST_FILE, data).await? {
         Ok(())
     } else {
         Err(CoreError::AlreadyExists {

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::checkpoint::{
-    Pending, Reply, SnapshotRequest, abort_checkpoint, complete_checkpoint, fail_reply, trigger,
+    NotCompleted, Pending, Reply, SnapshotRequest, abort_checkpoint, complete_checkpoint,
+    fail_reply, trigger,
 };
 use crate::deployment::Deployment;
 use crate::error::JmError;
@@ -65,13 +66,16 @@ impl Failures {
     /// After snapshot `p` failed (its waiter already told): removes its
     /// partial files; `Some` ends the attempt. A failed stop-with-savepoint
     /// left its tasks stopping, so the job restarts; a failed final
-    /// checkpoint of a bounded job is simply triggered again.
+    /// checkpoint of a bounded job is simply triggered again. Only a
+    /// failure that `counts` goes against `tolerableFailures` (not one of
+    /// blocked synchronous replication: the job itself is fine).
     async fn failed(
         &mut self,
         job: &JobEntry,
         p: Pending,
         why: &str,
         final_triggered: &mut bool,
+        counts: bool,
     ) -> Option<Outcome> {
         if p.barrier.stop && !p.finished {
             return Some(Outcome::Failed(format!(
@@ -82,8 +86,8 @@ impl Failures {
         if p.finished {
             *final_triggered = false;
         }
-        self.in_row += 1;
-        (self.in_row > self.tolerable).then(|| {
+        self.in_row += u32::from(counts);
+        (counts && self.in_row > self.tolerable).then(|| {
             Outcome::Failed(format!(
                 "{} checkpoints failed in a row (checkpointing.tolerableFailures is {}); the last: {why}",
                 self.in_row, self.tolerable
@@ -152,7 +156,7 @@ pub(crate) async fn run_attempt(
                 );
                 p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
                 fail_reply(p.reply.take(), JmError::Runtime(msg.clone()));
-                                if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered).await {
+                                if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered, true).await {
                     return o;
                 }
             }
@@ -214,7 +218,7 @@ pub(crate) async fn run_attempt(
                     let msg = format!("checkpoint {checkpoint} failed: {task}: {reason}");
                     p.span.in_scope(|| tracing::warn!(job = %job.id, "{msg}"));
                     fail_reply(p.reply.take(), JmError::Runtime(msg.clone()));
-                                        if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered).await {
+                                        if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered, true).await {
                         return o;
                     }
                 }
@@ -257,13 +261,13 @@ pub(crate) async fn run_attempt(
                                     None => {}
                                 }
                             }
-                            Err(e) => {
+                            Err(NotCompleted { why: e, blocked }) => {
                                 p.span.record("outcome", "failed");
                                 metrics.checkpoint_failures.get_or_create(&labels).inc();
                                 tracing::warn!(job = %job.id, "checkpoint {} failed: {e}", p.barrier.id);
                                 fail_reply(p.reply.take(), JmError::Runtime(e.clone()));
                                 let msg = format!("checkpoint {} failed: {e}", p.barrier.id);
-                                                                if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered).await {
+                                if let Some(o) = failures.failed(job, p, &msg, &mut final_triggered, !blocked).await {
                                     return o;
                                 }
                             }

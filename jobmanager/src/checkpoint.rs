@@ -5,7 +5,9 @@
 //!
 //! Invariant: a checkpoint exists once its manifest is written and only
 //! then are sinks told to commit; the manifest is written only after every
-//! task acknowledged, so every file it lists is durable.
+//! task acknowledged, so every file it lists is durable — and, with
+//! synchronous replication, only after `regions.syncStandbys` standby
+//! stores hold the checkpoint.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -14,9 +16,10 @@ use chrono::Utc;
 use ferry_core::CheckpointId;
 use ferry_core::manifest::{
     MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint, checkpoint_dir,
-    list_checkpoint_ids, savepoint_dir, savepoint_number, savepoints_root, snapshot_dir,
-    write_manifest,
+    list_checkpoint_ids, manifest_bytes, savepoint_dir, savepoint_number, savepoints_root,
+    snapshot_dir, write_manifest_bytes,
 };
+use ferry_region::SyncOutcome;
 use ferry_taskmanager::protocol::{Barrier, TaskAck};
 use tokio::sync::oneshot;
 
@@ -147,8 +150,28 @@ pub(crate) fn trigger(
     }
 }
 
+/// Why a fully acknowledged snapshot did not complete.
+#[derive(Debug)]
+pub(crate) struct NotCompleted {
+    pub(crate) why: String,
+    /// Synchronous replication is blocked (too few standby stores, and
+    /// `regions.onStandbyLoss: block`): the job is fine, its output waits;
+    /// such failures do not count against `checkpointing.tolerableFailures`.
+    pub(crate) blocked: bool,
+}
+
+impl From<String> for NotCompleted {
+    fn from(why: String) -> Self {
+        NotCompleted {
+            why,
+            blocked: false,
+        }
+    }
+}
+
 /// Writes the manifest of a fully acknowledged snapshot and tells the tasks
-/// to commit; applies retention.
+/// to commit (with synchronous replication, once the standbys hold the
+/// snapshot); applies retention.
 #[tracing::instrument(
     name = "checkpoint.complete",
     parent = &p.span,
@@ -160,7 +183,7 @@ pub(crate) async fn complete_checkpoint(
     deployed: &Deployment,
     p: &Pending,
     metrics: &Metrics,
-) -> Result<SavepointInfo, String> {
+) -> Result<SavepointInfo, NotCompleted> {
     let mut files = Vec::new();
     let mut offsets = BTreeMap::new();
     let mut txns = Vec::new();
@@ -176,7 +199,8 @@ pub(crate) async fn complete_checkpoint(
         return Err(format!(
             "checkpoint {} abandoned: this JobManager no longer holds the leader lease",
             p.barrier.id
-        ));
+        )
+        .into());
     };
     let duration = p.started.elapsed();
     let manifest = Manifest {
@@ -206,7 +230,31 @@ pub(crate) async fn complete_checkpoint(
         .map_err(|e| format!("checkpoint {} abandoned: {e}", p.barrier.id))?;
     p.span.record("tasks", p.acks.len());
     tracing::Span::current().record("size_bytes", manifest.total_size());
-    write_manifest(&p.barrier.dir, &manifest)
+    let data = manifest_bytes(&manifest).map_err(|e| e.to_string())?;
+    // Synchronous replication: into the standbys' stores first.
+    if let Some(sync) = job.sync.get() {
+        let rel = snapshot_dir(&job.id, p.barrier.kind, p.barrier.id);
+        let started = Instant::now();
+        let outcome = sync.replicate(&job.id, &job.root, &rel, data.clone()).await;
+        metrics.set_sync_state(sync.state());
+        match outcome {
+            Ok(SyncOutcome::Replicated(standbys)) => {
+                metrics
+                    .replication_sync_seconds
+                    .get_or_create(&Metrics::job(&job.id.to_string()))
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(job = %job.id, checkpoint = %p.barrier.id, ?standbys, "in the standby stores");
+            }
+            Ok(SyncOutcome::Degraded) => {}
+            Err(e) => {
+                return Err(NotCompleted {
+                    why: format!("checkpoint {} not completed: {e}", p.barrier.id),
+                    blocked: true,
+                });
+            }
+        }
+    }
+    write_manifest_bytes(&p.barrier.dir, data)
         .await
         .map_err(|e| e.to_string())?;
     // The write may have taken long enough for the lease to lapse: then the
@@ -216,13 +264,15 @@ pub(crate) async fn complete_checkpoint(
         return Err(format!(
             "checkpoint {} written, but the leader lease lapsed meanwhile: the sinks do not commit it; the next leader decides",
             p.barrier.id
-        ));
+        )
+        .into());
     }
     if let Err(e) = job.region_fence.check() {
         return Err(format!(
             "checkpoint {} written, but the sinks do not commit it: {e}",
             p.barrier.id
-        ));
+        )
+        .into());
     }
     deployed.complete(p.barrier.id, manifest.region_epoch);
     let labels = Metrics::job(&job.id.to_string());

@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::deployment::LiveCounters;
+
+/// Where a job finds synchronous replication (set once, by the region side).
+pub(crate) type SyncSlot = Arc<std::sync::OnceLock<Arc<ferry_region::SyncReplicator>>>;
 use crate::error::JmError;
 use crate::leadership::{Leadership, RegionFence};
 use crate::metrics::{Metrics, StateLabels};
@@ -158,6 +161,9 @@ pub(crate) struct JobEntry {
     pub(crate) region_epoch: Arc<crate::leadership::RegionEpochCell>,
     /// Checked before every checkpoint commit.
     pub(crate) region_fence: Arc<RegionFence>,
+    /// Synchronous replication, once the region side set it up: every
+    /// checkpoint goes into the standbys' stores before it completes.
+    pub(crate) sync: SyncSlot,
     /// The checkpoint the current deployment restored from (see
     /// `Manifest::restored_from`).
     pub(crate) restored_from: Mutex<Option<u64>>,
@@ -438,6 +444,7 @@ spec:
             demoting: Default::default(),
             region_epoch: Default::default(),
             region_fence: Default::default(),
+            sync: Default::default(),
             restored_from: Mutex::new(None),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior.cloned()),

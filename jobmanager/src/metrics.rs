@@ -73,6 +73,13 @@ pub struct Metrics {
     pub replication_lag_seconds: Family<RegionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub replication_lag_checkpoints: Family<RegionLabels, Gauge>,
     pub replication_lag_records: Family<RegionLabels, Gauge>,
+    /// Synchronous replication: 1 while checkpoints fail for lack of
+    /// standbys (`onStandbyLoss: block`) / complete without them (`async`).
+    pub replication_sync_blocked: Gauge,
+    pub replication_sync_degraded: Gauge,
+    /// Time from a snapshot's manifest to its being in enough standby
+    /// stores: what synchronous replication adds to a checkpoint.
+    pub replication_sync_seconds: Family<JobLabels, Histogram, fn() -> Histogram>,
     /// 1 while this region is the primary (runs the jobs).
     pub region_is_primary: Gauge,
     /// The region epoch (revision of the region lease) as last read.
@@ -146,6 +153,9 @@ impl Metrics {
             replication_lag_seconds: Family::default(),
             replication_lag_checkpoints: Family::default(),
             replication_lag_records: Family::default(),
+            replication_sync_blocked: Gauge::default(),
+            replication_sync_degraded: Gauge::default(),
+            replication_sync_seconds: Family::new_with_constructor(checkpoint_buckets),
             region_is_primary: Gauge::default(),
             region_epoch: Gauge::default(),
             failovers: Counter::default(),
@@ -369,6 +379,21 @@ impl Metrics {
             "Records read by the newest checkpoints beyond what the region holds",
             m.replication_lag_records.clone(),
         );
+        registry.register(
+            "replication_sync_blocked",
+            "1 while synchronous replication blocks checkpoints: too few standby stores take them (regions.onStandbyLoss: block)",
+            m.replication_sync_blocked.clone(),
+        );
+        registry.register(
+            "replication_sync_degraded",
+            "1 while synchronous replication runs asynchronously: too few standby stores took a checkpoint in time (regions.onStandbyLoss: async)",
+            m.replication_sync_degraded.clone(),
+        );
+        registry.register(
+            "replication_sync_seconds",
+            "Time to copy a completed snapshot into enough standby stores (regions.replication: sync): what it adds to the checkpoint",
+            m.replication_sync_seconds.clone(),
+        );
         for result in ["pass", "fail"] {
             let _ = m.drills.get_or_create(&ResultLabels {
                 result: result.into(),
@@ -435,6 +460,15 @@ impl Metrics {
                 })
                 .set(i64::from(n));
         }
+    }
+
+    /// Records synchronous replication's state.
+    pub fn set_sync_state(&self, state: ferry_core::api::SyncState) {
+        use ferry_core::api::SyncState;
+        self.replication_sync_blocked
+            .set(i64::from(state == SyncState::Blocked));
+        self.replication_sync_degraded
+            .set(i64::from(state == SyncState::Degraded));
     }
 
     /// Records one standby region's replication lag.

@@ -78,6 +78,9 @@ pub async fn start_region_side(
     if let Some(c) = &side.coordinator {
         jm.set_region_control(Arc::new(RegionCtl(c.clone())));
     }
+    if let Some(s) = &side.sync {
+        jm.set_sync_replication(s.clone());
+    }
     jm.set_regions_view(Arc::new(move || side.status()));
     Ok(Some(handle))
 }
@@ -193,6 +196,9 @@ impl RegionJobs for JmRegion {
                 }
             }
             RegionEvent::Replication(standbys) => {
+                if let Some(sync) = self.jm.inner.sync.get() {
+                    m.set_sync_state(sync.state());
+                }
                 for s in standbys {
                     m.set_replication_lag(
                         &s.region,

@@ -62,6 +62,12 @@ impl JobManager {
         self.inner.standby().map(|(_, p)| p)
     }
 
+    /// Sends every checkpoint through synchronous replication from now on
+    /// (`regions.replication: sync`); set once.
+    pub fn set_sync_replication(&self, sync: std::sync::Arc<ferry_region::SyncReplicator>) {
+        let _ = self.inner.sync.set(sync);
+    }
+
     /// Fences checkpoint commits with the region lease: from now on a
     /// checkpoint completes only within `valid_for` of the last
     /// [`confirm_region_lease`](Self::confirm_region_lease).
@@ -195,6 +201,7 @@ impl JobManager {
                     "cross-region replication is not configured (regions.stores, see docs/config.md)"
                         .into(),
                 ),
+                sync: None,
             },
         }
     }

@@ -76,6 +76,9 @@ pub(crate) struct Inner {
     pub(crate) region_epoch: Arc<crate::leadership::RegionEpochCell>,
     /// How long this region may still commit checkpoints.
     pub(crate) region_fence: Arc<RegionFence>,
+    /// Synchronous replication (`regions.replication: sync`), set once by
+    /// the region side; shared by every job.
+    pub(crate) sync: crate::job::SyncSlot,
     /// What `POST /v1/regions/{name}/failover` runs.
     pub(crate) region_control: std::sync::OnceLock<RegionControl>,
     /// What `/v1/regions` reports (set when replicating to other regions).
@@ -200,6 +203,7 @@ impl JobManager {
                 forward_tls: std::sync::OnceLock::new(),
                 region_epoch: Default::default(),
                 region_fence: Default::default(),
+                sync: Default::default(),
             }),
         }
     }
@@ -472,6 +476,7 @@ impl JobManager {
             demoting: self.inner.demoting.clone(),
             region_epoch: self.inner.region_epoch.clone(),
             region_fence: self.inner.region_fence.clone(),
+            sync: self.inner.sync.clone(),
             restored_from: Mutex::new(None),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),

@@ -640,6 +640,7 @@ impl Coordinator {
             standbys: self.replicator.status(),
             verified: self.verifier.status(),
             note: None,
+            sync: None,
         }
     }
 

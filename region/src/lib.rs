@@ -11,6 +11,8 @@
 //!   standby's, only while [`fence`] says this region holds the primary
 //!   role; [`diverge`]: what a region committed that the surviving
 //!   lineage does not contain.
+//! - [`sync`]: synchronous replication — a checkpoint completes only once
+//!   `regions.syncStandbys` standby stores hold it.
 //! - [`verify`] / [`verifier`]: proving in a standby that those copies
 //!   restore.
 //! - [`webhook`]: announcing a change of the primary role, and who caused
@@ -33,6 +35,7 @@ pub mod role;
 pub mod side;
 pub mod states;
 pub mod switchover;
+pub mod sync;
 pub mod takeover;
 pub mod verifier;
 pub mod verify;
@@ -50,5 +53,6 @@ pub use replicate::{
 };
 pub use replicator::{CheckpointEvent, Replicator, Standby};
 pub use side::{Announcements, RegionSide};
+pub use sync::{SyncOutcome, SyncReplicator, SyncSettings};
 pub use verifier::Verifier;
 pub use verify::{CheckpointVerdict, RestoreCheck, Verification, verify_job};

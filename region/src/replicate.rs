@@ -129,11 +129,27 @@ pub async fn replicate_checkpoint(
     dir: &str,
     fence: &WriteFence,
 ) -> Result<CheckpointCopy, ReplicationError> {
+    let Some(raw) = source.child(dir).get_opt(MANIFEST_FILE).await? else {
+        return Err(ReplicationError::Incomplete(
+            source.child(dir).url().to_string(),
+        ));
+    };
+    copy_snapshot(source, target, dir, raw, fence).await
+}
+
+/// Copies the snapshot directory `dir` whose manifest is `raw` from
+/// `source` to `target`, as [`replicate_checkpoint`] does; the manifest
+/// need not be in `source` yet (synchronous replication puts it into the
+/// standbys' stores before the primary's).
+pub async fn copy_snapshot(
+    source: &StorageLocation,
+    target: &StorageLocation,
+    dir: &str,
+    raw: Bytes,
+    fence: &WriteFence,
+) -> Result<CheckpointCopy, ReplicationError> {
     let src = source.child(dir);
     let dst = target.child(dir);
-    let Some(raw) = src.get_opt(MANIFEST_FILE).await? else {
-        return Err(ReplicationError::Incomplete(src.url().to_string()));
-    };
     let manifest: Manifest =
         serde_json::from_slice(&raw).map_err(|e| ReplicationError::SourceCorrupt {
             path: format!("{}/{MANIFEST_FILE}", src.url()),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use ferry_core::JobId;
 use ferry_core::api::RegionsStatus;
-use ferry_core::config::ProcessConfig;
+use ferry_core::config::{ProcessConfig, ReplicationMode};
 use ferry_core::storage::StorageLocation;
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ use crate::coordinator::{Coordinator, Settings};
 use crate::error::RegionError;
 use crate::jobs::{RegionEvent, RegionJobs};
 use crate::replicator::{CheckpointEvent, Replicator, Standby};
+use crate::sync::{SyncReplicator, SyncSettings};
 use crate::verifier::Verifier;
 use crate::verify::RestoreCheck;
 
@@ -34,6 +35,9 @@ use crate::verify::RestoreCheck;
 pub struct RegionSide {
     /// The coordinator, with a global KV.
     pub coordinator: Option<Arc<Coordinator>>,
+    /// Synchronous replication (`regions.replication: sync`): every
+    /// checkpoint goes through it before it completes.
+    pub sync: Option<Arc<SyncReplicator>>,
     replicator: Arc<Replicator>,
     region: String,
     instance: String,
@@ -101,7 +105,7 @@ impl RegionSide {
         if stores.len() < 2 && g.urls.is_empty() {
             return Ok(None);
         }
-        let standbys = stores
+        let standbys: Vec<Standby> = stores
             .iter()
             .filter(|(r, _)| **r != cfg.region)
             .map(|(r, s)| Standby {
@@ -116,6 +120,17 @@ impl RegionSide {
         } else {
             crate::WriteFence::closed()
         };
+        let sync = (cfg.regions.replication == ReplicationMode::Sync).then(|| {
+            Arc::new(SyncReplicator::new(
+                standbys.clone(),
+                SyncSettings {
+                    required: cfg.regions.sync_standbys,
+                    on_loss: cfg.regions.on_standby_loss,
+                    timeout: cfg.regions.sync_timeout.get(),
+                },
+                fence.clone(),
+            ))
+        });
         let replicator = Arc::new(Replicator::new(standbys, fence));
         let tracker = tokio_util::task::TaskTracker::new();
         // Completed snapshots go to the replicator, and so do ended jobs'
@@ -143,6 +158,7 @@ impl RegionSide {
         });
         let mut side = RegionSide {
             coordinator: None,
+            sync,
             replicator: replicator.clone(),
             region: cfg.region.clone(),
             instance: instance.to_string(),
@@ -246,6 +262,12 @@ impl RegionSide {
 
     /// `GET /v1/regions`.
     pub fn status(&self) -> RegionsStatus {
+        let mut status = self.replication_status();
+        status.sync = self.sync.as_ref().map(|s| s.status());
+        status
+    }
+
+    fn replication_status(&self) -> RegionsStatus {
         match &self.coordinator {
             Some(c) => c.status(),
             None => RegionsStatus {
@@ -260,6 +282,7 @@ impl RegionSide {
                 standbys: self.replicator.status(),
                 verified: Default::default(),
                 note: Some("no global KV (regions.global): replication only, no failover".into()),
+                sync: None,
             },
         }
     }

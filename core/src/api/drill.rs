@@ -68,6 +68,11 @@ pub struct DrillReport {
     pub rpo_event_time_ms: i64,
     #[serde(default)]
     pub targets: DrillTargets,
+    /// The primary's replication mode when the drill started: `async`,
+    /// `sync`, or `sync (blocked)` / `sync (degraded)` when synchronous
+    /// replication was not in sync (`None`: an older Ferry, or unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<String>,
     pub passed: bool,
     /// Why the drill failed, one line each.
     #[serde(default)]

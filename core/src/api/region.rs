@@ -155,6 +155,57 @@ pub struct RegionsStatus {
     /// Set when cross-region coordination is not configured here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Synchronous replication (`regions.replication: sync`) as this
+    /// JobManager runs it; absent in `async` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncReplicationStatus>,
+}
+
+/// Where synchronous replication stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    /// Every checkpoint completes only once `regions.syncStandbys` standby
+    /// stores hold it: a failover loses no committed output.
+    Sync,
+    /// Too few standbys (`regions.onStandbyLoss: block`): checkpoints fail
+    /// and output stays uncommitted until a standby is back.
+    Blocked,
+    /// Too few standbys (`regions.onStandbyLoss: async`): checkpoints
+    /// complete without them until they have caught up.
+    Degraded,
+}
+
+impl SyncState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Sync => "sync",
+            SyncState::Blocked => "blocked",
+            SyncState::Degraded => "degraded",
+        }
+    }
+}
+
+/// `/v1/regions` `sync`: synchronous replication's state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct SyncReplicationStatus {
+    pub state: SyncState,
+    /// When it entered `state`.
+    pub since: DateTime<Utc>,
+    /// Why it is not `sync` (the standbys that failed and how).
+    pub reason: Option<String>,
+    /// `regions.syncStandbys`.
+    pub sync_standbys: usize,
+    /// `regions.onStandbyLoss`: `block` or `async`.
+    pub on_standby_loss: String,
+    /// Times it degraded to asynchronous.
+    pub degradations: u64,
+    /// Checkpoints that failed because too few standbys took them.
+    pub blocked_checkpoints: u64,
+    /// What synchronous replication adds to a checkpoint's completion
+    /// (copying it into the standbys), recent p50 and p99, ms.
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
 }
 
 impl RegionsStatus {
