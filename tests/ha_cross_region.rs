@@ -986,3 +986,270 @@ async fn a_primary_cut_off_from_the_global_kv_stops_before_a_standby_takes_over(
         .collect();
     assert!(epochs.iter().all(|e| *e > epoch), "{epochs:?}");
 }
+
+/// East's sync-replication state as its `/v1/regions` reports it.
+async fn sync_state(r: &Region, jm: usize) -> Value {
+    r.get(&r.jms[jm], "/v1/regions").await.unwrap_or_default()["sync"].clone()
+}
+
+/// Waits (bounded by `limit`) until JobManager `jm` of `r` reports
+/// synchronous replication in `state`; its `sync` object then.
+async fn wait_sync_state(r: &Region, jm: usize, state: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let s = sync_state(r, jm).await;
+        if s["state"] == state {
+            return s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "synchronous replication not {state} within {limit:?}: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Output rows committed so far.
+fn committed_rows(r: &Region) -> usize {
+    read_rows(&r.out()).len()
+}
+
+/// The scenario of the fail-back test above — east's link to west's store
+/// (a real S3-compatible server behind a proxy) cut, then the whole of east
+/// SIGKILLed — with `regions.replication: sync` and `onStandbyLoss: block`.
+/// While the link is cut east's checkpoints do not complete, its sinks
+/// commit nothing and the job keeps running (blocked checkpoints are not
+/// job failures); the alert's metric is 1. West takes over from east's
+/// newest checkpoint — east committed nothing west lacks — so fail-back
+/// reports no divergence, and the job finishes at home with exact output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replication_blocks_commits_without_the_standby_and_a_failover_diverges_nowhere() {
+    let Some(s3) = common::s3::S3Server::start() else {
+        return;
+    };
+    s3.create_bucket("west").await;
+    let link = FaultProxy::start(s3.port).await;
+    let nats = NatsServer::start();
+    let global = NatsCluster::start(3);
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    east.rate = 20_000;
+    two_regions(&mut east, &mut west, &global);
+    let stores = format!(
+        "east=file://{},west=s3://west/ferry",
+        east.storage().display()
+    );
+    for (r, endpoint) in [(&mut east, link.http_url()), (&mut west, s3.endpoint())] {
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        r.env.push(("FERRY_REGIONS_REPLICATION", "sync".into()));
+        r.env.push(("FERRY_REGIONS_SYNC_TIMEOUT", "1s".into()));
+        for (k, v) in s3.env() {
+            r.env.push((
+                k,
+                if k == "AWS_ENDPOINT" {
+                    endpoint.clone()
+                } else {
+                    v
+                },
+            ));
+        }
+    }
+    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
+    start_two_regions(&mut east, &mut west).await;
+    let epoch = wait_lease(&east).await;
+    let job = east.running_job(0).await;
+    wait_replicated(&east, 0, &job).await;
+    let s = wait_sync_state(&east, 0, "sync", Duration::from_secs(10)).await;
+    assert_eq!(s["on_standby_loss"], "block", "{s}");
+    assert!(s["latency_p99_ms"].as_f64().is_some(), "{s}");
+
+    // The link to west's store is cut: checkpoints block.
+    link.cut();
+    let blocked = wait_sync_state(&east, 0, "blocked", Duration::from_secs(30)).await;
+    assert!(
+        blocked["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("west")),
+        "{blocked}"
+    );
+    let m = east.metrics(&east.jms[0]).await;
+    assert!(
+        m.lines().any(|l| l == "ferry_replication_sync_blocked 1"),
+        "{m}"
+    );
+    let held_at = east
+        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap()["last_checkpoint"]["id"]
+        .as_u64()
+        .unwrap();
+    let rows = committed_rows(&east);
+    // Three more checkpoints fail; none completes, nothing is committed,
+    // and the job runs on.
+    let start = Instant::now();
+    while sync_state(&east, 0).await["blocked_checkpoints"].as_u64()
+        < Some(blocked["blocked_checkpoints"].as_u64().unwrap() + 3)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no more blocked checkpoints: {}",
+            sync_state(&east, 0).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = east
+        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap();
+    assert_eq!(v["state"], "RUNNING", "{v}");
+    assert_eq!(v["last_checkpoint"]["id"].as_u64(), Some(held_at), "{v}");
+    assert_eq!(
+        committed_rows(&east),
+        rows,
+        "output committed while blocked"
+    );
+    let east_newest = manifests(&east.storage(), &job)
+        .iter()
+        .filter_map(|m| m["checkpoint_id"].as_u64())
+        .max()
+        .unwrap();
+    assert_eq!(
+        east_newest, held_at,
+        "a manifest beyond the last completed checkpoint"
+    );
+
+    // The whole of east dies; west takes over from east's newest checkpoint.
+    east.jms[0].signal(libc::SIGKILL);
+    east.tms[0].signal(libc::SIGKILL);
+    let _ = east.jms[0].child.wait();
+    let _ = east.tms[0].child.wait();
+    let v = wait_primary(&west, 0, "west", Duration::from_secs(30)).await;
+    assert!(v["epoch"].as_u64().unwrap() > epoch);
+    west.wait_job(
+        &west.jms[0],
+        &job,
+        Duration::from_secs(30),
+        "a checkpoint in west",
+        |v| v["state"] == "RUNNING" && v["last_checkpoint"]["id"].as_u64() > Some(held_at),
+    )
+    .await;
+
+    // East comes back as a standby: nothing of it diverged.
+    link.heal();
+    east.start("jm-east-2", None);
+    east.start_tm("tm-east-2");
+    wait_healthy(&west, 0, "east", Duration::from_secs(30)).await;
+    let url = east.jms[1].url();
+    let (ok, fb, stderr) = ferry_json(&["region", "failback", "-o", "json", "--url", &url]);
+    assert!(ok, "fail-back failed: {fb}\n{stderr}");
+    assert_eq!(fb["to"], "east", "{fb}");
+    let diverged: Vec<&Value> = fb["divergence"]["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| !j["checkpoints"].as_array().is_none_or(|c| c.is_empty()))
+        .collect();
+    assert!(diverged.is_empty(), "sync mode diverged: {fb}");
+    assert!(
+        !east
+            .storage()
+            .join("jobs")
+            .join(&job)
+            .join("diverged")
+            .exists(),
+        "archived divergence in east's store"
+    );
+    let done = east.wait_finished(1, &job, &west, "jm-east-2").await;
+    assert_eq!(done["taskmanager"], "tm-east-2", "{done}");
+    east.check_output();
+}
+
+/// `regions.onStandbyLoss: async`: with its only standby store cut off, a
+/// primary (replication only, no global KV) completes checkpoints without
+/// it and reports `degraded` (metric 1); once the link heals it returns to
+/// `sync` by itself, and the job's output is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_replication_degrades_to_async_without_the_standby_and_returns_by_itself() {
+    let Some(s3) = common::s3::S3Server::start() else {
+        return;
+    };
+    s3.create_bucket("west").await;
+    let link = FaultProxy::start(s3.port).await;
+    let nats = NatsServer::start();
+    let mut east = Region::new(nats.url(), "800ms", "500ms").named("east");
+    east.rate = 20_000;
+    east.env.push((
+        "FERRY_REGIONS_STORES",
+        format!(
+            "east=file://{},west=s3://west/ferry",
+            east.storage().display()
+        ),
+    ));
+    east.env.push(("FERRY_REGIONS_PRIMARY", "east".into()));
+    east.env.push(("FERRY_REGIONS_REPLICATION", "sync".into()));
+    east.env
+        .push(("FERRY_REGIONS_ON_STANDBY_LOSS", "async".into()));
+    east.env.push(("FERRY_REGIONS_SYNC_TIMEOUT", "1s".into()));
+    for (k, v) in s3.env() {
+        east.env.push((
+            k,
+            if k == "AWS_ENDPOINT" {
+                link.http_url()
+            } else {
+                v
+            },
+        ));
+    }
+    east.start("jm-east", None);
+    east.start_tm("tm-east");
+    east.leader(&[], Duration::from_secs(20)).await;
+    let job = east.running_job(0).await;
+    wait_sync_state(&east, 0, "sync", Duration::from_secs(10)).await;
+
+    link.cut();
+    let degraded = wait_sync_state(&east, 0, "degraded", Duration::from_secs(30)).await;
+    assert_eq!(degraded["degradations"], 1, "{degraded}");
+    assert!(
+        degraded["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("west")),
+        "{degraded}"
+    );
+    let m = east.metrics(&east.jms[0]).await;
+    assert!(
+        m.lines().any(|l| l == "ferry_replication_sync_degraded 1"),
+        "{m}"
+    );
+    // Checkpoints go on completing without the standby.
+    let at = east
+        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
+        .await
+        .unwrap()["last_checkpoint"]["id"]
+        .as_u64()
+        .unwrap();
+    east.wait_job(
+        &east.jms[0],
+        &job,
+        Duration::from_secs(30),
+        "two checkpoints while degraded",
+        |v| v["last_checkpoint"]["id"].as_u64() >= Some(at + 2),
+    )
+    .await;
+    assert_eq!(sync_state(&east, 0).await["state"], "degraded");
+
+    // The standby is back: sync again by itself.
+    link.heal();
+    let back = wait_sync_state(&east, 0, "sync", Duration::from_secs(30)).await;
+    assert_eq!(back["degradations"], 1, "{back}");
+    let start = Instant::now();
+    loop {
+        let m = east.metrics(&east.jms[0]).await;
+        if m.lines().any(|l| l == "ferry_replication_sync_degraded 0") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    east.finished(0, &job, Duration::from_secs(240)).await;
+    east.check_output();
+}
