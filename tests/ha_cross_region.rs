@@ -7,8 +7,10 @@
 //! dies; a planned switchover moves a running job without loss or
 //! duplicates; a region-outage drill measures the failover and the job
 //! fails back; fail-back reports what the old primary committed beyond the
-//! failover; and a primary cut off from the global KV stops before a
-//! standby takes over. Every job test checks the committed output, over
+//! failover; a primary cut off from the global KV stops before a
+//! standby takes over; and with synchronous replication a primary cut off
+//! from its standby's store commits nothing the standby lacks (`block`) or
+//! degrades to asynchronous and returns by itself (`async`). Every job test checks the committed output, over
 //! both regions' work, against the expected counts computed from the
 //! generator model. The fixture is `tests/common/ha.rs`.
 
