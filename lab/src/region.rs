@@ -9,14 +9,18 @@
 //!   has completed a checkpoint there after restoring (recovery time);
 //!   the killed processes are restarted and rejoin as a standby region;
 //! - planned: `POST /v1/regions/{other}/failover` on the primary; measured
-//!   until the job has completed a checkpoint in the target region.
+//!   until the job has completed a checkpoint in the target region;
+//! - drills: `ferry drill run --scenario region-outage --revert` against the
+//!   primary — the primary plays dead, the standby takes over, the jobs fail
+//!   back — recording each drill's RTO, RPO (input and output records) and
+//!   the fail-back's divergence, with `regions.replication` async or sync.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use ferry_client::Client;
-use ferry_core::api::{JobState, RegionsStatus};
+use ferry_core::api::{DrillReport, DrillRevert, JobState, RegionsStatus};
 use ferry_testkit::try_free_port;
 use serde::Serialize;
 
@@ -32,6 +36,10 @@ pub struct RegionOptions {
     pub failovers: u32,
     /// Planned switchovers to measure.
     pub switchovers: u32,
+    /// Region-outage drills (with fail-back) to run.
+    pub drills: u32,
+    /// `regions.replication`: `async` or `sync`.
+    pub replication: String,
     /// Region timeout (`regions.timeout`).
     pub region_timeout: String,
     /// Keep logs and stores here (a temp dir, removed at the end, by
@@ -41,7 +49,7 @@ pub struct RegionOptions {
 
 /// What happens, as it happens.
 #[derive(Clone, Copy, Debug)]
-pub enum Progress {
+pub enum Progress<'a> {
     /// Both regions are up.
     Started,
     /// Unplanned failover `n` (from 1) to `to`: promoted after, job
@@ -58,6 +66,8 @@ pub enum Progress {
         to: &'static str,
         took: Duration,
     },
+    /// Region-outage drill `n` (from 1), failed back afterwards.
+    Drill { n: u32, drill: &'a DrillRow },
 }
 
 /// One measured event's times, in ms.
@@ -72,11 +82,32 @@ pub struct Row {
     pub all: Vec<f64>,
 }
 
+/// One region-outage drill's result.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct DrillRow {
+    pub from: String,
+    pub to: String,
+    pub passed: bool,
+    pub rto_ms: Option<u64>,
+    /// Input and output records the primary had committed beyond what the
+    /// standby restored.
+    pub rpo_records: u64,
+    pub rpo_records_out: u64,
+    /// Output records the fail-back's divergence report lists (`None`:
+    /// the fail-back failed).
+    pub divergence_records_out: Option<u64>,
+    /// Snapshots the divergence report lists.
+    pub diverged_checkpoints: Option<usize>,
+    pub failures: Vec<String>,
+}
+
 /// The benchmark's result.
 #[derive(Serialize, Clone, Debug)]
 pub struct RegionReport {
     pub region_timeout: String,
+    pub replication: String,
     pub results: Vec<Row>,
+    pub drills: Vec<DrillRow>,
 }
 
 impl RegionReport {
@@ -88,12 +119,51 @@ impl RegionReport {
         let mut out = String::new();
         let _ = writeln!(out, "| event | runs | p50 ms | p99 ms | max ms |");
         let _ = writeln!(out, "|---|---|---|---|---|");
-        for row in &r.results {
+        for row in r.results.iter().filter(|r| r.runs > 0) {
             let _ = writeln!(
                 out,
                 "| {} | {} | {:.0} | {:.0} | {:.0} |",
                 row.what, row.runs, row.p50_ms, row.p99_ms, row.max_ms
             );
+        }
+        if !r.drills.is_empty() {
+            let n = r.drills.len();
+            let rpo0 = r
+                .drills
+                .iter()
+                .filter(|d| d.rpo_records == 0 && d.rpo_records_out == 0)
+                .count();
+            let empty = r
+                .drills
+                .iter()
+                .filter(|d| d.diverged_checkpoints == Some(0))
+                .count();
+            let _ = writeln!(
+                out,
+                "\nregion-outage drills with regions.replication: {}: RPO 0 (input and output records) in {rpo0} of {n}; fail-back divergence empty in {empty} of {n}; {} passed",
+                r.replication,
+                r.drills.iter().filter(|d| d.passed).count()
+            );
+            let _ = writeln!(
+                out,
+                "\n| drill | from → to | RTO ms | RPO records in | RPO records out | diverged checkpoints | diverged records out |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+            for (i, d) in r.drills.iter().enumerate() {
+                let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                let _ = writeln!(
+                    out,
+                    "| {} | {} → {} | {} | {} | {} | {} | {} |",
+                    i + 1,
+                    d.from,
+                    d.to,
+                    opt(d.rto_ms),
+                    d.rpo_records,
+                    d.rpo_records_out,
+                    opt(d.diverged_checkpoints.map(|c| c as u64)),
+                    opt(d.divergence_records_out)
+                );
+            }
         }
         out
     }
@@ -121,6 +191,7 @@ struct Bench {
     /// The global cluster's client URLs.
     global: Vec<String>,
     timeout: String,
+    replication: String,
     regions: [RegionProcs; 2],
 }
 
@@ -158,6 +229,7 @@ impl Bench {
             ("FERRY_REGIONS_GLOBAL_URLS", self.global_urls(region)),
             ("FERRY_REGIONS_GLOBAL_REPLICAS", "3".to_string()),
             ("FERRY_REGIONS_TIMEOUT", self.timeout.clone()),
+            ("FERRY_REGIONS_REPLICATION", self.replication.clone()),
         ];
         all.extend_from_slice(env);
         spawn_ferry(&self.ferry, role, &all, &self.dir.join(format!("{id}.log")))
@@ -242,6 +314,62 @@ impl Bench {
         }
     }
 
+    /// Runs `ferry drill run --scenario region-outage --revert` from
+    /// primary `p` to `other`: its report as a row.
+    async fn drill(&self, p: usize, other: usize) -> anyhow::Result<DrillRow> {
+        let url = format!(
+            "http://127.0.0.1:{}",
+            self.regions[p].jm.as_ref().expect("jm").port
+        );
+        let mut cmd = tokio::process::Command::new(&self.ferry);
+        cmd.args([
+            "drill",
+            "run",
+            "--scenario",
+            "region-outage",
+            "--target",
+            self.regions[other].name,
+            "--revert",
+            // Recorded, not judged: the benchmark reports what happened.
+            "--rto",
+            "1h",
+            "--rpo",
+            "1h",
+            "--timeout",
+            "90s",
+            "-o",
+            "json",
+            "--url",
+            &url,
+        ])
+        .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+            .await
+            .map_err(|_| anyhow::anyhow!("the drill took over 300 s"))??;
+        let report: DrillReport = serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow::anyhow!(
+                "the drill printed no report ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        let divergence = match &report.revert {
+            Some(DrillRevert::Done(r)) => r.divergence.as_ref(),
+            _ => None,
+        };
+        Ok(DrillRow {
+            from: report.from.clone(),
+            to: report.to.clone(),
+            passed: report.passed,
+            rto_ms: report.rto_ms,
+            rpo_records: report.rpo_records,
+            rpo_records_out: report.rpo_records_out,
+            divergence_records_out: divergence.map(|d| d.records_out),
+            diverged_checkpoints: divergence
+                .map(|d| d.jobs.iter().map(|j| j.checkpoints.len()).sum()),
+            failures: report.failures.clone(),
+        })
+    }
+
     /// Waits until region `i` runs `job` on its own TaskManager with a
     /// checkpoint completed after `after`.
     async fn running_in(
@@ -300,6 +428,7 @@ pub async fn run(
         nats: format!("nats://127.0.0.1:{}", nats.port),
         global: global_urls,
         timeout: a.region_timeout.clone(),
+        replication: a.replication.clone(),
         regions: [region("east"), region("west")],
     };
     b.start(0)?;
@@ -371,6 +500,24 @@ pub async fn run(
             planned.push(ms(ran));
         }
     }
+    let mut drills = Vec::new();
+    let mut drill_rto = Vec::new();
+    for n in 0..a.drills {
+        let p = b.primary().await?;
+        let other = 1 - p;
+        b.running_in(p, &job, chrono::Utc::now()).await?;
+        let d = b.drill(p, other).await?;
+        progress(Progress::Drill {
+            n: n + 1,
+            drill: &d,
+        });
+        if let Some(ms) = d.rto_ms {
+            drill_rto.push(ms as f64);
+        }
+        drills.push(d);
+        // Fail-back made `p` the primary again; its job must run there.
+        b.running_in(p, &job, chrono::Utc::now()).await?;
+    }
     drop(b);
     drop(nats);
     drop(global);
@@ -391,6 +538,8 @@ pub async fn run(
     };
     Ok(RegionReport {
         region_timeout: a.region_timeout.clone(),
+        replication: a.replication.clone(),
+        drills,
         results: vec![
             row(
                 "SIGKILL of the primary region → standby holds the lease",
@@ -403,6 +552,10 @@ pub async fn run(
             row(
                 "planned switchover → job checkpointing in the target",
                 planned,
+            ),
+            row(
+                "region-outage drill → job committing output in the standby (drill RTO)",
+                drill_rto,
             ),
         ],
     })

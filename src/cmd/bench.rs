@@ -131,6 +131,14 @@ pub struct RegionArgs {
     /// Planned switchovers to measure.
     #[arg(long, default_value_t = 10)]
     pub switchovers: u32,
+    /// Region-outage drills (`ferry drill run --scenario region-outage
+    /// --revert`) to run after the failovers and switchovers: RTO, RPO and
+    /// the fail-back's divergence per drill.
+    #[arg(long, default_value_t = 0)]
+    pub drills: u32,
+    /// `regions.replication` of both regions: `async` or `sync`.
+    #[arg(long, default_value = "async", value_parser = ["async", "sync"])]
+    pub replication: String,
     /// Region timeout (`regions.timeout`).
     #[arg(long, default_value = "5s")]
     pub region_timeout: String,
@@ -308,14 +316,33 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
         ferry: std::env::current_exe()?,
         failovers: a.failovers,
         switchovers: a.switchovers,
+        drills: a.drills,
+        replication: a.replication.clone(),
         region_timeout: a.region_timeout.clone(),
         work_dir: a.work_dir.clone(),
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let r = current_thread()?.block_on(ferry_lab::region::run(&opts, |p| match p {
         ferry_lab::region::Progress::Started => eprintln!(
-            "region benchmark: 2 regions (JM + TM each), region timeout {}; {} failovers, {} switchovers",
-            a.region_timeout, a.failovers, a.switchovers
+            "region benchmark: 2 regions (JM + TM each), region timeout {}, {} replication; {} failovers, {} switchovers, {} drills",
+            a.region_timeout, a.replication, a.failovers, a.switchovers, a.drills
+        ),
+        ferry_lab::region::Progress::Drill { n, drill: d } => eprintln!(
+            "  drill {n:>2}: {} -> {} RTO {} ms, RPO {} records in / {} out; fail-back divergence: {}{}",
+            d.from,
+            d.to,
+            d.rto_ms.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            d.rpo_records,
+            d.rpo_records_out,
+            match (d.diverged_checkpoints, d.divergence_records_out) {
+                (Some(c), Some(r)) => format!("{c} checkpoints, {r} records out"),
+                _ => "none (the fail-back failed)".into(),
+            },
+            if d.failures.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", d.failures.join("; "))
+            }
         ),
         ferry_lab::region::Progress::Failover {
             n,
