@@ -108,6 +108,10 @@ pub struct RegionReport {
     pub replication: String,
     pub results: Vec<Row>,
     pub drills: Vec<DrillRow>,
+    /// With `sync` replication: what copying into the standby's store
+    /// added to a checkpoint on the final primary, p50 and p99 ms (its
+    /// `/v1/regions` `sync`).
+    pub sync_latency_ms: Option<(f64, f64)>,
 }
 
 impl RegionReport {
@@ -124,6 +128,12 @@ impl RegionReport {
                 out,
                 "| {} | {} | {:.0} | {:.0} | {:.0} |",
                 row.what, row.runs, row.p50_ms, row.p99_ms, row.max_ms
+            );
+        }
+        if let Some((p50, p99)) = r.sync_latency_ms {
+            let _ = writeln!(
+                out,
+                "\nsynchronous replication added p50 {p50:.1} ms, p99 {p99:.1} ms to each checkpoint (the copy into the standby's store)"
             );
         }
         if !r.drills.is_empty() {
@@ -518,6 +528,14 @@ pub async fn run(
         // Fail-back made `p` the primary again; its job must run there.
         b.running_in(p, &job, chrono::Utc::now()).await?;
     }
+    let sync_latency_ms = match b.primary().await {
+        Ok(p) => b
+            .regions(p)
+            .await
+            .and_then(|v| v.sync)
+            .and_then(|s| Some((s.latency_p50_ms?, s.latency_p99_ms?))),
+        Err(_) => None,
+    };
     drop(b);
     drop(nats);
     drop(global);
@@ -540,6 +558,7 @@ pub async fn run(
         region_timeout: a.region_timeout.clone(),
         replication: a.replication.clone(),
         drills,
+        sync_latency_ms,
         results: vec![
             row(
                 "SIGKILL of the primary region → standby holds the lease",
