@@ -802,24 +802,7 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     east.rate = 20_000;
     two_regions(&mut east, &mut west, &global);
-    let stores = format!(
-        "east=file://{},west=s3://west/ferry",
-        east.storage().display()
-    );
-    for (r, endpoint) in [(&mut east, link.http_url()), (&mut west, s3.endpoint())] {
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        for (k, v) in s3.env() {
-            r.env.push((
-                k,
-                if k == "AWS_ENDPOINT" {
-                    endpoint.clone()
-                } else {
-                    v
-                },
-            ));
-        }
-    }
-    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
+    west_store_on_s3(&mut east, &mut west, &s3, &link);
     start_two_regions(&mut east, &mut west).await;
     let epoch = wait_lease(&east).await;
     let job = east.running_job(0).await;
@@ -925,6 +908,36 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
     let done = east.wait_finished(1, &job, &west, "jm-east-2").await;
     assert_eq!(done["taskmanager"], "tm-east-2", "{done}");
     east.check_output();
+}
+
+/// West's store is the bucket `west` of the S3-compatible server `s3`
+/// (west's own storage and east's replication target); east reaches it
+/// only through `link`, so cutting `link` cuts east off from west's store.
+/// East's store is its own directory.
+fn west_store_on_s3(
+    east: &mut Region,
+    west: &mut Region,
+    s3: &common::s3::S3Server,
+    link: &FaultProxy,
+) {
+    let stores = format!(
+        "east=file://{},west=s3://west/ferry",
+        east.storage().display()
+    );
+    for (r, endpoint) in [(east, link.http_url()), (&mut *west, s3.endpoint())] {
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        for (k, v) in s3.env() {
+            r.env.push((
+                k,
+                if k == "AWS_ENDPOINT" {
+                    endpoint.clone()
+                } else {
+                    v
+                },
+            ));
+        }
+    }
+    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
 }
 
 /// East loses the global KV (a proxy cuts its link to the global NATS):
@@ -1037,26 +1050,11 @@ async fn sync_replication_blocks_commits_without_the_standby_and_a_failover_dive
     let mut west = Region::new(nats.url(), "800ms", "500ms");
     east.rate = 20_000;
     two_regions(&mut east, &mut west, &global);
-    let stores = format!(
-        "east=file://{},west=s3://west/ferry",
-        east.storage().display()
-    );
-    for (r, endpoint) in [(&mut east, link.http_url()), (&mut west, s3.endpoint())] {
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+    west_store_on_s3(&mut east, &mut west, &s3, &link);
+    for r in [&mut east, &mut west] {
         r.env.push(("FERRY_REGIONS_REPLICATION", "sync".into()));
         r.env.push(("FERRY_REGIONS_SYNC_TIMEOUT", "1s".into()));
-        for (k, v) in s3.env() {
-            r.env.push((
-                k,
-                if k == "AWS_ENDPOINT" {
-                    endpoint.clone()
-                } else {
-                    v
-                },
-            ));
-        }
     }
-    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
     start_two_regions(&mut east, &mut west).await;
     let epoch = wait_lease(&east).await;
     let job = east.running_job(0).await;
