@@ -417,6 +417,16 @@ pub async fn run(
     a: &RegionOptions,
     mut progress: impl FnMut(Progress),
 ) -> anyhow::Result<RegionReport> {
+    // The JobManagers refuse a region timeout of two heartbeats or less
+    // (regions.healthCheckInterval, 1 s): say so before starting them.
+    let timeout = humantime::parse_duration(&a.region_timeout)
+        .map_err(|e| anyhow::anyhow!("--region-timeout {}: {e}", a.region_timeout))?;
+    if timeout <= Duration::from_secs(2) {
+        bail!(
+            "--region-timeout {} must be above 2s: twice the regions' heartbeat interval (1s)",
+            a.region_timeout
+        );
+    }
     let tmp = a.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ferry-bench-region-{}", std::process::id()))
     });
