@@ -158,7 +158,7 @@ impl SyncReplicator {
                 SyncState::Degraded => {
                     i.degradations += 1;
                     tracing::error!(
-                        "synchronous replication degraded to asynchronous (regions.onStandbyLoss: async): checkpoints complete without the standbys, so a failover now may lose committed output: {}",
+                        "synchronous replication degraded to asynchronous (regions.onStandbyLoss: async): checkpoints complete without the standbys, so a failover now may repeat output already committed: {}",
                         reason.as_deref().unwrap_or("")
                     )
                 }
