@@ -810,12 +810,7 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
 
     // East goes on alone: three more checkpoints west never receives.
     link.cut();
-    let cut_at = east
-        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
-        .await
-        .unwrap()["last_checkpoint"]["id"]
-        .as_u64()
-        .unwrap();
+    let cut_at = last_checkpoint(&east, 0, &job).await;
     let tail = east
         .wait_job(
             &east.jms[0],
@@ -910,36 +905,6 @@ async fn fail_back_reports_what_the_old_primary_committed_beyond_the_failover() 
     east.check_output();
 }
 
-/// West's store is the bucket `west` of the S3-compatible server `s3`
-/// (west's own storage and east's replication target); east reaches it
-/// only through `link`, so cutting `link` cuts east off from west's store.
-/// East's store is its own directory.
-fn west_store_on_s3(
-    east: &mut Region,
-    west: &mut Region,
-    s3: &common::s3::S3Server,
-    link: &FaultProxy,
-) {
-    let stores = format!(
-        "east=file://{},west=s3://west/ferry",
-        east.storage().display()
-    );
-    for (r, endpoint) in [(east, link.http_url()), (&mut *west, s3.endpoint())] {
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        for (k, v) in s3.env() {
-            r.env.push((
-                k,
-                if k == "AWS_ENDPOINT" {
-                    endpoint.clone()
-                } else {
-                    v
-                },
-            ));
-        }
-    }
-    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
-}
-
 /// East loses the global KV (a proxy cuts its link to the global NATS):
 /// it cannot confirm the region lease, stops committing and stops its job
 /// before west may take over; west takes the lease after the region
@@ -1024,6 +989,27 @@ async fn wait_sync_state(r: &Region, jm: usize, state: &str, limit: Duration) ->
     }
 }
 
+/// The newest completed checkpoint of `job` as JobManager `jm` reports it.
+async fn last_checkpoint(r: &Region, jm: usize, job: &str) -> u64 {
+    r.get(&r.jms[jm], &format!("/v1/jobs/{job}")).await.unwrap()["last_checkpoint"]["id"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Waits until JobManager 0 of `r` reports synchronous replication in
+/// `state` because of west; checks that metric `metric` is 1; its `sync`
+/// object then.
+async fn wait_sync_alarm(r: &Region, state: &str, metric: &str) -> Value {
+    let s = wait_sync_state(r, 0, state, Duration::from_secs(30)).await;
+    assert!(
+        s["reason"].as_str().is_some_and(|r| r.contains("west")),
+        "{s}"
+    );
+    let m = r.metrics(&r.jms[0]).await;
+    assert!(m.lines().any(|l| l == format!("{metric} 1")), "{m}");
+    s
+}
+
 /// Output rows committed so far.
 fn committed_rows(r: &Region) -> usize {
     read_rows(&r.out()).len()
@@ -1065,24 +1051,8 @@ async fn sync_replication_blocks_commits_without_the_standby_and_a_failover_dive
 
     // The link to west's store is cut: checkpoints block.
     link.cut();
-    let blocked = wait_sync_state(&east, 0, "blocked", Duration::from_secs(30)).await;
-    assert!(
-        blocked["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("west")),
-        "{blocked}"
-    );
-    let m = east.metrics(&east.jms[0]).await;
-    assert!(
-        m.lines().any(|l| l == "ferry_replication_sync_blocked 1"),
-        "{m}"
-    );
-    let held_at = east
-        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
-        .await
-        .unwrap()["last_checkpoint"]["id"]
-        .as_u64()
-        .unwrap();
+    let blocked = wait_sync_alarm(&east, "blocked", "ferry_replication_sync_blocked").await;
+    let held_at = last_checkpoint(&east, 0, &job).await;
     let rows = committed_rows(&east);
     // Three more checkpoints fail; none completes, nothing is committed,
     // and the job runs on.
@@ -1207,26 +1177,10 @@ async fn sync_replication_degrades_to_async_without_the_standby_and_returns_by_i
     wait_sync_state(&east, 0, "sync", Duration::from_secs(10)).await;
 
     link.cut();
-    let degraded = wait_sync_state(&east, 0, "degraded", Duration::from_secs(30)).await;
+    let degraded = wait_sync_alarm(&east, "degraded", "ferry_replication_sync_degraded").await;
     assert_eq!(degraded["degradations"], 1, "{degraded}");
-    assert!(
-        degraded["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("west")),
-        "{degraded}"
-    );
-    let m = east.metrics(&east.jms[0]).await;
-    assert!(
-        m.lines().any(|l| l == "ferry_replication_sync_degraded 1"),
-        "{m}"
-    );
     // Checkpoints go on completing without the standby.
-    let at = east
-        .get(&east.jms[0], &format!("/v1/jobs/{job}"))
-        .await
-        .unwrap()["last_checkpoint"]["id"]
-        .as_u64()
-        .unwrap();
+    let at = last_checkpoint(&east, 0, &job).await;
     east.wait_job(
         &east.jms[0],
         &job,

@@ -671,24 +671,10 @@ async fn a_second_fail_back_reports_only_the_latest_failovers_divergence() {
     let global = NatsCluster::start(3);
     let mut rs = regions(&nats.url(), &global, &["east", "west"]);
     rs[0].rate = 10_000;
-    let stores = format!(
-        "east=file://{},west=s3://west/ferry",
-        rs[0].storage().display()
-    );
-    for (r, endpoint) in rs.iter_mut().zip([link.http_url(), s3.endpoint()]) {
-        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
-        for (k, v) in s3.env() {
-            r.env.push((
-                k,
-                if k == "AWS_ENDPOINT" {
-                    endpoint.clone()
-                } else {
-                    v
-                },
-            ));
-        }
-    }
-    rs[1].env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
+    let [east, west] = &mut rs[..] else {
+        unreachable!()
+    };
+    west_store_on_s3(east, west, &s3, &link);
     start_regions(&mut rs).await;
     let [east, west] = &mut rs[..] else {
         unreachable!()

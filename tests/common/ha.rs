@@ -918,3 +918,33 @@ pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// West's store is the bucket `west` of the S3-compatible server `s3`
+/// (west's own storage and east's replication target); east reaches it
+/// only through `link`, so cutting `link` cuts east off from west's store.
+/// East's store is its own directory.
+pub fn west_store_on_s3(
+    east: &mut Region,
+    west: &mut Region,
+    s3: &super::s3::S3Server,
+    link: &ferry_testkit::FaultProxy,
+) {
+    let stores = format!(
+        "east=file://{},west=s3://west/ferry",
+        east.storage().display()
+    );
+    for (r, endpoint) in [(east, link.http_url()), (&mut *west, s3.endpoint())] {
+        r.env.push(("FERRY_REGIONS_STORES", stores.clone()));
+        for (k, v) in s3.env() {
+            r.env.push((
+                k,
+                if k == "AWS_ENDPOINT" {
+                    endpoint.clone()
+                } else {
+                    v
+                },
+            ));
+        }
+    }
+    west.env.push(("FERRY_STORAGE", "s3://west/ferry".into()));
+}
