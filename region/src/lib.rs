@@ -49,7 +49,8 @@ pub use error::RegionError;
 pub use fence::WriteFence;
 pub use jobs::{RegionEvent, RegionJob, RegionJobs};
 pub use replicate::{
-    CheckpointCopy, JobCopy, ReplicationError, replicate_checkpoint, replicate_job,
+    CheckpointCopy, CopyMode, JobCopy, ReplicationError, copy_snapshot_with, replicate_checkpoint,
+    replicate_job,
 };
 pub use replicator::{CheckpointEvent, Replicator, Standby};
 pub use side::{Announcements, RegionSide};

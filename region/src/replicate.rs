@@ -6,20 +6,26 @@
 //! that the target lacks is read from the source, checked against the
 //! manifest's size and SHA-256 (a corrupt source is never replicated),
 //! written to the target, read back and checked again — a copy damaged on
-//! the way is written again, up to [`MAX_ATTEMPTS`] times. `MANIFEST.json`
-//! goes last, create-only, with the source's exact bytes.
+//! the way is written again, up to [`MAX_ATTEMPTS`] times. The files of a
+//! snapshot go at once (up to 16), so a copy to a distant store costs a
+//! few round trips, not a few per file. `MANIFEST.json` goes last,
+//! create-only, with the source's exact bytes ([`CopyMode`] says when).
 //!
 //! Invariant: a target directory has a manifest only once every file it
-//! lists is there and verified, so a standby never lists (or restores) a
-//! partial checkpoint; and paths inside a checkpoint are relative, so the
-//! copy restores unchanged in the other region.
+//! lists is there and verified ([`CopyMode::Resume`]), or while they are
+//! being verified and never after one failed ([`CopyMode::Fresh`]: a
+//! checkpoint the primary completes only after the copy succeeded), so a
+//! standby never lists a partial checkpoint and never restores a damaged
+//! one (its restore check hashes every file); and paths inside a
+//! checkpoint are relative, so the copy restores unchanged in the other
+//! region.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use ferry_core::manifest::{
-    MANIFEST_FILE, Manifest, checkpoint_dir, job_dir, list_checkpoint_ids, savepoint_dir,
-    savepoints_root,
+    FileEntry, MANIFEST_FILE, Manifest, checkpoint_dir, job_dir, list_checkpoint_ids,
+    savepoint_dir, savepoints_root,
 };
 use ferry_core::storage::{StorageLocation, sha256_hex};
 use ferry_core::{CheckpointId, CoreError, JobId};
@@ -137,10 +143,36 @@ pub async fn replicate_checkpoint(
     copy_snapshot(source, target, dir, raw, fence).await
 }
 
+/// How [`copy_snapshot_with`] copies a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Looks first at what the target has — its manifest (identical: done;
+    /// different: a conflict) and the files of the right size, kept —
+    /// then writes every other file, reads each back and checks it, and
+    /// writes the manifest last. Resumes an interrupted copy. Four round
+    /// trips to a remote store: the asynchronous replicator and `ferry
+    /// region replicate`.
+    Resume,
+    /// A checkpoint that just completed on the primary, which the target
+    /// cannot hold yet (synchronous replication): no look first; every
+    /// file is written, and the manifest is written *while* the files are
+    /// read back. Should one read back wrong, the manifest is deleted
+    /// again before the file is rewritten, and the copy reports success
+    /// only once every file checked out with the manifest in place. Two
+    /// round trips, which is what a checkpoint waits for. (A standby that
+    /// looks in that instant finds a manifest whose file is wrong: its
+    /// restore check refuses that checkpoint and takes the one before —
+    /// which is the right one, since the primary has not completed this
+    /// checkpoint.)
+    Fresh,
+}
+
+/// Files of one snapshot copied (and read back) at once.
+const CONCURRENT_FILES: usize = 16;
+
 /// Copies the snapshot directory `dir` whose manifest is `raw` from
-/// `source` to `target`, as [`replicate_checkpoint`] does; the manifest
-/// need not be in `source` yet (synchronous replication puts it into the
-/// standbys' stores before the primary's).
+/// `source` to `target`, as [`replicate_checkpoint`] does
+/// ([`CopyMode::Resume`]); the manifest need not be in `source` yet.
 pub async fn copy_snapshot(
     source: &StorageLocation,
     target: &StorageLocation,
@@ -148,6 +180,21 @@ pub async fn copy_snapshot(
     raw: Bytes,
     fence: &WriteFence,
 ) -> Result<CheckpointCopy, ReplicationError> {
+    copy_snapshot_with(source, target, dir, raw, fence, CopyMode::Resume).await
+}
+
+/// [`copy_snapshot`] in either [`CopyMode`]: synchronous replication puts
+/// a checkpoint into the standbys' stores ([`CopyMode::Fresh`]) before
+/// its manifest is in the primary's.
+pub async fn copy_snapshot_with(
+    source: &StorageLocation,
+    target: &StorageLocation,
+    dir: &str,
+    raw: Bytes,
+    fence: &WriteFence,
+    mode: CopyMode,
+) -> Result<CheckpointCopy, ReplicationError> {
+    use futures::{StreamExt as _, TryStreamExt as _};
     let src = source.child(dir);
     let dst = target.child(dir);
     let manifest: Manifest =
@@ -162,87 +209,187 @@ pub async fn copy_snapshot(
         watermark: manifest.watermark,
         ..Default::default()
     };
-    if let Some(existing) = dst.get_opt(MANIFEST_FILE).await? {
-        if existing == raw {
-            report.already_complete = true;
-            return Ok(report);
-        }
-        return Err(ReplicationError::Conflict {
-            path: format!("{}/{MANIFEST_FILE}", dst.url()),
+    if let Some(f) = manifest
+        .files
+        .iter()
+        .find(|f| f.path.contains("..") || f.path.starts_with('/'))
+    {
+        return Err(ReplicationError::SourceCorrupt {
+            path: format!("{}/{MANIFEST_FILE}", src.url()),
+            reason: format!("file path '{}' is not relative", f.path),
         });
     }
-    let present: BTreeMap<String, u64> = dst.list_files("").await?.into_iter().collect();
-    for f in &manifest.files {
-        if f.path.contains("..") || f.path.starts_with('/') {
-            return Err(ReplicationError::SourceCorrupt {
-                path: format!("{}/{MANIFEST_FILE}", src.url()),
-                reason: format!("file path '{}' is not relative", f.path),
+    let present: BTreeMap<String, u64> = match mode {
+        CopyMode::Resume => {
+            let (existing, listed) = tokio::join!(dst.get_opt(MANIFEST_FILE), dst.list_files(""));
+            if let Some(existing) = existing? {
+                if existing == raw {
+                    report.already_complete = true;
+                    return Ok(report);
+                }
+                return Err(ReplicationError::Conflict {
+                    path: format!("{}/{MANIFEST_FILE}", dst.url()),
+                });
+            }
+            listed?.into_iter().collect()
+        }
+        CopyMode::Fresh => BTreeMap::new(),
+    };
+    // Incremental: a file of the right size is kept (it was verified when
+    // this replicator wrote it; the standby's restore check re-hashes
+    // everything).
+    let (kept, todo): (Vec<_>, Vec<_>) = manifest
+        .files
+        .iter()
+        .partition(|f| present.get(&f.path) == Some(&f.size));
+    report.files_present = kept.len();
+    // The source's bytes, checked: a corrupt source is never replicated.
+    // (Each future owns what it uses: the stream is spawned by callers.)
+    let reads: Vec<_> = todo
+        .iter()
+        .map(|f| {
+            let (src, f) = (src.clone(), (*f).clone());
+            async move {
+                let Some(data) = src.get_opt(&f.path).await? else {
+                    return Err(missing_source_file(&src, &f.path).await);
+                };
+                check(&data, f.size, &f.sha256).map_err(|reason| {
+                    ReplicationError::SourceCorrupt {
+                        path: format!("{}/{}", src.url(), f.path),
+                        reason,
+                    }
+                })?;
+                Ok((f, data))
+            }
+        })
+        .collect();
+    let mut pending: Vec<(FileEntry, Bytes)> = futures::stream::iter(reads)
+        .buffered(CONCURRENT_FILES)
+        .try_collect()
+        .await?;
+    let mut manifest_in_place = false;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // Write every pending file at once, then read each back. A write
+        // the store refused (e.g. its payload checksum did not match what
+        // arrived) counts as a failed attempt like a copy that reads back
+        // wrong.
+        for (f, _) in &pending {
+            fence.check(&f.path)?;
+        }
+        let writes: Vec<_> = pending
+            .iter()
+            .map(|(f, data)| {
+                let (dst, path, data) = (dst.clone(), f.path.clone(), data.clone());
+                async move {
+                    dst.put(&path, data)
+                        .await
+                        .map_err(|e| format!("the target refused the write: {e}"))
+                }
+            })
+            .collect();
+        let copies: Vec<Result<(), String>> = futures::stream::iter(writes)
+            .buffered(CONCURRENT_FILES)
+            .collect()
+            .await;
+        let written = copies.iter().all(Result::is_ok);
+        let reads: Vec<_> = pending
+            .iter()
+            .zip(copies)
+            .map(|((f, _), copied)| {
+                let (dst, f) = (dst.clone(), f.clone());
+                async move {
+                    copied?;
+                    match dst.get_opt(&f.path).await {
+                        Ok(Some(back)) => check(&back, f.size, &f.sha256),
+                        Ok(None) => Err("missing right after it was written".into()),
+                        Err(e) => Err(format!("reading it back failed: {e}")),
+                    }
+                }
+            })
+            .collect();
+        let read_back = futures::stream::iter(reads)
+            .buffered(CONCURRENT_FILES)
+            .collect::<Vec<Result<(), String>>>();
+        // Fresh: the manifest goes beside the read-back (see CopyMode).
+        let with_manifest = mode == CopyMode::Fresh && written && !manifest_in_place;
+        let (checked, manifest_written) = tokio::join!(read_back, async {
+            if with_manifest {
+                Some(put_manifest(&dst, &raw, fence).await)
+            } else {
+                None
+            }
+        });
+        let failed: Vec<(String, String)> = pending
+            .iter()
+            .zip(checked)
+            .filter_map(|((f, _), r)| r.err().map(|why| (f.path.clone(), why)))
+            .collect();
+        match manifest_written {
+            Some(Ok(())) => manifest_in_place = true,
+            // A conflict or a closed fence ends the copy; the files of
+            // another manifest are not ours to judge.
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+        if failed.is_empty() {
+            if !manifest_in_place {
+                // Last, create-only: from here on the checkpoint exists in
+                // the target.
+                put_manifest(&dst, &raw, fence).await?;
+            }
+            break;
+        }
+        if manifest_in_place {
+            let path = format!("{}/{MANIFEST_FILE}", dst.url());
+            fence.write(&path, dst.delete(MANIFEST_FILE)).await?;
+            manifest_in_place = false;
+        }
+        let (f, reason) = &failed[0];
+        if attempt >= MAX_ATTEMPTS {
+            return Err(ReplicationError::Transfer {
+                path: format!("{}/{f}", dst.url()),
+                attempts: attempt,
+                reason: reason.clone(),
             });
         }
-        // Incremental: a file of the right size is kept (it was verified
-        // when this replicator wrote it; the standby's restore check
-        // re-hashes everything).
-        if present.get(&f.path) == Some(&f.size) {
-            report.files_present += 1;
-            continue;
+        for (f, reason) in &failed {
+            tracing::warn!(
+                file = %format!("{}/{f}", dst.url()),
+                attempt,
+                "replicated file read back wrong ({reason}); writing it again"
+            );
         }
-        let Some(data) = src.get_opt(&f.path).await? else {
-            return Err(missing_source_file(&src, &f.path).await);
-        };
-        check(&data, f.size, &f.sha256).map_err(|reason| ReplicationError::SourceCorrupt {
-            path: format!("{}/{}", src.url(), f.path),
-            reason,
-        })?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            // A write the store refused (e.g. its payload checksum did not
-            // match what arrived) counts as a failed attempt like a copy
-            // that reads back wrong.
-            fence.check(&f.path)?;
-            let written = match dst.put(&f.path, data.clone()).await {
-                Ok(()) => match dst.get_opt(&f.path).await? {
-                    Some(back) => check(&back, f.size, &f.sha256),
-                    None => Err("missing right after it was written".into()),
-                },
-                Err(e) => Err(format!("the target refused the write: {e}")),
-            };
-            match written {
-                Ok(()) => break,
-                Err(reason) if attempt < MAX_ATTEMPTS => {
-                    tracing::warn!(
-                        file = %format!("{}/{}", dst.url(), f.path),
-                        attempt,
-                        "replicated file read back wrong ({reason}); writing it again"
-                    );
-                    report.retries += 1;
-                }
-                Err(reason) => {
-                    return Err(ReplicationError::Transfer {
-                        path: format!("{}/{}", dst.url(), f.path),
-                        attempts: attempt,
-                        reason,
-                    });
-                }
-            }
-        }
-        report.files_copied += 1;
-        report.bytes_copied += f.size;
+        report.retries += failed.len() as u32;
+        let again: std::collections::BTreeSet<&str> =
+            failed.iter().map(|(f, _)| f.as_str()).collect();
+        pending.retain(|(f, _)| again.contains(f.path.as_str()));
     }
-    // Last, create-only: from here on the checkpoint exists in the target.
-    let manifest_path = format!("{}/{MANIFEST_FILE}", dst.url());
+    report.files_copied = todo.len();
+    report.bytes_copied = todo.iter().map(|f| f.size).sum();
+    Ok(report)
+}
+
+/// Writes a snapshot's manifest `raw` into `dst`, create-only, through
+/// `fence`; the same manifest already there counts as written, another
+/// one is a conflict.
+async fn put_manifest(
+    dst: &StorageLocation,
+    raw: &Bytes,
+    fence: &WriteFence,
+) -> Result<(), ReplicationError> {
+    let path = format!("{}/{MANIFEST_FILE}", dst.url());
     if !fence
-        .write(&manifest_path, dst.put_create(MANIFEST_FILE, raw.clone()))
+        .write(&path, dst.put_create(MANIFEST_FILE, raw.clone()))
         .await?
     {
         let existing = dst.get_opt(MANIFEST_FILE).await?.unwrap_or_default();
-        if existing != raw {
-            return Err(ReplicationError::Conflict {
-                path: format!("{}/{MANIFEST_FILE}", dst.url()),
-            });
+        if existing != *raw {
+            return Err(ReplicationError::Conflict { path });
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Why a file the source's manifest lists is missing: the checkpoint was
@@ -355,9 +502,8 @@ pub async fn replicate_job(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use ferry_core::manifest::{
-        FileEntry, MANIFEST_FORMAT, SnapshotKind, find_restorable, write_manifest,
-    };
+    use ferry_core::manifest::{MANIFEST_FORMAT, SnapshotKind, find_restorable, write_manifest};
+    use std::sync::Arc;
 
     /// A copy of a deposed primary that landed in the new primary's store
     /// anyway (held back on the network beyond the write fence) is never
@@ -671,5 +817,207 @@ pub(crate) mod tests {
         .await
         .unwrap_err();
         assert!(matches!(e, ReplicationError::Conflict { .. }), "{e}");
+    }
+
+    /// Latency of a distant store, one round trip per request (virtual
+    /// time: the tests run with tokio's clock paused, so a copy's time is
+    /// exactly its round trips).
+    fn distant(store: Arc<dyn object_store::ObjectStore>, url: &str) -> StorageLocation {
+        let rtt = std::time::Duration::from_millis(100);
+        let throttled = object_store::throttle::ThrottledStore::new(
+            store,
+            object_store::throttle::ThrottleConfig {
+                wait_put_per_call: rtt,
+                wait_get_per_call: rtt,
+                wait_list_per_call: rtt,
+                wait_delete_per_call: rtt,
+                ..Default::default()
+            },
+        );
+        StorageLocation::with_store(url, Arc::new(throttled)).unwrap()
+    }
+
+    fn memory(url: &str) -> StorageLocation {
+        StorageLocation::with_store(url, Arc::new(object_store::memory::InMemory::new())).unwrap()
+    }
+
+    async fn five_file_checkpoint(src: &StorageLocation, job: &JobId) -> (String, Bytes) {
+        let files: Vec<(String, Vec<u8>)> = (0..5)
+            .map(|i| (format!("window-{i}.state"), vec![i as u8; 1000 + i]))
+            .collect();
+        let refs: Vec<(&str, &[u8])> = files
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        checkpoint(src, job, 7, &refs).await;
+        let dir = checkpoint_dir(job, CheckpointId(7));
+        let raw = src.child(&dir).get(MANIFEST_FILE).await.unwrap();
+        (dir, raw)
+    }
+
+    /// Synchronous replication waits for its copy on every checkpoint: two
+    /// round trips (all files; then the read-back beside the manifest),
+    /// however many files. The resuming copy looks first and verifies
+    /// before the manifest: four.
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_copy_costs_two_round_trips_and_a_resuming_one_four() {
+        let src = memory("memory:///src");
+        let job = JobId::new();
+        let (dir, raw) = five_file_checkpoint(&src, &job).await;
+        let fence = crate::WriteFence::unfenced();
+        for (mode, trips) in [(CopyMode::Fresh, 2), (CopyMode::Resume, 4)] {
+            let inner: Arc<dyn object_store::ObjectStore> =
+                Arc::new(object_store::memory::InMemory::new());
+            let dst = distant(inner.clone(), "memory:///dst");
+            let t0 = tokio::time::Instant::now();
+            let copy = copy_snapshot_with(&src, &dst, &dir, raw.clone(), &fence, mode)
+                .await
+                .unwrap();
+            let took = t0.elapsed();
+            assert_eq!(copy.files_copied, 5, "{mode:?}");
+            assert_eq!(
+                took,
+                std::time::Duration::from_millis(100 * trips),
+                "{mode:?}: {took:?}"
+            );
+            // What arrived restores: every file matches the manifest.
+            let plain = StorageLocation::with_store("memory:///dst", inner).unwrap();
+            let m: Manifest =
+                serde_json::from_slice(&plain.child(&dir).get(MANIFEST_FILE).await.unwrap())
+                    .unwrap();
+            for f in &m.files {
+                let data = plain.child(&dir).get(&f.path).await.unwrap();
+                check(&data, f.size, &f.sha256).unwrap();
+            }
+        }
+    }
+
+    /// A store that damages the first `n` writes of objects whose path ends
+    /// in `name` (bytes damaged on the way, stored as they arrived).
+    #[derive(Debug)]
+    struct Damaging {
+        inner: object_store::memory::InMemory,
+        name: String,
+        left: std::sync::Mutex<u32>,
+    }
+
+    impl std::fmt::Display for Damaging {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Damaging")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for Damaging {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let damage = {
+                let mut left = self.left.lock().unwrap();
+                let damage = location.as_ref().ends_with(&self.name) && *left > 0;
+                if damage {
+                    *left -= 1;
+                }
+                damage
+            };
+            let payload = if damage {
+                let mut bytes: Vec<u8> = Bytes::from(payload).to_vec();
+                bytes[0] ^= 0xFF;
+                object_store::PutPayload::from(bytes)
+            } else {
+                payload
+            };
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A fresh copy writes the manifest while it reads the files back; a
+    /// file that arrived damaged takes the manifest out again, is written
+    /// again, and the copy succeeds only with every file right. Damaged
+    /// on every attempt, the copy fails and leaves no manifest behind.
+    #[tokio::test]
+    async fn a_fresh_copy_that_reads_back_wrong_never_leaves_its_manifest() {
+        let src = memory("memory:///src");
+        let job = JobId::new();
+        let (dir, raw) = five_file_checkpoint(&src, &job).await;
+        let fence = crate::WriteFence::unfenced();
+        for (damaged, ok) in [(1, true), (MAX_ATTEMPTS, false)] {
+            let store = Arc::new(Damaging {
+                inner: object_store::memory::InMemory::new(),
+                name: "window-3.state".into(),
+                left: std::sync::Mutex::new(damaged),
+            });
+            let dst = StorageLocation::with_store("memory:///dst", store.clone()).unwrap();
+            let copy =
+                copy_snapshot_with(&src, &dst, &dir, raw.clone(), &fence, CopyMode::Fresh).await;
+            assert_eq!(*store.left.lock().unwrap(), 0, "every damage happened");
+            let manifest = dst.child(&dir).get_opt(MANIFEST_FILE).await.unwrap();
+            if ok {
+                let copy = copy.unwrap();
+                assert_eq!(copy.retries, 1);
+                assert_eq!(manifest.as_ref(), Some(&raw));
+                let m: Manifest = serde_json::from_slice(&raw).unwrap();
+                for f in &m.files {
+                    let data = dst.child(&dir).get(&f.path).await.unwrap();
+                    check(&data, f.size, &f.sha256).unwrap();
+                }
+            } else {
+                let e = copy.unwrap_err();
+                assert!(
+                    matches!(&e, ReplicationError::Transfer { attempts, path, .. }
+                        if *attempts == MAX_ATTEMPTS && path.ends_with("window-3.state")),
+                    "{e}"
+                );
+                assert_eq!(manifest, None, "a failed copy leaves no manifest");
+            }
+        }
     }
 }

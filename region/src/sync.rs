@@ -2,9 +2,12 @@
 //! primary writes a checkpoint's manifest — the moment the checkpoint
 //! completes and its sinks may commit — the checkpoint's files and its
 //! manifest are copied into the standby regions' stores and verified there
-//! ([`crate::replicate::copy_snapshot`]: every file read back and hashed,
-//! the manifest last). The checkpoint completes once `regions.syncStandbys`
-//! standbys hold it.
+//! ([`crate::replicate::CopyMode::Fresh`]: every file written at once,
+//! then read back and hashed while the manifest is written — two round
+//! trips to a remote store; a file that reads back wrong takes the
+//! manifest out again and the copy has not succeeded). The checkpoint
+//! completes once `regions.syncStandbys` standbys hold it, with every file
+//! verified.
 //!
 //! Invariant: in the `sync` state, every manifest in the primary's store
 //! — and so everything a sink commits, or a restore in the primary region
@@ -34,7 +37,7 @@ use ferry_core::storage::StorageLocation;
 
 use crate::ReplicationError;
 use crate::fence::WriteFence;
-use crate::replicate::copy_snapshot;
+use crate::replicate::{CopyMode, copy_snapshot_with};
 use crate::replicator::Standby;
 
 /// How synchronous replication behaves (`regions.*`).
@@ -185,7 +188,9 @@ impl SyncReplicator {
             return Ok(SyncOutcome::Degraded);
         }
         let started = Instant::now();
-        let (reached, errors, fenced) = self.copy_to_standbys(job, root, dir, manifest).await;
+        let (reached, errors, fenced) = self
+            .copy_to_standbys(job, root, dir, manifest, CopyMode::Fresh)
+            .await;
         if let Some(e) = fenced {
             return Err(format!("not replicated: {e}"));
         }
@@ -236,7 +241,10 @@ impl SyncReplicator {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let (reached, _, _) = me.copy_to_standbys(&job, &root, &dir, manifest).await;
+            // The newest snapshot may be in some standbys already.
+            let (reached, _, _) = me
+                .copy_to_standbys(&job, &root, &dir, manifest, CopyMode::Resume)
+                .await;
             me.lock().probing = false;
             if reached.len() >= me.settings.required && me.lock().state == SyncState::Degraded {
                 me.enter(SyncState::Sync, None);
@@ -254,6 +262,7 @@ impl SyncReplicator {
         root: &StorageLocation,
         dir: &str,
         manifest: Bytes,
+        mode: CopyMode,
     ) -> (Vec<String>, Vec<String>, Option<String>) {
         let (tx, mut rx) = tokio::sync::mpsc::channel(self.standbys.len().max(1));
         for (i, standby) in self.standbys.iter().enumerate() {
@@ -264,7 +273,7 @@ impl SyncReplicator {
             tokio::spawn(async move {
                 let copy = async {
                     me.ensure_spec(i, &job, &root, &store).await?;
-                    copy_snapshot(&root, &store, &dir, manifest, &me.fence).await
+                    copy_snapshot_with(&root, &store, &dir, manifest, &me.fence, mode).await
                 };
                 let result = tokio::time::timeout(me.settings.timeout, copy).await;
                 let _ = tx.send((i, result)).await;

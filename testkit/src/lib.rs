@@ -1,7 +1,8 @@
 //! Test fixtures shared by every crate's integration tests: a real
 //! `nats-server` with JetStream on a free loopback port, helpers to create
-//! and read back streams, and a TCP proxy that can black-hole a connection
-//! (a partition) or damage bytes in transit.
+//! and read back streams, a TCP proxy that can black-hole a connection
+//! (a partition) or damage bytes in transit, and a WAN-like link ([`wan`]:
+//! round-trip time and bandwidth) that the benchmarks use too.
 //!
 //! Also the one home of the loopback process helpers the `ferry` binary
 //! uses too (`ferry sandbox`, `ferry bench`): [`free_port`],
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub mod nats;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod wan;
 
 use nats::{NatsConfig, NatsProcess, NatsStarter};
 
