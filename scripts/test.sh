@@ -53,6 +53,12 @@ if [ ! -x "$VENV/bin/moto_server" ]; then
   echo "==> installing moto[server] into $VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
 fi
+# waitress serves moto with kept-alive connections for the WAN benchmarks
+# (`ferry bench replication --rtt`, `ferry bench region --rtt`).
+if ! "$VENV/bin/python" -c "import waitress" >/dev/null 2>&1; then
+  echo "==> installing waitress into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check waitress
+fi
 FERRY_MOTO_SERVER="$VENV/bin/moto_server"
 export FERRY_MOTO_SERVER
 echo "==> moto_server: $FERRY_MOTO_SERVER"

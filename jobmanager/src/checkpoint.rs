@@ -275,6 +275,9 @@ pub(crate) async fn complete_checkpoint(
         .into());
     }
     deployed.complete(p.barrier.id, manifest.region_epoch);
+    // From the trigger to now, the copy into the standbys included (the
+    // manifest's own `duration_ms` ends before it: the copy carries it).
+    let duration = p.started.elapsed();
     let labels = Metrics::job(&job.id.to_string());
     metrics.checkpoints_completed.get_or_create(&labels).inc();
     metrics
@@ -299,7 +302,10 @@ pub(crate) async fn complete_checkpoint(
         .last_checkpoint_timestamp
         .get_or_create(&labels)
         .set(Utc::now().timestamp());
-    let info = manifest_info(&manifest, &p.barrier.dir);
+    let info = CheckpointInfo {
+        duration_ms: duration.as_millis() as u64,
+        ..manifest_info(&manifest, &p.barrier.dir)
+    };
     let _ = job.completed.send(CompletedCheckpoint {
         job: job.id,
         root: job.root.clone(),

@@ -16,6 +16,7 @@ pub mod failover;
 pub mod procs;
 pub mod region;
 pub mod replication;
+pub mod s3;
 pub mod sandbox;
 
 /// The `p`th percentile (0 < `p` ≤ 100) of the ascending `sorted` by the

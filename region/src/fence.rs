@@ -34,7 +34,14 @@ use crate::ReplicationError;
 /// Whether (and until when) this process may write into other regions'
 /// stores. Clones share one fence.
 #[derive(Clone, Debug)]
-pub struct WriteFence(Option<Arc<Mutex<Option<Instant>>>>);
+pub struct WriteFence(Option<Arc<Mutex<Fence>>>);
+
+#[derive(Debug, Default)]
+struct Fence {
+    until: Option<Instant>,
+    /// Times the fence opened after being closed or expired.
+    term: u64,
+}
 
 impl WriteFence {
     /// No fence: every write goes (an operator's one-off copy).
@@ -44,20 +51,41 @@ impl WriteFence {
 
     /// A fence that is closed until [`WriteFence::open_until`].
     pub fn closed() -> Self {
-        Self(Some(Arc::new(Mutex::new(None))))
+        Self(Some(Arc::new(Mutex::new(Fence::default()))))
+    }
+
+    fn lock(f: &Mutex<Fence>) -> std::sync::MutexGuard<'_, Fence> {
+        f.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes may go until `until` (a later renewal moves it on).
     pub fn open_until(&self, until: Instant) {
         if let Some(f) = &self.0 {
-            *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+            let mut f = Self::lock(f);
+            if f.until.is_none_or(|u| u <= Instant::now()) {
+                f.term += 1;
+            }
+            f.until = Some(until);
         }
     }
 
     /// No write goes until the fence is opened again.
     pub fn close(&self) {
         if let Some(f) = &self.0 {
-            *f.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            Self::lock(f).until = None;
+        }
+    }
+
+    /// Which uninterrupted opening of the fence this is: it changes
+    /// whenever the fence opens again after it was closed or had expired
+    /// (the region may have lost the primary role in between, and another
+    /// region may have written into the standbys' stores). Unfenced: 0.
+    /// What a replicator learned about a standby's store holds only within
+    /// one term.
+    pub fn term(&self) -> u64 {
+        match &self.0 {
+            None => 0,
+            Some(f) => Self::lock(f).term,
         }
     }
 
@@ -65,7 +93,7 @@ impl WriteFence {
     /// expired.
     pub fn remaining(&self) -> Option<Duration> {
         let f = self.0.as_ref()?;
-        let until = *f.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Self::lock(f).until;
         Some(until.map_or(Duration::ZERO, |u| {
             u.saturating_duration_since(Instant::now())
         }))
@@ -151,5 +179,28 @@ mod tests {
         let u = WriteFence::unfenced();
         assert!(u.is_open() && u.remaining().is_none());
         assert_eq!(u.write("x", ok()).await.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_term_changes_only_when_the_fence_opens_after_a_gap() {
+        let f = WriteFence::closed();
+        let t0 = f.term();
+        f.open_until(Instant::now() + Duration::from_secs(2));
+        let t1 = f.term();
+        assert_ne!(t0, t1, "opened");
+        // Renewed in time: the same term.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        f.open_until(Instant::now() + Duration::from_secs(2));
+        assert_eq!(f.term(), t1);
+        // Ran out, then renewed: a new term.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        f.open_until(Instant::now() + Duration::from_secs(2));
+        let t2 = f.term();
+        assert_ne!(t2, t1);
+        // Closed, then opened: a new term.
+        f.close();
+        f.open_until(Instant::now() + Duration::from_secs(2));
+        assert_ne!(f.term(), t2);
+        assert_eq!(WriteFence::unfenced().term(), 0);
     }
 }

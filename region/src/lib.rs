@@ -50,7 +50,7 @@ pub use fence::WriteFence;
 pub use jobs::{RegionEvent, RegionJob, RegionJobs};
 pub use replicate::{
     CheckpointCopy, CopyMode, JobCopy, ReplicationError, copy_snapshot_with, replicate_checkpoint,
-    replicate_job,
+    replicate_job, replicate_new,
 };
 pub use replicator::{CheckpointEvent, Replicator, Standby};
 pub use side::{Announcements, RegionSide};

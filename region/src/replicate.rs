@@ -114,6 +114,9 @@ pub struct JobCopy {
     /// Target snapshots archived and removed because they diverged from
     /// the source's lineage (see [`crate::diverge`]).
     pub diverged: Vec<ferry_core::api::Diverged>,
+    /// The checkpoints the target holds after the pass, as far as it
+    /// looked (what [`replicate_new`] may delete later).
+    pub target_checkpoints: Vec<u64>,
 }
 
 impl JobCopy {
@@ -486,16 +489,91 @@ pub async fn replicate_job(
             }
         }
     }
-    if let Some(oldest) = complete_src.iter().min() {
-        let newest_dst = out.newest().map(|c| c.checkpoint);
-        for id in list_checkpoint_ids(target, job).await? {
-            if id < *oldest && Some(id.0) != newest_dst {
-                let dir = checkpoint_dir(job, id);
-                fence.write(&dir, target.delete_prefix(&dir)).await?;
-                out.removed.push(id.0);
-            }
+    let newest_dst = out.newest().map(|c| c.checkpoint);
+    for id in list_checkpoint_ids(target, job).await? {
+        if complete_src.iter().min().is_some_and(|o| id < *o) && Some(id.0) != newest_dst {
+            let dir = checkpoint_dir(job, id);
+            fence.write(&dir, target.delete_prefix(&dir)).await?;
+            out.removed.push(id.0);
+        } else {
+            out.target_checkpoints.push(id.0);
         }
     }
+    Ok(out)
+}
+
+/// The replicator's pass for a job it reconciled with [`replicate_job`]
+/// before, within the same fence term ([`WriteFence::term`]: no other
+/// region can have written into the target since): copies the snapshot
+/// directories `dirs` — the ones completed since, oldest first — and at
+/// the same time deletes the target checkpoints of `held` (what the
+/// target is known to hold) that the source no longer retains, never the
+/// newest. No look at the target beyond the copies' own: over a WAN a
+/// pass costs one copy's round trips, not a reconciliation's.
+pub async fn replicate_new(
+    source: &StorageLocation,
+    target: &StorageLocation,
+    job: &JobId,
+    dirs: &[String],
+    held: &std::collections::BTreeSet<u64>,
+    fence: &WriteFence,
+) -> Result<JobCopy, ReplicationError> {
+    let mut out = JobCopy {
+        job: Some(*job),
+        ..Default::default()
+    };
+    let oldest = list_checkpoint_ids(source, job).await?.into_iter().min();
+    let newest_held = held.last().copied();
+    let expired: Vec<u64> = held
+        .iter()
+        .copied()
+        .filter(|id| oldest.is_some_and(|o| *id < o.0) && Some(*id) != newest_held)
+        .collect();
+    let copies = async {
+        let (mut copied, mut skipped) = (Vec::new(), Vec::new());
+        for dir in dirs {
+            match replicate_checkpoint(source, target, dir, fence).await {
+                Ok(c) => copied.push(c),
+                // Superseded: the source's retention removed it already.
+                Err(ReplicationError::Incomplete(_)) => {}
+                Err(e @ (ReplicationError::Storage(_) | ReplicationError::Fenced { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job, %dir, "not replicated: {e}");
+                    skipped.push((dir.clone(), e.to_string()));
+                }
+            }
+        }
+        Ok((copied, skipped))
+    };
+    let deletes = async {
+        let mut removed = Vec::new();
+        for id in &expired {
+            let dir = checkpoint_dir(job, CheckpointId(*id));
+            fence.write(&dir, target.delete_prefix(&dir)).await?;
+            removed.push(*id);
+        }
+        Ok::<_, ReplicationError>(removed)
+    };
+    let (copies, deletes) = tokio::join!(copies, deletes);
+    let (copied, skipped) = copies?;
+    out.removed = deletes?;
+    out.target_checkpoints = held
+        .iter()
+        .copied()
+        .chain(
+            copied
+                .iter()
+                .filter(|c| c.dir.contains("/checkpoints/"))
+                .map(|c| c.checkpoint),
+        )
+        .filter(|id| !out.removed.contains(id))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    out.copied = copied;
+    out.skipped = skipped;
     Ok(out)
 }
 

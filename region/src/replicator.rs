@@ -4,12 +4,22 @@
 //! time, checkpoints, records and event time — for metrics, `/v1/regions`
 //! and the standbys' promotion decisions.
 //!
+//! A job's first pass towards a standby reconciles it in full (divergence,
+//! spec and status, every retained snapshot, retention); after that, and
+//! as long as the write fence stays open without a gap (one
+//! [`WriteFence::term`]: no other region can have written into the
+//! standby's store meanwhile), a pass copies only the snapshots completed
+//! since and deletes the ones the primary no longer retains
+//! ([`crate::replicate_new`]) — a distant store then costs each checkpoint
+//! one copy's round trips. A failed pass, a new term, an ended job, or
+//! [`FULL_PASS_EVERY`] reconciles in full again.
+//!
 //! Invariant: a snapshot counts as replicated to a standby only once its
 //! manifest is in the standby's store (written last, after every file was
 //! verified), so reported progress never runs ahead of what a failover
 //! could restore.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,7 +30,7 @@ use ferry_core::storage::StorageLocation;
 use tokio::sync::mpsc;
 
 use crate::fence::WriteFence;
-use crate::replicate_job;
+use crate::{replicate_job, replicate_new};
 
 /// A snapshot the primary completed.
 #[derive(Clone, Debug)]
@@ -52,6 +62,12 @@ struct JobState {
     /// The same of the newest snapshot in the standby.
     replicated: (u64, i64),
     pending: VecDeque<CheckpointEvent>,
+    /// The fence term and time of the last full pass ([`replicate_job`])
+    /// that succeeded; within that term (and [`FULL_PASS_EVERY`]) a pass
+    /// copies only what is new ([`replicate_new`]).
+    reconciled: Option<(u64, std::time::Instant)>,
+    /// Checkpoints the standby's store holds, as far as the passes saw.
+    held: BTreeSet<u64>,
 }
 
 /// One standby's replication state.
@@ -76,6 +92,11 @@ pub struct Replicator {
 
 /// How often failed replications are retried and lag is refreshed.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// How often a job is reconciled in full with each standby's store even
+/// when nothing suggests it changed (its spec, savepoints, divergence,
+/// retention of what the target holds).
+const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
 
 impl Replicator {
     /// A replicator writing through `fence`: the region coordinator's, or
@@ -227,19 +248,42 @@ impl Replicator {
             .map(|(j, r)| (*j, r.clone()))
             .collect();
         let mut ended_done = true;
+        // What this pass learns about a standby holds within this term.
+        let term = self.fence.term();
         for (i, standby) in self.standbys.iter().enumerate() {
-            let mut work: Vec<(JobId, StorageLocation)> = self.lock()[i]
+            // Per job: (job, root, the dirs to copy and the checkpoints
+            // the standby holds when only new snapshots need copying).
+            type Work = (JobId, StorageLocation, Option<(Vec<String>, BTreeSet<u64>)>);
+            let mut work: Vec<Work> = self.lock()[i]
                 .jobs
                 .values()
-                .filter_map(|j| j.pending.back().map(|e| (e.job, e.root.clone())))
+                .filter_map(|j| {
+                    let e = j.pending.back()?;
+                    let fast = j
+                        .reconciled
+                        .is_some_and(|(t, at)| t == term && at.elapsed() < FULL_PASS_EVERY);
+                    let dirs = || j.pending.iter().map(|e| e.dir.clone()).collect();
+                    Some((
+                        e.job,
+                        e.root.clone(),
+                        fast.then(|| (dirs(), j.held.clone())),
+                    ))
+                })
                 .collect();
             for (job, root) in &ended {
-                if !work.iter().any(|(j, _)| j == job) {
-                    work.push((*job, root.clone()));
+                // An ended job's status goes with a full pass.
+                match work.iter_mut().find(|(j, _, _)| j == job) {
+                    Some(w) => w.2 = None,
+                    None => work.push((*job, root.clone(), None)),
                 }
             }
-            for (job, root) in work {
-                let result = replicate_job(&root, &standby.store, &job, &self.fence).await;
+            for (job, root, fast) in work {
+                let result = match &fast {
+                    Some((dirs, held)) => {
+                        replicate_new(&root, &standby.store, &job, dirs, held, &self.fence).await
+                    }
+                    None => replicate_job(&root, &standby.store, &job, &self.fence).await,
+                };
                 let now = Utc::now();
                 let mut st = self.lock();
                 let s = &mut st[i];
@@ -257,6 +301,11 @@ impl Replicator {
                         // retention removed it before it could be copied).
                         let upto = copy.copied.iter().map(|c| c.checkpoint).max().unwrap_or(0);
                         let j = s.jobs.entry(job.to_string()).or_default();
+                        j.held = copy.target_checkpoints.iter().copied().collect();
+                        j.reconciled = match (fast.is_some(), j.reconciled) {
+                            (true, Some((_, at))) => Some((term, at)),
+                            _ => Some((term, std::time::Instant::now())),
+                        };
                         let mut lat = Vec::new();
                         j.pending.retain(|e| {
                             if done.contains(&e.dir.as_str()) {
@@ -280,11 +329,13 @@ impl Replicator {
                             .extend(lat);
                     }
                     Err(e @ crate::ReplicationError::Fenced { .. }) => {
+                        s.jobs.entry(job.to_string()).or_default().reconciled = None;
                         tracing::info!(region = %standby.region, job = %job, "replication paused: {e}");
                         s.status.last_error = Some(e.to_string());
                         return;
                     }
                     Err(e) => {
+                        s.jobs.entry(job.to_string()).or_default().reconciled = None;
                         tracing::warn!(region = %standby.region, job = %job, "replication failed (retrying): {e}");
                         s.status.last_error = Some(e.to_string());
                         if ended.iter().any(|(j, _)| *j == job) {
@@ -300,5 +351,142 @@ impl Replicator {
                 e.remove(&job);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ferry_core::CheckpointId;
+    use ferry_core::manifest::{checkpoint_dir, list_checkpoint_ids};
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::replicate::tests::lineage_checkpoint;
+
+    const RTT: Duration = Duration::from_millis(100);
+
+    /// The standby's store one round trip per request away (virtual time).
+    fn distant(inner: Arc<object_store::memory::InMemory>) -> StorageLocation {
+        let throttled = object_store::throttle::ThrottledStore::new(
+            inner,
+            object_store::throttle::ThrottleConfig {
+                wait_put_per_call: RTT,
+                wait_get_per_call: RTT,
+                wait_list_per_call: RTT,
+                wait_list_with_delimiter_per_call: RTT,
+                wait_delete_per_call: RTT,
+                ..Default::default()
+            },
+        );
+        StorageLocation::with_store("memory:///standby", Arc::new(throttled)).unwrap()
+    }
+
+    /// Checkpoint `n` completes in the source, which retains three.
+    async fn complete(
+        src: &StorageLocation,
+        job: &JobId,
+        n: u64,
+        tx: &mpsc::UnboundedSender<CheckpointEvent>,
+    ) {
+        lineage_checkpoint(src, job, n, &[("window-0.state", &[n as u8; 64])], 0, None).await;
+        if n > 3 {
+            src.delete_prefix(&checkpoint_dir(job, CheckpointId(n - 3)))
+                .await
+                .unwrap();
+        }
+        tx.send(CheckpointEvent {
+            job: *job,
+            root: src.clone(),
+            dir: checkpoint_dir(job, CheckpointId(n)),
+            checkpoint: n,
+            completed_at: Utc::now(),
+            records_in: n,
+            watermark: n as i64,
+        })
+        .unwrap();
+    }
+
+    /// Waits (virtual time) until the standby holds checkpoint `n`.
+    async fn replicated(r: &Replicator, job: &JobId, n: u64) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let done = r.status()[0]
+                .jobs
+                .get(&job.to_string())
+                .and_then(|p| p.replicated_checkpoint)
+                == Some(n);
+            if done {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "checkpoint {n} never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn held(store: &StorageLocation, job: &JobId) -> Vec<u64> {
+        list_checkpoint_ids(store, job)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.0)
+            .collect()
+    }
+
+    /// The first pass reconciles a job with the standby in full; later
+    /// ones copy only the new checkpoint and delete what the source no
+    /// longer retains, at once: one copy's four round trips. Once the
+    /// fence has been closed (the region may have lost the primary role
+    /// and another may have written into the store) the next pass
+    /// reconciles in full again — it finds a checkpoint the quick passes
+    /// could not know of.
+    #[tokio::test(start_paused = true)]
+    async fn steady_passes_copy_only_what_is_new_and_a_new_fence_term_reconciles_again() {
+        let src = StorageLocation::with_store(
+            "memory:///primary",
+            Arc::new(object_store::memory::InMemory::new()),
+        )
+        .unwrap();
+        let inner = Arc::new(object_store::memory::InMemory::new());
+        let dst = distant(inner.clone());
+        let plain = StorageLocation::with_store("memory:///standby", inner).unwrap();
+        let fence = WriteFence::closed();
+        fence.open_until(Instant::now() + Duration::from_secs(3600));
+        let r = Arc::new(Replicator::new(
+            vec![Standby {
+                region: "west".into(),
+                store: dst,
+            }],
+            fence.clone(),
+        ));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (r2, s) = (r.clone(), stop.clone());
+        let running = tokio::spawn(async move { r2.run(rx, s.cancelled_owned()).await });
+        let job = JobId::new();
+        let mut took = Vec::new();
+        for n in 1..=6 {
+            complete(&src, &job, n, &tx).await;
+            took.push(replicated(&r, &job, n).await);
+        }
+        assert!(took[0] > RTT * 5, "the first pass is a full one: {took:?}");
+        for t in &took[1..] {
+            assert!(*t < RTT * 4 + RTT / 2, "a steady pass: {took:?}");
+        }
+        assert_eq!(held(&plain, &job).await, vec![4, 5, 6]);
+        // Another region wrote into the store while this one had no lease.
+        lineage_checkpoint(&plain, &job, 2, &[("window-0.state", b"x")], 0, None).await;
+        fence.close();
+        fence.open_until(Instant::now() + Duration::from_secs(3600));
+        complete(&src, &job, 7, &tx).await;
+        let t = replicated(&r, &job, 7).await;
+        assert!(t > RTT * 5, "a full pass again: {t:?}");
+        assert_eq!(held(&plain, &job).await, vec![5, 6, 7]);
+        stop.cancel();
+        running.await.unwrap();
     }
 }

@@ -152,7 +152,7 @@ pub struct RegionArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ReplicationArgs {
-    /// How long the job runs.
+    /// How long to measure (after --warmup).
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
     /// Checkpoint interval of the job.
@@ -165,8 +165,27 @@ pub struct ReplicationArgs {
     #[arg(long, value_name = "URL")]
     pub from: Option<String>,
     /// Standby store (a temp dir by default).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "rtt")]
     pub to: Option<String>,
+    /// Put the standby store this round trip away: an S3-compatible
+    /// server (moto under waitress, from the project's .venv) behind a
+    /// WAN-like link, e.g. `100ms`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rtt: Option<Duration>,
+    /// Bandwidth of that link, each way, in bytes per second (`100MB` =
+    /// 100,000,000 per second; `MiB` for 2^20); unlimited by default.
+    #[arg(long, requires = "rtt", value_parser = parse_bandwidth)]
+    pub bandwidth: Option<u64>,
+    /// Also run the same job under synchronous replication
+    /// (`regions.replication: sync`) in the same run, and compare both
+    /// jobs' checkpoint durations.
+    #[arg(long)]
+    pub compare_sync: bool,
+    /// Let the job run this long before measuring (the first full
+    /// replication pass, the first synchronous copy with the job's spec,
+    /// opening connections); not part of --seconds.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -369,14 +388,27 @@ fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
         rate: a.rate,
         from: a.from.clone(),
         to: a.to.clone(),
+        rtt: a.rtt,
+        bandwidth: a.bandwidth,
+        compare_sync: a.compare_sync,
+        warmup: a.warmup,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let r = rt.block_on(ferry_lab::replication::run(&opts, |s| {
         eprintln!(
-            "replication benchmark: job {} checkpoints every {} to {}, replicated to {}; {} s",
-            s.job, a.checkpoint_interval, s.from, s.to, a.seconds
+            "replication benchmark: job {} checkpoints every {} to {}, replicated to {}; {} s{}",
+            s.job,
+            a.checkpoint_interval,
+            s.from,
+            s.to,
+            a.seconds,
+            if a.compare_sync {
+                "; the same job beside it under synchronous replication"
+            } else {
+                ""
+            }
         )
     }))?;
     print_report(a.json, &r, |r| r.markdown())
@@ -408,4 +440,63 @@ fn exchange(a: ExchangeArgs) -> anyhow::Result<ExitCode> {
         );
     })?;
     print_report(a.json, &report, |r| r.markdown())
+}
+
+/// A bandwidth in bytes per second: `100MB` (10^6), `64MiB` (2^20), `1GB`,
+/// `500KB`, or a plain number of bytes.
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a bandwidth; give e.g. 100MB or 64MiB (per second)"))?;
+    let unit = unit.trim().trim_end_matches("/s");
+    let scale = match unit {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{s}'; use B, KB, MB, GB, KiB, MiB or GiB (per second)"
+            ));
+        }
+    };
+    let bytes = n * scale;
+    if !(1.0..1e15).contains(&bytes) {
+        return Err(format!(
+            "'{s}' is out of range: between 1 B and 1 PB per second"
+        ));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bandwidth;
+
+    #[test]
+    fn bandwidths_parse_with_units_and_say_what_is_wrong() {
+        assert_eq!(parse_bandwidth("100MB"), Ok(100_000_000));
+        assert_eq!(parse_bandwidth("64MiB/s"), Ok(64 << 20));
+        assert_eq!(parse_bandwidth("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bandwidth("4096"), Ok(4096));
+        assert!(
+            parse_bandwidth("fast")
+                .unwrap_err()
+                .contains("not a bandwidth")
+        );
+        assert!(
+            parse_bandwidth("10Mb")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_bandwidth("0MB").unwrap_err().contains("out of range"));
+    }
 }
