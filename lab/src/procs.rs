@@ -1,5 +1,6 @@
 //! What the sandbox and the benchmarks share about processes: finding
-//! `nats-server`, starting NATS servers and the global cluster, starting a
+//! `nats-server`, starting NATS servers and the global cluster (also one
+//! whose nodes stand a WAN apart, [`WanCluster`]), starting a
 //! `ferry` role with its log in a file, and a child process that is killed
 //! when dropped.
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ferry_testkit::nats::{self, NatsConfig, NatsProcess, NatsStarter};
 use ferry_testkit::try_free_port;
+use ferry_testkit::wan::{WanLink, WanSettings};
 
 /// How long a process may take to listen once started (the sandbox).
 pub const START_LIMIT: Duration = Duration::from_secs(20);
@@ -142,4 +144,83 @@ pub async fn tm_metric(
         .lines()
         .find_map(|l| l.strip_prefix(&key))
         .and_then(|v| v.trim().parse::<u64>().ok()))
+}
+
+/// A global cluster whose nodes stand a WAN apart (one per site): every
+/// route between two nodes crosses a [`WanLink`] (each node is reached —
+/// and advertises itself — only through the link in front of its route
+/// port), and each node's clients can reach the other nodes through
+/// links in front of their client ports. Clients are not told the nodes'
+/// own addresses (`no_advertise`), so nothing bypasses the links.
+pub struct WanCluster {
+    pub nodes: Vec<NatsProcess>,
+    /// `client_links[j]`: node j's client port, from another site.
+    client_links: Vec<WanLink>,
+    _route_links: Vec<WanLink>,
+}
+
+impl WanCluster {
+    /// Starts a `nodes`-node JetStream cluster `ferry-global` under `dir`
+    /// (node `i` named `global-<i>`) with `link` between every two sites.
+    pub async fn start(
+        nats_bin: &Path,
+        dir: &Path,
+        nodes: usize,
+        link: WanSettings,
+    ) -> anyhow::Result<Self> {
+        let ports: Vec<(u16, u16)> = (0..nodes)
+            .map(|_| Ok::<_, std::io::Error>((try_free_port()?, try_free_port()?)))
+            .collect::<Result<_, _>>()?;
+        let local = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+        let (mut route_links, mut client_links) = (Vec::new(), Vec::new());
+        for (port, cport) in &ports {
+            route_links.push(WanLink::start(local(*cport), link).await?);
+            client_links.push(WanLink::start(local(*port), link).await?);
+        }
+        let starter = nats_starter(nats_bin);
+        let mut procs = Vec::new();
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let name = format!("global-{i}");
+            let routes = route_links
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, l)| format!("nats-route://127.0.0.1:{}", l.port))
+                .collect();
+            let config = NatsConfig {
+                server_name: Some(name.clone()),
+                cluster: Some(nats::ClusterConfig {
+                    name: "ferry-global".into(),
+                    port: *cport,
+                    routes,
+                    advertise: Some(format!("127.0.0.1:{}", route_links[i].port)),
+                    no_advertise: true,
+                }),
+                ..NatsConfig::new(*port, dir.join(&name))
+            };
+            procs.push(starter.start(&name, &dir.join(format!("{name}.conf")), &config)?);
+        }
+        Ok(Self {
+            nodes: procs,
+            client_links,
+            _route_links: route_links,
+        })
+    }
+
+    /// The client URLs for a process at site `site`: its own node first,
+    /// directly, then the others through the links.
+    pub fn urls_from(&self, site: usize) -> String {
+        let n = self.nodes.len();
+        (0..n)
+            .map(|k| (site + k) % n)
+            .map(|j| {
+                if j == site {
+                    self.nodes[j].url()
+                } else {
+                    self.client_links[j].nats_url()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }

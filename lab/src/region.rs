@@ -14,6 +14,13 @@
 //!   primary — the primary plays dead, the standby takes over, the jobs fail
 //!   back — recording each drill's RTO, RPO (input and output records) and
 //!   the fail-back's divergence, with `regions.replication` async or sync.
+//!
+//! With `--rtt`, the regions stand a WAN apart: each has its own regional
+//! `nats-server` and its own S3-compatible store ([`crate::s3`]), the
+//! global cluster's nodes route to each other through WAN-like links
+//! ([`crate::procs::WanCluster`]), and a region reaches the other
+//! region's store and global node only through a link with that
+//! round-trip time (and `--bandwidth`).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,10 +29,14 @@ use anyhow::bail;
 use ferry_client::Client;
 use ferry_core::api::{DrillReport, DrillRevert, JobState, RegionsStatus};
 use ferry_testkit::try_free_port;
+use ferry_testkit::wan::{WanLink, WanSettings};
 use serde::Serialize;
 
 use crate::Stats;
-use crate::procs::{Proc, find_nats_server, signal, spawn_ferry, start_cluster, start_nats};
+use crate::procs::{
+    Proc, WanCluster, find_nats_server, signal, spawn_ferry, start_cluster, start_nats,
+};
+use crate::s3::S3Server;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -42,6 +53,11 @@ pub struct RegionOptions {
     pub replication: String,
     /// Region timeout (`regions.timeout`).
     pub region_timeout: String,
+    /// Round-trip time between the regions (WAN-like links); `None`: the
+    /// regions share loopback as they are.
+    pub rtt: Option<Duration>,
+    /// Bandwidth of those links in bytes per second, each way.
+    pub bandwidth: Option<u64>,
     /// Keep logs and stores here (a temp dir, removed at the end, by
     /// default).
     pub work_dir: Option<PathBuf>,
@@ -105,6 +121,9 @@ pub struct DrillRow {
 #[derive(Serialize, Clone, Debug)]
 pub struct RegionReport {
     pub region_timeout: String,
+    /// Round-trip time between the regions, if links set one.
+    pub rtt_ms: Option<f64>,
+    pub bandwidth_bytes_per_second: Option<u64>,
     pub replication: String,
     pub results: Vec<Row>,
     pub drills: Vec<DrillRow>,
@@ -121,6 +140,17 @@ impl RegionReport {
         use std::fmt::Write as _;
         let r = self;
         let mut out = String::new();
+        if let Some(rtt) = r.rtt_ms {
+            let _ = writeln!(
+                out,
+                "regions {rtt:.0} ms round trip apart{}; regions.timeout {}, regions.replication {}\n",
+                r.bandwidth_bytes_per_second
+                    .map(|b| format!(", {:.1} MB/s each way", b as f64 / 1e6))
+                    .unwrap_or_default(),
+                r.region_timeout,
+                r.replication
+            );
+        }
         let _ = writeln!(out, "| event | runs | p50 ms | p99 ms | max ms |");
         let _ = writeln!(out, "|---|---|---|---|---|");
         for row in r.results.iter().filter(|r| r.runs > 0) {
@@ -194,68 +224,70 @@ struct RegionProcs {
     api: Option<Client>,
 }
 
+/// How region `i` (east 0, west 1) reaches what it uses.
+struct Site {
+    /// Its regional NATS.
+    nats: String,
+    /// The global cluster's URLs, its own node first.
+    global: String,
+    /// Its own store.
+    store: String,
+    /// Store settings and credentials (environment) of its processes.
+    env: Vec<(String, String)>,
+}
+
 struct Bench {
     ferry: PathBuf,
     dir: PathBuf,
-    nats: String,
-    /// The global cluster's client URLs.
-    global: Vec<String>,
+    sites: [Site; 2],
     timeout: String,
     replication: String,
     regions: [RegionProcs; 2],
 }
 
 impl Bench {
-    /// The global cluster's URLs, the region's own node first (east: the
-    /// first node, west: the second; the third is a witness).
-    fn global_urls(&self, region: &str) -> String {
-        let first = usize::from(region != "east");
-        (0..self.global.len())
-            .map(|i| self.global[(first + i) % self.global.len()].clone())
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
     fn spawn(
         &self,
-        region: &str,
+        i: usize,
         role: &str,
         env: &[(&str, String)],
     ) -> anyhow::Result<std::process::Child> {
+        let region = self.regions[i].name;
+        let site = &self.sites[i];
         let id = format!("{role}-{region}");
-        let store = |r: &str| format!("file://{}", self.dir.join(format!("store-{r}")).display());
         let stores = ["east", "west"]
             .iter()
-            .map(|r| format!("{r}={}", store(r)))
+            .zip(&self.sites)
+            .map(|(r, s)| format!("{r}={}", s.store))
             .collect::<Vec<_>>()
             .join(",");
         let mut all = vec![
             ("FERRY_REGION", region.to_string()),
             ("FERRY_INSTANCE_ID", id.clone()),
-            ("FERRY_NATS_URLS", self.nats.clone()),
-            ("FERRY_STORAGE", store(region)),
+            ("FERRY_NATS_URLS", site.nats.clone()),
+            ("FERRY_STORAGE", site.store.clone()),
             ("FERRY_REGIONS_STORES", stores),
             ("FERRY_REGIONS_PRIMARY", "east".to_string()),
-            ("FERRY_REGIONS_GLOBAL_URLS", self.global_urls(region)),
+            ("FERRY_REGIONS_GLOBAL_URLS", site.global.clone()),
             ("FERRY_REGIONS_GLOBAL_REPLICAS", "3".to_string()),
             ("FERRY_REGIONS_TIMEOUT", self.timeout.clone()),
             ("FERRY_REGIONS_REPLICATION", self.replication.clone()),
         ];
+        all.extend(site.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
         all.extend_from_slice(env);
         spawn_ferry(&self.ferry, role, &all, &self.dir.join(format!("{id}.log")))
     }
 
     fn start(&mut self, i: usize) -> anyhow::Result<()> {
-        let name = self.regions[i].name;
         let port = try_free_port()?;
         let jm = self.spawn(
-            name,
+            i,
             "jobmanager",
             &[("FERRY_API_LISTEN", format!("127.0.0.1:{port}"))],
         )?;
         let tm_port = try_free_port()?;
         let tm = self.spawn(
-            name,
+            i,
             "taskmanager",
             &[
                 ("FERRY_TASKMANAGER_LISTEN", "127.0.0.1:0".to_string()),
@@ -431,11 +463,85 @@ pub async fn run(
         std::env::temp_dir().join(format!("ferry-bench-region-{}", std::process::id()))
     });
     std::fs::create_dir_all(&tmp)?;
-    let nats = start_nats(&tmp.join("nats"))?;
-    // The region lease and heartbeats on a 3-node global cluster (R3), as
-    // in production: one node per region.
-    let global = start_cluster(&find_nats_server()?, &tmp.join("global"), 3)?;
-    let global_urls = global.iter().map(|n| n.url()).collect();
+    // What each region reaches, and everything that must live as long as
+    // the benchmark (servers, links).
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    let sites = match a.rtt {
+        None => {
+            // One regional NATS (separate buckets) and file stores.
+            let nats = start_nats(&tmp.join("nats"))?;
+            let nats_url = format!("nats://127.0.0.1:{}", nats.port);
+            // The region lease and heartbeats on a 3-node global cluster
+            // (R3), as in production: one node per region (east: the
+            // first, west: the second; the third is a witness).
+            let global = start_cluster(&find_nats_server()?, &tmp.join("global"), 3)?;
+            let urls: Vec<String> = global.iter().map(|n| n.url()).collect();
+            let from = |first: usize| {
+                (0..urls.len())
+                    .map(|k| urls[(first + k) % urls.len()].clone())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let site = |i: usize, r: &str| Site {
+                nats: nats_url.clone(),
+                global: from(i),
+                store: format!("file://{}", tmp.join(format!("store-{r}")).display()),
+                env: Vec::new(),
+            };
+            let sites = [site(0, "east"), site(1, "west")];
+            keep.push(Box::new(nats));
+            keep.push(Box::new(global));
+            sites
+        }
+        Some(rtt) => {
+            let link = WanSettings {
+                rtt,
+                bandwidth: a.bandwidth,
+            };
+            let global =
+                WanCluster::start(&find_nats_server()?, &tmp.join("global"), 3, link).await?;
+            let mut s3 = Vec::new();
+            for r in ["east", "west"] {
+                let server = S3Server::start(&tmp.join(format!("s3-{r}")))?;
+                server.create_bucket(r).await?;
+                let far = WanLink::start(
+                    std::net::SocketAddr::from(([127, 0, 0, 1], server.port)),
+                    link,
+                )
+                .await?;
+                s3.push((server, far));
+            }
+            let mut sites = Vec::new();
+            for (i, r) in ["east", "west"].into_iter().enumerate() {
+                let nats = start_nats(&tmp.join(format!("nats-{r}")))?;
+                let (other, prefix) = if i == 0 {
+                    ("west", "WEST_")
+                } else {
+                    ("east", "EAST_")
+                };
+                // Its own store directly; the other's through the link,
+                // with the other's credentials (regions.storeCredentials).
+                let mut env = S3Server::env("", &s3[i].0.endpoint());
+                env.extend(S3Server::env(prefix, &s3[1 - i].1.http_url()));
+                env.push((
+                    "FERRY_REGIONS_STORE_CREDENTIALS".into(),
+                    format!("{other}=env:{prefix}"),
+                ));
+                sites.push(Site {
+                    nats: format!("nats://127.0.0.1:{}", nats.port),
+                    global: global.urls_from(i),
+                    store: format!("s3://{r}/ferry"),
+                    env,
+                });
+                keep.push(Box::new(nats));
+            }
+            keep.push(Box::new(global));
+            keep.push(Box::new(s3));
+            let [east, west]: [Site; 2] =
+                sites.try_into().map_err(|_| anyhow::anyhow!("two sites"))?;
+            [east, west]
+        }
+    };
     let region = |name| RegionProcs {
         name,
         jm: None,
@@ -445,8 +551,7 @@ pub async fn run(
     let mut b = Bench {
         ferry: a.ferry.clone(),
         dir: tmp.clone(),
-        nats: format!("nats://127.0.0.1:{}", nats.port),
-        global: global_urls,
+        sites,
         timeout: a.region_timeout.clone(),
         replication: a.replication.clone(),
         regions: [region("east"), region("west")],
@@ -547,8 +652,7 @@ pub async fn run(
         Err(_) => None,
     };
     drop(b);
-    drop(nats);
-    drop(global);
+    drop(keep);
     if a.work_dir.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
@@ -566,6 +670,8 @@ pub async fn run(
     };
     Ok(RegionReport {
         region_timeout: a.region_timeout.clone(),
+        rtt_ms: a.rtt.map(|r| r.as_secs_f64() * 1e3),
+        bandwidth_bytes_per_second: a.rtt.and(a.bandwidth),
         replication: a.replication.clone(),
         drills,
         sync_latency_ms,

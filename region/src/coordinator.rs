@@ -109,6 +109,9 @@ pub struct Coordinator {
     /// Standby decisions already logged (so each is said once).
     pub(crate) said: Mutex<Option<String>>,
     wake: tokio::sync::Notify,
+    /// The lease watch saw the lease move to this region: the next tick
+    /// of a standby takes it before anything else.
+    moved_here: std::sync::atomic::AtomicBool,
 }
 
 impl Coordinator {
@@ -147,6 +150,7 @@ impl Coordinator {
             ops: tokio::sync::Mutex::new(()),
             said: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            moved_here: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -222,6 +226,10 @@ impl Coordinator {
                     if let Ok(r) = serde_json::from_slice::<lease::LeaseRecord>(&e.value)
                         && self.seen().primary.as_deref() != Some(r.primary.as_str())
                     {
+                        if r.primary == self.s.region {
+                            self.moved_here
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
                         self.wake();
                     }
                 },
@@ -280,10 +288,18 @@ impl Coordinator {
     /// lease again before the tasks stop).
     pub async fn tick(&self) {
         let mut role = self.role.lock().await;
+        let was_promoting = matches!(*role, Role::Promoting { .. });
         let leading = self.jobs.leading();
         let dark = matches!(*role, Role::Dark { .. });
+        // A standby to which the lease just moved (a switchover or
+        // fail-back to here) takes it before its heartbeat and health
+        // listing, which cost several round trips to a distant global
+        // cluster; otherwise a standby decides on what it lists first.
+        let moved_here = self
+            .moved_here
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
         let lease_first = leading.is_some()
-            && matches!(
+            && (matches!(
                 *role,
                 Role::Follower
                     | Role::Starting
@@ -291,7 +307,7 @@ impl Coordinator {
                     | Role::Primary { .. }
                     | Role::SwitchingOver { .. }
                     | Role::Isolated { .. }
-            );
+            ) || (moved_here && matches!(*role, Role::Standby { .. })));
         if !dark && !lease_first {
             self.beat(leading.is_some()).await;
         }
@@ -331,7 +347,13 @@ impl Coordinator {
             (Some(_), Role::Dark { until }) => states::dark::step(until),
         };
         self.enter(&mut role, next);
-        if !dark && lease_first {
+        // Just promoted: the next tick (woken at once) starts the jobs
+        // and beats after; a heartbeat now would only delay them.
+        let promoting = !was_promoting && matches!(*role, Role::Promoting { .. });
+        // The heartbeat needs no role: a switchover waiting to move the
+        // lease need not wait for it.
+        drop(role);
+        if !dark && lease_first && !promoting {
             self.beat(true).await;
         }
         self.jobs

@@ -282,13 +282,31 @@ impl Coordinator {
             }
         }
         // Every savepoint complete in the target before the lease moves.
+        // The jobs are stopped until it does: copy the savepoints now, all
+        // at once, rather than wait for the replicator's next pass (which
+        // may be busy); what fails here the replicator still brings.
+        let copies = savepoints.iter().map(|sp| {
+            copy_savepoint_now(
+                self.s.stores.get(&me),
+                &target_store,
+                sp,
+                self.replicator.fence(),
+            )
+        });
+        let copied = futures::future::join_all(copies).await;
         let deadline = Instant::now() + SAVEPOINT_WAIT;
-        for sp in &savepoints {
+        for (sp, copied) in savepoints.iter().zip(copied) {
             let rel = snapshot_dir(
                 &sp.job_id,
                 SnapshotKind::Savepoint,
                 CheckpointId(sp.checkpoint_id),
             );
+            match copied {
+                Ok(()) => continue,
+                Err(e) => tracing::warn!(
+                    "copying {rel} into {target} at once failed: {e}; waiting for the replicator"
+                ),
+            }
             loop {
                 match target_store.child(&rel).size(MANIFEST_FILE).await {
                     Ok(Some(_)) => break,
@@ -576,4 +594,40 @@ fn divergence_report(
         event_time_ms: jobs.iter().map(|j| j.event_time_ms).max().unwrap_or(0),
         jobs,
     }
+}
+
+/// Copies savepoint `sp` from `source` (this region's store) into
+/// `target` with the job's spec: the new checkpoint directory in two
+/// round trips ([`CopyMode::Fresh`](crate::replicate::CopyMode)), the
+/// spec beside it.
+async fn copy_savepoint_now(
+    source: Option<&ferry_core::storage::StorageLocation>,
+    target: &ferry_core::storage::StorageLocation,
+    sp: &SavepointRef,
+    fence: &crate::WriteFence,
+) -> Result<(), String> {
+    let source = source.ok_or("this region has no entry in regions.stores")?;
+    let rel = snapshot_dir(
+        &sp.job_id,
+        SnapshotKind::Savepoint,
+        CheckpointId(sp.checkpoint_id),
+    );
+    let raw = source
+        .child(&rel)
+        .get(MANIFEST_FILE)
+        .await
+        .map_err(|e| e.to_string())?;
+    let spec_rel = format!("{}/spec.yaml", ferry_core::manifest::job_dir(&sp.job_id));
+    let spec = async {
+        if let Some(spec) = source.get_opt(&spec_rel).await?
+            && target.get_opt(&spec_rel).await?.as_ref() != Some(&spec)
+        {
+            fence.write(&spec_rel, target.put(&spec_rel, spec)).await?;
+        }
+        Ok::<_, crate::ReplicationError>(())
+    };
+    let copy = crate::copy_snapshot_with(source, target, &rel, raw, fence, crate::CopyMode::Fresh);
+    let (spec, copy) = tokio::join!(spec, copy);
+    spec.map_err(|e| e.to_string())?;
+    copy.map(|_| ()).map_err(|e| e.to_string())
 }

@@ -142,6 +142,16 @@ pub struct RegionArgs {
     /// Region timeout (`regions.timeout`).
     #[arg(long, default_value = "5s")]
     pub region_timeout: String,
+    /// Put the regions this round trip apart, e.g. `100ms`: each gets its
+    /// own regional NATS and S3-compatible store (moto under waitress,
+    /// from the project's .venv), and the other region's store and global
+    /// node are reached only through WAN-like links.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub rtt: Option<Duration>,
+    /// Bandwidth of those links, each way, in bytes per second (`100MB`,
+    /// `64MiB`); unlimited by default.
+    #[arg(long, requires = "rtt", value_parser = parse_bandwidth)]
+    pub bandwidth: Option<u64>,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -338,13 +348,28 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
         drills: a.drills,
         replication: a.replication.clone(),
         region_timeout: a.region_timeout.clone(),
+        rtt: a.rtt,
+        bandwidth: a.bandwidth,
         work_dir: a.work_dir.clone(),
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let r = current_thread()?.block_on(ferry_lab::region::run(&opts, |p| match p {
+    // Multi-threaded: the WAN links (--rtt) forward bytes in this process
+    // while the benchmark waits on the regions.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(ferry_lab::region::run(&opts, |p| match p {
         ferry_lab::region::Progress::Started => eprintln!(
-            "region benchmark: 2 regions (JM + TM each), region timeout {}, {} replication; {} failovers, {} switchovers, {} drills",
-            a.region_timeout, a.replication, a.failovers, a.switchovers, a.drills
+            "region benchmark: 2 regions (JM + TM each), region timeout {}, {} replication{}; {} failovers, {} switchovers, {} drills",
+            a.region_timeout,
+            a.replication,
+            a.rtt
+                .map(|r| format!(", {} apart", humantime::format_duration(r)))
+                .unwrap_or_default(),
+            a.failovers,
+            a.switchovers,
+            a.drills
         ),
         ferry_lab::region::Progress::Drill { n, drill: d } => eprintln!(
             "  drill {n:>2}: {} -> {} RTO {} ms, RPO {} records in / {} out; fail-back divergence: {}{}",
