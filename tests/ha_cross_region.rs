@@ -1207,3 +1207,121 @@ async fn sync_replication_degrades_to_async_without_the_standby_and_returns_by_i
     east.finished(0, &job, Duration::from_secs(240)).await;
     east.check_output();
 }
+
+/// The region `r` as its own heartbeat reports it (read from `jm`).
+async fn own_resources(r: &Region, jm: usize) -> Option<Value> {
+    let v = r.get(&r.jms[jm], "/v1/regions").await?;
+    v["regions"]
+        .as_array()?
+        .iter()
+        .find(|x| x["region"] == r.name.as_str())
+        .map(|x| x["heartbeat"]["resources"].clone())
+}
+
+/// A metric's value in a JobManager's `/metrics` text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Hot standby (`regions.standby: hot`): the standby region keeps the job
+/// held on its TaskManager at the newest replicated checkpoint — its slots
+/// and state visible in its heartbeat, nothing running, nothing written —
+/// and when the primary region dies, the promotion starts the held job at
+/// that checkpoint (no restore: the driver adopts the released tasks).
+/// The output over both regions is exactly the expected one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_standby_holds_the_job_loaded_and_a_failover_starts_it_without_a_restore() {
+    let nats = NatsServer::start();
+    let global = NatsCluster::start(3);
+    let mut east = Region::new(nats.url(), "800ms", "500ms");
+    let mut west = Region::new(nats.url(), "800ms", "500ms");
+    two_regions(&mut east, &mut west, &global);
+    for r in [&mut east, &mut west] {
+        r.env.push(("FERRY_REGIONS_STANDBY", "hot".into()));
+        // Long enough that the kill below lands mid-run.
+        r.rate = 40_000;
+    }
+    start_two_regions(&mut east, &mut west).await;
+    wait_lease(&east).await;
+    let job = east.running_job(0).await;
+    let replicated = wait_replicated(&east, 0, &job).await;
+
+    // West holds the job at a replicated checkpoint, in the job's slots,
+    // and says so in its heartbeat (as east and the metrics see it).
+    let start = Instant::now();
+    let held = loop {
+        let r = own_resources(&west, 0).await.unwrap_or(Value::Null);
+        if r["held"][&job].as_u64().is_some_and(|n| n >= replicated) {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "west does not hold the job: {r}\n{}",
+            tail(&west.log("jm-west"), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(held["standby"], "hot", "{held}");
+    assert_eq!(held["held_slots"], 2, "parallelism 2: {held}");
+    assert_eq!(held["slots_used"], 2, "only the held job: {held}");
+    assert!(held["held_state_bytes"].as_u64().unwrap() > 0, "{held}");
+    let m = west.metrics(&west.jms[0]).await;
+    assert_eq!(metric(&m, "ferry_standby_held_jobs"), Some(1), "{m}");
+    assert_eq!(metric(&m, "ferry_standby_held_slots"), Some(2), "{m}");
+    // Held, not running: west's TaskManager started no deployment.
+    assert_eq!(west.tm_metric(0, "deployments_started").await, Some(0));
+    // And it keeps loading newer checkpoints as they arrive.
+    let first = held["held"][&job].as_u64().unwrap();
+    let start = Instant::now();
+    loop {
+        let r = own_resources(&west, 0).await.unwrap_or(Value::Null);
+        if r["held"][&job].as_u64().is_some_and(|n| n > first) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "west still holds checkpoint {first}: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The whole primary region dies mid-run.
+    east.jms[0].signal(libc::SIGKILL);
+    east.tms[0].signal(libc::SIGKILL);
+    wait_primary(&west, 0, "west", Duration::from_secs(20)).await;
+    west.wait_job(
+        &west.jms[0],
+        &job,
+        Duration::from_secs(90),
+        "the job to finish in the new primary",
+        |v| v["state"] == "FINISHED",
+    )
+    .await;
+    let m = west.metrics(&west.jms[0]).await;
+    let log = west.log("jm-west");
+    assert_eq!(
+        metric(&m, "ferry_standby_released_total"),
+        Some(1),
+        "the promotion did not start the held job:\n{}",
+        tail(&log, 60)
+    );
+    assert_eq!(metric(&m, "ferry_standby_restored_cold_total"), Some(0));
+    assert!(
+        log.contains("adopted the job's running tasks: no restart"),
+        "{}",
+        tail(&log, 60)
+    );
+    assert!(
+        !log.contains("restored from checkpoint"),
+        "{}",
+        tail(&log, 60)
+    );
+    assert!(west.log("tm-west").contains("held deployment released"));
+    // Exactly the expected output, over both regions' work.
+    east.check_output();
+    // Primary now: nothing held any more.
+    let r = own_resources(&west, 0).await.unwrap_or(Value::Null);
+    assert_eq!(r["held_slots"], 0, "{r}");
+}

@@ -159,6 +159,21 @@ pub async fn run(
         Some(s) if s.state == ferry_core::api::SyncState::Sync => "sync".to_string(),
         Some(s) => format!("sync ({})", s.state.as_str()),
     });
+    // The target's standby mode, from its own heartbeat.
+    let standby = target.regions().await.ok().and_then(|a| {
+        let hb = a
+            .value
+            .regions
+            .into_iter()
+            .find(|v| v.region == plan.target)?
+            .heartbeat?;
+        let r = hb.resources?;
+        Some(if r.standby == "hot" {
+            format!("hot ({} jobs held)", r.held.len())
+        } else {
+            r.standby
+        })
+    });
     let jobs: Vec<String> = match primary.jobs().await {
         Ok(a) => a
             .value
@@ -416,6 +431,7 @@ pub async fn run(
             rpo_records: plan.rpo_records,
         },
         replication,
+        standby,
         passed,
         failures: checks,
         revert: None,

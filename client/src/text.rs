@@ -419,8 +419,13 @@ pub fn rebalance(p: &RebalancePlan, out: &mut String) {
     }
 }
 
-/// `ferry region status`: the primary, every region's health, every
-/// standby's replication lag.
+/// A region's slots and held state, from its heartbeat.
+fn res(r: &ferry_core::api::RegionView) -> Option<&ferry_core::api::RegionResources> {
+    r.heartbeat.as_ref().and_then(|h| h.resources.as_ref())
+}
+
+/// `ferry region status`: the primary, every region's health, slots and
+/// hot standby, every standby's replication lag.
 pub fn regions(v: &RegionsStatus, out: &mut String) {
     let _ = writeln!(
         out,
@@ -465,6 +470,23 @@ pub fn regions(v: &RegionsStatus, out: &mut String) {
                         .as_ref()
                         .map(|h| h.leader.clone())
                         .unwrap_or_else(|| "-".into()),
+                    res(r)
+                        .map(|x| x.standby.clone())
+                        .unwrap_or_else(|| "-".into()),
+                    res(r)
+                        .map(|x| format!("{}/{}", x.slots_used, x.slots))
+                        .unwrap_or_else(|| "-".into()),
+                    res(r)
+                        .filter(|x| x.standby == "hot")
+                        .map(|x| {
+                            format!(
+                                "{} jobs, {} slots, {}",
+                                x.held.len(),
+                                x.held_slots,
+                                bytes(x.held_state_bytes)
+                            )
+                        })
+                        .unwrap_or_else(|| "-".into()),
                 ]
             })
             .collect();
@@ -474,6 +496,9 @@ pub fn regions(v: &RegionsStatus, out: &mut String) {
             ("HEALTHY", Align::Left),
             ("HEARTBEAT AGE", Align::Right),
             ("LEADER", Align::Left),
+            ("STANDBY", Align::Left),
+            ("SLOTS USED", Align::Right),
+            ("HELD (HOT)", Align::Left),
         ]);
         for r in rows {
             t.row(r);
@@ -659,6 +684,9 @@ pub fn drill_report(r: &DrillReport, out: &mut String) {
     );
     if let Some(mode) = &r.replication {
         let _ = writeln!(out, "  {:<13} {mode}", "replication");
+    }
+    if let Some(mode) = &r.standby {
+        let _ = writeln!(out, "  {:<13} {mode}", "standby");
     }
     for f in &r.failures {
         let _ = writeln!(out, "  FAILED: {f}");

@@ -416,6 +416,34 @@ pub struct RegionsConfig {
     /// standby stores (default 5s).
     #[serde(default = "d_sync_timeout")]
     pub sync_timeout: DurationSpec,
+    /// What this region does while it is a standby: `cold` (default) runs
+    /// nothing and restores every job when promoted; `hot` keeps every job
+    /// loaded on its TaskManagers at the newest replicated checkpoint —
+    /// state in memory, sources paused, sinks held — so a promotion only
+    /// starts them.
+    #[serde(default)]
+    pub standby: StandbyMode,
+}
+
+/// What a standby region keeps ready (`regions.standby`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum StandbyMode {
+    /// Nothing deployed: a promotion restores every job from the store.
+    #[default]
+    Cold,
+    /// Every job deployed with its state loaded, sources paused, sinks
+    /// held: a promotion starts them at the checkpoint they hold.
+    Hot,
+}
+
+impl StandbyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandbyMode::Cold => "cold",
+            StandbyMode::Hot => "hot",
+        }
+    }
 }
 
 /// When a checkpoint counts as complete across regions
@@ -506,6 +534,7 @@ impl Default for RegionsConfig {
             sync_standbys: 1,
             on_standby_loss: OnStandbyLoss::Block,
             sync_timeout: d_sync_timeout(),
+            standby: StandbyMode::Cold,
         }
     }
 }
@@ -1448,6 +1477,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "regions.syncTimeout",
         EnvKind::Text,
     ),
+    ("FERRY_REGIONS_STANDBY", "regions.standby", EnvKind::Text),
     (
         "FERRY_TLS_GRPC_CERT_FILE",
         "tls.grpc.certFile",

@@ -310,31 +310,11 @@ pub async fn find_restorable_checked(
     job: &JobId,
     decodes: impl Fn(&VerifiedCheckpoint) -> std::result::Result<(), String>,
 ) -> Result<RestoreChoice> {
-    let ids = list_checkpoint_ids(root, job).await?;
-    let mut candidates: Vec<(CheckpointId, String)> = ids
-        .iter()
-        .map(|id| (*id, checkpoint_dir(job, *id)))
-        .collect();
-    for name in root.list_dirs(&savepoints_root(job)).await? {
-        if let Some(n) = savepoint_number(&name) {
-            candidates.push((n, savepoint_dir(job, &name)));
-        }
-    }
-    candidates.sort();
-    // The newer region epoch always wins: a snapshot numbered above one of
-    // a newer region epoch was written by a region that had lost the
-    // primary role (a late copy of a deposed primary), not by this
-    // lineage. Unreadable manifests are judged by the full read below.
-    let mut newest_epoch = crate::RegionEpoch::NONE;
-    let mut superseded = BTreeMap::new();
-    for (id, rel) in &candidates {
-        if let Ok(Some(m)) = read_manifest(&root.child(rel)).await {
-            if m.region_epoch < newest_epoch {
-                superseded.insert(*id, newest_epoch);
-            }
-            newest_epoch = newest_epoch.max(m.region_epoch);
-        }
-    }
+    let Candidates {
+        ids,
+        candidates,
+        superseded,
+    } = candidates(root, job).await?;
     let mut skipped = Vec::new();
     let mut damaged = 0;
     for (id, rel) in candidates.iter().rev() {
@@ -398,6 +378,75 @@ pub async fn find_restorable_checked(
         damaged,
         highest_id: ids.last().copied(),
     })
+}
+
+/// A job's snapshots (checkpoints and savepoints, one numbering) in
+/// ascending order, and which of them a newer region epoch superseded.
+struct Candidates {
+    ids: Vec<CheckpointId>,
+    candidates: Vec<(CheckpointId, String)>,
+    superseded: BTreeMap<CheckpointId, crate::RegionEpoch>,
+}
+
+async fn candidates(root: &StorageLocation, job: &JobId) -> Result<Candidates> {
+    let ids = list_checkpoint_ids(root, job).await?;
+    let mut candidates: Vec<(CheckpointId, String)> = ids
+        .iter()
+        .map(|id| (*id, checkpoint_dir(job, *id)))
+        .collect();
+    for name in root.list_dirs(&savepoints_root(job)).await? {
+        if let Some(n) = savepoint_number(&name) {
+            candidates.push((n, savepoint_dir(job, &name)));
+        }
+    }
+    candidates.sort();
+    // The newer region epoch always wins: a snapshot numbered above one of
+    // a newer region epoch was written by a region that had lost the
+    // primary role (a late copy of a deposed primary), not by this
+    // lineage. Unreadable manifests are judged by the full read.
+    let mut newest_epoch = crate::RegionEpoch::NONE;
+    let mut superseded = BTreeMap::new();
+    for (id, rel) in &candidates {
+        if let Ok(Some(m)) = read_manifest(&root.child(rel)).await {
+            if m.region_epoch < newest_epoch {
+                superseded.insert(*id, newest_epoch);
+            }
+            newest_epoch = newest_epoch.max(m.region_epoch);
+        }
+    }
+    Ok(Candidates {
+        ids,
+        candidates,
+        superseded,
+    })
+}
+
+/// The snapshot [`find_restorable`] would pick if every file verified: the
+/// newest of this job's lineage with a manifest that names it, read from
+/// the manifests alone (no state file is read). Returns its number, its
+/// directory relative to `root` and its manifest.
+pub async fn newest_complete(
+    root: &StorageLocation,
+    job: &JobId,
+) -> Result<Option<(CheckpointId, String, Manifest)>> {
+    let Candidates {
+        candidates,
+        superseded,
+        ..
+    } = candidates(root, job).await?;
+    for (id, rel) in candidates.into_iter().rev() {
+        if superseded.contains_key(&id) {
+            continue;
+        }
+        match read_manifest(&root.child(&rel)).await {
+            Ok(Some(m)) if m.job_id == *job && m.checkpoint_id == id => {
+                return Ok(Some((id, rel, m)));
+            }
+            Ok(_) | Err(CoreError::Corrupt { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }
 
 /// Writes a manifest with a create-only put. Fails if one already exists:

@@ -126,6 +126,7 @@ impl JobManager {
     pub async fn demote(&self, region: &str, primary: &str) {
         self.inner.region_fence.revoke();
         self.set_standby_region(region, primary);
+        self.thaw_warm();
         self.inner
             .demoting
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -137,7 +138,9 @@ impl JobManager {
 
     /// This region became the primary: if this instance leads its region,
     /// it starts every unfinished job of its store from its newest
-    /// (replicated) checkpoint. Returns how many it started.
+    /// (replicated) checkpoint — a hot standby's held jobs from the state
+    /// they hold, the others restored from the store. Returns how many it
+    /// started.
     #[tracing::instrument(name = "region.promote", skip(self))]
     pub async fn promote(&self) -> Result<usize, JmError> {
         *self
@@ -147,7 +150,18 @@ impl JobManager {
             .unwrap_or_else(|p| p.into_inner()) = None;
         self.inner.metrics.region_is_primary.set(1);
         match self.inner.leadership.fence() {
-            Some(epoch) => self.lead(epoch).await,
+            Some(epoch) => {
+                // A hot standby's held jobs start first (no restore); the
+                // drivers then adopt them like any running tasks.
+                let hot = self.release_held(self.inner.region_epoch.get()).await;
+                if hot > 0 {
+                    tracing::info!(
+                        jobs = hot,
+                        "promotion: jobs started from the hot standby's held state"
+                    );
+                }
+                self.lead(epoch).await
+            }
             None => Ok(0),
         }
     }

@@ -9,7 +9,7 @@
 //! `checkpoint` (snapshot coordination), `attempt` (one deployment),
 //! `driver` (a job's lifetime), `service` (the [`JobManager`] handle and its
 //! job operations), `scheduler` (drains and rebalancing: moving jobs),
-//! `handover` (leadership changes), `regions` (the
+//! `handover` (leadership changes), `hot` (a hot standby's held jobs), `regions` (the
 //! cross-region side), `region_side` (the JobManager wired to
 //! `ferry_region`), `ha` (the region's election), `auth` (who calls the API and
 //! their grants), `audit` (the trail of mutating calls), `api` (REST).
@@ -29,6 +29,7 @@ mod driver;
 pub mod error;
 pub mod ha;
 mod handover;
+mod hot;
 mod job;
 pub mod leadership;
 pub mod metrics;

@@ -82,6 +82,15 @@ pub struct Metrics {
     pub replication_sync_seconds: Family<JobLabels, Histogram, fn() -> Histogram>,
     /// 1 while this region is the primary (runs the jobs).
     pub region_is_primary: Gauge,
+    /// A hot standby's held jobs, the slots they take and the bytes of
+    /// state they keep loaded.
+    pub standby_held_jobs: Gauge,
+    pub standby_held_slots: Gauge,
+    pub standby_held_state_bytes: Gauge,
+    /// Jobs a promotion started from their held state (hot standby) and
+    /// ones it had to restore from the store instead.
+    pub standby_released: Counter,
+    pub standby_restored_cold: Counter,
     /// The region epoch (revision of the region lease) as last read.
     pub region_epoch: Gauge,
     /// Times this instance took the region lease for its region after the
@@ -157,6 +166,11 @@ impl Metrics {
             replication_sync_degraded: Gauge::default(),
             replication_sync_seconds: Family::new_with_constructor(checkpoint_buckets),
             region_is_primary: Gauge::default(),
+            standby_held_jobs: Gauge::default(),
+            standby_held_slots: Gauge::default(),
+            standby_held_state_bytes: Gauge::default(),
+            standby_released: Counter::default(),
+            standby_restored_cold: Counter::default(),
             region_epoch: Gauge::default(),
             failovers: Counter::default(),
             api_unauthenticated: Counter::default(),
@@ -313,6 +327,31 @@ impl Metrics {
             "region_is_primary",
             "1 while this JobManager's region is the primary region (the one that runs jobs)",
             m.region_is_primary.clone(),
+        );
+        registry.register(
+            "standby_held_jobs",
+            "Hot standby (regions.standby: hot): jobs held on this region's TaskManagers with their state loaded, ready for a promotion",
+            m.standby_held_jobs.clone(),
+        );
+        registry.register(
+            "standby_held_slots",
+            "Hot standby: task slots the held jobs take",
+            m.standby_held_slots.clone(),
+        );
+        registry.register(
+            "standby_held_state_bytes",
+            "Hot standby: bytes of operator state the held jobs keep loaded on the TaskManagers",
+            m.standby_held_state_bytes.clone(),
+        );
+        registry.register(
+            "standby_released",
+            "Hot standby: jobs a promotion started from their held state, without a restore",
+            m.standby_released.clone(),
+        );
+        registry.register(
+            "standby_restored_cold",
+            "Hot standby: jobs a promotion restored from the store instead (no held state at the newest checkpoint)",
+            m.standby_restored_cold.clone(),
         );
         registry.register(
             "region_epoch",

@@ -55,6 +55,7 @@ pub async fn start_region_side(
         // Commits and deployments need a confirmed region lease from now on.
         jm.enable_region_fence();
     }
+    jm.set_standby_mode(cfg.regions.standby);
     let side = RegionSide::start(
         cfg,
         jm.instance_id(),
@@ -177,6 +178,14 @@ impl RegionJobs for JmRegion {
                 (job, r)
             })
             .collect()
+    }
+
+    fn keep_warm(&self) {
+        self.jm.keep_warm();
+    }
+
+    fn resources(&self) -> Option<ferry_core::api::RegionResources> {
+        self.jm.region_resources()
     }
 
     fn report(&self, event: RegionEvent<'_>) {

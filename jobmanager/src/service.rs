@@ -88,6 +88,8 @@ pub(crate) struct Inner {
     /// Announces jobs whose final status is in the job store (see
     /// `subscribe_ended`).
     pub(crate) ended: tokio::sync::broadcast::Sender<JobEnded>,
+    /// Hot standby: the jobs held loaded while this region is a standby.
+    pub(crate) warm: crate::hot::Warm,
     /// Where job drivers run (the runtime the JobManager was created on).
     runtime: tokio::runtime::Handle,
 }
@@ -190,6 +192,7 @@ impl JobManager {
                 jobs: RwLock::new(BTreeMap::new()),
                 shutdown: CancellationToken::new(),
                 drivers: TaskTracker::new(),
+                warm: crate::hot::Warm::default(),
                 runtime: tokio::runtime::Handle::current(),
                 taskmanagers: std::sync::OnceLock::new(),
                 moves: std::sync::OnceLock::new(),

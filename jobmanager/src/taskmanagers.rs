@@ -582,7 +582,9 @@ impl TaskManagers {
             .tms
             .iter()
             .flat_map(|(tm, t)| t.reported.iter().map(move |d| (tm, d)))
-            .filter(|(_, d)| d.job_id == id && RegionEpoch(d.region_epoch) != region_epoch)
+            .filter(|(_, d)| {
+                d.job_id == id && !d.held && RegionEpoch(d.region_epoch) != region_epoch
+            })
             .map(|(tm, d)| (tm.clone(), d.deployment.clone(), d.region_epoch))
             .collect();
         for (tm, d, e) in &stale {
@@ -593,6 +595,7 @@ impl TaskManagers {
         for (tm, t) in s.tms.iter().filter(|(_, t)| t.registered) {
             for d in &t.reported {
                 if d.job_id == id
+                    && !d.held
                     && d.failure.is_none()
                     && RegionEpoch(d.region_epoch) == region_epoch
                     && t.used.contains_key(&d.deployment)
@@ -817,6 +820,70 @@ impl TaskManagers {
                 })
                 .collect(),
         )
+    }
+
+    /// Reserves `need` slots on one TaskManager (the one with the most
+    /// free), for a hot standby's held deployment of a whole job.
+    pub(crate) fn place_whole(&self, need: u32) -> Option<Placement> {
+        let mut s = self.lock();
+        let (id, t) = s
+            .tms
+            .iter_mut()
+            .filter(|(_, t)| t.registered && t.placeable() >= need)
+            .max_by(|(a, x), (b, y)| x.placeable().cmp(&y.placeable()).then(b.cmp(a)))?;
+        t.reserved += need;
+        Some(Placement {
+            tm: id.clone(),
+            client: t.client.clone(),
+            slots: need,
+            exchange: t.exchange.clone(),
+        })
+    }
+
+    /// The client of a registered TaskManager and the epoch to call it at.
+    pub(crate) fn client_of(&self, tm: &str) -> Option<(TmClient, JmEpoch)> {
+        let s = self.lock();
+        let epoch = s.epoch?;
+        s.tms
+            .get(tm)
+            .filter(|t| t.registered)
+            .map(|t| (t.client.clone(), epoch))
+    }
+
+    /// A hot standby's held deployments on the registered TaskManagers.
+    pub(crate) fn held(&self) -> Vec<(String, proto::DeploymentStatus)> {
+        let s = self.lock();
+        let mut out: Vec<(String, proto::DeploymentStatus)> = s
+            .tms
+            .iter()
+            .filter(|(_, t)| t.registered)
+            .flat_map(|(tm, t)| {
+                t.reported
+                    .iter()
+                    .filter(|d| d.held)
+                    .map(move |d| (tm.clone(), d.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.deployment.cmp(&b.1.deployment));
+        out
+    }
+
+    /// Records a deployment a TaskManager reported in a reply (a held one
+    /// it loaded, replacing `replaces`, or a held one it released and now
+    /// runs): its slots count, and an adoption finds it.
+    pub(crate) fn record(&self, tm: &str, status: proto::DeploymentStatus, replaces: &str) {
+        let mut s = self.lock();
+        if let Some(t) = s.tms.get_mut(tm) {
+            if !replaces.is_empty() {
+                t.used.remove(replaces);
+            }
+            t.used.insert(status.deployment.clone(), status.slots);
+            t.reported
+                .retain(|d| d.deployment != status.deployment && d.deployment != replaces);
+            t.reported.push(status);
+        }
+        drop(s);
+        self.bump();
     }
 
     /// Ends a reservation made by [`TaskManagers::place`].

@@ -15,6 +15,15 @@
 //!   back — recording each drill's RTO, RPO (input and output records) and
 //!   the fail-back's divergence, with `regions.replication` async or sync.
 //!
+//! With `--standby cold,hot` the failovers run once per standby mode in
+//! the same run (fresh regions each), and `--state-keys` gives the job a
+//! large window state: the hot standby (`regions.standby: hot`) against
+//! the cold one on the same state. Before each kill the benchmark waits
+//! until the standby's store holds the primary's newest checkpoint (and a
+//! hot standby holds it loaded), and it measures until the job runs in the
+//! standby (tasks started, state restored) as well as until it completed
+//! a checkpoint there.
+//!
 //! With `--rtt`, the regions stand a WAN apart: each has its own regional
 //! `nats-server` and its own S3-compatible store ([`crate::s3`]), the
 //! global cluster's nodes route to each other through WAN-like links
@@ -61,6 +70,38 @@ pub struct RegionOptions {
     /// Keep logs and stores here (a temp dir, removed at the end, by
     /// default).
     pub work_dir: Option<PathBuf>,
+    /// `regions.standby` modes to measure, each in turn in this run.
+    pub standby: Vec<String>,
+    /// Distinct keys of the job's window (its state size).
+    pub state_keys: u64,
+    /// Records per second the job reads.
+    pub rate: u64,
+    /// The job's checkpoint interval.
+    pub checkpoint_interval: String,
+    /// `regions.healthCheckInterval` of both regions.
+    pub health_check_interval: String,
+}
+
+impl RegionOptions {
+    /// The defaults of `ferry bench region`.
+    pub fn new(ferry: PathBuf) -> Self {
+        Self {
+            ferry,
+            failovers: 10,
+            switchovers: 10,
+            drills: 0,
+            replication: "async".into(),
+            region_timeout: "5s".into(),
+            rtt: None,
+            bandwidth: None,
+            work_dir: None,
+            standby: vec!["cold".into()],
+            state_keys: 100,
+            rate: 2000,
+            checkpoint_interval: "200ms".into(),
+            health_check_interval: "1s".into(),
+        }
+    }
 }
 
 /// What happens, as it happens.
@@ -68,12 +109,16 @@ pub struct RegionOptions {
 pub enum Progress<'a> {
     /// Both regions are up.
     Started,
+    /// The job's state is built: its newest checkpoint's size.
+    StateReady { standby: &'a str, bytes: u64 },
     /// Unplanned failover `n` (from 1) to `to`: promoted after, job
-    /// checkpointing there after.
+    /// running (tasks started) and checkpointing there after.
     Failover {
         n: u32,
         to: &'static str,
+        standby: &'a str,
         promoted: Duration,
+        running: Duration,
         recovered: Duration,
     },
     /// Planned switchover `n` to `to`: job checkpointing there after.
@@ -90,6 +135,8 @@ pub enum Progress<'a> {
 #[derive(Serialize, Clone, Debug)]
 pub struct Row {
     pub what: &'static str,
+    /// `regions.standby` of the run.
+    pub standby: String,
     pub runs: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -125,6 +172,10 @@ pub struct RegionReport {
     pub rtt_ms: Option<f64>,
     pub bandwidth_bytes_per_second: Option<u64>,
     pub replication: String,
+    /// Distinct keys of the job's window, and its newest checkpoint's size
+    /// when the failovers began (per standby mode measured).
+    pub state_keys: u64,
+    pub state_bytes: Vec<(String, u64)>,
     pub results: Vec<Row>,
     pub drills: Vec<DrillRow>,
     /// With `sync` replication: what copying into the standby's store
@@ -151,13 +202,24 @@ impl RegionReport {
                 r.replication
             );
         }
-        let _ = writeln!(out, "| event | runs | p50 ms | p99 ms | max ms |");
-        let _ = writeln!(out, "|---|---|---|---|---|");
+        for (mode, bytes) in &r.state_bytes {
+            let _ = writeln!(
+                out,
+                "job state ({} keys) when the failovers began, standby {mode}: {:.1} MB checkpoint",
+                r.state_keys,
+                *bytes as f64 / 1e6
+            );
+        }
+        if !r.state_bytes.is_empty() {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "| event | standby | runs | p50 ms | p99 ms | max ms |");
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
         for row in r.results.iter().filter(|r| r.runs > 0) {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.0} | {:.0} | {:.0} |",
-                row.what, row.runs, row.p50_ms, row.p99_ms, row.max_ms
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+                row.what, row.standby, row.runs, row.p50_ms, row.p99_ms, row.max_ms
             );
         }
         if let Some((p50, p99)) = r.sync_latency_ms {
@@ -209,13 +271,19 @@ impl RegionReport {
     }
 }
 
-const JOB: &str = r#"{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{"name":"region-bench"},
-"spec":{"parallelism":2,"checkpointing":{"interval":"200ms","retained":3},
-"source":{"generator":{"partitions":2,"rate":2000,"fields":{"k":{"type":"key","cardinality":100}}}},
-"operators":[{"key_by":"k"},{"window":{"tumbling":"1m","aggregate":{"n":"count"}}}],"sink":{"blackhole":{}}}}"#;
+/// The benchmark's job: a keyed count over `keys` keys (a window far
+/// longer than the run, so its state holds every key seen).
+fn job_spec(keys: u64, rate: u64, interval: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"ferry.dev/v1","kind":"Job","metadata":{{"name":"region-bench"}},
+"spec":{{"parallelism":2,"checkpointing":{{"interval":"{interval}","retained":3}},
+"source":{{"generator":{{"partitions":2,"rate":{rate},"fields":{{"k":{{"type":"key","cardinality":{keys}}}}}}}}},
+"operators":[{{"key_by":"k"}},{{"window":{{"tumbling":"3650d","aggregate":{{"n":"count"}}}}}}],"sink":{{"blackhole":{{}}}}}}}}"#
+    )
+}
 
-/// Bound on one round.
-const ROUND_LIMIT: Duration = Duration::from_secs(60);
+/// Bound on one round (large state restores for a while).
+const ROUND_LIMIT: Duration = Duration::from_secs(300);
 
 struct RegionProcs {
     name: &'static str,
@@ -242,6 +310,8 @@ struct Bench {
     sites: [Site; 2],
     timeout: String,
     replication: String,
+    standby: String,
+    interval: String,
     regions: [RegionProcs; 2],
 }
 
@@ -272,6 +342,8 @@ impl Bench {
             ("FERRY_REGIONS_GLOBAL_REPLICAS", "3".to_string()),
             ("FERRY_REGIONS_TIMEOUT", self.timeout.clone()),
             ("FERRY_REGIONS_REPLICATION", self.replication.clone()),
+            ("FERRY_REGIONS_STANDBY", self.standby.clone()),
+            ("FERRY_REGIONS_HEALTH_CHECK_INTERVAL", self.interval.clone()),
         ];
         all.extend(site.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
         all.extend_from_slice(env);
@@ -412,6 +484,68 @@ impl Bench {
         })
     }
 
+    /// Waits until region `i` runs `job` on its own TaskManager (tasks
+    /// started, state restored).
+    async fn started_in(&self, i: usize, job: &str) -> anyhow::Result<Instant> {
+        let start = Instant::now();
+        let tm = format!("taskmanager-{}", self.regions[i].name);
+        loop {
+            if let Some(c) = self.api(i, Duration::from_secs(2))
+                && let Ok(a) = c.job(job).await
+                && a.value.state == JobState::Running
+                && a.value.taskmanager.as_deref() == Some(tm.as_str())
+            {
+                return Ok(Instant::now());
+            }
+            if start.elapsed() > ROUND_LIMIT {
+                bail!(
+                    "the job did not start in {} within {ROUND_LIMIT:?}",
+                    self.regions[i].name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the standby `other` has the job's newest checkpoint in
+    /// its store (and, hot, holds it loaded): its size.
+    async fn standby_ready(&self, p: usize, other: usize, job: &str) -> anyhow::Result<u64> {
+        let start = Instant::now();
+        loop {
+            let newest = match self.api(p, Duration::from_secs(5)) {
+                Some(c) => c.job(job).await.ok().and_then(|a| a.value.last_checkpoint),
+                None => None,
+            };
+            let replicated = self
+                .regions(p)
+                .await
+                .and_then(|v| v.standbys.first()?.jobs.get(job)?.replicated_checkpoint);
+            let held = self.regions(other).await.and_then(|v| {
+                let me = self.regions[other].name;
+                let r = v
+                    .regions
+                    .into_iter()
+                    .find(|x| x.region == me)?
+                    .heartbeat?
+                    .resources?;
+                r.held.get(job).copied()
+            });
+            if let Some(c) = &newest
+                && replicated == Some(c.id)
+                && (self.standby != "hot" || held == Some(c.id))
+            {
+                return Ok(c.size_bytes);
+            }
+            if start.elapsed() > ROUND_LIMIT {
+                bail!(
+                    "the standby did not get the newest checkpoint within {ROUND_LIMIT:?} (primary {:?}, replicated {replicated:?}, held {held:?})",
+                    newest.map(|c| c.id)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until region `i` runs `job` on its own TaskManager with a
     /// checkpoint completed after `after`.
     async fn running_in(
@@ -449,20 +583,62 @@ pub async fn run(
     a: &RegionOptions,
     mut progress: impl FnMut(Progress),
 ) -> anyhow::Result<RegionReport> {
-    // The JobManagers refuse a region timeout of two heartbeats or less
-    // (regions.healthCheckInterval, 1 s): say so before starting them.
+    // The JobManagers refuse a region timeout of two heartbeats or less:
+    // say so before starting them.
     let timeout = humantime::parse_duration(&a.region_timeout)
         .map_err(|e| anyhow::anyhow!("--region-timeout {}: {e}", a.region_timeout))?;
-    if timeout <= Duration::from_secs(2) {
+    let interval = humantime::parse_duration(&a.health_check_interval)
+        .map_err(|e| anyhow::anyhow!("--health-check-interval {}: {e}", a.health_check_interval))?;
+    if timeout <= interval * 2 {
         bail!(
-            "--region-timeout {} must be above 2s: twice the regions' heartbeat interval (1s)",
-            a.region_timeout
+            "--region-timeout {} must be above twice the regions' heartbeat interval ({})",
+            a.region_timeout,
+            a.health_check_interval
         );
+    }
+    if a.standby.is_empty() {
+        bail!("no standby mode to measure");
     }
     let tmp = a.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ferry-bench-region-{}", std::process::id()))
     });
-    std::fs::create_dir_all(&tmp)?;
+    let mut report = RegionReport {
+        region_timeout: a.region_timeout.clone(),
+        rtt_ms: a.rtt.map(|r| r.as_secs_f64() * 1e3),
+        bandwidth_bytes_per_second: a.rtt.and(a.bandwidth),
+        replication: a.replication.clone(),
+        state_keys: a.state_keys,
+        state_bytes: Vec::new(),
+        results: Vec::new(),
+        drills: Vec::new(),
+        sync_latency_ms: None,
+    };
+    for mode in &a.standby {
+        let dir = tmp.join(format!("standby-{mode}"));
+        std::fs::create_dir_all(&dir)?;
+        let r = run_mode(a, mode, &dir, &mut progress).await;
+        if a.work_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let r = r?;
+        report.results.extend(r.results);
+        report.drills.extend(r.drills);
+        report.state_bytes.extend(r.state_bytes);
+        report.sync_latency_ms = report.sync_latency_ms.or(r.sync_latency_ms);
+    }
+    if a.work_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(report)
+}
+
+/// One standby mode's part of the benchmark, in fresh regions under `tmp`.
+async fn run_mode(
+    a: &RegionOptions,
+    standby: &str,
+    tmp: &std::path::Path,
+    progress: &mut impl FnMut(Progress),
+) -> anyhow::Result<RegionReport> {
     // What each region reaches, and everything that must live as long as
     // the benchmark (servers, links).
     let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
@@ -550,10 +726,12 @@ pub async fn run(
     };
     let mut b = Bench {
         ferry: a.ferry.clone(),
-        dir: tmp.clone(),
+        dir: tmp.to_path_buf(),
         sites,
         timeout: a.region_timeout.clone(),
         replication: a.replication.clone(),
+        standby: standby.to_string(),
+        interval: a.health_check_interval.clone(),
         regions: [region("east"), region("west")],
     };
     b.start(0)?;
@@ -562,7 +740,8 @@ pub async fn run(
     let p = b.primary().await?;
     let job = loop {
         let c = b.regions[p].api.clone().expect("jm");
-        if let Ok(a) = c.submit(JOB.as_bytes().to_vec(), None).await
+        let spec = job_spec(a.state_keys, a.rate, &a.checkpoint_interval);
+        if let Ok(a) = c.submit(spec.into_bytes(), None).await
             && a.status == ferry_client::StatusCode::CREATED
         {
             break a.value.id.to_string();
@@ -572,13 +751,19 @@ pub async fn run(
     b.running_in(p, &job, chrono::Utc::now() - chrono::Duration::hours(1))
         .await?;
     let (mut promote, mut recover, mut planned) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut started, mut state_bytes) = (Vec::new(), Vec::new());
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for n in 0..a.failovers.max(a.switchovers) {
         if n < a.failovers {
             let p = b.primary().await?;
             let other = 1 - p;
-            // Give replication a moment to hold a recent checkpoint.
+            // The standby holds the newest checkpoint (loaded, if hot).
             b.running_in(p, &job, chrono::Utc::now()).await?;
+            let bytes = b.standby_ready(p, other, &job).await?;
+            if n == 0 {
+                progress(Progress::StateReady { standby, bytes });
+                state_bytes.push((standby.to_string(), bytes));
+            }
             b.kill(p);
             let (t0, wall0) = (Instant::now(), chrono::Utc::now());
             let start = Instant::now();
@@ -595,14 +780,18 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let promoted = t0.elapsed();
+            let running = b.started_in(other, &job).await? - t0;
             let ran = b.running_in(other, &job, wall0).await? - t0;
             progress(Progress::Failover {
                 n: n + 1,
                 to: b.regions[other].name,
+                standby,
                 promoted,
+                running,
                 recovered: ran,
             });
             promote.push(ms(promoted));
+            started.push(ms(running));
             recover.push(ms(ran));
             b.start(p)?;
         }
@@ -653,14 +842,12 @@ pub async fn run(
     };
     drop(b);
     drop(keep);
-    if a.work_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
     let row = |what, mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         let s = Stats::of(&v);
         Row {
             what,
+            standby: standby.to_string(),
             runs: v.len(),
             p50_ms: s.p50,
             p99_ms: s.p99,
@@ -673,6 +860,8 @@ pub async fn run(
         rtt_ms: a.rtt.map(|r| r.as_secs_f64() * 1e3),
         bandwidth_bytes_per_second: a.rtt.and(a.bandwidth),
         replication: a.replication.clone(),
+        state_keys: a.state_keys,
+        state_bytes,
         drills,
         sync_latency_ms,
         results: vec![
@@ -681,7 +870,11 @@ pub async fn run(
                 promote,
             ),
             row(
-                "SIGKILL of the primary region → job checkpointing in the standby (RTO)",
+                "SIGKILL of the primary region → job running in the standby (tasks started, state restored: RTO)",
+                started,
+            ),
+            row(
+                "SIGKILL of the primary region → job checkpointing in the standby",
                 recover,
             ),
             row(

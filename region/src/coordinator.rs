@@ -435,6 +435,7 @@ impl Coordinator {
                     .map(|s| (s.region, s.lag_seconds, s.lag_checkpoints))
                     .collect(),
                 verified: self.verifier.newest(),
+                resources: self.jobs.resources(),
             };
             self.bounded(health::publish(self.health_kv.as_ref(), hb))
                 .await

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferry_core::api::{CheckpointMark, RegionView, SavepointRef, StandbyStatus};
+use ferry_core::api::{CheckpointMark, RegionResources, RegionView, SavepointRef, StandbyStatus};
 use ferry_core::{JmEpoch, JobId, RegionEpoch};
 
 /// A job of the region's job store, as the coordinator needs it.
@@ -72,4 +72,16 @@ pub trait RegionJobs: Send + Sync + 'static {
 
     /// For metrics; nothing by default.
     fn report(&self, _event: RegionEvent<'_>) {}
+
+    /// Every tick of a standby region: a hot standby
+    /// (`regions.standby: hot`) loads each job's newest replicated
+    /// checkpoint onto its TaskManagers, in the background. Nothing by
+    /// default.
+    fn keep_warm(&self) {}
+
+    /// The region's slots and what a hot standby holds (for the
+    /// heartbeat); `None` by default.
+    fn resources(&self) -> Option<RegionResources> {
+        None
+    }
 }

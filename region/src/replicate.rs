@@ -580,7 +580,9 @@ pub async fn replicate_new(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use ferry_core::manifest::{MANIFEST_FORMAT, SnapshotKind, find_restorable, write_manifest};
+    use ferry_core::manifest::{
+        MANIFEST_FORMAT, SnapshotKind, find_restorable, newest_complete, write_manifest,
+    };
     use std::sync::Arc;
 
     /// A copy of a deposed primary that landed in the new primary's store
@@ -602,6 +604,21 @@ pub(crate) mod tests {
         let choice = find_restorable(&root, &job).await.unwrap();
         let cp = choice.checkpoint.expect("a checkpoint");
         assert_eq!(cp.manifest.checkpoint_id, CheckpointId(3));
+        // A hot standby judges by the manifests alone, the same way (and
+        // an incomplete directory above it is no snapshot).
+        root.child(&checkpoint_dir(&job, CheckpointId(5)))
+            .put("window-0.state", Bytes::from_static(b"partial"))
+            .await
+            .unwrap();
+        let (n, rel, m) = newest_complete(&root, &job).await.unwrap().unwrap();
+        assert_eq!(
+            (n, rel, m.checkpoint_id),
+            (
+                CheckpointId(3),
+                checkpoint_dir(&job, CheckpointId(3)),
+                CheckpointId(3)
+            )
+        );
         assert_eq!(choice.skipped.len(), 1, "{:?}", choice.skipped);
         assert_eq!(choice.skipped[0].0, CheckpointId(4));
         assert!(
@@ -619,6 +636,8 @@ pub(crate) mod tests {
             choice.checkpoint.unwrap().manifest.checkpoint_id,
             CheckpointId(4)
         );
+        let newest = newest_complete(&root, &job).await.unwrap().unwrap();
+        assert_eq!(newest.0, CheckpointId(4));
     }
 
     /// An operator's one-off copy (no fence).

@@ -152,6 +152,23 @@ pub struct RegionArgs {
     /// `64MiB`); unlimited by default.
     #[arg(long, requires = "rtt", value_parser = parse_bandwidth)]
     pub bandwidth: Option<u64>,
+    /// `regions.standby` of both regions; `cold,hot` measures both in turn
+    /// in this run (fresh regions each).
+    #[arg(long, default_value = "cold", value_delimiter = ',', value_parser = ["cold", "hot"])]
+    pub standby: Vec<String>,
+    /// Distinct keys of the job's window: its state's size (about 26 bytes
+    /// of checkpoint per key; 40000000 is about 1 GB).
+    #[arg(long, default_value_t = 100)]
+    pub state_keys: u64,
+    /// Records per second the job reads.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// The job's checkpoint interval.
+    #[arg(long, default_value = "200ms")]
+    pub checkpoint_interval: String,
+    /// `regions.healthCheckInterval` of both regions.
+    #[arg(long, default_value = "1s")]
+    pub health_check_interval: String,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -342,7 +359,6 @@ fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {
 
 fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
     let opts = RegionOptions {
-        ferry: std::env::current_exe()?,
         failovers: a.failovers,
         switchovers: a.switchovers,
         drills: a.drills,
@@ -351,6 +367,12 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
         rtt: a.rtt,
         bandwidth: a.bandwidth,
         work_dir: a.work_dir.clone(),
+        standby: a.standby.clone(),
+        state_keys: a.state_keys,
+        rate: a.rate,
+        checkpoint_interval: a.checkpoint_interval.clone(),
+        health_check_interval: a.health_check_interval.clone(),
+        ..RegionOptions::new(std::env::current_exe()?)
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     // Multi-threaded: the WAN links (--rtt) forward bytes in this process
@@ -361,9 +383,10 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let r = rt.block_on(ferry_lab::region::run(&opts, |p| match p {
         ferry_lab::region::Progress::Started => eprintln!(
-            "region benchmark: 2 regions (JM + TM each), region timeout {}, {} replication{}; {} failovers, {} switchovers, {} drills",
+            "region benchmark: 2 regions (JM + TM each), region timeout {}, {} replication, {} standby{}; {} failovers, {} switchovers, {} drills",
             a.region_timeout,
             a.replication,
+            a.standby.join(" then "),
             a.rtt
                 .map(|r| format!(", {} apart", humantime::format_duration(r)))
                 .unwrap_or_default(),
@@ -388,14 +411,21 @@ fn region(a: RegionArgs) -> anyhow::Result<ExitCode> {
                 format!("; {}", d.failures.join("; "))
             }
         ),
+        ferry_lab::region::Progress::StateReady { standby, bytes } => eprintln!(
+            "  standby {standby}: the job's state is built ({:.1} MB checkpoint); failovers start",
+            bytes as f64 / 1e6
+        ),
         ferry_lab::region::Progress::Failover {
             n,
             to,
+            standby,
             promoted,
+            running,
             recovered,
         } => eprintln!(
-            "  failover {n:>2}: {to} promoted after {:>7.1} ms; job checkpointing there after {:>7.1} ms",
+            "  failover {n:>2} ({standby}): {to} promoted after {:>7.1} ms; job running there after {:>7.1} ms, checkpointing after {:>7.1} ms",
             ms(promoted),
+            ms(running),
             ms(recovered)
         ),
         ferry_lab::region::Progress::Switchover { n, to, took } => eprintln!(

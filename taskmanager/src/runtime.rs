@@ -345,6 +345,114 @@ impl Part {
     }
 }
 
+/// A hot standby's held job: every task's operators built and their state
+/// restored from one checkpoint, nothing started, no source or sink open.
+/// [`deploy_prepared`] starts it.
+pub struct Prepared {
+    /// The checkpoint restored, without the operator state files (its
+    /// source and sink parts restore when the job starts).
+    pub checkpoint: VerifiedCheckpoint,
+    /// Bytes of operator state restored.
+    pub state_bytes: u64,
+    cancel: CancellationToken,
+    ops: std::collections::HashMap<TaskId, Vec<Box<dyn Operator>>>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("checkpoint", &self.checkpoint.manifest.checkpoint_id)
+            .field("state_bytes", &self.state_bytes)
+            .field("tasks", &self.ops.len())
+            .finish()
+    }
+}
+
+/// Builds every task's operators of the whole job `plan` and restores their
+/// state from `cp` — the costly part of a restore — without starting
+/// anything (CPU-bound: run it off the async workers).
+pub fn prepare(plan: &JobPlan, cp: VerifiedCheckpoint) -> Result<Prepared, String> {
+    let cancel = CancellationToken::new();
+    let mut ops = std::collections::HashMap::new();
+    for (s, stage) in plan.stages.iter().enumerate() {
+        for j in 0..plan.parallelism {
+            let mut built = plan.build_ops(stage, &cancel)?;
+            restore_ops(plan, stage, &mut built, Some(&cp), j)?;
+            ops.insert(
+                TaskId {
+                    stage: s as u32,
+                    subtask: j,
+                },
+                built,
+            );
+        }
+    }
+    let keep = |op: &str| op == "source" || op == SINK_STATE;
+    let state_bytes = cp
+        .manifest
+        .files
+        .iter()
+        .filter(|f| !keep(&f.operator))
+        .map(|f| f.size)
+        .sum();
+    let VerifiedCheckpoint { manifest, files } = cp;
+    let small: std::collections::BTreeSet<&str> = manifest
+        .files
+        .iter()
+        .filter(|f| keep(&f.operator))
+        .map(|f| f.path.as_str())
+        .collect();
+    let files = files
+        .into_iter()
+        .filter(|(p, _)| small.contains(p.as_str()))
+        .collect();
+    Ok(Prepared {
+        checkpoint: VerifiedCheckpoint { manifest, files },
+        state_bytes,
+        cancel,
+        ops,
+    })
+}
+
+/// Restores the state of one stage's operators for subtask `j`.
+fn restore_ops(
+    plan: &JobPlan,
+    stage: &Stage,
+    ops: &mut [Box<dyn Operator>],
+    restore: Option<&VerifiedCheckpoint>,
+    j: u32,
+) -> Result<(), String> {
+    for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
+        if let Some(name) = &plan.state_names[i] {
+            let parts: Vec<Bytes> = parts_of(restore, name)
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect();
+            if !parts.is_empty() {
+                op.restore(&parts, j, plan.parallelism)
+                    .map_err(|e| format!("restoring {name} failed: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the held job `prepared` (whole, in this process): its sinks and
+/// sources restore from the checkpoint it holds and its tasks start.
+pub async fn deploy_prepared(
+    plan: &JobPlan,
+    prepared: Prepared,
+    job: &JobId,
+) -> Result<DeployedJob, String> {
+    let Prepared {
+        checkpoint,
+        cancel,
+        ops,
+        ..
+    } = prepared;
+    deploy_inner(plan, Some(&checkpoint), job, None, Some((cancel, ops))).await
+}
+
 /// Starts every task of `plan`, restoring from `restore` if given. `job`
 /// makes sink output names (file parts, NATS message ids) unique to the job.
 pub async fn deploy(
@@ -362,6 +470,21 @@ pub async fn deploy_part(
     job: &JobId,
     part: Option<&Part>,
 ) -> Result<DeployedJob, String> {
+    deploy_inner(plan, restore, job, part, None).await
+}
+
+type Built = (
+    CancellationToken,
+    std::collections::HashMap<TaskId, Vec<Box<dyn Operator>>>,
+);
+
+async fn deploy_inner(
+    plan: &JobPlan,
+    restore: Option<&VerifiedCheckpoint>,
+    job: &JobId,
+    part: Option<&Part>,
+    built: Option<Built>,
+) -> Result<DeployedJob, String> {
     if let Some(part) = part {
         part.check(plan.parallelism)?;
     }
@@ -369,7 +492,10 @@ pub async fn deploy_part(
     let part_prefix = FileSink::job_prefix(job);
     let p = plan.parallelism;
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let cancel = CancellationToken::new();
+    let (cancel, mut built) = match built {
+        Some((cancel, ops)) => (cancel, Some(ops)),
+        None => (CancellationToken::new(), None),
+    };
     let tasks = TaskTracker::new();
     // A deployment that fails half-way (a sink or source cannot open) stops
     // the tasks it already started instead of leaving them running.
@@ -457,19 +583,14 @@ pub async fn deploy_part(
                 stage: s as u32,
                 subtask: j,
             };
-            let mut ops = plan.build_ops(stage, &cancel)?;
-            for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
-                if let Some(name) = &plan.state_names[i] {
-                    let parts: Vec<Bytes> = parts_of(restore, name)
-                        .into_iter()
-                        .map(|(_, b)| b)
-                        .collect();
-                    if !parts.is_empty() {
-                        op.restore(&parts, j, p)
-                            .map_err(|e| format!("restoring {name} failed: {e}"))?;
-                    }
+            let ops = match built.as_mut().and_then(|b| b.remove(&id)) {
+                Some(ops) => ops,
+                None => {
+                    let mut ops = plan.build_ops(stage, &cancel)?;
+                    restore_ops(plan, stage, &mut ops, restore, j)?;
+                    ops
                 }
-            }
+            };
             let m = Arc::new(TaskMetrics::default());
             let output = if s + 1 < nstages {
                 let keys = plan.stages[s + 1].input_keys.clone().unwrap_or_default();

@@ -22,7 +22,11 @@
 //!   out — the JobManager frozen or cut off, the region no longer primary —
 //!   every deployment stops here on its own, before a standby region may
 //!   take over; and a deployment of an older region epoch than one seen is
-//!   never started, and stopped when a newer one is confirmed.
+//!   never started, and stopped when a newer one is confirmed;
+//! - a hot standby's held deployment (`hold`) has its operator state loaded
+//!   and nothing else: no task runs, no source is open, no sink writes,
+//!   and no region fence or epoch applies to it until `Release` starts it
+//!   under the region epoch that made this region primary.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -44,7 +48,9 @@ use tonic::{Request, Response, Status};
 use crate::link::Exchange;
 use crate::metrics::TaskMetrics;
 use crate::protocol::{Barrier, TaskCommand, TaskEvent, TaskId};
-use crate::runtime::{Counters, DeployedJob, JobPlan, Part, deploy_part};
+use crate::runtime::{
+    Counters, DeployedJob, JobPlan, Part, Prepared, deploy_part, deploy_prepared, prepare,
+};
 use crate::wire::{event_to_proto, kind_from_proto};
 
 /// How often a running deployment's counters are sent to the JobManager
@@ -127,11 +133,27 @@ struct Shared {
     /// The attached JobManager's event stream.
     attached: Option<EventTx>,
     deployments: HashMap<String, Running>,
+    /// A hot standby's held deployments, by deployment id.
+    held: HashMap<String, Held>,
     /// Slots promised to deployments still starting.
     reserved: u32,
     /// Draining: the leader moves its jobs elsewhere and places nothing
     /// new here.
     draining: bool,
+}
+
+/// A held deployment: state loaded, nothing started.
+struct Held {
+    status: proto::DeploymentStatus,
+    plan: JobPlan,
+    job: JobId,
+    prepared: Prepared,
+}
+
+/// Drops a held deployment's state off the async workers (it may be
+/// gigabytes).
+fn drop_held(held: Held) {
+    tokio::task::spawn_blocking(move || drop(held));
 }
 
 struct Running {
@@ -168,6 +190,7 @@ impl Shared {
                 .values()
                 .map(|d| d.status.slots)
                 .sum::<u32>()
+            + self.held.values().map(|h| h.status.slots).sum::<u32>()
     }
 
     fn send(&mut self, event: proto::tm_event::Event) {
@@ -499,8 +522,12 @@ impl TaskManager {
     }
 
     fn registration(&self, s: &Shared) -> proto::Registration {
-        let mut deployments: Vec<proto::DeploymentStatus> =
-            s.deployments.values().map(|d| d.status.clone()).collect();
+        let mut deployments: Vec<proto::DeploymentStatus> = s
+            .deployments
+            .values()
+            .map(|d| d.status.clone())
+            .chain(s.held.values().map(|h| h.status.clone()))
+            .collect();
         deployments.sort_by(|a, b| a.deployment.cmp(&b.deployment));
         proto::Registration {
             taskmanager: self.inner.id.clone(),
@@ -644,6 +671,9 @@ impl task_manager_server::TaskManager for TaskManager {
             .job_id
             .parse()
             .map_err(|e| Status::invalid_argument(format!("job id '{}': {e}", req.job_id)))?;
+        if req.hold {
+            return self.deploy_held(req, plan, job).await.map(Response::new);
+        }
         let part = if req.subtasks.is_empty() {
             None
         } else {
@@ -696,6 +726,7 @@ impl task_manager_server::TaskManager for TaskManager {
                     tasks: d.status.tasks,
                     sources: d.status.sources,
                     counters: d.status.counters,
+                    state_bytes: 0,
                 }));
             }
             let free = self.inner.slots.saturating_sub(s.used_slots());
@@ -732,11 +763,14 @@ impl task_manager_server::TaskManager for TaskManager {
             parallelism: plan.parallelism,
             subtasks: req.subtasks.clone(),
             group: req.group.clone(),
+            held: false,
+            state_bytes: 0,
         };
         let reply = proto::DeployReply {
             tasks: status.tasks,
             sources: status.sources,
             counters: status.counters,
+            state_bytes: 0,
         };
         let stale = {
             let mut s = self.lock();
@@ -856,17 +890,111 @@ impl task_manager_server::TaskManager for TaskManager {
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
         self.admit_epoch(JmEpoch(req.epoch)).await?;
-        let d = {
+        let (d, held) = {
             let mut s = self.lock();
             s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
-            s.deployments.remove(&req.deployment)
+            (
+                s.deployments.remove(&req.deployment),
+                s.held.remove(&req.deployment),
+            )
         };
+        if let Some(h) = held {
+            tracing::info!(deployment = %req.deployment, job = %h.job, checkpoint = h.status.last_barrier, "held deployment dropped");
+            drop_held(h);
+        }
         if let Some(d) = d {
             stop_tasks(d.cancel, d.tasks).await;
             tracing::info!(deployment = %req.deployment, "deployment cancelled");
             self.inner.deployments_changed.notify_waiters();
         }
         Ok(Response::new(proto::Ack {}))
+    }
+
+    async fn release(
+        &self,
+        req: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::DeploymentStatus>, Status> {
+        let req = req.into_inner();
+        self.admit_epoch(JmEpoch(req.epoch)).await?;
+        let (held, older) = {
+            let mut s = self.lock();
+            s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
+            if let Some(d) = s.deployments.get(&req.deployment) {
+                // A retried request: it runs already.
+                return Ok(Response::new(d.status.clone()));
+            }
+            if !s.held.contains_key(&req.deployment) {
+                return Err(Status::not_found(format!(
+                    "no held deployment '{}' on this TaskManager",
+                    req.deployment
+                )));
+            }
+            let older = s.check_region_epoch(
+                RegionEpoch(req.region_epoch),
+                "release of a held deployment",
+                &self.inner.stats,
+            )?;
+            let held = s.held.remove(&req.deployment).expect("checked above");
+            // Its slots stay promised while its tasks start.
+            s.reserved += held.status.slots;
+            if req.fence_ms > 0 {
+                let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
+                s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
+                self.inner.fence_changed.notify_one();
+            }
+            (held, older)
+        };
+        self.stop_fenced(older, "a newer region epoch was confirmed")
+            .await;
+        let Held {
+            mut status,
+            plan,
+            job,
+            prepared,
+        } = held;
+        let started = deploy_prepared(&plan, prepared, &job).await;
+        self.lock().reserved -= status.slots;
+        let deployed =
+            started.map_err(|e| Status::unavailable(format!("starting the tasks failed: {e}")))?;
+        status.held = false;
+        status.attempt = req.attempt;
+        status.epoch = req.epoch;
+        status.region_epoch = req.region_epoch;
+        status.tasks = deployed.all.len() as u32;
+        status.sources = deployed.sources.len() as u32;
+        status.counters = Some(deployed.counters().into());
+        let stale = {
+            let mut s = self.lock();
+            let stale =
+                JmEpoch(req.epoch) < s.epoch || RegionEpoch(req.region_epoch) < s.region_epoch;
+            if !stale {
+                s.deployments.insert(
+                    req.deployment.clone(),
+                    Running {
+                        status: status.clone(),
+                        metrics: deployed.metrics.clone(),
+                        sources: deployed.sources.clone(),
+                        all: deployed.all.clone(),
+                        cancel: deployed.cancel.clone(),
+                        tasks: deployed.tasks.clone(),
+                    },
+                );
+            }
+            stale
+        };
+        if stale {
+            deployed.shutdown().await;
+            return Err(Status::failed_precondition(
+                "a newer epoch appeared while releasing: deployment withdrawn",
+            ));
+        }
+        self.inner
+            .stats
+            .deployments_started
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(deployment = %req.deployment, job = %job, checkpoint = status.last_barrier, region_epoch = req.region_epoch, "hot standby: held deployment released, its tasks run");
+        self.spawn_pump(req.deployment, deployed);
+        Ok(Response::new(status))
     }
 
     async fn drain(
@@ -907,6 +1035,154 @@ impl task_manager_server::TaskManager for TaskManager {
 }
 
 impl TaskManager {
+    /// A hot standby's `Deploy` with `hold`: loads the checkpoint's operator
+    /// state into a held deployment (replacing `req.replaces`, whose slots
+    /// it reuses, once loaded).
+    async fn deploy_held(
+        &self,
+        req: proto::DeployRequest,
+        plan: JobPlan,
+        job: JobId,
+    ) -> Result<proto::DeployReply, Status> {
+        if !req.subtasks.is_empty() {
+            return Err(Status::invalid_argument(
+                "a held (hot standby) deployment runs the whole job on one TaskManager: no subtasks",
+            ));
+        }
+        if req.restore_from.is_empty() {
+            return Err(Status::invalid_argument(
+                "a held (hot standby) deployment needs the checkpoint to load (restore_from)",
+            ));
+        }
+        let need = plan.parallelism;
+        let reply = |st: &proto::DeploymentStatus| proto::DeployReply {
+            tasks: st.tasks,
+            sources: st.sources,
+            counters: st.counters,
+            state_bytes: st.state_bytes,
+        };
+        let extra = {
+            let mut s = self.lock();
+            s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
+            if let Some(h) = s.held.get(&req.deployment) {
+                return Ok(reply(&h.status));
+            }
+            let reused = s
+                .held
+                .get(&req.replaces)
+                .filter(|h| h.status.job_id == req.job_id)
+                .map_or(0, |h| h.status.slots);
+            let free = self.inner.slots.saturating_sub(s.used_slots()) + reused;
+            if free < need {
+                return Err(Status::resource_exhausted(format!(
+                    "TaskManager {} has {free} free slots of {}; holding the job needs {need}",
+                    self.inner.id, self.inner.slots
+                )));
+            }
+            let extra = need.saturating_sub(reused);
+            s.reserved += extra;
+            extra
+        };
+        let started = std::time::Instant::now();
+        let loaded = async {
+            let dir = StorageLocation::open(&req.restore_from)
+                .map_err(|e| Status::invalid_argument(format!("restore point: {e}")))?;
+            let cp = match read_verified(&dir).await {
+                Ok(Some(cp)) => cp,
+                Ok(None) => {
+                    return Err(Status::failed_precondition(format!(
+                        "'{}' has no MANIFEST.json: not a complete checkpoint",
+                        req.restore_from
+                    )));
+                }
+                Err(e) => {
+                    return Err(Status::failed_precondition(format!(
+                        "reading the checkpoint '{}' failed: {e}",
+                        req.restore_from
+                    )));
+                }
+            };
+            let p = plan.clone();
+            tokio::task::spawn_blocking(move || prepare(&p, cp))
+                .await
+                .map_err(|e| Status::internal(format!("loading the state ended abnormally: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("loading the state failed: {e}")))
+        }
+        .await;
+        let mut s = self.lock();
+        s.reserved -= extra;
+        let prepared = loaded?;
+        if JmEpoch(req.epoch) < s.epoch {
+            drop(s);
+            tokio::task::spawn_blocking(move || drop(prepared));
+            return Err(Status::failed_precondition(
+                "a newer JobManager epoch appeared while loading: held deployment withdrawn",
+            ));
+        }
+        let mut replaced = None;
+        if extra < need {
+            match s.held.remove(&req.replaces) {
+                Some(old) => replaced = Some(old),
+                None => {
+                    // The held deployment it was to replace was released or
+                    // dropped meanwhile: its slots are not ours to reuse.
+                    drop(s);
+                    tokio::task::spawn_blocking(move || drop(prepared));
+                    return Err(Status::aborted(format!(
+                        "held deployment '{}' to replace is gone: load again",
+                        req.replaces
+                    )));
+                }
+            }
+        }
+        let m = &prepared.checkpoint.manifest;
+        let status = proto::DeploymentStatus {
+            deployment: req.deployment.clone(),
+            job_id: req.job_id.clone(),
+            attempt: req.attempt,
+            epoch: req.epoch,
+            slots: need,
+            tasks: plan.task_count() as u32,
+            sources: plan.parallelism,
+            last_barrier: m.checkpoint_id.0,
+            last_completed: m.checkpoint_id.0,
+            counters: Some(proto::Counters {
+                records_in: m.records_in,
+                records_out: m.records_out,
+                watermark: m.watermark,
+                ..Default::default()
+            }),
+            parallelism: plan.parallelism,
+            held: true,
+            state_bytes: prepared.state_bytes,
+            ..Default::default()
+        };
+        let out = reply(&status);
+        tracing::info!(
+            deployment = %req.deployment,
+            job = %job,
+            checkpoint = m.checkpoint_id.0,
+            state_bytes = prepared.state_bytes,
+            ms = started.elapsed().as_millis() as u64,
+            replaces = %req.replaces,
+            "hot standby: checkpoint loaded and held"
+        );
+        s.held.insert(
+            req.deployment.clone(),
+            Held {
+                status,
+                plan,
+                job,
+                prepared,
+            },
+        );
+        drop(s);
+        if let Some(old) = replaced {
+            drop_held(old);
+        }
+        Ok(out)
+    }
+
     /// Reads the restore point (verifying it) and starts the tasks.
     async fn start(
         &self,

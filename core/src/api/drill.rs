@@ -73,6 +73,10 @@ pub struct DrillReport {
     /// replication was not in sync (`None`: an older Ferry, or unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<String>,
+    /// The target region's standby mode when the drill started: `cold`, or
+    /// `hot (N of M jobs held)` (`None`: an older Ferry, or unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
     pub passed: bool,
     /// Why the drill failed, one line each.
     #[serde(default)]

@@ -69,6 +69,28 @@ pub struct RegionHeartbeat {
     /// A standby's newest restore-verified checkpoint per job.
     #[serde(default)]
     pub verified: BTreeMap<String, u64>,
+    /// What the region holds ready and uses (`None`: an older Ferry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<RegionResources>,
+}
+
+/// A region's task slots and what a hot standby holds in them, as its
+/// leader sees its TaskManagers.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct RegionResources {
+    /// `regions.standby`: `cold` or `hot`.
+    pub standby: String,
+    pub taskmanagers: usize,
+    pub slots: u32,
+    /// Slots in use: running jobs and held ones.
+    pub slots_used: u32,
+    /// Slots a hot standby's held jobs take.
+    pub held_slots: u32,
+    /// Bytes of operator state the held jobs keep loaded (in memory).
+    pub held_state_bytes: u64,
+    /// Per job: the checkpoint it is held at.
+    #[serde(default)]
+    pub held: BTreeMap<String, u64>,
 }
 
 /// A known region as one JobManager sees it in the global KV.

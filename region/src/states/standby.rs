@@ -16,6 +16,9 @@ use crate::webhook::AUTOMATIC;
 
 pub async fn step(c: &Coordinator, primary: Option<String>) -> Role {
     let me = c.s.region.as_str();
+    // A hot standby keeps its jobs loaded at the newest replicated
+    // checkpoints (in the background; nothing when cold).
+    c.jobs.keep_warm();
     // Before the lease is read: a first good write after a deaf spell
     // restarts the silence that reading measures.
     let hearing = c.reachable() && c.probe_lease().await;
