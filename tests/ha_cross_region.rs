@@ -10,7 +10,9 @@
 //! failover; a primary cut off from the global KV stops before a
 //! standby takes over; and with synchronous replication a primary cut off
 //! from its standby's store commits nothing the standby lacks (`block`) or
-//! degrades to asynchronous and returns by itself (`async`). Every job test checks the committed output, over
+//! degrades to asynchronous and returns by itself (`async`); a hot
+//! standby holds the job loaded and a failover starts it without a
+//! restore. Every job test checks the committed output, over
 //! both regions' work, against the expected counts computed from the
 //! generator model. The fixture is `tests/common/ha.rs`.
 
@@ -615,6 +617,9 @@ async fn a_region_outage_drill_measures_the_failover_and_the_job_fails_back() {
     eprintln!("{stderr}");
     assert!(ok, "the drill failed: {r}\n{stderr}");
     assert_eq!(r["passed"], true, "{r}");
+    // The modes the drill ran under.
+    assert_eq!(r["replication"], "async", "{r}");
+    assert_eq!(r["standby"], "cold", "{r}");
     let phases: Vec<u64> = [
         "detection_ms",
         "promotion_ms",
@@ -1267,6 +1272,11 @@ async fn a_hot_standby_holds_the_job_loaded_and_a_failover_starts_it_without_a_r
     assert_eq!(held["held_slots"], 2, "parallelism 2: {held}");
     assert_eq!(held["slots_used"], 2, "only the held job: {held}");
     assert!(held["held_state_bytes"].as_u64().unwrap() > 0, "{held}");
+    // Its windows' tables in memory are bigger than their checkpoint.
+    assert!(
+        held["held_memory_bytes"].as_u64().unwrap() > held["held_state_bytes"].as_u64().unwrap(),
+        "{held}"
+    );
     let m = west.metrics(&west.jms[0]).await;
     assert_eq!(metric(&m, "ferry_standby_held_jobs"), Some(1), "{m}");
     assert_eq!(metric(&m, "ferry_standby_held_slots"), Some(2), "{m}");

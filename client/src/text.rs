@@ -480,9 +480,10 @@ pub fn regions(v: &RegionsStatus, out: &mut String) {
                         .filter(|x| x.standby == "hot")
                         .map(|x| {
                             format!(
-                                "{} jobs, {} slots, {}",
+                                "{} jobs, {} slots, ~{} in memory ({} checkpointed)",
                                 x.held.len(),
                                 x.held_slots,
+                                bytes(x.held_memory_bytes),
                                 bytes(x.held_state_bytes)
                             )
                         })

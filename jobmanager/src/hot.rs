@@ -237,6 +237,7 @@ impl JobManager {
                         parallelism: need,
                         held: true,
                         state_bytes: r.state_bytes,
+                        memory_bytes: r.memory_bytes,
                         ..Default::default()
                     },
                     &replaces,
@@ -409,6 +410,8 @@ impl JobManager {
             .set(held.iter().map(|(_, s)| i64::from(s.slots)).sum());
         m.standby_held_state_bytes
             .set(held.iter().map(|(_, s)| s.state_bytes as i64).sum());
+        m.standby_held_memory_bytes
+            .set(held.iter().map(|(_, s)| s.memory_bytes as i64).sum());
     }
 
     /// This region's slots and what its hot standby holds (for the region
@@ -433,6 +436,7 @@ impl JobManager {
             slots_used: c.used,
             held_slots: held.iter().map(|(_, s)| s.slots).sum(),
             held_state_bytes: held.iter().map(|(_, s)| s.state_bytes).sum(),
+            held_memory_bytes: held.iter().map(|(_, s)| s.memory_bytes).sum(),
             held: held
                 .iter()
                 .map(|(_, s)| (s.job_id.clone(), s.last_barrier))

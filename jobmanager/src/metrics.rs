@@ -87,6 +87,7 @@ pub struct Metrics {
     pub standby_held_jobs: Gauge,
     pub standby_held_slots: Gauge,
     pub standby_held_state_bytes: Gauge,
+    pub standby_held_memory_bytes: Gauge,
     /// Jobs a promotion started from their held state (hot standby) and
     /// ones it had to restore from the store instead.
     pub standby_released: Counter,
@@ -169,6 +170,7 @@ impl Metrics {
             standby_held_jobs: Gauge::default(),
             standby_held_slots: Gauge::default(),
             standby_held_state_bytes: Gauge::default(),
+            standby_held_memory_bytes: Gauge::default(),
             standby_released: Counter::default(),
             standby_restored_cold: Counter::default(),
             region_epoch: Gauge::default(),
@@ -340,8 +342,13 @@ impl Metrics {
         );
         registry.register(
             "standby_held_state_bytes",
-            "Hot standby: bytes of operator state the held jobs keep loaded on the TaskManagers",
+            "Hot standby: bytes of the held jobs' state as checkpointed",
             m.standby_held_state_bytes.clone(),
+        );
+        registry.register(
+            "standby_held_memory_bytes",
+            "Hot standby: roughly the memory the held jobs' state takes loaded on the TaskManagers",
+            m.standby_held_memory_bytes.clone(),
         );
         registry.register(
             "standby_released",

@@ -156,8 +156,10 @@ pub struct RegionArgs {
     /// in this run (fresh regions each).
     #[arg(long, default_value = "cold", value_delimiter = ',', value_parser = ["cold", "hot"])]
     pub standby: Vec<String>,
-    /// Distinct keys of the job's window: its state's size (about 26 bytes
-    /// of checkpoint per key; 40000000 is about 1 GB).
+    /// Distinct keys of the job's window: its state's size (about 130
+    /// bytes of TaskManager memory and 7 of checkpoint per key: 8000000
+    /// hold about 1 GB). The failovers begin once the job read three
+    /// records per key.
     #[arg(long, default_value_t = 100)]
     pub state_keys: u64,
     /// Records per second the job reads.

@@ -352,8 +352,10 @@ pub struct Prepared {
     /// The checkpoint restored, without the operator state files (its
     /// source and sink parts restore when the job starts).
     pub checkpoint: VerifiedCheckpoint,
-    /// Bytes of operator state restored.
+    /// Bytes of operator state restored (checkpoint files), and roughly
+    /// the memory it takes now.
     pub state_bytes: u64,
+    pub memory_bytes: u64,
     cancel: CancellationToken,
     ops: std::collections::HashMap<TaskId, Vec<Box<dyn Operator>>>,
 }
@@ -363,6 +365,7 @@ impl std::fmt::Debug for Prepared {
         f.debug_struct("Prepared")
             .field("checkpoint", &self.checkpoint.manifest.checkpoint_id)
             .field("state_bytes", &self.state_bytes)
+            .field("memory_bytes", &self.memory_bytes)
             .field("tasks", &self.ops.len())
             .finish()
     }
@@ -395,6 +398,10 @@ pub fn prepare(plan: &JobPlan, cp: VerifiedCheckpoint) -> Result<Prepared, Strin
         .filter(|f| !keep(&f.operator))
         .map(|f| f.size)
         .sum();
+    let memory_bytes = ops
+        .values()
+        .flat_map(|ops: &Vec<Box<dyn Operator>>| ops.iter().map(|o| o.memory_bytes()))
+        .sum();
     let VerifiedCheckpoint { manifest, files } = cp;
     let small: std::collections::BTreeSet<&str> = manifest
         .files
@@ -409,6 +416,7 @@ pub fn prepare(plan: &JobPlan, cp: VerifiedCheckpoint) -> Result<Prepared, Strin
     Ok(Prepared {
         checkpoint: VerifiedCheckpoint { manifest, files },
         state_bytes,
+        memory_bytes,
         cancel,
         ops,
     })

@@ -727,6 +727,7 @@ impl task_manager_server::TaskManager for TaskManager {
                     sources: d.status.sources,
                     counters: d.status.counters,
                     state_bytes: 0,
+                    memory_bytes: 0,
                 }));
             }
             let free = self.inner.slots.saturating_sub(s.used_slots());
@@ -765,12 +766,14 @@ impl task_manager_server::TaskManager for TaskManager {
             group: req.group.clone(),
             held: false,
             state_bytes: 0,
+            memory_bytes: 0,
         };
         let reply = proto::DeployReply {
             tasks: status.tasks,
             sources: status.sources,
             counters: status.counters,
             state_bytes: 0,
+            memory_bytes: 0,
         };
         let stale = {
             let mut s = self.lock();
@@ -1060,6 +1063,7 @@ impl TaskManager {
             sources: st.sources,
             counters: st.counters,
             state_bytes: st.state_bytes,
+            memory_bytes: st.memory_bytes,
         };
         let extra = {
             let mut s = self.lock();
@@ -1155,6 +1159,7 @@ impl TaskManager {
             parallelism: plan.parallelism,
             held: true,
             state_bytes: prepared.state_bytes,
+            memory_bytes: prepared.memory_bytes,
             ..Default::default()
         };
         let out = reply(&status);
@@ -1163,6 +1168,7 @@ impl TaskManager {
             job = %job,
             checkpoint = m.checkpoint_id.0,
             state_bytes = prepared.state_bytes,
+            memory_bytes = prepared.memory_bytes,
             ms = started.elapsed().as_millis() as u64,
             replaces = %req.replaces,
             "hot standby: checkpoint loaded and held"

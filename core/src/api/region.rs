@@ -86,8 +86,11 @@ pub struct RegionResources {
     pub slots_used: u32,
     /// Slots a hot standby's held jobs take.
     pub held_slots: u32,
-    /// Bytes of operator state the held jobs keep loaded (in memory).
+    /// Bytes of the held jobs' state as checkpointed, and roughly the
+    /// memory it takes loaded on the TaskManagers.
     pub held_state_bytes: u64,
+    #[serde(default)]
+    pub held_memory_bytes: u64,
     /// Per job: the checkpoint it is held at.
     #[serde(default)]
     pub held: BTreeMap<String, u64>,

@@ -44,6 +44,12 @@ pub trait Operator: Send {
     fn restore(&mut self, _parts: &[Bytes], _subtask: u32, _parallelism: u32) -> OpResult<()> {
         Ok(())
     }
+
+    /// Roughly how much memory its state takes (tables and arenas at their
+    /// capacity; heap data of string keys not counted). 0 when stateless.
+    fn memory_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Stable hash of a key, shared by the exchange and by restore so that state

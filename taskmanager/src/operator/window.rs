@@ -172,6 +172,12 @@ impl Win {
         &mut self.accs[i * n..(i + 1) * n]
     }
 
+    /// Roughly the memory of its table and arena.
+    fn memory_bytes(&self) -> u64 {
+        let entry = std::mem::size_of::<(Key, u32)>() + 1;
+        (self.index.capacity() * entry + self.accs.capacity() * std::mem::size_of::<Acc>()) as u64
+    }
+
     fn get(&self, key: &Key, n: usize) -> Option<&[Acc]> {
         self.index
             .get(key)
@@ -348,6 +354,10 @@ impl Window {
 }
 
 impl Operator for Window {
+    fn memory_bytes(&self) -> u64 {
+        self.windows.values().map(Win::memory_bytes).sum()
+    }
+
     fn state_name(&self) -> Option<&str> {
         Some(&self.name)
     }
