@@ -98,10 +98,12 @@ impl JobManager {
 
     async fn warm_pass(&self, pool: &Arc<TaskManagers>) {
         let held = pool.held();
-        let jobs: Vec<Arc<JobEntry>> = self.inner.all().into_iter().filter(|j| active(j)).collect();
-        let ids: HashSet<String> = jobs.iter().map(|j| j.id.to_string()).collect();
-        // Held jobs that ended (or are unknown here) free their slots.
-        for (tm, st) in held.iter().filter(|(_, st)| !ids.contains(&st.job_id)) {
+        let (jobs, ended): (Vec<Arc<JobEntry>>, Vec<Arc<JobEntry>>) =
+            self.inner.all().into_iter().partition(|j| active(j));
+        let ended: HashSet<String> = ended.iter().map(|j| j.id.to_string()).collect();
+        // Held jobs that ended free their slots. (One not known here yet is
+        // left alone: a new leader may not have read the job store.)
+        for (tm, st) in held.iter().filter(|(_, st)| ended.contains(&st.job_id)) {
             tracing::info!(job = %st.job_id, deployment = %st.deployment, "hot standby: the job ended; dropping its held state");
             cancel(pool, tm, &st.deployment).await;
         }

@@ -484,29 +484,6 @@ impl Bench {
         })
     }
 
-    /// Waits until region `i` runs `job` on its own TaskManager (tasks
-    /// started, state restored).
-    async fn started_in(&self, i: usize, job: &str) -> anyhow::Result<Instant> {
-        let start = Instant::now();
-        let tm = format!("taskmanager-{}", self.regions[i].name);
-        loop {
-            if let Some(c) = self.api(i, Duration::from_secs(2))
-                && let Ok(a) = c.job(job).await
-                && a.value.state == JobState::Running
-                && a.value.taskmanager.as_deref() == Some(tm.as_str())
-            {
-                return Ok(Instant::now());
-            }
-            if start.elapsed() > ROUND_LIMIT {
-                bail!(
-                    "the job did not start in {} within {ROUND_LIMIT:?}",
-                    self.regions[i].name
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// Waits until a checkpoint of `job` in region `p` covers `records`
     /// input records (bounded by the rate it reads them at).
     async fn state_built(&self, p: usize, job: &str, records: u64) -> anyhow::Result<()> {
@@ -581,13 +558,14 @@ impl Bench {
         }
     }
 
-    /// Waits until region `i` runs `job` on its own TaskManager with a
-    /// checkpoint completed after `after`.
+    /// Waits until region `i` runs `job` on its own TaskManager (tasks
+    /// started, state restored) — with a checkpoint completed after
+    /// `after`, if given.
     async fn running_in(
         &self,
         i: usize,
         job: &str,
-        after: chrono::DateTime<chrono::Utc>,
+        after: Option<chrono::DateTime<chrono::Utc>>,
     ) -> anyhow::Result<Instant> {
         let start = Instant::now();
         let tm = format!("taskmanager-{}", self.regions[i].name);
@@ -596,9 +574,11 @@ impl Bench {
                 && let Ok(a) = c.job(job).await
                 && a.value.state == JobState::Running
                 && a.value.taskmanager.as_deref() == Some(tm.as_str())
-                && a.value
-                    .last_checkpoint
-                    .is_some_and(|c| c.completed_at > after)
+                && after.is_none_or(|after| {
+                    a.value
+                        .last_checkpoint
+                        .is_some_and(|c| c.completed_at > after)
+                })
             {
                 return Ok(Instant::now());
             }
@@ -608,7 +588,7 @@ impl Bench {
                     self.regions[i].name
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -783,8 +763,12 @@ async fn run_mode(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    b.running_in(p, &job, chrono::Utc::now() - chrono::Duration::hours(1))
-        .await?;
+    b.running_in(
+        p,
+        &job,
+        Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+    )
+    .await?;
     if a.failovers > 0 {
         // Large state: let the window see nearly every key first (keys are
         // drawn at random: three draws per key reach 95 %).
@@ -799,7 +783,7 @@ async fn run_mode(
             let p = b.primary().await?;
             let other = 1 - p;
             // The standby holds the newest checkpoint (loaded, if hot).
-            b.running_in(p, &job, chrono::Utc::now()).await?;
+            b.running_in(p, &job, Some(chrono::Utc::now())).await?;
             let bytes = b.standby_ready(p, other, &job).await?;
             if n == 0 {
                 progress(Progress::StateReady { standby, bytes });
@@ -821,8 +805,8 @@ async fn run_mode(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let promoted = t0.elapsed();
-            let running = b.started_in(other, &job).await? - t0;
-            let ran = b.running_in(other, &job, wall0).await? - t0;
+            let running = b.running_in(other, &job, None).await? - t0;
+            let ran = b.running_in(other, &job, Some(wall0)).await? - t0;
             progress(Progress::Failover {
                 n: n + 1,
                 to: b.regions[other].name,
@@ -839,14 +823,18 @@ async fn run_mode(
         if n < a.switchovers {
             let p = b.primary().await?;
             let other = 1 - p;
-            b.running_in(p, &job, chrono::Utc::now() - chrono::Duration::hours(1))
-                .await?;
+            b.running_in(
+                p,
+                &job,
+                Some(chrono::Utc::now() - chrono::Duration::hours(1)),
+            )
+            .await?;
             let c = b.api(p, ROUND_LIMIT).expect("jm");
             let (t0, wall0) = (Instant::now(), chrono::Utc::now());
             if let Err(e) = c.failover(b.regions[other].name, false, false).await {
                 bail!("switchover failed: {e}");
             }
-            let ran = b.running_in(other, &job, wall0).await? - t0;
+            let ran = b.running_in(other, &job, Some(wall0)).await? - t0;
             progress(Progress::Switchover {
                 n: n + 1,
                 to: b.regions[other].name,
@@ -860,7 +848,7 @@ async fn run_mode(
     for n in 0..a.drills {
         let p = b.primary().await?;
         let other = 1 - p;
-        b.running_in(p, &job, chrono::Utc::now()).await?;
+        b.running_in(p, &job, Some(chrono::Utc::now())).await?;
         let d = b.drill(p, other).await?;
         progress(Progress::Drill {
             n: n + 1,
@@ -871,7 +859,7 @@ async fn run_mode(
         }
         drills.push(d);
         // Fail-back made `p` the primary again; its job must run there.
-        b.running_in(p, &job, chrono::Utc::now()).await?;
+        b.running_in(p, &job, Some(chrono::Utc::now())).await?;
     }
     let sync_latency_ms = match b.primary().await {
         Ok(p) => b

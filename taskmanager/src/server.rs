@@ -775,41 +775,8 @@ impl task_manager_server::TaskManager for TaskManager {
             state_bytes: 0,
             memory_bytes: 0,
         };
-        let stale = {
-            let mut s = self.lock();
-            let stale =
-                JmEpoch(req.epoch) < s.epoch || RegionEpoch(req.region_epoch) < s.region_epoch;
-            if !stale {
-                s.deployments.insert(
-                    req.deployment.clone(),
-                    Running {
-                        status,
-                        metrics: deployed.metrics.clone(),
-                        sources: deployed.sources.clone(),
-                        all: deployed.all.clone(),
-                        cancel: deployed.cancel.clone(),
-                        tasks: deployed.tasks.clone(),
-                    },
-                );
-            }
-            stale
-        };
-        if stale {
-            // A newer leader (or region epoch) appeared while the tasks
-            // started: they were requested by a deposed one.
-            deployed.shutdown().await;
-            self.inner
-                .stats
-                .stale_commands
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::failed_precondition(
-                "a newer JobManager epoch appeared while deploying: deployment withdrawn",
-            ));
-        }
-        self.inner
-            .stats
-            .deployments_started
-            .fetch_add(1, Ordering::Relaxed);
+        self.admit_started(&req.deployment, status, &deployed, "deploying")
+            .await?;
         self.inner
             .stats
             .tasks_started
@@ -966,35 +933,8 @@ impl task_manager_server::TaskManager for TaskManager {
         status.tasks = deployed.all.len() as u32;
         status.sources = deployed.sources.len() as u32;
         status.counters = Some(deployed.counters().into());
-        let stale = {
-            let mut s = self.lock();
-            let stale =
-                JmEpoch(req.epoch) < s.epoch || RegionEpoch(req.region_epoch) < s.region_epoch;
-            if !stale {
-                s.deployments.insert(
-                    req.deployment.clone(),
-                    Running {
-                        status: status.clone(),
-                        metrics: deployed.metrics.clone(),
-                        sources: deployed.sources.clone(),
-                        all: deployed.all.clone(),
-                        cancel: deployed.cancel.clone(),
-                        tasks: deployed.tasks.clone(),
-                    },
-                );
-            }
-            stale
-        };
-        if stale {
-            deployed.shutdown().await;
-            return Err(Status::failed_precondition(
-                "a newer epoch appeared while releasing: deployment withdrawn",
-            ));
-        }
-        self.inner
-            .stats
-            .deployments_started
-            .fetch_add(1, Ordering::Relaxed);
+        self.admit_started(&req.deployment, status.clone(), &deployed, "releasing")
+            .await?;
         tracing::info!(deployment = %req.deployment, job = %job, checkpoint = status.last_barrier, region_epoch = req.region_epoch, "hot standby: held deployment released, its tasks run");
         self.spawn_pump(req.deployment, deployed);
         Ok(Response::new(status))
@@ -1038,6 +978,52 @@ impl task_manager_server::TaskManager for TaskManager {
 }
 
 impl TaskManager {
+    /// Records a deployment whose tasks just started (`Deploy`, `Release`)
+    /// — unless a newer JobManager or region epoch appeared meanwhile: then
+    /// a deposed leader asked for it, and its tasks stop again.
+    async fn admit_started(
+        &self,
+        id: &str,
+        status: proto::DeploymentStatus,
+        deployed: &DeployedJob,
+        doing: &str,
+    ) -> Result<(), Status> {
+        let stale = {
+            let mut s = self.lock();
+            let stale = JmEpoch(status.epoch) < s.epoch
+                || RegionEpoch(status.region_epoch) < s.region_epoch;
+            if !stale {
+                s.deployments.insert(
+                    id.to_string(),
+                    Running {
+                        status,
+                        metrics: deployed.metrics.clone(),
+                        sources: deployed.sources.clone(),
+                        all: deployed.all.clone(),
+                        cancel: deployed.cancel.clone(),
+                        tasks: deployed.tasks.clone(),
+                    },
+                );
+            }
+            stale
+        };
+        if stale {
+            deployed.shutdown().await;
+            self.inner
+                .stats
+                .stale_commands
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Status::failed_precondition(format!(
+                "a newer epoch appeared while {doing}: deployment withdrawn"
+            )));
+        }
+        self.inner
+            .stats
+            .deployments_started
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// A hot standby's `Deploy` with `hold`: loads the checkpoint's operator
     /// state into a held deployment (replacing `req.replaces`, whose slots
     /// it reuses, once loaded).
