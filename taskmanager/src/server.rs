@@ -709,11 +709,7 @@ impl task_manager_server::TaskManager for TaskManager {
                 "deployment",
                 &self.inner.stats,
             )?;
-            if req.fence_ms > 0 {
-                let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
-                s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
-                self.inner.fence_changed.notify_one();
-            }
+            self.extend_fence(&mut s, req.fence_ms);
             older
         };
         self.stop_fenced(older, "a newer region epoch was confirmed")
@@ -907,11 +903,7 @@ impl task_manager_server::TaskManager for TaskManager {
             let held = s.held.remove(&req.deployment).expect("checked above");
             // Its slots stay promised while its tasks start.
             s.reserved += held.status.slots;
-            if req.fence_ms > 0 {
-                let until = std::time::Instant::now() + Duration::from_millis(req.fence_ms);
-                s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
-                self.inner.fence_changed.notify_one();
-            }
+            self.extend_fence(&mut s, req.fence_ms);
             (held, older)
         };
         self.stop_fenced(older, "a newer region epoch was confirmed")
@@ -978,6 +970,16 @@ impl task_manager_server::TaskManager for TaskManager {
 }
 
 impl TaskManager {
+    /// A deployment (or release) carries `fence_ms` more of the region
+    /// fence (0: none): the fence holds at least that long from now.
+    fn extend_fence(&self, s: &mut Shared, fence_ms: u64) {
+        if fence_ms > 0 {
+            let until = std::time::Instant::now() + Duration::from_millis(fence_ms);
+            s.fence_until = Some(s.fence_until.map_or(until, |u| u.max(until)));
+            self.inner.fence_changed.notify_one();
+        }
+    }
+
     /// Records a deployment whose tasks just started (`Deploy`, `Release`)
     /// — unless a newer JobManager or region epoch appeared meanwhile: then
     /// a deposed leader asked for it, and its tasks stop again.
