@@ -79,7 +79,7 @@ fn corrupted_newest_checkpoint_falls_back_to_the_previous_one() {
     let cps = w.complete_checkpoints();
     let (&newest, dir) = cps.iter().next_back().unwrap();
     let previous = *cps.keys().rev().nth(1).unwrap();
-    flip_bytes(&dir.join("window-0.state"));
+    flip_bytes(&newest_state_file(dir, "window").0);
 
     let code = w.run_local(&[], "second.log", Duration::from_secs(120));
     let log = w.log("second.log");
@@ -127,7 +127,11 @@ fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
     }
 }
 
@@ -138,8 +142,14 @@ fn checkpoint_copied_to_another_root_restores_unchanged() {
     let cps = w.complete_checkpoints();
     let (_, dir) = cps.iter().next_back().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
-    let copy = elsewhere.path().join("moved/checkpoint");
+    // A checkpoint and the shared state files (incremental checkpoints)
+    // its paths lead to, relative to its job's directory: the job
+    // directory is what moves.
+    let copy = elsewhere.path().join("moved/job/checkpoints/latest");
     copy_dir(dir, &copy);
+    let shared = dir.join("../../shared");
+    assert!(shared.is_dir(), "incremental checkpoints are on by default");
+    copy_dir(&shared, &elsewhere.path().join("moved/job/shared"));
     // The original storage root disappears entirely.
     std::fs::remove_dir_all(w.data_dir()).unwrap();
 
@@ -282,11 +292,11 @@ fn summary_counts_only_the_runs_own_part_files_after_a_crash() {
 /// Rewrites a checkpoint file and its manifest entry so that the hashes
 /// verify but the bytes are not state the runtime can decode.
 fn replace_verified(dir: &Path, file: &str, data: &[u8]) {
-    std::fs::write(dir.join(file), data).unwrap();
     let path = dir.join("MANIFEST.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     for f in m["files"].as_array_mut().unwrap() {
         if f["path"] == file {
+            std::fs::write(listed_file(dir, f), data).unwrap();
             f["size"] = data.len().into();
             f["sha256"] = ferry_core::storage::sha256_hex(data).into();
         }
@@ -301,11 +311,8 @@ fn undecodable_state_and_another_jobs_checkpoint_are_skipped() {
     let cps = w.complete_checkpoints();
     let ids: Vec<u64> = cps.keys().rev().take(3).copied().collect();
     // Newest: state that verifies but does not decode.
-    replace_verified(
-        &cps[&ids[0]],
-        "window-0.state",
-        b"\xff\xff\xff\xffnot state",
-    );
+    let (_, newest_window) = newest_state_file(&cps[&ids[0]], "window");
+    replace_verified(&cps[&ids[0]], &newest_window, b"\xff\xff\xff\xffnot state");
     // Next: a manifest of another job (as if copied into this directory).
     let path = cps[&ids[1]].join("MANIFEST.json");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -344,8 +351,15 @@ fn a_job_whose_every_checkpoint_is_damaged_does_not_silently_start_over() {
     let w = Workdir::new(&spec(TOTAL));
     run_until_checkpoints(&w, 2);
     let cps = w.complete_checkpoints();
-    for dir in cps.values() {
-        flip_bytes(&dir.join("window-0.state"));
+    // Each checkpoint's newest window state (once each: checkpoints of a
+    // chain share its older files).
+    let newest: BTreeSet<PathBuf> = cps
+        .values()
+        .map(|dir| newest_state_file(dir, "window").0.canonicalize().unwrap())
+        .collect();
+    assert_eq!(newest.len(), cps.len());
+    for file in newest {
+        flip_bytes(&file);
     }
     let code = w.run_local(&[], "second.log", Duration::from_secs(120));
     let log = w.log("second.log");
@@ -384,4 +398,78 @@ fn a_finished_job_is_not_run_a_second_time_without_fresh() {
         2 * rows,
         "--fresh runs it again"
     );
+}
+
+/// Incremental checkpoints, the default: after the first, a checkpoint
+/// writes a small delta instead of the whole state and lists the chain it
+/// builds on; a run killed mid-way resumes from such a chain and commits
+/// exactly the expected output; afterwards the job's `shared/` folder
+/// holds exactly the files its retained checkpoints list.
+#[test]
+fn incremental_checkpoints_write_deltas_and_a_chain_restores_exactly() {
+    // 10 s of input: the kill comes long before the end.
+    const TOTAL: u64 = 600_000;
+    let spec = spec(TOTAL)
+        .replace("cardinality: 20", "cardinality: 50000")
+        .replace("rate: 40000", "rate: 60000")
+        .replace("tumbling: 1m", "tumbling: 1h")
+        .replace("retained: 10", "retained: 3");
+    let w = Workdir::new(&spec);
+    let mut child = w.spawn_local(&[], "first.log");
+    // Killed once a checkpoint lists a chain of a full snapshot and
+    // deltas, and wrote only a small part of the state itself (once every
+    // key has been seen, a delta holds only the keys that changed).
+    let mut chained = None;
+    wait_until(
+        Duration::from_secs(60),
+        "a checkpoint with small deltas",
+        || {
+            chained = w.complete_checkpoints().into_iter().find_map(|(n, dir)| {
+                let text = std::fs::read_to_string(dir.join("MANIFEST.json")).ok()?;
+                let m: ferry_core::manifest::Manifest = serde_json::from_str(&text).ok()?;
+                let chain = m.chains("window").values().any(|c| c.len() >= 3);
+                (chain && m.written_size() * 4 < m.total_size()).then_some((n, m))
+            });
+            chained.is_some()
+        },
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let (n, m) = chained.unwrap();
+    assert_eq!(
+        m.format,
+        ferry_core::manifest::MANIFEST_FORMAT_SHARED,
+        "{n}"
+    );
+    assert!(
+        m.files
+            .iter()
+            .filter(|f| f.operator == "window")
+            .all(|f| f.shared)
+    );
+
+    let code = w.run_local(&[], "second.log", Duration::from_secs(120));
+    let log = w.log("second.log");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("restored from checkpoint"), "{log}");
+    let want = expected_counts(&generator(&w.spec), TOTAL, 0, 3_600_000);
+    let got = count_rows(&w.output_rows("out"), "user", "clicks");
+    assert_counts_eq(&got, &want, "resumed from a chain");
+
+    // Retention kept the shared folder to what the kept checkpoints list.
+    let cps = w.complete_checkpoints();
+    let job_dir = cps.values().next().unwrap().join("../..");
+    let mut listed = BTreeSet::new();
+    for dir in cps.values() {
+        let text = std::fs::read_to_string(dir.join("MANIFEST.json")).unwrap();
+        let m: ferry_core::manifest::Manifest = serde_json::from_str(&text).unwrap();
+        listed.extend(m.files.into_iter().filter(|f| f.shared).map(|f| f.path));
+    }
+    let on_disk: BTreeSet<String> = std::fs::read_dir(job_dir.join("shared"))
+        .unwrap()
+        .flatten()
+        .map(|e| format!("shared/{}", e.file_name().to_string_lossy()))
+        .collect();
+    assert!(!listed.is_empty());
+    assert_eq!(on_disk, listed, "shared files besides the listed ones");
 }

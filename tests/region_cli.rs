@@ -137,15 +137,11 @@ fn replicated_checkpoints_verify_and_broken_copies_are_reported() {
         .as_array_mut()
         .unwrap()
         .iter_mut()
-        .find(|f| f["operator"] == "window")
+        .filter(|f| f["operator"] == "window")
+        .max_by_key(|f| f["chain"].as_u64().unwrap_or(0))
         .expect("a window state file");
     let garbage = vec![0xFFu8; 64];
-    std::fs::write(
-        cps.join(newest.to_string())
-            .join(entry["path"].as_str().unwrap()),
-        &garbage,
-    )
-    .unwrap();
+    std::fs::write(listed_file(&cps.join(newest.to_string()), entry), &garbage).unwrap();
     entry["size"] = garbage.len().into();
     entry["sha256"] = ferry_core::storage::sha256_hex(&garbage).into();
     std::fs::write(&manifest_path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();

@@ -34,14 +34,16 @@ async fn checkpoint(root: &StorageLocation, job: &JobId, n: u64) -> Vec<(String,
         ("window-1.state".to_string(), Bytes::from(b)),
     ];
     let mut entries = Vec::new();
-    for (name, data) in &files {
+    for (subtask, (name, data)) in files.iter().enumerate() {
         dir.put(name, data.clone()).await.unwrap();
         entries.push(FileEntry {
             path: name.clone(),
             size: data.len() as u64,
             sha256: sha256_hex(data),
             operator: "window".into(),
-            subtask: 0,
+            subtask: subtask as u32,
+            shared: false,
+            chain: 0,
         });
     }
     write_manifest(

@@ -170,20 +170,28 @@ fn s3_input_checkpoints_and_output_stay_exactly_once_across_a_sigkill() {
             let raw = store.get(&ObjPath::from(path.as_str())).await.unwrap();
             let m: Manifest = serde_json::from_slice(&raw.bytes().await.unwrap()).unwrap();
             let dir = path.trim_end_matches("MANIFEST.json");
+            // Shared files (incremental checkpoints) are relative to the
+            // job's directory, two levels up: `<job>/checkpoints/<n>/`.
+            let job_dir = dir
+                .trim_end_matches('/')
+                .rsplitn(3, '/')
+                .nth(2)
+                .map(|d| format!("{d}/"))
+                .unwrap();
             assert!(!m.files.is_empty(), "{path}");
             for f in &m.files {
+                let at = if f.shared {
+                    format!("{job_dir}{}", f.path)
+                } else {
+                    format!("{dir}{}", f.path)
+                };
                 let obj = store
-                    .get(&ObjPath::from(format!("{dir}{}", f.path)))
+                    .get(&ObjPath::from(at.as_str()))
                     .await
-                    .unwrap_or_else(|e| panic!("{dir}{} listed but unreadable: {e}", f.path));
+                    .unwrap_or_else(|e| panic!("{at} listed but unreadable: {e}"));
                 let data = obj.bytes().await.unwrap();
-                assert_eq!(data.len() as u64, f.size, "{dir}{}", f.path);
-                assert_eq!(
-                    ferry_core::storage::sha256_hex(&data),
-                    f.sha256,
-                    "{dir}{}",
-                    f.path
-                );
+                assert_eq!(data.len() as u64, f.size, "{at}");
+                assert_eq!(ferry_core::storage::sha256_hex(&data), f.sha256, "{at}");
             }
             finished += m.finished as usize;
         }

@@ -6,7 +6,16 @@
 //! <root>/jobs/<job-id>/checkpoints/<n>/<operator>-<subtask>.state
 //! <root>/jobs/<job-id>/checkpoints/<n>/MANIFEST.json   <- written last, create-only
 //! <root>/jobs/<job-id>/savepoints/savepoint-<n>/...    <- same layout
+//! <root>/jobs/<job-id>/shared/<operator>-<subtask>-<sha256>.state
 //! ```
+//!
+//! With incremental checkpoints (`checkpointing.incremental`) an operator
+//! subtask's state is a *chain*: a full snapshot and the deltas written
+//! after it, each a file under the job's `shared/` folder named by its
+//! content, which later checkpoints list again instead of writing anew. A
+//! manifest lists every file it needs (its [`FileEntry::chain`] gives the
+//! order); retention removes a shared file only once no retained manifest
+//! lists it. Savepoints are always full and self-contained.
 //!
 //! Checkpoints and savepoints share one numbering; every path of this
 //! layout is built by the functions below ([`snapshot_dir`] and friends),
@@ -29,8 +38,28 @@ use crate::storage::{StorageLocation, sha256_hex};
 
 /// File name of a manifest inside a checkpoint directory.
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
-/// Manifest format this build writes and reads.
+/// Manifest format of a snapshot whose files all lie in its own directory
+/// (every snapshot before incremental checkpoints).
 pub const MANIFEST_FORMAT: u32 = 1;
+/// Manifest format of a snapshot that lists shared files (incremental
+/// checkpoints): builds that know only format 1 refuse it by number
+/// instead of missing its files.
+pub const MANIFEST_FORMAT_SHARED: u32 = 2;
+
+/// Folder of a job's shared state files, relative to its job directory.
+pub const SHARED_DIR: &str = "shared";
+
+/// Relative path of a job's shared folder below the storage root.
+pub fn shared_dir(job: &JobId) -> String {
+    format!("jobs/{job}/{SHARED_DIR}")
+}
+
+/// Path, relative to the job directory, of a shared state file: named by
+/// its content, so a name never stands for two different files (a copy in
+/// another region, or a retried upload, is the same file).
+pub fn shared_file(operator: &str, subtask: u32, sha256: &str) -> String {
+    format!("{SHARED_DIR}/{operator}-{subtask}-{sha256}.state")
+}
 
 /// Relative path of a job's directory below the storage root.
 pub fn job_dir(job: &JobId) -> String {
@@ -102,6 +131,45 @@ pub struct FileEntry {
     pub sha256: String,
     pub operator: String,
     pub subtask: u32,
+    /// The file lies in the job's `shared/` folder and `path` is relative
+    /// to the job directory (`shared/...`), not to the checkpoint's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// Position in its operator subtask's state chain: 0 is the full
+    /// snapshot, 1.. the deltas applied after it, in order.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chain: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl FileEntry {
+    /// The file's path relative to the job directory: `checkpoint_rel` is
+    /// the snapshot's directory relative to it (e.g. `checkpoints/7`).
+    pub fn job_relative(&self, checkpoint_rel: &str) -> String {
+        if self.shared {
+            self.path.clone()
+        } else {
+            format!("{checkpoint_rel}/{}", self.path)
+        }
+    }
+
+    /// Why the path is unsafe to join to a directory (absolute, `..`, or a
+    /// shared file outside `shared/`); `None` when it is fine.
+    pub fn path_problem(&self) -> Option<String> {
+        if self.path.split('/').any(|s| s == ".." || s == ".") || self.path.starts_with('/') {
+            return Some(format!("file path '{}' is not relative", self.path));
+        }
+        if self.shared && !self.path.starts_with(&format!("{SHARED_DIR}/")) {
+            return Some(format!(
+                "shared file path '{}' is not below {SHARED_DIR}/",
+                self.path
+            ));
+        }
+        None
+    }
 }
 
 /// A sink transaction the checkpoint closed (committed when it completes).
@@ -149,9 +217,79 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Total size of the state files.
+    /// Total size of the state files (shared ones included: what a
+    /// restore reads).
     pub fn total_size(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Size of the files this snapshot wrote itself: its own directory's,
+    /// and the shared files no earlier snapshot of the chain listed (the
+    /// newest delta, or a new full snapshot, of each chain).
+    pub fn written_size(&self) -> u64 {
+        let mut newest: BTreeMap<(&str, u32), &FileEntry> = BTreeMap::new();
+        let mut own = 0;
+        for f in &self.files {
+            if !f.shared {
+                own += f.size;
+                continue;
+            }
+            let e = newest.entry((f.operator.as_str(), f.subtask)).or_insert(f);
+            if f.chain > e.chain {
+                *e = f;
+            }
+        }
+        own + newest.values().map(|f| f.size).sum::<u64>()
+    }
+
+    /// Whether any file lies in the shared folder.
+    pub fn has_shared(&self) -> bool {
+        self.files.iter().any(|f| f.shared)
+    }
+
+    /// The manifest format these files need.
+    pub fn needed_format(&self) -> u32 {
+        if self.has_shared() {
+            MANIFEST_FORMAT_SHARED
+        } else {
+            MANIFEST_FORMAT
+        }
+    }
+
+    /// The state chain of every subtask of `operator`: subtask → files in
+    /// chain order (a single file when it is not incremental).
+    pub fn chains(&self, operator: &str) -> BTreeMap<u32, Vec<&FileEntry>> {
+        let mut out: BTreeMap<u32, Vec<&FileEntry>> = BTreeMap::new();
+        for f in self.files.iter().filter(|f| f.operator == operator) {
+            out.entry(f.subtask).or_default().push(f);
+        }
+        for files in out.values_mut() {
+            files.sort_by_key(|f| f.chain);
+        }
+        out
+    }
+
+    /// Checks that each operator subtask's files form one chain (positions
+    /// 0..n, once each) and that every path is safe.
+    pub fn check_files(&self) -> std::result::Result<(), String> {
+        let mut seen: BTreeMap<(&str, u32), Vec<u32>> = BTreeMap::new();
+        for f in &self.files {
+            if let Some(p) = f.path_problem() {
+                return Err(p);
+            }
+            seen.entry((f.operator.as_str(), f.subtask))
+                .or_default()
+                .push(f.chain);
+        }
+        for ((op, sub), mut pos) in seen {
+            pos.sort_unstable();
+            if pos.iter().enumerate().any(|(i, p)| *p as usize != i) {
+                return Err(format!(
+                    "the state of '{op}' subtask {sub} is not one chain (positions {pos:?})"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -161,6 +299,37 @@ pub struct VerifiedCheckpoint {
     pub manifest: Manifest,
     /// Relative path → contents, every hash checked.
     pub files: BTreeMap<String, Bytes>,
+}
+
+/// Opens a snapshot directory given by URL or path (`--from-savepoint`) so
+/// that the job directory two levels above it — where its shared files
+/// lie (`<job>/checkpoints/<n>`, `<job>/savepoints/<name>`) — is reachable
+/// from it ([`read_verified`]).
+pub fn open_snapshot_dir(url: &str) -> Result<StorageLocation> {
+    let trimmed = url.trim_end_matches('/');
+    let parsed = StorageLocation::parse(trimmed)?;
+    let segments: Vec<&str> = parsed.path.split('/').filter(|s| !s.is_empty()).collect();
+    if segments.len() < 3 {
+        return StorageLocation::open(trimmed);
+    }
+    let (head, tail) = segments.split_at(segments.len() - 2);
+    let head = if parsed.scheme == "file" {
+        // The same spelling: a URL stays a URL (what logs and errors show).
+        let scheme = if trimmed.starts_with("file://") {
+            "file://"
+        } else {
+            ""
+        };
+        format!("{scheme}/{}", head.join("/"))
+    } else {
+        // The URL minus its last two segments, in the URL's own spelling.
+        let mut h = trimmed;
+        for _ in 0..2 {
+            h = h.rsplit_once('/').map(|(h, _)| h).unwrap_or(h);
+        }
+        h.to_string()
+    };
+    Ok(StorageLocation::open(&head)?.child(&tail.join("/")))
 }
 
 /// Reads only the manifest of a checkpoint directory (no file is checked).
@@ -177,7 +346,8 @@ pub async fn read_manifest(dir: &StorageLocation) -> Result<Option<Manifest>> {
         })
 }
 
-/// Reads a checkpoint directory and verifies every file's size and SHA-256.
+/// Reads a checkpoint directory and verifies every file's size and SHA-256
+/// (shared files from the job's `shared/` folder, two levels above `dir`).
 /// `Ok(None)` means "no manifest: this checkpoint does not exist".
 pub async fn read_verified(dir: &StorageLocation) -> Result<Option<VerifiedCheckpoint>> {
     let Some(raw) = dir.get_opt(MANIFEST_FILE).await? else {
@@ -189,40 +359,130 @@ pub async fn read_verified(dir: &StorageLocation) -> Result<Option<VerifiedCheck
     };
     let manifest: Manifest =
         serde_json::from_slice(&raw).map_err(|e| corrupt(format!("unreadable manifest: {e}")))?;
-    if manifest.format != MANIFEST_FORMAT {
-        return Err(corrupt(format!(
-            "manifest format {} is not supported by this build (expects {MANIFEST_FORMAT})",
-            manifest.format
-        )));
-    }
+    check_format(&manifest).map_err(corrupt)?;
+    manifest.check_files().map_err(corrupt)?;
+    let job_dir = dir.parent().parent();
+    // Files are read a few at a time: a large state of many shared files
+    // restores at the store's parallel throughput, not one request after
+    // the other.
+    let reads: Vec<_> = manifest
+        .files
+        .iter()
+        .cloned()
+        .map(|f| {
+            let loc = if f.shared {
+                job_dir.clone()
+            } else {
+                dir.clone()
+            };
+            async move {
+                let rel = f.path.as_str();
+                let path = || format!("{}/{}", loc.url(), rel);
+                let data = loc.get_opt(rel).await?.ok_or_else(|| CoreError::Corrupt {
+                    path: path(),
+                    reason: "listed in the manifest but missing".into(),
+                })?;
+                if data.len() as u64 != f.size {
+                    return Err(CoreError::Corrupt {
+                        path: path(),
+                        reason: format!("size {} but the manifest says {}", data.len(), f.size),
+                    });
+                }
+                let hash = hash_off_thread(data.clone()).await;
+                if hash != f.sha256 {
+                    return Err(CoreError::Corrupt {
+                        path: path(),
+                        reason: format!("SHA-256 {hash} but the manifest says {}", f.sha256),
+                    });
+                }
+                Ok((f.path.clone(), data))
+            }
+        })
+        .collect();
+    use futures::StreamExt as _;
     let mut files = BTreeMap::new();
-    for f in &manifest.files {
-        if f.path.contains("..") || f.path.starts_with('/') {
-            return Err(corrupt(format!("file path '{}' is not relative", f.path)));
+    {
+        let mut stream = futures::stream::iter(reads).buffered(READ_PARALLELISM);
+        while let Some(r) = stream.next().await {
+            let (path, data) = r?;
+            files.insert(path, data);
         }
-        let data = dir
-            .get_opt(&f.path)
-            .await?
-            .ok_or_else(|| CoreError::Corrupt {
-                path: format!("{}/{}", dir.url(), f.path),
-                reason: "listed in the manifest but missing".into(),
-            })?;
-        if data.len() as u64 != f.size {
-            return Err(CoreError::Corrupt {
-                path: format!("{}/{}", dir.url(), f.path),
-                reason: format!("size {} but the manifest says {}", data.len(), f.size),
-            });
-        }
-        let hash = sha256_hex(&data);
-        if hash != f.sha256 {
-            return Err(CoreError::Corrupt {
-                path: format!("{}/{}", dir.url(), f.path),
-                reason: format!("SHA-256 {hash} but the manifest says {}", f.sha256),
-            });
-        }
-        files.insert(f.path.clone(), data);
     }
     Ok(Some(VerifiedCheckpoint { manifest, files }))
+}
+
+/// How many state files a restore reads at once.
+const READ_PARALLELISM: usize = 8;
+
+/// SHA-256 of a large file on a blocking thread (a restore hashes
+/// gigabytes; the async workers keep serving meanwhile).
+async fn hash_off_thread(data: Bytes) -> String {
+    if data.len() < 1 << 20 {
+        return sha256_hex(&data);
+    }
+    match tokio::task::spawn_blocking(move || sha256_hex(&data)).await {
+        Ok(h) => h,
+        Err(e) => format!("hashing failed: {e}"),
+    }
+}
+
+/// Refuses a manifest format this build does not read, or one that does
+/// not match its files.
+pub fn check_format(m: &Manifest) -> std::result::Result<(), String> {
+    match m.format {
+        MANIFEST_FORMAT if m.has_shared() => Err(format!(
+            "manifest format {MANIFEST_FORMAT} cannot list shared files"
+        )),
+        MANIFEST_FORMAT | MANIFEST_FORMAT_SHARED => Ok(()),
+        f => Err(format!(
+            "manifest format {f} is not supported by this build (it reads {MANIFEST_FORMAT} and {MANIFEST_FORMAT_SHARED}); restore it with the Ferry version that wrote it"
+        )),
+    }
+}
+
+/// Deletes the files of a job's `shared/` folder that no snapshot of the
+/// job lists (checkpoints and savepoints with a manifest) and that were
+/// last written before `written_before` (`None`: any). Returns their paths
+/// relative to the job directory. A manifest that cannot be read may list
+/// anything: then nothing is deleted and that is the error.
+///
+/// The caller makes sure no snapshot being written now lists a file that
+/// is not yet listed anywhere (the JobManager runs it between
+/// checkpoints; a replicator, whose copies may be under way, passes a
+/// `written_before` well before any copy in flight began).
+pub async fn collect_shared(
+    root: &StorageLocation,
+    job: &JobId,
+    written_before: Option<DateTime<Utc>>,
+) -> Result<Vec<String>> {
+    let files = root.list_files_modified(&shared_dir(job)).await?;
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut dirs: Vec<String> = list_checkpoint_ids(root, job)
+        .await?
+        .into_iter()
+        .map(|id| checkpoint_dir(job, id))
+        .collect();
+    for name in root.list_dirs(&savepoints_root(job)).await? {
+        dirs.push(savepoint_dir(job, &name));
+    }
+    let mut listed = std::collections::HashSet::new();
+    for dir in dirs {
+        if let Some(m) = read_manifest(&root.child(&dir)).await? {
+            listed.extend(m.files.into_iter().filter(|f| f.shared).map(|f| f.path));
+        }
+    }
+    let mut removed = Vec::new();
+    for (name, _, modified) in files {
+        let path = format!("{SHARED_DIR}/{name}");
+        if listed.contains(&path) || written_before.is_some_and(|t| modified >= t) {
+            continue;
+        }
+        root.delete(&format!("{}/{path}", job_dir(job))).await?;
+        removed.push(path);
+    }
+    Ok(removed)
 }
 
 /// Checkpoint numbers that have a directory under `jobs/<job>/checkpoints`,
@@ -500,5 +760,26 @@ mod tests {
         assert_eq!(savepoint_number(&savepoint_name(n)), Some(n));
         assert_eq!(savepoint_number("savepoint-x"), None);
         assert_eq!(savepoint_number("before-upgrade"), None);
+    }
+
+    #[test]
+    fn a_snapshot_dir_opened_by_url_reaches_its_job_dir() {
+        for url in [
+            "file:///data/jobs/j/checkpoints/7",
+            "/data/jobs/j/checkpoints/7",
+            "/data/jobs/j/checkpoints/7/",
+        ] {
+            let dir = open_snapshot_dir(url).unwrap();
+            assert_eq!(dir.url(), url.trim_end_matches('/'), "{url}");
+            let job = dir.parent().parent();
+            let want = if url.starts_with("file://") {
+                "file:///data/jobs/j"
+            } else {
+                "/data/jobs/j"
+            };
+            assert_eq!(job.url(), want, "{url}");
+        }
+        // Too short to have a job directory: opened as it is.
+        assert_eq!(open_snapshot_dir("/cp").unwrap().url(), "/cp");
     }
 }

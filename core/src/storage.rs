@@ -236,6 +236,26 @@ impl StorageLocation {
         }
     }
 
+    /// The location one level up: the inverse of [`Self::child`] with one
+    /// segment (meant for locations made by `child`; at the store's root
+    /// it stays itself).
+    pub fn parent(&self) -> Self {
+        let parts: Vec<_> = self.prefix.parts().collect();
+        let Some((_, head)) = parts.split_last() else {
+            return self.clone();
+        };
+        let prefix = Path::from_iter(head.iter().cloned());
+        let url = match self.url.trim_end_matches('/').rsplit_once('/') {
+            Some((head, _)) if !head.ends_with(':') && !head.ends_with("//") => head.to_string(),
+            _ => self.url.clone(),
+        };
+        Self {
+            store: self.store.clone(),
+            prefix,
+            url,
+        }
+    }
+
     /// The absolute store path of a relative path.
     pub fn full(&self, rel: &str) -> Path {
         let rel = rel.trim_matches('/');
@@ -335,6 +355,20 @@ impl StorageLocation {
 
     /// Every object below `rel`, as (path relative to `rel`, size), sorted.
     pub async fn list_files(&self, rel: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_files_modified(rel)
+            .await?
+            .into_iter()
+            .map(|(p, size, _)| (p, size))
+            .collect())
+    }
+
+    /// Every object below `rel` with when it was last written, as (path
+    /// relative to `rel`, size, last modified), sorted.
+    pub async fn list_files_modified(
+        &self,
+        rel: &str,
+    ) -> Result<Vec<(String, u64, chrono::DateTime<chrono::Utc>)>> {
         let base = self.full(rel);
         let base_str = base.to_string();
         let metas: Vec<_> = match self.store.list(Some(&base)).try_collect().await {
@@ -342,7 +376,7 @@ impl StorageLocation {
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
             Err(e) => return Err(self.err(rel, e)),
         };
-        let mut out: Vec<(String, u64)> = metas
+        let mut out: Vec<_> = metas
             .into_iter()
             .map(|m| {
                 let full = m.location.to_string();
@@ -351,7 +385,7 @@ impl StorageLocation {
                     .unwrap_or(&full)
                     .trim_start_matches('/')
                     .to_string();
-                (relp, m.size)
+                (relp, m.size, m.last_modified)
             })
             .collect();
         out.sort();
@@ -446,6 +480,21 @@ mod tests {
         assert!(StorageLocation::parse("s3:///nobucket").is_err());
         let rel = StorageLocation::parse("./data").unwrap();
         assert!(rel.path.starts_with('/') && rel.path.ends_with("/data"));
+    }
+
+    #[tokio::test]
+    async fn parent_undoes_child() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StorageLocation::open(dir.path().to_str().unwrap()).unwrap();
+        let cp = root.child("jobs/j/checkpoints/7");
+        let job = cp.parent().parent();
+        assert_eq!(job.url(), root.child("jobs/j").url());
+        job.put("shared/x", Bytes::from_static(b"x")).await.unwrap();
+        assert_eq!(
+            root.get("jobs/j/shared/x").await.unwrap(),
+            Bytes::from_static(b"x")
+        );
+        assert_eq!(root.parent().url(), root.url());
     }
 
     #[tokio::test]

@@ -536,6 +536,8 @@ struct StateInput {
     plan: u8,
     source: Vec<u8>,
     window: Vec<u8>,
+    /// A delta on `window` (incremental checkpoints), when not empty.
+    window_delta: Vec<u8>,
     sink: Vec<u8>,
     manifest_edits: Vec<Edit>,
 }
@@ -582,6 +584,23 @@ fn checkpoint_state() {
                 sha256: ferry_core::storage::sha256_hex(data),
                 operator: op.into(),
                 subtask: 0,
+                shared: false,
+                chain: 0,
+            });
+            files.insert(path, Bytes::from(data.clone()));
+        }
+        if !input.window_delta.is_empty() {
+            let data = &input.window_delta;
+            let sha256 = ferry_core::storage::sha256_hex(data);
+            let path = ferry_core::manifest::shared_file("window", 0, &sha256);
+            manifest.files.push(ferry_core::manifest::FileEntry {
+                path: path.clone(),
+                size: data.len() as u64,
+                sha256,
+                operator: "window".into(),
+                subtask: 0,
+                shared: true,
+                chain: 1,
             });
             files.insert(path, Bytes::from(data.clone()));
         }

@@ -10,6 +10,7 @@
 //! stores hold the checkpoint.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -192,7 +193,11 @@ pub(crate) async fn complete_checkpoint(
         offsets.extend(a.source_offsets.clone());
         txns.extend(a.sink_transactions.iter().cloned());
     }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
+    // Sorted for a stable manifest; shared files' order in their chain is
+    // their `chain` position, not their place here.
+    files.sort_by(|a, b| {
+        (&a.operator, a.subtask, a.chain, &a.path).cmp(&(&b.operator, b.subtask, b.chain, &b.path))
+    });
     // Fenced: only a JobManager that leads right now may complete a
     // checkpoint, and the manifest records under which epoch it did.
     let Some(epoch) = job.leadership.fence() else {
@@ -203,7 +208,16 @@ pub(crate) async fn complete_checkpoint(
         .into());
     };
     let duration = p.started.elapsed();
-    let manifest = Manifest {
+    if let Some(f) = files.iter().find(|f| job.shared_gc.was_removed(&f.path)) {
+        // The task built on a snapshot that retention has removed since (it
+        // missed a completion): this checkpoint would not restore.
+        return Err(format!(
+            "checkpoint {} not completed: '{}' lists '{}', which retention removed; the task's next checkpoint writes its state in full",
+            p.barrier.id, f.operator, f.path
+        )
+        .into());
+    }
+    let mut manifest = Manifest {
         format: MANIFEST_FORMAT,
         job_id: job.id,
         job_name: job.spec.metadata.name.clone(),
@@ -223,6 +237,7 @@ pub(crate) async fn complete_checkpoint(
         sink_transactions: txns,
         restored_from: *job.restored_from.lock().unwrap_or_else(|p| p.into_inner()),
     };
+    manifest.format = manifest.needed_format();
     // Fenced across regions too: a region that may have lost the primary
     // role writes no checkpoint of the old region epoch.
     job.region_fence
@@ -288,6 +303,10 @@ pub(crate) async fn complete_checkpoint(
         .checkpoint_size
         .get_or_create(&labels)
         .set(manifest.total_size() as i64);
+    metrics
+        .checkpoint_written
+        .get_or_create(&labels)
+        .inc_by(manifest.written_size());
     let sync: f64 = p.acks.iter().map(|a| a.sync_duration.as_secs_f64()).sum();
     let upload: f64 = p.acks.iter().map(|a| a.async_duration.as_secs_f64()).sum();
     metrics
@@ -322,6 +341,7 @@ pub(crate) async fn complete_checkpoint(
         kind = ?p.barrier.kind,
         ms = duration.as_millis() as u64,
         bytes = manifest.total_size(),
+        written = manifest.written_size(),
         "snapshot completed"
     );
     job.status
@@ -380,8 +400,9 @@ pub(crate) async fn abort_incomplete(job: &JobEntry, restored: Option<Checkpoint
 }
 
 /// Keeps the newest `retained` complete checkpoints up to `completed`;
-/// deletes older directories (complete or not), and the partial files of
-/// failed attempts between them.
+/// deletes older directories (complete or not), the partial files of
+/// failed attempts between them, and the shared state files no retained
+/// checkpoint lists.
 async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
     let keep = job.spec.spec.checkpointing.retained.max(1) as usize;
     let ids = list_checkpoint_ids(&job.root, &job.id)
@@ -410,17 +431,66 @@ async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     }
-    if complete.len() <= keep {
-        return Ok(());
+    if complete.len() > keep {
+        let oldest_kept = complete[complete.len() - keep];
+        for id in ids.iter().filter(|i| **i < oldest_kept) {
+            job.root
+                .delete_prefix(&checkpoint_dir(&job.id, *id))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
-    let oldest_kept = complete[complete.len() - keep];
-    for id in ids.iter().filter(|i| **i < oldest_kept) {
-        job.root
-            .delete_prefix(&checkpoint_dir(&job.id, *id))
-            .await
-            .map_err(|e| e.to_string())?;
+    collect_shared(job).await
+}
+
+/// Deletes the files of the job's `shared/` folder that no snapshot of it
+/// lists. Runs when no checkpoint is in flight (one at a time per job), so
+/// a file not yet listed is an orphan of a failed attempt; a task that
+/// still builds on a removed file is caught when its checkpoint completes
+/// ([`SharedGc::was_removed`]).
+async fn collect_shared(job: &JobEntry) -> Result<(), String> {
+    let removed = ferry_core::manifest::collect_shared(&job.root, &job.id, None)
+        .await
+        .map_err(|e| format!("shared state files kept: {e}"))?;
+    for path in removed {
+        job.shared_gc.removed(&path);
     }
     Ok(())
+}
+
+/// The shared state files this JobManager's retention removed lately: a
+/// checkpoint that lists one of them would not restore.
+#[derive(Default)]
+pub(crate) struct SharedGc {
+    removed: Mutex<(
+        std::collections::HashSet<String>,
+        std::collections::VecDeque<String>,
+    )>,
+}
+
+impl SharedGc {
+    /// Names kept (the oldest forgotten first): far more than one
+    /// checkpoint's chains hold.
+    const REMEMBERED: usize = 65_536;
+
+    fn removed(&self, path: &str) {
+        let mut g = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        let (set, order) = &mut *g;
+        if set.insert(path.to_string()) {
+            order.push_back(path.to_string());
+            if order.len() > Self::REMEMBERED
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+    }
+
+    /// Whether retention removed `path` (relative to the job directory).
+    pub(crate) fn was_removed(&self, path: &str) -> bool {
+        let g = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.contains(path)
+    }
 }
 
 /// The first checkpoint number of a deployment: above every number that

@@ -72,6 +72,7 @@ pub(crate) async fn drive(
     // The TaskManager a move asked for, for the next deployment.
     let mut prefer: Option<String> = None;
     let mut store_wait = STORE_RETRY_FIRST;
+    let mut restore_started = Instant::now();
     loop {
         if job.abandon.is_cancelled() {
             tracing::info!(job = %job.id, "leadership lost: no longer driving the job");
@@ -99,6 +100,7 @@ pub(crate) async fn drive(
                 (None, Ok((d, next.max(CheckpointId(last_barrier).next()))))
             }
             None => {
+                restore_started = Instant::now();
                 let restored = match load_restore(&job, &plan, &restore_from).await {
                     Ok(r) => {
                         store_wait = STORE_RETRY_FIRST;
@@ -186,7 +188,24 @@ pub(crate) async fn drive(
                         .location()
                         .and_then(|l| crate::job::Placed::from_location(l, plan.parallelism));
                     if let Some(cp) = &restored {
-                        tracing::info!(job = %job.id, checkpoint = %cp.manifest.checkpoint_id, "restored from checkpoint");
+                        let took = restore_started.elapsed();
+                        let bytes = cp.manifest.total_size();
+                        tracing::info!(
+                            job = %job.id,
+                            checkpoint = %cp.manifest.checkpoint_id,
+                            bytes,
+                            ms = took.as_millis() as u64,
+                            "restored from checkpoint {} ({:.1} MB of state) in {} ms",
+                            cp.manifest.checkpoint_id,
+                            bytes as f64 / 1e6,
+                            took.as_millis()
+                        );
+                        st.last_restore = Some(ferry_core::api::RestoreInfo {
+                            checkpoint_id: cp.manifest.checkpoint_id.0,
+                            size_bytes: bytes,
+                            duration_ms: took.as_millis() as u64,
+                            restored_at: chrono::Utc::now(),
+                        });
                         st.last_checkpoint = Some(manifest_info(
                             &cp.manifest,
                             &restored_dir(&job, cp, &restore_from),
@@ -364,7 +383,7 @@ async fn pause(
 /// start from, or the job's own checkpoint or `savepoint-<n>` directory.
 fn restored_dir(job: &JobEntry, cp: &VerifiedCheckpoint, from: &RestoreFrom) -> StorageLocation {
     if let RestoreFrom::Savepoint(p) = from
-        && let Ok(l) = StorageLocation::open(p)
+        && let Ok(l) = ferry_core::manifest::open_snapshot_dir(p)
     {
         return l;
     }
@@ -564,7 +583,7 @@ async fn load_restore(
     match from {
         RestoreFrom::Nothing => Ok(None),
         RestoreFrom::Savepoint(path) => {
-            let dir = StorageLocation::open(path)?;
+            let dir = ferry_core::manifest::open_snapshot_dir(path)?;
             match read_verified(&dir).await? {
                 Some(cp) => Ok(Some(cp)),
                 None => Err(JmError::Runtime(format!(

@@ -102,6 +102,7 @@ pub(crate) struct Status {
     pub(crate) moved_to: Option<String>,
     pub(crate) failure: Option<String>,
     pub(crate) last_checkpoint: Option<CheckpointInfo>,
+    pub(crate) last_restore: Option<ferry_core::api::RestoreInfo>,
     pub(crate) ended_at: Option<DateTime<Utc>>,
 }
 
@@ -127,6 +128,7 @@ impl Status {
             },
             failure: prior.and_then(|p| p.failure.clone()),
             last_checkpoint: prior.and_then(|p| p.last_checkpoint.clone()),
+            last_restore: prior.and_then(|p| p.last_restore.clone()),
             ended_at: prior.and_then(|p| p.ended_at),
         }
     }
@@ -167,6 +169,8 @@ pub(crate) struct JobEntry {
     /// The checkpoint the current deployment restored from (see
     /// `Manifest::restored_from`).
     pub(crate) restored_from: Mutex<Option<u64>>,
+    /// Shared state files retention removed (incremental checkpoints).
+    pub(crate) shared_gc: crate::checkpoint::SharedGc,
     /// Cancelled when this JobManager loses the leadership: the driver stops
     /// at once and writes nothing more; the new leader carries on.
     pub(crate) abandon: CancellationToken,
@@ -349,6 +353,9 @@ impl JobEntry {
             if st.last_checkpoint.is_some() {
                 stored.last_checkpoint = st.last_checkpoint.clone();
             }
+            if st.last_restore.is_some() {
+                stored.last_restore = st.last_restore.clone();
+            }
             if st.failure.is_some() {
                 stored.failure = st.failure.clone();
             }
@@ -382,6 +389,7 @@ impl JobEntry {
             skipped_records: c.skipped_records,
             watermark: Some(c.watermark).filter(|w| *w != i64::MIN).map(format_ts),
             last_checkpoint: st.last_checkpoint.clone(),
+            last_restore: st.last_restore.clone(),
             failure: st.failure.clone(),
             output: match &self.spec.spec.sink {
                 SinkSpec::File(f) => StorageLocation::parse(&f.path).ok().map(|p| {
@@ -446,6 +454,7 @@ spec:
             region_fence: Default::default(),
             sync: Default::default(),
             restored_from: Mutex::new(None),
+            shared_gc: Default::default(),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior.cloned()),
             dirty: watch::channel(0).0,

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub checkpoint_failures: Family<JobLabels, Counter>,
     pub checkpoint_duration: Family<JobLabels, Histogram, fn() -> Histogram>,
     pub checkpoint_size: Family<JobLabels, Gauge>,
+    pub checkpoint_written: Family<JobLabels, Counter>,
     pub checkpoint_sync_seconds: Family<JobLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub checkpoint_async_seconds: Family<JobLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub last_checkpoint_timestamp: Family<JobLabels, Gauge>,
@@ -145,6 +146,7 @@ impl Metrics {
             checkpoint_failures: Family::default(),
             checkpoint_duration: Family::new_with_constructor(checkpoint_buckets),
             checkpoint_size: Family::default(),
+            checkpoint_written: Family::default(),
             checkpoint_sync_seconds: Family::default(),
             checkpoint_async_seconds: Family::default(),
             last_checkpoint_timestamp: Family::default(),
@@ -228,6 +230,11 @@ impl Metrics {
             "checkpoint_size_bytes",
             "State size of the last completed checkpoint",
             m.checkpoint_size.clone(),
+        );
+        registry.register(
+            "checkpoint_written_bytes",
+            "Bytes completed snapshots wrote (with incremental checkpoints, only their new files: the deltas, and the full snapshots of compactions)",
+            m.checkpoint_written.clone(),
         );
         registry.register(
             "checkpoint_sync_seconds",

@@ -132,6 +132,7 @@ pub(crate) fn manifest_info(m: &Manifest, dir: &StorageLocation) -> CheckpointIn
         completed_at: m.created_at,
         duration_ms: m.duration_ms,
         size_bytes: m.total_size(),
+        written_bytes: m.written_size(),
         watermark: (m.watermark != i64::MIN).then(|| format_ts(m.watermark)),
         records_in: m.records_in,
         records_out: m.records_out,

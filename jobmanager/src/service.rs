@@ -481,6 +481,7 @@ impl JobManager {
             region_fence: self.inner.region_fence.clone(),
             sync: self.inner.sync.clone(),
             restored_from: Mutex::new(None),
+            shared_gc: Default::default(),
             abandon: CancellationToken::new(),
             stored: Mutex::new(prior_job),
             dirty,

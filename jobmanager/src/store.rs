@@ -198,6 +198,7 @@ fn created_status(id: JobId, spec: &JobSpec) -> StoredStatus {
             expression_errors: 0,
             skipped_records: 0,
             watermark: None,
+            last_restore: None,
             last_checkpoint: None,
             failure: None,
             output: None,

@@ -28,6 +28,49 @@ pub struct ThroughputOptions {
     pub repeat: u32,
     /// Where checkpoints go (a temp dir by default).
     pub data_dir: Option<String>,
+    /// String keys `<prefix><n>` instead of integers.
+    pub key_prefix: Option<String>,
+    /// The tumbling window's size (e.g. `1m`, `24h`).
+    pub window: String,
+    /// Also run the checkpointed job with full checkpoints
+    /// (`checkpointing.incremental: false`), interleaved with the others.
+    pub compare_full: bool,
+}
+
+impl Default for ThroughputOptions {
+    fn default() -> Self {
+        Self {
+            events: 100_000_000,
+            keys: 10_000,
+            checkpoint_interval: "1s".into(),
+            repeat: 5,
+            data_dir: None,
+            key_prefix: None,
+            window: "1m".into(),
+            compare_full: false,
+        }
+    }
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Without => "without checkpoints",
+            Variant::Incremental => "incremental",
+            Variant::Full => "full checkpoints",
+        }
+    }
+}
+
+/// The variants a run can be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// Checkpoints once an hour: none during the run.
+    Without,
+    /// Incremental checkpoints (the default) every interval.
+    Incremental,
+    /// Full checkpoints every interval.
+    Full,
 }
 
 /// One run of one variant.
@@ -42,6 +85,11 @@ pub struct RunResult {
     /// plus the upload's own polls (serializing, hashing, issuing writes),
     /// which share the one core with the records.
     pub checkpoint_work_s: f64,
+    /// Bytes the checkpoints wrote, on average per checkpoint (deltas, and
+    /// the full snapshots among them).
+    pub written_bytes_per_checkpoint: f64,
+    /// Size of the state the last checkpoint lists (what a restore reads).
+    pub state_bytes: u64,
 }
 
 /// Every run of both variants.
@@ -49,6 +97,8 @@ pub struct RunResult {
 pub struct Runs {
     pub without_checkpoints: Vec<RunResult>,
     pub with_checkpoints: Vec<RunResult>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub with_full_checkpoints: Vec<RunResult>,
 }
 
 /// The benchmark's result.
@@ -57,9 +107,18 @@ pub struct ThroughputReport {
     pub events: u64,
     pub keys: u64,
     pub checkpoint_interval: String,
-    /// The fastest run of each variant.
+    pub window: String,
+    /// The fastest run of each variant (`with_checkpoints`: incremental).
     pub without_checkpoints: RunResult,
     pub with_checkpoints: RunResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub with_full_checkpoints: Option<RunResult>,
+    /// Incremental checkpoints' throughput as a share of the run without
+    /// checkpoints (fastest vs fastest).
+    pub incremental_throughput_ratio: f64,
+    /// What an incremental checkpoint wrote, on average, as a share of the
+    /// state's size.
+    pub written_percent_of_state: f64,
     /// Fastest vs fastest.
     pub checkpoint_overhead_percent: f64,
     /// The median of each repeat's back-to-back pair (robust against one
@@ -83,25 +142,40 @@ impl ThroughputReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| variant | M events/s per core | wall s | cpu s | checkpoints |"
+            "| variant | M events/s per core | wall s | cpu s | checkpoints | MB written per checkpoint | state MB |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|");
-        for (name, v) in [
-            ("without checkpoints", r.without_checkpoints),
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        let mut rows = vec![
+            ("without checkpoints".to_string(), r.without_checkpoints),
             (
-                &*format!("checkpoints every {}", r.checkpoint_interval),
+                format!("incremental checkpoints every {}", r.checkpoint_interval),
                 r.with_checkpoints,
             ),
-        ] {
+        ];
+        if let Some(full) = r.with_full_checkpoints {
+            rows.push((
+                format!("full checkpoints every {}", r.checkpoint_interval),
+                full,
+            ));
+        }
+        for (name, v) in rows {
             let _ = writeln!(
                 out,
-                "| {name} | {:.2} | {:.2} | {:.2} | {} |",
+                "| {name} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.1} |",
                 v.events_per_cpu_s / 1e6,
                 v.wall_s,
                 v.cpu_s,
-                v.checkpoints
+                v.checkpoints,
+                v.written_bytes_per_checkpoint / 1e6,
+                v.state_bytes as f64 / 1e6,
             );
         }
+        let _ = writeln!(
+            out,
+            "incremental checkpoints: {:.1} % of the throughput without checkpoints; each wrote {:.1} % of the state's size on average",
+            r.incremental_throughput_ratio * 100.0,
+            r.written_percent_of_state
+        );
         let paired = &r.checkpoint_overhead_percent_paired;
         let _ = writeln!(
             out,
@@ -133,7 +207,18 @@ pub(crate) fn cpu_time() -> Duration {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
-fn spec(events: u64, keys: u64, interval: &str) -> String {
+fn spec(a: &ThroughputOptions, variant: Variant) -> String {
+    let (events, keys, window) = (a.events, a.keys, &a.window);
+    let (interval, incremental) = match variant {
+        Variant::Without => ("1h", true),
+        Variant::Incremental => (a.checkpoint_interval.as_str(), true),
+        Variant::Full => (a.checkpoint_interval.as_str(), false),
+    };
+    let prefix = a
+        .key_prefix
+        .as_ref()
+        .map(|p| format!(", prefix: {p:?}"))
+        .unwrap_or_default();
     format!(
         r#"
 apiVersion: ferry.dev/v1
@@ -141,7 +226,7 @@ kind: Job
 metadata: {{name: bench-keyed-count}}
 spec:
   parallelism: 1
-  checkpointing: {{interval: {interval}, retained: 2}}
+  checkpointing: {{interval: {interval}, retained: 2, incremental: {incremental}}}
   restartStrategy: {{type: none}}
   source:
     generator:
@@ -149,10 +234,10 @@ spec:
       total: {events}
       eventTime: {{step: 1ms, maxOutOfOrderness: 100ms}}
       fields:
-        key: {{type: key, cardinality: {keys}}}
+        key: {{type: key, cardinality: {keys}{prefix}}}
   operators:
     - key_by: key
-    - window: {{tumbling: 1m, aggregate: {{count: count}}}}
+    - window: {{tumbling: {window}, aggregate: {{count: count}}}}
   sink:
     blackhole: {{}}
 "#
@@ -189,6 +274,9 @@ fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
         let sync_s = m.checkpoint_sync_seconds.get_or_create(&labels).get();
         let async_s = m.checkpoint_async_seconds.get_or_create(&labels).get();
         let checkpoint_work_s = sync_s + async_s;
+        let written = m.checkpoint_written.get_or_create(&labels).get();
+        let state_bytes = m.checkpoint_size.get_or_create(&labels).get().max(0) as u64;
+        let done = m.checkpoints_completed.get_or_create(&labels).get();
         let completed = info.last_checkpoint.map(|c| c.id).unwrap_or(0);
         jm.shutdown(false).await;
         Ok(RunResult {
@@ -198,29 +286,36 @@ fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
             events_per_cpu_s: events as f64 / cpu,
             checkpoints: completed.max(checkpoints),
             checkpoint_work_s,
+            written_bytes_per_checkpoint: written as f64 / done.max(1) as f64,
+            state_bytes,
         })
     })
 }
 
-/// Runs the benchmark; `on_run(repeat, with_checkpoints, result)` after
-/// each run.
+/// Runs the benchmark; `on_run(repeat, variant, result)` after each run.
 pub fn throughput(
     a: &ThroughputOptions,
-    mut on_run: impl FnMut(u32, bool, &RunResult),
+    mut on_run: impl FnMut(u32, &str, &RunResult),
 ) -> anyhow::Result<ThroughputReport> {
     let tmp = tempfile_dir()?;
     let data = a.data_dir.clone().unwrap_or_else(|| tmp.clone());
-    let mut runs: [Vec<RunResult>; 2] = [Vec::new(), Vec::new()];
-    let intervals = ["1h", a.checkpoint_interval.as_str()];
+    let mut variants = vec![Variant::Without, Variant::Incremental];
+    if a.compare_full {
+        variants.push(Variant::Full);
+    }
+    let mut runs: Vec<Vec<RunResult>> = vec![Vec::new(); variants.len()];
     for r in 0..a.repeat {
-        // ABBA order: a slow drift of the machine's speed hits both variants
-        // alike, so each repeat's pair is comparable.
-        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        // Alternating order: a slow drift of the machine's speed hits every
+        // variant alike, so each repeat's runs are comparable.
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
         for i in order {
-            let interval = intervals[i];
-            let res = run_once(&data, &spec(a.events, a.keys, interval), a.events)
-                .with_context(|| format!("run {} ({interval} checkpoints)", r + 1))?;
-            on_run(r + 1, i == 1, &res);
+            let v = variants[i];
+            let res = run_once(&data, &spec(a, v), a.events)
+                .with_context(|| format!("run {} ({v:?} checkpoints)", r + 1))?;
+            on_run(r + 1, v.label(), &res);
             runs[i].push(res);
         }
     }
@@ -231,6 +326,7 @@ pub fn throughput(
             .expect("at least one run")
     };
     let (off, on) = (best(&runs[0]), best(&runs[1]));
+    let full = runs.get(2).map(|r| best(r));
     let overhead = (1.0 - on.events_per_cpu_s / off.events_per_cpu_s) * 100.0;
     let mut paired: Vec<f64> = runs[0]
         .iter()
@@ -249,13 +345,25 @@ pub fn throughput(
     } else {
         (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0
     };
-    let [without, with] = runs;
+    let written_percent_of_state = if on.state_bytes > 0 {
+        on.written_bytes_per_checkpoint / on.state_bytes as f64 * 100.0
+    } else {
+        0.0
+    };
+    let mut runs = runs.into_iter();
+    let without = runs.next().unwrap_or_default();
+    let with = runs.next().unwrap_or_default();
+    let with_full = runs.next().unwrap_or_default();
     Ok(ThroughputReport {
         events: a.events,
         keys: a.keys,
         checkpoint_interval: a.checkpoint_interval.clone(),
+        window: a.window.clone(),
         without_checkpoints: off,
         with_checkpoints: on,
+        with_full_checkpoints: full,
+        incremental_throughput_ratio: on.events_per_cpu_s / off.events_per_cpu_s,
+        written_percent_of_state,
         checkpoint_overhead_percent: overhead,
         checkpoint_overhead_percent_paired_median: paired_median,
         checkpoint_overhead_percent_paired: paired,
@@ -263,6 +371,7 @@ pub fn throughput(
         runs: Runs {
             without_checkpoints: without,
             with_checkpoints: with,
+            with_full_checkpoints: with_full,
         },
     })
 }

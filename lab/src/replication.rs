@@ -53,6 +53,12 @@ pub struct ReplicationOptions {
     pub compare_sync: bool,
     /// Run this long before measuring (not part of `seconds`).
     pub warmup: Duration,
+    /// Distinct keys of the job's window state.
+    pub keys: u64,
+    /// String keys `<prefix><n>` instead of integers.
+    pub key_prefix: Option<String>,
+    /// Size of the job's tumbling window.
+    pub window: String,
 }
 
 /// Times in ms with how many there are.
@@ -159,8 +165,12 @@ impl ReplicationReport {
         );
         let _ = writeln!(
             out,
-            "{} snapshots, {} bytes replicated, {} retries; target: lag p99 ≤ checkpoint interval + 500 ms = {:.0} ms",
-            r.snapshots_replicated, r.bytes_replicated, r.retries, r.target_ms
+            "{} snapshots, {} bytes replicated ({:.0} per snapshot), {} retries; target: lag p99 ≤ checkpoint interval + 500 ms = {:.0} ms",
+            r.snapshots_replicated,
+            r.bytes_replicated,
+            r.bytes_replicated as f64 / r.snapshots_replicated.max(1) as f64,
+            r.retries,
+            r.target_ms
         );
         if let Some(sync) = &r.sync {
             let _ = writeln!(
@@ -199,7 +209,13 @@ pub struct Started {
     pub to: String,
 }
 
-fn spec(rate: u64, interval: &str) -> String {
+fn spec(a: &ReplicationOptions) -> String {
+    let (rate, interval, keys, window) = (a.rate, &a.checkpoint_interval, a.keys, &a.window);
+    let prefix = a
+        .key_prefix
+        .as_ref()
+        .map(|p| format!(", prefix: {p:?}"))
+        .unwrap_or_default();
     format!(
         r#"
 apiVersion: ferry.dev/v1
@@ -215,10 +231,10 @@ spec:
       rate: {rate}
       eventTime: {{step: 1ms, maxOutOfOrderness: 100ms}}
       fields:
-        key: {{type: key, cardinality: 10000}}
+        key: {{type: key, cardinality: {keys}{prefix}}}
   operators:
     - key_by: key
-    - window: {{tumbling: 1m, aggregate: {{count: count}}}}
+    - window: {{tumbling: {window}, aggregate: {{count: count}}}}
   sink:
     blackhole: {{}}
 "#
@@ -358,7 +374,7 @@ pub async fn run(
         }],
         ferry_region::WriteFence::unfenced(),
     ));
-    let text = spec(a.rate, &a.checkpoint_interval);
+    let text = spec(a);
     let (jm, job) = Side::start(&from, "bench", &text).await?;
     let mut completed = jm.subscribe_completed();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -117,6 +117,9 @@ pub struct JobCopy {
     /// The checkpoints the target holds after the pass, as far as it
     /// looked (what [`replicate_new`] may delete later).
     pub target_checkpoints: Vec<u64>,
+    /// Shared state files (incremental checkpoints) deleted from the
+    /// target because none of its checkpoints lists them any more.
+    pub shared_removed: usize,
 }
 
 impl JobCopy {
@@ -212,16 +215,22 @@ pub async fn copy_snapshot_with(
         watermark: manifest.watermark,
         ..Default::default()
     };
-    if let Some(f) = manifest
-        .files
-        .iter()
-        .find(|f| f.path.contains("..") || f.path.starts_with('/'))
-    {
+    if let Err(reason) = manifest.check_files() {
         return Err(ReplicationError::SourceCorrupt {
             path: format!("{}/{MANIFEST_FILE}", src.url()),
-            reason: format!("file path '{}' is not relative", f.path),
+            reason,
         });
     }
+    // Shared files (incremental checkpoints) lie in the job's `shared/`
+    // folder, two levels above the snapshot's directory, on both sides.
+    let (src_job, dst_job) = (src.parent().parent(), dst.parent().parent());
+    let side = |f: &FileEntry| -> (StorageLocation, StorageLocation) {
+        if f.shared {
+            (src_job.clone(), dst_job.clone())
+        } else {
+            (src.clone(), dst.clone())
+        }
+    };
     let present: BTreeMap<String, u64> = match mode {
         CopyMode::Resume => {
             let (existing, listed) = tokio::join!(dst.get_opt(MANIFEST_FILE), dst.list_files(""));
@@ -238,27 +247,49 @@ pub async fn copy_snapshot_with(
         }
         CopyMode::Fresh => BTreeMap::new(),
     };
+    // A shared file named by its content that the target has at the right
+    // size is this file (a delta an earlier checkpoint brought along, or
+    // the full snapshot under it): only the new ones cross.
+    let shared_present: BTreeMap<String, u64> = {
+        let heads: Vec<_> = manifest
+            .files
+            .iter()
+            .filter(|f| f.shared)
+            .map(|f| {
+                let (dst_job, path) = (dst_job.clone(), f.path.clone());
+                async move { dst_job.size(&path).await.map(|s| (path, s)) }
+            })
+            .collect();
+        futures::stream::iter(heads)
+            .buffered(CONCURRENT_FILES)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .filter_map(|(p, s)| s.map(|s| (p, s)))
+            .collect()
+    };
     // Incremental: a file of the right size is kept (it was verified when
     // this replicator wrote it; the standby's restore check re-hashes
     // everything).
-    let (kept, todo): (Vec<_>, Vec<_>) = manifest
-        .files
-        .iter()
-        .partition(|f| present.get(&f.path) == Some(&f.size));
+    let (kept, todo): (Vec<_>, Vec<_>) = manifest.files.iter().partition(|f| {
+        let have = if f.shared { &shared_present } else { &present };
+        have.get(&f.path) == Some(&f.size)
+    });
     report.files_present = kept.len();
     // The source's bytes, checked: a corrupt source is never replicated.
     // (Each future owns what it uses: the stream is spawned by callers.)
     let reads: Vec<_> = todo
         .iter()
         .map(|f| {
-            let (src, f) = (src.clone(), (*f).clone());
+            let ((from, _), f) = (side(f), (*f).clone());
+            let src = src.clone();
             async move {
-                let Some(data) = src.get_opt(&f.path).await? else {
-                    return Err(missing_source_file(&src, &f.path).await);
+                let Some(data) = from.get_opt(&f.path).await? else {
+                    return Err(missing_source_file(&src, &from, &f.path).await);
                 };
                 check(&data, f.size, &f.sha256).map_err(|reason| {
                     ReplicationError::SourceCorrupt {
-                        path: format!("{}/{}", src.url(), f.path),
+                        path: format!("{}/{}", from.url(), f.path),
                         reason,
                     }
                 })?;
@@ -284,7 +315,7 @@ pub async fn copy_snapshot_with(
         let writes: Vec<_> = pending
             .iter()
             .map(|(f, data)| {
-                let (dst, path, data) = (dst.clone(), f.path.clone(), data.clone());
+                let ((_, dst), path, data) = (side(f), f.path.clone(), data.clone());
                 async move {
                     dst.put(&path, data)
                         .await
@@ -301,7 +332,7 @@ pub async fn copy_snapshot_with(
             .iter()
             .zip(copies)
             .map(|((f, _), copied)| {
-                let (dst, f) = (dst.clone(), f.clone());
+                let ((_, dst), f) = (side(f), f.clone());
                 async move {
                     copied?;
                     match dst.get_opt(&f.path).await {
@@ -399,11 +430,17 @@ async fn put_manifest(
 /// deleted since its manifest was read (retention on the primary deletes
 /// the manifest first, then the files) — then it is simply no longer a
 /// checkpoint — or the source is corrupt.
-async fn missing_source_file(src: &StorageLocation, file: &str) -> ReplicationError {
+/// `from` is where the file should be (the snapshot's directory `src`, or
+/// the job's for a shared file).
+async fn missing_source_file(
+    src: &StorageLocation,
+    from: &StorageLocation,
+    file: &str,
+) -> ReplicationError {
     match src.get_opt(MANIFEST_FILE).await {
         Ok(None) => ReplicationError::Incomplete(src.url().to_string()),
         Ok(Some(_)) => ReplicationError::SourceCorrupt {
-            path: format!("{}/{file}", src.url()),
+            path: format!("{}/{file}", from.url()),
             reason: "listed in the manifest but missing".into(),
         },
         Err(e) => e.into(),
@@ -420,6 +457,11 @@ fn check(data: &Bytes, size: u64, sha256: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// How old an unlisted shared file in a standby's store must be before a
+/// reconciliation deletes it: far longer than any copy takes between its
+/// files and its manifest.
+pub const SHARED_GRACE: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
 
 /// Replicates one job: its spec, every complete savepoint and checkpoint
 /// the target lacks (oldest first), and retention — target checkpoints
@@ -498,6 +540,23 @@ pub async fn replicate_job(
         } else {
             out.target_checkpoints.push(id.0);
         }
+    }
+    // Shared state files no checkpoint of the target lists any more. A
+    // copy in flight (a synchronous one, or the next pass) writes its
+    // files before its manifest: only files older than any such copy go.
+    let cutoff = chrono::Utc::now() - SHARED_GRACE;
+    let shared = ferry_core::manifest::shared_dir(job);
+    match fence
+        .write(
+            &shared,
+            ferry_core::manifest::collect_shared(target, job, Some(cutoff)),
+        )
+        .await
+    {
+        Ok(removed) => out.shared_removed = removed.len(),
+        Err(e @ ReplicationError::Fenced { .. }) => return Err(e),
+        // Kept for now (e.g. an unreadable manifest may list them).
+        Err(e) => tracing::warn!(job = %job, "unlisted shared state files kept: {e}"),
     }
     Ok(out)
 }
@@ -665,14 +724,16 @@ pub(crate) mod tests {
     ) {
         let dir = root.child(&checkpoint_dir(job, CheckpointId(n)));
         let mut entries = Vec::new();
-        for (name, data) in files {
+        for (subtask, (name, data)) in files.iter().enumerate() {
             dir.put(name, Bytes::copy_from_slice(data)).await.unwrap();
             entries.push(FileEntry {
                 path: name.to_string(),
                 size: data.len() as u64,
                 sha256: sha256_hex(data),
                 operator: "window".into(),
-                subtask: 0,
+                subtask: subtask as u32,
+                shared: false,
+                chain: 0,
             });
         }
         let m = Manifest {
@@ -698,6 +759,138 @@ pub(crate) mod tests {
         write_manifest(&dir, &m).await.unwrap();
     }
 
+    /// An incremental checkpoint `n`: a chain per (shared) file content in
+    /// the job's `shared/` folder, listed in order, plus an own file.
+    async fn chain_checkpoint(root: &StorageLocation, job: &JobId, n: u64, chain: &[&[u8]]) {
+        let dir = root.child(&checkpoint_dir(job, CheckpointId(n)));
+        let job_dir = root.child(&job_dir(job));
+        let mut files = Vec::new();
+        for (pos, data) in chain.iter().enumerate() {
+            let sha256 = sha256_hex(data);
+            let path = ferry_core::manifest::shared_file("window", 0, &sha256);
+            job_dir
+                .put(&path, Bytes::copy_from_slice(data))
+                .await
+                .unwrap();
+            files.push(FileEntry {
+                path,
+                size: data.len() as u64,
+                sha256,
+                operator: "window".into(),
+                subtask: 0,
+                shared: true,
+                chain: pos as u32,
+            });
+        }
+        let own = format!("source of {n}").into_bytes();
+        dir.put("source-0.state", Bytes::from(own.clone()))
+            .await
+            .unwrap();
+        files.push(FileEntry {
+            path: "source-0.state".into(),
+            size: own.len() as u64,
+            sha256: sha256_hex(&own),
+            operator: "source".into(),
+            subtask: 0,
+            shared: false,
+            chain: 0,
+        });
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT,
+            job_id: *job,
+            job_name: "t".into(),
+            checkpoint_id: CheckpointId(n),
+            kind: SnapshotKind::Checkpoint,
+            created_at: chrono::Utc::now(),
+            jm_epoch: ferry_core::JmEpoch(1),
+            region_epoch: ferry_core::RegionEpoch(0),
+            parallelism: 1,
+            watermark: n as i64,
+            records_in: n,
+            records_out: n,
+            finished: false,
+            duration_ms: 1,
+            files,
+            source_offsets: Default::default(),
+            sink_transactions: Vec::new(),
+            restored_from: None,
+        };
+        m.format = m.needed_format();
+        write_manifest(&dir, &m).await.unwrap();
+    }
+
+    /// Only the shared files a standby lacks cross: a delta per checkpoint
+    /// after the first; the copy restores with its whole chain; files no
+    /// checkpoint lists any more are removed from the standby once old.
+    #[tokio::test]
+    async fn only_new_shared_files_are_copied_and_unlisted_ones_are_collected() {
+        let (_tmp, a, b) = stores();
+        let job = JobId::new();
+        let full = vec![7u8; 50_000];
+        chain_checkpoint(&a, &job, 1, &[&full]).await;
+        let first = copy(&a, &b, &job).await.unwrap();
+        let c1 = first.newest().unwrap();
+        assert_eq!((c1.files_copied, c1.bytes_copied), (2, 50_000 + 11));
+
+        chain_checkpoint(&a, &job, 2, &[&full, b"delta two"]).await;
+        let second = copy(&a, &b, &job).await.unwrap();
+        let c2 = second.newest().unwrap();
+        assert_eq!(c2.checkpoint, 2);
+        // The delta and checkpoint 2's own file; the full snapshot stays.
+        assert_eq!(c2.files_copied, 2, "{second:?}");
+        assert_eq!(c2.files_present, 1);
+        assert_eq!(c2.bytes_copied, 9 + 11);
+        let restored = find_restorable(&b, &job).await.unwrap();
+        let cp = restored.checkpoint.expect("the standby restores the chain");
+        assert_eq!(cp.manifest.checkpoint_id, CheckpointId(2));
+        let chains = cp.manifest.chains("window");
+        let chain: Vec<&[u8]> = chains[&0].iter().map(|f| &cp.files[&f.path][..]).collect();
+        assert_eq!(chain, vec![&full[..], &b"delta two"[..]]);
+
+        // Checkpoint 3 starts a new chain and 1 and 2 are retained no
+        // more: once the source drops them, the old chain's files go from
+        // the standby too — but only when older than the cutoff.
+        chain_checkpoint(&a, &job, 3, &[b"new full"]).await;
+        copy(&a, &b, &job).await.unwrap();
+        for n in [1, 2] {
+            a.delete_prefix(&checkpoint_dir(&job, CheckpointId(n)))
+                .await
+                .unwrap();
+            b.delete_prefix(&checkpoint_dir(&job, CheckpointId(n)))
+                .await
+                .unwrap();
+        }
+        let kept =
+            ferry_core::manifest::collect_shared(&b, &job, Some(chrono::Utc::now() - SHARED_GRACE))
+                .await
+                .unwrap();
+        assert!(kept.is_empty(), "written just now: kept ({kept:?})");
+        let removed = ferry_core::manifest::collect_shared(
+            &b,
+            &job,
+            Some(chrono::Utc::now() + chrono::TimeDelta::seconds(1)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            removed.len(),
+            2,
+            "the old full snapshot and delta: {removed:?}"
+        );
+        let left = b
+            .list_files(&ferry_core::manifest::shared_dir(&job))
+            .await
+            .unwrap();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(
+            find_restorable(&b, &job)
+                .await
+                .unwrap()
+                .checkpoint
+                .is_some()
+        );
+    }
+
     fn stores() -> (tempfile::TempDir, StorageLocation, StorageLocation) {
         let tmp = tempfile::tempdir().unwrap();
         let a = StorageLocation::open(&format!("file://{}/a", tmp.path().display())).unwrap();
@@ -714,12 +907,12 @@ pub(crate) mod tests {
         // Retention halfway through: the state file is gone, the manifest
         // still there — corrupt as far as anyone can tell.
         dir.delete("window-0.state").await.unwrap();
-        let e = missing_source_file(&dir, "window-0.state").await;
+        let e = missing_source_file(&dir, &dir, "window-0.state").await;
         assert!(matches!(e, ReplicationError::SourceCorrupt { .. }), "{e}");
         // Retention done (manifest first, then files): what a replicator
         // that read the manifest before finds is a deleted checkpoint.
         dir.delete(MANIFEST_FILE).await.unwrap();
-        let e = missing_source_file(&dir, "window-0.state").await;
+        let e = missing_source_file(&dir, &dir, "window-0.state").await;
         assert!(matches!(e, ReplicationError::Incomplete(_)), "{e}");
     }
 

@@ -78,6 +78,17 @@ pub struct ThroughputArgs {
     /// Where checkpoints go (a temp dir by default).
     #[arg(long)]
     pub data_dir: Option<String>,
+    /// String keys `<prefix><n>` (e.g. `customer-`) instead of integers.
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+    /// Size of the tumbling window (e.g. `24h`: every key's state lives
+    /// through the whole run).
+    #[arg(long, default_value = "1m")]
+    pub window: String,
+    /// Also run with full checkpoints (`checkpointing.incremental: false`)
+    /// beside the incremental ones, interleaved.
+    #[arg(long)]
+    pub compare_full: bool,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -215,6 +226,16 @@ pub struct ReplicationArgs {
     /// opening connections); not part of --seconds.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
+    /// Distinct keys of the job's window state.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// String keys `<prefix><n>` (e.g. `customer-`) instead of integers.
+    #[arg(long)]
+    pub key_prefix: Option<String>,
+    /// Size of the job's tumbling window (e.g. `24h`: the state lives
+    /// through the whole run).
+    #[arg(long, default_value = "1m")]
+    pub window: String,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -262,20 +283,20 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         checkpoint_interval: a.checkpoint_interval.clone(),
         repeat: a.repeat,
         data_dir: a.data_dir.clone(),
+        key_prefix: a.key_prefix.clone(),
+        window: a.window.clone(),
+        compare_full: a.compare_full,
     };
-    let r = ferry_lab::bench::throughput(&opts, |n, with, res| {
+    let r = ferry_lab::bench::throughput(&opts, |n, variant, res| {
         eprintln!(
-            "  run {n} {:<22} {:>7.2} M ev/s per core  ({:.2} s wall, {:.2} s cpu, {} checkpoints, {:.1} ms checkpoint work)",
-            if with {
-                "with checkpoints"
-            } else {
-                "without checkpoints"
-            },
+            "  run {n} {variant:<22} {:>7.2} M ev/s per core  ({:.2} s wall, {:.2} s cpu, {} checkpoints, {:.1} ms checkpoint work, {:.2} MB written per checkpoint of {:.1} MB state)",
             res.events_per_cpu_s / 1e6,
             res.wall_s,
             res.cpu_s,
             res.checkpoints,
-            res.checkpoint_work_s * 1e3
+            res.checkpoint_work_s * 1e3,
+            res.written_bytes_per_checkpoint / 1e6,
+            res.state_bytes as f64 / 1e6,
         );
     })?;
     print_report(a.json, &r, |r| r.markdown())
@@ -449,6 +470,9 @@ fn replication(a: ReplicationArgs) -> anyhow::Result<ExitCode> {
         bandwidth: a.bandwidth,
         compare_sync: a.compare_sync,
         warmup: a.warmup,
+        keys: a.keys,
+        key_prefix: a.key_prefix.clone(),
+        window: a.window.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod exchange;
 pub mod expr;
 pub mod http;
+pub mod incremental;
 pub mod link;
 pub mod metrics;
 pub mod nats;

@@ -260,12 +260,9 @@ pub fn check_restore(plan: &JobPlan, cp: &VerifiedCheckpoint) -> Result<usize, S
                 if j == 0 {
                     known.push(name);
                 }
-                let parts: Vec<Bytes> = parts_of(Some(cp), name)
-                    .into_iter()
-                    .map(|(_, b)| b)
-                    .collect();
-                if !parts.is_empty() {
-                    op.restore(&parts, j, plan.parallelism)
+                let chains = chains_of(cp, name)?;
+                if !chains.is_empty() {
+                    op.restore_chains(&chains, j, plan.parallelism)
                         .map_err(|e| format!("stage {s}: '{name}' state does not restore: {e}"))?;
                 }
             }
@@ -290,6 +287,26 @@ pub fn check_restore(plan: &JobPlan, cp: &VerifiedCheckpoint) -> Result<usize, S
         Sink::check_state(&plan.spec.spec.sink, &part)?;
     }
     Ok(cp.manifest.files.len())
+}
+
+/// The state chain (full snapshot, then deltas) of each old subtask of one
+/// operator in a checkpoint.
+fn chains_of(cp: &VerifiedCheckpoint, operator: &str) -> Result<Vec<Vec<Bytes>>, String> {
+    cp.manifest
+        .chains(operator)
+        .into_values()
+        .map(|files| {
+            files
+                .into_iter()
+                .map(|f| {
+                    cp.files
+                        .get(&f.path)
+                        .cloned()
+                        .ok_or_else(|| format!("{} was not read with its checkpoint", f.path))
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// State parts of one operator in a checkpoint, by old subtask.
@@ -430,14 +447,12 @@ fn restore_ops(
     restore: Option<&VerifiedCheckpoint>,
     j: u32,
 ) -> Result<(), String> {
+    let Some(cp) = restore else { return Ok(()) };
     for (&i, op) in stage.ops.iter().zip(ops.iter_mut()) {
         if let Some(name) = &plan.state_names[i] {
-            let parts: Vec<Bytes> = parts_of(restore, name)
-                .into_iter()
-                .map(|(_, b)| b)
-                .collect();
-            if !parts.is_empty() {
-                op.restore(&parts, j, plan.parallelism)
+            let chains = chains_of(cp, name)?;
+            if !chains.is_empty() {
+                op.restore_chains(&chains, j, plan.parallelism)
                     .map_err(|e| format!("restoring {name} failed: {e}"))?;
             }
         }
@@ -659,6 +674,11 @@ async fn deploy_inner(
                 commands: cmd_rx,
                 events: ev_tx.clone(),
                 uploads: uploads.clone(),
+                chains: plan.spec.spec.checkpointing.incremental.then(|| {
+                    Arc::new(std::sync::Mutex::new(crate::incremental::Chains::new(
+                        plan.spec.spec.checkpointing.compact_ratio,
+                    )))
+                }),
             };
             let events = ev_tx.clone();
             let token = cancel.clone();

@@ -37,7 +37,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use ferry_core::manifest::read_verified;
 use ferry_core::proto::{self, task_manager_server};
-use ferry_core::storage::StorageLocation;
 use ferry_core::{CheckpointId, JmEpoch, JobId, RegionEpoch};
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -795,7 +794,7 @@ impl task_manager_server::TaskManager for TaskManager {
     ) -> Result<Response<proto::Ack>, Status> {
         let req = req.into_inner();
         self.admit_epoch(JmEpoch(req.epoch)).await?;
-        let dir = StorageLocation::open(&req.dir)
+        let dir = ferry_core::manifest::open_snapshot_dir(&req.dir)
             .map_err(|e| Status::invalid_argument(format!("checkpoint dir: {e}")))?;
         let mut s = self.lock();
         s.check_epoch(JmEpoch(req.epoch), &self.inner.stats)?;
@@ -1077,7 +1076,7 @@ impl TaskManager {
         };
         let started = std::time::Instant::now();
         let loaded = async {
-            let dir = StorageLocation::open(&req.restore_from)
+            let dir = ferry_core::manifest::open_snapshot_dir(&req.restore_from)
                 .map_err(|e| Status::invalid_argument(format!("restore point: {e}")))?;
             let cp = match read_verified(&dir).await {
                 Ok(Some(cp)) => cp,
@@ -1188,7 +1187,7 @@ impl TaskManager {
         let restore = if req.restore_from.is_empty() {
             None
         } else {
-            let dir = StorageLocation::open(&req.restore_from)
+            let dir = ferry_core::manifest::open_snapshot_dir(&req.restore_from)
                 .map_err(|e| Status::invalid_argument(format!("restore point: {e}")))?;
             match read_verified(&dir).await {
                 Ok(Some(cp)) => Some(cp),

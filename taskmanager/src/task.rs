@@ -14,15 +14,16 @@ use std::task::Poll as TaskPoll;
 
 use bytes::Bytes;
 use ferry_core::CheckpointId;
-use ferry_core::manifest::{FileEntry, SinkTransaction, state_file};
+use ferry_core::manifest::{FileEntry, SinkTransaction, SnapshotKind, shared_file, state_file};
 use ferry_core::storage::sha256_hex;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::batch::Batch;
+use crate::incremental::Chains;
 use crate::metrics::TaskMetrics;
 use crate::operator::key::key_at;
-use crate::operator::{Operator, key_partition};
+use crate::operator::{Operator, StatePart, key_partition};
 use crate::protocol::{Barrier, Msg, TaskAck, TaskCommand, TaskError, TaskEvent, TaskId};
 use crate::sink::{SINK_STATE, Sink};
 use crate::source::{Poll, Source};
@@ -155,6 +156,19 @@ pub struct TaskContext {
     pub commands: mpsc::UnboundedReceiver<TaskCommand>,
     pub events: mpsc::UnboundedSender<TaskEvent>,
     pub uploads: TaskTracker,
+    /// Incremental checkpoints: the operators' state chains (`None`: every
+    /// checkpoint is full).
+    pub chains: Option<Arc<std::sync::Mutex<Chains>>>,
+}
+
+/// Where one state part of a snapshot goes.
+enum Placement {
+    /// The snapshot's own directory (sources, sinks, savepoints, full
+    /// checkpoints without `incremental`).
+    Own,
+    /// The job's shared folder, as a chain's full snapshot (`None`) or a
+    /// delta on the chain of a completed checkpoint.
+    Shared(Option<CheckpointId>),
 }
 
 impl TaskContext {
@@ -167,19 +181,45 @@ impl TaskContext {
         chain: &mut Chain,
     ) -> Result<(), String> {
         let started = std::time::Instant::now();
-        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut parts: Vec<(String, Vec<u8>, Placement)> = Vec::new();
         let mut offsets = BTreeMap::new();
         let mut txns: Vec<SinkTransaction> = Vec::new();
         if let Some(src) = source {
             let (bytes, offs) = src.snapshot()?;
-            parts.push(("source".to_string(), bytes));
+            parts.push(("source".to_string(), bytes, Placement::Own));
             offsets = offs;
         }
-        for op in &chain.ops {
-            if let Some(name) = op.state_name()
-                && let Some(bytes) = op.snapshot()?
-            {
-                parts.push((name.to_string(), bytes));
+        // Savepoints are always full and self-contained; checkpoints of an
+        // incremental job build chains.
+        let chains = self
+            .chains
+            .as_ref()
+            .filter(|_| barrier.kind == SnapshotKind::Checkpoint);
+        if let Some(c) = chains {
+            c.lock().unwrap_or_else(|p| p.into_inner()).taken();
+        }
+        for op in &mut chain.ops {
+            let Some(name) = op.state_name().map(str::to_string) else {
+                continue;
+            };
+            match chains {
+                None => {
+                    if let Some(bytes) = op.snapshot()? {
+                        parts.push((name, bytes, Placement::Own));
+                    }
+                }
+                Some(c) => {
+                    let base = c.lock().unwrap_or_else(|p| p.into_inner()).base_for(&name);
+                    match op.snapshot_part(barrier.id, base)? {
+                        Some(StatePart::Full(bytes)) => {
+                            parts.push((name, bytes, Placement::Shared(None)))
+                        }
+                        Some(StatePart::Delta { base, bytes }) => {
+                            parts.push((name, bytes, Placement::Shared(Some(base))))
+                        }
+                        None => {}
+                    }
+                }
             }
         }
         let records_out = chain.metrics.records_out.load(Ordering::Relaxed);
@@ -191,7 +231,7 @@ impl TaskContext {
                 let t = std::time::Instant::now();
                 let (bytes, tx) = sink.snapshot(barrier.id, barrier.close_txn, records_out)?;
                 if let Some(b) = bytes {
-                    parts.push((SINK_STATE.to_string(), b));
+                    parts.push((SINK_STATE.to_string(), b, Placement::Own));
                 }
                 txns = tx;
                 sync_duration += t.elapsed();
@@ -217,23 +257,62 @@ impl TaskContext {
         let dir = barrier.dir.clone();
         let events = self.events.clone();
         let subtask = self.id.subtask;
+        let chains = chains.cloned();
         self.uploads.spawn(async move {
             let mut ack = ack;
             let task = ack.task;
             let checkpoint = ack.checkpoint;
             let mut files = Vec::new();
+            // A checkpoint dir and a savepoint dir both lie two levels
+            // below the job's directory.
+            let job_dir = dir.parent().parent();
             let upload = async {
-                for (op, data) in parts {
-                    let rel = state_file(&op, subtask);
-                    let entry = FileEntry {
-                        path: rel.clone(),
-                        size: data.len() as u64,
-                        sha256: sha256_hex(&data),
-                        operator: op,
-                        subtask,
+                for (op, data, placement) in parts {
+                    let (sha256, data) = hash(data).await?;
+                    let size = data.len() as u64;
+                    let Placement::Shared(base) = placement else {
+                        let rel = state_file(&op, subtask);
+                        dir.put(&rel, Bytes::from(data)).await?;
+                        files.push(FileEntry {
+                            path: rel,
+                            size,
+                            operator: op,
+                            subtask,
+                            sha256,
+                            shared: false,
+                            chain: 0,
+                        });
+                        continue;
                     };
-                    dir.put(&rel, Bytes::from(data)).await?;
-                    files.push(entry);
+                    if job_dir.url() == dir.url() {
+                        // Opened so that nothing above it is reachable:
+                        // shared files would land in the wrong place.
+                        return Err(ferry_core::error::CoreError::Other(format!(
+                            "the checkpoint directory {} was opened without its job directory; shared state files cannot be placed",
+                            dir.url()
+                        )));
+                    }
+                    let rel = shared_file(&op, subtask, &sha256);
+                    // Named by content: a file already there is this one
+                    // (written again all the same, in case retention is
+                    // removing it as an orphan right now).
+                    job_dir.put(&rel, Bytes::from(data)).await?;
+                    let entry = FileEntry {
+                        path: rel,
+                        size,
+                        sha256,
+                        operator: op.clone(),
+                        subtask,
+                        shared: true,
+                        chain: 0,
+                    };
+                    let Some(c) = &chains else { continue };
+                    let chain = c
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .record(checkpoint, &op, base, entry)
+                        .map_err(ferry_core::error::CoreError::Other)?;
+                    files.extend(chain);
                 }
                 Ok::<_, ferry_core::error::CoreError>(())
             };
@@ -258,6 +337,19 @@ impl TaskContext {
         });
         Ok(())
     }
+}
+
+/// SHA-256 of a state file; a large one is hashed on a blocking thread,
+/// off the async workers the tasks run on.
+async fn hash(data: Vec<u8>) -> Result<(String, Vec<u8>), ferry_core::error::CoreError> {
+    if data.len() < 1 << 20 {
+        return Ok((sha256_hex(&data), data));
+    }
+    tokio::task::spawn_blocking(move || (sha256_hex(&data), data))
+        .await
+        .map_err(|e| {
+            ferry_core::error::CoreError::Other(format!("hashing a state file failed: {e}"))
+        })
 }
 
 /// Runs `fut` to completion and returns its output with the time spent
@@ -300,6 +392,12 @@ async fn on_command(
         TaskCommand::Complete(id) => {
             if let Output::Sink(s) = &mut chain.output {
                 s.commit(id).await?;
+            }
+            if let Some(c) = &ctx.chains {
+                c.lock().unwrap_or_else(|p| p.into_inner()).completed(id);
+                for op in &mut chain.ops {
+                    op.checkpoint_completed(id);
+                }
             }
             if stop_at.is_some_and(|s| s <= id) {
                 Ok(Next::Stop)

@@ -96,6 +96,8 @@ pub fn ack_to_proto(a: &TaskAck) -> proto::TaskAck {
                 sha256: f.sha256.clone(),
                 operator: f.operator.clone(),
                 subtask: f.subtask,
+                shared: f.shared,
+                chain: f.chain,
             })
             .collect(),
         source_offsets_json: serde_json::to_string(&a.source_offsets).unwrap_or_default(),
@@ -136,6 +138,8 @@ pub fn ack_from_proto(a: proto::TaskAck) -> Result<TaskAck, String> {
                 sha256: f.sha256,
                 operator: f.operator,
                 subtask: f.subtask,
+                shared: f.shared,
+                chain: f.chain,
             })
             .collect(),
         source_offsets,
@@ -238,6 +242,8 @@ mod tests {
                 sha256: "ab".repeat(32),
                 operator: "window".into(),
                 subtask: 2,
+                shared: true,
+                chain: 3,
             }],
             source_offsets: [("p2".to_string(), serde_json::json!({"offset": 9}))]
                 .into_iter()

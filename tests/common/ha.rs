@@ -465,15 +465,19 @@ impl Region {
     ) -> Value {
         let start = Instant::now();
         loop {
-            if let Some(v) = self.get(jm, &format!("/v1/jobs/{id}")).await
-                && cond(&v)
+            let last = self.get(jm, &format!("/v1/jobs/{id}")).await;
+            if let Some(v) = &last
+                && cond(v)
             {
-                return v;
+                return v.clone();
             }
-            assert!(
-                start.elapsed() < limit,
-                "timed out after {limit:?} waiting for {what}"
-            );
+            if start.elapsed() >= limit {
+                panic!(
+                    "timed out after {limit:?} waiting for {what}; the job: {last:?}\n--- {} log ---\n{}",
+                    jm.id,
+                    tail(&self.log(&jm.id), 60)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -493,6 +497,33 @@ impl Region {
         self.finished(via, job, limit).await;
         self.check_output();
         assert_epochs_monotonic(&self.manifest_epochs(job));
+        self.assert_checkpoints_verify(job).await;
+    }
+
+    /// Every complete checkpoint and savepoint the job kept reads back with
+    /// every file its manifest lists (shared ones included) at the right
+    /// size and hash.
+    pub async fn assert_checkpoints_verify(&self, job: &str) {
+        let root = self.storage().join("jobs").join(job);
+        let root_loc =
+            ferry_core::storage::StorageLocation::open(self.storage().to_str().unwrap()).unwrap();
+        for sub in ["checkpoints", "savepoints"] {
+            for e in std::fs::read_dir(root.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if !e.path().join("MANIFEST.json").exists() {
+                    continue;
+                }
+                let rel = format!("jobs/{job}/{sub}/{}", e.file_name().to_string_lossy());
+                let read = ferry_core::manifest::read_verified(&root_loc.child(&rel)).await;
+                assert!(
+                    matches!(read, Ok(Some(_))),
+                    "{rel} does not verify: {read:?}"
+                );
+            }
+        }
     }
 
     /// Waits (bounded, 240 s: the job's whole input under load) until

@@ -113,6 +113,37 @@ impl Workdir {
     }
 }
 
+/// Where a file a checkpoint's manifest lists (`entry`) lies on disk: in
+/// the checkpoint's directory, or — a shared file of incremental
+/// checkpoints — in its job's `shared/` folder, two levels up.
+pub fn listed_file(checkpoint_dir: &Path, entry: &serde_json::Value) -> PathBuf {
+    let path = entry["path"].as_str().expect("a file entry has a path");
+    if entry["shared"] == true {
+        checkpoint_dir.join("../..").join(path)
+    } else {
+        checkpoint_dir.join(path)
+    }
+}
+
+/// The newest file of subtask 0 of `operator`'s state in the checkpoint at
+/// `dir` — its only file, or the last delta of its chain — as (where it
+/// lies, the path its manifest lists).
+pub fn newest_state_file(dir: &Path, operator: &str) -> (PathBuf, String) {
+    let text = std::fs::read_to_string(dir.join("MANIFEST.json")).expect("a manifest");
+    let m: serde_json::Value = serde_json::from_str(&text).expect("manifest is JSON");
+    let entry = m["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter(|f| f["operator"] == operator && f["subtask"] == 0)
+        .max_by_key(|f| f["chain"].as_u64().unwrap_or(0))
+        .unwrap_or_else(|| panic!("no state of '{operator}' in {}", dir.display()));
+    (
+        listed_file(dir, entry),
+        entry["path"].as_str().unwrap().to_string(),
+    )
+}
+
 /// Asserts that `rows` hold field `field` = 0, 1, …, `n` − 1, each exactly
 /// once (a generator's `sequence`): nothing lost, nothing repeated.
 pub fn assert_sequence_exactly_once(rows: &[serde_json::Value], field: &str, n: i64) {

@@ -152,6 +152,10 @@ pub struct JobInfo {
     /// Lowest watermark over the tasks, RFC 3339, if any record was seen.
     pub watermark: Option<String>,
     pub last_checkpoint: Option<CheckpointInfo>,
+    /// The last restore of the job's state from a snapshot: part of every
+    /// restart's and failover's recovery time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restore: Option<RestoreInfo>,
     /// Why the job failed or is restarting.
     pub failure: Option<String>,
     /// Where the sink writes, if it writes to storage.
@@ -160,8 +164,24 @@ pub struct JobInfo {
     pub checkpoint_root: String,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 fn default_namespace() -> String {
     crate::spec::DEFAULT_NAMESPACE.to_string()
+}
+
+/// A restore of a job's state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct RestoreInfo {
+    /// The checkpoint or savepoint restored.
+    pub checkpoint_id: u64,
+    /// State read (every file its manifest lists).
+    pub size_bytes: u64,
+    /// From reading the snapshot to the tasks running again.
+    pub duration_ms: u64,
+    pub restored_at: DateTime<Utc>,
 }
 
 /// One completed checkpoint or savepoint.
@@ -172,7 +192,13 @@ pub struct CheckpointInfo {
     pub kind: String,
     pub completed_at: DateTime<Utc>,
     pub duration_ms: u64,
+    /// What a restore reads: every file the checkpoint lists.
     pub size_bytes: u64,
+    /// What this checkpoint wrote itself (with incremental checkpoints its
+    /// deltas, or a new full snapshot; otherwise `size_bytes`). Absent in
+    /// records from before incremental checkpoints.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub written_bytes: u64,
     pub watermark: Option<String>,
     pub records_in: u64,
     pub records_out: u64,

@@ -133,6 +133,26 @@ pub struct Checkpointing {
     /// (default 5). The job keeps running meanwhile.
     #[serde(default = "default_tolerable_failures")]
     pub tolerable_failures: u32,
+    /// Incremental checkpoints (default false): each operator subtask
+    /// uploads only what changed since its previous checkpoint (a delta),
+    /// and later checkpoints list the earlier files again instead of
+    /// writing them anew. Savepoints stay full.
+    #[serde(default = "default_incremental")]
+    pub incremental: bool,
+    /// With `incremental`: a full snapshot is written again once the deltas
+    /// since the last one add up to this multiple of its size (default 2;
+    /// a restore then reads at most 1 + this times the state). Lower
+    /// restores faster, higher uploads less.
+    #[serde(default = "default_compact_ratio")]
+    pub compact_ratio: f64,
+}
+
+fn default_incremental() -> bool {
+    true
+}
+
+fn default_compact_ratio() -> f64 {
+    2.0
 }
 
 fn default_cp_interval() -> DurationSpec {
@@ -156,6 +176,8 @@ impl Default for Checkpointing {
             storage: None,
             timeout: default_cp_timeout(),
             tolerable_failures: default_tolerable_failures(),
+            incremental: default_incremental(),
+            compact_ratio: default_compact_ratio(),
         }
     }
 }

@@ -203,6 +203,15 @@ pub fn output_schemas(spec: &JobSpec) -> Result<SchemaFlow, Vec<Issue>> {
             "must be at least 1 (restore needs a checkpoint)".into(),
         );
     }
+    if !(cp.compact_ratio.is_finite() && cp.compact_ratio > 0.0 && cp.compact_ratio <= 100.0) {
+        push(
+            "spec.checkpointing.compactRatio",
+            format!(
+                "must be a number above 0 and at most 100 (the deltas' size as a multiple of the full snapshot's), found {}",
+                cp.compact_ratio
+            ),
+        );
+    }
     if cp.timeout.as_millis() < 100 {
         push(
             "spec.checkpointing.timeout",

@@ -19,7 +19,6 @@ use ferry_core::manifest::SnapshotKind;
 use ferry_core::proto::exchange_frame::Frame;
 use ferry_core::proto::{self, exchange_server};
 use ferry_core::schema::SchemaRef;
-use ferry_core::storage::StorageLocation;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -468,7 +467,7 @@ impl Receiver {
                         )));
                     }
                 };
-                let dir = StorageLocation::open(&b.dir).map_err(|e| {
+                let dir = ferry_core::manifest::open_snapshot_dir(&b.dir).map_err(|e| {
                     Broken::Peer(format!("barrier {} names an unusable directory: {e}", b.id))
                 })?;
                 Msg::Barrier(Barrier {

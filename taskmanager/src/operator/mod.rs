@@ -8,12 +8,22 @@ pub mod map;
 pub mod window;
 
 use bytes::Bytes;
+use ferry_core::CheckpointId;
 
 use crate::batch::Batch;
 use crate::metrics::TaskMetrics;
 
 /// Errors of operators.
 pub type OpResult<T> = Result<T, String>;
+
+/// An operator's snapshot for an incremental checkpoint.
+#[derive(Debug)]
+pub enum StatePart {
+    /// The whole state (what [`Operator::snapshot`] writes).
+    Full(Vec<u8>),
+    /// What changed since this operator's snapshot for checkpoint `base`.
+    Delta { base: CheckpointId, bytes: Vec<u8> },
+}
 
 /// One step of a chain.
 pub trait Operator: Send {
@@ -43,6 +53,38 @@ pub trait Operator: Send {
     /// `subtask` of `parallelism`.
     fn restore(&mut self, _parts: &[Bytes], _subtask: u32, _parallelism: u32) -> OpResult<()> {
         Ok(())
+    }
+
+    /// The snapshot of an incremental checkpoint `id`: a delta against this
+    /// operator's own snapshot for the completed checkpoint `base` when it
+    /// still knows what changed since, the whole state otherwise. Unlike
+    /// [`Self::snapshot`] (savepoints), it starts tracking changes anew.
+    fn snapshot_part(
+        &mut self,
+        _id: CheckpointId,
+        _base: Option<CheckpointId>,
+    ) -> OpResult<Option<StatePart>> {
+        Ok(self.snapshot()?.map(StatePart::Full))
+    }
+
+    /// Checkpoint `id` completed: snapshots before it are no base any more.
+    fn checkpoint_completed(&mut self, _id: CheckpointId) {}
+
+    /// Restores from each old subtask's chain: its full snapshot, then the
+    /// deltas written after it, in order.
+    fn restore_chains(
+        &mut self,
+        chains: &[Vec<Bytes>],
+        subtask: u32,
+        parallelism: u32,
+    ) -> OpResult<()> {
+        if chains.iter().any(|c| c.len() != 1) {
+            return Err(
+                "the checkpoint holds deltas of this operator's state, which it cannot read".into(),
+            );
+        }
+        let parts: Vec<Bytes> = chains.iter().map(|c| c[0].clone()).collect();
+        self.restore(&parts, subtask, parallelism)
     }
 
     /// Roughly how much memory its state takes (tables and arenas at their

@@ -8,6 +8,13 @@
 //! the allowed lateness updates the window and fires it again at once (one
 //! updated result per such record). State of a window is purged when the
 //! watermark passes `end - 1 + allowedLateness`.
+//!
+//! Incremental snapshots: each window numbers its keys in arrival order
+//! (slots) and marks the slots a record updates in a bitset. A full
+//! snapshot lists keys in slot order, so whoever reads it back numbers
+//! them the same; a delta against an earlier snapshot of this instance
+//! lists, per live window, the accumulators of the slots changed since
+//! (as gaps between slot numbers) and the keys added since with theirs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Batch, Column, ColumnBuilder};
 use crate::metrics::TaskMetrics;
 use crate::operator::key::{Key, key_at};
-use crate::operator::{OpResult, Operator, key_partition};
+use crate::operator::{OpResult, Operator, StatePart, key_partition};
+use ferry_core::CheckpointId;
 
 /// One running aggregate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,6 +156,8 @@ struct Win {
     fired: bool,
     index: FxHashMap<Key, u32>,
     accs: Vec<Acc>,
+    /// One bit per slot updated since the last incremental snapshot.
+    dirty: Vec<u64>,
 }
 
 impl Win {
@@ -156,7 +166,22 @@ impl Win {
             fired: false,
             index: FxHashMap::with_capacity_and_hasher(keys, Default::default()),
             accs: Vec::with_capacity(keys * per_key),
+            dirty: Vec::new(),
         }
+    }
+
+    /// Number of keys (slots).
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Keys in slot order.
+    fn keys_by_slot(&self) -> Vec<&Key> {
+        let mut out: Vec<Option<&Key>> = vec![None; self.index.len()];
+        for (k, i) in &self.index {
+            out[*i as usize] = Some(k);
+        }
+        out.into_iter().flatten().collect()
     }
 
     /// The accumulators of `key`, created from `plans` if new.
@@ -169,6 +194,11 @@ impl Win {
             accs.extend(plans.iter().map(|p| p.init.clone()));
             i
         }) as usize;
+        let w = i >> 6;
+        if w >= self.dirty.len() {
+            self.dirty.resize(w + 1, 0);
+        }
+        self.dirty[w] |= 1 << (i & 63);
         &mut self.accs[i * n..(i + 1) * n]
     }
 
@@ -194,10 +224,13 @@ impl Serialize for WinRef<'_> {
         let (win, n) = (self.0, self.1);
         let mut t = s.serialize_tuple(2)?;
         t.serialize_element(&win.fired)?;
+        // Slot order: a reader numbers the keys as this instance does, so
+        // deltas against this snapshot name slots by number.
         let keys: Vec<(&Key, &[Acc])> = win
-            .index
-            .iter()
-            .map(|(k, i)| (k, &win.accs[*i as usize * n..(*i as usize + 1) * n]))
+            .keys_by_slot()
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| (k, &win.accs[i * n..(i + 1) * n]))
             .collect();
         t.serialize_element(&keys)?;
         t.end()
@@ -219,6 +252,127 @@ type SavedWindow = (i64, (bool, Vec<(Key, Vec<Acc>)>));
 struct WindowState {
     watermark: i64,
     windows: Vec<SavedWindow>,
+}
+
+/// First bytes of a delta (a full snapshot has none: it predates deltas).
+const DELTA_MAGIC: u32 = 0xF0DE_17A1;
+
+/// A delta as written: borrowed from the live windows.
+#[derive(Serialize)]
+struct DeltaRef<'a> {
+    magic: u32,
+    watermark: i64,
+    windows: Vec<DeltaWinRef<'a>>,
+}
+
+/// One live window in a delta (see [`DeltaWin`]).
+#[derive(Serialize)]
+struct DeltaWinRef<'a> {
+    start: i64,
+    fired: bool,
+    base_len: u32,
+    new_keys: Vec<&'a Key>,
+    new_accs: &'a [Acc],
+    gaps: Vec<u32>,
+    accs: Vec<&'a Acc>,
+}
+
+/// A delta read back: every window alive when it was written.
+#[derive(Deserialize)]
+struct Delta {
+    magic: u32,
+    watermark: i64,
+    windows: Vec<DeltaWin>,
+}
+
+/// One live window of a delta: its key count in the base (0: a window the
+/// base did not have), the keys added since with their accumulators (all
+/// of a key's in a row), and the slots below `base_len` that changed, as
+/// gaps from the previous such slot (the first from slot 0), with theirs.
+#[derive(Deserialize)]
+struct DeltaWin {
+    start: i64,
+    fired: bool,
+    base_len: u32,
+    new_keys: Vec<Key>,
+    new_accs: Vec<Acc>,
+    gaps: Vec<u32>,
+    accs: Vec<Acc>,
+}
+
+/// What an incremental snapshot of this instance left to build deltas on.
+#[derive(Debug)]
+struct Taken {
+    id: CheckpointId,
+    /// Keys per window then.
+    lens: BTreeMap<i64, u32>,
+    /// Slots updated between the previous snapshot and this one.
+    dirty: BTreeMap<i64, Vec<u64>>,
+}
+
+/// Snapshots kept while none completes: beyond this, deltas restart from a
+/// full snapshot instead of growing without bound.
+const MAX_TAKEN: usize = 8;
+
+/// A window's state as read back in slot order: `(fired, [(key, [acc])])`.
+type SlotWindow = (bool, Vec<(Key, Vec<Acc>)>);
+
+/// Applies a delta to a state read back from its base chain.
+fn apply_delta(st: &mut WindowState, raw: &[u8], n: usize, name: &str) -> OpResult<()> {
+    let d: Delta = postcard::from_bytes(raw)
+        .map_err(|e| format!("a delta of window '{name}' is unreadable: {e}"))?;
+    if d.magic != DELTA_MAGIC {
+        return Err(format!(
+            "a delta of window '{name}' does not start as one (a full snapshot in a delta's place?)"
+        ));
+    }
+    let mut old: BTreeMap<i64, SlotWindow> = std::mem::take(&mut st.windows).into_iter().collect();
+    let mut windows = Vec::with_capacity(d.windows.len());
+    for w in d.windows {
+        let unfit =
+            |what: String| format!("a delta of window '{name}' does not fit its base: {what}");
+        let (_, mut keys) = if w.base_len == 0 {
+            (false, Vec::new())
+        } else {
+            old.remove(&w.start)
+                .ok_or_else(|| unfit(format!("window {} is missing", w.start)))?
+        };
+        if keys.len() != w.base_len as usize {
+            return Err(unfit(format!(
+                "window {} has {} keys, the delta expects {}",
+                w.start,
+                keys.len(),
+                w.base_len
+            )));
+        }
+        if w.gaps.len() * n != w.accs.len() || w.new_keys.len() * n != w.new_accs.len() {
+            return Err(unfit(format!(
+                "window {}: accumulators do not match {n} aggregations",
+                w.start
+            )));
+        }
+        let mut slot = 0usize;
+        for (g, accs) in w.gaps.iter().zip(w.accs.chunks(n.max(1))) {
+            slot += *g as usize;
+            let entry = keys.get_mut(slot).ok_or_else(|| {
+                unfit(format!(
+                    "slot {slot} of window {} is past its keys",
+                    w.start
+                ))
+            })?;
+            entry.1.clone_from_slice(accs);
+        }
+        keys.extend(
+            w.new_keys
+                .into_iter()
+                .zip(w.new_accs.chunks(n.max(1)))
+                .map(|(k, a)| (k, a.to_vec())),
+        );
+        windows.push((w.start, (w.fired, keys)));
+    }
+    st.watermark = d.watermark;
+    st.windows = windows;
+    Ok(())
 }
 
 /// Fired results waiting to be emitted as one batch, column by column.
@@ -260,6 +414,9 @@ pub struct Window {
     /// Largest number of keys seen in a window: new windows start that big.
     keys_hint: usize,
     pending: Pending,
+    /// Incremental snapshots taken and not yet superseded by a completed
+    /// one, oldest first (the first may be the completed base).
+    taken: std::collections::VecDeque<Taken>,
 }
 
 impl Window {
@@ -297,6 +454,7 @@ impl Window {
             windows: BTreeMap::new(),
             keys_hint: 16,
             pending,
+            taken: Default::default(),
         })
     }
 
@@ -471,10 +629,89 @@ impl Operator for Window {
     }
 
     fn restore(&mut self, parts: &[Bytes], subtask: u32, parallelism: u32) -> OpResult<()> {
-        let mut wm = i64::MAX;
+        let mut states = Vec::with_capacity(parts.len());
         for part in parts {
-            let st: WindowState = postcard::from_bytes(part)
-                .map_err(|e| format!("window state of '{}' is unreadable: {e}", self.name))?;
+            states.push(self.decode(part)?);
+        }
+        self.absorb(states, subtask, parallelism)
+    }
+
+    fn restore_chains(
+        &mut self,
+        chains: &[Vec<Bytes>],
+        subtask: u32,
+        parallelism: u32,
+    ) -> OpResult<()> {
+        let n = self.plans.len();
+        let mut states = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let Some((full, deltas)) = chain.split_first() else {
+                continue;
+            };
+            let mut st = self.decode(full)?;
+            for d in deltas {
+                apply_delta(&mut st, d, n, &self.name)?;
+            }
+            states.push(st);
+        }
+        self.absorb(states, subtask, parallelism)
+    }
+
+    fn snapshot_part(
+        &mut self,
+        id: CheckpointId,
+        base: Option<CheckpointId>,
+    ) -> OpResult<Option<StatePart>> {
+        // What changed since the previous snapshot becomes that snapshot's.
+        let mut taken = Taken {
+            id,
+            lens: BTreeMap::new(),
+            dirty: BTreeMap::new(),
+        };
+        for (start, w) in &mut self.windows {
+            taken.lens.insert(*start, w.len() as u32);
+            taken.dirty.insert(*start, std::mem::take(&mut w.dirty));
+        }
+        let base_at = base.and_then(|b| self.taken.iter().position(|t| t.id == b));
+        let part = match base_at {
+            Some(at) => StatePart::Delta {
+                base: self.taken[at].id,
+                bytes: self.delta(at, &taken)?,
+            },
+            None => StatePart::Full(
+                self.snapshot()?
+                    .ok_or_else(|| "a window always has state".to_string())?,
+            ),
+        };
+        self.taken.push_back(taken);
+        while self.taken.len() > MAX_TAKEN {
+            self.taken.pop_front();
+        }
+        Ok(Some(part))
+    }
+
+    fn checkpoint_completed(&mut self, id: CheckpointId) {
+        if let Some(at) = self.taken.iter().position(|t| t.id == id) {
+            self.taken.drain(..at);
+            // Changes before the base are in the base.
+            self.taken[0].dirty.clear();
+        }
+    }
+}
+
+impl Window {
+    /// Reads one full snapshot.
+    fn decode(&self, part: &[u8]) -> OpResult<WindowState> {
+        postcard::from_bytes(part)
+            .map_err(|e| format!("window state of '{}' is unreadable: {e}", self.name))
+    }
+
+    /// Takes in the states of the old subtasks, keeping the keys `subtask`
+    /// of `parallelism` owns; the watermark is the lowest of theirs.
+    fn absorb(&mut self, states: Vec<WindowState>, subtask: u32, parallelism: u32) -> OpResult<()> {
+        let mut wm = i64::MAX;
+        let any = !states.is_empty();
+        for st in states {
             wm = wm.min(st.watermark);
             for (start, (fired, keys)) in st.windows {
                 let plans = std::mem::take(&mut self.plans);
@@ -498,8 +735,83 @@ impl Operator for Window {
                 self.plans = plans;
             }
         }
-        self.watermark = if parts.is_empty() { i64::MIN } else { wm };
+        self.watermark = if any { wm } else { i64::MIN };
+        // Restored slots are numbered anew: the next snapshot is full.
+        for w in self.windows.values_mut() {
+            w.dirty.clear();
+        }
+        self.taken.clear();
         Ok(())
+    }
+
+    /// The delta from `self.taken[at]` (the base) to now; `now` holds the
+    /// changes since the newest snapshot before it.
+    fn delta(&self, at: usize, now: &Taken) -> OpResult<Vec<u8>> {
+        let n = self.plans.len();
+        let base = &self.taken[at];
+        let mut windows = Vec::with_capacity(self.windows.len());
+        for (start, w) in &self.windows {
+            let base_len = base.lens.get(start).copied().unwrap_or(0);
+            let len = w.len() as u32;
+            // Slots changed after the base: every snapshot since, and now.
+            let words = (base_len as usize).div_ceil(64);
+            let mut changed = vec![0u64; words];
+            let later = self.taken.iter().skip(at + 1).chain(std::iter::once(now));
+            for t in later {
+                if let Some(bits) = t.dirty.get(start) {
+                    for (c, b) in changed.iter_mut().zip(bits) {
+                        *c |= *b;
+                    }
+                }
+            }
+            if let Some(last) = changed.last_mut()
+                && base_len % 64 != 0
+            {
+                *last &= (1u64 << (base_len % 64)) - 1;
+            }
+            let count: usize = changed.iter().map(|w| w.count_ones() as usize).sum();
+            let mut gaps = Vec::with_capacity(count);
+            let mut accs = Vec::with_capacity(count * n);
+            let mut prev = 0u32;
+            for (wi, word) in changed.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let slot = (wi * 64) as u32 + bits.trailing_zeros();
+                    bits &= bits - 1;
+                    gaps.push(slot - prev);
+                    prev = slot;
+                    let s = slot as usize;
+                    accs.extend(&w.accs[s * n..(s + 1) * n]);
+                }
+            }
+            let new_keys: Vec<&Key> = if len > base_len {
+                let mut keys: Vec<(u32, &Key)> = w
+                    .index
+                    .iter()
+                    .filter(|(_, i)| **i >= base_len)
+                    .map(|(k, i)| (*i, k))
+                    .collect();
+                keys.sort_unstable_by_key(|(i, _)| *i);
+                keys.into_iter().map(|(_, k)| k).collect()
+            } else {
+                Vec::new()
+            };
+            windows.push(DeltaWinRef {
+                start: *start,
+                fired: w.fired,
+                base_len,
+                new_keys,
+                new_accs: &w.accs[base_len as usize * n..len as usize * n],
+                gaps,
+                accs,
+            });
+        }
+        postcard::to_stdvec(&DeltaRef {
+            magic: DELTA_MAGIC,
+            watermark: self.watermark,
+            windows,
+        })
+        .map_err(|e| format!("window delta encoding failed: {e}"))
     }
 }
 
@@ -630,5 +942,133 @@ mod tests {
         let (mut other, _) = setup(&[("n", "count"), ("s", "sum(x)")]);
         let err = other.restore(&[snap], 0, 1).unwrap_err();
         assert!(err.contains("1 aggregations but the spec has 2"), "{err}");
+    }
+
+    fn full(p: Option<StatePart>) -> Bytes {
+        match p {
+            Some(StatePart::Full(b)) => Bytes::from(b),
+            other => panic!("expected a full snapshot, got {other:?}"),
+        }
+    }
+
+    fn delta(p: Option<StatePart>, want_base: u64) -> Bytes {
+        match p {
+            Some(StatePart::Delta { base, bytes }) => {
+                assert_eq!(base, CheckpointId(want_base));
+                Bytes::from(bytes)
+            }
+            other => panic!("expected a delta, got {other:?}"),
+        }
+    }
+
+    /// Restores `chain` at `parallelism` and fires everything.
+    fn restored_rows(chain: &[Bytes], parallelism: u32) -> Vec<(i64, i64, Vec<Value>)> {
+        let mut got = Vec::new();
+        for sub in 0..parallelism {
+            let (mut r, _) = setup(&[("n", "count"), ("s", "sum(x)")]);
+            r.restore_chains(&[chain.to_vec()], sub, parallelism)
+                .unwrap();
+            got.extend(fire(&mut r, i64::MAX - 1));
+        }
+        got.sort_by_key(|r| (r.0, r.1));
+        got
+    }
+
+    #[test]
+    fn deltas_on_a_full_snapshot_restore_the_same_state() {
+        let (mut w, input) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        let m = TaskMetrics::default();
+        let mut out = Vec::new();
+        // 1000 keys in window [0, 1000), some also in [1000, 2000).
+        w.process(
+            batch(&input, (0..1000).collect(), vec![10; 1000]),
+            &mut out,
+            &m,
+        );
+        w.process(
+            batch(&input, (0..50).collect(), vec![1500; 50]),
+            &mut out,
+            &m,
+        );
+        let base = full(w.snapshot_part(CheckpointId(1), None).unwrap());
+        w.checkpoint_completed(CheckpointId(1));
+
+        // Checkpoint 2: a few updates and new keys; it never completes.
+        w.process(
+            batch(&input, vec![5, 7, 5000], vec![20, 20, 20]),
+            &mut out,
+            &m,
+        );
+        let _lost = delta(
+            w.snapshot_part(CheckpointId(2), Some(CheckpointId(1)))
+                .unwrap(),
+            1,
+        );
+        // Checkpoint 3 builds on 1 again and must carry 2's changes too;
+        // the first window fires and a third one opens.
+        w.process(batch(&input, vec![900, 6001], vec![30, 2500]), &mut out, &m);
+        assert!(!fire(&mut w, 999).is_empty());
+        let d3 = delta(
+            w.snapshot_part(CheckpointId(3), Some(CheckpointId(1)))
+                .unwrap(),
+            1,
+        );
+        assert!(
+            d3.len() * 10 < base.len(),
+            "a delta of a few keys is small: {} against {}",
+            d3.len(),
+            base.len()
+        );
+        w.checkpoint_completed(CheckpointId(3));
+        // Checkpoint 4 on 3: window [0, 1000) is purged by the watermark.
+        w.process(batch(&input, vec![1, 2], vec![1600, 2600]), &mut out, &m);
+        assert!(fire(&mut w, 1200).is_empty());
+        assert!(!w.windows.contains_key(&0), "purged");
+        let d4 = delta(
+            w.snapshot_part(CheckpointId(4), Some(CheckpointId(3)))
+                .unwrap(),
+            3,
+        );
+
+        let want = fire(&mut w, i64::MAX - 1);
+        let chain = [base.clone(), d3.clone(), d4];
+        assert_eq!(restored_rows(&chain, 1), want);
+        assert_eq!(restored_rows(&chain, 3), want, "split across subtasks");
+        // Independently: window 1000 holds keys 0..50 once, plus 1; window
+        // 2000 holds 6001 and 2.
+        let w1000: Vec<i64> = want.iter().filter(|r| r.1 == 1000).map(|r| r.0).collect();
+        assert_eq!(w1000, (0..50).collect::<Vec<_>>());
+        let k1 = want.iter().find(|r| r.0 == 1 && r.1 == 1000).unwrap();
+        assert_eq!(k1.2[0], Value::Int(2));
+        let w2000: Vec<i64> = want.iter().filter(|r| r.1 == 2000).map(|r| r.0).collect();
+        assert_eq!(w2000, vec![2, 6001]);
+
+        // A delta applied to the wrong base is refused, not misapplied.
+        let (mut r, _) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        let err = r
+            .restore_chains(&[vec![base.clone(), chain[2].clone()]], 0, 1)
+            .unwrap_err();
+        assert!(err.contains("does not fit its base"), "{err}");
+        // A full snapshot in a delta's place too.
+        let err = r
+            .restore_chains(&[vec![base.clone(), base]], 0, 1)
+            .unwrap_err();
+        assert!(err.contains("delta"), "{err}");
+    }
+
+    #[test]
+    fn a_restored_window_snapshots_in_full_first() {
+        let (mut w, input) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        let m = TaskMetrics::default();
+        let mut out = Vec::new();
+        w.process(batch(&input, (0..10).collect(), vec![10; 10]), &mut out, &m);
+        let base = full(w.snapshot_part(CheckpointId(1), None).unwrap());
+        let (mut r, _) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        r.restore_chains(&[vec![base]], 0, 1).unwrap();
+        // It never took snapshot 1 itself: no delta on it.
+        full(
+            r.snapshot_part(CheckpointId(2), Some(CheckpointId(1)))
+                .unwrap(),
+        );
     }
 }

@@ -25,6 +25,7 @@ pub fn downstream_task(
         commands,
         events,
         uploads: tokio_util::task::TaskTracker::new(),
+        chains: None,
     };
     let chain = Chain {
         ops: Vec::new(),
