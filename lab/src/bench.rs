@@ -74,7 +74,7 @@ enum Variant {
 }
 
 /// One run of one variant.
-#[derive(Serialize, Clone, Copy, Debug)]
+#[derive(Serialize, Clone, Debug)]
 pub struct RunResult {
     pub wall_s: f64,
     pub cpu_s: f64,
@@ -90,6 +90,21 @@ pub struct RunResult {
     pub written_bytes_per_checkpoint: f64,
     /// Size of the state the last checkpoint lists (what a restore reads).
     pub state_bytes: u64,
+    /// What each checkpoint wrote, in order (sampled from the JobManager's
+    /// counters; checkpoints completing between two samples share their
+    /// sum evenly).
+    pub written_per_checkpoint: Vec<u64>,
+}
+
+impl RunResult {
+    /// Median bytes written per checkpoint over the second half of the run:
+    /// the steady state, once every key has been seen.
+    pub fn steady_written(&self) -> f64 {
+        let w = &self.written_per_checkpoint;
+        let mut late: Vec<u64> = w[w.len() / 2..].to_vec();
+        late.sort_unstable();
+        late.get(late.len() / 2).copied().unwrap_or(0) as f64
+    }
 }
 
 /// Every run of both variants.
@@ -116,8 +131,9 @@ pub struct ThroughputReport {
     /// Incremental checkpoints' throughput as a share of the run without
     /// checkpoints (fastest vs fastest).
     pub incremental_throughput_ratio: f64,
-    /// What an incremental checkpoint wrote, on average, as a share of the
-    /// state's size.
+    /// What an incremental checkpoint wrote in the steady state (median
+    /// over the run's second half) as a share of the state's size (what a
+    /// full checkpoint wrote in the steady state).
     pub written_percent_of_state: f64,
     /// Fastest vs fastest.
     pub checkpoint_overhead_percent: f64,
@@ -142,17 +158,17 @@ impl ThroughputReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "| variant | M events/s per core | wall s | cpu s | checkpoints | MB written per checkpoint | state MB |"
+            "| variant | M events/s per core | wall s | cpu s | checkpoints | MB written per checkpoint (mean) | steady state (median, 2nd half) |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|");
         let mut rows = vec![
-            ("without checkpoints".to_string(), r.without_checkpoints),
+            ("without checkpoints".to_string(), &r.without_checkpoints),
             (
                 format!("incremental checkpoints every {}", r.checkpoint_interval),
-                r.with_checkpoints,
+                &r.with_checkpoints,
             ),
         ];
-        if let Some(full) = r.with_full_checkpoints {
+        if let Some(full) = &r.with_full_checkpoints {
             rows.push((
                 format!("full checkpoints every {}", r.checkpoint_interval),
                 full,
@@ -161,18 +177,18 @@ impl ThroughputReport {
         for (name, v) in rows {
             let _ = writeln!(
                 out,
-                "| {name} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.1} |",
+                "| {name} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} |",
                 v.events_per_cpu_s / 1e6,
                 v.wall_s,
                 v.cpu_s,
                 v.checkpoints,
                 v.written_bytes_per_checkpoint / 1e6,
-                v.state_bytes as f64 / 1e6,
+                v.steady_written() / 1e6,
             );
         }
         let _ = writeln!(
             out,
-            "incremental checkpoints: {:.1} % of the throughput without checkpoints; each wrote {:.1} % of the state's size on average",
+            "incremental checkpoints: {:.1} % of the throughput without checkpoints (fastest vs fastest); in the steady state (median of the run's second half) a checkpoint wrote {:.1} % of the state's size",
             r.incremental_throughput_ratio * 100.0,
             r.written_percent_of_state
         );
@@ -258,7 +274,16 @@ fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
         let cpu0 = cpu_time();
         let t0 = Instant::now();
         let info = jm.submit_spec(spec, SubmitOptions::default()).await?;
-        let state = jm.wait(info.id).await?;
+        // Each checkpoint's bytes written, from the counters every 20 ms
+        // (a timer on the same thread: it costs next to nothing).
+        let labels = ferry_jobmanager::metrics::Metrics::job(&info.id.to_string());
+        let samples = std::cell::RefCell::new(Vec::<u64>::new());
+        let sampler = sample_written(jm.metrics(), &labels, &samples);
+        let state = tokio::select! {
+            s = jm.wait(info.id) => s?,
+            never = sampler => match never {},
+        };
+        let written_per_checkpoint = samples.take();
         let wall = t0.elapsed().as_secs_f64();
         let cpu = (cpu_time() - cpu0).as_secs_f64();
         let info = jm.get(&info.id.to_string())?;
@@ -269,7 +294,6 @@ fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
             info.failure
         );
         let checkpoints = jm.checkpoints(&info.id.to_string()).await?.len() as u64;
-        let labels = ferry_jobmanager::metrics::Metrics::job(&info.id.to_string());
         let m = jm.metrics();
         let sync_s = m.checkpoint_sync_seconds.get_or_create(&labels).get();
         let async_s = m.checkpoint_async_seconds.get_or_create(&labels).get();
@@ -288,8 +312,31 @@ fn run_once(data: &str, text: &str, events: u64) -> anyhow::Result<RunResult> {
             checkpoint_work_s,
             written_bytes_per_checkpoint: written as f64 / done.max(1) as f64,
             state_bytes,
+            written_per_checkpoint,
         })
     })
+}
+
+/// Appends to `out` what each of the job's checkpoints wrote, from the
+/// counters every 20 ms (a timer on the run's one thread: it costs next
+/// to nothing); checkpoints completing between two samples share their sum.
+async fn sample_written(
+    m: &ferry_jobmanager::metrics::Metrics,
+    labels: &ferry_jobmanager::metrics::JobLabels,
+    out: &std::cell::RefCell<Vec<u64>>,
+) -> std::convert::Infallible {
+    let (mut done, mut written) = (0u64, 0u64);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let d = m.checkpoints_completed.get_or_create(labels).get();
+        let w = m.checkpoint_written.get_or_create(labels).get();
+        if d > done {
+            let each = w.saturating_sub(written) / (d - done);
+            out.borrow_mut()
+                .extend(std::iter::repeat_n(each, (d - done) as usize));
+            (done, written) = (d, w);
+        }
+    }
 }
 
 /// Runs the benchmark; `on_run(repeat, variant, result)` after each run.
@@ -321,9 +368,10 @@ pub fn throughput(
     }
     let _ = std::fs::remove_dir_all(&tmp);
     let best = |v: &[RunResult]| {
-        *v.iter()
+        v.iter()
             .max_by(|a, b| a.events_per_cpu_s.total_cmp(&b.events_per_cpu_s))
             .expect("at least one run")
+            .clone()
     };
     let (off, on) = (best(&runs[0]), best(&runs[1]));
     let full = runs.get(2).map(|r| best(r));
@@ -345,8 +393,15 @@ pub fn throughput(
     } else {
         (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0
     };
-    let written_percent_of_state = if on.state_bytes > 0 {
-        on.written_bytes_per_checkpoint / on.state_bytes as f64 * 100.0
+    // The state's size: what a full checkpoint writes in the steady state
+    // (with `--compare-full`), else the largest a checkpoint wrote (a full
+    // snapshot of the chain).
+    let state_size = match &full {
+        Some(f) if f.steady_written() > 0.0 => f.steady_written(),
+        _ => on.written_per_checkpoint.iter().copied().max().unwrap_or(0) as f64,
+    };
+    let written_percent_of_state = if state_size > 0.0 {
+        on.steady_written() / state_size * 100.0
     } else {
         0.0
     };
@@ -359,10 +414,10 @@ pub fn throughput(
         keys: a.keys,
         checkpoint_interval: a.checkpoint_interval.clone(),
         window: a.window.clone(),
+        incremental_throughput_ratio: on.events_per_cpu_s / off.events_per_cpu_s,
         without_checkpoints: off,
         with_checkpoints: on,
         with_full_checkpoints: full,
-        incremental_throughput_ratio: on.events_per_cpu_s / off.events_per_cpu_s,
         written_percent_of_state,
         checkpoint_overhead_percent: overhead,
         checkpoint_overhead_percent_paired_median: paired_median,

@@ -672,7 +672,9 @@ impl Operator for Window {
             taken.lens.insert(*start, w.len() as u32);
             taken.dirty.insert(*start, std::mem::take(&mut w.dirty));
         }
-        let base_at = base.and_then(|b| self.taken.iter().position(|t| t.id == b));
+        let base_at = base
+            .and_then(|b| self.taken.iter().position(|t| t.id == b))
+            .filter(|at| self.delta_pays(*at, &taken));
         let part = match base_at {
             Some(at) => StatePart::Delta {
                 base: self.taken[at].id,
@@ -742,6 +744,45 @@ impl Window {
         }
         self.taken.clear();
         Ok(())
+    }
+
+    /// Whether a delta on `self.taken[at]` is worth writing: not when the
+    /// state is empty (a full snapshot is a few bytes and ends the chain),
+    /// nor when no key is new and most changed (a full snapshot is hardly
+    /// larger — a changed key costs a delta a few bytes, a full snapshot
+    /// its key too — and restores from one file). New keys cost a delta
+    /// what they cost a full snapshot, so a growing state keeps writing
+    /// deltas.
+    fn delta_pays(&self, at: usize, now: &Taken) -> bool {
+        let total: usize = self.windows.values().map(Win::len).sum();
+        if total == 0 {
+            return false;
+        }
+        let base = &self.taken[at];
+        let (mut new, mut old, mut changed) = (0usize, 0usize, 0usize);
+        for (start, w) in &self.windows {
+            let base_len = base.lens.get(start).copied().unwrap_or(0) as usize;
+            new += w.len().saturating_sub(base_len);
+            old += base_len;
+            let later = self.taken.iter().skip(at + 1).chain(std::iter::once(now));
+            let mut bits: Vec<u64> = Vec::new();
+            for t in later {
+                if let Some(d) = t.dirty.get(start) {
+                    if bits.len() < d.len() {
+                        bits.resize(d.len(), 0);
+                    }
+                    for (b, x) in bits.iter_mut().zip(d) {
+                        *b |= *x;
+                    }
+                }
+            }
+            let words = base_len.div_ceil(64).min(bits.len());
+            changed += bits[..words]
+                .iter()
+                .map(|b| b.count_ones() as usize)
+                .sum::<usize>();
+        }
+        new > 0 || changed * 2 < old
     }
 
     /// The delta from `self.taken[at]` (the base) to now; `now` holds the
@@ -1068,6 +1109,46 @@ mod tests {
         // It never took snapshot 1 itself: no delta on it.
         full(
             r.snapshot_part(CheckpointId(2), Some(CheckpointId(1)))
+                .unwrap(),
+        );
+    }
+
+    #[test]
+    fn a_mostly_changed_or_empty_state_snapshots_in_full_a_growing_one_in_deltas() {
+        let (mut w, input) = setup(&[("n", "count"), ("s", "sum(x)")]);
+        let m = TaskMetrics::default();
+        let mut out = Vec::new();
+        w.process(batch(&input, (0..10).collect(), vec![10; 10]), &mut out, &m);
+        full(w.snapshot_part(CheckpointId(1), None).unwrap());
+        w.checkpoint_completed(CheckpointId(1));
+        // Every key changed: a delta would be as large as the state.
+        w.process(batch(&input, (0..10).collect(), vec![20; 10]), &mut out, &m);
+        full(
+            w.snapshot_part(CheckpointId(2), Some(CheckpointId(1)))
+                .unwrap(),
+        );
+        w.checkpoint_completed(CheckpointId(2));
+        // One of ten: a delta.
+        w.process(batch(&input, vec![3], vec![30]), &mut out, &m);
+        delta(
+            w.snapshot_part(CheckpointId(3), Some(CheckpointId(2)))
+                .unwrap(),
+            2,
+        );
+        w.checkpoint_completed(CheckpointId(3));
+        // Every key changed, and as many new: still a delta (the new keys
+        // would cost a full snapshot as much).
+        w.process(batch(&input, (0..20).collect(), vec![40; 20]), &mut out, &m);
+        delta(
+            w.snapshot_part(CheckpointId(4), Some(CheckpointId(3)))
+                .unwrap(),
+            3,
+        );
+        w.checkpoint_completed(CheckpointId(4));
+        // Fired and purged: nothing left, a full snapshot of nothing.
+        fire(&mut w, 5_000);
+        full(
+            w.snapshot_part(CheckpointId(5), Some(CheckpointId(4)))
                 .unwrap(),
         );
     }
