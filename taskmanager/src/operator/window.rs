@@ -764,25 +764,34 @@ impl Window {
             let base_len = base.lens.get(start).copied().unwrap_or(0) as usize;
             new += w.len().saturating_sub(base_len);
             old += base_len;
-            let later = self.taken.iter().skip(at + 1).chain(std::iter::once(now));
-            let mut bits: Vec<u64> = Vec::new();
-            for t in later {
-                if let Some(d) = t.dirty.get(start) {
-                    if bits.len() < d.len() {
-                        bits.resize(d.len(), 0);
-                    }
-                    for (b, x) in bits.iter_mut().zip(d) {
-                        *b |= *x;
-                    }
-                }
-            }
-            let words = base_len.div_ceil(64).min(bits.len());
-            changed += bits[..words]
+            changed += self
+                .changed_since(at, now, *start, base_len as u32)
                 .iter()
                 .map(|b| b.count_ones() as usize)
                 .sum::<usize>();
         }
         new > 0 || changed * 2 < old
+    }
+
+    /// The slots below `base_len` of window `start` updated after the
+    /// snapshot `self.taken[at]`: in every snapshot since, and in `now`
+    /// (the changes since the newest one), as a bitset.
+    fn changed_since(&self, at: usize, now: &Taken, start: i64, base_len: u32) -> Vec<u64> {
+        let mut changed = vec![0u64; (base_len as usize).div_ceil(64)];
+        let later = self.taken.iter().skip(at + 1).chain(std::iter::once(now));
+        for t in later {
+            if let Some(bits) = t.dirty.get(&start) {
+                for (c, b) in changed.iter_mut().zip(bits) {
+                    *c |= *b;
+                }
+            }
+        }
+        if let Some(last) = changed.last_mut()
+            && !base_len.is_multiple_of(64)
+        {
+            *last &= (1u64 << (base_len % 64)) - 1;
+        }
+        changed
     }
 
     /// The delta from `self.taken[at]` (the base) to now; `now` holds the
@@ -794,22 +803,7 @@ impl Window {
         for (start, w) in &self.windows {
             let base_len = base.lens.get(start).copied().unwrap_or(0);
             let len = w.len() as u32;
-            // Slots changed after the base: every snapshot since, and now.
-            let words = (base_len as usize).div_ceil(64);
-            let mut changed = vec![0u64; words];
-            let later = self.taken.iter().skip(at + 1).chain(std::iter::once(now));
-            for t in later {
-                if let Some(bits) = t.dirty.get(start) {
-                    for (c, b) in changed.iter_mut().zip(bits) {
-                        *c |= *b;
-                    }
-                }
-            }
-            if let Some(last) = changed.last_mut()
-                && base_len % 64 != 0
-            {
-                *last &= (1u64 << (base_len % 64)) - 1;
-            }
+            let changed = self.changed_since(at, now, *start, base_len);
             let count: usize = changed.iter().map(|w| w.count_ones() as usize).sum();
             let mut gaps = Vec::with_capacity(count);
             let mut accs = Vec::with_capacity(count * n);
