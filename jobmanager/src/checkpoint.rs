@@ -16,9 +16,9 @@ use std::time::Instant;
 use chrono::Utc;
 use ferry_core::CheckpointId;
 use ferry_core::manifest::{
-    MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint, checkpoint_dir,
-    list_checkpoint_ids, manifest_bytes, savepoint_dir, savepoint_number, savepoints_root,
-    snapshot_dir, write_manifest_bytes,
+    FileEntry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, SnapshotKind, VerifiedCheckpoint,
+    checkpoint_dir, list_checkpoint_ids, manifest_bytes, savepoint_dir, savepoint_number,
+    savepoints_root, snapshot_dir, write_manifest_bytes,
 };
 use ferry_region::SyncOutcome;
 use ferry_taskmanager::protocol::{Barrier, TaskAck};
@@ -208,7 +208,7 @@ pub(crate) async fn complete_checkpoint(
         .into());
     };
     let duration = p.started.elapsed();
-    if let Some(f) = files.iter().find(|f| job.shared_gc.was_removed(&f.path)) {
+    if let Some(f) = job.shared_gc.inherited_removed(&files) {
         // The task built on a snapshot that retention has removed since (it
         // missed a completion): this checkpoint would not restore.
         return Err(format!(
@@ -447,7 +447,7 @@ async fn retain(job: &JobEntry, completed: CheckpointId) -> Result<(), String> {
 /// lists. Runs when no checkpoint is in flight (one at a time per job), so
 /// a file not yet listed is an orphan of a failed attempt; a task that
 /// still builds on a removed file is caught when its checkpoint completes
-/// ([`SharedGc::was_removed`]).
+/// ([`SharedGc::inherited_removed`]).
 async fn collect_shared(job: &JobEntry) -> Result<(), String> {
     let removed = ferry_core::manifest::collect_shared(&job.root, &job.id, None)
         .await
@@ -486,10 +486,30 @@ impl SharedGc {
         }
     }
 
-    /// Whether retention removed `path` (relative to the job directory).
-    pub(crate) fn was_removed(&self, path: &str) -> bool {
-        let g = self.removed.lock().unwrap_or_else(|p| p.into_inner());
-        g.0.contains(path)
+    /// The first file of `files` (a checkpoint's) that its chain took over
+    /// from an earlier checkpoint and that retention removed since. The
+    /// newest file of each chain was written for this checkpoint — after
+    /// any removal, as retention runs between checkpoints — so it exists
+    /// even when a removed orphan had the same content (an empty state's
+    /// full snapshot is the same bytes every time): it is forgotten as
+    /// removed instead.
+    pub(crate) fn inherited_removed<'a>(&self, files: &'a [FileEntry]) -> Option<&'a FileEntry> {
+        let mut newest: BTreeMap<(&str, u32), u32> = BTreeMap::new();
+        for f in files.iter().filter(|f| f.shared) {
+            let n = newest.entry((f.operator.as_str(), f.subtask)).or_default();
+            *n = (*n).max(f.chain);
+        }
+        let mut g = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        let (set, _) = &mut *g;
+        let mut refused = None;
+        for f in files.iter().filter(|f| f.shared) {
+            if newest.get(&(f.operator.as_str(), f.subtask)) == Some(&f.chain) {
+                set.remove(&f.path);
+            } else if refused.is_none() && set.contains(&f.path) {
+                refused = Some(f);
+            }
+        }
+        refused
     }
 }
 
@@ -592,5 +612,39 @@ mod tests {
             Reply::Savepoint(tx).request(),
             SnapshotRequest::Savepoint { stop: false }
         );
+    }
+
+    fn shared(path: &str, subtask: u32, chain: u32) -> FileEntry {
+        FileEntry {
+            path: format!("shared/{path}"),
+            size: 1,
+            sha256: String::new(),
+            operator: "window".into(),
+            subtask,
+            shared: true,
+            chain,
+        }
+    }
+
+    #[test]
+    fn only_inherited_files_that_retention_removed_refuse_a_checkpoint() {
+        let gc = SharedGc::default();
+        gc.removed("shared/base");
+        gc.removed("shared/empty");
+        // Subtask 0 builds on the removed base; subtask 1 wrote a full
+        // snapshot whose bytes equal a removed orphan's.
+        let files = vec![
+            shared("base", 0, 0),
+            shared("delta", 0, 1),
+            shared("empty", 1, 0),
+        ];
+        assert_eq!(
+            gc.inherited_removed(&files).map(|f| f.path.as_str()),
+            Some("shared/base")
+        );
+        // Written anew, "empty" is no longer removed: a later chain may
+        // build on it.
+        let later = vec![shared("empty", 1, 0), shared("d2", 1, 1)];
+        assert!(gc.inherited_removed(&later).is_none());
     }
 }
