@@ -212,7 +212,7 @@ pub(crate) async fn complete_checkpoint(
         // The task built on a snapshot that retention has removed since (it
         // missed a completion): this checkpoint would not restore.
         return Err(format!(
-            "checkpoint {} not completed: '{}' lists '{}', which retention removed; the task's next checkpoint writes its state in full",
+            "checkpoint {} not completed: '{}' builds on '{}', which retention removed (the task missed a completion); after two such failures in a row the task writes its state in full again",
             p.barrier.id, f.operator, f.path
         )
         .into());
