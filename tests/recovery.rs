@@ -473,3 +473,64 @@ fn incremental_checkpoints_write_deltas_and_a_chain_restores_exactly() {
     assert!(!listed.is_empty());
     assert_eq!(on_disk, listed, "shared files besides the listed ones");
 }
+
+/// With `--state-memory`, window state lives in the local state store
+/// beyond a bounded cache: a job whose keys do not fit in the cache writes
+/// them back and reads them from the store, checkpoints in chains of a full
+/// snapshot and deltas, and after a SIGKILL resumes with exactly the
+/// expected output (the store is wiped and rebuilt from the checkpoint).
+#[test]
+fn window_state_beyond_memory_checkpoints_and_restores_exactly() {
+    const TOTAL: u64 = 600_000;
+    // 200,000 keys of ~120 bytes of cache each: about 24 MB, three times
+    // what the caches may hold under a 16 MiB bound.
+    let spec = spec(TOTAL)
+        .replace("cardinality: 20", "cardinality: 200000")
+        .replace("rate: 40000", "rate: 60000")
+        .replace("tumbling: 1m", "tumbling: 1h")
+        .replace("interval: 100ms", "interval: 500ms")
+        .replace("retained: 10", "retained: 3");
+    let w = Workdir::new(&spec);
+    let args = ["--state-memory", "16MiB"];
+    let mut child = w.spawn_local(&args, "first.log");
+    let mut chained = None;
+    wait_until(
+        Duration::from_secs(60),
+        "a checkpoint with deltas after the caches filled",
+        || {
+            if !w
+                .log("first.log")
+                .contains("window caches reached their bound")
+            {
+                return false;
+            }
+            chained = w.complete_checkpoints().into_iter().find_map(|(n, dir)| {
+                let text = std::fs::read_to_string(dir.join("MANIFEST.json")).ok()?;
+                let m: ferry_core::manifest::Manifest = serde_json::from_str(&text).ok()?;
+                m.chains("window")
+                    .values()
+                    .any(|c| c.len() >= 2)
+                    .then_some(n)
+            });
+            chained.is_some()
+        },
+    );
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let store = w.path().join("ferry-data/state");
+    assert!(
+        store.join("keyspaces").is_dir(),
+        "no state store in {}",
+        store.display()
+    );
+
+    let code = w.run_local(&args, "second.log", Duration::from_secs(120));
+    let log = w.log("second.log");
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("restored from checkpoint"), "{log}");
+    assert!(log.contains("window caches reached their bound"), "{log}");
+    let want = expected_counts(&generator(&w.spec), TOTAL, 0, 3_600_000);
+    let got = count_rows(&w.output_rows("out"), "user", "clicks");
+    assert!(want.len() > 150_000, "{}", want.len());
+    assert_counts_eq(&got, &want, "resumed with window state in the store");
+}

@@ -675,7 +675,46 @@ pub struct TaskManagerConfig {
     /// termination grace period).
     #[serde(default = "d_drain_timeout")]
     pub drain_timeout: DurationSpec,
+    /// Memory for keyed window state on this TaskManager, all jobs
+    /// together (e.g. `512MiB`; at least 16MiB). Set, window state lives
+    /// in an embedded store on local disk (`stateDir`) with this much
+    /// memory for its caches, so a job's state may be larger than memory.
+    /// Unset (the default), window state stays in memory, which is faster.
+    #[serde(default, deserialize_with = "state_memory")]
+    pub state_memory: Option<bytesize::ByteSize>,
+    /// Local directory of the state store when `stateMemory` is set
+    /// (default `<temp dir>/ferry-state/<instance id>`). Its content is
+    /// rebuilt from checkpoints: it is wiped when the TaskManager starts.
+    /// Give it a fast local disk (a Kubernetes `emptyDir`).
+    #[serde(default)]
+    pub state_dir: Option<String>,
 }
+
+/// Reads `taskmanager.stateMemory`: a size with its unit or a number of
+/// bytes, with an error that names the key.
+fn state_memory<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<bytesize::ByteSize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    let bad = |v: &dyn std::fmt::Display| {
+        serde::de::Error::custom(format!(
+            "taskmanager.stateMemory: '{v}' is not a size; use e.g. 512MiB, 2GiB or a number of bytes"
+        ))
+    };
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Bytes(b)) => Ok(Some(bytesize::ByteSize::b(b))),
+        Some(Raw::Text(t)) => t.trim().parse().map(Some).map_err(|_| bad(&t)),
+    }
+}
+
+/// The least `taskmanager.stateMemory` accepted.
+pub const MIN_STATE_MEMORY: u64 = 16 << 20;
 
 fn d_drain_timeout() -> DurationSpec {
     DurationSpec::from_millis(120_000)
@@ -706,6 +745,8 @@ impl Default for TaskManagerConfig {
             exchange_credits: d_tm_credits(),
             drain_on_shutdown: false,
             drain_timeout: d_drain_timeout(),
+            state_memory: None,
+            state_dir: None,
         }
     }
 }
@@ -1368,6 +1409,16 @@ pub const ENV_KEYS: &[(&str, &str, EnvKind)] = &[
         "taskmanager.drainTimeout",
         EnvKind::Text,
     ),
+    (
+        "FERRY_TASKMANAGER_STATE_MEMORY",
+        "taskmanager.stateMemory",
+        EnvKind::Text,
+    ),
+    (
+        "FERRY_TASKMANAGER_STATE_DIR",
+        "taskmanager.stateDir",
+        EnvKind::Text,
+    ),
     ("FERRY_REGIONS_STORES", "regions.stores", EnvKind::Map),
     (
         "FERRY_REGIONS_STORE_CREDENTIALS",
@@ -1757,6 +1808,13 @@ impl ProcessConfig {
                 self.taskmanager.exchange_credits
             ));
         }
+        if let Some(m) = self.taskmanager.state_memory
+            && m.as_u64() < MIN_STATE_MEMORY
+        {
+            return err(format!(
+                "taskmanager.stateMemory {m}: use at least 16MiB (or leave it unset to keep window state in memory)"
+            ));
+        }
         advertise_matches_tls(
             "api.advertise",
             self.api.advertise.as_deref(),
@@ -2097,6 +2155,20 @@ mod tests {
         ]);
         let c = ProcessConfig::load(None, &e).unwrap();
         assert_eq!(c.region, "us-east");
+        assert_eq!(c.taskmanager.state_memory, None);
+        let e = env(&[
+            ("FERRY_TASKMANAGER_STATE_MEMORY", "512MiB"),
+            ("FERRY_TASKMANAGER_STATE_DIR", "/var/lib/ferry/state"),
+        ]);
+        let c = ProcessConfig::load(Some(("f.yaml", FILE)), &e).unwrap();
+        assert_eq!(
+            c.taskmanager.state_memory.map(|m| m.as_u64()),
+            Some(512 << 20)
+        );
+        assert_eq!(
+            c.taskmanager.state_dir.as_deref(),
+            Some("/var/lib/ferry/state")
+        );
     }
 
     #[test]
@@ -2114,6 +2186,16 @@ mod tests {
                 "FERRY_NATS_REPLICAS",
             ),
             (FILE, &[("FERRY_HA_LEASE_TTL", "soon")], "not a duration"),
+            (
+                FILE,
+                &[("FERRY_TASKMANAGER_STATE_MEMORY", "8MiB")],
+                "taskmanager.stateMemory 8.0 MiB: use at least 16MiB",
+            ),
+            (
+                FILE,
+                &[("FERRY_TASKMANAGER_STATE_MEMORY", "lots")],
+                "taskmanager.stateMemory: 'lots' is not a size",
+            ),
             ("region: eu\n", &[], "missing field"),
             (
                 "region: eu\nnats: {urls: [x]}\nstorage: s\nextra: 1\n",

@@ -89,6 +89,11 @@ pub struct ThroughputArgs {
     /// beside the incremental ones, interleaved.
     #[arg(long)]
     pub compare_full: bool,
+    /// Keep window state in the local state store with this much memory
+    /// (as `taskmanager.stateMemory`, e.g. `64MiB`), in a temp dir; the
+    /// peak RSS is reported at the end.
+    #[arg(long, value_name = "SIZE")]
+    pub state_memory: Option<bytesize::ByteSize>,
     /// Print results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -277,6 +282,19 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
         "keyed tumbling count: {} events, {} keys, parallelism 1, one core; best of {}",
         a.events, a.keys, a.repeat
     );
+    let _state_dir = match a.state_memory {
+        Some(m) => {
+            let dir = tempfile::tempdir()?;
+            ferry_taskmanager::state::configure_from(Some(m.as_u64()), Some(dir.path()), "bench")
+                .map_err(|e| anyhow::anyhow!("--state-memory: {e}"))?;
+            eprintln!(
+                "window state in the local state store ({}), its memory bounded to {m}",
+                dir.path().display()
+            );
+            Some(dir)
+        }
+        None => None,
+    };
     let opts = ThroughputOptions {
         events: a.events,
         keys: a.keys,
@@ -299,7 +317,28 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
             res.state_bytes as f64 / 1e6,
         );
     })?;
+    if let Some(store) = ferry_taskmanager::state::process_store() {
+        let (_, limit, evictions, disk) = store.usage();
+        eprintln!(
+            "state store: caches bounded to {:.0} MiB, written back {evictions} times, {:.0} MB on disk; peak RSS of this process {} MiB",
+            limit as f64 / 1048576.0,
+            disk as f64 / 1e6,
+            peak_rss_kib() / 1024
+        );
+    }
     print_report(a.json, &r, |r| r.markdown())
+}
+
+/// This process's peak resident set (VmHWM), in KiB (0 where unknown).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn failover(a: FailoverArgs) -> anyhow::Result<ExitCode> {

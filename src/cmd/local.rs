@@ -45,6 +45,23 @@ pub struct LocalArgs {
     /// directory, the data directory and NATS servers on this machine.
     #[arg(long, value_name = "URL")]
     pub allow: Vec<String>,
+    /// Memory for keyed window state, all jobs together (e.g. `512MiB`;
+    /// at least 16MiB). Set, window state lives in an embedded store on
+    /// local disk (--state-dir) and may be larger than memory; unset, it
+    /// stays in memory, which is faster.
+    #[arg(long, env = "FERRY_STATE_MEMORY", value_name = "SIZE")]
+    pub state_memory: Option<bytesize::ByteSize>,
+    /// Directory of the state store (default: `state` in the data
+    /// directory, or `<temp dir>/ferry-state/local` when the data
+    /// directory is an object store). Wiped at start: its content is
+    /// rebuilt from checkpoints.
+    #[arg(
+        long,
+        env = "FERRY_STATE_DIR",
+        value_name = "DIR",
+        requires = "state_memory"
+    )]
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn run(args: LocalArgs) -> anyhow::Result<ExitCode> {
@@ -102,6 +119,22 @@ async fn run_async(
         "ferry local: the working directory, the data directory, NATS on this machine and --allow",
     )
     .map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
+    if let Some(m) = args.state_memory
+        && m.as_u64() < ferry_core::config::MIN_STATE_MEMORY
+    {
+        anyhow::bail!(
+            "--state-memory {m}: use at least 16MiB (or leave it out to keep window state in memory)"
+        );
+    }
+    let state_dir = args.state_dir.clone().or_else(|| {
+        (!args.data_dir.contains("://")).then(|| PathBuf::from(&data_url).join("state"))
+    });
+    ferry_taskmanager::state::configure_from(
+        args.state_memory.map(|m| m.as_u64()),
+        state_dir.as_deref(),
+        "local",
+    )
+    .map_err(|e| anyhow::anyhow!("--state-memory: {e}"))?;
     let jm = JobManager::new(JobManagerConfig {
         data_url,
         instance_id: "local".to_string(),

@@ -19,13 +19,18 @@ pub mod telemetry;
 pub mod validate;
 
 /// Sets up `tracing` on stderr: `FERRY_LOG` (or `RUST_LOG`) picks levels,
-/// default `info`; `json` gives one JSON object per line. With
+/// default `info` (the embedded state store's own chatter from `warn`);
+/// `json` gives one JSON object per line. With
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans also go to that OTLP collector
 /// as service `service` ([`telemetry`]).
 pub fn init_logging(format: &str, quiet_default: bool, service: &str) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::prelude::*;
-    let default = if quiet_default { "warn" } else { "info" };
+    let default = if quiet_default {
+        "warn"
+    } else {
+        "info,lsm_tree=error,fjall=warn"
+    };
     let filter = std::env::var("FERRY_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .map(EnvFilter::new)

@@ -240,6 +240,12 @@ async fn run_async(cfg: ProcessConfig, ha_rt: tokio::runtime::Handle) -> anyhow:
         .await
         .with_context(|| format!("cannot listen on taskmanager.httpListen {}", t.http_listen))?;
     let http_bound = http.local_addr()?.to_string();
+    ferry_taskmanager::state::configure_from(
+        t.state_memory.map(|m| m.as_u64()),
+        t.state_dir.as_deref().map(std::path::Path::new),
+        &id,
+    )
+    .map_err(|e| anyhow::anyhow!("taskmanager.stateMemory: {e}"))?;
     let tm = TaskManager::new(id.clone(), t.slots);
     let (exchange_server_tls, exchange_client_tls) = match exchange_tls {
         Some((s, c)) => (Some(s), Some(c)),

@@ -104,7 +104,7 @@ impl TmMetrics {
     pub fn new(tm: &TaskManager) -> Self {
         let mut registry = Registry::with_prefix("ferry_tm");
         let mut gauges: Vec<(Gauge, Read)> = Vec::new();
-        let defs: [(&str, &str, Read); 14] = [
+        let defs: [(&str, &str, Read); 19] = [
             ("slots", "Task slots of this TaskManager", |m| {
                 m.tm.slots() as i64
             }),
@@ -161,6 +161,31 @@ impl TmMetrics {
                         .map(|d| d.as_millis() as i64)
                         .unwrap_or(-1)
                 },
+            ),
+            (
+                "state_cache_bytes",
+                "Bytes the window caches of the state store hold (taskmanager.stateMemory; 0 without it)",
+                |_| crate::state::process_store().map_or(0, |s| s.usage().0 as i64),
+            ),
+            (
+                "state_cache_limit_bytes",
+                "What the window caches of the state store may hold: half of taskmanager.stateMemory (0 without it)",
+                |_| crate::state::process_store().map_or(0, |s| s.usage().1 as i64),
+            ),
+            (
+                "state_cache_evictions",
+                "Times a window operator wrote its cache back to the state store and emptied it because the caches were full",
+                |_| crate::state::process_store().map_or(0, |s| s.usage().2 as i64),
+            ),
+            (
+                "state_write_buffer_bytes",
+                "Bytes in the state store's memtables, active and waiting to be flushed to disk",
+                |_| crate::state::process_store().map_or(0, |s| s.write_buffer_bytes() as i64),
+            ),
+            (
+                "state_disk_bytes",
+                "Bytes the state store takes on disk (taskmanager.stateDir)",
+                |_| crate::state::process_store().map_or(0, |s| s.usage().3 as i64),
             ),
             (
                 "heartbeat_failures",

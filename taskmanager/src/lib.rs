@@ -21,5 +21,6 @@ pub mod runtime;
 pub mod server;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod task;
 pub mod wire;

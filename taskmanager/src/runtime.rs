@@ -155,7 +155,14 @@ impl JobPlan {
                         .clone()
                         .ok_or("window without key_by")?;
                     let name = self.state_names[i].clone().unwrap_or_default();
-                    ops.push(Box::new(Window::new(&name, w, &keys, before, after)?));
+                    ops.push(Box::new(Window::new(
+                        &name,
+                        w,
+                        &keys,
+                        before,
+                        after,
+                        crate::state::process_store(),
+                    )?));
                 }
                 OperatorSpec::KeyBy(_) => {}
             }

@@ -23,7 +23,7 @@ use crate::batch::Batch;
 use crate::incremental::Chains;
 use crate::metrics::TaskMetrics;
 use crate::operator::key::key_at;
-use crate::operator::{Operator, StatePart, key_partition};
+use crate::operator::{Operator, StateBytes, StatePart, key_partition};
 use crate::protocol::{Barrier, Msg, TaskAck, TaskCommand, TaskError, TaskEvent, TaskId};
 use crate::sink::{SINK_STATE, Sink};
 use crate::source::{Poll, Source};
@@ -181,12 +181,16 @@ impl TaskContext {
         chain: &mut Chain,
     ) -> Result<(), String> {
         let started = std::time::Instant::now();
-        let mut parts: Vec<(String, Vec<u8>, Placement)> = Vec::new();
+        let mut parts: Vec<(String, StateBytes, Placement)> = Vec::new();
         let mut offsets = BTreeMap::new();
         let mut txns: Vec<SinkTransaction> = Vec::new();
         if let Some(src) = source {
             let (bytes, offs) = src.snapshot()?;
-            parts.push(("source".to_string(), bytes, Placement::Own));
+            parts.push((
+                "source".to_string(),
+                StateBytes::Ready(bytes),
+                Placement::Own,
+            ));
             offsets = offs;
         }
         // Savepoints are always full and self-contained; checkpoints of an
@@ -205,7 +209,7 @@ impl TaskContext {
             match chains {
                 None => {
                     if let Some(bytes) = op.snapshot()? {
-                        parts.push((name, bytes, Placement::Own));
+                        parts.push((name, StateBytes::Ready(bytes), Placement::Own));
                     }
                 }
                 Some(c) => {
@@ -231,7 +235,7 @@ impl TaskContext {
                 let t = std::time::Instant::now();
                 let (bytes, tx) = sink.snapshot(barrier.id, barrier.close_txn, records_out)?;
                 if let Some(b) = bytes {
-                    parts.push((SINK_STATE.to_string(), b, Placement::Own));
+                    parts.push((SINK_STATE.to_string(), StateBytes::Ready(b), Placement::Own));
                 }
                 txns = tx;
                 sync_duration += t.elapsed();
@@ -268,7 +272,7 @@ impl TaskContext {
             let job_dir = dir.parent().parent();
             let upload = async {
                 for (op, data, placement) in parts {
-                    let (sha256, data) = hash(data).await?;
+                    let (sha256, data) = encode_and_hash(data).await?;
                     let size = data.len() as u64;
                     let Placement::Shared(base) = placement else {
                         let rel = state_file(&op, subtask);
@@ -339,17 +343,24 @@ impl TaskContext {
     }
 }
 
-/// SHA-256 of a state file; a large one is hashed on a blocking thread,
-/// off the async workers the tasks run on.
-async fn hash(data: Vec<u8>) -> Result<(String, Vec<u8>), ferry_core::error::CoreError> {
-    if data.len() < 1 << 20 {
-        return Ok((sha256_hex(&data), data));
-    }
-    tokio::task::spawn_blocking(move || (sha256_hex(&data), data))
-        .await
-        .map_err(|e| {
-            ferry_core::error::CoreError::Other(format!("hashing a state file failed: {e}"))
-        })
+/// A state file's bytes and SHA-256. A large one is hashed, and one that is
+/// not encoded yet is encoded, on a blocking thread, off the async workers
+/// the tasks run on.
+async fn encode_and_hash(
+    data: StateBytes,
+) -> Result<(String, Vec<u8>), ferry_core::error::CoreError> {
+    use ferry_core::error::CoreError;
+    let data = match data {
+        StateBytes::Ready(d) if d.len() < 1 << 20 => return Ok((sha256_hex(&d), d)),
+        other => other,
+    };
+    tokio::task::spawn_blocking(move || {
+        let data = data.now()?;
+        Ok((sha256_hex(&data), data))
+    })
+    .await
+    .map_err(|e| CoreError::Other(format!("encoding or hashing a state file failed: {e}")))?
+    .map_err(|e: String| CoreError::Other(format!("encoding a state file failed: {e}")))
 }
 
 /// Runs `fut` to completion and returns its output with the time spent

@@ -83,6 +83,24 @@ impl Key {
         }
     }
 
+    /// Roughly the heap memory the key holds (strings, key lists).
+    pub fn heap_bytes(&self) -> usize {
+        fn value(v: &Value) -> usize {
+            match v {
+                Value::Str(s) => 16 + s.len(),
+                _ => 0,
+            }
+        }
+        match self {
+            Key::Int(_) => 0,
+            Key::Str(s) => 16 + s.len(),
+            Key::Other(v) => value(v),
+            Key::Multi(vs) => {
+                vs.len() * std::mem::size_of::<Value>() + vs.iter().map(value).sum::<usize>()
+            }
+        }
+    }
+
     /// Stable across processes and builds of the same version.
     pub fn stable_hash(&self) -> u64 {
         let mut h = rustc_hash::FxHasher::default();

@@ -16,13 +16,43 @@ use crate::metrics::TaskMetrics;
 /// Errors of operators.
 pub type OpResult<T> = Result<T, String>;
 
+/// The bytes of a state part: ready, or encoded later, on a blocking
+/// thread, from a consistent view of the state taken at the barrier (while
+/// records flow on).
+pub enum StateBytes {
+    Ready(Vec<u8>),
+    Later(Box<dyn FnOnce() -> OpResult<Vec<u8>> + Send>),
+}
+
+impl StateBytes {
+    /// The bytes, encoding them here if they are not ready.
+    pub fn now(self) -> OpResult<Vec<u8>> {
+        match self {
+            StateBytes::Ready(b) => Ok(b),
+            StateBytes::Later(f) => f(),
+        }
+    }
+}
+
+impl std::fmt::Debug for StateBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateBytes::Ready(b) => write!(f, "Ready({} bytes)", b.len()),
+            StateBytes::Later(_) => f.write_str("Later"),
+        }
+    }
+}
+
 /// An operator's snapshot for an incremental checkpoint.
 #[derive(Debug)]
 pub enum StatePart {
     /// The whole state (what [`Operator::snapshot`] writes).
-    Full(Vec<u8>),
+    Full(StateBytes),
     /// What changed since this operator's snapshot for checkpoint `base`.
-    Delta { base: CheckpointId, bytes: Vec<u8> },
+    Delta {
+        base: CheckpointId,
+        bytes: StateBytes,
+    },
 }
 
 /// One step of a chain.
@@ -45,7 +75,7 @@ pub trait Operator: Send {
     fn on_watermark(&mut self, _wm: i64, _out: &mut Vec<Batch>) {}
 
     /// Serializes the operator's state (stateful operators only).
-    fn snapshot(&self) -> OpResult<Option<Vec<u8>>> {
+    fn snapshot(&mut self) -> OpResult<Option<Vec<u8>>> {
         Ok(None)
     }
 
@@ -64,7 +94,9 @@ pub trait Operator: Send {
         _id: CheckpointId,
         _base: Option<CheckpointId>,
     ) -> OpResult<Option<StatePart>> {
-        Ok(self.snapshot()?.map(StatePart::Full))
+        Ok(self
+            .snapshot()?
+            .map(|b| StatePart::Full(StateBytes::Ready(b))))
     }
 
     /// Checkpoint `id` completed: snapshots before it are no base any more.

@@ -15,6 +15,12 @@
 //! them the same; a delta against an earlier snapshot of this instance
 //! lists, per live window, the accumulators of the slots changed since
 //! (as gaps between slot numbers) and the keys added since with theirs.
+//!
+//! State beyond memory: given the process's [`StateStore`], the windows
+//! live in it instead (see [`spill`]), in the same slot order, so their
+//! snapshots have the same format and restore into either kind.
+
+mod spill;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,8 +36,10 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{Batch, Column, ColumnBuilder};
 use crate::metrics::TaskMetrics;
 use crate::operator::key::{Key, key_at};
-use crate::operator::{OpResult, Operator, StatePart, key_partition};
+use crate::operator::{OpResult, Operator, StateBytes, StatePart, key_partition};
+use crate::state::StateStore;
 use ferry_core::CheckpointId;
+use spill::DiskWin;
 
 /// One running aggregate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -277,8 +285,9 @@ struct DeltaWinRef<'a> {
     accs: Vec<&'a Acc>,
 }
 
-/// A delta read back: every window alive when it was written.
-#[derive(Deserialize)]
+/// A delta read back (and written from the state store): every window
+/// alive when it was written.
+#[derive(Serialize, Deserialize)]
 struct Delta {
     magic: u32,
     watermark: i64,
@@ -289,7 +298,7 @@ struct Delta {
 /// base did not have), the keys added since with their accumulators (all
 /// of a key's in a row), and the slots below `base_len` that changed, as
 /// gaps from the previous such slot (the first from slot 0), with theirs.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct DeltaWin {
     start: i64,
     fired: bool,
@@ -417,7 +426,21 @@ pub struct Window {
     /// Incremental snapshots taken and not yet superseded by a completed
     /// one, oldest first (the first may be the completed base).
     taken: std::collections::VecDeque<Taken>,
+    /// State beyond memory: the windows live in the store and `windows`
+    /// stays empty.
+    disk: Option<Disk>,
+    /// Why the job must fail (the state store failed).
+    error: Option<String>,
 }
+
+/// The windows of an operator whose state lives in the store.
+struct Disk {
+    store: Arc<StateStore>,
+    windows: BTreeMap<i64, DiskWin>,
+}
+
+/// Fired results emitted per batch when windows are read from the store.
+const FIRE_BATCH: usize = 64 * 1024;
 
 impl Window {
     pub fn new(
@@ -426,6 +449,7 @@ impl Window {
         keys: &[String],
         input: &Schema,
         output: &Schema,
+        store: Option<Arc<StateStore>>,
     ) -> Result<Self, String> {
         let (size, slide) = match (&spec.tumbling, &spec.sliding) {
             (Some(t), _) => (t.as_millis(), t.as_millis()),
@@ -455,7 +479,155 @@ impl Window {
             keys_hint: 16,
             pending,
             taken: Default::default(),
+            disk: store.map(|store| Disk {
+                store,
+                windows: BTreeMap::new(),
+            }),
+            error: None,
         })
+    }
+
+    /// Keys per live window.
+    fn lens(&self) -> Vec<(i64, usize)> {
+        match &self.disk {
+            Some(d) => d.windows.iter().map(|(s, w)| (*s, w.len())).collect(),
+            None => self.windows.iter().map(|(s, w)| (*s, w.len())).collect(),
+        }
+    }
+
+    /// Records why the job must fail (the first reason only).
+    fn fail(&mut self, why: String) {
+        if self.error.is_none() {
+            self.error = Some(format!("window '{}': {why}", self.name));
+        }
+    }
+
+    /// Adds row `i` to the stored window `start`; returns false if late.
+    fn add_disk(&mut self, start: i64, batch: &Batch, i: usize, key: Key) -> OpResult<bool> {
+        if self.is_late(start) {
+            return Ok(false);
+        }
+        let fire_now = start + self.size - 1 <= self.watermark;
+        let Some(d) = &mut self.disk else {
+            return Ok(false);
+        };
+        let win = match d.windows.entry(start) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(DiskWin::new(&d.store)?),
+        };
+        update(win.slot(key.clone(), &self.plans)?, &self.plans, batch, i);
+        if fire_now {
+            win.fired = true;
+            if let Some(accs) = win.get(&key, self.plans.len()) {
+                self.pending.push(&key, start, accs, &self.plans);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Processes a batch into windows in the store.
+    fn process_disk(&mut self, batch: &Batch) -> OpResult<u64> {
+        let mut late = 0;
+        let k = if self.size == self.slide {
+            1
+        } else {
+            self.size / self.slide
+        };
+        for r in 0..batch.len() {
+            let last = batch.ts[r].div_euclid(self.slide) * self.slide;
+            let key = key_at(batch, &self.key_idx, r);
+            let mut any = false;
+            for w in 0..k {
+                any |= self.add_disk(last - w * self.slide, batch, r, key.clone())?;
+            }
+            if !any {
+                late += 1;
+            }
+        }
+        self.spill_if_over()?;
+        Ok(late)
+    }
+
+    /// Writes the caches back and empties them when the process's caches
+    /// hold more than their bound.
+    fn spill_if_over(&mut self) -> OpResult<()> {
+        let n = self.plans.len();
+        if let Some(d) = &mut self.disk
+            && d.store.over_budget()
+            && d.windows.values().any(DiskWin::cached)
+        {
+            d.store.evicted();
+            for w in d.windows.values_mut() {
+                w.evict(n)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires the stored windows due at the watermark and purges those past
+    /// their lateness.
+    fn on_watermark_disk(&mut self, out: &mut Vec<Batch>) -> OpResult<()> {
+        let (size, lateness, wm, n) = (self.size, self.lateness, self.watermark, self.plans.len());
+        let Some(d) = &mut self.disk else {
+            return Ok(());
+        };
+        for (start, win) in d.windows.range_mut(..) {
+            if *start + size - 1 > wm {
+                break;
+            }
+            if win.fired {
+                continue;
+            }
+            win.fired = true;
+            let (pending, plans, key_idx, schema) = (
+                &mut self.pending,
+                &self.plans,
+                &self.key_idx,
+                &self.out_schema,
+            );
+            win.for_each(n, |k, a| {
+                pending.push(&k, *start, &a, plans);
+                if pending.starts.len() >= FIRE_BATCH {
+                    flush_pending(pending, key_idx, plans, size, schema, out);
+                }
+            })?;
+        }
+        while let Some(entry) = d.windows.first_entry() {
+            if (*entry.key() + size - 1).saturating_add(lateness) <= wm {
+                entry.remove();
+            } else {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every stored window back and views them as of now.
+    fn disk_views(&mut self) -> OpResult<Option<(Vec<spill::WinView>, fjall::Snapshot)>> {
+        let n = self.plans.len();
+        let Some(d) = &mut self.disk else {
+            return Ok(None);
+        };
+        for w in d.windows.values_mut() {
+            w.write_back(n)?;
+        }
+        let views = d.windows.iter().map(|(s, w)| w.view(*s)).collect();
+        Ok(Some((views, d.store.snapshot())))
+    }
+
+    /// A full snapshot of the stored windows, encoded later.
+    fn disk_full(&mut self) -> OpResult<Option<StateBytes>> {
+        let Some((views, snap)) = self.disk_views()? else {
+            return Ok(None);
+        };
+        let store = self.disk.as_ref().map(|d| d.store.clone());
+        let wm = self.watermark;
+        Ok(Some(StateBytes::Later(Box::new(move || {
+            spill::encode_full(wm, &views, &snap, |what, e| match &store {
+                Some(s) => s.failed(what, e),
+                None => format!("{what} failed: {e}"),
+            })
+        }))))
     }
 
     fn is_late(&self, start: i64) -> bool {
@@ -491,39 +663,69 @@ impl Window {
     }
 
     fn flush(&mut self, out: &mut Vec<Batch>) {
-        if self.pending.starts.is_empty() {
-            return;
-        }
-        let p = std::mem::replace(
+        flush_pending(
             &mut self.pending,
-            Pending::new(self.key_idx.len(), self.plans.len()),
+            &self.key_idx,
+            &self.plans,
+            self.size,
+            &self.out_schema,
+            out,
         );
-        let size = self.size;
-        let mut columns: Vec<Column> = p.keys.into_iter().map(|b| b.finish()).collect();
-        columns.push(Column::Ts(p.starts.clone()));
-        columns.push(Column::Ts(p.starts.iter().map(|s| s + size).collect()));
-        columns.extend(p.aggs.into_iter().map(|b| b.finish()));
-        out.push(Batch {
-            schema: self.out_schema.clone(),
-            columns,
-            ts: p.starts.iter().map(|s| s + size - 1).collect(),
-        });
     }
+}
+
+/// Emits the pending fired results as one batch.
+fn flush_pending(
+    pending: &mut Pending,
+    key_idx: &[usize],
+    plans: &[AggPlan],
+    size: i64,
+    schema: &SchemaRef,
+    out: &mut Vec<Batch>,
+) {
+    if pending.starts.is_empty() {
+        return;
+    }
+    let p = std::mem::replace(pending, Pending::new(key_idx.len(), plans.len()));
+    let mut columns: Vec<Column> = p.keys.into_iter().map(|b| b.finish()).collect();
+    columns.push(Column::Ts(p.starts.clone()));
+    columns.push(Column::Ts(p.starts.iter().map(|s| s + size).collect()));
+    columns.extend(p.aggs.into_iter().map(|b| b.finish()));
+    out.push(Batch {
+        schema: schema.clone(),
+        columns,
+        ts: p.starts.iter().map(|s| s + size - 1).collect(),
+    });
 }
 
 impl Operator for Window {
     fn memory_bytes(&self) -> u64 {
-        self.windows.values().map(Win::memory_bytes).sum()
+        self.windows.values().map(Win::memory_bytes).sum::<u64>()
+            + self.disk.as_ref().map_or(0, |d| {
+                d.windows.values().map(DiskWin::memory_bytes).sum::<u64>()
+            })
     }
 
     fn state_name(&self) -> Option<&str> {
         Some(&self.name)
     }
 
+    fn failure(&self) -> Option<String> {
+        self.error.clone()
+    }
+
     fn process(&mut self, batch: Batch, out: &mut Vec<Batch>, m: &TaskMetrics) {
         let n = batch.len();
         let mut late = 0u64;
-        if self.size == self.slide {
+        if self.disk.is_some() {
+            if self.error.is_some() {
+                return;
+            }
+            match self.process_disk(&batch) {
+                Ok(l) => late = l,
+                Err(e) => self.fail(e),
+            }
+        } else if self.size == self.slide {
             // Tumbling: process runs of rows that fall into the same window.
             let size = self.size;
             let mut i = 0;
@@ -581,6 +783,15 @@ impl Operator for Window {
             return;
         }
         self.watermark = wm;
+        if self.disk.is_some() {
+            if self.error.is_none()
+                && let Err(e) = self.on_watermark_disk(out)
+            {
+                self.fail(e);
+            }
+            self.flush(out);
+            return;
+        }
         // Fire every window that is complete and has not fired.
         let size = self.size;
         let due: Vec<i64> = self
@@ -613,7 +824,10 @@ impl Operator for Window {
         self.flush(out);
     }
 
-    fn snapshot(&self) -> OpResult<Option<Vec<u8>>> {
+    fn snapshot(&mut self) -> OpResult<Option<Vec<u8>>> {
+        if let Some(b) = self.disk_full()? {
+            return b.now().map(Some);
+        }
         let n = self.plans.len();
         let st = WindowStateRef {
             watermark: self.watermark,
@@ -672,18 +886,31 @@ impl Operator for Window {
             taken.lens.insert(*start, w.len() as u32);
             taken.dirty.insert(*start, std::mem::take(&mut w.dirty));
         }
+        if let Some(d) = &mut self.disk {
+            for (start, w) in &mut d.windows {
+                taken.lens.insert(*start, w.len() as u32);
+                taken.dirty.insert(*start, std::mem::take(&mut w.dirty));
+            }
+        }
         let base_at = base
             .and_then(|b| self.taken.iter().position(|t| t.id == b))
             .filter(|at| self.delta_pays(*at, &taken));
         let part = match base_at {
+            Some(at) if self.disk.is_some() => StatePart::Delta {
+                base: self.taken[at].id,
+                bytes: self.disk_delta(at, &taken)?,
+            },
             Some(at) => StatePart::Delta {
                 base: self.taken[at].id,
-                bytes: self.delta(at, &taken)?,
+                bytes: StateBytes::Ready(self.delta(at, &taken)?),
             },
-            None => StatePart::Full(
-                self.snapshot()?
-                    .ok_or_else(|| "a window always has state".to_string())?,
-            ),
+            None => match self.disk_full()? {
+                Some(later) => StatePart::Full(later),
+                None => StatePart::Full(StateBytes::Ready(
+                    self.snapshot()?
+                        .ok_or_else(|| "a window always has state".to_string())?,
+                )),
+            },
         };
         self.taken.push_back(taken);
         while self.taken.len() > MAX_TAKEN {
@@ -716,6 +943,10 @@ impl Window {
         for st in states {
             wm = wm.min(st.watermark);
             for (start, (fired, keys)) in st.windows {
+                if self.disk.is_some() {
+                    self.absorb_disk(start, fired, keys, subtask, parallelism)?;
+                    continue;
+                }
                 let plans = std::mem::take(&mut self.plans);
                 let win = self.window(start);
                 win.fired |= fired;
@@ -742,8 +973,57 @@ impl Window {
         for w in self.windows.values_mut() {
             w.dirty.clear();
         }
+        if let Some(d) = &mut self.disk {
+            for w in d.windows.values_mut() {
+                w.dirty.clear();
+            }
+        }
         self.taken.clear();
         Ok(())
+    }
+
+    /// Takes in one restored window's keys that `subtask` owns, into the
+    /// store.
+    fn absorb_disk(
+        &mut self,
+        start: i64,
+        fired: bool,
+        keys: Vec<(Key, Vec<Acc>)>,
+        subtask: u32,
+        parallelism: u32,
+    ) -> OpResult<()> {
+        let n = self.plans.len();
+        for (k, accs) in keys {
+            if accs.len() != n {
+                return Err(self.aggregations_changed(accs.len()));
+            }
+            if key_partition(k.stable_hash(), parallelism) != subtask {
+                continue;
+            }
+            let Some(d) = &mut self.disk else {
+                return Ok(());
+            };
+            let win = match d.windows.entry(start) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(DiskWin::new(&d.store)?),
+            };
+            win.fired |= fired;
+            win.slot(k, &self.plans)?.clone_from_slice(&accs);
+            self.spill_if_over()?;
+        }
+        if let Some(w) = self.disk.as_mut().and_then(|d| d.windows.get_mut(&start)) {
+            w.fired |= fired;
+        }
+        Ok(())
+    }
+
+    fn aggregations_changed(&self, saved: usize) -> String {
+        format!(
+            "the saved state of window '{}' has {saved} aggregations but the spec has {}; \
+             a window's aggregations cannot change across a restore (rename the window to start it empty)",
+            self.name,
+            self.plans.len()
+        )
     }
 
     /// Whether a delta on `self.taken[at]` is worth writing: not when the
@@ -754,18 +1034,19 @@ impl Window {
     /// what they cost a full snapshot, so a growing state keeps writing
     /// deltas.
     fn delta_pays(&self, at: usize, now: &Taken) -> bool {
-        let total: usize = self.windows.values().map(Win::len).sum();
+        let lens = self.lens();
+        let total: usize = lens.iter().map(|(_, l)| l).sum();
         if total == 0 {
             return false;
         }
         let base = &self.taken[at];
         let (mut new, mut old, mut changed) = (0usize, 0usize, 0usize);
-        for (start, w) in &self.windows {
-            let base_len = base.lens.get(start).copied().unwrap_or(0) as usize;
-            new += w.len().saturating_sub(base_len);
+        for (start, len) in lens {
+            let base_len = base.lens.get(&start).copied().unwrap_or(0) as usize;
+            new += len.saturating_sub(base_len);
             old += base_len;
             changed += self
-                .changed_since(at, now, *start, base_len as u32)
+                .changed_since(at, now, start, base_len as u32)
                 .iter()
                 .map(|b| b.count_ones() as usize)
                 .sum::<usize>();
@@ -792,6 +1073,31 @@ impl Window {
             *last &= (1u64 << (base_len % 64)) - 1;
         }
         changed
+    }
+
+    /// The delta of the stored windows from `self.taken[at]` to now,
+    /// encoded later from a view of the store taken now.
+    fn disk_delta(&mut self, at: usize, now: &Taken) -> OpResult<StateBytes> {
+        let Some((views, snap)) = self.disk_views()? else {
+            return Err("no stored windows".into());
+        };
+        let base = &self.taken[at];
+        let wins: Vec<(spill::WinView, u32, Vec<u64>)> = views
+            .into_iter()
+            .map(|v| {
+                let base_len = base.lens.get(&v.start).copied().unwrap_or(0);
+                let changed = self.changed_since(at, now, v.start, base_len);
+                (v, base_len, changed)
+            })
+            .collect();
+        let store = self.disk.as_ref().map(|d| d.store.clone());
+        let wm = self.watermark;
+        Ok(StateBytes::Later(Box::new(move || {
+            spill::encode_delta(wm, &wins, &snap, |what, e| match &store {
+                Some(s) => s.failed(what, e),
+                None => format!("{what} failed: {e}"),
+            })
+        })))
     }
 
     /// The delta from `self.taken[at]` (the base) to now; `now` holds the
@@ -856,15 +1162,29 @@ mod tests {
     use ferry_core::spec::DurationSpec;
 
     fn setup(aggs: &[(&str, &str)]) -> (Window, Schema) {
+        setup_in(aggs, None, 0, None)
+    }
+
+    /// A window over `k` of 1 s (sliding by `slide` ms when given) with
+    /// `lateness` ms, in `store` when given.
+    fn setup_in(
+        aggs: &[(&str, &str)],
+        slide: Option<u64>,
+        lateness: u64,
+        store: Option<Arc<StateStore>>,
+    ) -> (Window, Schema) {
         let input = Schema::new([
             ("k".to_string(), DataType::Int),
             ("x".to_string(), DataType::Float),
         ]);
         let spec = WindowSpec {
             name: None,
-            tumbling: Some(DurationSpec::from_millis(1000)),
-            sliding: None,
-            allowed_lateness: DurationSpec::from_millis(0),
+            tumbling: slide.is_none().then(|| DurationSpec::from_millis(1000)),
+            sliding: slide.map(|s| ferry_core::spec::SlidingSpec {
+                size: DurationSpec::from_millis(1000),
+                slide: DurationSpec::from_millis(s),
+            }),
+            allowed_lateness: DurationSpec::from_millis(lateness),
             aggregate: aggs
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -881,7 +1201,7 @@ mod tests {
                 data_type: DataType::Any,
             });
         }
-        let w = Window::new("window", &spec, &["k".into()], &input, &out).unwrap();
+        let w = Window::new("window", &spec, &["k".into()], &input, &out, store).unwrap();
         (w, input)
     }
 
@@ -981,7 +1301,7 @@ mod tests {
 
     fn full(p: Option<StatePart>) -> Bytes {
         match p {
-            Some(StatePart::Full(b)) => Bytes::from(b),
+            Some(StatePart::Full(b)) => Bytes::from(b.now().unwrap()),
             other => panic!("expected a full snapshot, got {other:?}"),
         }
     }
@@ -990,7 +1310,7 @@ mod tests {
         match p {
             Some(StatePart::Delta { base, bytes }) => {
                 assert_eq!(base, CheckpointId(want_base));
-                Bytes::from(bytes)
+                Bytes::from(bytes.now().unwrap())
             }
             other => panic!("expected a delta, got {other:?}"),
         }
@@ -1007,6 +1327,166 @@ mod tests {
         }
         got.sort_by_key(|r| (r.0, r.1));
         got
+    }
+
+    /// What [`drive`] saw of one window: the rows fired after each batch
+    /// and watermark, each snapshot's bytes, the last completed chain.
+    type Driven = (Vec<Vec<Row>>, Vec<Vec<u8>>, Vec<Bytes>);
+    type Row = (i64, i64, Vec<Value>);
+
+    /// Feeds `ws` the same stream: 40 batches of 200 records over 300
+    /// keys, event time moving forward with records up to 1.5 s behind
+    /// (some late, some within the lateness), a watermark 0.5 s behind the
+    /// newest record after each batch and a checkpoint every 4 batches,
+    /// completed every other time. Returns per window the fired rows and
+    /// the snapshot bytes, and the chain of the last completed checkpoint.
+    fn drive(ws: &mut [&mut Window], input: &Schema) -> Vec<Driven> {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let mut out: Vec<(Vec<_>, Vec<Vec<u8>>)> =
+            ws.iter().map(|_| (Vec::new(), Vec::new())).collect();
+        let mut chains: Vec<Vec<Bytes>> = ws.iter().map(|_| Vec::new()).collect();
+        let mut pending_chains: Vec<Vec<Bytes>> = ws.iter().map(|_| Vec::new()).collect();
+        let (mut base, mut id) = (None::<CheckpointId>, 0u64);
+        let mut newest = 0i64;
+        let m = TaskMetrics::default();
+        for b in 0..40 {
+            let (mut keys, mut ts) = (Vec::new(), Vec::new());
+            for _ in 0..200 {
+                newest += rnd(20) as i64;
+                keys.push(rnd(300) as i64);
+                ts.push((newest - rnd(1500) as i64).max(0));
+            }
+            let batch = batch(input, keys, ts);
+            for (i, w) in ws.iter_mut().enumerate() {
+                let mut o = Vec::new();
+                w.process(batch.clone(), &mut o, &m);
+                assert!(w.failure().is_none(), "{:?}", w.failure());
+                let mut rows = Vec::new();
+                for b in o {
+                    for r in 0..b.len() {
+                        let Value::Int(k) = b.columns[0].get(r) else {
+                            panic!()
+                        };
+                        let Value::Ts(s) = b.columns[1].get(r) else {
+                            panic!()
+                        };
+                        rows.push((
+                            k,
+                            s,
+                            (3..b.columns.len()).map(|c| b.columns[c].get(r)).collect(),
+                        ));
+                    }
+                }
+                rows.sort_by_key(|r: &(i64, i64, Vec<Value>)| (r.0, r.1));
+                out[i].0.push(rows);
+                out[i].0.push(fire(w, newest - 500));
+            }
+            if b % 4 == 3 {
+                id += 1;
+                let complete = id % 2 == 1;
+                for (i, w) in ws.iter_mut().enumerate() {
+                    let (bytes, full) = match w.snapshot_part(CheckpointId(id), base).unwrap() {
+                        Some(StatePart::Full(b)) => (b.now().unwrap(), true),
+                        Some(StatePart::Delta { base: got, bytes }) => {
+                            assert_eq!(Some(got), base);
+                            (bytes.now().unwrap(), false)
+                        }
+                        None => panic!("a window always has state"),
+                    };
+                    out[i].1.push(bytes.clone());
+                    // The chain as of this checkpoint: a full snapshot
+                    // starts one, a delta extends the base's.
+                    let mut chain = if full { Vec::new() } else { chains[i].clone() };
+                    chain.push(Bytes::from(bytes));
+                    pending_chains[i] = chain;
+                    if complete {
+                        w.checkpoint_completed(CheckpointId(id));
+                        chains[i] = pending_chains[i].clone();
+                    }
+                }
+                if complete {
+                    base = Some(CheckpointId(id));
+                }
+            }
+        }
+        out.into_iter()
+            .zip(chains)
+            .map(|((rows, snaps), chain)| (rows, snaps, chain))
+            .collect()
+    }
+
+    #[test]
+    fn stored_windows_emit_and_snapshot_exactly_as_in_memory() {
+        for (slide, lateness) in [(None, 0), (None, 700), (Some(250), 300)] {
+            let dir = tempfile::tempdir().unwrap();
+            // A tiny bound: the caches are written back every few records.
+            let store = StateStore::open(dir.path(), 4096).unwrap();
+            let aggs = [
+                ("n", "count"),
+                ("s", "sum(x)"),
+                ("lo", "min(x)"),
+                ("a", "avg(x)"),
+            ];
+            let (mut mem, input) = setup_in(&aggs, slide, lateness, None);
+            let (mut disk, _) = setup_in(&aggs, slide, lateness, Some(store.clone()));
+            let got = drive(&mut [&mut mem, &mut disk], &input);
+            let case = format!("slide {slide:?}, lateness {lateness}");
+            assert!(
+                got[0].0.iter().map(Vec::len).sum::<usize>() > 1000,
+                "{case}: too few rows fired"
+            );
+            assert_eq!(got[0].0, got[1].0, "{case}: fired rows differ");
+            assert_eq!(got[0].1.len(), 10, "{case}");
+            assert_eq!(got[0].1, got[1].1, "{case}: snapshot bytes differ");
+            assert!(
+                store.usage().2 > 10,
+                "{case}: the caches were never written back"
+            );
+            // The chain of the last completed checkpoint restores into
+            // either kind, split over 2 subtasks, to the same state.
+            let chain = &got[1].2;
+            assert!(chain.len() > 1, "{case}: expected deltas in the chain");
+            let mut rows = [Vec::new(), Vec::new()];
+            for (i, kind) in [None, Some(store.clone())].into_iter().enumerate() {
+                for sub in 0..2 {
+                    let (mut r, _) = setup_in(&aggs, slide, lateness, kind.clone());
+                    r.restore_chains(std::slice::from_ref(chain), sub, 2)
+                        .unwrap();
+                    rows[i].extend(fire(&mut r, i64::MAX - 1));
+                }
+                rows[i].sort_by_key(|r| (r.0, r.1));
+            }
+            assert!(!rows[0].is_empty(), "{case}");
+            assert_eq!(rows[0], rows[1], "{case}: restored states differ");
+        }
+    }
+
+    #[test]
+    fn a_stored_window_gives_its_memory_back_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 30).unwrap();
+        let (mut w, input) = setup_in(&[("n", "count")], None, 0, Some(store.clone()));
+        let m = TaskMetrics::default();
+        let mut o = Vec::new();
+        w.process(
+            batch(&input, (0..1000).collect(), vec![5; 1000]),
+            &mut o,
+            &m,
+        );
+        assert!(w.memory_bytes() > 1000 * 8);
+        assert_eq!(store.usage().0, w.memory_bytes());
+        // Firing and purging the window drops its keyspace and its cache.
+        let rows = fire(&mut w, 2000);
+        assert_eq!(rows.len(), 1000);
+        assert!(rows.iter().all(|r| r.2 == vec![Value::Int(1)]));
+        assert_eq!(store.usage().0, 0);
+        assert_eq!(w.memory_bytes(), 0);
     }
 
     #[test]

@@ -1,0 +1,370 @@
+//! Window state beyond memory: each window's keys and accumulators in a
+//! keyspace of the process's [`StateStore`], the recently used ones in a
+//! cache that charges the store's budget.
+//!
+//! Entries: `k | key` → its slot (4 bytes, big-endian) and accumulators,
+//! so that a key not cached costs one read, and
+//! `s | slot (big-endian)` → `(key, [acc])` in postcard, which is the
+//! element encoding of a full snapshot: a full snapshot is the `s` entries
+//! in order, that is in slot order, as the in-memory window writes it.
+//! Slots are numbered by arrival either way, so deltas name the same slots
+//! and a checkpoint restores into either kind of window. Snapshots encode
+//! from a consistent view of the store on a blocking thread, off the path
+//! records take.
+
+use std::sync::Arc;
+
+use fjall::{Keyspace, Readable, Snapshot};
+use rustc_hash::FxHashMap;
+
+use super::{Acc, AggPlan, DELTA_MAGIC, Delta, DeltaWin};
+use crate::operator::OpResult;
+use crate::operator::key::Key;
+use crate::state::StateStore;
+
+/// Fixed cache cost of a key besides its accumulators and heap: its table
+/// entry with slack, its slot and its flag.
+const ENTRY_BYTES: usize = (std::mem::size_of::<(Key, u32)>() + 1) * 8 / 7 + 4 + 1;
+
+/// The `s` entry of a slot.
+fn slot_key(slot: u32) -> [u8; 5] {
+    let b = slot.to_be_bytes();
+    [b's', b[0], b[1], b[2], b[3]]
+}
+
+/// One window of an operator whose state lives in the store.
+pub(super) struct DiskWin {
+    pub(super) fired: bool,
+    /// Slots handed out.
+    len: u32,
+    /// Slots below this have their entries in the store.
+    stored: u32,
+    ks: Keyspace,
+    store: Arc<StateStore>,
+    /// The cache: key -> position; per position its slot, `n` accumulators
+    /// and whether they changed since written back.
+    index: FxHashMap<Key, u32>,
+    slots: Vec<u32>,
+    accs: Vec<Acc>,
+    unsaved: Vec<bool>,
+    /// One bit per slot updated since the last incremental snapshot.
+    pub(super) dirty: Vec<u64>,
+    charged: i64,
+    buf: Vec<u8>,
+}
+
+impl DiskWin {
+    pub(super) fn new(store: &Arc<StateStore>) -> OpResult<Self> {
+        Ok(Self {
+            fired: false,
+            len: 0,
+            stored: 0,
+            ks: store.keyspace()?,
+            store: store.clone(),
+            index: FxHashMap::default(),
+            slots: Vec::new(),
+            accs: Vec::new(),
+            unsaved: Vec::new(),
+            dirty: Vec::new(),
+            charged: 0,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Number of keys (slots).
+    pub(super) fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// What its cache holds.
+    pub(super) fn memory_bytes(&self) -> u64 {
+        self.charged.max(0) as u64
+    }
+
+    /// Whether its cache holds anything.
+    pub(super) fn cached(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// The accumulators of `key`, read from the store or created from
+    /// `plans` when it is not cached.
+    #[inline]
+    pub(super) fn slot(&mut self, key: Key, plans: &[AggPlan]) -> OpResult<&mut [Acc]> {
+        let n = plans.len();
+        let pos = match self.index.get(&key) {
+            Some(p) => *p as usize,
+            None => self.load(key, plans)?,
+        };
+        self.unsaved[pos] = true;
+        let slot = self.slots[pos] as usize;
+        let w = slot >> 6;
+        if w >= self.dirty.len() {
+            self.dirty.resize(w + 1, 0);
+        }
+        self.dirty[w] |= 1 << (slot & 63);
+        Ok(&mut self.accs[pos * n..(pos + 1) * n])
+    }
+
+    /// The cached accumulators of `key`.
+    pub(super) fn get(&self, key: &Key, n: usize) -> Option<&[Acc]> {
+        self.index
+            .get(key)
+            .map(|p| &self.accs[*p as usize * n..(*p as usize + 1) * n])
+    }
+
+    /// Brings `key` into the cache; returns its position.
+    fn load(&mut self, key: Key, plans: &[AggPlan]) -> OpResult<usize> {
+        let n = plans.len();
+        let found = if self.stored > 0 {
+            self.lookup(&key)?
+        } else {
+            None
+        };
+        let pos = self.slots.len();
+        match found {
+            Some((slot, accs)) => {
+                if accs.len() != n {
+                    return Err(format!(
+                        "a stored entry has {} aggregations, the window {n}",
+                        accs.len()
+                    ));
+                }
+                self.slots.push(slot);
+                self.accs.extend(accs);
+            }
+            None => {
+                self.slots.push(self.len);
+                self.len += 1;
+                self.accs.extend(plans.iter().map(|p| p.init.clone()));
+            }
+        }
+        let cost = (ENTRY_BYTES + n * std::mem::size_of::<Acc>() + key.heap_bytes()) as i64;
+        self.charged += cost;
+        self.store.charge(cost);
+        self.index.insert(key, pos as u32);
+        self.unsaved.push(false);
+        Ok(pos)
+    }
+
+    /// The slot and accumulators the store holds for `key`.
+    fn lookup(&mut self, key: &Key) -> OpResult<Option<(u32, Vec<Acc>)>> {
+        self.buf.clear();
+        self.buf.push(b'k');
+        self.buf = postcard::to_extend(key, std::mem::take(&mut self.buf))
+            .map_err(|e| format!("encoding a key failed: {e}"))?;
+        let Some(raw) = self
+            .ks
+            .get(&self.buf)
+            .map_err(|e| self.store.failed("reading a key", e))?
+        else {
+            return Ok(None);
+        };
+        let corrupt = || "a stored key's entry is unreadable (the state directory is corrupt)";
+        let (slot, accs) = raw.split_at_checked(4).ok_or_else(corrupt)?;
+        let slot = u32::from_be_bytes(slot.try_into().map_err(|_| corrupt())?);
+        let accs: Vec<Acc> = postcard::from_bytes(accs).map_err(|_| corrupt())?;
+        Ok(Some((slot, accs)))
+    }
+
+    /// Writes the cached entries that changed to the store.
+    pub(super) fn write_back(&mut self, n: usize) -> OpResult<()> {
+        if !self.unsaved.iter().any(|u| *u) {
+            self.stored = self.len;
+            return Ok(());
+        }
+        let mut batch = self.store.batch();
+        let mut bytes = 0usize;
+        let limit = self.store.batch_bytes();
+        let mut buf = Vec::new();
+        for (key, pos) in &self.index {
+            let pos = *pos as usize;
+            if !self.unsaved[pos] {
+                continue;
+            }
+            let slot = self.slots[pos];
+            let accs = &self.accs[pos * n..(pos + 1) * n];
+            buf.clear();
+            let value = postcard::to_extend(&(key, accs), std::mem::take(&mut buf))
+                .map_err(|e| format!("encoding window state failed: {e}"))?;
+            batch.insert(&self.ks, slot_key(slot), value.as_slice());
+            let k = postcard::to_extend(key, vec![b'k'])
+                .map_err(|e| format!("encoding a key failed: {e}"))?;
+            let v = postcard::to_extend(accs, slot.to_be_bytes().to_vec())
+                .map_err(|e| format!("encoding window state failed: {e}"))?;
+            bytes += 2 * value.len() + 16;
+            batch.insert(&self.ks, k, v);
+            buf = value;
+            if bytes >= limit {
+                let full = std::mem::replace(&mut batch, self.store.batch());
+                self.store.commit(full)?;
+                self.store.wrote(&self.ks)?;
+                bytes = 0;
+            }
+        }
+        self.store.commit(batch)?;
+        self.store.wrote(&self.ks)?;
+        self.unsaved.iter_mut().for_each(|u| *u = false);
+        self.stored = self.len;
+        Ok(())
+    }
+
+    /// Writes the cache back and empties it, giving its memory back.
+    pub(super) fn evict(&mut self, n: usize) -> OpResult<()> {
+        self.write_back(n)?;
+        self.index = FxHashMap::default();
+        self.slots = Vec::new();
+        self.accs = Vec::new();
+        self.unsaved = Vec::new();
+        self.store.charge(-self.charged);
+        self.charged = 0;
+        Ok(())
+    }
+
+    /// Every key with its accumulators, in slot order (written back first).
+    pub(super) fn for_each(&mut self, n: usize, mut f: impl FnMut(Key, Vec<Acc>)) -> OpResult<()> {
+        self.write_back(n)?;
+        let mut count = 0u32;
+        for kv in self.ks.prefix(b"s") {
+            let v = kv
+                .value()
+                .map_err(|e| self.store.failed("reading a window", e))?;
+            let (k, accs): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(|e| {
+                format!("a stored entry is unreadable (the state directory is corrupt): {e}")
+            })?;
+            f(k, accs);
+            count += 1;
+        }
+        if count != self.len {
+            return Err(format!(
+                "the state store holds {count} keys of a window that has {}",
+                self.len
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a snapshot taken after [`Self::write_back`] needs of it.
+    pub(super) fn view(&self, start: i64) -> WinView {
+        WinView {
+            start,
+            fired: self.fired,
+            len: self.len,
+            ks: self.ks.clone(),
+        }
+    }
+}
+
+impl Drop for DiskWin {
+    fn drop(&mut self) {
+        self.store.charge(-self.charged);
+        self.store.drop_keyspace(self.ks.clone());
+    }
+}
+
+/// One window as a snapshot sees it.
+pub(super) struct WinView {
+    pub(super) start: i64,
+    pub(super) fired: bool,
+    pub(super) len: u32,
+    pub(super) ks: Keyspace,
+}
+
+/// Encodes a full snapshot (the in-memory window's format) from `snap`.
+pub(super) fn encode_full(
+    watermark: i64,
+    wins: &[WinView],
+    snap: &Snapshot,
+    failed: impl Fn(&str, &dyn std::fmt::Display) -> String,
+) -> OpResult<Vec<u8>> {
+    let enc = |e: postcard::Error| format!("window state encoding failed: {e}");
+    let mut out = postcard::to_stdvec(&watermark).map_err(enc)?;
+    out = postcard::to_extend(&wins.len(), out).map_err(enc)?;
+    for w in wins {
+        out = postcard::to_extend(&(w.start, w.fired, w.len as usize), out).map_err(enc)?;
+        let mut count = 0u32;
+        for kv in snap.prefix(&w.ks, b"s") {
+            let v = kv
+                .value()
+                .map_err(|e| failed("reading a window for a snapshot", &e))?;
+            out.extend_from_slice(&v);
+            count += 1;
+        }
+        if count != w.len {
+            return Err(format!(
+                "the state store holds {count} keys of window {} that has {}",
+                w.start, w.len
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Encodes a delta on a base that had `base_len` keys per window, with the
+/// slots below it that changed since (`changed`, one bitset per window).
+pub(super) fn encode_delta(
+    watermark: i64,
+    wins: &[(WinView, u32, Vec<u64>)],
+    snap: &Snapshot,
+    failed: impl Fn(&str, &dyn std::fmt::Display) -> String,
+) -> OpResult<Vec<u8>> {
+    let unreadable = |e: postcard::Error| {
+        format!("a stored entry is unreadable (the state directory is corrupt): {e}")
+    };
+    let mut windows = Vec::with_capacity(wins.len());
+    for (w, base_len, changed) in wins {
+        let (mut new_keys, mut new_accs) = (Vec::new(), Vec::new());
+        for kv in snap.range(&w.ks, slot_key(*base_len)..slot_key(w.len)) {
+            let v = kv
+                .value()
+                .map_err(|e| failed("reading a window for a snapshot", &e))?;
+            let (k, a): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(unreadable)?;
+            new_keys.push(k);
+            new_accs.extend(a);
+        }
+        if new_keys.len() as u32 != w.len.saturating_sub(*base_len) {
+            return Err(format!(
+                "the state store holds {} new keys of window {}, it has {}",
+                new_keys.len(),
+                w.start,
+                w.len.saturating_sub(*base_len)
+            ));
+        }
+        let (mut gaps, mut accs) = (Vec::new(), Vec::new());
+        let mut prev = 0u32;
+        for (wi, word) in changed.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let slot = (wi * 64) as u32 + bits.trailing_zeros();
+                bits &= bits - 1;
+                let v = snap
+                    .get(&w.ks, slot_key(slot))
+                    .map_err(|e| failed("reading a window for a snapshot", &e))?
+                    .ok_or_else(|| {
+                        format!(
+                            "slot {slot} of window {} is missing from the state store",
+                            w.start
+                        )
+                    })?;
+                let (_, a): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(unreadable)?;
+                gaps.push(slot - prev);
+                prev = slot;
+                accs.extend(a);
+            }
+        }
+        windows.push(DeltaWin {
+            start: w.start,
+            fired: w.fired,
+            base_len: *base_len,
+            new_keys,
+            new_accs,
+            gaps,
+            accs,
+        });
+    }
+    postcard::to_stdvec(&Delta {
+        magic: DELTA_MAGIC,
+        watermark,
+        windows,
+    })
+    .map_err(|e| format!("window delta encoding failed: {e}"))
+}
