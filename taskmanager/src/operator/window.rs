@@ -384,6 +384,20 @@ fn apply_delta(st: &mut WindowState, raw: &[u8], n: usize, name: &str) -> OpResu
     Ok(())
 }
 
+/// The numbers of the bits set in `bits`, in order (changed slots).
+fn set_bits(bits: &[u64]) -> impl Iterator<Item = u32> + '_ {
+    bits.iter().enumerate().flat_map(|(i, word)| {
+        let mut w = *word;
+        std::iter::from_fn(move || {
+            (w != 0).then(|| {
+                let bit = w.trailing_zeros();
+                w &= w - 1;
+                (i * 64) as u32 + bit
+            })
+        })
+    })
+}
+
 /// Fired results waiting to be emitted as one batch, column by column.
 struct Pending {
     keys: Vec<ColumnBuilder>,
@@ -1114,16 +1128,11 @@ impl Window {
             let mut gaps = Vec::with_capacity(count);
             let mut accs = Vec::with_capacity(count * n);
             let mut prev = 0u32;
-            for (wi, word) in changed.iter().enumerate() {
-                let mut bits = *word;
-                while bits != 0 {
-                    let slot = (wi * 64) as u32 + bits.trailing_zeros();
-                    bits &= bits - 1;
-                    gaps.push(slot - prev);
-                    prev = slot;
-                    let s = slot as usize;
-                    accs.extend(&w.accs[s * n..(s + 1) * n]);
-                }
+            for slot in set_bits(&changed) {
+                gaps.push(slot - prev);
+                prev = slot;
+                let s = slot as usize;
+                accs.extend(&w.accs[s * n..(s + 1) * n]);
             }
             let new_keys: Vec<&Key> = if len > base_len {
                 let mut keys: Vec<(u32, &Key)> = w
@@ -1218,6 +1227,11 @@ mod tests {
     fn fire(w: &mut Window, wm: i64) -> Vec<(i64, i64, Vec<Value>)> {
         let mut out = Vec::new();
         w.on_watermark(wm, &mut out);
+        rows_of(out)
+    }
+
+    /// The rows of fired batches as (key, start, values), sorted.
+    fn rows_of(out: Vec<Batch>) -> Vec<(i64, i64, Vec<Value>)> {
         let mut rows = Vec::new();
         for b in out {
             for i in 0..b.len() {
@@ -1367,24 +1381,7 @@ mod tests {
                 let mut o = Vec::new();
                 w.process(batch.clone(), &mut o, &m);
                 assert!(w.failure().is_none(), "{:?}", w.failure());
-                let mut rows = Vec::new();
-                for b in o {
-                    for r in 0..b.len() {
-                        let Value::Int(k) = b.columns[0].get(r) else {
-                            panic!()
-                        };
-                        let Value::Ts(s) = b.columns[1].get(r) else {
-                            panic!()
-                        };
-                        rows.push((
-                            k,
-                            s,
-                            (3..b.columns.len()).map(|c| b.columns[c].get(r)).collect(),
-                        ));
-                    }
-                }
-                rows.sort_by_key(|r: &(i64, i64, Vec<Value>)| (r.0, r.1));
-                out[i].0.push(rows);
+                out[i].0.push(rows_of(o));
                 out[i].0.push(fire(w, newest - 500));
             }
             if b % 4 == 3 {

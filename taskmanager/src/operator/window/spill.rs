@@ -17,7 +17,7 @@ use std::sync::Arc;
 use fjall::{Keyspace, Readable, Snapshot};
 use rustc_hash::FxHashMap;
 
-use super::{Acc, AggPlan, DELTA_MAGIC, Delta, DeltaWin};
+use super::{Acc, AggPlan, DELTA_MAGIC, Delta, DeltaWin, set_bits};
 use crate::operator::OpResult;
 use crate::operator::key::Key;
 use crate::state::StateStore;
@@ -313,7 +313,9 @@ pub(super) fn encode_delta(
     let mut windows = Vec::with_capacity(wins.len());
     for (w, base_len, changed) in wins {
         let (mut new_keys, mut new_accs) = (Vec::new(), Vec::new());
-        for kv in snap.range(&w.ks, slot_key(*base_len)..slot_key(w.len)) {
+        // Slots only grow; an empty range when there is nothing new.
+        let from = (*base_len).min(w.len);
+        for kv in snap.range(&w.ks, slot_key(from)..slot_key(w.len)) {
             let v = kv
                 .value()
                 .map_err(|e| failed("reading a window for a snapshot", &e))?;
@@ -331,25 +333,20 @@ pub(super) fn encode_delta(
         }
         let (mut gaps, mut accs) = (Vec::new(), Vec::new());
         let mut prev = 0u32;
-        for (wi, word) in changed.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let slot = (wi * 64) as u32 + bits.trailing_zeros();
-                bits &= bits - 1;
-                let v = snap
-                    .get(&w.ks, slot_key(slot))
-                    .map_err(|e| failed("reading a window for a snapshot", &e))?
-                    .ok_or_else(|| {
-                        format!(
-                            "slot {slot} of window {} is missing from the state store",
-                            w.start
-                        )
-                    })?;
-                let (_, a): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(unreadable)?;
-                gaps.push(slot - prev);
-                prev = slot;
-                accs.extend(a);
-            }
+        for slot in set_bits(changed) {
+            let v = snap
+                .get(&w.ks, slot_key(slot))
+                .map_err(|e| failed("reading a window for a snapshot", &e))?
+                .ok_or_else(|| {
+                    format!(
+                        "slot {slot} of window {} is missing from the state store",
+                        w.start
+                    )
+                })?;
+            let (_, a): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(unreadable)?;
+            gaps.push(slot - prev);
+            prev = slot;
+            accs.extend(a);
         }
         windows.push(DeltaWin {
             start: w.start,
