@@ -45,6 +45,18 @@ pub struct Chain {
     pub metrics: Arc<TaskMetrics>,
 }
 
+/// Whether `op` found that the task must stop: for good (an expression
+/// that fails on every record) or until a restart (its state store failed).
+fn failed(op: &dyn Operator) -> Result<(), TaskError> {
+    if let Some(why) = op.failure() {
+        return Err(TaskError::Permanent(why));
+    }
+    if let Some(why) = op.transient_failure() {
+        return Err(TaskError::Transient(why));
+    }
+    Ok(())
+}
+
 impl Chain {
     /// Runs `batch` through the operators from `from` on, then outputs.
     async fn push_from(&mut self, from: usize, batch: Batch) -> Result<(), TaskError> {
@@ -54,9 +66,7 @@ impl Chain {
             for b in cur {
                 op.process(b, &mut next, &self.metrics);
             }
-            if let Some(why) = op.failure() {
-                return Err(TaskError::Permanent(why));
-            }
+            failed(op.as_ref())?;
             if next.is_empty() {
                 return Ok(());
             }
@@ -116,6 +126,9 @@ impl Chain {
         for i in 0..self.ops.len() {
             let mut out = Vec::new();
             self.ops[i].on_watermark(wm, &mut out);
+            // A window that could not read its state fires nothing more:
+            // the task stops rather than let the job finish short.
+            failed(self.ops[i].as_ref())?;
             for b in out {
                 self.push_from(i + 1, b).await?;
             }

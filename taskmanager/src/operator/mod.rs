@@ -71,6 +71,13 @@ pub trait Operator: Send {
         None
     }
 
+    /// Why the task must stop and the job restart from its checkpoint,
+    /// when a local resource failed (the state store's disk): the restart
+    /// strategy applies, as for a lost connection.
+    fn transient_failure(&self) -> Option<String> {
+        None
+    }
+
     /// The input watermark advanced to `wm`; emit whatever it completes.
     fn on_watermark(&mut self, _wm: i64, _out: &mut Vec<Batch>) {}
 

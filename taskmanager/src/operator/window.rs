@@ -724,7 +724,7 @@ impl Operator for Window {
         Some(&self.name)
     }
 
-    fn failure(&self) -> Option<String> {
+    fn transient_failure(&self) -> Option<String> {
         self.error.clone()
     }
 
@@ -1380,7 +1380,11 @@ mod tests {
             for (i, w) in ws.iter_mut().enumerate() {
                 let mut o = Vec::new();
                 w.process(batch.clone(), &mut o, &m);
-                assert!(w.failure().is_none(), "{:?}", w.failure());
+                assert!(
+                    w.transient_failure().is_none(),
+                    "{:?}",
+                    w.transient_failure()
+                );
                 out[i].0.push(rows_of(o));
                 out[i].0.push(fire(w, newest - 500));
             }
