@@ -519,7 +519,7 @@ fn window_state_beyond_memory_checkpoints_and_restores_exactly() {
     child.wait().expect("reap");
     let store = w.path().join("ferry-data/state");
     assert!(
-        store.join("keyspaces").is_dir(),
+        store.join("db/keyspaces").is_dir(),
         "no state store in {}",
         store.display()
     );

@@ -403,3 +403,37 @@ async fn a_standby_store_with_credentials_of_its_own_receives_every_checkpoint()
     }
     assert!(!done.to_string().contains(WEST_SECRET));
 }
+
+/// A state file larger than a part goes up as a multipart upload and comes
+/// back through a local file, its bytes and SHA-256 intact: what a large
+/// window state does at every full snapshot and every restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_state_file_goes_up_in_parts_and_comes_back_whole() {
+    use ferry_core::storage::{PART_BYTES, StorageLocation, sha256_hex};
+    let Some(s3) = S3Server::start() else {
+        return; // S3Server said loudly why.
+    };
+    s3.create_bucket("parts").await;
+    let loc = StorageLocation::with_store("s3://parts/ferry", s3.store("parts")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Parts that differ, and a short last one.
+    let data: Vec<u8> = (0..PART_BYTES * 2 + 4321)
+        .map(|i| (i / 4093 + i % 251) as u8)
+        .collect();
+    let src = dir.path().join("state");
+    std::fs::write(&src, &data).unwrap();
+    loc.put_file("shared/w-0-x.state", &src).await.unwrap();
+    assert_eq!(
+        loc.size("shared/w-0-x.state").await.unwrap(),
+        Some(data.len() as u64)
+    );
+    let back = dir.path().join("back");
+    let (size, sha) = loc
+        .get_to_file("shared/w-0-x.state", &back)
+        .await
+        .unwrap()
+        .expect("the object is there");
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(sha, sha256_hex(&data));
+    assert!(std::fs::read(&back).unwrap() == data, "bytes differ");
+}

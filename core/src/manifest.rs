@@ -378,6 +378,12 @@ pub async fn read_verified(dir: &StorageLocation) -> Result<Option<VerifiedCheck
             async move {
                 let rel = f.path.as_str();
                 let path = || format!("{}/{}", loc.url(), rel);
+                if f.size > SPOOL_ABOVE
+                    && let Some(spool) = spool_dir()
+                {
+                    let data = read_spooled(&loc, rel, &f, &spool).await?;
+                    return Ok((f.path.clone(), data));
+                }
                 let data = loc.get_opt(rel).await?.ok_or_else(|| CoreError::Corrupt {
                     path: path(),
                     reason: "listed in the manifest but missing".into(),
@@ -409,6 +415,71 @@ pub async fn read_verified(dir: &StorageLocation) -> Result<Option<VerifiedCheck
         }
     }
     Ok(Some(VerifiedCheckpoint { manifest, files }))
+}
+
+/// Files larger than this are read through the spool directory, when one
+/// is set ([`set_spool_dir`]).
+const SPOOL_ABOVE: u64 = 16 << 20;
+
+static SPOOL_DIR: std::sync::RwLock<Option<std::path::PathBuf>> = std::sync::RwLock::new(None);
+
+/// Makes [`read_verified`] read large state files into files under `dir`
+/// (local disk) and map them, instead of holding them in memory: their
+/// pages are the page cache's, which the kernel reclaims under pressure.
+/// A TaskManager whose state lives on disk sets its state dir's spool.
+pub fn set_spool_dir(dir: Option<std::path::PathBuf>) {
+    *SPOOL_DIR.write().unwrap_or_else(|p| p.into_inner()) = dir;
+}
+
+fn spool_dir() -> Option<std::path::PathBuf> {
+    SPOOL_DIR.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Reads `rel` of `loc` into a file in `spool`, checking its size and
+/// SHA-256 as it arrives, and maps it.
+async fn read_spooled(
+    loc: &StorageLocation,
+    rel: &str,
+    f: &FileEntry,
+    spool: &std::path::Path,
+) -> Result<Bytes> {
+    let path = || format!("{}/{}", loc.url(), rel);
+    let local = |e: std::io::Error| {
+        CoreError::Other(format!(
+            "reading {} through {} (the state dir's spool) failed: {e}",
+            path(),
+            spool.display()
+        ))
+    };
+    let tmp = tempfile::NamedTempFile::new_in(spool)
+        .map_err(local)?
+        .into_temp_path();
+    let (size, hash) = loc
+        .get_to_file(rel, &tmp)
+        .await?
+        .ok_or_else(|| CoreError::Corrupt {
+            path: path(),
+            reason: "listed in the manifest but missing".into(),
+        })?;
+    if size != f.size {
+        return Err(CoreError::Corrupt {
+            path: path(),
+            reason: format!("size {size} but the manifest says {}", f.size),
+        });
+    }
+    if hash != f.sha256 {
+        return Err(CoreError::Corrupt {
+            path: path(),
+            reason: format!("SHA-256 {hash} but the manifest says {}", f.sha256),
+        });
+    }
+    let file = std::fs::File::open(&tmp).map_err(local)?;
+    // SAFETY: the file is this process's own temporary file, written
+    // above and never written again; it is unlinked right after (the
+    // mapping stays valid), so nothing can change it under the map.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(local)?;
+    drop(tmp);
+    Ok(Bytes::from_owner(map))
 }
 
 /// How many state files a restore reads at once.
@@ -737,6 +808,49 @@ pub async fn write_manifest_bytes(dir: &StorageLocation, data: Bytes) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_large_file_is_read_through_the_spool_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let root = StorageLocation::open(dir.path().join("store").to_str().unwrap()).unwrap();
+        let data = crate::storage::tests::varied(SPOOL_ABOVE as usize + 12345);
+        let job = JobId::new();
+        let cp = root.child(&checkpoint_dir(&job, CheckpointId(1)));
+        cp.put("w-0.state", Bytes::from(data.clone()))
+            .await
+            .unwrap();
+        let manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "format": MANIFEST_FORMAT, "job_id": job, "job_name": "big",
+            "checkpoint_id": 1, "kind": "checkpoint", "created_at": "2026-12-08T00:00:00Z",
+            "jm_epoch": 0, "region_epoch": 0, "parallelism": 1, "watermark": 0,
+            "records_in": 0, "records_out": 0, "finished": false, "duration_ms": 0,
+            "files": [{"path": "w-0.state", "size": data.len(), "sha256": sha256_hex(&data),
+                       "operator": "w", "subtask": 0}],
+            "source_offsets": {}, "sink_transactions": []
+        }))
+        .unwrap();
+        write_manifest(&cp, &manifest).await.unwrap();
+        set_spool_dir(Some(spool.clone()));
+        let read = read_verified(&cp).await;
+        // A corrupt copy is refused as it is read.
+        let mut bad = data.clone();
+        bad[SPOOL_ABOVE as usize] ^= 1;
+        cp.put("w-0.state", Bytes::from(bad)).await.unwrap();
+        let refused = read_verified(&cp).await;
+        set_spool_dir(None);
+        let read = read.unwrap().unwrap();
+        assert_eq!(read.files["w-0.state"], Bytes::from(data));
+        match refused {
+            Err(CoreError::Corrupt { reason, .. }) => {
+                assert!(reason.contains("SHA-256"), "{reason}")
+            }
+            other => panic!("expected a corrupt file, got {other:?}"),
+        }
+        // The spool file is unlinked once mapped (or refused).
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    }
 
     #[test]
     fn snapshot_paths_share_one_layout() {

@@ -285,6 +285,103 @@ impl StorageLocation {
             .map_err(|e| self.err(rel, e))
     }
 
+    /// Writes (or overwrites) an object from the local file `file`: a small
+    /// one in one request, a large one in parts of [`PART_BYTES`] (a
+    /// multipart upload, a few parts in flight), so that it never sits in
+    /// memory whole. An upload that fails is aborted.
+    pub async fn put_file(&self, rel: &str, file: &std::path::Path) -> Result<()> {
+        use tokio::io::AsyncReadExt as _;
+        let local = |e: std::io::Error| {
+            CoreError::Other(format!(
+                "reading {} to upload it to {}/{rel} failed: {e}",
+                file.display(),
+                self.url.trim_end_matches('/')
+            ))
+        };
+        let size = tokio::fs::metadata(file).await.map_err(local)?.len();
+        if size <= PART_BYTES as u64 {
+            let data = tokio::fs::read(file).await.map_err(local)?;
+            return self.put(rel, Bytes::from(data)).await;
+        }
+        let upload = self
+            .store
+            .put_multipart(&self.full(rel))
+            .await
+            .map_err(|e| self.err(rel, e))?;
+        let mut parts = object_store::WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let mut f = tokio::fs::File::open(file).await.map_err(local)?;
+        let mut buf = vec![0u8; PART_BYTES];
+        let sent: Result<()> = async {
+            loop {
+                let mut n = 0;
+                while n < buf.len() {
+                    let got = f.read(&mut buf[n..]).await.map_err(local)?;
+                    if got == 0 {
+                        break;
+                    }
+                    n += got;
+                }
+                if n == 0 {
+                    return Ok(());
+                }
+                parts
+                    .wait_for_capacity(PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(|e| self.err(rel, e))?;
+                parts.write(&buf[..n]);
+            }
+        }
+        .await;
+        match sent {
+            Ok(()) => parts
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.err(rel, e)),
+            Err(e) => {
+                let _ = parts.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads an object into the local file `file` as it arrives (never
+    /// whole in memory); returns its size and SHA-256. `Ok(None)` if it
+    /// does not exist.
+    pub async fn get_to_file(
+        &self,
+        rel: &str,
+        file: &std::path::Path,
+    ) -> Result<Option<(u64, String)>> {
+        use tokio::io::AsyncWriteExt as _;
+        let local = |e: std::io::Error| {
+            CoreError::Other(format!(
+                "writing {}/{rel} to {} failed: {e}",
+                self.url.trim_end_matches('/'),
+                file.display()
+            ))
+        };
+        let mut stream = match self.store.get(&self.full(rel)).await {
+            Ok(r) => r.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(rel, e)),
+        };
+        let mut out =
+            tokio::io::BufWriter::new(tokio::fs::File::create(file).await.map_err(local)?);
+        let mut hash = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.err(rel, e))?;
+            size += chunk.len() as u64;
+            // Hashing a chunk takes about as long as its write: fine on
+            // the async worker at chunk size.
+            hash.update(&chunk);
+            out.write_all(&chunk).await.map_err(local)?;
+        }
+        out.flush().await.map_err(local)?;
+        Ok(Some((size, hex::encode(hash.finalize()))))
+    }
+
     /// Writes an object only if it does not exist. `Ok(false)` if it existed.
     pub async fn put_create(&self, rel: &str, data: Bytes) -> Result<bool> {
         let opts = PutOptions {
@@ -459,12 +556,19 @@ fn normalize(p: &str) -> String {
 }
 
 /// Lowercase hex SHA-256 of `data`.
+/// Part size of multipart uploads ([`StorageLocation::put_file`]): above
+/// S3's 5 MiB minimum.
+pub const PART_BYTES: usize = 8 << 20;
+
+/// Parts of one upload sent at once.
+const PARTS_IN_FLIGHT: usize = 4;
+
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -495,6 +599,50 @@ mod tests {
             Bytes::from_static(b"x")
         );
         assert_eq!(root.parent().url(), root.url());
+    }
+
+    /// Bytes that do not repeat at any part boundary.
+    pub(crate) fn varied(len: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_large_file_goes_up_in_parts_and_comes_back_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = StorageLocation::open(dir.path().join("store").to_str().unwrap()).unwrap();
+        // Two and a half parts, and one byte under a part (one request).
+        for len in [PART_BYTES * 5 / 2, PART_BYTES - 1] {
+            let data = varied(len);
+            let src = dir.path().join("src");
+            std::fs::write(&src, &data).unwrap();
+            loc.put_file("x/state", &src).await.unwrap();
+            assert_eq!(loc.get("x/state").await.unwrap(), Bytes::from(data.clone()));
+            let back = dir.path().join("back");
+            let (size, sha) = loc.get_to_file("x/state", &back).await.unwrap().unwrap();
+            assert_eq!(size, len as u64);
+            assert_eq!(sha, sha256_hex(&data));
+            assert_eq!(std::fs::read(&back).unwrap(), data);
+        }
+        assert!(
+            loc.get_to_file("absent", &dir.path().join("none"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let err = loc
+            .put_file("y", &dir.path().join("no-such-file"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-file"), "{err}");
     }
 
     #[tokio::test]

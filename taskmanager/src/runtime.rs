@@ -267,9 +267,11 @@ pub fn check_restore(plan: &JobPlan, cp: &VerifiedCheckpoint) -> Result<usize, S
                 if j == 0 {
                     known.push(name);
                 }
+                // Whether a state restores does not depend on the subtask
+                // that keeps it: checked once.
                 let chains = chains_of(cp, name)?;
-                if !chains.is_empty() {
-                    op.restore_chains(&chains, j, plan.parallelism)
+                if j == 0 && !chains.is_empty() {
+                    op.check_chains(&chains)
                         .map_err(|e| format!("stage {s}: '{name}' state does not restore: {e}"))?;
                 }
             }

@@ -41,6 +41,12 @@ impl std::fmt::Debug for StateStore {
     }
 }
 
+/// Where in the state dir the store keeps its files, and where large
+/// snapshots and restored files are written on their way to and from the
+/// checkpoint store.
+const DB_DIR: &str = "db";
+const SPOOL_DIR: &str = "spool";
+
 impl StateStore {
     /// Opens a store in `dir` (emptied first) bounded to `memory` bytes.
     pub fn open(dir: &Path, memory: u64) -> Result<Arc<Self>, String> {
@@ -52,13 +58,15 @@ impl StateStore {
                 )
             })?;
         }
-        std::fs::create_dir_all(dir).map_err(|e| {
-            format!(
-                "cannot create the state directory {} (taskmanager.stateDir): {e}",
-                dir.display()
-            )
-        })?;
-        let db = Database::builder(dir)
+        for sub in [dir.join(DB_DIR), dir.join(SPOOL_DIR)] {
+            std::fs::create_dir_all(&sub).map_err(|e| {
+                format!(
+                    "cannot create the state directory {} (taskmanager.stateDir): {e}",
+                    sub.display()
+                )
+            })?;
+        }
+        let db = Database::builder(dir.join(DB_DIR))
             .cache_size((memory / 4).max(1 << 20))
             // Nothing here must survive a crash: never wait for the disk.
             .manual_journal_persist(true)
@@ -83,6 +91,12 @@ impl StateStore {
             next: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
         }))
+    }
+
+    /// Where large state files pass through on their way to and from the
+    /// checkpoint store (emptied with the store at start).
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join(SPOOL_DIR)
     }
 
     /// A new, empty keyspace (one per window of an operator instance).
@@ -206,7 +220,10 @@ pub fn configure(dir: &Path, memory: u64) -> Result<Arc<StateStore>, String> {
         return Ok(s.clone());
     }
     let store = StateStore::open(dir, memory)?;
-    Ok(PROCESS.get_or_init(|| store).clone())
+    let store = PROCESS.get_or_init(|| store).clone();
+    // Large restored files pass through the state dir too, not memory.
+    ferry_core::manifest::set_spool_dir(Some(store.spool()));
+    Ok(store)
 }
 
 /// Opens the process's store when `memory` is set, in `dir` or else in

@@ -126,11 +126,18 @@ impl Chain {
         for i in 0..self.ops.len() {
             let mut out = Vec::new();
             self.ops[i].on_watermark(wm, &mut out);
-            // A window that could not read its state fires nothing more:
-            // the task stops rather than let the job finish short.
-            failed(self.ops[i].as_ref())?;
-            for b in out {
-                self.push_from(i + 1, b).await?;
+            // Large firings come in pieces, each passed on (and waiting on
+            // backpressure) before the next is read.
+            loop {
+                // A window that could not read its state fires nothing
+                // more: the task stops rather than let the job finish short.
+                failed(self.ops[i].as_ref())?;
+                for b in std::mem::take(&mut out) {
+                    self.push_from(i + 1, b).await?;
+                }
+                if !self.ops[i].more(&mut out) {
+                    break;
+                }
             }
         }
         if let Output::Exchange { senders, .. } = &self.output {
@@ -221,8 +228,8 @@ impl TaskContext {
             };
             match chains {
                 None => {
-                    if let Some(bytes) = op.snapshot()? {
-                        parts.push((name, StateBytes::Ready(bytes), Placement::Own));
+                    if let Some(bytes) = op.snapshot_bytes()? {
+                        parts.push((name, bytes, Placement::Own));
                     }
                 }
                 Some(c) => {
@@ -286,10 +293,10 @@ impl TaskContext {
             let upload = async {
                 for (op, data, placement) in parts {
                     let (sha256, data) = encode_and_hash(data).await?;
-                    let size = data.len() as u64;
+                    let size = data.size();
                     let Placement::Shared(base) = placement else {
                         let rel = state_file(&op, subtask);
-                        dir.put(&rel, Bytes::from(data)).await?;
+                        data.put(&dir, &rel).await?;
                         files.push(FileEntry {
                             path: rel,
                             size,
@@ -313,7 +320,7 @@ impl TaskContext {
                     // Named by content: a file already there is this one
                     // (written again all the same, in case retention is
                     // removing it as an orphan right now).
-                    job_dir.put(&rel, Bytes::from(data)).await?;
+                    data.put(&job_dir, &rel).await?;
                     let entry = FileEntry {
                         path: rel,
                         size,
@@ -356,20 +363,91 @@ impl TaskContext {
     }
 }
 
+/// An encoded state file: in memory, or (large, encoded later) in a
+/// spool file deleted when this is dropped.
+enum Encoded {
+    Memory(Vec<u8>),
+    File { path: tempfile::TempPath, size: u64 },
+}
+
+impl Encoded {
+    fn size(&self) -> u64 {
+        match self {
+            Encoded::Memory(d) => d.len() as u64,
+            Encoded::File { size, .. } => *size,
+        }
+    }
+
+    /// Uploads it to `rel` in `dir` (a spool file in parts).
+    async fn put(
+        self,
+        dir: &ferry_core::storage::StorageLocation,
+        rel: &str,
+    ) -> Result<(), ferry_core::error::CoreError> {
+        match self {
+            Encoded::Memory(d) => dir.put(rel, Bytes::from(d)).await,
+            Encoded::File { path, .. } => dir.put_file(rel, &path).await,
+        }
+    }
+}
+
+/// Counts and hashes what it writes on to `inner`.
+struct HashingWriter<W> {
+    inner: W,
+    hash: sha2::Sha256,
+    size: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// A state file's bytes and SHA-256. A large one is hashed, and one that is
-/// not encoded yet is encoded, on a blocking thread, off the async workers
-/// the tasks run on.
+/// not encoded yet is encoded (into a spool file, hashed as it is written),
+/// on a blocking thread, off the async workers the tasks run on.
 async fn encode_and_hash(
     data: StateBytes,
-) -> Result<(String, Vec<u8>), ferry_core::error::CoreError> {
+) -> Result<(String, Encoded), ferry_core::error::CoreError> {
     use ferry_core::error::CoreError;
     let data = match data {
-        StateBytes::Ready(d) if d.len() < 1 << 20 => return Ok((sha256_hex(&d), d)),
+        StateBytes::Ready(d) if d.len() < 1 << 20 => {
+            return Ok((sha256_hex(&d), Encoded::Memory(d)));
+        }
         other => other,
     };
-    tokio::task::spawn_blocking(move || {
-        let data = data.now()?;
-        Ok((sha256_hex(&data), data))
+    tokio::task::spawn_blocking(move || match data {
+        StateBytes::Ready(d) => Ok((sha256_hex(&d), Encoded::Memory(d))),
+        StateBytes::Later { spool, encode } => {
+            use sha2::Digest as _;
+            use std::io::Write as _;
+            let spooled = |e: std::io::Error| {
+                format!(
+                    "writing a state file to {} (taskmanager.stateDir) failed: {e}",
+                    spool.display()
+                )
+            };
+            let file = tempfile::NamedTempFile::new_in(&spool).map_err(spooled)?;
+            let (file, path) = file.into_parts();
+            let mut w = HashingWriter {
+                inner: std::io::BufWriter::with_capacity(1 << 20, file),
+                hash: sha2::Sha256::new(),
+                size: 0,
+            };
+            encode(&mut w)?;
+            w.flush().map_err(spooled)?;
+            let sha = hex::encode(w.hash.finalize());
+            Ok((sha, Encoded::File { path, size: w.size }))
+        }
     })
     .await
     .map_err(|e| CoreError::Other(format!("encoding or hashing a state file failed: {e}")))?

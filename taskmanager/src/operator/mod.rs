@@ -16,12 +16,20 @@ use crate::metrics::TaskMetrics;
 /// Errors of operators.
 pub type OpResult<T> = Result<T, String>;
 
+/// Writes a state part's bytes, as they are encoded, into a writer.
+pub type Encode = Box<dyn FnOnce(&mut dyn std::io::Write) -> OpResult<()> + Send>;
+
 /// The bytes of a state part: ready, or encoded later, on a blocking
 /// thread, from a consistent view of the state taken at the barrier (while
 /// records flow on).
 pub enum StateBytes {
     Ready(Vec<u8>),
-    Later(Box<dyn FnOnce() -> OpResult<Vec<u8>> + Send>),
+    /// Encoded later into a file in `spool` (the state dir), then uploaded
+    /// from there: a large state never sits in memory whole.
+    Later {
+        spool: std::path::PathBuf,
+        encode: Encode,
+    },
 }
 
 impl StateBytes {
@@ -29,7 +37,11 @@ impl StateBytes {
     pub fn now(self) -> OpResult<Vec<u8>> {
         match self {
             StateBytes::Ready(b) => Ok(b),
-            StateBytes::Later(f) => f(),
+            StateBytes::Later { encode, .. } => {
+                let mut out = Vec::new();
+                encode(&mut out)?;
+                Ok(out)
+            }
         }
     }
 }
@@ -38,7 +50,7 @@ impl std::fmt::Debug for StateBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StateBytes::Ready(b) => write!(f, "Ready({} bytes)", b.len()),
-            StateBytes::Later(_) => f.write_str("Later"),
+            StateBytes::Later { spool, .. } => write!(f, "Later(via {})", spool.display()),
         }
     }
 }
@@ -78,12 +90,28 @@ pub trait Operator: Send {
         None
     }
 
-    /// The input watermark advanced to `wm`; emit whatever it completes.
+    /// The input watermark advanced to `wm`; emit whatever it completes,
+    /// or its first piece when that is large.
     fn on_watermark(&mut self, _wm: i64, _out: &mut Vec<Batch>) {}
+
+    /// Emits the next piece of what the last watermark completed (a window
+    /// whose state lives in the store fires in bounded pieces, so that its
+    /// output never sits in memory whole); false when nothing is left.
+    /// The task calls it until it returns false, passing each piece on,
+    /// before anything else reaches the operator.
+    fn more(&mut self, _out: &mut Vec<Batch>) -> bool {
+        false
+    }
 
     /// Serializes the operator's state (stateful operators only).
     fn snapshot(&mut self) -> OpResult<Option<Vec<u8>>> {
         Ok(None)
+    }
+
+    /// The whole state as [`Self::snapshot`] writes it, possibly encoded
+    /// later (off the record path, and streamed to a file when large).
+    fn snapshot_bytes(&mut self) -> OpResult<Option<StateBytes>> {
+        Ok(self.snapshot()?.map(StateBytes::Ready))
     }
 
     /// Restores from the snapshots of all old subtasks; keeps what belongs to
@@ -101,9 +129,7 @@ pub trait Operator: Send {
         _id: CheckpointId,
         _base: Option<CheckpointId>,
     ) -> OpResult<Option<StatePart>> {
-        Ok(self
-            .snapshot()?
-            .map(|b| StatePart::Full(StateBytes::Ready(b))))
+        Ok(self.snapshot_bytes()?.map(StatePart::Full))
     }
 
     /// Checkpoint `id` completed: snapshots before it are no base any more.
@@ -124,6 +150,13 @@ pub trait Operator: Send {
         }
         let parts: Vec<Bytes> = chains.iter().map(|c| c[0].clone()).collect();
         self.restore(&parts, subtask, parallelism)
+    }
+
+    /// Checks that `chains` (as [`Self::restore_chains`] takes them) would
+    /// restore into this operator, keeping as little as it can: a window
+    /// walks the files without building their state.
+    fn check_chains(&mut self, chains: &[Vec<Bytes>]) -> OpResult<()> {
+        self.restore_chains(chains, 0, 1)
     }
 
     /// Roughly how much memory its state takes (tables and arenas at their

@@ -21,6 +21,7 @@
 //! snapshots have the same format and restore into either kind.
 
 mod spill;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -328,48 +329,24 @@ type SlotWindow = (bool, Vec<(Key, Vec<Acc>)>);
 
 /// Applies a delta to a state read back from its base chain.
 fn apply_delta(st: &mut WindowState, raw: &[u8], n: usize, name: &str) -> OpResult<()> {
-    let d: Delta = postcard::from_bytes(raw)
-        .map_err(|e| format!("a delta of window '{name}' is unreadable: {e}"))?;
-    if d.magic != DELTA_MAGIC {
-        return Err(format!(
-            "a delta of window '{name}' does not start as one (a full snapshot in a delta's place?)"
-        ));
-    }
+    let d = stream::decode_delta(raw, name)?;
     let mut old: BTreeMap<i64, SlotWindow> = std::mem::take(&mut st.windows).into_iter().collect();
     let mut windows = Vec::with_capacity(d.windows.len());
     for w in d.windows {
-        let unfit =
-            |what: String| format!("a delta of window '{name}' does not fit its base: {what}");
+        stream::delta_fits(&w, old.get(&w.start).map(|o| o.1.len()), n, name)?;
         let (_, mut keys) = if w.base_len == 0 {
             (false, Vec::new())
         } else {
-            old.remove(&w.start)
-                .ok_or_else(|| unfit(format!("window {} is missing", w.start)))?
+            old.remove(&w.start).unwrap_or_default()
         };
-        if keys.len() != w.base_len as usize {
-            return Err(unfit(format!(
-                "window {} has {} keys, the delta expects {}",
-                w.start,
-                keys.len(),
-                w.base_len
-            )));
-        }
-        if w.gaps.len() * n != w.accs.len() || w.new_keys.len() * n != w.new_accs.len() {
-            return Err(unfit(format!(
-                "window {}: accumulators do not match {n} aggregations",
-                w.start
-            )));
-        }
         let mut slot = 0usize;
         for (g, accs) in w.gaps.iter().zip(w.accs.chunks(n.max(1))) {
             slot += *g as usize;
-            let entry = keys.get_mut(slot).ok_or_else(|| {
-                unfit(format!(
-                    "slot {slot} of window {} is past its keys",
-                    w.start
-                ))
-            })?;
-            entry.1.clone_from_slice(accs);
+            if let Some(entry) = keys.get_mut(slot) {
+                // (Restore checks each key's aggregations.)
+                entry.1.clear();
+                entry.1.extend_from_slice(accs);
+            }
         }
         keys.extend(
             w.new_keys
@@ -445,6 +422,11 @@ pub struct Window {
     disk: Option<Disk>,
     /// Why the job must fail (the state store failed).
     error: Option<String>,
+    /// Stored windows being fired, in bounded pieces: each window's start
+    /// and the slot to go on from.
+    firing: std::collections::VecDeque<(i64, u32)>,
+    /// Keys per piece of a stored firing ([`FIRE_BATCH`]; tests set less).
+    fire_batch: usize,
 }
 
 /// The windows of an operator whose state lives in the store.
@@ -498,6 +480,8 @@ impl Window {
                 windows: BTreeMap::new(),
             }),
             error: None,
+            firing: Default::default(),
+            fire_batch: FIRE_BATCH,
         })
     }
 
@@ -578,10 +562,10 @@ impl Window {
         Ok(())
     }
 
-    /// Fires the stored windows due at the watermark and purges those past
-    /// their lateness.
+    /// Starts firing the stored windows due at the watermark, and fires
+    /// the first piece; [`Operator::more`] fires the rest.
     fn on_watermark_disk(&mut self, out: &mut Vec<Batch>) -> OpResult<()> {
-        let (size, lateness, wm, n) = (self.size, self.lateness, self.watermark, self.plans.len());
+        let (size, wm) = (self.size, self.watermark);
         let Some(d) = &mut self.disk else {
             return Ok(());
         };
@@ -589,31 +573,62 @@ impl Window {
             if *start + size - 1 > wm {
                 break;
             }
-            if win.fired {
+            if !win.fired {
+                win.fired = true;
+                self.firing.push_back((*start, 0));
+            }
+        }
+        self.fire_some(out)
+    }
+
+    /// Fires up to `fire_batch` keys of the stored windows being fired;
+    /// once all have fired, purges the windows past their lateness.
+    fn fire_some(&mut self, out: &mut Vec<Batch>) -> OpResult<()> {
+        let (size, lateness, wm, n) = (self.size, self.lateness, self.watermark, self.plans.len());
+        let Some(d) = &mut self.disk else {
+            return Ok(());
+        };
+        let mut left = self.fire_batch;
+        while left > 0
+            && let Some((start, from)) = self.firing.front_mut()
+        {
+            let Some(win) = d.windows.get_mut(start) else {
+                self.firing.pop_front();
                 continue;
-            }
-            win.fired = true;
-            let (pending, plans, key_idx, schema) = (
-                &mut self.pending,
-                &self.plans,
-                &self.key_idx,
-                &self.out_schema,
-            );
-            win.for_each(n, |k, a| {
-                pending.push(&k, *start, &a, plans);
-                if pending.starts.len() >= FIRE_BATCH {
-                    flush_pending(pending, key_idx, plans, size, schema, out);
-                }
+            };
+            let (pending, plans, start_ms) = (&mut self.pending, &self.plans, *start);
+            let next = win.for_some(n, *from, left, |k, a| {
+                pending.push(&k, start_ms, &a, plans);
+                left -= 1;
             })?;
-        }
-        while let Some(entry) = d.windows.first_entry() {
-            if (*entry.key() + size - 1).saturating_add(lateness) <= wm {
-                entry.remove();
-            } else {
-                break;
+            match next {
+                Some(slot) => *from = slot,
+                None => {
+                    self.firing.pop_front();
+                }
             }
         }
+        if self.firing.is_empty() {
+            while let Some(entry) = d.windows.first_entry() {
+                if (*entry.key() + size - 1).saturating_add(lateness) <= wm {
+                    entry.remove();
+                } else {
+                    break;
+                }
+            }
+        }
+        self.flush(out);
         Ok(())
+    }
+
+    /// Fires what is left of a firing at once (when something other than
+    /// [`Operator::more`] comes first).
+    fn finish_firing(&mut self, out: &mut Vec<Batch>) {
+        while !self.firing.is_empty() && self.error.is_none() {
+            if let Err(e) = self.fire_some(out) {
+                self.fail(e);
+            }
+        }
     }
 
     /// Writes every stored window back and views them as of now.
@@ -634,14 +649,16 @@ impl Window {
         let Some((views, snap)) = self.disk_views()? else {
             return Ok(None);
         };
-        let store = self.disk.as_ref().map(|d| d.store.clone());
+        let Some(store) = self.disk.as_ref().map(|d| d.store.clone()) else {
+            return Ok(None);
+        };
         let wm = self.watermark;
-        Ok(Some(StateBytes::Later(Box::new(move || {
-            spill::encode_full(wm, &views, &snap, |what, e| match &store {
-                Some(s) => s.failed(what, e),
-                None => format!("{what} failed: {e}"),
-            })
-        }))))
+        Ok(Some(StateBytes::Later {
+            spool: store.spool(),
+            encode: Box::new(move |out| {
+                spill::encode_full(wm, &views, &snap, out, |what, e| store.failed(what, e))
+            }),
+        }))
     }
 
     fn is_late(&self, start: i64) -> bool {
@@ -732,6 +749,7 @@ impl Operator for Window {
         let n = batch.len();
         let mut late = 0u64;
         if self.disk.is_some() {
+            self.finish_firing(out);
             if self.error.is_some() {
                 return;
             }
@@ -796,8 +814,9 @@ impl Operator for Window {
         if wm <= self.watermark {
             return;
         }
-        self.watermark = wm;
         if self.disk.is_some() {
+            self.finish_firing(out);
+            self.watermark = wm;
             if self.error.is_none()
                 && let Err(e) = self.on_watermark_disk(out)
             {
@@ -806,6 +825,7 @@ impl Operator for Window {
             self.flush(out);
             return;
         }
+        self.watermark = wm;
         // Fire every window that is complete and has not fired.
         let size = self.size;
         let due: Vec<i64> = self
@@ -838,6 +858,23 @@ impl Operator for Window {
         self.flush(out);
     }
 
+    fn more(&mut self, out: &mut Vec<Batch>) -> bool {
+        if self.firing.is_empty() || self.error.is_some() {
+            return false;
+        }
+        if let Err(e) = self.fire_some(out) {
+            self.fail(e);
+        }
+        true
+    }
+
+    fn snapshot_bytes(&mut self) -> OpResult<Option<StateBytes>> {
+        match self.disk_full()? {
+            Some(later) => Ok(Some(later)),
+            None => Ok(self.snapshot()?.map(StateBytes::Ready)),
+        }
+    }
+
     fn snapshot(&mut self) -> OpResult<Option<Vec<u8>>> {
         if let Some(b) = self.disk_full()? {
             return b.now().map(Some);
@@ -857,6 +894,10 @@ impl Operator for Window {
     }
 
     fn restore(&mut self, parts: &[Bytes], subtask: u32, parallelism: u32) -> OpResult<()> {
+        if self.disk.is_some() {
+            let chains: Vec<Vec<Bytes>> = parts.iter().map(|p| vec![p.clone()]).collect();
+            return self.restore_chains_disk(&chains, subtask, parallelism);
+        }
         let mut states = Vec::with_capacity(parts.len());
         for part in parts {
             states.push(self.decode(part)?);
@@ -870,6 +911,9 @@ impl Operator for Window {
         subtask: u32,
         parallelism: u32,
     ) -> OpResult<()> {
+        if self.disk.is_some() {
+            return self.restore_chains_disk(chains, subtask, parallelism);
+        }
         let n = self.plans.len();
         let mut states = Vec::with_capacity(chains.len());
         for chain in chains {
@@ -883,6 +927,10 @@ impl Operator for Window {
             states.push(st);
         }
         self.absorb(states, subtask, parallelism)
+    }
+
+    fn check_chains(&mut self, chains: &[Vec<Bytes>]) -> OpResult<()> {
+        self.check(chains)
     }
 
     fn snapshot_part(
@@ -918,13 +966,10 @@ impl Operator for Window {
                 base: self.taken[at].id,
                 bytes: StateBytes::Ready(self.delta(at, &taken)?),
             },
-            None => match self.disk_full()? {
-                Some(later) => StatePart::Full(later),
-                None => StatePart::Full(StateBytes::Ready(
-                    self.snapshot()?
-                        .ok_or_else(|| "a window always has state".to_string())?,
-                )),
-            },
+            None => StatePart::Full(
+                self.snapshot_bytes()?
+                    .ok_or_else(|| "a window always has state".to_string())?,
+            ),
         };
         self.taken.push_back(taken);
         while self.taken.len() > MAX_TAKEN {
@@ -952,28 +997,17 @@ impl Window {
     /// Takes in the states of the old subtasks, keeping the keys `subtask`
     /// of `parallelism` owns; the watermark is the lowest of theirs.
     fn absorb(&mut self, states: Vec<WindowState>, subtask: u32, parallelism: u32) -> OpResult<()> {
-        let mut wm = i64::MAX;
-        let any = !states.is_empty();
+        let mut watermark: Option<i64> = None;
         for st in states {
-            wm = wm.min(st.watermark);
+            watermark = Some(watermark.map_or(st.watermark, |w| w.min(st.watermark)));
             for (start, (fired, keys)) in st.windows {
-                if self.disk.is_some() {
-                    self.absorb_disk(start, fired, keys, subtask, parallelism)?;
-                    continue;
-                }
                 let plans = std::mem::take(&mut self.plans);
                 let win = self.window(start);
                 win.fired |= fired;
                 for (k, accs) in keys {
                     if accs.len() != plans.len() {
                         self.plans = plans;
-                        return Err(format!(
-                            "the saved state of window '{}' has {} aggregations but the spec has {}; \
-                             a window's aggregations cannot change across a restore (rename the window to start it empty)",
-                            self.name,
-                            accs.len(),
-                            self.plans.len()
-                        ));
+                        return Err(self.aggregations_changed(accs.len()));
                     }
                     if key_partition(k.stable_hash(), parallelism) == subtask {
                         win.slot(k, &plans).clone_from_slice(&accs);
@@ -982,8 +1016,15 @@ impl Window {
                 self.plans = plans;
             }
         }
-        self.watermark = if any { wm } else { i64::MIN };
-        // Restored slots are numbered anew: the next snapshot is full.
+        self.restored(watermark);
+        Ok(())
+    }
+
+    /// After a restore: the watermark is the lowest of the old subtasks'
+    /// (`None`: nothing was restored), and restored slots are numbered
+    /// anew, so the next snapshot is full.
+    fn restored(&mut self, watermark: Option<i64>) {
+        self.watermark = watermark.unwrap_or(i64::MIN);
         for w in self.windows.values_mut() {
             w.dirty.clear();
         }
@@ -993,42 +1034,41 @@ impl Window {
             }
         }
         self.taken.clear();
-        Ok(())
     }
 
-    /// Takes in one restored window's keys that `subtask` owns, into the
-    /// store.
-    fn absorb_disk(
+    /// Takes in one restored key of stored window `start` if `subtask`
+    /// owns it.
+    fn absorb_key(
         &mut self,
         start: i64,
-        fired: bool,
-        keys: Vec<(Key, Vec<Acc>)>,
+        key: Key,
+        accs: Vec<Acc>,
         subtask: u32,
         parallelism: u32,
     ) -> OpResult<()> {
-        let n = self.plans.len();
-        for (k, accs) in keys {
-            if accs.len() != n {
-                return Err(self.aggregations_changed(accs.len()));
-            }
-            if key_partition(k.stable_hash(), parallelism) != subtask {
-                continue;
-            }
-            let Some(d) = &mut self.disk else {
-                return Ok(());
-            };
-            let win = match d.windows.entry(start) {
-                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => e.insert(DiskWin::new(&d.store)?),
-            };
-            win.fired |= fired;
-            win.slot(k, &self.plans)?.clone_from_slice(&accs);
-            self.spill_if_over()?;
+        if accs.len() != self.plans.len() {
+            return Err(self.aggregations_changed(accs.len()));
         }
+        if key_partition(key.stable_hash(), parallelism) != subtask {
+            return Ok(());
+        }
+        let Some(d) = &mut self.disk else {
+            return Err("no state store".into());
+        };
+        let win = match d.windows.entry(start) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(DiskWin::new(&d.store)?),
+        };
+        win.slot(key, &self.plans)?.clone_from_slice(&accs);
+        self.spill_if_over()
+    }
+
+    /// Marks stored window `start` fired if it was (when any key of it
+    /// was restored here).
+    fn mark_fired(&mut self, start: i64, fired: bool) {
         if let Some(w) = self.disk.as_mut().and_then(|d| d.windows.get_mut(&start)) {
             w.fired |= fired;
         }
-        Ok(())
     }
 
     fn aggregations_changed(&self, saved: usize) -> String {
@@ -1104,14 +1144,16 @@ impl Window {
                 (v, base_len, changed)
             })
             .collect();
-        let store = self.disk.as_ref().map(|d| d.store.clone());
-        let wm = self.watermark;
-        Ok(StateBytes::Later(Box::new(move || {
-            spill::encode_delta(wm, &wins, &snap, |what, e| match &store {
-                Some(s) => s.failed(what, e),
-                None => format!("{what} failed: {e}"),
-            })
-        })))
+        let Some(store) = self.disk.as_ref().map(|d| d.store.clone()) else {
+            return Err("no stored windows".into());
+        };
+        let (wm, n) = (self.watermark, self.plans.len());
+        Ok(StateBytes::Later {
+            spool: store.spool(),
+            encode: Box::new(move |out| {
+                spill::encode_delta(wm, n, &wins, &snap, out, |what, e| store.failed(what, e))
+            }),
+        })
     }
 
     /// The delta from `self.taken[at]` (the base) to now; `now` holds the
@@ -1223,11 +1265,25 @@ mod tests {
         }
     }
 
-    /// Fired rows as (key, start, values).
+    /// Fired rows as (key, start, values): the watermark's, then every
+    /// further piece (each at most `fire_batch` rows).
     fn fire(w: &mut Window, wm: i64) -> Vec<(i64, i64, Vec<Value>)> {
         let mut out = Vec::new();
         w.on_watermark(wm, &mut out);
-        rows_of(out)
+        let mut all = Vec::new();
+        loop {
+            let rows: usize = out.iter().map(Batch::len).sum();
+            assert!(
+                w.disk.is_none() || rows <= w.fire_batch,
+                "a piece of {rows} rows"
+            );
+            all.append(&mut out);
+            if !w.more(&mut out) {
+                break;
+            }
+        }
+        assert!(out.is_empty());
+        rows_of(all)
     }
 
     /// The rows of fired batches as (key, start, values), sorted.
@@ -1436,6 +1492,8 @@ mod tests {
             ];
             let (mut mem, input) = setup_in(&aggs, slide, lateness, None);
             let (mut disk, _) = setup_in(&aggs, slide, lateness, Some(store.clone()));
+            // Fired in pieces that end inside and at the end of windows.
+            disk.fire_batch = 7;
             let got = drive(&mut [&mut mem, &mut disk], &input);
             let case = format!("slide {slide:?}, lateness {lateness}");
             assert!(
@@ -1457,6 +1515,7 @@ mod tests {
             for (i, kind) in [None, Some(store.clone())].into_iter().enumerate() {
                 for sub in 0..2 {
                     let (mut r, _) = setup_in(&aggs, slide, lateness, kind.clone());
+                    r.fire_batch = 50;
                     r.restore_chains(std::slice::from_ref(chain), sub, 2)
                         .unwrap();
                     rows[i].extend(fire(&mut r, i64::MAX - 1));
@@ -1465,7 +1524,78 @@ mod tests {
             }
             assert!(!rows[0].is_empty(), "{case}");
             assert_eq!(rows[0], rows[1], "{case}: restored states differ");
+            // The chain's full snapshot alone (read straight from its
+            // bytes into the store) restores the same as in memory too.
+            let mut rows = [Vec::new(), Vec::new()];
+            for (i, kind) in [None, Some(store.clone())].into_iter().enumerate() {
+                for sub in 0..2 {
+                    let (mut r, _) = setup_in(&aggs, slide, lateness, kind.clone());
+                    r.restore_chains(&[vec![chain[0].clone()]], sub, 2).unwrap();
+                    rows[i].extend(fire(&mut r, i64::MAX - 1));
+                }
+                rows[i].sort_by_key(|r| (r.0, r.1));
+            }
+            assert!(!rows[0].is_empty(), "{case}");
+            assert_eq!(rows[0], rows[1], "{case}: restored full snapshots differ");
+            // What restores passes the check that walks it in place.
+            let (mut c, _) = setup_in(&aggs, slide, lateness, Some(store.clone()));
+            c.check_chains(std::slice::from_ref(chain)).unwrap();
+            assert!(c.lens().is_empty(), "{case}: a check keeps no state");
         }
+    }
+
+    #[test]
+    fn a_check_refuses_every_chain_that_would_not_restore() {
+        let aggs = [("n", "count"), ("s", "sum(x)")];
+        let (mut w, input) = setup_in(&aggs, None, 0, None);
+        let chain = drive(&mut [&mut w], &input).remove(0).2;
+        assert!(chain.len() > 2, "expected deltas in the chain");
+        let check = |c: Vec<Bytes>| {
+            let (mut r, _) = setup_in(&aggs, None, 0, None);
+            r.check_chains(&[c])
+        };
+        check(chain.clone()).unwrap();
+        let cut = |b: &Bytes, n: usize| b.slice(..b.len() - n);
+        let mut extended = chain[0].to_vec();
+        extended.push(0);
+        // A delta that expects one key more than its base has.
+        let mut d: Delta = postcard::from_bytes(&chain[1]).unwrap();
+        d.windows[0].base_len += 1;
+        let misfit = Bytes::from(postcard::to_stdvec(&d).unwrap());
+        let cases: Vec<(&str, Vec<Bytes>, &str)> = vec![
+            (
+                "a truncated full snapshot",
+                vec![cut(&chain[0], 3)],
+                "unreadable",
+            ),
+            (
+                "bytes after a full snapshot",
+                vec![Bytes::from(extended)],
+                "follow its last window",
+            ),
+            (
+                "a truncated delta",
+                vec![chain[0].clone(), cut(&chain[1], 2)],
+                "unreadable",
+            ),
+            (
+                "a full snapshot in a delta's place",
+                vec![chain[0].clone(), chain[0].clone()],
+                "does not start as one",
+            ),
+            (
+                "a delta on the wrong base",
+                vec![chain[0].clone(), misfit],
+                "does not fit its base",
+            ),
+        ];
+        for (what, c, want) in cases {
+            let err = check(c).expect_err(what);
+            assert!(err.contains(want), "{what}: {err}");
+        }
+        let (mut other, _) = setup_in(&[("n", "count")], None, 0, None);
+        let err = other.check_chains(&[chain]).unwrap_err();
+        assert!(err.contains("2 aggregations but the spec has 1"), "{err}");
     }
 
     #[test]

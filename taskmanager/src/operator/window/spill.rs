@@ -17,7 +17,7 @@ use std::sync::Arc;
 use fjall::{Keyspace, Readable, Snapshot};
 use rustc_hash::FxHashMap;
 
-use super::{Acc, AggPlan, DELTA_MAGIC, Delta, DeltaWin, set_bits};
+use super::{Acc, AggPlan, DELTA_MAGIC, set_bits};
 use crate::operator::OpResult;
 use crate::operator::key::Key;
 use crate::state::StateStore;
@@ -27,7 +27,7 @@ use crate::state::StateStore;
 const ENTRY_BYTES: usize = (std::mem::size_of::<(Key, u32)>() + 1) * 8 / 7 + 4 + 1;
 
 /// The `s` entry of a slot.
-fn slot_key(slot: u32) -> [u8; 5] {
+pub(super) fn slot_key(slot: u32) -> [u8; 5] {
     let b = slot.to_be_bytes();
     [b's', b[0], b[1], b[2], b[3]]
 }
@@ -220,27 +220,50 @@ impl DiskWin {
         Ok(())
     }
 
-    /// Every key with its accumulators, in slot order (written back first).
-    pub(super) fn for_each(&mut self, n: usize, mut f: impl FnMut(Key, Vec<Acc>)) -> OpResult<()> {
-        self.write_back(n)?;
-        let mut count = 0u32;
-        for kv in self.ks.prefix(b"s") {
-            let v = kv
-                .value()
-                .map_err(|e| self.store.failed("reading a window", e))?;
-            let (k, accs): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(|e| {
-                format!("a stored entry is unreadable (the state directory is corrupt): {e}")
-            })?;
-            f(k, accs);
-            count += 1;
+    /// Up to `max` keys with their accumulators, in slot order from slot
+    /// `from` (written back first when `from` is 0); returns the slot to
+    /// go on from, or `None` after the last key. Nothing may change the
+    /// window between the calls of one pass.
+    pub(super) fn for_some(
+        &mut self,
+        n: usize,
+        from: u32,
+        max: usize,
+        mut f: impl FnMut(Key, Vec<Acc>),
+    ) -> OpResult<Option<u32>> {
+        if from == 0 {
+            self.write_back(n)?;
         }
-        if count != self.len {
+        let mut slot = from;
+        for kv in self.ks.range(slot_key(from)..slot_key(u32::MAX)).take(max) {
+            let (k, v) = kv
+                .into_inner()
+                .map_err(|e| self.store.failed("reading a window", e))?;
+            let corrupt = |e: &dyn std::fmt::Display| {
+                format!("a stored entry is unreadable (the state directory is corrupt): {e}")
+            };
+            let at = k
+                .get(1..5)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| corrupt(&"bad slot key"))?;
+            if at != slot || at >= self.len {
+                return Err(format!(
+                    "the state store lacks slot {slot} of a window that has {} keys (the state directory is corrupt)",
+                    self.len
+                ));
+            }
+            let (k, accs): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(|e| corrupt(&e))?;
+            f(k, accs);
+            slot += 1;
+        }
+        if slot < self.len && slot - from < max as u32 {
             return Err(format!(
-                "the state store holds {count} keys of a window that has {}",
+                "the state store holds {slot} keys of a window that has {}",
                 self.len
             ));
         }
-        Ok(())
+        Ok((slot < self.len).then_some(slot))
     }
 
     /// What a snapshot taken after [`Self::write_back`] needs of it.
@@ -269,25 +292,37 @@ pub(super) struct WinView {
     pub(super) ks: Keyspace,
 }
 
-/// Encodes a full snapshot (the in-memory window's format) from `snap`.
+/// Encodes a full snapshot (the in-memory window's format) from `snap`
+/// into `out`, a piece at a time.
 pub(super) fn encode_full(
     watermark: i64,
     wins: &[WinView],
     snap: &Snapshot,
+    out: &mut dyn std::io::Write,
     failed: impl Fn(&str, &dyn std::fmt::Display) -> String,
-) -> OpResult<Vec<u8>> {
+) -> OpResult<()> {
+    const PIECE: usize = 1 << 20;
     let enc = |e: postcard::Error| format!("window state encoding failed: {e}");
-    let mut out = postcard::to_stdvec(&watermark).map_err(enc)?;
-    out = postcard::to_extend(&wins.len(), out).map_err(enc)?;
+    let write = |out: &mut dyn std::io::Write, buf: &mut Vec<u8>| {
+        out.write_all(buf)
+            .map_err(|e| format!("writing a window snapshot failed: {e}"))?;
+        buf.clear();
+        Ok::<_, String>(())
+    };
+    let mut buf = postcard::to_stdvec(&watermark).map_err(enc)?;
+    buf = postcard::to_extend(&wins.len(), buf).map_err(enc)?;
     for w in wins {
-        out = postcard::to_extend(&(w.start, w.fired, w.len as usize), out).map_err(enc)?;
+        buf = postcard::to_extend(&(w.start, w.fired, w.len as usize), buf).map_err(enc)?;
         let mut count = 0u32;
         for kv in snap.prefix(&w.ks, b"s") {
             let v = kv
                 .value()
                 .map_err(|e| failed("reading a window for a snapshot", &e))?;
-            out.extend_from_slice(&v);
+            buf.extend_from_slice(&v);
             count += 1;
+            if buf.len() >= PIECE {
+                write(out, &mut buf)?;
+            }
         }
         if count != w.len {
             return Err(format!(
@@ -296,41 +331,78 @@ pub(super) fn encode_full(
             ));
         }
     }
-    Ok(out)
+    write(out, &mut buf)
 }
 
 /// Encodes a delta on a base that had `base_len` keys per window, with the
-/// slots below it that changed since (`changed`, one bitset per window).
+/// slots below it that changed since (`changed`, one bitset per window),
+/// into `out` as it reads the store: the new keys stream through, only
+/// their accumulators (a few bytes each) wait for the end of their window.
+/// The bytes are those of a [`Delta`] the in-memory window writes.
 pub(super) fn encode_delta(
     watermark: i64,
+    n: usize,
     wins: &[(WinView, u32, Vec<u64>)],
     snap: &Snapshot,
+    out: &mut dyn std::io::Write,
     failed: impl Fn(&str, &dyn std::fmt::Display) -> String,
-) -> OpResult<Vec<u8>> {
-    let unreadable = |e: postcard::Error| {
+) -> OpResult<()> {
+    const PIECE: usize = 1 << 20;
+    let enc = |e: postcard::Error| format!("window delta encoding failed: {e}");
+    let unreadable = |e: &dyn std::fmt::Display| {
         format!("a stored entry is unreadable (the state directory is corrupt): {e}")
     };
-    let mut windows = Vec::with_capacity(wins.len());
+    let write = |out: &mut dyn std::io::Write, buf: &mut Vec<u8>| {
+        out.write_all(buf)
+            .map_err(|e| format!("writing a window delta failed: {e}"))?;
+        buf.clear();
+        Ok::<_, String>(())
+    };
+    // An entry's key bytes, and its accumulators' bytes without their count.
+    let split = |v: &[u8]| -> OpResult<(usize, usize)> {
+        let (_, rest) = postcard::take_from_bytes::<Key>(v).map_err(|e| unreadable(&e))?;
+        let key_len = v.len() - rest.len();
+        let (count, elems) =
+            postcard::take_from_bytes::<usize>(rest).map_err(|e| unreadable(&e))?;
+        if count != n {
+            return Err(format!(
+                "a stored entry has {count} aggregations, the window {n}"
+            ));
+        }
+        Ok((key_len, v.len() - elems.len()))
+    };
+    let mut buf = postcard::to_stdvec(&DELTA_MAGIC).map_err(enc)?;
+    buf = postcard::to_extend(&watermark, buf).map_err(enc)?;
+    buf = postcard::to_extend(&wins.len(), buf).map_err(enc)?;
     for (w, base_len, changed) in wins {
-        let (mut new_keys, mut new_accs) = (Vec::new(), Vec::new());
+        buf = postcard::to_extend(&(w.start, w.fired, *base_len), buf).map_err(enc)?;
         // Slots only grow; an empty range when there is nothing new.
         let from = (*base_len).min(w.len);
+        let new = (w.len - from) as usize;
+        buf = postcard::to_extend(&new, buf).map_err(enc)?;
+        let mut new_accs = Vec::new();
+        let mut count = 0usize;
         for kv in snap.range(&w.ks, slot_key(from)..slot_key(w.len)) {
             let v = kv
                 .value()
                 .map_err(|e| failed("reading a window for a snapshot", &e))?;
-            let (k, a): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(unreadable)?;
-            new_keys.push(k);
-            new_accs.extend(a);
+            let (key_len, accs_at) = split(&v)?;
+            buf.extend_from_slice(&v[..key_len]);
+            new_accs.extend_from_slice(&v[accs_at..]);
+            count += 1;
+            if buf.len() >= PIECE {
+                write(out, &mut buf)?;
+            }
         }
-        if new_keys.len() as u32 != w.len.saturating_sub(*base_len) {
+        if count != new {
             return Err(format!(
-                "the state store holds {} new keys of window {}, it has {}",
-                new_keys.len(),
-                w.start,
-                w.len.saturating_sub(*base_len)
+                "the state store holds {count} new keys of window {}, it has {new}",
+                w.start
             ));
         }
+        buf = postcard::to_extend(&(new * n), buf).map_err(enc)?;
+        buf.extend_from_slice(&new_accs);
+        drop(new_accs);
         let (mut gaps, mut accs) = (Vec::new(), Vec::new());
         let mut prev = 0u32;
         for slot in set_bits(changed) {
@@ -343,27 +415,19 @@ pub(super) fn encode_delta(
                         w.start
                     )
                 })?;
-            let (_, a): (Key, Vec<Acc>) = postcard::from_bytes(&v).map_err(unreadable)?;
+            let (_, accs_at) = split(&v)?;
+            accs.extend_from_slice(&v[accs_at..]);
             gaps.push(slot - prev);
             prev = slot;
-            accs.extend(a);
         }
-        windows.push(DeltaWin {
-            start: w.start,
-            fired: w.fired,
-            base_len: *base_len,
-            new_keys,
-            new_accs,
-            gaps,
-            accs,
-        });
+        buf = postcard::to_extend(&gaps, buf).map_err(enc)?;
+        buf = postcard::to_extend(&(gaps.len() * n), buf).map_err(enc)?;
+        buf.extend_from_slice(&accs);
+        if buf.len() >= PIECE {
+            write(out, &mut buf)?;
+        }
     }
-    postcard::to_stdvec(&Delta {
-        magic: DELTA_MAGIC,
-        watermark,
-        windows,
-    })
-    .map_err(|e| format!("window delta encoding failed: {e}"))
+    write(out, &mut buf)
 }
 
 #[cfg(test)]
@@ -399,7 +463,10 @@ mod tests {
             assert_eq!(w.len(), 100, "round {round}");
         }
         let mut seen = Vec::new();
-        w.for_each(1, |k, a| seen.push((k, a))).unwrap();
+        let mut from = Some(0);
+        while let Some(f) = from {
+            from = w.for_some(1, f, 30, |k, a| seen.push((k, a))).unwrap();
+        }
         assert_eq!(seen.len(), 100);
         // Slot order is arrival order; every key counted three times.
         for (i, (k, a)) in seen.iter().enumerate() {

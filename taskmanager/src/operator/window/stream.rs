@@ -1,0 +1,374 @@
+//! Large state without holding it: a full snapshot is walked in place, one
+//! key at a time, instead of being decoded whole. A window operator whose
+//! state lives in the store restores through this: a chain with deltas is
+//! rebuilt in scratch keyspaces under its old slot numbers, then taken in
+//! key by key. Checking that a checkpoint restores ([`Window::check`])
+//! walks every file without building any state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fjall::Keyspace;
+
+use super::spill::slot_key;
+use super::{Acc, DELTA_MAGIC, Delta, DeltaWin, Window};
+use crate::operator::OpResult;
+use crate::operator::key::Key;
+use crate::state::StateStore;
+
+/// A cursor over the bytes of a full window snapshot: its windows in
+/// order, each followed by its keys in slot order.
+pub(super) struct FullReader<'a> {
+    rest: &'a [u8],
+    windows_left: u64,
+    keys_left: u64,
+    name: &'a str,
+}
+
+impl<'a> FullReader<'a> {
+    /// Reads the header; returns the snapshot's watermark and the cursor.
+    pub(super) fn new(raw: &'a [u8], name: &'a str) -> OpResult<(i64, Self)> {
+        let mut r = Self {
+            rest: raw,
+            windows_left: 0,
+            keys_left: 0,
+            name,
+        };
+        let watermark: i64 = r.take()?;
+        r.windows_left = r.take()?;
+        Ok((watermark, r))
+    }
+
+    fn take<T: serde::de::DeserializeOwned>(&mut self) -> OpResult<T> {
+        let (v, rest) = postcard::take_from_bytes(self.rest)
+            .map_err(|e| format!("window state of '{}' is unreadable: {e}", self.name))?;
+        self.rest = rest;
+        Ok(v)
+    }
+
+    /// The next window, `(start, fired, keys)`, once the keys of the one
+    /// before were read; `None` after the last.
+    pub(super) fn next_window(&mut self) -> OpResult<Option<(i64, bool, u32)>> {
+        if self.keys_left > 0 {
+            return Err(format!(
+                "window state of '{}': a window's keys were not all read",
+                self.name
+            ));
+        }
+        if self.windows_left == 0 {
+            return Ok(None);
+        }
+        self.windows_left -= 1;
+        let (start, fired, len): (i64, bool, u64) = self.take()?;
+        let len = u32::try_from(len).map_err(|_| {
+            format!(
+                "window state of '{}' is unreadable: window {start} claims {len} keys",
+                self.name
+            )
+        })?;
+        self.keys_left = len as u64;
+        Ok(Some((start, fired, len)))
+    }
+
+    /// The next key of the current window with its accumulators and its
+    /// encoded bytes; `None` after its last.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn next_key(&mut self) -> OpResult<Option<(&'a [u8], Key, Vec<Acc>)>> {
+        if self.keys_left == 0 {
+            return Ok(None);
+        }
+        self.keys_left -= 1;
+        let before = self.rest;
+        let (key, accs): (Key, Vec<Acc>) = self.take()?;
+        let raw = &before[..before.len() - self.rest.len()];
+        Ok(Some((raw, key, accs)))
+    }
+
+    /// Checks that nothing follows the last window.
+    pub(super) fn finish(self) -> OpResult<()> {
+        if self.windows_left > 0 || self.keys_left > 0 {
+            return Err(format!(
+                "window state of '{}' is unreadable: it ends early",
+                self.name
+            ));
+        }
+        if !self.rest.is_empty() {
+            return Err(format!(
+                "window state of '{}' is unreadable: {} bytes follow its last window",
+                self.name,
+                self.rest.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a delta of window `name`.
+pub(super) fn decode_delta(raw: &[u8], name: &str) -> OpResult<Delta> {
+    if postcard::take_from_bytes::<u32>(raw).map(|(m, _)| m) != Ok(DELTA_MAGIC) {
+        return Err(format!(
+            "a delta of window '{name}' does not start as one (a full snapshot in a delta's place?)"
+        ));
+    }
+    postcard::from_bytes(raw).map_err(|e| format!("a delta of window '{name}' is unreadable: {e}"))
+}
+
+/// Checks that delta window `w` fits its base, where that window had
+/// `have` keys (`None`: the base lacks it), with `n` aggregations.
+pub(super) fn delta_fits(w: &DeltaWin, have: Option<usize>, n: usize, name: &str) -> OpResult<()> {
+    let unfit = |what: String| format!("a delta of window '{name}' does not fit its base: {what}");
+    if w.base_len > 0 {
+        let have = have.ok_or_else(|| unfit(format!("window {} is missing", w.start)))?;
+        if have != w.base_len as usize {
+            return Err(unfit(format!(
+                "window {} has {have} keys, the delta expects {}",
+                w.start, w.base_len
+            )));
+        }
+    }
+    if (w.base_len as usize).saturating_add(w.new_keys.len()) > u32::MAX as usize {
+        return Err(unfit(format!("window {} has too many keys", w.start)));
+    }
+    if w.gaps.len() * n != w.accs.len() || w.new_keys.len() * n != w.new_accs.len() {
+        return Err(unfit(format!(
+            "window {}: accumulators do not match {n} aggregations",
+            w.start
+        )));
+    }
+    let mut slot = 0u64;
+    for g in &w.gaps {
+        slot += *g as u64;
+        if slot >= w.base_len as u64 {
+            return Err(unfit(format!(
+                "slot {slot} of window {} is past its keys",
+                w.start
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One window of a chain being rebuilt: its keys under their old slot
+/// numbers in a keyspace of its own (dropped with it).
+struct Scratch {
+    ks: Keyspace,
+    store: Arc<StateStore>,
+    fired: bool,
+    len: u32,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.store.drop_keyspace(self.ks.clone());
+    }
+}
+
+/// Writes into scratch keyspaces in batches of the store's batch size.
+struct Writer {
+    store: Arc<StateStore>,
+    batch: fjall::OwnedWriteBatch,
+    bytes: usize,
+}
+
+impl Writer {
+    fn new(store: &Arc<StateStore>) -> Self {
+        Self {
+            store: store.clone(),
+            batch: store.batch(),
+            bytes: 0,
+        }
+    }
+
+    fn put(&mut self, ks: &Keyspace, key: &[u8], value: &[u8]) -> OpResult<()> {
+        self.batch.insert(ks, key, value);
+        self.bytes += key.len() + value.len() + 16;
+        if self.bytes >= self.store.batch_bytes() {
+            self.commit(ks)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, ks: &Keyspace) -> OpResult<()> {
+        let full = std::mem::replace(&mut self.batch, self.store.batch());
+        self.store.commit(full)?;
+        self.store.wrote(ks)?;
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+impl Window {
+    /// Checks that the chains of this operator's old subtasks would
+    /// restore: every file reads, every key has this window's aggregations
+    /// and every delta fits what it builds on. Nothing is kept.
+    pub(super) fn check(&self, chains: &[Vec<Bytes>]) -> OpResult<()> {
+        let n = self.plans.len();
+        for chain in chains {
+            let Some((full, deltas)) = chain.split_first() else {
+                continue;
+            };
+            let mut lens: BTreeMap<i64, usize> = BTreeMap::new();
+            let (_, mut r) = FullReader::new(full, &self.name)?;
+            while let Some((start, _, len)) = r.next_window()? {
+                while let Some((_, _, accs)) = r.next_key()? {
+                    if accs.len() != n {
+                        return Err(self.aggregations_changed(accs.len()));
+                    }
+                }
+                lens.insert(start, len as usize);
+            }
+            r.finish()?;
+            for raw in deltas {
+                let d = decode_delta(raw, &self.name)?;
+                let mut next = BTreeMap::new();
+                for w in &d.windows {
+                    delta_fits(w, lens.get(&w.start).copied(), n, &self.name)?;
+                    next.insert(w.start, w.base_len as usize + w.new_keys.len());
+                }
+                lens = next;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores the chains into the stored windows, keeping the keys
+    /// `subtask` of `parallelism` owns, a key at a time: a full snapshot
+    /// straight from its bytes, a chain with deltas through scratch
+    /// keyspaces that keep its old slot numbers.
+    pub(super) fn restore_chains_disk(
+        &mut self,
+        chains: &[Vec<Bytes>],
+        subtask: u32,
+        parallelism: u32,
+    ) -> OpResult<()> {
+        let Some(store) = self.disk.as_ref().map(|d| d.store.clone()) else {
+            return Err("no state store".into());
+        };
+        let n = self.plans.len();
+        let mut watermark: Option<i64> = None;
+        for chain in chains {
+            let Some((full, deltas)) = chain.split_first() else {
+                continue;
+            };
+            let name = self.name.clone();
+            let (mut wm, mut r) = FullReader::new(full, &name)?;
+            if deltas.is_empty() {
+                while let Some((start, fired, _)) = r.next_window()? {
+                    while let Some((_, key, accs)) = r.next_key()? {
+                        self.absorb_key(start, key, accs, subtask, parallelism)?;
+                    }
+                    self.mark_fired(start, fired);
+                }
+                r.finish()?;
+            } else {
+                let mut wins: BTreeMap<i64, Scratch> = BTreeMap::new();
+                let mut w = Writer::new(&store);
+                while let Some((start, fired, len)) = r.next_window()? {
+                    let sc = Scratch {
+                        ks: store.keyspace()?,
+                        store: store.clone(),
+                        fired,
+                        len,
+                    };
+                    let mut slot = 0u32;
+                    while let Some((raw, _, accs)) = r.next_key()? {
+                        if accs.len() != n {
+                            return Err(self.aggregations_changed(accs.len()));
+                        }
+                        w.put(&sc.ks, &slot_key(slot), raw)?;
+                        slot += 1;
+                    }
+                    w.commit(&sc.ks)?;
+                    wins.insert(start, sc);
+                }
+                r.finish()?;
+                for raw in deltas {
+                    wm = self.apply_delta_scratch(&store, &mut wins, raw)?;
+                }
+                for (start, sc) in wins {
+                    let mut count = 0u32;
+                    for kv in sc.ks.prefix(b"s") {
+                        let v = kv
+                            .value()
+                            .map_err(|e| store.failed("reading a restored window", e))?;
+                        let (key, accs): (Key, Vec<Acc>) = postcard::from_bytes(&v)
+                            .map_err(|e| format!("a restored entry is unreadable: {e}"))?;
+                        self.absorb_key(start, key, accs, subtask, parallelism)?;
+                        count += 1;
+                    }
+                    if count != sc.len {
+                        return Err(format!(
+                            "restoring window {start} of '{}' gave {count} keys, its chain says {}",
+                            self.name, sc.len
+                        ));
+                    }
+                    self.mark_fired(start, sc.fired);
+                }
+            }
+            watermark = Some(watermark.map_or(wm, |w| w.min(wm)));
+        }
+        self.restored(watermark);
+        Ok(())
+    }
+
+    /// Applies one delta to the scratch windows of a chain; returns its
+    /// watermark.
+    fn apply_delta_scratch(
+        &self,
+        store: &Arc<StateStore>,
+        wins: &mut BTreeMap<i64, Scratch>,
+        raw: &[u8],
+    ) -> OpResult<i64> {
+        let n = self.plans.len();
+        let d = decode_delta(raw, &self.name)?;
+        let mut old = std::mem::take(wins);
+        let enc = |e: postcard::Error| format!("window state encoding failed: {e}");
+        let mut w = Writer::new(store);
+        for dw in d.windows {
+            let have = old.get(&dw.start).map(|s| s.len as usize);
+            delta_fits(&dw, have, n, &self.name)?;
+            let mut sc = match old.remove(&dw.start) {
+                Some(sc) if dw.base_len > 0 => sc,
+                _ => Scratch {
+                    ks: store.keyspace()?,
+                    store: store.clone(),
+                    fired: false,
+                    len: 0,
+                },
+            };
+            let mut slot = 0u32;
+            for (g, accs) in dw.gaps.iter().zip(dw.accs.chunks(n.max(1))) {
+                slot += *g;
+                let v = sc
+                    .ks
+                    .get(slot_key(slot))
+                    .map_err(|e| store.failed("reading a restored window", e))?
+                    .ok_or_else(|| {
+                        format!(
+                            "slot {slot} of window {} is missing while restoring '{}'",
+                            dw.start, self.name
+                        )
+                    })?;
+                let (key, _): (Key, Vec<Acc>) = postcard::from_bytes(&v)
+                    .map_err(|e| format!("a restored entry is unreadable: {e}"))?;
+                let value = postcard::to_stdvec(&(key, accs)).map_err(enc)?;
+                w.put(&sc.ks, &slot_key(slot), &value)?;
+            }
+            for (i, (key, accs)) in dw
+                .new_keys
+                .iter()
+                .zip(dw.new_accs.chunks(n.max(1)))
+                .enumerate()
+            {
+                let value = postcard::to_stdvec(&(key, accs)).map_err(enc)?;
+                w.put(&sc.ks, &slot_key(dw.base_len + i as u32), &value)?;
+            }
+            w.commit(&sc.ks)?;
+            sc.len = dw.base_len + dw.new_keys.len() as u32;
+            sc.fired = dw.fired;
+            wins.insert(dw.start, sc);
+        }
+        Ok(d.watermark)
+    }
+}
