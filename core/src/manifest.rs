@@ -478,6 +478,9 @@ async fn read_spooled(
     // above and never written again; it is unlinked right after (the
     // mapping stays valid), so nothing can change it under the map.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(local)?;
+    // Read once, front to back: let the kernel read ahead and drop pages
+    // behind.
+    let _ = map.advise(memmap2::Advice::Sequential);
     drop(tmp);
     Ok(Bytes::from_owner(map))
 }

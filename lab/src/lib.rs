@@ -13,6 +13,7 @@ pub mod bench;
 pub mod chaos;
 pub mod exchange;
 pub mod failover;
+pub mod large_state;
 pub mod procs;
 pub mod region;
 pub mod replication;

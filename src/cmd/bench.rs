@@ -30,10 +30,50 @@ pub enum BenchKind {
     Region(RegionArgs),
     /// Cross-region replication lag while a job runs.
     Replication(ReplicationArgs),
+    /// Window state larger than the memory it may use: a `ferry local`
+    /// process with `--state-memory` is killed after a checkpoint,
+    /// restores and finishes; RSS over time, restore time, exact output.
+    LargeState(LargeStateArgs),
     /// A keyed count at parallelism 2 split over two TaskManagers (records
     /// crossing the exchange) against the same job on one, same process
     /// and cores, runs interleaved; exchange throughput per CPU second.
     Exchange(ExchangeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LargeStateArgs {
+    /// Distinct keys (the state's size is about keys × (key bytes + 8)).
+    #[arg(long, default_value_t = 16_000_000)]
+    pub keys: u64,
+    /// Length of each key in bytes.
+    #[arg(long, default_value_t = 128)]
+    pub key_bytes: usize,
+    /// Records per key (the job counts them in one 24-hour window).
+    #[arg(long, default_value_t = 2)]
+    pub passes: u64,
+    /// The process's `--state-memory`.
+    #[arg(long, default_value = "512MiB")]
+    pub state_memory: bytesize::ByteSize,
+    #[arg(long, default_value = "10s")]
+    pub checkpoint_interval: String,
+    /// Kill the first run after a checkpoint holding at least this
+    /// fraction of the records.
+    #[arg(long, default_value_t = 0.75)]
+    pub kill_at: f64,
+    /// Where checkpoints, the state store and the output go (kept); a
+    /// temp dir, removed at the end, by default. Needs room for about 4×
+    /// the state.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Bound on each of the two runs.
+    #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Records per second of the source (0: as fast as the job goes).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Print results as JSON (with the RSS samples).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -250,6 +290,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchKind::Throughput(a) => throughput(a),
         BenchKind::Exchange(a) => exchange(a),
+        BenchKind::LargeState(a) => large_state(a),
         BenchKind::Failover(a) => failover(a),
         BenchKind::Replication(a) => replication(a),
         BenchKind::Region(a) => region(a),
@@ -330,6 +371,26 @@ fn throughput(a: ThroughputArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// This process's peak resident set (VmHWM), in KiB (0 where unknown).
+fn large_state(a: LargeStateArgs) -> anyhow::Result<ExitCode> {
+    if !(0.0..1.0).contains(&a.kill_at) || a.kill_at <= 0.0 {
+        anyhow::bail!("--kill-at must lie between 0 and 1");
+    }
+    let opts = ferry_lab::large_state::LargeStateOptions {
+        ferry: std::env::current_exe()?,
+        keys: a.keys,
+        key_bytes: a.key_bytes,
+        passes: a.passes,
+        state_memory: a.state_memory.to_string(),
+        checkpoint_interval: a.checkpoint_interval.clone(),
+        kill_at: a.kill_at,
+        dir: a.dir.clone(),
+        timeout: a.timeout,
+        rate: a.rate,
+    };
+    let r = ferry_lab::large_state::run(&opts, |line| eprintln!("{line}"))?;
+    print_report(a.json, &r, |r| r.markdown())
+}
+
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -30,6 +30,42 @@ pub struct StateStore {
     next: AtomicU64,
     /// Cache write-backs forced by the budget.
     evictions: AtomicU64,
+    /// Snapshots open, and bytes written while any was (see [`Self::commit`]).
+    pins: std::sync::Mutex<Pins>,
+    unpinned: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Pins {
+    open: usize,
+    written: u64,
+    stalled: bool,
+}
+
+/// A consistent view of the store (a fjall snapshot) that the store
+/// knows is open: while it is, memtables written since stay in memory.
+pub struct StoreSnapshot {
+    snap: Snapshot,
+    store: Arc<StateStore>,
+}
+
+impl std::ops::Deref for StoreSnapshot {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.snap
+    }
+}
+
+impl Drop for StoreSnapshot {
+    fn drop(&mut self) {
+        let mut p = self.store.pins.lock().unwrap_or_else(|p| p.into_inner());
+        p.open = p.open.saturating_sub(1);
+        if p.open == 0 {
+            p.written = 0;
+            self.store.unpinned.notify_all();
+        }
+    }
 }
 
 impl std::fmt::Debug for StateStore {
@@ -90,6 +126,8 @@ impl StateStore {
             memtable: (memory / 16).clamp(1 << 20, 32 << 20),
             next: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            pins: Default::default(),
+            unpinned: Default::default(),
         }))
     }
 
@@ -127,8 +165,12 @@ impl StateStore {
     }
 
     /// A consistent view of every keyspace as of now.
-    pub fn snapshot(&self) -> Snapshot {
-        self.db.snapshot()
+    pub fn snapshot(self: &Arc<Self>) -> StoreSnapshot {
+        self.pins.lock().unwrap_or_else(|p| p.into_inner()).open += 1;
+        StoreSnapshot {
+            snap: self.db.snapshot(),
+            store: self.clone(),
+        }
     }
 
     /// A batch of writes, applied at once by [`Self::commit`].
@@ -136,8 +178,33 @@ impl StateStore {
         self.db.batch()
     }
 
-    /// Applies `batch`.
-    pub fn commit(&self, batch: WriteBatch) -> Result<(), String> {
+    /// Applies `batch` of about `bytes`. While a snapshot is open (being
+    /// encoded for a checkpoint), the store keeps every memtable written
+    /// since in memory, flushed or not (fjall frees a table version only
+    /// once no snapshot may read it): once writes during it pass the
+    /// write buffers' share of the bound, the writer waits for the
+    /// snapshot to close.
+    pub fn commit(&self, batch: WriteBatch, bytes: usize) -> Result<(), String> {
+        {
+            let mut p = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+            if p.open > 0 {
+                p.written += bytes as u64;
+                while p.open > 0 && p.written > self.memory / 4 {
+                    if !p.stalled {
+                        p.stalled = true;
+                        tracing::info!(
+                            memory_mib = self.memory >> 20,
+                            "window state writes wait for a checkpoint's snapshot to be encoded (taskmanager.stateMemory bounds what a snapshot may hold in memory); said once"
+                        );
+                    }
+                    p = self
+                        .unpinned
+                        .wait_timeout(p, std::time::Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
         batch
             .commit()
             .map_err(|e| self.failed("writing window state", e))

@@ -278,6 +278,13 @@ impl TaskContext {
             sync_duration,
             async_duration: std::time::Duration::ZERO,
         };
+        // Encoding starts now, on blocking threads: a state part encoded
+        // from a view of the store holds that view open until it is done,
+        // and the record path may wait for it (StateStore::commit).
+        let parts: Vec<_> = parts
+            .into_iter()
+            .map(|(op, data, placement)| (op, start_encode(data), placement))
+            .collect();
         let dir = barrier.dir.clone();
         let events = self.events.clone();
         let subtask = self.id.subtask;
@@ -292,7 +299,7 @@ impl TaskContext {
             let job_dir = dir.parent().parent();
             let upload = async {
                 for (op, data, placement) in parts {
-                    let (sha256, data) = encode_and_hash(data).await?;
+                    let (sha256, data) = data.finish().await?;
                     let size = data.size();
                     let Placement::Shared(base) = placement else {
                         let rel = state_file(&op, subtask);
@@ -412,20 +419,39 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<W> {
     }
 }
 
-/// A state file's bytes and SHA-256. A large one is hashed, and one that is
-/// not encoded yet is encoded (into a spool file, hashed as it is written),
-/// on a blocking thread, off the async workers the tasks run on.
-async fn encode_and_hash(
-    data: StateBytes,
-) -> Result<(String, Encoded), ferry_core::error::CoreError> {
-    use ferry_core::error::CoreError;
+/// A state part being encoded and hashed: a small ready one at once, a
+/// large or not yet encoded one on a blocking thread (into a spool file,
+/// hashed as it is written), off the async workers the tasks run on.
+enum Encoding {
+    Done(String, Encoded),
+    Running(tokio::task::JoinHandle<Result<(String, Encoded), String>>),
+}
+
+impl Encoding {
+    /// Its SHA-256 and bytes.
+    async fn finish(self) -> Result<(String, Encoded), ferry_core::error::CoreError> {
+        use ferry_core::error::CoreError;
+        match self {
+            Encoding::Done(sha, e) => Ok((sha, e)),
+            Encoding::Running(h) => h
+                .await
+                .map_err(|e| {
+                    CoreError::Other(format!("encoding or hashing a state file failed: {e}"))
+                })?
+                .map_err(|e| CoreError::Other(format!("encoding a state file failed: {e}"))),
+        }
+    }
+}
+
+/// Starts encoding and hashing `data` (see [`Encoding`]).
+fn start_encode(data: StateBytes) -> Encoding {
     let data = match data {
         StateBytes::Ready(d) if d.len() < 1 << 20 => {
-            return Ok((sha256_hex(&d), Encoded::Memory(d)));
+            return Encoding::Done(sha256_hex(&d), Encoded::Memory(d));
         }
         other => other,
     };
-    tokio::task::spawn_blocking(move || match data {
+    Encoding::Running(tokio::task::spawn_blocking(move || match data {
         StateBytes::Ready(d) => Ok((sha256_hex(&d), Encoded::Memory(d))),
         StateBytes::Later { spool, encode } => {
             use sha2::Digest as _;
@@ -448,10 +474,7 @@ async fn encode_and_hash(
             let sha = hex::encode(w.hash.finalize());
             Ok((sha, Encoded::File { path, size: w.size }))
         }
-    })
-    .await
-    .map_err(|e| CoreError::Other(format!("encoding or hashing a state file failed: {e}")))?
-    .map_err(|e: String| CoreError::Other(format!("encoding a state file failed: {e}")))
+    }))
 }
 
 /// Runs `fut` to completion and returns its output with the time spent

@@ -632,7 +632,9 @@ impl Window {
     }
 
     /// Writes every stored window back and views them as of now.
-    fn disk_views(&mut self) -> OpResult<Option<(Vec<spill::WinView>, fjall::Snapshot)>> {
+    fn disk_views(
+        &mut self,
+    ) -> OpResult<Option<(Vec<spill::WinView>, crate::state::StoreSnapshot)>> {
         let n = self.plans.len();
         let Some(d) = &mut self.disk else {
             return Ok(None);

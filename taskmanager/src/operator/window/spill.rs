@@ -14,13 +14,13 @@
 
 use std::sync::Arc;
 
-use fjall::{Keyspace, Readable, Snapshot};
+use fjall::{Keyspace, Readable};
 use rustc_hash::FxHashMap;
 
 use super::{Acc, AggPlan, DELTA_MAGIC, set_bits};
 use crate::operator::OpResult;
 use crate::operator::key::Key;
-use crate::state::StateStore;
+use crate::state::{StateStore, StoreSnapshot as Snapshot};
 
 /// Fixed cache cost of a key besides its accumulators and heap: its table
 /// entry with slack, its slot and its flag.
@@ -196,12 +196,12 @@ impl DiskWin {
             buf = value;
             if bytes >= limit {
                 let full = std::mem::replace(&mut batch, self.store.batch());
-                self.store.commit(full)?;
+                self.store.commit(full, bytes)?;
                 self.store.wrote(&self.ks)?;
                 bytes = 0;
             }
         }
-        self.store.commit(batch)?;
+        self.store.commit(batch, bytes)?;
         self.store.wrote(&self.ks)?;
         self.unsaved.iter_mut().for_each(|u| *u = false);
         self.stored = self.len;

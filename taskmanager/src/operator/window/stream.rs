@@ -17,6 +17,9 @@ use crate::operator::OpResult;
 use crate::operator::key::Key;
 use crate::state::StateStore;
 
+/// Keys of a scratch window read at once when a restore takes them in.
+const RESTORE_PIECE: usize = 16 * 1024;
+
 /// A cursor over the bytes of a full window snapshot: its windows in
 /// order, each followed by its keys in slot order.
 pub(super) struct FullReader<'a> {
@@ -191,7 +194,7 @@ impl Writer {
 
     fn commit(&mut self, ks: &Keyspace) -> OpResult<()> {
         let full = std::mem::replace(&mut self.batch, self.store.batch());
-        self.store.commit(full)?;
+        self.store.commit(full, self.bytes)?;
         self.store.wrote(ks)?;
         self.bytes = 0;
         Ok(())
@@ -287,15 +290,31 @@ impl Window {
                     wm = self.apply_delta_scratch(&store, &mut wins, raw)?;
                 }
                 for (start, sc) in wins {
+                    // Read in pieces, each under a short-lived iterator: an
+                    // open one would keep every memtable the absorbing
+                    // writes fill in memory until it closes.
                     let mut count = 0u32;
-                    for kv in sc.ks.prefix(b"s") {
-                        let v = kv
-                            .value()
-                            .map_err(|e| store.failed("reading a restored window", e))?;
-                        let (key, accs): (Key, Vec<Acc>) = postcard::from_bytes(&v)
-                            .map_err(|e| format!("a restored entry is unreadable: {e}"))?;
-                        self.absorb_key(start, key, accs, subtask, parallelism)?;
-                        count += 1;
+                    loop {
+                        let mut piece = Vec::with_capacity(RESTORE_PIECE);
+                        for kv in sc
+                            .ks
+                            .range(slot_key(count)..slot_key(u32::MAX))
+                            .take(RESTORE_PIECE)
+                        {
+                            let v = kv
+                                .value()
+                                .map_err(|e| store.failed("reading a restored window", e))?;
+                            let entry: (Key, Vec<Acc>) = postcard::from_bytes(&v)
+                                .map_err(|e| format!("a restored entry is unreadable: {e}"))?;
+                            piece.push(entry);
+                        }
+                        if piece.is_empty() {
+                            break;
+                        }
+                        count += piece.len() as u32;
+                        for (key, accs) in piece {
+                            self.absorb_key(start, key, accs, subtask, parallelism)?;
+                        }
                     }
                     if count != sc.len {
                         return Err(format!(
