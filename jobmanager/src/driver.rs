@@ -221,6 +221,9 @@ pub(crate) async fn drive(
                         (c.records_in, c.records_out)
                     }
                 };
+                // The restored files (large ones mapped from the spool) are
+                // not needed while the job runs.
+                drop(restored);
                 let ctx = AttemptCtx {
                     job: &job,
                     plan: &plan,

@@ -550,6 +550,9 @@ impl Window {
     /// hold more than their bound.
     fn spill_if_over(&mut self) -> OpResult<()> {
         let n = self.plans.len();
+        if let Some(d) = &mut self.disk {
+            d.windows.values_mut().for_each(DiskWin::recharge);
+        }
         if let Some(d) = &mut self.disk
             && d.store.over_budget()
             && d.windows.values().any(DiskWin::cached)
@@ -1539,6 +1542,29 @@ mod tests {
             }
             assert!(!rows[0].is_empty(), "{case}");
             assert_eq!(rows[0], rows[1], "{case}: restored full snapshots differ");
+            // At its own parallelism the chain goes straight into the
+            // store's windows under its slot numbers, deltas in place.
+            let (mut rows, mut snaps) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+            for (i, kind) in [None, Some(store.clone())].into_iter().enumerate() {
+                let (mut r, _) = setup_in(&aggs, slide, lateness, kind.clone());
+                r.restore_chains(std::slice::from_ref(chain), 0, 1).unwrap();
+                assert!(!r.lens().is_empty(), "{case}: nothing restored");
+                snaps[i] = r.snapshot().unwrap().unwrap();
+                rows[i] = fire(&mut r, i64::MAX - 1);
+                rows[i].sort_by_key(|r| (r.0, r.1));
+            }
+            assert!(!rows[0].is_empty(), "{case}");
+            assert_eq!(
+                rows[0], rows[1],
+                "{case}: a chain restored in place differs"
+            );
+            assert_eq!(snaps[0], snaps[1], "{case}: its snapshot differs");
+            // Chains that do not split as their parallelism says are refused.
+            let (mut r, _) = setup_in(&aggs, slide, lateness, Some(store.clone()));
+            let err = r
+                .restore_chains(&[chain.clone(), chain.clone()], 1, 2)
+                .unwrap_err();
+            assert!(err.contains("a key of another subtask"), "{case}: {err}");
             // What restores passes the check that walks it in place.
             let (mut c, _) = setup_in(&aggs, slide, lateness, Some(store.clone()));
             c.check_chains(std::slice::from_ref(chain)).unwrap();

@@ -22,9 +22,8 @@ use crate::operator::OpResult;
 use crate::operator::key::Key;
 use crate::state::{StateStore, StoreSnapshot as Snapshot};
 
-/// Fixed cache cost of a key besides its accumulators and heap: its table
-/// entry with slack, its slot and its flag.
-const ENTRY_BYTES: usize = (std::mem::size_of::<(Key, u32)>() + 1) * 8 / 7 + 4 + 1;
+/// What a bucket of the cache's table takes (its entry and control byte).
+const BUCKET_BYTES: usize = std::mem::size_of::<(Key, u32)>() + 1;
 
 /// The `s` entry of a slot.
 pub(super) fn slot_key(slot: u32) -> [u8; 5] {
@@ -49,7 +48,10 @@ pub(super) struct DiskWin {
     unsaved: Vec<bool>,
     /// One bit per slot updated since the last incremental snapshot.
     pub(super) dirty: Vec<u64>,
+    /// What it last charged the store's budget ([`Self::recharge`]).
     charged: i64,
+    /// Heap memory of the cached keys (strings).
+    heap: usize,
     buf: Vec<u8>,
 }
 
@@ -67,6 +69,7 @@ impl DiskWin {
             unsaved: Vec::new(),
             dirty: Vec::new(),
             charged: 0,
+            heap: 0,
             buf: Vec::new(),
         })
     }
@@ -79,6 +82,19 @@ impl DiskWin {
     /// What its cache holds.
     pub(super) fn memory_bytes(&self) -> u64 {
         self.charged.max(0) as u64
+    }
+
+    /// Charges the store's budget what the cache takes now: its tables
+    /// and vectors at their capacity (which runs up to twice their
+    /// length) and its keys' heap.
+    pub(super) fn recharge(&mut self) {
+        let now = (self.index.capacity() * 8 / 7 * BUCKET_BYTES
+            + self.slots.capacity() * 4
+            + self.accs.capacity() * std::mem::size_of::<Acc>()
+            + self.unsaved.capacity()
+            + self.heap) as i64;
+        self.store.charge(now - self.charged);
+        self.charged = now;
     }
 
     /// Whether its cache holds anything.
@@ -138,9 +154,7 @@ impl DiskWin {
                 self.accs.extend(plans.iter().map(|p| p.init.clone()));
             }
         }
-        let cost = (ENTRY_BYTES + n * std::mem::size_of::<Acc>() + key.heap_bytes()) as i64;
-        self.charged += cost;
-        self.store.charge(cost);
+        self.heap += key.heap_bytes();
         self.index.insert(key, pos as u32);
         self.unsaved.push(false);
         Ok(pos)
@@ -215,6 +229,7 @@ impl DiskWin {
         self.slots = Vec::new();
         self.accs = Vec::new();
         self.unsaved = Vec::new();
+        self.heap = 0;
         self.store.charge(-self.charged);
         self.charged = 0;
         Ok(())
@@ -264,6 +279,17 @@ impl DiskWin {
             ));
         }
         Ok((slot < self.len).then_some(slot))
+    }
+
+    /// Its keyspace, for a restore that writes entries straight in.
+    pub(super) fn keyspace(&self) -> &Keyspace {
+        &self.ks
+    }
+
+    /// After a restore wrote slots `0..len` straight into its keyspace.
+    pub(super) fn set_restored(&mut self, len: u32) {
+        self.len = len;
+        self.stored = len;
     }
 
     /// What a snapshot taken after [`Self::write_back`] needs of it.

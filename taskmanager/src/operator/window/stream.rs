@@ -20,6 +20,15 @@ use crate::state::StateStore;
 /// Keys of a scratch window read at once when a restore takes them in.
 const RESTORE_PIECE: usize = 16 * 1024;
 
+/// One key of a full snapshot: its encoded bytes (the key's first), and
+/// the key and accumulators read from them.
+pub(super) struct Entry<'a> {
+    pub(super) raw: &'a [u8],
+    pub(super) key_len: usize,
+    pub(super) key: Key,
+    pub(super) accs: Vec<Acc>,
+}
+
 /// A cursor over the bytes of a full window snapshot: its windows in
 /// order, each followed by its keys in slot order.
 pub(super) struct FullReader<'a> {
@@ -76,16 +85,22 @@ impl<'a> FullReader<'a> {
 
     /// The next key of the current window with its accumulators and its
     /// encoded bytes; `None` after its last.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn next_key(&mut self) -> OpResult<Option<(&'a [u8], Key, Vec<Acc>)>> {
+    pub(super) fn next_key(&mut self) -> OpResult<Option<Entry<'a>>> {
         if self.keys_left == 0 {
             return Ok(None);
         }
         self.keys_left -= 1;
         let before = self.rest;
-        let (key, accs): (Key, Vec<Acc>) = self.take()?;
+        let key: Key = self.take()?;
+        let key_len = before.len() - self.rest.len();
+        let accs: Vec<Acc> = self.take()?;
         let raw = &before[..before.len() - self.rest.len()];
-        Ok(Some((raw, key, accs)))
+        Ok(Some(Entry {
+            raw,
+            key_len,
+            key,
+            accs,
+        }))
     }
 
     /// Checks that nothing follows the last window.
@@ -214,9 +229,9 @@ impl Window {
             let mut lens: BTreeMap<i64, usize> = BTreeMap::new();
             let (_, mut r) = FullReader::new(full, &self.name)?;
             while let Some((start, _, len)) = r.next_window()? {
-                while let Some((_, _, accs)) = r.next_key()? {
-                    if accs.len() != n {
-                        return Err(self.aggregations_changed(accs.len()));
+                while let Some(e) = r.next_key()? {
+                    if e.accs.len() != n {
+                        return Err(self.aggregations_changed(e.accs.len()));
                     }
                 }
                 lens.insert(start, len as usize);
@@ -248,6 +263,16 @@ impl Window {
         let Some(store) = self.disk.as_ref().map(|d| d.store.clone()) else {
             return Err("no state store".into());
         };
+        // At the parallelism it was written with, an old subtask's state
+        // is all this subtask's (chains come in subtask order): its windows
+        // are written straight in, under their slot numbers.
+        if chains.len() == parallelism as usize
+            && let Some(chain) = chains.get(subtask as usize)
+        {
+            let watermark = self.restore_chain_direct(&store, chain, subtask, parallelism)?;
+            self.restored(watermark);
+            return Ok(());
+        }
         let n = self.plans.len();
         let mut watermark: Option<i64> = None;
         for chain in chains {
@@ -258,8 +283,8 @@ impl Window {
             let (mut wm, mut r) = FullReader::new(full, &name)?;
             if deltas.is_empty() {
                 while let Some((start, fired, _)) = r.next_window()? {
-                    while let Some((_, key, accs)) = r.next_key()? {
-                        self.absorb_key(start, key, accs, subtask, parallelism)?;
+                    while let Some(e) = r.next_key()? {
+                        self.absorb_key(start, e.key, e.accs, subtask, parallelism)?;
                     }
                     self.mark_fired(start, fired);
                 }
@@ -275,11 +300,11 @@ impl Window {
                         len,
                     };
                     let mut slot = 0u32;
-                    while let Some((raw, _, accs)) = r.next_key()? {
-                        if accs.len() != n {
-                            return Err(self.aggregations_changed(accs.len()));
+                    while let Some(e) = r.next_key()? {
+                        if e.accs.len() != n {
+                            return Err(self.aggregations_changed(e.accs.len()));
                         }
-                        w.put(&sc.ks, &slot_key(slot), raw)?;
+                        w.put(&sc.ks, &slot_key(slot), e.raw)?;
                         slot += 1;
                     }
                     w.commit(&sc.ks)?;
@@ -389,5 +414,130 @@ impl Window {
             wins.insert(dw.start, sc);
         }
         Ok(d.watermark)
+    }
+    /// Restores one chain, every key of which `subtask` owns, straight
+    /// into stored windows: each window's keyspace gets both entries of
+    /// every key under its slot number, the deltas then update slots in
+    /// place. Returns the chain's watermark (`None`: an empty chain).
+    fn restore_chain_direct(
+        &mut self,
+        store: &Arc<StateStore>,
+        chain: &[Bytes],
+        subtask: u32,
+        parallelism: u32,
+    ) -> OpResult<Option<i64>> {
+        use super::spill::DiskWin;
+        let Some((full, deltas)) = chain.split_first() else {
+            return Ok(None);
+        };
+        if self.disk.as_ref().is_some_and(|d| !d.windows.is_empty()) {
+            return Err("restoring into windows that are not empty".into());
+        }
+        let n = self.plans.len();
+        let name = self.name.clone();
+        let owned =
+            |key: &Key| crate::operator::key_partition(key.stable_hash(), parallelism) == subtask;
+        let foreign = || {
+            format!(
+                "the saved state of subtask {subtask} of '{name}' holds a key of another subtask; the checkpoint does not match its parallelism ({parallelism})"
+            )
+        };
+        let enc = |e: postcard::Error| format!("window state encoding failed: {e}");
+        // Both entries of a key: `s|slot` → (key, accs) and `k|key` → slot, accs.
+        let put = |w: &mut Writer, ks: &Keyspace, slot: u32, key: &[u8], accs: &[u8]| {
+            let mut s_val = Vec::with_capacity(key.len() + accs.len());
+            s_val.extend_from_slice(key);
+            s_val.extend_from_slice(accs);
+            w.put(ks, &slot_key(slot), &s_val)?;
+            let mut k = Vec::with_capacity(key.len() + 1);
+            k.push(b'k');
+            k.extend_from_slice(key);
+            let mut v = Vec::with_capacity(accs.len() + 4);
+            v.extend_from_slice(&slot.to_be_bytes());
+            v.extend_from_slice(accs);
+            w.put(ks, &k, &v)
+        };
+        let mut wins: BTreeMap<i64, (DiskWin, u32)> = BTreeMap::new();
+        let mut w = Writer::new(store);
+        let (mut wm, mut r) = FullReader::new(full, &name)?;
+        while let Some((start, fired, _)) = r.next_window()? {
+            let mut win = DiskWin::new(store)?;
+            win.fired = fired;
+            let mut slot = 0u32;
+            while let Some(e) = r.next_key()? {
+                if e.accs.len() != n {
+                    return Err(self.aggregations_changed(e.accs.len()));
+                }
+                if !owned(&e.key) {
+                    return Err(foreign());
+                }
+                put(
+                    &mut w,
+                    win.keyspace(),
+                    slot,
+                    &e.raw[..e.key_len],
+                    &e.raw[e.key_len..],
+                )?;
+                slot += 1;
+            }
+            w.commit(win.keyspace())?;
+            wins.insert(start, (win, slot));
+        }
+        r.finish()?;
+        for raw in deltas {
+            let d = decode_delta(raw, &name)?;
+            let mut old = std::mem::take(&mut wins);
+            for dw in d.windows {
+                delta_fits(&dw, old.get(&dw.start).map(|o| o.1 as usize), n, &name)?;
+                let (mut win, _) = match old.remove(&dw.start) {
+                    Some(o) if dw.base_len > 0 => o,
+                    _ => (DiskWin::new(store)?, 0),
+                };
+                let mut slot = 0u32;
+                for (g, accs) in dw.gaps.iter().zip(dw.accs.chunks(n.max(1))) {
+                    slot += *g;
+                    let v = win
+                        .keyspace()
+                        .get(slot_key(slot))
+                        .map_err(|e| store.failed("reading a restored window", e))?
+                        .ok_or_else(|| {
+                            format!(
+                                "slot {slot} of window {} is missing while restoring '{name}'",
+                                dw.start
+                            )
+                        })?;
+                    let (_, rest) = postcard::take_from_bytes::<Key>(&v)
+                        .map_err(|e| format!("a restored entry is unreadable: {e}"))?;
+                    let key = &v[..v.len() - rest.len()];
+                    let accs = postcard::to_stdvec(accs).map_err(enc)?;
+                    put(&mut w, win.keyspace(), slot, key, &accs)?;
+                }
+                for (i, (key, accs)) in dw
+                    .new_keys
+                    .iter()
+                    .zip(dw.new_accs.chunks(n.max(1)))
+                    .enumerate()
+                {
+                    if !owned(key) {
+                        return Err(foreign());
+                    }
+                    let key = postcard::to_stdvec(key).map_err(enc)?;
+                    let accs = postcard::to_stdvec(accs).map_err(enc)?;
+                    put(&mut w, win.keyspace(), dw.base_len + i as u32, &key, &accs)?;
+                }
+                w.commit(win.keyspace())?;
+                win.fired = dw.fired;
+                wins.insert(dw.start, (win, dw.base_len + dw.new_keys.len() as u32));
+            }
+            wm = d.watermark;
+        }
+        let Some(disk) = self.disk.as_mut() else {
+            return Err("no state store".into());
+        };
+        for (start, (mut win, len)) in wins {
+            win.set_restored(len);
+            disk.windows.insert(start, win);
+        }
+        Ok(Some(wm))
     }
 }
