@@ -716,6 +716,17 @@ fn state_memory<'de, D: serde::Deserializer<'de>>(
 /// The least `taskmanager.stateMemory` accepted.
 pub const MIN_STATE_MEMORY: u64 = 16 << 20;
 
+/// Refuses a state memory bound below [`MIN_STATE_MEMORY`]; `name` is how
+/// the user set it (`taskmanager.stateMemory`, `--state-memory`).
+pub fn check_state_memory(name: &str, m: bytesize::ByteSize) -> Result<(), String> {
+    if m.as_u64() < MIN_STATE_MEMORY {
+        return Err(format!(
+            "{name} {m}: use at least 16MiB (or leave it unset to keep window state in memory)"
+        ));
+    }
+    Ok(())
+}
+
 fn d_drain_timeout() -> DurationSpec {
     DurationSpec::from_millis(120_000)
 }
@@ -1808,12 +1819,8 @@ impl ProcessConfig {
                 self.taskmanager.exchange_credits
             ));
         }
-        if let Some(m) = self.taskmanager.state_memory
-            && m.as_u64() < MIN_STATE_MEMORY
-        {
-            return err(format!(
-                "taskmanager.stateMemory {m}: use at least 16MiB (or leave it unset to keep window state in memory)"
-            ));
+        if let Some(m) = self.taskmanager.state_memory {
+            check_state_memory("taskmanager.stateMemory", m).map_err(ConfigError)?;
         }
         advertise_matches_tls(
             "api.advertise",

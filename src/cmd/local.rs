@@ -119,12 +119,8 @@ async fn run_async(
         "ferry local: the working directory, the data directory, NATS on this machine and --allow",
     )
     .map_err(|e| anyhow::anyhow!("--allow: {e}"))?;
-    if let Some(m) = args.state_memory
-        && m.as_u64() < ferry_core::config::MIN_STATE_MEMORY
-    {
-        anyhow::bail!(
-            "--state-memory {m}: use at least 16MiB (or leave it out to keep window state in memory)"
-        );
+    if let Some(m) = args.state_memory {
+        ferry_core::config::check_state_memory("--state-memory", m).map_err(anyhow::Error::msg)?;
     }
     let state_dir = args.state_dir.clone().or_else(|| {
         (!args.data_dir.contains("://")).then(|| PathBuf::from(&data_url).join("state"))

@@ -612,13 +612,7 @@ impl Window {
             }
         }
         if self.firing.is_empty() {
-            while let Some(entry) = d.windows.first_entry() {
-                if (*entry.key() + size - 1).saturating_add(lateness) <= wm {
-                    entry.remove();
-                } else {
-                    break;
-                }
-            }
+            purge(&mut d.windows, size, lateness, wm);
         }
         self.flush(out);
         Ok(())
@@ -707,6 +701,17 @@ impl Window {
             &self.out_schema,
             out,
         );
+    }
+}
+
+/// Drops the windows (by start) past their allowed lateness at `wm`.
+fn purge<W>(windows: &mut BTreeMap<i64, W>, size: i64, lateness: i64, wm: i64) {
+    while let Some(entry) = windows.first_entry() {
+        if (*entry.key() + size - 1).saturating_add(lateness) <= wm {
+            entry.remove();
+        } else {
+            break;
+        }
     }
 }
 
@@ -851,15 +856,7 @@ impl Operator for Window {
                 }
             }
         }
-        // Purge windows past their allowed lateness.
-        let lateness = self.lateness;
-        while let Some(entry) = self.windows.first_entry() {
-            if (*entry.key() + size - 1).saturating_add(lateness) <= wm {
-                entry.remove();
-            } else {
-                break;
-            }
-        }
+        purge(&mut self.windows, size, self.lateness, wm);
         self.flush(out);
     }
 
@@ -1617,9 +1614,15 @@ mod tests {
                 "does not fit its base",
             ),
         ];
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path(), 1 << 20).unwrap();
         for (what, c, want) in cases {
-            let err = check(c).expect_err(what);
+            let err = check(c.clone()).expect_err(what);
             assert!(err.contains(want), "{what}: {err}");
+            // A stored window restoring it in one pass refuses it too.
+            let (mut r, _) = setup_in(&aggs, None, 0, Some(store.clone()));
+            let err = r.restore_chains(&[c], 0, 1).expect_err(what);
+            assert!(err.contains(want), "{what}, restored: {err}");
         }
         let (mut other, _) = setup_in(&[("n", "count")], None, 0, None);
         let err = other.check_chains(&[chain]).unwrap_err();

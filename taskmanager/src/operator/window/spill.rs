@@ -31,6 +31,21 @@ pub(super) fn slot_key(slot: u32) -> [u8; 5] {
     [b's', b[0], b[1], b[2], b[3]]
 }
 
+/// Both entries of a key at `slot`, from its encoded key and encoded
+/// accumulators: `s|slot` → key, accs and `k|key` → slot, accs.
+pub(super) fn entries(slot: u32, key: &[u8], accs: &[u8]) -> [(Vec<u8>, Vec<u8>); 2] {
+    let mut s_value = Vec::with_capacity(key.len() + accs.len());
+    s_value.extend_from_slice(key);
+    s_value.extend_from_slice(accs);
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(b'k');
+    k.extend_from_slice(key);
+    let mut k_value = Vec::with_capacity(4 + accs.len());
+    k_value.extend_from_slice(&slot.to_be_bytes());
+    k_value.extend_from_slice(accs);
+    [(slot_key(slot).to_vec(), s_value), (k, k_value)]
+}
+
 /// One window of an operator whose state lives in the store.
 pub(super) struct DiskWin {
     pub(super) fired: bool,
@@ -189,7 +204,7 @@ impl DiskWin {
         let mut batch = self.store.batch();
         let mut bytes = 0usize;
         let limit = self.store.batch_bytes();
-        let mut buf = Vec::new();
+        let (mut k, mut a) = (Vec::new(), Vec::new());
         for (key, pos) in &self.index {
             let pos = *pos as usize;
             if !self.unsaved[pos] {
@@ -197,17 +212,17 @@ impl DiskWin {
             }
             let slot = self.slots[pos];
             let accs = &self.accs[pos * n..(pos + 1) * n];
-            buf.clear();
-            let value = postcard::to_extend(&(key, accs), std::mem::take(&mut buf))
-                .map_err(|e| format!("encoding window state failed: {e}"))?;
-            batch.insert(&self.ks, slot_key(slot), value.as_slice());
-            let k = postcard::to_extend(key, vec![b'k'])
+            k.clear();
+            k.push(b'k');
+            k = postcard::to_extend(key, std::mem::take(&mut k))
                 .map_err(|e| format!("encoding a key failed: {e}"))?;
-            let v = postcard::to_extend(accs, slot.to_be_bytes().to_vec())
+            a.clear();
+            a = postcard::to_extend(accs, std::mem::take(&mut a))
                 .map_err(|e| format!("encoding window state failed: {e}"))?;
-            bytes += 2 * value.len() + 16;
-            batch.insert(&self.ks, k, v);
-            buf = value;
+            for (key, value) in entries(slot, &k[1..], &a) {
+                bytes += key.len() + value.len();
+                batch.insert(&self.ks, key, value);
+            }
             if bytes >= limit {
                 let full = std::mem::replace(&mut batch, self.store.batch());
                 self.store.commit(full, bytes)?;

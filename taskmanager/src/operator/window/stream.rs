@@ -132,6 +132,185 @@ pub(super) fn decode_delta(raw: &[u8], name: &str) -> OpResult<Delta> {
     postcard::from_bytes(raw).map_err(|e| format!("a delta of window '{name}' is unreadable: {e}"))
 }
 
+/// Reads one `T` from the front of `bytes`: the value, its bytes, the rest.
+fn take_raw<'a, T: serde::de::DeserializeOwned>(
+    bytes: &'a [u8],
+    what: &dyn Fn(postcard::Error) -> String,
+) -> OpResult<(T, &'a [u8], &'a [u8])> {
+    let (v, rest) = postcard::take_from_bytes::<T>(bytes).map_err(what)?;
+    Ok((v, &bytes[..bytes.len() - rest.len()], rest))
+}
+
+/// A cursor over the bytes of a delta, window by window, never decoding
+/// more than one key at a time.
+struct DeltaReader<'a> {
+    rest: &'a [u8],
+    windows_left: u64,
+    watermark: i64,
+    n: usize,
+    name: &'a str,
+}
+
+/// One window of a delta (see [`DeltaWin`]) as cursors into its bytes:
+/// its new keys with their accumulators, and its changed slots with
+/// theirs, both in slot order.
+struct DeltaCursor<'a> {
+    start: i64,
+    fired: bool,
+    base_len: u32,
+    new: u32,
+    keys: &'a [u8],
+    new_accs: &'a [u8],
+    gaps_left: u64,
+    gaps: &'a [u8],
+    accs: &'a [u8],
+    /// The next changed slot, once read.
+    next_changed: Option<u32>,
+}
+
+impl<'a> DeltaReader<'a> {
+    fn new(raw: &'a [u8], n: usize, name: &'a str) -> OpResult<Self> {
+        if postcard::take_from_bytes::<u32>(raw).map(|(m, _)| m) != Ok(DELTA_MAGIC) {
+            return Err(format!(
+                "a delta of window '{name}' does not start as one (a full snapshot in a delta's place?)"
+            ));
+        }
+        let bad = |e: postcard::Error| format!("a delta of window '{name}' is unreadable: {e}");
+        let (_, _, rest) = take_raw::<u32>(raw, &bad)?;
+        let (watermark, _, rest) = take_raw::<i64>(rest, &bad)?;
+        let (windows_left, _, rest) = take_raw::<u64>(rest, &bad)?;
+        Ok(Self {
+            rest,
+            windows_left,
+            watermark,
+            n,
+            name,
+        })
+    }
+
+    fn bad(&self) -> impl Fn(postcard::Error) -> String + 'a {
+        let name = self.name;
+        move |e| format!("a delta of window '{name}' is unreadable: {e}")
+    }
+
+    /// The next window (its sections located by reading over them once).
+    fn next_window(&mut self) -> OpResult<Option<DeltaCursor<'a>>> {
+        if self.windows_left == 0 {
+            if !self.rest.is_empty() {
+                return Err(format!(
+                    "a delta of window '{}' is unreadable: {} bytes follow its last window",
+                    self.name,
+                    self.rest.len()
+                ));
+            }
+            return Ok(None);
+        }
+        self.windows_left -= 1;
+        let n = self.n as u64;
+        let bad = self.bad();
+        let ((start, fired, base_len), _, rest) = take_raw::<(i64, bool, u32)>(self.rest, &bad)?;
+        let (new, _, mut rest) = take_raw::<u64>(rest, &bad)?;
+        let keys = rest;
+        for _ in 0..new {
+            rest = take_raw::<Key>(rest, &bad)?.2;
+        }
+        let (new_accs_len, _, mut rest) = take_raw::<u64>(rest, &bad)?;
+        let new_accs = rest;
+        for _ in 0..new_accs_len {
+            rest = take_raw::<Acc>(rest, &bad)?.2;
+        }
+        let (gaps_left, _, mut rest) = take_raw::<u64>(rest, &bad)?;
+        let gaps = rest;
+        for _ in 0..gaps_left {
+            rest = take_raw::<u32>(rest, &bad)?.2;
+        }
+        let (accs_len, _, mut rest) = take_raw::<u64>(rest, &bad)?;
+        let accs = rest;
+        for _ in 0..accs_len {
+            rest = take_raw::<Acc>(rest, &bad)?.2;
+        }
+        let name = self.name;
+        let unfit = |what: String| {
+            format!("a delta of window '{name}' does not fit its base: window {start}: {what}")
+        };
+        if new_accs_len != new * n || accs_len != gaps_left * n {
+            return Err(unfit(format!("accumulators do not match {n} aggregations")));
+        }
+        let new = u32::try_from(new)
+            .ok()
+            .filter(|k| base_len.checked_add(*k).is_some())
+            .ok_or_else(|| unfit("too many keys".into()))?;
+        self.rest = rest;
+        let mut c = DeltaCursor {
+            start,
+            fired,
+            base_len,
+            new,
+            keys,
+            new_accs,
+            gaps_left,
+            gaps,
+            accs,
+            next_changed: None,
+        };
+        c.advance_changed(0, &bad)?;
+        Ok(Some(c))
+    }
+}
+
+/// The next new key of `c`: the key, its bytes, and its accumulators'
+/// bytes with their count in front.
+fn take_new(
+    c: &mut DeltaCursor,
+    n: usize,
+    bad: &dyn Fn(postcard::Error) -> String,
+    with_count: &dyn Fn(&[u8]) -> Vec<u8>,
+) -> OpResult<(Key, Vec<u8>, Vec<u8>)> {
+    let (key, raw, rest) = take_raw::<Key>(c.keys, bad)?;
+    c.keys = rest;
+    let (accs, rest) = DeltaCursor::accs_raw(c.new_accs, n, bad)?;
+    c.new_accs = rest;
+    Ok((key, raw.to_vec(), with_count(accs)))
+}
+
+impl<'a> DeltaCursor<'a> {
+    /// Reads the next changed slot (`prev` the one before, 0 at first).
+    fn advance_changed(
+        &mut self,
+        prev: u32,
+        bad: &dyn Fn(postcard::Error) -> String,
+    ) -> OpResult<()> {
+        if self.gaps_left == 0 {
+            self.next_changed = None;
+            return Ok(());
+        }
+        self.gaps_left -= 1;
+        let (gap, _, rest) = take_raw::<u32>(self.gaps, bad)?;
+        self.gaps = rest;
+        self.next_changed = Some(prev.checked_add(gap).ok_or_else(|| {
+            format!(
+                "a delta of a window starting {} names a slot past 2^32",
+                self.start
+            )
+        })?);
+        Ok(())
+    }
+
+    /// The encoded accumulators (`n` of them, without their count) at the
+    /// front of `bytes`, and the rest.
+    fn accs_raw<'b>(
+        bytes: &'b [u8],
+        n: usize,
+        bad: &dyn Fn(postcard::Error) -> String,
+    ) -> OpResult<(&'b [u8], &'b [u8])> {
+        let mut rest = bytes;
+        for _ in 0..n {
+            rest = take_raw::<Acc>(rest, bad)?.2;
+        }
+        Ok((&bytes[..bytes.len() - rest.len()], rest))
+    }
+}
+
 /// Checks that delta window `w` fits its base, where that window had
 /// `have` keys (`None`: the base lacks it), with `n` aggregations.
 pub(super) fn delta_fits(w: &DeltaWin, have: Option<usize>, n: usize, name: &str) -> OpResult<()> {
@@ -416,9 +595,12 @@ impl Window {
         Ok(d.watermark)
     }
     /// Restores one chain, every key of which `subtask` owns, straight
-    /// into stored windows: each window's keyspace gets both entries of
-    /// every key under its slot number, the deltas then update slots in
-    /// place. Returns the chain's watermark (`None`: an empty chain).
+    /// into stored windows, in one pass: each window of the final state is
+    /// merged slot by slot from the file that started it (the full
+    /// snapshot, or a delta that builds on nothing) and the deltas after
+    /// it, all read in slot order from their bytes (the newest change of a
+    /// slot wins), and written once, both entries of every key. Returns
+    /// the chain's watermark (`None`: an empty chain).
     fn restore_chain_direct(
         &mut self,
         store: &Arc<StateStore>,
@@ -442,102 +624,194 @@ impl Window {
                 "the saved state of subtask {subtask} of '{name}' holds a key of another subtask; the checkpoint does not match its parallelism ({parallelism})"
             )
         };
-        let enc = |e: postcard::Error| format!("window state encoding failed: {e}");
-        // Both entries of a key: `s|slot` → (key, accs) and `k|key` → slot, accs.
-        let put = |w: &mut Writer, ks: &Keyspace, slot: u32, key: &[u8], accs: &[u8]| {
-            let mut s_val = Vec::with_capacity(key.len() + accs.len());
-            s_val.extend_from_slice(key);
-            s_val.extend_from_slice(accs);
-            w.put(ks, &slot_key(slot), &s_val)?;
-            let mut k = Vec::with_capacity(key.len() + 1);
-            k.push(b'k');
-            k.extend_from_slice(key);
-            let mut v = Vec::with_capacity(accs.len() + 4);
-            v.extend_from_slice(&slot.to_be_bytes());
-            v.extend_from_slice(accs);
-            w.put(ks, &k, &v)
+        let unfit = |start: i64, what: &str| {
+            format!("a delta of window '{name}' does not fit its base: window {start} {what}")
         };
-        let mut wins: BTreeMap<i64, (DiskWin, u32)> = BTreeMap::new();
+        let bad = |e: postcard::Error| format!("a delta of window '{name}' is unreadable: {e}");
+        // The count in front of every key's accumulators.
+        let count = postcard::to_stdvec(&n).map_err(|e| e.to_string())?;
+        let with_count = |raw: &[u8]| [count.as_slice(), raw].concat();
+        let (full_wm, mut fr) = FullReader::new(full, &name)?;
+        let mut readers = deltas
+            .iter()
+            .map(|d| DeltaReader::new(d, n, &name))
+            .collect::<OpResult<Vec<_>>>()?;
+        let watermark = readers.last().map_or(full_wm, |r| r.watermark);
+        let d = readers.len();
+        let mut full_cur = fr.next_window()?;
+        let mut cur = readers
+            .iter_mut()
+            .map(DeltaReader::next_window)
+            .collect::<OpResult<Vec<_>>>()?;
         let mut w = Writer::new(store);
-        let (mut wm, mut r) = FullReader::new(full, &name)?;
-        while let Some((start, fired, _)) = r.next_window()? {
+        let mut restored = Vec::new();
+        loop {
+            // The next window of the final state: the newest file's next.
+            let target = match d {
+                0 => full_cur.map(|f| f.0),
+                _ => cur[d - 1].as_ref().map(|c| c.start),
+            };
+            let Some(start) = target else { break };
+            // Every file to this window: those before it were purged.
+            while let Some((s0, _, _)) = full_cur
+                && s0 < start
+            {
+                while fr.next_key()?.is_some() {}
+                full_cur = fr.next_window()?;
+            }
+            for j in 0..d {
+                while cur[j].as_ref().is_some_and(|c| c.start < start) {
+                    cur[j] = readers[j].next_window()?;
+                }
+            }
+            let has = |cur: &[Option<DeltaCursor>], j: usize| {
+                cur[j].as_ref().is_some_and(|c| c.start == start)
+            };
+            // Its lineage: the newest delta that builds on nothing, else
+            // the full snapshot; every delta after it builds on the one
+            // before.
+            let mut origin = None;
+            for j in (0..d).rev() {
+                if !has(&cur, j) {
+                    return Err(unfit(start, "is missing"));
+                }
+                if cur[j].as_ref().is_some_and(|c| c.base_len == 0) {
+                    origin = Some(j);
+                    break;
+                }
+            }
+            let (mut len, fired_full) = match origin {
+                Some(o) => (cur[o].as_ref().map_or(0, |c| c.new), false),
+                None => match full_cur {
+                    Some((s0, fired, len)) if s0 == start => (len, fired),
+                    _ => return Err(unfit(start, "is missing from the full snapshot")),
+                },
+            };
+            let origin_len = len;
+            if let Some(o) = origin
+                && cur[o].as_ref().is_some_and(|c| c.next_changed.is_some())
+            {
+                return Err(unfit(start, "changes a slot of a window it starts"));
+            }
+            let first = origin.map_or(0, |o| o + 1);
+            for c in cur[first..d].iter().flatten() {
+                if c.base_len != len {
+                    return Err(unfit(
+                        start,
+                        &format!("has {len} keys, the delta expects {}", c.base_len),
+                    ));
+                }
+                len = c.base_len + c.new;
+            }
+            let fired = match d {
+                0 => fired_full,
+                _ => cur[d - 1].as_ref().is_some_and(|c| c.fired),
+            };
             let mut win = DiskWin::new(store)?;
             win.fired = fired;
-            let mut slot = 0u32;
-            while let Some(e) = r.next_key()? {
-                if e.accs.len() != n {
-                    return Err(self.aggregations_changed(e.accs.len()));
-                }
-                if !owned(&e.key) {
+            // The delta whose new keys the slot is among (after the origin).
+            let mut intro = first;
+            for slot in 0..len {
+                // The key, and its accumulators as the file that added it has them.
+                let (key, key_raw, mut accs): (Key, Vec<u8>, Vec<u8>) = if slot < origin_len {
+                    match origin {
+                        None => {
+                            let e = fr.next_key()?.ok_or_else(|| {
+                                format!("window state of '{name}' is unreadable: window {start} ends early")
+                            })?;
+                            if e.accs.len() != n {
+                                return Err(self.aggregations_changed(e.accs.len()));
+                            }
+                            (
+                                e.key,
+                                e.raw[..e.key_len].to_vec(),
+                                e.raw[e.key_len..].to_vec(),
+                            )
+                        }
+                        Some(o) => {
+                            let Some(c) = cur[o].as_mut() else {
+                                return Err(unfit(start, "is missing"));
+                            };
+                            take_new(c, n, &bad, &with_count)?
+                        }
+                    }
+                } else {
+                    while intro < d
+                        && cur[intro]
+                            .as_ref()
+                            .is_some_and(|c| slot >= c.base_len + c.new)
+                    {
+                        intro += 1;
+                    }
+                    let Some(c) = cur.get_mut(intro).and_then(Option::as_mut) else {
+                        return Err(unfit(start, "is missing"));
+                    };
+                    take_new(c, n, &bad, &with_count)?
+                };
+                if !owned(&key) {
                     return Err(foreign());
                 }
-                put(
-                    &mut w,
-                    win.keyspace(),
-                    slot,
-                    &e.raw[..e.key_len],
-                    &e.raw[e.key_len..],
-                )?;
-                slot += 1;
+                // The newest change of the slot wins; every delta's
+                // change of it is read.
+                let mut changed = false;
+                for c in cur[first..d].iter_mut().rev().flatten() {
+                    if c.next_changed != Some(slot) {
+                        continue;
+                    }
+                    if slot >= c.base_len {
+                        return Err(unfit(start, &format!("changes slot {slot}, past its keys")));
+                    }
+                    let (raw, rest) = DeltaCursor::accs_raw(c.accs, n, &bad)?;
+                    c.accs = rest;
+                    c.advance_changed(slot, &bad)?;
+                    if !changed {
+                        accs = with_count(raw);
+                        changed = true;
+                    }
+                }
+                for (k, v) in super::spill::entries(slot, &key_raw, &accs) {
+                    w.put(win.keyspace(), &k, &v)?;
+                }
+            }
+            if cur[first..d]
+                .iter()
+                .flatten()
+                .any(|c| c.next_changed.is_some())
+            {
+                return Err(unfit(start, "changes a slot past its keys"));
             }
             w.commit(win.keyspace())?;
-            wins.insert(start, (win, slot));
-        }
-        r.finish()?;
-        for raw in deltas {
-            let d = decode_delta(raw, &name)?;
-            let mut old = std::mem::take(&mut wins);
-            for dw in d.windows {
-                delta_fits(&dw, old.get(&dw.start).map(|o| o.1 as usize), n, &name)?;
-                let (mut win, _) = match old.remove(&dw.start) {
-                    Some(o) if dw.base_len > 0 => o,
-                    _ => (DiskWin::new(store)?, 0),
-                };
-                let mut slot = 0u32;
-                for (g, accs) in dw.gaps.iter().zip(dw.accs.chunks(n.max(1))) {
-                    slot += *g;
-                    let v = win
-                        .keyspace()
-                        .get(slot_key(slot))
-                        .map_err(|e| store.failed("reading a restored window", e))?
-                        .ok_or_else(|| {
-                            format!(
-                                "slot {slot} of window {} is missing while restoring '{name}'",
-                                dw.start
-                            )
-                        })?;
-                    let (_, rest) = postcard::take_from_bytes::<Key>(&v)
-                        .map_err(|e| format!("a restored entry is unreadable: {e}"))?;
-                    let key = &v[..v.len() - rest.len()];
-                    let accs = postcard::to_stdvec(accs).map_err(enc)?;
-                    put(&mut w, win.keyspace(), slot, key, &accs)?;
-                }
-                for (i, (key, accs)) in dw
-                    .new_keys
-                    .iter()
-                    .zip(dw.new_accs.chunks(n.max(1)))
-                    .enumerate()
-                {
-                    if !owned(key) {
-                        return Err(foreign());
-                    }
-                    let key = postcard::to_stdvec(key).map_err(enc)?;
-                    let accs = postcard::to_stdvec(accs).map_err(enc)?;
-                    put(&mut w, win.keyspace(), dw.base_len + i as u32, &key, &accs)?;
-                }
-                w.commit(win.keyspace())?;
-                win.fired = dw.fired;
-                wins.insert(dw.start, (win, dw.base_len + dw.new_keys.len() as u32));
+            restored.push((start, win, len));
+            // On to the next window in every file that has this one.
+            if full_cur.is_some_and(|f| f.0 == start) {
+                while fr.next_key()?.is_some() {}
+                full_cur = fr.next_window()?;
             }
-            wm = d.watermark;
+            for j in 0..d {
+                if has(&cur, j) {
+                    cur[j] = readers[j].next_window()?;
+                }
+            }
+        }
+        // The rest of each file (windows purged along the chain) is read
+        // too: a damaged tail is found here, not never.
+        while full_cur.is_some() {
+            while fr.next_key()?.is_some() {}
+            full_cur = fr.next_window()?;
+        }
+        fr.finish()?;
+        for j in 0..d {
+            while cur[j].is_some() {
+                cur[j] = readers[j].next_window()?;
+            }
         }
         let Some(disk) = self.disk.as_mut() else {
             return Err("no state store".into());
         };
-        for (start, (mut win, len)) in wins {
+        for (start, mut win, len) in restored {
             win.set_restored(len);
             disk.windows.insert(start, win);
         }
-        Ok(Some(wm))
+        Ok(Some(watermark))
     }
 }
