@@ -297,7 +297,18 @@ pub fn run(o: &LargeStateOptions, progress: impl Fn(&str)) -> anyhow::Result<Lar
     std::fs::write(&spec_path, spec(o, &prefix, &out))?;
     let start = |log: &str| -> anyhow::Result<Guard> {
         let file = std::fs::File::create(dir.join(log))?;
-        let child = Command::new(&o.ferry)
+        let mut cmd = Command::new(&o.ferry);
+        // SAFETY: prctl(2) in the child before exec, async-signal-safe: the
+        // process dies with the benchmark (even one killed by a signal)
+        // instead of running on against the same directory.
+        unsafe {
+            use std::os::unix::process::CommandExt as _;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("local")
             .arg(&spec_path)
             .args(["--data-dir"])
