@@ -141,6 +141,20 @@ fn take_raw<'a, T: serde::de::DeserializeOwned>(
     Ok((v, &bytes[..bytes.len() - rest.len()], rest))
 }
 
+/// A sequence of `T` at the front of `bytes` (its count, then its items):
+/// the count, the bytes from its first item on, and what follows it.
+fn seq<'a, T: serde::de::DeserializeOwned>(
+    bytes: &'a [u8],
+    what: &dyn Fn(postcard::Error) -> String,
+) -> OpResult<(u64, &'a [u8], &'a [u8])> {
+    let (count, _, items) = take_raw::<u64>(bytes, what)?;
+    let mut rest = items;
+    for _ in 0..count {
+        rest = take_raw::<T>(rest, what)?.2;
+    }
+    Ok((count, items, rest))
+}
+
 /// A cursor over the bytes of a delta, window by window, never decoding
 /// more than one key at a time.
 struct DeltaReader<'a> {
@@ -209,26 +223,10 @@ impl<'a> DeltaReader<'a> {
         let n = self.n as u64;
         let bad = self.bad();
         let ((start, fired, base_len), _, rest) = take_raw::<(i64, bool, u32)>(self.rest, &bad)?;
-        let (new, _, mut rest) = take_raw::<u64>(rest, &bad)?;
-        let keys = rest;
-        for _ in 0..new {
-            rest = take_raw::<Key>(rest, &bad)?.2;
-        }
-        let (new_accs_len, _, mut rest) = take_raw::<u64>(rest, &bad)?;
-        let new_accs = rest;
-        for _ in 0..new_accs_len {
-            rest = take_raw::<Acc>(rest, &bad)?.2;
-        }
-        let (gaps_left, _, mut rest) = take_raw::<u64>(rest, &bad)?;
-        let gaps = rest;
-        for _ in 0..gaps_left {
-            rest = take_raw::<u32>(rest, &bad)?.2;
-        }
-        let (accs_len, _, mut rest) = take_raw::<u64>(rest, &bad)?;
-        let accs = rest;
-        for _ in 0..accs_len {
-            rest = take_raw::<Acc>(rest, &bad)?.2;
-        }
+        let (new, keys, rest) = seq::<Key>(rest, &bad)?;
+        let (new_accs_len, new_accs, rest) = seq::<Acc>(rest, &bad)?;
+        let (gaps_left, gaps, rest) = seq::<u32>(rest, &bad)?;
+        let (accs_len, accs, rest) = seq::<Acc>(rest, &bad)?;
         let name = self.name;
         let unfit = |what: String| {
             format!("a delta of window '{name}' does not fit its base: window {start}: {what}")
