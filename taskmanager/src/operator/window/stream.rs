@@ -122,13 +122,19 @@ impl<'a> FullReader<'a> {
     }
 }
 
-/// Reads a delta of window `name`.
-pub(super) fn decode_delta(raw: &[u8], name: &str) -> OpResult<Delta> {
+/// Refuses bytes that do not start as a delta of window `name`.
+fn check_magic(raw: &[u8], name: &str) -> OpResult<()> {
     if postcard::take_from_bytes::<u32>(raw).map(|(m, _)| m) != Ok(DELTA_MAGIC) {
         return Err(format!(
             "a delta of window '{name}' does not start as one (a full snapshot in a delta's place?)"
         ));
     }
+    Ok(())
+}
+
+/// Reads a delta of window `name`.
+pub(super) fn decode_delta(raw: &[u8], name: &str) -> OpResult<Delta> {
+    check_magic(raw, name)?;
     postcard::from_bytes(raw).map_err(|e| format!("a delta of window '{name}' is unreadable: {e}"))
 }
 
@@ -184,11 +190,7 @@ struct DeltaCursor<'a> {
 
 impl<'a> DeltaReader<'a> {
     fn new(raw: &'a [u8], n: usize, name: &'a str) -> OpResult<Self> {
-        if postcard::take_from_bytes::<u32>(raw).map(|(m, _)| m) != Ok(DELTA_MAGIC) {
-            return Err(format!(
-                "a delta of window '{name}' does not start as one (a full snapshot in a delta's place?)"
-            ));
-        }
+        check_magic(raw, name)?;
         let bad = |e: postcard::Error| format!("a delta of window '{name}' is unreadable: {e}");
         let (_, _, rest) = take_raw::<u32>(raw, &bad)?;
         let (watermark, _, rest) = take_raw::<i64>(rest, &bad)?;
@@ -414,12 +416,40 @@ impl Window {
                 lens.insert(start, len as usize);
             }
             r.finish()?;
+            // Deltas walked as cursors, never decoded whole.
+            let unfit = |what: String| {
+                format!(
+                    "a delta of window '{}' does not fit its base: {what}",
+                    self.name
+                )
+            };
             for raw in deltas {
-                let d = decode_delta(raw, &self.name)?;
+                let mut d = DeltaReader::new(raw, n, &self.name)?;
                 let mut next = BTreeMap::new();
-                for w in &d.windows {
-                    delta_fits(w, lens.get(&w.start).copied(), n, &self.name)?;
-                    next.insert(w.start, w.base_len as usize + w.new_keys.len());
+                while let Some(mut c) = d.next_window()? {
+                    let start = c.start;
+                    if c.base_len > 0 {
+                        match lens.get(&start) {
+                            None => return Err(unfit(format!("window {start} is missing"))),
+                            Some(&have) if have != c.base_len as usize => {
+                                return Err(unfit(format!(
+                                    "window {start} has {have} keys, the delta expects {}",
+                                    c.base_len
+                                )));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    let bad = d.bad();
+                    while let Some(slot) = c.next_changed {
+                        if slot >= c.base_len {
+                            return Err(unfit(format!(
+                                "slot {slot} of window {start} is past its keys"
+                            )));
+                        }
+                        c.advance_changed(slot, &bad)?;
+                    }
+                    next.insert(start, c.base_len as usize + c.new as usize);
                 }
                 lens = next;
             }
